@@ -1,0 +1,28 @@
+"""The generation engine: pure Python over diffusers, no web framework.
+
+from engine import Engine, GenerationRequest
+engine = Engine()
+for event in engine.generate(GenerationRequest(prompt="a lighthouse at dusk")):
+    ...  # Progress events, then one Result
+"""
+
+from .engine import Engine
+from .errors import EngineError, InvalidRequestError, ModelLoadError
+from .events import JobControl, JobState, PreviewSettings, Progress, Result
+from .models import ModelInfo
+from .request import GenerationRequest, Limits
+
+__all__ = [
+    "Engine",
+    "EngineError",
+    "GenerationRequest",
+    "InvalidRequestError",
+    "JobControl",
+    "JobState",
+    "Limits",
+    "ModelInfo",
+    "ModelLoadError",
+    "PreviewSettings",
+    "Progress",
+    "Result",
+]

@@ -1,0 +1,306 @@
+"""Engine: the one object front ends talk to. It owns a loaded model and runs jobs one at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from . import samplers
+from .errors import EngineError, InvalidRequestError, ModelLoadError
+from .events import JobControl, JobState, PreviewSettings, Progress, Result
+from .generate import run_batch
+from .models import LoadedModel, ModelInfo, ModelRegistry, default_dtype, load_model, pick_device
+from .presets import DEFAULT_MODELS_DIR, FamilyDefaults
+from .previews import make_previewer
+from .request import SEED_MAX, GenerationRequest, Limits, validate_request
+from .tiny_model import TINY_MODEL_NAME, ensure_tiny_model
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+class Engine:
+    """Generates images for requests, streaming Progress events and ending with one Result.
+
+    `model` is a name in the models folder, a local path (diffusers folder or .safetensors file)
+    or a hub id; None is the embedded tiny model. All state lives on the instance: a server
+    shares one Engine between its users, and jobs run one at a time.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        *,
+        models_dir: str | os.PathLike | None = None,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        limits: Limits | None = None,
+        allow_pickle: bool = False,
+        preview: PreviewSettings | None = None,
+    ):
+        self.models_dir = Path(models_dir) if models_dir is not None else DEFAULT_MODELS_DIR
+        self.limits = limits or Limits()
+        self.preview = preview or PreviewSettings()
+        self.device = pick_device(device)
+        self.dtype = dtype or default_dtype(self.device)
+        self.registry = ModelRegistry(self.models_dir, allow_pickle=allow_pickle)
+        self._job_lock = threading.Lock()
+        self._model_lock = threading.Lock()
+        self._current: JobControl | None = None
+        self._state = JobState()
+        self._loaded: LoadedModel | None = None
+        self.load_model(model if model is not None else self._default_model())
+
+    # Models ---------------------------------------------------------------------------------
+
+    def _default_model(self) -> str:
+        return str(ensure_tiny_model(self.models_dir))
+
+    def list_models(self) -> list[ModelInfo]:
+        listed = self.registry.scan()
+        loaded = self._loaded.info if self._loaded else None
+        # The loaded model knows its hash even when it lives outside the models folder.
+        return [loaded if loaded and info.path == loaded.path else info for info in listed]
+
+    def load_model(self, model: str | os.PathLike) -> ModelInfo:
+        """Switch to `model`; waits for a running job to finish. Raises ModelLoadError."""
+        info = self.registry.resolve(model)
+        if self._loaded is not None and Path(self._loaded.info.path) == Path(info.path):
+            return self._loaded.info
+        with self._job_lock, self._model_lock:
+            previous, self._loaded = self._loaded, None
+            try:
+                self._loaded = load_model(info, registry=self.registry, device=self.device, dtype=self.dtype)
+            except ModelLoadError:
+                self._loaded = previous  # a failed switch keeps the model that worked
+                raise
+            del previous
+            log.info("Loaded model %s (%s)", self._loaded.info.title, self._loaded.family)
+            return self._loaded.info
+
+    @property
+    def model(self) -> ModelInfo:
+        return self._require_model().info
+
+    @property
+    def loaded(self) -> LoadedModel:
+        return self._require_model()
+
+    def defaults(self) -> FamilyDefaults:
+        return self._require_model().defaults
+
+    def _require_model(self) -> LoadedModel:
+        if self._loaded is None:
+            raise ModelLoadError("No model is loaded: load one from the model list.")
+        return self._loaded
+
+    # Samplers and prompts -------------------------------------------------------------------
+
+    def samplers(self) -> list[str]:
+        return samplers.sampler_names()
+
+    def schedulers(self) -> list[str]:
+        return samplers.schedule_type_names()
+
+    def sampler_aliases(self, name: str) -> list[str]:
+        return list(samplers.get_sampler(name).aliases)
+
+    def token_counts(self, text: str) -> list[int]:
+        encoder = self._require_model().prompt_encoder
+        if encoder is None:
+            tokenizer = self._require_model().components["tokenizer"]
+            return [len(tokenizer(text or "", add_special_tokens=False).input_ids)]
+        return encoder.token_counts(text or "")
+
+    # Jobs -----------------------------------------------------------------------------------
+
+    def validate(self, req: GenerationRequest) -> GenerationRequest:
+        """A checked, normalized copy of `req`; raises InvalidRequestError naming the bad field."""
+        if not isinstance(req, GenerationRequest):
+            raise EngineError(f"expected a GenerationRequest, got {type(req).__name__}")
+        return validate_request(
+            req,
+            limits=self.limits,
+            native_size=self.defaults().native_size,
+            resolve_sampler=samplers.resolve,
+        )
+
+    def interrupt(self) -> None:
+        """Stop the running job (whoever started it) at its next step."""
+        current = self._current
+        if current is not None:
+            current.interrupt()
+
+    def skip(self) -> None:
+        """Cut the running job's current batch short; its next batch still runs."""
+        current = self._current
+        if current is not None:
+            current.skip()
+
+    def progress(self) -> JobState:
+        return self._state
+
+    def generate(
+        self,
+        req: GenerationRequest,
+        *,
+        control: JobControl | None = None,
+        preview: PreviewSettings | None = None,
+    ) -> Iterator[Progress | Result]:
+        """Yield Progress events, then one Result. Raises InvalidRequestError before any work."""
+        control = control or JobControl()
+        preview = preview or self.preview
+        req = self.validate(req)
+        if not isinstance(preview.every, int) or preview.every < 1:
+            raise InvalidRequestError("preview interval", preview.every, "a whole number of steps, at least 1")
+        model = self._require_model()
+        previewer = make_previewer(preview.mode, vae=model.vae, latent_rgb=model.latent_rgb, taesd=model.taesd)
+
+        events: queue.Queue = queue.Queue()
+        worker = threading.Thread(
+            target=self._run_job,
+            args=(req, control, previewer, preview.every, events),
+            name=f"job-{control.job_id}",
+            daemon=True,
+        )
+        worker.start()
+        finished = False
+        try:
+            while True:
+                event = events.get()
+                if event is _DONE:
+                    finished = True
+                    return
+                if isinstance(event, BaseException):
+                    finished = True
+                    raise event
+                yield event
+        finally:
+            if not finished:
+                # The caller stopped listening (closed the generator): don't keep computing for nobody.
+                control.interrupt()
+
+    def _run_job(self, req, control, previewer, preview_every, events: queue.Queue) -> None:
+        try:
+            with self._job_lock:
+                result = self._run_locked(req, control, previewer, preview_every, events.put)
+            events.put(result)
+        except EngineError as exc:
+            events.put(exc)
+        except Exception as exc:  # noqa: BLE001 - any failure must reach the caller, not kill the thread
+            log.exception("Job %s failed", control.job_id)
+            error = EngineError(f"Generation failed: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+            events.put(error)
+        finally:
+            events.put(_DONE)
+
+    def _run_locked(self, req, control: JobControl, previewer, preview_every, emit) -> Result:
+        model = self._require_model()
+        started = time.perf_counter()
+        self._current = control
+        seed = req.seed if req.seed != -1 else secrets.randbelow(SEED_MAX + 1)
+        req = dataclasses.replace(req, seed=seed)
+        total_images = req.batch_size * req.n_iter
+        seeds = [seed + index for index in range(total_images)]
+        # Samplers whose noise comes from one seed per batch run one image at a time, so that
+        # the image for a seed never depends on the batch it was made in.
+        per_call = 1 if samplers.get_sampler(req.sampler_name).batch_shares_noise else req.batch_size
+        batches = [seeds[i : i + per_call] for i in range(0, total_images, per_call)]
+        self._state = JobState(running=True, job_id=control.job_id, batch_count=len(batches), started_at=time.time())
+
+        def emit_progress(event: Progress) -> None:
+            self._state = JobState(
+                running=True,
+                job_id=control.job_id,
+                step=event.step,
+                total=event.total,
+                batch_no=event.batch_no,
+                batch_count=event.batch_count,
+                elapsed=event.elapsed,
+                preview=event.preview if event.preview is not None else self._state.preview,
+                started_at=self._state.started_at,
+            )
+            emit(event)
+
+        images, image_seeds, skipped = [], [], []
+        try:
+            embeds = self._encode_prompts(model, req)
+            for batch_no, batch_seeds in enumerate(batches):
+                if control.interrupted:
+                    break
+                outcome = run_batch(
+                    model,
+                    req,
+                    seeds=batch_seeds,
+                    embeds=embeds,
+                    control=control,
+                    previewer=previewer,
+                    preview_every=preview_every,
+                    emit=emit_progress,
+                    batch_no=batch_no,
+                    batch_count=len(batches),
+                    started=started,
+                )
+                images.extend(outcome.images)
+                image_seeds.extend(batch_seeds)
+                if outcome.stopped and not control.interrupted:
+                    skipped.append(batch_no)
+        finally:
+            self._current = None
+            self._state = JobState(
+                running=False,
+                job_id=control.job_id,
+                interrupted=control.interrupted,
+                skipped=bool(skipped),
+                preview=self._state.preview,
+            )
+
+        from .infotext import format_infotext
+
+        infotexts = []
+        for image, image_seed in zip(images, image_seeds, strict=True):
+            text = format_infotext(req, image_seed, model_name=_model_name(model.info), model_hash=model.info.hash)
+            image.info["parameters"] = text
+            infotexts.append(text)
+        return Result(
+            images=images,
+            seeds=image_seeds,
+            infotexts=infotexts,
+            request=req,
+            model=model.info,
+            interrupted=control.interrupted,
+            elapsed=time.perf_counter() - started,
+            job_id=control.job_id,
+            skipped_batches=skipped,
+        )
+
+    def _encode_prompts(self, model: LoadedModel, req: GenerationRequest) -> tuple:
+        if model.prompt_encoder is None:
+            return ("text", req.prompt, req.negative_prompt)
+        clip_skip = _clip_skip(req)
+        positive, negative = model.prompt_encoder.encode(req.prompt, req.negative_prompt, clip_skip=clip_skip)
+        return ("embeds", positive.to(model.device, model.dtype), negative.to(model.device, model.dtype))
+
+
+def _clip_skip(req: GenerationRequest) -> int:
+    value = req.extra_params.get("Clip skip", "1")
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise InvalidRequestError("Clip skip", value, "a whole number, 1 or more") from None
+
+
+def _model_name(info: ModelInfo) -> str:
+    # A1111 writes the checkpoint's file stem; the tiny model's folder name reads the same way.
+    return Path(info.name).name if info.name else TINY_MODEL_NAME

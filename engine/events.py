@@ -1,0 +1,132 @@
+"""What a job reports while it runs (Progress) and when it ends (Result), and how it is steered."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from PIL import Image
+
+if TYPE_CHECKING:
+    from .models import ModelInfo
+    from .request import GenerationRequest
+
+PREVIEW_MODES = ("approx", "vae", "taesd", "none")
+
+_job_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class PreviewSettings:
+    """How live previews are made: `mode` is one of PREVIEW_MODES, one preview every `every` steps."""
+
+    mode: str = "approx"
+    every: int = 1
+
+
+class JobControl:
+    """A handle on one job: the caller that started it can stop it, and nobody else needs to."""
+
+    def __init__(self) -> None:
+        self.job_id = next(_job_ids)
+        self._interrupted = threading.Event()
+        self._skip_requested = threading.Event()
+
+    def interrupt(self) -> None:
+        """Stop at the next step; the job still ends with a Result holding what exists."""
+        self._interrupted.set()
+
+    def skip(self) -> None:
+        """Cut the current batch short and go on with the next one (A1111's Skip)."""
+        self._skip_requested.set()
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupted.is_set()
+
+    def take_skip(self) -> bool:
+        """True once per skip request; the batch loop consumes it."""
+        if self._skip_requested.is_set():
+            self._skip_requested.clear()
+            return True
+        return False
+
+    @property
+    def skip_requested(self) -> bool:
+        return self._skip_requested.is_set()
+
+
+@dataclass
+class Progress:
+    """One sampling step done. `step` counts from 1 to `total` within batch `batch_no` of `batch_count`."""
+
+    step: int
+    total: int
+    preview: Image.Image | None
+    batch_no: int = 0
+    batch_count: int = 1
+    elapsed: float = 0.0
+    job_id: int = 0
+
+    @property
+    def fraction(self) -> float:
+        """Progress of the whole job, 0..1, over all batches."""
+        if self.total <= 0 or self.batch_count <= 0:
+            return 0.0
+        return min(1.0, (self.batch_no + self.step / self.total) / self.batch_count)
+
+    @property
+    def eta(self) -> float:
+        """Seconds left, estimated from the pace so far."""
+        done = self.fraction
+        return self.elapsed * (1 - done) / done if done > 0 else 0.0
+
+    @property
+    def it_per_s(self) -> float:
+        steps_done = self.batch_no * self.total + self.step
+        return steps_done / self.elapsed if self.elapsed > 0 else 0.0
+
+
+@dataclass
+class Result:
+    """The end of a job: one image per seed, each with its A1111 infotext (also in image.info)."""
+
+    images: list[Image.Image]
+    seeds: list[int]
+    infotexts: list[str]
+    request: GenerationRequest
+    model: ModelInfo | None = None
+    interrupted: bool = False
+    elapsed: float = 0.0
+    job_id: int = 0
+    skipped_batches: list[int] = field(default_factory=list)
+
+
+@dataclass
+class JobState:
+    """A snapshot of what the engine is doing now, for progress endpoints polled from elsewhere."""
+
+    running: bool = False
+    job_id: int = 0
+    step: int = 0
+    total: int = 0
+    batch_no: int = 0
+    batch_count: int = 0
+    elapsed: float = 0.0
+    preview: Image.Image | None = None
+    interrupted: bool = False
+    skipped: bool = False
+    started_at: float = 0.0
+
+    @property
+    def fraction(self) -> float:
+        if not self.running or self.total <= 0 or self.batch_count <= 0:
+            return 0.0
+        return min(1.0, (self.batch_no + self.step / self.total) / self.batch_count)
+
+    @property
+    def eta(self) -> float:
+        done = self.fraction
+        return self.elapsed * (1 - done) / done if done > 0 else 0.0

@@ -1,0 +1,207 @@
+"""Running one job: a diffusers pipeline call per batch, hooked with callback_on_step_end.
+
+The pipeline's own __call__ is used as it is. Two small hooks give what a UI needs:
+- the job's scheduler (its own instance) records what each step predicted, so a preview can
+  show the predicted clean image (x0) rather than the noisy latent;
+- callback_on_step_end emits Progress, and on Stop or Skip sets the pipeline's interrupt flag
+  and hands it x0 to decode, so an interrupted job still ends with a usable picture.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, ImageFilter
+
+from .events import JobControl, Progress
+from .models import LoadedModel
+from .request import GenerationRequest
+from .samplers import build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+class StepRecorder:
+    """Wraps one job's scheduler.step to remember the last step's inputs and outputs.
+
+    Only references are kept; x0 is computed when a preview or an interrupt asks for it.
+    functools.wraps keeps step()'s signature visible, which pipelines inspect to decide
+    whether to pass `generator` (ancestral samplers need it for reproducible noise).
+    """
+
+    def __init__(self, scheduler, prediction_type: str):
+        self.scheduler = scheduler
+        self.prediction_type = prediction_type
+        self._last: tuple | None = None
+        original_step = scheduler.step
+
+        @functools.wraps(original_step)
+        def recording_step(model_output, timestep, sample, *args, **kwargs):
+            output = original_step(model_output, timestep, sample, *args, **kwargs)
+            self._last = (model_output, timestep, sample, output, getattr(scheduler, "step_index", None))
+            return output
+
+        scheduler.step = recording_step
+
+    def x0(self) -> torch.Tensor | None:
+        """The clean latent the last step predicted (in the UNet's latent space)."""
+        if self._last is None:
+            return None
+        model_output, timestep, sample, output, step_index = self._last
+        predicted = getattr(output, "pred_original_sample", None)
+        if predicted is None and isinstance(output, tuple) and len(output) > 1:
+            predicted = output[1]
+        if isinstance(predicted, torch.Tensor) and predicted.shape == sample.shape:
+            return predicted
+        return self._x0_from_model_output(model_output, timestep, sample, step_index)
+
+    def _x0_from_model_output(self, model_output, timestep, sample, step_index) -> torch.Tensor:
+        scheduler = self.scheduler
+        sigmas = getattr(scheduler, "sigmas", None)
+        sigma = None
+        if sigmas is not None and step_index is not None and 0 < step_index <= len(sigmas):
+            sigma = sigmas[step_index - 1].to(sample.device, torch.float32)
+        sample32, output32 = sample.float(), model_output.float()
+        if float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1.0 and sigma is not None:
+            # Variance-exploding ("k-diffusion") space: x = x0 + sigma * eps.
+            alpha_t, sigma_t = torch.tensor(1.0), sigma
+        else:
+            if sigma is not None:
+                # Variance-preserving space with sigmas stored as sigma/alpha (DPM-Solver, UniPC, DEIS).
+                alpha_t = 1 / torch.sqrt(sigma**2 + 1)
+                sigma_t = sigma * alpha_t
+            else:
+                alphas = scheduler.alphas_cumprod.to(sample.device)
+                index = int(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
+                alpha_bar = alphas[max(0, min(index, len(alphas) - 1))].float()
+                alpha_t, sigma_t = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        if self.prediction_type == "v_prediction":
+            x0 = alpha_t * sample32 - sigma_t * output32
+        elif self.prediction_type == "sample":
+            x0 = output32
+        else:
+            x0 = (sample32 - sigma_t * output32) / alpha_t
+        return x0.to(sample.dtype)
+
+
+@dataclass
+class BatchOutcome:
+    images: list[Image.Image]
+    stopped: bool  # ended early by Stop or Skip
+
+
+def run_batch(
+    model: LoadedModel,
+    req: GenerationRequest,
+    *,
+    seeds: list[int],
+    embeds: tuple,
+    control: JobControl,
+    previewer: Callable[[torch.Tensor], Image.Image] | None,
+    preview_every: int,
+    emit: Callable[[Progress], None],
+    batch_no: int,
+    batch_count: int,
+    started: float,
+) -> BatchOutcome:
+    """Sample one batch (one image per seed) and return its images."""
+    scheduler = build_scheduler(model.scheduler_config, req.sampler_name, req.scheduler, seed=seeds[0])
+    recorder = StepRecorder(scheduler, model.prediction_type)
+    pipe = model.pipeline_for(req.mode, scheduler)
+    # One CPU generator per image: image i depends only on its own seed, whatever the batch,
+    # and CPU noise is the same on every device.
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    stopped = False
+
+    def on_step_end(pipeline, index, timestep, tensors):
+        nonlocal stopped
+        step, total = index + 1, pipeline.num_timesteps
+        if control.interrupted or control.take_skip():
+            stopped = True
+            pipeline._interrupt = True
+            x0 = recorder.x0()
+            return {"latents": x0} if x0 is not None else {}
+        preview = None
+        if previewer is not None and (step % preview_every == 0 or step == total):
+            x0 = recorder.x0()
+            if x0 is not None:
+                preview = previewer(x0[0])
+        emit(
+            Progress(
+                step=step,
+                total=total,
+                preview=preview,
+                batch_no=batch_no,
+                batch_count=batch_count,
+                elapsed=time.perf_counter() - started,
+                job_id=control.job_id,
+            )
+        )
+        return {}
+
+    kwargs = {
+        "num_inference_steps": req.steps,
+        "guidance_scale": req.cfg_scale,
+        "generator": generators,
+        "callback_on_step_end": on_step_end,
+        "callback_on_step_end_tensor_inputs": ["latents"],
+        "output_type": "pil",
+    }
+    kwargs.update(_conditioning_kwargs(embeds, req, len(seeds)))
+
+    if req.mode == "txt2img":
+        latents = _initial_noise(model, generators, req.width, req.height)
+        kwargs.update(height=req.height, width=req.width, latents=latents)
+        images = pipe(**kwargs).images
+        return BatchOutcome(images, stopped)
+
+    init_images = [_fit(req.init_images[i % len(req.init_images)], req.width, req.height) for i in range(len(seeds))]
+    if int(req.steps * req.denoising_strength) < 1:
+        # Nothing to denoise: the init image is the answer (diffusers refuses zero steps).
+        return BatchOutcome([image.copy() for image in init_images], stopped)
+    kwargs.update(image=init_images, strength=req.denoising_strength)
+    if req.mode == "img2img":
+        return BatchOutcome(pipe(**kwargs).images, stopped)
+
+    mask = _prepare_mask(req)
+    kwargs.update(mask_image=[mask] * len(seeds), height=req.height, width=req.width)
+    generated = pipe(**kwargs).images
+    # Outside the mask the original pixels come back untouched, as in A1111: the VAE round
+    # trip would otherwise soften the whole picture.
+    images = [Image.composite(out, original, mask) for out, original in zip(generated, init_images, strict=True)]
+    return BatchOutcome(images, stopped)
+
+
+def _conditioning_kwargs(embeds: tuple, req: GenerationRequest, count: int) -> dict:
+    kind, positive, negative = embeds
+    if kind == "text":
+        return {"prompt": positive, "negative_prompt": negative or None, "num_images_per_prompt": count}
+    return {"prompt_embeds": positive, "negative_prompt_embeds": negative, "num_images_per_prompt": count}
+
+
+def _initial_noise(model: LoadedModel, generators, width: int, height: int) -> torch.Tensor:
+    unet = model.components["unet"]
+    scale = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    shape = (1, unet.config.in_channels if unet.config.in_channels == 4 else 4, height // scale, width // scale)
+    noise = [torch.randn(shape, generator=generator, dtype=torch.float32) for generator in generators]
+    return torch.cat(noise).to(model.device, model.dtype)
+
+
+def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
+    # A1111's default resize mode: "Just resize".
+    return image if image.size == (width, height) else image.resize((width, height), Image.Resampling.LANCZOS)
+
+
+def _prepare_mask(req: GenerationRequest) -> Image.Image:
+    mask = req.mask
+    if req.inpainting_mask_invert:
+        mask = Image.eval(mask, lambda value: 255 - value)
+    mask = _fit(mask, req.width, req.height)
+    if req.mask_blur > 0:
+        mask = mask.filter(ImageFilter.GaussianBlur(req.mask_blur))
+    return mask

@@ -1,0 +1,333 @@
+"""A1111 infotext: the "parameters" text stored with each image, written and read back.
+
+Layout (as AUTOMATIC1111's web UI writes it, so files move between the two programs):
+
+    <prompt, possibly several lines>
+    Negative prompt: <negative prompt, possibly several lines>     (only when there is one)
+    Steps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 1234, Size: 512x512, ...
+
+The last line is a comma-separated list of `Key: value`; a value that holds a comma, colon, quote or
+newline is written as a JSON string. PNG files keep the text in the `parameters` text chunk; JPEG and
+WebP files in the EXIF UserComment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from typing import Any
+
+from PIL import Image
+
+from .errors import InvalidRequestError
+from .images import to_pil
+from .request import GenerationRequest
+from .samplers import resolve
+
+log = logging.getLogger(__name__)
+
+NEGATIVE_PREFIX = "Negative prompt:"
+
+# One `Key: value` item of the parameter line. Keys start with a word character and go on with word
+# characters, spaces, '-' or '/'; a value is either a JSON string (which may hold commas) or
+# everything up to the next comma. Same grammar as A1111's reader, so the two accept the same texts.
+_PARAM_ITEM = re.compile(
+    r"""
+    \s*
+    (?P<key>\w[\w /-]+)
+    :\s*
+    (?P<value>"(?:\\.|[^\\"])+" | [^,]*)
+    (?:,|$)
+    """,
+    re.VERBOSE,
+)
+_KEY = re.compile(r"\w[\w /-]+")
+# A1111 only treats the last line as parameters when it holds at least this many items; otherwise
+# a prompt line such as "a: b, c: d" would be mistaken for parameters.
+_MIN_PARAM_ITEMS = 3
+_SIZE = re.compile(r"(\d+)x(\d+)")
+
+MASK_MODES = {"Inpaint masked": 0, "Inpaint not masked": 1}
+
+# Keys whose values come from request fields. Copies of them in extra_params are never written:
+# the request's own fields are what the image was made with.
+_REQUEST_KEYS = frozenset(
+    {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength", "Mask blur", "Mask mode"}
+)
+# A "Prompt" item on the parameter line would replace the prompt when read back (A1111 reads it so too).
+_PROMPT_KEYS = frozenset({"Prompt", "Negative prompt"})
+
+# EXIF tags: the Exif sub-IFD and its UserComment (what A1111 writes into JPEG/WebP files).
+_EXIF_IFD = 0x8769
+_USER_COMMENT = 0x9286
+# UserComment starts with an 8-byte character-code prefix (EXIF 2.3, section 4.6.5).
+_PREFIX_UNICODE = b"UNICODE\0"
+_PREFIX_ASCII = b"ASCII\0\0\0"
+_PREFIX_JIS = b"JIS\0\0\0\0\0"
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def format_infotext(
+    req: GenerationRequest, seed: int, *, model_name: str | None = None, model_hash: str | None = None
+) -> str:
+    """A1111's "parameters" text for one image of a validated request, made with `seed`."""
+    if req.width is None or req.height is None:
+        raise InvalidRequestError(
+            "width x height", f"{req.width}x{req.height}", "a validated request (Engine.validate fills in the size)"
+        )
+    params: dict[str, Any] = {
+        "Steps": int(req.steps),
+        "Sampler": req.sampler_name,
+        "Schedule type": req.scheduler,
+        "CFG scale": _format_number(req.cfg_scale),
+        "Seed": int(seed),
+        "Size": f"{int(req.width)}x{int(req.height)}",
+    }
+    if model_hash:
+        params["Model hash"] = model_hash
+    if model_name:
+        params["Model"] = model_name
+    if req.mode in ("img2img", "inpaint"):
+        params["Denoising strength"] = _format_number(req.denoising_strength)
+    if req.mode == "inpaint":
+        params["Mask blur"] = int(req.mask_blur)
+        if req.inpainting_mask_invert:
+            params["Mask mode"] = "Inpaint not masked"
+
+    for key, value in (req.extra_params or {}).items():
+        key = str(key)
+        if value is None or key in params or key in _REQUEST_KEYS or key in _PROMPT_KEYS:
+            continue
+        if not _KEY.fullmatch(key):
+            # It could not be read back (and might break the line apart); say so rather than corrupt the text.
+            log.warning("infotext: leaving out extra parameter %r: not a key A1111 can read back", key)
+            continue
+        params[key] = value
+
+    param_line = ", ".join(f"{key}: {_quote(str(value))}" for key, value in params.items())
+    prompt = req.prompt or ""
+    negative = req.negative_prompt or ""
+    negative_line = f"\n{NEGATIVE_PREFIX} {negative}" if negative.strip() else ""
+    return f"{prompt}{negative_line}\n{param_line}".strip()
+
+
+def _format_number(value: float) -> str:
+    """Numbers as A1111 shows them: 7 rather than 7.0, 7.5 stays 7.5."""
+    number = float(value)
+    if number.is_integer() and abs(number) < 1e15:
+        return str(int(number))
+    return repr(number)
+
+
+def _quote(value: str) -> str:
+    """A value as it can stand in the comma-separated line; JSON-quoted where it must be."""
+    needs_quotes = not value or value != value.strip() or any(char in value for char in ',:"\n\r')
+    return json.dumps(value, ensure_ascii=False) if needs_quotes else value
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading text
+
+
+def parse_infotext_params(text: str) -> dict[str, str]:
+    """The raw items of an infotext: "Prompt", "Negative prompt" and every `Key: value` of the last line.
+
+    Follows A1111's parse_generation_parameters: each line is stripped; lines from the one starting
+    with "Negative prompt:" on make up the negative prompt; the last line counts as parameters only
+    when it holds at least three items (otherwise the whole text is prompt); JSON-quoted values are
+    unquoted; a later duplicate key wins. Unlike A1111 it adds no defaults for missing keys and keeps
+    sizes ("Size: 512x512") as one value.
+    """
+    if not isinstance(text, str):
+        raise InvalidRequestError("infotext", text, "text")
+    *lines, last_line = text.replace("\r\n", "\n").strip().split("\n")
+    items = [(match["key"], match["value"]) for match in _PARAM_ITEM.finditer(last_line)]
+    if len(items) < _MIN_PARAM_ITEMS:
+        lines.append(last_line)
+        items = []
+
+    prompt = negative = ""
+    in_negative = False
+    for line in lines:
+        line = line.strip()
+        if line.startswith(NEGATIVE_PREFIX):
+            in_negative = True
+            line = line[len(NEGATIVE_PREFIX) :].strip()
+        # Lines join with newlines, except onto a still-empty text (as A1111 does).
+        if in_negative:
+            negative = f"{negative}\n{line}" if negative else line
+        else:
+            prompt = f"{prompt}\n{line}" if prompt else line
+
+    params = {"Prompt": prompt, "Negative prompt": negative}
+    for key, raw_value in items:
+        # A1111 drops items with an empty value.
+        if raw_value:
+            params[key] = _unquote(raw_value)
+    return params
+
+
+def _unquote(value: str) -> str:
+    if len(value) < 2 or value[0] != '"' or value[-1] != '"':
+        return value
+    try:
+        decoded = json.loads(value)
+    except ValueError:
+        return value
+    return decoded if isinstance(decoded, str) else value
+
+
+def parse_infotext(text: str) -> GenerationRequest:
+    """A GenerationRequest from an A1111 infotext (not yet validated: pass it to Engine.validate).
+
+    Keys the engine acts on fill request fields; all others (Model, Model hash, Clip skip, Version,
+    Hires ..., Lora hashes, ...) go to `extra_params` as text. Keys that are missing keep the request's
+    defaults (no Size means the model's native size). A malformed value raises InvalidRequestError
+    naming the infotext key.
+    """
+    params = parse_infotext_params(text)
+    req = GenerationRequest(prompt=params.pop("Prompt"), negative_prompt=params.pop("Negative prompt"))
+
+    if "Steps" in params:
+        req.steps = _parse_int("Steps", params.pop("Steps"))
+    sampler = params.pop("Sampler", None)
+    schedule = params.pop("Schedule type", None)
+    if sampler is not None or schedule is not None:
+        req.sampler_name, req.scheduler = _resolve_sampler(sampler, schedule, default_sampler=req.sampler_name)
+    if "CFG scale" in params:
+        req.cfg_scale = _parse_float("CFG scale", params.pop("CFG scale"))
+    if "Seed" in params:
+        req.seed = _parse_int("Seed", params.pop("Seed"))
+    if "Size" in params:
+        req.width, req.height = _parse_size(params.pop("Size"))
+    if "Denoising strength" in params:
+        req.denoising_strength = _parse_float("Denoising strength", params.pop("Denoising strength"))
+    if "Mask blur" in params:
+        req.mask_blur = _parse_int("Mask blur", params.pop("Mask blur"))
+    if "Mask mode" in params:
+        mode = params.pop("Mask mode")
+        if mode not in MASK_MODES:
+            raise InvalidRequestError("Mask mode", mode, " or ".join(MASK_MODES))
+        req.inpainting_mask_invert = MASK_MODES[mode]
+
+    req.extra_params = params
+    return req
+
+
+def _resolve_sampler(sampler: str | None, schedule: str | None, *, default_sampler: str) -> tuple[str, str]:
+    """Canonical sampler and schedule type; old infotexts say "DPM++ 2M Karras" with no Schedule type."""
+    try:
+        return resolve(sampler if sampler is not None else default_sampler, schedule)
+    except InvalidRequestError as exc:
+        # Name the infotext key the reader can find in the text, not the request field.
+        key = "Schedule type" if exc.field == "scheduler" and schedule is not None else "Sampler"
+        value = schedule if key == "Schedule type" else sampler
+        raise InvalidRequestError(key, value, exc.allowed) from exc
+
+
+def _parse_int(key: str, value: str) -> int:
+    text = value.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or not number.is_integer():
+        raise InvalidRequestError(key, value, "a whole number, e.g. 20")
+    return int(number)
+
+
+def _parse_float(key: str, value: str) -> float:
+    try:
+        number = float(value.strip())
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise InvalidRequestError(key, value, "a number, e.g. 7 or 0.75")
+    return number
+
+
+def _parse_size(value: str) -> tuple[int, int]:
+    match = _SIZE.fullmatch(value.strip())
+    if match is None:
+        raise InvalidRequestError("Size", value, "WIDTHxHEIGHT in pixels, e.g. 512x512")
+    return int(match[1]), int(match[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading images
+
+
+def read_infotext(image_or_bytes: Image.Image | bytes | str) -> str | None:
+    """The infotext stored in an image, or None when it has none.
+
+    Accepts a PIL image or anything engine.images.to_pil decodes (file bytes, base64); what is not an
+    image raises InvalidRequestError naming "image". Looks at the PNG `parameters` text chunk, then
+    the EXIF UserComment (JPEG/WebP, as A1111 writes them), then a GIF comment.
+    """
+    image = to_pil(image_or_bytes, "image")
+    info = image.info or {}
+
+    parameters = info.get("parameters")
+    if isinstance(parameters, bytes):
+        parameters = parameters.decode("utf-8", errors="replace")
+    if isinstance(parameters, str) and parameters.strip():
+        return parameters
+
+    comment = _exif_user_comment(image)
+    if comment:
+        return comment
+
+    gif_comment = info.get("comment")
+    if isinstance(gif_comment, bytes):
+        gif_comment = gif_comment.decode("utf-8", errors="ignore")
+    if isinstance(gif_comment, str) and gif_comment.strip():
+        return gif_comment
+    return None
+
+
+def _exif_user_comment(image: Image.Image) -> str | None:
+    try:
+        raw = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    except Exception as exc:  # Pillow raises many kinds on broken EXIF; for us it only means "no text"
+        log.debug("infotext: unreadable EXIF: %s", exc)
+        return None
+    if raw is None:
+        return None
+    text = _decode_user_comment(raw) if isinstance(raw, bytes) else str(raw)
+    text = text.strip("\0")
+    return text if text.strip() else None
+
+
+def _decode_user_comment(raw: bytes) -> str:
+    """EXIF UserComment bytes to text; A1111 (through piexif) writes b"UNICODE\\0" + UTF-16 big-endian."""
+    prefix, body = raw[:8], raw[8:]
+    if prefix == _PREFIX_UNICODE:
+        return _decode_utf16(body)
+    if prefix == _PREFIX_ASCII:
+        return body.decode("ascii", errors="replace")
+    if prefix == _PREFIX_JIS:
+        return body.decode("shift_jis", errors="replace")
+    # Unknown or undefined prefix: A1111 falls back to reading the bytes as UTF-8.
+    return raw.decode("utf-8", errors="ignore")
+
+
+def _decode_utf16(body: bytes) -> str:
+    if body.startswith(b"\xfe\xff"):
+        return body[2:].decode("utf-16-be", errors="replace")
+    if body.startswith(b"\xff\xfe"):
+        return body[2:].decode("utf-16-le", errors="replace")
+    # EXIF says big-endian (what A1111 writes), but some tools write little-endian without a BOM. For
+    # mostly-Latin text the zero bytes then sit at odd offsets instead of even ones.
+    zeros_even = body[0::2].count(0)
+    zeros_odd = body[1::2].count(0)
+    encoding = "utf-16-le" if zeros_odd > zeros_even else "utf-16-be"
+    return body.decode(encoding, errors="replace")

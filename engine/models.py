@@ -1,0 +1,408 @@
+"""Finding and loading models: the A1111 models folder, local paths, single files and hub ids.
+
+One loaded pipeline's components serve txt2img, img2img and inpaint: each job builds a light
+pipeline object around the same modules, so switching modes never reloads weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelLoadError
+from .presets import FamilyDefaults, family_defaults, latent_rgb_tables
+from .previews import fit_latent_rgb, load_latent_rgb_table
+from .tiny_model import TINY_MODEL_NAME
+
+log = logging.getLogger(__name__)
+
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+CHECKPOINTS_SUBDIR = "Stable-diffusion"
+TAESD_SUBDIR = "VAE-approx"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model the registry knows. `title` is what A1111 shows: "name [hash]"."""
+
+    name: str
+    path: str
+    kind: str  # "folder" | "single_file" | "pickle" | "hub"
+    family: str | None = None
+    sha256: str | None = None
+
+    @property
+    def hash(self) -> str | None:
+        return self.sha256[:10] if self.sha256 else None
+
+    @property
+    def title(self) -> str:
+        return f"{self.name} [{self.hash}]" if self.hash else self.name
+
+    @property
+    def filename(self) -> str:
+        return self.path
+
+
+@dataclass
+class LoadedModel:
+    """A loaded pipeline's shared parts and what the engine knows about them."""
+
+    info: ModelInfo
+    family: str
+    defaults: FamilyDefaults
+    components: dict[str, Any]
+    scheduler_config: dict[str, Any]
+    latent_rgb: dict | None
+    taesd: Any | None
+    device: torch.device
+    dtype: torch.dtype
+    prompt_encoder: Any | None = None
+    pipeline_classes: dict[str, type] = field(default_factory=dict)
+
+    @property
+    def vae(self):
+        return self.components["vae"]
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    def pipeline_for(self, mode: str, scheduler):
+        """A pipeline object for one job: shared weights, the job's own scheduler."""
+        cls = self.pipeline_classes[mode]
+        accepted = set(inspect.signature(cls.__init__).parameters)
+        parts = {name: module for name, module in self.components.items() if name in accepted}
+        parts["scheduler"] = scheduler
+        if "requires_safety_checker" in accepted:
+            parts["requires_safety_checker"] = False
+        for optional in ("safety_checker", "feature_extractor", "image_encoder"):
+            if optional in accepted:
+                parts.setdefault(optional, None)
+        pipe = cls(**parts)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+class ModelRegistry:
+    """The models folder in A1111's layout, plus hashes cached on disk like A1111's cache.json."""
+
+    def __init__(self, models_dir: Path, *, allow_pickle: bool = False):
+        self.models_dir = Path(models_dir)
+        self.allow_pickle = allow_pickle
+        self._hash_cache_path = self.models_dir / ".hashes.json"
+        self._hash_lock = threading.Lock()
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.models_dir / CHECKPOINTS_SUBDIR
+
+    def scan(self) -> list[ModelInfo]:
+        """Every checkpoint under models/Stable-diffusion: diffusers folders and single files."""
+        found: list[ModelInfo] = []
+        root = self.checkpoints_dir
+        if not root.is_dir():
+            return found
+        cache = self._read_hash_cache()
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            here = Path(dirpath)
+            if "model_index.json" in filenames:
+                dirnames.clear()  # a diffusers folder's subfolders are its components
+                found.append(self._info_for(here, "folder", cache))
+                continue
+            for filename in sorted(filenames):
+                path = here / filename
+                suffix = path.suffix.lower()
+                if suffix in SAFE_SUFFIXES:
+                    found.append(self._info_for(path, "single_file", cache))
+                elif suffix in (".ckpt",):  # other pickle suffixes are too generic to list as checkpoints
+                    found.append(self._info_for(path, "pickle", cache))
+        return found
+
+    def resolve(self, model: str | os.PathLike) -> ModelInfo:
+        """A model by title, name, file name, path or hub id ("org/name")."""
+        text = str(model).strip()
+        if not text:
+            raise ModelLoadError("No model given: name one in models/Stable-diffusion, a local path or a hub id.")
+        listed = self.scan()
+        for info in listed:
+            if text in (info.title, info.name, Path(info.path).name, info.path):
+                return info
+        # A1111 clients send titles with a hash this registry has not computed yet.
+        bare = text.split(" [", 1)[0]
+        for info in listed:
+            if bare in (info.name, Path(info.path).name, Path(info.path).stem):
+                return info
+        path = Path(text).expanduser()
+        if path.exists():
+            if path.is_dir():
+                if not (path / "model_index.json").is_file():
+                    raise ModelLoadError(
+                        f"{path} is a folder but not a diffusers model (no model_index.json). "
+                        "Point at a diffusers folder or a .safetensors checkpoint."
+                    )
+                return self._info_for(path, "folder", self._read_hash_cache())
+            suffix = path.suffix.lower()
+            if suffix in SAFE_SUFFIXES:
+                return self._info_for(path, "single_file", self._read_hash_cache())
+            if suffix in PICKLE_SUFFIXES:
+                return self._info_for(path, "pickle", self._read_hash_cache())
+            raise ModelLoadError(f"{path}: not a model file. Use a .safetensors checkpoint or a diffusers folder.")
+        if _looks_like_hub_id(text):
+            return ModelInfo(name=text, path=text, kind="hub")
+        names = ", ".join(info.name for info in listed) or "none"
+        raise ModelLoadError(
+            f"Model {text!r} not found. Models in {self.checkpoints_dir}: {names}. "
+            "Give one of those, a path to a .safetensors file or diffusers folder, or a hub id like org/name."
+        )
+
+    def with_hash(self, info: ModelInfo) -> ModelInfo:
+        """The same info with its sha256 filled in (computed once, then cached on disk)."""
+        if info.sha256 or info.kind == "hub":
+            return info
+        target = _hash_target(Path(info.path))
+        if target is None:
+            return info
+        with self._hash_lock:
+            cache = self._read_hash_cache()
+            key, stamp = str(target.resolve()), _file_stamp(target)
+            entry = cache.get(key)
+            if entry and entry.get("stamp") == stamp:
+                return replace(info, sha256=entry["sha256"])
+            log.info("Computing the sha256 of %s", target)
+            digest = _sha256_file(target)
+            cache[key] = {"stamp": stamp, "sha256": digest}
+            try:
+                self._hash_cache_path.parent.mkdir(parents=True, exist_ok=True)
+                self._hash_cache_path.write_text(json.dumps(cache, indent=1))
+            except OSError as exc:  # a read-only models folder still works, it just rehashes
+                log.warning("Could not write the hash cache %s: %s", self._hash_cache_path, exc)
+            return replace(info, sha256=digest)
+
+    def _info_for(self, path: Path, kind: str, cache: dict) -> ModelInfo:
+        root = self.checkpoints_dir
+        try:
+            name = path.relative_to(root).as_posix()
+        except ValueError:
+            name = path.name
+        if kind != "folder":
+            name = name.rsplit(".", 1)[0]
+        sha256 = None
+        target = _hash_target(path)
+        if target is not None:
+            entry = cache.get(str(target.resolve()))
+            if entry and entry.get("stamp") == _file_stamp(target):
+                sha256 = entry["sha256"]
+        return ModelInfo(name=name, path=str(path), kind=kind, sha256=sha256)
+
+    def _read_hash_cache(self) -> dict:
+        try:
+            return json.loads(self._hash_cache_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+
+def load_model(
+    info: ModelInfo,
+    *,
+    registry: ModelRegistry,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> LoadedModel:
+    """Load `info` onto `device`; raises ModelLoadError with what to do when it cannot."""
+    if info.kind == "pickle" and not registry.allow_pickle:
+        raise ModelLoadError(
+            f"{info.path} is a pickle checkpoint ({Path(info.path).suffix}): loading one can run arbitrary code. "
+            "Use a .safetensors version of it, or start with --allow-pickle (Engine(allow_pickle=True)) "
+            "if you trust where it came from."
+        )
+    info = registry.with_hash(info)
+    try:
+        if info.kind == "folder":
+            pipe = _load_folder(info.path, dtype, allow_pickle=registry.allow_pickle)
+        elif info.kind in ("single_file", "pickle"):
+            from .checkpoint import detect_family, load_single_file
+
+            family = detect_family(info.path) if info.kind == "single_file" else "sd1"
+            pipe = load_single_file(info.path, family, torch_dtype=dtype)
+        else:
+            pipe = _load_hub(info.path, dtype)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"Could not load model {info.name!r} from {info.path}: {exc}") from exc
+
+    pipe.to(device)
+    components = dict(pipe.components)
+    family = detect_pipeline_family(components, info)
+    info = replace(info, family=family)
+    defaults = family_defaults(family)
+    latent_rgb = _latent_rgb_for(defaults, info, components["vae"])
+    taesd = _load_taesd(registry.models_dir / TAESD_SUBDIR / defaults.taesd, device, dtype)
+    loaded = LoadedModel(
+        info=info,
+        family=family,
+        defaults=defaults,
+        components=components,
+        scheduler_config=dict(pipe.scheduler.config),
+        latent_rgb=latent_rgb,
+        taesd=taesd,
+        device=device,
+        dtype=dtype,
+        pipeline_classes=_pipeline_classes(family),
+    )
+    if family != "sdxl":
+        from .prompts import PromptEncoder
+
+        loaded.prompt_encoder = PromptEncoder(components["tokenizer"], components["text_encoder"])
+    return loaded
+
+
+def detect_pipeline_family(components: dict[str, Any], info: ModelInfo) -> str:
+    unet_config = components["unet"].config
+    if unet_config.get("addition_embed_type") == "text_time" or "text_encoder_2" in components:
+        return "sdxl"
+    cross_attention_dim = unet_config.get("cross_attention_dim")
+    if cross_attention_dim == 1024:
+        return "sd2"
+    if cross_attention_dim == 768:
+        return "sd1"
+    if Path(info.path).name.split(".")[0] == TINY_MODEL_NAME or cross_attention_dim == 32:
+        return "tiny"
+    log.warning("Unrecognised model architecture (cross_attention_dim=%s); using SD 1.x defaults", cross_attention_dim)
+    return "sd1"
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # Half precision halves memory and time on GPUs; CPUs compute it slowly or not at all.
+    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+def _pipeline_classes(family: str) -> dict[str, type]:
+    import diffusers
+
+    prefix = "StableDiffusionXL" if family == "sdxl" else "StableDiffusion"
+    return {
+        "txt2img": getattr(diffusers, f"{prefix}Pipeline"),
+        "img2img": getattr(diffusers, f"{prefix}Img2ImgPipeline"),
+        "inpaint": getattr(diffusers, f"{prefix}InpaintPipeline"),
+    }
+
+
+def _load_folder(path: str, dtype: torch.dtype, *, allow_pickle: bool):
+    from diffusers import DiffusionPipeline
+
+    kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": True}
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    if "safety_checker" in index:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    return DiffusionPipeline.from_pretrained(path, **kwargs)
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype):
+    from diffusers import DiffusionPipeline
+
+    kwargs = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+    try:
+        return DiffusionPipeline.from_pretrained(repo_id, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as cached_error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        if offline or not _hub_reachable():
+            raise ModelLoadError(
+                f"Model {repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached "
+                f"({'HF_HUB_OFFLINE is set' if offline else 'no connection to huggingface.co'}). "
+                f"Download it where there is internet (huggingface-cli download {repo_id}) or put a "
+                ".safetensors checkpoint in models/Stable-diffusion/."
+            ) from cached_error
+    return DiffusionPipeline.from_pretrained(repo_id, **kwargs)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    # One quick TCP connect, so an offline machine fails in seconds instead of retrying for minutes.
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = endpoint.partition(":")
+    try:
+        with socket.create_connection((host, int(port or 443)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~")) and "\\" not in text
+
+
+def _latent_rgb_for(defaults: FamilyDefaults, info: ModelInfo, vae) -> dict | None:
+    table = latent_rgb_tables().get(defaults.latent_rgb)
+    if table is not None:
+        return table
+    # A VAE no published table fits (the tiny model): use the table fitted when it was built,
+    # or fit one now.
+    if info.kind == "folder":
+        table = load_latent_rgb_table(Path(info.path) / "latent_rgb.json")
+        if table is not None:
+            return table
+    log.info("Fitting a latent->RGB preview table for %s", info.name)
+    return fit_latent_rgb(vae)
+
+
+def _load_taesd(folder: Path, device: torch.device, dtype: torch.dtype):
+    if not (folder / "config.json").is_file():
+        return None
+    from diffusers import AutoencoderTiny
+
+    try:
+        return AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype, local_files_only=True).to(device).eval()
+    except (OSError, ValueError) as exc:
+        log.warning("TAESD in %s could not be loaded (%s); TAESD previews are off", folder, exc)
+        return None
+
+
+def _hash_target(path: Path) -> Path | None:
+    """The file whose sha256 names a model: the checkpoint itself, or a folder's UNet weights."""
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for candidate in sorted((path / "unet").glob("diffusion_pytorch_model*.safetensors")):
+            return candidate
+        for candidate in sorted((path / "unet").glob("diffusion_pytorch_model*")):
+            return candidate
+    return None
+
+
+def _file_stamp(path: Path) -> list:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

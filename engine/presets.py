@@ -1,0 +1,58 @@
+"""Reading the data in presets/: defaults per model family, preview tables, model configs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+PRESETS_DIR = PROJECT_DIR / "presets"
+CONFIGS_DIR = PRESETS_DIR / "configs"
+TOKENIZER_DIR = CONFIGS_DIR / "clip-tokenizer"
+DEFAULT_MODELS_DIR = PROJECT_DIR / "models"
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    family: str
+    label: str
+    width: int
+    height: int
+    sampler_name: str
+    scheduler: str
+    steps: int
+    cfg_scale: float
+    latent_rgb: str
+    single_file_config: str
+    # Folder name of this family's TAESD decoder under models/VAE-approx/.
+    taesd: str
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+
+@lru_cache(maxsize=1)
+def _families() -> dict[str, dict]:
+    data = json.loads((PRESETS_DIR / "model_families.json").read_text())
+    return {key: value for key, value in data.items() if not key.startswith("_")}
+
+
+def family_names() -> list[str]:
+    return list(_families())
+
+
+def family_defaults(family: str) -> FamilyDefaults:
+    try:
+        entry = _families()[family]
+    except KeyError:
+        raise KeyError(f"no defaults for model family {family!r} in presets/model_families.json") from None
+    return FamilyDefaults(family=family, **entry)
+
+
+@lru_cache(maxsize=1)
+def latent_rgb_tables() -> dict[str, dict]:
+    data = json.loads((PRESETS_DIR / "latent_rgb.json").read_text())
+    return {key: value for key, value in data.items() if not key.startswith("_")}

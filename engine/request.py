@@ -1,0 +1,210 @@
+"""GenerationRequest: one job, in the field names of the A1111 API payload, and its validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from .errors import InvalidRequestError
+from .images import to_pil
+
+# A1111 draws random seeds from [0, 2**32).
+SEED_MAX = 2**32 - 1
+
+
+@dataclass
+class GenerationRequest:
+    """What to generate. `width`/`height` None means the model's native size; `seed` -1 means random.
+
+    Modes follow from the fields: no `init_images` is txt2img; `init_images` is img2img;
+    `init_images` plus `mask` (white = repaint) is inpaint.
+    """
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    sampler_name: str = "Euler a"
+    scheduler: str = "Automatic"
+    steps: int = 20
+    cfg_scale: float = 7.0
+    seed: int = -1
+    width: int | None = None
+    height: int | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    init_images: list[Any] | None = None
+    mask: Any | None = None
+    denoising_strength: float = 0.75
+    mask_blur: int = 4
+    inpainting_mask_invert: int = 0
+    # Infotext keys this engine does not act on (Clip skip, Version, ...), kept so that
+    # reading an image's parameters and writing them again loses nothing.
+    extra_params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def mode(self) -> str:
+        if not self.init_images:
+            return "txt2img"
+        return "inpaint" if self.mask is not None else "img2img"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on a request, set per Engine (a shared server may want smaller ones)."""
+
+    max_pixels: int = 2048 * 2048
+    max_side: int = 4096
+    max_steps: int = 150
+    max_batch_size: int = 8
+    max_n_iter: int = 100
+    max_prompt_chars: int = 20_000
+    max_mask_blur: int = 64
+
+
+def _as_int(req_value: Any, name: str) -> int:
+    if isinstance(req_value, bool) or not isinstance(req_value, (int, float, str)):
+        raise InvalidRequestError(name, req_value, "a whole number")
+    try:
+        number = float(req_value)
+    except ValueError as exc:
+        raise InvalidRequestError(name, req_value, "a whole number") from exc
+    if not math.isfinite(number) or number != int(number):
+        raise InvalidRequestError(name, req_value, "a whole number")
+    return int(number)
+
+
+def _as_float(req_value: Any, name: str) -> float:
+    if isinstance(req_value, bool) or not isinstance(req_value, (int, float, str)):
+        raise InvalidRequestError(name, req_value, "a number")
+    try:
+        number = float(req_value)
+    except ValueError as exc:
+        raise InvalidRequestError(name, req_value, "a number") from exc
+    if not math.isfinite(number):
+        raise InvalidRequestError(name, req_value, "a finite number")
+    return number
+
+
+def _in_range(value: int | float, name: str, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise InvalidRequestError(name, value, f"{low} to {high}")
+
+
+def validate_request(
+    req: GenerationRequest,
+    *,
+    limits: Limits,
+    native_size: tuple[int, int],
+    resolve_sampler,
+) -> GenerationRequest:
+    """Check every field and return a normalized copy (sizes resolved, images decoded).
+
+    `resolve_sampler(sampler_name, scheduler)` returns the canonical pair or raises
+    InvalidRequestError; it is passed in so that this module knows nothing of diffusers.
+    """
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(req, name)
+        if text is None:
+            text = ""
+        if not isinstance(text, str):
+            raise InvalidRequestError(name, text, "text")
+        if len(text) > limits.max_prompt_chars:
+            raise InvalidRequestError(name, f"{len(text)} characters", f"at most {limits.max_prompt_chars} characters")
+
+    steps = _as_int(req.steps, "steps")
+    _in_range(steps, "steps", 1, limits.max_steps)
+    cfg_scale = _as_float(req.cfg_scale, "cfg_scale")
+    _in_range(cfg_scale, "cfg_scale", 0.0, 30.0)
+    seed = _as_int(req.seed, "seed")
+    if seed != -1:
+        _in_range(seed, "seed", 0, SEED_MAX)
+    batch_size = _as_int(req.batch_size, "batch_size")
+    _in_range(batch_size, "batch_size", 1, limits.max_batch_size)
+    n_iter = _as_int(req.n_iter, "n_iter")
+    _in_range(n_iter, "n_iter", 1, limits.max_n_iter)
+    strength = _as_float(req.denoising_strength, "denoising_strength")
+    _in_range(strength, "denoising_strength", 0.0, 1.0)
+    mask_blur = _as_int(req.mask_blur, "mask_blur")
+    _in_range(mask_blur, "mask_blur", 0, limits.max_mask_blur)
+    mask_invert = _as_int(req.inpainting_mask_invert, "inpainting_mask_invert")
+    _in_range(mask_invert, "inpainting_mask_invert", 0, 1)
+
+    sampler_name, scheduler = resolve_sampler(req.sampler_name, req.scheduler)
+
+    init_images = None
+    if req.init_images is not None:
+        if not isinstance(req.init_images, (list, tuple)):
+            raise InvalidRequestError("init_images", req.init_images, "a list of images")
+        init_images = [to_pil(image, f"init_images[{i}]").convert("RGB") for i, image in enumerate(req.init_images)]
+        if not init_images:
+            init_images = None
+
+    width, height = req.width, req.height
+    if width is None or height is None:
+        if init_images:
+            # img2img without a size keeps the init image's size, rounded down to a multiple of 8.
+            base_w, base_h = init_images[0].size
+            native_w, native_h = max(8, base_w // 8 * 8), max(8, base_h // 8 * 8)
+        else:
+            native_w, native_h = native_size
+        width = native_w if width is None else width
+        height = native_h if height is None else height
+    width = _as_int(width, "width")
+    height = _as_int(height, "height")
+    for name, side in (("width", width), ("height", height)):
+        if side < 8 or side % 8:
+            raise InvalidRequestError(name, side, "a multiple of 8, at least 8")
+        if side > limits.max_side:
+            raise InvalidRequestError(name, side, f"at most {limits.max_side}")
+    if width * height > limits.max_pixels:
+        raise InvalidRequestError(
+            "width x height", f"{width}x{height}", f"at most {limits.max_pixels} pixels (e.g. 1024x1024)"
+        )
+
+    mask = None
+    if req.mask is not None:
+        if not init_images:
+            raise InvalidRequestError("mask", req.mask, "a mask only together with init_images (inpaint)")
+        mask = to_pil(req.mask, "mask")
+        if mask.size != init_images[0].size:
+            raise InvalidRequestError(
+                "mask",
+                f"{mask.size[0]}x{mask.size[1]}",
+                f"the size of init_images[0], {init_images[0].size[0]}x{init_images[0].size[1]}",
+            )
+        mask = _mask_to_l(mask)
+
+    extra = req.extra_params or {}
+    if not isinstance(extra, dict):
+        raise InvalidRequestError("extra_params", extra, "a mapping of infotext keys to text")
+
+    return dataclasses.replace(
+        req,
+        prompt=req.prompt or "",
+        negative_prompt=req.negative_prompt or "",
+        sampler_name=sampler_name,
+        scheduler=scheduler,
+        steps=steps,
+        cfg_scale=cfg_scale,
+        seed=seed,
+        width=width,
+        height=height,
+        batch_size=batch_size,
+        n_iter=n_iter,
+        init_images=init_images,
+        mask=mask,
+        denoising_strength=strength,
+        mask_blur=mask_blur,
+        inpainting_mask_invert=mask_invert,
+        extra_params=dict(extra),
+    )
+
+
+def _mask_to_l(mask: Image.Image) -> Image.Image:
+    """A grey mask; for an RGBA drawing layer, what was painted (alpha) is the mask."""
+    if mask.mode in ("RGBA", "LA") and mask.getchannel("A").getextrema() != (255, 255):
+        return mask.getchannel("A")
+    return mask.convert("L")

@@ -1,0 +1,173 @@
+"""A1111 sampler names and schedule types mapped onto diffusers schedulers.
+
+Every job builds its own scheduler with `from_config`, so no job ever changes the scheduler
+another job (or the shared pipeline) sees.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import diffusers
+
+from .errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str
+    scheduler_class: str
+    options: dict[str, Any] = field(default_factory=dict)
+    # The schedule type A1111's "Automatic" picks for this sampler.
+    default_schedule: str = "Uniform"
+    aliases: tuple[str, ...] = ()
+    # The scheduler draws its noise from one seed for the whole batch (a Brownian tree), so
+    # per-image seeds only hold when each image is sampled on its own.
+    batch_shares_noise: bool = False
+    note: str = ""
+
+
+# Order as in A1111's sampler dropdown.
+SAMPLERS: tuple[SamplerSpec, ...] = (
+    SamplerSpec(
+        "DPM++ 2M",
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2},
+        "Karras",
+        ("k_dpmpp_2m",),
+    ),
+    SamplerSpec("DPM++ SDE", "DPMSolverSDEScheduler", {}, "Karras", ("k_dpmpp_sde",), batch_shares_noise=True),
+    SamplerSpec(
+        "DPM++ 2M SDE",
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
+        "Exponential",
+        ("k_dpmpp_2m_sde",),
+    ),
+    SamplerSpec(
+        "DPM++ 2M SDE Heun",
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "heun"},
+        "Exponential",
+        ("k_dpmpp_2m_sde_heun",),
+    ),
+    SamplerSpec(
+        "DPM++ 2S a",
+        "DPMSolverSinglestepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2},
+        "Karras",
+        ("k_dpmpp_2s_a",),
+        note="diffusers has no ancestral 2S solver; this is its deterministic single-step DPM++ 2S",
+    ),
+    SamplerSpec(
+        "DPM++ 3M SDE",
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+        "Exponential",
+        ("k_dpmpp_3m_sde",),
+    ),
+    SamplerSpec("Euler a", "EulerAncestralDiscreteScheduler", {}, "Uniform", ("k_euler_a", "k_euler_ancestral")),
+    SamplerSpec("Euler", "EulerDiscreteScheduler", {}, "Uniform", ("k_euler",)),
+    SamplerSpec("LMS", "LMSDiscreteScheduler", {}, "Uniform", ("k_lms",)),
+    SamplerSpec("Heun", "HeunDiscreteScheduler", {}, "Uniform", ("k_heun",)),
+    SamplerSpec("DPM2", "KDPM2DiscreteScheduler", {}, "Karras", ("k_dpm_2",)),
+    SamplerSpec("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, "Karras", ("k_dpm_2_a",)),
+    SamplerSpec("DDIM", "DDIMScheduler", {"set_alpha_to_one": False}, "Uniform", ("ddim",)),
+    SamplerSpec("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, "Uniform", ("plms",)),
+    SamplerSpec("UniPC", "UniPCMultistepScheduler", {}, "Uniform", ("unipc",)),
+    SamplerSpec("DEIS", "DEISMultistepScheduler", {}, "Uniform", ("deis",)),
+    SamplerSpec("LCM", "LCMScheduler", {}, "Uniform", ("lcm",)),
+)
+
+# Schedule types (A1111 >= 1.9) and the scheduler config keys that express them in diffusers.
+# A type only applies where the scheduler's constructor takes those keys.
+SCHEDULE_TYPES: dict[str, dict[str, Any]] = {
+    "Automatic": {},
+    "Uniform": {},
+    "Karras": {"use_karras_sigmas": True},
+    "Exponential": {"use_exponential_sigmas": True},
+    "Beta": {"use_beta_sigmas": True},
+    "SGM Uniform": {"timestep_spacing": "trailing"},
+}
+_SIGMA_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+# Names older infotexts and clients use for sampler + schedule in one ("DPM++ 2M Karras").
+_COMBINED_SUFFIXES = {" Karras": "Karras", " Exponential": "Exponential"}
+
+_BY_NAME = {spec.name.lower(): spec for spec in SAMPLERS}
+_BY_NAME.update({alias.lower(): spec for spec in SAMPLERS for alias in spec.aliases})
+_SCHEDULES_BY_NAME = {name.lower(): name for name in SCHEDULE_TYPES}
+_SCHEDULES_BY_NAME.update({name.lower().replace(" ", "_"): name for name in SCHEDULE_TYPES})
+
+
+def sampler_names() -> list[str]:
+    return [spec.name for spec in SAMPLERS]
+
+
+def schedule_type_names() -> list[str]:
+    return list(SCHEDULE_TYPES)
+
+
+def get_sampler(name: str) -> SamplerSpec:
+    spec = _BY_NAME.get(str(name).strip().lower())
+    if spec is None:
+        raise InvalidRequestError("sampler_name", name, "one of " + ", ".join(sampler_names()))
+    return spec
+
+
+def supported_schedules(spec: SamplerSpec) -> list[str]:
+    params = _init_params(spec.scheduler_class)
+    return [name for name, keys in SCHEDULE_TYPES.items() if all(key in params for key in keys)]
+
+
+def resolve(sampler_name: Any, scheduler: Any) -> tuple[str, str]:
+    """Canonical (sampler, schedule type); accepts aliases, any case, and "DPM++ 2M Karras" style names."""
+    if not isinstance(sampler_name, str) or not sampler_name.strip():
+        raise InvalidRequestError("sampler_name", sampler_name, "one of " + ", ".join(sampler_names()))
+    if scheduler is None or scheduler == "":
+        scheduler = "Automatic"
+    if not isinstance(scheduler, str):
+        raise InvalidRequestError("scheduler", scheduler, "one of " + ", ".join(SCHEDULE_TYPES))
+    name = sampler_name.strip()
+    if name.lower() not in _BY_NAME:
+        for suffix, schedule in _COMBINED_SUFFIXES.items():
+            if name.lower().endswith(suffix.lower()) and name[: -len(suffix)].lower() in _BY_NAME:
+                name = name[: -len(suffix)]
+                if scheduler.lower() == "automatic":
+                    scheduler = schedule
+                break
+    spec = get_sampler(name)
+    schedule = _SCHEDULES_BY_NAME.get(scheduler.strip().lower())
+    if schedule is None:
+        raise InvalidRequestError("scheduler", scheduler, "one of " + ", ".join(SCHEDULE_TYPES))
+    allowed = supported_schedules(spec)
+    if schedule not in allowed:
+        raise InvalidRequestError(
+            "scheduler", scheduler, f"for sampler {spec.name}: " + ", ".join(allowed) + " (diffusers supports no other)"
+        )
+    return spec.name, schedule
+
+
+def effective_schedule(spec: SamplerSpec, schedule: str) -> str:
+    return spec.default_schedule if schedule == "Automatic" else schedule
+
+
+def build_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str, seed: int | None = None):
+    """A new scheduler instance for one job; `base_config` is the model's own scheduler config."""
+    spec = get_sampler(sampler_name)
+    cls = getattr(diffusers, spec.scheduler_class)
+    params = _init_params(spec.scheduler_class)
+    overrides: dict[str, Any] = dict(spec.options)
+    # Start from a clean sigma schedule: a model's config may itself ask for Karras sigmas.
+    overrides.update({flag: False for flag in _SIGMA_FLAGS if flag in params})
+    overrides.update(SCHEDULE_TYPES[effective_schedule(spec, schedule)])
+    if "noise_sampler_seed" in params and seed is not None:
+        overrides["noise_sampler_seed"] = seed
+    overrides = {key: value for key, value in overrides.items() if key in params}
+    return cls.from_config(dict(base_config), **overrides)
+
+
+def _init_params(class_name: str) -> set[str]:
+    return set(inspect.signature(getattr(diffusers, class_name).__init__).parameters)

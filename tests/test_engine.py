@@ -1,0 +1,371 @@
+"""Engine behaviour users rely on: reproducible seeds, every sampler, previews, Stop, img2img, inpaint."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from engine import Engine, GenerationRequest, JobControl, PreviewSettings, Progress, Result
+from engine.errors import InvalidRequestError
+from engine.samplers import sampler_names
+
+SMALL = {"width": 64, "height": 64}
+
+
+def run(engine: Engine, control: JobControl | None = None, preview: PreviewSettings | None = None, **fields):
+    """Generate and split the stream into (progress events, result)."""
+    events = list(engine.generate(GenerationRequest(**fields), control=control, preview=preview))
+    assert isinstance(events[-1], Result)
+    assert all(isinstance(event, Progress) for event in events[:-1])
+    return events[:-1], events[-1]
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def same_pixels(a: Image.Image, b: Image.Image) -> bool:
+    return a.size == b.size and a.tobytes() == b.tobytes()
+
+
+# Seeds and reproducibility ------------------------------------------------------------------
+
+
+def test_same_request_gives_identical_bytes(engine):
+    request = {"prompt": "a red fox", "seed": 1234, "steps": 5, **SMALL}
+    _, first = run(engine, **request)
+    _, second = run(engine, **request)
+    assert first.seeds == second.seeds == [1234]
+    assert same_pixels(first.images[0], second.images[0])
+
+
+def test_different_seeds_give_different_images(engine):
+    _, first = run(engine, prompt="a red fox", seed=1, steps=4, **SMALL)
+    _, second = run(engine, prompt="a red fox", seed=2, steps=4, **SMALL)
+    assert not same_pixels(first.images[0], second.images[0])
+
+
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M SDE", "DPM++ SDE", "DDIM"])
+def test_image_for_a_seed_does_not_depend_on_its_batch(engine, sampler):
+    request = {"prompt": "a lighthouse", "sampler_name": sampler, "steps": 4, **SMALL}
+    _, batch = run(engine, seed=500, batch_size=2, n_iter=2, **request)
+    assert batch.seeds == [500, 501, 502, 503]
+    _, alone = run(engine, seed=502, **request)
+    assert np.abs(pixels(batch.images[2]) - pixels(alone.images[0])).max() <= 1
+
+
+def test_random_seed_is_reported(engine):
+    _, result = run(engine, prompt="x", seed=-1, steps=2, **SMALL)
+    seed = result.seeds[0]
+    assert 0 <= seed < 2**32
+    assert result.request.seed == seed
+    assert f"Seed: {seed}," in result.infotexts[0]
+    _, again = run(engine, prompt="x", seed=seed, steps=2, **SMALL)
+    assert same_pixels(result.images[0], again.images[0])
+
+
+def test_native_size_comes_from_the_model_preset(engine):
+    assert (engine.defaults().width, engine.defaults().height) == (256, 256)
+    _, result = run(engine, prompt="x", steps=1)
+    assert result.images[0].size == (256, 256)
+    _, wide = run(engine, prompt="x", steps=1, width=128, height=64)
+    assert wide.images[0].size == (128, 64)
+
+
+# Samplers -------------------------------------------------------------------------------------
+
+
+def test_sampler_list_has_a1111_names(engine):
+    names = engine.samplers()
+    for expected in ["Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE",
+                     "DPM++ 2S a", "DDIM", "PLMS", "UniPC", "LCM"]:  # fmt: skip
+        assert expected in names
+    assert {"Automatic", "Karras", "Exponential"} <= set(engine.schedulers())
+
+
+@pytest.mark.parametrize("sampler", sampler_names())
+def test_every_sampler_runs_and_streams_previews(engine, sampler):
+    events, result = run(engine, prompt="a cat", sampler_name=sampler, steps=3, seed=7, **SMALL)
+    assert len(result.images) == 1 and result.images[0].size == (64, 64)
+    assert events and events[-1].step == events[-1].total
+    assert all(event.preview is not None for event in events)
+    assert f"Sampler: {sampler}," in result.infotexts[0]
+    # A picture, not a blank: random weights make noise, but never a constant image.
+    assert pixels(result.images[0]).std() > 1
+
+
+@pytest.mark.parametrize(
+    ("sampler", "schedule"),
+    [
+        ("DPM++ 2M", "Karras"),
+        ("DPM++ 2M", "Exponential"),
+        ("Euler", "Karras"),
+        ("Euler", "SGM Uniform"),
+        ("DPM++ 2M SDE", "Beta"),
+        ("LMS", "Karras"),
+    ],  # fmt: skip
+)
+def test_schedule_types_change_the_sigmas(engine, sampler, schedule):
+    _, scheduled = run(engine, prompt="a cat", sampler_name=sampler, scheduler=schedule, steps=4, seed=3, **SMALL)
+    _, uniform = run(engine, prompt="a cat", sampler_name=sampler, scheduler="Uniform", steps=4, seed=3, **SMALL)
+    assert f"Schedule type: {schedule}" in scheduled.infotexts[0]
+    assert not same_pixels(scheduled.images[0], uniform.images[0])
+
+
+def test_automatic_schedule_is_the_samplers_a1111_default(engine):
+    request = {"prompt": "a cat", "sampler_name": "DPM++ 2M", "steps": 4, "seed": 3, **SMALL}
+    _, automatic = run(engine, scheduler="Automatic", **request)
+    _, karras = run(engine, scheduler="Karras", **request)
+    assert same_pixels(automatic.images[0], karras.images[0])
+
+
+def test_old_combined_sampler_names_and_any_case_are_accepted(engine):
+    checked = engine.validate(GenerationRequest(sampler_name="DPM++ 2M Karras", scheduler="automatic"))
+    assert (checked.sampler_name, checked.scheduler) == ("DPM++ 2M", "Karras")
+    checked = engine.validate(GenerationRequest(sampler_name="k_euler_a", scheduler="sgm_uniform"))
+    assert (checked.sampler_name, checked.scheduler) == ("Euler a", "SGM Uniform")
+
+
+def test_unsupported_schedule_is_refused_by_name(engine):
+    with pytest.raises(InvalidRequestError) as caught:
+        engine.validate(GenerationRequest(sampler_name="Euler a", scheduler="Karras"))
+    assert caught.value.field == "scheduler"
+    assert "Euler a" in str(caught.value) and "Uniform" in str(caught.value)
+
+
+def test_jobs_never_change_the_shared_scheduler(engine):
+    shared = engine.loaded.components["scheduler"]
+    config_before = dict(engine.loaded.scheduler_config)
+    for sampler in ("DDIM", "DPM++ 2M", "Euler a"):
+        run(engine, prompt="x", sampler_name=sampler, scheduler="Automatic", steps=2, seed=1, **SMALL)
+    assert engine.loaded.components["scheduler"] is shared
+    assert type(shared).__name__ == "PNDMScheduler"
+    assert dict(engine.loaded.scheduler_config) == config_before
+
+
+def test_concurrent_callers_each_get_their_own_result(engine):
+    requests = {
+        "a": {"prompt": "a cat", "sampler_name": "Euler a", "seed": 11, "steps": 4, **SMALL},
+        "b": {"prompt": "a dog", "sampler_name": "DDIM", "seed": 22, "steps": 4, **SMALL},
+    }
+    solo = {key: run(engine, **fields)[1].images[0] for key, fields in requests.items()}
+    together: dict[str, Image.Image] = {}
+
+    def worker(key):
+        together[key] = run(engine, **requests[key])[1].images[0]
+
+    threads = [threading.Thread(target=worker, args=(key,)) for key in requests]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert all(same_pixels(solo[key], together[key]) for key in requests)
+
+
+# Previews ------------------------------------------------------------------------------------
+
+
+def test_preview_interval_and_modes(engine):
+    events, _ = run(engine, preview=PreviewSettings(mode="approx", every=3), prompt="x", steps=7, seed=1, **SMALL)
+    with_preview = [event.step for event in events if event.preview is not None]
+    assert with_preview == [3, 6, 7]  # every third step, and always the last
+    assert events[0].preview is None and events[2].preview.size == (8, 8)  # latent size
+
+    events, _ = run(engine, preview=PreviewSettings(mode="vae"), prompt="x", steps=2, seed=1, **SMALL)
+    assert events[0].preview.size == (64, 64)
+    events, _ = run(engine, preview=PreviewSettings(mode="none"), prompt="x", steps=2, seed=1, **SMALL)
+    assert all(event.preview is None for event in events)
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM", "DPM++ 2M", "PLMS", "UniPC", "Heun", "LCM"])
+def test_preview_shows_the_predicted_clean_image(engine, sampler):
+    """At the last step the predicted x0 is the final latent, so a full-VAE preview equals the image."""
+    events, result = run(
+        engine, preview=PreviewSettings(mode="vae"), prompt="a cat", sampler_name=sampler, steps=5, seed=9, **SMALL
+    )
+    final_preview = events[-1].preview
+    difference = np.abs(pixels(final_preview) - pixels(result.images[0]))
+    assert difference.mean() < 2.0
+    # Early previews are not just decoded noise: they already resemble the final picture.
+    early = np.abs(pixels(events[1].preview) - pixels(result.images[0])).mean()
+    noise = np.abs(pixels(events[0].preview) - pixels(result.images[0])).mean()
+    assert early <= noise + 1
+
+
+def test_taesd_previews_only_where_weights_exist(engine, models_dir, tmp_path):
+    with pytest.raises(InvalidRequestError) as caught:
+        list(engine.generate(GenerationRequest(prompt="x", steps=1, **SMALL), preview=PreviewSettings(mode="taesd")))
+    assert caught.value.field == "preview mode" and "VAE-approx" in str(caught.value)
+
+    from diffusers import AutoencoderTiny
+
+    local_models = tmp_path / "models"
+    shutil.copytree(models_dir / "Stable-diffusion", local_models / "Stable-diffusion")
+    AutoencoderTiny(latent_channels=4).save_pretrained(local_models / "VAE-approx" / "taesd-tiny")
+    with_taesd = Engine(models_dir=local_models)
+    events, _ = run(with_taesd, preview=PreviewSettings(mode="taesd"), prompt="x", steps=2, seed=1, **SMALL)
+    assert events[-1].preview.size == (64, 64)
+
+
+# Stop, skip, and recovery -------------------------------------------------------------------
+
+
+def test_interrupt_stops_within_a_step_and_keeps_what_exists(engine):
+    fresh = run(engine, prompt="a cat", seed=5, steps=4, **SMALL)[1].images[0]
+    control = JobControl()
+    events = []
+    for event in engine.generate(GenerationRequest(prompt="a cat", seed=5, steps=150, **SMALL), control=control):
+        events.append(event)
+        if isinstance(event, Progress) and event.step == 3:
+            control.interrupt()
+    result = events[-1]
+    assert isinstance(result, Result) and result.interrupted
+    assert len(events) - 1 <= 4  # at most one more step after Stop
+    assert len(result.images) == 1 and pixels(result.images[0]).std() > 1
+    # The engine is ready, and the next job is exactly what a fresh run makes.
+    again = run(engine, prompt="a cat", seed=5, steps=4, **SMALL)[1].images[0]
+    assert same_pixels(fresh, again)
+
+
+def test_engine_interrupt_stops_the_running_job(engine):
+    events = []
+    for event in engine.generate(GenerationRequest(prompt="x", seed=1, steps=150, **SMALL)):
+        events.append(event)
+        if isinstance(event, Progress) and event.step == 2:
+            assert engine.progress().running
+            engine.interrupt()
+    assert events[-1].interrupted and len(events) <= 5
+    assert not engine.progress().running
+
+
+def test_one_callers_stop_does_not_stop_another_job(engine):
+    other = JobControl()
+    other.interrupt()  # someone else's job was stopped
+    events, result = run(engine, control=JobControl(), prompt="x", seed=1, steps=5, **SMALL)
+    assert not result.interrupted and len(events) == 5
+
+
+def test_skip_ends_the_current_batch_and_runs_the_next(engine):
+    control = JobControl()
+    events = []
+    request = GenerationRequest(prompt="x", seed=1, steps=50, n_iter=2, **SMALL)
+    for event in engine.generate(request, control=control):
+        events.append(event)
+        if isinstance(event, Progress) and event.batch_no == 0 and event.step == 2:
+            control.skip()
+    result = events[-1]
+    assert result.skipped_batches == [0] and not result.interrupted
+    assert len(result.images) == 2
+    assert [event.step for event in events[:-1] if event.batch_no == 1][-1] == 50
+
+
+def test_abandoned_stream_stops_the_job(engine):
+    stream = engine.generate(GenerationRequest(prompt="x", seed=1, steps=150, **SMALL))
+    next(stream)
+    stream.close()  # e.g. a browser tab closed mid-job
+    _, result = run(engine, prompt="x", seed=1, steps=2, **SMALL)  # waits only for the stopped job
+    assert not result.interrupted
+
+
+# img2img and inpaint ---------------------------------------------------------------------------
+
+
+def make_init_image(size=(64, 64)) -> Image.Image:
+    image = Image.new("RGB", size, (30, 90, 200))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((10, 10, 50, 50), fill=(240, 200, 40))
+    return image
+
+
+def vae_round_trip(engine: Engine, image: Image.Image) -> Image.Image:
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    processor = VaeImageProcessor(vae_scale_factor=8)
+    with torch.no_grad():
+        latent = engine.loaded.vae.encode(processor.preprocess(image)).latent_dist.mean
+        return processor.postprocess(engine.loaded.vae.decode(latent).sample, output_type="pil")[0]
+
+
+def test_img2img_strength_controls_how_far_from_the_init_image(engine):
+    init = make_init_image()
+    # The result is compared with what the VAE makes of the init image unchanged, so that only
+    # the denoising's own departure is measured.
+    reference = pixels(vae_round_trip(engine, init))
+
+    def distance(strength):
+        events, result = run(engine, prompt="x", seed=3, steps=10, init_images=[init], denoising_strength=strength)
+        return events, result, np.abs(pixels(result.images[0]) - reference).mean()
+
+    _, unchanged, _ = distance(0.0)
+    assert same_pixels(unchanged.images[0], init)  # strength 0 keeps the init image
+    low_events, _, low = distance(0.1)
+    high_events, high_result, high = distance(0.7)
+    assert low < high
+    assert low_events[-1].total == 1 and high_events[-1].total == 7  # steps x strength, as A1111
+    assert "Denoising strength: 0.7" in high_result.infotexts[0]
+
+
+def test_img2img_init_image_is_resized_to_the_requested_size(engine):
+    _, result = run(engine, prompt="x", seed=3, steps=4, init_images=[make_init_image((100, 60))], width=64, height=64)
+    assert result.images[0].size == (64, 64)
+    _, native = run(engine, prompt="x", seed=3, steps=4, init_images=[make_init_image((100, 60))])
+    assert native.images[0].size == (96, 56)  # the init image's size, rounded down to multiples of 8
+
+
+def test_inpaint_repaints_only_the_masked_area(engine):
+    init = make_init_image()
+    mask = Image.new("L", init.size, 0)
+    ImageDraw.Draw(mask).rectangle((16, 16, 47, 47), fill=255)
+    _, result = run(
+        engine, prompt="x", seed=3, steps=6, init_images=[init], mask=mask, mask_blur=0, denoising_strength=1.0
+    )
+    out, original, inside = pixels(result.images[0]), pixels(init), np.asarray(mask) > 0
+    assert np.array_equal(out[~inside], original[~inside])
+    assert np.abs(out[inside] - original[inside]).mean() > 10
+    assert "Mask blur: 0" in result.infotexts[0]
+
+    _, inverted = run(
+        engine, prompt="x", seed=3, steps=6, init_images=[init], mask=mask, mask_blur=0, inpainting_mask_invert=1
+    )
+    assert np.array_equal(pixels(inverted.images[0])[inside], original[inside])
+
+
+def test_modes_share_one_set_of_weights(engine):
+    components = {name: id(module) for name, module in engine.loaded.components.items()}
+    init = make_init_image()
+    run(engine, prompt="x", seed=1, steps=2, **SMALL)
+    run(engine, prompt="x", seed=1, steps=2, init_images=[init])
+    run(engine, prompt="x", seed=1, steps=2, init_images=[init], mask=Image.new("L", init.size, 255))
+    assert {name: id(module) for name, module in engine.loaded.components.items()} == components
+
+
+# Infotext ------------------------------------------------------------------------------------
+
+
+def test_results_carry_a1111_infotext(engine):
+    _, result = run(engine, prompt="a castle", negative_prompt="blurry", seed=42, steps=3, cfg_scale=6.5, **SMALL)
+    text = result.infotexts[0]
+    assert result.images[0].info["parameters"] == text
+    prompt_line, negative_line, params = text.split("\n")
+    assert prompt_line == "a castle" and negative_line == "Negative prompt: blurry"
+    for part in ["Steps: 3", "Sampler: Euler a", "Schedule type: Automatic", "CFG scale: 6.5", "Seed: 42",
+                 "Size: 64x64", f"Model hash: {engine.model.hash}", "Model: tiny-sd"]:  # fmt: skip
+        assert part in params
+
+
+def test_infotext_round_trip_reproduces_the_image(engine):
+    from engine.infotext import parse_infotext
+
+    _, original = run(
+        engine, prompt="a (castle:1.2), long\nsecond line", negative_prompt="blurry, dark", seed=77, steps=4,
+        sampler_name="DPM++ 2M", scheduler="Karras", cfg_scale=5, width=64, height=72,
+    )  # fmt: skip
+    parsed = parse_infotext(original.infotexts[0])
+    _, again = run(engine, **{k: getattr(parsed, k) for k in vars(parsed)})
+    assert same_pixels(original.images[0], again.images[0])
+    assert again.infotexts[0] == original.infotexts[0]

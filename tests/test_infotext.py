@@ -1,0 +1,414 @@
+"""A1111 infotext: writing, parsing, and reading it from image files. Pure tests: no model is loaded."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from engine.errors import InvalidRequestError
+from engine.images import encode_png
+from engine.infotext import format_infotext, parse_infotext, parse_infotext_params, read_infotext
+from engine.request import GenerationRequest, Limits, validate_request
+from engine.samplers import resolve
+
+# Infotexts as A1111 writes them (hand-written after real ones from several versions).
+A1111_HIRES_LORA = (
+    "masterpiece, best quality, 1girl, solo, looking at viewer, <lora:add_detail:0.6>\n"
+    "Negative prompt: (worst quality, low quality:1.4), easynegative\n"
+    "Steps: 28, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 3297430216, Size: 512x768, "
+    "Model hash: 7f96a1a9ca, Model: anything-v5, Denoising strength: 0.45, Clip skip: 2, "
+    'Hires prompt: "extra detail, sharp focus", Hires upscale: 2, Hires steps: 14, '
+    "Hires upscaler: R-ESRGAN 4x+ Anime6B, "
+    'Lora hashes: "add_detail: 7c6bad76eb54", TI hashes: "easynegative: c74b4e810b03", Version: v1.10.1'
+)
+A1111_OLD_COMBINED_SAMPLER = (
+    "a photograph of an astronaut riding a horse, highly detailed, 8k\n"
+    "Negative prompt: lowres, bad anatomy, blurry\n"
+    "Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 1234567890, Size: 768x512, "
+    "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: v1.5.1"
+)
+A1111_INPAINT = (
+    "a red brick wall\n"
+    "Negative prompt: text, watermark\n"
+    "Steps: 25, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 42, Size: 512x512, "
+    "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.6, Mask blur: 8, "
+    "Mask mode: Inpaint not masked, Masked content: original, Inpaint area: Only masked, "
+    "Masked area padding: 32, Version: v1.9.4"
+)
+A1111_SDXL_NO_NEGATIVE = (
+    "cinematic photo of a lighthouse at dusk,\n"
+    "dramatic sky, 35mm\n"
+    "Steps: 40, Sampler: DPM++ 2M SDE, Schedule type: Exponential, CFG scale: 5, Seed: 987654321, "
+    "Size: 1024x1024, Model hash: 31e35c80fc, Model: sd_xl_base_1.0, ADetailer model: face_yolov8n.pt, "
+    'ADetailer prompt: "detailed face, sharp eyes", ADetailer version: 24.5.1, Version: v1.10.1'
+)
+
+
+def _request(**fields) -> GenerationRequest:
+    base = dict(
+        prompt="a lighthouse at dusk",
+        negative_prompt="blurry",
+        sampler_name="Euler a",
+        scheduler="Automatic",
+        steps=20,
+        cfg_scale=7.0,
+        width=512,
+        height=512,
+    )
+    base.update(fields)
+    return GenerationRequest(**base)
+
+
+def _image_bytes(image: Image.Image, fmt: str, **save_args) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
+def _a1111_exif(text: str) -> Image.Exif:
+    """EXIF as A1111 writes it into JPEG/WebP: UserComment = b"UNICODE\\0" + UTF-16 big-endian."""
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + text.encode("utf-16-be")
+    return exif
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def test_format_writes_a1111_layout_for_txt2img():
+    req = _request(
+        prompt="a lighthouse at dusk",
+        negative_prompt="blurry, lowres",
+        sampler_name="DPM++ 2M",
+        scheduler="Karras",
+        steps=20,
+        cfg_scale=7.0,
+        width=512,
+        height=768,
+        extra_params={"Clip skip": "2", "Version": "v1.10.1"},
+    )
+    text = format_infotext(req, 1234, model_name="tiny-sd", model_hash="abcdef0123")
+    assert text == (
+        "a lighthouse at dusk\n"
+        "Negative prompt: blurry, lowres\n"
+        "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1234, Size: 512x768, "
+        "Model hash: abcdef0123, Model: tiny-sd, Clip skip: 2, Version: v1.10.1"
+    )
+
+
+def test_format_writes_fractional_cfg_and_img2img_fields():
+    init = Image.new("RGB", (64, 64))
+    img2img = _request(cfg_scale=7.5, init_images=[init], denoising_strength=0.6)
+    assert format_infotext(img2img, 7).splitlines()[-1] == (
+        "Steps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7.5, Seed: 7, Size: 512x512, "
+        "Denoising strength: 0.6"
+    )
+
+    mask = Image.new("L", (64, 64), 255)
+    inpaint = _request(init_images=[init], mask=mask, denoising_strength=1.0, mask_blur=8, inpainting_mask_invert=1)
+    assert format_infotext(inpaint, 7, model_name="m", model_hash="0123456789").splitlines()[-1] == (
+        "Steps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 7, Size: 512x512, "
+        "Model hash: 0123456789, Model: m, Denoising strength: 1, Mask blur: 8, Mask mode: Inpaint not masked"
+    )
+
+    txt2img = format_infotext(_request(denoising_strength=0.3, mask_blur=9), 7)
+    assert "Denoising strength" not in txt2img
+    assert "Mask blur" not in txt2img
+    assert "Model" not in txt2img
+
+
+def test_no_negative_line_when_negative_is_empty():
+    text = format_infotext(_request(negative_prompt=""), 1)
+    assert "Negative prompt" not in text
+    assert text.splitlines()[0] == "a lighthouse at dusk"
+    assert len(text.splitlines()) == 2
+    assert parse_infotext(text).negative_prompt == ""
+
+
+def test_extra_params_never_repeat_keys_already_written():
+    req = _request(extra_params={"Model": "old-model", "Model hash": "1111111111", "Steps": "99", "Clip skip": "2"})
+    text = format_infotext(req, 5, model_name="new-model", model_hash="2222222222")
+    last_line = text.splitlines()[-1]
+    assert last_line.count("Model:") == 1 and "Model: new-model" in last_line
+    assert last_line.count("Model hash:") == 1 and "Model hash: 2222222222" in last_line
+    assert "Steps: 20" in last_line and "99" not in last_line
+    assert last_line.endswith("Clip skip: 2")
+
+
+def test_multiline_prompt_and_negative_survive_round_trip():
+    req = _request(prompt="first line\nsecond line\n\nfourth line", negative_prompt="bad hands\nextra fingers, text")
+    text = format_infotext(req, 99)
+    assert text.splitlines()[:6] == [
+        "first line",
+        "second line",
+        "",
+        "fourth line",
+        "Negative prompt: bad hands",
+        "extra fingers, text",
+    ]
+    parsed = parse_infotext(text)
+    assert parsed.prompt == req.prompt
+    assert parsed.negative_prompt == req.negative_prompt
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "add_detail: 7c6bad76eb54, epi_noiseoffset2: d1131f7207d6",
+        'say "hi", then go',
+        '"quoted"',
+        "line one\nline two",
+        " padded ",
+        "",
+        "ünïcödé, 日本語",
+    ],
+)
+def test_values_with_commas_colons_quotes_survive_round_trip(value):
+    req = _request(extra_params={"Lora hashes": value, "Version": "v1.10.1"})
+    text = format_infotext(req, 3, model_name="m", model_hash="0123456789")
+    assert len(text.split("\n")) == 3, "a value must never break the parameter line apart"
+    parsed = parse_infotext(text)
+    assert parsed.extra_params == {"Model hash": "0123456789", "Model": "m", "Lora hashes": value, "Version": "v1.10.1"}
+
+
+def test_values_are_json_quoted_like_a1111():
+    text = format_infotext(_request(extra_params={"Lora hashes": "a: 1, b: 2", "Hires upscaler": "Latent"}), 1)
+    assert text.endswith('Lora hashes: "a: 1, b: 2", Hires upscaler: Latent')
+
+
+@pytest.mark.parametrize(
+    ("sampler", "schedule", "cfg", "steps", "seed", "size"),
+    [
+        ("Euler a", "Automatic", 7.0, 20, 1234, (512, 512)),
+        ("DPM++ 2M", "Karras", 7.5, 30, 0, (768, 512)),
+        ("DPM++ 2M SDE", "Exponential", 4.25, 8, 2**32 - 1, (1024, 1024)),
+        ("DDIM", "Uniform", 1.0, 50, 42, (64, 128)),
+    ],
+)
+def test_round_trip_keeps_what_the_product_relies_on(sampler, schedule, cfg, steps, seed, size):
+    req = _request(
+        prompt="a cat, (sitting:1.2) on a mat",
+        negative_prompt="dog: no",
+        sampler_name=sampler,
+        scheduler=schedule,
+        cfg_scale=cfg,
+        steps=steps,
+        width=size[0],
+        height=size[1],
+        extra_params={"Clip skip": "2"},
+    )
+    parsed = parse_infotext(format_infotext(req, seed, model_name="tiny-sd", model_hash="abcdef0123"))
+    assert (parsed.prompt, parsed.negative_prompt) == (req.prompt, req.negative_prompt)
+    assert (parsed.sampler_name, parsed.scheduler) == (sampler, schedule)
+    assert (parsed.steps, parsed.cfg_scale, parsed.seed) == (steps, cfg, seed)
+    assert (parsed.width, parsed.height) == size
+    assert parsed.extra_params == {"Model hash": "abcdef0123", "Model": "tiny-sd", "Clip skip": "2"}
+
+
+def test_round_trip_keeps_img2img_and_inpaint_settings():
+    init = Image.new("RGB", (64, 64))
+    mask = Image.new("L", (64, 64), 255)
+    req = _request(init_images=[init], mask=mask, denoising_strength=0.35, mask_blur=12, inpainting_mask_invert=1)
+    parsed = parse_infotext(format_infotext(req, 11))
+    assert parsed.denoising_strength == 0.35
+    assert parsed.mask_blur == 12
+    assert parsed.inpainting_mask_invert == 1
+    assert parsed.extra_params == {}
+
+
+# --- parsing A1111 texts ------------------------------------------------------------------------
+
+
+def test_parse_modern_a1111_infotext_with_hires_and_lora_hashes():
+    params = parse_infotext_params(A1111_HIRES_LORA)
+    assert params["Prompt"] == "masterpiece, best quality, 1girl, solo, looking at viewer, <lora:add_detail:0.6>"
+    assert params["Negative prompt"] == "(worst quality, low quality:1.4), easynegative"
+    assert params["Lora hashes"] == "add_detail: 7c6bad76eb54"
+    assert params["TI hashes"] == "easynegative: c74b4e810b03"
+    assert params["Hires prompt"] == "extra detail, sharp focus"
+    assert params["Hires upscaler"] == "R-ESRGAN 4x+ Anime6B"
+    assert params["Size"] == "512x768"
+
+    req = parse_infotext(A1111_HIRES_LORA)
+    assert (req.sampler_name, req.scheduler) == ("DPM++ 2M", "Karras")
+    assert (req.steps, req.cfg_scale, req.seed) == (28, 6.5, 3297430216)
+    assert (req.width, req.height) == (512, 768)
+    assert req.denoising_strength == 0.45
+    assert req.extra_params == {
+        "Model hash": "7f96a1a9ca",
+        "Model": "anything-v5",
+        "Clip skip": "2",
+        "Hires prompt": "extra detail, sharp focus",
+        "Hires upscale": "2",
+        "Hires steps": "14",
+        "Hires upscaler": "R-ESRGAN 4x+ Anime6B",
+        "Lora hashes": "add_detail: 7c6bad76eb54",
+        "TI hashes": "easynegative: c74b4e810b03",
+        "Version": "v1.10.1",
+    }
+
+
+def test_parse_old_infotext_with_combined_sampler_name():
+    req = parse_infotext(A1111_OLD_COMBINED_SAMPLER)
+    assert (req.sampler_name, req.scheduler) == ("DPM++ 2M", "Karras")
+    assert req.prompt == "a photograph of an astronaut riding a horse, highly detailed, 8k"
+    assert req.negative_prompt == "lowres, bad anatomy, blurry"
+    assert (req.steps, req.cfg_scale, req.seed, req.width, req.height) == (30, 7.5, 1234567890, 768, 512)
+    assert req.extra_params == {"Model hash": "6ce0161689", "Model": "v1-5-pruned-emaonly", "Version": "v1.5.1"}
+
+
+def test_parse_inpaint_infotext():
+    req = parse_infotext(A1111_INPAINT)
+    assert (req.sampler_name, req.scheduler) == ("Euler a", "Automatic")
+    assert (req.cfg_scale, req.denoising_strength, req.mask_blur, req.inpainting_mask_invert) == (7.0, 0.6, 8, 1)
+    assert req.extra_params["Masked content"] == "original"
+    assert req.extra_params["Inpaint area"] == "Only masked"
+    assert "Mask mode" not in req.extra_params
+
+
+def test_parse_multiline_prompt_without_negative():
+    req = parse_infotext(A1111_SDXL_NO_NEGATIVE)
+    assert req.prompt == "cinematic photo of a lighthouse at dusk,\ndramatic sky, 35mm"
+    assert req.negative_prompt == ""
+    assert (req.sampler_name, req.scheduler, req.width, req.height) == ("DPM++ 2M SDE", "Exponential", 1024, 1024)
+    assert req.extra_params["ADetailer prompt"] == "detailed face, sharp eyes"
+    # No Denoising strength in the text: the request keeps its default.
+    assert req.denoising_strength == GenerationRequest().denoising_strength
+
+
+def test_parsed_a1111_requests_pass_validation():
+    for text in (A1111_HIRES_LORA, A1111_OLD_COMBINED_SAMPLER, A1111_INPAINT, A1111_SDXL_NO_NEGATIVE):
+        req = validate_request(parse_infotext(text), limits=Limits(), native_size=(512, 512), resolve_sampler=resolve)
+        assert req.prompt
+
+
+def test_parse_windows_line_endings():
+    params = parse_infotext_params(A1111_OLD_COMBINED_SAMPLER.replace("\n", "\r\n"))
+    assert params["Prompt"] == "a photograph of an astronaut riding a horse, highly detailed, 8k"
+    assert params["Negative prompt"] == "lowres, bad anatomy, blurry"
+    assert params["Steps"] == "30"
+
+
+def test_text_without_parameter_line_is_all_prompt():
+    assert parse_infotext_params("just a prompt, with commas") == {
+        "Prompt": "just a prompt, with commas",
+        "Negative prompt": "",
+    }
+    # Fewer than three `Key: value` items on the last line: still prompt (A1111's rule).
+    params = parse_infotext_params(
+        "portrait\nstyle: oil, mood: calm\nNegative prompt: ugly\nlighting: soft, era: 1920s"
+    )
+    assert params == {
+        "Prompt": "portrait\nstyle: oil, mood: calm",
+        "Negative prompt": "ugly\nlighting: soft, era: 1920s",
+    }
+
+    req = parse_infotext("a lone tree on a hill")
+    assert req.prompt == "a lone tree on a hill"
+    assert (req.steps, req.sampler_name, req.width) == (20, "Euler a", None)
+    assert req.extra_params == {}
+
+
+def test_parameter_line_only():
+    req = parse_infotext("Steps: 12, Sampler: Euler, CFG scale: 3, Seed: 5")
+    assert (req.prompt, req.negative_prompt) == ("", "")
+    assert (req.steps, req.sampler_name, req.cfg_scale, req.seed) == (12, "Euler", 3.0, 5)
+
+
+@pytest.mark.parametrize(
+    ("item", "key"),
+    [
+        ("Steps: twenty", "Steps"),
+        ("Steps: 20.5", "Steps"),
+        ("CFG scale: high", "CFG scale"),
+        ("CFG scale: nan", "CFG scale"),
+        ("Seed: 12ab", "Seed"),
+        ("Size: 512", "Size"),
+        ("Size: 512x", "Size"),
+        ("Denoising strength: strong", "Denoising strength"),
+        ("Mask blur: 4px", "Mask blur"),
+        ("Mask mode: Inpaint everything", "Mask mode"),
+    ],
+)
+def test_malformed_values_name_the_infotext_key(item, key):
+    text = f"a cat\nSampler: Euler a, Model: m, Version: v1, {item}"
+    with pytest.raises(InvalidRequestError) as caught:
+        parse_infotext(text)
+    error = caught.value
+    assert error.field == key
+    assert error.value == item.split(": ", 1)[1]
+    assert error.allowed
+    assert str(error).startswith(f"{key}: got ")
+
+
+def test_unknown_sampler_names_the_sampler_key():
+    with pytest.raises(InvalidRequestError) as caught:
+        parse_infotext("a cat\nSteps: 20, Sampler: Restart, CFG scale: 7, Seed: 1")
+    assert caught.value.field == "Sampler"
+    assert caught.value.value == "Restart"
+    assert "DPM++ 2M" in caught.value.allowed
+
+
+def test_unsupported_schedule_type_names_the_schedule_key():
+    with pytest.raises(InvalidRequestError) as caught:
+        parse_infotext("a cat\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Align Your Steps, CFG scale: 7")
+    assert caught.value.field == "Schedule type"
+    assert caught.value.value == "Align Your Steps"
+
+
+def test_parse_rejects_non_text():
+    with pytest.raises(InvalidRequestError):
+        parse_infotext_params(None)
+
+
+# --- reading image files -----------------------------------------------------------------------
+
+
+def test_png_round_trip_through_encode_png():
+    req = _request(prompt="a cat\non a mat", extra_params={"Lora hashes": "x: 1, y: 2"})
+    text = format_infotext(req, 77, model_name="tiny-sd", model_hash="abcdef0123")
+    png = encode_png(Image.new("RGB", (32, 32), "red"), text)
+
+    assert read_infotext(png) == text
+    assert read_infotext(Image.open(io.BytesIO(png))) == text
+    parsed = parse_infotext(read_infotext(png))
+    assert (parsed.prompt, parsed.seed, parsed.extra_params["Lora hashes"]) == ("a cat\non a mat", 77, "x: 1, y: 2")
+
+
+def test_image_without_infotext_gives_none():
+    image = Image.new("RGB", (16, 16))
+    assert read_infotext(image) is None
+    assert read_infotext(encode_png(image)) is None
+    assert read_infotext(_image_bytes(image, "JPEG")) is None
+
+
+def test_jpeg_with_a1111_exif_user_comment():
+    jpeg = _image_bytes(Image.new("RGB", (32, 32), "blue"), "JPEG", exif=_a1111_exif(A1111_HIRES_LORA))
+    text = read_infotext(jpeg)
+    assert text == A1111_HIRES_LORA
+    assert parse_infotext(text).extra_params["Lora hashes"] == "add_detail: 7c6bad76eb54"
+
+
+def test_webp_with_a1111_exif_user_comment_and_non_latin_prompt():
+    text = "富士山, 夕焼け\nNegative prompt: ぼやけ\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64"
+    webp = _image_bytes(Image.new("RGB", (32, 32)), "WEBP", exif=_a1111_exif(text))
+    assert read_infotext(webp) == text
+    assert parse_infotext(read_infotext(webp)).negative_prompt == "ぼやけ"
+
+
+def test_user_comment_in_ascii_and_little_endian_unicode():
+    ascii_exif = Image.Exif()
+    ascii_exif.get_ifd(0x8769)[0x9286] = b"ASCII\0\0\0" + b"a cat\nSteps: 5, Sampler: Euler, Seed: 3"
+    assert read_infotext(_image_bytes(Image.new("RGB", (8, 8)), "JPEG", exif=ascii_exif)).startswith("a cat\n")
+
+    le_exif = Image.Exif()
+    le_exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + "a dog, Steps: 5".encode("utf-16-le")
+    assert read_infotext(_image_bytes(Image.new("RGB", (8, 8)), "JPEG", exif=le_exif)) == "a dog, Steps: 5"
+
+
+def test_non_image_bytes_raise_naming_image():
+    with pytest.raises(InvalidRequestError) as caught:
+        read_infotext(b"this is not an image")
+    assert caught.value.field == "image"

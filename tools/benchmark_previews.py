@@ -1,0 +1,125 @@
+"""How much do live previews cost? Engine.generate against a plain diffusers pipeline call.
+
+Runs the same request (same components, sampler, seed, steps, size) through
+  - a plain pipeline call with no callback (the baseline),
+  - Engine.generate with previews off, approximate previews every step, full-VAE previews every step,
+interleaved round by round so machine noise hits every variant alike, and prints each variant's
+median time as a ratio to the baseline, all measured in this one run.
+
+    .venv/bin/python tools/benchmark_previews.py [--model NAME] [--size 512] [--steps 20] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine import Engine, GenerationRequest, PreviewSettings  # noqa: E402
+from engine.samplers import build_scheduler  # noqa: E402
+
+log = logging.getLogger("benchmark")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model name/path (default: the embedded tiny model)")
+    parser.add_argument("--models-dir", default=None)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--sampler", default="Euler")
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("diffusers", "transformers", "engine"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    engine = Engine(model=args.model, models_dir=args.models_dir, device=args.device)
+    model = engine.loaded
+    request = GenerationRequest(
+        prompt="a lighthouse on a cliff at dusk, oil painting",
+        negative_prompt="blurry",
+        sampler_name=args.sampler,
+        scheduler="Uniform",
+        steps=args.steps,
+        cfg_scale=7.0,
+        seed=1234,
+        width=args.size,
+        height=args.size,
+    )
+    checked = engine.validate(request)
+    # The baseline gets the same conditioning the engine computes, so both do the same work.
+    positive, negative = model.prompt_encoder.encode(checked.prompt, checked.negative_prompt)
+    positive, negative = positive.to(model.device, model.dtype), negative.to(model.device, model.dtype)
+    latent_scale = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    latent_shape = (1, 4, args.size // latent_scale, args.size // latent_scale)
+
+    def plain_pipeline_call():
+        scheduler = build_scheduler(model.scheduler_config, checked.sampler_name, checked.scheduler)
+        pipe = model.pipeline_for("txt2img", scheduler)
+        generator = torch.Generator("cpu").manual_seed(checked.seed)
+        latents = torch.randn(latent_shape, generator=generator).to(model.device, model.dtype)
+        return pipe(
+            prompt_embeds=positive,
+            negative_prompt_embeds=negative,
+            num_inference_steps=checked.steps,
+            guidance_scale=checked.cfg_scale,
+            latents=latents,
+            generator=[generator],
+            height=args.size,
+            width=args.size,
+            output_type="pil",
+        ).images[0]
+
+    def engine_call(mode: str):
+        def call():
+            events = list(engine.generate(request, preview=PreviewSettings(mode=mode, every=1)))
+            return events[-1].images[0]
+
+        return call
+
+    variants = {
+        "plain diffusers call": plain_pipeline_call,
+        "engine, previews off": engine_call("none"),
+        "engine, approx preview every step": engine_call("approx"),
+        "engine, full VAE preview every step": engine_call("vae"),
+    }
+    reference = plain_pipeline_call()  # warm-up, and the image every variant must reproduce
+    for name, call in variants.items():
+        if call().tobytes() != reference.tobytes():
+            log.warning("%s made a different image than the plain call", name)
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, call in variants.items():
+            started = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - started)
+
+    baseline = statistics.median(times["plain diffusers call"])
+    log.info(
+        "model %s on %s, %dx%d, %s, %d steps, median of %d rounds",
+        engine.model.title,
+        engine.device,
+        args.size,
+        args.size,
+        args.sampler,
+        args.steps,
+        args.rounds,
+    )
+    log.info("%-40s %10s %8s", "variant", "median s", "ratio")
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        log.info("%-40s %10.3f %8.3f", name, median, median / baseline)
+
+
+if __name__ == "__main__":
+    main()
