@@ -47,12 +47,17 @@ class Engine:
         limits: Limits | None = None,
         allow_pickle: bool = False,
         preview: PreviewSettings | None = None,
+        exact_batches: bool | None = None,
     ):
         self.models_dir = Path(models_dir) if models_dir is not None else DEFAULT_MODELS_DIR
         self.limits = limits or Limits()
         self.preview = preview or PreviewSettings()
         self.device = pick_device(device)
         self.dtype = dtype or default_dtype(self.device)
+        # Batched kernels sum in a different order than single ones, so an image made inside a
+        # batch can differ by one level in a few pixels. Sampling image by image makes a seed's
+        # image byte-identical in any batch; it costs nothing on a CPU and some throughput on a GPU.
+        self.exact_batches = self.device.type == "cpu" if exact_batches is None else exact_batches
         self.registry = ModelRegistry(self.models_dir, allow_pickle=allow_pickle)
         self._job_lock = threading.Lock()
         self._model_lock = threading.Lock()
@@ -215,7 +220,8 @@ class Engine:
         seeds = [seed + index for index in range(total_images)]
         # Samplers whose noise comes from one seed per batch run one image at a time, so that
         # the image for a seed never depends on the batch it was made in.
-        per_call = 1 if samplers.get_sampler(req.sampler_name).batch_shares_noise else req.batch_size
+        one_by_one = self.exact_batches or samplers.get_sampler(req.sampler_name).batch_shares_noise
+        per_call = 1 if one_by_one else req.batch_size
         batches = [seeds[i : i + per_call] for i in range(0, total_images, per_call)]
         self._state = JobState(running=True, job_id=control.job_id, batch_count=len(batches), started_at=time.time())
 
