@@ -73,15 +73,12 @@ class Progress:
     @property
     def fraction(self) -> float:
         """Progress of the whole job, 0..1, over all batches."""
-        if self.total <= 0 or self.batch_count <= 0:
-            return 0.0
-        return min(1.0, (self.batch_no + self.step / self.total) / self.batch_count)
+        return job_fraction(self.step, self.total, self.batch_no, self.batch_count)
 
     @property
     def eta(self) -> float:
         """Seconds left, estimated from the pace so far."""
-        done = self.fraction
-        return self.elapsed * (1 - done) / done if done > 0 else 0.0
+        return seconds_left(self.elapsed, self.fraction)
 
     @property
     def it_per_s(self) -> float:
@@ -122,11 +119,18 @@ class JobState:
 
     @property
     def fraction(self) -> float:
-        if not self.running or self.total <= 0 or self.batch_count <= 0:
-            return 0.0
-        return min(1.0, (self.batch_no + self.step / self.total) / self.batch_count)
+        return job_fraction(self.step, self.total, self.batch_no, self.batch_count) if self.running else 0.0
 
     @property
     def eta(self) -> float:
-        done = self.fraction
-        return self.elapsed * (1 - done) / done if done > 0 else 0.0
+        return seconds_left(self.elapsed, self.fraction)
+
+
+def job_fraction(step: int, total: int, batch_no: int, batch_count: int) -> float:
+    if total <= 0 or batch_count <= 0:
+        return 0.0
+    return min(1.0, (batch_no + step / total) / batch_count)
+
+
+def seconds_left(elapsed: float, fraction: float) -> float:
+    return elapsed * (1 - fraction) / fraction if fraction > 0 else 0.0

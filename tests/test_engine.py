@@ -183,6 +183,8 @@ def test_preview_interval_and_modes(engine):
     with_preview = [event.step for event in events if event.preview is not None]
     assert with_preview == [3, 6, 7]  # every third step, and always the last
     assert events[0].preview is None and events[2].preview.size == (8, 8)  # latent size
+    assert [round(event.fraction, 3) for event in events] == [round(step / 7, 3) for step in range(1, 8)]
+    assert events[-1].eta == 0 and events[0].eta > 0 and events[-1].it_per_s > 0
 
     events, _ = run(engine, preview=PreviewSettings(mode="vae"), prompt="x", steps=2, seed=1, **SMALL)
     assert events[0].preview.size == (64, 64)
