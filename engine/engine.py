@@ -223,12 +223,15 @@ class Engine:
         one_by_one = self.exact_batches or samplers.get_sampler(req.sampler_name).batch_shares_noise
         per_call = 1 if one_by_one else req.batch_size
         batches = [seeds[i : i + per_call] for i in range(0, total_images, per_call)]
-        self._state = JobState(running=True, job_id=control.job_id, batch_count=len(batches), started_at=time.time())
+        self._state = JobState(
+            running=True, job_id=control.job_id, mode=req.mode, batch_count=len(batches), started_at=time.time()
+        )
 
         def emit_progress(event: Progress) -> None:
             self._state = JobState(
                 running=True,
                 job_id=control.job_id,
+                mode=req.mode,
                 step=event.step,
                 total=event.total,
                 batch_no=event.batch_no,
@@ -267,6 +270,7 @@ class Engine:
             self._state = JobState(
                 running=False,
                 job_id=control.job_id,
+                mode=req.mode,
                 interrupted=control.interrupted,
                 skipped=bool(skipped),
                 preview=self._state.preview,

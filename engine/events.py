@@ -107,6 +107,7 @@ class JobState:
 
     running: bool = False
     job_id: int = 0
+    mode: str = ""  # txt2img, img2img or inpaint
     step: int = 0
     total: int = 0
     batch_no: int = 0

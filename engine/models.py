@@ -48,7 +48,9 @@ class ModelInfo:
 
     @property
     def title(self) -> str:
-        return f"{self.name} [{self.hash}]" if self.hash else self.name
+        # A1111 titles name a single file with its extension: "v1-5-pruned-emaonly.safetensors [6ce0161689]".
+        label = self.name + Path(self.path).suffix if self.kind in ("single_file", "pickle") else self.name
+        return f"{label} [{self.hash}]" if self.hash else label
 
     @property
     def filename(self) -> str:

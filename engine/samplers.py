@@ -100,6 +100,7 @@ _BY_NAME = {spec.name.lower(): spec for spec in SAMPLERS}
 _BY_NAME.update({alias.lower(): spec for spec in SAMPLERS for alias in spec.aliases})
 _SCHEDULES_BY_NAME = {name.lower(): name for name in SCHEDULE_TYPES}
 _SCHEDULES_BY_NAME.update({name.lower().replace(" ", "_"): name for name in SCHEDULE_TYPES})
+_SCHEDULES_BY_NAME.update({name.lower().replace(" ", ""): name for name in SCHEDULE_TYPES})  # "SGMUniform"
 
 
 def sampler_names() -> list[str]:

@@ -1,0 +1,66 @@
+"""Start the web UI: `python app.py` serves the embedded tiny model at http://127.0.0.1:7860.
+
+Flags as AUTOMATIC1111 users know them (python app.py --help lists all):
+    --listen            bind 0.0.0.0 so other machines reach it      --port N    another port
+    --share             also open a public Gradio link (needs internet)
+    --auth user:pass    ask for a login (also --gradio-auth, --auth-file / --gradio-auth-path)
+    --api               the A1111 REST API under /sdapi/v1 (docs at /docs)
+    --model NAME|PATH   the model to load           --models-dir DIR   models folder in A1111 layout
+On Hugging Face Spaces it starts with no arguments: GRADIO_SERVER_NAME and GRADIO_SERVER_PORT are honoured.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from ui.server import ServerSettings, launch, parse_args
+
+log = logging.getLogger("app")
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # One line per HTTP request from these would bury what matters.
+    for noisy in ("httpx", "httpcore", "urllib3", "gradio_client"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def create_engine(settings: ServerSettings):
+    from engine import Engine
+
+    return Engine(
+        model=settings.model,
+        models_dir=settings.models_dir,
+        device=settings.device,
+        allow_pickle=settings.allow_pickle,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_args(argv)
+    configure_logging()
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from engine import EngineError
+
+    log.info("Loading model %s", settings.model or "(embedded tiny model)")
+    try:
+        engine = create_engine(settings)
+    except EngineError as exc:
+        log.error("Could not start: %s", exc)
+        return 1
+    try:
+        launch(engine, settings, block=True)
+    except OSError as exc:
+        log.error("Could not start the web server: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

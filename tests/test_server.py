@@ -1,0 +1,306 @@
+"""The server: A1111-style flags, exposure warnings, logins, the share link offline, and app.py itself."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ui.server import DEFAULT_OUTPUTS_DIR, ServerSettings, bind_socket, launch, parse_args, warn_if_exposed
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+def parse(*argv: str, **environ: str) -> ServerSettings:
+    return parse_args(list(argv), environ=environ)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Flags ---------------------------------------------------------------------------------------
+
+
+def test_defaults_serve_locally_on_7860():
+    settings = parse()
+    assert (settings.host, settings.port, settings.port_fallback) == ("127.0.0.1", 7860, True)
+    assert not settings.api and not settings.share and settings.auth == () and not settings.exposed
+    assert settings.save_images and settings.outputs_dir == DEFAULT_OUTPUTS_DIR
+    assert settings.model is None and settings.models_dir is None and not settings.allow_pickle
+
+
+def test_listen_binds_all_interfaces_and_host_wins_over_it():
+    assert parse("--listen").host == "0.0.0.0"
+    assert parse("--listen").exposed
+    assert parse("--listen", "--host", "192.168.1.5").host == "192.168.1.5"
+    assert parse("--server-name", "::1").host == "::1" and not parse("--host", "::1").exposed
+
+
+def test_port_flag_turns_off_the_search_for_a_free_port():
+    settings = parse("--port", "9001")
+    assert (settings.port, settings.port_fallback) == (9001, False)
+
+
+@pytest.mark.parametrize("bad", ["-1", "70000", "http"])
+def test_bad_port_is_refused(bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse("--port", bad)
+    assert exit_info.value.code == 2
+    assert "--port" in capsys.readouterr().err
+
+
+def test_spaces_environment_is_honoured_when_no_flag_says_otherwise():
+    spaces = {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "7860"}
+    settings = parse(**spaces)
+    assert (settings.host, settings.port, settings.port_fallback) == ("0.0.0.0", 7860, False)
+    settings = parse("--host", "127.0.0.1", "--port", "8000", **spaces)
+    assert (settings.host, settings.port) == ("127.0.0.1", 8000)
+    with pytest.raises(SystemExit):
+        parse(GRADIO_SERVER_PORT="seventy")
+
+
+def test_auth_pairs_from_flags_in_a1111_format():
+    assert parse("--auth", "ann:pw").auth == (("ann", "pw"),)
+    settings = parse("--gradio-auth", "ann:pw, bob:p:w:d", "--auth", "cy:x")
+    assert settings.auth == (("ann", "pw"), ("bob", "p:w:d"), ("cy", "x"))
+    assert "pw" not in repr(settings)  # passwords stay out of logs
+
+
+@pytest.mark.parametrize("bad", ["ann", ":pw", "ann:"])
+def test_malformed_auth_is_refused_with_the_format(bad, capsys):
+    with pytest.raises(SystemExit):
+        parse("--auth", bad)
+    assert "USER:PASSWORD" in capsys.readouterr().err
+
+
+def test_auth_file_holds_pairs_on_lines_or_separated_by_commas(tmp_path, capsys):
+    path = tmp_path / "logins.txt"
+    path.write_text("ann:pw1\n\nbob:pw2, cy:pw3\n")
+    assert parse("--auth-file", str(path)).auth == (("ann", "pw1"), ("bob", "pw2"), ("cy", "pw3"))
+    assert ("dee", "4") in parse("--gradio-auth-path", str(path), "--auth", "dee:4").auth
+    with pytest.raises(SystemExit):
+        parse("--auth-file", str(tmp_path / "missing.txt"))
+    assert "cannot read" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(SystemExit):
+        parse("--auth-file", str(tmp_path / "empty.txt"))
+
+
+def test_api_auth_defaults_to_the_page_login():
+    assert parse("--api", "--auth", "ann:pw").api_credentials == (("ann", "pw"),)
+    settings = parse("--api", "--auth", "ann:pw", "--api-auth", "bot:key")
+    assert settings.api_credentials == (("bot", "key"),) and settings.auth == (("ann", "pw"),)
+
+
+def test_models_and_files_flags(tmp_path):
+    settings = parse(
+        "--model",
+        "my.safetensors",
+        "--models-dir",
+        str(tmp_path),
+        "--outputs-dir",
+        str(tmp_path / "out"),
+        "--no-save",
+        "--allow-pickle",
+        "--device",
+        "cpu",
+        "--api",
+    )
+    assert settings.model == "my.safetensors" and settings.models_dir == tmp_path
+    assert settings.outputs_dir == tmp_path / "out" and not settings.save_images
+    assert settings.allow_pickle and settings.device == "cpu" and settings.api
+
+
+def test_ckpt_dir_names_the_stable_diffusion_folder(tmp_path, capsys):
+    checkpoints = tmp_path / "models" / "Stable-diffusion"
+    checkpoints.mkdir(parents=True)
+    assert parse("--ckpt-dir", str(checkpoints)).models_dir == tmp_path / "models"
+    assert parse("--ckpt-dir", str(tmp_path / "models")).models_dir == tmp_path / "models"
+    with pytest.raises(SystemExit):
+        parse("--ckpt-dir", str(tmp_path))
+    assert "Stable-diffusion" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse("--ckpt-dir", str(checkpoints), "--models-dir", str(tmp_path / "elsewhere"))
+
+
+# Exposure warning ----------------------------------------------------------------------------
+
+
+def test_exposed_without_login_warns_loudly(caplog):
+    caplog.set_level(logging.WARNING, logger="ui.server")
+    assert warn_if_exposed(parse("--share"))
+    assert "public share link" in caplog.text and "--auth" in caplog.text
+    caplog.clear()
+    assert not warn_if_exposed(parse("--listen", "--auth", "ann:pw"))
+    assert not warn_if_exposed(parse())
+    assert caplog.text == ""
+
+
+def test_launch_with_listen_and_no_login_logs_the_warning(engine, caplog):
+    caplog.set_level(logging.INFO, logger="ui.server")
+    handle = launch(engine, ServerSettings(host="0.0.0.0", port=0))
+    try:
+        assert httpx.get(handle.url, timeout=30).status_code == 200
+        assert handle.url.startswith("http://127.0.0.1:")
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("asks for no password" in r.getMessage() for r in warnings)
+    finally:
+        handle.close()
+    assert not handle.running
+
+
+# Logins ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def guarded(engine, tmp_path_factory):
+    settings = ServerSettings(
+        host="127.0.0.1", port=0, api=True, auth=(("ann", "pw"),), outputs_dir=tmp_path_factory.mktemp("out")
+    )
+    handle = launch(engine, settings)
+    yield handle
+    handle.close()
+
+
+def test_api_needs_the_login_when_auth_is_set(guarded):
+    url = guarded.url + "sdapi/v1/sd-models"
+    response = httpx.get(url, timeout=30)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Basic")
+    assert httpx.get(url, auth=("ann", "wrong"), timeout=30).status_code == 401
+    assert httpx.get(url, auth=("bob", "pw"), timeout=30).status_code == 401
+    assert httpx.get(url, auth=("ann", "pw"), timeout=30).status_code == 200
+    generate = httpx.post(guarded.url + "sdapi/v1/txt2img", json={"steps": 2, "width": 64, "height": 64}, timeout=60)
+    assert generate.status_code == 401
+
+
+def test_page_needs_the_login_when_auth_is_set(guarded):
+    with httpx.Client(base_url=guarded.url, timeout=30) as client:
+        assert client.get("config").status_code == 401
+        assert client.post("login", data={"username": "ann", "password": "wrong"}).status_code == 400
+        assert client.post("login", data={"username": "ann", "password": "pw"}).status_code == 200
+        assert client.get("config").status_code == 200
+
+
+def test_api_auth_is_separate_from_the_page_login(engine):
+    settings = ServerSettings(port=0, api=True, auth=(("ann", "pw"),), api_auth=(("bot", "key"),))
+    handle = launch(engine, settings)
+    try:
+        url = handle.url + "sdapi/v1/samplers"
+        assert httpx.get(url, auth=("bot", "key"), timeout=30).status_code == 200
+        assert httpx.get(url, auth=("ann", "pw"), timeout=30).status_code == 401
+    finally:
+        handle.close()
+
+
+def test_without_api_flag_there_is_no_rest_api(engine):
+    handle = launch(engine, ServerSettings(port=0))
+    try:
+        assert httpx.get(handle.url + "sdapi/v1/samplers", timeout=30).status_code == 404
+        assert httpx.get(handle.url, timeout=30).status_code == 200
+    finally:
+        handle.close()
+
+
+# Share link offline ------------------------------------------------------------------------------
+
+
+def test_share_offline_fails_clearly_and_the_local_server_keeps_serving(engine, caplog, monkeypatch):
+    from gradio import networking
+
+    # Stand-in for "no internet": the share server's address refuses connections at once.
+    monkeypatch.setattr(networking, "GRADIO_API_SERVER", f"http://127.0.0.1:{free_port()}/v3/tunnel-request")
+    caplog.set_level(logging.INFO, logger="ui.server")
+    handle = launch(engine, ServerSettings(port=0, api=True, share=True))
+    try:
+        assert handle.wait_for_share(timeout=60) is None
+        assert handle.share_error
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert any("Could not create a share link" in m and "keeps running" in m for m in errors)
+        assert any("public share link" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+        assert httpx.get(handle.url, timeout=30).status_code == 200
+        response = httpx.post(handle.url + "sdapi/v1/txt2img", json={"steps": 2, "width": 64, "height": 64}, timeout=60)
+        assert response.status_code == 200 and len(response.json()["images"]) == 1
+    finally:
+        handle.close()
+
+
+# Ports -----------------------------------------------------------------------------------------
+
+
+def test_taken_port_is_an_error_when_asked_for_and_skipped_otherwise():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match="--port"):
+            bind_socket("127.0.0.1", port)
+        sock = bind_socket("127.0.0.1", port, search=True)
+        try:
+            assert sock.getsockname()[1] > port
+        finally:
+            sock.close()
+
+
+# app.py itself, started as Hugging Face Spaces start it ---------------------------------------
+
+
+def test_app_py_starts_with_no_arguments_like_a_space(models_dir, tmp_path):
+    port = free_port()
+    env = {
+        **os.environ,
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    log_path = tmp_path / "app.log"
+    # --models-dir only so the test reuses the session's tiny model instead of building one in ./models.
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "app.py", "--models-dir", str(models_dir)],
+            cwd=PROJECT_DIR,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        output = log_path.read_text()
+        assert process.poll() is None, output
+        assert f"Running on http://127.0.0.1:{port}/" in output, output
+        assert "tiny-sd" in output
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            code = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert code == 0, log_path.read_text()
+
+
+def test_app_main_reports_a_model_that_cannot_be_loaded(models_dir, caplog):
+    import app
+
+    caplog.set_level(logging.ERROR)
+    assert app.main(["--model", "no-such-model", "--models-dir", str(models_dir)]) == 1
+    assert "Could not start" in caplog.text and "no-such-model" in caplog.text

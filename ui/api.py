@@ -1,0 +1,840 @@
+"""The AUTOMATIC1111-compatible REST API, /sdapi/v1, as a thin adapter over Engine.
+
+Request and response shapes follow A1111's modules/api/models.py, so existing clients (webuiapi,
+scripts, other front ends) work unchanged. What differs, on purpose:
+- A field A1111 knows but this engine does not act on (enable_hr, styles, restore_faces, ...) is
+  accepted, ignored, and named in the response's info under "ignored_fields" whenever its value
+  would have changed A1111's result. Unknown fields are accepted and listed the same way.
+- A bad value is an HTTP 422 whose JSON body names the field, the value and what is allowed,
+  never a 500; the server stays ready for the next request.
+- Without width/height/steps/cfg_scale/sampler the loaded model's own defaults apply (A1111: 512x512,
+  50 steps, CFG 7, Euler), which suits SD 1.x, SDXL and the tiny model alike.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import secrets
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine import EngineError, GenerationRequest, InvalidRequestError, JobControl, ModelLoadError, Result
+from engine.images import encode_base64_png, to_pil
+from engine.infotext import parse_infotext, parse_infotext_params, read_infotext
+from engine.outputs import FORMATS, output_folder, save_image
+
+if TYPE_CHECKING:
+    from engine import Engine, ModelInfo
+
+    from .server import ServerSettings
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/sdapi/v1"
+
+# Infotext keys every image has; the others are A1111's "extra_generation_params".
+_STANDARD_INFOTEXT_KEYS = {
+    "Prompt",
+    "Negative prompt",
+    "Steps",
+    "Sampler",
+    "Schedule type",
+    "CFG scale",
+    "Seed",
+    "Size",
+    "Model hash",
+    "Model",
+}
+
+# A1111's schedule-type table (modules/sd_schedulers.py): API name, rho, whether it needs the model.
+_SCHEDULE_META = {
+    "Automatic": ("automatic", -1.0, False, None),
+    "Uniform": ("uniform", -1.0, True, None),
+    "Karras": ("karras", 7.0, False, None),
+    "Exponential": ("exponential", -1.0, False, None),
+    "Polyexponential": ("polyexponential", 1.0, False, None),
+    "SGM Uniform": ("sgm_uniform", -1.0, True, ["SGMUniform"]),
+    "KL Optimal": ("kl_optimal", -1.0, False, None),
+    "Align Your Steps": ("align_your_steps", -1.0, False, None),
+    "Simple": ("simple", -1.0, True, None),
+    "Normal": ("normal", -1.0, True, None),
+    "DDIM": ("ddim", -1.0, True, None),
+    "Beta": ("beta", -1.0, True, None),
+}
+
+# Keys in /options that come from the engine and settings; the rest are stored per server.
+_COMPUTED_OPTIONS = {
+    "sd_model_checkpoint",
+    "sd_checkpoint_hash",
+    "samples_format",
+    "CLIP_stop_at_last_layers",
+    "outdir_txt2img_samples",
+    "outdir_img2img_samples",
+}
+_MAX_CLIP_SKIP = 12
+
+
+# Request models --------------------------------------------------------------------------------
+# Fields the engine acts on are typed (a wrong type is a 422 naming the field); fields it ignores
+# are `Any`, so nothing a client sends for them is ever refused.
+
+
+class _GenerationPayload(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = Field(-1, description="-1 for a random seed")
+    sampler_name: str | None = Field(None, description="A1111 sampler name or alias, any case (e.g. 'Euler a')")
+    sampler_index: str | None = Field(None, description="older name of sampler_name")
+    scheduler: str | None = Field(None, description="schedule type: Automatic, Karras, Exponential, ...")
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int | None = Field(None, description="default: the model's")
+    cfg_scale: float | None = Field(None, description="default: the model's")
+    width: int | None = Field(None, description="default: the model's native size")
+    height: int | None = Field(None, description="default: the model's native size")
+    send_images: bool = True
+    save_images: bool = False
+    infotext: str | None = Field(None, description="A1111 parameters text filling the fields not given")
+    override_settings: dict[str, Any] | None = None
+    # Accepted, not acted on.
+    styles: Any = None
+    subseed: Any = -1
+    subseed_strength: Any = 0
+    seed_resize_from_h: Any = -1
+    seed_resize_from_w: Any = -1
+    restore_faces: Any = None
+    tiling: Any = None
+    do_not_save_samples: Any = False
+    do_not_save_grid: Any = False
+    eta: Any = None
+    s_min_uncond: Any = None
+    s_churn: Any = None
+    s_tmax: Any = None
+    s_tmin: Any = None
+    s_noise: Any = None
+    override_settings_restore_afterwards: Any = True
+    refiner_checkpoint: Any = None
+    refiner_switch_at: Any = None
+    disable_extra_networks: Any = False
+    firstpass_image: Any = None
+    comments: Any = None
+    script_name: Any = None
+    script_args: Any = Field(default_factory=list)
+    alwayson_scripts: Any = Field(default_factory=dict)
+    force_task_id: Any = None
+
+
+class Txt2ImgRequest(_GenerationPayload):
+    """POST /sdapi/v1/txt2img (A1111's StableDiffusionTxt2ImgProcessingAPI)."""
+
+    enable_hr: Any = False
+    denoising_strength: Any = None
+    firstphase_width: Any = 0
+    firstphase_height: Any = 0
+    hr_scale: Any = 2.0
+    hr_upscaler: Any = None
+    hr_second_pass_steps: Any = 0
+    hr_resize_x: Any = 0
+    hr_resize_y: Any = 0
+    hr_checkpoint_name: Any = None
+    hr_sampler_name: Any = None
+    hr_scheduler: Any = None
+    hr_prompt: Any = ""
+    hr_negative_prompt: Any = ""
+
+
+class Img2ImgRequest(_GenerationPayload):
+    """POST /sdapi/v1/img2img (A1111's StableDiffusionImg2ImgProcessingAPI); a mask makes it inpaint."""
+
+    init_images: list[Any] | None = Field(None, description="base64 images (data URLs too)")
+    mask: str | None = Field(None, description="base64 image, white = repaint")
+    denoising_strength: float = 0.75
+    mask_blur: int | None = None
+    mask_blur_x: Any = 4
+    mask_blur_y: Any = 4
+    inpainting_mask_invert: int = 0
+    include_init_images: bool = False
+    resize_mode: Any = 0
+    image_cfg_scale: Any = None
+    mask_round: Any = True
+    inpainting_fill: Any = 0
+    inpaint_full_res: Any = True
+    inpaint_full_res_padding: Any = 0
+    initial_noise_multiplier: Any = None
+    latent_mask: Any = None
+
+
+class PngInfoRequest(BaseModel):
+    image: str = Field(description="base64 image (PNG, JPEG or WebP)")
+
+
+# Which ignored fields matter: each rule says whether the value given would have changed A1111's result.
+
+
+def _set(value: Any) -> bool:
+    return bool(value) and value not in ("None", "none")
+
+
+def _not_in(*neutral: Any):
+    def differs(value: Any, payload: Any) -> bool:
+        return value is not None and not any(_same(value, other) for other in neutral)
+
+    return differs
+
+
+def _same(value: Any, other: Any) -> bool:
+    # True == 1 in Python; a flag and a number are not the same setting here.
+    if isinstance(value, bool) or isinstance(other, bool):
+        return value is other
+    return value == other
+
+
+def _with_mask(rule):
+    return lambda value, payload: bool(getattr(payload, "mask", None)) and rule(value, payload)
+
+
+_IGNORED_RULES = {
+    "styles": lambda v, p: _set(v),
+    "subseed_strength": _not_in(0),
+    "seed_resize_from_h": _not_in(-1, 0),
+    "seed_resize_from_w": _not_in(-1, 0),
+    "restore_faces": lambda v, p: _set(v),
+    "tiling": lambda v, p: _set(v),
+    "eta": _not_in(0, 1),
+    "s_min_uncond": _not_in(0),
+    "s_churn": _not_in(0),
+    "s_tmax": _not_in(0, math.inf),
+    "s_tmin": _not_in(0),
+    "s_noise": _not_in(1),
+    "refiner_checkpoint": lambda v, p: _set(v),
+    "firstpass_image": lambda v, p: _set(v),
+    "script_name": lambda v, p: _set(v),
+    "script_args": lambda v, p: _set(v),
+    "alwayson_scripts": lambda v, p: _set(v),
+    "enable_hr": lambda v, p: _set(v),
+    "resize_mode": _not_in(0),
+    # This engine inpaints from the original pixels (A1111 "original", 1) over the whole picture.
+    "inpainting_fill": _with_mask(_not_in(1)),
+    "inpaint_full_res": _with_mask(lambda v, p: _set(v)),
+    "initial_noise_multiplier": _not_in(1),
+    "latent_mask": lambda v, p: _set(v),
+}
+
+
+# Errors ----------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An answer other than 200, with the A1111-style body plus the field at fault."""
+
+    def __init__(
+        self,
+        status: int,
+        field: str,
+        value: Any,
+        allowed: str,
+        detail: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        self.status = status
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        self.detail = detail or f"{field}: got {_shown(value)}; allowed: {allowed}"
+        self.headers = headers
+        super().__init__(self.detail)
+
+
+# What pydantic's error types mean, said the way the engine says it.
+_PYDANTIC_ALLOWED = {
+    "int_parsing": "a whole number",
+    "int_type": "a whole number",
+    "int_from_float": "a whole number",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "finite_number": "a finite number",
+    "string_type": "text",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "list_type": "a list",
+    "dict_type": "a JSON object",
+    "model_attributes_type": "a JSON object with A1111's fields",
+    "json_invalid": "valid JSON",
+    "missing": "a value (this field is required)",
+}
+
+
+def _field_path(parts: list[str]) -> str:
+    """("init_images", "0") -> "init_images[0]", the way the engine names list items."""
+    path = ""
+    for part in parts:
+        path += f"[{part}]" if part.isdigit() and path else (f".{part}" if path else part)
+    return path
+
+
+def _shown(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _json_safe(value: Any, limit: int = 200) -> Any:
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, str):
+        return value if len(value) <= limit else value[: limit - 3] + "..."
+    return _shown(value, limit)
+
+
+def _error_response(
+    status: int, error: str, field: str, value: Any, allowed: str, detail: str, headers: dict | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        status_code=status,
+        headers=headers,
+        content={
+            "error": error,
+            "detail": detail,
+            "field": field,
+            "value": _json_safe(value),
+            "allowed": allowed,
+            "errors": detail,
+        },
+    )
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+        error = "Unauthorized" if exc.status == 401 else "InvalidRequestError"
+        return _error_response(exc.status, error, exc.field, exc.value, exc.allowed, exc.detail, exc.headers)
+
+    async def on_invalid_request(request: Request, exc: InvalidRequestError) -> JSONResponse:
+        return _error_response(422, "InvalidRequestError", exc.field, exc.value, exc.allowed, str(exc))
+
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problem = exc.errors()[0] if exc.errors() else {}
+        location = [str(part) for part in problem.get("loc", ()) if part != "body"]
+        if problem.get("type") == "json_invalid":
+            location = []  # its location is a character offset, not a field
+        field = _field_path(location) or "body"
+        allowed = _PYDANTIC_ALLOWED.get(problem.get("type", ""), problem.get("msg", "a JSON object"))
+        value = problem.get("input")
+        detail = f"{field}: got {_shown(value)}; allowed: {allowed}"
+        return _error_response(422, "InvalidRequestError", field, value, allowed, detail)
+
+    async def on_engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        log.error("%s %s failed: %s", request.method, request.url.path, exc)
+        detail = str(exc)
+        return JSONResponse(status_code=500, content={"error": type(exc).__name__, "detail": detail, "errors": detail})
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not a bad request: log it whole, answer in JSON like every other error.
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        detail = f"{type(exc).__name__}: {exc}"
+        return JSONResponse(status_code=500, content={"error": type(exc).__name__, "detail": detail, "errors": detail})
+
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(Exception, on_unexpected)
+    app.add_exception_handler(InvalidRequestError, on_invalid_request)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(EngineError, on_engine_error)
+
+
+# The API ---------------------------------------------------------------------------------------
+
+
+class SdApi:
+    """The /sdapi/v1 routes for one server: options set through the API live here, not in module globals."""
+
+    def __init__(self, engine: Engine, settings: ServerSettings):
+        self.engine = engine
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._samples_format = "png"
+        self._clip_skip = 1
+        # Options this server does not act on, kept so GET /options echoes what was set.
+        self._stored_options: dict[str, Any] = {"samples_save": settings.save_images}
+        self._jobs: dict[int, tuple[str, str]] = {}  # job id -> (kind, timestamp) of jobs started here
+        self._last_job_timestamp = "0"
+
+    # Generation --------------------------------------------------------------------------------
+
+    def txt2img(self, payload: Txt2ImgRequest) -> dict[str, Any]:
+        return self._generate(payload)
+
+    def img2img(self, payload: Img2ImgRequest) -> dict[str, Any]:
+        if not payload.init_images:
+            raise ApiError(
+                422, "init_images", payload.init_images, "a list of at least one base64 image (data URLs too)"
+            )
+        return self._generate(payload)
+
+    def _generate(self, payload: _GenerationPayload) -> dict[str, Any]:
+        req, ignored, clip_skip = self._to_request(payload)
+        control = JobControl()
+        timestamp = dt.datetime.now().strftime("%Y%m%d%H%M%S")
+        self._jobs[control.job_id] = (req.mode, timestamp)
+        self._last_job_timestamp = timestamp
+        result: Result | None = None
+        try:
+            for event in self.engine.generate(req, control=control):
+                if isinstance(event, Result):
+                    result = event
+        finally:
+            self._jobs.pop(control.job_id, None)
+        if result is None:
+            raise EngineError("The job ended without a result")
+
+        if payload.save_images:
+            if self.settings.save_images:
+                self._save(result)
+            else:
+                ignored.append("save_images")  # the server was started with --no-save
+        images = []
+        if payload.send_images:
+            images = [
+                encode_base64_png(image, text) for image, text in zip(result.images, result.infotexts, strict=True)
+            ]
+
+        parameters = payload.model_dump()
+        if isinstance(payload, Img2ImgRequest) and not payload.include_init_images:
+            parameters["init_images"] = None
+            parameters["mask"] = None
+        info = self._info(result, ignored, clip_skip, timestamp)
+        return {"images": images, "parameters": parameters, "info": json.dumps(info)}
+
+    def _to_request(self, payload: _GenerationPayload) -> tuple[GenerationRequest, list[str], int]:
+        given = payload.model_fields_set
+        defaults = self.engine.defaults()
+        from_text = self._from_infotext(payload.infotext) if payload.infotext else None
+
+        def pick(name: str, fallback: Any) -> Any:
+            if name in given and getattr(payload, name) is not None:
+                return getattr(payload, name)
+            if from_text is not None and getattr(from_text, name) is not None:
+                return getattr(from_text, name)
+            return fallback
+
+        sampler = payload.sampler_name or payload.sampler_index
+        scheduler = payload.scheduler
+        if not sampler and from_text is not None:
+            sampler = from_text.sampler_name
+            scheduler = scheduler or from_text.scheduler
+        ignored = self._ignored_fields(payload)
+        clip_skip = self._clip_skip_for(payload, ignored, from_text)
+        # Of an infotext's other keys (Hires ..., Lora hashes, Version, ...) the engine acts on none:
+        # carrying them into the new image's infotext would claim work that was not done.
+        extra = {"Clip skip": str(clip_skip)} if clip_skip > 1 else {}
+
+        fields: dict[str, Any] = dict(
+            prompt=pick("prompt", ""),
+            negative_prompt=pick("negative_prompt", ""),
+            sampler_name=sampler or defaults.sampler_name,
+            scheduler=scheduler or "Automatic",
+            steps=pick("steps", defaults.steps),
+            cfg_scale=pick("cfg_scale", defaults.cfg_scale),
+            seed=pick("seed", -1),
+            width=pick("width", None),
+            height=pick("height", None),
+            batch_size=payload.batch_size,
+            n_iter=payload.n_iter,
+            extra_params=extra,
+        )
+        if isinstance(payload, Img2ImgRequest):
+            mask_blur = payload.mask_blur if payload.mask_blur is not None else payload.mask_blur_x
+            if payload.mask and not _same(payload.mask_blur_y, mask_blur) and "mask_blur_y" in given:
+                ignored.append("mask_blur_y")
+            fields.update(
+                init_images=list(payload.init_images or []),
+                mask=payload.mask or None,
+                denoising_strength=pick("denoising_strength", 0.75),
+                mask_blur=mask_blur,
+                inpainting_mask_invert=payload.inpainting_mask_invert,
+            )
+        return GenerationRequest(**fields), ignored, clip_skip
+
+    @staticmethod
+    def _from_infotext(text: str) -> GenerationRequest:
+        try:
+            return parse_infotext(text)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(f"infotext ({exc.field})", exc.value, exc.allowed) from exc
+
+    def _ignored_fields(self, payload: _GenerationPayload) -> list[str]:
+        ignored = []
+        declared = type(payload).model_fields
+        for name in payload.model_fields_set:
+            if name not in declared:
+                ignored.append(name)  # not an A1111 field of this endpoint either
+                continue
+            rule = _IGNORED_RULES.get(name)
+            if rule is not None and rule(getattr(payload, name), payload):
+                ignored.append(name)
+        return sorted(ignored)
+
+    def _clip_skip_for(
+        self, payload: _GenerationPayload, ignored: list[str], from_text: GenerationRequest | None
+    ) -> int:
+        """Clip skip from override_settings (CLIP_stop_at_last_layers), else the infotext, else the options."""
+        clip_skip = self._clip_skip
+        if from_text is not None and "Clip skip" in from_text.extra_params:
+            clip_skip = _clip_skip_value(from_text.extra_params["Clip skip"], "infotext (Clip skip)")
+        for key, value in (payload.override_settings or {}).items():
+            if key == "CLIP_stop_at_last_layers":
+                clip_skip = _clip_skip_value(value, "override_settings.CLIP_stop_at_last_layers")
+            elif key == "sd_model_checkpoint" and self._is_loaded_model(value):
+                continue  # asks for the model already loaded
+            else:
+                ignored.append(f"override_settings.{key}")
+        return clip_skip
+
+    def _is_loaded_model(self, name: Any) -> bool:
+        model = self.engine.model
+        text = str(name).strip()
+        return text in (model.title, model.name, Path(model.path).name, Path(model.path).stem, model.path) or (
+            text.split(" [", 1)[0] in (model.name, Path(model.path).name, Path(model.path).stem)
+        )
+
+    def _save(self, result: Result) -> None:
+        for image, seed, text in zip(result.images, result.seeds, result.infotexts, strict=True):
+            path = save_image(
+                image,
+                text,
+                outputs_dir=self.settings.outputs_dir,
+                mode=result.request.mode,
+                seed=seed,
+                fmt=self._samples_format,
+            )
+            log.info("Saved %s", path)
+
+    def _info(self, result: Result, ignored: list[str], clip_skip: int, timestamp: str) -> dict[str, Any]:
+        req = result.request
+        count = len(result.seeds)
+        seeds = list(result.seeds)
+        extra = {}
+        if result.infotexts:
+            extra = {
+                k: v for k, v in parse_infotext_params(result.infotexts[0]).items() if k not in _STANDARD_INFOTEXT_KEYS
+            }
+        model = result.model
+        return {
+            "prompt": req.prompt,
+            "all_prompts": [req.prompt] * count,
+            "negative_prompt": req.negative_prompt,
+            "all_negative_prompts": [req.negative_prompt] * count,
+            "seed": seeds[0] if seeds else req.seed,
+            "all_seeds": seeds,
+            "subseed": -1,
+            "all_subseeds": [-1] * count,
+            "subseed_strength": 0,
+            "width": req.width,
+            "height": req.height,
+            "sampler_name": req.sampler_name,
+            "scheduler": req.scheduler,
+            "cfg_scale": req.cfg_scale,
+            "steps": req.steps,
+            "batch_size": req.batch_size,
+            "n_iter": req.n_iter,
+            "restore_faces": False,
+            "face_restoration_model": None,
+            "sd_model_name": Path(model.name).name if model else None,
+            "sd_model_hash": model.hash if model else None,
+            "sd_vae_name": None,
+            "sd_vae_hash": None,
+            "seed_resize_from_w": -1,
+            "seed_resize_from_h": -1,
+            "denoising_strength": req.denoising_strength if req.mode != "txt2img" else None,
+            "extra_generation_params": extra,
+            "index_of_first_image": 0,
+            "infotexts": list(result.infotexts),
+            "styles": [],
+            "job_timestamp": timestamp,
+            "clip_skip": clip_skip,
+            "is_using_inpainting_conditioning": False,
+            "version": None,
+            # Not in A1111's answer:
+            "mode": req.mode,
+            "interrupted": result.interrupted,
+            "skipped_batches": list(result.skipped_batches),
+            "elapsed": round(result.elapsed, 3),
+            "ignored_fields": sorted(set(ignored)),
+        }
+
+    # Progress and control ----------------------------------------------------------------------
+
+    def progress(self, skip_current_image: bool = False) -> dict[str, Any]:
+        state = self.engine.progress()
+        job, timestamp = self._jobs.get(state.job_id, ("", None))
+        if not state.running:
+            return {
+                "progress": 0.0,
+                "eta_relative": 0.0,
+                "state": _state_dict(state, job="", job_count=0, timestamp=self._last_job_timestamp),
+                "current_image": None,
+                "textinfo": None,
+            }
+        if timestamp is None:
+            started = state.started_at or dt.datetime.now().timestamp()
+            timestamp = dt.datetime.fromtimestamp(started).strftime("%Y%m%d%H%M%S")
+        current_image = None
+        if state.preview is not None and not skip_current_image:
+            current_image = encode_base64_png(state.preview)
+        textinfo = f"Sampling step {state.step}/{state.total}"
+        if state.batch_count > 1:
+            textinfo += f", batch {state.batch_no + 1}/{state.batch_count}"
+        return {
+            # A1111 reports at least 0.01 while a job runs: clients read 0 as "idle".
+            "progress": max(0.01, state.fraction),
+            "eta_relative": state.eta,
+            "state": _state_dict(state, job=job, job_count=max(1, state.batch_count), timestamp=timestamp),
+            "current_image": current_image,
+            "textinfo": textinfo,
+        }
+
+    def interrupt(self) -> dict[str, Any]:
+        self.engine.interrupt()
+        return {}
+
+    def skip(self) -> dict[str, Any]:
+        self.engine.skip()
+        return {}
+
+    # Models, samplers, options -----------------------------------------------------------------
+
+    def sd_models(self) -> list[dict[str, Any]]:
+        listed = self.engine.list_models()
+        loaded = self.engine.model
+        if not any(info.path == loaded.path for info in listed):
+            listed.append(loaded)  # loaded from a path or hub id outside the models folder
+        return [_model_item(info) for info in listed]
+
+    def refresh_checkpoints(self) -> None:
+        self.engine.list_models()
+
+    def samplers(self) -> list[dict[str, Any]]:
+        from engine.samplers import get_sampler
+
+        items = []
+        for name in self.engine.samplers():
+            spec = get_sampler(name)
+            options = {}
+            if spec.default_schedule not in ("Uniform", "Automatic"):
+                options["scheduler"] = _SCHEDULE_META.get(spec.default_schedule, (spec.default_schedule.lower(),))[0]
+            items.append({"name": name, "aliases": self.engine.sampler_aliases(name), "options": options})
+        return items
+
+    def schedulers(self) -> list[dict[str, Any]]:
+        items = []
+        for label in self.engine.schedulers():
+            name, rho, needs_model, aliases = _SCHEDULE_META.get(
+                label, (label.lower().replace(" ", "_"), -1.0, False, None)
+            )
+            items.append(
+                {"name": name, "label": label, "aliases": aliases, "default_rho": rho, "need_inner_model": needs_model}
+            )
+        return items
+
+    def get_options(self) -> dict[str, Any]:
+        model = self.engine.model
+        with self._lock:
+            options = dict(self._stored_options)
+            options.update(
+                sd_model_checkpoint=model.title,
+                sd_checkpoint_hash=model.sha256,
+                samples_format=self._samples_format,
+                CLIP_stop_at_last_layers=self._clip_skip,
+                outdir_txt2img_samples=str(output_folder(self.settings.outputs_dir, "txt2img").parent),
+                outdir_img2img_samples=str(output_folder(self.settings.outputs_dir, "img2img").parent),
+            )
+        return options
+
+    def set_options(self, options: dict[str, Any]) -> None:
+        # Check everything before changing anything, so a bad request leaves all options as they were.
+        samples_format = options.get("samples_format", self._samples_format)
+        if str(samples_format).lower() not in FORMATS:
+            raise ApiError(422, "samples_format", samples_format, ", ".join(FORMATS))
+        clip_skip = self._clip_skip
+        if "CLIP_stop_at_last_layers" in options:
+            clip_skip = _clip_skip_value(options["CLIP_stop_at_last_layers"], "CLIP_stop_at_last_layers")
+        checkpoint = options.get("sd_model_checkpoint")
+        if checkpoint is not None:
+            if not isinstance(checkpoint, str) or not checkpoint.strip():
+                raise ApiError(422, "sd_model_checkpoint", checkpoint, "a model title or name from /sdapi/v1/sd-models")
+            try:
+                self.engine.load_model(checkpoint)
+            except ModelLoadError as exc:
+                raise ApiError(
+                    422, "sd_model_checkpoint", checkpoint, "a model title or name from /sdapi/v1/sd-models", str(exc)
+                ) from exc
+        with self._lock:
+            self._samples_format = str(samples_format).lower()
+            self._clip_skip = clip_skip
+            self._stored_options.update({k: v for k, v in options.items() if k not in _COMPUTED_OPTIONS})
+
+    def cmd_flags(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "host": s.host,
+            "port": s.port,
+            "listen": s.host == "0.0.0.0",
+            "share": s.share,
+            "api": s.api,
+            "gradio_auth": bool(s.auth),
+            "api_auth": bool(s.api_auth),
+            "model": s.model,
+            "models_dir": str(s.models_dir) if s.models_dir else str(self.engine.models_dir),
+            "outputs_dir": str(s.outputs_dir),
+            "no_save": not s.save_images,
+            "allow_pickle": s.allow_pickle,
+            "device": str(self.engine.device),
+        }
+
+    # PNG info ----------------------------------------------------------------------------------
+
+    def png_info(self, payload: PngInfoRequest) -> dict[str, Any]:
+        image = to_pil(payload.image.strip(), "image")
+        text = read_infotext(image) or ""
+        items = {
+            key: value
+            for key, value in (image.info or {}).items()
+            if key != "parameters" and key not in _IGNORED_INFO_KEYS and isinstance(value, (str, int, float))
+        }
+        parameters: dict[str, Any] = {}
+        if text:
+            parameters = dict(parse_infotext_params(text))
+            width, sep, height = str(parameters.get("Size", "")).partition("x")
+            if sep:
+                parameters["Size-1"], parameters["Size-2"] = width.strip(), height.strip()
+        return {"info": text, "items": items, "parameters": parameters}
+
+    # Wiring ------------------------------------------------------------------------------------
+
+    def router(self) -> APIRouter:
+        dependencies = [Depends(_basic_auth(self.settings.api_credentials))] if self.settings.api_credentials else []
+        router = APIRouter(prefix=API_PREFIX, dependencies=dependencies, tags=["sdapi"])
+        router.add_api_route("/txt2img", self.txt2img, methods=["POST"])
+        router.add_api_route("/img2img", self.img2img, methods=["POST"])
+        router.add_api_route("/progress", self.progress, methods=["GET"])
+        router.add_api_route("/interrupt", self.interrupt, methods=["POST"])
+        router.add_api_route("/skip", self.skip, methods=["POST"])
+        router.add_api_route("/samplers", self.samplers, methods=["GET"])
+        router.add_api_route("/schedulers", self.schedulers, methods=["GET"])
+        router.add_api_route("/sd-models", self.sd_models, methods=["GET"])
+        router.add_api_route("/refresh-checkpoints", self.refresh_checkpoints, methods=["POST"])
+        router.add_api_route("/options", self.get_options, methods=["GET"])
+        router.add_api_route("/options", self.set_options, methods=["POST"])
+        router.add_api_route("/cmd-flags", self.cmd_flags, methods=["GET"])
+        router.add_api_route("/png-info", self.png_info, methods=["POST"])
+        # Clients probe these for extensions at start-up: there are none.
+        router.add_api_route("/scripts", lambda: {"txt2img": [], "img2img": []}, methods=["GET"])
+        return router
+
+
+# PIL info keys that are file-format details rather than text a person wrote (A1111 drops them too).
+_IGNORED_INFO_KEYS = {
+    "jfif",
+    "jfif_version",
+    "jfif_unit",
+    "jfif_density",
+    "dpi",
+    "exif",
+    "loop",
+    "background",
+    "timestamp",
+    "duration",
+    "progressive",
+    "progression",
+    "icc_profile",
+    "chromaticity",
+    "photoshop",
+}
+
+
+def install_api(app: FastAPI, engine: Engine, settings: ServerSettings) -> SdApi:
+    """Add /sdapi/v1 to `app` (call before mounting the page at "/")."""
+    api = SdApi(engine, settings)
+    app.include_router(api.router())
+    app.state.sdapi = api
+    _install_error_handlers(app)
+    return api
+
+
+# Reads the Authorization header; a missing one gives None, answered below with 401 like a wrong one.
+_BASIC_SCHEME = HTTPBasic(auto_error=False, realm="sdapi")
+
+
+def _basic_auth(credentials: tuple[tuple[str, str], ...]):
+    users = dict(credentials)
+
+    def check(given: Annotated[HTTPBasicCredentials | None, Depends(_BASIC_SCHEME)]) -> None:
+        if given is not None:
+            expected = users.get(given.username)
+            # Compare even for unknown users, so timing does not tell which user names exist.
+            valid = secrets.compare_digest(given.password.encode(), (expected or "\0invalid").encode())
+            if expected is not None and valid:
+                return
+        raise _Unauthorized()
+
+    return check
+
+
+class _Unauthorized(ApiError):
+    def __init__(self) -> None:
+        super().__init__(
+            401,
+            "Authorization",
+            None,
+            "HTTP Basic credentials from --auth or --api-auth",
+            "Incorrect or missing username and password",
+            headers={"WWW-Authenticate": 'Basic realm="sdapi"'},
+        )
+
+
+def _state_dict(state, *, job: str, job_count: int, timestamp: str) -> dict[str, Any]:
+    return {
+        "skipped": state.skipped,
+        "interrupted": state.interrupted,
+        "job": job,
+        "job_count": job_count,
+        "job_timestamp": timestamp,
+        "job_no": state.batch_no if job_count else 0,
+        "sampling_step": state.step if job_count else 0,
+        "sampling_steps": state.total if job_count else 0,
+    }
+
+
+def _model_item(info: ModelInfo) -> dict[str, Any]:
+    return {
+        "title": info.title,
+        "model_name": info.name.replace("/", "_").replace("\\", "_"),
+        "hash": info.hash,
+        "sha256": info.sha256,
+        "filename": info.path,
+        "config": None,
+    }
+
+
+def _clip_skip_value(value: Any, field: str) -> int:
+    allowed = f"a whole number from 1 to {_MAX_CLIP_SKIP}"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ApiError(422, field, value, allowed)
+    try:
+        number = float(value)
+    except ValueError:
+        raise ApiError(422, field, value, allowed) from None
+    if not number.is_integer() or not 1 <= number <= _MAX_CLIP_SKIP:
+        raise ApiError(422, field, value, allowed)
+    return int(number)

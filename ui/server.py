@@ -1,0 +1,515 @@
+"""Serving the page and the REST API on one port, with the command-line flags A1111 users know.
+
+    settings = parse_args(["--listen", "--api", "--auth", "me:secret"])
+    handle = launch(Engine(models_dir=settings.models_dir), settings)   # returns once it serves
+    handle.url; handle.close()
+
+One FastAPI app holds the REST routes (/sdapi/v1/..., when --api is given) and has the Gradio page
+mounted at "/"; uvicorn serves it in a thread, so tests can start it in-process on a free port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import gradio as gr
+    import uvicorn
+    from fastapi import FastAPI
+
+    from engine import Engine
+
+log = logging.getLogger(__name__)
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+DEFAULT_OUTPUTS_DIR = PROJECT_DIR / "outputs"
+# When no port was asked for and 7860 is taken, try the next ones, as Gradio and A1111 do.
+PORT_SEARCH_RANGE = 100
+CHECKPOINTS_SUBDIR = "Stable-diffusion"
+
+# Page events that run a generation pass this as `concurrency_id`: with the queue's
+# default_concurrency_limit=1 they then run one at a time, whichever tab started them.
+GENERATE_CONCURRENCY_ID = "gpu"
+
+# What build_page may hand to the mount (Gradio 6 takes these at launch, not in gr.Blocks()).
+_MOUNT_OPTION_NAMES = ("theme", "css", "css_paths", "js", "head", "head_paths")
+
+Credentials = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The parsed command line: what the server, the page and the API need to know."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    # True when no port was given (flag or GRADIO_SERVER_PORT): a taken port then means "try the next".
+    port_fallback: bool = False
+    share: bool = False
+    auth: Credentials = field(default=(), repr=False)
+    api: bool = False
+    # A1111's --api-auth; the REST API falls back to `auth` when it is empty.
+    api_auth: Credentials = field(default=(), repr=False)
+    model: str | None = None
+    models_dir: Path | None = None
+    outputs_dir: Path = DEFAULT_OUTPUTS_DIR
+    # False with --no-save: nothing is written to outputs_dir, whatever a page or API request asks.
+    save_images: bool = True
+    allow_pickle: bool = False
+    device: str | None = None
+
+    @property
+    def exposed(self) -> bool:
+        """Reachable from other machines: listening beyond loopback, or through a share link."""
+        return self.share or not is_loopback(self.host)
+
+    @property
+    def api_credentials(self) -> Credentials:
+        return self.api_auth or self.auth
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can connect. An empty host binds every interface, so it is not loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: assume other machines can reach it
+
+
+# Command line ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="app.py",
+        description="Stable Diffusion web UI. Without arguments it serves the embedded tiny model at "
+        "http://127.0.0.1:7860 (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are honoured when no flag sets them, "
+        "as on Hugging Face Spaces).",
+    )
+    net = parser.add_argument_group("network")
+    net.add_argument("--host", "--server-name", dest="host", help=f"address to bind (default {DEFAULT_HOST})")
+    net.add_argument("--port", type=_port, help=f"port (default {DEFAULT_PORT}, or the next free one)")
+    net.add_argument("--listen", action="store_true", help="bind 0.0.0.0: reachable from other machines")
+    net.add_argument("--share", action="store_true", help="also open a public Gradio share link (needs internet)")
+    net.add_argument(
+        "--auth",
+        "--gradio-auth",
+        dest="auth",
+        action="append",
+        default=[],
+        metavar="USER:PASS[,USER:PASS...]",
+        help="require a login for the page and the API (may be repeated)",
+    )
+    net.add_argument(
+        "--auth-file",
+        "--gradio-auth-path",
+        dest="auth_file",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="file of USER:PASS entries, separated by commas or new lines",
+    )
+    net.add_argument("--api", action="store_true", help="serve the A1111-compatible REST API under /sdapi/v1")
+    net.add_argument(
+        "--api-auth",
+        dest="api_auth",
+        action="append",
+        default=[],
+        metavar="USER:PASS[,USER:PASS...]",
+        help="credentials for the REST API only (default: those of --auth)",
+    )
+    models = parser.add_argument_group("models and files")
+    models.add_argument(
+        "--model",
+        "--ckpt",
+        dest="model",
+        help="model to load: a name in the models folder, a path "
+        "to a .safetensors file or diffusers folder, or a hub id (default: the embedded tiny model)",
+    )
+    models.add_argument(
+        "--models-dir",
+        type=Path,
+        help="models folder in A1111 layout, holding Stable-diffusion/, Lora/, VAE/, VAE-approx/ (default: models/ beside app.py)",
+    )
+    models.add_argument(
+        "--ckpt-dir",
+        type=Path,
+        help="A1111's checkpoint folder; it must be a models folder's "
+        "Stable-diffusion/ subfolder (its parent becomes --models-dir), or a folder that holds one",
+    )
+    models.add_argument("--outputs-dir", type=Path, help="where images are saved (default: outputs/ beside app.py)")
+    models.add_argument("--no-save", action="store_true", help="never write images to the outputs folder")
+    models.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow .ckpt/.pt pickle checkpoints; loading one runs code from the file, so only for files you trust",
+    )
+    models.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1, mps (default: the best available)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerSettings:
+    """Flags first, then GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, then defaults."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    env = os.environ if environ is None else environ
+
+    # A1111: an explicit server name wins over --listen.
+    if args.host:
+        host = args.host
+    elif args.listen:
+        host = "0.0.0.0"
+    else:
+        host = env.get("GRADIO_SERVER_NAME") or DEFAULT_HOST
+
+    port_fallback = False
+    if args.port is not None:
+        port = args.port
+    elif env.get("GRADIO_SERVER_PORT"):
+        try:
+            port = _port(env["GRADIO_SERVER_PORT"])
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"GRADIO_SERVER_PORT: {exc}")
+    else:
+        port, port_fallback = DEFAULT_PORT, True
+
+    try:
+        auth = _credentials_from(args.auth, args.auth_file)
+        api_auth = _credentials_from(args.api_auth, [])
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    models_dir = args.models_dir
+    if args.ckpt_dir is not None:
+        try:
+            models_dir = _models_dir_for_ckpt_dir(args.ckpt_dir, models_dir)
+        except ValueError as exc:
+            parser.error(str(exc))
+
+    return ServerSettings(
+        host=host,
+        port=port,
+        port_fallback=port_fallback,
+        share=args.share,
+        auth=auth,
+        api=args.api,
+        api_auth=api_auth,
+        model=args.model,
+        models_dir=models_dir,
+        outputs_dir=args.outputs_dir or DEFAULT_OUTPUTS_DIR,
+        save_images=not args.no_save,
+        allow_pickle=args.allow_pickle,
+        device=args.device,
+    )
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535; 0 picks a free one)")
+    return port
+
+
+def parse_credentials(text: str, source: str = "--auth") -> Credentials:
+    """USER:PASS pairs separated by commas or new lines (A1111's --gradio-auth format)."""
+    pairs = []
+    for entry in text.replace("\n", ",").split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        user, sep, password = entry.partition(":")
+        if not sep or not user.strip() or not password:
+            raise ValueError(f"{source}: {entry!r} is not USER:PASSWORD")
+        pairs.append((user.strip(), password))
+    return tuple(pairs)
+
+
+def _credentials_from(values: list[str], files: list[Path | str]) -> Credentials:
+    pairs: list[tuple[str, str]] = []
+    for value in values:
+        pairs.extend(parse_credentials(value))
+    for path in files:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"--auth-file: cannot read {path}: {exc.strerror or exc}") from None
+        found = parse_credentials(text, f"--auth-file {path}")
+        if not found:
+            raise ValueError(f"--auth-file: {path} holds no USER:PASSWORD entry")
+        pairs.extend(found)
+    return tuple(pairs)
+
+
+def _models_dir_for_ckpt_dir(ckpt_dir: Path, models_dir: Path | None) -> Path:
+    """A1111's --ckpt-dir names the checkpoints folder itself; the engine reads <models-dir>/Stable-diffusion."""
+    ckpt_dir = ckpt_dir.expanduser()
+    if ckpt_dir.name.lower() == CHECKPOINTS_SUBDIR.lower():
+        derived = ckpt_dir.parent
+    elif (ckpt_dir / CHECKPOINTS_SUBDIR).is_dir():
+        derived = ckpt_dir
+    else:
+        raise ValueError(
+            f"--ckpt-dir {ckpt_dir}: checkpoints are read from <models folder>/{CHECKPOINTS_SUBDIR}/, so this must "
+            f"be a folder named {CHECKPOINTS_SUBDIR} or one that holds it. Give --models-dir the folder that holds "
+            f"{CHECKPOINTS_SUBDIR}/, or --model a path to a single checkpoint."
+        )
+    if models_dir is not None and Path(models_dir).resolve() != derived.resolve():
+        raise ValueError(f"--ckpt-dir {ckpt_dir} and --models-dir {models_dir} name different models folders")
+    return derived
+
+
+# The app -----------------------------------------------------------------------------------
+
+
+def build_blocks(engine: Engine, settings: ServerSettings) -> gr.Blocks:
+    """The page from ui.page.build_page, or a placeholder while that module does not exist."""
+    if importlib.util.find_spec("ui.page") is not None:
+        from ui.page import build_page
+
+        return build_page(engine, settings)
+    import gradio as gr
+
+    log.warning("ui/page.py is not there yet: serving a placeholder page")
+    with gr.Blocks(title="Stable Diffusion") as blocks:
+        gr.Markdown(f"Stable Diffusion web UI: model **{engine.model.title}**. The page is not built yet.")
+    return blocks
+
+
+def create_app(engine: Engine, settings: ServerSettings) -> tuple[gr.Blocks, FastAPI]:
+    """The page mounted at "/" of a FastAPI app that also holds the REST API when settings.api is set."""
+    import gradio as gr
+    from fastapi import FastAPI
+
+    blocks = build_blocks(engine, settings)
+    # One job at a time on the device: events sharing GENERATE_CONCURRENCY_ID queue behind each other.
+    current_queue = getattr(blocks, "_queue", None)
+    blocks.queue(default_concurrency_limit=1, max_size=getattr(current_queue, "max_size", None))
+
+    app = FastAPI(
+        title="Stable Diffusion web UI",
+        docs_url="/docs" if settings.api else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.api else None,
+    )
+    if settings.api:
+        from ui.api import install_api
+
+        # Routes go on before the mount: the page at "/" catches every path left over.
+        install_api(app, engine, settings)
+
+    gr.mount_gradio_app(
+        app,
+        blocks,
+        path="/",
+        server_name=settings.host,
+        server_port=settings.port,
+        auth=list(settings.auth) or None,
+        ssr_mode=False,  # server-side rendering needs Node; client-side rendering works everywhere
+        show_error=True,
+        **_mount_options(blocks),
+    )
+    return blocks, app
+
+
+def _mount_options(blocks: Any) -> dict[str, Any]:
+    """theme/css/js/head for the mount: from `blocks.mount_options` (a dict build_page may set) or, as
+    Gradio's own launch() does, from what was passed to gr.Blocks() (deprecated there in Gradio 6)."""
+    options = dict(getattr(blocks, "mount_options", None) or {})
+    unknown = set(options) - set(_MOUNT_OPTION_NAMES)
+    if unknown:
+        raise ValueError(f"mount_options: unknown keys {sorted(unknown)}; allowed: {', '.join(_MOUNT_OPTION_NAMES)}")
+    for name in _MOUNT_OPTION_NAMES:
+        legacy = getattr(blocks, f"_deprecated_{name}", None)
+        if legacy is not None:
+            options.setdefault(name, legacy)
+    return options
+
+
+# Serving -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerHandle:
+    """A running server. `url` is where this machine reaches it; `share_url` is set once a share link is up."""
+
+    url: str
+    host: str
+    port: int
+    blocks: Any
+    app: Any
+    _server: uvicorn.Server = field(repr=False)
+    _thread: threading.Thread = field(repr=False)
+    share_url: str | None = None
+    share_error: str | None = None
+    _share_thread: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def wait_for_share(self, timeout: float | None = None) -> str | None:
+        """Block until the share link attempt has ended; returns the link or None."""
+        if self._share_thread is not None:
+            self._share_thread.join(timeout)
+        return self.share_url
+
+    def wait(self) -> None:
+        """Block until the server stops (Ctrl+C stops it)."""
+        try:
+            while self._thread.is_alive():
+                self._thread.join(0.5)
+        except KeyboardInterrupt:
+            log.info("Stopping")
+            self.close()
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._server.force_exit = True
+            self._thread.join(timeout)
+
+
+def launch(engine: Engine, settings: ServerSettings, *, block: bool = False) -> ServerHandle:
+    """Build the app and serve it; returns once requests are answered (or, with block=True, when it stops)."""
+    import uvicorn
+
+    blocks, app = create_app(engine, settings)
+    sock = bind_socket(settings.host, settings.port, search=settings.port_fallback)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()  # once serving, uvicorn owns the socket and closes it on shutdown
+            raise RuntimeError(f"The web server did not start on {settings.host}:{port}; see the log above.")
+        time.sleep(0.02)
+
+    url = f"http://{_display_host(settings.host)}:{port}/"
+    handle = ServerHandle(
+        url=url, host=settings.host, port=port, blocks=blocks, app=app, _server=server, _thread=thread
+    )
+    log.info("Running on %s (model %s)", url, engine.model.title)
+    if not is_loopback(settings.host):
+        log.info("Listening on %s:%d: other machines reach it through this machine's address", settings.host, port)
+    if settings.api:
+        log.info("REST API at %ssdapi/v1/ (docs at %sdocs)", url, url)
+    warn_if_exposed(settings)
+    if settings.share:
+        handle._share_thread = threading.Thread(
+            target=_open_share_link, args=(handle, port), name="share-link", daemon=True
+        )
+        handle._share_thread.start()
+    if block:
+        handle.wait()
+    return handle
+
+
+def warn_if_exposed(settings: ServerSettings) -> bool:
+    """Log a prominent warning when others can reach the app and no login is asked. True when it warned."""
+    if not settings.exposed or settings.auth:
+        return False
+    how = "a public share link" if settings.share else f"{settings.host} (other machines on the network)"
+    lines = [
+        "!" * 78,
+        f"WARNING: the web UI is reachable through {how} and asks for no password.",
+        "Anyone who reaches it can generate images, use this machine's GPU/CPU and switch the model.",
+        "Add --auth USER:PASSWORD (or --auth-file PATH) to require a login.",
+    ]
+    if settings.api and not settings.api_credentials:
+        lines.append("The REST API (--api) is open too; --auth or --api-auth protects it.")
+    lines.append("!" * 78)
+    log.warning("\n".join(lines))
+    return True
+
+
+def bind_socket(host: str, port: int, *, search: bool = False) -> socket.socket:
+    """A listening socket on host:port (port 0: any free one); with search, the next free port after a taken one."""
+    last_error: OSError | None = None
+    candidates = range(port, min(port + PORT_SEARCH_RANGE, 65536)) if search and port else [port]
+    for candidate in candidates:
+        try:
+            return _listen(host, candidate)
+        except OSError as exc:
+            last_error = exc
+            if not search:
+                break
+    if search and port:
+        hint = f"ports {port}-{candidates[-1]} are all taken"
+    else:
+        hint = f"port {port}: {last_error.strerror if last_error else 'unavailable'}"
+    raise OSError(f"Cannot listen on {host}: {hint}. Choose another one with --port N.") from last_error
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    infos = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        if os.name != "nt":  # on Windows SO_REUSEADDR would let two servers share a port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _display_host(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host in ("::", "[::]"):
+        return "[::1]"
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]"
+    return host
+
+
+def _open_share_link(handle: ServerHandle, port: int) -> None:
+    """Ask Gradio's share server for a tunnel; offline this fails and the local server goes on serving."""
+    from gradio import networking
+
+    try:
+        url = networking.setup_tunnel(
+            local_host="127.0.0.1",
+            local_port=port,
+            share_token=secrets.token_urlsafe(32),
+            share_server_address=None,
+            share_server_tls_certificate=None,
+        )
+    except Exception as exc:  # noqa: BLE001 - any failure here must leave the local server running
+        cause = exc.__cause__ or exc
+        handle.share_error = f"{exc} ({type(cause).__name__}: {cause})" if cause is not exc else str(exc)
+        log.error(
+            "Could not create a share link: %s. Is this machine online? The local server keeps running at %s",
+            handle.share_error,
+            handle.url,
+        )
+        return
+    handle.share_url = url if url.startswith("http") else f"https://{url}"
+    log.info("Running on public URL: %s", handle.share_url)
