@@ -52,10 +52,6 @@ class ModelInfo:
         label = self.name + Path(self.path).suffix if self.kind in ("single_file", "pickle") else self.name
         return f"{label} [{self.hash}]" if self.hash else label
 
-    @property
-    def filename(self) -> str:
-        return self.path
-
 
 @dataclass
 class LoadedModel:
