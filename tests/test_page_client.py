@@ -1,0 +1,216 @@
+"""The page's endpoints through gradio_client, as a script user would call them (tiny model, CPU).
+
+Each gradio_client.Client is its own browser-like session: these tests use two to check that one
+user's Stop and settings never reach the other's jobs.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from ui.page import build_page
+
+STEP_RE = re.compile(r"(?:batch (\d+)/\d+, )?step (\d+)/(\d+)")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def outputs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("page-outputs")
+
+
+@pytest.fixture(scope="module")
+def page_url(engine, models_dir, outputs_dir):
+    settings = SimpleNamespace(outputs_dir=outputs_dir, save_images=True, models_dir=models_dir)
+    demo = build_page(engine, settings)
+    demo.queue(default_concurrency_limit=1)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True)
+    yield url
+    demo.close()
+
+
+def _client(url: str) -> Client:
+    return Client(url, verbose=False)
+
+
+def txt2img_args(prompt="a red lighthouse", *, steps=8, seed=1234, width=64, height=64, n_iter=1, batch_size=1):
+    """The /txt2img parameters in order: prompt, negative, sampler, schedule type, steps, cfg, seed, w, h, count, size."""
+    return (prompt, "blurry", "Euler a", "Automatic", steps, 7.0, seed, width, height, n_iter, batch_size)
+
+
+def _steps_seen(outputs) -> list[int]:
+    """Steps done so far (over all batches) as reported by the progress text of each streamed update."""
+    steps = []
+    for update in outputs:
+        match = STEP_RE.search(update[1] or "")
+        if match:
+            batch, step, total = int(match.group(1) or 1), int(match.group(2)), int(match.group(3))
+            steps.append((batch - 1) * total + step)
+    return steps
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_txt2img_streams_previews_then_a_png_carrying_its_infotext(page_url):
+    client = _client(page_url)
+    job = client.submit(*txt2img_args(steps=8, seed=1234), api_name="/txt2img")
+    updates = list(job)
+    *running, final = updates
+
+    previews = [update[0] for update in running if update[0]]
+    assert len(set(previews)) >= 2, f"expected at least two distinct live previews, got {previews}"
+    assert all(not update[2] for update in running), "the gallery stays empty until the job ends"
+    assert _steps_seen(running)[-1] == 8
+    assert "it/s" in running[-1][1] and "ETA" in running[-1][1]
+
+    preview, progress, gallery, infotext = final
+    assert preview is None
+    assert len(gallery) == 1 and gallery[0]["caption"] == "Seed 1234"
+    with Image.open(gallery[0]["image"]) as image:
+        assert image.format == "PNG"
+        assert image.size == (64, 64)
+        parameters = image.info["parameters"]
+    assert parameters == infotext
+    assert parameters.startswith("a red lighthouse\nNegative prompt: blurry\n")
+    assert "Steps: 8" in parameters and "Seed: 1234" in parameters and "Size: 64x64" in parameters
+    assert "seed 1234" in progress
+
+
+def test_batch_gives_one_image_and_caption_per_seed(page_url):
+    result = _client(page_url).predict(*txt2img_args(steps=4, seed=77, n_iter=2, batch_size=2), api_name="/txt2img")
+    gallery, infotext = result[2], result[3]
+    assert [item["caption"] for item in gallery] == ["Seed 77", "Seed 78", "Seed 79", "Seed 80"]
+    assert "Seed: 77" in infotext
+
+
+def test_a_bad_value_is_refused_with_the_field_and_what_is_allowed(page_url):
+    client = _client(page_url)
+    with pytest.raises(AppError) as caught:
+        client.predict(*txt2img_args(width=100), api_name="/txt2img")
+    message = str(caught.value)
+    assert "width" in message and "100" in message and "multiple of 8" in message
+    with pytest.raises(AppError, match="sampler"):
+        client.predict("x", "", "No such sampler", "Automatic", 4, 7, 1, 64, 64, 1, 1, api_name="/txt2img")
+    # The page keeps working after an error.
+    assert client.predict(*txt2img_args(steps=4), api_name="/txt2img")[2]
+
+
+def test_stop_ends_only_the_callers_job_and_keeps_the_partial_result(page_url):
+    user_a, user_b = _client(page_url), _client(page_url)
+    # Up to 4 x 120 steps: long enough that only Stop can end it while the test looks.
+    long_job = user_a.submit(*txt2img_args(steps=120, seed=5, n_iter=4), api_name="/txt2img")
+    _wait_for(lambda: len(_steps_seen(long_job.outputs())) >= 2, 60, "user A's job to start")
+    # User B queues a short job behind A's and presses Stop: A's job must go on.
+    queued_job = user_b.submit(*txt2img_args(steps=6, seed=6), api_name="/txt2img")
+    user_b.predict(api_name="/stop")
+    steps_when_b_stopped = _steps_seen(long_job.outputs())[-1]
+    _wait_for(
+        lambda: _steps_seen(long_job.outputs())[-1] >= steps_when_b_stopped + 2,
+        60,
+        "user A's job to go on after user B pressed Stop",
+    )
+    assert not long_job.done()
+
+    user_a.predict(api_name="/stop")
+    preview, progress, gallery, infotext = long_job.result(timeout=60)
+    assert _steps_seen(long_job.outputs())[-1] < 4 * 120, "Stop should end the job early"
+    assert "Stopped" in progress
+    assert 1 <= len(gallery) < 4, "an interrupted job still shows what it made, and no more batches"
+    assert "Steps: 120" in infotext and "Seed: 5" in infotext
+
+    # B's job ran after A's, in full: A's Stop did not reach it.
+    b_final = queued_job.result(timeout=60)
+    assert _steps_seen(queued_job.outputs())[-1] == 6
+    assert "Stopped" not in b_final[1] and len(b_final[2]) == 1
+
+
+def test_settings_belong_to_one_session(page_url, outputs_dir):
+    user_a, user_b = _client(page_url), _client(page_url)
+    user_b.predict("none", api_name="/set_preview_mode")
+    user_b.predict(False, api_name="/set_save_images")
+
+    def saved() -> set[Path]:
+        return set(outputs_dir.rglob("*.png"))
+
+    before = saved()
+    a_job = user_a.submit(*txt2img_args(steps=4, seed=11), api_name="/txt2img")
+    a_updates = list(a_job)
+    a_saved = saved() - before
+    assert any(update[0] for update in a_updates[:-1]), "user A still gets live previews"
+    assert len(a_saved) == 1, "user A's page still saves (the server default)"
+    with Image.open(a_saved.pop()) as image:
+        assert "Seed: 11" in image.info["parameters"]
+
+    before = saved()
+    b_job = user_b.submit(*txt2img_args(steps=4, seed=12), api_name="/txt2img")
+    b_updates = list(b_job)
+    assert not any(update[0] for update in b_updates), "user B turned previews off"
+    assert len(b_updates[-1][2]) == 1
+    assert saved() == before, "user B turned saving off"
+
+    with pytest.raises(AppError, match="approx"):  # the message lists the modes there are
+        user_b.predict("sepia", api_name="/set_preview_mode")
+
+
+def test_img2img_and_inpaint_endpoints(page_url, tmp_path):
+    client = _client(page_url)
+    init_path = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(init_path)
+    mask_path = tmp_path / "mask.png"
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save(mask_path)
+    common = ("a red square", "", "Euler", "Automatic", 4, 7.0, 21, 64, 64, 1, 1)
+
+    result = client.predict(*common, handle_file(str(init_path)), 0.5, api_name="/img2img")
+    with Image.open(result[2][0]["image"]) as image:
+        assert "Denoising strength: 0.5" in image.info["parameters"]
+
+    # A mask uploaded on its own.
+    editor = {"background": handle_file(str(init_path)), "layers": [], "composite": None}
+    result = client.predict(
+        *common, editor, handle_file(str(mask_path)), 0.75, 4, "Inpaint masked", api_name="/inpaint"
+    )
+    assert len(result[2]) == 1 and "Seed: 21" in result[3]
+
+    # A mask painted in the editor: the painted layer's opaque pixels are the area to repaint.
+    layer_path = tmp_path / "layer.png"
+    layer = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (8, 8, 32, 32))
+    layer.save(layer_path)
+    painted = {"background": handle_file(str(init_path)), "layers": [handle_file(str(layer_path))], "composite": None}
+    result = client.predict(*common, painted, None, 0.75, 4, "Inpaint not masked", api_name="/inpaint")
+    assert len(result[2]) == 1
+
+    with pytest.raises(AppError, match="mask"):
+        client.predict(*common, editor, None, 0.75, 4, "Inpaint masked", api_name="/inpaint")
+
+
+def test_png_info_reads_back_the_parameters(page_url):
+    client = _client(page_url)
+    gallery = client.predict(*txt2img_args(steps=4, seed=99), api_name="/txt2img")[2]
+    text, table = client.predict(handle_file(gallery[0]["image"]), api_name="/png_info")
+    assert text.startswith("a red lighthouse") and "Seed: 99" in text
+    assert "<th>Seed</th><td>99</td>" in table

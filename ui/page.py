@@ -1,0 +1,864 @@
+"""The browser page: Gradio Blocks over one shared Engine.
+
+    demo = build_page(engine, settings)   # settings: ui.server.ServerSettings (outputs_dir, save_images, ...)
+
+A thin adapter: widgets become a GenerationRequest, the engine's events become updates. Each browser
+session keeps its own settings and running jobs in gr.State; nothing one user sets reaches another.
+
+Endpoints for gradio_client (streamed: iterate the job for previews): /txt2img, /img2img, /inpaint,
+/stop (stops the caller's own jobs), /png_info.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image
+
+from engine import EngineError
+from engine.events import PREVIEW_MODES
+
+from .page_jobs import (
+    MASK_MODES,
+    PageSession,
+    ResultView,
+    build_request,
+    editor_image_and_mask,
+    engine_error,
+    params_table_html,
+    progress_html,
+    run_job,
+    token_counter_html,
+    valid_preview_mode,
+)
+from .page_style import PAGE_CSS
+
+log = logging.getLogger(__name__)
+
+PREVIEW_MODE_LABELS = {
+    "approx": "approx (fast linear latent preview)",
+    "vae": "vae (full decoder, slow)",
+    "taesd": "taesd (tiny decoder)",
+    "none": "none",
+}
+
+
+@dataclass
+class SettingsWidgets:
+    """One tab's generation settings: the same panel is built for txt2img, img2img and inpaint."""
+
+    prompt: gr.Textbox
+    negative_prompt: gr.Textbox
+    sampler_name: gr.Dropdown
+    scheduler: gr.Dropdown
+    steps: gr.Slider
+    cfg_scale: gr.Slider
+    seed: gr.Number
+    width: gr.Slider
+    height: gr.Slider
+    n_iter: gr.Slider
+    batch_size: gr.Slider
+    prompt_tokens: gr.HTML
+    negative_tokens: gr.HTML
+    random_seed: gr.Button
+    reuse_seed: gr.Button
+    swap_size: gr.Button
+
+    def request_inputs(self) -> list[gr.components.Component]:
+        """In the order of the endpoints' documented parameters."""
+        return [
+            self.prompt,
+            self.negative_prompt,
+            self.sampler_name,
+            self.scheduler,
+            self.steps,
+            self.cfg_scale,
+            self.seed,
+            self.width,
+            self.height,
+            self.n_iter,
+            self.batch_size,
+        ]
+
+    def fill_targets(self) -> list[gr.components.Component]:
+        """The fields filled from an infotext (Send to ...): everything an infotext says."""
+        return [
+            self.prompt,
+            self.negative_prompt,
+            self.sampler_name,
+            self.scheduler,
+            self.steps,
+            self.cfg_scale,
+            self.seed,
+            self.width,
+            self.height,
+        ]
+
+
+@dataclass
+class TabWidgets:
+    mode: str
+    settings: SettingsWidgets
+    generate: gr.Button
+    stop: gr.Button
+    progress: gr.HTML
+    preview: gr.Image
+    gallery: gr.Gallery
+    infotext: gr.Textbox
+    results: gr.State
+    # The job id registered when Generate was clicked (see PageSession.start_job).
+    ticket: gr.State
+    send_img2img: gr.Button
+    send_inpaint: gr.Button
+    # img2img / inpaint only
+    image: gr.components.Component | None = None
+    mask: gr.Image | None = None
+    denoising_strength: gr.Slider | None = None
+    mask_blur: gr.Slider | None = None
+    mask_mode: gr.Radio | None = None
+
+
+def build_page(engine, settings=None) -> gr.Blocks:
+    """The whole page for `engine`; `settings` supplies outputs_dir, save_images and models_dir."""
+    outputs_dir = getattr(settings, "outputs_dir", None)
+    outputs_dir = Path(outputs_dir) if outputs_dir is not None else None
+    save_default = bool(getattr(settings, "save_images", False))
+    save_image = _find_save_image()
+
+    defaults = engine.defaults()
+
+    with gr.Blocks(title="Stable Diffusion", analytics_enabled=False) as demo:
+        # Page-wide style without depending on launch(css=...): gr.HTML injects `head` into the document.
+        gr.HTML("", head=f"<style>{PAGE_CSS}</style>", elem_id="page_style", padding=False)
+        # Deep-copied for each browser session (and each gradio_client Client).
+        session = gr.State(PageSession(preview_mode=_default_preview_mode(engine), save_images=save_default))
+
+        with gr.Row(elem_id="top_row", equal_height=True):
+            model = gr.Dropdown(
+                choices=_model_titles(engine),
+                value=engine.model.title,
+                label="Stable Diffusion checkpoint",
+                elem_id="model_dropdown",
+                scale=4,
+                min_width=320,
+            )
+            refresh_models = gr.Button("↻", elem_id="model_refresh", scale=0, min_width=48, elem_classes="tool-button")
+            model_note = gr.HTML(_model_note(engine), elem_id="model_note", scale=3)
+
+        with gr.Tabs(elem_id="tabs") as tabs:
+            tab_widgets: dict[str, TabWidgets] = {}
+            for mode in ("txt2img", "img2img", "inpaint"):
+                with gr.Tab(mode, id=mode, elem_id=f"tab_{mode}"):
+                    tab_widgets[mode] = _build_generation_tab(mode, engine, defaults)
+            with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
+                png = _build_png_info_tab()
+            with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
+                preview_mode = gr.Radio(
+                    choices=[(PREVIEW_MODE_LABELS.get(m, m), m) for m in PREVIEW_MODES],
+                    value=_default_preview_mode(engine),
+                    label="Live preview",
+                    info="How previews are drawn while a job runs (this browser session only).",
+                    elem_id="setting_preview_mode",
+                )
+                preview_every = gr.Slider(
+                    1, 50, value=1, step=1, label="Preview every N steps", elem_id="setting_preview_every"
+                )
+                save_images = gr.Checkbox(
+                    value=save_default,
+                    label="Save generated images"
+                    + (f" to {outputs_dir}" if outputs_dir is not None and save_image is not None else ""),
+                    interactive=save_image is not None and outputs_dir is not None,
+                    info=None if save_image is not None else "Saving is not available (engine.outputs missing).",
+                    elem_id="setting_save_images",
+                )
+
+        # Events ---------------------------------------------------------------------------------
+        for tab in tab_widgets.values():
+            _wire_generation_tab(tab, engine, session, outputs_dir=outputs_dir, save_image=save_image)
+        for source in tab_widgets.values():
+            for target_mode, button in (("img2img", source.send_img2img), ("inpaint", source.send_inpaint)):
+                target = tab_widgets[target_mode]
+                button.click(
+                    functools.partial(_send_result, target_mode=target_mode),
+                    inputs=[source.gallery, source.results],
+                    outputs=[target.image, *target.settings.fill_targets(), target.denoising_strength, tabs],
+                    api_visibility="private",
+                    show_progress="hidden",
+                )
+        _wire_png_info(png, tab_widgets, tabs)
+
+        model.input(
+            functools.partial(_load_model, engine),
+            inputs=[model],
+            outputs=[model, model_note],
+            concurrency_limit=1,
+            concurrency_id="gpu",
+            api_visibility="private",
+        )
+        refresh = functools.partial(_refresh_models, engine)
+        refresh_models.click(refresh, outputs=[model, model_note], api_visibility="private", queue=False)
+        # Another user may have switched the (shared) model since this page was built.
+        demo.load(refresh, outputs=[model, model_note], api_visibility="private", queue=False)
+
+        # Per-session settings; public so that gradio_client users can set them for their own session too.
+        for widget, setter, api_name in (
+            (preview_mode, _set_preview_mode, "set_preview_mode"),
+            (preview_every, _set_preview_every, "set_preview_every"),
+            (save_images, _set_save_images, "set_save_images"),
+        ):
+            widget.change(
+                setter,
+                inputs=[session, widget],
+                api_name=api_name,
+                api_description=setter.__doc__,
+                concurrency_limit=None,
+                show_progress="hidden",
+            )
+    return demo
+
+
+# Building ------------------------------------------------------------------------------------------
+
+
+def _build_settings(mode: str, engine, defaults, prompts: dict) -> tuple[SettingsWidgets, dict]:
+    """The settings panel under a tab's prompts; `prompts` holds the prompt boxes and their counters."""
+    limits = engine.limits
+    samplers = engine.samplers()
+    schedulers = engine.schedulers()
+    max_side = min(2048, limits.max_side)
+    with gr.Row(equal_height=True):
+        sampler_name = gr.Dropdown(
+            samplers,
+            value=defaults.sampler_name if defaults.sampler_name in samplers else samplers[0],
+            label="Sampling method",
+            elem_id=f"{mode}_sampler",
+        )
+        scheduler = gr.Dropdown(
+            schedulers,
+            value=defaults.scheduler if defaults.scheduler in schedulers else schedulers[0],
+            label="Schedule type",
+            elem_id=f"{mode}_scheduler",
+        )
+    steps = gr.Slider(
+        1, limits.max_steps, value=defaults.steps, step=1, label="Sampling steps", elem_id=f"{mode}_steps"
+    )
+    with gr.Row(equal_height=True):
+        with gr.Column(scale=6, min_width=200):
+            width = gr.Slider(64, max_side, value=defaults.width, step=8, label="Width", elem_id=f"{mode}_width")
+            height = gr.Slider(64, max_side, value=defaults.height, step=8, label="Height", elem_id=f"{mode}_height")
+        swap_size = gr.Button(
+            "⇅", elem_id=f"{mode}_swap_size", scale=0, min_width=44, elem_classes="tool-button", size="sm"
+        )
+        with gr.Column(scale=4, min_width=160):
+            n_iter = gr.Slider(
+                1, min(limits.max_n_iter, 100), value=1, step=1, label="Batch count", elem_id=f"{mode}_batch_count"
+            )
+            batch_size = gr.Slider(
+                1, limits.max_batch_size, value=1, step=1, label="Batch size", elem_id=f"{mode}_batch_size"
+            )
+    cfg_scale = gr.Slider(1, 30, value=defaults.cfg_scale, step=0.5, label="CFG Scale", elem_id=f"{mode}_cfg_scale")
+    extra: dict = {}
+    if mode != "txt2img":
+        extra["denoising_strength"] = gr.Slider(
+            0, 1, value=0.75, step=0.01, label="Denoising strength", elem_id=f"{mode}_denoising_strength"
+        )
+    if mode == "inpaint":
+        with gr.Row(equal_height=True):
+            extra["mask_blur"] = gr.Slider(
+                0, engine.limits.max_mask_blur, value=4, step=1, label="Mask blur", elem_id="inpaint_mask_blur"
+            )
+            extra["mask_mode"] = gr.Radio(
+                list(MASK_MODES), value=MASK_MODES[0], label="Mask mode", elem_id="inpaint_mask_mode"
+            )
+    with gr.Row(equal_height=True):
+        seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{mode}_seed", scale=6, minimum=-1)
+        random_seed = gr.Button("⚄", elem_id=f"{mode}_random_seed", scale=0, min_width=44, elem_classes="tool-button")
+        reuse_seed = gr.Button("♻", elem_id=f"{mode}_reuse_seed", scale=0, min_width=44, elem_classes="tool-button")
+    return (
+        SettingsWidgets(
+            **prompts,
+            sampler_name=sampler_name,
+            scheduler=scheduler,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            seed=seed,
+            width=width,
+            height=height,
+            n_iter=n_iter,
+            batch_size=batch_size,
+            random_seed=random_seed,
+            reuse_seed=reuse_seed,
+            swap_size=swap_size,
+        ),
+        extra,
+    )
+
+
+def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
+    with gr.Row(elem_classes="prompt-row"):
+        with gr.Column(scale=8):
+            # Each counter sits over the top-right corner of its box (see .prompt-box in page_style).
+            with gr.Column(elem_classes="prompt-box"):
+                prompt = gr.Textbox(
+                    label="Prompt", lines=3, max_lines=12, placeholder="Prompt", elem_id=f"{mode}_prompt"
+                )
+                prompt_tokens = gr.HTML(
+                    token_counter_html([0]), elem_id=f"{mode}_token_counter", elem_classes="token-counter"
+                )
+            with gr.Column(elem_classes="prompt-box"):
+                negative = gr.Textbox(
+                    label="Negative prompt",
+                    lines=2,
+                    max_lines=8,
+                    placeholder="Negative prompt",
+                    elem_id=f"{mode}_neg_prompt",
+                )
+                negative_tokens = gr.HTML(
+                    token_counter_html([0]), elem_id=f"{mode}_negative_token_counter", elem_classes="token-counter"
+                )
+        with gr.Column(scale=2, min_width=180, elem_classes="generate-column"):
+            generate = gr.Button("Generate", variant="primary", elem_id=f"{mode}_generate", size="lg")
+            stop = gr.Button("Stop", variant="stop", elem_id=f"{mode}_stop", size="md")
+    image = mask = None
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5, elem_classes="settings-column"):
+            if mode == "img2img":
+                image = gr.Image(
+                    type="pil",
+                    label="Init image",
+                    sources=["upload", "clipboard"],
+                    elem_id="img2img_image",
+                    height=320,
+                )
+            elif mode == "inpaint":
+                image = gr.ImageEditor(
+                    type="pil",
+                    label="Image (paint the area to repaint; white = repaint)",
+                    sources=["upload", "clipboard"],
+                    brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed", default_size=24),
+                    eraser=gr.Eraser(default_size=24),
+                    layers=False,
+                    transforms=(),
+                    elem_id="inpaint_image",
+                    height=360,
+                )
+                with gr.Accordion("Upload a mask instead (white = repaint)", open=False):
+                    mask = gr.Image(
+                        type="pil",
+                        image_mode="L",
+                        label="Mask",
+                        sources=["upload", "clipboard"],
+                        elem_id="inpaint_mask",
+                        height=200,
+                    )
+            prompts = dict(
+                prompt=prompt, negative_prompt=negative, prompt_tokens=prompt_tokens, negative_tokens=negative_tokens
+            )
+            panel, extra = _build_settings(mode, engine, defaults, prompts)
+        with gr.Column(scale=5, elem_classes="output-column"):
+            progress = gr.HTML(progress_html(0.0, "Idle", state="idle"), label="Progress", elem_id=f"{mode}_progress")
+            preview = gr.Image(
+                label="Live preview",
+                interactive=False,
+                visible=False,
+                format="jpeg",
+                height=420,
+                elem_id=f"{mode}_preview",
+                elem_classes="live-preview",
+                buttons=[],
+            )
+            gallery = gr.Gallery(
+                label="Results",
+                format="png",
+                columns=4,
+                height=420,
+                preview=True,
+                object_fit="contain",
+                interactive=False,
+                elem_id=f"{mode}_gallery",
+                buttons=["download", "fullscreen"],
+            )
+            infotext = gr.Textbox(
+                label="Generation parameters",
+                lines=3,
+                interactive=False,
+                elem_id=f"{mode}_infotext",
+                buttons=["copy"],
+            )
+            with gr.Row():
+                send_img2img = gr.Button("Send to img2img", elem_id=f"{mode}_send_to_img2img", size="sm")
+                send_inpaint = gr.Button("Send to inpaint", elem_id=f"{mode}_send_to_inpaint", size="sm")
+    return TabWidgets(
+        mode=mode,
+        settings=panel,
+        generate=generate,
+        stop=stop,
+        progress=progress,
+        preview=preview,
+        gallery=gallery,
+        infotext=infotext,
+        results=gr.State(ResultView()),
+        ticket=gr.State(None),
+        send_img2img=send_img2img,
+        send_inpaint=send_inpaint,
+        image=image,
+        mask=mask,
+        denoising_strength=extra.get("denoising_strength"),
+        mask_blur=extra.get("mask_blur"),
+        mask_mode=extra.get("mask_mode"),
+    )
+
+
+@dataclass
+class PngInfoWidgets:
+    image: gr.Image
+    text: gr.Textbox
+    table: gr.HTML
+    send_txt2img: gr.Button
+    send_img2img: gr.Button
+    send_inpaint: gr.Button
+
+
+def _build_png_info_tab() -> PngInfoWidgets:
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            # image_mode=None and type="filepath": the uploaded file as it is, text chunks intact.
+            image = gr.Image(
+                type="filepath",
+                image_mode=None,
+                label="Source image",
+                sources=["upload", "clipboard"],
+                elem_id="pnginfo_image",
+                height=420,
+            )
+        with gr.Column():
+            text = gr.Textbox(label="Parameters", lines=6, interactive=False, elem_id="pnginfo_text", buttons=["copy"])
+            table = gr.HTML("", elem_id="pnginfo_params", apply_default_css=False)
+            with gr.Row():
+                send_txt2img = gr.Button("Send to txt2img", elem_id="pnginfo_send_to_txt2img", size="md")
+                send_img2img = gr.Button("Send to img2img", elem_id="pnginfo_send_to_img2img", size="md")
+                send_inpaint = gr.Button("Send to inpaint", elem_id="pnginfo_send_to_inpaint", size="md")
+    return PngInfoWidgets(image, text, table, send_txt2img, send_img2img, send_inpaint)
+
+
+# Wiring --------------------------------------------------------------------------------------------
+
+
+def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_dir, save_image) -> None:
+    panel = tab.settings
+    outputs = [tab.preview, tab.progress, tab.gallery, tab.infotext, tab.results]
+    handler = _make_generate_handler(tab.mode, engine, outputs_dir=outputs_dir, save_image=save_image)
+    inputs = [session, tab.ticket, *panel.request_inputs()]
+    if tab.mode == "img2img":
+        inputs += [tab.image, tab.denoising_strength]
+    elif tab.mode == "inpaint":
+        inputs += [tab.image, tab.mask, tab.denoising_strength, tab.mask_blur, tab.mask_mode]
+    # Showing the preview (and hiding the gallery) around the job is done by separate quick events, so
+    # that the streamed endpoint returns plain values to API clients rather than visibility updates.
+    # The click registers the job with the session at once, so that Stop also cancels it while it waits
+    # in the queue behind other users' jobs.
+    running_view = [tab.preview, tab.gallery, tab.generate]
+    started = tab.generate.click(
+        _show_running,
+        inputs=[session],
+        outputs=[*running_view, tab.progress, tab.ticket],
+        queue=False,
+        api_visibility="private",
+        show_progress="hidden",
+    )
+    job = started.then(
+        handler,
+        inputs=inputs,
+        outputs=outputs,
+        api_name=tab.mode,
+        api_description=handler.__doc__,
+        concurrency_limit=1,
+        concurrency_id="gpu",
+        # Gradio's own tracker shows the queue position over the (empty) preview while the job waits.
+        show_progress="full",
+        show_progress_on=[tab.preview],
+    )
+    # Gradio 6 runs .then() listeners only after success; .failure() covers errors.
+    job.then(_show_finished, outputs=running_view, queue=False, api_visibility="private", show_progress="hidden")
+    job.failure(
+        _show_failed,
+        outputs=[*running_view, tab.progress],
+        queue=False,
+        api_visibility="private",
+        show_progress="hidden",
+    )
+    tab.stop.click(
+        _stop,
+        inputs=[session],
+        api_name="stop" if tab.mode == "txt2img" else None,
+        api_visibility="public" if tab.mode == "txt2img" else "private",
+        concurrency_limit=None,
+        show_progress="hidden",
+    )
+    count = functools.partial(_count_tokens, engine)
+    for box, counter in ((panel.prompt, panel.prompt_tokens), (panel.negative_prompt, panel.negative_tokens)):
+        box.change(
+            count,
+            inputs=[box],
+            outputs=[counter],
+            trigger_mode="always_last",
+            show_progress="hidden",
+            api_visibility="private",
+            concurrency_id="tokens",
+            concurrency_limit=4,
+        )
+    panel.random_seed.click(lambda: -1, outputs=[panel.seed], api_visibility="private", queue=False)
+    panel.reuse_seed.click(_reuse_seed, inputs=[tab.results], outputs=[panel.seed], api_visibility="private")
+    panel.swap_size.click(
+        lambda w, h: (h, w),
+        inputs=[panel.width, panel.height],
+        outputs=[panel.width, panel.height],
+        api_visibility="private",
+        queue=False,
+    )
+    tab.gallery.select(_select_result, inputs=[tab.results], outputs=[tab.infotext], api_visibility="private")
+
+
+def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
+    """A generator function per mode, with the endpoint's parameters named and documented."""
+    common = dict(engine=engine, mode=mode, outputs_dir=outputs_dir, save_image=save_image)
+
+    if mode == "txt2img":
+
+        def txt2img(
+            session: PageSession,
+            ticket: int | None,
+            prompt: str,
+            negative_prompt: str,
+            sampler_name: str,
+            scheduler: str,
+            steps: int,
+            cfg_scale: float,
+            seed: int,
+            width: int,
+            height: int,
+            n_iter: int,
+            batch_size: int,
+        ):
+            """Text to image. Streams (preview, progress HTML, gallery, infotext) updates; the last has the
+            gallery of PNGs (each with its A1111 "parameters" text chunk) and the first image's infotext.
+            seed -1 is random; n_iter is the batch count."""
+            request = build_request(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                sampler_name=sampler_name,
+                scheduler=scheduler,
+                steps=steps,
+                cfg_scale=cfg_scale,
+                seed=seed,
+                width=width,
+                height=height,
+                n_iter=n_iter,
+                batch_size=batch_size,
+            )
+            yield from run_job(session=session, request=request, ticket=ticket, **common)
+
+        return txt2img
+
+    if mode == "img2img":
+
+        def img2img(
+            session: PageSession,
+            ticket: int | None,
+            prompt: str,
+            negative_prompt: str,
+            sampler_name: str,
+            scheduler: str,
+            steps: int,
+            cfg_scale: float,
+            seed: int,
+            width: int,
+            height: int,
+            n_iter: int,
+            batch_size: int,
+            init_image: Image.Image | None,
+            denoising_strength: float,
+        ):
+            """Image to image: like /txt2img plus the init image and the denoising strength (0..1)."""
+            if init_image is None:
+                raise gr.Error("init_images: got nothing; allowed: an image (upload one in img2img)")
+            request = build_request(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                sampler_name=sampler_name,
+                scheduler=scheduler,
+                steps=steps,
+                cfg_scale=cfg_scale,
+                seed=seed,
+                width=width,
+                height=height,
+                n_iter=n_iter,
+                batch_size=batch_size,
+                init_image=init_image,
+                denoising_strength=denoising_strength,
+            )
+            yield from run_job(session=session, request=request, ticket=ticket, **common)
+
+        return img2img
+
+    def inpaint(
+        session: PageSession,
+        ticket: int | None,
+        prompt: str,
+        negative_prompt: str,
+        sampler_name: str,
+        scheduler: str,
+        steps: int,
+        cfg_scale: float,
+        seed: int,
+        width: int,
+        height: int,
+        n_iter: int,
+        batch_size: int,
+        image: dict | None,
+        mask: Image.Image | None,
+        denoising_strength: float,
+        mask_blur: int,
+        mask_mode: str,
+    ):
+        """Inpaint: like /img2img; `image` is an image-editor value whose painted layer is the mask
+        (white = repaint), or give `mask` (a white-on-black image of the same size)."""
+        init_image, painted = editor_image_and_mask(image)
+        if init_image is None:
+            raise gr.Error("init_images: got nothing; allowed: an image (upload one in inpaint)")
+        chosen_mask = mask if mask is not None else painted
+        if chosen_mask is None:
+            raise gr.Error("mask: got nothing; allowed: paint over the image, or upload a mask (white = repaint)")
+        request = build_request(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            sampler_name=sampler_name,
+            scheduler=scheduler,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            seed=seed,
+            width=width,
+            height=height,
+            n_iter=n_iter,
+            batch_size=batch_size,
+            init_image=init_image,
+            mask=chosen_mask,
+            denoising_strength=denoising_strength,
+            mask_blur=mask_blur,
+            mask_mode=mask_mode,
+        )
+        yield from run_job(session=session, request=request, ticket=ticket, **common)
+
+    return inpaint
+
+
+def _wire_png_info(png: PngInfoWidgets, tab_widgets: dict[str, TabWidgets], tabs: gr.Tabs) -> None:
+    png.image.change(
+        _read_png_info,
+        inputs=[png.image],
+        outputs=[png.text, png.table],
+        api_name="png_info",
+        api_description="The A1111 parameters stored in an image (PNG text chunk or EXIF), raw and as a table.",
+        show_progress="hidden",
+    )
+    for mode, button in (
+        ("txt2img", png.send_txt2img),
+        ("img2img", png.send_img2img),
+        ("inpaint", png.send_inpaint),
+    ):
+        target = tab_widgets[mode]
+        outputs = [*target.settings.fill_targets()]
+        if mode != "txt2img":
+            outputs = [target.image, *outputs, target.denoising_strength]
+        button.click(
+            functools.partial(_send_png_info, target_mode=mode),
+            inputs=[png.image, png.text],
+            outputs=[*outputs, tabs],
+            api_visibility="private",
+            show_progress="hidden",
+        )
+
+
+# Handlers ------------------------------------------------------------------------------------------
+
+
+def _show_running(session: PageSession):
+    control = session.start_job()
+    return (
+        gr.update(value=None, visible=True),
+        gr.update(visible=False),
+        gr.update(interactive=False),
+        progress_html(0.0, "Waiting for a free slot...", job_id=control.job_id),
+        control.job_id,
+    )
+
+
+def _show_finished():
+    return gr.update(visible=False), gr.update(visible=True), gr.update(interactive=True)
+
+
+def _show_failed():
+    failed = progress_html(0.0, "Not run: see the error message", state="idle")
+    return (*_show_finished(), failed)
+
+
+def _stop(session: PageSession) -> None:
+    """Stop this session's running job; the job still shows what it made so far."""
+    stopped = session.stop()
+    log.info("Stop requested for %d job(s) of one session", stopped)
+
+
+def _count_tokens(engine, text: str) -> str:
+    try:
+        return token_counter_html(engine.token_counts(text or ""))
+    except EngineError as exc:
+        # A prompt the parser rejects shows why next to the counter instead of a pop-up on every keystroke.
+        return f'<span class="token-count error" title="{html.escape(str(exc))}">?/75</span>'
+
+
+def _reuse_seed(view: ResultView | None):
+    seed = view.selected_seed() if view is not None else None
+    if seed is None:
+        gr.Info("No result yet: generate an image first.")
+        return gr.skip()
+    return seed
+
+
+def _select_result(view: ResultView | None, evt: gr.SelectData) -> str:
+    if view is None or not view.infotexts:
+        return ""
+    view.selected = int(evt.index) if evt.index is not None else 0
+    return view.selected_infotext()
+
+
+def _set_preview_mode(session: PageSession, mode: str) -> None:
+    """Live preview mode for this session's jobs: approx, vae, taesd or none."""
+    session.preview_mode = valid_preview_mode(mode)
+
+
+def _set_preview_every(session: PageSession, every: float) -> None:
+    """Make a live preview every N steps (this session only)."""
+    session.preview_every = max(1, int(every or 1))
+
+
+def _set_save_images(session: PageSession, enabled: bool) -> None:
+    """Save this session's results to the outputs folder."""
+    session.save_images = bool(enabled)
+
+
+def _model_titles(engine) -> list[str]:
+    titles = [info.title for info in engine.list_models()]
+    current = engine.model.title
+    return titles if current in titles else [current, *titles]
+
+
+def _model_note(engine) -> str:
+    return f'<div class="model-note">Model family: {html.escape(engine.defaults().label)}</div>'
+
+
+def _refresh_models(engine):
+    """The model list rescanned, and the model loaded now (shared by all users: one engine)."""
+    return gr.update(choices=_model_titles(engine), value=engine.model.title), _model_note(engine)
+
+
+def _load_model(engine, title: str):
+    try:
+        info = engine.load_model(title)
+    except EngineError as exc:
+        raise engine_error(exc) from exc
+    gr.Info(f"Loaded {info.title}")
+    return gr.update(choices=_model_titles(engine), value=info.title), _model_note(engine)
+
+
+def _read_png_info(path: str | None):
+    from engine.infotext import parse_infotext_params, read_infotext
+
+    if not path:
+        return "", ""
+    try:
+        text = read_infotext(Path(path).read_bytes())
+    except (OSError, EngineError) as exc:
+        raise gr.Error(f"Could not read that image: {exc}") from exc
+    if not text:
+        return "", '<div class="png-params-empty">No generation parameters in this image.</div>'
+    return text, params_table_html(parse_infotext_params(text))
+
+
+def _settings_from_infotext(text: str, *, with_denoising: bool) -> list:
+    """Field values for SettingsWidgets.fill_targets (and denoising strength) from an A1111 infotext."""
+    from engine.infotext import parse_infotext, parse_infotext_params
+
+    try:
+        request = parse_infotext(text)
+        params = parse_infotext_params(text)
+    except EngineError as exc:
+        raise engine_error(exc) from exc
+    keep = gr.skip()
+    values = [
+        request.prompt,
+        request.negative_prompt,
+        request.sampler_name,
+        request.scheduler,
+        request.steps,
+        request.cfg_scale,
+        request.seed,
+        request.width if request.width is not None else keep,
+        request.height if request.height is not None else keep,
+    ]
+    if with_denoising:
+        values.append(request.denoising_strength if "Denoising strength" in params else keep)
+    return values
+
+
+def _send_png_info(path: str | None, text: str, *, target_mode: str):
+    if not text:
+        raise gr.Error("No generation parameters to send: drop a PNG made by this app (or A1111) first.")
+    values = _settings_from_infotext(text, with_denoising=target_mode != "txt2img")
+    if target_mode == "txt2img":
+        return (*values, gr.Tabs(selected=target_mode))
+    image = _open_image(path) if path else None
+    return (_image_for(target_mode, image), *values, gr.Tabs(selected=target_mode))
+
+
+def _send_result(gallery, view: ResultView | None, *, target_mode: str):
+    if not gallery or view is None or not view.infotexts:
+        raise gr.Error("No result to send yet: generate an image first.")
+    index = min(view.selected, len(gallery) - 1)
+    item = gallery[index]
+    path = item[0] if isinstance(item, (tuple, list)) else item
+    image = _open_image(path)
+    values = _settings_from_infotext(view.selected_infotext(), with_denoising=True)
+    return (_image_for(target_mode, image), *values, gr.Tabs(selected=target_mode))
+
+
+def _open_image(path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _image_for(target_mode: str, image: Image.Image | None):
+    if image is None:
+        return gr.skip()
+    if target_mode == "inpaint":
+        return {"background": image, "layers": [], "composite": image}
+    return image
+
+
+def _default_preview_mode(engine) -> str:
+    mode = getattr(getattr(engine, "preview", None), "mode", "approx")
+    return mode if mode in PREVIEW_MODES else "approx"
+
+
+def _find_save_image():
+    """engine.outputs.save_image when that module exists (it is written alongside this page)."""
+    try:
+        from engine.outputs import save_image
+    except ImportError:
+        log.info("engine.outputs is not available: the page will not save images")
+        return None
+    return save_image

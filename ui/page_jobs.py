@@ -1,0 +1,284 @@
+"""What the page's event handlers do, without the layout: widgets -> GenerationRequest, events -> updates.
+
+Nothing here generates anything: requests go to `Engine.generate` and its Progress/Result events come
+back as Gradio updates. Per-user state lives in a PageSession held by gr.State (one per browser
+session), never in module globals.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from engine import EngineError, GenerationRequest, JobControl, PreviewSettings, Progress, Result
+from engine.events import PREVIEW_MODES
+from engine.previews import preview_to_display
+
+log = logging.getLogger(__name__)
+
+CHUNK_TOKENS = 75
+# Largest side of the live preview as shown; previews are latent-sized (1/8) and upscaled for display.
+PREVIEW_DISPLAY_SIDE = 512
+MASK_MODES = ("Inpaint masked", "Inpaint not masked")
+
+
+@dataclass
+class PageSession:
+    """One browser session's own settings and running jobs. Another user never sees this object."""
+
+    preview_mode: str = "approx"
+    preview_every: int = 1
+    save_images: bool = False
+    # Jobs this session queued or started and that have not ended, by job id: Stop interrupts these only.
+    running: dict[int, JobControl] = field(default_factory=dict)
+
+    def preview_settings(self) -> PreviewSettings:
+        return PreviewSettings(mode=self.preview_mode, every=self.preview_every)
+
+    def start_job(self) -> JobControl:
+        """A control for a job about to be queued or run; Stop reaches it from now on."""
+        control = JobControl()
+        self.running[control.job_id] = control
+        return control
+
+    def take_job(self, ticket: int | None) -> JobControl:
+        """The control registered when Generate was clicked (so Stop works while queued), else a new one."""
+        control = self.running.get(ticket) if ticket is not None else None
+        return control if control is not None else self.start_job()
+
+    def end_job(self, control: JobControl) -> None:
+        self.running.pop(control.job_id, None)
+
+    def stop(self) -> int:
+        """Interrupt this session's queued and running jobs; returns how many were asked to stop."""
+        controls = list(self.running.values())
+        for control in controls:
+            control.interrupt()
+        return len(controls)
+
+
+@dataclass
+class ResultView:
+    """What the page remembers of a tab's last result, for the gallery's selection and Send-to buttons."""
+
+    seeds: list[int] = field(default_factory=list)
+    infotexts: list[str] = field(default_factory=list)
+    selected: int = 0
+
+    def selected_infotext(self) -> str:
+        if not self.infotexts:
+            return ""
+        return self.infotexts[min(self.selected, len(self.infotexts) - 1)]
+
+    def selected_seed(self) -> int | None:
+        if not self.seeds:
+            return None
+        return self.seeds[min(self.selected, len(self.seeds) - 1)]
+
+
+ERROR_TITLES = {"InvalidRequestError": "Invalid setting", "ModelLoadError": "Model not loaded"}
+
+
+def engine_error(exc: EngineError) -> gr.Error:
+    """The engine's message names the field, the value and what is allowed: show it as it is."""
+    return gr.Error(str(exc), title=ERROR_TITLES.get(type(exc).__name__, "Error"))
+
+
+# Requests -------------------------------------------------------------------------------------
+
+
+def build_request(
+    *,
+    prompt: str,
+    negative_prompt: str,
+    sampler_name: str,
+    scheduler: str,
+    steps: Any,
+    cfg_scale: Any,
+    seed: Any,
+    width: Any,
+    height: Any,
+    n_iter: Any,
+    batch_size: Any,
+    init_image: Image.Image | None = None,
+    mask: Image.Image | None = None,
+    denoising_strength: Any = 0.75,
+    mask_blur: Any = 4,
+    mask_mode: str = MASK_MODES[0],
+) -> GenerationRequest:
+    """Widget values as a request; the engine validates every field (and names the bad one)."""
+    return GenerationRequest(
+        prompt=prompt or "",
+        negative_prompt=negative_prompt or "",
+        sampler_name=sampler_name,
+        scheduler=scheduler,
+        steps=steps,
+        cfg_scale=cfg_scale,
+        seed=-1 if seed is None else seed,
+        width=width,
+        height=height,
+        n_iter=n_iter,
+        batch_size=batch_size,
+        init_images=[init_image] if init_image is not None else None,
+        mask=mask,
+        denoising_strength=denoising_strength,
+        mask_blur=mask_blur,
+        inpainting_mask_invert=1 if mask_mode == MASK_MODES[1] else 0,
+    )
+
+
+def editor_image_and_mask(editor_value: dict | None) -> tuple[Image.Image | None, Image.Image | None]:
+    """The picture under the paint, and the mask: what was painted on any layer (white = repaint)."""
+    if not editor_value:
+        return None, None
+    background = editor_value.get("background")
+    if background is None:
+        background = editor_value.get("composite")
+    if background is None:
+        return None, None
+    background = background.convert("RGB")
+    mask = None
+    for layer in editor_value.get("layers") or []:
+        if layer is None:
+            continue
+        alpha = layer.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[1] == 0:
+            continue  # an empty layer
+        if alpha.size != background.size:
+            alpha = alpha.resize(background.size, Image.Resampling.NEAREST)
+        mask = alpha if mask is None else Image.fromarray(np.maximum(np.asarray(mask), np.asarray(alpha)))
+    return background, mask
+
+
+# Display ---------------------------------------------------------------------------------------
+
+
+def token_counter_html(counts: list[int]) -> str:
+    """A1111's counter: tokens used / room in the chunks so far, e.g. "12/75" or "80/150"."""
+    counts = counts or [0]
+    used = sum(counts)
+    room = CHUNK_TOKENS * max(1, len(counts))
+    chunks = " + ".join(str(count) for count in counts)
+    title = f"{len(counts)} chunk(s) of {CHUNK_TOKENS} tokens: {chunks}"
+    return f'<span class="token-count" title="{html.escape(title)}">{used}/{room}</span>'
+
+
+def progress_html(fraction: float, text: str, *, state: str = "running", job_id: int | None = None) -> str:
+    """A bar and one line of text; `state` is running, done, interrupted or idle (a CSS class)."""
+    percent = max(0.0, min(1.0, fraction)) * 100
+    job = f' data-job="{job_id}"' if job_id is not None else ""
+    return (
+        f'<div class="job-progress {state}"{job}>'
+        f'<div class="job-progress-track"><div class="job-progress-fill" style="width: {percent:.1f}%"></div></div>'
+        f'<div class="job-progress-text">{html.escape(text)}</div></div>'
+    )
+
+
+def describe_progress(event: Progress) -> str:
+    parts = []
+    if event.batch_count > 1:
+        parts.append(f"batch {event.batch_no + 1}/{event.batch_count}")
+    parts.append(f"step {event.step}/{event.total}")
+    if event.it_per_s > 0:
+        parts.append(f"{event.it_per_s:.2f} it/s")
+    parts.append(f"ETA {event.eta:.1f} s")
+    return ", ".join(parts)
+
+
+def describe_result(result: Result) -> str:
+    count = len(result.images)
+    noun = "image" if count == 1 else "images"
+    seeds = ", ".join(str(seed) for seed in result.seeds[:4]) + (" ..." if len(result.seeds) > 4 else "")
+    text = f"{count} {noun} in {result.elapsed:.1f} s"
+    if seeds:
+        text += f", seed {seeds}"
+    if result.interrupted:
+        text = f"Stopped: {text}" if count else "Stopped before it started"
+    elif result.skipped_batches:
+        text += f" (skipped batch {', '.join(str(n + 1) for n in result.skipped_batches)})"
+    return text
+
+
+def params_table_html(params: dict[str, str]) -> str:
+    rows = "".join(
+        f"<tr><th>{html.escape(key)}</th><td>{html.escape(value)}</td></tr>" for key, value in params.items()
+    )
+    return f'<table class="png-params">{rows}</table>'
+
+
+# Running a job -----------------------------------------------------------------------------------
+
+
+def run_job(
+    engine,
+    session: PageSession,
+    request: GenerationRequest,
+    *,
+    ticket: int | None = None,
+    mode: str,
+    outputs_dir: Path | None,
+    save_image=None,
+) -> Iterator[tuple]:
+    """Iterate engine.generate and yield page updates: previews and progress, then the results.
+
+    Each update is a plain (preview image, progress HTML, gallery, infotext, result view) tuple, so
+    gradio_client users get values, not update dicts. While running, the gallery is empty and the
+    preview holds the latest preview; the last update has the gallery and no preview. `ticket` is the
+    job id PageSession.start_job gave when Generate was clicked (None for API calls).
+    """
+    control = session.take_job(ticket)
+    result, fraction, shown = None, 0.0, None
+    try:
+        validated = engine.validate(request)
+        width, height = validated.width, validated.height
+        yield None, progress_html(0.0, "Starting...", job_id=control.job_id), [], "", gr.skip()
+        for event in engine.generate(validated, control=control, preview=session.preview_settings()):
+            if isinstance(event, Progress):
+                fraction = event.fraction
+                text = describe_progress(event)
+                if control.interrupted:
+                    text = f"Stopping... {text}"
+                if event.preview is not None:
+                    shown = preview_to_display(event.preview, width, height, PREVIEW_DISPLAY_SIDE)
+                yield shown, progress_html(fraction, text, job_id=control.job_id), [], "", gr.skip()
+            elif isinstance(event, Result):
+                result = event
+    except EngineError as exc:
+        raise engine_error(exc) from exc
+    finally:
+        session.end_job(control)
+    if result is None:  # the engine always ends with a Result; this guards the page, not the engine
+        raise gr.Error("The job ended without a result.")
+
+    if session.save_images and save_image is not None and outputs_dir is not None:
+        _save_all(result, save_image, outputs_dir=outputs_dir, mode=mode)
+
+    view = ResultView(seeds=list(result.seeds), infotexts=list(result.infotexts), selected=0)
+    gallery = [(image, f"Seed {seed}") for image, seed in zip(result.images, result.seeds, strict=True)]
+    state = "interrupted" if result.interrupted else "done"
+    bar = progress_html(fraction if result.interrupted else 1.0, describe_result(result), state=state)
+    yield None, bar, gallery, view.selected_infotext(), view
+
+
+def _save_all(result: Result, save_image, *, outputs_dir: Path, mode: str) -> None:
+    for image, infotext, seed in zip(result.images, result.infotexts, result.seeds, strict=True):
+        try:
+            path = save_image(image, infotext, outputs_dir=outputs_dir, mode=mode, seed=seed)
+            log.info("Saved %s", path)
+        except (OSError, EngineError) as exc:
+            log.warning("Could not save image for seed %s: %s", seed, exc)
+            gr.Warning(f"Could not save the image for seed {seed}: {exc}")
+
+
+def valid_preview_mode(mode: str) -> str:
+    if mode not in PREVIEW_MODES:
+        raise gr.Error(f"preview mode: got {mode!r}; allowed: one of {', '.join(PREVIEW_MODES)}")
+    return mode
