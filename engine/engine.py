@@ -243,6 +243,7 @@ class Engine:
             emit(event)
 
         images, image_seeds, skipped = [], [], []
+        preview_seconds = 0.0
         try:
             embeds = self._encode_prompts(model, req)
             for batch_no, batch_seeds in enumerate(batches):
@@ -262,6 +263,7 @@ class Engine:
                     started=started,
                 )
                 images.extend(outcome.images)
+                preview_seconds += outcome.preview_seconds
                 image_seeds.extend(batch_seeds)
                 if outcome.stopped and not control.interrupted:
                     skipped.append(batch_no)
@@ -293,6 +295,7 @@ class Engine:
             elapsed=time.perf_counter() - started,
             job_id=control.job_id,
             skipped_batches=skipped,
+            preview_seconds=preview_seconds,
         )
 
     def _encode_prompts(self, model: LoadedModel, req: GenerationRequest) -> tuple:

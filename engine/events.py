@@ -99,6 +99,7 @@ class Result:
     elapsed: float = 0.0
     job_id: int = 0
     skipped_batches: list[int] = field(default_factory=list)
+    preview_seconds: float = 0.0  # part of `elapsed` spent making live previews
 
 
 @dataclass

@@ -93,6 +93,7 @@ class StepRecorder:
 class BatchOutcome:
     images: list[Image.Image]
     stopped: bool  # ended early by Stop or Skip
+    preview_seconds: float = 0.0  # time spent making previews, to show what they cost
 
 
 def run_batch(
@@ -117,9 +118,10 @@ def run_batch(
     # and CPU noise is the same on every device.
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     stopped = False
+    preview_seconds = 0.0
 
     def on_step_end(pipeline, index, timestep, tensors):
-        nonlocal stopped
+        nonlocal stopped, preview_seconds
         step, total = index + 1, pipeline.num_timesteps
         if control.interrupted or control.take_skip():
             stopped = True
@@ -128,9 +130,11 @@ def run_batch(
             return {"latents": x0} if x0 is not None else {}
         preview = None
         if previewer is not None and (step % preview_every == 0 or step == total):
+            preview_started = time.perf_counter()
             x0 = recorder.x0()
             if x0 is not None:
                 preview = previewer(x0[0])
+            preview_seconds += time.perf_counter() - preview_started
         emit(
             Progress(
                 step=step,
@@ -158,7 +162,7 @@ def run_batch(
         latents = _initial_noise(model, generators, req.width, req.height)
         kwargs.update(height=req.height, width=req.width, latents=latents)
         images = pipe(**kwargs).images
-        return BatchOutcome(images, stopped)
+        return BatchOutcome(images, stopped, preview_seconds)
 
     init_images = [_fit(req.init_images[i % len(req.init_images)], req.width, req.height) for i in range(len(seeds))]
     if int(req.steps * req.denoising_strength) < 1:
@@ -166,7 +170,8 @@ def run_batch(
         return BatchOutcome([image.copy() for image in init_images], stopped)
     kwargs.update(image=init_images, strength=req.denoising_strength)
     if req.mode == "img2img":
-        return BatchOutcome(pipe(**kwargs).images, stopped)
+        images = pipe(**kwargs).images
+        return BatchOutcome(images, stopped, preview_seconds)
 
     mask = _prepare_mask(req)
     kwargs.update(mask_image=[mask] * len(seeds), height=req.height, width=req.width)
@@ -174,7 +179,7 @@ def run_batch(
     # Outside the mask the original pixels come back untouched, as in A1111: the VAE round
     # trip would otherwise soften the whole picture.
     images = [Image.composite(out, original, mask) for out, original in zip(generated, init_images, strict=True)]
-    return BatchOutcome(images, stopped)
+    return BatchOutcome(images, stopped, preview_seconds)
 
 
 def _conditioning_kwargs(embeds: tuple, req: GenerationRequest, count: int) -> dict:

@@ -188,8 +188,10 @@ def test_preview_interval_and_modes(engine):
 
     events, _ = run(engine, preview=PreviewSettings(mode="vae"), prompt="x", steps=2, seed=1, **SMALL)
     assert events[0].preview.size == (64, 64)
-    events, _ = run(engine, preview=PreviewSettings(mode="none"), prompt="x", steps=2, seed=1, **SMALL)
-    assert all(event.preview is None for event in events)
+    events, result = run(engine, preview=PreviewSettings(mode="none"), prompt="x", steps=2, seed=1, **SMALL)
+    assert all(event.preview is None for event in events) and result.preview_seconds == 0
+    _, result = run(engine, preview=PreviewSettings(mode="approx"), prompt="x", steps=2, seed=1, **SMALL)
+    assert 0 < result.preview_seconds < result.elapsed
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "DDIM", "DPM++ 2M", "PLMS", "UniPC", "Heun", "LCM"])
