@@ -11,6 +11,7 @@ mounted at "/"; uvicorn serves it in a thread, so tests can start it in-process 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import ipaddress
 import logging
@@ -382,11 +383,21 @@ class ServerHandle:
             self.close()
 
     def close(self, timeout: float = 10.0) -> None:
+        # Open browser tabs hold event streams that only end when cancelled at shutdown; uvicorn
+        # logs each cancellation as an application error, which it is not.
+        logging.getLogger("uvicorn.error").addFilter(_drop_shutdown_cancellations)
         self._server.should_exit = True
         self._thread.join(timeout)
         if self._thread.is_alive():
             self._server.force_exit = True
             self._thread.join(timeout)
+
+
+def _drop_shutdown_cancellations(record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, asyncio.CancelledError):
+        return False
+    return "timeout graceful shutdown exceeded" not in record.getMessage()
 
 
 def launch(engine: Engine, settings: ServerSettings, *, block: bool = False) -> ServerHandle:
@@ -396,7 +407,7 @@ def launch(engine: Engine, settings: ServerSettings, *, block: bool = False) -> 
     blocks, app = create_app(engine, settings)
     sock = bind_socket(settings.host, settings.port, search=settings.port_fallback)
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http-server", daemon=True)
     thread.start()
