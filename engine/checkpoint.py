@@ -247,7 +247,7 @@ def single_file_kwargs(family: str, pipeline_class=None, *, torch_dtype: torch.d
         "local_files_only": True,
         # Without a dtype each component keeps the dtype it has in the file, and files mixing
         # half and full precision give pipelines that fail at their first matrix product.
-        "torch_dtype": torch_dtype if torch_dtype is not None else torch.float32,
+        "dtype": torch_dtype if torch_dtype is not None else torch.float32,
         **local_tokenizers(family),
     }
     expected_components, optional_settings = pipeline_class._get_signature_keys(pipeline_class)

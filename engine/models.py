@@ -312,7 +312,7 @@ def _pipeline_classes(family: str) -> dict[str, type]:
 def _load_folder(path: str, dtype: torch.dtype, *, allow_pickle: bool):
     from diffusers import DiffusionPipeline
 
-    kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": True}
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     index = json.loads((Path(path) / "model_index.json").read_text())
@@ -324,7 +324,7 @@ def _load_folder(path: str, dtype: torch.dtype, *, allow_pickle: bool):
 def _load_hub(repo_id: str, dtype: torch.dtype):
     from diffusers import DiffusionPipeline
 
-    kwargs = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+    kwargs = {"dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
     try:
         return DiffusionPipeline.from_pretrained(repo_id, local_files_only=True, **kwargs)
     except (OSError, ValueError) as cached_error:
@@ -375,7 +375,7 @@ def _load_taesd(folder: Path, device: torch.device, dtype: torch.dtype):
     from diffusers import AutoencoderTiny
 
     try:
-        return AutoencoderTiny.from_pretrained(folder, torch_dtype=dtype, local_files_only=True).to(device).eval()
+        return AutoencoderTiny.from_pretrained(folder, dtype=dtype, local_files_only=True).to(device).eval()
     except (OSError, ValueError) as exc:
         log.warning("TAESD in %s could not be loaded (%s); TAESD previews are off", folder, exc)
         return None
