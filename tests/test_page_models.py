@@ -1,0 +1,46 @@
+"""The page's model dropdown: refresh lists the models folder, choosing one loads it, errors are shown."""
+
+from __future__ import annotations
+
+import shutil
+
+import gradio as gr
+import pytest
+
+from engine import Engine
+from ui.page import _load_model, _refresh_models
+
+
+@pytest.fixture(scope="module")
+def two_model_engine(models_dir, tmp_path_factory):
+    from diffusers import StableDiffusionPipeline
+
+    from engine.checkpoint import save_single_file
+
+    root = tmp_path_factory.mktemp("two-models")
+    shutil.copytree(models_dir / "Stable-diffusion" / "tiny-sd", root / "Stable-diffusion" / "tiny-sd")
+    engine = Engine(models_dir=root)
+    pipe = StableDiffusionPipeline.from_pretrained(engine.model.path)
+    save_single_file(pipe, root / "Stable-diffusion" / "second.safetensors")
+    return engine
+
+
+def test_refresh_lists_every_model_and_choosing_one_loads_it(two_model_engine):
+    dropdown, note = _refresh_models(two_model_engine)
+    titles = dropdown["choices"]
+    assert dropdown["value"] == two_model_engine.model.title
+    assert any(
+        str(title).startswith("second.safetensors") for title in (c[0] if isinstance(c, tuple) else c for c in titles)
+    )
+    assert "random weights" in note
+
+    dropdown, _ = _load_model(two_model_engine, "second.safetensors")
+    assert two_model_engine.model.name == "second"
+    assert dropdown["value"] == two_model_engine.model.title
+
+
+def test_an_unknown_model_is_an_error_shown_on_the_page(two_model_engine):
+    loaded = two_model_engine.model
+    with pytest.raises(gr.Error, match="no-such-model"):
+        _load_model(two_model_engine, "no-such-model")
+    assert two_model_engine.model == loaded
