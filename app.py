@@ -37,6 +37,7 @@ def create_engine(settings: ServerSettings):
     return Engine(
         model=settings.model,
         models_dir=settings.models_dir,
+        checkpoints_dir=settings.ckpt_dir,
         device=settings.device,
         allow_pickle=settings.allow_pickle,
     )

@@ -42,6 +42,7 @@ class Engine:
         model: str | os.PathLike | None = None,
         *,
         models_dir: str | os.PathLike | None = None,
+        checkpoints_dir: str | os.PathLike | None = None,
         device: str | None = None,
         dtype: torch.dtype | None = None,
         limits: Limits | None = None,
@@ -58,7 +59,7 @@ class Engine:
         # batch can differ by one level in a few pixels. Sampling image by image makes a seed's
         # image byte-identical in any batch; it costs nothing on a CPU and some throughput on a GPU.
         self.exact_batches = self.device.type == "cpu" if exact_batches is None else exact_batches
-        self.registry = ModelRegistry(self.models_dir, allow_pickle=allow_pickle)
+        self.registry = ModelRegistry(self.models_dir, checkpoints_dir=checkpoints_dir, allow_pickle=allow_pickle)
         self._job_lock = threading.Lock()
         self._model_lock = threading.Lock()
         self._current: JobControl | None = None

@@ -96,15 +96,17 @@ class LoadedModel:
 class ModelRegistry:
     """The models folder in A1111's layout, plus hashes cached on disk like A1111's cache.json."""
 
-    def __init__(self, models_dir: Path, *, allow_pickle: bool = False):
+    def __init__(self, models_dir: Path, *, checkpoints_dir: Path | None = None, allow_pickle: bool = False):
         self.models_dir = Path(models_dir)
+        # A1111's --ckpt-dir: checkpoints may live outside the models folder.
+        self._checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir is not None else None
         self.allow_pickle = allow_pickle
         self._hash_cache_path = self.models_dir / ".hashes.json"
         self._hash_lock = threading.Lock()
 
     @property
     def checkpoints_dir(self) -> Path:
-        return self.models_dir / CHECKPOINTS_SUBDIR
+        return self._checkpoints_dir or self.models_dir / CHECKPOINTS_SUBDIR
 
     def scan(self) -> list[ModelInfo]:
         """Every checkpoint under models/Stable-diffusion: diffusers folders and single files."""

@@ -537,7 +537,8 @@ def test_the_webuiapi_client_works_against_this_server(server, engine):
 
     assert "Euler a" in client.util_get_sampler_names()
     assert "automatic" in client.util_get_scheduler_names()
-    assert client.util_get_model_names() == [engine.model.title]
+    # Other tests may add checkpoints to the shared models folder; the loaded one must be listed.
+    assert engine.model.title in client.util_get_model_names()
     assert client.util_get_current_model() == engine.model.title
     client.util_set_model("tiny-sd")
     assert client.get_progress()["progress"] == 0

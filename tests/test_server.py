@@ -122,16 +122,21 @@ def test_models_and_files_flags(tmp_path):
     assert settings.allow_pickle and settings.device == "cpu" and settings.api
 
 
-def test_ckpt_dir_names_the_stable_diffusion_folder(tmp_path, capsys):
-    checkpoints = tmp_path / "models" / "Stable-diffusion"
-    checkpoints.mkdir(parents=True)
-    assert parse("--ckpt-dir", str(checkpoints)).models_dir == tmp_path / "models"
-    assert parse("--ckpt-dir", str(tmp_path / "models")).models_dir == tmp_path / "models"
+def test_ckpt_dir_is_any_checkpoints_folder_as_in_a1111(tmp_path, models_dir, capsys):
+    import shutil
+
+    from app import create_engine
+
+    checkpoints = tmp_path / "my-checkpoints"
+    shutil.copytree(models_dir / "Stable-diffusion" / "tiny-sd", checkpoints / "tiny-sd")
+    settings = parse("--ckpt-dir", str(checkpoints), "--models-dir", str(tmp_path / "models"), "--model", "tiny-sd")
+    assert settings.ckpt_dir == checkpoints and settings.models_dir == tmp_path / "models"
+    engine = create_engine(settings)
+    assert engine.model.path == str(checkpoints / "tiny-sd")
+    assert [info.name for info in engine.list_models()] == ["tiny-sd"]
     with pytest.raises(SystemExit):
-        parse("--ckpt-dir", str(tmp_path))
-    assert "Stable-diffusion" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        parse("--ckpt-dir", str(checkpoints), "--models-dir", str(tmp_path / "elsewhere"))
+        parse("--ckpt-dir", str(tmp_path / "missing"))
+    assert "no such folder" in capsys.readouterr().err
 
 
 # Exposure warning ----------------------------------------------------------------------------

@@ -67,6 +67,8 @@ class ServerSettings:
     api_auth: Credentials = field(default=(), repr=False)
     model: str | None = None
     models_dir: Path | None = None
+    # A1111's --ckpt-dir: checkpoints from here instead of <models_dir>/Stable-diffusion.
+    ckpt_dir: Path | None = None
     outputs_dir: Path = DEFAULT_OUTPUTS_DIR
     # False with --no-save: nothing is written to outputs_dir, whatever a page or API request asks.
     save_images: bool = True
@@ -151,8 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--ckpt-dir",
         type=Path,
-        help="A1111's checkpoint folder; it must be a models folder's "
-        "Stable-diffusion/ subfolder (its parent becomes --models-dir), or a folder that holds one",
+        help="folder of checkpoints to list and load, as in A1111 (default: <models-dir>/Stable-diffusion)",
     )
     models.add_argument("--outputs-dir", type=Path, help="where images are saved (default: outputs/ beside app.py)")
     models.add_argument("--no-save", action="store_true", help="never write images to the outputs folder")
@@ -196,12 +197,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     except ValueError as exc:
         parser.error(str(exc))
 
-    models_dir = args.models_dir
-    if args.ckpt_dir is not None:
-        try:
-            models_dir = _models_dir_for_ckpt_dir(args.ckpt_dir, models_dir)
-        except ValueError as exc:
-            parser.error(str(exc))
+    if args.ckpt_dir is not None and not args.ckpt_dir.expanduser().is_dir():
+        parser.error(f"--ckpt-dir {args.ckpt_dir}: no such folder")
 
     return ServerSettings(
         host=host,
@@ -212,7 +209,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         api=args.api,
         api_auth=api_auth,
         model=args.model,
-        models_dir=models_dir,
+        models_dir=args.models_dir,
+        ckpt_dir=args.ckpt_dir.expanduser() if args.ckpt_dir is not None else None,
         outputs_dir=args.outputs_dir or DEFAULT_OUTPUTS_DIR,
         save_images=not args.no_save,
         allow_pickle=args.allow_pickle,
@@ -258,27 +256,6 @@ def _credentials_from(values: list[str], files: list[Path | str]) -> Credentials
             raise ValueError(f"--auth-file: {path} holds no USER:PASSWORD entry")
         pairs.extend(found)
     return tuple(pairs)
-
-
-def _models_dir_for_ckpt_dir(ckpt_dir: Path, models_dir: Path | None) -> Path:
-    """A1111's --ckpt-dir names the checkpoints folder itself; the engine reads <models-dir>/Stable-diffusion."""
-    ckpt_dir = ckpt_dir.expanduser()
-    if ckpt_dir.name.lower() == CHECKPOINTS_SUBDIR.lower():
-        derived = ckpt_dir.parent
-    elif (ckpt_dir / CHECKPOINTS_SUBDIR).is_dir():
-        derived = ckpt_dir
-    else:
-        raise ValueError(
-            f"--ckpt-dir {ckpt_dir}: checkpoints are read from <models folder>/{CHECKPOINTS_SUBDIR}/, so this must "
-            f"be a folder named {CHECKPOINTS_SUBDIR} or one that holds it. Give --models-dir the folder that holds "
-            f"{CHECKPOINTS_SUBDIR}/, or --model a path to a single checkpoint."
-        )
-    if models_dir is not None and Path(models_dir).resolve() != derived.resolve():
-        raise ValueError(f"--ckpt-dir {ckpt_dir} and --models-dir {models_dir} name different models folders")
-    return derived
-
-
-# The app -----------------------------------------------------------------------------------
 
 
 def build_blocks(engine: Engine, settings: ServerSettings) -> gr.Blocks:
