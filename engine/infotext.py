@@ -182,8 +182,12 @@ def _unquote(value: str) -> str:
     return decoded if isinstance(decoded, str) else value
 
 
-def parse_infotext(text: str) -> GenerationRequest:
+def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> GenerationRequest:
     """A GenerationRequest from an A1111 infotext (not yet validated: pass it to Engine.validate).
+
+    A1111 pairs any sampler with any schedule type; diffusers cannot (e.g. Euler a + Karras). With
+    `unsupported_schedule="automatic"` such a pair falls back to the sampler's Automatic schedule
+    (the caller can tell by comparing with the text's "Schedule type") instead of raising.
 
     Keys the engine acts on fill request fields; all others (Model, Model hash, Clip skip, Version,
     Hires ..., Lora hashes, ...) go to `extra_params` as text. Keys that are missing keep the request's
@@ -198,7 +202,12 @@ def parse_infotext(text: str) -> GenerationRequest:
     sampler = params.pop("Sampler", None)
     schedule = params.pop("Schedule type", None)
     if sampler is not None or schedule is not None:
-        req.sampler_name, req.scheduler = _resolve_sampler(sampler, schedule, default_sampler=req.sampler_name)
+        try:
+            req.sampler_name, req.scheduler = _resolve_sampler(sampler, schedule, default_sampler=req.sampler_name)
+        except InvalidRequestError as exc:
+            if unsupported_schedule != "automatic" or exc.field != "Schedule type":
+                raise
+            req.sampler_name, req.scheduler = _resolve_sampler(sampler, "Automatic", default_sampler=req.sampler_name)
     if "CFG scale" in params:
         req.cfg_scale = _parse_float("CFG scale", params.pop("CFG scale"))
     if "Seed" in params:

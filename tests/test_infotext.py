@@ -412,3 +412,12 @@ def test_non_image_bytes_raise_naming_image():
     with pytest.raises(InvalidRequestError) as caught:
         read_infotext(b"this is not an image")
     assert caught.value.field == "image"
+
+
+def test_unsupported_schedule_can_fall_back_to_automatic():
+    text = "a cat\nSteps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512"
+    with pytest.raises(InvalidRequestError) as caught:
+        parse_infotext(text)
+    assert caught.value.field == "Schedule type"
+    request = parse_infotext(text, unsupported_schedule="automatic")
+    assert (request.sampler_name, request.scheduler, request.seed) == ("Euler a", "Automatic", 1)

@@ -794,10 +794,16 @@ def _settings_from_infotext(text: str, *, with_denoising: bool) -> list:
     from engine.infotext import parse_infotext, parse_infotext_params
 
     try:
-        request = parse_infotext(text)
+        request = parse_infotext(text, unsupported_schedule="automatic")
         params = parse_infotext_params(text)
     except EngineError as exc:
         raise engine_error(exc) from exc
+    written = params.get("Schedule type", "")
+    if written and written.lower().replace("_", " ") != request.scheduler.lower():
+        gr.Warning(
+            f"Schedule type {written} is not available for {request.sampler_name} here (diffusers has no such "
+            f"scheduler); using {request.scheduler}, the sampler's A1111 default."
+        )
     keep = gr.skip()
     values = [
         request.prompt,
