@@ -18,6 +18,7 @@ from . import samplers
 from .errors import EngineError, InvalidRequestError, ModelLoadError
 from .events import JobControl, JobState, PreviewSettings, Progress, Result
 from .generate import run_batch
+from .infotext import format_infotext
 from .models import LoadedModel, ModelInfo, ModelRegistry, default_dtype, load_model, pick_device
 from .presets import DEFAULT_MODELS_DIR, FamilyDefaults
 from .previews import make_previewer
@@ -278,8 +279,6 @@ class Engine:
                 skipped=bool(skipped),
                 preview=self._state.preview,
             )
-
-        from .infotext import format_infotext
 
         infotexts = []
         for image, image_seed in zip(images, image_seeds, strict=True):
