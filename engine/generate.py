@@ -190,9 +190,7 @@ def _conditioning_kwargs(embeds: tuple, req: GenerationRequest, count: int) -> d
 
 
 def _initial_noise(model: LoadedModel, generators, width: int, height: int) -> torch.Tensor:
-    unet = model.components["unet"]
-    scale = 2 ** (len(model.vae.config.block_out_channels) - 1)
-    shape = (1, unet.config.in_channels if unet.config.in_channels == 4 else 4, height // scale, width // scale)
+    shape = model.latent_shape(width, height)
     noise = [torch.randn(shape, generator=generator, dtype=torch.float32) for generator in generators]
     return torch.cat(noise).to(model.device, model.dtype)
 

@@ -73,6 +73,12 @@ class LoadedModel:
     def vae(self):
         return self.components["vae"]
 
+    def latent_shape(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """The shape of one image's latent: the VAE's channels at its downscaling (8 for SD)."""
+        config = self.vae.config
+        scale = 2 ** (len(config.block_out_channels) - 1)
+        return (1, config.latent_channels, height // scale, width // scale)
+
     @property
     def prediction_type(self) -> str:
         return self.scheduler_config.get("prediction_type", "epsilon")

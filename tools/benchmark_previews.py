@@ -60,8 +60,7 @@ def main() -> None:
     # The baseline gets the same conditioning the engine computes, so both do the same work.
     positive, negative = model.prompt_encoder.encode(checked.prompt, checked.negative_prompt)
     positive, negative = positive.to(model.device, model.dtype), negative.to(model.device, model.dtype)
-    latent_scale = 2 ** (len(model.vae.config.block_out_channels) - 1)
-    latent_shape = (1, 4, args.size // latent_scale, args.size // latent_scale)
+    latent_shape = model.latent_shape(args.size, args.size)
 
     def plain_pipeline_call():
         scheduler = build_scheduler(model.scheduler_config, checked.sampler_name, checked.scheduler)
