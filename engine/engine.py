@@ -307,11 +307,8 @@ class Engine:
 
 
 def _clip_skip(req: GenerationRequest) -> int:
-    value = req.extra_params.get("Clip skip", "1")
-    try:
-        return max(1, int(value))
-    except ValueError:
-        raise InvalidRequestError("Clip skip", value, "a whole number, 1 or more") from None
+    # Checked by validate_request; A1111 writes it only when it is not 1.
+    return int(req.extra_params.get("Clip skip", 1))
 
 
 def _model_name(info: ModelInfo) -> str:

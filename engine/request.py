@@ -180,6 +180,8 @@ def validate_request(
     extra = req.extra_params or {}
     if not isinstance(extra, dict):
         raise InvalidRequestError("extra_params", extra, "a mapping of infotext keys to text")
+    if "Clip skip" in extra:
+        _in_range(_as_int(extra["Clip skip"], "Clip skip"), "Clip skip", 1, 12)
 
     return dataclasses.replace(
         req,

@@ -43,6 +43,8 @@ INIT = Image.new("RGB", (64, 64), (10, 20, 30))
         ({"prompt": 12}, "prompt", "12"),
         ({"mask_blur": -1}, "mask_blur", "-1"),
         ({"inpainting_mask_invert": 2}, "inpainting_mask_invert", "2"),
+        ({"extra_params": {"Clip skip": "two"}}, "Clip skip", "two"),
+        ({"extra_params": {"Clip skip": "0"}}, "Clip skip", "0"),
     ],
 )
 def test_bad_field_is_named_with_its_value_and_what_is_allowed(engine, fields, field, shown):
