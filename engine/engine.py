@@ -22,6 +22,8 @@ from .infotext import format_infotext
 from .models import LoadedModel, ModelInfo, ModelRegistry, default_dtype, load_model, pick_device
 from .presets import DEFAULT_MODELS_DIR, FamilyDefaults
 from .previews import make_previewer
+from .prompt_schedule import has_schedule, prompt_schedule
+from .prompts import Conditioning, PromptReading, describe_prompt
 from .request import SEED_MAX, GenerationRequest, Limits, validate_request
 from .tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
@@ -130,6 +132,10 @@ class Engine:
         return encoder.token_counts(text or "")
 
     # Jobs -----------------------------------------------------------------------------------
+
+    def describe_prompt(self, text: str, steps: int = 20) -> list[PromptReading]:
+        """How the A1111 syntax reads `text` at each stretch of `steps` steps (fragments, weights, chunks)."""
+        return describe_prompt(text or "", max(1, int(steps)), self._require_model().prompt_encoder)
 
     def validate(self, req: GenerationRequest) -> GenerationRequest:
         """A checked, normalized copy of `req`; raises InvalidRequestError naming the bad field."""
@@ -247,7 +253,7 @@ class Engine:
         images, image_seeds, skipped = [], [], []
         preview_seconds = 0.0
         try:
-            embeds = self._encode_prompts(model, req)
+            conditioning = self._encode_prompts(model, req)
             for batch_no, batch_seeds in enumerate(batches):
                 if control.interrupted:
                     break
@@ -255,7 +261,7 @@ class Engine:
                     model,
                     req,
                     seeds=batch_seeds,
-                    embeds=embeds,
+                    conditioning=conditioning,
                     control=control,
                     previewer=previewer,
                     preview_every=preview_every,
@@ -298,12 +304,47 @@ class Engine:
             preview_seconds=preview_seconds,
         )
 
-    def _encode_prompts(self, model: LoadedModel, req: GenerationRequest) -> tuple:
+    def _encode_prompts(self, model: LoadedModel, req: GenerationRequest) -> Conditioning:
+        steps = schedule_steps(req)
         if model.prompt_encoder is None:
-            return ("text", req.prompt, req.negative_prompt)
+            for name in ("prompt", "negative_prompt"):
+                if has_schedule(getattr(req, name)):
+                    raise InvalidRequestError(
+                        name, getattr(req, name), f"no prompt editing ([a:b:n], [a|b]) for {model.family} models yet"
+                    )
+            return Conditioning([(steps, req.prompt)], [(steps, req.negative_prompt)], steps, kind="text")
         clip_skip = _clip_skip(req)
-        positive, negative = model.prompt_encoder.encode(req.prompt, req.negative_prompt, clip_skip=clip_skip)
-        return ("embeds", positive.to(model.device, model.dtype), negative.to(model.device, model.dtype))
+        try:
+            if req.prompt_syntax == "compel":
+                positive, negative = model.compel_encoder.encode(req.prompt, req.negative_prompt, clip_skip=clip_skip)
+                positive_schedule, negative_schedule = [(steps, positive)], [(steps, negative)]
+            else:
+                positive_texts = prompt_schedule(req.prompt, steps)
+                negative_texts = prompt_schedule(req.negative_prompt, steps)
+                positives, negatives = model.prompt_encoder.encode_many(
+                    [text for _, text in positive_texts],
+                    [text for _, text in negative_texts],
+                    clip_skip=clip_skip,
+                    emphasis=req.emphasis,
+                )
+                positive_schedule = [(end, embeds) for (end, _), embeds in zip(positive_texts, positives, strict=True)]
+                negative_schedule = [(end, embeds) for (end, _), embeds in zip(negative_texts, negatives, strict=True)]
+        except ValueError as exc:  # compel's parser and the encoders' own checks
+            raise InvalidRequestError(
+                "prompt", req.prompt, f"text the {req.prompt_syntax} syntax reads ({exc})"
+            ) from exc
+
+        def to_model(schedule):
+            return [(end, embeds.to(model.device, model.dtype)) for end, embeds in schedule]
+
+        return Conditioning(to_model(positive_schedule), to_model(negative_schedule), steps)
+
+
+def schedule_steps(req: GenerationRequest) -> int:
+    """The steps a prompt-editing schedule counts: those that run (img2img runs strength x steps)."""
+    if req.mode == "txt2img":
+        return req.steps
+    return max(1, min(int(req.steps * req.denoising_strength), req.steps))
 
 
 def _clip_skip(req: GenerationRequest) -> int:

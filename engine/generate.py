@@ -20,6 +20,7 @@ from PIL import Image, ImageFilter
 
 from .events import JobControl, Progress
 from .models import LoadedModel
+from .prompts import Conditioning
 from .request import GenerationRequest
 from .samplers import build_scheduler
 
@@ -101,7 +102,7 @@ def run_batch(
     req: GenerationRequest,
     *,
     seeds: list[int],
-    embeds: tuple,
+    conditioning: Conditioning,
     control: JobControl,
     previewer: Callable[[torch.Tensor], Image.Image] | None,
     preview_every: int,
@@ -119,15 +120,24 @@ def run_batch(
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     stopped = False
     preview_seconds = 0.0
+    current_conditioning = conditioning.at(0)
 
     def on_step_end(pipeline, index, timestep, tensors):
-        nonlocal stopped, preview_seconds
+        nonlocal stopped, preview_seconds, current_conditioning
         step, total = index + 1, pipeline.num_timesteps
         if control.interrupted or control.take_skip():
             stopped = True
             pipeline._interrupt = True
             x0 = recorder.x0()
             return {"latents": x0} if x0 is not None else {}
+        changes = {}
+        if conditioning.scheduled and step < total:
+            # Prompt editing: the conditioning for the next step, where the schedule says it changes.
+            # Second-order samplers run more loop steps than sampling steps; scale to the schedule's count.
+            upcoming = conditioning.at(step * conditioning.steps // total)
+            if any(new is not old for new, old in zip(upcoming, current_conditioning, strict=True)):
+                current_conditioning = upcoming
+                changes["prompt_embeds"] = _pipeline_prompt_embeds(pipeline, upcoming, len(seeds))
         preview = None
         if previewer is not None and (step % preview_every == 0 or step == total):
             preview_started = time.perf_counter()
@@ -146,7 +156,7 @@ def run_batch(
                 job_id=control.job_id,
             )
         )
-        return {}
+        return changes
 
     kwargs = {
         "num_inference_steps": req.steps,
@@ -156,7 +166,7 @@ def run_batch(
         "callback_on_step_end_tensor_inputs": ["latents"],
         "output_type": "pil",
     }
-    kwargs.update(_conditioning_kwargs(embeds, req, len(seeds)))
+    kwargs.update(_conditioning_kwargs(conditioning, len(seeds)))
 
     if req.mode == "txt2img":
         latents = _initial_noise(model, generators, req.width, req.height)
@@ -182,11 +192,20 @@ def run_batch(
     return BatchOutcome(images, stopped, preview_seconds)
 
 
-def _conditioning_kwargs(embeds: tuple, req: GenerationRequest, count: int) -> dict:
-    kind, positive, negative = embeds
-    if kind == "text":
+def _conditioning_kwargs(conditioning: Conditioning, count: int) -> dict:
+    positive, negative = conditioning.at(0)
+    if conditioning.kind == "text":
         return {"prompt": positive, "negative_prompt": negative or None, "num_images_per_prompt": count}
     return {"prompt_embeds": positive, "negative_prompt_embeds": negative, "num_images_per_prompt": count}
+
+
+def _pipeline_prompt_embeds(pipeline, conditioning: tuple, count: int):
+    """The pipeline's own prompt_embeds layout: one row per image, negatives first when CFG is on."""
+    positive, negative = conditioning
+    positive = positive.repeat(count, 1, 1)
+    if not pipeline.do_classifier_free_guidance:
+        return positive
+    return torch.cat([negative.repeat(count, 1, 1), positive])
 
 
 def _initial_noise(model: LoadedModel, generators, width: int, height: int) -> torch.Tensor:

@@ -54,7 +54,19 @@ MASK_MODES = {"Inpaint masked": 0, "Inpaint not masked": 1}
 # Keys whose values come from request fields. Copies of them in extra_params are never written:
 # the request's own fields are what the image was made with.
 _REQUEST_KEYS = frozenset(
-    {"Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength", "Mask blur", "Mask mode"}
+    {
+        "Steps",
+        "Sampler",
+        "Schedule type",
+        "CFG scale",
+        "Seed",
+        "Size",
+        "Denoising strength",
+        "Mask blur",
+        "Mask mode",
+        "Emphasis",
+        "Prompt syntax",
+    }
 )
 # A "Prompt" item on the parameter line would replace the prompt when read back (A1111 reads it so too).
 _PROMPT_KEYS = frozenset({"Prompt", "Negative prompt"})
@@ -98,6 +110,11 @@ def format_infotext(
         params["Mask blur"] = int(req.mask_blur)
         if req.inpainting_mask_invert:
             params["Mask mode"] = "Inpaint not masked"
+    # Written only when not the default, as A1111 writes "Emphasis".
+    if req.emphasis != "Original":
+        params["Emphasis"] = req.emphasis
+    if req.prompt_syntax != "a1111":
+        params["Prompt syntax"] = req.prompt_syntax
 
     for key, value in (req.extra_params or {}).items():
         key = str(key)
@@ -223,6 +240,10 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
         if mode not in MASK_MODES:
             raise InvalidRequestError("Mask mode", mode, " or ".join(MASK_MODES))
         req.inpainting_mask_invert = MASK_MODES[mode]
+    if "Emphasis" in params:
+        req.emphasis = params.pop("Emphasis")
+    if "Prompt syntax" in params:
+        req.prompt_syntax = params.pop("Prompt syntax")
 
     req.extra_params = params
     return req

@@ -33,7 +33,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .prompt_schedule import prompt_schedule, text_for_step
+from .request import EMPHASIS_MODES
+
 log = logging.getLogger(__name__)
+
+SCHEDULE_PREVIEW_STEPS = 100
+"""Steps assumed when a prompt's schedule is shown or counted before the real step count is known."""
 
 CHUNK_LENGTH = 75
 """Prompt tokens per chunk; with BOS and EOS a chunk is CLIP's 77 positions."""
@@ -48,6 +54,11 @@ BREAK_WEIGHT = -1.0
 """Weight that marks a ("BREAK", -1) entry from `parse_prompt_attention`: not text, a chunk boundary."""
 
 DEFAULT_CACHE_SIZE = 32
+
+# A1111's "Emphasis mode" setting (EMPHASIS_MODES): Original multiplies the encoder output by the weights and
+# restores each chunk's mean; No norm multiplies without restoring the mean; Ignore reads the brackets but
+# applies no weights.
+DEFAULT_EMPHASIS = "Original"
 
 # Extra networks tags, as A1111's extra_networks.parse_prompt finds them: <kind:arg1:arg2...>.
 _EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
@@ -90,14 +101,14 @@ def split_extra_networks(text: str) -> tuple[str, list[ExtraNetworkTag]]:
     return _EXTRA_NETWORK_TAG.sub(take, text), tags
 
 
-def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
-    """Split A1111 prompt text into (text, weight) runs.
+def parse_prompt_attention(text: str) -> list[list]:
+    """Split A1111 prompt text into [text, weight] runs, as A1111's function of the same name does.
 
     >>> parse_prompt_attention("an (important) word")
-    [('an ', 1.0), ('important', 1.1), (' word', 1.0)]
+    [['an ', 1.0], ['important', 1.1], [' word', 1.0]]
 
-    ``BREAK`` as its own uppercase word gives a ("BREAK", -1.0) entry. Runs with equal weights are merged.
-    An empty prompt gives [("", 1.0)].
+    ``BREAK`` as its own uppercase word gives a ["BREAK", -1.0] entry. Runs with equal weights are merged.
+    An empty prompt gives [["", 1.0]].
 
     Two deliberate differences from A1111, both where A1111 misbehaves: a BREAK inside brackets stays a chunk
     break (A1111 multiplies the marker's -1 and then encodes the word "BREAK" with a negative weight), and a
@@ -150,7 +161,7 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
         scale_from(start, SQUARE_BRACKET_MULTIPLIER)
 
     if not runs:
-        return [("", 1.0)]
+        return [["", 1.0]]
 
     merged: list[list] = [runs[0]]
     for run in runs[1:]:
@@ -159,7 +170,7 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
             previous[0] += run[0]
         else:
             merged.append(run)
-    return [(run[0], run[1]) for run in merged]
+    return [[run[0], run[1]] for run in merged]
 
 
 def is_break(text: str, weight: float) -> bool:
@@ -175,7 +186,7 @@ class PromptChunk:
 
 
 def split_into_chunks(
-    parsed: list[tuple[str, float]],
+    parsed: list[list],
     token_ids: list[list[int]],
     comma_id: int | None,
     backtrack: int = COMMA_PADDING_BACKTRACK,
@@ -262,8 +273,12 @@ class PromptEncoder:
         return split_into_chunks(parsed, token_ids, self.comma_id)
 
     def token_counts(self, prompt: str) -> list[int]:
-        """Prompt tokens in each 75-token chunk, e.g. "" -> [0]; 80 tokens without commas -> [75, 5]."""
-        return [len(chunk.tokens) for chunk in self._chunks(split_extra_networks(prompt)[0])]
+        """Prompt tokens in each 75-token chunk, e.g. "" -> [0]; 80 tokens without commas -> [75, 5].
+
+        With prompt editing, the counts of the longest text the prompt turns into at some step."""
+        texts = [text for _end, text in prompt_schedule(split_extra_networks(prompt)[0], SCHEDULE_PREVIEW_STEPS)]
+        counts = [[len(chunk.tokens) for chunk in self._chunks(text)] for text in texts]
+        return max(counts, key=lambda per_chunk: (len(per_chunk), sum(per_chunk)))
 
     def _chunk_ids_and_weights(self, chunk: PromptChunk) -> tuple[list[int], list[float]]:
         padding = CHUNK_LENGTH - len(chunk.tokens)
@@ -284,7 +299,7 @@ class PromptEncoder:
         owner = getattr(self.text_encoder, "text_model", self.text_encoder)
         return owner.final_layer_norm(hidden)
 
-    def _run_text_encoder(self, chunks: list[PromptChunk], clip_skip: int) -> torch.Tensor:
+    def _run_text_encoder(self, chunks: list[PromptChunk], clip_skip: int, emphasis: str) -> torch.Tensor:
         """Encode chunks (in one batch) and apply their weights; returns (len(chunks), 77, hidden)."""
         rows = [self._chunk_ids_and_weights(chunk) for chunk in chunks]
         device = self.text_encoder.device
@@ -295,25 +310,29 @@ class PromptEncoder:
         else:
             hidden = output.last_hidden_state
 
+        if emphasis == "Ignore":
+            return hidden
         # Weighting in float32 like A1111 (its multipliers are float32 and promote fp16 hidden states).
         hidden = hidden.float()
         weights = torch.tensor([w for _, w in rows], dtype=torch.float32, device=hidden.device).unsqueeze(-1)
         original_mean = hidden.mean(dim=(1, 2), keepdim=True)
         weighted = hidden * weights
+        if emphasis == "No norm":
+            return weighted.to(self.text_encoder.dtype)
         new_mean = weighted.mean(dim=(1, 2), keepdim=True)
         # A1111 restores each chunk's mean; a zero mean after weighting would divide by zero, keep it unscaled.
         scale = torch.where(new_mean != 0, original_mean / new_mean, torch.ones_like(new_mean))
         return (weighted * scale).to(self.text_encoder.dtype)
 
-    def _encode_prompts(self, prompts: list[str], clip_skip: int) -> list[torch.Tensor]:
+    def _encode_prompts(self, prompts: list[str], clip_skip: int, emphasis: str) -> list[torch.Tensor]:
         """(1, 77*k, hidden) per prompt, from the cache where possible; the rest in one text-encoder call."""
         device, dtype = self.text_encoder.device, self.text_encoder.dtype
-        keys = [(split_extra_networks(p)[0], clip_skip, str(device), dtype) for p in prompts]
+        keys = [(split_extra_networks(p)[0], clip_skip, emphasis, str(device), dtype) for p in prompts]
         missing = list(dict.fromkeys(key for key in keys if key not in self._cache))
         if missing:
             chunk_lists = [self._chunks(key[0]) for key in missing]
             with torch.no_grad():
-                encoded = self._run_text_encoder([c for chunks in chunk_lists for c in chunks], clip_skip)
+                encoded = self._run_text_encoder([c for chunks in chunk_lists for c in chunks], clip_skip, emphasis)
             start = 0
             for key, chunks in zip(missing, chunk_lists, strict=True):
                 part = encoded[start : start + len(chunks)]
@@ -329,7 +348,9 @@ class PromptEncoder:
             self._cache.popitem(last=False)
         return results
 
-    def encode(self, prompt: str, negative_prompt: str = "", clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, prompt: str, negative_prompt: str = "", clip_skip: int = 1, emphasis: str = DEFAULT_EMPHASIS
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (prompt_embeds, negative_prompt_embeds), each (1, 77*k, hidden) with the same k.
 
         The shorter one is padded with encodings of the empty prompt. The tensors are on the text encoder's
@@ -339,11 +360,27 @@ class PromptEncoder:
         outside that). Note that diffusers' own ``clip_skip`` argument counts one lower; do not pass both.
         A1111 ignores Clip skip for SD2's OpenCLIP encoder; here it applies to every model.
         """
+        (positive,), (negative,) = self.encode_many([prompt], [negative_prompt], clip_skip, emphasis)
+        return positive, negative
+
+    def encode_many(
+        self,
+        prompts: list[str],
+        negative_prompts: list[str],
+        clip_skip: int = 1,
+        emphasis: str = DEFAULT_EMPHASIS,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Encodings of several prompts and negative prompts (the entries of prompt-editing schedules), all
+        padded to the same number of chunks so that any positive can be paired with any negative."""
         clip_skip = self._check_clip_skip(clip_skip)
+        if emphasis not in EMPHASIS_MODES:
+            raise ValueError(f"emphasis: got {emphasis!r}; allowed: {', '.join(EMPHASIS_MODES)}")
         with self._lock:
-            positive, negative, empty = self._encode_prompts([prompt, negative_prompt, ""], clip_skip)
-            length = max(positive.shape[1], negative.shape[1])
-            return self._pad_to(positive, length, empty), self._pad_to(negative, length, empty)
+            encoded = self._encode_prompts([*prompts, *negative_prompts, ""], clip_skip, emphasis)
+            empty = encoded.pop()
+            length = max(embeds.shape[1] for embeds in encoded)
+            padded = [self._pad_to(embeds, length, empty) for embeds in encoded]
+            return padded[: len(prompts)], padded[len(prompts) :]
 
     @staticmethod
     def _pad_to(embeds: torch.Tensor, length: int, empty: torch.Tensor) -> torch.Tensor:
@@ -353,3 +390,116 @@ class PromptEncoder:
     def clear_cache(self) -> None:
         with self._lock:
             self._cache.clear()
+
+
+def encode_prompt_a1111(
+    prompt: str, tokenizer, text_encoder, clip_skip: int = 1, emphasis: str = DEFAULT_EMPHASIS
+) -> torch.Tensor:
+    """A1111's conditioning for one prompt: a tensor [1, 77*k, hidden] for k 75-token chunks.
+
+    Attention weights, BREAK, comma back-tracking, clip skip and the emphasis mode as A1111 applies
+    them. No cache: for repeated use keep a PromptEncoder.
+    """
+    encoder = PromptEncoder(tokenizer, text_encoder, cache_size=0)
+    (embeds,), _ = encoder.encode_many([prompt], [], clip_skip, emphasis)
+    return embeds
+
+
+@dataclass
+class Conditioning:
+    """What one job conditions on: schedules of (end_step, embeddings) for the prompt and the negative
+    prompt, all the same length, or (end_step, text) for pipelines that encode text themselves.
+
+    End steps count `steps` sampling steps, 0-based, as `prompt_schedule` makes them; without prompt
+    editing each schedule has one entry.
+    """
+
+    positive: list[tuple[int, object]]
+    negative: list[tuple[int, object]]
+    steps: int
+    kind: str = "embeds"  # "embeds" or "text"
+
+    @property
+    def scheduled(self) -> bool:
+        return len(self.positive) > 1 or len(self.negative) > 1
+
+    def at(self, step_index: int) -> tuple[object, object]:
+        return text_for_step(self.positive, step_index), text_for_step(self.negative, step_index)
+
+
+class CompelEncoder:
+    """compel's syntax (word+, word-, (words)1.3, .blend(), .and()) for SD 1.x/2.x, long prompts not
+    truncated and both sides padded to the same length; encodings cached per instance like PromptEncoder."""
+
+    def __init__(self, tokenizer, text_encoder, *, cache_size: int = DEFAULT_CACHE_SIZE):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._compel: dict[int, object] = {}
+        self._lock = threading.RLock()
+
+    def _compel_for(self, clip_skip: int):
+        from compel import Compel, ReturnedEmbeddingsType
+
+        if clip_skip not in (1, 2):
+            raise ValueError(f"clip_skip: got {clip_skip!r}; allowed: 1 or 2 with the compel syntax")
+        if clip_skip not in self._compel:
+            returned = (
+                ReturnedEmbeddingsType.LAST_HIDDEN_STATES_NORMALIZED
+                if clip_skip == 1
+                else ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NORMALIZED
+            )
+            self._compel[clip_skip] = Compel(
+                tokenizer=self.tokenizer,
+                text_encoder=self.text_encoder,
+                truncate_long_prompts=False,
+                returned_embeddings_type=returned,
+                device=str(self.text_encoder.device),
+            )
+        return self._compel[clip_skip]
+
+    def _encode(self, text: str, clip_skip: int) -> torch.Tensor:
+        key = (text, clip_skip, str(self.text_encoder.device), self.text_encoder.dtype)
+        if key not in self._cache:
+            with torch.no_grad():
+                self._cache[key] = self._compel_for(clip_skip)(text)
+        self._cache.move_to_end(key)
+        embeds = self._cache[key]
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return embeds
+
+    def encode(self, prompt: str, negative_prompt: str = "", clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._lock:
+            positive = self._encode(prompt, clip_skip)
+            negative = self._encode(negative_prompt, clip_skip)
+            positive, negative = self._compel_for(clip_skip).pad_conditioning_tensors_to_same_length(
+                [positive, negative]
+            )
+            return positive.clone(), negative.clone()
+
+
+@dataclass
+class PromptReading:
+    """How a prompt is read during steps first..last (0-based): its text there, the weighted fragments,
+    and the tokens in each 75-token chunk. One reading per prompt-editing schedule entry."""
+
+    first_step: int
+    last_step: int
+    text: str
+    fragments: list[list]
+    token_counts: list[int]
+
+
+def describe_prompt(prompt: str, steps: int, encoder: PromptEncoder | None = None) -> list[PromptReading]:
+    """What the A1111 syntax makes of `prompt` over `steps` steps, for showing it to the user."""
+    readings = []
+    first = 0
+    for end_step, text in prompt_schedule(prompt, steps):
+        plain, _tags = split_extra_networks(text)
+        counts = [len(chunk.tokens) for chunk in encoder._chunks(plain)] if encoder is not None else []
+        last = min(end_step, steps - 1)
+        readings.append(PromptReading(first, last, text, parse_prompt_attention(plain), counts))
+        first = last + 1
+    return readings

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,11 @@ from .images import to_pil
 
 # A1111 draws random seeds from [0, 2**32).
 SEED_MAX = 2**32 - 1
+
+PROMPT_SYNTAXES = ("a1111", "compel")
+EMPHASIS_MODES = ("Original", "No norm", "Ignore")
+# A1111 splits prompts on "AND" (composable diffusion), an uppercase word on its own.
+_COMPOSABLE_AND = re.compile(r"\bAND\b")
 
 
 @dataclass
@@ -43,6 +49,10 @@ class GenerationRequest:
     # Infotext keys this engine does not act on (Clip skip, Version, ...), kept so that
     # reading an image's parameters and writing them again loses nothing.
     extra_params: dict[str, str] = field(default_factory=dict)
+    # How prompt text is read: "a1111" (attention brackets, BREAK, prompt editing) or "compel"
+    # (word+, (words)1.3, .blend(), .and()); and A1111's emphasis mode for the a1111 syntax.
+    prompt_syntax: str = "a1111"
+    emphasis: str = "Original"
 
     @property
     def mode(self) -> str:
@@ -113,6 +123,20 @@ def validate_request(
             raise InvalidRequestError(name, text, "text")
         if len(text) > limits.max_prompt_chars:
             raise InvalidRequestError(name, f"{len(text)} characters", f"at most {limits.max_prompt_chars} characters")
+
+    prompt_syntax = _choice(req.prompt_syntax, "prompt_syntax", PROMPT_SYNTAXES)
+    emphasis = _choice(req.emphasis, "emphasis", EMPHASIS_MODES)
+    if prompt_syntax == "a1111":
+        for name in ("prompt", "negative_prompt"):
+            text = getattr(req, name) or ""
+            if _COMPOSABLE_AND.search(text):
+                raise InvalidRequestError(
+                    name,
+                    text,
+                    "no composable prompts ('AND' as a separate uppercase word) with the a1111 syntax yet: "
+                    "write 'and' in lower case to keep the word, or use prompt_syntax 'compel' and "
+                    '\'("a", "b").and()\'',
+                )
 
     steps = _as_int(req.steps, "steps")
     _in_range(steps, "steps", 1, limits.max_steps)
@@ -202,7 +226,18 @@ def validate_request(
         mask_blur=mask_blur,
         inpainting_mask_invert=mask_invert,
         extra_params=dict(extra),
+        prompt_syntax=prompt_syntax,
+        emphasis=emphasis,
     )
+
+
+def _choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:
+    """`value` matched case-insensitively against `allowed`; returns the canonical spelling."""
+    if isinstance(value, str):
+        for option in allowed:
+            if value.strip().lower() == option.lower():
+                return option
+    raise InvalidRequestError(name, value, ", ".join(allowed))
 
 
 def _mask_to_l(mask: Image.Image) -> Image.Image:

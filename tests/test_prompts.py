@@ -70,23 +70,23 @@ def raw_hidden(pipe, input_ids: torch.Tensor) -> torch.Tensor:
 
 # Input/expected pairs from the docstring of A1111's modules/prompt_parser.py parse_prompt_attention.
 A1111_EXAMPLES = [
-    ("normal text", [("normal text", 1.0)]),
-    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
-    ("(unbalanced", [("unbalanced", 1.1)]),
-    ("\\(literal\\]", [("(literal]", 1.0)]),
-    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+    ("normal text", [["normal text", 1.0]]),
+    ("an (important) word", [["an ", 1.0], ["important", 1.1], [" word", 1.0]]),
+    ("(unbalanced", [["unbalanced", 1.1]]),
+    ("\\(literal\\]", [["(literal]", 1.0]]),
+    ("(unnecessary)(parens)", [["unnecessaryparens", 1.1]]),
     (
         "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
         [
-            ("a ", 1.0),
-            ("house", 1.5730000000000004),
-            (" ", 1.1),
-            ("on", 1.0),
-            (" a ", 1.1),
-            ("hill", 0.55),
-            (", sun, ", 1.1),
-            ("sky", 1.4641000000000006),
-            (".", 1.1),
+            ["a ", 1.0],
+            ["house", 1.5730000000000004],
+            [" ", 1.1],
+            ["on", 1.0],
+            [" a ", 1.1],
+            ["hill", 0.55],
+            [", sun, ", 1.1],
+            ["sky", 1.4641000000000006],
+            [".", 1.1],
         ],
     ),
 ]
@@ -97,47 +97,47 @@ def test_parse_matches_a1111_docstring_examples(text, expected):
     assert parse_prompt_attention(text) == expected
 
 
-def weights_of(text: str) -> list[tuple[str, float]]:
-    return [(piece, pytest.approx(weight)) for piece, weight in parse_prompt_attention(text)]
+def weights_of(text: str) -> list[list]:
+    return [[piece, pytest.approx(weight)] for piece, weight in parse_prompt_attention(text)]
 
 
 def test_parse_brackets_multiply_and_nest():
-    assert parse_prompt_attention("(cat:1.5)") == [("cat", 1.5)]
-    assert parse_prompt_attention("(cat: 0.5)") == [("cat: 0.5", 1.1)]  # A1111 wants the number right after ":"
-    assert weights_of("((cat))") == [("cat", 1.21)]
-    assert weights_of("[[cat]]") == [("cat", 1 / 1.21)]
-    assert weights_of("((cat:2))") == [("cat", 2.2)]
-    assert weights_of("a ([cat] dog)") == [("a cat", 1.0), (" dog", 1.1)]  # 1.1 * (1 / 1.1) == 1.0: merged
-    assert weights_of("(cat:-1)") == [("cat", -1.0)]
+    assert parse_prompt_attention("(cat:1.5)") == [["cat", 1.5]]
+    assert parse_prompt_attention("(cat: 0.5)") == [["cat: 0.5", 1.1]]  # A1111 wants the number right after ":"
+    assert weights_of("((cat))") == [["cat", 1.21]]
+    assert weights_of("[[cat]]") == [["cat", 1 / 1.21]]
+    assert weights_of("((cat:2))") == [["cat", 2.2]]
+    assert weights_of("a ([cat] dog)") == [["a cat", 1.0], [" dog", 1.1]]  # 1.1 * (1 / 1.1) == 1.0: merged
+    assert weights_of("(cat:-1)") == [["cat", -1.0]]
 
 
 def test_parse_escapes_give_literal_characters():
-    assert parse_prompt_attention(r"\(a\) \[b\] c\\d") == [("(a) [b] c\\d", 1.0)]
+    assert parse_prompt_attention(r"\(a\) \[b\] c\\d") == [["(a) [b] c\\d", 1.0]]
     # A backslash before anything else is dropped, as in A1111.
-    assert parse_prompt_attention("a\\b") == [("ab", 1.0)]
+    assert parse_prompt_attention("a\\b") == [["ab", 1.0]]
 
 
 def test_parse_unbalanced_brackets_like_a1111():
-    assert parse_prompt_attention("a) b] c") == [("a) b] c", 1.0)]
-    assert weights_of("a [b") == [("a ", 1.0), ("b", 1 / 1.1)]
-    assert weights_of("a ((b) c") == [("a ", 1.0), ("b", 1.21), (" c", 1.1)]
-    assert parse_prompt_attention("x:1.5) y") == [("x:1.5) y", 1.0)]
+    assert parse_prompt_attention("a) b] c") == [["a) b] c", 1.0]]
+    assert weights_of("a [b") == [["a ", 1.0], ["b", 1 / 1.1]]
+    assert weights_of("a ((b) c") == [["a ", 1.0], ["b", 1.21], [" c", 1.1]]
+    assert parse_prompt_attention("x:1.5) y") == [["x:1.5) y", 1.0]]
 
 
 def test_parse_break_marker():
-    assert parse_prompt_attention("a cat BREAK a dog") == [("a cat", 1.0), ("BREAK", -1.0), ("a dog", 1.0)]
-    assert parse_prompt_attention("a\nBREAK\nb") == [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]
+    assert parse_prompt_attention("a cat BREAK a dog") == [["a cat", 1.0], ["BREAK", -1.0], ["a dog", 1.0]]
+    assert parse_prompt_attention("a\nBREAK\nb") == [["a", 1.0], ["BREAK", -1.0], ["b", 1.0]]
     # Only the uppercase word on its own is a break.
-    assert parse_prompt_attention("a break b") == [("a break b", 1.0)]
-    assert parse_prompt_attention("BREAKING news") == [("BREAKING news", 1.0)]
+    assert parse_prompt_attention("a break b") == [["a break b", 1.0]]
+    assert parse_prompt_attention("BREAKING news") == [["BREAKING news", 1.0]]
     # Inside brackets the break stays a break (A1111 would encode the word with weight -1.1 here).
-    assert weights_of("(a BREAK b)") == [("a", 1.1), ("BREAK", -1.0), ("b", 1.1)]
+    assert weights_of("(a BREAK b)") == [["a", 1.1], ["BREAK", -1.0], ["b", 1.1]]
 
 
 def test_parse_merges_equal_weights_and_handles_empty():
-    assert parse_prompt_attention("(a)(b) c") == [("ab", 1.1), (" c", 1.0)]
-    assert parse_prompt_attention("") == [("", 1.0)]
-    assert parse_prompt_attention("()") == [("", 1.0)]
+    assert parse_prompt_attention("(a)(b) c") == [["ab", 1.1], [" c", 1.0]]
+    assert parse_prompt_attention("") == [["", 1.0]]
+    assert parse_prompt_attention("()") == [["", 1.0]]
 
 
 def test_split_extra_networks_removes_tags():
