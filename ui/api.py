@@ -32,6 +32,7 @@ from engine import EngineError, GenerationRequest, InvalidRequestError, JobContr
 from engine.images import encode_base64_png, to_pil
 from engine.infotext import parse_infotext, parse_infotext_params, read_infotext
 from engine.outputs import FORMATS, output_folder, save_image
+from engine.request import EMPHASIS_MODES
 
 if TYPE_CHECKING:
     from engine import Engine, ModelInfo
@@ -107,7 +108,10 @@ class _GenerationPayload(BaseModel):
     send_images: bool = True
     save_images: bool = False
     infotext: str | None = Field(None, description="A1111 parameters text filling the fields not given")
-    override_settings: dict[str, Any] | None = None
+    prompt_syntax: str | None = Field(None, description="'a1111' (default) or 'compel'")
+    override_settings: dict[str, Any] | None = Field(
+        None, description="acted on: CLIP_stop_at_last_layers, emphasis ('Original', 'No norm', 'Ignore')"
+    )
     # Accepted, not acted on.
     styles: Any = None
     subseed: Any = -1
@@ -366,7 +370,7 @@ class SdApi:
         self._samples_format = "png"
         self._clip_skip = 1
         # Options this server does not act on, kept so GET /options echoes what was set.
-        self._stored_options: dict[str, Any] = {"samples_save": settings.save_images}
+        self._stored_options: dict[str, Any] = {"samples_save": settings.save_images, "emphasis": "Original"}
         self._jobs: dict[int, tuple[str, str]] = {}  # job id -> (kind, timestamp) of jobs started here
         self._last_job_timestamp = "0"
 
@@ -452,6 +456,8 @@ class SdApi:
             batch_size=payload.batch_size,
             n_iter=payload.n_iter,
             extra_params=extra,
+            prompt_syntax=pick("prompt_syntax", "a1111"),
+            emphasis=self._emphasis_for(payload, from_text),
         )
         if isinstance(payload, Img2ImgRequest):
             mask_blur = payload.mask_blur if payload.mask_blur is not None else payload.mask_blur_x
@@ -495,11 +501,24 @@ class SdApi:
         for key, value in (payload.override_settings or {}).items():
             if key == "CLIP_stop_at_last_layers":
                 clip_skip = _clip_skip_value(value, "override_settings.CLIP_stop_at_last_layers")
+            elif key == "emphasis":
+                continue  # read by _emphasis_for
             elif key == "sd_model_checkpoint" and self._is_loaded_model(value):
                 continue  # asks for the model already loaded
             else:
                 ignored.append(f"override_settings.{key}")
         return clip_skip
+
+    def _emphasis_for(self, payload: _GenerationPayload, from_text: GenerationRequest | None) -> Any:
+        """A1111's "emphasis" setting: override_settings, else the infotext, else /options (default Original).
+        The engine checks the value and names the field when it is not a known mode."""
+        overrides = payload.override_settings or {}
+        if "emphasis" in overrides:
+            return overrides["emphasis"]
+        if from_text is not None and from_text.emphasis != "Original":
+            return from_text.emphasis
+        with self._lock:
+            return self._stored_options.get("emphasis", "Original")
 
     def _is_loaded_model(self, name: Any) -> bool:
         model = self.engine.model
@@ -669,6 +688,8 @@ class SdApi:
         clip_skip = self._clip_skip
         if "CLIP_stop_at_last_layers" in options:
             clip_skip = _clip_skip_value(options["CLIP_stop_at_last_layers"], "CLIP_stop_at_last_layers")
+        if "emphasis" in options and options["emphasis"] not in EMPHASIS_MODES:
+            raise ApiError(422, "emphasis", options["emphasis"], ", ".join(EMPHASIS_MODES))
         checkpoint = options.get("sd_model_checkpoint")
         if checkpoint is not None:
             if not isinstance(checkpoint, str) or not checkpoint.strip():
