@@ -214,3 +214,15 @@ def test_png_info_reads_back_the_parameters(page_url):
     text, table = client.predict(handle_file(gallery[0]["image"]), api_name="/png_info")
     assert text.startswith("a red lighthouse") and "Seed: 99" in text
     assert "<th>Seed</th><td>99</td>" in table
+
+
+def test_prompt_syntax_and_emphasis_are_session_settings(page_url):
+    user_a, user_b = _client(page_url), _client(page_url)
+    user_a.predict("Ignore", api_name="/set_emphasis")
+    user_a.predict("compel", api_name="/set_prompt_syntax")
+    text_a = user_a.predict(*txt2img_args("a red++ lighthouse", steps=3), api_name="/txt2img")[3]
+    text_b = user_b.predict(*txt2img_args("a (red:1.2) lighthouse", steps=3), api_name="/txt2img")[3]
+    assert "Emphasis: Ignore" in text_a and "Prompt syntax: compel" in text_a
+    assert "Emphasis" not in text_b and "Prompt syntax" not in text_b
+    with pytest.raises(AppError, match="loud"):
+        user_a.predict("loud", api_name="/set_emphasis")

@@ -22,6 +22,7 @@ from PIL import Image
 
 from engine import EngineError
 from engine.events import PREVIEW_MODES
+from engine.request import EMPHASIS_MODES, PROMPT_SYNTAXES
 
 from .page_jobs import (
     MASK_MODES,
@@ -32,6 +33,7 @@ from .page_jobs import (
     engine_error,
     params_table_html,
     progress_html,
+    prompt_reading_html,
     run_job,
     token_counter_html,
     valid_preview_mode,
@@ -115,6 +117,8 @@ class TabWidgets:
     ticket: gr.State
     send_img2img: gr.Button
     send_inpaint: gr.Button
+    # How the prompt is read: fragments and weights per stretch of steps (prompt editing).
+    prompt_reading: gr.HTML
     # img2img / inpaint only
     image: gr.components.Component | None = None
     mask: gr.Image | None = None
@@ -168,6 +172,20 @@ def build_page(engine, settings=None) -> gr.Blocks:
                 preview_every = gr.Slider(
                     1, 50, value=1, step=1, label="Preview every N steps", elem_id="setting_preview_every"
                 )
+                prompt_syntax = gr.Radio(
+                    choices=[("A1111: (word:1.2), [a:b:10], BREAK", "a1111"), ("compel: word++, .blend()", "compel")],
+                    value="a1111",
+                    label="Prompt syntax",
+                    info="How prompts are read (this browser session only).",
+                    elem_id="setting_prompt_syntax",
+                )
+                emphasis = gr.Radio(
+                    choices=list(EMPHASIS_MODES),
+                    value="Original",
+                    label="Emphasis mode (A1111 syntax)",
+                    info="Original: weights, then the mean restored. No norm: weights only. Ignore: no weights.",
+                    elem_id="setting_emphasis",
+                )
                 save_images = gr.Checkbox(
                     value=save_default,
                     label="Save generated images"
@@ -210,6 +228,8 @@ def build_page(engine, settings=None) -> gr.Blocks:
             (preview_mode, _set_preview_mode, "set_preview_mode"),
             (preview_every, _set_preview_every, "set_preview_every"),
             (save_images, _set_save_images, "set_save_images"),
+            (prompt_syntax, _set_prompt_syntax, "set_prompt_syntax"),
+            (emphasis, _set_emphasis, "set_emphasis"),
         ):
             widget.change(
                 setter,
@@ -324,6 +344,8 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
         with gr.Column(scale=2, min_width=180, elem_classes="generate-column"):
             generate = gr.Button("Generate", variant="primary", elem_id=f"{mode}_generate", size="lg")
             stop = gr.Button("Stop", variant="stop", elem_id=f"{mode}_stop", size="md")
+    with gr.Accordion("How the prompt is read", open=False, elem_id=f"{mode}_prompt_reading_box"):
+        prompt_reading = gr.HTML("", elem_id=f"{mode}_prompt_reading")
     image = mask = None
     with gr.Row(equal_height=False):
         with gr.Column(scale=5, elem_classes="settings-column"):
@@ -406,6 +428,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
         ticket=gr.State(None),
         send_img2img=send_img2img,
         send_inpaint=send_inpaint,
+        prompt_reading=prompt_reading,
         image=image,
         mask=mask,
         denoising_strength=extra.get("denoising_strength"),
@@ -506,6 +529,18 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
             count,
             inputs=[box],
             outputs=[counter],
+            trigger_mode="always_last",
+            show_progress="hidden",
+            api_visibility="private",
+            concurrency_id="tokens",
+            concurrency_limit=4,
+        )
+    read = functools.partial(_read_prompts, engine)
+    for trigger in (panel.prompt, panel.negative_prompt, panel.steps):
+        trigger.change(
+            read,
+            inputs=[panel.prompt, panel.negative_prompt, panel.steps],
+            outputs=[tab.prompt_reading],
             trigger_mode="always_last",
             show_progress="hidden",
             api_visibility="private",
@@ -721,6 +756,17 @@ def _count_tokens(engine, text: str) -> str:
         return f'<span class="token-count error" title="{html.escape(str(exc))}">?/75</span>'
 
 
+def _read_prompts(engine, prompt: str, negative_prompt: str, steps) -> str:
+    """The parsed view: fragments with weights for each stretch of steps, and tokens per chunk."""
+    try:
+        steps = int(steps or 20)
+        return prompt_reading_html(engine.describe_prompt(prompt, steps), label="Prompt") + prompt_reading_html(
+            engine.describe_prompt(negative_prompt, steps), label="Negative prompt"
+        )
+    except (EngineError, ValueError, TypeError) as exc:
+        return f'<span class="token-count error">{html.escape(str(exc))}</span>'
+
+
 def _reuse_seed(view: ResultView | None):
     seed = view.selected_seed() if view is not None else None
     if seed is None:
@@ -734,6 +780,20 @@ def _select_result(view: ResultView | None, evt: gr.SelectData) -> str:
         return ""
     view.selected = int(evt.index) if evt.index is not None else 0
     return view.selected_infotext()
+
+
+def _set_prompt_syntax(session: PageSession, syntax: str) -> None:
+    """Prompt syntax for this session's jobs: "a1111" or "compel"."""
+    if syntax not in PROMPT_SYNTAXES:
+        raise gr.Error(f"prompt_syntax: got {syntax!r}; allowed: {', '.join(PROMPT_SYNTAXES)}")
+    session.prompt_syntax = syntax
+
+
+def _set_emphasis(session: PageSession, emphasis: str) -> None:
+    """A1111 emphasis mode for this session's jobs: "Original", "No norm" or "Ignore"."""
+    if emphasis not in EMPHASIS_MODES:
+        raise gr.Error(f"emphasis: got {emphasis!r}; allowed: {', '.join(EMPHASIS_MODES)}")
+    session.emphasis = emphasis
 
 
 def _set_preview_mode(session: PageSession, mode: str) -> None:

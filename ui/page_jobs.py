@@ -7,6 +7,7 @@ session), never in module globals.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import logging
 from collections.abc import Iterator
@@ -37,6 +38,8 @@ class PageSession:
     preview_mode: str = "approx"
     preview_every: int = 1
     save_images: bool = False
+    prompt_syntax: str = "a1111"
+    emphasis: str = "Original"
     # Jobs this session queued or started and that have not ended, by job id: Stop interrupts these only.
     running: dict[int, JobControl] = field(default_factory=dict)
 
@@ -171,6 +174,31 @@ def token_counter_html(counts: list[int]) -> str:
     return f'<span class="token-count" title="{html.escape(title)}">{used}/{room}</span>'
 
 
+def prompt_reading_html(readings, *, label: str) -> str:
+    """Each stretch of steps with the prompt's fragments and their weights, as the engine reads them."""
+    if not readings:
+        return ""
+    parts = [f'<div class="prompt-reading"><div class="prompt-reading-label">{html.escape(label)}</div>']
+    for reading in readings:
+        if len(readings) > 1:
+            steps = f"steps {reading.first_step + 1}-{reading.last_step + 1}"
+            parts.append(f'<div class="prompt-reading-steps">{steps}</div>')
+        pieces = []
+        for text, weight in reading.fragments:
+            if weight == -1.0 and text == "BREAK":
+                pieces.append('<span class="prompt-break">BREAK</span>')
+            elif text:
+                tone = "up" if weight > 1 else "down" if weight < 1 else "plain"
+                title = f"weight {weight:.3g}"
+                badge = f"<sub>{weight:.3g}</sub>" if weight != 1 else ""
+                pieces.append(f'<span class="prompt-fragment {tone}" title="{title}">{html.escape(text)}{badge}</span>')
+        counts = " + ".join(str(count) for count in reading.token_counts)
+        chunks = f'<span class="prompt-chunks">tokens per chunk: {counts}</span>' if counts else ""
+        parts.append(f'<div class="prompt-reading-line">{"".join(pieces) or "<i>empty</i>"} {chunks}</div>')
+    parts.append("</div>")
+    return "".join(parts)
+
+
 def progress_html(fraction: float, text: str, *, state: str = "running", job_id: int | None = None) -> str:
     """A bar and one line of text; `state` is running, done, interrupted or idle (a CSS class)."""
     percent = max(0.0, min(1.0, fraction)) * 100
@@ -236,6 +264,7 @@ def run_job(
     """
     control = session.take_job(ticket)
     result, fraction, shown = None, 0.0, None
+    request = dataclasses.replace(request, prompt_syntax=session.prompt_syntax, emphasis=session.emphasis)
     try:
         validated = engine.validate(request)
         width, height = validated.width, validated.height

@@ -27,6 +27,13 @@ PAGE_CSS = """
 .job-progress.idle .job-progress-track { opacity: 0.5; }
 .job-progress-text { font-size: 0.85em; font-family: ui-monospace, monospace; color: var(--body-text-color-subdued); }
 .model-note { font-size: 0.85em; color: var(--body-text-color-subdued); padding: 6px 0; }
+.prompt-reading { font-size: 0.85em; margin-bottom: 6px; }
+.prompt-reading-label, .prompt-reading-steps { color: var(--body-text-color-subdued); font-size: 0.9em; }
+.prompt-fragment.up { background: rgba(249, 115, 22, 0.18); border-radius: 3px; }
+.prompt-fragment.down { background: rgba(59, 130, 246, 0.15); border-radius: 3px; }
+.prompt-fragment sub { font-size: 0.75em; margin-left: 1px; color: var(--body-text-color-subdued); }
+.prompt-break { font-weight: bold; margin: 0 4px; color: var(--color-accent, #f97316); }
+.prompt-chunks { color: var(--body-text-color-subdued); font-family: ui-monospace, monospace; margin-left: 8px; }
 table.png-params { border-collapse: collapse; width: 100%; font-size: 0.9em; }
 table.png-params th { text-align: left; white-space: nowrap; width: 1%; padding: 3px 16px 3px 0; vertical-align: top; }
 table.png-params td { padding: 3px 0; word-break: break-word; }
