@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .errors import ModelLoadError
-from .presets import FamilyDefaults, family_defaults, latent_rgb_tables
+from .presets import FamilyDefaults, family_defaults, family_names, latent_rgb_tables
 from .previews import fit_latent_rgb, load_latent_rgb_table
 from .tiny_model import TINY_MODEL_NAME
 
@@ -67,6 +67,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     prompt_encoder: Any | None = None
+    compel_encoder: Any | None = None
     pipeline_classes: dict[str, type] = field(default_factory=dict)
 
     @property
@@ -270,13 +271,17 @@ def load_model(
         pipeline_classes=_pipeline_classes(family),
     )
     if family != "sdxl":
-        from .prompts import PromptEncoder
+        from .prompts import CompelEncoder, PromptEncoder
 
         loaded.prompt_encoder = PromptEncoder(components["tokenizer"], components["text_encoder"])
+        loaded.compel_encoder = CompelEncoder(components["tokenizer"], components["text_encoder"])
     return loaded
 
 
 def detect_pipeline_family(components: dict[str, Any], info: ModelInfo) -> str:
+    declared = _declared_family(info)
+    if declared:
+        return declared
     unet_config = components["unet"].config
     if unet_config.get("addition_embed_type") == "text_time" or "text_encoder_2" in components:
         return "sdxl"
@@ -289,6 +294,19 @@ def detect_pipeline_family(components: dict[str, Any], info: ModelInfo) -> str:
         return "tiny"
     log.warning("Unrecognised model architecture (cross_attention_dim=%s); using SD 1.x defaults", cross_attention_dim)
     return "sd1"
+
+
+def _declared_family(info: ModelInfo) -> str | None:
+    """A family named in a folder's model_index.json ("_lantern_family"), for models whose
+    architecture alone does not say which defaults suit them (the micro model is SD 1.x-shaped)."""
+    if info.kind != "folder":
+        return None
+    try:
+        index = json.loads((Path(info.path) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    family = index.get("_lantern_family")
+    return family if family in family_names() else None
 
 
 def pick_device(requested: str | None = None) -> torch.device:
