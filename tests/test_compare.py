@@ -1,0 +1,265 @@
+"""Grids over axes at a fixed seed, convergence to a reference, timelines and presets (engine side)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine import GenerationRequest, InvalidRequestError, JobControl
+from engine.compare import (
+    AXIS_TYPES,
+    Axis,
+    Comparer,
+    GridProgress,
+    GridResult,
+    convergence_table,
+    export_timeline,
+    image_distance,
+    list_presets,
+    load_preset,
+    parse_axis,
+    plan_grid,
+    run_order,
+    save_preset,
+    split_values,
+)
+from engine.presets import PRESETS_DIR
+
+BASE = GenerationRequest(prompt="a red lighthouse at dusk", seed=11, steps=4, width=64, height=64, sampler_name="Euler")
+
+
+def run(comparer, axes, **kwargs) -> tuple[list[GridProgress], GridResult]:
+    events = list(comparer.run_grid(BASE, axes, **kwargs))
+    return events[:-1], events[-1]
+
+
+# Axis values ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "values"),
+    [
+        ("Steps", "10, 20,30", (10, 20, 30)),
+        ("Steps", "10-40 (+10)", (10, 20, 30, 40)),
+        ("Steps", "5-30 [4]", (5, 13, 22, 30)),
+        ("Steps", "1-3, 8", (1, 2, 3, 8)),
+        ("Seed", "3-1 (-1)", (3, 2, 1)),
+        ("CFG scale", "1-13 [5]", (1.0, 4.0, 7.0, 10.0, 13.0)),
+        ("CFG scale", "2.5-4 (+0.5)", (2.5, 3.0, 3.5, 4.0)),
+        ("Denoising strength", "0.2, .5", (0.2, 0.5)),
+        ("Sampler", "euler A, DPM++ 2M , unipc", ("Euler a", "DPM++ 2M", "UniPC")),
+        ("Schedule type", "automatic, KARRAS", ("Automatic", "Karras")),
+        ("Prompt S/R", 'red, "blue, bright", green', ("red", "blue, bright", "green")),
+    ],
+)
+def test_axis_values_parse_like_a1111(engine, kind, text, values):
+    assert parse_axis(kind, text, engine).values == values
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "allowed"),
+    [
+        ("Steps", "ten", "ranges like 10-40 (+10)"),
+        ("Steps", "40-10 (+10)", "ranges like"),
+        ("Steps", "0, 5", "steps from 1"),
+        ("CFG scale", "a-b", "numbers"),
+        ("Sampler", "Euler z", "DPM++ 2M"),
+        ("Schedule type", "Curvy", "Karras"),
+        ("Model", "no-such-model", "tiny-sd"),
+        ("Steps", "", "at least one value"),
+    ],
+)
+def test_bad_axis_values_name_the_axis_and_what_is_allowed(engine, kind, text, allowed):
+    with pytest.raises(InvalidRequestError) as error:
+        parse_axis(kind, text, engine)
+    assert error.value.field == f"{kind} axis"
+    assert allowed in str(error.value.allowed)
+
+
+def test_unknown_axis_type_is_refused(engine):
+    with pytest.raises(InvalidRequestError, match="Sampler"):
+        parse_axis("Colour", "red", engine)
+    assert "Nothing" in AXIS_TYPES
+
+
+def test_split_values_keeps_quoted_commas():
+    assert split_values('a, "b, c",d') == ["a", "b, c", "d"]
+
+
+# Planning ----------------------------------------------------------------------------------------
+
+
+def test_plan_shares_everything_but_the_axes(engine):
+    axes = [parse_axis("Sampler", "Euler, DDIM", engine), parse_axis("CFG scale", "3, 9", engine)]
+    cells = plan_grid(BASE, axes)
+    assert [(c.x, c.y) for c in cells] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert [(c.request.sampler_name, c.request.cfg_scale) for c in cells] == [
+        ("Euler", 3.0),
+        ("DDIM", 3.0),
+        ("Euler", 9.0),
+        ("DDIM", 9.0),
+    ]
+    assert {c.request.seed for c in cells} == {11} and {c.request.prompt for c in cells} == {BASE.prompt}
+
+
+def test_prompt_search_replace(engine):
+    cells = plan_grid(BASE, [parse_axis("Prompt S/R", "red, blue, green", engine)])
+    assert [c.request.prompt for c in cells] == [
+        "a red lighthouse at dusk",
+        "a blue lighthouse at dusk",
+        "a green lighthouse at dusk",
+    ]
+    with pytest.raises(InvalidRequestError, match="Prompt S/R"):
+        plan_grid(BASE, [parse_axis("Prompt S/R", "purple, blue", engine)])
+
+
+def test_model_axis_runs_each_model_once_in_a_row(engine):
+    axes = [Axis("Model", ("m1", "m2"), ("m1", "m2")), Axis("Steps", (4, 6), ("4", "6"))]
+    order = [c.model for c in run_order(plan_grid(BASE, axes))]
+    assert order == ["m1", "m1", "m2", "m2"]  # grid order would be m1, m2, m1, m2
+
+
+# Running -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def comparer(engine):
+    return Comparer(engine)
+
+
+@pytest.fixture(scope="module")
+def two_by_two(engine, comparer):
+    axes = [parse_axis("Sampler", "Euler, DDIM", engine), parse_axis("Steps", "3, 5", engine)]
+    return run(comparer, axes)
+
+
+def test_each_cell_is_identical_to_a_single_run(engine, two_by_two):
+    _progress, result = two_by_two
+    assert len(result.cells) == 4 and not result.interrupted
+    for cell in result.cells:
+        single = list(engine.generate(cell.cell.request))[-1]
+        assert np.array_equal(np.asarray(single.images[0]), np.asarray(cell.image)), cell.cell.label
+        assert cell.infotext == single.infotexts[0]
+
+
+def test_grid_image_has_headers_and_every_cell_in_place(two_by_two):
+    _progress, result = two_by_two
+    (grid,) = result.grids
+    width, height = 64, 64
+    label_w = grid.width - 2 * width
+    header_h = grid.height - 2 * height
+    assert label_w > 20 and header_h > 10  # room for "Steps: 3" on the left and "Sampler: Euler" on top
+    for cell in result.cells:
+        box = (label_w + cell.cell.x * width, header_h + cell.cell.y * height)
+        crop = grid.crop((*box, box[0] + width, box[1] + height))
+        assert np.array_equal(np.asarray(crop), np.asarray(cell.image.convert("RGB")))
+    # Header areas hold drawn text (dark pixels on white).
+    assert np.asarray(grid.crop((label_w, 0, grid.width, header_h)).convert("L")).min() < 128
+    assert "Sampler = Euler, DDIM" in result.infotext and "Steps = 3, 5" in result.infotext
+
+
+def test_progress_counts_cells_and_carries_previews(two_by_two):
+    progress, _result = two_by_two
+    assert {p.cell_count for p in progress} == {4}
+    assert [p.cell_no for p in progress if p.progress is None] == [0, 1, 2, 3]
+    assert any(p.progress is not None and p.progress.preview is not None for p in progress)
+    fractions = [p.fraction for p in progress]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+
+
+def test_timeline_keeps_one_frame_per_step_and_exports(two_by_two, tmp_path):
+    _progress, result = two_by_two
+    for cell in result.cells:
+        assert len(cell.timeline) == cell.cell.request.steps
+        assert all(frame.size == cell.image.size for frame in cell.timeline)
+    frames = result.cells[-1].timeline
+    for name in ("timeline.gif", "timeline.webp"):
+        path = export_timeline(frames, tmp_path / name, frame_ms=100)
+        with Image.open(path) as animation:
+            # Identical neighbouring frames may be merged into one longer frame.
+            assert 2 <= animation.n_frames <= len(frames)
+            assert animation.size == frames[0].size
+            if name.endswith(".gif"):  # and the running time stays: the last frame holds 8x longer
+                total = 0
+                for index in range(animation.n_frames):
+                    animation.seek(index)
+                    total += animation.info["duration"]
+                assert total == 100 * (len(frames) - 1) + 800
+    with pytest.raises(InvalidRequestError, match="timeline file"):
+        export_timeline(frames, tmp_path / "timeline.png")
+
+
+def test_stop_ends_the_grid_and_keeps_finished_cells(engine, comparer):
+    control = JobControl()
+    axes = [parse_axis("Steps", "3, 4, 5, 6", engine)]
+    kept = []
+    for event in comparer.run_grid(BASE, axes, control=control):
+        if isinstance(event, GridProgress) and event.cell_no == 1 and event.progress is not None:
+            control.interrupt()
+        if isinstance(event, GridResult):
+            kept = event
+    assert kept.interrupted
+    assert 1 <= len(kept.cells) <= 2 and kept.cells[0].cell.request.steps == 3
+    assert len(kept.grids) == 1
+    # The next grid runs normally.
+    _progress, again = run(comparer, [parse_axis("Steps", "3", engine)])
+    assert len(again.cells) == 1 and not again.interrupted
+
+
+def test_convergence_measures_distance_to_a_cached_reference(engine, monkeypatch):
+    comparer = Comparer(engine)
+    monkeypatch.setattr("engine.compare.REFERENCE_STEPS", 12)
+    base = dataclasses.replace(BASE, sampler_name="DPM++ 2M")
+    axes = [parse_axis("Steps", "2, 12", engine), parse_axis("Schedule type", "Karras", engine)]
+    runs = []
+    original = engine.generate
+
+    def counting(request, **kwargs):
+        runs.append(request.steps)
+        return original(request, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", counting)
+    result = list(comparer.run_grid(base, axes, convergence=True))[-1]
+    by_steps = {cell.cell.request.steps: cell for cell in result.cells}
+    # The 12-step DPM++ 2M Karras cell is the reference itself.
+    assert by_steps[12].ssim == pytest.approx(1.0, abs=1e-4) and by_steps[12].mean_abs_diff == pytest.approx(0.0)
+    assert by_steps[2].ssim < 1.0 and by_steps[2].mean_abs_diff > 0
+    assert {row["steps"] for row in convergence_table(result)} == {2, 12}
+    # A second grid reuses the cached reference: only its own 12-step cell runs again.
+    first = runs.count(12)
+    list(comparer.run_grid(base, axes, convergence=True))
+    assert runs.count(12) == first + 1
+
+
+def test_image_distance_bounds():
+    image = Image.new("RGB", (32, 32), (200, 10, 10))
+    assert image_distance(image, image) == (pytest.approx(1.0, abs=1e-4), pytest.approx(0.0))
+    other = Image.new("RGB", (32, 32), (10, 10, 200))
+    ssim, mad = image_distance(image, other)
+    assert ssim < 0.5 and mad == pytest.approx((190 + 0 + 190) / 3, abs=0.5)
+
+
+# Presets ---------------------------------------------------------------------------------------------
+
+
+def test_shipped_presets_parse(engine):
+    names = list_presets(PRESETS_DIR / "compare")
+    assert {"classic-vs-fast-samplers", "karras-vs-default-schedule", "cfg-sweep"} <= set(names)
+    for name in names:
+        for kind, values in load_preset(PRESETS_DIR / "compare", name):
+            parse_axis(kind, values, engine)
+
+
+def test_save_and_load_a_preset(tmp_path):
+    path = save_preset(tmp_path, "my sweep", [("Steps", "4-8 (+2)"), ("Nothing", ""), ("Sampler", "Euler")])
+    assert json.loads(path.read_text())["axes"][0] == {"type": "Steps", "values": "4-8 (+2)"}
+    assert load_preset(tmp_path, "my sweep") == [("Steps", "4-8 (+2)"), ("Sampler", "Euler")]
+    for bad in ("../escape", "", "a/b"):
+        with pytest.raises(InvalidRequestError, match="preset name"):
+            save_preset(tmp_path, bad, [("Steps", "4")])
+    with pytest.raises(InvalidRequestError, match="preset"):
+        load_preset(tmp_path, "missing")
