@@ -24,6 +24,7 @@ from engine import EngineError
 from engine.events import PREVIEW_MODES
 from engine.request import EMPHASIS_MODES, PROMPT_SYNTAXES
 
+from .page_compare import build_compare_tab, wire_compare_tab
 from .page_jobs import (
     MASK_MODES,
     PageSession,
@@ -159,6 +160,8 @@ def build_page(engine, settings=None) -> gr.Blocks:
             for mode in ("txt2img", "img2img", "inpaint"):
                 with gr.Tab(mode, id=mode, elem_id=f"tab_{mode}"):
                     tab_widgets[mode] = _build_generation_tab(mode, engine, defaults)
+            with gr.Tab("Compare", id="compare", elem_id="tab_compare"):
+                compare = build_compare_tab(engine)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 png = _build_png_info_tab()
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
@@ -209,6 +212,15 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     show_progress="hidden",
                 )
         _wire_png_info(png, tab_widgets, tabs)
+        txt2img = tab_widgets["txt2img"].settings
+        wire_compare_tab(
+            compare,
+            engine,
+            session,
+            base_inputs=txt2img.fill_targets(),
+            send_targets=[*txt2img.fill_targets(), tabs],
+            settings_from_infotext=functools.partial(_settings_from_infotext, with_denoising=False),
+        )
 
         model.input(
             functools.partial(_load_model, engine),

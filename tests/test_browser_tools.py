@@ -1,0 +1,64 @@
+"""The Compare tab and the prompt reading view in a real browser (Debian's Chromium via Playwright)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_browser import TIMEOUT_MS, _set_number, browser, page_url  # noqa: F401 - fixtures
+
+
+@pytest.fixture(scope="module")
+def page(browser, page_url):  # noqa: F811 - the fixtures imported above
+    context = browser.new_context(viewport={"width": 1400, "height": 1400})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(page_url)
+    page.wait_for_selector("#txt2img_prompt textarea")
+    yield page
+    context.close()
+
+
+def _choose(page, elem_id: str, option: str) -> None:
+    page.click(f"#{elem_id} input")
+    page.locator("ul[role='listbox'] li", has_text=option).first.click()
+
+
+def test_prompt_reading_shows_fragments_weights_and_schedule(page):
+    _set_number(page, "txt2img_steps", 10)
+    page.fill("#txt2img_prompt textarea", "a (red:1.3) [cat:dog:0.5]")
+    page.click("#txt2img_prompt_reading_box button")
+    reading = page.locator("#txt2img_prompt_reading")
+    reading.locator(".prompt-reading-steps").first.wait_for()
+    text = reading.inner_text()
+    assert "steps 1-6" in text and "steps 7-10" in text
+    assert reading.locator(".prompt-fragment.up", has_text="red").count() == 2
+    assert "1.3" in text and "dog" in text
+
+
+def test_compare_runs_a_2x2_grid_and_sends_a_cell_to_txt2img(page, artifacts_dir):
+    page.fill("#txt2img_prompt textarea", "a lighthouse")
+    _set_number(page, "txt2img_steps", 3)
+    _set_number(page, "txt2img_width", 64)
+    _set_number(page, "txt2img_height", 64)
+    _set_number(page, "txt2img_seed", 77)
+    page.get_by_role("tab", name="Compare").click()
+    page.fill("#compare_X_values textarea", "Euler, DDIM")
+    page.fill("#compare_Y_values textarea", "2, 3")
+    page.click("#compare_run")
+    page.wait_for_selector("#compare_progress .job-progress.done")
+    assert "4 cells" in page.inner_text("#compare_progress")
+    page.locator("#compare_grid img").wait_for()
+    assert page.locator("#compare_cells img").count() >= 4
+    page.screenshot(path=str(artifacts_dir / "page_compare.png"), full_page=True)
+
+    # Timeline: two cells side by side at the chosen step.
+    page.locator("#compare_timeline img").first.wait_for()
+    assert page.locator("#compare_timeline img").count() == 2
+
+    # Clicking the DDIM, 3-step cell fills txt2img with its settings.
+    page.locator("#compare_cells button img").nth(3).click()
+    page.wait_for_function("document.querySelector('#txt2img_steps input[type=number]').value === '3'")
+    page.wait_for_function(
+        "document.querySelector('#txt2img_sampler input') && "
+        "document.querySelector('#txt2img_sampler input').value === 'DDIM'"
+    )
