@@ -1,4 +1,4 @@
-"""Start the web UI: `python app.py` serves the embedded tiny model at http://127.0.0.1:7860.
+"""Start the web UI: `python app.py` serves the embedded micro model at http://127.0.0.1:7860.
 
 Flags as AUTOMATIC1111 users know them (python app.py --help lists all):
     --listen            bind 0.0.0.0 so other machines reach it      --port N    another port
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from engine import EngineError
 
-    log.info("Loading model %s", settings.model or "(embedded tiny model)")
+    log.info("Loading model %s", settings.model or "(embedded micro model)")
     try:
         engine = create_engine(settings)
     except EngineError as exc:

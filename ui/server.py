@@ -101,7 +101,7 @@ def is_loopback(host: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="app.py",
-        description="Stable Diffusion web UI. Without arguments it serves the embedded tiny model at "
+        description="Stable Diffusion web UI. Without arguments it serves the embedded micro model at "
         "http://127.0.0.1:7860 (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are honoured when no flag sets them, "
         "as on Hugging Face Spaces).",
     )
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ckpt",
         dest="model",
         help="model to load: a name in the models folder, a path "
-        "to a .safetensors file or diffusers folder, or a hub id (default: the embedded tiny model)",
+        "to a .safetensors file or diffusers folder, or a hub id (default: the embedded micro model)",
     )
     models.add_argument(
         "--models-dir",
