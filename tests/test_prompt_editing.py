@@ -303,3 +303,19 @@ def test_compel_syntax_generates_through_the_engine(engine):
     result = list(engine.generate(request))[-1]
     assert result.images[0].size == (64, 64)
     assert "Prompt syntax: compel" in result.infotexts[0]
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["", "BREAK", "BREAK BREAK", "(((a", ")))", "[a:b:", "(a:1e30)", "(a:-1e30)", "(x:1.2.3)", "\\", "a" * 3000],
+)
+def test_malformed_prompts_never_raise_when_encoded(pipe, prompt):
+    embeds = encode_prompt_a1111(prompt, pipe.tokenizer, pipe.text_encoder)
+    assert embeds.shape[0] == 1 and embeds.shape[1] % 77 == 0
+
+
+def test_compel_and_concatenates_its_parts(pipe):
+    compel = CompelEncoder(pipe.tokenizer, pipe.text_encoder)
+    joined, _ = compel.encode('("a red fox", "a blue car").and()')
+    fox, _ = compel.encode("a red fox")
+    assert joined.shape[1] == 2 * fox.shape[1]
