@@ -263,3 +263,29 @@ def test_save_and_load_a_preset(tmp_path):
             save_preset(tmp_path, bad, [("Steps", "4")])
     with pytest.raises(InvalidRequestError, match="preset"):
         load_preset(tmp_path, "missing")
+
+
+def test_a_model_axis_loads_each_model_once_and_restores_the_first(models_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from engine import Engine
+    from engine.tiny_model import tiny_model_path
+
+    folder = tmp_path / "Stable-diffusion"
+    for name in ("first", "second"):
+        shutil.copytree(tiny_model_path(models_dir), folder / name)
+    engine = Engine(model=str(folder / "first"), models_dir=tmp_path)
+    loads = []
+    real_load = __import__("engine.engine", fromlist=["load_model"]).load_model
+
+    def counting_load(info, **kwargs):
+        loads.append(info.name)
+        return real_load(info, **kwargs)
+
+    monkeypatch.setattr("engine.engine.load_model", counting_load)
+    axes = [parse_axis("Model", "first, second", engine), parse_axis("Steps", "2, 3", engine)]
+    result = list(Comparer(engine).run_grid(BASE, axes))[-1]
+    assert len(result.cells) == 4
+    assert loads == ["second", "first"]  # second once for its two cells, then the original back
+    assert engine.model.name == "first"
+    assert [c.infotext.split("Model: ")[1].split(",")[0] for c in result.cells] == ["first", "second"] * 2
