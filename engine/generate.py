@@ -20,7 +20,7 @@ from PIL import Image, ImageFilter
 
 from .events import JobControl, Progress
 from .models import LoadedModel
-from .prompts import Conditioning
+from .prompts import Conditioning, SDXLEmbeds
 from .request import GenerationRequest
 from .samplers import build_scheduler
 
@@ -137,7 +137,7 @@ def run_batch(
             upcoming = conditioning.at(step * conditioning.steps // total)
             if any(new is not old for new, old in zip(upcoming, current_conditioning, strict=True)):
                 current_conditioning = upcoming
-                changes["prompt_embeds"] = _pipeline_prompt_embeds(pipeline, upcoming, len(seeds))
+                changes.update(_pipeline_prompt_embeds(pipeline, upcoming, len(seeds)))
         preview = None
         if previewer is not None and (step % preview_every == 0 or step == total):
             preview_started = time.perf_counter()
@@ -196,16 +196,34 @@ def _conditioning_kwargs(conditioning: Conditioning, count: int) -> dict:
     positive, negative = conditioning.at(0)
     if conditioning.kind == "text":
         return {"prompt": positive, "negative_prompt": negative or None, "num_images_per_prompt": count}
+    if isinstance(positive, SDXLEmbeds):
+        return {
+            "prompt_embeds": positive.embeds,
+            "negative_prompt_embeds": negative.embeds,
+            "pooled_prompt_embeds": positive.pooled,
+            "negative_pooled_prompt_embeds": negative.pooled,
+            "num_images_per_prompt": count,
+        }
     return {"prompt_embeds": positive, "negative_prompt_embeds": negative, "num_images_per_prompt": count}
 
 
-def _pipeline_prompt_embeds(pipeline, conditioning: tuple, count: int):
-    """The pipeline's own prompt_embeds layout: one row per image, negatives first when CFG is on."""
+def _pipeline_prompt_embeds(pipeline, conditioning: tuple, count: int) -> dict[str, torch.Tensor]:
+    """New conditioning in the layout the pipeline's denoising loop holds it (what callback_on_step_end may
+    replace): one row per image, negatives first when CFG is on; SDXL's pooled output as add_text_embeds."""
     positive, negative = conditioning
-    positive = positive.repeat(count, 1, 1)
-    if not pipeline.do_classifier_free_guidance:
-        return positive
-    return torch.cat([negative.repeat(count, 1, 1), positive])
+
+    def rows(positive_rows: torch.Tensor, negative_rows: torch.Tensor) -> torch.Tensor:
+        positive_rows = positive_rows.repeat(count, *([1] * (positive_rows.dim() - 1)))
+        if not pipeline.do_classifier_free_guidance:
+            return positive_rows
+        return torch.cat([negative_rows.repeat(count, *([1] * (negative_rows.dim() - 1))), positive_rows])
+
+    if isinstance(positive, SDXLEmbeds):
+        return {
+            "prompt_embeds": rows(positive.embeds, negative.embeds),
+            "add_text_embeds": rows(positive.pooled, negative.pooled),
+        }
+    return {"prompt_embeds": rows(positive, negative)}
 
 
 def _initial_noise(model: LoadedModel, generators, width: int, height: int) -> torch.Tensor:

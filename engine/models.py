@@ -270,11 +270,9 @@ def load_model(
         dtype=dtype,
         pipeline_classes=_pipeline_classes(family),
     )
-    if family != "sdxl":
-        from .prompts import CompelEncoder, PromptEncoder
+    from .prompts import make_prompt_encoders
 
-        loaded.prompt_encoder = PromptEncoder(components["tokenizer"], components["text_encoder"])
-        loaded.compel_encoder = CompelEncoder(components["tokenizer"], components["text_encoder"])
+    loaded.prompt_encoder, loaded.compel_encoder = make_prompt_encoders(components)
     return loaded
 
 

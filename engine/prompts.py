@@ -1,4 +1,4 @@
-"""A1111 prompt text -> conditioning tensors for diffusers Stable Diffusion 1.x/2.x pipelines.
+"""A1111 prompt text -> conditioning tensors for diffusers Stable Diffusion 1.x/2.x and SDXL pipelines.
 
 Behaviour follows AUTOMATIC1111's prompt handling so that prompts written for it weigh the same here:
 
@@ -16,8 +16,10 @@ Behaviour follows AUTOMATIC1111's prompt handling so that prompts written for it
 - positive and negative encodings are brought to the same number of chunks by appending the encoding of an
   empty prompt, as A1111 does with "pad prompt/negative prompt to be same length".
 
-Not handled here: textual inversion embeddings, ``AND`` (composable diffusion), ``[a:b:n]`` prompt editing and
-``[a|b]`` alternation - their text is encoded as ordinary weighted text. Extra-network tags such as
+SDXL (`SDXLPromptEncoder`, `SDXLCompelEncoder`) follows A1111's SDXL conditioning; see its docstring. Prompt
+editing ``[a:b:n]`` and alternation ``[a|b]`` are resolved into plain texts per step by `prompt_schedule` before
+encoding. Not handled: textual inversion embeddings, and ``AND`` (composable diffusion; request validation
+refuses it). Extra-network tags such as
 ``<lora:name:0.8>`` or ``<hypernet:name:1>`` are removed from the text before tokenizing (loading the networks is
 someone else's job; `split_extra_networks` returns them).
 """
@@ -30,6 +32,7 @@ import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -177,6 +180,26 @@ def is_break(text: str, weight: float) -> bool:
     return text == "BREAK" and weight == BREAK_WEIGHT
 
 
+def apply_emphasis(hidden: torch.Tensor, weights: list[list[float]], emphasis: str) -> torch.Tensor:
+    """Token weights applied to encoder output (chunks, 77, hidden) as A1111's emphasis modes do.
+
+    Original: multiply, then scale each chunk so its mean is what it was; No norm: multiply only;
+    Ignore: unchanged. Weighting happens in float32 like A1111 (its multipliers promote fp16 states).
+    """
+    if emphasis == "Ignore":
+        return hidden
+    hidden = hidden.float()
+    multipliers = torch.tensor(weights, dtype=torch.float32, device=hidden.device).unsqueeze(-1)
+    original_mean = hidden.mean(dim=(1, 2), keepdim=True)
+    weighted = hidden * multipliers
+    if emphasis == "No norm":
+        return weighted
+    new_mean = weighted.mean(dim=(1, 2), keepdim=True)
+    # A zero mean after weighting would divide by zero: keep that chunk unscaled.
+    scale = torch.where(new_mean != 0, original_mean / new_mean, torch.ones_like(new_mean))
+    return weighted * scale
+
+
 @dataclass
 class PromptChunk:
     """Up to CHUNK_LENGTH prompt token ids and their weights, without BOS/EOS/padding."""
@@ -310,19 +333,7 @@ class PromptEncoder:
         else:
             hidden = output.last_hidden_state
 
-        if emphasis == "Ignore":
-            return hidden
-        # Weighting in float32 like A1111 (its multipliers are float32 and promote fp16 hidden states).
-        hidden = hidden.float()
-        weights = torch.tensor([w for _, w in rows], dtype=torch.float32, device=hidden.device).unsqueeze(-1)
-        original_mean = hidden.mean(dim=(1, 2), keepdim=True)
-        weighted = hidden * weights
-        if emphasis == "No norm":
-            return weighted.to(self.text_encoder.dtype)
-        new_mean = weighted.mean(dim=(1, 2), keepdim=True)
-        # A1111 restores each chunk's mean; a zero mean after weighting would divide by zero, keep it unscaled.
-        scale = torch.where(new_mean != 0, original_mean / new_mean, torch.ones_like(new_mean))
-        return (weighted * scale).to(self.text_encoder.dtype)
+        return apply_emphasis(hidden, [w for _, w in rows], emphasis).to(self.text_encoder.dtype)
 
     def _encode_prompts(self, prompts: list[str], clip_skip: int, emphasis: str) -> list[torch.Tensor]:
         """(1, 77*k, hidden) per prompt, from the cache where possible; the rest in one text-encoder call."""
@@ -478,6 +489,209 @@ class CompelEncoder:
                 [positive, negative]
             )
             return positive.clone(), negative.clone()
+
+
+class SDXLEmbeds(NamedTuple):
+    """SDXL conditioning: per-token states of both encoders side by side, and encoder 2's pooled output."""
+
+    embeds: torch.Tensor  # (1, 77*k, hidden_1 + hidden_2)
+    pooled: torch.Tensor  # (1, projection_dim of encoder 2)
+
+
+def _zeroed(value: SDXLEmbeds) -> SDXLEmbeds:
+    return SDXLEmbeds(torch.zeros_like(value.embeds), torch.zeros_like(value.pooled))
+
+
+class SDXLPromptEncoder:
+    """The A1111 syntax for SDXL's two text encoders, as A1111 conditions SDXL:
+
+    - each encoder reads the prompt on its own (same chunking, BREAK, comma back-tracking, weights and
+      emphasis per encoder); encoder 1 pads with EOS, encoder 2 with its pad token after the first EOS;
+    - both use the penultimate hidden state without the final layer norm, concatenated per token;
+    - the pooled embedding is encoder 2's projected output for the first chunk, before any weighting;
+    - an empty negative prompt is all zeros (A1111's force_zero_negative_prompt, diffusers'
+      force_zeros_for_empty_prompt);
+    - "Clip skip" is not applied, like A1111's default for SDXL (SDXL already uses the penultimate layer).
+
+    Same interface as PromptEncoder; values are SDXLEmbeds.
+    """
+
+    def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2, *, cache_size: int = DEFAULT_CACHE_SIZE):
+        self.parts = [PromptEncoder(tokenizer, text_encoder, cache_size=0), PromptEncoder(tokenizer_2, text_encoder_2)]
+        self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple, SDXLEmbeds] = OrderedDict()
+        self._lock = threading.RLock()
+
+    def token_counts(self, prompt: str) -> list[int]:
+        return self.parts[0].token_counts(prompt)
+
+    def _chunks(self, text: str) -> list[PromptChunk]:
+        return self.parts[0]._chunks(text)
+
+    def _run_part(self, part: PromptEncoder, text: str, emphasis: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows = [part._chunk_ids_and_weights(chunk) for chunk in part._chunks(text)]
+        encoder = part.text_encoder
+        input_ids = torch.tensor([ids for ids, _ in rows], dtype=torch.long, device=encoder.device)
+        output = encoder(input_ids=input_ids, output_hidden_states=True)
+        hidden = apply_emphasis(output.hidden_states[-2], [w for _, w in rows], emphasis).to(encoder.dtype)
+        pooled = getattr(output, "text_embeds", None)
+        return hidden, None if pooled is None else pooled[:1]
+
+    def _encode(self, text: str, emphasis: str) -> SDXLEmbeds:
+        key = (text, emphasis, str(self.text_encoder.device), self.text_encoder.dtype)
+        if key not in self._cache:
+            with torch.no_grad():
+                (first, _), (second, pooled) = (self._run_part(part, text, emphasis) for part in self.parts)
+            chunks = max(first.shape[0], second.shape[0])
+            # Tokenizers with different vocabularies could chunk differently: repeat the last chunk's layout
+            # with the empty prompt so the two can sit side by side.
+            first, second = (
+                self._pad_chunks(part, hidden, chunks, emphasis)
+                for part, hidden in zip(self.parts, (first, second), strict=True)
+            )
+            embeds = torch.cat([first, second], dim=-1).reshape(1, -1, first.shape[-1] + second.shape[-1])
+            self._cache[key] = SDXLEmbeds(embeds, pooled)
+        self._cache.move_to_end(key)
+        value = self._cache[key]
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return value
+
+    def _pad_chunks(self, part: PromptEncoder, hidden: torch.Tensor, chunks: int, emphasis: str) -> torch.Tensor:
+        if hidden.shape[0] == chunks:
+            return hidden
+        empty, _ = self._run_part(part, "", emphasis)
+        return torch.cat([hidden, empty.repeat(chunks - hidden.shape[0], 1, 1)])
+
+    def encode(
+        self, prompt: str, negative_prompt: str = "", clip_skip: int = 1, emphasis: str = DEFAULT_EMPHASIS
+    ) -> tuple[SDXLEmbeds, SDXLEmbeds]:
+        (positive,), (negative,) = self.encode_many([prompt], [negative_prompt], clip_skip, emphasis)
+        return positive, negative
+
+    def encode_many(
+        self,
+        prompts: list[str],
+        negative_prompts: list[str],
+        clip_skip: int = 1,
+        emphasis: str = DEFAULT_EMPHASIS,
+    ) -> tuple[list[SDXLEmbeds], list[SDXLEmbeds]]:
+        """Like PromptEncoder.encode_many; clip_skip is checked but, as in A1111 for SDXL, not applied."""
+        self.parts[0]._check_clip_skip(clip_skip)
+        if emphasis not in EMPHASIS_MODES:
+            raise ValueError(f"emphasis: got {emphasis!r}; allowed: {', '.join(EMPHASIS_MODES)}")
+        with self._lock:
+            texts = [split_extra_networks(text)[0] for text in [*prompts, *negative_prompts, ""]]
+            encoded = [self._encode(text, emphasis) for text in texts]
+            empty = encoded.pop()
+            # A1111 zeroes the negative when its text (extra-network tags removed) is exactly empty; padding
+            # to the positive's length then appends the empty prompt's (non-zero) encoding, as its
+            # pad_cond_uncond does.
+            if all(not text for text in texts[len(prompts) : -1]):
+                encoded[len(prompts) :] = [_zeroed(value) for value in encoded[len(prompts) :]]
+            length = max(value.embeds.shape[1] for value in encoded)
+            padded = [
+                SDXLEmbeds(PromptEncoder._pad_to(value.embeds, length, empty.embeds), value.pooled.clone())
+                for value in encoded
+            ]
+            return padded[: len(prompts)], padded[len(prompts) :]
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+
+class SDXLCompelEncoder:
+    """compel's syntax for SDXL: both encoders' penultimate states (not normalized) and encoder 2's pooled
+    output, long prompts not truncated, both sides padded to the same length; an empty negative is zeros."""
+
+    def __init__(self, tokenizer, text_encoder, tokenizer_2, text_encoder_2, *, cache_size: int = DEFAULT_CACHE_SIZE):
+        self.tokenizers = [tokenizer, tokenizer_2]
+        self.text_encoders = [text_encoder, text_encoder_2]
+        self.text_encoder = text_encoder
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple, SDXLEmbeds] = OrderedDict()
+        self._compel = None
+        self._lock = threading.RLock()
+
+    def _compel_instances(self):
+        # Two single-encoder Compel objects, as compel's own CompelForSDXL does: compel 2.5's multi-encoder
+        # Compel fails on .blend() and .and().
+        if self._compel is None:
+            from compel import Compel, ReturnedEmbeddingsType
+
+            self._compel = [
+                Compel(
+                    tokenizer=tokenizer,
+                    text_encoder=text_encoder,
+                    returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
+                    requires_pooled=index == 1,
+                    truncate_long_prompts=False,
+                    device=str(text_encoder.device),
+                )
+                for index, (tokenizer, text_encoder) in enumerate(zip(self.tokenizers, self.text_encoders, strict=True))
+            ]
+        return self._compel
+
+    def _encode(self, text: str) -> SDXLEmbeds:
+        key = (text, str(self.text_encoder.device), self.text_encoder.dtype)
+        if key not in self._cache:
+            compel_1, compel_2 = self._compel_instances()
+            with torch.no_grad():
+                left = compel_1(text)
+                right, pooled = compel_2(text)
+                # The two encoders may read a blend or conjunction to different lengths: pad the shorter one
+                # with its own encoding of the empty prompt.
+                if left.shape[1] != right.shape[1]:
+                    length = max(left.shape[1], right.shape[1])
+                    left = _pad_with(left, length, compel_1(""))
+                    right = _pad_with(right, length, compel_2("")[0])
+            self._cache[key] = SDXLEmbeds(torch.cat([left, right], dim=-1), pooled)
+        self._cache.move_to_end(key)
+        value = self._cache[key]
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return value
+
+    def encode(self, prompt: str, negative_prompt: str = "", clip_skip: int = 1) -> tuple[SDXLEmbeds, SDXLEmbeds]:
+        """clip_skip is accepted for the same interface and not applied (SDXL uses the penultimate layer)."""
+        with self._lock:
+            positive, negative = self._encode(prompt), self._encode(negative_prompt)
+            if not negative_prompt:
+                negative = _zeroed(negative)  # zeros first, then padding, as for the A1111 syntax
+            empty = self._encode("").embeds
+            length = max(positive.embeds.shape[1], negative.embeds.shape[1])
+            positive = SDXLEmbeds(_pad_with(positive.embeds, length, empty), positive.pooled.clone())
+            negative = SDXLEmbeds(_pad_with(negative.embeds, length, empty), negative.pooled.clone())
+            return positive, negative
+
+
+def _pad_with(embeds: torch.Tensor, length: int, empty: torch.Tensor) -> torch.Tensor:
+    """`embeds` (1, n, hidden) lengthened to `length` tokens with copies of the empty prompt's encoding, as compel's
+    pad_conditioning_tensors_to_same_length does for untruncated prompts."""
+    missing = length - embeds.shape[1]
+    if missing <= 0:
+        return embeds.clone()
+    copies = -(-missing // empty.shape[1])
+    return torch.cat([embeds, empty.repeat(1, copies, 1)[:, :missing]], dim=1)
+
+
+def make_prompt_encoders(components: dict) -> tuple[object, object]:
+    """(A1111-syntax encoder, compel encoder) for a pipeline's components: SDXL when it has text_encoder_2."""
+    if components.get("text_encoder_2") is not None and components.get("tokenizer_2") is not None:
+        parts = (
+            components["tokenizer"],
+            components["text_encoder"],
+            components["tokenizer_2"],
+            components["text_encoder_2"],
+        )
+        return SDXLPromptEncoder(*parts), SDXLCompelEncoder(*parts)
+    return (
+        PromptEncoder(components["tokenizer"], components["text_encoder"]),
+        CompelEncoder(components["tokenizer"], components["text_encoder"]),
+    )
 
 
 @dataclass
