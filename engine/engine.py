@@ -20,10 +20,10 @@ from .events import JobControl, JobState, PreviewSettings, Progress, Result
 from .generate import run_batch
 from .infotext import format_infotext
 from .models import LoadedModel, ModelInfo, ModelRegistry, default_dtype, load_model, pick_device
-from .presets import DEFAULT_MODELS_DIR, FamilyDefaults
+from .presets import DEFAULT_MODELS_DIR, MICRO_MODEL_NAME, SHIPPED_MICRO_MODEL, FamilyDefaults
 from .previews import make_previewer
 from .prompt_schedule import has_schedule, prompt_schedule
-from .prompts import Conditioning, PromptReading, describe_prompt
+from .prompts import Conditioning, PromptReading, SDXLEmbeds, describe_prompt
 from .request import SEED_MAX, GenerationRequest, Limits, validate_request
 from .tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
@@ -36,8 +36,9 @@ class Engine:
     """Generates images for requests, streaming Progress events and ending with one Result.
 
     `model` is a name in the models folder, a local path (diffusers folder or .safetensors file)
-    or a hub id; None is the embedded tiny model. All state lives on the instance: a server
-    shares one Engine between its users, and jobs run one at a time.
+    or a hub id; None is the embedded micro model (or, without it, the random-weight tiny model).
+    All state lives on the instance: a server shares one Engine between its users, and jobs run
+    one at a time.
     """
 
     def __init__(
@@ -73,6 +74,11 @@ class Engine:
     # Models ---------------------------------------------------------------------------------
 
     def _default_model(self) -> str:
+        """The micro model (from this models folder, else the copy shipped with the program); without
+        it, the random-weight tiny model, built on first use."""
+        for folder in (self.models_dir / "Stable-diffusion" / MICRO_MODEL_NAME, SHIPPED_MICRO_MODEL):
+            if (folder / "model_index.json").is_file():
+                return str(folder)
         return str(ensure_tiny_model(self.models_dir))
 
     def list_models(self) -> list[ModelInfo]:
@@ -334,8 +340,13 @@ class Engine:
                 "prompt", req.prompt, f"text the {req.prompt_syntax} syntax reads ({exc})"
             ) from exc
 
+        def on_model(embeds):
+            if isinstance(embeds, SDXLEmbeds):
+                return SDXLEmbeds(*(part.to(model.device, model.dtype) for part in embeds))
+            return embeds.to(model.device, model.dtype)
+
         def to_model(schedule):
-            return [(end, embeds.to(model.device, model.dtype)) for end, embeds in schedule]
+            return [(end, on_model(embeds)) for end, embeds in schedule]
 
         return Conditioning(to_model(positive_schedule), to_model(negative_schedule), steps)
 

@@ -12,6 +12,9 @@ PRESETS_DIR = PROJECT_DIR / "presets"
 CONFIGS_DIR = PRESETS_DIR / "configs"
 TOKENIZER_DIR = CONFIGS_DIR / "clip-tokenizer"
 DEFAULT_MODELS_DIR = PROJECT_DIR / "models"
+# The embedded default: a micro model trained on shapes (training/), shipped in the repository.
+MICRO_MODEL_NAME = "micro-shapes"
+SHIPPED_MICRO_MODEL = DEFAULT_MODELS_DIR / "Stable-diffusion" / MICRO_MODEL_NAME
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny-model Engine per test session (CPU only, no network)."""
+"""Shared fixtures (CPU only, no network): a tiny random-weight Engine for tests of mechanics, and one on the
+shipped micro model for tests that need pictures to mean something."""
 
 from __future__ import annotations
 
@@ -26,8 +27,20 @@ def models_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def engine(models_dir):
     from engine import Engine
+    from engine.tiny_model import tiny_model_path
 
-    return Engine(models_dir=models_dir)
+    return Engine(model=str(tiny_model_path(models_dir)), models_dir=models_dir)
+
+
+@pytest.fixture(scope="session")
+def micro_engine(models_dir):
+    """The embedded micro model (trained on coloured shapes), as `python app.py` serves it."""
+    from engine import Engine
+    from engine.presets import SHIPPED_MICRO_MODEL
+
+    if not (SHIPPED_MICRO_MODEL / "model_index.json").is_file():
+        pytest.fail(f"{SHIPPED_MICRO_MODEL} is missing: it ships with the repository (see training/)")
+    return Engine(model=str(SHIPPED_MICRO_MODEL), models_dir=models_dir)
 
 
 @pytest.fixture(scope="session")
