@@ -1,0 +1,118 @@
+"""Measure what the micro model draws, through the Engine, and print a table.
+
+    .venv/bin/python tools/measure_micro_quality.py                    # the shipped micro-shapes model
+    .venv/bin/python tools/measure_micro_quality.py --model path --prompts 168 --quick
+
+Background = most common palette colour, shape colour = the second, shape from how much of its
+bounding box it fills. Fixed seeds: the same model prints the same table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from PIL import Image  # noqa: E402
+
+from engine import Engine  # noqa: E402
+from training import quality  # noqa: E402
+from training.train_micro import DEFAULT_OUT  # noqa: E402
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(DEFAULT_OUT))
+    parser.add_argument(
+        "--prompts", type=int, default=168, help="prompts for the attribute accuracy (168 = all combos)"
+    )
+    parser.add_argument("--sampler-prompts", type=int, default=24, help="prompts per sampler")
+    parser.add_argument("--seeds", type=int, default=100, help="seeds tried for the negative-prompt check")
+    parser.add_argument(
+        "--grid", type=Path, help="also save a labelled sample grid (PNG) here, e.g. docs/micro-shapes.png"
+    )
+    parser.add_argument("--grid-only", action="store_true", help="only save the grid")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    engine = Engine(model=args.model)
+    if args.grid:
+        save_sample_grid(engine, args.grid)
+        if args.grid_only:
+            return
+    rows: list[tuple[str, str, str]] = []
+
+    def row(name: str, value: str, bar: str) -> None:
+        rows.append((name, value, bar))
+        sys.stdout.write(f"{name:<48} {value:>18}   {bar}\n")
+        sys.stdout.flush()
+
+    start = time.perf_counter()
+    quality.generate(engine, prompt="warm-up", seed=0)
+    timings = []
+    for seed in range(5):
+        began = time.perf_counter()
+        quality.generate(engine, prompt="a red circle on a blue background", seed=seed)
+        timings.append(time.perf_counter() - began)
+    row("20-step generation at 64x64 (median of 5)", f"{sorted(timings)[2]:.2f} s", "<= 1 s")
+
+    accuracy = quality.attribute_accuracy(engine, args.prompts)
+    row(f"background colour ({accuracy.count} prompts)", f"{accuracy.background:.1%}", ">= 95%")
+    row(f"shape colour ({accuracy.count} prompts)", f"{accuracy.colour:.1%}", ">= 95%")
+    row(f"shape ({accuracy.count} prompts)", f"{accuracy.shape:.1%}", ">= 85%")
+
+    negative = quality.negative_prompt_effect(engine, range(args.seeds))
+    row(
+        f"negative 'red' turns red circles non-red ({negative.red_without} seeds)",
+        f"{negative.not_red_with}/{negative.red_without} = {negative.share:.0%}",
+        ">= 90%",
+    )
+    moved, total = quality.emphasis_effect(engine, range(6))
+    row("(blue:1.4) has more blue than (blue:0.6)", f"{moved}/{total} = {moved / total:.0%}", ">= 90%")
+
+    img2img = [quality.img2img_effect(engine, seed) for seed in range(4)]
+    red_inits = [e for e in img2img if e.init_colour == "red"]
+    row(
+        "img2img red->blue: blue at 0.75 / red at 0.1",
+        f"{sum(e.strong_colour == 'blue' for e in red_inits)}/{len(red_inits)} / "
+        f"{sum(e.weak_colour == 'red' for e in red_inits)}/{len(red_inits)}",
+        "all",
+    )
+    inpaint = quality.inpaint_effect(engine, seed=3)
+    row("inpaint: change inside mask (0-255)", f"{inpaint.masked_change:.1f}", "large")
+    row(
+        "inpaint: change outside / VAE round trip", f"{inpaint.outside_change:.2f} / {inpaint.vae_round_trip:.2f}", "<="
+    )
+    row("inpaint: colour inside the mask", inpaint.colour_inside, "blue")
+
+    for sampler in engine.samplers():
+        accuracy = quality.sampler_background_accuracy(engine, sampler, args.sampler_prompts)
+        steps = quality.USUAL_STEPS.get(sampler, 20)
+        row(f"background accuracy, {sampler} ({steps} steps)", f"{accuracy:.1%}", ">= 95%")
+    sys.stdout.write(f"\n{time.perf_counter() - start:.0f} s in all\n")
+
+
+def save_sample_grid(engine: Engine, path: Path) -> None:
+    """Colours across, shapes down, one seed: a Prompt S/R grid made by the Compare tab's own engine code."""
+    from engine import GenerationRequest
+    from engine.compare import Comparer, parse_axis
+    from engine.images import encode_png
+
+    base = GenerationRequest(prompt="a red circle on a white background", seed=7)
+    axes = [
+        parse_axis("Prompt S/R", "red, blue, green, yellow, purple, orange, black", engine),
+        parse_axis("Prompt S/R", "circle, square, triangle", engine),
+    ]
+    result = list(Comparer(engine).run_grid(base, axes))[-1]
+    grid = result.grids[0]
+    grid = grid.resize((grid.width * 2, grid.height * 2), Image.Resampling.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_png(grid, result.infotext))
+    sys.stdout.write(f"saved {path}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Measurements of what the micro model draws, run through the Engine like a user's request.
+
+Each function returns plain numbers; tools/measure_micro_quality.py prints them as a table over a
+large sample, and tests/test_micro_model.py asserts on a smaller one.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from engine import Engine, GenerationRequest
+
+from . import dataset
+
+# Step counts a user would pick for each sampler (A1111's usual ones); the rest use 20.
+USUAL_STEPS = {"LCM": 8, "DPM adaptive": 20, "Heun": 15, "DPM2": 15, "DPM2 a": 15, "DPM++ 2S a": 15, "Restart": 10}
+
+
+def generate(engine: Engine, **fields) -> Image.Image:
+    request = GenerationRequest(**fields)
+    events = list(engine.generate(request))
+    return events[-1].images[0]
+
+
+def prompt_set(count: int, seed: int = 0) -> list[tuple[str, dataset.ShapeScene]]:
+    """`count` prompts cycling through every shape/colour/background combination and caption style."""
+    combos = [
+        (shape, colour, background)
+        for shape, colour, background in itertools.product(dataset.SHAPES, dataset.COLOURS, dataset.COLOURS)
+        if colour != background
+    ]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(combos))
+    prompts = []
+    for i in range(count):
+        shape, colour, background = combos[order[i % len(combos)]]
+        size = dataset.SIZES[i % 2]
+        scene = dataset.ShapeScene(shape, colour, background, size, (0, 0, 0, 0))
+        template = dataset.FULL_TEMPLATES[i % len(dataset.FULL_TEMPLATES)]
+        prompts.append((dataset.fill_template(template, scene), scene))
+    return prompts
+
+
+@dataclass
+class Accuracy:
+    count: int
+    background: float
+    colour: float
+    shape: float
+
+
+def attribute_accuracy(engine: Engine, count: int, *, sampler: str = "DPM++ 2M", steps: int = 20) -> Accuracy:
+    hits = np.zeros(3)
+    prompts = prompt_set(count)
+    for i, (prompt, scene) in enumerate(prompts):
+        image = generate(engine, prompt=prompt, seed=1000 + i, sampler_name=sampler, steps=steps, cfg_scale=7.0)
+        reading = dataset.classify(image)
+        hits += [reading.background == scene.background, reading.colour == scene.colour, reading.shape == scene.shape]
+    return Accuracy(len(prompts), *(hits / len(prompts)))
+
+
+@dataclass
+class NegativeEffect:
+    red_without: int  # seeds whose circle was red with no negative prompt
+    not_red_with: int  # of those, how many are not red with negative prompt "red"
+
+    @property
+    def share(self) -> float:
+        return self.not_red_with / self.red_without if self.red_without else float("nan")
+
+
+def negative_prompt_effect(engine: Engine, seeds: range) -> NegativeEffect:
+    prompt = "a circle on a white background"
+    red_seeds = [s for s in seeds if dataset.classify(generate(engine, prompt=prompt, seed=s)).colour == "red"]
+    changed = sum(
+        dataset.classify(generate(engine, prompt=prompt, negative_prompt="red", seed=s)).colour != "red"
+        for s in red_seeds
+    )
+    return NegativeEffect(len(red_seeds), changed)
+
+
+EMPHASIS_CASES = [
+    ("a ({w}) circle on a yellow background", "blue"),
+    ("a red square on a ({w}) background", "blue"),
+    ("({w}) triangle, white background", "blue"),
+    ("a green circle on a ({w}) background", "blue"),
+]
+
+
+def emphasis_effect(engine: Engine, seeds: range) -> tuple[int, int]:
+    """(cases where (blue:1.4) gives more blue pixels than (blue:0.6), cases)."""
+    moved = total = 0
+    for (template, word), seed in itertools.product(EMPHASIS_CASES, seeds):
+        shares = []
+        for weight in (0.6, 1.4):
+            prompt = template.format(w=f"{word}:{weight}")
+            shares.append(dataset.classify(generate(engine, prompt=prompt, seed=seed)).colour_share[word])
+        moved += shares[1] > shares[0]
+        total += 1
+    return moved, total
+
+
+@dataclass
+class Img2ImgEffect:
+    init_colour: str
+    strong_colour: str  # at strength 0.75
+    weak_colour: str  # at strength 0.1
+
+
+def img2img_effect(engine: Engine, seed: int) -> Img2ImgEffect:
+    init = generate(engine, prompt="a red circle on a white background", seed=seed)
+    colours = [dataset.classify(init).colour]
+    for strength in (0.75, 0.1):
+        image = generate(
+            engine,
+            prompt="a blue circle on a white background",
+            seed=seed + 1,
+            init_images=[init],
+            denoising_strength=strength,
+        )
+        colours.append(dataset.classify(image).colour)
+    return Img2ImgEffect(*colours)
+
+
+@dataclass
+class InpaintEffect:
+    masked_change: float  # mean absolute change inside the mask, 0..255
+    outside_change: float  # mean absolute change outside the (blurred) mask
+    vae_round_trip: float  # mean absolute error of encoding and decoding the picture, outside the mask
+    colour_inside: str  # dominant non-background colour inside the mask afterwards
+
+
+def inpaint_effect(engine: Engine, seed: int) -> InpaintEffect:
+    import torch
+
+    init = generate(engine, prompt="a large red square on a white background", seed=seed)
+    labels = dataset.nearest_palette(np.asarray(init))
+    ys, xs = np.nonzero(labels == dataset.COLOURS.index(dataset.classify(init).colour))
+    mask = Image.new("L", init.size, 0)
+    box = (max(0, xs.min() - 3), max(0, ys.min() - 3), min(63, xs.max() + 3), min(63, ys.max() + 3))
+    mask.paste(255, box)
+    result = generate(
+        engine,
+        prompt="a large blue square on a white background",
+        seed=seed,
+        init_images=[init],
+        mask=mask,
+        denoising_strength=0.9,
+        mask_blur=2,
+    )
+    before, after = np.asarray(init).astype(float), np.asarray(result).astype(float)
+    inside = np.asarray(mask) > 0
+    # Outside the mask as the blur widened it: those pixels must be the init's own.
+    outside = np.asarray(mask.filter(ImageFilter.MaxFilter(9))) == 0
+    vae = engine.loaded.components["vae"]
+    with torch.no_grad():
+        tensor = torch.from_numpy(before).permute(2, 0, 1)[None].float() / 127.5 - 1
+        tensor = tensor.to(next(vae.parameters()).dtype)
+        decoded = vae.decode(vae.encode(tensor).latent_dist.mean).sample.float().clamp(-1, 1)
+    round_trip = ((decoded[0].permute(1, 2, 0).numpy() + 1) * 127.5).round()
+    region = dataset.nearest_palette(np.asarray(result))[inside]
+    counts = np.bincount(region, minlength=len(dataset.COLOURS))
+    counts[dataset.COLOURS.index("white")] = 0
+    return InpaintEffect(
+        masked_change=float(np.abs(after - before)[inside].mean()),
+        outside_change=float(np.abs(after - before)[outside].mean()),
+        vae_round_trip=float(np.abs(round_trip - before)[outside].mean()),
+        colour_inside=dataset.COLOURS[int(counts.argmax())],
+    )
+
+
+def sampler_background_accuracy(engine: Engine, sampler: str, count: int) -> float:
+    steps = USUAL_STEPS.get(sampler, 20)
+    return attribute_accuracy(engine, count, sampler=sampler, steps=steps).background

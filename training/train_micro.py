@@ -1,0 +1,427 @@
+"""Train the micro model: VAE first, then UNet and text encoder together; export a diffusers folder.
+
+    .venv/bin/python -m training.train_micro                 # from scratch (or carries on from a checkpoint)
+    .venv/bin/python -m training.train_micro --unet-steps 8000 --export-only
+
+Deterministic for a given seed and step count; checkpoints every few hundred steps into --work, so a
+stopped run carries on where it stopped (the RNG states are in the checkpoint too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import architecture, dataset
+
+log = logging.getLogger("train_micro")
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "models" / "Stable-diffusion" / "micro-shapes"
+DEFAULT_WORK = REPO / "training" / "runs" / "micro-shapes"
+FAMILY_MARKER = {"_lantern_family": "micro"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="diffusers folder to write")
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="checkpoints, latents and the log")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--images", type=int, default=30000, help="pictures generated for training")
+    parser.add_argument("--vae-steps", type=int, default=700)
+    parser.add_argument("--decoder-steps", type=int, default=1000, help="decoder-only fine-tuning steps")
+    parser.add_argument("--unet-steps", type=int, default=6000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--unet-lr", type=float, default=7e-4)
+    parser.add_argument("--text-lr", type=float, default=1e-3)
+    parser.add_argument("--aux-weight", type=float, default=0.1)
+    parser.add_argument(
+        "--offset-noise",
+        type=float,
+        default=0.0,
+        help="add this much per-channel constant noise (offset noise), so the picture's mean colour is learnt",
+    )
+    parser.add_argument("--eval-every", type=int, default=300)
+    parser.add_argument("--checkpoint-every", type=int, default=300)
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed) after this long")
+    parser.add_argument(
+        "--stop-after", type=int, default=None, help="stop at this step (the schedule still counts --unet-steps)"
+    )
+    parser.add_argument("--export-only", action="store_true", help="write --out from the last checkpoint")
+    return parser.parse_args(argv)
+
+
+# Data -------------------------------------------------------------------------------------------
+
+
+def training_pictures(count: int, seed: int) -> tuple[list[dataset.ShapeScene], torch.Tensor]:
+    scenes, pixels = dataset.make_images(count, seed)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return scenes, images
+
+
+class CaptionBatcher:
+    """Draws captions for scenes and turns them into token ids plus the labels the auxiliary heads learn."""
+
+    def __init__(self, tokenizer, rng: random.Random):
+        self.tokenizer = tokenizer
+        self.rng = rng
+        self._ids: dict[str, list[int]] = {}
+        vocab = tokenizer.get_vocab()
+        self.shape_nouns = {vocab[f"{shape}</w>"] for shape in [*dataset.SHAPES, "shape"]}
+        self.background_noun = vocab["background</w>"]
+
+    def token_ids(self, caption: str) -> list[int]:
+        if caption not in self._ids:
+            self._ids[caption] = self.tokenizer(caption, padding="max_length", max_length=77, truncation=True).input_ids
+        return self._ids[caption]
+
+    def draw(self, scenes: list[dataset.ShapeScene]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ids, labels = [], {"colour": [], "background": [], "shape": [], "size": []}
+        for scene in scenes:
+            caption, template = dataset.random_caption(scene, self.rng)
+            ids.append(self.token_ids(caption))
+            named = dataset.named_attributes(template) if template else dict.fromkeys(labels, False)
+            labels["colour"].append(dataset.COLOURS.index(scene.colour) if named["colour"] else -100)
+            labels["background"].append(dataset.COLOURS.index(scene.background) if named["background"] else -100)
+            labels["shape"].append(dataset.SHAPES.index(scene.shape) if named["shape"] else -100)
+            labels["size"].append(dataset.SIZES.index(scene.size) if named["size"] else -100)
+        return torch.tensor(ids), {k: torch.tensor(v) for k, v in labels.items()}
+
+
+class AuxiliaryHeads(nn.Module):
+    """Throwaway classifiers on the text encoder's output, used only in training.
+
+    They make the encoder state, at the end-of-text token and at the nouns, which colour belongs to
+    the shape and which to the background: word order decides it ("red on blue" vs "blue on red"),
+    and a small encoder trained by the diffusion loss alone learns that binding slowly.
+    """
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.eos = nn.ModuleDict(
+            {
+                "colour": nn.Linear(hidden, len(dataset.COLOURS)),
+                "background": nn.Linear(hidden, len(dataset.COLOURS)),
+                "shape": nn.Linear(hidden, len(dataset.SHAPES)),
+                "size": nn.Linear(hidden, len(dataset.SIZES)),
+            }
+        )
+        self.shape_noun_colour = nn.Linear(hidden, len(dataset.COLOURS))
+        self.background_noun_colour = nn.Linear(hidden, len(dataset.COLOURS))
+
+    def loss(self, hidden, input_ids, labels, shape_nouns: set[int], background_noun: int) -> torch.Tensor:
+        batch = torch.arange(hidden.shape[0])
+        eos = hidden[batch, input_ids.argmax(-1)]  # first end-of-text token (highest id), as CLIP pools
+        total = sum(F.cross_entropy(head(eos), labels[k], ignore_index=-100) for k, head in self.eos.items())
+        for noun_ids, head, key in (
+            (shape_nouns, self.shape_noun_colour, "colour"),
+            ({background_noun}, self.background_noun_colour, "background"),
+        ):
+            is_noun = torch.isin(input_ids, torch.tensor(sorted(noun_ids)))
+            rows, cols = is_noun.nonzero(as_tuple=True)
+            if len(rows):
+                total = total + F.cross_entropy(head(hidden[rows, cols]), labels[key][rows], ignore_index=-100)
+        return total
+
+
+# VAE ---------------------------------------------------------------------------------------------
+
+
+def train_vae(images: torch.Tensor, args, work: Path):
+    from diffusers import AutoencoderKL
+
+    folder = work / "vae"
+    if (folder / "config.json").is_file():
+        log.info("VAE: using %s", folder)
+        return AutoencoderKL.from_pretrained(folder)
+    torch.manual_seed(args.seed)
+    vae = architecture.build_vae()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1.5e-3, weight_decay=0.0)
+    order = torch.Generator().manual_seed(args.seed + 1)
+    start = time.time()
+    for step in range(args.vae_steps):
+        batch = images[torch.randint(0, len(images), (16,), generator=order)]
+        posterior = vae.encode(batch).latent_dist
+        recon = vae.decode(posterior.sample(generator=order)).sample
+        loss = F.mse_loss(recon, batch) + 0.1 * F.l1_loss(recon, batch) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for group in optimizer.param_groups:
+            group["lr"] = 1.5e-3 * 0.5 * (1 + math.cos(math.pi * (step + 1) / args.vae_steps))
+        if step % 50 == 0 or step == args.vae_steps - 1:
+            log.info("vae step %d loss %.5f (%.0f s)", step, loss.item(), time.time() - start)
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat(
+            [vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, min(2048, len(images)), 256)]
+        )
+    # Unit-variance latents, as SD's 0.18215 makes them: the noise schedule assumes it.
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    vae.save_pretrained(folder, safe_serialization=True)
+    log.info("VAE trained in %.0f s; scaling_factor %.4f", time.time() - start, vae.config.scaling_factor)
+    return vae
+
+
+def finetune_decoder(vae, images: torch.Tensor, args, work: Path):
+    """Sharpen the decoder with the encoder frozen: the latent space (and so the UNet's training data)
+    stays exactly the same, while edges and corners come back crisper (a triangle must not decode round)."""
+    from diffusers import AutoencoderKL
+
+    folder = work / "vae-finetuned"
+    if (folder / "config.json").is_file():
+        log.info("VAE decoder: using %s", folder)
+        return AutoencoderKL.from_pretrained(folder).eval()
+    tuned = copy.deepcopy(vae).train()
+    trainable = [*tuned.decoder.parameters(), *tuned.post_quant_conv.parameters()]
+    for param in tuned.parameters():
+        param.requires_grad_(False)
+    for param in trainable:
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0)
+    order = torch.Generator().manual_seed(args.seed + 5)
+    start = time.time()
+    for step in range(args.decoder_steps):
+        batch = images[torch.randint(0, len(images), (16,), generator=order)]
+        with torch.no_grad():
+            latents = tuned.encode(batch).latent_dist.sample(generator=order)
+        recon = tuned.decode(latents).sample
+        loss = F.mse_loss(recon, batch) + 0.1 * F.l1_loss(recon, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * (step + 1) / args.decoder_steps))
+        if step % 50 == 0 or step == args.decoder_steps - 1:
+            log.info("decoder step %d loss %.5f (%.0f s)", step, loss.item(), time.time() - start)
+    tuned.eval()
+    tuned.save_pretrained(folder, safe_serialization=True)
+    return tuned
+
+
+def encode_latents(vae, images: torch.Tensor, work: Path) -> torch.Tensor:
+    path = work / "latents.pt"
+    if path.is_file():
+        return torch.load(path)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i : i + 512]).latent_dist.mean for i in range(0, len(images), 512)])
+    latents = latents * vae.config.scaling_factor
+    torch.save(latents, path)
+    return latents
+
+
+# UNet + text encoder ---------------------------------------------------------------------------
+
+
+def evaluate(vae, text_encoder, unet, tokenizer, seed: int, count: int = 24, steps: int = 15) -> dict[str, float]:
+    pipe = build_pipeline(vae, text_encoder, unet, tokenizer)
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    rng = random.Random(seed)
+    scenes = [dataset.random_scene(rng) for _ in range(count)]
+    prompts = [
+        dataset.fill_template(dataset.FULL_TEMPLATES[i % len(dataset.FULL_TEMPLATES)], s) for i, s in enumerate(scenes)
+    ]
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(count)]
+    with torch.no_grad():
+        images = pipe(
+            prompts, num_inference_steps=steps, guidance_scale=7.0, generator=generators, height=64, width=64
+        ).images
+    readings = [dataset.classify(image) for image in images]
+    return {
+        "background": sum(r.background == s.background for r, s in zip(readings, scenes, strict=True)) / count,
+        "colour": sum(r.colour == s.colour for r, s in zip(readings, scenes, strict=True)) / count,
+        "shape": sum(r.shape == s.shape for r, s in zip(readings, scenes, strict=True)) / count,
+    }
+
+
+def build_pipeline(vae, text_encoder, unet, tokenizer):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=architecture.build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def lr_factor(step: int, total: int, warmup: int = 200) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for ema_param, param in zip(ema.parameters(), model.parameters(), strict=True):
+            ema_param.lerp_(param, 1 - decay)
+
+
+def train_unet(vae, latents, scenes, args, work: Path):
+    tokenizer = architecture.build_tokenizer()
+    torch.manual_seed(args.seed + 2)
+    unet = architecture.build_unet()
+    text_encoder = architecture.build_text_encoder(len(tokenizer))
+    heads = AuxiliaryHeads(architecture.TEXT_HIDDEN)
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": unet.parameters(), "lr": args.unet_lr, "base_lr": args.unet_lr},
+            {"params": [*text_encoder.parameters(), *heads.parameters()], "lr": args.text_lr, "base_lr": args.text_lr},
+        ],
+        weight_decay=0.01,
+    )
+    noise_schedule = architecture.build_scheduler()
+    alphas_cumprod = noise_schedule.alphas_cumprod
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    # Min-SNR-5 weighting: the nearly-clean steps stop dominating the loss, so the composition
+    # (colours, where the shape goes) is learnt sooner.
+    snr_weight = torch.clamp(snr, max=5.0) / snr
+    data_order = torch.Generator().manual_seed(args.seed + 3)
+    captions = CaptionBatcher(tokenizer, random.Random(args.seed + 4))
+    step = 0
+    checkpoint_path = work / "checkpoint.pt"
+    if checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        heads.load_state_dict(state["heads"])
+        ema_unet.load_state_dict(state["ema_unet"])
+        ema_text.load_state_dict(state["ema_text"])
+        optimizer.load_state_dict(state["optimizer"])
+        data_order.set_state(state["data_order"])
+        captions.rng.setstate(state["caption_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        step = state["step"]
+        log.info("Resumed at step %d", step)
+
+    def save_checkpoint() -> None:
+        state = {
+            "step": step,
+            "unet": unet.state_dict(),
+            "text_encoder": text_encoder.state_dict(),
+            "heads": heads.state_dict(),
+            "ema_unet": ema_unet.state_dict(),
+            "ema_text": ema_text.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "data_order": data_order.get_state(),
+            "caption_rng": captions.rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        torch.save(state, checkpoint_path.with_suffix(".tmp"))
+        checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
+
+    if args.export_only:
+        return ema_unet, ema_text, tokenizer
+    start, first_step = time.time(), step
+    unet.train()
+    text_encoder.train()
+    while step < args.unet_steps:
+        if args.max_minutes is not None and time.time() - start > args.max_minutes * 60:
+            log.info("Time budget reached at step %d", step)
+            break
+        if args.stop_after is not None and step >= args.stop_after:
+            log.info("Stopping at step %d as asked", step)
+            break
+        index = torch.randint(0, len(latents), (args.batch,), generator=data_order)
+        batch_latents = latents[index]
+        input_ids, labels = captions.draw([scenes[i] for i in index.tolist()])
+        noise = torch.randn(batch_latents.shape, generator=data_order)
+        if args.offset_noise:
+            # Plain noise leaves the picture's mean almost intact even at the last timestep, so the model
+            # learns to read the background colour from the noise instead of from the prompt; sampling
+            # then starts from noise with no such colour. Per-channel offsets hide the mean too.
+            offset = torch.randn((args.batch, batch_latents.shape[1], 1, 1), generator=data_order)
+            noise = noise + args.offset_noise * offset
+        timesteps = torch.randint(0, 1000, (args.batch,), generator=data_order)
+        noisy = noise_schedule.add_noise(batch_latents, noise, timesteps)
+        hidden = text_encoder(input_ids).last_hidden_state
+        predicted = unet(noisy, timesteps, hidden).sample
+        per_sample = F.mse_loss(predicted, noise, reduction="none").mean(dim=(1, 2, 3))
+        diffusion_loss = (per_sample * snr_weight[timesteps]).mean()
+        aux_loss = heads.loss(hidden, input_ids, labels, captions.shape_nouns, captions.background_noun)
+        loss = diffusion_loss + args.aux_weight * aux_loss
+        factor = lr_factor(step, args.unet_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([*unet.parameters(), *text_encoder.parameters()], 1.0)
+        optimizer.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        ema_update(ema_unet, unet, decay)
+        ema_update(ema_text, text_encoder, decay)
+        step += 1
+        if step % 50 == 0:
+            log.info(
+                "step %d diffusion %.4f aux %.3f (%.2f s/step)",
+                step,
+                diffusion_loss.item(),
+                aux_loss.item(),
+                (time.time() - start) / max(1, step - first_step),
+            )
+        if step % args.checkpoint_every == 0:
+            save_checkpoint()
+        if step % args.eval_every == 0:
+            scores = evaluate(vae, ema_text, ema_unet, tokenizer, seed=12345)
+            log.info("eval step %d %s", step, json.dumps(scores))
+    save_checkpoint()
+    return ema_unet, ema_text, tokenizer
+
+
+def export(vae, unet, text_encoder, tokenizer, out: Path) -> None:
+    from engine.previews import fit_latent_rgb, save_latent_rgb_table
+
+    pipe = build_pipeline(copy.deepcopy(vae), copy.deepcopy(text_encoder), copy.deepcopy(unet), tokenizer)
+    # Half precision on disk keeps the folder small; the engine loads it at the device's own precision.
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        module.to(torch.float16)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    index_path = out / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index.update(FAMILY_MARKER)
+    index_path.write_text(json.dumps(index, indent=2) + "\n")
+    save_latent_rgb_table(out / "latent_rgb.json", fit_latent_rgb(vae.float()))
+    log.info("Exported to %s", out)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(message)s",
+        handlers=[logging.StreamHandler(), logging.FileHandler(args.work / "train.log")],
+    )
+    log.info("Arguments: %s", vars(args))
+    scenes, images = training_pictures(args.images, args.seed)
+    vae = train_vae(images, args, args.work).eval()
+    latents = encode_latents(vae, images, args.work)
+    vae = finetune_decoder(vae, images, args, args.work)
+    unet, text_encoder, tokenizer = train_unet(vae, latents, scenes, args, args.work)
+    export(vae, unet, text_encoder, tokenizer, args.out)
+
+
+if __name__ == "__main__":
+    main()
