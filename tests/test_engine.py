@@ -219,7 +219,7 @@ def test_taesd_previews_only_where_weights_exist(engine, models_dir, tmp_path):
     local_models = tmp_path / "models"
     shutil.copytree(models_dir / "Stable-diffusion", local_models / "Stable-diffusion")
     AutoencoderTiny(latent_channels=4).save_pretrained(local_models / "VAE-approx" / "taesd-tiny")
-    with_taesd = Engine(models_dir=local_models)
+    with_taesd = Engine(model=str(local_models / "Stable-diffusion" / "tiny-sd"), models_dir=local_models)
     events, _ = run(with_taesd, preview=PreviewSettings(mode="taesd"), prompt="x", steps=2, seed=1, **SMALL)
     assert events[-1].preview.size == (64, 64)
 

@@ -19,7 +19,7 @@ def two_model_engine(models_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("two-models")
     shutil.copytree(models_dir / "Stable-diffusion" / "tiny-sd", root / "Stable-diffusion" / "tiny-sd")
-    engine = Engine(models_dir=root)
+    engine = Engine(model=str(root / "Stable-diffusion" / "tiny-sd"), models_dir=root)
     pipe = StableDiffusionPipeline.from_pretrained(engine.model.path)
     save_single_file(pipe, root / "Stable-diffusion" / "second.safetensors")
     return engine

@@ -292,7 +292,7 @@ def test_app_py_starts_with_no_arguments_like_a_space(models_dir, tmp_path):
         output = log_path.read_text()
         assert process.poll() is None, output
         assert f"Running on http://127.0.0.1:{port}/" in output, output
-        assert "tiny-sd" in output
+        assert "micro-shapes" in output  # the embedded default
     finally:
         process.send_signal(signal.SIGINT)
         try:
