@@ -176,6 +176,11 @@ def parse_prompt_attention(text: str) -> list[list]:
     return [[run[0], run[1]] for run in merged]
 
 
+def _check_emphasis(emphasis: str) -> None:
+    if emphasis not in EMPHASIS_MODES:
+        raise ValueError(f"emphasis: got {emphasis!r}; allowed: {', '.join(EMPHASIS_MODES)}")
+
+
 def is_break(text: str, weight: float) -> bool:
     return text == "BREAK" and weight == BREAK_WEIGHT
 
@@ -384,8 +389,7 @@ class PromptEncoder:
         """Encodings of several prompts and negative prompts (the entries of prompt-editing schedules), all
         padded to the same number of chunks so that any positive can be paired with any negative."""
         clip_skip = self._check_clip_skip(clip_skip)
-        if emphasis not in EMPHASIS_MODES:
-            raise ValueError(f"emphasis: got {emphasis!r}; allowed: {', '.join(EMPHASIS_MODES)}")
+        _check_emphasis(emphasis)
         with self._lock:
             encoded = self._encode_prompts([*prompts, *negative_prompts, ""], clip_skip, emphasis)
             empty = encoded.pop()
@@ -580,8 +584,7 @@ class SDXLPromptEncoder:
     ) -> tuple[list[SDXLEmbeds], list[SDXLEmbeds]]:
         """Like PromptEncoder.encode_many; clip_skip is checked but, as in A1111 for SDXL, not applied."""
         self.parts[0]._check_clip_skip(clip_skip)
-        if emphasis not in EMPHASIS_MODES:
-            raise ValueError(f"emphasis: got {emphasis!r}; allowed: {', '.join(EMPHASIS_MODES)}")
+        _check_emphasis(emphasis)
         with self._lock:
             texts = [split_extra_networks(text)[0] for text in [*prompts, *negative_prompts, ""]]
             encoded = [self._encode(text, emphasis) for text in texts]

@@ -7,6 +7,7 @@ its last grid's cells (for the timeline and Send to txt2img).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import tempfile
@@ -18,7 +19,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from engine import EngineError, GenerationRequest
+from engine import EngineError
 from engine.compare import (
     AXIS_TYPES,
     Comparer,
@@ -34,7 +35,7 @@ from engine.compare import (
 from engine.images import encode_png
 from engine.presets import PRESETS_DIR
 
-from .page_jobs import PageSession, engine_error, progress_html
+from .page_jobs import PageSession, build_request, engine_error, progress_html
 
 log = logging.getLogger(__name__)
 
@@ -332,19 +333,20 @@ def _run_grid(
     convergence: bool,
 ):
     """Streams (progress, current cell preview, grid, cells, plot, view, timeline choices, step slider)."""
-    base = GenerationRequest(
-        prompt=prompt or "",
-        negative_prompt=negative_prompt or "",
+    base = build_request(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
         sampler_name=sampler_name,
         scheduler=scheduler,
         steps=steps,
         cfg_scale=cfg_scale,
-        seed=-1 if seed is None else seed,
+        seed=seed,
         width=width,
         height=height,
-        prompt_syntax=session.prompt_syntax,
-        emphasis=session.emphasis,
+        n_iter=1,
+        batch_size=1,
     )
+    base = dataclasses.replace(base, prompt_syntax=session.prompt_syntax, emphasis=session.emphasis)
     try:
         axes = [
             parse_axis(kind, text, engine)
