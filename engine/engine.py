@@ -22,7 +22,7 @@ from .infotext import format_infotext
 from .models import LoadedModel, ModelInfo, ModelRegistry, default_dtype, load_model, pick_device
 from .presets import DEFAULT_MODELS_DIR, MICRO_MODEL_NAME, SHIPPED_MICRO_MODEL, FamilyDefaults
 from .previews import make_previewer
-from .prompt_schedule import has_schedule, prompt_schedule
+from .prompt_schedule import prompt_schedule
 from .prompts import Conditioning, PromptReading, SDXLEmbeds, describe_prompt
 from .request import SEED_MAX, GenerationRequest, Limits, validate_request
 from .tiny_model import TINY_MODEL_NAME, ensure_tiny_model
@@ -312,13 +312,6 @@ class Engine:
 
     def _encode_prompts(self, model: LoadedModel, req: GenerationRequest) -> Conditioning:
         steps = schedule_steps(req)
-        if model.prompt_encoder is None:
-            for name in ("prompt", "negative_prompt"):
-                if has_schedule(getattr(req, name)):
-                    raise InvalidRequestError(
-                        name, getattr(req, name), f"no prompt editing ([a:b:n], [a|b]) for {model.family} models yet"
-                    )
-            return Conditioning([(steps, req.prompt)], [(steps, req.negative_prompt)], steps, kind="text")
         clip_skip = _clip_skip(req)
         try:
             if req.prompt_syntax == "compel":

@@ -194,8 +194,6 @@ def run_batch(
 
 def _conditioning_kwargs(conditioning: Conditioning, count: int) -> dict:
     positive, negative = conditioning.at(0)
-    if conditioning.kind == "text":
-        return {"prompt": positive, "negative_prompt": negative or None, "num_images_per_prompt": count}
     if isinstance(positive, SDXLEmbeds):
         return {
             "prompt_embeds": positive.embeds,

@@ -66,6 +66,7 @@ class LoadedModel:
     taesd: Any | None
     device: torch.device
     dtype: torch.dtype
+    # Set by load_model for every model (make_prompt_encoders): A1111 syntax and compel syntax.
     prompt_encoder: Any | None = None
     compel_encoder: Any | None = None
     pipeline_classes: dict[str, type] = field(default_factory=dict)

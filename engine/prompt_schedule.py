@@ -202,7 +202,3 @@ def text_for_step(schedule: list[tuple[int, str]], step_index: int) -> str:
         if step_index <= end_step:
             return text
     return schedule[-1][1]
-
-
-def has_schedule(prompt: str) -> bool:
-    return len(prompt_schedule(prompt, 100)) > 1

@@ -423,7 +423,7 @@ def encode_prompt_a1111(
 @dataclass
 class Conditioning:
     """What one job conditions on: schedules of (end_step, embeddings) for the prompt and the negative
-    prompt, all the same length, or (end_step, text) for pipelines that encode text themselves.
+    prompt (SDXLEmbeds for SDXL).
 
     End steps count `steps` sampling steps, 0-based, as `prompt_schedule` makes them; without prompt
     editing each schedule has one entry.
@@ -432,7 +432,6 @@ class Conditioning:
     positive: list[tuple[int, object]]
     negative: list[tuple[int, object]]
     steps: int
-    kind: str = "embeds"  # "embeds" or "text"
 
     @property
     def scheduled(self) -> bool:
