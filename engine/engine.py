@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -211,7 +212,7 @@ class Engine:
 
     def _run_job(self, req, control, previewer, preview_every, events: queue.Queue) -> None:
         try:
-            with self._job_lock:
+            with self._job_lock, cpu_threads_for(self._require_model()):
                 result = self._run_locked(req, control, previewer, preview_every, events.put)
             events.put(result)
         except EngineError as exc:
@@ -342,6 +343,23 @@ class Engine:
             return [(end, on_model(embeds)) for end, embeds in schedule]
 
         return Conditioning(to_model(positive_schedule), to_model(negative_schedule), steps)
+
+
+@contextlib.contextmanager
+def cpu_threads_for(model: LoadedModel) -> Iterator[None]:
+    """Run with the model family's intra-op thread count on a CPU, then put torch's setting back.
+
+    Jobs hold the engine's job lock, so no other job's work sees the changed count."""
+    wanted = model.defaults.cpu_threads
+    if wanted is None or model.device.type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(min(wanted, previous))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def schedule_steps(req: GenerationRequest) -> int:

@@ -31,6 +31,9 @@ class FamilyDefaults:
     single_file_config: str
     # Folder name of this family's TAESD decoder under models/VAE-approx/.
     taesd: str
+    # Intra-op threads for jobs on a CPU (None: torch's default, one per core). The embedded models
+    # are so small that splitting each operation across threads costs more than it saves.
+    cpu_threads: int | None = None
 
     @property
     def native_size(self) -> tuple[int, int]:

@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from engine import Engine, GenerationRequest, JobControl, PreviewSettings, Progress, Result
@@ -154,6 +155,29 @@ def test_jobs_never_change_the_shared_scheduler(engine):
     assert engine.loaded.components["scheduler"] is shared
     assert type(shared).__name__ == "PNDMScheduler"
     assert dict(engine.loaded.scheduler_config) == config_before
+
+
+def test_embedded_models_run_single_threaded_on_a_cpu_and_put_torchs_setting_back(engine, monkeypatch):
+    # Splitting a tiny model's small operations across cores costs more than it saves (measured in
+    # the README); the family preset says so, and the job must not leave the setting changed.
+    unet = engine.loaded.components["unet"]
+    threads_seen = []
+    original_forward = unet.forward
+
+    def recording_forward(*args, **kwargs):
+        threads_seen.append(torch.get_num_threads())
+        return original_forward(*args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", recording_forward)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run(engine, prompt="x", steps=2, seed=1, **SMALL)
+        assert engine.loaded.defaults.cpu_threads == 1
+        assert threads_seen and set(threads_seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 def test_concurrent_callers_each_get_their_own_result(engine):
