@@ -25,6 +25,9 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 TIMEOUT_MS = 60_000
+# Batches of 150 steps in the runs a test stops: long enough (minutes, had nobody pressed Stop) that
+# a slow page or screenshot cannot let one finish before Stop arrives.
+LONG_RUN_BATCHES = 20
 PROMPT = "a lighthouse at dusk, oil painting"
 
 # Records, in order, each new src of the live preview and of the gallery's main image, and each
@@ -212,7 +215,7 @@ def test_selecting_an_image_of_a_batch_shows_its_infotext_and_seed(page):
 
 def test_stop_ends_a_long_run_and_the_page_stays_usable(page, artifacts_dir):
     _set_number(page, "txt2img_seed", 7)
-    _generate(page, steps=150, size=64, n_iter=4, wait_for_end=False)
+    _generate(page, steps=150, size=64, n_iter=LONG_RUN_BATCHES, wait_for_end=False)
     page.wait_for_function("/step \\d+\\/150/.test(document.querySelector('#txt2img_progress').textContent)")
     page.wait_for_selector("#txt2img_preview img")
     page.screenshot(path=str(artifacts_dir / "page_running.png"), full_page=True)
@@ -220,7 +223,7 @@ def test_stop_ends_a_long_run_and_the_page_stays_usable(page, artifacts_dir):
     page.wait_for_selector("#txt2img_progress .job-progress.interrupted")
     _wait_until_idle(page)
     assert "Stopped" in page.inner_text("#txt2img_progress")
-    assert _seen(page, "progress") and not any("batch 4/4" in text for text in _seen(page, "progress")), (
+    assert _seen(page, "progress") and not any(f"batch {LONG_RUN_BATCHES}/" in text for text in _seen(page, "progress")), (
         "Stop should end the run early"
     )
     assert "Seed: 7" in page.input_value("#txt2img_infotext textarea"), "the stopped run still shows its image"
@@ -249,7 +252,7 @@ def test_a_queued_job_shows_its_place_and_stop_reaches_only_its_owner(browser, p
     other.goto(page_url)
     other.wait_for_selector("#txt2img_prompt textarea")
     try:
-        _generate(page, steps=150, size=64, n_iter=4, wait_for_end=False)
+        _generate(page, steps=150, size=64, n_iter=LONG_RUN_BATCHES, wait_for_end=False)
         page.wait_for_function("/step \\d+\\/150/.test(document.querySelector('#txt2img_progress').textContent)")
 
         # The other user's job waits behind ours, and their page says where it stands in the queue.
