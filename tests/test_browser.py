@@ -223,9 +223,9 @@ def test_stop_ends_a_long_run_and_the_page_stays_usable(page, artifacts_dir):
     page.wait_for_selector("#txt2img_progress .job-progress.interrupted")
     _wait_until_idle(page)
     assert "Stopped" in page.inner_text("#txt2img_progress")
-    assert _seen(page, "progress") and not any(f"batch {LONG_RUN_BATCHES}/" in text for text in _seen(page, "progress")), (
-        "Stop should end the run early"
-    )
+    assert _seen(page, "progress") and not any(
+        f"batch {LONG_RUN_BATCHES}/" in text for text in _seen(page, "progress")
+    ), "Stop should end the run early"
     assert "Seed: 7" in page.input_value("#txt2img_infotext textarea"), "the stopped run still shows its image"
 
     # Usable again: the next run goes to the end.
