@@ -212,7 +212,7 @@ class Engine:
 
     def _run_job(self, req, control, previewer, preview_every, events: queue.Queue) -> None:
         try:
-            with self._job_lock, cpu_threads_for(self._require_model()):
+            with self._job_lock, cpu_threads_for(self._require_model(), req.width * req.height):
                 result = self._run_locked(req, control, previewer, preview_every, events.put)
             events.put(result)
         except EngineError as exc:
@@ -346,12 +346,15 @@ class Engine:
 
 
 @contextlib.contextmanager
-def cpu_threads_for(model: LoadedModel) -> Iterator[None]:
-    """Run with the model family's intra-op thread count on a CPU, then put torch's setting back.
+def cpu_threads_for(model: LoadedModel, pixels: int) -> Iterator[None]:
+    """Run with the model family's intra-op thread count on a CPU when the images are small enough
+    for it, then put torch's setting back.
 
     Jobs hold the engine's job lock, so no other job's work sees the changed count."""
-    wanted = model.defaults.cpu_threads
-    if wanted is None or model.device.type != "cpu":
+    defaults = model.defaults
+    wanted = defaults.cpu_threads
+    too_large = defaults.cpu_threads_max_pixels is not None and pixels > defaults.cpu_threads_max_pixels
+    if wanted is None or too_large or model.device.type != "cpu":
         yield
         return
     previous = torch.get_num_threads()

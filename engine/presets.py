@@ -31,9 +31,11 @@ class FamilyDefaults:
     single_file_config: str
     # Folder name of this family's TAESD decoder under models/VAE-approx/.
     taesd: str
-    # Intra-op threads for jobs on a CPU (None: torch's default, one per core). The embedded models
-    # are so small that splitting each operation across threads costs more than it saves.
+    # Intra-op threads for jobs on a CPU (None: torch's default, one per core), for images of at most
+    # cpu_threads_max_pixels. On the embedded models' small images, splitting each operation across
+    # threads costs more than it saves; on larger ones the threads win again (measured in the README).
     cpu_threads: int | None = None
+    cpu_threads_max_pixels: int | None = None
 
     @property
     def native_size(self) -> tuple[int, int]:

@@ -86,7 +86,7 @@ def main() -> None:
         def with_threads():
             if not family_threads:
                 return call()
-            with cpu_threads_for(model):
+            with cpu_threads_for(model, args.size * args.size):
                 return call()
 
         def threaded():
