@@ -1,7 +1,11 @@
 """Train the micro model: VAE first, then UNet and text encoder together; export a diffusers folder.
 
     .venv/bin/python -m training.train_micro                 # from scratch (or carries on from a checkpoint)
-    .venv/bin/python -m training.train_micro --unet-steps 8000 --export-only
+    .venv/bin/python -m training.train_micro --export-only   # write the folder from the last checkpoint
+
+The UNet/text-encoder training has two phases: --unet-steps on captions that match their pictures
+(cosine learning-rate schedule), then --low-noise-steps that also show some pictures, at low noise
+only, with captions of other colours, so that img2img at a low strength keeps the picture's colours.
 
 Deterministic for a given seed and step count; checkpoints every few hundred steps into --work, so a
 stopped run carries on where it stopped (the RNG states are in the checkpoint too).
@@ -26,6 +30,9 @@ from . import architecture, dataset
 
 log = logging.getLogger("train_micro")
 
+# Learning rate in the low-noise phase, relative to the base rates: twice where the main phase ends.
+LOW_NOISE_LR_FACTOR = 0.2
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "models" / "Stable-diffusion" / "micro-shapes"
 DEFAULT_WORK = REPO / "training" / "runs" / "micro-shapes"
@@ -41,6 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vae-steps", type=int, default=700)
     parser.add_argument("--decoder-steps", type=int, default=1000, help="decoder-only fine-tuning steps")
     parser.add_argument("--unet-steps", type=int, default=6000)
+    parser.add_argument(
+        "--low-noise-steps",
+        type=int,
+        default=1800,
+        help="steps after --unet-steps that also train on recoloured captions at low noise (for img2img)",
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--unet-lr", type=float, default=7e-4)
     parser.add_argument("--text-lr", type=float, default=1e-3)
@@ -48,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--offset-noise",
         type=float,
-        default=0.0,
+        default=0.3,
         help="add this much per-channel constant noise (offset noise), so the picture's mean colour is learnt",
     )
     parser.add_argument("--eval-every", type=int, default=300)
@@ -244,7 +257,41 @@ def evaluate(vae, text_encoder, unet, tokenizer, seed: int, count: int = 24, ste
         "background": sum(r.background == s.background for r, s in zip(readings, scenes, strict=True)) / count,
         "colour": sum(r.colour == s.colour for r, s in zip(readings, scenes, strict=True)) / count,
         "shape": sum(r.shape == s.shape for r, s in zip(readings, scenes, strict=True)) / count,
+        "img2img": img2img_score(pipe, seed, steps),
     }
+
+
+def img2img_score(pipe, seed: int, steps: int, seeds: int = 4) -> float:
+    """Share of red-circle pictures that a "blue circle" prompt leaves red at denoising strength 0.1
+    and turns blue at 0.75 (the two sides of what img2img's strength means)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    passed = 0
+    for offset in range(seeds):
+        with torch.no_grad():
+            init = pipe(
+                "a red circle on a white background",
+                num_inference_steps=steps,
+                generator=torch.Generator().manual_seed(seed + offset),
+                height=64,
+                width=64,
+            ).images[0]
+            colours = [
+                dataset.classify(
+                    img2img(
+                        "a blue circle on a white background",
+                        image=init,
+                        strength=strength,
+                        num_inference_steps=steps,
+                        generator=torch.Generator().manual_seed(seed + offset),
+                    ).images[0]
+                ).colour
+                for strength in (0.1, 0.75)
+            ]
+        passed += colours == [dataset.classify(init).colour, "blue"]
+    return passed / seeds
 
 
 def build_pipeline(vae, text_encoder, unet, tokenizer):
@@ -299,6 +346,9 @@ def train_unet(vae, latents, scenes, args, work: Path):
     snr_weight = torch.clamp(snr, max=5.0) / snr
     data_order = torch.Generator().manual_seed(args.seed + 3)
     captions = CaptionBatcher(tokenizer, random.Random(args.seed + 4))
+    # Its own stream, first used in the low-noise phase: the steps before that phase draw exactly what
+    # they drew before it existed.
+    recolour_rng = random.Random(args.seed + 5)
     step = 0
     checkpoint_path = work / "checkpoint.pt"
     if checkpoint_path.is_file():
@@ -311,6 +361,8 @@ def train_unet(vae, latents, scenes, args, work: Path):
         optimizer.load_state_dict(state["optimizer"])
         data_order.set_state(state["data_order"])
         captions.rng.setstate(state["caption_rng"])
+        if "recolour_rng" in state:
+            recolour_rng.setstate(state["recolour_rng"])
         torch.set_rng_state(state["torch_rng"])
         step = state["step"]
         log.info("Resumed at step %d", step)
@@ -326,6 +378,7 @@ def train_unet(vae, latents, scenes, args, work: Path):
             "optimizer": optimizer.state_dict(),
             "data_order": data_order.get_state(),
             "caption_rng": captions.rng.getstate(),
+            "recolour_rng": recolour_rng.getstate(),
             "torch_rng": torch.get_rng_state(),
         }
         torch.save(state, checkpoint_path.with_suffix(".tmp"))
@@ -336,7 +389,7 @@ def train_unet(vae, latents, scenes, args, work: Path):
     start, first_step = time.time(), step
     unet.train()
     text_encoder.train()
-    while step < args.unet_steps:
+    while step < args.unet_steps + args.low_noise_steps:
         if args.max_minutes is not None and time.time() - start > args.max_minutes * 60:
             log.info("Time budget reached at step %d", step)
             break
@@ -345,7 +398,12 @@ def train_unet(vae, latents, scenes, args, work: Path):
             break
         index = torch.randint(0, len(latents), (args.batch,), generator=data_order)
         batch_latents = latents[index]
-        input_ids, labels = captions.draw([scenes[i] for i in index.tolist()])
+        batch_scenes = [scenes[i] for i in index.tolist()]
+        in_low_noise_phase = step >= args.unet_steps
+        recolour = [in_low_noise_phase and recolour_rng.random() < dataset.RECOLOUR_SHARE for _ in batch_scenes]
+        input_ids, labels = captions.draw(
+            [dataset.recoloured(s, recolour_rng) if r else s for s, r in zip(batch_scenes, recolour, strict=True)]
+        )
         noise = torch.randn(batch_latents.shape, generator=data_order)
         if args.offset_noise:
             # Plain noise leaves the picture's mean almost intact even at the last timestep, so the model
@@ -354,6 +412,8 @@ def train_unet(vae, latents, scenes, args, work: Path):
             offset = torch.randn((args.batch, batch_latents.shape[1], 1, 1), generator=data_order)
             noise = noise + args.offset_noise * offset
         timesteps = torch.randint(0, 1000, (args.batch,), generator=data_order)
+        # A recoloured caption only ever meets a nearly finished picture.
+        timesteps = torch.where(torch.tensor(recolour), timesteps % dataset.LOW_NOISE_STEPS, timesteps)
         noisy = noise_schedule.add_noise(batch_latents, noise, timesteps)
         hidden = text_encoder(input_ids).last_hidden_state
         predicted = unet(noisy, timesteps, hidden).sample
@@ -361,7 +421,7 @@ def train_unet(vae, latents, scenes, args, work: Path):
         diffusion_loss = (per_sample * snr_weight[timesteps]).mean()
         aux_loss = heads.loss(hidden, input_ids, labels, captions.shape_nouns, captions.background_noun)
         loss = diffusion_loss + args.aux_weight * aux_loss
-        factor = lr_factor(step, args.unet_steps)
+        factor = lr_factor(step, args.unet_steps) if not in_low_noise_phase else LOW_NOISE_LR_FACTOR
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         optimizer.zero_grad(set_to_none=True)
