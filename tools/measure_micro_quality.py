@@ -31,7 +31,7 @@ def main(argv=None) -> None:
         "--prompts", type=int, default=168, help="prompts for the attribute accuracy (168 = all combos)"
     )
     parser.add_argument("--sampler-prompts", type=int, default=24, help="prompts per sampler")
-    parser.add_argument("--seeds", type=int, default=100, help="seeds tried for the negative-prompt check")
+    parser.add_argument("--seeds", type=int, default=300, help="seeds tried for the negative-prompt check")
     parser.add_argument(
         "--grid", type=Path, help="also save a labelled sample grid (PNG) here, e.g. docs/micro-shapes.png"
     )
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
     moved, total = quality.emphasis_effect(engine, range(6))
     row("(blue:1.4) has more blue than (blue:0.6)", f"{moved}/{total} = {moved / total:.0%}", ">= 90%")
 
-    img2img = [quality.img2img_effect(engine, seed) for seed in range(4)]
+    img2img = [quality.img2img_effect(engine, seed) for seed in range(12)]
     red_inits = [e for e in img2img if e.init_colour == "red"]
     row(
         "img2img red->blue: blue at 0.75 / red at 0.1",
