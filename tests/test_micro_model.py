@@ -48,10 +48,13 @@ def test_negative_prompt_removes_the_colour(micro_engine):
     assert effect.share >= NEGATIVE_BAR, effect
 
 
-def test_img2img_at_high_strength_follows_the_new_prompt(micro_engine):
-    # The first seed whose "red circle" came out red (shape colour is right ~2/3 of the time for now).
-    effect = next(e for e in map(lambda s: quality.img2img_effect(micro_engine, s), range(8)) if e.init_colour == "red")
-    assert effect.strong_colour == "blue"
+def test_img2img_follows_the_new_prompt_at_high_strength_and_keeps_the_picture_at_low(micro_engine):
+    effects = [quality.img2img_effect(micro_engine, seed) for seed in range(4)]
+    red_inits = [effect for effect in effects if effect.init_colour == "red"]
+    assert len(red_inits) >= 3, effects
+    assert all(effect.strong_colour == "blue" for effect in red_inits), effects
+    # At strength 0.1 the colour sometimes drifts toward the new prompt (purple); README: 9/12 stay red.
+    assert sum(effect.weak_colour == "red" for effect in red_inits) >= len(red_inits) / 2, effects
 
 
 def test_inpaint_repaints_the_mask_and_keeps_the_rest(micro_engine):
@@ -75,9 +78,8 @@ def test_classifier_reads_the_training_pictures_exactly():
     assert all(r.shape == s.shape for r, s in zip(readings, scenes, strict=True))
 
 
-# Floors on these small samples, below what the model measures (README: 168 prompts); the bars
-# (shape colour 95%, shape 85%, emphasis 90%) are not met yet by this partly trained model.
+# Floors on these small samples, below what the model measures (README: 168 prompts, 300 seeds).
 BACKGROUND_BAR = 0.9
-COLOUR_BAR = 0.5
-SHAPE_BAR = 0.3
-NEGATIVE_BAR = 0.75
+COLOUR_BAR = 0.9
+SHAPE_BAR = 0.75
+NEGATIVE_BAR = 0.9
