@@ -32,7 +32,7 @@ log = logging.getLogger("benchmark")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model name/path (default: the embedded tiny model)")
+    parser.add_argument("--model", default=None, help="model name/path (default: the default model, micro-shapes)")
     parser.add_argument("--models-dir", default=None)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
@@ -110,7 +110,7 @@ def main() -> None:
 
     variants = {
         "plain diffusers call": in_worker_thread(plain_pipeline_call),
-        # What the family's cpu_threads setting saves (only differs for families that set it).
+        # What the family's cpu_threads setting saves (differs only for families and sizes it covers).
         "plain call, torch's default threads": in_worker_thread(plain_pipeline_call, family_threads=False),
         "engine, previews off": engine_call("none"),
         "engine, approx preview every step": engine_call("approx"),
