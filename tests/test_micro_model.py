@@ -32,6 +32,8 @@ def test_it_is_the_default_and_loads_by_name(micro_engine, models_dir):
 
     assert micro_engine.model.family == "micro"
     assert micro_engine.defaults().native_size == (64, 64)
+    # The sampler it draws shapes best with (README: 88.7% against DPM++ 2M's 83.9% on held-out seeds).
+    assert micro_engine.defaults().sampler_name == "Euler a"
     assert Engine(models_dir=models_dir).model.path == str(SHIPPED_MICRO_MODEL)
 
 
@@ -81,5 +83,5 @@ def test_classifier_reads_the_training_pictures_exactly():
 # Floors on these small samples, below what the model measures (README: 168 prompts, 300 seeds).
 BACKGROUND_BAR = 0.9
 COLOUR_BAR = 0.9
-SHAPE_BAR = 0.75
+SHAPE_BAR = 0.85
 NEGATIVE_BAR = 0.9

@@ -53,7 +53,10 @@ class Accuracy:
     shape: float
 
 
-def attribute_accuracy(engine: Engine, count: int, *, sampler: str = "DPM++ 2M", steps: int = 20) -> Accuracy:
+def attribute_accuracy(engine: Engine, count: int, *, sampler: str | None = None, steps: int = 20) -> Accuracy:
+    """Shares of `count` prompts whose background, shape colour and shape are read right; the
+    sampler is the model's default (what the page opens with) unless named."""
+    sampler = sampler or engine.defaults().sampler_name
     hits = np.zeros(3)
     prompts = prompt_set(count)
     for i, (prompt, scene) in enumerate(prompts):
