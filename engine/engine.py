@@ -183,13 +183,17 @@ class Engine:
         req = self.validate(req)
         if not isinstance(preview.every, int) or preview.every < 1:
             raise InvalidRequestError("preview interval", preview.every, "a whole number of steps, at least 1")
+        if not isinstance(preview.min_interval_s, (int, float)) or not preview.min_interval_s >= 0:
+            raise InvalidRequestError(
+                "preview min_interval_s", preview.min_interval_s, "a number of seconds, 0 or more"
+            )
         model = self._require_model()
         previewer = make_previewer(preview.mode, vae=model.vae, latent_rgb=model.latent_rgb, taesd=model.taesd)
 
         events: queue.Queue = queue.Queue()
         worker = threading.Thread(
             target=self._run_job,
-            args=(req, control, previewer, preview.every, events),
+            args=(req, control, previewer, preview, events),
             name=f"job-{control.job_id}",
             daemon=True,
         )
@@ -210,10 +214,10 @@ class Engine:
                 # The caller stopped listening (closed the generator): don't keep computing for nobody.
                 control.interrupt()
 
-    def _run_job(self, req, control, previewer, preview_every, events: queue.Queue) -> None:
+    def _run_job(self, req, control, previewer, preview: PreviewSettings, events: queue.Queue) -> None:
         try:
             with self._job_lock, cpu_threads_for(self._require_model(), req.width * req.height):
-                result = self._run_locked(req, control, previewer, preview_every, events.put)
+                result = self._run_locked(req, control, previewer, preview, events.put)
             events.put(result)
         except EngineError as exc:
             events.put(exc)
@@ -225,7 +229,7 @@ class Engine:
         finally:
             events.put(_DONE)
 
-    def _run_locked(self, req, control: JobControl, previewer, preview_every, emit) -> Result:
+    def _run_locked(self, req, control: JobControl, previewer, preview: PreviewSettings, emit) -> Result:
         model = self._require_model()
         started = time.perf_counter()
         self._current = control
@@ -271,7 +275,8 @@ class Engine:
                     conditioning=conditioning,
                     control=control,
                     previewer=previewer,
-                    preview_every=preview_every,
+                    preview_every=preview.every,
+                    preview_interval_s=preview.min_interval_s,
                     emit=emit_progress,
                     batch_no=batch_no,
                     batch_count=len(batches),

@@ -20,10 +20,12 @@ _job_ids = itertools.count(1)
 
 @dataclass(frozen=True)
 class PreviewSettings:
-    """How live previews are made: `mode` is one of PREVIEW_MODES, one preview every `every` steps."""
+    """How live previews are made: `mode` is one of PREVIEW_MODES, one preview every `every` steps,
+    and none sooner than `min_interval_s` seconds after the last (the last step always has one)."""
 
     mode: str = "approx"
     every: int = 1
+    min_interval_s: float = 0.0
 
 
 class JobControl:

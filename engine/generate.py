@@ -110,6 +110,7 @@ def run_batch(
     batch_no: int,
     batch_count: int,
     started: float,
+    preview_interval_s: float = 0.0,
 ) -> BatchOutcome:
     """Sample one batch (one image per seed) and return its images."""
     scheduler = build_scheduler(model.scheduler_config, req.sampler_name, req.scheduler, seed=seeds[0])
@@ -120,10 +121,11 @@ def run_batch(
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     stopped = False
     preview_seconds = 0.0
+    last_preview_at = -float("inf")
     current_conditioning = conditioning.at(0)
 
     def on_step_end(pipeline, index, timestep, tensors):
-        nonlocal stopped, preview_seconds, current_conditioning
+        nonlocal stopped, preview_seconds, current_conditioning, last_preview_at
         step, total = index + 1, pipeline.num_timesteps
         if control.interrupted or control.take_skip():
             stopped = True
@@ -139,8 +141,10 @@ def run_batch(
                 current_conditioning = upcoming
                 changes.update(_pipeline_prompt_embeds(pipeline, upcoming, len(seeds)))
         preview = None
-        if previewer is not None and (step % preview_every == 0 or step == total):
-            preview_started = time.perf_counter()
+        preview_started = time.perf_counter()
+        due = step % preview_every == 0 and preview_started - last_preview_at >= preview_interval_s
+        if previewer is not None and (due or step == total):
+            last_preview_at = preview_started
             x0 = recorder.x0()
             if x0 is not None:
                 preview = previewer(x0[0])

@@ -223,6 +223,19 @@ def test_preview_interval_and_modes(engine):
     assert 0 < result.preview_seconds < result.elapsed
 
 
+def test_previews_are_paced_in_time_and_each_batch_ends_with_one(engine):
+    # The page asks for at most ten previews a second; a fast model must not decode one per step.
+    paced = PreviewSettings(mode="approx", min_interval_s=3600)
+    events, _ = run(engine, preview=paced, prompt="x", steps=6, n_iter=2, seed=1, **SMALL)
+    with_preview = [(event.batch_no, event.step) for event in events if event.preview is not None]
+    assert with_preview == [(0, 1), (0, 6), (1, 1), (1, 6)]  # the first, then none until each batch's end
+    assert len(events) == 12  # progress itself still comes every step
+
+    with pytest.raises(InvalidRequestError) as caught:
+        run(engine, preview=PreviewSettings(min_interval_s=-1), prompt="x", steps=1, **SMALL)
+    assert caught.value.field == "preview min_interval_s" and "0 or more" in str(caught.value)
+
+
 @pytest.mark.parametrize("sampler", ["Euler", "DDIM", "DPM++ 2M", "PLMS", "UniPC", "Heun", "LCM"])
 def test_preview_shows_the_predicted_clean_image(engine, sampler):
     """At the last step the predicted x0 is the final latent, so a full-VAE preview equals the image."""

@@ -98,6 +98,19 @@ def test_txt2img_streams_previews_then_a_png_carrying_its_infotext(page_url):
     assert "seed 1234" in progress
 
 
+def test_a_fast_run_streams_at_most_ten_updates_a_second_and_ends_on_its_last_step(page_url):
+    # The tiny model makes dozens of steps a second; the page gets a paced stream, not one per step.
+    client = _client(page_url)
+    started = time.monotonic()
+    updates = list(client.submit(*txt2img_args(steps=150, seed=7), api_name="/txt2img"))
+    elapsed = time.monotonic() - started
+    *running, _ = updates
+    assert len(running) <= elapsed / 0.1 + 3, f"{len(running)} updates in {elapsed:.1f} s"
+    assert len(running) < 150
+    assert _steps_seen(running)[-1] == 150
+    assert len({update[0] for update in running if update[0]}) >= 2, "the preview still changes as it runs"
+
+
 def test_batch_gives_one_image_and_caption_per_seed(page_url):
     result = _client(page_url).predict(*txt2img_args(steps=4, seed=77, n_iter=2, batch_size=2), api_name="/txt2img")
     gallery, infotext = result[2], result[3]

@@ -35,7 +35,7 @@ from engine.compare import (
 from engine.images import encode_png
 from engine.presets import PRESETS_DIR
 
-from .page_jobs import PageSession, build_request, engine_error, progress_html
+from .page_jobs import PageSession, UpdatePacer, build_request, engine_error, progress_html
 
 log = logging.getLogger(__name__)
 
@@ -361,15 +361,20 @@ def _run_grid(
     control = session.start_job()
     skip = gr.skip()
     result = None
+    pacer = UpdatePacer()
     try:
-        for event in comparer.run_grid(
-            base, axes, control=control, preview=session.preview_settings(), convergence=convergence
-        ):
+        # Every step's preview is kept for the timeline; the page is shown them at its usual pace.
+        settings = session.preview_settings(keep_every_frame=True)
+        for event in comparer.run_grid(base, axes, control=control, preview=settings, convergence=convergence):
             if isinstance(event, GridProgress):
+                last_step = event.progress is None or event.progress.step == event.progress.total
+                if not pacer.ready(force=last_step):
+                    continue
                 text = f"cell {event.cell_no + 1}/{event.cell_count}: {event.cell.label}"
                 if event.progress is not None:
                     text += f" - step {event.progress.step}/{event.progress.total}"
-                preview = event.progress.preview if event.progress is not None else skip
+                shown = event.progress.preview if event.progress is not None else None
+                preview = skip if shown is None else shown
                 yield progress_html(event.fraction, text, job_id=control.job_id), preview, *(skip,) * 6
             elif isinstance(event, GridResult):
                 result = event

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,9 @@ CHUNK_TOKENS = 75
 # Largest side of the live preview as shown; previews are latent-sized (1/8) and upscaled for display.
 PREVIEW_DISPLAY_SIDE = 512
 MASK_MODES = ("Inpaint masked", "Inpaint not masked")
+# Page updates while a job runs, at most one per this many seconds (10 a second): smooth to watch, and
+# a fast model (50+ steps a second) does not flood the browser and a shared link with an image per step.
+LIVE_UPDATE_INTERVAL_S = 0.1
 
 
 @dataclass
@@ -43,8 +47,11 @@ class PageSession:
     # Jobs this session queued or started and that have not ended, by job id: Stop interrupts these only.
     running: dict[int, JobControl] = field(default_factory=dict)
 
-    def preview_settings(self) -> PreviewSettings:
-        return PreviewSettings(mode=self.preview_mode, every=self.preview_every)
+    def preview_settings(self, *, keep_every_frame: bool = False) -> PreviewSettings:
+        """This session's previews, no more often than the page is updated unless `keep_every_frame`
+        (a comparison keeps each step's preview for its timeline)."""
+        interval = 0.0 if keep_every_frame else LIVE_UPDATE_INTERVAL_S
+        return PreviewSettings(mode=self.preview_mode, every=self.preview_every, min_interval_s=interval)
 
     def start_job(self) -> JobControl:
         """A control for a job about to be queued or run; Stop reaches it from now on."""
@@ -88,6 +95,21 @@ class ResultView:
 
 
 ERROR_TITLES = {"InvalidRequestError": "Invalid setting", "ModelLoadError": "Model not loaded"}
+
+
+class UpdatePacer:
+    """Lets live page updates through at most once per `interval_s`; forced ones always pass."""
+
+    def __init__(self, interval_s: float = LIVE_UPDATE_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self._last = -float("inf")
+
+    def ready(self, *, force: bool = False) -> bool:
+        now = time.monotonic()
+        if force or now - self._last >= self.interval_s:
+            self._last = now
+            return True
+        return False
 
 
 def engine_error(exc: EngineError) -> gr.Error:
@@ -264,6 +286,7 @@ def run_job(
     """
     control = session.take_job(ticket)
     result, fraction, shown = None, 0.0, None
+    pacer, stop_shown = UpdatePacer(), False
     request = dataclasses.replace(request, prompt_syntax=session.prompt_syntax, emphasis=session.emphasis)
     try:
         validated = engine.validate(request)
@@ -277,7 +300,11 @@ def run_job(
                     text = f"Stopping... {text}"
                 if event.preview is not None:
                     shown = preview_to_display(event.preview, width, height, PREVIEW_DISPLAY_SIDE)
-                yield shown, progress_html(fraction, text, job_id=control.job_id), [], "", gr.skip()
+                # Previews come paced by the engine; progress-only steps in between are dropped.
+                force = event.preview is not None or event.step == event.total or control.interrupted != stop_shown
+                if pacer.ready(force=force):
+                    stop_shown = control.interrupted
+                    yield shown, progress_html(fraction, text, job_id=control.job_id), [], "", gr.skip()
             elif isinstance(event, Result):
                 result = event
     except EngineError as exc:
