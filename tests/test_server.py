@@ -261,7 +261,9 @@ def test_taken_port_is_an_error_when_asked_for_and_skipped_otherwise():
 # app.py itself, started as Hugging Face Spaces start it ---------------------------------------
 
 
-def test_app_py_starts_with_no_arguments_like_a_space(models_dir, tmp_path):
+# Ctrl+C at a terminal; SIGTERM from docker stop or a Space restarting. Both close the server gracefully.
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_app_py_starts_with_no_arguments_like_a_space_and_stops_cleanly(models_dir, tmp_path, stop_signal):
     port = free_port()
     env = {
         **os.environ,
@@ -303,15 +305,17 @@ def test_app_py_starts_with_no_arguments_like_a_space(models_dir, tmp_path):
         assert f"Running on http://127.0.0.1:{port}/" in output, output
         assert "micro-shapes" in output  # the embedded default
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop_signal)
         try:
             code = process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGABRT)
             time.sleep(5)
             process.kill()
-            pytest.fail("app.py did not stop within 60 s of Ctrl+C; its threads:\n" + log_path.read_text())
-    assert code == 0, log_path.read_text()
+            pytest.fail(f"app.py did not stop within 60 s of {stop_signal.name}; its threads:\n" + log_path.read_text())
+    output = log_path.read_text()
+    assert code == 0, output
+    assert "Stopping" in output, output  # it closed the server rather than dying
 
 
 def test_app_main_reports_a_model_that_cannot_be_loaded(models_dir, caplog):

@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import os
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -351,13 +352,20 @@ class ServerHandle:
         return self.share_url
 
     def wait(self) -> None:
-        """Block until the server stops (Ctrl+C stops it)."""
+        """Block until the server stops. Ctrl+C, and SIGTERM (docker stop, a Space restarting), close
+        it gracefully: open pages get their streams ended instead of a dropped connection."""
+        previous_sigterm = None
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            previous_sigterm = signal.signal(signal.SIGTERM, _interrupt_main_thread)
         try:
             while self._thread.is_alive():
                 self._thread.join(0.5)
         except KeyboardInterrupt:
             log.info("Stopping")
             self.close()
+        finally:
+            if previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, previous_sigterm)
 
     def close(self, timeout: float = 10.0) -> None:
         # Open browser tabs hold event streams that only end when cancelled at shutdown; uvicorn
@@ -368,6 +376,10 @@ class ServerHandle:
         if self._thread.is_alive():
             self._server.force_exit = True
             self._thread.join(timeout)
+
+
+def _interrupt_main_thread(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _drop_shutdown_cancellations(record: logging.LogRecord) -> bool:
