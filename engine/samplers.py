@@ -56,7 +56,8 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec(
         "DPM++ 2S a",
         "DPMSolverSinglestepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2},
+        # lower_order_final as diffusers would switch it on at set_timesteps (with a warning each job).
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "lower_order_final": True},
         "Karras",
         ("k_dpmpp_2s_a",),
         note="diffusers has no ancestral 2S solver; this is its deterministic single-step DPM++ 2S",
