@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,25 @@ class PreviewSettings:
     mode: str = "approx"
     every: int = 1
     min_interval_s: float = 0.0
+
+
+class Pacer:
+    """Lets something through at most once per `interval_s` seconds; a forced one always passes.
+
+    Live previews and page updates use it: a fast model makes dozens of steps a second, more than a
+    person can watch or a browser and a shared link should carry.
+    """
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last = -float("inf")
+
+    def ready(self, *, force: bool = False) -> bool:
+        now = time.monotonic()
+        if force or now - self._last >= self.interval_s:
+            self._last = now
+            return True
+        return False
 
 
 class JobControl:

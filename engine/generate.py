@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageFilter
 
-from .events import JobControl, Progress
+from .events import JobControl, Pacer, Progress
 from .models import LoadedModel
 from .prompts import Conditioning, SDXLEmbeds
 from .request import GenerationRequest
@@ -121,11 +121,11 @@ def run_batch(
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     stopped = False
     preview_seconds = 0.0
-    last_preview_at = -float("inf")
+    preview_pacer = Pacer(preview_interval_s)
     current_conditioning = conditioning.at(0)
 
     def on_step_end(pipeline, index, timestep, tensors):
-        nonlocal stopped, preview_seconds, current_conditioning, last_preview_at
+        nonlocal stopped, preview_seconds, current_conditioning
         step, total = index + 1, pipeline.num_timesteps
         if control.interrupted or control.take_skip():
             stopped = True
@@ -141,10 +141,9 @@ def run_batch(
                 current_conditioning = upcoming
                 changes.update(_pipeline_prompt_embeds(pipeline, upcoming, len(seeds)))
         preview = None
-        preview_started = time.perf_counter()
-        due = step % preview_every == 0 and preview_started - last_preview_at >= preview_interval_s
-        if previewer is not None and (due or step == total):
-            last_preview_at = preview_started
+        wanted = previewer is not None and (step % preview_every == 0 or step == total)
+        if wanted and preview_pacer.ready(force=step == total):  # the last step always has one
+            preview_started = time.perf_counter()
             x0 = recorder.x0()
             if x0 is not None:
                 preview = previewer(x0[0])

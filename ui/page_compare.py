@@ -32,10 +32,11 @@ from engine.compare import (
     parse_axis,
     save_preset,
 )
+from engine.events import Pacer
 from engine.images import encode_png
 from engine.presets import PRESETS_DIR
 
-from .page_jobs import PageSession, UpdatePacer, build_request, engine_error, progress_html
+from .page_jobs import LIVE_UPDATE_INTERVAL_S, PageSession, build_request, engine_error, progress_html
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +362,7 @@ def _run_grid(
     control = session.start_job()
     skip = gr.skip()
     result = None
-    pacer = UpdatePacer()
+    pacer = Pacer(LIVE_UPDATE_INTERVAL_S)
     try:
         # Every step's preview is kept for the timeline; the page is shown them at its usual pace.
         settings = session.preview_settings(keep_every_frame=True)

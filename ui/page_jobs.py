@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import html
 import logging
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from engine import EngineError, GenerationRequest, JobControl, PreviewSettings, Progress, Result
-from engine.events import PREVIEW_MODES
+from engine.events import PREVIEW_MODES, Pacer
 from engine.previews import preview_to_display
 
 log = logging.getLogger(__name__)
@@ -95,21 +94,6 @@ class ResultView:
 
 
 ERROR_TITLES = {"InvalidRequestError": "Invalid setting", "ModelLoadError": "Model not loaded"}
-
-
-class UpdatePacer:
-    """Lets live page updates through at most once per `interval_s`; forced ones always pass."""
-
-    def __init__(self, interval_s: float = LIVE_UPDATE_INTERVAL_S) -> None:
-        self.interval_s = interval_s
-        self._last = -float("inf")
-
-    def ready(self, *, force: bool = False) -> bool:
-        now = time.monotonic()
-        if force or now - self._last >= self.interval_s:
-            self._last = now
-            return True
-        return False
 
 
 def engine_error(exc: EngineError) -> gr.Error:
@@ -286,7 +270,7 @@ def run_job(
     """
     control = session.take_job(ticket)
     result, fraction, shown = None, 0.0, None
-    pacer, stop_shown = UpdatePacer(), False
+    pacer, stop_shown = Pacer(LIVE_UPDATE_INTERVAL_S), False
     request = dataclasses.replace(request, prompt_syntax=session.prompt_syntax, emphasis=session.emphasis)
     try:
         validated = engine.validate(request)
