@@ -7,11 +7,12 @@ training/dataset.py (background = most common palette colour, shape colour = sec
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
 from engine.presets import SHIPPED_MICRO_MODEL
-from training import dataset, quality
+from training import architecture, dataset, quality, train_micro
 
 
 def test_model_folder_is_a_standard_small_diffusers_model():
@@ -78,6 +79,40 @@ def test_classifier_reads_the_training_pictures_exactly():
     readings = [dataset.classify(Image.fromarray(p)) for p in pixels]
     assert all(r.background == s.background and r.colour == s.colour for r, s in zip(readings, scenes, strict=True))
     assert all(r.shape == s.shape for r, s in zip(readings, scenes, strict=True))
+
+
+def test_training_captions_weight_colour_words_the_way_the_picture_goes():
+    """Emphasised training captions agree with their pictures: a heavier shape colour goes with a
+    larger shape, a heavier background colour with a smaller one; the weight sits on the colour word."""
+    rng = random.Random(0)
+    scenes = [dataset.random_scene(rng) for _ in range(800)]
+    template = dataset.FULL_TEMPLATES[0]  # "{a:c} {c} {s} on a {b} background"
+    drawn = [(scene, dataset.emphasis_weights(scene, template, rng, 0.25)) for scene in scenes]
+    low, high = dataset.EMPHASIS_RANGE
+    for word, increases_with_size in (("colour", True), ("background", False)):
+        pairs = sorted(
+            (scene.box[2] - scene.box[0] + 100 * dataset.SIZES.index(scene.size), weights[getattr(scene, word)])
+            for scene, weights in drawn
+            if getattr(scene, word) in weights
+        )
+        assert 0.15 < len(pairs) / len(scenes) < 0.35, (word, len(pairs))
+        ordered = [weight for _size, weight in pairs]
+        assert ordered == sorted(ordered, reverse=not increases_with_size), word
+        assert low <= min(ordered) < 0.7 and 1.3 < max(ordered) <= high, (word, min(ordered), max(ordered))
+    # A caption that does not name the background never weights it.
+    assert all(s.background not in dataset.emphasis_weights(s, "{c} {s}", rng, 0.25) for s in scenes)
+
+    tokenizer = architecture.build_tokenizer()
+    captions = train_micro.CaptionBatcher(tokenizer, random.Random(1), random.Random(2), emphasis_share=0.25)
+    input_ids, weights, _labels = captions.draw(scenes[:200])
+    colour_ids = set(captions.colour_ids.values())
+    weighted = [
+        (ids[i], w) for ids, row in zip(input_ids.tolist(), weights, strict=True) for i, w in enumerate(row) if w != 1.0
+    ]
+    assert weighted and all(token in colour_ids for token, _w in weighted)
+    # Off by default: the shipped model was trained on unweighted captions.
+    unweighted = train_micro.CaptionBatcher(tokenizer, random.Random(1), random.Random(2))
+    assert all(w == 1.0 for row in unweighted.draw(scenes[:200])[1] for w in row)
 
 
 # Floors on these small samples, below what the model measures (README: 168 prompts, 300 seeds).

@@ -148,6 +148,35 @@ def random_caption(scene: ShapeScene, rng: random.Random, templates: list[str] |
     return fill_template(template, scene), template
 
 
+# Emphasis: some captions weight a colour word as A1111's "(red:1.3)" does, and the picture they come
+# with is one whose colour areas agree: a heavier shape colour goes with a larger shape, a heavier
+# background colour with a smaller one. The model learns what a token's weight means, while the
+# weighting itself is the engine's, applied to the encoder output exactly as at generation time.
+EMPHASIS_RANGE = (0.5, 1.5)
+
+
+def size_rank(scene: ShapeScene, size_named: bool) -> float:
+    """Where the shape's size sits, 0 (smallest) to 1 (largest): among the sizes its size word allows
+    when the caption names it, among all sizes when it does not."""
+    low, high = SIZE_RANGES[scene.size]
+    within = (scene.box[2] - scene.box[0] - low) / (high - low)
+    return within if size_named else (SIZES.index(scene.size) + within) / len(SIZES)
+
+
+def emphasis_weights(scene: ShapeScene, template: str, rng: random.Random, share: float) -> dict[str, float]:
+    """Weights for colour words of the caption made from `template` that agree with `scene`'s areas,
+    each named colour word weighted in `share` of captions (words left at 1.0 are not listed)."""
+    named = named_attributes(template)
+    rank = size_rank(scene, named["size"])
+    low, high = EMPHASIS_RANGE
+    weights = {}
+    if "{c}" in template and rng.random() < share:
+        weights[scene.colour] = low + (high - low) * rank
+    if named["background"] and rng.random() < share:
+        weights[scene.background] = high - (high - low) * rank
+    return weights
+
+
 # Low-noise training pairs a picture with a caption of other colours, so the model learns what
 # img2img at a low denoising strength needs: with little noise the picture's own colours win over the
 # prompt's. (The data otherwise never contradicts its captions, and the model follows the text even

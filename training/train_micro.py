@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import logging
 import math
@@ -26,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import architecture, dataset
+from engine.prompts import apply_emphasis
+
+from . import architecture, dataset, quality
 
 log = logging.getLogger("train_micro")
 
@@ -64,6 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0.3,
         help="add this much per-channel constant noise (offset noise), so the picture's mean colour is learnt",
     )
+    parser.add_argument(
+        "--emphasis-share",
+        type=float,
+        default=0.0,
+        help="weight each colour word, as (red:1.3) does, in this share of captions, the weight following "
+        "that colour's area (an experiment towards prompt emphasis; the shipped model was trained without it)",
+    )
     parser.add_argument("--eval-every", type=int, default=300)
     parser.add_argument("--checkpoint-every", type=int, default=300)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed) after this long")
@@ -84,32 +94,43 @@ def training_pictures(count: int, seed: int) -> tuple[list[dataset.ShapeScene], 
 
 
 class CaptionBatcher:
-    """Draws captions for scenes and turns them into token ids plus the labels the auxiliary heads learn."""
+    """Draws captions for scenes and turns them into token ids, per-token emphasis weights and the
+    labels the auxiliary heads learn."""
 
-    def __init__(self, tokenizer, rng: random.Random):
+    def __init__(self, tokenizer, rng: random.Random, emphasis_rng: random.Random, emphasis_share: float = 0.0):
         self.tokenizer = tokenizer
         self.rng = rng
+        self.emphasis_rng = emphasis_rng
+        self.emphasis_share = emphasis_share
         self._ids: dict[str, list[int]] = {}
         vocab = tokenizer.get_vocab()
         self.shape_nouns = {vocab[f"{shape}</w>"] for shape in [*dataset.SHAPES, "shape"]}
         self.background_noun = vocab["background</w>"]
+        self.colour_ids = {colour: vocab[f"{colour}</w>"] for colour in dataset.COLOURS}
 
     def token_ids(self, caption: str) -> list[int]:
         if caption not in self._ids:
             self._ids[caption] = self.tokenizer(caption, padding="max_length", max_length=77, truncation=True).input_ids
         return self._ids[caption]
 
-    def draw(self, scenes: list[dataset.ShapeScene]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ids, labels = [], {"colour": [], "background": [], "shape": [], "size": []}
+    def draw(self, scenes: list[dataset.ShapeScene]) -> tuple[torch.Tensor, list[list[float]], dict[str, torch.Tensor]]:
+        ids, weights, labels = [], [], {"colour": [], "background": [], "shape": [], "size": []}
         for scene in scenes:
             caption, template = dataset.random_caption(scene, self.rng)
             ids.append(self.token_ids(caption))
+            token_weights = [1.0] * len(ids[-1])
+            if template:
+                for colour, weight in dataset.emphasis_weights(
+                    scene, template, self.emphasis_rng, self.emphasis_share
+                ).items():
+                    token_weights[ids[-1].index(self.colour_ids[colour])] = weight
+            weights.append(token_weights)
             named = dataset.named_attributes(template) if template else dict.fromkeys(labels, False)
             labels["colour"].append(dataset.COLOURS.index(scene.colour) if named["colour"] else -100)
             labels["background"].append(dataset.COLOURS.index(scene.background) if named["background"] else -100)
             labels["shape"].append(dataset.SHAPES.index(scene.shape) if named["shape"] else -100)
             labels["size"].append(dataset.SIZES.index(scene.size) if named["size"] else -100)
-        return torch.tensor(ids), {k: torch.tensor(v) for k, v in labels.items()}
+        return torch.tensor(ids), weights, {k: torch.tensor(v) for k, v in labels.items()}
 
 
 class AuxiliaryHeads(nn.Module):
@@ -258,7 +279,38 @@ def evaluate(vae, text_encoder, unet, tokenizer, seed: int, count: int = 24, ste
         "colour": sum(r.colour == s.colour for r, s in zip(readings, scenes, strict=True)) / count,
         "shape": sum(r.shape == s.shape for r, s in zip(readings, scenes, strict=True)) / count,
         "img2img": img2img_score(pipe, seed, steps),
+        "emphasis": emphasis_score(pipe, seed, steps),
     }
+
+
+def emphasis_score(pipe, seed: int, steps: int, seeds: int = 3) -> float:
+    """Share of quality.EMPHASIS_CASES where "blue" weighted 1.4 gives more blue pixels than at 0.6."""
+    blue = pipe.tokenizer.get_vocab()["blue</w>"]
+    with torch.no_grad():
+        unconditional = pipe.text_encoder(
+            pipe.tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids
+        )[0]
+    moved = total = 0
+    for (template, word), offset in itertools.product(quality.EMPHASIS_CASES, range(seeds)):
+        ids = pipe.tokenizer(template.replace("({w})", word), padding="max_length", max_length=77).input_ids
+        shares = []
+        for weight in (0.6, 1.4):
+            weights = [weight if token == blue else 1.0 for token in ids]
+            with torch.no_grad():
+                hidden = pipe.text_encoder(torch.tensor([ids]))[0]
+                image = pipe(
+                    prompt_embeds=apply_emphasis(hidden, [weights], "Original"),
+                    negative_prompt_embeds=unconditional,
+                    num_inference_steps=steps,
+                    guidance_scale=7.0,
+                    generator=torch.Generator().manual_seed(seed + offset),
+                    height=64,
+                    width=64,
+                ).images[0]
+            shares.append(dataset.classify(image).colour_share[word])
+        moved += shares[1] > shares[0]
+        total += 1
+    return moved / total
 
 
 def img2img_score(pipe, seed: int, steps: int, seeds: int = 4) -> float:
@@ -345,7 +397,9 @@ def train_unet(vae, latents, scenes, args, work: Path):
     # (colours, where the shape goes) is learnt sooner.
     snr_weight = torch.clamp(snr, max=5.0) / snr
     data_order = torch.Generator().manual_seed(args.seed + 3)
-    captions = CaptionBatcher(tokenizer, random.Random(args.seed + 4))
+    captions = CaptionBatcher(
+        tokenizer, random.Random(args.seed + 4), random.Random(args.seed + 6), args.emphasis_share
+    )
     # Its own stream, first used in the low-noise phase: the steps before that phase draw exactly what
     # they drew before it existed.
     recolour_rng = random.Random(args.seed + 5)
@@ -361,6 +415,7 @@ def train_unet(vae, latents, scenes, args, work: Path):
         optimizer.load_state_dict(state["optimizer"])
         data_order.set_state(state["data_order"])
         captions.rng.setstate(state["caption_rng"])
+        captions.emphasis_rng.setstate(state["emphasis_rng"])
         if "recolour_rng" in state:
             recolour_rng.setstate(state["recolour_rng"])
         torch.set_rng_state(state["torch_rng"])
@@ -378,6 +433,7 @@ def train_unet(vae, latents, scenes, args, work: Path):
             "optimizer": optimizer.state_dict(),
             "data_order": data_order.get_state(),
             "caption_rng": captions.rng.getstate(),
+            "emphasis_rng": captions.emphasis_rng.getstate(),
             "recolour_rng": recolour_rng.getstate(),
             "torch_rng": torch.get_rng_state(),
         }
@@ -401,7 +457,7 @@ def train_unet(vae, latents, scenes, args, work: Path):
         batch_scenes = [scenes[i] for i in index.tolist()]
         in_low_noise_phase = step >= args.unet_steps
         recolour = [in_low_noise_phase and recolour_rng.random() < dataset.RECOLOUR_SHARE for _ in batch_scenes]
-        input_ids, labels = captions.draw(
+        input_ids, token_weights, labels = captions.draw(
             [dataset.recoloured(s, recolour_rng) if r else s for s, r in zip(batch_scenes, recolour, strict=True)]
         )
         noise = torch.randn(batch_latents.shape, generator=data_order)
@@ -416,7 +472,11 @@ def train_unet(vae, latents, scenes, args, work: Path):
         timesteps = torch.where(torch.tensor(recolour), timesteps % dataset.LOW_NOISE_STEPS, timesteps)
         noisy = noise_schedule.add_noise(batch_latents, noise, timesteps)
         hidden = text_encoder(input_ids).last_hidden_state
-        predicted = unet(noisy, timesteps, hidden).sample
+        # The UNet sees the prompt weighted as the engine weights it. Multiplied only: "Original" emphasis
+        # then rescales the chunk to its old mean, which is ill-conditioned while the encoder is fresh
+        # (its outputs average almost exactly zero) and a ~1e-5 change once trained.
+        conditioning = apply_emphasis(hidden, token_weights, "No norm")
+        predicted = unet(noisy, timesteps, conditioning).sample
         per_sample = F.mse_loss(predicted, noise, reduction="none").mean(dim=(1, 2, 3))
         diffusion_loss = (per_sample * snr_weight[timesteps]).mean()
         aux_loss = heads.loss(hidden, input_ids, labels, captions.shape_nouns, captions.background_noun)
