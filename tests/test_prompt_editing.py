@@ -10,7 +10,7 @@ import torch
 from engine import GenerationRequest, InvalidRequestError
 from engine.infotext import format_infotext, parse_infotext
 from engine.prompt_schedule import prompt_schedule, text_for_step
-from engine.prompts import CompelEncoder, PromptEncoder, encode_prompt_a1111
+from engine.prompts import CompelEncoder, PromptEncoder, apply_emphasis, encode_prompt_a1111
 
 # --- schedules: the cases from the docstring of A1111's get_learned_conditioning_prompt_schedules ------------
 
@@ -73,10 +73,21 @@ def pipe():
     return build_tiny_pipeline()
 
 
-def reference_a1111(pipe, weighted_words: list[tuple[str, float]]) -> torch.Tensor:
+@pytest.fixture(scope="module")
+def text_encoder(pipe):
+    """The tiny encoder with a bias on its final layer norm. With zero bias (random init) every token's
+    mean is ~0, so A1111's mean restoration divides ~0 by ~0 (on some CPUs exactly 0 by 0); a trained
+    CLIP's mean is well away from zero."""
+    encoder = copy.deepcopy(pipe.text_encoder)
+    with torch.no_grad():
+        encoder.final_layer_norm.bias.fill_(0.3)
+    return encoder
+
+
+def reference_a1111(pipe, text_encoder, weighted_words: list[tuple[str, float]]) -> torch.Tensor:
     """A1111's "Original" emphasis written out for a short prompt of whole words: one chunk of BOS, tokens,
     EOS padding; z * weights, then z * (mean before / mean after)."""
-    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    tokenizer, encoder = pipe.tokenizer, text_encoder
     ids, weights = [tokenizer.bos_token_id], [1.0]
     for word, weight in weighted_words:
         word_ids = tokenizer(word, add_special_tokens=False).input_ids
@@ -91,11 +102,18 @@ def reference_a1111(pipe, weighted_words: list[tuple[str, float]]) -> torch.Tens
     return z * (before / z.mean())
 
 
-def test_encode_prompt_a1111_matches_the_reference(pipe):
-    got = encode_prompt_a1111("a (red:1.3) fox [sleeping]", pipe.tokenizer, pipe.text_encoder)
-    expected = reference_a1111(pipe, [("a", 1.0), ("red", 1.3), ("fox", 1.0), ("sleeping", 1 / 1.1)])
+def test_encode_prompt_a1111_matches_the_reference(pipe, text_encoder):
+    got = encode_prompt_a1111("a (red:1.3) fox [sleeping]", pipe.tokenizer, text_encoder)
+    expected = reference_a1111(pipe, text_encoder, [("a", 1.0), ("red", 1.3), ("fox", 1.0), ("sleeping", 1 / 1.1)])
     assert got.shape == (1, 77, pipe.text_encoder.config.hidden_size)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_chunk_whose_mean_is_zero_is_weighted_but_not_rescaled():
+    # A1111 would divide by zero here and send infinities to the UNet; the engine keeps the weighting.
+    hidden = torch.tensor([[[1.0, -1.0], [2.0, -2.0]]])
+    weighted = apply_emphasis(hidden, [[1.0, 1.5]], "Original")
+    torch.testing.assert_close(weighted, torch.tensor([[[1.0, -1.0], [3.0, -3.0]]]))
 
 
 def test_a_300_token_prompt_gives_four_chunks(pipe):
@@ -104,13 +122,7 @@ def test_a_300_token_prompt_gives_four_chunks(pipe):
     assert embeds.shape[1] == 77 * 4
 
 
-def test_emphasis_modes(pipe):
-    # The random tiny encoder's final layer norm has zero bias, so every token's mean is ~0 and the mean
-    # restoration would be invisible; a trained CLIP's is not. Give a copy a bias to tell the modes apart.
-    text_encoder = copy.deepcopy(pipe.text_encoder)
-    with torch.no_grad():
-        text_encoder.final_layer_norm.bias.fill_(0.3)
-
+def test_emphasis_modes(pipe, text_encoder):
     def encode(prompt, emphasis):
         return encode_prompt_a1111(prompt, pipe.tokenizer, text_encoder, emphasis=emphasis)
 
