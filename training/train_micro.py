@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.prompts import apply_emphasis
+from engine.prompts import apply_emphasis, encode_prompt_a1111
 
 from . import architecture, dataset, quality
 
@@ -288,22 +288,18 @@ def evaluate(
 
 
 def emphasis_score(pipe, seed: int, steps: int, seeds: int = 3) -> float:
-    """Share of quality.EMPHASIS_CASES where "blue" weighted 1.4 gives more blue pixels than at 0.6."""
-    blue = pipe.tokenizer.get_vocab()["blue</w>"]
+    """Share of quality.EMPHASIS_CASES where "(blue:1.4)" gives more blue pixels than "(blue:0.6)"."""
     with torch.no_grad():
-        unconditional = pipe.text_encoder(
-            pipe.tokenizer("", padding="max_length", max_length=77, return_tensors="pt").input_ids
-        )[0]
+        unconditional = encode_prompt_a1111("", pipe.tokenizer, pipe.text_encoder)
     moved = total = 0
     for (template, word), offset in itertools.product(quality.EMPHASIS_CASES, range(seeds)):
-        ids = pipe.tokenizer(template.replace("({w})", word), padding="max_length", max_length=77).input_ids
         shares = []
         for weight in (0.6, 1.4):
-            weights = [weight if token == blue else 1.0 for token in ids]
             with torch.no_grad():
-                hidden = pipe.text_encoder(torch.tensor([ids]))[0]
                 image = pipe(
-                    prompt_embeds=apply_emphasis(hidden, [weights], "Original"),
+                    prompt_embeds=encode_prompt_a1111(
+                        template.format(w=f"{word}:{weight}"), pipe.tokenizer, pipe.text_encoder
+                    ),
                     negative_prompt_embeds=unconditional,
                     num_inference_steps=steps,
                     guidance_scale=7.0,
@@ -419,7 +415,8 @@ def train_unet(vae, latents, scenes, args, work: Path):
         optimizer.load_state_dict(state["optimizer"])
         data_order.set_state(state["data_order"])
         captions.rng.setstate(state["caption_rng"])
-        captions.emphasis_rng.setstate(state["emphasis_rng"])
+        if "emphasis_rng" in state:  # checkpoints from before the option have none
+            captions.emphasis_rng.setstate(state["emphasis_rng"])
         if "recolour_rng" in state:
             recolour_rng.setstate(state["recolour_rng"])
         torch.set_rng_state(state["torch_rng"])
