@@ -27,6 +27,10 @@ class SamplerSpec:
     # per-image seeds only hold when each image is sampled on its own.
     batch_shares_noise: bool = False
     note: str = ""
+    # A1111 runs this sampler through k-diffusion, whose sigmas span every training timestep (999 down
+    # to 0: diffusers' "linspace" spacing); its DDIM, PLMS and UniPC step on the model's own timestep
+    # spacing (SD's "leading", offset 1), as do samplers A1111 lacks.
+    k_diffusion: bool = True
 
 
 # Order as in A1111's sampler dropdown.
@@ -75,11 +79,11 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("Heun", "HeunDiscreteScheduler", {}, "Uniform", ("k_heun",)),
     SamplerSpec("DPM2", "KDPM2DiscreteScheduler", {}, "Karras", ("k_dpm_2",)),
     SamplerSpec("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, "Karras", ("k_dpm_2_a",)),
-    SamplerSpec("DDIM", "DDIMScheduler", {"set_alpha_to_one": False}, "Uniform", ("ddim",)),
-    SamplerSpec("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, "Uniform", ("plms",)),
-    SamplerSpec("UniPC", "UniPCMultistepScheduler", {}, "Uniform", ("unipc",)),
-    SamplerSpec("DEIS", "DEISMultistepScheduler", {}, "Uniform", ("deis",)),
-    SamplerSpec("LCM", "LCMScheduler", {}, "Uniform", ("lcm",)),
+    SamplerSpec("DDIM", "DDIMScheduler", {"set_alpha_to_one": False}, "Uniform", ("ddim",), k_diffusion=False),
+    SamplerSpec("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, "Uniform", ("plms",), k_diffusion=False),
+    SamplerSpec("UniPC", "UniPCMultistepScheduler", {}, "Uniform", ("unipc",), k_diffusion=False),
+    SamplerSpec("DEIS", "DEISMultistepScheduler", {}, "Uniform", ("deis",), k_diffusion=False),
+    SamplerSpec("LCM", "LCMScheduler", {}, "Uniform", ("lcm",), k_diffusion=False),
 )
 
 # Schedule types (A1111 >= 1.9) and the scheduler config keys that express them in diffusers.
@@ -164,6 +168,10 @@ def build_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: st
     overrides: dict[str, Any] = dict(spec.options)
     # Start from a clean sigma schedule: a model's config may itself ask for Karras sigmas.
     overrides.update({flag: False for flag in _SIGMA_FLAGS if flag in params})
+    if spec.k_diffusion:
+        # Also where the Karras/Exponential sigmas are derived from the spaced ones (Euler, LMS, Heun,
+        # DPM2, DPM++ SDE in diffusers): the range is then A1111's, sigma(999) down to sigma(0).
+        overrides["timestep_spacing"] = "linspace"
     overrides.update(SCHEDULE_TYPES[effective_schedule(spec, schedule)])
     if "noise_sampler_seed" in params and seed is not None:
         overrides["noise_sampler_seed"] = seed

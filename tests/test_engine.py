@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from engine import Engine, GenerationRequest, JobControl, PreviewSettings, Progress, Result
 from engine.errors import InvalidRequestError
-from engine.samplers import sampler_names
+from engine.samplers import build_scheduler, sampler_names
 
 SMALL = {"width": 64, "height": 64}
 
@@ -133,6 +133,54 @@ def test_automatic_schedule_is_the_samplers_a1111_default(engine):
     _, automatic = run(engine, scheduler="Automatic", **request)
     _, karras = run(engine, scheduler="Karras", **request)
     assert same_pixels(automatic.images[0], karras.images[0])
+
+
+# SD 1.x's scheduler config: "leading" spacing with offset 1, made for DDIM and PLMS.
+SD_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "prediction_type": "epsilon",
+}
+
+
+@pytest.mark.parametrize(
+    ("sampler", "schedule", "second_sigma"),
+    [
+        ("Euler a", "Uniform", 10.747),  # k-diffusion's uniform: t = linspace(999, 0, steps)
+        ("LMS", "Uniform", 10.747),
+        ("DPM2", "Karras", 11.725),
+        ("DPM++ SDE", "Karras", 11.725),
+        ("DPM++ 2M", "Karras", 11.725),
+    ],
+)
+def test_k_diffusion_samplers_span_a1111s_sigmas(sampler, schedule, second_sigma):
+    # A1111 samples SD 1.x from sigma 14.6146 (t=999) down to 0.0292 (t=0) with every k-diffusion
+    # sampler; the config's "leading" spacing would start at t=951 (sigma 12.2) and stop at t=1.
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, sampler, schedule, seed=0)
+    scheduler.set_timesteps(20)
+    sigmas = scheduler.sigmas.tolist()
+    assert sigmas[0] == pytest.approx(14.6146, abs=1e-3)
+    assert sigmas[1] == pytest.approx(second_sigma, abs=1e-3)
+    assert min(s for s in sigmas if s > 0) == pytest.approx(0.0292, abs=1e-3)
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "PLMS"])
+def test_timestep_samplers_keep_the_models_spacing(sampler):
+    # A1111's DDIM and PLMS step on range(1, 1000, 1000 // steps), as the config's "leading" spacing does.
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, sampler, "Uniform", seed=0)
+    scheduler.set_timesteps(20)
+    assert scheduler.timesteps[0] == 951 and scheduler.timesteps[-1] == 1
+
+
+def test_sgm_uniform_is_trailing_spacing():
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "Euler", "SGM Uniform", seed=0)
+    scheduler.set_timesteps(20)
+    assert scheduler.timesteps[:2].tolist() == [999, 949]
 
 
 def test_old_combined_sampler_names_and_any_case_are_accepted(engine):
