@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import json
 import logging
 import math
@@ -293,25 +292,20 @@ def emphasis_score(pipe, seed: int, steps: int, seeds: int = 3) -> float:
     """Share of quality.EMPHASIS_CASES where "(blue:1.4)" gives more blue pixels than "(blue:0.6)"."""
     with torch.no_grad():
         unconditional = encode_prompt_a1111("", pipe.tokenizer, pipe.text_encoder)
-    moved = total = 0
-    for (template, word), offset in itertools.product(quality.EMPHASIS_CASES, range(seeds)):
-        shares = []
-        for weight in (0.6, 1.4):
-            with torch.no_grad():
-                image = pipe(
-                    prompt_embeds=encode_prompt_a1111(
-                        template.format(w=f"{word}:{weight}"), pipe.tokenizer, pipe.text_encoder
-                    ),
-                    negative_prompt_embeds=unconditional,
-                    num_inference_steps=steps,
-                    guidance_scale=7.0,
-                    generator=torch.Generator().manual_seed(seed + offset),
-                    height=64,
-                    width=64,
-                ).images[0]
-            shares.append(dataset.classify(image).colour_share[word])
-        moved += shares[1] > shares[0]
-        total += 1
+
+    def draw(prompt: str, image_seed: int):
+        with torch.no_grad():
+            return pipe(
+                prompt_embeds=encode_prompt_a1111(prompt, pipe.tokenizer, pipe.text_encoder),
+                negative_prompt_embeds=unconditional,
+                num_inference_steps=steps,
+                guidance_scale=7.0,
+                generator=torch.Generator().manual_seed(image_seed),
+                height=64,
+                width=64,
+            ).images[0]
+
+    moved, total = quality.emphasis_moves(draw, range(seed, seed + seeds))
     return moved / total
 
 
