@@ -317,7 +317,8 @@ class Engine:
         )
 
     def _encode_prompts(self, model: LoadedModel, req: GenerationRequest) -> Conditioning:
-        steps = schedule_steps(req)
+        # A1111 lays the prompt-editing schedule over all the job's steps, in img2img too.
+        steps = req.steps
         clip_skip = _clip_skip(req)
         try:
             if req.prompt_syntax == "compel":
@@ -368,13 +369,6 @@ def cpu_threads_for(model: LoadedModel, pixels: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def schedule_steps(req: GenerationRequest) -> int:
-    """The steps a prompt-editing schedule counts: those that run (img2img runs strength x steps)."""
-    if req.mode == "txt2img":
-        return req.steps
-    return max(1, min(int(req.steps * req.denoising_strength), req.steps))
 
 
 def _clip_skip(req: GenerationRequest) -> int:

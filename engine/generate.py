@@ -22,7 +22,7 @@ from .events import JobControl, Pacer, Progress
 from .models import LoadedModel
 from .prompts import Conditioning, SDXLEmbeds
 from .request import GenerationRequest
-from .samplers import build_scheduler
+from .samplers import build_scheduler, diffusers_strength, img2img_steps
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,10 @@ def run_batch(
     preview_seconds = 0.0
     preview_pacer = Pacer(preview_interval_s)
     current_conditioning = conditioning.at(0)
+    # Sampling steps that run: all of them in txt2img, fewer in img2img and inpaint.
+    sampling_steps = (
+        req.steps if req.mode == "txt2img" else img2img_steps(req.sampler_name, req.steps, req.denoising_strength)
+    )
 
     def on_step_end(pipeline, index, timestep, tensors):
         nonlocal stopped, preview_seconds, current_conditioning
@@ -135,8 +139,9 @@ def run_batch(
         changes = {}
         if conditioning.scheduled and step < total:
             # Prompt editing: the conditioning for the next step, where the schedule says it changes.
-            # Second-order samplers run more loop steps than sampling steps; scale to the schedule's count.
-            upcoming = conditioning.at(step * conditioning.steps // total)
+            # Second-order samplers run more loop steps than sampling steps; scale to sampling steps. As in
+            # A1111, the schedule counts all the job's steps and img2img starts at its index 0.
+            upcoming = conditioning.at(step * sampling_steps // total)
             if any(new is not old for new, old in zip(upcoming, current_conditioning, strict=True)):
                 current_conditioning = upcoming
                 changes.update(_pipeline_prompt_embeds(pipeline, upcoming, len(seeds)))
@@ -178,10 +183,10 @@ def run_batch(
         return BatchOutcome(images, stopped, preview_seconds)
 
     init_images = [_fit(req.init_images[i % len(req.init_images)], req.width, req.height) for i in range(len(seeds))]
-    if int(req.steps * req.denoising_strength) < 1:
+    if sampling_steps < 1:
         # Nothing to denoise: the init image is the answer (diffusers refuses zero steps).
         return BatchOutcome([image.copy() for image in init_images], stopped)
-    kwargs.update(image=init_images, strength=req.denoising_strength)
+    kwargs.update(image=init_images, strength=diffusers_strength(sampling_steps, req.steps))
     if req.mode == "img2img":
         images = pipe(**kwargs).images
         return BatchOutcome(images, stopped, preview_seconds)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from engine import Engine, GenerationRequest, JobControl, PreviewSettings, Progress, Result
+from engine import Engine, GenerationRequest, JobControl, PreviewSettings, Progress, Result, samplers
 from engine.errors import InvalidRequestError
 from engine.samplers import build_scheduler, sampler_names
 
@@ -411,8 +411,44 @@ def test_img2img_strength_controls_how_far_from_the_init_image(engine):
     low_events, _, low = distance(0.1)
     high_events, high_result, high = distance(0.7)
     assert low < high
-    assert low_events[-1].total == 1 and high_events[-1].total == 7  # steps x strength, as A1111
+    # As A1111 with a k-diffusion sampler (here Euler a): int(strength x steps) + 1 steps.
+    assert low_events[-1].total == 2 and high_events[-1].total == 8
     assert "Denoising strength: 0.7" in high_result.infotexts[0]
+
+
+@pytest.mark.parametrize(
+    ("sampler", "steps", "strength", "expected"),
+    [
+        ("Euler a", 20, 0.75, 16),  # A1111: t_enc = 15, sigmas[4:] -> 16 steps
+        ("DPM++ 2M", 20, 1.0, 20),  # strength is capped at 0.999: t_enc = 19, the whole schedule
+        ("Euler", 20, 0.04, 1),  # t_enc = 0 still runs the last step
+        ("Euler", 100, 0.29, 29),  # Python's int(0.29 * 100) is 28, in A1111 too
+        ("DDIM", 20, 0.75, 15),  # A1111's timestep samplers run t_enc
+        ("DDIM", 20, 1.0, 20),
+        ("Euler a", 20, 0.0, 0),
+    ],
+)
+def test_img2img_runs_as_many_steps_as_a1111(sampler, steps, strength, expected):
+    assert samplers.img2img_steps(sampler, steps, strength) == expected
+
+
+def test_img2img_starts_where_a1111_starts(engine):
+    # Euler on 8 steps samples timesteps 999, 856.3, 713.6, 570.9, 428.1, 285.4, 142.7, 0; at strength
+    # 0.5 A1111 starts at sigmas[8 - 4 - 1] and runs 5 steps. DDIM keeps its leading timesteps.
+    timesteps = []
+    unet = engine.loaded.components["unet"]
+    handle = unet.register_forward_pre_hook(
+        lambda _m, args, kwargs: timesteps.append(float(kwargs.get("timestep", args[1] if len(args) > 1 else 0))),
+        with_kwargs=True,
+    )
+    init = make_init_image()
+    try:
+        for sampler in ("Euler", "DDIM"):
+            run(engine, prompt="x", seed=3, steps=8, sampler_name=sampler, init_images=[init], denoising_strength=0.5)
+    finally:
+        handle.remove()
+    assert timesteps[:5] == pytest.approx([570.86, 428.14, 285.43, 142.71, 0.0], abs=0.01)
+    assert timesteps[5:] == [376, 251, 126, 1]
 
 
 def test_img2img_init_image_is_resized_to_the_requested_size(engine):

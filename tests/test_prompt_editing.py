@@ -217,21 +217,22 @@ def test_negative_prompt_editing(engine):
     assert which(negatives, {"blurry": blurry, "empty": empty}) == ["blurry"] * 3 + ["empty"]
 
 
-def test_img2img_schedules_over_the_steps_that_run(engine):
+def test_img2img_schedules_over_all_steps_as_a1111(engine):
     from PIL import Image
 
     init = Image.new("RGB", (64, 64), (200, 30, 30))
     seen = run_and_record(
         engine,
-        prompt="[cat:dog:0.5]",
+        prompt="[cat:dog:0.25]",
         steps=8,
         sampler_name="Euler",
         init_images=[init],
         denoising_strength=0.5,
     )
-    # strength 0.5 of 8 steps runs 4; half of those is 2: steps 0..2 "cat", step 3 "dog".
+    # A1111 lays the schedule over all 8 steps (0.25 -> "cat" up to index 2) and starts img2img's
+    # 5 steps (int(0.5 x 8) + 1) at index 0: "cat", "cat", "cat", "dog", "dog".
     names = which(seen, {"cat": encoded(engine, "cat"), "dog": encoded(engine, "dog")})
-    assert names == ["cat"] * 3 + ["dog"]
+    assert names == ["cat"] * 3 + ["dog"] * 2
 
 
 def test_schedule_is_reproducible_and_differs_from_either_prompt(engine):
