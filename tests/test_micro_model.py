@@ -56,8 +56,8 @@ def test_img2img_follows_the_new_prompt_at_high_strength_and_keeps_the_picture_a
     red_inits = [effect for effect in effects if effect.init_colour == "red"]
     assert len(red_inits) >= 3, effects
     assert all(effect.strong_colour == "blue" for effect in red_inits), effects
-    # At strength 0.1 the colour sometimes drifts toward the new prompt (purple); README: 9/12 stay red.
-    assert sum(effect.weak_colour == "red" for effect in red_inits) >= len(red_inits) / 2, effects
+    # Strength 0.1 runs A1111's 3 of 20 steps from timestep 105: the picture's colour must win.
+    assert all(effect.weak_colour == "red" for effect in red_inits), effects
 
 
 def test_inpaint_repaints_the_mask_and_keeps_the_rest(micro_engine):

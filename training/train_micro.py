@@ -7,6 +7,9 @@ The UNet/text-encoder training has two phases: --unet-steps on captions that mat
 (cosine learning-rate schedule), then --low-noise-steps that also show some pictures, at low noise
 only, with captions of other colours, so that img2img at a low strength keeps the picture's colours.
 
+With --init-from an exported model folder, training starts from that model's weights instead (its
+VAE too): the shipped model's last stage, a short low-noise fine-tune, was run that way (README).
+
 Deterministic for a given seed and step count; checkpoints every few hundred steps into --work, so a
 stopped run carries on where it stopped (the RNG states are in the checkpoint too).
 """
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.prompts import apply_emphasis, encode_prompt_a1111
+from engine.samplers import diffusers_strength, img2img_steps
 
 from . import architecture, dataset, quality
 
@@ -80,6 +84,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--stop-after", type=int, default=None, help="stop at this step (the schedule still counts --unet-steps)"
     )
     parser.add_argument("--export-only", action="store_true", help="write --out from the last checkpoint")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from an exported micro model folder (its VAE, text encoder and UNet) instead of training "
+        "the VAE and a UNet from scratch; with --unet-steps 0 only the low-noise phase runs on it",
+    )
+    parser.add_argument(
+        "--recolour-share",
+        type=float,
+        default=dataset.RECOLOUR_SHARE,
+        help="share of the low-noise phase's pictures captioned with other colours",
+    )
+    parser.add_argument(
+        "--low-noise-timesteps",
+        type=int,
+        default=dataset.LOW_NOISE_STEPS,
+        help="recoloured captions meet pictures noised to at most this timestep (of 1,000)",
+    )
     return parser.parse_args(argv)
 
 
@@ -331,7 +354,8 @@ def img2img_score(pipe, seed: int, steps: int, seeds: int = 4) -> float:
                     img2img(
                         "a blue circle on a white background",
                         image=init,
-                        strength=strength,
+                        # Steps counted as the engine counts them (A1111's: one more than diffusers').
+                        strength=diffusers_strength(img2img_steps("DPM++ 2M", steps, strength), steps),
                         num_inference_steps=steps,
                         generator=torch.Generator().manual_seed(seed + offset),
                     ).images[0]
@@ -372,11 +396,15 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
             ema_param.lerp_(param, 1 - decay)
 
 
-def train_unet(vae, latents, scenes, args, work: Path):
+def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Module, nn.Module] | None = None):
+    """Train UNet and text encoder (from scratch, or from `start_from`'s (unet, text_encoder) weights)."""
     tokenizer = architecture.build_tokenizer()
     torch.manual_seed(args.seed + 2)
     unet = architecture.build_unet()
     text_encoder = architecture.build_text_encoder(len(tokenizer))
+    if start_from is not None:
+        unet.load_state_dict(start_from[0].state_dict())
+        text_encoder.load_state_dict(start_from[1].state_dict())
     heads = AuxiliaryHeads(architecture.TEXT_HIDDEN)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     optimizer = torch.optim.AdamW(
@@ -453,7 +481,7 @@ def train_unet(vae, latents, scenes, args, work: Path):
         batch_latents = latents[index]
         batch_scenes = [scenes[i] for i in index.tolist()]
         in_low_noise_phase = step >= args.unet_steps
-        recolour = [in_low_noise_phase and recolour_rng.random() < dataset.RECOLOUR_SHARE for _ in batch_scenes]
+        recolour = [in_low_noise_phase and recolour_rng.random() < args.recolour_share for _ in batch_scenes]
         input_ids, token_weights, labels = captions.draw(
             [dataset.recoloured(s, recolour_rng) if r else s for s, r in zip(batch_scenes, recolour, strict=True)]
         )
@@ -466,7 +494,7 @@ def train_unet(vae, latents, scenes, args, work: Path):
             noise = noise + args.offset_noise * offset
         timesteps = torch.randint(0, 1000, (args.batch,), generator=data_order)
         # A recoloured caption only ever meets a nearly finished picture.
-        timesteps = torch.where(torch.tensor(recolour), timesteps % dataset.LOW_NOISE_STEPS, timesteps)
+        timesteps = torch.where(torch.tensor(recolour), timesteps % args.low_noise_timesteps, timesteps)
         noisy = noise_schedule.add_noise(batch_latents, noise, timesteps)
         hidden = text_encoder(input_ids).last_hidden_state
         # The UNet sees the prompt weighted as the engine weights it. Multiplied only: "Original" emphasis
@@ -485,7 +513,8 @@ def train_unet(vae, latents, scenes, args, work: Path):
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*unet.parameters(), *text_encoder.parameters()], 1.0)
         optimizer.step()
-        decay = min(0.999, (1 + step) / (10 + step))
+        # From a finished model the average starts full: its first steps would otherwise replace the weights.
+        decay = 0.999 if start_from is not None else min(0.999, (1 + step) / (10 + step))
         ema_update(ema_unet, unet, decay)
         ema_update(ema_text, text_encoder, decay)
         step += 1
@@ -523,6 +552,18 @@ def export(vae, unet, text_encoder, tokenizer, out: Path) -> None:
     log.info("Exported to %s", out)
 
 
+def load_exported(folder: Path) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(vae, unet, text_encoder) of an exported model, in float32 for training."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    return (
+        AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32).eval(),
+        UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32),
+        CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=torch.float32),
+    )
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -533,10 +574,15 @@ def main(argv=None) -> None:
     )
     log.info("Arguments: %s", vars(args))
     scenes, images = training_pictures(args.images, args.seed)
-    vae = train_vae(images, args, args.work).eval()
-    latents = encode_latents(vae, images, args.work)
-    vae = finetune_decoder(vae, images, args, args.work)
-    unet, text_encoder, tokenizer = train_unet(vae, latents, scenes, args, args.work)
+    start_from = None
+    if args.init_from:
+        vae, *start_from = load_exported(args.init_from)
+        latents = encode_latents(vae, images, args.work)
+    else:
+        vae = train_vae(images, args, args.work).eval()
+        latents = encode_latents(vae, images, args.work)
+        vae = finetune_decoder(vae, images, args, args.work)
+    unet, text_encoder, tokenizer = train_unet(vae, latents, scenes, args, args.work, start_from)
     export(vae, unet, text_encoder, tokenizer, args.out)
 
 
