@@ -576,7 +576,8 @@ def main(argv=None) -> None:
     scenes, images = training_pictures(args.images, args.seed)
     start_from = None
     if args.init_from:
-        vae, *start_from = load_exported(args.init_from)
+        vae, unet, text_encoder = load_exported(args.init_from)
+        start_from = (unet, text_encoder)
         latents = encode_latents(vae, images, args.work)
     else:
         vae = train_vae(images, args, args.work).eval()
