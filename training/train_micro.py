@@ -8,7 +8,8 @@ The UNet/text-encoder training has two phases: --unet-steps on captions that mat
 only, with captions of other colours, so that img2img at a low strength keeps the picture's colours.
 
 With --init-from an exported model folder, training starts from that model's weights instead (its
-VAE too): the shipped model's last stage, a short low-noise fine-tune, was run that way (README).
+VAE too): the shipped model's last two stages, a low-noise fine-tune for img2img and an emphasis
+fine-tune (--emphasis-share with --colour-attention), were run that way (README).
 
 Deterministic for a given seed and step count; checkpoints every few hundred steps into --work, so a
 stopped run carries on where it stopped (the RNG states are in the checkpoint too).
@@ -75,7 +76,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="weight each colour word, as (red:1.3) does, in this share of captions, the weight following "
-        "that colour's area (an experiment towards prompt emphasis; the shipped model was trained without it)",
+        "that colour's area (the shipped model's emphasis fine-tune uses it with --colour-attention)",
+    )
+    parser.add_argument(
+        "--colour-attention",
+        type=float,
+        default=0.0,
+        help="weight of a loss that asks the UNet's cross-attention to spend at least "
+        f"{0.3:.0%} of itself on the prompt's colour words, so their emphasis weights reach the picture",
     )
     parser.add_argument("--eval-every", type=int, default=300)
     parser.add_argument("--checkpoint-every", type=int, default=300)
@@ -189,6 +197,47 @@ class AuxiliaryHeads(nn.Module):
             if len(rows):
                 total = total + F.cross_entropy(head(hidden[rows, cols]), labels[key][rows], ignore_index=-100)
         return total
+
+
+class CrossAttentionMaps:
+    """Attention processors for the UNet's cross-attention layers that compute what diffusers'
+    AttnProcessor computes and keep the attention maps of the last forward pass (one tensor per
+    layer, batch x heads x pixels x tokens), so training can see where in the prompt the picture looks."""
+
+    def __init__(self, unet):
+        self.maps: list[torch.Tensor] = []
+        unet.set_attn_processor(
+            {name: self if ".attn2." in name else processor for name, processor in unet.attn_processors.items()}
+        )
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probabilities = attn.get_attention_scores(query, key, attention_mask)
+        self.maps.append(probabilities.unflatten(0, (-1, attn.heads)))
+        output = attn.batch_to_head_dim(torch.bmm(probabilities, value))
+        return attn.to_out[1](attn.to_out[0](output))
+
+
+# A1111's emphasis scales only the tokens inside the parentheses. Trained on its own, this model's
+# cross-attention looks at the nouns, the end of text and the padding, which the causal encoder has
+# filled with the colours, and spends under 1% on the colour words themselves, so "(blue:1.4)" and
+# "(blue:0.6)" drew the same picture. Asking for a share on the colour words makes their weight count.
+COLOUR_ATTENTION_TARGET = 0.3
+
+
+def colour_attention_share(maps: list[torch.Tensor], on_colour_word: torch.Tensor) -> torch.Tensor:
+    """Per caption, the share of cross-attention (over layers, heads and pixels) on the tokens that
+    `on_colour_word` (batch x tokens, 0/1) marks."""
+    return torch.stack([(layer * on_colour_word[:, None, None, :]).sum(-1).mean(dim=(1, 2)) for layer in maps]).mean(0)
+
+
+def colour_attention_shortfall(share: torch.Tensor, names_a_colour: torch.Tensor) -> torch.Tensor:
+    """How far the captions that name a colour fall short of COLOUR_ATTENTION_TARGET, on average."""
+    if not names_a_colour.any():
+        return share.new_zeros(())
+    return F.relu(COLOUR_ATTENTION_TARGET - share[names_a_colour]).mean()
 
 
 # VAE ---------------------------------------------------------------------------------------------
@@ -407,6 +456,8 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
         text_encoder.load_state_dict(start_from[1].state_dict())
     heads = AuxiliaryHeads(architecture.TEXT_HIDDEN)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    # Installed after the copies: the average, which is evaluated and exported, keeps diffusers' processors.
+    attention_maps = CrossAttentionMaps(unet) if args.colour_attention else None
     optimizer = torch.optim.AdamW(
         [
             {"params": unet.parameters(), "lr": args.unet_lr, "base_lr": args.unet_lr},
@@ -424,6 +475,7 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
     captions = CaptionBatcher(
         tokenizer, random.Random(args.seed + 4), random.Random(args.seed + 6), args.emphasis_share
     )
+    colour_word_ids = torch.tensor(sorted(captions.colour_ids.values()))
     # Its own stream, first used in the low-noise phase: the steps before that phase draw exactly what
     # they drew before it existed.
     recolour_rng = random.Random(args.seed + 5)
@@ -501,11 +553,19 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
         # then rescales the chunk to its old mean, which is ill-conditioned while the encoder is fresh
         # (its outputs average almost exactly zero) and a ~1e-5 change once trained.
         conditioning = apply_emphasis(hidden, token_weights, "No norm")
+        if attention_maps is not None:
+            attention_maps.maps.clear()
         predicted = unet(noisy, timesteps, conditioning).sample
         per_sample = F.mse_loss(predicted, noise, reduction="none").mean(dim=(1, 2, 3))
         diffusion_loss = (per_sample * snr_weight[timesteps]).mean()
         aux_loss = heads.loss(hidden, input_ids, labels, captions.shape_nouns, captions.background_noun)
         loss = diffusion_loss + args.aux_weight * aux_loss
+        colour_share = None
+        if attention_maps is not None:
+            on_colour_word = torch.isin(input_ids, colour_word_ids)
+            colour_share = colour_attention_share(attention_maps.maps, on_colour_word.float())
+            names_a_colour = on_colour_word.any(-1)
+            loss = loss + args.colour_attention * colour_attention_shortfall(colour_share, names_a_colour)
         factor = lr_factor(step, args.unet_steps) if not in_low_noise_phase else LOW_NOISE_LR_FACTOR
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
@@ -520,10 +580,11 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
         step += 1
         if step % 50 == 0:
             log.info(
-                "step %d diffusion %.4f aux %.3f (%.2f s/step)",
+                "step %d diffusion %.4f aux %.3f%s (%.2f s/step)",
                 step,
                 diffusion_loss.item(),
                 aux_loss.item(),
+                "" if colour_share is None else f" colour-word attention {colour_share[names_a_colour].mean():.2f}",
                 (time.time() - start) / max(1, step - first_step),
             )
         if step % args.checkpoint_every == 0:
