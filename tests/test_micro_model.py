@@ -10,6 +10,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from engine.presets import SHIPPED_MICRO_MODEL
 from training import architecture, dataset, quality, train_micro
@@ -49,6 +50,12 @@ def test_negative_prompt_removes_the_colour(micro_engine):
     effect = quality.negative_prompt_effect(micro_engine, range(40))
     assert effect.red_without >= 2, "too few red circles to judge: widen the seed range"
     assert effect.share >= NEGATIVE_BAR, effect
+
+
+def test_emphasis_moves_the_weighted_colours_share(micro_engine):
+    # (blue:1.4) against (blue:0.6), blue as the shape's colour in two cases and the background's in two.
+    moved, total = quality.emphasis_effect(micro_engine, range(2))
+    assert moved / total >= EMPHASIS_BAR, (moved, total)
 
 
 def test_img2img_follows_the_new_prompt_at_high_strength_and_keeps_the_picture_at_low(micro_engine):
@@ -110,9 +117,41 @@ def test_training_captions_weight_colour_words_the_way_the_picture_goes():
         (ids[i], w) for ids, row in zip(input_ids.tolist(), weights, strict=True) for i, w in enumerate(row) if w != 1.0
     ]
     assert weighted and all(token in colour_ids for token, _w in weighted)
-    # Off by default: the shipped model was trained on unweighted captions.
+    # Off by default: the recipe's main training uses unweighted captions (only the emphasis fine-tune weights them).
     unweighted = train_micro.CaptionBatcher(tokenizer, random.Random(1), random.Random(2))
     assert all(w == 1.0 for row in unweighted.draw(scenes[:200])[1] for w in row)
+
+
+def test_cross_attention_maps_keep_the_unet_output_and_show_where_it_looks():
+    _vae, unet, text_encoder = train_micro.load_exported(train_micro.DEFAULT_OUT)
+    tokenizer = architecture.build_tokenizer()
+    input_ids = tokenizer(
+        ["a blue circle on a yellow background", "red square"], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([900, 400])
+    with torch.no_grad():
+        hidden = text_encoder(input_ids).last_hidden_state
+        expected = unet(latents, timesteps, hidden).sample
+        maps = train_micro.CrossAttentionMaps(unet)
+        recorded = unet(latents, timesteps, hidden).sample
+    torch.testing.assert_close(recorded, expected, atol=1e-5, rtol=1e-4)
+    attn2_layers = [name for name in unet.attn_processors if ".attn2." in name]
+    assert len(maps.maps) == len(attn2_layers) == 7  # 2 down, 1 middle, 4 up
+    for layer in maps.maps:
+        assert layer.shape[0] == 2 and layer.shape[-1] == 77
+        torch.testing.assert_close(layer.sum(-1), torch.ones(layer.shape[:-1]))
+
+    on_colour_word = torch.isin(input_ids, torch.tensor([tokenizer.get_vocab()[f"{c}</w>"] for c in dataset.COLOURS]))
+    assert on_colour_word.sum().item() == 3  # blue, yellow; red
+    share = train_micro.colour_attention_share(maps.maps, on_colour_word.float())
+    # The shipped model reads the colour words themselves (what emphasis scales), not only the nouns.
+    assert (share >= 0.2).all(), share
+    assert train_micro.colour_attention_shortfall(share, torch.tensor([True, True])) < 0.1
+    # No shortfall is asked of captions that name no colour, and a share at the target costs nothing.
+    assert train_micro.colour_attention_shortfall(torch.tensor([0.0]), torch.tensor([False])) == 0
+    at_target = torch.tensor([train_micro.COLOUR_ATTENTION_TARGET])
+    assert train_micro.colour_attention_shortfall(at_target, torch.tensor([True])) == 0
 
 
 # Floors on these small samples, below what the model measures (README: 168 prompts, 300 seeds).
@@ -120,10 +159,12 @@ BACKGROUND_BAR = 0.9
 COLOUR_BAR = 0.9
 SHAPE_BAR = 0.85
 NEGATIVE_BAR = 0.9
+EMPHASIS_BAR = 0.85
 
 
 def test_training_can_start_from_an_exported_model(tmp_path):
-    # How the shipped model's img2img fine-tune was run: only the low-noise phase, from the folder's weights.
+    # How the shipped model's last fine-tune was run: only the low-noise phase, from the folder's weights,
+    # with weighted colour words and the colour-word attention loss.
     out = tmp_path / "out"
     train_micro.main(
         [
@@ -135,6 +176,8 @@ def test_training_can_start_from_an_exported_model(tmp_path):
             "--unet-steps=0",
             "--low-noise-steps=3",
             "--recolour-share=1",
+            "--emphasis-share=1",
+            "--colour-attention=1",
             "--text-lr=0",
             "--eval-every=1000",
         ]
