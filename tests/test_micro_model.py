@@ -162,6 +162,13 @@ NEGATIVE_BAR = 0.9
 EMPHASIS_BAR = 0.85
 
 
+def test_training_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_micro.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert "--colour-attention" in capsys.readouterr().out
+
+
 def test_training_can_start_from_an_exported_model(tmp_path):
     # How the shipped model's last fine-tune was run: only the low-noise phase, from the folder's weights,
     # with weighted colour words and the colour-word attention loss.

@@ -82,8 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--colour-attention",
         type=float,
         default=0.0,
-        help="weight of a loss that asks the UNet's cross-attention to spend at least "
-        f"{0.3:.0%} of itself on the prompt's colour words, so their emphasis weights reach the picture",
+        # (No percent sign: argparse formats help strings with %.)
+        help="weight of a loss that asks the UNet's cross-attention to put a share of at least "
+        f"{COLOUR_ATTENTION_TARGET} on the prompt's colour words, so their emphasis weights reach the picture",
     )
     parser.add_argument("--eval-every", type=int, default=300)
     parser.add_argument("--checkpoint-every", type=int, default=300)
@@ -201,8 +202,9 @@ class AuxiliaryHeads(nn.Module):
 
 class CrossAttentionMaps:
     """Attention processors for the UNet's cross-attention layers that compute what diffusers'
-    AttnProcessor computes and keep the attention maps of the last forward pass (one tensor per
-    layer, batch x heads x pixels x tokens), so training can see where in the prompt the picture looks."""
+    AttnProcessor computes for them (3-D inputs, no attention mask, no norms or residual inside the
+    layer: this architecture's case) and keep the attention maps of the last forward pass (one tensor
+    per layer, batch x heads x pixels x tokens), so training can see where in the prompt the picture looks."""
 
     def __init__(self, unet):
         self.maps: list[torch.Tensor] = []
@@ -214,7 +216,7 @@ class CrossAttentionMaps:
         query = attn.head_to_batch_dim(attn.to_q(hidden_states))
         key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
         value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        probabilities = attn.get_attention_scores(query, key, attention_mask)
+        probabilities = attn.get_attention_scores(query, key, None)
         self.maps.append(probabilities.unflatten(0, (-1, attn.heads)))
         output = attn.batch_to_head_dim(torch.bmm(probabilities, value))
         return attn.to_out[1](attn.to_out[0](output))
