@@ -19,10 +19,14 @@ from training import architecture, dataset, quality, train_micro
 def test_model_folder_is_a_standard_small_diffusers_model():
     index = json.loads((SHIPPED_MICRO_MODEL / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline" and index["_lantern_family"] == "micro"
-    weights = sum(path.stat().st_size for path in SHIPPED_MICRO_MODEL.rglob("*.safetensors"))
-    assert weights <= 25 * 1024 * 1024
+    files = [path for path in SHIPPED_MICRO_MODEL.rglob("*") if path.is_file()]
+    assert {path.suffix for path in files} <= {".json", ".safetensors", ".txt"}, files
+    # The size bar, in decimal megabytes, for the whole folder: weights, configs and tokenizer.
+    assert sum(path.stat().st_size for path in files) <= 25_000_000
     from transformers import CLIPTokenizer
 
+    # SD's own tokenizer layout: vocab.json and merges.txt.
+    assert {path.name for path in (SHIPPED_MICRO_MODEL / "tokenizer").iterdir()} >= {"vocab.json", "merges.txt"}
     tokenizer = CLIPTokenizer.from_pretrained(SHIPPED_MICRO_MODEL / "tokenizer")
     # The real CLIP vocabulary: SD's token ids.
     assert len(tokenizer) == 49408 and tokenizer.eos_token_id == 49407

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -607,6 +608,10 @@ def export(vae, unet, text_encoder, tokenizer, out: Path) -> None:
         module.to(torch.float16)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
+    # SD's own tokenizer layout (vocab.json, merges.txt), from the files the tokenizer was built from:
+    # less than half the size of the tokenizer.json that save_pretrained writes in its place.
+    shutil.rmtree(out / "tokenizer")
+    shutil.copytree(architecture.TOKENIZER_DIR, out / "tokenizer")
     index_path = out / "model_index.json"
     index = json.loads(index_path.read_text())
     index.update(FAMILY_MARKER)
