@@ -203,3 +203,26 @@ def test_training_can_start_from_an_exported_model(tmp_path):
     # frozen text encoder come back as they were (half precision both ways).
     assert 0 < changes["unet"] < 0.01
     assert changes["vae"] == 0 and changes["text_encoder"] == 0
+
+
+def test_training_from_scratch_keeps_the_main_phase_and_reruns_the_low_noise_phase_exactly(tmp_path):
+    """A tiny run of every stage: the checkpoint kept at the end of the main phase, put over
+    checkpoint.pt in a copy of the work folder, reruns the low-noise phase to the same weights."""
+    import shutil
+
+    flags = ["--images=16", "--batch=4", "--vae-steps=2", "--decoder-steps=2", "--unet-steps=2"]
+    flags += ["--low-noise-steps=2", "--recolour-share=1", "--eval-every=1000"]
+    work, rerun = tmp_path / "work", tmp_path / "rerun"
+    train_micro.main([*flags, f"--work={work}", f"--out={tmp_path / 'out'}"])
+    kept = torch.load(work / "checkpoint-step2.pt", weights_only=False)
+    assert kept["step"] == 2 and torch.load(work / "checkpoint.pt", weights_only=False)["step"] == 4
+
+    shutil.copytree(work, rerun)
+    shutil.copyfile(work / "checkpoint-step2.pt", rerun / "checkpoint.pt")
+    train_micro.main([*flags, f"--work={rerun}", f"--out={tmp_path / 'out-rerun'}"])
+    first, second = (train_micro.load_exported(tmp_path / name)[1].state_dict() for name in ("out", "out-rerun"))
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    # The tokenizer is exported in SD's layout, the files it was built from.
+    assert {path.name for path in (tmp_path / "out" / "tokenizer").iterdir()} == {
+        path.name for path in architecture.TOKENIZER_DIR.iterdir()
+    }

@@ -90,7 +90,7 @@ def main(argv=None) -> None:
 
     for sampler in engine.samplers():
         accuracy = quality.sampler_background_accuracy(engine, sampler, args.sampler_prompts)
-        steps = quality.USUAL_STEPS.get(sampler, 20)
+        steps = quality.usual_steps(sampler)
         row(f"background accuracy, {sampler} ({steps} steps)", f"{accuracy:.1%}", ">= 95%")
     sys.stdout.write(f"\n{time.perf_counter() - start:.0f} s in all\n")
 

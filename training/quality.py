@@ -17,8 +17,16 @@ from engine import Engine, GenerationRequest
 
 from . import dataset
 
-# Step counts a user would pick for each sampler (A1111's usual ones); the rest use 20.
-USUAL_STEPS = {"LCM": 8, "DPM adaptive": 20, "Heun": 15, "DPM2": 15, "DPM2 a": 15, "DPM++ 2S a": 15, "Restart": 10}
+# Step counts a user would pick for each sampler: A1111's default, 20, for every sampler (its
+# two-evaluation ones, Heun, DPM2, DPM2 a, DPM++ 2S a and DPM++ SDE, included), except LCM, which is
+# run at 4-8 steps with LCM weights, and PLMS, which CompVis's txt2img.py (where it comes from) runs at
+# its default of 50.
+USUAL_STEPS = {"LCM": 8, "PLMS": 50}
+DEFAULT_STEPS = 20
+
+
+def usual_steps(sampler: str) -> int:
+    return USUAL_STEPS.get(sampler, DEFAULT_STEPS)
 
 
 def generate(engine: Engine, **fields) -> Image.Image:
@@ -184,5 +192,5 @@ def inpaint_effect(engine: Engine, seed: int) -> InpaintEffect:
 
 
 def sampler_background_accuracy(engine: Engine, sampler: str, count: int) -> float:
-    steps = USUAL_STEPS.get(sampler, 20)
+    steps = usual_steps(sampler)
     return attribute_accuracy(engine, count, sampler=sampler, steps=steps).background

@@ -6,9 +6,11 @@
 The UNet/text-encoder training has two phases: --unet-steps on captions that match their pictures
 (cosine learning-rate schedule), then --low-noise-steps that also show some pictures, at low noise
 only, with captions of other colours, so that img2img at a low strength keeps the picture's colours.
+The checkpoint at the end of the first phase is kept as checkpoint-step<N>.pt, so the second can be
+rerun alone (README).
 
 With --init-from an exported model folder, training starts from that model's weights instead (its
-VAE too): the shipped model's last two stages, a low-noise fine-tune for img2img and an emphasis
+VAE too): the shipped model's last three stages, low-noise fine-tunes for img2img and an emphasis
 fine-tune (--emphasis-share with --colour-attention), were run that way (README).
 
 Deterministic for a given seed and step count; checkpoints every few hundred steps into --work, so a
@@ -590,8 +592,12 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
                 "" if colour_share is None else f" colour-word attention {colour_share[names_a_colour].mean():.2f}",
                 (time.time() - start) / max(1, step - first_step),
             )
-        if step % args.checkpoint_every == 0:
+        if step % args.checkpoint_every == 0 or step == args.unet_steps:
             save_checkpoint()
+        if step == args.unet_steps and args.low_noise_steps:
+            # Kept apart from the rolling checkpoint: put over checkpoint.pt in a copy of --work, it lets
+            # the low-noise phase be rerun with other flags without rerunning the main phase.
+            shutil.copyfile(checkpoint_path, work / f"checkpoint-step{step}.pt")
         if step % args.eval_every == 0:
             scores = evaluate(vae, ema_text, ema_unet, tokenizer, seed=12345, emphasis=args.emphasis_share > 0)
             log.info("eval step %d %s", step, json.dumps(scores))
