@@ -31,6 +31,8 @@ class SamplerSpec:
     # to 0: diffusers' "linspace" spacing); its DDIM, PLMS and UniPC step on the model's own timestep
     # spacing (SD's "leading", offset 1), as do samplers A1111 lacks.
     k_diffusion: bool = True
+    # A1111's discard_next_to_last_sigma (its DPM2 and DPM2 a): see _DiscardPenultimateSigma.
+    discard_penultimate_sigma: bool = False
 
 
 # Order as in A1111's sampler dropdown.
@@ -77,8 +79,10 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("Euler", "EulerDiscreteScheduler", {}, "Uniform", ("k_euler",)),
     SamplerSpec("LMS", "LMSDiscreteScheduler", {}, "Uniform", ("k_lms",)),
     SamplerSpec("Heun", "HeunDiscreteScheduler", {}, "Uniform", ("k_heun",)),
-    SamplerSpec("DPM2", "KDPM2DiscreteScheduler", {}, "Karras", ("k_dpm_2",)),
-    SamplerSpec("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, "Karras", ("k_dpm_2_a",)),
+    SamplerSpec("DPM2", "KDPM2DiscreteScheduler", {}, "Karras", ("k_dpm_2",), discard_penultimate_sigma=True),
+    SamplerSpec(
+        "DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, "Karras", ("k_dpm_2_a",), discard_penultimate_sigma=True
+    ),
     SamplerSpec("DDIM", "DDIMScheduler", {"set_alpha_to_one": False}, "Uniform", ("ddim",), k_diffusion=False),
     SamplerSpec("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, "Uniform", ("plms",), k_diffusion=False),
     SamplerSpec("UniPC", "UniPCMultistepScheduler", {}, "Uniform", ("unipc",), k_diffusion=False),
@@ -160,10 +164,48 @@ def effective_schedule(spec: SamplerSpec, schedule: str) -> str:
     return spec.default_schedule if schedule == "Automatic" else schedule
 
 
+class _DiscardPenultimateSigma:
+    """A1111's discard_next_to_last_sigma, as its DPM2 and DPM2 a sample: the sigma schedule is built
+    for one step more and its smallest non-zero sigma dropped, so the step count stays and the last
+    step goes to 0 from a larger sigma (a second-order step at the very smallest sigma is wasted).
+
+    diffusers' KDPM2 schedulers take no custom sigmas and derive their interleaved midpoint arrays
+    from the schedule inside set_timesteps, so the drop happens where the schedule is made. A1111
+    drops it on every schedule type; diffusers has a hook for Karras, Exponential and Beta only, so
+    Uniform and SGM Uniform keep their smallest sigma."""
+
+    def _convert_to_karras(self, in_sigmas, num_inference_steps):
+        return super()._convert_to_karras(in_sigmas=in_sigmas, num_inference_steps=num_inference_steps + 1)[:-1]
+
+    def _convert_to_exponential(self, in_sigmas, num_inference_steps):
+        return super()._convert_to_exponential(in_sigmas=in_sigmas, num_inference_steps=num_inference_steps + 1)[:-1]
+
+    def _convert_to_beta(self, in_sigmas, num_inference_steps, **shape):
+        return super()._convert_to_beta(in_sigmas=in_sigmas, num_inference_steps=num_inference_steps + 1, **shape)[:-1]
+
+
+class KDPM2DiscardingScheduler(_DiscardPenultimateSigma, diffusers.KDPM2DiscreteScheduler):
+    pass
+
+
+class KDPM2AncestralDiscardingScheduler(_DiscardPenultimateSigma, diffusers.KDPM2AncestralDiscreteScheduler):
+    pass
+
+
+_DISCARDING = {
+    "KDPM2DiscreteScheduler": KDPM2DiscardingScheduler,
+    "KDPM2AncestralDiscreteScheduler": KDPM2AncestralDiscardingScheduler,
+}
+
+
 def build_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str, seed: int | None = None):
     """A new scheduler instance for one job; `base_config` is the model's own scheduler config."""
     spec = get_sampler(sampler_name)
-    cls = getattr(diffusers, spec.scheduler_class)
+    cls = (
+        _DISCARDING[spec.scheduler_class]
+        if spec.discard_penultimate_sigma
+        else getattr(diffusers, spec.scheduler_class)
+    )
     params = _init_params(spec.scheduler_class)
     overrides: dict[str, Any] = dict(spec.options)
     # Start from a clean sigma schedule: a model's config may itself ask for Karras sigmas.

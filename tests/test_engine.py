@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import threading
 
@@ -153,7 +154,7 @@ SD_SCHEDULER_CONFIG = {
     [
         ("Euler a", "Uniform", 10.747),  # k-diffusion's uniform: t = linspace(999, 0, steps)
         ("LMS", "Uniform", 10.747),
-        ("DPM2", "Karras", 11.725),
+        ("Heun", "Karras", 11.725),
         ("DPM++ SDE", "Karras", 11.725),
         ("DPM++ 2M", "Karras", 11.725),
     ],
@@ -167,6 +168,27 @@ def test_k_diffusion_samplers_span_a1111s_sigmas(sampler, schedule, second_sigma
     assert sigmas[0] == pytest.approx(14.6146, abs=1e-3)
     assert sigmas[1] == pytest.approx(second_sigma, abs=1e-3)
     assert min(s for s in sigmas if s > 0) == pytest.approx(0.0292, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "schedule"), [("DPM2", "Automatic"), ("DPM2 a", "Automatic"), ("DPM2", "Exponential")]
+)
+def test_dpm2_drops_the_next_to_last_sigma_as_a1111_does(sampler, schedule):
+    # A1111 builds DPM2's schedule (Karras unless asked otherwise) for steps + 1 and drops its smallest
+    # non-zero sigma (discard_next_to_last_sigma): same step count, last step to 0 from the next larger one.
+    sigma_min, sigma_max, rho, steps = 0.029168, 14.6146, 7.0, 20
+    ramp = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    if schedule == "Exponential":
+        made = (math.log(sigma_max) + ramp * (math.log(sigma_min) - math.log(sigma_max))).exp()
+    else:
+        made = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    expected = [*made[:-1].tolist(), 0.0]
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, sampler, schedule, seed=0)
+    scheduler.set_timesteps(steps)
+    # The scheduler lists each sigma twice, once per evaluation of the second-order step.
+    sigmas = list(dict.fromkeys(round(sigma, 4) for sigma in scheduler.sigmas.tolist()))
+    assert sigmas == pytest.approx(expected, abs=2e-4)
+    assert len(scheduler.timesteps) == 2 * steps - 1  # still 20 steps, 39 model evaluations
 
 
 @pytest.mark.parametrize("sampler", ["DDIM", "PLMS"])
