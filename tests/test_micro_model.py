@@ -7,6 +7,7 @@ training/dataset.py (background = most common palette colour, shape colour = sec
 from __future__ import annotations
 
 import json
+import logging
 import random
 
 import pytest
@@ -226,3 +227,58 @@ def test_training_from_scratch_keeps_the_main_phase_and_reruns_the_low_noise_pha
     assert {path.name for path in (tmp_path / "out" / "tokenizer").iterdir()} == {
         path.name for path in architecture.TOKENIZER_DIR.iterdir()
     }
+
+
+def test_a_new_vaes_posterior_starts_narrow_so_every_latent_channel_carries_colour():
+    torch.manual_seed(0)
+    vae = architecture.build_vae()
+    train_micro.narrow_posterior(vae)
+    _scenes, images = train_micro.training_pictures(8, seed=0)
+    with torch.no_grad():
+        posterior = vae.encode(images).latent_dist
+    # exp(-4 / 2): a twentieth of a unit-variance latent's spread, where the default init starts at 1.
+    assert posterior.std.mean().item() == pytest.approx(0.135, abs=0.02)
+
+
+class _MergesGreenIntoBlack:
+    """A VAE stand-in that round-trips every pixel exactly except green ones, which come back black:
+    what a VAE whose latents for the two colours coincide does."""
+
+    class _Posterior:
+        def __init__(self, mean):
+            self.mean = mean
+
+    class _Decoded:
+        def __init__(self, sample):
+            self.sample = sample
+
+    def encode(self, images):
+        return type("Encoded", (), {"latent_dist": self._Posterior(images)})()
+
+    def decode(self, latents):
+        green = torch.tensor(dataset.PALETTE["green"]).view(1, 3, 1, 1) / 127.5 - 1
+        is_green = ((latents - green).abs() < 0.02).all(1, keepdim=True)
+        return self._Decoded(torch.where(is_green, torch.full_like(latents, -1.0), latents))
+
+
+def test_the_vae_colour_check_names_a_colour_the_vae_merges(caplog):
+    caplog.set_level(logging.INFO, logger="train_micro")
+    _scenes, images = train_micro.training_pictures(64, seed=0)
+    errors = train_micro.report_colour_errors("VAE decoder", _MergesGreenIntoBlack(), images, final=True)
+    # Green (0, 128, 0) coming back black is 128 / 3 off per channel; its anti-aliased edge pixels come
+    # back as they were, so the mean is a little lower. The rest is exact.
+    assert 30 < errors["green"] < 128 / 3
+    assert all(error < 1 for name, error in errors.items() if name != "green")
+    assert f"green comes back {errors['green']:.1f} off" in caplog.text and "--vae-steps" in caplog.text
+    # Before the decoder fine-tune errors are still high, and only logged.
+    caplog.clear()
+    train_micro.report_colour_errors("VAE", _MergesGreenIntoBlack(), images, final=False)
+    assert "green 3" in caplog.text and "comes back" not in caplog.text
+
+
+def test_the_shipped_vae_round_trips_every_palette_colour():
+    vae = train_micro.load_exported(train_micro.DEFAULT_OUT)[0]
+    _scenes, images = train_micro.training_pictures(128, seed=0)
+    errors = train_micro.colour_reconstruction_errors(vae, images)
+    assert set(errors) == set(dataset.COLOURS)
+    assert max(errors.values()) < train_micro.COLOUR_ERROR_WARNING
