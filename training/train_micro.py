@@ -264,21 +264,9 @@ def train_vae(images: torch.Tensor, args, work: Path):
     torch.manual_seed(args.seed)
     vae = architecture.build_vae()
     narrow_posterior(vae)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1.5e-3, weight_decay=0.0)
     order = torch.Generator().manual_seed(args.seed + 1)
     start = time.time()
-    for step in range(args.vae_steps):
-        batch = images[torch.randint(0, len(images), (16,), generator=order)]
-        posterior = vae.encode(batch).latent_dist
-        recon = vae.decode(posterior.sample(generator=order)).sample
-        loss = F.mse_loss(recon, batch) + 0.1 * F.l1_loss(recon, batch) + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        for group in optimizer.param_groups:
-            group["lr"] = 1.5e-3 * 0.5 * (1 + math.cos(math.pi * (step + 1) / args.vae_steps))
-        if step % 50 == 0 or step == args.vae_steps - 1:
-            log.info("vae step %d loss %.5f (%.0f s)", step, loss.item(), time.time() - start)
+    fit_reconstruction(vae, images, list(vae.parameters()), lr=1.5e-3, steps=args.vae_steps, order=order, stage="vae")
     vae.eval()
     with torch.no_grad():
         latents = torch.cat(
@@ -290,6 +278,32 @@ def train_vae(images: torch.Tensor, args, work: Path):
     log.info("VAE trained in %.0f s; scaling_factor %.4f", time.time() - start, vae.config.scaling_factor)
     report_colour_errors("VAE", vae, images, final=False)
     return vae
+
+
+def fit_reconstruction(vae, images: torch.Tensor, trainable: list, *, lr: float, steps: int, order, stage: str) -> None:
+    """Train `trainable` to reconstruct batches of 16 pictures (MSE + 0.1 L1, cosine learning rate).
+
+    With the encoder among them, the posterior's KL term (weight 1e-6, as SD's VAE) joins the loss;
+    with it frozen (the decoder fine-tune), the encoder runs without gradients."""
+    train_encoder = any(param.requires_grad for param in vae.encoder.parameters())
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    start = time.time()
+    for step in range(steps):
+        batch = images[torch.randint(0, len(images), (16,), generator=order)]
+        with torch.set_grad_enabled(train_encoder):
+            posterior = vae.encode(batch).latent_dist
+            latents = posterior.sample(generator=order)
+        recon = vae.decode(latents).sample
+        loss = F.mse_loss(recon, batch) + 0.1 * F.l1_loss(recon, batch)
+        if train_encoder:
+            loss = loss + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for group in optimizer.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step + 1) / steps))
+        if step % 50 == 0 or step == steps - 1:
+            log.info("%s step %d loss %.5f (%.0f s)", stage, step, loss.item(), time.time() - start)
 
 
 def narrow_posterior(vae) -> None:
@@ -359,22 +373,8 @@ def finetune_decoder(vae, images: torch.Tensor, args, work: Path):
         param.requires_grad_(False)
     for param in trainable:
         param.requires_grad_(True)
-    optimizer = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.0)
     order = torch.Generator().manual_seed(args.seed + 5)
-    start = time.time()
-    for step in range(args.decoder_steps):
-        batch = images[torch.randint(0, len(images), (16,), generator=order)]
-        with torch.no_grad():
-            latents = tuned.encode(batch).latent_dist.sample(generator=order)
-        recon = tuned.decode(latents).sample
-        loss = F.mse_loss(recon, batch) + 0.1 * F.l1_loss(recon, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        for group in optimizer.param_groups:
-            group["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * (step + 1) / args.decoder_steps))
-        if step % 50 == 0 or step == args.decoder_steps - 1:
-            log.info("decoder step %d loss %.5f (%.0f s)", step, loss.item(), time.time() - start)
+    fit_reconstruction(tuned, images, trainable, lr=1e-3, steps=args.decoder_steps, order=order, stage="decoder")
     tuned.eval()
     tuned.save_pretrained(folder, safe_serialization=True)
     report_colour_errors("VAE decoder", tuned, images, final=True)
