@@ -223,6 +223,20 @@ def test_training_from_scratch_keeps_the_main_phase_and_reruns_the_low_noise_pha
     train_micro.main([*flags, f"--work={rerun}", f"--out={tmp_path / 'out-rerun'}"])
     first, second = (train_micro.load_exported(tmp_path / name)[1].state_dict() for name in ("out", "out-rerun"))
     assert all(torch.equal(first[key], second[key]) for key in first)
+
+    # Rerun with other rates, the command line's win over the checkpoint's: --text-lr 0 freezes the text encoder.
+    frozen = tmp_path / "frozen"
+    shutil.copytree(work, frozen)
+    shutil.copyfile(work / "checkpoint-step2.pt", frozen / "checkpoint.pt")
+    train_micro.main([*flags, "--text-lr=0", f"--work={frozen}", f"--out={tmp_path / 'out-frozen'}"])
+    at_step2, at_end = (
+        torch.load(path, weights_only=False) for path in (work / "checkpoint-step2.pt", frozen / "checkpoint.pt")
+    )
+    assert at_end["step"] == 4
+    assert all(
+        torch.equal(at_step2["text_encoder"][key], at_end["text_encoder"][key]) for key in at_end["text_encoder"]
+    )
+    assert not all(torch.equal(at_step2["unet"][key], at_end["unet"][key]) for key in at_end["unet"])
     # The tokenizer is exported in SD's layout, the files it was built from.
     assert {path.name for path in (tmp_path / "out" / "tokenizer").iterdir()} == {
         path.name for path in architecture.TOKENIZER_DIR.iterdir()

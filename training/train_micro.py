@@ -555,6 +555,10 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
         ema_unet.load_state_dict(state["ema_unet"])
         ema_text.load_state_dict(state["ema_text"])
         optimizer.load_state_dict(state["optimizer"])
+        # The loaded state carries the rates the run started with; this command line's rates win, so a
+        # phase rerun from a kept checkpoint with, say, --text-lr 0 does freeze the text encoder.
+        for group, base_lr in zip(optimizer.param_groups, (args.unet_lr, args.text_lr), strict=True):
+            group["base_lr"] = base_lr
         data_order.set_state(state["data_order"])
         captions.rng.setstate(state["caption_rng"])
         if "emphasis_rng" in state:  # checkpoints from before the option have none
