@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import random
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -213,22 +215,24 @@ def test_training_from_scratch_keeps_the_main_phase_and_reruns_the_low_noise_pha
 
     flags = ["--images=16", "--batch=4", "--vae-steps=2", "--decoder-steps=2", "--unet-steps=2"]
     flags += ["--low-noise-steps=2", "--recolour-share=1", "--eval-every=1000"]
-    work, rerun = tmp_path / "work", tmp_path / "rerun"
+    work = tmp_path / "work"
     train_micro.main([*flags, f"--work={work}", f"--out={tmp_path / 'out'}"])
     kept = torch.load(work / "checkpoint-step2.pt", weights_only=False)
     assert kept["step"] == 2 and torch.load(work / "checkpoint.pt", weights_only=False)["step"] == 4
 
-    shutil.copytree(work, rerun)
-    shutil.copyfile(work / "checkpoint-step2.pt", rerun / "checkpoint.pt")
-    train_micro.main([*flags, f"--work={rerun}", f"--out={tmp_path / 'out-rerun'}"])
+    def rerun_low_noise_phase(name: str, *extra_flags: str) -> Path:
+        rerun = tmp_path / name
+        shutil.copytree(work, rerun)
+        shutil.copyfile(work / "checkpoint-step2.pt", rerun / "checkpoint.pt")
+        train_micro.main([*flags, *extra_flags, f"--work={rerun}", f"--out={tmp_path / f'out-{name}'}"])
+        return rerun
+
+    rerun_low_noise_phase("rerun")
     first, second = (train_micro.load_exported(tmp_path / name)[1].state_dict() for name in ("out", "out-rerun"))
     assert all(torch.equal(first[key], second[key]) for key in first)
 
     # Rerun with other rates, the command line's win over the checkpoint's: --text-lr 0 freezes the text encoder.
-    frozen = tmp_path / "frozen"
-    shutil.copytree(work, frozen)
-    shutil.copyfile(work / "checkpoint-step2.pt", frozen / "checkpoint.pt")
-    train_micro.main([*flags, "--text-lr=0", f"--work={frozen}", f"--out={tmp_path / 'out-frozen'}"])
+    frozen = rerun_low_noise_phase("frozen", "--text-lr=0")
     at_step2, at_end = (
         torch.load(path, weights_only=False) for path in (work / "checkpoint-step2.pt", frozen / "checkpoint.pt")
     )
@@ -258,21 +262,13 @@ class _MergesGreenIntoBlack:
     """A VAE stand-in that round-trips every pixel exactly except green ones, which come back black:
     what a VAE whose latents for the two colours coincide does."""
 
-    class _Posterior:
-        def __init__(self, mean):
-            self.mean = mean
-
-    class _Decoded:
-        def __init__(self, sample):
-            self.sample = sample
-
     def encode(self, images):
-        return type("Encoded", (), {"latent_dist": self._Posterior(images)})()
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=images))
 
     def decode(self, latents):
         green = torch.tensor(dataset.PALETTE["green"]).view(1, 3, 1, 1) / 127.5 - 1
         is_green = ((latents - green).abs() < 0.02).all(1, keepdim=True)
-        return self._Decoded(torch.where(is_green, torch.full_like(latents, -1.0), latents))
+        return SimpleNamespace(sample=torch.where(is_green, torch.full_like(latents, -1.0), latents))
 
 
 def test_the_vae_colour_check_names_a_colour_the_vae_merges(caplog):
