@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -169,6 +170,21 @@ NEGATIVE_BAR = 0.9
 EMPHASIS_BAR = 0.85
 
 
+def test_the_training_check_draws_what_the_page_draws(micro_engine):
+    """The check during training samples as the page and tools/measure_micro_quality.py do (sampler,
+    schedule, steps), so its numbers predict the table's."""
+    vae, unet, text_encoder = train_micro.load_exported(train_micro.DEFAULT_OUT)
+    pipe = train_micro.check_pipeline(vae, text_encoder, unet, architecture.build_tokenizer())
+    prompts, seeds = ["a red circle on a blue background", "a green background with a small white square"], [3, 4]
+    checked = train_micro.check_pictures(pipe, prompts, seeds)
+    for prompt, seed, picture in zip(prompts, seeds, checked, strict=True):
+        on_page = quality.generate(micro_engine, prompt=prompt, seed=seed)
+        assert np.abs(np.asarray(picture, dtype=float) - np.asarray(on_page, dtype=float)).mean() < 2.0, (
+            prompt,
+            np.abs(np.asarray(picture, dtype=float) - np.asarray(on_page, dtype=float)).mean(),
+        )
+
+
 def test_training_help_lists_every_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_micro.parse_args(["--help"])
@@ -206,6 +222,23 @@ def test_training_can_start_from_an_exported_model(tmp_path):
     # frozen text encoder come back as they were (half precision both ways).
     assert 0 < changes["unet"] < 0.01
     assert changes["vae"] == 0 and changes["text_encoder"] == 0
+
+
+def test_training_can_reuse_a_finished_vae_and_train_the_rest_from_scratch(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    flags = ["--images=16", "--batch=4", "--unet-steps=2", "--low-noise-steps=0", "--eval-every=1000"]
+    train_micro.main([f"--vae-from={train_micro.DEFAULT_OUT}", *flags, f"--work={work}", f"--out={out}"])
+    shipped, trained = train_micro.load_exported(train_micro.DEFAULT_OUT), train_micro.load_exported(out)
+    shipped_vae, trained_vae = shipped[0].state_dict(), trained[0].state_dict()
+    assert all(torch.equal(shipped_vae[key], trained_vae[key]) for key in shipped_vae)
+    assert not (work / "vae").exists() and not (work / "vae-finetuned").exists()
+    # Two steps from fresh weights: nothing like the shipped UNet.
+    shipped_unet, trained_unet = shipped[1].state_dict(), trained[1].state_dict()
+    assert max((shipped_unet[key] - trained_unet[key]).abs().max().item() for key in shipped_unet) > 0.1
+    # Its own vae folder works too, and --init-from (which brings a VAE already) cannot be combined with it.
+    assert train_micro.load_vae(out / "vae").config.scaling_factor == shipped[0].config.scaling_factor
+    with pytest.raises(SystemExit):
+        train_micro.parse_args([f"--vae-from={out}", f"--init-from={out}"])
 
 
 def test_training_from_scratch_keeps_the_main_phase_and_reruns_the_low_noise_phase_exactly(tmp_path):
