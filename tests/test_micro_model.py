@@ -172,17 +172,34 @@ EMPHASIS_BAR = 0.85
 
 def test_the_training_check_draws_what_the_page_draws(micro_engine):
     """The check during training samples as the page and tools/measure_micro_quality.py do (sampler,
-    schedule, steps), so its numbers predict the table's."""
+    schedule, steps, guidance, img2img's step count), so its numbers predict the table's."""
     vae, unet, text_encoder = train_micro.load_exported(train_micro.DEFAULT_OUT)
     pipe = train_micro.check_pipeline(vae, text_encoder, unet, architecture.build_tokenizer())
+
+    def assert_same(checked, on_page, what):
+        difference = np.abs(np.asarray(checked, dtype=float) - np.asarray(on_page, dtype=float)).mean()
+        assert difference < 2.0, (what, difference)
+
     prompts, seeds = ["a red circle on a blue background", "a green background with a small white square"], [3, 4]
-    checked = train_micro.check_pictures(pipe, prompts, seeds)
-    for prompt, seed, picture in zip(prompts, seeds, checked, strict=True):
-        on_page = quality.generate(micro_engine, prompt=prompt, seed=seed)
-        assert np.abs(np.asarray(picture, dtype=float) - np.asarray(on_page, dtype=float)).mean() < 2.0, (
-            prompt,
-            np.abs(np.asarray(picture, dtype=float) - np.asarray(on_page, dtype=float)).mean(),
+    for prompt, seed, picture in zip(prompts, seeds, train_micro.check_pictures(pipe, prompts, seeds), strict=True):
+        assert_same(picture, quality.generate(micro_engine, prompt=prompt, seed=seed), prompt)
+    draw = train_micro.check_drawer(pipe)
+    init = draw(prompts[0], seeds[0])
+    for strength in (0.1, 0.75):
+        on_page = quality.generate(
+            micro_engine, prompt="a blue circle", seed=5, init_images=[init], denoising_strength=strength
         )
+        assert_same(draw("a blue circle", 5, init, strength), on_page, strength)
+
+
+def test_the_training_check_reads_the_shipped_model_as_the_table_does():
+    vae, unet, text_encoder = train_micro.load_exported(train_micro.DEFAULT_OUT)
+    scores = train_micro.evaluate(
+        vae, text_encoder, unet, architecture.build_tokenizer(), seed=12345, count=12, emphasis=True
+    )
+    # The table: 100% backgrounds and shape colours, 12/12 img2img both ways, emphasis 24/24.
+    assert scores["background"] == scores["img2img"] == 1.0
+    assert scores["colour"] >= 0.9 and scores["emphasis"] >= 0.9
 
 
 def test_training_help_lists_every_option(capsys):

@@ -128,19 +128,30 @@ class Img2ImgEffect:
     strong_colour: str  # at strength 0.75
     weak_colour: str  # at strength 0.1
 
+    @property
+    def follows_strength(self) -> bool:
+        """Blue at the high strength, and still its own colour at the low one."""
+        return self.strong_colour == "blue" and self.weak_colour == self.init_colour
+
 
 def img2img_effect(engine: Engine, seed: int) -> Img2ImgEffect:
-    init = generate(engine, prompt="a red circle on a white background", seed=seed)
+    """img2img_colours through the Engine."""
+
+    def draw(prompt: str, seed: int, init: Image.Image | None = None, strength: float = 0.0) -> Image.Image:
+        extra = {} if init is None else {"init_images": [init], "denoising_strength": strength}
+        return generate(engine, prompt=prompt, seed=seed, **extra)
+
+    return img2img_colours(draw, seed)
+
+
+def img2img_colours(draw: Callable[..., Image.Image], seed: int) -> Img2ImgEffect:
+    """A red circle (seed `seed`) redrawn from a "blue circle" prompt (seed + 1) at strengths 0.75 and
+    0.1. `draw(prompt, seed, init=None, strength=0.0)` makes each picture, so the training script can
+    measure a model it has not exported yet."""
+    init = draw("a red circle on a white background", seed)
     colours = [dataset.classify(init).colour]
     for strength in (0.75, 0.1):
-        image = generate(
-            engine,
-            prompt="a blue circle on a white background",
-            seed=seed + 1,
-            init_images=[init],
-            denoising_strength=strength,
-        )
-        colours.append(dataset.classify(image).colour)
+        colours.append(dataset.classify(draw("a blue circle on a white background", seed + 1, init, strength)).colour)
     return Img2ImgEffect(*colours)
 
 

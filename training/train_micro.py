@@ -27,10 +27,12 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from engine.presets import family_defaults
@@ -56,6 +58,7 @@ DEFAULT_WORK = REPO / "training" / "runs" / "micro-shapes"
 FAMILY_MARKER = {"_lantern_family": "micro"}
 # What the page opens with for this model, and so what the training checks sample with.
 MICRO_DEFAULTS = family_defaults(FAMILY_MARKER["_lantern_family"])
+CHECK_CFG = 7.0  # as training/quality.py's measurements
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -422,7 +425,7 @@ def check_pictures(pipe, prompts: list[str], seeds: list[int], steps: int = MICR
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     with torch.no_grad():
         return pipe(
-            prompts, num_inference_steps=steps, guidance_scale=7.0, generator=generators, height=64, width=64
+            prompts, num_inference_steps=steps, guidance_scale=CHECK_CFG, generator=generators, height=64, width=64
         ).images
 
 
@@ -471,7 +474,7 @@ def emphasis_score(pipe, seed: int, steps: int, seeds: int = 3) -> float:
                 prompt_embeds=encode_prompt_a1111(prompt, pipe.tokenizer, pipe.text_encoder),
                 negative_prompt_embeds=unconditional,
                 num_inference_steps=steps,
-                guidance_scale=7.0,
+                guidance_scale=CHECK_CFG,
                 generator=torch.Generator().manual_seed(image_seed),
                 height=64,
                 width=64,
@@ -484,35 +487,33 @@ def emphasis_score(pipe, seed: int, steps: int, seeds: int = 3) -> float:
 def img2img_score(pipe, seed: int, steps: int, seeds: int = 4) -> float:
     """Share of red-circle pictures that a "blue circle" prompt leaves red at denoising strength 0.1
     and turns blue at 0.75 (the two sides of what img2img's strength means)."""
+    draw = check_drawer(pipe, steps)
+    return sum(quality.img2img_colours(draw, seed + offset).follows_strength for offset in range(seeds)) / seeds
+
+
+def check_drawer(pipe, steps: int = MICRO_DEFAULTS.steps) -> Callable[..., Image.Image]:
+    """draw(prompt, seed, init=None, strength=0.0): one picture, txt2img or (with `init`) img2img, as the
+    page makes it."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
     img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
     img2img.set_progress_bar_config(disable=True)
-    passed = 0
-    for offset in range(seeds):
+
+    def draw(prompt: str, seed: int, init: Image.Image | None = None, strength: float = 0.0) -> Image.Image:
+        if init is None:
+            return check_pictures(pipe, [prompt], [seed], steps)[0]
         with torch.no_grad():
-            init = pipe(
-                "a red circle on a white background",
+            return img2img(
+                prompt,
+                image=init,
+                # Steps counted as the engine counts them (A1111's: one more than diffusers').
+                strength=diffusers_strength(img2img_steps(MICRO_DEFAULTS.sampler_name, steps, strength), steps),
                 num_inference_steps=steps,
-                generator=torch.Generator().manual_seed(seed + offset),
-                height=64,
-                width=64,
+                guidance_scale=CHECK_CFG,
+                generator=torch.Generator().manual_seed(seed),
             ).images[0]
-            colours = [
-                dataset.classify(
-                    img2img(
-                        "a blue circle on a white background",
-                        image=init,
-                        # Steps counted as the engine counts them (A1111's: one more than diffusers').
-                        strength=diffusers_strength(img2img_steps(MICRO_DEFAULTS.sampler_name, steps, strength), steps),
-                        num_inference_steps=steps,
-                        generator=torch.Generator().manual_seed(seed + offset),
-                    ).images[0]
-                ).colour
-                for strength in (0.1, 0.75)
-            ]
-        passed += colours == [dataset.classify(init).colour, "blue"]
-    return passed / seeds
+
+    return draw
 
 
 def build_pipeline(vae, text_encoder, unet, tokenizer):
