@@ -90,8 +90,8 @@ def main(argv=None) -> None:
 
     for sampler in engine.samplers():
         accuracy = quality.sampler_background_accuracy(engine, sampler, args.sampler_prompts)
-        steps = quality.usual_steps(sampler)
-        row(f"background accuracy, {sampler} ({steps} steps)", f"{accuracy:.1%}", ">= 95%")
+        settings = f"{quality.usual_steps(sampler)} steps, CFG {quality.usual_cfg(sampler):g}"
+        row(f"background accuracy, {sampler} ({settings})", f"{accuracy:.1%}", ">= 95%")
     sys.stdout.write(f"\n{time.perf_counter() - start:.0f} s in all\n")
 
 

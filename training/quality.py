@@ -17,16 +17,22 @@ from engine import Engine, GenerationRequest
 
 from . import dataset
 
-# Step counts a user would pick for each sampler: A1111's default, 20, for every sampler (its
-# two-evaluation ones, Heun, DPM2, DPM2 a, DPM++ 2S a and DPM++ SDE, included), except LCM, which is
-# run at 4-8 steps with LCM weights, and PLMS, which CompVis's txt2img.py (where it comes from) runs at
-# its default of 50.
+# Settings a user would pick for each sampler: A1111's defaults, 20 steps at CFG 7, for every sampler
+# (its two-evaluation ones, Heun, DPM2, DPM2 a, DPM++ 2S a and DPM++ SDE, included), except LCM, which is
+# run at 4-8 steps and CFG 1-2 (with LCM weights; the LCM-LoRA model cards ask for guidance "between 1.0
+# and 2.0"), and PLMS, which CompVis's txt2img.py (where it comes from) runs at its default of 50 steps.
 USUAL_STEPS = {"LCM": 8, "PLMS": 50}
+USUAL_CFG = {"LCM": 1.5}
 DEFAULT_STEPS = 20
+DEFAULT_CFG = 7.0
 
 
 def usual_steps(sampler: str) -> int:
     return USUAL_STEPS.get(sampler, DEFAULT_STEPS)
+
+
+def usual_cfg(sampler: str) -> float:
+    return USUAL_CFG.get(sampler, DEFAULT_CFG)
 
 
 def generate(engine: Engine, **fields) -> Image.Image:
@@ -62,14 +68,21 @@ class Accuracy:
     shape: float
 
 
-def attribute_accuracy(engine: Engine, count: int, *, sampler: str | None = None, steps: int = 20) -> Accuracy:
+def attribute_accuracy(
+    engine: Engine,
+    count: int,
+    *,
+    sampler: str | None = None,
+    steps: int = DEFAULT_STEPS,
+    cfg_scale: float = DEFAULT_CFG,
+) -> Accuracy:
     """Shares of `count` prompts whose background, shape colour and shape are read right; the
     sampler is the model's default (what the page opens with) unless named."""
     sampler = sampler or engine.defaults().sampler_name
     hits = np.zeros(3)
     prompts = prompt_set(count)
     for i, (prompt, scene) in enumerate(prompts):
-        image = generate(engine, prompt=prompt, seed=1000 + i, sampler_name=sampler, steps=steps, cfg_scale=7.0)
+        image = generate(engine, prompt=prompt, seed=1000 + i, sampler_name=sampler, steps=steps, cfg_scale=cfg_scale)
         reading = dataset.classify(image)
         hits += [reading.background == scene.background, reading.colour == scene.colour, reading.shape == scene.shape]
     return Accuracy(len(prompts), *(hits / len(prompts)))
@@ -203,5 +216,8 @@ def inpaint_effect(engine: Engine, seed: int) -> InpaintEffect:
 
 
 def sampler_background_accuracy(engine: Engine, sampler: str, count: int) -> float:
-    steps = usual_steps(sampler)
-    return attribute_accuracy(engine, count, sampler=sampler, steps=steps).background
+    """Share of `count` prompts whose background `sampler` draws right at its usual settings."""
+    accuracy = attribute_accuracy(
+        engine, count, sampler=sampler, steps=usual_steps(sampler), cfg_scale=usual_cfg(sampler)
+    )
+    return accuracy.background
