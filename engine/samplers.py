@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import diffusers
+import torch
+from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 from .errors import InvalidRequestError
 
@@ -87,7 +90,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, "Uniform", ("plms",), k_diffusion=False),
     SamplerSpec("UniPC", "UniPCMultistepScheduler", {}, "Uniform", ("unipc",), k_diffusion=False),
     SamplerSpec("DEIS", "DEISMultistepScheduler", {}, "Uniform", ("deis",), k_diffusion=False),
-    SamplerSpec("LCM", "LCMScheduler", {}, "Uniform", ("lcm",), k_diffusion=False),
+    SamplerSpec("LCM", "LCMScheduler", {}, "Uniform", ("lcm",)),
 )
 
 # Schedule types (A1111 >= 1.9) and the scheduler config keys that express them in diffusers.
@@ -198,14 +201,114 @@ _DISCARDING = {
 }
 
 
+class A1111LCMScheduler(diffusers.LCMScheduler):
+    """LCM as A1111 samples it (its LCM sampler, through k-diffusion).
+
+    Both take the model's noise levels at the 50 "original" timesteps 19, 39, ... 999. diffusers steps
+    on some of those timesteps (at 8 steps: 999, 879, ... 139); A1111 spreads its steps evenly from 999
+    to 19 in timestep (999, 859, ... 19), reading each step's sigma between the 50 by log-linear
+    interpolation, evaluating the UNet at the nearest of the 50 timesteps, and adding the next step's
+    noise at that interpolated sigma. Its SGM Uniform spreads n + 1 points and drops the last. The
+    steps are diffusers' (variance-preserving latents): the same arithmetic as A1111's x = x0 + sigma *
+    noise, scaled by 1 / sqrt(1 + sigma^2).
+
+    `sigmas` holds each step's sigma and a final 0, as the k-diffusion schedulers keep them, so
+    previews read the predicted clean latent at the step's own noise level.
+    """
+
+    _step_alphas: torch.Tensor | None = None
+
+    def set_timesteps(
+        self, num_inference_steps=None, device=None, original_inference_steps=None, timesteps=None, strength=1.0
+    ):
+        if num_inference_steps is None or timesteps is not None or strength != 1.0:
+            self._step_alphas = None
+            return super().set_timesteps(num_inference_steps, device, original_inference_steps, timesteps, strength)
+        original = original_inference_steps or self.config.original_inference_steps
+        stride = self.config.num_train_timesteps // original
+        valid_alphas = self.alphas_cumprod[torch.arange(original) * stride + stride - 1].double()
+        log_sigmas = ((1 - valid_alphas) / valid_alphas).sqrt().log()
+        first, last = original * stride - 1, stride - 1
+        if self.config.timestep_spacing == "trailing":  # SGM Uniform
+            ramp = torch.linspace(first, last, num_inference_steps + 1, dtype=torch.float64)[:-1]
+        else:
+            ramp = torch.linspace(first, last, num_inference_steps, dtype=torch.float64)
+        position = ((ramp - last) / stride).clamp(0, original - 1)
+        low, high = position.floor().long(), position.ceil().long()
+        weight = position - low
+        log_sigma = (1 - weight) * log_sigmas[low] + weight * log_sigmas[high]
+        nearest = (log_sigma[:, None] - log_sigmas[None, :]).abs().argmin(dim=1)
+        self.timesteps = (nearest * stride + stride - 1).to(device=device, dtype=torch.long)
+        sigmas = torch.cat([log_sigma.exp(), log_sigma.new_zeros(1)])
+        self.sigmas = sigmas.float()
+        self._step_alphas = 1 / (1 + sigmas**2)
+        # A1111 starts from noise * sigma_max, i.e. sqrt(1 - alpha) * noise in these latents.
+        self.init_noise_sigma = float((1 - self._step_alphas[0]).sqrt())
+        self.num_inference_steps = num_inference_steps
+        self._step_index = None
+        self._begin_index = 0  # timesteps may repeat past 50 steps: never look the first one up
+        self.custom_timesteps = False
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        if self._step_alphas is None:
+            return super().step(model_output, timestep, sample, generator, return_dict)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        index = self.step_index
+        alpha = self._step_alphas[index].to(sample.device, sample.dtype)
+        next_alpha = self._step_alphas[index + 1].to(sample.device, sample.dtype)
+        sigma = self.sigmas[index].to(sample.device, sample.dtype)
+        spread = sample / alpha.sqrt()  # A1111's x: x0 + sigma * noise
+        if self.config.prediction_type == "epsilon":
+            predicted = spread - sigma * model_output
+        elif self.config.prediction_type == "v_prediction":
+            predicted = alpha.sqrt() * sample - (1 - alpha).sqrt() * model_output
+        else:
+            predicted = model_output
+        c_skip, c_out = self.get_scalings_for_boundary_condition_discrete(timestep)
+        denoised = c_out * predicted + c_skip * spread
+        if index < len(self.timesteps) - 1:
+            noise = randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=denoised.dtype
+            )
+            prev_sample = next_alpha.sqrt() * denoised + (1 - next_alpha).sqrt() * noise
+        else:
+            prev_sample = denoised
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample, denoised)
+        return LCMSchedulerOutput(prev_sample=prev_sample, denoised=denoised)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """Noise for the step that starts at `timesteps` (img2img's start, inpaint's next step), at that
+        step's own sigma."""
+        if self._step_alphas is None:
+            return super().add_noise(original_samples, noise, timesteps)
+        start = self.begin_index or 0
+        alphas = []
+        for timestep in timesteps.reshape(-1).tolist():
+            matches = (self.timesteps[start:] == timestep).nonzero()
+            if len(matches) == 0:
+                return super().add_noise(original_samples, noise, timesteps)
+            alphas.append(self._step_alphas[start + int(matches[0])])
+        alpha = torch.stack(alphas).to(original_samples.device, original_samples.dtype)
+        alpha = alpha.reshape(-1, *([1] * (original_samples.ndim - 1)))
+        return alpha.sqrt() * original_samples + (1 - alpha).sqrt() * noise
+
+
+# Samplers whose A1111 schedule diffusers' own class does not make.
+_A1111_CLASSES = {"LCM": A1111LCMScheduler}
+
+
 def build_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str, seed: int | None = None):
     """A new scheduler instance for one job; `base_config` is the model's own scheduler config."""
     spec = get_sampler(sampler_name)
-    cls = (
-        _DISCARDING[spec.scheduler_class]
-        if spec.discard_penultimate_sigma
-        else getattr(diffusers, spec.scheduler_class)
-    )
+    if spec.name in _A1111_CLASSES:
+        cls = _A1111_CLASSES[spec.name]
+    elif spec.discard_penultimate_sigma:
+        cls = _DISCARDING[spec.scheduler_class]
+    else:
+        cls = getattr(diffusers, spec.scheduler_class)
     params = _init_params(spec.scheduler_class)
     overrides: dict[str, Any] = dict(spec.options)
     # Start from a clean sigma schedule: a model's config may itself ask for Karras sigmas.

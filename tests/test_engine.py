@@ -191,6 +191,72 @@ def test_dpm2_drops_the_next_to_last_sigma_as_a1111_does(sampler, schedule):
     assert len(scheduler.timesteps) == 2 * steps - 1  # still 20 steps, 39 model evaluations
 
 
+def a1111_lcm_sigmas(alphas_cumprod, steps, sgm_uniform=False):
+    """A1111's LCM sigmas (modules/sd_samplers_lcm.py): those of the 50 "original" timesteps 19 ... 999,
+    interpolated in log at timesteps spread evenly from 999 to 19, then 0; and `sigma_to_t`, the nearest
+    of the 50 timesteps, where the UNet is asked."""
+    valid_t = torch.arange(50) * 20 + 19
+    alphas = alphas_cumprod[valid_t].double()
+    log_sigmas = ((1 - alphas) / alphas).sqrt().log()
+
+    def t_to_sigma(t):
+        index = ((t - 19) / 20).clamp(0, 49)
+        low, high, weight = index.floor().long(), index.ceil().long(), index.frac()
+        return ((1 - weight) * log_sigmas[low] + weight * log_sigmas[high]).exp()
+
+    def sigma_to_t(sigma):
+        return (sigma.log() - log_sigmas).abs().argmin() * 20 + 19
+
+    ramp = torch.linspace(999, 19, steps + 1 if sgm_uniform else steps, dtype=torch.float64)
+    sigmas = [t_to_sigma(t) for t in (ramp[:-1] if sgm_uniform else ramp)] + [torch.tensor(0.0, dtype=torch.float64)]
+    return sigmas, sigma_to_t
+
+
+def a1111_lcm(eps_model, noise, noises, sigmas, sigma_to_t):
+    """A1111's LCM sampler: k-diffusion's x = x0 + sigma * noise, LCM's boundary scalings at 10x the
+    UNet's timestep."""
+    x = noise.double() * sigmas[0]
+    for i in range(len(sigmas) - 1):
+        sigma, t = sigmas[i], sigma_to_t(sigmas[i])
+        eps = eps_model((x / (sigma**2 + 1).sqrt()).float(), t).double()
+        scaled = t * 10.0
+        c_skip, c_out = 0.25 / (scaled**2 + 0.25), scaled / (scaled**2 + 0.25) ** 0.5
+        x = c_out * (x - sigma * eps) + c_skip * x
+        if sigmas[i + 1] > 0:
+            x = x + sigmas[i + 1] * noises[i].double()
+    return x.float()
+
+
+@pytest.mark.parametrize(
+    ("steps", "schedule"), [(4, "Automatic"), (8, "Automatic"), (20, "Automatic"), (6, "SGM Uniform")]
+)
+def test_lcm_samples_as_a1111s_lcm_does(steps, schedule):
+    # A fixed stand-in for the UNet: the samplers must agree step by step on what they ask it and do with it.
+    def eps_model(latent, timestep):
+        return 0.3 * latent * (1 + float(timestep) / 1000) + 0.1 * torch.sin(3 * latent)
+
+    shape = (1, 4, 8, 8)
+    generator = torch.Generator().manual_seed(5)
+    noise = torch.randn(shape, generator=generator)
+    noises = [torch.randn(shape, generator=generator) for _ in range(steps)]
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "LCM", schedule)
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(5)
+    latent = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
+    for timestep in scheduler.timesteps:
+        latent = scheduler.step(eps_model(latent, timestep), timestep, latent, generator=generator).prev_sample
+    sigmas, sigma_to_t = a1111_lcm_sigmas(scheduler.alphas_cumprod, steps, schedule == "SGM Uniform")
+    assert torch.allclose(latent, a1111_lcm(eps_model, noise, noises, sigmas, sigma_to_t), atol=1e-4)
+    assert scheduler.timesteps.tolist() == [int(sigma_to_t(sigma)) for sigma in sigmas[:-1]]
+    if (steps, schedule) == (8, "Automatic"):  # diffusers' own LCMScheduler ends at 139
+        assert scheduler.timesteps.tolist() == [999, 859, 719, 579, 439, 299, 159, 19]
+    # img2img starting at step 3 noises the picture to that step's sigma (x0 + sigma * noise, scaled).
+    scheduler.set_begin_index(3)
+    noised = scheduler.add_noise(torch.ones(shape), noise, scheduler.timesteps[3:4])
+    expected = (1 + sigmas[3] * noise.double()) / (1 + sigmas[3] ** 2).sqrt()
+    assert torch.allclose(noised, expected.float(), atol=1e-5)
+
+
 @pytest.mark.parametrize("sampler", ["DDIM", "PLMS"])
 def test_timestep_samplers_keep_the_models_spacing(sampler):
     # A1111's DDIM and PLMS step on range(1, 1000, 1000 // steps), as the config's "leading" spacing does.
@@ -448,6 +514,7 @@ def test_img2img_strength_controls_how_far_from_the_init_image(engine):
         ("DDIM", 20, 0.75, 15),  # A1111's timestep samplers run t_enc
         ("DDIM", 20, 1.0, 20),
         ("Euler a", 20, 0.0, 0),
+        ("LCM", 8, 0.5, 5),  # A1111 runs LCM through k-diffusion too
     ],
 )
 def test_img2img_runs_as_many_steps_as_a1111(sampler, steps, strength, expected):
