@@ -216,13 +216,14 @@ class A1111LCMScheduler(diffusers.LCMScheduler):
     previews read the predicted clean latent at the step's own noise level.
     """
 
-    _step_alphas: torch.Tensor | None = None
+    # Set by set_timesteps when it makes A1111's schedule; off, the class behaves as diffusers' own.
+    _a1111_schedule = False
 
     def set_timesteps(
         self, num_inference_steps=None, device=None, original_inference_steps=None, timesteps=None, strength=1.0
     ):
         if num_inference_steps is None or timesteps is not None or strength != 1.0:
-            self._step_alphas = None
+            self._a1111_schedule = False
             return super().set_timesteps(num_inference_steps, device, original_inference_steps, timesteps, strength)
         original = original_inference_steps or self.config.original_inference_steps
         stride = self.config.num_train_timesteps // original
@@ -239,24 +240,27 @@ class A1111LCMScheduler(diffusers.LCMScheduler):
         log_sigma = (1 - weight) * log_sigmas[low] + weight * log_sigmas[high]
         nearest = (log_sigma[:, None] - log_sigmas[None, :]).abs().argmin(dim=1)
         self.timesteps = (nearest * stride + stride - 1).to(device=device, dtype=torch.long)
-        sigmas = torch.cat([log_sigma.exp(), log_sigma.new_zeros(1)])
-        self.sigmas = sigmas.float()
-        self._step_alphas = 1 / (1 + sigmas**2)
+        self.sigmas = torch.cat([log_sigma.exp(), log_sigma.new_zeros(1)]).float()
+        self._a1111_schedule = True
         # A1111 starts from noise * sigma_max, i.e. sqrt(1 - alpha) * noise in these latents.
-        self.init_noise_sigma = float((1 - self._step_alphas[0]).sqrt())
+        self.init_noise_sigma = float((1 - self._step_alpha(0)).sqrt())
         self.num_inference_steps = num_inference_steps
         self._step_index = None
         self._begin_index = 0  # timesteps may repeat past 50 steps: never look the first one up
         self.custom_timesteps = False
 
+    def _step_alpha(self, index: int) -> torch.Tensor:
+        """alpha_cumprod at step `index`'s sigma (1 after the last step)."""
+        return 1 / (1 + self.sigmas[index].double() ** 2)
+
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
-        if self._step_alphas is None:
+        if not self._a1111_schedule:
             return super().step(model_output, timestep, sample, generator, return_dict)
         if self.step_index is None:
             self._init_step_index(timestep)
         index = self.step_index
-        alpha = self._step_alphas[index].to(sample.device, sample.dtype)
-        next_alpha = self._step_alphas[index + 1].to(sample.device, sample.dtype)
+        alpha = self._step_alpha(index).to(sample.device, sample.dtype)
+        next_alpha = self._step_alpha(index + 1).to(sample.device, sample.dtype)
         sigma = self.sigmas[index].to(sample.device, sample.dtype)
         spread = sample / alpha.sqrt()  # A1111's x: x0 + sigma * noise
         if self.config.prediction_type == "epsilon":
@@ -282,7 +286,7 @@ class A1111LCMScheduler(diffusers.LCMScheduler):
     def add_noise(self, original_samples, noise, timesteps):
         """Noise for the step that starts at `timesteps` (img2img's start, inpaint's next step), at that
         step's own sigma."""
-        if self._step_alphas is None:
+        if not self._a1111_schedule:
             return super().add_noise(original_samples, noise, timesteps)
         start = self.begin_index or 0
         alphas = []
@@ -290,7 +294,7 @@ class A1111LCMScheduler(diffusers.LCMScheduler):
             matches = (self.timesteps[start:] == timestep).nonzero()
             if len(matches) == 0:
                 return super().add_noise(original_samples, noise, timesteps)
-            alphas.append(self._step_alphas[start + int(matches[0])])
+            alphas.append(self._step_alpha(start + int(matches[0])))
         alpha = torch.stack(alphas).to(original_samples.device, original_samples.dtype)
         alpha = alpha.reshape(-1, *([1] * (original_samples.ndim - 1)))
         return alpha.sqrt() * original_samples + (1 - alpha).sqrt() * noise

@@ -58,7 +58,6 @@ DEFAULT_WORK = REPO / "training" / "runs" / "micro-shapes"
 FAMILY_MARKER = {"_lantern_family": "micro"}
 # What the page opens with for this model, and so what the training checks sample with.
 MICRO_DEFAULTS = family_defaults(FAMILY_MARKER["_lantern_family"])
-CHECK_CFG = 7.0  # as training/quality.py's measurements
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -425,7 +424,12 @@ def check_pictures(pipe, prompts: list[str], seeds: list[int], steps: int = MICR
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     with torch.no_grad():
         return pipe(
-            prompts, num_inference_steps=steps, guidance_scale=CHECK_CFG, generator=generators, height=64, width=64
+            prompts,
+            num_inference_steps=steps,
+            guidance_scale=quality.DEFAULT_CFG,
+            generator=generators,
+            height=64,
+            width=64,
         ).images
 
 
@@ -474,7 +478,7 @@ def emphasis_score(pipe, seed: int, steps: int, seeds: int = 3) -> float:
                 prompt_embeds=encode_prompt_a1111(prompt, pipe.tokenizer, pipe.text_encoder),
                 negative_prompt_embeds=unconditional,
                 num_inference_steps=steps,
-                guidance_scale=CHECK_CFG,
+                guidance_scale=quality.DEFAULT_CFG,
                 generator=torch.Generator().manual_seed(image_seed),
                 height=64,
                 width=64,
@@ -509,7 +513,7 @@ def check_drawer(pipe, steps: int = MICRO_DEFAULTS.steps) -> Callable[..., Image
                 # Steps counted as the engine counts them (A1111's: one more than diffusers').
                 strength=diffusers_strength(img2img_steps(MICRO_DEFAULTS.sampler_name, steps, strength), steps),
                 num_inference_steps=steps,
-                guidance_scale=CHECK_CFG,
+                guidance_scale=quality.DEFAULT_CFG,
                 generator=torch.Generator().manual_seed(seed),
             ).images[0]
 
