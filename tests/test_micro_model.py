@@ -203,6 +203,41 @@ def test_the_training_check_reads_the_shipped_model_as_the_table_does():
     assert scores["colour"] >= 0.9 and scores["emphasis"] >= 0.9
 
 
+def test_shape_coverage_marks_the_shapes_pixels_and_the_balanced_loss_gives_them_half_the_weight():
+    scenes, pixels = dataset.make_images(40, seed=7)
+    for scene, picture in zip(scenes, pixels, strict=True):
+        # At picture size the coverage is the shape as drawn (edges anti-aliased either way).
+        drawn_shape = dataset.nearest_palette(picture) == dataset.COLOURS.index(scene.colour)
+        covered = dataset.shape_coverage(scene, dataset.IMAGE_SIZE) > 0.5
+        assert (drawn_shape == covered).mean() > 0.98, scene
+        # At the latent grid's side each cell holds the share of its 4x4 pixels the shape covers.
+        latent_cells = dataset.shape_coverage(scene, 16)
+        assert latent_cells.shape == (16, 16) and 0 <= latent_cells.min() and latent_cells.max() <= 1
+        assert latent_cells.mean() == pytest.approx(dataset.shape_coverage(scene, 64).mean(), abs=1e-3)
+
+    coverage = torch.from_numpy(np.stack([dataset.shape_coverage(s, 16) for s in scenes]))[:, None]
+    area = coverage.mean(dim=(1, 2, 3))
+    assert area.min() < 0.1 and area.max() > 0.25  # small and large shapes alike
+    assert torch.equal(train_micro.shape_balanced_weights(coverage, 0.0), torch.ones_like(coverage))
+    # Cells wholly inside or outside the shape: its pixels get exactly `balance` of the way from their
+    # plain share of the loss (their area) to half of it.
+    whole_cells = (coverage > 0.5).float()
+    whole_area = whole_cells.mean(dim=(1, 2, 3))
+    for balance in (0.5, 1.0):
+        for cells in (coverage, whole_cells):
+            weights = train_micro.shape_balanced_weights(cells, balance)
+            # The loss's scale is kept (mean weight 1 per picture): only where it is spent changes.
+            assert torch.allclose(weights.mean(dim=(1, 2, 3)), torch.ones(len(scenes)), atol=1e-5)
+        shape_share = (weights * whole_cells).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3))
+        assert torch.allclose(shape_share, (1 - balance) * whole_area + balance * 0.5, atol=1e-5)
+    # Edge cells count partly as background, so with soft coverage the shape gets a little under half.
+    weights = train_micro.shape_balanced_weights(coverage, 1.0)
+    shape_share = (weights * coverage).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3))
+    assert 0.35 < shape_share.min() and shape_share.max() <= 0.5
+    with pytest.raises(SystemExit):
+        train_micro.parse_args(["--shape-balance=1.5"])
+
+
 def test_training_help_lists_every_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_micro.parse_args(["--help"])
@@ -257,6 +292,13 @@ def test_training_can_reuse_a_finished_vae_and_train_the_rest_from_scratch(tmp_p
     assert train_micro.load_vae(out / "vae").config.scaling_factor == shipped[0].config.scaling_factor
     with pytest.raises(SystemExit):
         train_micro.parse_args([f"--vae-from={out}", f"--init-from={out}"])
+    # The shape-balanced loss reaches the training: the same steps on the same data end elsewhere.
+    balanced = tmp_path / "balanced"
+    train_micro.main(
+        [f"--vae-from={train_micro.DEFAULT_OUT}", *flags, "--shape-balance=1", f"--work={work}-b", f"--out={balanced}"]
+    )
+    balanced_unet = train_micro.load_exported(balanced)[1].state_dict()
+    assert any(not torch.equal(balanced_unet[key], trained_unet[key]) for key in trained_unet)
 
 
 def test_training_from_scratch_keeps_the_main_phase_and_reruns_the_low_noise_phase_exactly(tmp_path):

@@ -55,19 +55,32 @@ def random_scene(rng: random.Random) -> ShapeScene:
     return ShapeScene(shape, colour, background, size, (left, top, left + side, top + side))
 
 
-def draw_scene(scene: ShapeScene) -> Image.Image:
-    big = IMAGE_SIZE * SUPERSAMPLE
-    image = Image.new("RGB", (big, big), PALETTE[scene.background])
+def _draw_shape(image: Image.Image, scene: ShapeScene, fill) -> None:
+    """Draws `scene`'s shape on a supersampled canvas."""
     draw = ImageDraw.Draw(image)
     left, top, right, bottom = (v * SUPERSAMPLE for v in scene.box)
-    fill = PALETTE[scene.colour]
     if scene.shape == "circle":
         draw.ellipse((left, top, right, bottom), fill=fill)
     elif scene.shape == "square":
         draw.rectangle((left, top, right, bottom), fill=fill)
     else:
         draw.polygon([((left + right) / 2, top), (right, bottom), (left, bottom)], fill=fill)
+
+
+def draw_scene(scene: ShapeScene) -> Image.Image:
+    big = IMAGE_SIZE * SUPERSAMPLE
+    image = Image.new("RGB", (big, big), PALETTE[scene.background])
+    _draw_shape(image, scene, PALETTE[scene.colour])
     return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+
+
+def shape_coverage(scene: ShapeScene, side: int) -> np.ndarray:
+    """How much of each cell of a `side`x`side` grid over the picture the shape covers, 0 to 1
+    (a float32 [side, side] array; at the latent grid's side, which latent pixels are the shape's)."""
+    big = IMAGE_SIZE * SUPERSAMPLE
+    mask = Image.new("L", (big, big), 0)
+    _draw_shape(mask, scene, 255)
+    return np.asarray(mask.reduce(big // side), dtype=np.float32) / 255.0
 
 
 def make_images(count: int, seed: int) -> tuple[list[ShapeScene], np.ndarray]:
