@@ -228,6 +228,7 @@ def test_shape_coverage_marks_the_shapes_pixels_and_the_balanced_loss_gives_them
             weights = train_micro.shape_balanced_weights(cells, balance)
             # The loss's scale is kept (mean weight 1 per picture): only where it is spent changes.
             assert torch.allclose(weights.mean(dim=(1, 2, 3)), torch.ones(len(scenes)), atol=1e-5)
+        weights = train_micro.shape_balanced_weights(whole_cells, balance)
         shape_share = (weights * whole_cells).sum(dim=(1, 2, 3)) / weights.sum(dim=(1, 2, 3))
         assert torch.allclose(shape_share, (1 - balance) * whole_area + balance * 0.5, atol=1e-5)
     # Edge cells count partly as background, so with soft coverage the shape gets a little under half.

@@ -600,12 +600,14 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
         tokenizer, random.Random(args.seed + 4), random.Random(args.seed + 6), args.emphasis_share
     )
     colour_word_ids = torch.tensor(sorted(captions.colour_ids.values()))
-    coverage = None
+    pixel_weights = None
     if args.shape_balance:
         # The background fills most of every picture, so a plain loss spends most of itself there while
-        # the shape's colour is what the model is slowest to get right.
+        # the shape's colour is what the model is slowest to get right. Each picture's weights are fixed,
+        # so they are worked out once here rather than at every step.
         side = latents.shape[-1]
         coverage = torch.from_numpy(np.stack([dataset.shape_coverage(s, side) for s in scenes]))[:, None]
+        pixel_weights = shape_balanced_weights(coverage, args.shape_balance)
     # Its own stream, first used in the low-noise phase: the steps before that phase draw exactly what
     # they drew before it existed.
     recolour_rng = random.Random(args.seed + 5)
@@ -691,8 +693,8 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
             attention_maps.maps.clear()
         predicted = unet(noisy, timesteps, conditioning).sample
         squared_error = F.mse_loss(predicted, noise, reduction="none")
-        if coverage is not None:
-            squared_error = squared_error * shape_balanced_weights(coverage[index], args.shape_balance)
+        if pixel_weights is not None:
+            squared_error = squared_error * pixel_weights[index]
         per_sample = squared_error.mean(dim=(1, 2, 3))
         diffusion_loss = (per_sample * snr_weight[timesteps]).mean()
         aux_loss = heads.loss(hidden, input_ids, labels, captions.shape_nouns, captions.background_noun)
