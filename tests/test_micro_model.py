@@ -88,6 +88,17 @@ def test_other_samplers_get_the_background(micro_engine, sampler):
     assert quality.sampler_background_accuracy(micro_engine, sampler, 8) >= BACKGROUND_BAR
 
 
+def test_guidance_stiffness_finds_the_direction_that_makes_lms_oscillate(micro_engine):
+    """At CFG 7 the empty prompt's denoiser follows the latent's colour and the prompt's does not, so
+    guidance turns that direction's eigenvalue strongly negative, less so at CFG 4 (the README's account
+    of LMS); the reading is a converged eigenvector."""
+    scene = dataset.ShapeScene("circle", "red", "blue", "large", (12, 12, 48, 48))
+    strong, weak = (quality.guidance_stiffness(micro_engine, scene, [3.0], cfg_scale=cfg)[0] for cfg in (7.0, 4.0))
+    assert strong.residual < 0.05
+    assert strong.unconditional > 0.8 and strong.conditional < 0.5
+    assert strong.guided < -3.0 < weak.guided < -1.0
+
+
 def test_classifier_reads_the_training_pictures_exactly():
     scenes, pixels = dataset.make_images(60, seed=123)
     from PIL import Image

@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/measure_micro_quality.py                    # the shipped micro-shapes model
     .venv/bin/python tools/measure_micro_quality.py --model path --prompts 168 --quick
+    .venv/bin/python tools/measure_micro_quality.py --stiffness     # why LMS breaks up at CFG 7 (30 s)
 
 Background = most common palette colour, shape colour = the second, shape from how much of its
 bounding box it fills. Fixed seeds: the same model prints the same table.
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from PIL import Image  # noqa: E402
 
 from engine import Engine  # noqa: E402
-from training import quality  # noqa: E402
+from training import dataset, quality  # noqa: E402
 from training.train_micro import DEFAULT_OUT  # noqa: E402
 
 
@@ -36,9 +37,18 @@ def main(argv=None) -> None:
         "--grid", type=Path, help="also save a labelled sample grid (PNG) here, e.g. docs/micro-shapes.png"
     )
     parser.add_argument("--grid-only", action="store_true", help="only save the grid")
+    parser.add_argument(
+        "--stiffness",
+        action="store_true",
+        help="only print how sharply the guided denoiser answers a change of the latent (what makes "
+        "multistep samplers oscillate) at CFG 4 and 7",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     engine = Engine(model=args.model)
+    if args.stiffness:
+        print_stiffness(engine)
+        return
     if args.grid:
         save_sample_grid(engine, args.grid)
         if args.grid_only:
@@ -93,6 +103,19 @@ def main(argv=None) -> None:
         settings = f"{quality.usual_steps(sampler)} steps, CFG {quality.usual_cfg(sampler):g}"
         row(f"background accuracy, {sampler} ({settings})", f"{accuracy:.1%}", ">= 95%")
     sys.stdout.write(f"\n{time.perf_counter() - start:.0f} s in all\n")
+
+
+def print_stiffness(engine: Engine) -> None:
+    """The guided denoiser's eigenvalue farthest from zero at a few noise levels, and how far the prompt's
+    and the empty prompt's denoisers each follow the latent along it (1: all the way, 0: not at all)."""
+    scene = dataset.ShapeScene("circle", "red", "blue", "large", (12, 12, 48, 48))
+    sys.stdout.write(f"{'CFG':>4} {'sigma':>6} {'eigenvalue':>11} {'prompt':>7} {'empty':>7}\n")
+    for cfg_scale in (4.0, quality.DEFAULT_CFG):
+        for reading in quality.guidance_stiffness(engine, scene, [6.0, 3.0, 1.5, 0.8, 0.4], cfg_scale=cfg_scale):
+            sys.stdout.write(
+                f"{cfg_scale:>4g} {reading.sigma:>6g} {reading.guided:>11.2f} "
+                f"{reading.conditional:>7.2f} {reading.unconditional:>7.2f}\n"
+            )
 
 
 def save_sample_grid(engine: Engine, path: Path) -> None:
