@@ -92,8 +92,7 @@ def test_guidance_stiffness_finds_the_direction_that_makes_lms_oscillate(micro_e
     """At CFG 7 the empty prompt's denoiser follows the latent's colour and the prompt's does not, so
     guidance turns that direction's eigenvalue strongly negative, less so at CFG 4 (the README's account
     of LMS); the reading is a converged eigenvector."""
-    scene = dataset.ShapeScene("circle", "red", "blue", "large", (12, 12, 48, 48))
-    strong, weak = (quality.guidance_stiffness(micro_engine, scene, [3.0], cfg_scale=cfg)[0] for cfg in (7.0, 4.0))
+    strong, weak = (quality.guidance_stiffness(micro_engine, [3.0], cfg_scale=cfg)[0] for cfg in (7.0, 4.0))
     assert strong.residual < 0.05
     assert strong.unconditional > 0.8 and strong.conditional < 0.5
     assert strong.guided < -3.0 < weak.guided < -1.0

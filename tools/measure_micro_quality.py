@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from PIL import Image  # noqa: E402
 
 from engine import Engine  # noqa: E402
-from training import dataset, quality  # noqa: E402
+from training import quality  # noqa: E402
 from training.train_micro import DEFAULT_OUT  # noqa: E402
 
 
@@ -108,10 +108,9 @@ def main(argv=None) -> None:
 def print_stiffness(engine: Engine) -> None:
     """The guided denoiser's eigenvalue farthest from zero at a few noise levels, and how far the prompt's
     and the empty prompt's denoisers each follow the latent along it (1: all the way, 0: not at all)."""
-    scene = dataset.ShapeScene("circle", "red", "blue", "large", (12, 12, 48, 48))
     sys.stdout.write(f"{'CFG':>4} {'sigma':>6} {'eigenvalue':>11} {'prompt':>7} {'empty':>7}\n")
     for cfg_scale in (4.0, quality.DEFAULT_CFG):
-        for reading in quality.guidance_stiffness(engine, scene, [6.0, 3.0, 1.5, 0.8, 0.4], cfg_scale=cfg_scale):
+        for reading in quality.guidance_stiffness(engine, [6.0, 3.0, 1.5, 0.8, 0.4], cfg_scale=cfg_scale):
             sys.stdout.write(
                 f"{cfg_scale:>4g} {reading.sigma:>6g} {reading.guided:>11.2f} "
                 f"{reading.conditional:>7.2f} {reading.unconditional:>7.2f}\n"

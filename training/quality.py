@@ -239,11 +239,15 @@ class GuidanceStiffness:
     residual: float  # |J v - guided v| / |guided|: how well the power iteration converged
 
 
+# A large shape on a background that fills most of the picture: the case where LMS breaks up.
+STIFFNESS_SCENE = dataset.ShapeScene("circle", "red", "blue", "large", (12, 12, 48, 48))
+
+
 def guidance_stiffness(
     engine: Engine,
-    scene: dataset.ShapeScene,
     sigmas: list[float],
     *,
+    scene: dataset.ShapeScene = STIFFNESS_SCENE,
     cfg_scale: float = DEFAULT_CFG,
     seed: int = 0,
     iterations: int = 30,
@@ -251,12 +255,13 @@ def guidance_stiffness(
     """Power iteration on the Jacobian of the CFG-guided denoiser D = u + cfg * (c - u) at latents of
     `scene`'s own picture noised to each sigma, with finite differences (epsilon-prediction models)."""
     import torch
+    from diffusers import DDPMScheduler
 
     components = engine.loaded.components
     unet, vae = components["unet"], components["vae"]
     tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
     dtype = next(unet.parameters()).dtype
-    alphas = torch.cumprod(1 - _betas(engine.loaded.scheduler_config), 0)
+    alphas = DDPMScheduler.from_config(engine.loaded.scheduler_config).alphas_cumprod.double()
     log_sigmas = (((1 - alphas) / alphas) ** 0.5).log().numpy()
 
     def embed(text: str) -> torch.Tensor:
@@ -289,10 +294,9 @@ def guidance_stiffness(
         direction = torch.randn(clean.shape, generator=generator)
         direction /= direction.norm()
         for _ in range(iterations):
-            guided = jacobian_products(latent, sigma, direction)[2]
+            unconditional, conditional, guided = jacobian_products(latent, sigma, direction)
             eigenvalue = float((guided * direction).sum())
             previous, direction = direction, guided / guided.norm()
-        unconditional, conditional, guided = jacobian_products(latent, sigma, previous)
         readings.append(
             GuidanceStiffness(
                 sigma=sigma,
@@ -303,14 +307,3 @@ def guidance_stiffness(
             )
         )
     return readings
-
-
-def _betas(config: dict):
-    import torch
-
-    start, end, count = config["beta_start"], config["beta_end"], config["num_train_timesteps"]
-    if config.get("beta_schedule") == "scaled_linear":
-        return torch.linspace(start**0.5, end**0.5, count, dtype=torch.float64) ** 2
-    if config.get("beta_schedule") == "linear":
-        return torch.linspace(start, end, count, dtype=torch.float64)
-    raise ValueError(f"beta_schedule {config.get('beta_schedule')!r}: only linear and scaled_linear are measured")
