@@ -54,6 +54,7 @@ class Engine:
         allow_pickle: bool = False,
         preview: PreviewSettings | None = None,
         exact_batches: bool | None = None,
+        trace_unet: bool = True,
     ):
         self.models_dir = Path(models_dir) if models_dir is not None else DEFAULT_MODELS_DIR
         self.limits = limits or Limits()
@@ -64,6 +65,9 @@ class Engine:
         # batch can differ by one level in a few pixels. Sampling image by image makes a seed's
         # image byte-identical in any batch; it costs nothing on a CPU and some throughput on a GPU.
         self.exact_batches = self.device.type == "cpu" if exact_batches is None else exact_batches
+        # Families that ask for it run their UNet as TorchScript traces on a CPU (same pixels, faster);
+        # False keeps every UNet a Python module.
+        self.trace_unet = trace_unet
         self.registry = ModelRegistry(self.models_dir, checkpoints_dir=checkpoints_dir, allow_pickle=allow_pickle)
         self._job_lock = threading.Lock()
         self._model_lock = threading.Lock()
@@ -96,7 +100,9 @@ class Engine:
         with self._job_lock, self._model_lock:
             previous, self._loaded = self._loaded, None
             try:
-                self._loaded = load_model(info, registry=self.registry, device=self.device, dtype=self.dtype)
+                self._loaded = load_model(
+                    info, registry=self.registry, device=self.device, dtype=self.dtype, trace_unet=self.trace_unet
+                )
             except ModelLoadError:
                 self._loaded = previous  # a failed switch keeps the model that worked
                 raise

@@ -23,6 +23,7 @@ from .errors import ModelLoadError
 from .presets import FamilyDefaults, family_defaults, family_names, latent_rgb_tables
 from .previews import fit_latent_rgb, load_latent_rgb_table
 from .tiny_model import TINY_MODEL_NAME
+from .traced_unet import TracedUNet
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ class LoadedModel:
     prompt_encoder: Any | None = None
     compel_encoder: Any | None = None
     pipeline_classes: dict[str, type] = field(default_factory=dict)
+    # What jobs' pipelines call as their UNet when the family runs it traced (engine/traced_unet.py).
+    traced_unet: TracedUNet | None = None
 
     @property
     def vae(self):
@@ -90,6 +93,8 @@ class LoadedModel:
         cls = self.pipeline_classes[mode]
         accepted = set(inspect.signature(cls.__init__).parameters)
         parts = {name: module for name, module in self.components.items() if name in accepted}
+        if self.traced_unet is not None and "unet" in parts and not self.traced_unet.hooked():
+            parts["unet"] = self.traced_unet
         parts["scheduler"] = scheduler
         if "requires_safety_checker" in accepted:
             parts["requires_safety_checker"] = False
@@ -228,8 +233,11 @@ def load_model(
     registry: ModelRegistry,
     device: torch.device,
     dtype: torch.dtype,
+    trace_unet: bool = True,
 ) -> LoadedModel:
-    """Load `info` onto `device`; raises ModelLoadError with what to do when it cannot."""
+    """Load `info` onto `device`; raises ModelLoadError with what to do when it cannot.
+
+    trace_unet=False keeps the UNet a Python module even for families that run it traced."""
     if info.kind == "pickle" and not registry.allow_pickle:
         raise ModelLoadError(
             f"{info.path} is a pickle checkpoint ({Path(info.path).suffix}): loading one can run arbitrary code. "
@@ -271,6 +279,8 @@ def load_model(
         dtype=dtype,
         pipeline_classes=_pipeline_classes(family),
     )
+    if trace_unet and defaults.cpu_traced_unet and device.type == "cpu" and "unet" in components:
+        loaded.traced_unet = TracedUNet(components["unet"])
     from .prompts import make_prompt_encoders
 
     loaded.prompt_encoder, loaded.compel_encoder = make_prompt_encoders(components)

@@ -36,6 +36,9 @@ class FamilyDefaults:
     # threads costs more than it saves; on larger ones the threads win again (measured in the README).
     cpu_threads: int | None = None
     cpu_threads_max_pixels: int | None = None
+    # Run the UNet as TorchScript traces on a CPU (engine/traced_unet.py): worth it where Python's cost
+    # per module is a large share of each evaluation, as it is for the embedded models' tiny layers.
+    cpu_traced_unet: bool = False
 
     @property
     def native_size(self) -> tuple[int, int]:

@@ -69,6 +69,73 @@ def test_batched_sampling_on_request_stays_within_one_level(models_dir):
     assert np.abs(pixels(batch.images[1]) - pixels(alone.images[0])).max() <= 1
 
 
+@pytest.fixture(scope="module")
+def micro_engine_untraced(models_dir):
+    from engine.presets import SHIPPED_MICRO_MODEL
+
+    return Engine(model=str(SHIPPED_MICRO_MODEL), models_dir=models_dir, trace_unet=False)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"sampler_name": "Euler a"},  # CFG: the UNet sees the prompt and the negative as a batch of 2
+        {"sampler_name": "DDIM"},  # integer timesteps instead of float ones
+        {"sampler_name": "DPM++ 2M", "cfg_scale": 1.0},  # no CFG: a batch of 1
+        {"sampler_name": "Euler", "width": 72, "height": 56},  # latents the UNet's upsampling must resize to
+        {"sampler_name": "Euler a", "init": True},  # img2img
+    ],
+    ids=["cfg", "ddim", "no-cfg", "72x56", "img2img"],
+)
+def test_the_traced_unet_draws_the_same_pixels_as_the_module(micro_engine, micro_engine_untraced, fields):
+    fields = dict(fields)
+    if fields.pop("init", False):
+        fields.update(init_images=[make_init_image()], denoising_strength=0.6)
+    request = {"prompt": "a red circle on a blue background, (simple:1.2)", "seed": 11, "steps": 6, **fields}
+    _, traced = run(micro_engine, **request)
+    _, module = run(micro_engine_untraced, **request)
+    assert micro_engine_untraced._require_model().traced_unet is None
+    model = micro_engine._require_model()
+    _, channels, height, width = model.latent_shape(request.get("width", 64), request.get("height", 64))
+    batch = 1 if request.get("cfg_scale") == 1.0 else 2
+    traced_shapes = [key[0][0] for key in model.traced_unet._traces]
+    assert (batch, channels, height, width) in traced_shapes, "the job did not run through a trace"
+    assert same_pixels(traced.images[0], module.images[0])
+    assert traced.infotexts[0] == module.infotexts[0]
+
+
+def test_a_hook_on_the_unet_sees_every_step_of_a_traced_family(micro_engine):
+    # A trace would run a hook's Python once, while tracing; a hooked UNet must run as a module.
+    unet = micro_engine.loaded.components["unet"]
+    calls = []
+    handle = unet.mid_block.register_forward_hook(lambda module, inputs, output: calls.append(output.shape[0]))
+    try:
+        run(micro_engine, prompt="a red circle", seed=1, steps=3)
+    finally:
+        handle.remove()
+    assert calls == [2, 2, 2]
+    assert not micro_engine.loaded.traced_unet.hooked()
+
+
+def test_a_unet_the_tracer_cannot_follow_still_generates(engine, models_dir, monkeypatch, caplog):
+    from engine import traced_unet
+    from engine.tiny_model import tiny_model_path
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("this UNet cannot be traced")
+
+    request = {"prompt": "a lighthouse", "seed": 5, "steps": 3, **SMALL}
+    _, usual = run(engine, **request)
+    fresh = Engine(model=str(tiny_model_path(models_dir)), models_dir=models_dir)
+    monkeypatch.setattr(traced_unet.torch.jit, "trace", refuse)
+    _, fallback = run(fresh, **request)
+    _, again = run(fresh, **request)
+    assert same_pixels(fallback.images[0], usual.images[0]) and same_pixels(again.images[0], usual.images[0])
+    assert [record.message for record in caplog.records if "Could not trace" in record.message] == [
+        "Could not trace the UNet; running it as a Python module from now on"
+    ]
+
+
 def test_random_seed_is_reported(engine):
     _, result = run(engine, prompt="x", seed=-1, steps=2, **SMALL)
     seed = result.seeds[0]

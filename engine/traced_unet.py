@@ -1,0 +1,110 @@
+"""A small UNet run as TorchScript traces on a CPU: the same kernels, without Python's cost per module.
+
+A UNet2DConditionModel call walks a few hundred Python modules. For the embedded models, whose
+convolutions are tiny, that walk costs about a third of each evaluation on a 2-core CPU; a trace
+runs the same ATen kernels from C++, so its output is bit-identical to the module's (checked in
+tests/test_engine.py) and a generation takes about a third less time (tools/benchmark_traced_unet.py).
+
+A trace is fixed to the Python branches its example took, and diffusers' UNet branches only on
+shapes (upsampling sizes, padding), so there is one trace per combination of input shapes and
+dtypes, made on first use. Calls the trace cannot stand for (ControlNet residuals, LCM's guidance
+embedding, SDXL's added conditions, attention kwargs, autograd) go to the module itself, and so do
+whole jobs while anything hooks the UNet (see `hooked`).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import OrderedDict
+
+import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+log = logging.getLogger(__name__)
+
+# Shapes a session uses are few (the batch with and without CFG, a size or two); the traces share
+# the UNet's weights, so each costs only its graph.
+MAX_TRACES = 8
+
+
+class _PositionalUNet(torch.nn.Module):
+    """The UNet called with positional tensors only, as torch.jit.trace needs."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class TracedUNet(torch.nn.Module):
+    """Stands in for a UNet2DConditionModel inside a pipeline; anything else it is asked for
+    (config, dtype, device) comes from the UNet it wraps."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+        self._traces: OrderedDict[tuple, torch.jit.ScriptModule] = OrderedDict()
+        self._broken = False
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["unet"], name)
+
+    def hooked(self) -> bool:
+        """Whether any of the UNet's modules has a forward hook or a replaced forward method.
+
+        A trace runs such Python once, while tracing, and never again: a job must then run the module.
+        (Walking the modules costs under a millisecond, so it is asked once a batch, not once a step.)"""
+        return any(
+            module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module)
+            for module in self.unet.modules()
+        )
+
+    def forward(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
+        traced = None
+        if self._traceable(sample, timestep, encoder_hidden_states, args, kwargs):
+            traced = self._trace_for(sample, timestep, encoder_hidden_states)
+        if traced is None:
+            return self.unet(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
+        # Without the executor's profiling runs, which would cost more than a short job saves. The
+        # setting is per thread: it leaves every other thread's TorchScript alone.
+        with torch.jit.optimized_execution(False):
+            output = traced(sample, timestep, encoder_hidden_states)
+        return UNet2DConditionOutput(sample=output) if return_dict else (output,)
+
+    def _traceable(self, sample, timestep, encoder_hidden_states, args, kwargs) -> bool:
+        return (
+            not self._broken
+            and not args
+            and all(value is None for value in kwargs.values())
+            and not torch.is_grad_enabled()
+            and all(isinstance(value, torch.Tensor) for value in (sample, timestep, encoder_hidden_states))
+        )
+
+    def _trace_for(self, sample, timestep, encoder_hidden_states) -> torch.jit.ScriptModule | None:
+        key = tuple((tuple(value.shape), value.dtype) for value in (sample, timestep, encoder_hidden_states))
+        traced = self._traces.get(key)
+        if traced is not None:
+            self._traces.move_to_end(key)
+            return traced
+        try:
+            with warnings.catch_warnings():
+                # torch.jit.trace warns that it is deprecated, and at every Python branch on a shape;
+                # the key above holds the shapes, so those branches are the ones this trace took.
+                warnings.simplefilter("ignore")
+                traced = torch.jit.trace(
+                    _PositionalUNet(self.unet), (sample, timestep, encoder_hidden_states), check_trace=False
+                )
+        except Exception:  # noqa: BLE001 - a UNet the tracer cannot follow still runs as a module
+            log.warning("Could not trace the UNet; running it as a Python module from now on", exc_info=True)
+            self._broken = True
+            return None
+        self._traces[key] = traced
+        if len(self._traces) > MAX_TRACES:
+            self._traces.popitem(last=False)
+        return traced

@@ -1,0 +1,98 @@
+"""Does running the UNet as TorchScript traces pay? The same request through two Engines on one model:
+one as the family preset has it (traced on a CPU, engine/traced_unet.py), one with trace_unet=False.
+
+Prints what the first generation costs each (the traced one makes its trace then), then each
+variant's median and fastest time over interleaved rounds, so that machine noise hits both alike,
+as ratios measured in this one run; and checks that both draw byte-identical images.
+
+    .venv/bin/python tools/benchmark_traced_unet.py [--model NAME] [--size 64] [--steps 20] [--rounds 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine import Engine, GenerationRequest  # noqa: E402
+
+log = logging.getLogger("benchmark")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model name/path (default: the default model, micro-shapes)")
+    parser.add_argument("--models-dir", default=None)
+    parser.add_argument("--size", type=int, default=None, help="width and height (default: the model's native size)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--sampler", default="Euler a")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("diffusers", "transformers", "engine"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    engines = {
+        "traced UNet": Engine(model=args.model, models_dir=args.models_dir),
+        "UNet as a Python module": Engine(model=args.model, models_dir=args.models_dir, trace_unet=False),
+    }
+    if engines["traced UNet"].loaded.traced_unet is None:
+        log.info("This model's family does not trace its UNet on this device: both variants are the same.")
+    size = args.size or engines["traced UNet"].loaded.defaults.width
+    request = GenerationRequest(
+        prompt="a red circle on a blue background",
+        negative_prompt="blurry",
+        sampler_name=args.sampler,
+        steps=args.steps,
+        cfg_scale=7.0,
+        seed=1234,
+        width=size,
+        height=size,
+    )
+
+    def generate(engine: Engine):
+        return list(engine.generate(request))[-1].images[0]
+
+    images = {}
+    for name, engine in engines.items():
+        started = time.perf_counter()
+        images[name] = generate(engine)
+        log.info("first generation, %s: %.3f s", name, time.perf_counter() - started)
+    identical = images["traced UNet"].tobytes() == images["UNet as a Python module"].tobytes()
+
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(args.rounds):
+        for name, engine in engines.items():
+            started = time.perf_counter()
+            generate(engine)
+            times[name].append(time.perf_counter() - started)
+
+    baseline = times["UNet as a Python module"]
+    log.info(
+        "model %s, %dx%d, %s, %d steps, CFG 7, median and fastest of %d rounds",
+        engines["traced UNet"].model.title,
+        size,
+        size,
+        args.sampler,
+        args.steps,
+        args.rounds,
+    )
+    for name, measured in times.items():
+        log.info(
+            "  %-26s %.3f s (%.3f s)   ratio %.3f (%.3f)",
+            name,
+            statistics.median(measured),
+            min(measured),
+            statistics.median(measured) / statistics.median(baseline),
+            min(measured) / min(baseline),
+        )
+    log.info("byte-identical images: %s", "yes" if identical else "NO")
+
+
+if __name__ == "__main__":
+    main()
