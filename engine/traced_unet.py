@@ -96,6 +96,7 @@ class TracedUNet(torch.nn.Module):
             with warnings.catch_warnings():
                 # torch.jit.trace warns that it is deprecated, and at every Python branch on a shape;
                 # the key above holds the shapes, so those branches are the ones this trace took.
+                # (The filter is process-wide for the second or so a trace takes; traces are rare.)
                 warnings.simplefilter("ignore")
                 traced = torch.jit.trace(
                     _PositionalUNet(self.unet), (sample, timestep, encoder_hidden_states), check_trace=False
