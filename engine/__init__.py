@@ -3,12 +3,12 @@
 from engine import Engine, GenerationRequest
 engine = Engine()
 for event in engine.generate(GenerationRequest(prompt="a lighthouse at dusk")):
-    ...  # Progress events, then one Result
+    ...  # Waiting while another job runs, Progress events, then one Result
 """
 
 from .engine import Engine
 from .errors import EngineError, InvalidRequestError, ModelLoadError
-from .events import JobControl, JobState, PreviewSettings, Progress, Result
+from .events import JobControl, JobState, PreviewSettings, Progress, Result, Waiting
 from .models import ModelInfo
 from .request import GenerationRequest, Limits
 
@@ -25,4 +25,5 @@ __all__ = [
     "PreviewSettings",
     "Progress",
     "Result",
+    "Waiting",
 ]

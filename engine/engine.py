@@ -17,7 +17,7 @@ import torch
 
 from . import samplers
 from .errors import EngineError, InvalidRequestError, ModelLoadError
-from .events import JobControl, JobState, PreviewSettings, Progress, Result
+from .events import JobControl, JobState, PreviewSettings, Progress, Result, Waiting
 from .generate import run_batch
 from .infotext import format_infotext
 from .models import LoadedModel, ModelInfo, ModelRegistry, default_dtype, load_model, pick_device
@@ -31,6 +31,8 @@ from .tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 log = logging.getLogger(__name__)
 
 _DONE = object()
+# How often a job waiting for the device says so, and notices a Stop.
+WAIT_REPORT_INTERVAL_S = 0.5
 
 
 class Engine:
@@ -182,8 +184,9 @@ class Engine:
         *,
         control: JobControl | None = None,
         preview: PreviewSettings | None = None,
-    ) -> Iterator[Progress | Result]:
-        """Yield Progress events, then one Result. Raises InvalidRequestError before any work."""
+    ) -> Iterator[Waiting | Progress | Result]:
+        """Yield Waiting while another job holds the device, Progress events, then one Result (with no
+        images when stopped before it started). Raises InvalidRequestError before any work."""
         control = control or JobControl()
         preview = preview or self.preview
         req = self.validate(req)
@@ -222,8 +225,14 @@ class Engine:
 
     def _run_job(self, req, control, previewer, preview: PreviewSettings, events: queue.Queue) -> None:
         try:
-            with self._job_lock, cpu_threads_for(self._require_model(), req.width * req.height):
-                result = self._run_locked(req, control, previewer, preview, events.put)
+            if not self._wait_for_device(control, events.put):
+                events.put(self._stopped_before_start(req, control))
+                return
+            try:
+                with cpu_threads_for(self._require_model(), req.width * req.height):
+                    result = self._run_locked(req, control, previewer, preview, events.put)
+            finally:
+                self._job_lock.release()
             events.put(result)
         except EngineError as exc:
             events.put(exc)
@@ -234,6 +243,31 @@ class Engine:
             events.put(error)
         finally:
             events.put(_DONE)
+
+    def _wait_for_device(self, control: JobControl, emit) -> bool:
+        """Take the job lock. While another job holds it (one from the REST API, say, which does not
+        wait in the page's queue) or a model loads, emit Waiting with what runs meanwhile.
+        False when the job is stopped before it gets the lock."""
+        if self._job_lock.acquire(blocking=False):
+            return True
+        while True:
+            emit(Waiting(ahead=self._state, job_id=control.job_id))
+            if self._job_lock.acquire(timeout=WAIT_REPORT_INTERVAL_S):
+                return True
+            if control.interrupted:
+                return False
+
+    def _stopped_before_start(self, req: GenerationRequest, control: JobControl) -> Result:
+        loaded = self._loaded
+        return Result(
+            images=[],
+            seeds=[],
+            infotexts=[],
+            request=req,
+            model=loaded.info if loaded is not None else None,
+            interrupted=True,
+            job_id=control.job_id,
+        )
 
     def _run_locked(self, req, control: JobControl, previewer, preview: PreviewSettings, emit) -> Result:
         model = self._require_model()

@@ -124,6 +124,15 @@ class Result:
     preview_seconds: float = 0.0  # part of `elapsed` spent making live previews
 
 
+@dataclass(frozen=True)
+class Waiting:
+    """The job has not started: another job holds the device (another user's, a Compare cell, one sent
+    to the REST API) or a model is loading. Sent again every WAIT_REPORT_INTERVAL_S while it waits."""
+
+    ahead: JobState  # what the engine is doing meanwhile (running=False while a model loads)
+    job_id: int = 0
+
+
 @dataclass
 class JobState:
     """A snapshot of what the engine is doing now, for progress endpoints polled from elsewhere."""

@@ -19,7 +19,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from engine import EngineError, GenerationRequest, JobControl, PreviewSettings, Progress, Result
+from engine import EngineError, GenerationRequest, JobControl, PreviewSettings, Progress, Result, Waiting
 from engine.events import PREVIEW_MODES, Pacer
 from engine.previews import preview_to_display
 
@@ -227,6 +227,18 @@ def describe_progress(event: Progress) -> str:
     return ", ".join(parts)
 
 
+def describe_waiting(event: Waiting) -> str:
+    """Why a job that left the page's queue has not started: the device is busy with a job the queue
+    does not hold (one sent to the REST API) or with loading a model."""
+    ahead = event.ahead
+    if not ahead.running:
+        return "Waiting for the device (a model is loading)..."
+    where = f"step {ahead.step}/{ahead.total}" if ahead.total else "starting"
+    if ahead.batch_count > 1:
+        where = f"batch {ahead.batch_no + 1}/{ahead.batch_count}, {where}"
+    return f"Waiting for another job to finish ({where}, ETA {ahead.eta:.1f} s)..."
+
+
 def describe_result(result: Result) -> str:
     count = len(result.images)
     noun = "image" if count == 1 else "images"
@@ -277,7 +289,10 @@ def run_job(
         width, height = validated.width, validated.height
         yield None, progress_html(0.0, "Starting...", job_id=control.job_id), [], "", gr.skip()
         for event in engine.generate(validated, control=control, preview=session.preview_settings()):
-            if isinstance(event, Progress):
+            if isinstance(event, Waiting):
+                text = "Stopping..." if control.interrupted else describe_waiting(event)
+                yield None, progress_html(0.0, text, job_id=control.job_id), [], "", gr.skip()
+            elif isinstance(event, Progress):
                 fraction = event.fraction
                 text = describe_progress(event)
                 if control.interrupted:
