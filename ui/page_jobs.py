@@ -232,7 +232,7 @@ def describe_waiting(event: Waiting) -> str:
     does not hold (one sent to the REST API) or with loading a model."""
     ahead = event.ahead
     if not ahead.running:
-        return "Waiting for the device (a model is loading)..."
+        return "Waiting for the device (a model is loading, or a job is ending)..."
     where = f"step {ahead.step}/{ahead.total}" if ahead.total else "starting"
     if ahead.batch_count > 1:
         where = f"batch {ahead.batch_no + 1}/{ahead.batch_count}, {where}"
