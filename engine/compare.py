@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import InvalidRequestError
-from .events import JobControl, PreviewSettings, Progress, Result
+from .events import JobControl, PreviewSettings, Progress, Result, Waiting
 from .request import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -255,6 +255,7 @@ class GridProgress:
     cell_count: int
     cell: Cell
     progress: Progress | None  # the cell's own step progress (with its preview)
+    waiting: Waiting | None = None  # set while the cell waits for another job (say, a REST one) to end
 
     @property
     def fraction(self) -> float:
@@ -359,6 +360,8 @@ class Comparer:
                             if keep_timelines and event.preview is not None:
                                 frames.append(event.preview)
                             yield GridProgress(cell_no, len(cells), cell, event)
+                        elif isinstance(event, Waiting):
+                            yield GridProgress(cell_no, len(cells), cell, None, waiting=event)
                         elif isinstance(event, Result):
                             result = event
                 finally:

@@ -4,6 +4,7 @@ shipped micro model for tests that need pictures to mean something."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,27 @@ def micro_engine(models_dir):
 def artifacts_dir() -> Path:
     ARTIFACTS_DIR.mkdir(exist_ok=True)
     return ARTIFACTS_DIR
+
+
+@pytest.fixture
+def job_ahead(engine):
+    """A long job holding the tiny engine, as one sent to the REST API does (REST jobs go to the engine
+    directly, not through the page's queue). Yields its JobControl once it runs; stopped at teardown."""
+    from engine import GenerationRequest, JobControl, Progress
+
+    control, started = JobControl(), threading.Event()
+
+    def run():
+        request = GenerationRequest(prompt="a cat", seed=5, steps=150, width=256, height=256)
+        for event in engine.generate(request, control=control):
+            if isinstance(event, Progress):
+                started.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        assert started.wait(60), "the job ahead did not start"
+        yield control
+    finally:
+        control.interrupt()
+        thread.join(timeout=60)

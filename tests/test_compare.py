@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import numpy as np
 import pytest
@@ -208,6 +209,22 @@ def test_stop_ends_the_grid_and_keeps_finished_cells(engine, comparer):
     # The next grid runs normally.
     _progress, again = run(comparer, [parse_axis("Steps", "3", engine)])
     assert len(again.cells) == 1 and not again.interrupted
+
+
+def test_a_grid_behind_another_job_says_so_and_its_cell_times_leave_the_wait_out(engine, comparer, job_ahead):
+    events = []
+    began = time.perf_counter()
+    for event in comparer.run_grid(BASE, [parse_axis("Steps", "3", engine)]):
+        events.append(event)
+        if isinstance(event, GridProgress) and event.waiting is not None and not job_ahead.interrupted:
+            time.sleep(1.0)  # let it wait a while
+            job_ahead.interrupt()
+    total = time.perf_counter() - began
+    waits = [event for event in events if isinstance(event, GridProgress) and event.waiting is not None]
+    assert waits and waits[0].waiting.ahead.running and waits[0].cell_no == 0
+    result = events[-1]
+    assert isinstance(result, GridResult) and len(result.cells) == 1 and not result.interrupted
+    assert result.cells[0].elapsed < total - 1.0
 
 
 def test_convergence_measures_distance_to_a_cached_reference(engine, monkeypatch):

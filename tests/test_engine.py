@@ -410,48 +410,32 @@ def test_concurrent_callers_each_get_their_own_result(engine):
     assert all(same_pixels(solo[key], together[key]) for key in requests)
 
 
-def test_a_job_behind_another_says_how_far_that_one_is_and_can_be_stopped_while_it_waits(engine):
-    # The running job stands for one sent to the REST API, which does not wait in the page's queue.
-    ahead = JobControl()
-    started = threading.Event()
+def test_a_job_behind_another_says_how_far_that_one_is_and_can_be_stopped_while_it_waits(engine, job_ahead):
+    # Stopped while it waits: it ends at once, with no images, and the job ahead goes on.
+    behind = JobControl()
+    events = []
+    request = GenerationRequest(prompt="a dog", seed=6, steps=3, **SMALL)
+    for event in engine.generate(request, control=behind):
+        events.append(event)
+        if isinstance(event, Waiting):
+            behind.interrupt()
+    assert isinstance(events[0], Waiting) and events[0].job_id == behind.job_id
+    assert events[0].ahead.running and events[0].ahead.job_id == job_ahead.job_id
+    assert isinstance(events[-1], Result) and events[-1].interrupted and events[-1].images == []
+    assert engine.progress().running and engine.progress().job_id == job_ahead.job_id
+    assert not job_ahead.interrupted
 
-    def job_ahead():
-        request = GenerationRequest(prompt="a cat", seed=5, steps=150, width=256, height=256)
-        for event in engine.generate(request, control=ahead):
-            if isinstance(event, Progress):
-                started.set()
-
-    thread = threading.Thread(target=job_ahead)
-    thread.start()
-    try:
-        assert started.wait(60), "the job ahead did not start"
-        # Stopped while it waits: it ends at once, with no images, and the job ahead goes on.
-        behind = JobControl()
-        events = []
-        request = GenerationRequest(prompt="a dog", seed=6, steps=3, **SMALL)
-        for event in engine.generate(request, control=behind):
-            events.append(event)
-            if isinstance(event, Waiting):
-                behind.interrupt()
-        assert isinstance(events[0], Waiting) and events[0].job_id == behind.job_id
-        assert events[0].ahead.running and events[0].ahead.job_id == ahead.job_id
-        assert isinstance(events[-1], Result) and events[-1].interrupted and events[-1].images == []
-        assert thread.is_alive() and not ahead.interrupted
-
-        # Not stopped: it reports the job ahead's progress until that one ends, then runs in full.
-        events = []
-        for event in engine.generate(request):
-            events.append(event)
-            if sum(isinstance(seen, Waiting) for seen in events) == 2 and not ahead.interrupted:
-                ahead.interrupt()
-        waits = [event for event in events if isinstance(event, Waiting)]
-        assert len(waits) >= 2 and 0 < waits[0].ahead.step <= waits[1].ahead.step
-        assert [event.step for event in events if isinstance(event, Progress)] == [1, 2, 3]
-        alone = run(engine, prompt="a dog", seed=6, steps=3, **SMALL)[1]
-        assert same_pixels(events[-1].images[0], alone.images[0])
-    finally:
-        ahead.interrupt()
-        thread.join(timeout=60)
+    # Not stopped: it reports the job ahead's progress until that one ends, then runs in full.
+    events = []
+    for event in engine.generate(request):
+        events.append(event)
+        if sum(isinstance(seen, Waiting) for seen in events) == 2 and not job_ahead.interrupted:
+            job_ahead.interrupt()
+    waits = [event for event in events if isinstance(event, Waiting)]
+    assert len(waits) >= 2 and 0 < waits[0].ahead.step <= waits[1].ahead.step
+    assert [event.step for event in events if isinstance(event, Progress)] == [1, 2, 3]
+    alone = run(engine, prompt="a dog", seed=6, steps=3, **SMALL)[1]
+    assert same_pixels(events[-1].images[0], alone.images[0])
 
 
 # Previews ------------------------------------------------------------------------------------

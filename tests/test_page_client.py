@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import socket
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -160,33 +159,20 @@ def test_stop_ends_only_the_callers_job_and_keeps_the_partial_result(page_url):
     assert "Stopped" not in b_final[1] and len(b_final[2]) == 1
 
 
-def test_a_page_job_behind_an_api_job_says_what_it_waits_for(page_url, engine):
-    # REST API jobs go to the engine directly, not through the page's queue: a page job that leaves
-    # the queue while one runs must say why it has not started rather than sit at "Starting...".
-    from engine import GenerationRequest, JobControl
-
-    api_job = JobControl()
-    request = GenerationRequest(prompt="a cat", seed=5, steps=150, width=256, height=256)
-    api_thread = threading.Thread(target=lambda: list(engine.generate(request, control=api_job)))
-    api_thread.start()
-    try:
-        _wait_for(lambda: engine.progress().running and engine.progress().step >= 1, 60, "the API job to start")
-        page_job = _client(page_url).submit(*txt2img_args(steps=4, seed=7), api_name="/txt2img")
-        _wait_for(
-            lambda: any(
-                "Waiting for another job to finish (step " in (update[1] or "") for update in page_job.outputs()
-            ),
-            60,
-            "the page job to say it waits for the API job",
-        )
-        assert not page_job.done()
-        api_job.interrupt()
-        _, progress, gallery, _ = page_job.result(timeout=60)
-        assert _steps_seen(page_job.outputs())[-1] == 4
-        assert "Stopped" not in progress and len(gallery) == 1
-    finally:
-        api_job.interrupt()
-        api_thread.join(timeout=60)
+def test_a_page_job_behind_an_api_job_says_what_it_waits_for(page_url, job_ahead):
+    # A page job that leaves the page's queue while a REST API job runs must say why it has not
+    # started rather than sit at "Starting...".
+    page_job = _client(page_url).submit(*txt2img_args(steps=4, seed=7), api_name="/txt2img")
+    _wait_for(
+        lambda: any("Waiting for another job to finish (step " in (update[1] or "") for update in page_job.outputs()),
+        60,
+        "the page job to say it waits for the API job",
+    )
+    assert not page_job.done()
+    job_ahead.interrupt()
+    _, progress, gallery, _ = page_job.result(timeout=60)
+    assert _steps_seen(page_job.outputs())[-1] == 4
+    assert "Stopped" not in progress and len(gallery) == 1
 
 
 def test_settings_belong_to_one_session(page_url, outputs_dir):

@@ -36,7 +36,14 @@ from engine.events import Pacer
 from engine.images import encode_png
 from engine.presets import PRESETS_DIR
 
-from .page_jobs import LIVE_UPDATE_INTERVAL_S, PageSession, build_request, engine_error, progress_html
+from .page_jobs import (
+    LIVE_UPDATE_INTERVAL_S,
+    PageSession,
+    build_request,
+    describe_waiting,
+    engine_error,
+    progress_html,
+)
 
 log = logging.getLogger(__name__)
 
@@ -374,6 +381,8 @@ def _run_grid(
                 text = f"cell {event.cell_no + 1}/{event.cell_count}: {event.cell.label}"
                 if event.progress is not None:
                     text += f" - step {event.progress.step}/{event.progress.total}"
+                elif event.waiting is not None:
+                    text += f" - {describe_waiting(event.waiting)}"
                 shown = event.progress.preview if event.progress is not None else None
                 preview = skip if shown is None else shown
                 yield progress_html(event.fraction, text, job_id=control.job_id), preview, *(skip,) * 6
