@@ -3,7 +3,7 @@
 A UNet2DConditionModel call walks a few hundred Python modules. For the embedded models, whose
 convolutions are tiny, that walk costs about a third of each evaluation on a 2-core CPU; a trace
 runs the same ATen kernels from C++, so its output is bit-identical to the module's (checked in
-tests/test_engine.py) and a generation takes about a third less time (tools/benchmark_traced_unet.py).
+tests/test_engine.py) and a generation takes about a quarter less time (tools/benchmark_traced_unet.py).
 
 A trace is fixed to the Python branches its example took, and diffusers' UNet branches only on
 shapes (upsampling sizes, padding), so there is one trace per combination of input shapes and
