@@ -16,7 +16,6 @@ import logging
 import statistics
 import sys
 import threading
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine import Engine, GenerationRequest, PreviewSettings  # noqa: E402
 from engine.engine import cpu_threads_for  # noqa: E402
 from engine.samplers import build_scheduler  # noqa: E402
+from tools.benchmark_timing import log_ratio_table, log_to_console, time_interleaved  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
@@ -40,9 +40,7 @@ def main() -> None:
     parser.add_argument("--sampler", default="Euler")
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("diffusers", "transformers", "engine"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    log_to_console()
 
     engine = Engine(model=args.model, models_dir=args.models_dir, device=args.device)
     model = engine.loaded
@@ -122,15 +120,7 @@ def main() -> None:
         if call().tobytes() != reference.tobytes() and "default threads" not in name:
             log.warning("%s made a different image than the plain call", name)
 
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.rounds):
-        for name, call in variants.items():
-            started = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - started)
-
-    baseline = statistics.median(times["plain diffusers call"])
-    fastest_baseline = min(times["plain diffusers call"])
+    times = time_interleaved(variants, args.rounds)
     log.info(
         "model %s on %s, %dx%d, %s, %d steps, median and fastest of %d rounds",
         engine.model.title,
@@ -141,13 +131,7 @@ def main() -> None:
         args.steps,
         args.rounds,
     )
-    # The fastest round is the least disturbed by other work on the machine; both are shown.
-    log.info("%-40s %10s %8s %10s %8s", "variant", "median s", "ratio", "fastest s", "ratio")
-    for name, samples in times.items():
-        median, fastest = statistics.median(samples), min(samples)
-        log.info(
-            "%-40s %10.3f %8.3f %10.3f %8.3f", name, median, median / baseline, fastest, fastest / fastest_baseline
-        )
+    log_ratio_table(times, "plain diffusers call")
     # Time measured inside the job itself: independent of how busy the machine was between rounds.
     for mode, shares in preview_share.items():
         log.info("previews '%s': %.2f%% of the job's time (median)", mode, 100 * statistics.median(shares))

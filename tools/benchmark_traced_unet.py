@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import Engine, GenerationRequest  # noqa: E402
+from tools.benchmark_timing import log_ratio_table, log_to_console, time_interleaved  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
@@ -33,9 +33,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--sampler", default="Euler a")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("diffusers", "transformers", "engine"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    log_to_console()
 
     engines = {
         "traced UNet": Engine(model=args.model, models_dir=args.models_dir),
@@ -65,14 +63,10 @@ def main() -> None:
         log.info("first generation, %s: %.3f s", name, time.perf_counter() - started)
     identical = images["traced UNet"].tobytes() == images["UNet as a Python module"].tobytes()
 
-    times: dict[str, list[float]] = {name: [] for name in engines}
-    for _ in range(args.rounds):
-        for name, engine in engines.items():
-            started = time.perf_counter()
-            generate(engine)
-            times[name].append(time.perf_counter() - started)
+    times = time_interleaved(
+        {name: lambda engine=engine: generate(engine) for name, engine in engines.items()}, args.rounds
+    )
 
-    baseline = times["UNet as a Python module"]
     log.info(
         "model %s, %dx%d, %s, %d steps, CFG 7, median and fastest of %d rounds",
         engines["traced UNet"].model.title,
@@ -82,15 +76,7 @@ def main() -> None:
         args.steps,
         args.rounds,
     )
-    for name, measured in times.items():
-        log.info(
-            "  %-26s %.3f s (%.3f s)   ratio %.3f (%.3f)",
-            name,
-            statistics.median(measured),
-            min(measured),
-            statistics.median(measured) / statistics.median(baseline),
-            min(measured) / min(baseline),
-        )
+    log_ratio_table(times, "UNet as a Python module")
     log.info("byte-identical images: %s", "yes" if identical else "NO")
 
 
