@@ -95,8 +95,8 @@ def test_the_traced_unet_draws_the_same_pixels_as_the_module(micro_engine, micro
     request = {"prompt": "a red circle on a blue background, (simple:1.2)", "seed": 11, "steps": 6, **fields}
     _, traced = run(micro_engine, **request)
     _, module = run(micro_engine_untraced, **request)
-    assert micro_engine_untraced._require_model().traced_unet is None
-    model = micro_engine._require_model()
+    assert micro_engine_untraced.loaded.traced_unet is None
+    model = micro_engine.loaded
     _, channels, height, width = model.latent_shape(request.get("width", 64), request.get("height", 64))
     batch = 1 if request.get("cfg_scale") == 1.0 else 2
     traced_shapes = [key[0][0] for key in model.traced_unet._traces]
