@@ -40,6 +40,7 @@ def create_engine(settings: ServerSettings):
         checkpoints_dir=settings.ckpt_dir,
         device=settings.device,
         allow_pickle=settings.allow_pickle,
+        warm_up=True,
     )
 
 

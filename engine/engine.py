@@ -57,6 +57,7 @@ class Engine:
         preview: PreviewSettings | None = None,
         exact_batches: bool | None = None,
         trace_unet: bool = True,
+        warm_up: bool = False,
     ):
         self.models_dir = Path(models_dir) if models_dir is not None else DEFAULT_MODELS_DIR
         self.limits = limits or Limits()
@@ -70,6 +71,8 @@ class Engine:
         # Families that ask for it run their UNet as TorchScript traces on a CPU (same pixels, faster);
         # False keeps every UNet a Python module.
         self.trace_unet = trace_unet
+        # A server warms each model it loads (see _warm_up_locked); scripts and tests need not.
+        self.warm_up = warm_up
         self.registry = ModelRegistry(self.models_dir, checkpoints_dir=checkpoints_dir, allow_pickle=allow_pickle)
         self._job_lock = threading.Lock()
         self._model_lock = threading.Lock()
@@ -110,7 +113,37 @@ class Engine:
                 raise
             del previous
             log.info("Loaded model %s (%s)", self._loaded.info.title, self._loaded.family)
+            if self.warm_up:
+                self._warm_up_locked()
             return self._loaded.info
+
+    def _warm_up_locked(self) -> None:
+        """Make one step of the model's default picture and throw it away, so that the first person to
+        press Generate does not pay for the model's first calls: the UNet's trace for that shape (about
+        a second on a 2-core CPU for the embedded models) and each module's first allocations.
+
+        Runs under the job lock, and leaves the progress state as it found it: no job happened."""
+        defaults = self._require_model().defaults
+        request = self.validate(
+            GenerationRequest(
+                sampler_name=defaults.sampler_name,
+                scheduler=defaults.scheduler,
+                steps=1,
+                cfg_scale=defaults.cfg_scale,
+                seed=0,
+            )
+        )
+        previewer = _previewer_for(self._loaded, self.preview)
+        state, started = self._state, time.perf_counter()
+        try:
+            with cpu_threads_for(self._loaded, request.width * request.height):
+                self._run_locked(request, JobControl(), previewer, self.preview, emit=lambda event: None)
+        except Exception:  # noqa: BLE001 - a model that fails here gets the same error, reported, on its first job
+            log.warning("Warming up %s failed", self._loaded.info.title, exc_info=True)
+        else:
+            log.info("Warmed up %s in %.1f s", self._loaded.info.title, time.perf_counter() - started)
+        finally:
+            self._state = state
 
     @property
     def model(self) -> ModelInfo:
@@ -197,7 +230,7 @@ class Engine:
                 "preview min_interval_s", preview.min_interval_s, "a number of seconds, 0 or more"
             )
         model = self._require_model()
-        previewer = make_previewer(preview.mode, vae=model.vae, latent_rgb=model.latent_rgb, taesd=model.taesd)
+        previewer = _previewer_for(model, preview)
 
         events: queue.Queue = queue.Queue()
         worker = threading.Thread(
@@ -409,6 +442,10 @@ def cpu_threads_for(model: LoadedModel, pixels: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def _previewer_for(model: LoadedModel, preview: PreviewSettings):
+    return make_previewer(preview.mode, vae=model.vae, latent_rgb=model.latent_rgb, taesd=model.taesd)
 
 
 def _clip_skip(req: GenerationRequest) -> int:

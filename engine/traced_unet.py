@@ -55,6 +55,11 @@ class TracedUNet(torch.nn.Module):
         except AttributeError:
             return getattr(self._modules["unet"], name)
 
+    @property
+    def traced_sample_shapes(self) -> list[tuple[int, ...]]:
+        """The latent batch shapes that have a trace, oldest first."""
+        return [key[0][0] for key in self._traces]
+
     def hooked(self) -> bool:
         """Whether any of the UNet's modules has a forward hook or a replaced forward method.
 

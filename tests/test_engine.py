@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from engine import Engine, GenerationRequest, JobControl, PreviewSettings, Progress, Result, Waiting, samplers
+from engine import Engine, GenerationRequest, JobControl, JobState, PreviewSettings, Progress, Result, Waiting, samplers
 from engine.errors import InvalidRequestError
 from engine.samplers import build_scheduler, sampler_names
 
@@ -99,10 +99,29 @@ def test_the_traced_unet_draws_the_same_pixels_as_the_module(micro_engine, micro
     model = micro_engine.loaded
     _, channels, height, width = model.latent_shape(request.get("width", 64), request.get("height", 64))
     batch = 1 if request.get("cfg_scale") == 1.0 else 2
-    traced_shapes = [key[0][0] for key in model.traced_unet._traces]
-    assert (batch, channels, height, width) in traced_shapes, "the job did not run through a trace"
+    assert (batch, channels, height, width) in model.traced_unet.traced_sample_shapes, "the job ran no trace"
     assert same_pixels(traced.images[0], module.images[0])
     assert traced.infotexts[0] == module.infotexts[0]
+
+
+def test_a_warmed_up_engine_has_traced_the_default_picture_before_the_first_job(models_dir, micro_engine):
+    from engine.presets import SHIPPED_MICRO_MODEL
+    from engine.tiny_model import tiny_model_path
+
+    warmed = Engine(model=str(SHIPPED_MICRO_MODEL), models_dir=models_dir, warm_up=True)
+    model = warmed.loaded
+    with_cfg = (2, *model.latent_shape(*model.defaults.native_size)[1:])
+    assert model.traced_unet.traced_sample_shapes == [with_cfg]
+    assert warmed.progress() == JobState(), "the warm-up must not show as a job, nor leave a preview"
+    defaults = warmed.defaults()
+    request = {"prompt": "a red circle on a blue background", "seed": 3, "steps": 4}
+    request.update(sampler_name=defaults.sampler_name, scheduler=defaults.scheduler, cfg_scale=defaults.cfg_scale)
+    _, first = run(warmed, **request)
+    assert model.traced_unet.traced_sample_shapes == [with_cfg], "the first job had to trace after all"
+    _, usual = run(micro_engine, **request)
+    assert same_pixels(first.images[0], usual.images[0])
+    warmed.load_model(str(tiny_model_path(models_dir)))  # a model switch warms the new model too
+    assert len(warmed.loaded.traced_unet.traced_sample_shapes) == 1
 
 
 def test_a_hook_on_the_unet_sees_every_step_of_a_traced_family(micro_engine):
