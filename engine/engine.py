@@ -71,7 +71,7 @@ class Engine:
         # Families that ask for it run their UNet as TorchScript traces on a CPU (same pixels, faster);
         # False keeps every UNet a Python module.
         self.trace_unet = trace_unet
-        # A server warms each model it loads (see _warm_up_locked); scripts and tests need not.
+        # A server warms up each model it loads whose UNet runs traced (see _warm_up_locked).
         self.warm_up = warm_up
         self.registry = ModelRegistry(self.models_dir, checkpoints_dir=checkpoints_dir, allow_pickle=allow_pickle)
         self._job_lock = threading.Lock()
@@ -113,14 +113,15 @@ class Engine:
                 raise
             del previous
             log.info("Loaded model %s (%s)", self._loaded.info.title, self._loaded.family)
-            if self.warm_up:
+            # Only where it was measured to pay: a real model on a CPU would spend seconds on it.
+            if self.warm_up and self._loaded.traced_unet is not None:
                 self._warm_up_locked()
             return self._loaded.info
 
     def _warm_up_locked(self) -> None:
         """Make one step of the model's default picture and throw it away, so that the first person to
-        press Generate does not pay for the model's first calls: the UNet's trace for that shape (about
-        a second on a 2-core CPU for the embedded models) and each module's first allocations.
+        press Generate does not pay for the UNet's trace for that shape (about a second on a 2-core CPU
+        for the embedded models), nor for each module's first allocations.
 
         Runs under the job lock, and leaves the progress state as it found it: no job happened."""
         defaults = self._require_model().defaults

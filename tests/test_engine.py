@@ -104,10 +104,11 @@ def test_the_traced_unet_draws_the_same_pixels_as_the_module(micro_engine, micro
     assert traced.infotexts[0] == module.infotexts[0]
 
 
-def test_a_warmed_up_engine_has_traced_the_default_picture_before_the_first_job(models_dir, micro_engine):
+def test_a_warmed_up_engine_has_traced_the_default_picture_before_the_first_job(models_dir, micro_engine, caplog):
     from engine.presets import SHIPPED_MICRO_MODEL
     from engine.tiny_model import tiny_model_path
 
+    caplog.set_level("INFO", logger="engine.engine")
     warmed = Engine(model=str(SHIPPED_MICRO_MODEL), models_dir=models_dir, warm_up=True)
     model = warmed.loaded
     with_cfg = (2, *model.latent_shape(*model.defaults.native_size)[1:])
@@ -122,6 +123,16 @@ def test_a_warmed_up_engine_has_traced_the_default_picture_before_the_first_job(
     assert same_pixels(first.images[0], usual.images[0])
     warmed.load_model(str(tiny_model_path(models_dir)))  # a model switch warms the new model too
     assert len(warmed.loaded.traced_unet.traced_sample_shapes) == 1
+    assert len([record for record in caplog.records if record.message.startswith("Warmed up")]) == 2
+
+
+def test_a_model_whose_unet_is_not_traced_is_not_warmed_up(models_dir, caplog):
+    # The warm-up pays for a trace; a real model on a CPU would spend seconds on it for nothing.
+    from engine.presets import SHIPPED_MICRO_MODEL
+
+    caplog.set_level("INFO", logger="engine.engine")
+    Engine(model=str(SHIPPED_MICRO_MODEL), models_dir=models_dir, warm_up=True, trace_unet=False)
+    assert [record.message for record in caplog.records if record.message.startswith("Warmed up")] == []
 
 
 def test_a_hook_on_the_unet_sees_every_step_of_a_traced_family(micro_engine):

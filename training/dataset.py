@@ -149,12 +149,14 @@ def named_attributes(template: str) -> dict[str, bool]:
     }
 
 
-def random_caption(scene: ShapeScene, rng: random.Random, templates: list[str] | None = None) -> tuple[str, str]:
-    """A caption for `scene` and the template it came from ("" for a dropped caption)."""
+def random_caption(
+    scene: ShapeScene, rng: random.Random, templates: list[str] | None = None, dropout: float = CAPTION_DROPOUT
+) -> tuple[str, str]:
+    """A caption for `scene` and the template it came from ("" for a dropped caption, in `dropout` of them)."""
     roll = rng.random()
-    if roll < CAPTION_DROPOUT:
+    if roll < dropout:
         return "", ""
-    if templates is None and roll < CAPTION_DROPOUT + PARTIAL_SHARE:
+    if templates is None and roll < dropout + PARTIAL_SHARE * (1 - dropout) / (1 - CAPTION_DROPOUT):
         template = rng.choice(PARTIAL_TEMPLATES)
     else:
         template = rng.choice(templates or FULL_TEMPLATES)

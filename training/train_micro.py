@@ -101,6 +101,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="weight of a loss that asks the UNet's cross-attention to put a share of at least "
         f"{COLOUR_ATTENTION_TARGET} on the prompt's colour words, so their emphasis weights reach the picture",
     )
+    parser.add_argument(
+        "--caption-dropout",
+        type=float,
+        default=dataset.CAPTION_DROPOUT,
+        help="share of pictures trained with the empty prompt (what CFG and negative prompts subtract from)",
+    )
     parser.add_argument("--eval-every", type=int, default=600, help="steps between quality checks (~30 s each)")
     parser.add_argument("--checkpoint-every", type=int, default=300)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed) after this long")
@@ -162,8 +168,16 @@ class CaptionBatcher:
     """Draws captions for scenes and turns them into token ids, per-token emphasis weights and the
     labels the auxiliary heads learn."""
 
-    def __init__(self, tokenizer, rng: random.Random, emphasis_rng: random.Random, emphasis_share: float = 0.0):
+    def __init__(
+        self,
+        tokenizer,
+        rng: random.Random,
+        emphasis_rng: random.Random,
+        emphasis_share: float = 0.0,
+        dropout: float = dataset.CAPTION_DROPOUT,
+    ):
         self.tokenizer = tokenizer
+        self.dropout = dropout
         self.rng = rng
         self.emphasis_rng = emphasis_rng
         self.emphasis_share = emphasis_share
@@ -181,7 +195,7 @@ class CaptionBatcher:
     def draw(self, scenes: list[dataset.ShapeScene]) -> tuple[torch.Tensor, list[list[float]], dict[str, torch.Tensor]]:
         ids, weights, labels = [], [], {"colour": [], "background": [], "shape": [], "size": []}
         for scene in scenes:
-            caption, template = dataset.random_caption(scene, self.rng)
+            caption, template = dataset.random_caption(scene, self.rng, dropout=self.dropout)
             ids.append(self.token_ids(caption))
             token_weights = [1.0] * len(ids[-1])
             if template:
@@ -597,7 +611,7 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
     snr_weight = torch.clamp(snr, max=5.0) / snr
     data_order = torch.Generator().manual_seed(args.seed + 3)
     captions = CaptionBatcher(
-        tokenizer, random.Random(args.seed + 4), random.Random(args.seed + 6), args.emphasis_share
+        tokenizer, random.Random(args.seed + 4), random.Random(args.seed + 6), args.emphasis_share, args.caption_dropout
     )
     colour_word_ids = torch.tensor(sorted(captions.colour_ids.values()))
     pixel_weights = None
