@@ -124,7 +124,8 @@ class Engine:
         for the embedded models), nor for each module's first allocations.
 
         Runs under the job lock, and leaves the progress state as it found it: no job happened."""
-        defaults = self._require_model().defaults
+        model = self._require_model()
+        defaults = model.defaults
         request = self.validate(
             GenerationRequest(
                 sampler_name=defaults.sampler_name,
@@ -134,15 +135,15 @@ class Engine:
                 seed=0,
             )
         )
-        previewer = _previewer_for(self._loaded, self.preview)
+        previewer = _previewer_for(model, self.preview)
         state, started = self._state, time.perf_counter()
         try:
-            with cpu_threads_for(self._loaded, request.width * request.height):
+            with cpu_threads_for(model, request.width * request.height):
                 self._run_locked(request, JobControl(), previewer, self.preview, emit=lambda event: None)
         except Exception:  # noqa: BLE001 - a model that fails here gets the same error, reported, on its first job
-            log.warning("Warming up %s failed", self._loaded.info.title, exc_info=True)
+            log.warning("Warming up %s failed", model.info.title, exc_info=True)
         else:
-            log.info("Warmed up %s in %.1f s", self._loaded.info.title, time.perf_counter() - started)
+            log.info("Warmed up %s in %.1f s", model.info.title, time.perf_counter() - started)
         finally:
             self._state = state
 

@@ -1,5 +1,6 @@
-"""Does running the UNet as TorchScript traces pay? The same request through two Engines on one model:
-one as the family preset has it (traced on a CPU, engine/traced_unet.py), one with trace_unet=False.
+"""Does running the UNet as TorchScript traces pay? The same request through Engines on one model:
+one as the family preset has it (traced on a CPU, engine/traced_unet.py), one with trace_unet=False
+(and, for the first generation only, one with warm_up=True as the server makes it).
 
 Prints what the first generation costs each (the traced one makes its trace then) and what a server's
 engine pays instead (Engine(warm_up=True) traces the default picture as it loads), then each

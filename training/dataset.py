@@ -156,6 +156,7 @@ def random_caption(
     roll = rng.random()
     if roll < dropout:
         return "", ""
+    # Partial captions keep their share of the captions that are not dropped, whatever `dropout` is.
     if templates is None and roll < dropout + PARTIAL_SHARE * (1 - dropout) / (1 - CAPTION_DROPOUT):
         template = rng.choice(PARTIAL_TEMPLATES)
     else:
