@@ -82,8 +82,9 @@ def test_inpaint_repaints_the_mask_and_keeps_the_rest(micro_engine):
     assert effect.outside_change <= effect.vae_round_trip
 
 
-# LCM at its own usual settings (8 steps, CFG 1.5): at CFG 7 it misses a third of the backgrounds.
-@pytest.mark.parametrize("sampler", ["Euler a", "DDIM", "UniPC", "DPM++ SDE", "LCM"])
+# LCM at its own usual settings (8 steps, CFG 1.5): at CFG 7 it misses a fifth of the backgrounds.
+# DPM2 a overshot into neighbouring colours at CFG 7 until the empty-prompt fine-tune (README, Samplers).
+@pytest.mark.parametrize("sampler", ["Euler a", "DDIM", "UniPC", "DPM++ SDE", "DPM2 a", "LCM"])
 def test_other_samplers_get_the_background(micro_engine, sampler):
     assert quality.sampler_background_accuracy(micro_engine, sampler, 8) >= BACKGROUND_BAR
 
