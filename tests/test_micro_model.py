@@ -402,3 +402,55 @@ def test_the_shipped_vae_round_trips_every_palette_colour():
     errors = train_micro.colour_reconstruction_errors(vae, images)
     assert set(errors) == set(dataset.COLOURS)
     assert max(errors.values()) < train_micro.COLOUR_ERROR_WARNING
+
+
+def test_the_hold_loss_compares_with_the_starting_unet_at_high_noise_only_and_pulls_back_towards_it():
+    """--hold-weight's loss: zero for the starting weights themselves; drawn only at timesteps from
+    --hold-from-timestep up, half with the captions and half with the empty prompt; and descending it
+    brings a moved UNet's predictions back towards the starting ones."""
+    _vae, unet, text_encoder = train_micro.load_exported(train_micro.DEFAULT_OUT)
+    held = architecture.build_unet().eval().requires_grad_(False)
+    held.load_state_dict(unet.state_dict())
+    tokenizer = architecture.build_tokenizer()
+    ids = tokenizer(["a red circle on a blue background"] * 4 + [""], padding="max_length", max_length=77).input_ids
+    with torch.no_grad():
+        hidden = text_encoder(torch.tensor(ids)).last_hidden_state
+    captioned, empty = hidden[:4], hidden[4:]
+    latents = torch.randn((4, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    args = SimpleNamespace(hold_from_timestep=700)
+    schedule = architecture.build_scheduler()
+
+    def gap(model, seed: int = 1) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(latents.shape, generator=generator)
+        return train_micro.held_prediction_gap(model, held, schedule, latents, noise, captioned, empty, args, generator)
+
+    assert gap(unet).item() == 0.0
+    seen = []
+    original_forward = held.forward
+
+    def spying_forward(sample, timestep, conditioning):
+        seen.append((timestep, conditioning))
+        return original_forward(sample, timestep, conditioning)
+
+    held.forward = spying_forward
+    gap(unet)
+    del held.forward
+    timesteps, conditioning = seen[0]
+    assert timesteps.min() >= 700
+    assert torch.equal(conditioning[:2], captioned[:2]) and torch.equal(conditioning[2:], empty.expand(2, -1, -1))
+
+    shift = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.add_(1e-3 * torch.randn(parameter.shape, generator=shift))
+    moved = gap(unet, seed=3).item()
+    assert moved > 0
+    optimizer = torch.optim.SGD(unet.parameters(), lr=0.01)
+    for seed in range(10, 20):
+        optimizer.zero_grad()
+        gap(unet, seed).backward()
+        optimizer.step()
+    assert gap(unet, seed=3).item() < 0.5 * moved
+    with pytest.raises(SystemExit):
+        train_micro.parse_args(["--hold-weight=1"])

@@ -147,7 +147,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="0 to 1: how far the loss's weight per latent pixel moves from uniform towards giving the "
         "shape's pixels as much weight in all as the background's (a small shape covers 5-15 percent)",
     )
+    parser.add_argument(
+        "--hold-weight",
+        type=float,
+        default=0.0,
+        help="with --init-from: weight of a loss that keeps the UNet's noise predictions at timesteps from "
+        "--hold-from-timestep up equal to the starting model's (so a low-noise repair leaves the high-noise "
+        "behaviour that samplers such as LMS depend on as it was); each step then takes about twice as long",
+    )
+    parser.add_argument(
+        "--hold-from-timestep",
+        type=int,
+        default=200,
+        help="lowest timestep (of 1,000) that --hold-weight holds; img2img at strength 0.1 stays below 100",
+    )
     args = parser.parse_args(argv)
+    if args.hold_weight and not args.init_from:
+        parser.error("--hold-weight holds the --init-from model's predictions; give --init-from")
+    if not 0 <= args.hold_from_timestep < 1000:
+        parser.error(f"--hold-from-timestep must be from 0 to 999, not {args.hold_from_timestep}")
     if not 0.0 <= args.shape_balance <= 1.0:
         parser.error(f"--shape-balance must be between 0 and 1, not {args.shape_balance}")
     if args.init_from and args.vae_from:
@@ -592,6 +610,9 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
     if start_from is not None:
         unet.load_state_dict(start_from[0].state_dict())
         text_encoder.load_state_dict(start_from[1].state_dict())
+    held_unet = None
+    if args.hold_weight:
+        held_unet = copy.deepcopy(start_from[0]).eval().requires_grad_(False)
     heads = AuxiliaryHeads(architecture.TEXT_HIDDEN)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     # Installed after the copies: the average, which is evaluated and exported, keeps diffusers' processors.
@@ -622,6 +643,7 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
         side = latents.shape[-1]
         coverage = torch.from_numpy(np.stack([dataset.shape_coverage(s, side) for s in scenes]))[:, None]
         pixel_weights = shape_balanced_weights(coverage, args.shape_balance)
+    empty_ids = torch.tensor([captions.token_ids("")])
     # Its own stream, first used in the low-noise phase: the steps before that phase draw exactly what
     # they drew before it existed.
     recolour_rng = random.Random(args.seed + 5)
@@ -719,6 +741,20 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
             colour_share = colour_attention_share(attention_maps.maps, on_colour_word.float())
             names_a_colour = on_colour_word.any(-1)
             loss = loss + args.colour_attention * colour_attention_shortfall(colour_share, names_a_colour)
+        hold_gap = None
+        if held_unet is not None:
+            hold_gap = held_prediction_gap(
+                unet,
+                held_unet,
+                noise_schedule,
+                batch_latents,
+                noise,
+                conditioning,
+                text_encoder(empty_ids).last_hidden_state,
+                args,
+                data_order,
+            )
+            loss = loss + args.hold_weight * hold_gap
         factor = lr_factor(step, args.unet_steps) if not in_low_noise_phase else LOW_NOISE_LR_FACTOR
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
@@ -733,11 +769,12 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
         step += 1
         if step % 50 == 0:
             log.info(
-                "step %d diffusion %.4f aux %.3f%s (%.2f s/step)",
+                "step %d diffusion %.4f aux %.3f%s%s (%.2f s/step)",
                 step,
                 diffusion_loss.item(),
                 aux_loss.item(),
                 "" if colour_share is None else f" colour-word attention {colour_share[names_a_colour].mean():.2f}",
+                "" if hold_gap is None else f" hold gap {hold_gap.item():.5f}",
                 (time.time() - start) / max(1, step - first_step),
             )
         if step % args.checkpoint_every == 0 or step == args.unet_steps:
@@ -751,6 +788,22 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
             log.info("eval step %d %s", step, json.dumps(scores))
     save_checkpoint()
     return ema_unet, ema_text, tokenizer
+
+
+def held_prediction_gap(
+    unet, held_unet, noise_schedule, latents, noise, conditioning, empty_conditioning, args, generator
+) -> torch.Tensor:
+    """Mean squared gap between `unet`'s and `held_unet`'s noise predictions at timesteps from
+    --hold-from-timestep up. Half the batch keeps its captions and half gets the empty prompt: CFG
+    samples from their difference, so both must be held for a sampler to see the same guidance."""
+    batch = len(latents)
+    timesteps = torch.randint(args.hold_from_timestep, 1000, (batch,), generator=generator)
+    noisy = noise_schedule.add_noise(latents, noise, timesteps)
+    half = batch // 2
+    mixed = torch.cat([conditioning[:half], empty_conditioning.expand(batch - half, -1, -1)])
+    with torch.no_grad():
+        target = held_unet(noisy, timesteps, mixed.detach()).sample
+    return F.mse_loss(unet(noisy, timesteps, mixed).sample, target)
 
 
 def export(vae, unet, text_encoder, tokenizer, out: Path) -> None:
