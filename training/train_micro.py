@@ -742,6 +742,7 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
             names_a_colour = on_colour_word.any(-1)
             loss = loss + args.colour_attention * colour_attention_shortfall(colour_share, names_a_colour)
         hold_gap = None
+        # After the colour-attention loss has read its maps: this second UNet pass records more of them.
         if held_unet is not None:
             hold_gap = held_prediction_gap(
                 unet,
