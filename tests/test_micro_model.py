@@ -417,13 +417,12 @@ def test_the_hold_loss_compares_with_the_starting_unet_at_high_noise_only_and_pu
         hidden = text_encoder(torch.tensor(ids)).last_hidden_state
     captioned, empty = hidden[:4], hidden[4:]
     latents = torch.randn((4, 4, 16, 16), generator=torch.Generator().manual_seed(0))
-    args = SimpleNamespace(hold_from_timestep=700)
     schedule = architecture.build_scheduler()
 
     def gap(model, seed: int = 1) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(latents.shape, generator=generator)
-        return train_micro.held_prediction_gap(model, held, schedule, latents, noise, captioned, empty, args, generator)
+        return train_micro.held_prediction_gap(model, held, schedule, latents, noise, captioned, empty, 700, generator)
 
     assert gap(unet).item() == 0.0
     seen = []

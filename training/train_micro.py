@@ -643,7 +643,7 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
         side = latents.shape[-1]
         coverage = torch.from_numpy(np.stack([dataset.shape_coverage(s, side) for s in scenes]))[:, None]
         pixel_weights = shape_balanced_weights(coverage, args.shape_balance)
-    empty_ids = torch.tensor([captions.token_ids("")])
+    empty_ids = torch.tensor([captions.token_ids("")]) if held_unet is not None else None
     # Its own stream, first used in the low-noise phase: the steps before that phase draw exactly what
     # they drew before it existed.
     recolour_rng = random.Random(args.seed + 5)
@@ -752,7 +752,7 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
                 noise,
                 conditioning,
                 text_encoder(empty_ids).last_hidden_state,
-                args,
+                args.hold_from_timestep,
                 data_order,
             )
             loss = loss + args.hold_weight * hold_gap
@@ -792,13 +792,13 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
 
 
 def held_prediction_gap(
-    unet, held_unet, noise_schedule, latents, noise, conditioning, empty_conditioning, args, generator
+    unet, held_unet, noise_schedule, latents, noise, conditioning, empty_conditioning, lowest_timestep, generator
 ) -> torch.Tensor:
     """Mean squared gap between `unet`'s and `held_unet`'s noise predictions at timesteps from
-    --hold-from-timestep up. Half the batch keeps its captions and half gets the empty prompt: CFG
+    `lowest_timestep` (--hold-from-timestep) up. Half the batch keeps its captions and half gets the empty prompt: CFG
     samples from their difference, so both must be held for a sampler to see the same guidance."""
     batch = len(latents)
-    timesteps = torch.randint(args.hold_from_timestep, 1000, (batch,), generator=generator)
+    timesteps = torch.randint(lowest_timestep, 1000, (batch,), generator=generator)
     noisy = noise_schedule.add_noise(latents, noise, timesteps)
     half = batch // 2
     mixed = torch.cat([conditioning[:half], empty_conditioning.expand(batch - half, -1, -1)])
