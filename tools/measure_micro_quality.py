@@ -1,7 +1,7 @@
 """Measure what the micro model draws, through the Engine, and print a table.
 
     .venv/bin/python tools/measure_micro_quality.py                    # the shipped micro-shapes model
-    .venv/bin/python tools/measure_micro_quality.py --model path --prompts 168 --quick
+    .venv/bin/python tools/measure_micro_quality.py --model PATH --sampler-prompts 8   # another model, quicker
     .venv/bin/python tools/measure_micro_quality.py --stiffness     # why LMS breaks up at CFG 7 (30 s)
 
 Background = most common palette colour, shape colour = the second, shape from how much of its
