@@ -795,8 +795,9 @@ def held_prediction_gap(
     unet, held_unet, noise_schedule, latents, noise, conditioning, empty_conditioning, lowest_timestep, generator
 ) -> torch.Tensor:
     """Mean squared gap between `unet`'s and `held_unet`'s noise predictions at timesteps from
-    `lowest_timestep` (--hold-from-timestep) up. Half the batch keeps its captions and half gets the empty prompt: CFG
-    samples from their difference, so both must be held for a sampler to see the same guidance."""
+    `lowest_timestep` (--hold-from-timestep) up. Half the batch keeps its captions and half gets the
+    empty prompt: CFG samples from their difference, so both must be held for a sampler to see the same
+    guidance."""
     batch = len(latents)
     timesteps = torch.randint(lowest_timestep, 1000, (batch,), generator=generator)
     noisy = noise_schedule.add_noise(latents, noise, timesteps)
