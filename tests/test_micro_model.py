@@ -453,3 +453,26 @@ def test_the_hold_loss_compares_with_the_starting_unet_at_high_noise_only_and_pu
     assert gap(unet, seed=3).item() < 0.5 * moved
     with pytest.raises(SystemExit):
         train_micro.parse_args(["--hold-weight=1"])
+
+
+def test_the_auxiliary_loss_is_a_number_when_no_caption_in_the_batch_names_an_attribute():
+    """With mostly empty captions a whole batch can name no shape (or size); that head then adds nothing,
+    instead of turning the logged loss into nan, and a named attribute still counts as before."""
+    torch.manual_seed(0)
+    heads = train_micro.AuxiliaryHeads(architecture.TEXT_HIDDEN)
+    tokenizer = architecture.build_tokenizer()
+    ids = torch.tensor(tokenizer(["red", ""], padding="max_length", max_length=77).input_ids)
+    hidden = torch.randn(2, 77, architecture.TEXT_HIDDEN, requires_grad=True)
+    nouns = {tokenizer.convert_tokens_to_ids(f"{shape}</w>") for shape in ("circle", "square", "triangle")}
+    background = tokenizer.convert_tokens_to_ids("background</w>")
+    unnamed = {key: torch.tensor([-100, -100]) for key in ("colour", "background", "shape", "size")}
+
+    nothing_named = heads.loss(hidden, ids, unnamed, nouns, background)
+    nothing_named.backward()
+    assert nothing_named.item() == 0.0
+    assert torch.count_nonzero(hidden.grad) == 0
+
+    red = {**unnamed, "colour": torch.tensor([0, -100])}
+    eos = hidden[torch.arange(2), ids.argmax(-1)]
+    expected = torch.nn.functional.cross_entropy(heads.eos["colour"](eos[:1]), torch.tensor([0]))
+    assert torch.allclose(heads.loss(hidden, ids, red, nouns, background), expected)

@@ -230,6 +230,15 @@ class CaptionBatcher:
         return torch.tensor(ids), weights, {k: torch.tensor(v) for k, v in labels.items()}
 
 
+def named_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross entropy over the captions that name the attribute (label -100: not named), or zero when
+    none in the batch does. torch's mean over no labels is nan; its gradient is zero, so training was
+    never harmed, but the logged loss read "nan" on such batches (common with mostly empty captions)."""
+    if not (labels != -100).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, labels, ignore_index=-100)
+
+
 class AuxiliaryHeads(nn.Module):
     """Throwaway classifiers on the text encoder's output, used only in training.
 
@@ -254,7 +263,7 @@ class AuxiliaryHeads(nn.Module):
     def loss(self, hidden, input_ids, labels, shape_nouns: set[int], background_noun: int) -> torch.Tensor:
         batch = torch.arange(hidden.shape[0])
         eos = hidden[batch, input_ids.argmax(-1)]  # first end-of-text token (highest id), as CLIP pools
-        total = sum(F.cross_entropy(head(eos), labels[k], ignore_index=-100) for k, head in self.eos.items())
+        total = sum(named_cross_entropy(head(eos), labels[k]) for k, head in self.eos.items())
         for noun_ids, head, key in (
             (shape_nouns, self.shape_noun_colour, "colour"),
             ({background_noun}, self.background_noun_colour, "background"),
@@ -262,7 +271,7 @@ class AuxiliaryHeads(nn.Module):
             is_noun = torch.isin(input_ids, torch.tensor(sorted(noun_ids)))
             rows, cols = is_noun.nonzero(as_tuple=True)
             if len(rows):
-                total = total + F.cross_entropy(head(hidden[rows, cols]), labels[key][rows], ignore_index=-100)
+                total = total + named_cross_entropy(head(hidden[rows, cols]), labels[key][rows])
         return total
 
 
