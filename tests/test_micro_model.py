@@ -460,12 +460,11 @@ def test_the_auxiliary_loss_is_a_number_when_no_caption_in_the_batch_names_an_at
     instead of turning the logged loss into nan, and a named attribute still counts as before."""
     torch.manual_seed(0)
     heads = train_micro.AuxiliaryHeads(architecture.TEXT_HIDDEN)
-    tokenizer = architecture.build_tokenizer()
-    ids = torch.tensor(tokenizer(["red", ""], padding="max_length", max_length=77).input_ids)
+    captions = train_micro.CaptionBatcher(architecture.build_tokenizer(), random.Random(0), random.Random(1))
+    ids = torch.tensor([captions.token_ids("red"), captions.token_ids("")])
     hidden = torch.randn(2, 77, architecture.TEXT_HIDDEN, requires_grad=True)
-    nouns = {tokenizer.convert_tokens_to_ids(f"{shape}</w>") for shape in ("circle", "square", "triangle")}
-    background = tokenizer.convert_tokens_to_ids("background</w>")
-    unnamed = {key: torch.tensor([-100, -100]) for key in ("colour", "background", "shape", "size")}
+    nouns, background = captions.shape_nouns, captions.background_noun
+    unnamed = {key: torch.tensor([-100, -100]) for key in heads.eos}
 
     nothing_named = heads.loss(hidden, ids, unnamed, nouns, background)
     nothing_named.backward()

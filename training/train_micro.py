@@ -232,8 +232,9 @@ class CaptionBatcher:
 
 def named_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross entropy over the captions that name the attribute (label -100: not named), or zero when
-    none in the batch does. torch's mean over no labels is nan; its gradient is zero, so training was
-    never harmed, but the logged loss read "nan" on such batches (common with mostly empty captions)."""
+    none in the batch does (no caption with the noun at all included). torch's mean over no labels is
+    nan; its gradient is zero, so training was never harmed, but the logged loss read "nan" on such
+    batches (common with mostly empty captions)."""
     if not (labels != -100).any():
         return logits.sum() * 0.0
     return F.cross_entropy(logits, labels, ignore_index=-100)
@@ -270,8 +271,7 @@ class AuxiliaryHeads(nn.Module):
         ):
             is_noun = torch.isin(input_ids, torch.tensor(sorted(noun_ids)))
             rows, cols = is_noun.nonzero(as_tuple=True)
-            if len(rows):
-                total = total + named_cross_entropy(head(hidden[rows, cols]), labels[key][rows])
+            total = total + named_cross_entropy(head(hidden[rows, cols]), labels[key][rows])
         return total
 
 
