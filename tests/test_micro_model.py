@@ -404,10 +404,11 @@ def test_the_shipped_vae_round_trips_every_palette_colour():
     assert max(errors.values()) < train_micro.COLOUR_ERROR_WARNING
 
 
-def test_the_hold_loss_compares_with_the_starting_unet_at_high_noise_only_and_pulls_back_towards_it():
+def test_the_hold_loss_compares_with_the_starting_unet_in_its_timestep_range_only_and_pulls_back_towards_it():
     """--hold-weight's loss: zero for the starting weights themselves; drawn only at timesteps from
-    --hold-from-timestep up, half with the captions and half with the empty prompt; and descending it
-    brings a moved UNet's predictions back towards the starting ones."""
+    --hold-from-timestep up to below --hold-to-timestep, by default half with the captions and half with
+    the empty prompt; and descending it brings a moved UNet's predictions back towards the starting
+    ones."""
     _vae, unet, text_encoder = train_micro.load_exported(train_micro.DEFAULT_OUT)
     held = architecture.build_unet().eval().requires_grad_(False)
     held.load_state_dict(unet.state_dict())
@@ -419,10 +420,12 @@ def test_the_hold_loss_compares_with_the_starting_unet_at_high_noise_only_and_pu
     latents = torch.randn((4, 4, 16, 16), generator=torch.Generator().manual_seed(0))
     schedule = architecture.build_scheduler()
 
-    def gap(model, seed: int = 1) -> torch.Tensor:
+    def gap(model, seed: int = 1, empty_share: float = 0.5) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(latents.shape, generator=generator)
-        return train_micro.held_prediction_gap(model, held, schedule, latents, noise, captioned, empty, 700, generator)
+        return train_micro.held_prediction_gap(
+            model, held, schedule, latents, noise, captioned, empty, (700, 900), generator, empty_share=empty_share
+        )
 
     assert gap(unet).item() == 0.0
     seen = []
@@ -434,10 +437,13 @@ def test_the_hold_loss_compares_with_the_starting_unet_at_high_noise_only_and_pu
 
     held.forward = spying_forward
     gap(unet)
+    # --hold-empty-share 0 holds the prompted predictions only.
+    gap(unet, empty_share=0.0)
     del held.forward
     timesteps, conditioning = seen[0]
-    assert timesteps.min() >= 700
+    assert timesteps.min() >= 700 and timesteps.max() < 900
     assert torch.equal(conditioning[:2], captioned[:2]) and torch.equal(conditioning[2:], empty.expand(2, -1, -1))
+    assert torch.equal(seen[1][1], captioned)
 
     shift = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -453,6 +459,32 @@ def test_the_hold_loss_compares_with_the_starting_unet_at_high_noise_only_and_pu
     assert gap(unet, seed=3).item() < 0.5 * moved
     with pytest.raises(SystemExit):
         train_micro.parse_args(["--hold-weight=1"])
+    for bad_range in (["--hold-from-timestep=500", "--hold-to-timestep=400"], ["--hold-to-timestep=1001"]):
+        with pytest.raises(SystemExit):
+            train_micro.parse_args([f"--init-from={train_micro.DEFAULT_OUT}", "--hold-weight=1", *bad_range])
+
+
+def test_a_fine_tune_can_leave_the_low_timesteps_out_and_hold_them_with_other_colours_captions():
+    """--min-timestep keeps the first phase's pictures at that noise or more (recoloured captions, as
+    ever, meet nearly finished pictures only); --hold-recolour-share gives that share of the hold's
+    captions other colours than the picture's, which is what img2img at a low strength asks for."""
+    generator = torch.Generator().manual_seed(0)
+    recolour = [False] * 300 + [True] * 100
+    timesteps = train_micro.training_timesteps(recolour, 250, 120, generator)
+    assert timesteps[:300].min() >= 250 and timesteps[:300].max() < 1000
+    assert timesteps[300:].max() < 120
+    assert train_micro.training_timesteps([False] * 400, 0, 120, generator).min() < 250
+    with pytest.raises(SystemExit):
+        train_micro.parse_args(["--min-timestep=1000"])
+
+    scenes = dataset.make_images(40, seed=0)[0]
+    all_recoloured = train_micro.partly_recoloured(scenes, 1.0, random.Random(0))
+    assert all(
+        new.colour != old.colour and new.shape == old.shape for new, old in zip(all_recoloured, scenes, strict=True)
+    )
+    assert train_micro.partly_recoloured(scenes, 0.0, random.Random(0)) == scenes
+    some = train_micro.partly_recoloured(scenes, 0.5, random.Random(0))
+    assert 10 < sum(new.colour != old.colour for new, old in zip(some, scenes, strict=True)) < 30
 
 
 def test_the_auxiliary_loss_is_a_number_when_no_caption_in_the_batch_names_an_attribute():

@@ -152,7 +152,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="with --init-from: weight of a loss that keeps the UNet's noise predictions at timesteps from "
-        "--hold-from-timestep up equal to the starting model's (so a low-noise repair leaves the high-noise "
+        "--hold-from-timestep up (to below --hold-to-timestep) equal to the starting model's (so a low-noise repair leaves the high-noise "
         "behaviour that samplers such as LMS depend on as it was); each step then takes about twice as long",
     )
     parser.add_argument(
@@ -161,11 +161,46 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=200,
         help="lowest timestep (of 1,000) that --hold-weight holds; img2img at strength 0.1 stays below 100",
     )
+    parser.add_argument(
+        "--hold-to-timestep",
+        type=int,
+        default=1000,
+        help="--hold-weight holds timesteps below this one; with --min-timestep, holding the low timesteps "
+        "keeps what img2img at a low strength does while the high ones are retrained",
+    )
+    parser.add_argument(
+        "--hold-recolour-share",
+        type=float,
+        default=0.0,
+        help="give the hold's captioned half captions of its own, never empty: this share of them of other "
+        "colours than the picture's (what img2img at a low strength asks for), the rest the picture's own",
+    )
+    parser.add_argument(
+        "--hold-empty-share",
+        type=float,
+        default=0.5,
+        help="share of the hold's pictures given the empty prompt (the rest keep their captions); 0 holds "
+        "only the prompted predictions and leaves the empty prompt's free to move",
+    )
+    parser.add_argument(
+        "--min-timestep",
+        type=int,
+        default=0,
+        help="the first phase noises its pictures to this timestep (of 1,000) or more, so a fine-tune can "
+        "change how a sampler starts a picture without training the nearly finished ones",
+    )
     args = parser.parse_args(argv)
     if args.hold_weight and not args.init_from:
         parser.error("--hold-weight holds the --init-from model's predictions; give --init-from")
-    if not 0 <= args.hold_from_timestep < 1000:
-        parser.error(f"--hold-from-timestep must be from 0 to 999, not {args.hold_from_timestep}")
+    if not 0 <= args.hold_from_timestep < args.hold_to_timestep <= 1000:
+        parser.error(
+            f"--hold-from-timestep ({args.hold_from_timestep}) and --hold-to-timestep ({args.hold_to_timestep}) "
+            "must satisfy 0 <= from < to <= 1000"
+        )
+    if not 0.0 <= args.hold_empty_share <= 1.0:
+        parser.error(f"--hold-empty-share must be between 0 and 1, not {args.hold_empty_share}")
+    if not 0 <= args.min_timestep < 1000:
+        parser.error(f"--min-timestep must be from 0 to 999, not {args.min_timestep}")
     if not 0.0 <= args.shape_balance <= 1.0:
         parser.error(f"--shape-balance must be between 0 and 1, not {args.shape_balance}")
     if args.init_from and args.vae_from:
@@ -653,6 +688,11 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
         coverage = torch.from_numpy(np.stack([dataset.shape_coverage(s, side) for s in scenes]))[:, None]
         pixel_weights = shape_balanced_weights(coverage, args.shape_balance)
     empty_ids = torch.tensor([captions.token_ids("")]) if held_unet is not None else None
+    # Own streams: runs without the option draw exactly what they drew before it existed.
+    hold_captions = CaptionBatcher(
+        tokenizer, random.Random(args.seed + 7), random.Random(args.seed + 8), args.emphasis_share, dropout=0.0
+    )
+    hold_recolour_rng = random.Random(args.seed + 9)
     # Its own stream, first used in the low-noise phase: the steps before that phase draw exactly what
     # they drew before it existed.
     recolour_rng = random.Random(args.seed + 5)
@@ -676,6 +716,10 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
             captions.emphasis_rng.setstate(state["emphasis_rng"])
         if "recolour_rng" in state:
             recolour_rng.setstate(state["recolour_rng"])
+        if "hold_recolour_rng" in state:
+            hold_captions.rng.setstate(state["hold_caption_rng"])
+            hold_captions.emphasis_rng.setstate(state["hold_emphasis_rng"])
+            hold_recolour_rng.setstate(state["hold_recolour_rng"])
         torch.set_rng_state(state["torch_rng"])
         step = state["step"]
         log.info("Resumed at step %d", step)
@@ -693,6 +737,9 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
             "caption_rng": captions.rng.getstate(),
             "emphasis_rng": captions.emphasis_rng.getstate(),
             "recolour_rng": recolour_rng.getstate(),
+            "hold_caption_rng": hold_captions.rng.getstate(),
+            "hold_emphasis_rng": hold_captions.emphasis_rng.getstate(),
+            "hold_recolour_rng": hold_recolour_rng.getstate(),
             "torch_rng": torch.get_rng_state(),
         }
         torch.save(state, checkpoint_path.with_suffix(".tmp"))
@@ -725,9 +772,7 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
             # then starts from noise with no such colour. Per-channel offsets hide the mean too.
             offset = torch.randn((args.batch, batch_latents.shape[1], 1, 1), generator=data_order)
             noise = noise + args.offset_noise * offset
-        timesteps = torch.randint(0, 1000, (args.batch,), generator=data_order)
-        # A recoloured caption only ever meets a nearly finished picture.
-        timesteps = torch.where(torch.tensor(recolour), timesteps % args.low_noise_timesteps, timesteps)
+        timesteps = training_timesteps(recolour, args.min_timestep, args.low_noise_timesteps, data_order)
         noisy = noise_schedule.add_noise(batch_latents, noise, timesteps)
         hidden = text_encoder(input_ids).last_hidden_state
         # The UNet sees the prompt weighted as the engine weights it. Multiplied only: "Original" emphasis
@@ -753,16 +798,23 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
         hold_gap = None
         # After the colour-attention loss has read its maps: this second UNet pass records more of them.
         if held_unet is not None:
+            hold_conditioning = conditioning
+            if args.hold_recolour_share:
+                hold_ids, hold_weights, _ = hold_captions.draw(
+                    partly_recoloured(batch_scenes, args.hold_recolour_share, hold_recolour_rng)
+                )
+                hold_conditioning = apply_emphasis(text_encoder(hold_ids).last_hidden_state, hold_weights, "No norm")
             hold_gap = held_prediction_gap(
                 unet,
                 held_unet,
                 noise_schedule,
                 batch_latents,
                 noise,
-                conditioning,
+                hold_conditioning,
                 text_encoder(empty_ids).last_hidden_state,
-                args.hold_from_timestep,
+                (args.hold_from_timestep, args.hold_to_timestep),
                 data_order,
+                empty_share=args.hold_empty_share,
             )
             loss = loss + args.hold_weight * hold_gap
         factor = lr_factor(step, args.unet_steps) if not in_low_noise_phase else LOW_NOISE_LR_FACTOR
@@ -800,18 +852,41 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
     return ema_unet, ema_text, tokenizer
 
 
-def held_prediction_gap(
-    unet, held_unet, noise_schedule, latents, noise, conditioning, empty_conditioning, lowest_timestep, generator
+def training_timesteps(
+    recolour: list[bool], min_timestep: int, low_noise_timesteps: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """Mean squared gap between `unet`'s and `held_unet`'s noise predictions at timesteps from
-    `lowest_timestep` (--hold-from-timestep) up. Half the batch keeps its captions and half gets the
-    empty prompt: CFG samples from their difference, so both must be held for a sampler to see the same
-    guidance."""
+    """A batch's timesteps: from `min_timestep` (--min-timestep) up, except that a recoloured caption
+    only ever meets a nearly finished picture (below `low_noise_timesteps`)."""
+    timesteps = torch.randint(min_timestep, 1000, (len(recolour),), generator=generator)
+    return torch.where(torch.tensor(recolour), timesteps % low_noise_timesteps, timesteps)
+
+
+def partly_recoloured(scenes: list[dataset.ShapeScene], share: float, rng: random.Random) -> list[dataset.ShapeScene]:
+    """`scenes` with about `share` of them given other colours (--hold-recolour-share)."""
+    return [dataset.recoloured(scene, rng) if rng.random() < share else scene for scene in scenes]
+
+
+def held_prediction_gap(
+    unet,
+    held_unet,
+    noise_schedule,
+    latents,
+    noise,
+    conditioning,
+    empty_conditioning,
+    held_timesteps,
+    generator,
+    empty_share: float = 0.5,
+) -> torch.Tensor:
+    """Mean squared gap between `unet`'s and `held_unet`'s noise predictions at timesteps in
+    `held_timesteps` (--hold-from-timestep up to below --hold-to-timestep). By default half the batch
+    keeps its captions and half gets the empty prompt: CFG samples from their difference, so both must be
+    held for a sampler to see the same guidance. `empty_share` (--hold-empty-share) moves that split."""
     batch = len(latents)
-    timesteps = torch.randint(lowest_timestep, 1000, (batch,), generator=generator)
+    timesteps = torch.randint(*held_timesteps, (batch,), generator=generator)
     noisy = noise_schedule.add_noise(latents, noise, timesteps)
-    half = batch // 2
-    mixed = torch.cat([conditioning[:half], empty_conditioning.expand(batch - half, -1, -1)])
+    captioned = int(batch * (1 - empty_share))
+    mixed = torch.cat([conditioning[:captioned], empty_conditioning.expand(batch - captioned, -1, -1)])
     with torch.no_grad():
         target = held_unet(noisy, timesteps, mixed.detach()).sample
     return F.mse_loss(unet(noisy, timesteps, mixed).sample, target)
