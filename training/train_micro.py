@@ -165,8 +165,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--hold-to-timestep",
         type=int,
         default=1000,
-        help="--hold-weight holds timesteps below this one; with --min-timestep, holding the low timesteps "
-        "keeps what img2img at a low strength does while the high ones are retrained",
+        help="--hold-weight holds timesteps below this one; holding only the low ones (say 0 to 150) keeps "
+        "what img2img at a low strength does while the rest are retrained",
     )
     parser.add_argument(
         "--hold-recolour-share",
