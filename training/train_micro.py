@@ -152,8 +152,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="with --init-from: weight of a loss that keeps the UNet's noise predictions at timesteps from "
-        "--hold-from-timestep up (to below --hold-to-timestep) equal to the starting model's (so a low-noise repair leaves the high-noise "
-        "behaviour that samplers such as LMS depend on as it was); each step then takes about twice as long",
+        "--hold-from-timestep up (to below --hold-to-timestep) equal to the starting model's (so a low-noise "
+        "repair leaves the high-noise behaviour that samplers such as LMS depend on as it was); each step "
+        "then takes about twice as long",
     )
     parser.add_argument(
         "--hold-from-timestep",
@@ -172,8 +173,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--hold-recolour-share",
         type=float,
         default=0.0,
-        help="give the hold's captioned half captions of its own, never empty: this share of them of other "
-        "colours than the picture's (what img2img at a low strength asks for), the rest the picture's own",
+        help="give the hold's captioned pictures (see --hold-empty-share) captions of their own, never "
+        "empty: this share of them of other colours than the picture's (what img2img at a low strength asks "
+        "for), the rest the picture's own",
     )
     parser.add_argument(
         "--hold-empty-share",
