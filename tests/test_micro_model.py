@@ -83,7 +83,7 @@ def test_inpaint_repaints_the_mask_and_keeps_the_rest(micro_engine):
 
 
 # LCM at its own usual settings (8 steps, CFG 1.5): at CFG 7 it misses a quarter of the backgrounds.
-# DPM2 a overshot into neighbouring colours at CFG 7 until the empty-prompt fine-tunes (README, Samplers);
+# DPM2 a overshot into neighbouring colours at CFG 7 until the empty-prompt fine-tunes (lab notes, Samplers);
 # it still misses one prompt in 24, among the first 8, so it is held to the README's whole sample.
 @pytest.mark.parametrize(
     ("sampler", "prompts"),
@@ -96,8 +96,9 @@ def test_other_samplers_get_the_background(micro_engine, sampler, prompts):
 def test_guidance_stiffness_finds_the_direction_that_makes_lms_oscillate(micro_engine):
     """At CFG 7 the empty prompt's denoiser follows the latent's colour and the prompt's does not, so
     guidance turns that direction's eigenvalue strongly negative, less so at CFG 4 (the README's account
-    of LMS); the reading is a converged eigenvector. Sigma 6, because at sigma 3 and CFG 4 another
-    direction (eigenvalue about +1.6) is the largest, and the power iteration finds that one instead."""
+    of LMS; the lab notes' Samplers section); the reading is a converged eigenvector. Sigma 6, because at
+    sigma 3 and CFG 4 another direction (eigenvalue about +1.6) is the largest, and the power iteration
+    finds that one instead."""
     strong, weak = (quality.guidance_stiffness(micro_engine, [6.0], cfg_scale=cfg)[0] for cfg in (7.0, 4.0))
     assert strong.residual < 0.05
     assert strong.unconditional > 0.8 and strong.conditional < 0.5
@@ -485,6 +486,21 @@ def test_a_fine_tune_can_leave_the_low_timesteps_out_and_hold_them_with_other_co
     assert train_micro.partly_recoloured(scenes, 0.0, random.Random(0)) == scenes
     some = train_micro.partly_recoloured(scenes, 0.5, random.Random(0))
     assert 10 < sum(new.colour != old.colour for new, old in zip(some, scenes, strict=True)) < 30
+
+
+def test_recoloured_captions_can_keep_the_background():
+    """--recolour-background-share 0 changes only the shape's colour (all img2img at a low strength is
+    measured on), 1 always the background's too; the default 0.5 draws what recoloured() always drew."""
+    scenes = dataset.make_images(40, seed=0)[0]
+    for share, backgrounds_changed in ((0.0, 0), (1.0, 40)):
+        new_scenes = train_micro.partly_recoloured(scenes, 1.0, random.Random(0), share)
+        assert sum(new.background != old.background for new, old in zip(new_scenes, scenes, strict=True)) == (
+            backgrounds_changed
+        )
+        assert all(new.colour not in (old.colour, new.background) for new, old in zip(new_scenes, scenes, strict=True))
+    half = train_micro.partly_recoloured(scenes, 1.0, random.Random(0))
+    assert 10 < sum(new.background != old.background for new, old in zip(half, scenes, strict=True)) < 30
+    assert train_micro.parse_args([]).recolour_background_share == 0.5
 
 
 def test_the_auxiliary_loss_is_a_number_when_no_caption_in_the_batch_names_an_attribute():

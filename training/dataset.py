@@ -201,10 +201,11 @@ RECOLOUR_SHARE = 0.2
 LOW_NOISE_STEPS = 200  # of 1,000 training timesteps: denoising strengths up to 0.2
 
 
-def recoloured(scene: ShapeScene, rng: random.Random) -> ShapeScene:
-    """`scene` with another shape colour and, half of the time, another background colour."""
+def recoloured(scene: ShapeScene, rng: random.Random, background_share: float = 0.5) -> ShapeScene:
+    """`scene` with another shape colour and, `background_share` of the time, another background colour."""
     background = scene.background
-    if rng.random() < 0.5:
+    # Drawn whatever the share, so that a share of 0 or 1 leaves the rest of the draws where they were.
+    if rng.random() < background_share:
         background = rng.choice([c for c in COLOURS if c != scene.background])
     colour = rng.choice([c for c in COLOURS if c not in (scene.colour, background)])
     return ShapeScene(scene.shape, colour, background, scene.size, scene.box)

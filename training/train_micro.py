@@ -135,6 +135,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="share of the low-noise phase's pictures captioned with other colours",
     )
     parser.add_argument(
+        "--recolour-background-share",
+        type=float,
+        default=0.5,
+        help="share of the recoloured captions (--recolour-share, --hold-recolour-share) that name another "
+        "background colour too; the rest change only the shape's colour, which is all img2img at a low "
+        "strength is measured on",
+    )
+    parser.add_argument(
         "--low-noise-timesteps",
         type=int,
         default=dataset.LOW_NOISE_STEPS,
@@ -765,7 +773,10 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
         in_low_noise_phase = step >= args.unet_steps
         recolour = [in_low_noise_phase and recolour_rng.random() < args.recolour_share for _ in batch_scenes]
         input_ids, token_weights, labels = captions.draw(
-            [dataset.recoloured(s, recolour_rng) if r else s for s, r in zip(batch_scenes, recolour, strict=True)]
+            [
+                dataset.recoloured(s, recolour_rng, args.recolour_background_share) if r else s
+                for s, r in zip(batch_scenes, recolour, strict=True)
+            ]
         )
         noise = torch.randn(batch_latents.shape, generator=data_order)
         if args.offset_noise:
@@ -803,7 +814,9 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
             hold_conditioning = conditioning
             if args.hold_recolour_share:
                 hold_ids, hold_weights, _ = hold_captions.draw(
-                    partly_recoloured(batch_scenes, args.hold_recolour_share, hold_recolour_rng)
+                    partly_recoloured(
+                        batch_scenes, args.hold_recolour_share, hold_recolour_rng, args.recolour_background_share
+                    )
                 )
                 hold_conditioning = apply_emphasis(text_encoder(hold_ids).last_hidden_state, hold_weights, "No norm")
             hold_gap = held_prediction_gap(
@@ -863,9 +876,12 @@ def training_timesteps(
     return torch.where(torch.tensor(recolour), timesteps % low_noise_timesteps, timesteps)
 
 
-def partly_recoloured(scenes: list[dataset.ShapeScene], share: float, rng: random.Random) -> list[dataset.ShapeScene]:
-    """`scenes` with about `share` of them given other colours (--hold-recolour-share)."""
-    return [dataset.recoloured(scene, rng) if rng.random() < share else scene for scene in scenes]
+def partly_recoloured(
+    scenes: list[dataset.ShapeScene], share: float, rng: random.Random, background_share: float = 0.5
+) -> list[dataset.ShapeScene]:
+    """`scenes` with about `share` of them given other colours (--hold-recolour-share), `background_share`
+    of those another background colour too."""
+    return [dataset.recoloured(scene, rng, background_share) if rng.random() < share else scene for scene in scenes]
 
 
 def held_prediction_gap(
