@@ -490,7 +490,7 @@ def test_a_fine_tune_can_leave_the_low_timesteps_out_and_hold_them_with_other_co
 
 def test_recoloured_captions_can_keep_the_background():
     """--recolour-background-share 0 changes only the shape's colour (all img2img at a low strength is
-    measured on), 1 always the background's too; the default 0.5 draws what recoloured() always drew."""
+    measured on), 1 always the background's too; the default, 0.5, about half of them, as always."""
     scenes = dataset.make_images(40, seed=0)[0]
     for share, backgrounds_changed in ((0.0, 0), (1.0, 40)):
         new_scenes = train_micro.partly_recoloured(scenes, 1.0, random.Random(0), share)

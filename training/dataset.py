@@ -204,7 +204,8 @@ LOW_NOISE_STEPS = 200  # of 1,000 training timesteps: denoising strengths up to 
 def recoloured(scene: ShapeScene, rng: random.Random, background_share: float = 0.5) -> ShapeScene:
     """`scene` with another shape colour and, `background_share` of the time, another background colour."""
     background = scene.background
-    # Drawn whatever the share, so that a share of 0 or 1 leaves the rest of the draws where they were.
+    # The coin is tossed whatever the share, as it always was, so the default 0.5 draws what runs drew
+    # before the share could be set.
     if rng.random() < background_share:
         background = rng.choice([c for c in COLOURS if c != scene.background])
     colour = rng.choice([c for c in COLOURS if c not in (scene.colour, background)])
