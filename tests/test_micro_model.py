@@ -503,6 +503,16 @@ def test_recoloured_captions_can_keep_the_background():
     assert train_micro.parse_args([]).recolour_background_share == 0.5
 
 
+@pytest.mark.parametrize("share", train_micro.SHARE_OPTIONS)
+def test_every_share_option_outside_0_to_1_is_refused_by_name(share, capsys):
+    option = "--" + share.replace("_", "-")
+    for bad in ("-0.1", "1.5"):
+        with pytest.raises(SystemExit):
+            train_micro.parse_args([f"{option}={bad}"])
+        assert f"{option} must be between 0 and 1, not {float(bad)}" in capsys.readouterr().err
+    assert getattr(train_micro.parse_args([f"{option}=1"]), share) == 1.0
+
+
 def test_the_auxiliary_loss_is_a_number_when_no_caption_in_the_batch_names_an_attribute():
     """With mostly empty captions a whole batch can name no shape (or size); that head then adds nothing,
     instead of turning the logged loss into nan, and a named attribute still counts as before."""

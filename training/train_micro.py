@@ -61,6 +61,18 @@ FAMILY_MARKER = {"_lantern_family": "micro"}
 MICRO_DEFAULTS = family_defaults(FAMILY_MARKER["_lantern_family"])
 
 
+# Options that are a fraction (0 to 1); parse_args refuses anything else, naming the option.
+SHARE_OPTIONS = (
+    "emphasis_share",
+    "caption_dropout",
+    "recolour_share",
+    "recolour_background_share",
+    "shape_balance",
+    "hold_recolour_share",
+    "hold_empty_share",
+)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="diffusers folder to write")
@@ -207,12 +219,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             f"--hold-from-timestep ({args.hold_from_timestep}) and --hold-to-timestep ({args.hold_to_timestep}) "
             "must satisfy 0 <= from < to <= 1000"
         )
-    if not 0.0 <= args.hold_empty_share <= 1.0:
-        parser.error(f"--hold-empty-share must be between 0 and 1, not {args.hold_empty_share}")
     if not 0 <= args.min_timestep < 1000:
         parser.error(f"--min-timestep must be from 0 to 999, not {args.min_timestep}")
-    if not 0.0 <= args.shape_balance <= 1.0:
-        parser.error(f"--shape-balance must be between 0 and 1, not {args.shape_balance}")
+    # Each is compared with a random number or splits a batch or a loss: outside 0 to 1 it would act as 0
+    # or 1 without a word.
+    for share in SHARE_OPTIONS:
+        value = getattr(args, share)
+        if not 0.0 <= value <= 1.0:
+            parser.error(f"--{share.replace('_', '-')} must be between 0 and 1, not {value}")
     if args.init_from and args.vae_from:
         parser.error("--init-from already brings its model's VAE; leave out --vae-from")
     return args
