@@ -198,14 +198,17 @@ def emphasis_weights(scene: ShapeScene, template: str, rng: random.Random, share
 # prompt's. (The data otherwise never contradicts its captions, and the model follows the text even
 # one tenth of the way from the finished picture.)
 RECOLOUR_SHARE = 0.2
+RECOLOUR_BACKGROUND_SHARE = 0.5  # of those recoloured captions, the share that name another background too
 LOW_NOISE_STEPS = 200  # of 1,000 training timesteps: denoising strengths up to 0.2
 
 
-def recoloured(scene: ShapeScene, rng: random.Random, background_share: float = 0.5) -> ShapeScene:
+def recoloured(
+    scene: ShapeScene, rng: random.Random, background_share: float = RECOLOUR_BACKGROUND_SHARE
+) -> ShapeScene:
     """`scene` with another shape colour and, `background_share` of the time, another background colour."""
     background = scene.background
-    # The coin is tossed whatever the share, as it always was, so the default 0.5 draws what runs drew
-    # before the share could be set.
+    # The coin is tossed whatever the share, as it always was, so the default share draws what runs
+    # drew before the share could be set.
     if rng.random() < background_share:
         background = rng.choice([c for c in COLOURS if c != scene.background])
     colour = rng.choice([c for c in COLOURS if c not in (scene.colour, background)])

@@ -149,7 +149,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--recolour-background-share",
         type=float,
-        default=0.5,
+        default=dataset.RECOLOUR_BACKGROUND_SHARE,
         help="share of the recoloured captions (--recolour-share, --hold-recolour-share) that name another "
         "background colour too; the rest change only the shape's colour, which is all img2img at a low "
         "strength is measured on",
@@ -891,7 +891,10 @@ def training_timesteps(
 
 
 def partly_recoloured(
-    scenes: list[dataset.ShapeScene], share: float, rng: random.Random, background_share: float = 0.5
+    scenes: list[dataset.ShapeScene],
+    share: float,
+    rng: random.Random,
+    background_share: float = dataset.RECOLOUR_BACKGROUND_SHARE,
 ) -> list[dataset.ShapeScene]:
     """`scenes` with about `share` of them given other colours (--hold-recolour-share), `background_share`
     of those another background colour too."""
