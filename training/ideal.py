@@ -1,0 +1,158 @@
+"""The ideal denoiser of the shapes dataset, and a sampling loop that runs any denoiser through the
+engine's own schedulers.
+
+The denoiser that minimises the training loss exactly, for pictures drawn uniformly from a finite set of
+clean latents y_i, is the posterior mean E[y | x] with x = y + sigma * noise: a softmax over -|x - y_i|^2
+/ (2 sigma^2) weighting the y_i. Given a full caption the set is the training pictures that match it;
+for the empty prompt it is all of them. Sampling it shows what the bars ask of the data itself: where
+the ideal denoiser fails, no training can do better by fitting the data more closely.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.samplers import build_scheduler
+
+from . import dataset, quality
+from .train_micro import training_pictures
+
+# (latent, sigma) -> (the empty prompt's denoised latent, the prompt's), both in A1111's x = y + sigma * n.
+Denoiser = Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+class IdealDenoiser:
+    """Posterior means over a set of clean latents [count, 4, h, w] (already scaled by the VAE's factor)."""
+
+    def __init__(self, latents: torch.Tensor, scenes: list[dataset.ShapeScene]):
+        self.flat = latents.reshape(len(latents), -1).double()
+        self.squared_norms = (self.flat**2).sum(1)
+        self.scenes = scenes
+
+    def matching(self, scene: dataset.ShapeScene, size_named: bool) -> torch.Tensor:
+        """Indices of the pictures a full caption of `scene` describes (its size only if named)."""
+        rows = [
+            i
+            for i, other in enumerate(self.scenes)
+            if (other.shape, other.colour, other.background) == (scene.shape, scene.colour, scene.background)
+            and (other.size == scene.size or not size_named)
+        ]
+        return torch.tensor(rows)
+
+    def mean(self, latent: torch.Tensor, sigma: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """E[y | latent] over `rows` (all pictures when None)."""
+        flat = self.flat if rows is None else self.flat[rows]
+        squared = self.squared_norms if rows is None else self.squared_norms[rows]
+        # |x - y|^2 without |x|^2, which is the same for every y and cancels in the softmax.
+        logits = -(squared - 2 * flat @ latent.reshape(-1).double()) / (2 * sigma**2)
+        return (torch.softmax(logits, 0) @ flat).to(latent.dtype).reshape(latent.shape)
+
+    def for_scene(self, scene: dataset.ShapeScene, size_named: bool) -> Denoiser:
+        rows = self.matching(scene, size_named)
+        return lambda latent, sigma: (self.mean(latent, sigma), self.mean(latent, sigma, rows))
+
+
+def sample(
+    denoiser: Denoiser,
+    scheduler_config: dict,
+    sampler: str,
+    *,
+    steps: int,
+    cfg_scale: float,
+    seed: int,
+    latent_shape: tuple[int, ...] = (1, 4, 16, 16),
+) -> torch.Tensor:
+    """The latent `sampler` ends on at A1111's settings, with `denoiser` in place of UNet and prompt.
+
+    Works in every scheduler's own space: k-diffusion-style ones scale the model's input (A1111's x is
+    their sample), the others keep variance-preserving samples, x * sqrt(alpha)."""
+    scheduler = build_scheduler(scheduler_config, sampler, "Automatic", seed=seed)
+    scheduler.set_timesteps(steps)
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+    generator = torch.Generator().manual_seed(seed)
+    sample_ = torch.randn(latent_shape, generator=generator) * scheduler.init_noise_sigma
+    for timestep in scheduler.timesteps:
+        scaled = scheduler.scale_model_input(sample_, timestep)
+        if not torch.equal(scaled, sample_):  # scaled by 1 / sqrt(sigma^2 + 1)
+            sigma = float(((sample_.norm() / scaled.norm()) ** 2 - 1).clamp(min=1e-12).sqrt())
+            spread = sample_
+        else:
+            if hasattr(scheduler, "sigmas"):
+                sigma = float(scheduler.sigmas[scheduler.step_index or 0])
+            else:
+                alpha = float(scheduler.alphas_cumprod[int(timestep)])
+                sigma = ((1 - alpha) / alpha) ** 0.5
+            spread = sample_ * (sigma**2 + 1) ** 0.5
+        unconditional, conditional = denoiser(spread, sigma)
+        guided = unconditional + cfg_scale * (conditional - unconditional)
+        noise_prediction = (spread - guided) / sigma
+        extra = {"generator": generator} if takes_generator else {}
+        sample_ = scheduler.step(noise_prediction, timestep, sample_, **extra).prev_sample
+    return sample_
+
+
+def unet_denoiser(components: dict, prompt: str, scheduler_config: dict) -> Denoiser:
+    """The model's own UNet and text encoder as a Denoiser, to check `sample` against the engine."""
+    from diffusers import DDPMScheduler
+
+    unet, tokenizer, text_encoder = components["unet"], components["tokenizer"], components["text_encoder"]
+    dtype = next(unet.parameters()).dtype
+    alphas = DDPMScheduler.from_config(scheduler_config).alphas_cumprod.double()
+    log_sigmas = (((1 - alphas) / alphas) ** 0.5).log().numpy()
+
+    def embed(text: str) -> torch.Tensor:
+        ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+        return text_encoder(ids.input_ids)[0]
+
+    with torch.no_grad():
+        conditioning = torch.cat([embed(""), embed(prompt)]).to(dtype)
+
+    def denoise(latent: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # A1111's k-diffusion wrapper: the timestep whose sigma this is, interpolated in log sigma.
+        timestep = torch.tensor(float(np.interp(np.log(sigma), log_sigmas, np.arange(len(log_sigmas)))))
+        scaled = (latent / (1 + sigma**2) ** 0.5).repeat(2, 1, 1, 1).to(dtype)
+        with torch.no_grad():
+            eps = unet(scaled, timestep, encoder_hidden_states=conditioning).sample.float()
+        return latent - sigma * eps[:1], latent - sigma * eps[1:]
+
+    return denoise
+
+
+def decode(vae, latent: torch.Tensor) -> Image.Image:
+    with torch.no_grad():
+        picture = vae.decode((latent / vae.config.scaling_factor).to(vae.dtype)).sample[0].float()
+    pixels = ((picture.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+    return Image.fromarray(pixels)
+
+
+def background_hits(
+    denoiser_for: Callable[[str, dataset.ShapeScene], Denoiser],
+    vae,
+    scheduler_config: dict,
+    sampler: str,
+    *,
+    cfg_scale: float,
+    steps: int,
+    prompts: int,
+) -> int:
+    """How many of quality.prompt_set(prompts) `sampler` draws on the right background, seeds 1000 on."""
+    hits = 0
+    for index, (prompt, scene) in enumerate(quality.prompt_set(prompts)):
+        latent = sample(
+            denoiser_for(prompt, scene), scheduler_config, sampler, steps=steps, cfg_scale=cfg_scale, seed=1000 + index
+        )
+        hits += dataset.classify(decode(vae, latent)).background == scene.background
+    return hits
+
+
+def training_set_denoiser(vae, pictures: int, seed: int = 0) -> IdealDenoiser:
+    """The ideal denoiser of the first `pictures` training pictures of `seed`, encoded by `vae`."""
+    scenes, images = training_pictures(pictures, seed)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i : i + 500]).latent_dist.mean for i in range(0, len(images), 500)])
+    return IdealDenoiser(latents.float() * vae.config.scaling_factor, scenes)
