@@ -556,7 +556,9 @@ def test_the_ideal_denoiser_is_the_posterior_mean_over_the_matching_pictures():
     assert (conditional - latents[:2]).flatten(1).norm(dim=1).min() < 1e-3  # only the red circles count
 
 
-@pytest.mark.parametrize("sampler", ["Euler", "LMS"])
+# One of each kind of schedule the loop reads sigma from: k-diffusion-style (Euler, LMS), variance-
+# preserving with a sigma table (DPM++ 2M), and by timestep alone (DDIM).
+@pytest.mark.parametrize("sampler", ["Euler", "LMS", "DPM++ 2M", "DDIM"])
 def test_the_ideal_denoisers_sampling_loop_draws_the_pages_picture_with_the_models_unet(micro_engine, sampler):
     """tools/ideal_denoiser_samplers.py runs its denoisers through training/ideal.py's loop; with the
     model's own UNet that loop must draw what the page draws, or its readings would say nothing."""
