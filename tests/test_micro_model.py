@@ -567,7 +567,7 @@ def test_the_ideal_denoisers_sampling_loop_draws_the_pages_picture_with_the_mode
     components = micro_engine.loaded.components
     config = dict(micro_engine.loaded.scheduler_config)
     prompt, seed = "a yellow triangle on a green background", 11
-    denoise = ideal.unet_denoiser(components, prompt, config)
+    denoise = quality.unet_denoiser(components, prompt, config)
     latent = ideal.sample(denoise, config, sampler, steps=20, cfg_scale=7.0, seed=seed)
     looped = np.asarray(ideal.decode(components["vae"], latent), dtype=float)
     on_page = np.asarray(quality.generate(micro_engine, prompt=prompt, seed=seed, sampler_name=sampler), dtype=float)

@@ -55,7 +55,7 @@ def main(argv=None) -> None:
 
     def denoiser_for(prompt: str, scene: dataset.ShapeScene) -> ideal.Denoiser:
         if args.learned:
-            return ideal.unet_denoiser(components, prompt, scheduler_config)
+            return quality.unet_denoiser(components, prompt, scheduler_config)
         return training_set.for_scene(scene, size_named=scene.size in prompt)
 
     print(f"{'learned UNet' if args.learned else 'ideal denoiser'}, {args.steps} steps, {args.prompts} prompts")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -75,52 +74,25 @@ def sample(
     scheduler.set_timesteps(steps)
     takes_generator = "generator" in inspect.signature(scheduler.step).parameters
     generator = torch.Generator().manual_seed(seed)
-    sample_ = torch.randn(latent_shape, generator=generator) * scheduler.init_noise_sigma
+    latent = torch.randn(latent_shape, generator=generator) * scheduler.init_noise_sigma
     for timestep in scheduler.timesteps:
-        scaled = scheduler.scale_model_input(sample_, timestep)
-        if not torch.equal(scaled, sample_):  # scaled by 1 / sqrt(sigma^2 + 1)
-            sigma = float(((sample_.norm() / scaled.norm()) ** 2 - 1).clamp(min=1e-12).sqrt())
-            spread = sample_
+        scaled = scheduler.scale_model_input(latent, timestep)
+        if not torch.equal(scaled, latent):  # scaled by 1 / sqrt(sigma^2 + 1)
+            sigma = float(((latent.norm() / scaled.norm()) ** 2 - 1).clamp(min=1e-12).sqrt())
+            spread = latent
         else:
             if hasattr(scheduler, "sigmas"):
                 sigma = float(scheduler.sigmas[scheduler.step_index or 0])
             else:
                 alpha = float(scheduler.alphas_cumprod[int(timestep)])
                 sigma = ((1 - alpha) / alpha) ** 0.5
-            spread = sample_ * (sigma**2 + 1) ** 0.5
+            spread = latent * (sigma**2 + 1) ** 0.5
         unconditional, conditional = denoiser(spread, sigma)
         guided = unconditional + cfg_scale * (conditional - unconditional)
         noise_prediction = (spread - guided) / sigma
         extra = {"generator": generator} if takes_generator else {}
-        sample_ = scheduler.step(noise_prediction, timestep, sample_, **extra).prev_sample
-    return sample_
-
-
-def unet_denoiser(components: dict, prompt: str, scheduler_config: dict) -> Denoiser:
-    """The model's own UNet and text encoder as a Denoiser, to check `sample` against the engine."""
-    from diffusers import DDPMScheduler
-
-    unet, tokenizer, text_encoder = components["unet"], components["tokenizer"], components["text_encoder"]
-    dtype = next(unet.parameters()).dtype
-    alphas = DDPMScheduler.from_config(scheduler_config).alphas_cumprod.double()
-    log_sigmas = (((1 - alphas) / alphas) ** 0.5).log().numpy()
-
-    def embed(text: str) -> torch.Tensor:
-        ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-        return text_encoder(ids.input_ids)[0]
-
-    with torch.no_grad():
-        conditioning = torch.cat([embed(""), embed(prompt)]).to(dtype)
-
-    def denoise(latent: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
-        # A1111's k-diffusion wrapper: the timestep whose sigma this is, interpolated in log sigma.
-        timestep = torch.tensor(float(np.interp(np.log(sigma), log_sigmas, np.arange(len(log_sigmas)))))
-        scaled = (latent / (1 + sigma**2) ** 0.5).repeat(2, 1, 1, 1).to(dtype)
-        with torch.no_grad():
-            eps = unet(scaled, timestep, encoder_hidden_states=conditioning).sample.float()
-        return latent - sigma * eps[:1], latent - sigma * eps[1:]
-
-    return denoise
+        latent = scheduler.step(noise_prediction, timestep, latent, **extra).prev_sample
+    return latent
 
 
 def decode(vae, latent: torch.Tensor) -> Image.Image:

@@ -255,33 +255,17 @@ def guidance_stiffness(
     """Power iteration on the Jacobian of the CFG-guided denoiser D = u + cfg * (c - u) at latents of
     `scene`'s own picture noised to each sigma, with finite differences (epsilon-prediction models)."""
     import torch
-    from diffusers import DDPMScheduler
 
     components = engine.loaded.components
-    unet, vae = components["unet"], components["vae"]
-    tokenizer, text_encoder = components["tokenizer"], components["text_encoder"]
-    dtype = next(unet.parameters()).dtype
-    alphas = DDPMScheduler.from_config(engine.loaded.scheduler_config).alphas_cumprod.double()
-    log_sigmas = (((1 - alphas) / alphas) ** 0.5).log().numpy()
-
-    def embed(text: str) -> torch.Tensor:
-        ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-        return text_encoder(ids.input_ids)[0]
-
+    vae = components["vae"]
+    denoised = unet_denoiser(
+        components, dataset.fill_template(dataset.FULL_TEMPLATES[0], scene), engine.loaded.scheduler_config
+    )
     with torch.no_grad():
-        conditioning = torch.cat([embed(""), embed(dataset.fill_template(dataset.FULL_TEMPLATES[0], scene))])
         picture = torch.from_numpy(np.array(dataset.draw_scene(scene))).permute(2, 0, 1)[None].float() / 127.5 - 1
-        clean = vae.encode(picture.to(dtype)).latent_dist.mean.float() * vae.config.scaling_factor
+        clean = vae.encode(picture.to(vae.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(clean.shape, generator=generator)
-
-    def denoised(latent: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
-        timestep = torch.tensor(float(np.interp(np.log(sigma), log_sigmas, np.arange(len(log_sigmas)))))
-        scaled = (latent / (1 + sigma**2) ** 0.5).repeat(2, 1, 1, 1).to(dtype)
-        with torch.no_grad():
-            eps = unet(scaled, timestep, encoder_hidden_states=conditioning.to(dtype)).sample.float()
-        unconditional, conditional = latent - sigma * eps[:1], latent - sigma * eps[1:]
-        return unconditional, conditional
 
     def jacobian_products(latent, sigma, direction, step=1e-2):
         plus, minus = denoised(latent + step * direction, sigma), denoised(latent - step * direction, sigma)
@@ -307,3 +291,32 @@ def guidance_stiffness(
             )
         )
     return readings
+
+
+def unet_denoiser(components: dict, prompt: str, scheduler_config: dict):
+    """The model's UNet and text encoder as a function (A1111's x = y + sigma * noise, sigma) -> (the
+    empty prompt's denoised latent, `prompt`'s), for epsilon-prediction models."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    unet, tokenizer, text_encoder = components["unet"], components["tokenizer"], components["text_encoder"]
+    dtype = next(unet.parameters()).dtype
+    alphas = DDPMScheduler.from_config(scheduler_config).alphas_cumprod.double()
+    log_sigmas = (((1 - alphas) / alphas) ** 0.5).log().numpy()
+
+    def embed(text: str) -> torch.Tensor:
+        ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+        return text_encoder(ids.input_ids)[0]
+
+    with torch.no_grad():
+        conditioning = torch.cat([embed(""), embed(prompt)]).to(dtype)
+
+    def denoise(latent: torch.Tensor, sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # A1111's k-diffusion wrapper: the timestep whose sigma this is, interpolated in log sigma.
+        timestep = torch.tensor(float(np.interp(np.log(sigma), log_sigmas, np.arange(len(log_sigmas)))))
+        scaled = (latent / (1 + sigma**2) ** 0.5).repeat(2, 1, 1, 1).to(dtype)
+        with torch.no_grad():
+            eps = unet(scaled, timestep, encoder_hidden_states=conditioning).sample.float()
+        return latent - sigma * eps[:1], latent - sigma * eps[1:]
+
+    return denoise
