@@ -562,6 +562,7 @@ def test_the_ideal_denoiser_is_the_posterior_mean_over_the_matching_pictures():
 def test_the_ideal_denoisers_sampling_loop_draws_the_pages_picture_with_the_models_unet(micro_engine, sampler):
     """tools/ideal_denoiser_samplers.py runs its denoisers through training/ideal.py's loop; with the
     model's own UNet that loop must draw what the page draws, or its readings would say nothing."""
+    from engine.previews import DecoderPreviewer
     from training import ideal
 
     components = micro_engine.loaded.components
@@ -569,7 +570,8 @@ def test_the_ideal_denoisers_sampling_loop_draws_the_pages_picture_with_the_mode
     prompt, seed = "a yellow triangle on a green background", 11
     denoise = quality.unet_denoiser(components, prompt, config)
     latent = ideal.sample(denoise, config, sampler, steps=20, cfg_scale=7.0, seed=seed)
-    looped = np.asarray(ideal.decode(components["vae"], latent), dtype=float)
+    vae = components["vae"]
+    looped = np.asarray(DecoderPreviewer(vae, vae.config.scaling_factor)(latent[0]), dtype=float)
     on_page = np.asarray(quality.generate(micro_engine, prompt=prompt, seed=seed, sampler_name=sampler), dtype=float)
     assert np.abs(looped - on_page).mean() < 2.0
 

@@ -13,7 +13,6 @@ loop, which reproduces the engine's readings (measure_micro_quality.py), as a ch
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -46,7 +45,7 @@ def main(argv=None) -> None:
 
     pipeline = DiffusionPipeline.from_pretrained(args.model, dtype=torch.float32)
     vae = pipeline.vae.eval()
-    scheduler_config = json.loads((args.model / "scheduler" / "scheduler_config.json").read_text())
+    scheduler_config = dict(pipeline.scheduler.config)
     if not args.learned:
         started = time.perf_counter()
         training_set = ideal.training_set_denoiser(vae, args.pictures)

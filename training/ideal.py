@@ -14,12 +14,12 @@ import inspect
 from collections.abc import Callable
 
 import torch
-from PIL import Image
 
+from engine.previews import DecoderPreviewer
 from engine.samplers import build_scheduler
 
 from . import dataset, quality
-from .train_micro import training_pictures
+from .train_micro import encode_pictures, training_pictures
 
 # (latent, sigma) -> (the empty prompt's denoised latent, the prompt's), both in A1111's x = y + sigma * n.
 Denoiser = Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
@@ -95,13 +95,6 @@ def sample(
     return latent
 
 
-def decode(vae, latent: torch.Tensor) -> Image.Image:
-    with torch.no_grad():
-        picture = vae.decode((latent / vae.config.scaling_factor).to(vae.dtype)).sample[0].float()
-    pixels = ((picture.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
-    return Image.fromarray(pixels)
-
-
 def background_hits(
     denoiser_for: Callable[[str, dataset.ShapeScene], Denoiser],
     vae,
@@ -113,18 +106,17 @@ def background_hits(
     prompts: int,
 ) -> int:
     """How many of quality.prompt_set(prompts) `sampler` draws on the right background, seeds 1000 on."""
+    decode = DecoderPreviewer(vae, vae.config.scaling_factor)
     hits = 0
     for index, (prompt, scene) in enumerate(quality.prompt_set(prompts)):
         latent = sample(
             denoiser_for(prompt, scene), scheduler_config, sampler, steps=steps, cfg_scale=cfg_scale, seed=1000 + index
         )
-        hits += dataset.classify(decode(vae, latent)).background == scene.background
+        hits += dataset.classify(decode(latent[0])).background == scene.background
     return hits
 
 
 def training_set_denoiser(vae, pictures: int, seed: int = 0) -> IdealDenoiser:
     """The ideal denoiser of the first `pictures` training pictures of `seed`, encoded by `vae`."""
     scenes, images = training_pictures(pictures, seed)
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i : i + 500]).latent_dist.mean for i in range(0, len(images), 500)])
-    return IdealDenoiser(latents.float() * vae.config.scaling_factor, scenes)
+    return IdealDenoiser(encode_pictures(vae, images.to(vae.dtype)).float(), scenes)

@@ -508,13 +508,19 @@ def finetune_decoder(vae, images: torch.Tensor, args, work: Path):
     return tuned
 
 
+def encode_pictures(vae, images: torch.Tensor) -> torch.Tensor:
+    """The UNet's latents of `images` (scaled by the VAE's factor), encoded 512 at a time."""
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i : i + 512]).latent_dist.mean for i in range(0, len(images), 512)])
+    return latents * vae.config.scaling_factor
+
+
 def encode_latents(vae, images: torch.Tensor, work: Path) -> torch.Tensor:
+    """encode_pictures, kept in `work` so a resumed run reads them back."""
     path = work / "latents.pt"
     if path.is_file():
         return torch.load(path)
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i : i + 512]).latent_dist.mean for i in range(0, len(images), 512)])
-    latents = latents * vae.config.scaling_factor
+    latents = encode_pictures(vae, images)
     torch.save(latents, path)
     return latents
 
