@@ -10,8 +10,8 @@ The checkpoint at the end of the first phase is kept as checkpoint-step<N>.pt, s
 rerun alone (README).
 
 With --init-from an exported model folder, training starts from that model's weights instead (its
-VAE too): the shipped model's last three stages, low-noise fine-tunes for img2img and an emphasis
-fine-tune (--emphasis-share with --colour-attention), were run that way (README).
+VAE too): the shipped model's six fine-tunes (img2img, emphasis, empty-prompt) were run that way, and
+`python -m training.run_recipe shipped` runs this run and them in order (README).
 
 Deterministic for a given seed and step count; checkpoints every few hundred steps into --work, so a
 stopped run carries on where it stopped (the RNG states are in the checkpoint too).
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -516,13 +517,31 @@ def encode_pictures(vae, images: torch.Tensor) -> torch.Tensor:
 
 
 def encode_latents(vae, images: torch.Tensor, work: Path) -> torch.Tensor:
-    """encode_pictures, kept in `work` so a resumed run reads them back."""
+    """encode_pictures, kept in `work` so a resumed run, or the next stage of a recipe on the same VAE,
+    reads them back. They are read back only if made by an encoder with the same weights from the same
+    pictures; otherwise they are encoded again (a minute or two for 30,000 pictures)."""
     path = work / "latents.pt"
+    key = latents_key(vae, images)
     if path.is_file():
-        return torch.load(path)
+        kept = torch.load(path)
+        if kept["key"] == key:
+            return kept["latents"]
+        log.info("%s was encoded by another VAE or from other pictures: encoding again", path)
     latents = encode_pictures(vae, images)
-    torch.save(latents, path)
+    torch.save({"key": key, "latents": latents}, path)
     return latents
+
+
+def latents_key(vae, images: torch.Tensor) -> str:
+    """A digest of what the latents depend on: the encoder's weights (with quant_conv), the scaling
+    factor and the pictures."""
+    digest = hashlib.sha256(str(vae.config.scaling_factor).encode())
+    for name, tensor in vae.state_dict().items():
+        if not name.startswith("decoder.") and not name.startswith("post_quant_conv."):
+            digest.update(name.encode())
+            digest.update(tensor.float().contiguous().numpy().tobytes())
+    digest.update(images.contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 # UNet + text encoder ---------------------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""Training recipes: train_micro's stages chained by one command that resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+import torch
+
+from training import run_recipe, train_micro
+
+
+@pytest.mark.parametrize("name", ["budget", "shipped"])
+def test_every_stage_of_the_shipped_recipes_is_a_valid_training_command(name):
+    stages = run_recipe.load_recipe(run_recipe.recipe_path(name))
+    for number in range(1, len(stages) + 1):
+        command = run_recipe.stage_command(stages, number, train_micro.DEFAULT_WORK, train_micro.DEFAULT_OUT)
+        assert command[1:3] == ["-m", "training.train_micro"]
+        args = train_micro.parse_args(command[3:])
+        # Each stage after the first starts from the model the stage before it exported.
+        if number > 1:
+            assert args.init_from.parent.name.startswith(f"{number - 1}-")
+    assert args.out == train_micro.DEFAULT_OUT
+
+
+def test_a_recipe_that_sets_what_the_runner_sets_is_refused_by_stage_and_flag(tmp_path):
+    recipe = tmp_path / "bad.json"
+    recipe.write_text(json.dumps({"stages": [{"name": "a", "flags": []}, {"name": "b", "flags": ["--vae-from=x"]}]}))
+    with pytest.raises(SystemExit, match=r"stage 2 \(b\) sets --vae-from"):
+        run_recipe.load_recipe(recipe)
+    recipe.write_text(json.dumps({"stages": [{"name": "a", "flags": ["--out", "x"]}]}))
+    with pytest.raises(SystemExit, match=r"stage 1 \(a\) sets --out"):
+        run_recipe.load_recipe(recipe)
+    with pytest.raises(SystemExit, match="got 'nope'; allowed: a JSON file, or one of budget, shipped"):
+        run_recipe.recipe_path("nope")
+
+
+def test_latents_are_read_back_only_when_the_same_encoder_made_them(tmp_path, monkeypatch):
+    vae = train_micro.load_vae(train_micro.DEFAULT_OUT)
+    _, images = train_micro.training_pictures(4, seed=0)
+    first = train_micro.encode_latents(vae, images, tmp_path)
+    encoded = []
+    real_encode = train_micro.encode_pictures
+    monkeypatch.setattr(train_micro, "encode_pictures", lambda *a: encoded.append(1) or real_encode(*a))
+    assert torch.equal(train_micro.encode_latents(vae, images, tmp_path), first) and not encoded
+    # A decoder change leaves the latents as they were; an encoder change does not.
+    with torch.no_grad():
+        vae.decoder.conv_out.bias += 1
+    train_micro.encode_latents(vae, images, tmp_path)
+    assert not encoded
+    with torch.no_grad():
+        vae.encoder.conv_in.bias += 1
+    again = train_micro.encode_latents(vae, images, tmp_path)
+    assert encoded and not torch.equal(again, first)
+    # Other pictures: encoded again too.
+    train_micro.encode_latents(vae, images.flip(0), tmp_path)
+    assert len(encoded) == 2
+
+
+def test_a_recipe_runs_its_stages_in_order_and_a_rerun_skips_the_finished_ones(tmp_path, caplog):
+    tiny = ["--images=16", "--batch=4", "--eval-every=1000"]
+    recipe = tmp_path / "tiny.json"
+    stages = [
+        {
+            "name": "first",
+            "flags": [f"--vae-from={train_micro.DEFAULT_OUT}", "--unet-steps=2", "--low-noise-steps=0", *tiny],
+        },
+        {"name": "second", "flags": ["--unet-steps=0", "--low-noise-steps=3", "--text-lr=0", *tiny]},
+    ]
+    recipe.write_text(json.dumps({"stages": stages}))
+    work, out = tmp_path / "work", tmp_path / "out"
+    caplog.set_level("INFO")
+    run_recipe.main([str(recipe), f"--work={work}", f"--out={out}"])
+
+    first, last = train_micro.load_exported(work / "1-first" / "model"), train_micro.load_exported(out)
+    first_unet, last_unet = first[1].state_dict(), last[1].state_dict()
+    # The second stage started from the first's UNet (three steps move it a little) and froze its text encoder.
+    assert 0 < max((first_unet[key] - last_unet[key]).abs().max().item() for key in first_unet) < 0.01
+    first_text, last_text = first[2].state_dict(), last[2].state_dict()
+    assert all(torch.equal(first_text[key], last_text[key]) for key in first_text)
+    # Same VAE, so the second stage read the first's latents back instead of encoding them again.
+    second_log = (work / "2-second" / "train.log").read_text()
+    assert "encoding again" not in second_log and "Resumed" not in second_log
+    assert torch.load(work / "2-second" / "latents.pt")["key"] == torch.load(work / "1-first" / "latents.pt")["key"]
+
+    exported = (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    caplog.clear()
+    run_recipe.main([str(recipe), f"--work={work}", f"--out={out}"])
+    assert "Stage 1/2 first: done before, skipped" in caplog.text
+    assert "Stage 2/2 second: done before, skipped" in caplog.text
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == exported
+
+
+def test_a_failing_stage_stops_the_recipe_and_says_where_its_log_is(tmp_path):
+    recipe = tmp_path / "failing.json"
+    recipe.write_text(json.dumps({"stages": [{"name": "broken", "flags": ["--shape-balance=2"]}]}))
+    with pytest.raises(SystemExit, match=r"Stage 1 \(broken\) failed with exit status 2; its log is .*train.log"):
+        run_recipe.main([str(recipe), f"--work={tmp_path / 'work'}", f"--out={tmp_path / 'out'}"])
+    assert not (tmp_path / "work" / "1-broken" / "done").exists()
+
+
+def test_dry_run_prints_each_stage_command(tmp_path, capsys):
+    run_recipe.main(["budget", "--dry-run", f"--work={tmp_path}"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4
+    assert f"--init-from={tmp_path / '1-main' / 'model'}" in shlex.split(lines[1])

@@ -1,0 +1,134 @@
+"""Run a training recipe: train_micro's stages one after another, each starting from the model the
+stage before it exported, as one command that carries on where it stopped.
+
+    .venv/bin/python -m training.run_recipe budget     # training/recipes/budget.json
+    .venv/bin/python -m training.run_recipe shipped --dry-run   # print the stages' commands
+
+A recipe is a JSON file: {"description": ..., "stages": [{"name": ..., "flags": [...]}, ...]}, the
+flags those of `python -m training.train_micro`. Every stage gets a work folder of its own under
+--work (`<n>-<name>/`, checkpoints and train.log in it); every stage after the first starts with
+--init-from the folder the stage before it exported (`<n>-<name>/model/`); the last exports to --out.
+A stage that finished is marked by a `done` file in its work folder and skipped when the recipe is
+run again, so a stopped recipe resumes at the stage it was in, and that stage at its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .train_micro import DEFAULT_OUT, REPO
+
+log = logging.getLogger("run_recipe")
+
+RECIPES = Path(__file__).resolve().parent / "recipes"
+# Set by the runner for each stage; a recipe that sets them would fight it.
+RUNNER_FLAGS = ("--work", "--out", "--init-from")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    flags: list[str]
+
+
+def recipe_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix != ".json":
+        path = RECIPES / f"{name_or_path}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.json")))
+        raise SystemExit(f"recipe: got {name_or_path!r}; allowed: a JSON file, or one of {known}")
+    return path
+
+
+def load_recipe(path: Path) -> list[Stage]:
+    """The recipe's stages, refusing flags the runner sets itself and any a later stage cannot take."""
+    stages = [Stage(entry["name"], list(entry["flags"])) for entry in json.loads(path.read_text())["stages"]]
+    if not stages:
+        raise SystemExit(f"{path}: stages: got none; allowed: one or more")
+    for number, stage in enumerate(stages, 1):
+        for flag in stage.flags:
+            option = flag.split("=", 1)[0]
+            if option in RUNNER_FLAGS or (number > 1 and option == "--vae-from"):
+                raise SystemExit(
+                    f"{path}: stage {number} ({stage.name}) sets {option}; allowed: the runner sets --work, "
+                    "--out and --init-from, and only the first stage may set --vae-from"
+                )
+    return stages
+
+
+def stage_folder(work: Path, number: int, stage: Stage) -> Path:
+    return work / f"{number}-{stage.name}"
+
+
+def stage_command(stages: list[Stage], number: int, work: Path, out: Path) -> list[str]:
+    """train_micro's command line for stage `number` (from 1)."""
+    stage = stages[number - 1]
+    folder = stage_folder(work, number, stage)
+    command = [sys.executable, "-m", "training.train_micro", *stage.flags, f"--work={folder}"]
+    if number > 1:
+        command.append(f"--init-from={stage_folder(work, number - 1, stages[number - 2]) / 'model'}")
+    command.append(f"--out={out if number == len(stages) else folder / 'model'}")
+    return command
+
+
+def run(stages: list[Stage], work: Path, out: Path) -> None:
+    start = time.time()
+    for number, stage in enumerate(stages, 1):
+        folder = stage_folder(work, number, stage)
+        if (folder / "done").is_file():
+            log.info("Stage %d/%d %s: done before, skipped", number, len(stages), stage.name)
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        if number > 1:
+            # The stage before exported its VAE unchanged, so its latents are usually this stage's too;
+            # train_micro checks that they are before it uses them, and encodes again if not.
+            previous = stage_folder(work, number - 1, stages[number - 2]) / "latents.pt"
+            if previous.is_file() and not (folder / "latents.pt").exists():
+                shutil.copyfile(previous, folder / "latents.pt")
+        command = stage_command(stages, number, work, out)
+        log.info("Stage %d/%d %s: %s", number, len(stages), stage.name, shlex.join(command))
+        stage_start = time.time()
+        result = subprocess.run(command, cwd=REPO, check=False)
+        if result.returncode != 0:
+            raise SystemExit(
+                f"Stage {number} ({stage.name}) failed with exit status {result.returncode}; its log is "
+                f"{folder / 'train.log'}. Run the recipe again to resume it at its last checkpoint."
+            )
+        (folder / "done").write_text(f"{time.time() - stage_start:.0f} s\n")
+        log.info(
+            "Stage %d/%d %s finished in %.1f minutes", number, len(stages), stage.name, (time.time() - stage_start) / 60
+        )
+    log.info("Recipe finished in %.1f minutes (this run); the model is in %s", (time.time() - start) / 60, out)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="a recipe's name in training/recipes/ (budget, shipped) or a JSON file")
+    parser.add_argument("--work", type=Path, default=None, help="stage folders go here (training/runs/<recipe>)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the last stage exports the model here")
+    parser.add_argument("--dry-run", action="store_true", help="print the stages' commands and stop")
+    args = parser.parse_args(argv)
+    path = recipe_path(args.recipe)
+    stages = load_recipe(path)
+    work = (args.work or REPO / "training" / "runs" / path.stem).resolve()
+    out = args.out.resolve()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.dry_run:
+        for number in range(1, len(stages) + 1):
+            sys.stdout.write(shlex.join(stage_command(stages, number, work, out)) + "\n")
+        return
+    run(stages, work, out)
+
+
+if __name__ == "__main__":
+    main()
