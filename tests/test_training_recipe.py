@@ -34,6 +34,10 @@ def test_a_recipe_that_sets_what_the_runner_sets_is_refused_by_stage_and_flag(tm
         run_recipe.load_recipe(recipe)
     with pytest.raises(SystemExit, match="got 'nope'; allowed: a JSON file, or one of budget, shipped"):
         run_recipe.recipe_path("nope")
+    for text in ('{"stages": [{"name": "a"}]}', "[1, 2]", "not json"):
+        recipe.write_text(text)
+        with pytest.raises(SystemExit, match="bad.json: not a recipe .*allowed: JSON of the form"):
+            run_recipe.load_recipe(recipe)
 
 
 def test_latents_are_read_back_only_when_the_same_encoder_made_them(tmp_path, monkeypatch):
@@ -53,9 +57,11 @@ def test_latents_are_read_back_only_when_the_same_encoder_made_them(tmp_path, mo
         vae.encoder.conv_in.bias += 1
     again = train_micro.encode_latents(vae, images, tmp_path)
     assert encoded and not torch.equal(again, first)
-    # Other pictures: encoded again too.
+    # Other pictures: encoded again too; and a cache from before the digest (a bare tensor) is not trusted.
     train_micro.encode_latents(vae, images.flip(0), tmp_path)
     assert len(encoded) == 2
+    torch.save(first, tmp_path / "latents.pt")
+    assert not torch.equal(train_micro.encode_latents(vae, images, tmp_path), first) and len(encoded) == 3
 
 
 def test_a_recipe_runs_its_stages_in_order_and_a_rerun_skips_the_finished_ones(tmp_path, caplog):

@@ -52,7 +52,13 @@ def recipe_path(name_or_path: str) -> Path:
 
 def load_recipe(path: Path) -> list[Stage]:
     """The recipe's stages, refusing flags the runner sets itself and any a later stage cannot take."""
-    stages = [Stage(entry["name"], list(entry["flags"])) for entry in json.loads(path.read_text())["stages"]]
+    try:
+        stages = [Stage(str(entry["name"]), list(entry["flags"])) for entry in json.loads(path.read_text())["stages"]]
+    except (ValueError, KeyError, TypeError) as error:
+        raise SystemExit(
+            f"{path}: not a recipe ({error!r}); allowed: JSON of the form "
+            '{"stages": [{"name": "main", "flags": ["--unet-steps=6000"]}, ...]}'
+        ) from error
     if not stages:
         raise SystemExit(f"{path}: stages: got none; allowed: one or more")
     for number, stage in enumerate(stages, 1):

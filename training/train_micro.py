@@ -524,7 +524,8 @@ def encode_latents(vae, images: torch.Tensor, work: Path) -> torch.Tensor:
     key = latents_key(vae, images)
     if path.is_file():
         kept = torch.load(path)
-        if kept["key"] == key:
+        # (A bare tensor is a cache from before the digest: which VAE made it is unknown.)
+        if isinstance(kept, dict) and kept.get("key") == key:
             return kept["latents"]
         log.info("%s was encoded by another VAE or from other pictures: encoding again", path)
     latents = encode_pictures(vae, images)
