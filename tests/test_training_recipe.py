@@ -96,6 +96,10 @@ def test_a_recipe_runs_its_stages_in_order_and_a_rerun_skips_the_finished_ones(t
     assert "Stage 1/2 first: done before, skipped" in caplog.text
     assert "Stage 2/2 second: done before, skipped" in caplog.text
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == exported
+    # Finished, then asked for elsewhere: the last stage's model is written there from its checkpoint.
+    run_recipe.main([str(recipe), f"--work={work}", f"--out={tmp_path / 'elsewhere'}"])
+    elsewhere_unet = train_micro.load_exported(tmp_path / "elsewhere")[1].state_dict()
+    assert all(torch.equal(elsewhere_unet[key], last_unet[key]) for key in last_unet)
 
 
 def test_a_failing_stage_stops_the_recipe_and_says_where_its_log_is(tmp_path):

@@ -10,6 +10,7 @@ flags those of `python -m training.train_micro`. Every stage gets a work folder 
 --init-from the folder the stage before it exported (`<n>-<name>/model/`); the last exports to --out.
 A stage that finished is marked by a `done` file in its work folder and skipped when the recipe is
 run again, so a stopped recipe resumes at the stage it was in, and that stage at its last checkpoint.
+A changed stage is not rerun by itself: delete its folder, and those of the stages after it.
 """
 
 from __future__ import annotations
@@ -93,6 +94,10 @@ def run(stages: list[Stage], work: Path, out: Path) -> None:
         folder = stage_folder(work, number, stage)
         if (folder / "done").is_file():
             log.info("Stage %d/%d %s: done before, skipped", number, len(stages), stage.name)
+            if number == len(stages) and not (out / "model_index.json").is_file():
+                # Finished, but exported elsewhere (another --out): write this --out from its checkpoint.
+                log.info("Exporting its model to %s", out)
+                run_stage(number, stage, [*stage_command(stages, number, work, out), "--export-only"])
             continue
         folder.mkdir(parents=True, exist_ok=True)
         if number > 1:
@@ -104,17 +109,22 @@ def run(stages: list[Stage], work: Path, out: Path) -> None:
         command = stage_command(stages, number, work, out)
         log.info("Stage %d/%d %s: %s", number, len(stages), stage.name, shlex.join(command))
         stage_start = time.time()
-        result = subprocess.run(command, cwd=REPO, check=False)
-        if result.returncode != 0:
-            raise SystemExit(
-                f"Stage {number} ({stage.name}) failed with exit status {result.returncode}; its log is "
-                f"{folder / 'train.log'}. Run the recipe again to resume it at its last checkpoint."
-            )
+        run_stage(number, stage, command)
         (folder / "done").write_text(f"{time.time() - stage_start:.0f} s\n")
         log.info(
             "Stage %d/%d %s finished in %.1f minutes", number, len(stages), stage.name, (time.time() - stage_start) / 60
         )
     log.info("Recipe finished in %.1f minutes (this run); the model is in %s", (time.time() - start) / 60, out)
+
+
+def run_stage(number: int, stage: Stage, command: list[str]) -> None:
+    result = subprocess.run(command, cwd=REPO, check=False)
+    if result.returncode != 0:
+        log_path = Path(next(flag for flag in command if flag.startswith("--work=")).split("=", 1)[1]) / "train.log"
+        raise SystemExit(
+            f"Stage {number} ({stage.name}) failed with exit status {result.returncode}; its log is {log_path}. "
+            "Run the recipe again to resume it at its last checkpoint."
+        )
 
 
 def main(argv=None) -> None:
