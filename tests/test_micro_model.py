@@ -256,6 +256,23 @@ def test_shape_coverage_marks_the_shapes_pixels_and_the_balanced_loss_gives_them
         train_micro.parse_args(["--shape-balance=1.5"])
 
 
+def test_min_snr_weighting_spares_the_noisy_timesteps_and_its_gamma_moves_the_line(capsys):
+    alphas_cumprod = train_micro.architecture.build_scheduler().alphas_cumprod
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    default = train_micro.min_snr_weights(alphas_cumprod, train_micro.parse_args([]).snr_gamma)
+    # The default is min-SNR-5: every timestep at SNR 5 or below counts fully, the cleaner ones less
+    # and less (a nearly clean picture's loss is weighed 5 / SNR).
+    assert torch.equal(default[snr <= 5], torch.ones(int((snr <= 5).sum())))
+    assert torch.allclose(default[snr > 5], 5 / snr[snr > 5])
+    assert default[0] < 0.01 and 100 < int((snr > 5).sum()) < 300
+    # A larger gamma gives the nearly clean timesteps (where a rim is drawn) more of the loss; 0 weighs all alike.
+    assert torch.all(train_micro.min_snr_weights(alphas_cumprod, 20) >= default)
+    assert torch.equal(train_micro.min_snr_weights(alphas_cumprod, 0), torch.ones(1000))
+    with pytest.raises(SystemExit):
+        train_micro.parse_args(["--snr-gamma=-1"])
+    assert "--snr-gamma must be 0 or more, not -1.0" in capsys.readouterr().err
+
+
 def test_training_help_lists_every_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_micro.parse_args(["--help"])

@@ -212,7 +212,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the first phase noises its pictures to this timestep (of 1,000) or more, so a fine-tune can "
         "change how a sampler starts a picture without training the nearly finished ones",
     )
+    parser.add_argument(
+        "--snr-gamma",
+        type=float,
+        default=5.0,
+        help="min-SNR loss weighting: a timestep's loss is weighed by min(SNR, gamma) / SNR, so the nearly "
+        "clean timesteps (where a shape's rim is drawn) count less the smaller it is; 0 weighs all alike",
+    )
     args = parser.parse_args(argv)
+    if args.snr_gamma < 0:
+        parser.error(f"--snr-gamma must be 0 or more, not {args.snr_gamma}")
     if args.hold_weight and not args.init_from:
         parser.error("--hold-weight holds the --init-from model's predictions; give --init-from")
     if not 0 <= args.hold_from_timestep < args.hold_to_timestep <= 1000:
@@ -689,6 +698,17 @@ def shape_balanced_weights(coverage: torch.Tensor, balance: float) -> torch.Tens
     return (1 - balance) + balance * balanced
 
 
+def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Each timestep's weight in the loss: min(SNR, gamma) / SNR (min-SNR weighting), or 1 for gamma 0.
+
+    Weighed so (gamma 5 by default), the nearly-clean timesteps stop dominating the loss and the
+    composition (colours, where the shape goes) is learnt sooner."""
+    if not gamma:
+        return torch.ones_like(alphas_cumprod)
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return torch.clamp(snr, max=gamma) / snr
+
+
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     with torch.no_grad():
         for ema_param, param in zip(ema.parameters(), model.parameters(), strict=True):
@@ -719,11 +739,7 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
         weight_decay=0.01,
     )
     noise_schedule = architecture.build_scheduler()
-    alphas_cumprod = noise_schedule.alphas_cumprod
-    snr = alphas_cumprod / (1 - alphas_cumprod)
-    # Min-SNR-5 weighting: the nearly-clean steps stop dominating the loss, so the composition
-    # (colours, where the shape goes) is learnt sooner.
-    snr_weight = torch.clamp(snr, max=5.0) / snr
+    snr_weight = min_snr_weights(noise_schedule.alphas_cumprod, args.snr_gamma)
     data_order = torch.Generator().manual_seed(args.seed + 3)
     captions = CaptionBatcher(
         tokenizer, random.Random(args.seed + 4), random.Random(args.seed + 6), args.emphasis_share, args.caption_dropout
