@@ -97,7 +97,7 @@ def run(stages: list[Stage], work: Path, out: Path) -> None:
             if number == len(stages) and not (out / "model_index.json").is_file():
                 # Finished, but exported elsewhere (another --out): write this --out from its checkpoint.
                 log.info("Exporting its model to %s", out)
-                run_stage(number, stage, [*stage_command(stages, number, work, out), "--export-only"])
+                run_stage(number, stage, folder, [*stage_command(stages, number, work, out), "--export-only"])
             continue
         folder.mkdir(parents=True, exist_ok=True)
         if number > 1:
@@ -109,7 +109,7 @@ def run(stages: list[Stage], work: Path, out: Path) -> None:
         command = stage_command(stages, number, work, out)
         log.info("Stage %d/%d %s: %s", number, len(stages), stage.name, shlex.join(command))
         stage_start = time.time()
-        run_stage(number, stage, command)
+        run_stage(number, stage, folder, command)
         (folder / "done").write_text(f"{time.time() - stage_start:.0f} s\n")
         log.info(
             "Stage %d/%d %s finished in %.1f minutes", number, len(stages), stage.name, (time.time() - stage_start) / 60
@@ -117,12 +117,12 @@ def run(stages: list[Stage], work: Path, out: Path) -> None:
     log.info("Recipe finished in %.1f minutes (this run); the model is in %s", (time.time() - start) / 60, out)
 
 
-def run_stage(number: int, stage: Stage, command: list[str]) -> None:
+def run_stage(number: int, stage: Stage, folder: Path, command: list[str]) -> None:
     result = subprocess.run(command, cwd=REPO, check=False)
     if result.returncode != 0:
-        log_path = Path(next(flag for flag in command if flag.startswith("--work=")).split("=", 1)[1]) / "train.log"
         raise SystemExit(
-            f"Stage {number} ({stage.name}) failed with exit status {result.returncode}; its log is {log_path}. "
+            f"Stage {number} ({stage.name}) failed with exit status {result.returncode}; its log is "
+            f"{folder / 'train.log'}. "
             "Run the recipe again to resume it at its last checkpoint."
         )
 
