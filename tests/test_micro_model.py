@@ -6,6 +6,7 @@ training/dataset.py (background = most common palette colour, shape colour = sec
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import random
@@ -271,6 +272,30 @@ def test_min_snr_weighting_spares_the_noisy_timesteps_and_its_gamma_moves_the_li
     with pytest.raises(SystemExit):
         train_micro.parse_args(["--snr-gamma=-1"])
     assert "--snr-gamma must be 0 or more, not -1.0" in capsys.readouterr().err
+
+
+def test_shape_shares_draw_the_batches_shapes_in_the_asked_shares(capsys):
+    rng = random.Random(0)
+    scenes = [train_micro.dataset.random_scene(rng) for _ in range(600)]
+    shares = train_micro.parse_args(["--shape-shares=circle=2,square=1.5,triangle=0.5"]).shape_shares
+    assert shares == pytest.approx({"circle": 0.5, "square": 0.375, "triangle": 0.125})
+    weights = train_micro.scene_draw_weights(scenes, shares)
+    drawn = torch.multinomial(weights, 20_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    counts = collections.Counter(scenes[i].shape for i in drawn.tolist())
+    # Whatever the dataset's own counts, the batches hold the shapes in the asked shares.
+    assert {shape: count / 20_000 for shape, count in counts.items()} == pytest.approx(shares, abs=0.015)
+    # A shape left out keeps its third before the shares are normalised; without the option nothing changes.
+    assert train_micro.parse_shape_shares("circle=0.6666666666666666")["circle"] == pytest.approx(0.5)
+    assert train_micro.parse_args([]).shape_shares is None
+    for bad, message in [
+        ("hexagon=1", "shape 'hexagon' in 'hexagon=1'; allowed: circle, square, triangle"),
+        ("circle=lots", "share of circle 'lots' in 'circle=lots'; allowed: a number"),
+        ("circle=-1", "share of circle '-1' in 'circle=-1'; allowed: 0 or more"),
+        ("circle=0,square=0,triangle=0", "gives every shape a share of 0"),
+    ]:
+        with pytest.raises(SystemExit):
+            train_micro.parse_args([f"--shape-shares={bad}"])
+        assert message in capsys.readouterr().err
 
 
 def test_training_help_lists_every_option(capsys):

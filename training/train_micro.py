@@ -20,6 +20,7 @@ stopped run carries on where it stopped (the RNG states are in the checkpoint to
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import hashlib
 import json
@@ -219,6 +220,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="min-SNR loss weighting: a timestep's loss is weighed by min(SNR, gamma) / SNR, so the nearly "
         "clean timesteps (where a shape's rim is drawn) count less the smaller it is; 0 weighs all alike",
     )
+    parser.add_argument(
+        "--shape-shares",
+        type=parse_shape_shares,
+        default=None,
+        metavar="circle=S,square=S,triangle=S",
+        help="draw each batch's pictures so the shapes come in these shares (normalised to sum to 1; a "
+        "shape left out keeps 1/3) instead of as the dataset holds them (about a third each), e.g. more "
+        "circles, whose rims are the slowest to come right",
+    )
     args = parser.parse_args(argv)
     if args.snr_gamma < 0:
         parser.error(f"--snr-gamma must be 0 or more, not {args.snr_gamma}")
@@ -242,7 +252,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def parse_shape_shares(text: str) -> dict[str, float]:
+    """ "circle=0.5,square=0.3" -> every shape's share of the batches, summing to 1 (one left out keeps 1/3)."""
+    shares = dict.fromkeys(dataset.SHAPES, 1 / len(dataset.SHAPES))
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name not in shares:
+            raise argparse.ArgumentTypeError(f"shape {name!r} in {text!r}; allowed: {', '.join(dataset.SHAPES)}")
+        try:
+            shares[name] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"share of {name} {value!r} in {text!r}; allowed: a number") from None
+        if not 0 <= shares[name] < math.inf:
+            raise argparse.ArgumentTypeError(f"share of {name} {value!r} in {text!r}; allowed: 0 or more")
+    total = sum(shares.values())
+    if total <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} gives every shape a share of 0; at least one must be more")
+    return {name: share / total for name, share in shares.items()}
+
+
 # Data -------------------------------------------------------------------------------------------
+
+
+def scene_draw_weights(scenes: list[dataset.ShapeScene], shares: dict[str, float]) -> torch.Tensor:
+    """Each scene's chance of being drawn into a batch, so that the shapes come in `shares` whatever
+    their counts in `scenes` (a shape `scenes` lacks is never drawn)."""
+    counts = collections.Counter(scene.shape for scene in scenes)
+    return torch.tensor([shares[scene.shape] / counts[scene.shape] for scene in scenes], dtype=torch.float64)
 
 
 def training_pictures(count: int, seed: int) -> tuple[list[dataset.ShapeScene], torch.Tensor]:
@@ -741,6 +778,8 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
     noise_schedule = architecture.build_scheduler()
     snr_weight = min_snr_weights(noise_schedule.alphas_cumprod, args.snr_gamma)
     data_order = torch.Generator().manual_seed(args.seed + 3)
+    # Without the option the batches are drawn as they always were, so older runs repeat exactly.
+    draw_weights = scene_draw_weights(scenes, args.shape_shares) if args.shape_shares else None
     captions = CaptionBatcher(
         tokenizer, random.Random(args.seed + 4), random.Random(args.seed + 6), args.emphasis_share, args.caption_dropout
     )
@@ -823,7 +862,10 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
         if args.stop_after is not None and step >= args.stop_after:
             log.info("Stopping at step %d as asked", step)
             break
-        index = torch.randint(0, len(latents), (args.batch,), generator=data_order)
+        if draw_weights is None:
+            index = torch.randint(0, len(latents), (args.batch,), generator=data_order)
+        else:
+            index = torch.multinomial(draw_weights, args.batch, replacement=True, generator=data_order)
         batch_latents = latents[index]
         batch_scenes = [scenes[i] for i in index.tolist()]
         in_low_noise_phase = step >= args.unet_steps
