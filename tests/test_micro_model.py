@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from engine.presets import SHIPPED_MICRO_MODEL
+from tools import measure_micro_quality
 from training import architecture, dataset, quality, train_micro
 
 
@@ -53,6 +54,21 @@ def test_prompts_get_the_named_colours_and_shapes(micro_engine):
     assert accuracy.background >= BACKGROUND_BAR, accuracy
     assert accuracy.colour >= COLOUR_BAR, accuracy
     assert accuracy.shape >= SHAPE_BAR, accuracy
+    # The per-kind counts are the same readings split by the shape each prompt asked for.
+    asked = collections.Counter(scene.shape for _, scene in quality.prompt_set(24))
+    assert {shape: count for shape, (_, count) in accuracy.shape_by_kind.items()} == asked
+    assert sum(right for right, _ in accuracy.shape_by_kind.values()) == round(accuracy.shape * 24)
+
+
+def test_the_quality_tool_refuses_counts_it_cannot_use_by_name(capsys):
+    for flag, message in [
+        ("--prompts=0", "--prompts must be 1 or more, not 0"),
+        ("--seeds=-1", "--seeds must be 0 or more, not -1"),
+        ("--sampler-prompts=-2", "--sampler-prompts must be 0 or more, not -2"),
+    ]:
+        with pytest.raises(SystemExit):
+            measure_micro_quality.main([flag])
+        assert message in capsys.readouterr().err
 
 
 def test_negative_prompt_removes_the_colour(micro_engine):

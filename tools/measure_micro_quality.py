@@ -31,8 +31,8 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--prompts", type=int, default=168, help="prompts for the attribute accuracy (168 = all combos)"
     )
-    parser.add_argument("--sampler-prompts", type=int, default=24, help="prompts per sampler")
-    parser.add_argument("--seeds", type=int, default=300, help="seeds tried for the negative-prompt check")
+    parser.add_argument("--sampler-prompts", type=int, default=24, help="prompts per sampler (0: skip the samplers)")
+    parser.add_argument("--seeds", type=int, default=300, help="seeds tried for the negative-prompt check (0: skip it)")
     parser.add_argument(
         "--grid", type=Path, help="also save a labelled sample grid (PNG) here, e.g. docs/micro-shapes.png"
     )
@@ -44,6 +44,9 @@ def main(argv=None) -> None:
         "multistep samplers oscillate) at CFG 4 and 7",
     )
     args = parser.parse_args(argv)
+    for name, least in (("prompts", 1), ("sampler_prompts", 0), ("seeds", 0)):
+        if getattr(args, name) < least:
+            parser.error(f"--{name.replace('_', '-')} must be {least} or more, not {getattr(args, name)}")
     logging.basicConfig(level=logging.WARNING)
     engine = Engine(model=args.model)
     if args.stiffness:
@@ -73,13 +76,19 @@ def main(argv=None) -> None:
     row(f"background colour ({accuracy.count} prompts)", f"{accuracy.background:.1%}", ">= 95%")
     row(f"shape colour ({accuracy.count} prompts)", f"{accuracy.colour:.1%}", ">= 95%")
     row(f"shape ({accuracy.count} prompts)", f"{accuracy.shape:.1%}", ">= 85%")
-
-    negative = quality.negative_prompt_effect(engine, range(args.seeds))
     row(
-        f"negative 'red' turns red circles non-red ({negative.red_without} seeds)",
-        f"{negative.not_red_with}/{negative.red_without} = {negative.share:.0%}",
-        ">= 90%",
+        "  of which circles / squares / triangles",
+        " / ".join(f"{right}/{asked}" for right, asked in accuracy.shape_by_kind.values()),
+        "",
     )
+
+    if args.seeds:
+        negative = quality.negative_prompt_effect(engine, range(args.seeds))
+        row(
+            f"negative 'red' turns red circles non-red ({negative.red_without} seeds)",
+            f"{negative.not_red_with}/{negative.red_without} = {negative.share:.0%}",
+            ">= 90%",
+        )
     moved, total = quality.emphasis_effect(engine, range(6))
     row("(blue:1.4) has more blue than (blue:0.6)", f"{moved}/{total} = {moved / total:.0%}", ">= 90%")
 
@@ -98,7 +107,7 @@ def main(argv=None) -> None:
     )
     row("inpaint: colour inside the mask", inpaint.colour_inside, "blue")
 
-    for sampler in engine.samplers():
+    for sampler in engine.samplers() if args.sampler_prompts else []:
         accuracy = quality.sampler_background_accuracy(engine, sampler, args.sampler_prompts)
         settings = f"{quality.usual_steps(sampler)} steps, CFG {quality.usual_cfg(sampler):g}"
         row(f"background accuracy, {sampler} ({settings})", f"{accuracy:.1%}", ">= 95%")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -66,6 +66,8 @@ class Accuracy:
     background: float
     colour: float
     shape: float
+    # Per shape asked for: (read right, asked), e.g. {"circle": (46, 56), ...}; which shape lags.
+    shape_by_kind: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def attribute_accuracy(
@@ -80,12 +82,16 @@ def attribute_accuracy(
     sampler is the model's default (what the page opens with) unless named."""
     sampler = sampler or engine.defaults().sampler_name
     hits = np.zeros(3)
+    by_kind = {shape: [0, 0] for shape in dataset.SHAPES}
     prompts = prompt_set(count)
     for i, (prompt, scene) in enumerate(prompts):
         image = generate(engine, prompt=prompt, seed=1000 + i, sampler_name=sampler, steps=steps, cfg_scale=cfg_scale)
         reading = dataset.classify(image)
         hits += [reading.background == scene.background, reading.colour == scene.colour, reading.shape == scene.shape]
-    return Accuracy(len(prompts), *(hits / len(prompts)))
+        by_kind[scene.shape][0] += reading.shape == scene.shape
+        by_kind[scene.shape][1] += 1
+    shape_by_kind = {shape: (right, asked) for shape, (right, asked) in by_kind.items() if asked}
+    return Accuracy(len(prompts), *(hits / len(prompts)), shape_by_kind)
 
 
 @dataclass
