@@ -81,6 +81,11 @@ def main(argv=None) -> None:
         " / ".join(f"{right}/{asked}" for right, asked in accuracy.shape_by_kind.values()),
         "",
     )
+    row(
+        "  outline match, median IoU (same order)",
+        " / ".join(f"{match:.2f}" for match in accuracy.outline_by_kind.values()),
+        "data 0.98-1.0",
+    )
 
     if args.seeds:
         negative = quality.negative_prompt_effect(engine, range(args.seeds))

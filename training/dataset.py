@@ -258,3 +258,25 @@ def classify(image: Image.Image) -> Reading:
     shape = "square" if fill > SQUARE_FILL else "circle" if fill > CIRCLE_FILL else "triangle"
     share = {name: float(counts[i] / labels.size) for i, name in enumerate(COLOURS)}
     return Reading(COLOURS[background], COLOURS[colour], shape, fill, share)
+
+
+def outline_match(image: Image.Image, shape: str) -> float:
+    """How closely the picture's shape (its pixels of the second most common palette colour) matches
+    `shape` drawn exactly in the same bounding box, as intersection over union, 0 to 1.
+
+    The fill ratio tells the shapes apart but not how well each is drawn: any blob filling less than
+    CIRCLE_FILL of its box reads as a triangle. This says how clean the outline is: the training
+    pictures' shapes match their own shape by 0.93 or more (median 0.98 to 1.0) and another shape by
+    0.83 at most (a circle against a square in its box, about 0.8; against a triangle, about 0.5)."""
+    labels = nearest_palette(np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))))
+    counts = np.bincount(labels.ravel(), minlength=len(COLOURS))
+    colour = int(np.argsort(-counts, kind="stable")[1])
+    drawn = labels == colour
+    ys, xs = np.nonzero(drawn)
+    if len(xs) == 0:
+        return 0.0
+    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    ideal = Image.new("L", (IMAGE_SIZE * SUPERSAMPLE,) * 2, 0)
+    _draw_shape(ideal, ShapeScene(shape, "white", "black", "small", box), 255)
+    ideal_mask = np.asarray(ideal.reduce(SUPERSAMPLE)) >= 128
+    return float((drawn & ideal_mask).sum() / (drawn | ideal_mask).sum())

@@ -68,6 +68,9 @@ class Accuracy:
     shape: float
     # Per shape asked for: (read right, asked), e.g. {"circle": (46, 56), ...}; which shape lags.
     shape_by_kind: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Per shape asked for: the median dataset.outline_match with that shape, how cleanly it is drawn
+    # (a misshapen triangle still reads as a triangle by its fill ratio).
+    outline_by_kind: dict[str, float] = field(default_factory=dict)
 
 
 def attribute_accuracy(
@@ -83,6 +86,7 @@ def attribute_accuracy(
     sampler = sampler or engine.defaults().sampler_name
     hits = np.zeros(3)
     by_kind = {shape: [0, 0] for shape in dataset.SHAPES}
+    outlines: dict[str, list[float]] = {}
     prompts = prompt_set(count)
     for i, (prompt, scene) in enumerate(prompts):
         image = generate(engine, prompt=prompt, seed=1000 + i, sampler_name=sampler, steps=steps, cfg_scale=cfg_scale)
@@ -90,8 +94,10 @@ def attribute_accuracy(
         hits += [reading.background == scene.background, reading.colour == scene.colour, reading.shape == scene.shape]
         by_kind[scene.shape][0] += reading.shape == scene.shape
         by_kind[scene.shape][1] += 1
+        outlines.setdefault(scene.shape, []).append(dataset.outline_match(image, scene.shape))
     shape_by_kind = {shape: (right, asked) for shape, (right, asked) in by_kind.items() if asked}
-    return Accuracy(len(prompts), *(hits / len(prompts)), shape_by_kind)
+    outline_by_kind = {shape: float(np.median(outlines[shape])) for shape in shape_by_kind}
+    return Accuracy(len(prompts), *(hits / len(prompts)), shape_by_kind, outline_by_kind)
 
 
 @dataclass
