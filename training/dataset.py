@@ -245,16 +245,10 @@ class Reading:
 def classify(image: Image.Image) -> Reading:
     """Background = most common palette colour, shape colour = second, shape from how much of its
     bounding box the shape fills (square 1.0, circle 0.79, triangle 0.5)."""
-    labels = nearest_palette(np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))))
-    counts = np.bincount(labels.ravel(), minlength=len(COLOURS))
-    order = np.argsort(-counts, kind="stable")
-    background, colour = int(order[0]), int(order[1])
-    ys, xs = np.nonzero(labels == colour)
-    if len(xs) == 0:
-        fill = 0.0
-    else:
-        box_area = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
-        fill = float(len(xs) / box_area)
+    labels, counts, background, colour = _palette_reading(image)
+    drawn = labels == colour
+    box = _bounding_box(drawn)
+    fill = 0.0 if box is None else float(drawn.sum() / ((box[2] - box[0]) * (box[3] - box[1])))
     shape = "square" if fill > SQUARE_FILL else "circle" if fill > CIRCLE_FILL else "triangle"
     share = {name: float(counts[i] / labels.size) for i, name in enumerate(COLOURS)}
     return Reading(COLOURS[background], COLOURS[colour], shape, fill, share)
@@ -268,15 +262,27 @@ def outline_match(image: Image.Image, shape: str) -> float:
     CIRCLE_FILL of its box reads as a triangle. This says how clean the outline is: the training
     pictures' shapes match their own shape by 0.93 or more (median 0.98 to 1.0) and another shape by
     0.83 at most (a circle against a square in its box, about 0.8; against a triangle, about 0.5)."""
+    labels, _, _, colour = _palette_reading(image)
+    drawn = labels == colour
+    box = _bounding_box(drawn)
+    if box is None:
+        return 0.0
+    ideal = shape_coverage(ShapeScene(shape, "white", "black", "small", box), IMAGE_SIZE) >= 0.5
+    return float((drawn & ideal).sum() / (drawn | ideal).sum())
+
+
+def _palette_reading(image: Image.Image) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """The picture at the dataset's size as palette indices [H, W], each colour's pixel count, and the
+    indices of the most common colour (the background) and the second (the shape's)."""
     labels = nearest_palette(np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))))
     counts = np.bincount(labels.ravel(), minlength=len(COLOURS))
-    colour = int(np.argsort(-counts, kind="stable")[1])
-    drawn = labels == colour
-    ys, xs = np.nonzero(drawn)
+    order = np.argsort(-counts, kind="stable")
+    return labels, counts, int(order[0]), int(order[1])
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Left, top, right, bottom (exclusive) of a boolean mask's pixels, as in ShapeScene.box; None if empty."""
+    ys, xs = np.nonzero(mask)
     if len(xs) == 0:
-        return 0.0
-    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-    ideal = Image.new("L", (IMAGE_SIZE * SUPERSAMPLE,) * 2, 0)
-    _draw_shape(ideal, ShapeScene(shape, "white", "black", "small", box), 255)
-    ideal_mask = np.asarray(ideal.reduce(SUPERSAMPLE)) >= 128
-    return float((drawn & ideal_mask).sum() / (drawn | ideal_mask).sum())
+        return None
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
