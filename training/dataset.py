@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -245,13 +246,12 @@ class Reading:
 def classify(image: Image.Image) -> Reading:
     """Background = most common palette colour, shape colour = second, shape from how much of its
     bounding box the shape fills (square 1.0, circle 0.79, triangle 0.5)."""
-    labels, counts, background, colour = _palette_reading(image)
-    drawn = labels == colour
-    box = _bounding_box(drawn)
+    reading = _palette_reading(image)
+    drawn, box = reading.drawn, reading.box
     fill = 0.0 if box is None else float(drawn.sum() / ((box[2] - box[0]) * (box[3] - box[1])))
     shape = "square" if fill > SQUARE_FILL else "circle" if fill > CIRCLE_FILL else "triangle"
-    share = {name: float(counts[i] / labels.size) for i, name in enumerate(COLOURS)}
-    return Reading(COLOURS[background], COLOURS[colour], shape, fill, share)
+    share = {name: float(reading.counts[i] / drawn.size) for i, name in enumerate(COLOURS)}
+    return Reading(COLOURS[reading.background], COLOURS[reading.colour], shape, fill, share)
 
 
 def outline_match(image: Image.Image, shape: str) -> float:
@@ -262,22 +262,29 @@ def outline_match(image: Image.Image, shape: str) -> float:
     CIRCLE_FILL of its box reads as a triangle. This says how clean the outline is: the training
     pictures' shapes match their own shape by 0.93 or more (median 0.98 to 1.0) and another shape by
     0.83 at most (a circle against a square in its box, about 0.8; against a triangle, about 0.5)."""
-    labels, _, _, colour = _palette_reading(image)
-    drawn = labels == colour
-    box = _bounding_box(drawn)
+    reading = _palette_reading(image)
+    drawn, box = reading.drawn, reading.box
     if box is None:
         return 0.0
     ideal = shape_coverage(ShapeScene(shape, "white", "black", "small", box), IMAGE_SIZE) >= 0.5
     return float((drawn & ideal).sum() / (drawn | ideal).sum())
 
 
-def _palette_reading(image: Image.Image) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """The picture at the dataset's size as palette indices [H, W], each colour's pixel count, and the
-    indices of the most common colour (the background) and the second (the shape's)."""
+class _PaletteReading(NamedTuple):
+    counts: np.ndarray  # pixels of each palette colour
+    background: int  # index of the most common colour
+    colour: int  # index of the second, the shape's
+    drawn: np.ndarray  # [H, W] bool: the shape colour's pixels
+    box: tuple[int, int, int, int] | None  # their bounding box
+
+
+def _palette_reading(image: Image.Image) -> _PaletteReading:
+    """The picture at the dataset's size reduced to the palette, with its shape's pixels and their box."""
     labels = nearest_palette(np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))))
     counts = np.bincount(labels.ravel(), minlength=len(COLOURS))
     order = np.argsort(-counts, kind="stable")
-    return labels, counts, int(order[0]), int(order[1])
+    drawn = labels == order[1]
+    return _PaletteReading(counts, int(order[0]), int(order[1]), drawn, _bounding_box(drawn))
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
