@@ -113,5 +113,5 @@ def test_a_failing_stage_stops_the_recipe_and_says_where_its_log_is(tmp_path):
 def test_dry_run_prints_each_stage_command(tmp_path, capsys):
     run_recipe.main(["budget", "--dry-run", f"--work={tmp_path}"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 4
+    assert len(lines) == 2
     assert f"--init-from={tmp_path / '1-main' / 'model'}" in shlex.split(lines[1])
