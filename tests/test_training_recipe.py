@@ -101,6 +101,28 @@ def test_a_recipe_runs_its_stages_in_order_and_a_rerun_skips_the_finished_ones(t
     elsewhere_unet = train_micro.load_exported(tmp_path / "elsewhere")[1].state_dict()
     assert all(torch.equal(elsewhere_unet[key], last_unet[key]) for key in last_unet)
 
+    # A finished stage whose flags changed stops the recipe, naming the change, before anything runs;
+    # flags that never change the weights (when to check or save) and their order do not count.
+    stages[0]["flags"] = [*reversed(stages[0]["flags"][:-1]), "--eval-every=7", "--checkpoint-every=5"]
+    recipe.write_text(json.dumps({"stages": stages}))
+    caplog.clear()
+    run_recipe.main([str(recipe), f"--work={work}", f"--out={out}"])
+    assert "Stage 1/2 first: done before, skipped" in caplog.text
+    stages[0]["flags"] = [flag.replace("--unet-steps=2", "--unet-steps=3") for flag in stages[0]["flags"]]
+    recipe.write_text(json.dumps({"stages": stages}))
+    with pytest.raises(
+        SystemExit,
+        match=r"Stage 1 \(first\) finished with other flags .*: it ran with --unet-steps=2, the recipe now says "
+        r"--unet-steps=3\..* delete .*1-first and the stage folders after it",
+    ):
+        run_recipe.main([str(recipe), f"--work={work}", f"--out={out}"])
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == exported
+    # A stage marked done before the flags were recorded is taken as it is, with a warning.
+    (work / "1-first" / "done").write_text("12 s\n")
+    caplog.clear()
+    run_recipe.main([str(recipe), f"--work={work}", f"--out={out}"])
+    assert "its flags were not recorded" in caplog.text and "Stage 2/2 second: done before, skipped" in caplog.text
+
 
 def test_a_failing_stage_stops_the_recipe_and_says_where_its_log_is(tmp_path):
     recipe = tmp_path / "failing.json"

@@ -10,7 +10,9 @@ flags those of `python -m training.train_micro`. Every stage gets a work folder 
 --init-from the folder the stage before it exported (`<n>-<name>/model/`); the last exports to --out.
 A stage that finished is marked by a `done` file in its work folder and skipped when the recipe is
 run again, so a stopped recipe resumes at the stage it was in, and that stage at its last checkpoint.
-A changed stage is not rerun by itself: delete its folder, and those of the stages after it.
+The `done` file records the stage's flags: a stage whose flags have changed since it finished stops
+the recipe with the differences, since its weights (and every later stage's) came from the old ones;
+delete its folder, and those of the stages after it, to rerun them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ log = logging.getLogger("run_recipe")
 RECIPES = Path(__file__).resolve().parent / "recipes"
 # Set by the runner for each stage; a recipe that sets them would fight it.
 RUNNER_FLAGS = ("--work", "--out", "--init-from")
+# Options that change when a run checks, saves or stops, never the weights it ends on (the tests show
+# it for the checks), so a finished stage whose recipe changes only these still stands.
+WEIGHT_NEUTRAL_OPTIONS = ("--eval-every", "--checkpoint-every", "--max-minutes")
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,7 @@ def run(stages: list[Stage], work: Path, out: Path) -> None:
     for number, stage in enumerate(stages, 1):
         folder = stage_folder(work, number, stage)
         if (folder / "done").is_file():
+            refuse_if_changed(number, stage, folder, len(stages))
             log.info("Stage %d/%d %s: done before, skipped", number, len(stages), stage.name)
             if number == len(stages) and not (out / "model_index.json").is_file():
                 # Finished, but exported elsewhere (another --out): write this --out from its checkpoint.
@@ -110,11 +116,39 @@ def run(stages: list[Stage], work: Path, out: Path) -> None:
         log.info("Stage %d/%d %s: %s", number, len(stages), stage.name, shlex.join(command))
         stage_start = time.time()
         run_stage(number, stage, folder, command)
-        (folder / "done").write_text(f"{time.time() - stage_start:.0f} s\n")
+        (folder / "done").write_text(
+            json.dumps({"seconds": round(time.time() - stage_start), "flags": stage.flags}, indent=1) + "\n"
+        )
         log.info(
             "Stage %d/%d %s finished in %.1f minutes", number, len(stages), stage.name, (time.time() - stage_start) / 60
         )
     log.info("Recipe finished in %.1f minutes (this run); the model is in %s", (time.time() - start) / 60, out)
+
+
+def weight_flags(flags: list[str]) -> list[str]:
+    return [flag for flag in flags if flag.split("=", 1)[0] not in WEIGHT_NEUTRAL_OPTIONS]
+
+
+def refuse_if_changed(number: int, stage: Stage, folder: Path, count: int) -> None:
+    """Stop if the finished stage in `folder` ran with other flags than the recipe now gives it."""
+    try:
+        recorded = json.loads((folder / "done").read_text())["flags"]
+    except (ValueError, KeyError, TypeError):
+        # Marked done before the flags were recorded: nothing to compare with.
+        log.warning(
+            "Stage %d/%d %s: its flags were not recorded, so a change cannot be seen", number, count, stage.name
+        )
+        return
+    then, now = sorted(weight_flags(recorded)), sorted(weight_flags(stage.flags))
+    if then != now:
+        gone = [flag for flag in then if flag not in now] or ["nothing"]
+        new = [flag for flag in now if flag not in then] or ["nothing"]
+        raise SystemExit(
+            f"Stage {number} ({stage.name}) finished with other flags than the recipe now gives it: "
+            f"it ran with {' '.join(gone)}, the recipe now says {' '.join(new)}. Its weights and every later "
+            f"stage's came from the old flags: delete {folder} and the stage folders after it to rerun them "
+            "with the new ones, or put the old flags back."
+        )
 
 
 def run_stage(number: int, stage: Stage, folder: Path, command: list[str]) -> None:
