@@ -400,8 +400,10 @@ def test_training_can_reuse_a_finished_vae_and_train_the_rest_from_scratch(tmp_p
     # The checks draw pictures between steps but take nothing from the training's random streams, so a
     # recipe can leave them out to save time and still end on the weights its measured run ended on.
     checked = tmp_path / "checked"
-    check_flags = [flag for flag in flags if not flag.startswith("--eval-every")] + ["--eval-every=1"]
-    train_micro.main([f"--vae-from={train_micro.DEFAULT_OUT}", *check_flags, f"--work={work}-c", f"--out={checked}"])
+    # The last --eval-every on the command line wins over the one in `flags`.
+    train_micro.main(
+        [f"--vae-from={train_micro.DEFAULT_OUT}", *flags, "--eval-every=1", f"--work={work}-c", f"--out={checked}"]
+    )
     checked_unet = train_micro.load_exported(checked)[1].state_dict()
     assert all(torch.equal(checked_unet[key], trained_unet[key]) for key in trained_unet)
 
