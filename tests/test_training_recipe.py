@@ -29,8 +29,15 @@ def test_a_recipe_that_sets_what_the_runner_sets_is_refused_by_stage_and_flag(tm
     recipe.write_text(json.dumps({"stages": [{"name": "a", "flags": []}, {"name": "b", "flags": ["--vae-from=x"]}]}))
     with pytest.raises(SystemExit, match=r"stage 2 \(b\) sets --vae-from"):
         run_recipe.load_recipe(recipe)
-    recipe.write_text(json.dumps({"stages": [{"name": "a", "flags": ["--out", "x"]}]}))
+    recipe.write_text(json.dumps({"stages": [{"name": "a", "flags": ["--out=x"]}]}))
     with pytest.raises(SystemExit, match=r"stage 1 \(a\) sets --out"):
+        run_recipe.load_recipe(recipe)
+    recipe.write_text(json.dumps({"stages": [{"name": "a", "flags": ["--max-minutes=5"]}]}))
+    with pytest.raises(SystemExit, match=r"stage 1 \(a\) sets --max-minutes"):
+        run_recipe.load_recipe(recipe)
+    # A value as an item of its own would pass for a flag when a rerun compares the stage's flags.
+    recipe.write_text(json.dumps({"stages": [{"name": "a", "flags": ["--eval-every", "1200"]}]}))
+    with pytest.raises(SystemExit, match=r"stage 1 \(a\) has the flag '1200'; allowed: .*\"--unet-steps=6000\""):
         run_recipe.load_recipe(recipe)
     with pytest.raises(SystemExit, match="got 'nope'; allowed: a JSON file, or one of budget, shipped"):
         run_recipe.recipe_path("nope")
@@ -122,6 +129,48 @@ def test_a_recipe_runs_its_stages_in_order_and_a_rerun_skips_the_finished_ones(t
     caplog.clear()
     run_recipe.main([str(recipe), f"--work={work}", f"--out={out}"])
     assert "its flags were not recorded" in caplog.text and "Stage 2/2 second: done before, skipped" in caplog.text
+
+
+def test_a_recipe_stopped_by_its_time_budget_exports_nothing_and_the_same_command_finishes_it(tmp_path, caplog):
+    recipe = tmp_path / "tiny.json"
+    flags = [f"--vae-from={train_micro.DEFAULT_OUT}", "--unet-steps=2", "--low-noise-steps=1", "--images=16"]
+    recipe.write_text(json.dumps({"stages": [{"name": "only", "flags": [*flags, "--batch=4", "--eval-every=1000"]}]}))
+    work, out = tmp_path / "work", tmp_path / "out"
+    command = [str(recipe), f"--work={work}", f"--out={out}"]
+    caplog.set_level("INFO")
+    # No time left: the stage is not started.
+    with pytest.raises(SystemExit) as stopped:
+        run_recipe.main([*command, "--max-minutes=0"])
+    assert stopped.value.code == train_micro.STOPPED_FOR_TIME and not work.exists()
+    assert "reached before stage 1/1 only: run the same command again" in caplog.text
+    # A quarter of a second: the stage starts and its budget runs out while it loads, before its first step.
+    with pytest.raises(SystemExit) as stopped:
+        run_recipe.main([*command, "--max-minutes=0.004"])
+    assert stopped.value.code == train_micro.STOPPED_FOR_TIME
+    assert "Time budget reached at step 0 of 3" in (work / "1-only" / "train.log").read_text()
+    assert (work / "1-only" / "checkpoint.pt").is_file()
+    assert not (work / "1-only" / "done").exists() and not out.exists()
+    caplog.clear()
+    run_recipe.main(command)
+    assert "Resumed at step 0" in (work / "1-only" / "train.log").read_text()
+    assert (work / "1-only" / "done").is_file() and torch.load(work / "1-only" / "checkpoint.pt")["step"] == 3
+    assert train_micro.load_exported(out)[1] is not None
+
+
+def test_a_training_run_stopped_by_its_time_budget_carries_on_to_the_weights_of_one_that_was_not(tmp_path):
+    flags = [f"--vae-from={train_micro.DEFAULT_OUT}", "--unet-steps=2", "--low-noise-steps=1", "--images=16"]
+    flags += ["--batch=4", "--eval-every=1000"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train_micro.main([*flags, f"--work={straight}", f"--out={straight / 'model'}"])
+    with pytest.raises(SystemExit) as exit_status:
+        train_micro.main([*flags, f"--work={stopped}", f"--out={stopped / 'model'}", "--max-minutes=0"])
+    assert exit_status.value.code == train_micro.STOPPED_FOR_TIME and not (stopped / "model").exists()
+    train_micro.main([*flags, f"--work={stopped}", f"--out={stopped / 'model'}"])
+    first, second = (train_micro.load_exported(folder / "model")[1].state_dict() for folder in (straight, stopped))
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    with pytest.raises(SystemExit) as refused:
+        train_micro.parse_args(["--max-minutes=-1"])
+    assert refused.value.code == 2
 
 
 def test_a_failing_stage_stops_the_recipe_and_says_where_its_log_is(tmp_path):

@@ -13,6 +13,9 @@ run again, so a stopped recipe resumes at the stage it was in, and that stage at
 The `done` file records the stage's flags: a stage whose flags have changed since it finished stops
 the recipe with the differences, since its weights (and every later stage's) came from the old ones;
 delete its folder, and those of the stages after it, to rerun them.
+
+With --max-minutes the recipe stops itself after that long (at the running stage's next UNet step,
+checkpointed, exit status 75), so that it can be run a session at a time: the same command carries on.
 """
 
 from __future__ import annotations
@@ -28,13 +31,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .train_micro import DEFAULT_OUT, REPO
+from .train_micro import DEFAULT_OUT, REPO, STOPPED_FOR_TIME
 
 log = logging.getLogger("run_recipe")
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 # Set by the runner for each stage; a recipe that sets them would fight it.
-RUNNER_FLAGS = ("--work", "--out", "--init-from")
+RUNNER_FLAGS = ("--work", "--out", "--init-from", "--max-minutes")
 # Options that change when a run checks, saves or stops, never the weights it ends on (the tests show
 # it for the checks), so a finished stage whose recipe changes only these still stands.
 WEIGHT_NEUTRAL_OPTIONS = ("--eval-every", "--checkpoint-every", "--max-minutes")
@@ -69,11 +72,18 @@ def load_recipe(path: Path) -> list[Stage]:
         raise SystemExit(f"{path}: stages: got none; allowed: one or more")
     for number, stage in enumerate(stages, 1):
         for flag in stage.flags:
+            if not flag.startswith("--"):
+                # A value given as an item of its own would be read as a flag when a rerun compares the
+                # stage's flags with those it finished with.
+                raise SystemExit(
+                    f"{path}: stage {number} ({stage.name}) has the flag {flag!r}; allowed: each item an option "
+                    'with its value after "=", such as "--unet-steps=6000"'
+                )
             option = flag.split("=", 1)[0]
             if option in RUNNER_FLAGS or (number > 1 and option == "--vae-from"):
                 raise SystemExit(
                     f"{path}: stage {number} ({stage.name}) sets {option}; allowed: the runner sets --work, "
-                    "--out and --init-from, and only the first stage may set --vae-from"
+                    "--out, --init-from and --max-minutes, and only the first stage may set --vae-from"
                 )
     return stages
 
@@ -93,7 +103,7 @@ def stage_command(stages: list[Stage], number: int, work: Path, out: Path) -> li
     return command
 
 
-def run(stages: list[Stage], work: Path, out: Path) -> None:
+def run(stages: list[Stage], work: Path, out: Path, max_minutes: float | None = None) -> None:
     start = time.time()
     for number, stage in enumerate(stages, 1):
         folder = stage_folder(work, number, stage)
@@ -105,6 +115,12 @@ def run(stages: list[Stage], work: Path, out: Path) -> None:
                 log.info("Exporting its model to %s", out)
                 run_stage(number, stage, folder, [*stage_command(stages, number, work, out), "--export-only"])
             continue
+        command = stage_command(stages, number, work, out)
+        if max_minutes is not None:
+            minutes_left = max_minutes - (time.time() - start) / 60
+            if minutes_left <= 0:
+                stop_for_time(f"before stage {number}/{len(stages)} {stage.name}")
+            command.append(f"--max-minutes={minutes_left:.3f}")
         folder.mkdir(parents=True, exist_ok=True)
         if number > 1:
             # The stage before exported its VAE unchanged, so its latents are usually this stage's too;
@@ -112,7 +128,6 @@ def run(stages: list[Stage], work: Path, out: Path) -> None:
             previous = stage_folder(work, number - 1, stages[number - 2]) / "latents.pt"
             if previous.is_file() and not (folder / "latents.pt").exists():
                 shutil.copyfile(previous, folder / "latents.pt")
-        command = stage_command(stages, number, work, out)
         log.info("Stage %d/%d %s: %s", number, len(stages), stage.name, shlex.join(command))
         stage_start = time.time()
         run_stage(number, stage, folder, command)
@@ -151,8 +166,15 @@ def refuse_if_changed(number: int, stage: Stage, folder: Path, count: int) -> No
         )
 
 
+def stop_for_time(where: str) -> None:
+    log.info("Time budget (--max-minutes) reached %s: run the same command again to carry on", where)
+    raise SystemExit(STOPPED_FOR_TIME)
+
+
 def run_stage(number: int, stage: Stage, folder: Path, command: list[str]) -> None:
     result = subprocess.run(command, cwd=REPO, check=False)
+    if result.returncode == STOPPED_FOR_TIME:
+        stop_for_time(f"in stage {number} ({stage.name}), its checkpoint in {folder}")
     if result.returncode != 0:
         raise SystemExit(
             f"Stage {number} ({stage.name}) failed with exit status {result.returncode}; its log is "
@@ -166,8 +188,17 @@ def main(argv=None) -> None:
     parser.add_argument("recipe", help="a recipe's name in training/recipes/ (budget, shipped) or a JSON file")
     parser.add_argument("--work", type=Path, default=None, help="stage folders go here (training/runs/<recipe>)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the last stage exports the model here")
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop after this long in all, at the running stage's next UNet step (checkpointed, exit status 75); "
+        "the same command carries on",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the stages' commands and stop")
     args = parser.parse_args(argv)
+    if args.max_minutes is not None and args.max_minutes < 0:
+        parser.error(f"--max-minutes must be 0 or more, not {args.max_minutes}")
     path = recipe_path(args.recipe)
     stages = load_recipe(path)
     work = (args.work or REPO / "training" / "runs" / path.stem).resolve()
@@ -177,7 +208,7 @@ def main(argv=None) -> None:
         for number in range(1, len(stages) + 1):
             sys.stdout.write(shlex.join(stage_command(stages, number, work, out)) + "\n")
         return
-    run(stages, work, out)
+    run(stages, work, out, args.max_minutes)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ VAE too): the shipped model's six fine-tunes (img2img, emphasis, empty-prompt) w
 `python -m training.run_recipe shipped` runs this run and them in order (README).
 
 Deterministic for a given seed and step count; checkpoints every few hundred steps into --work, so a
-stopped run carries on where it stopped (the RNG states are in the checkpoint too).
+stopped run carries on where it stopped (the RNG states are in the checkpoint too). With --max-minutes
+it stops itself: checkpointed, nothing exported, exit status 75 (STOPPED_FOR_TIME), and the same
+command carries on.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ from engine.samplers import build_scheduler, diffusers_strength, img2img_steps
 from . import architecture, dataset, quality
 
 log = logging.getLogger("train_micro")
+
+# The exit status of a run that --max-minutes stopped before its last step (sysexits' EX_TEMPFAIL, "try
+# again later"): a caller such as run_recipe must not take it for a finished run, whose model is exported.
+STOPPED_FOR_TIME = 75
 
 # The VAE posterior's starting log-variance (narrow_posterior).
 POSTERIOR_LOGVAR_INIT = -4.0
@@ -123,7 +129,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--eval-every", type=int, default=600, help="steps between quality checks (~30 s each)")
     parser.add_argument("--checkpoint-every", type=int, default=300)
-    parser.add_argument("--max-minutes", type=float, default=None, help="stop (checkpointed) after this long")
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop this many minutes after starting, at the next UNet step (the VAE phases always finish): "
+        "checkpointed, nothing exported, exit status 75; the same command carries on",
+    )
     parser.add_argument(
         "--stop-after", type=int, default=None, help="stop at this step (the schedule still counts --unet-steps)"
     )
@@ -232,6 +244,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.snr_gamma < 0:
         parser.error(f"--snr-gamma must be 0 or more, not {args.snr_gamma}")
+    if args.max_minutes is not None and args.max_minutes < 0:
+        parser.error(f"--max-minutes must be 0 or more, not {args.max_minutes}")
     if args.hold_weight and not args.init_from:
         parser.error("--hold-weight holds the --init-from model's predictions; give --init-from")
     if not 0 <= args.hold_from_timestep < args.hold_to_timestep <= 1000:
@@ -752,8 +766,19 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
             ema_param.lerp_(param, 1 - decay)
 
 
-def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Module, nn.Module] | None = None):
-    """Train UNet and text encoder (from scratch, or from `start_from`'s (unet, text_encoder) weights)."""
+def train_unet(
+    vae,
+    latents,
+    scenes,
+    args,
+    work: Path,
+    start_from: tuple[nn.Module, nn.Module] | None = None,
+    deadline: float | None = None,
+):
+    """Train UNet and text encoder (from scratch, or from `start_from`'s (unet, text_encoder) weights).
+
+    Returns the averaged UNet and text encoder, the tokenizer, and whether the run stopped at `deadline`
+    (a time.time()) before its last step."""
     tokenizer = architecture.build_tokenizer()
     torch.manual_seed(args.seed + 2)
     unet = architecture.build_unet()
@@ -851,14 +876,15 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
         checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
 
     if args.export_only:
-        return ema_unet, ema_text, tokenizer
+        return ema_unet, ema_text, tokenizer, False
     start, first_step = time.time(), step
     unet.train()
     text_encoder.train()
     while step < args.unet_steps + args.low_noise_steps:
-        if args.max_minutes is not None and time.time() - start > args.max_minutes * 60:
-            log.info("Time budget reached at step %d", step)
-            break
+        if deadline is not None and time.time() > deadline:
+            log.info("Time budget reached at step %d of %d", step, args.unet_steps + args.low_noise_steps)
+            save_checkpoint()
+            return ema_unet, ema_text, tokenizer, True
         if args.stop_after is not None and step >= args.stop_after:
             log.info("Stopping at step %d as asked", step)
             break
@@ -962,7 +988,7 @@ def train_unet(vae, latents, scenes, args, work: Path, start_from: tuple[nn.Modu
             scores = evaluate(vae, ema_text, ema_unet, tokenizer, seed=12345, emphasis=args.emphasis_share > 0)
             log.info("eval step %d %s", step, json.dumps(scores))
     save_checkpoint()
-    return ema_unet, ema_text, tokenizer
+    return ema_unet, ema_text, tokenizer, False
 
 
 def training_timesteps(
@@ -1054,6 +1080,7 @@ def load_vae(folder: Path):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    deadline = None if args.max_minutes is None else time.time() + args.max_minutes * 60
     args.work.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(
         level=logging.INFO,
@@ -1075,7 +1102,12 @@ def main(argv=None) -> None:
         vae = train_vae(images, args, args.work).eval()
         latents = encode_latents(vae, images, args.work)
         vae = finetune_decoder(vae, images, args, args.work)
-    unet, text_encoder, tokenizer = train_unet(vae, latents, scenes, args, args.work, start_from)
+    unet, text_encoder, tokenizer, out_of_time = train_unet(vae, latents, scenes, args, args.work, start_from, deadline)
+    if out_of_time:
+        # A half-trained model must not land where the finished one goes (for the shipped recipe, the
+        # models folder); --export-only writes it from the checkpoint for a look.
+        log.info("Stopped at --max-minutes, checkpoint in %s, nothing exported: the same command carries on", args.work)
+        raise SystemExit(STOPPED_FOR_TIME)
     export(vae, unet, text_encoder, tokenizer, args.out)
 
 
