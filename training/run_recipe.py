@@ -39,7 +39,8 @@ RECIPES = Path(__file__).resolve().parent / "recipes"
 # Set by the runner for each stage; a recipe that sets them would fight it.
 RUNNER_FLAGS = ("--work", "--out", "--init-from", "--max-minutes")
 # Options that change when a run checks, saves or stops, never the weights it ends on (the tests show
-# it for the checks), so a finished stage whose recipe changes only these still stands.
+# it for the checks and the stop), so a finished stage whose recipe changes only these still stands.
+# (--max-minutes is the runner's now, but a stage may have been recorded with it before.)
 WEIGHT_NEUTRAL_OPTIONS = ("--eval-every", "--checkpoint-every", "--max-minutes")
 
 
