@@ -96,6 +96,8 @@ def test_a_recipe_runs_its_stages_in_order_and_a_rerun_skips_the_finished_ones(t
     second_log = (work / "2-second" / "train.log").read_text()
     assert "encoding again" not in second_log and "Resumed" not in second_log
     assert torch.load(work / "2-second" / "latents.pt")["key"] == torch.load(work / "1-first" / "latents.pt")["key"]
+    # The exported folder does not carry the paths of the machine that trained it.
+    assert str(tmp_path) not in "".join(path.read_text() for path in out.glob("*/*.json"))
 
     exported = (out / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     caplog.clear()

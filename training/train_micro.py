@@ -1046,6 +1046,12 @@ def export(vae, unet, text_encoder, tokenizer, out: Path) -> None:
         module.to(torch.float16)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
+    # A model folder is made to be shared: leave out diffusers' note of the folder a component was
+    # loaded from, which is a path on the machine that trained it.
+    for config_path in out.glob("*/config.json"):
+        config = json.loads(config_path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     # SD's own tokenizer layout (vocab.json, merges.txt), from the files the tokenizer was built from:
     # less than half the size of the tokenizer.json that save_pretrained writes in its place.
     shutil.rmtree(out / "tokenizer")
