@@ -50,6 +50,7 @@ class Engine:
         *,
         models_dir: str | os.PathLike | None = None,
         checkpoints_dir: str | os.PathLike | None = None,
+        embeddings_dir: str | os.PathLike | None = None,
         device: str | None = None,
         dtype: torch.dtype | None = None,
         limits: Limits | None = None,
@@ -73,7 +74,9 @@ class Engine:
         self.trace_unet = trace_unet
         # A server warms up each model it loads whose UNet runs traced (see _warm_up_locked).
         self.warm_up = warm_up
-        self.registry = ModelRegistry(self.models_dir, checkpoints_dir=checkpoints_dir, allow_pickle=allow_pickle)
+        self.registry = ModelRegistry(
+            self.models_dir, checkpoints_dir=checkpoints_dir, embeddings_dir=embeddings_dir, allow_pickle=allow_pickle
+        )
         self._job_lock = threading.Lock()
         self._model_lock = threading.Lock()
         self._current: JobControl | None = None
@@ -374,8 +377,17 @@ class Engine:
             )
 
         infotexts = []
+        embedding_hashes = model.embeddings.hashes_used(
+            [req.prompt, req.negative_prompt], model.components["tokenizer"]
+        )
         for image, image_seed in zip(images, image_seeds, strict=True):
-            text = format_infotext(req, image_seed, model_name=_model_name(model.info), model_hash=model.info.hash)
+            text = format_infotext(
+                req,
+                image_seed,
+                model_name=_model_name(model.info),
+                model_hash=model.info.hash,
+                embedding_hashes=embedding_hashes,
+            )
             image.info["parameters"] = text
             infotexts.append(text)
         return Result(

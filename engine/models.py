@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .embeddings import EmbeddingsReport, load_embeddings
 from .errors import ModelLoadError
 from .presets import FamilyDefaults, family_defaults, family_names, latent_rgb_tables
 from .previews import fit_latent_rgb, load_latent_rgb_table
@@ -71,6 +72,7 @@ class LoadedModel:
     prompt_encoder: Any | None = None
     compel_encoder: Any | None = None
     pipeline_classes: dict[str, type] = field(default_factory=dict)
+    embeddings: EmbeddingsReport = field(default_factory=EmbeddingsReport)
     # What jobs' pipelines call as their UNet when the family runs it traced (engine/traced_unet.py).
     traced_unet: TracedUNet | None = None
 
@@ -109,10 +111,18 @@ class LoadedModel:
 class ModelRegistry:
     """The models folder in A1111's layout, plus hashes cached on disk like A1111's cache.json."""
 
-    def __init__(self, models_dir: Path, *, checkpoints_dir: Path | None = None, allow_pickle: bool = False):
+    def __init__(
+        self,
+        models_dir: Path,
+        *,
+        checkpoints_dir: Path | None = None,
+        embeddings_dir: Path | None = None,
+        allow_pickle: bool = False,
+    ):
         self.models_dir = Path(models_dir)
         # A1111's --ckpt-dir: checkpoints may live outside the models folder.
         self._checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir is not None else None
+        self._embeddings_dir = Path(embeddings_dir) if embeddings_dir is not None else None
         self.allow_pickle = allow_pickle
         self._hash_cache_path = self.models_dir / ".hashes.json"
         self._hash_lock = threading.Lock()
@@ -120,6 +130,12 @@ class ModelRegistry:
     @property
     def checkpoints_dir(self) -> Path:
         return self._checkpoints_dir or self.models_dir / CHECKPOINTS_SUBDIR
+
+    @property
+    def embeddings_dir(self) -> Path:
+        # A1111 keeps embeddings/ beside models/ (--embeddings-dir moves it), so pointing --models-dir at
+        # an A1111 install finds its embeddings too.
+        return self._embeddings_dir or self.models_dir.parent / "embeddings"
 
     def scan(self) -> list[ModelInfo]:
         """Every checkpoint under models/Stable-diffusion: diffusers folders and single files."""
@@ -261,6 +277,8 @@ def load_model(
         raise ModelLoadError(f"Could not load model {info.name!r} from {info.path}: {exc}") from exc
 
     pipe.to(device)
+    # Before the prompt encoders are made: the embeddings become tokens of the model's own tokenizers.
+    embeddings = load_embeddings(pipe, registry.embeddings_dir)
     components = dict(pipe.components)
     family = detect_pipeline_family(components, info)
     info = replace(info, family=family)
@@ -278,6 +296,7 @@ def load_model(
         device=device,
         dtype=dtype,
         pipeline_classes=_pipeline_classes(family),
+        embeddings=embeddings,
     )
     if trace_unet and defaults.cpu_traced_unet and device.type == "cpu" and "unet" in components:
         loaded.traced_unet = TracedUNet(components["unet"])
@@ -434,8 +453,5 @@ def _file_stamp(path: Path) -> list:
 
 
 def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()

@@ -31,11 +31,13 @@ import numbers
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
+from .embeddings import EmbeddingTokens
 from .prompt_schedule import prompt_schedule, text_for_step
 from .request import EMPHASIS_MODES
 
@@ -218,12 +220,15 @@ def split_into_chunks(
     token_ids: list[list[int]],
     comma_id: int | None,
     backtrack: int = COMMA_PADDING_BACKTRACK,
+    embedding_group: Callable[[int], list[int] | None] | None = None,
 ) -> list[PromptChunk]:
     """Cut a parsed prompt (with the token ids of each run) into chunks the way A1111's tokenize_line does.
 
     Always returns at least one chunk. A chunk holds at most CHUNK_LENGTH tokens. When a chunk is full and the
     next token is not a comma, the tokens after the chunk's last comma move to the next chunk if that comma is
     within `backtrack` tokens of the end, so a phrase is not cut in two. BREAK closes the current chunk.
+    `embedding_group(token)` gives a textual inversion embedding's tokens (one per vector) for its first
+    token: they go in as one piece, starting a new chunk when they would not fit in the current one.
     """
     chunks: list[PromptChunk] = []
     current = PromptChunk([], [])
@@ -255,8 +260,12 @@ def split_into_chunks(
                 current = moved
             if len(current.tokens) == CHUNK_LENGTH:
                 close_current()
-            current.tokens.append(token)
-            current.weights.append(weight)
+            group = embedding_group(token) if embedding_group is not None else None
+            if group is not None and len(current.tokens) + len(group) > CHUNK_LENGTH:
+                close_current()
+            for piece in group or [token]:
+                current.tokens.append(piece)
+                current.weights.append(weight)
 
     if current.tokens or not chunks:
         close_current()
@@ -289,6 +298,8 @@ class PromptEncoder:
         # SD1 tokenizers pad with EOS; SD2's pad token is "!" (id 0), which A1111 puts after the first EOS.
         pad_id = tokenizer.pad_token_id
         self.pad_id: int = self.eos_id if pad_id is None else pad_id
+        # Textual inversion embeddings loaded into this tokenizer (engine/embeddings.py).
+        self.embedding_tokens = EmbeddingTokens(tokenizer)
 
     # --- tokenizing -------------------------------------------------------------------------------------------
 
@@ -298,7 +309,7 @@ class PromptEncoder:
         token_ids = self.tokenizer(
             [piece for piece, _weight in parsed], add_special_tokens=False, truncation=False, verbose=False
         )["input_ids"]
-        return split_into_chunks(parsed, token_ids, self.comma_id)
+        return split_into_chunks(parsed, token_ids, self.comma_id, embedding_group=self.embedding_tokens.group)
 
     def token_counts(self, prompt: str) -> list[int]:
         """Prompt tokens in each 75-token chunk, e.g. "" -> [0]; 80 tokens without commas -> [75, 5].
@@ -470,6 +481,7 @@ class CompelEncoder:
                 truncate_long_prompts=False,
                 returned_embeddings_type=returned,
                 device=str(self.text_encoder.device),
+                textual_inversion_manager=EmbeddingTokens(self.tokenizer),
             )
         return self._compel[clip_skip]
 
@@ -632,6 +644,7 @@ class SDXLCompelEncoder:
                     requires_pooled=index == 1,
                     truncate_long_prompts=False,
                     device=str(text_encoder.device),
+                    textual_inversion_manager=EmbeddingTokens(tokenizer),
                 )
                 for index, (tokenizer, text_encoder) in enumerate(zip(self.tokenizers, self.text_encoders, strict=True))
             ]

@@ -643,6 +643,14 @@ class SdApi:
     def refresh_checkpoints(self) -> None:
         self.engine.list_models()
 
+    def embeddings(self) -> dict[str, dict[str, Any]]:
+        """A1111's embeddings listing: the loaded model's textual inversion embeddings, and those it skipped."""
+        report = self.engine.loaded.embeddings
+        return {
+            "loaded": {name: embedding.api_entry() for name, embedding in report.loaded.items()},
+            "skipped": {name: embedding.api_entry() for name, embedding in report.skipped.items()},
+        }
+
     def samplers(self) -> list[dict[str, Any]]:
         from engine.samplers import get_sampler
 
@@ -717,6 +725,7 @@ class SdApi:
             "api_auth": bool(s.api_auth),
             "model": s.model,
             "models_dir": str(s.models_dir) if s.models_dir else str(self.engine.models_dir),
+            "embeddings_dir": str(self.engine.registry.embeddings_dir),
             "outputs_dir": str(s.outputs_dir),
             "no_save": not s.save_images,
             "allow_pickle": s.allow_pickle,
@@ -755,6 +764,7 @@ class SdApi:
         router.add_api_route("/schedulers", self.schedulers, methods=["GET"])
         router.add_api_route("/sd-models", self.sd_models, methods=["GET"])
         router.add_api_route("/refresh-checkpoints", self.refresh_checkpoints, methods=["POST"])
+        router.add_api_route("/embeddings", self.embeddings, methods=["GET"])
         router.add_api_route("/options", self.get_options, methods=["GET"])
         router.add_api_route("/options", self.set_options, methods=["POST"])
         router.add_api_route("/cmd-flags", self.cmd_flags, methods=["GET"])
