@@ -168,3 +168,13 @@ def test_embeddings_dir_flag(tmp_path, embeddings_dir, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--embeddings-dir", str(tmp_path / "missing")], environ={})
     assert "--embeddings-dir" in capsys.readouterr().err
+
+
+def test_the_page_names_the_embeddings_under_the_model(ti_engine):
+    from ui.page import _first_names, _model_note
+
+    note = _model_note(ti_engine)
+    assert "Embeddings: Crimson, redshape" in note
+    assert "Embeddings skipped: broken, sd15-negative" in note
+    assert "sd15-negative: vectors 768 wide; this model&#x27;s text encoder takes 64" in note
+    assert _first_names([f"e{index}" for index in range(10)]) == "e0, e1, e2, e3, e4, e5, e6, e7 and 2 more"

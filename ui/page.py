@@ -830,7 +830,22 @@ def _model_titles(engine) -> list[str]:
 
 
 def _model_note(engine) -> str:
-    return f'<div class="model-note">Model family: {html.escape(engine.defaults().label)}</div>'
+    lines = [f"Model family: {html.escape(engine.defaults().label)}"]
+    embeddings = engine.loaded.embeddings
+    # Names only (reasons on hover and in the log), and only the first few: an A1111 embeddings folder
+    # can hold dozens, and a folder of SD 1.5 embeddings on an SDXL model would otherwise fill the header.
+    if embeddings.loaded:
+        lines.append(f"Embeddings: {html.escape(_first_names(list(embeddings.loaded)))}")
+    if embeddings.reasons:
+        why = "; ".join(f"{name}: {reason}" for name, reason in embeddings.reasons.items())
+        names = html.escape(_first_names(list(embeddings.reasons)))
+        lines.append(f'<span title="{html.escape(why)}">Embeddings skipped: {names}</span>')
+    return f'<div class="model-note">{"<br>".join(lines)}</div>'
+
+
+def _first_names(names: list[str], shown: int = 8) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _refresh_models(engine):
