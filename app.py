@@ -38,6 +38,7 @@ def create_engine(settings: ServerSettings):
         model=settings.model,
         models_dir=settings.models_dir,
         checkpoints_dir=settings.ckpt_dir,
+        lora_dir=settings.lora_dir,
         embeddings_dir=settings.embeddings_dir,
         device=settings.device,
         allow_pickle=settings.allow_pickle,

@@ -20,6 +20,7 @@ from .errors import EngineError, InvalidRequestError, ModelLoadError
 from .events import JobControl, JobState, PreviewSettings, Progress, Result, Waiting
 from .generate import run_batch
 from .infotext import format_infotext
+from .lora import LoraFile, lora_uses, scan_loras
 from .models import LoadedModel, ModelInfo, ModelRegistry, default_dtype, load_model, pick_device
 from .presets import DEFAULT_MODELS_DIR, MICRO_MODEL_NAME, SHIPPED_MICRO_MODEL, FamilyDefaults
 from .previews import make_previewer
@@ -51,6 +52,7 @@ class Engine:
         models_dir: str | os.PathLike | None = None,
         checkpoints_dir: str | os.PathLike | None = None,
         embeddings_dir: str | os.PathLike | None = None,
+        lora_dir: str | os.PathLike | None = None,
         device: str | None = None,
         dtype: torch.dtype | None = None,
         limits: Limits | None = None,
@@ -75,7 +77,11 @@ class Engine:
         # A server warms up each model it loads whose UNet runs traced (see _warm_up_locked).
         self.warm_up = warm_up
         self.registry = ModelRegistry(
-            self.models_dir, checkpoints_dir=checkpoints_dir, embeddings_dir=embeddings_dir, allow_pickle=allow_pickle
+            self.models_dir,
+            checkpoints_dir=checkpoints_dir,
+            embeddings_dir=embeddings_dir,
+            lora_dir=lora_dir,
+            allow_pickle=allow_pickle,
         )
         self._job_lock = threading.Lock()
         self._model_lock = threading.Lock()
@@ -99,6 +105,10 @@ class Engine:
         loaded = self._loaded.info if self._loaded else None
         # The loaded model knows its hash even when it lives outside the models folder.
         return [loaded if loaded and info.path == loaded.path else info for info in listed]
+
+    def list_loras(self) -> list[LoraFile]:
+        """The LoRAs in the LoRA folder (models/Lora, or --lora-dir), for `<lora:name:weight>` tags."""
+        return list(scan_loras(self.registry.lora_dir).values())
 
     def load_model(self, model: str | os.PathLike) -> ModelInfo:
         """Switch to `model`; waits for a running job to finish. Raises ModelLoadError."""
@@ -194,12 +204,15 @@ class Engine:
         """A checked, normalized copy of `req`; raises InvalidRequestError naming the bad field."""
         if not isinstance(req, GenerationRequest):
             raise EngineError(f"expected a GenerationRequest, got {type(req).__name__}")
-        return validate_request(
+        checked = validate_request(
             req,
             limits=self.limits,
             native_size=self.defaults().native_size,
             resolve_sampler=samplers.resolve,
         )
+        # An unknown LoRA, or a weight that is not a number, is refused before the job waits in a queue.
+        self._require_model().loras.resolve(lora_uses(checked.prompt))
+        return checked
 
     def interrupt(self) -> None:
         """Stop the running job (whoever started it) at its next step."""
@@ -342,6 +355,7 @@ class Engine:
         images, image_seeds, skipped = [], [], []
         preview_seconds = 0.0
         try:
+            lora_hashes = self._switch_loras(model, req)
             conditioning = self._encode_prompts(model, req)
             for batch_no, batch_seeds in enumerate(batches):
                 if control.interrupted:
@@ -387,6 +401,7 @@ class Engine:
                 model_name=_model_name(model.info),
                 model_hash=model.info.hash,
                 embedding_hashes=embedding_hashes,
+                lora_hashes=lora_hashes,
             )
             image.info["parameters"] = text
             infotexts.append(text)
@@ -402,6 +417,16 @@ class Engine:
             skipped_batches=skipped,
             preview_seconds=preview_seconds,
         )
+
+    def _switch_loras(self, model: LoadedModel, req: GenerationRequest) -> dict[str, str]:
+        """Switch on the LoRAs the prompt's tags name (and off any others); {name: short hash} of them."""
+        found = model.loras.resolve(lora_uses(req.prompt))
+        loader = model.pipeline_for("txt2img", model.components["scheduler"], traced=False)
+        if model.loras.activate(loader, found, model.family):
+            # A LoRA on the text encoder changes what a prompt encodes to.
+            model.prompt_encoder.clear_cache()
+            model.compel_encoder.clear_cache()
+        return {lora.name: model.loras.short_hash(lora) for _use, lora in found}
 
     def _encode_prompts(self, model: LoadedModel, req: GenerationRequest) -> Conditioning:
         # A1111 lays the prompt-editing schedule over all the job's steps, in img2img too.

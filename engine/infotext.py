@@ -91,9 +91,10 @@ def format_infotext(
     model_name: str | None = None,
     model_hash: str | None = None,
     embedding_hashes: dict[str, str] | None = None,
+    lora_hashes: dict[str, str] | None = None,
 ) -> str:
     """A1111's "parameters" text for one image of a validated request, made with `seed`; `embedding_hashes`
-    are the textual inversion embeddings its prompts used, by name."""
+    and `lora_hashes` are the textual inversion embeddings and LoRAs it used, by name."""
     if req.width is None or req.height is None:
         raise InvalidRequestError(
             "width x height", f"{req.width}x{req.height}", "a validated request (Engine.validate fills in the size)"
@@ -121,8 +122,9 @@ def format_infotext(
         params["Emphasis"] = req.emphasis
     if req.prompt_syntax != "a1111":
         params["Prompt syntax"] = req.prompt_syntax
-    if embedding_hashes:
-        params["TI hashes"] = ", ".join(f"{name}: {digest}" for name, digest in embedding_hashes.items())
+    for key, hashes in (("Lora hashes", lora_hashes), ("TI hashes", embedding_hashes)):
+        if hashes:
+            params[key] = ", ".join(f"{name}: {digest}" for name, digest in hashes.items())
 
     for key, value in (req.extra_params or {}).items():
         key = str(key)

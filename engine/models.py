@@ -21,6 +21,7 @@ import torch
 
 from .embeddings import EmbeddingsReport, load_embeddings
 from .errors import ModelLoadError
+from .lora import LoraAdapters
 from .presets import FamilyDefaults, family_defaults, family_names, latent_rgb_tables
 from .previews import fit_latent_rgb, load_latent_rgb_table
 from .tiny_model import TINY_MODEL_NAME
@@ -73,6 +74,8 @@ class LoadedModel:
     compel_encoder: Any | None = None
     pipeline_classes: dict[str, type] = field(default_factory=dict)
     embeddings: EmbeddingsReport = field(default_factory=EmbeddingsReport)
+    # The LoRAs loaded into this model as adapters, and those the current job runs (engine/lora.py).
+    loras: LoraAdapters | None = None
     # What jobs' pipelines call as their UNet when the family runs it traced (engine/traced_unet.py).
     traced_unet: TracedUNet | None = None
 
@@ -90,12 +93,21 @@ class LoadedModel:
     def prediction_type(self) -> str:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
-    def pipeline_for(self, mode: str, scheduler):
-        """A pipeline object for one job: shared weights, the job's own scheduler."""
+    def pipeline_for(self, mode: str, scheduler, *, traced: bool = True):
+        """A pipeline object for one job: shared weights, the job's own scheduler. The UNet is the
+        traced one where the family runs it so, unless `traced` is False or LoRAs are switched on
+        (a trace holds the layers it was made with, so adapters would not run in it)."""
         cls = self.pipeline_classes[mode]
         accepted = set(inspect.signature(cls.__init__).parameters)
         parts = {name: module for name, module in self.components.items() if name in accepted}
-        if self.traced_unet is not None and "unet" in parts and not self.traced_unet.hooked():
+        lora_on = self.loras is not None and bool(self.loras.active)
+        if (
+            traced
+            and not lora_on
+            and self.traced_unet is not None
+            and "unet" in parts
+            and not self.traced_unet.hooked()
+        ):
             parts["unet"] = self.traced_unet
         parts["scheduler"] = scheduler
         if "requires_safety_checker" in accepted:
@@ -117,12 +129,15 @@ class ModelRegistry:
         *,
         checkpoints_dir: Path | None = None,
         embeddings_dir: Path | None = None,
+        lora_dir: Path | None = None,
         allow_pickle: bool = False,
     ):
         self.models_dir = Path(models_dir)
         # A1111's --ckpt-dir: checkpoints may live outside the models folder.
         self._checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir is not None else None
         self._embeddings_dir = Path(embeddings_dir) if embeddings_dir is not None else None
+        # A1111's --lora-dir: LoRAs from here instead of <models_dir>/Lora.
+        self._lora_dir = Path(lora_dir) if lora_dir is not None else None
         self.allow_pickle = allow_pickle
         self._hash_cache_path = self.models_dir / ".hashes.json"
         self._hash_lock = threading.Lock()
@@ -130,6 +145,10 @@ class ModelRegistry:
     @property
     def checkpoints_dir(self) -> Path:
         return self._checkpoints_dir or self.models_dir / CHECKPOINTS_SUBDIR
+
+    @property
+    def lora_dir(self) -> Path:
+        return self._lora_dir or self.models_dir / "Lora"
 
     @property
     def embeddings_dir(self) -> Path:
@@ -297,6 +316,7 @@ def load_model(
         dtype=dtype,
         pipeline_classes=_pipeline_classes(family),
         embeddings=embeddings,
+        loras=LoraAdapters(registry.lora_dir),
     )
     if trace_unet and defaults.cpu_traced_unet and device.type == "cpu" and "unet" in components:
         loaded.traced_unet = TracedUNet(components["unet"])

@@ -496,6 +496,10 @@ class CompelEncoder:
             self._cache.popitem(last=False)
         return embeds
 
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
     def encode(self, prompt: str, negative_prompt: str = "", clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         with self._lock:
             positive = self._encode(prompt, clip_skip)
@@ -669,6 +673,10 @@ class SDXLCompelEncoder:
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return value
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
 
     def encode(self, prompt: str, negative_prompt: str = "", clip_skip: int = 1) -> tuple[SDXLEmbeds, SDXLEmbeds]:
         """clip_skip is accepted for the same interface and not applied (SDXL uses the penultimate layer)."""

@@ -643,6 +643,13 @@ class SdApi:
     def refresh_checkpoints(self) -> None:
         self.engine.list_models()
 
+    def loras(self) -> list[dict[str, Any]]:
+        """A1111's LoRA listing: name, alias, path and the file's safetensors metadata."""
+        return [
+            {"name": lora.name, "alias": lora.name, "path": str(lora.path), "metadata": lora.metadata()}
+            for lora in self.engine.list_loras()
+        ]
+
     def embeddings(self) -> dict[str, dict[str, Any]]:
         """A1111's embeddings listing: the loaded model's textual inversion embeddings, and those it skipped."""
         report = self.engine.loaded.embeddings
@@ -726,6 +733,7 @@ class SdApi:
             "model": s.model,
             "models_dir": str(s.models_dir) if s.models_dir else str(self.engine.models_dir),
             "embeddings_dir": str(self.engine.registry.embeddings_dir),
+            "lora_dir": str(self.engine.registry.lora_dir),
             "outputs_dir": str(s.outputs_dir),
             "no_save": not s.save_images,
             "allow_pickle": s.allow_pickle,
@@ -765,6 +773,9 @@ class SdApi:
         router.add_api_route("/sd-models", self.sd_models, methods=["GET"])
         router.add_api_route("/refresh-checkpoints", self.refresh_checkpoints, methods=["POST"])
         router.add_api_route("/embeddings", self.embeddings, methods=["GET"])
+        router.add_api_route("/loras", self.loras, methods=["GET"])
+        # The folder is read on each request and each job, so there is nothing to refresh.
+        router.add_api_route("/refresh-loras", lambda: None, methods=["POST"])
         router.add_api_route("/options", self.get_options, methods=["GET"])
         router.add_api_route("/options", self.set_options, methods=["POST"])
         router.add_api_route("/cmd-flags", self.cmd_flags, methods=["GET"])

@@ -840,6 +840,9 @@ def _model_note(engine) -> str:
         why = "; ".join(f"{name}: {reason}" for name, reason in embeddings.reasons.items())
         names = html.escape(_first_names(list(embeddings.reasons)))
         lines.append(f'<span title="{html.escape(why)}">Embeddings skipped: {names}</span>')
+    loras = [lora.name for lora in engine.list_loras()]
+    if loras:
+        lines.append(f"LoRAs (&lt;lora:name:1&gt; in the prompt): {html.escape(_first_names(loras))}")
     return f'<div class="model-note">{"<br>".join(lines)}</div>'
 
 

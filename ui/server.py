@@ -70,6 +70,8 @@ class ServerSettings:
     models_dir: Path | None = None
     # A1111's --ckpt-dir: checkpoints from here instead of <models_dir>/Stable-diffusion.
     ckpt_dir: Path | None = None
+    # A1111's --lora-dir: LoRAs from here instead of <models_dir>/Lora.
+    lora_dir: Path | None = None
     # A1111's --embeddings-dir: textual inversion embeddings from here instead of embeddings/ beside models/.
     embeddings_dir: Path | None = None
     outputs_dir: Path = DEFAULT_OUTPUTS_DIR
@@ -159,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of checkpoints to list and load, as in A1111 (default: <models-dir>/Stable-diffusion)",
     )
     models.add_argument(
+        "--lora-dir",
+        type=Path,
+        help="LoRA folder for <lora:name:weight> tags, as in A1111 (default: <models-dir>/Lora)",
+    )
+    models.add_argument(
         "--embeddings-dir",
         type=Path,
         help="textual inversion embeddings folder, as in A1111 (default: embeddings/ beside the models folder)",
@@ -207,8 +214,9 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
 
     if args.ckpt_dir is not None and not args.ckpt_dir.expanduser().is_dir():
         parser.error(f"--ckpt-dir {args.ckpt_dir}: no such folder")
-    if args.embeddings_dir is not None and not args.embeddings_dir.expanduser().is_dir():
-        parser.error(f"--embeddings-dir {args.embeddings_dir}: no such folder")
+    for flag, folder in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir)):
+        if folder is not None and not folder.expanduser().is_dir():
+            parser.error(f"{flag} {folder}: no such folder")
 
     return ServerSettings(
         host=host,
@@ -221,6 +229,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         model=args.model,
         models_dir=args.models_dir,
         ckpt_dir=args.ckpt_dir.expanduser() if args.ckpt_dir is not None else None,
+        lora_dir=args.lora_dir.expanduser() if args.lora_dir is not None else None,
         embeddings_dir=args.embeddings_dir.expanduser() if args.embeddings_dir is not None else None,
         outputs_dir=args.outputs_dir or DEFAULT_OUTPUTS_DIR,
         save_images=not args.no_save,

@@ -1,0 +1,211 @@
+"""LoRA networks from A1111's `models/Lora` folder, switched on per job by `<lora:name:weight>` tags.
+
+A1111's tag syntax: `<lora:name>` (weight 1), `<lora:name:0.8>`, `<lora:name:te:unet>` (the text
+encoder's and the UNet's weights apart), or named, `<lora:name:unet=0.5:te=1>`. Tags in the prompt
+switch LoRAs on; tags in the negative prompt are removed from its text, as A1111 does, and switch
+nothing on.
+
+Files are read by diffusers' `load_lora_weights` (kohya-ss/A1111 `lora_unet_*`/`lora_te_*` files and
+diffusers/PEFT ones, SD 1.x, 2.x and SDXL) into PEFT adapters beside the model's own weights, never
+fused into them: a job without LoRAs switches the adapters off and runs exactly the weights it ran
+before any LoRA was loaded, so its pictures stay byte-identical. Adapters stay loaded for the model's
+life, so the second job with a LoRA does not read the file again. Jobs run one at a time, so the
+adapters set for a job are what that job, and only it, runs with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InvalidRequestError
+from .prompts import split_extra_networks
+
+log = logging.getLogger(__name__)
+
+LORA_SUFFIXES = (".safetensors",)
+# Refused by name: a pickle can run code when read, and A1111 LoRAs are published as safetensors.
+PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin")
+_NAMED_WEIGHT = re.compile(r"^(te|unet)=(.*)$")
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """One `<lora:...>` tag: which file, and how strongly on the text encoder and on the UNet."""
+
+    name: str
+    text_encoder: float
+    unet: float
+    tag: str
+
+
+def lora_uses(prompt: str) -> list[LoraUse]:
+    """The LoRAs a prompt's tags ask for, in order (a name given twice: the last tag wins).
+    Raises InvalidRequestError naming the tag when a weight is not a number."""
+    uses: dict[str, LoraUse] = {}
+    for tag in split_extra_networks(prompt or "")[1]:
+        if tag.kind != "lora":
+            continue
+        text = f"<{tag.kind}:{':'.join(tag.args)}>"
+        name, *rest = tag.args
+        weights: dict[str, float] = {}
+        positional = ["te", "unet"]
+        for arg in rest:
+            named = _NAMED_WEIGHT.match(arg.strip())
+            key, value = (named.group(1), named.group(2)) if named else (positional.pop(0) if positional else "", arg)
+            if not key:
+                raise InvalidRequestError(
+                    "prompt", text, "<lora:name>, <lora:name:weight> or <lora:name:text encoder weight:unet weight>"
+                )
+            try:
+                weights[key] = float(value)
+            except ValueError:
+                part = {"te": "text encoder", "unet": "UNet"}[key]
+                raise InvalidRequestError("prompt", text, f"a number for the LoRA's {part} weight") from None
+        te = weights.get("te", 1.0)
+        uses[name.strip()] = LoraUse(name.strip(), te, weights.get("unet", te), text)
+    return list(uses.values())
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    name: str
+    path: Path
+
+    def metadata(self) -> dict[str, str]:
+        """The safetensors header's metadata (kohya-ss writes its training settings there)."""
+        try:
+            with open(self.path, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                return json.loads(handle.read(length)).get("__metadata__", {}) or {}
+        except (OSError, ValueError):
+            return {}
+
+
+def scan_loras(folder: Path) -> dict[str, LoraFile]:
+    """Every LoRA under `folder` (subfolders too, as A1111 reads them), by name (the file's stem)."""
+    if not folder.is_dir():
+        return {}
+    files = sorted(
+        (path for path in folder.rglob("*") if path.suffix in LORA_SUFFIXES and path.is_file()),
+        key=lambda path: (path.stem.lower(), str(path)),
+    )
+    return {path.stem: LoraFile(path.stem, path) for path in files}
+
+
+@dataclass
+class LoraAdapters:
+    """The LoRAs loaded into one model as PEFT adapters, and which of them the current job runs."""
+
+    folder: Path
+    adapter_names: dict[str, str] = field(default_factory=dict)  # LoRA file path -> adapter name
+    hashes: dict[tuple, str] = field(default_factory=dict)  # (path, size, mtime) -> sha256
+    active: tuple = ()
+    attempts: int = 0  # adapter names are never reused, not even a failed load's
+
+    def short_hash(self, lora: LoraFile) -> str:
+        """A1111's "Lora hashes" infotext names a LoRA by the first 12 hex digits of its file's sha256."""
+        stat = lora.path.stat()
+        key = (str(lora.path), stat.st_size, stat.st_mtime_ns)
+        if key not in self.hashes:
+            with open(lora.path, "rb") as handle:
+                self.hashes[key] = hashlib.file_digest(handle, "sha256").hexdigest()
+        return self.hashes[key][:12]
+
+    def resolve(self, uses: list[LoraUse]) -> list[tuple[LoraUse, LoraFile]]:
+        """The files `uses` name; raises InvalidRequestError naming an unknown one and listing what there is."""
+        available = scan_loras(self.folder)
+        by_lower = {name.lower(): lora for name, lora in available.items()}
+        found = []
+        for use in uses:
+            lora = available.get(use.name) or by_lower.get(use.name.lower())
+            if lora is None:
+                pickled = [p for p in self.folder.rglob(f"{use.name}.*") if p.suffix in PICKLE_SUFFIXES]
+                if pickled:
+                    allowed = f"a .safetensors LoRA ({pickled[0].name} is a pickle file: convert it to .safetensors)"
+                else:
+                    names = ", ".join(sorted(available)) or "none"
+                    allowed = f"the name of a LoRA in {self.folder} (there: {names})"
+                raise InvalidRequestError("prompt", use.tag, allowed)
+            found.append((use, lora))
+        return found
+
+    def activate(self, pipe, found: list[tuple[LoraUse, LoraFile]], family: str) -> bool:
+        """Set `pipe`'s adapters to exactly the LoRAs in `found` at their weights (none: all off).
+        Returns whether the set changed. Raises InvalidRequestError for a LoRA this model cannot take."""
+        wanted = tuple((str(lora.path), use.text_encoder, use.unet) for use, lora in found)
+        if wanted == self.active:
+            return False
+        names, weights = [], []
+        for use, lora in found:
+            names.append(self._load(pipe, use, lora, family))
+            weights.append({"unet": use.unet, **dict.fromkeys(_text_encoders(pipe), use.text_encoder)})
+        if names:
+            pipe.enable_lora()
+            pipe.set_adapters(names, adapter_weights=weights)
+        elif self.adapter_names:
+            pipe.disable_lora()
+        self.active = wanted
+        return True
+
+    def _load(self, pipe, use: LoraUse, lora: LoraFile, family: str) -> str:
+        key = str(lora.path)
+        if key in self.adapter_names:
+            return self.adapter_names[key]
+        adapter = f"lora{self.attempts}"
+        self.attempts += 1
+        try:
+            pipe.load_lora_weights(str(lora.path), adapter_name=adapter)
+        except (ValueError, RuntimeError, KeyError, OSError) as exc:
+            _forget_adapter(pipe, adapter)
+            raise InvalidRequestError(
+                "prompt",
+                use.tag,
+                f"a LoRA made for this model ({family}); {lora.path.name} does not fit it: {_first_lines(str(exc))}",
+            ) from exc
+        if not any(adapter in adapters for adapters in pipe.get_list_adapters().values()):
+            raise InvalidRequestError(
+                "prompt", use.tag, f"a LoRA made for this model ({family}); none of {lora.path.name}'s layers are in it"
+            )
+        # LoRA files are usually float16; the adapters must run at the model's own precision.
+        dtype = pipe.unet.dtype
+        for module in (pipe.unet, *(getattr(pipe, name) for name in _text_encoders(pipe))):
+            for name, parameter in module.named_parameters():
+                if "lora_" in name and parameter.dtype != dtype:
+                    parameter.data = parameter.data.to(dtype)
+        self.adapter_names[key] = adapter
+        log.info("Loaded LoRA %s from %s", lora.name, lora.path)
+        return adapter
+
+
+def _first_lines(message: str, lines: int = 2) -> str:
+    """The start of a loader's error: torch lists every mismatched layer, which would bury the point."""
+    parts = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    more = f" (and {len(parts) - lines} more)" if len(parts) > lines else ""
+    return " ".join(parts[:lines]) + more
+
+
+def _text_encoders(pipe) -> list[str]:
+    return [name for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None) is not None]
+
+
+def _forget_adapter(pipe, adapter: str) -> None:
+    """Take out whatever part of a LoRA got in before loading it failed."""
+    try:
+        pipe.delete_adapters(adapter)
+    except (ValueError, KeyError, AttributeError):
+        pass
+    # A half-loaded adapter may be left on a component that never registered it.
+    for module in (getattr(pipe, "unet", None), *(getattr(pipe, name) for name in _text_encoders(pipe))):
+        if module is not None and adapter in getattr(module, "peft_config", {}):
+            try:
+                module.delete_adapters(adapter)
+            except (ValueError, KeyError, AttributeError):
+                pass
+        # As diffusers does when its last adapter goes: an empty config would make PEFT warn at the next load.
+        if module is not None and getattr(module, "peft_config", None) == {}:
+            del module.peft_config
