@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from engine import Engine, GenerationRequest, InvalidRequestError
 from engine.lora import LoraUse, lora_uses
@@ -194,3 +194,26 @@ def test_the_page_names_the_loras_under_the_model(lora_engine):
     from ui.page import _model_note
 
     assert "LoRAs (&lt;lora:name:1&gt; in the prompt): micro-purple, sd15-detail, wide" in _model_note(lora_engine)
+
+
+def test_the_lora_training_script_writes_a_kohya_file_the_engine_runs(tmp_path, models_dir):
+    from safetensors import safe_open
+
+    from training import train_lora
+
+    tiny = ["--steps=2", "--images=16", "--batch=4"]
+    for run in ("first", "second"):
+        train_lora.main([*tiny, f"--out={tmp_path / run / 'tiny-purple.safetensors'}"])
+    first, second = (tmp_path / run / "tiny-purple.safetensors" for run in ("first", "second"))
+    with safe_open(str(first), "pt") as handle:
+        keys, metadata = list(handle.keys()), handle.metadata()
+    # Deterministic: the same tensors (the header's metadata order is the writer's own).
+    first_tensors, second_tensors = load_file(str(first)), load_file(str(second))
+    assert first_tensors.keys() == second_tensors.keys()
+    assert all(torch.equal(first_tensors[key], second_tensors[key]) for key in first_tensors)
+    assert {key.split("_")[1] for key in keys} == {"unet", "te"}
+    assert all(key.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for key in keys)
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_output_name"] == "tiny-purple"
+    engine = Engine(model=str(SHIPPED_MICRO_MODEL), models_dir=models_dir, lora_dir=tmp_path / "first")
+    _, infotext = draw(engine, "a red circle <lora:tiny-purple:1>", steps=2)
+    assert 'Lora hashes: "tiny-purple: ' in infotext
