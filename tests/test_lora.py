@@ -217,3 +217,46 @@ def test_the_lora_training_script_writes_a_kohya_file_the_engine_runs(tmp_path, 
     engine = Engine(model=str(SHIPPED_MICRO_MODEL), models_dir=models_dir, lora_dir=tmp_path / "first")
     _, infotext = draw(engine, "a red circle <lora:tiny-purple:1>", steps=2)
     assert 'Lora hashes: "tiny-purple: ' in infotext
+
+
+def test_an_sdxl_lora_reaches_both_text_encoders_at_its_weights(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from engine.lora import LoraAdapters
+    from engine.prompts import SDXLPromptEncoder
+    from tests.test_prompts_sdxl import build_tiny_sdxl_pipeline
+
+    # A diffusers-format SDXL LoRA with every part non-zero, made on a copy of the tiny SDXL pipeline.
+    source, pipe = build_tiny_sdxl_pipeline(), build_tiny_sdxl_pipeline()
+    torch.manual_seed(1)
+    parts = {"unet": (source.unet, ["to_q", "to_k"])}
+    parts |= {name: (getattr(source, name), ["q_proj", "out_proj"]) for name in ("text_encoder", "text_encoder_2")}
+    for module, targets in parts.values():
+        module.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=targets))
+        for name, parameter in module.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.5)
+    StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path,
+        **{f"{name}_lora_layers": get_peft_model_state_dict(module) for name, (module, _) in parts.items()},
+        weight_name="xl-style.safetensors",
+    )
+
+    adapters = LoraAdapters(tmp_path)
+    encoder = SDXLPromptEncoder(pipe.tokenizer, pipe.text_encoder, pipe.tokenizer_2, pipe.text_encoder_2)
+    plain = encoder.encode("a cat")[0]
+    assert adapters.activate(pipe, adapters.resolve(lora_uses("<lora:xl-style:1:0>")), "sdxl")
+    assert pipe.get_list_adapters() == {"unet": ["lora0"], "text_encoder": ["lora0"], "text_encoder_2": ["lora0"]}
+    scales = {
+        name: {layer.scaling["lora0"] for layer in module.modules() if hasattr(layer, "scaling")}
+        for name, module in (("unet", pipe.unet), ("text_encoder_2", pipe.text_encoder_2))
+    }
+    assert scales == {"unet": {0.0}, "text_encoder_2": {1.0}}
+    encoder.clear_cache()
+    styled = encoder.encode("a cat")[0]
+    assert not torch.equal(styled.embeds, plain.embeds) and not torch.equal(styled.pooled, plain.pooled)
+    assert adapters.activate(pipe, [], "sdxl")
+    encoder.clear_cache()
+    assert torch.equal(encoder.encode("a cat")[0].embeds, plain.embeds)
