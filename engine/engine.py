@@ -20,7 +20,7 @@ from .errors import EngineError, InvalidRequestError, ModelLoadError
 from .events import JobControl, JobState, PreviewSettings, Progress, Result, Waiting
 from .generate import run_batch
 from .infotext import format_infotext
-from .lora import LoraFile, lora_uses, scan_loras
+from .lora import LoraFile, LoraUse, lora_uses, scan_loras
 from .models import LoadedModel, ModelInfo, ModelRegistry, default_dtype, load_model, pick_device
 from .presets import DEFAULT_MODELS_DIR, MICRO_MODEL_NAME, SHIPPED_MICRO_MODEL, FamilyDefaults
 from .previews import make_previewer
@@ -109,6 +109,12 @@ class Engine:
     def list_loras(self) -> list[LoraFile]:
         """The LoRAs in the LoRA folder (models/Lora, or --lora-dir), for `<lora:name:weight>` tags."""
         return list(scan_loras(self.registry.lora_dir).values())
+
+    def describe_loras(self, prompt: str) -> list[LoraUse]:
+        """The LoRAs a prompt's tags switch on, with their weights; raises InvalidRequestError as a job would."""
+        uses = lora_uses(prompt or "")
+        self._require_model().loras.resolve(uses)
+        return uses
 
     def load_model(self, model: str | os.PathLike) -> ModelInfo:
         """Switch to `model`; waits for a running job to finish. Raises ModelLoadError."""

@@ -260,3 +260,13 @@ def test_an_sdxl_lora_reaches_both_text_encoders_at_its_weights(tmp_path):
     assert adapters.activate(pipe, [], "sdxl")
     encoder.clear_cache()
     assert torch.equal(encoder.encode("a cat")[0].embeds, plain.embeds)
+
+
+def test_the_lora_picker_adds_a_tag_once():
+    from ui.page import _add_lora_tag
+
+    assert _add_lora_tag("a red circle ", "micro-purple") == ("a red circle <lora:micro-purple:1>", None)
+    assert _add_lora_tag("", "micro-purple") == ("<lora:micro-purple:1>", None)
+    named = "a circle <lora:Micro-Purple:0.4>"
+    assert _add_lora_tag(named, "micro-purple") == (named, None)  # already there: its weight is kept
+    assert _add_lora_tag("a <lora:x:bad>", "micro-purple") == ("a <lora:x:bad> <lora:micro-purple:1>", None)

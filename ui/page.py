@@ -22,6 +22,7 @@ from PIL import Image
 
 from engine import EngineError
 from engine.events import PREVIEW_MODES
+from engine.lora import lora_uses
 from engine.request import EMPHASIS_MODES, PROMPT_SYNTAXES
 
 from .page_compare import build_compare_tab, wire_compare_tab
@@ -32,6 +33,7 @@ from .page_jobs import (
     build_request,
     editor_image_and_mask,
     engine_error,
+    lora_reading_html,
     params_table_html,
     progress_html,
     prompt_reading_html,
@@ -120,6 +122,8 @@ class TabWidgets:
     send_inpaint: gr.Button
     # How the prompt is read: fragments and weights per stretch of steps (prompt editing).
     prompt_reading: gr.HTML
+    # Picks a LoRA from the LoRA folder and adds its tag to the prompt.
+    add_lora: gr.Dropdown
     # img2img / inpaint only
     image: gr.components.Component | None = None
     mask: gr.Image | None = None
@@ -356,6 +360,13 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
         with gr.Column(scale=2, min_width=180, elem_classes="generate-column"):
             generate = gr.Button("Generate", variant="primary", elem_id=f"{mode}_generate", size="lg")
             stop = gr.Button("Stop", variant="stop", elem_id=f"{mode}_stop", size="md")
+            add_lora = gr.Dropdown(
+                choices=_lora_names(engine),
+                value=None,
+                label="Add a LoRA",
+                info="adds <lora:name:1> to the prompt",
+                elem_id=f"{mode}_add_lora",
+            )
     with gr.Accordion("How the prompt is read", open=False, elem_id=f"{mode}_prompt_reading_box"):
         prompt_reading = gr.HTML("", elem_id=f"{mode}_prompt_reading")
     image = mask = None
@@ -441,6 +452,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
         send_img2img=send_img2img,
         send_inpaint=send_inpaint,
         prompt_reading=prompt_reading,
+        add_lora=add_lora,
         image=image,
         mask=mask,
         denoising_strength=extra.get("denoising_strength"),
@@ -547,6 +559,22 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
             concurrency_id="tokens",
             concurrency_limit=4,
         )
+    # The folder is read again whenever the list is opened, so a LoRA added meanwhile is there.
+    tab.add_lora.focus(
+        lambda: gr.update(choices=_lora_names(engine)),
+        outputs=[tab.add_lora],
+        queue=False,
+        api_visibility="private",
+        show_progress="hidden",
+    )
+    tab.add_lora.input(
+        _add_lora_tag,
+        inputs=[panel.prompt, tab.add_lora],
+        outputs=[panel.prompt, tab.add_lora],
+        queue=False,
+        api_visibility="private",
+        show_progress="hidden",
+    )
     read = functools.partial(_read_prompts, engine)
     for trigger in (panel.prompt, panel.negative_prompt, panel.steps):
         trigger.change(
@@ -760,6 +788,25 @@ def _stop(session: PageSession) -> None:
     log.info("Stop requested for %d job(s) of one session", stopped)
 
 
+def _lora_names(engine) -> list[str]:
+    return [lora.name for lora in engine.list_loras()]
+
+
+def _add_lora_tag(prompt: str, name: str | None):
+    """The prompt with `<lora:name:1>` added at the end (unless it already names that LoRA), and the
+    picker cleared for the next pick."""
+    if not name:
+        return gr.skip(), gr.skip()
+    prompt = prompt or ""
+    try:
+        present = {use.name.lower() for use in lora_uses(prompt)}
+    except EngineError:  # a malformed tag already there: the prompt panel says what is wrong with it
+        present = set()
+    if name.lower() in present:
+        return prompt, None
+    return f"{prompt.rstrip()} <lora:{name}:1>".strip(), None
+
+
 def _count_tokens(engine, text: str) -> str:
     try:
         return token_counter_html(engine.token_counts(text or ""))
@@ -772,8 +819,10 @@ def _read_prompts(engine, prompt: str, negative_prompt: str, steps) -> str:
     """The parsed view: fragments with weights for each stretch of steps, and tokens per chunk."""
     try:
         steps = int(steps or 20)
-        return prompt_reading_html(engine.describe_prompt(prompt, steps), label="Prompt") + prompt_reading_html(
-            engine.describe_prompt(negative_prompt, steps), label="Negative prompt"
+        return (
+            prompt_reading_html(engine.describe_prompt(prompt, steps), label="Prompt")
+            + prompt_reading_html(engine.describe_prompt(negative_prompt, steps), label="Negative prompt")
+            + lora_reading_html(engine.describe_loras(prompt))
         )
     except (EngineError, ValueError, TypeError) as exc:
         return f'<span class="token-count error">{html.escape(str(exc))}</span>'

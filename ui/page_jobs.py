@@ -205,6 +205,18 @@ def prompt_reading_html(readings, *, label: str) -> str:
     return "".join(parts)
 
 
+def lora_reading_html(uses) -> str:
+    """The LoRAs the prompt switches on, each with its text encoder and UNet weights."""
+    if not uses:
+        return ""
+    items = ", ".join(
+        f'<span class="prompt-fragment plain">{html.escape(use.name)}</span>: '
+        f"text encoder {use.text_encoder:.3g}, UNet {use.unet:.3g}"
+        for use in uses
+    )
+    return f'<div class="prompt-reading"><div class="prompt-reading-label">LoRAs</div>{items}</div>'
+
+
 def progress_html(fraction: float, text: str, *, state: str = "running", job_id: int | None = None) -> str:
     """A bar and one line of text; `state` is running, done, interrupted or idle (a CSS class)."""
     percent = max(0.0, min(1.0, fraction)) * 100

@@ -1,0 +1,63 @@
+"""LoRAs on the page, in a real browser: the picker adds the tag, the prompt panel reads it, and the
+picture is made with it. On the micro model with the shipped micro-purple LoRA."""
+
+from __future__ import annotations
+
+import socket
+from types import SimpleNamespace
+
+import pytest
+
+from engine import Engine
+from engine.presets import SHIPPED_MICRO_LORA, SHIPPED_MICRO_MODEL
+from tests.test_browser import TIMEOUT_MS, browser  # noqa: F401 - fixture
+from ui.page import build_page
+
+
+@pytest.fixture(scope="module")
+def page(browser, models_dir, tmp_path_factory):  # noqa: F811 - the fixture imported above
+    engine = Engine(model=str(SHIPPED_MICRO_MODEL), models_dir=models_dir, lora_dir=SHIPPED_MICRO_LORA.parent)
+    settings = SimpleNamespace(outputs_dir=tmp_path_factory.mktemp("lora-outputs"), save_images=False)
+    demo = build_page(engine, settings)
+    demo.queue(default_concurrency_limit=1)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.wait_for_selector("#txt2img_prompt textarea")
+    yield page
+    context.close()
+    demo.close()
+
+
+def test_the_lora_picker_adds_the_tag_and_the_picture_is_made_with_it(page, artifacts_dir):
+    page.fill("#txt2img_prompt textarea", "a red circle on a white background")
+    page.click("#txt2img_add_lora input")
+    page.locator("ul[role='listbox'] li", has_text="micro-purple").first.click()
+    page.wait_for_function(
+        "document.querySelector('#txt2img_prompt textarea').value"
+        " === 'a red circle on a white background <lora:micro-purple:1>'"
+    )
+    page.click("#txt2img_prompt_reading_box button")
+    reading = page.locator("#txt2img_prompt_reading")
+    reading.locator(".prompt-reading-label", has_text="LoRAs").wait_for()
+    assert "micro-purple: text encoder 1, UNet 1" in reading.inner_text()
+
+    page.click("#txt2img_generate")
+    page.wait_for_function("document.querySelector('#txt2img_infotext textarea').value.includes('Lora hashes')")
+    assert 'Lora hashes: "micro-purple: ' in page.input_value("#txt2img_infotext textarea")
+    page.screenshot(path=str(artifacts_dir / "page_lora.png"))
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(artifacts_dir / "page_lora_top.png"))
+
+    # A LoRA that is not in the folder: the panel says so while typing.
+    page.fill("#txt2img_prompt textarea", "a circle <lora:purple:1>")
+    page.wait_for_function(
+        "text => document.querySelector('#txt2img_prompt_reading').innerText.includes(text)",
+        arg="got '<lora:purple:1>'",
+    )
+    assert "micro-purple" in page.inner_text("#txt2img_prompt_reading")
