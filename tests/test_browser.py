@@ -85,13 +85,19 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture(scope="module")
-def page(browser, page_url):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+def open_page(browser, url: str, height: int = 1000):
+    """A new browser context showing the page at `url`, once its prompt box is there: (context, page)."""
+    context = browser.new_context(viewport={"width": 1400, "height": height})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
-    page.goto(page_url)
+    page.goto(url)
     page.wait_for_selector("#txt2img_prompt textarea")
+    return context, page
+
+
+@pytest.fixture(scope="module")
+def page(browser, page_url):
+    context, page = open_page(browser, page_url)
     yield page
     context.close()
 

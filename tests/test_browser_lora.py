@@ -10,7 +10,7 @@ import pytest
 
 from engine import Engine
 from engine.presets import SHIPPED_MICRO_LORA, SHIPPED_MICRO_MODEL
-from tests.test_browser import TIMEOUT_MS, browser  # noqa: F401 - fixture
+from tests.test_browser import browser, open_page  # noqa: F401 - fixture
 from ui.page import build_page
 
 
@@ -24,11 +24,7 @@ def page(browser, models_dir, tmp_path_factory):  # noqa: F811 - the fixture imp
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    page.goto(url)
-    page.wait_for_selector("#txt2img_prompt textarea")
+    context, page = open_page(browser, url)
     yield page
     context.close()
     demo.close()

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_browser import TIMEOUT_MS, _set_number, browser, page_url  # noqa: F401 - fixtures
+from tests.test_browser import _set_number, browser, open_page, page_url  # noqa: F401 - fixtures
 
 
 @pytest.fixture(scope="module")
 def page(browser, page_url):  # noqa: F811 - the fixtures imported above
-    context = browser.new_context(viewport={"width": 1400, "height": 1400})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    page.goto(page_url)
-    page.wait_for_selector("#txt2img_prompt textarea")
+    context, page = open_page(browser, page_url, height=1400)
     yield page
     context.close()
 
