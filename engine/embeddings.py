@@ -57,6 +57,8 @@ class EmbeddingsReport:
     """What a model made of the embeddings folder: the embeddings it took, and why it left the others."""
 
     folder: str | None = None
+    # The folder's embedding files (path, size, mtime) when it was read: a refresh rereads it only if they differ.
+    signature: tuple = ()
     loaded: dict[str, Embedding] = field(default_factory=dict)
     skipped: dict[str, Embedding] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
@@ -117,19 +119,41 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def _embedding_files(folder: Path | None) -> list[Path]:
+    if folder is None or not folder.is_dir():
+        return []
+    return sorted(path for path in folder.rglob("*") if path.suffix in EMBEDDING_SUFFIXES and path.is_file())
+
+
+def folder_signature(folder: Path | None) -> tuple:
+    """What a refresh compares: each embedding file's path, size and modification time."""
+    return tuple((str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in _embedding_files(folder))
+
+
+def _encoder_pairs(pipe) -> dict[str, tuple]:
+    """The model's (tokenizer, text encoder) pairs, keyed as read_embedding keys the vectors meant for them."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return {"clip_l": (pipe.tokenizer, pipe.text_encoder), "clip_g": (pipe.tokenizer_2, pipe.text_encoder_2)}
+    return {"": (pipe.tokenizer, pipe.text_encoder)}
+
+
+def unload_embeddings(pipe, report: EmbeddingsReport) -> None:
+    """Take the embeddings `report` loaded back out of `pipe`'s tokenizers and text encoders."""
+    if report.loaded:
+        for tokenizer, text_encoder in _encoder_pairs(pipe).values():
+            pipe.unload_textual_inversion(tokenizer=tokenizer, text_encoder=text_encoder)
+
+
 def load_embeddings(pipe, folder: Path | None) -> EmbeddingsReport:
     """Add every embedding in `folder` (and its subfolders, as A1111 reads them) that fits `pipe`'s text
     encoders to them; the rest are skipped with a reason. A missing folder is no embeddings."""
-    report = EmbeddingsReport(folder=str(folder) if folder is not None else None)
+    report = EmbeddingsReport(folder=str(folder) if folder is not None else None, signature=folder_signature(folder))
     if folder is None or not folder.is_dir() or getattr(pipe, "tokenizer", None) is None:
         return report
-    # The model's text encoders, keyed as read_embedding keys the vectors meant for them.
-    encoders = {"": (pipe.tokenizer, pipe.text_encoder)}
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        encoders = {"clip_l": (pipe.tokenizer, pipe.text_encoder), "clip_g": (pipe.tokenizer_2, pipe.text_encoder_2)}
+    encoders = _encoder_pairs(pipe)
     widths = {key: encoder.get_input_embeddings().weight.shape[-1] for key, (_tok, encoder) in encoders.items()}
 
-    files = sorted(path for path in folder.rglob("*") if path.suffix in EMBEDDING_SUFFIXES and path.is_file())
+    files = _embedding_files(folder)
     accepted: dict[str, dict[str, torch.Tensor]] = {}
     for path in files:
         name = path.stem

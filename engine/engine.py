@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import samplers
+from .embeddings import EmbeddingsReport, folder_signature, load_embeddings, unload_embeddings
 from .errors import EngineError, InvalidRequestError, ModelLoadError
 from .events import JobControl, JobState, PreviewSettings, Progress, Result, Waiting
 from .generate import run_batch
@@ -25,7 +26,7 @@ from .models import LoadedModel, ModelInfo, ModelRegistry, default_dtype, load_m
 from .presets import DEFAULT_MODELS_DIR, MICRO_MODEL_NAME, SHIPPED_MICRO_MODEL, FamilyDefaults
 from .previews import make_previewer
 from .prompt_schedule import prompt_schedule
-from .prompts import Conditioning, PromptReading, SDXLEmbeds, describe_prompt
+from .prompts import Conditioning, PromptReading, SDXLEmbeds, describe_prompt, make_prompt_encoders
 from .request import SEED_MAX, GenerationRequest, Limits, validate_request
 from .tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
@@ -109,6 +110,20 @@ class Engine:
     def list_loras(self) -> list[LoraFile]:
         """The LoRAs in the LoRA folder (models/Lora, or --lora-dir), for `<lora:name:weight>` tags."""
         return list(scan_loras(self.registry.lora_dir).values())
+
+    def refresh_embeddings(self) -> EmbeddingsReport:
+        """Read the embeddings folder again if its files changed since the model read it (A1111's refresh).
+        Waits for a running job: no prompt is encoded while the tokenizer changes."""
+        model = self._require_model()
+        if folder_signature(self.registry.embeddings_dir) == model.embeddings.signature:
+            return model.embeddings
+        with self._job_lock:
+            loader = model.pipeline_for("txt2img", model.components["scheduler"], traced=False)
+            unload_embeddings(loader, model.embeddings)
+            model.embeddings = load_embeddings(loader, self.registry.embeddings_dir)
+            # New encoders: they know the tokenizer's embedding tokens, and nothing cached under the old ones.
+            model.prompt_encoder, model.compel_encoder = make_prompt_encoders(model.components)
+        return model.embeddings
 
     def describe_loras(self, prompt: str) -> list[LoraUse]:
         """The LoRAs a prompt's tags switch on, with their weights; raises InvalidRequestError as a job would."""

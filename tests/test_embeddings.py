@@ -145,6 +145,7 @@ def test_the_api_lists_embeddings_as_a1111_does(ti_engine, embeddings_dir, tmp_p
     try:
         listing = httpx.get(handle.url + "sdapi/v1/embeddings", timeout=60).json()
         flags = httpx.get(handle.url + "sdapi/v1/cmd-flags", timeout=60).json()
+        refreshed = httpx.post(handle.url + "sdapi/v1/refresh-embeddings", timeout=60)
     finally:
         handle.close()
     assert listing["loaded"]["Crimson"] == {
@@ -156,6 +157,7 @@ def test_the_api_lists_embeddings_as_a1111_does(ti_engine, embeddings_dir, tmp_p
     }
     assert listing["loaded"]["redshape"]["vectors"] == 2
     assert flags["embeddings_dir"] == str(embeddings_dir)
+    assert refreshed.status_code == 200
     assert listing["skipped"] == {
         "sd15-negative": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 768, "vectors": 8}
     }
@@ -178,3 +180,26 @@ def test_the_page_names_the_embeddings_under_the_model(ti_engine):
     assert "Embeddings skipped: broken, sd15-negative" in note
     assert "sd15-negative: vectors 768 wide; this model&#x27;s text encoder takes 64" in note
     assert _first_names([f"e{index}" for index in range(10)]) == "e0, e1, e2, e3, e4, e5, e6, e7 and 2 more"
+
+
+def test_a_refresh_reads_the_folder_again_only_when_it_changed(tmp_path, models_dir, embeddings_dir):
+    import shutil
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    shutil.copy(embeddings_dir / "Crimson.pt", folder / "Crimson.pt")
+    engine = Engine(model=str(SHIPPED_MICRO_MODEL), models_dir=models_dir, embeddings_dir=folder)
+    report = engine.loaded.embeddings
+    assert engine.refresh_embeddings() is report  # nothing changed: nothing reread
+
+    # One file added, one taken away.
+    shutil.copy(embeddings_dir / "shapes" / "redshape.safetensors", folder / "redshape.safetensors")
+    (folder / "Crimson.pt").unlink()
+    assert list(engine.refresh_embeddings().loaded) == ["redshape"]
+    assert engine.token_counts("a redshape") == [3]
+    red, _ = draw(engine, "a red circle on a blue background", seed=4)
+    assert np.array_equal(draw(engine, "a redshape on a blue background", seed=4)[0], red)
+    # "crimson" is an ordinary word again, and its token is the tokenizer's own.
+    tokenizer = engine.loaded.components["tokenizer"]
+    assert "Crimson" not in tokenizer.get_vocab()
+    assert engine.token_counts("a crimson circle") == [len(tokenizer("a crimson circle")["input_ids"]) - 2]

@@ -643,6 +643,9 @@ class SdApi:
     def refresh_checkpoints(self) -> None:
         self.engine.list_models()
 
+    def refresh_embeddings(self) -> None:
+        self.engine.refresh_embeddings()
+
     def loras(self) -> list[dict[str, Any]]:
         """A1111's LoRA listing: name, alias, path and the file's safetensors metadata."""
         return [
@@ -773,6 +776,7 @@ class SdApi:
         router.add_api_route("/sd-models", self.sd_models, methods=["GET"])
         router.add_api_route("/refresh-checkpoints", self.refresh_checkpoints, methods=["POST"])
         router.add_api_route("/embeddings", self.embeddings, methods=["GET"])
+        router.add_api_route("/refresh-embeddings", self.refresh_embeddings, methods=["POST"])
         router.add_api_route("/loras", self.loras, methods=["GET"])
         # The folder is read on each request and each job, so there is nothing to refresh.
         router.add_api_route("/refresh-loras", lambda: None, methods=["POST"])

@@ -235,7 +235,12 @@ def build_page(engine, settings=None) -> gr.Blocks:
             api_visibility="private",
         )
         refresh = functools.partial(_refresh_models, engine)
-        refresh_models.click(refresh, outputs=[model, model_note], api_visibility="private", queue=False)
+        refresh_models.click(
+            functools.partial(_refresh_models, engine, embeddings=True),
+            outputs=[model, model_note],
+            api_visibility="private",
+            queue=False,
+        )
         # Another user may have switched the (shared) model since this page was built.
         demo.load(refresh, outputs=[model, model_note], api_visibility="private", queue=False)
 
@@ -900,8 +905,11 @@ def _first_names(names: list[str], shown: int = 8) -> str:
     return ", ".join(names[:shown]) + more
 
 
-def _refresh_models(engine):
-    """The model list rescanned, and the model loaded now (shared by all users: one engine)."""
+def _refresh_models(engine, *, embeddings: bool = False):
+    """The model list rescanned, and the model loaded now (shared by all users: one engine); with
+    `embeddings`, the embeddings folder read again if it changed (the ↻ button, as A1111's refresh)."""
+    if embeddings:
+        engine.refresh_embeddings()
     return gr.update(choices=_model_titles(engine), value=engine.model.title), _model_note(engine)
 
 
