@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,7 +144,11 @@ class LoraAdapters:
         names, weights = [], []
         for use, lora in found:
             names.append(self._load(pipe, use, lora, family))
-            weights.append({"unet": use.unet, **dict.fromkeys(_text_encoders(pipe), use.text_encoder)})
+        # Weights only for the parts each LoRA has (many have no text encoder part): diffusers warns of others.
+        parts = pipe.get_list_adapters()
+        for name, (use, _lora) in zip(names, found, strict=True):
+            weight_of = {"unet": use.unet, "text_encoder": use.text_encoder, "text_encoder_2": use.text_encoder}
+            weights.append({part: weight_of[part] for part, adapters in parts.items() if name in adapters})
         if names:
             pipe.enable_lora()
             pipe.set_adapters(names, adapter_weights=weights)
@@ -159,7 +164,10 @@ class LoraAdapters:
         adapter = f"lora{self.attempts}"
         self.attempts += 1
         try:
-            pipe.load_lora_weights(str(lora.path), adapter_name=adapter)
+            with warnings.catch_warnings():
+                # PEFT warns whenever a second adapter joins a model: several LoRAs are what this is for.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                pipe.load_lora_weights(str(lora.path), adapter_name=adapter)
         except (ValueError, RuntimeError, KeyError, OSError) as exc:
             _forget_adapter(pipe, adapter)
             raise InvalidRequestError(

@@ -48,6 +48,12 @@ def lora_dir(tmp_path_factory):
     # A layer the micro model has, at SD 1.5's width.
     misfit_lora(folder / "wide.safetensors", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 640)
     (folder / "old-style.pt").write_bytes(b"pickle")
+    # micro-purple cut in two: a UNet-only LoRA (as most SDXL LoRAs are) and a text-encoder-only one.
+    tensors = load_file(str(SHIPPED_MICRO_LORA))
+    for part, prefix in (("unet-part", "lora_unet_"), ("te-part", "lora_te_")):
+        save_file(
+            {key: value for key, value in tensors.items() if key.startswith(prefix)}, folder / f"{part}.safetensors"
+        )
     return folder
 
 
@@ -124,6 +130,16 @@ def test_text_encoder_and_unet_weights_apply_apart(lora_engine):
     assert np.array_equal(draw(lora_engine, prompt)[0], plain)
 
 
+def test_several_loras_combine_and_one_may_lack_a_part(lora_engine):
+    prompt = scene_prompt(*SCENES[2])
+    whole, _ = draw(lora_engine, prompt + " <lora:micro-purple:1>")
+    unet_part, _ = draw(lora_engine, prompt + " <lora:unet-part:1>")
+    assert not np.array_equal(unet_part, whole) and not np.array_equal(unet_part, draw(lora_engine, prompt)[0])
+    both, infotext = draw(lora_engine, prompt + " <lora:te-part:1> <lora:unet-part:1>")
+    assert np.array_equal(both, whole)
+    assert 'Lora hashes: "te-part: ' in infotext and ", unet-part: " in infotext
+
+
 def test_infotext_names_the_loras_by_hash_as_a1111_does(lora_engine, lora_dir):
     _, infotext = draw(lora_engine, "a red circle <lora:micro-purple:0.8>", steps=2)
     digest = hashlib.sha256((lora_dir / "styles" / SHIPPED_MICRO_LORA.name).read_bytes()).hexdigest()[:12]
@@ -173,7 +189,7 @@ def test_the_api_lists_loras_and_refuses_a_missing_one(lora_engine, lora_dir, tm
         flags = httpx.get(api + "cmd-flags", timeout=60).json()
     finally:
         handle.close()
-    assert sorted(listing) == ["micro-purple", "sd15-detail", "wide"]
+    assert sorted(listing) == ["micro-purple", "sd15-detail", "te-part", "unet-part", "wide"]
     assert listing["micro-purple"]["path"] == str(lora_dir / "styles" / SHIPPED_MICRO_LORA.name)
     assert listing["micro-purple"]["metadata"]["ss_network_dim"] == "4"
     assert refused.status_code == 422 and refused.json()["field"] == "prompt"
@@ -193,7 +209,10 @@ def test_lora_dir_flag(tmp_path, lora_dir, capsys):
 def test_the_page_names_the_loras_under_the_model(lora_engine):
     from ui.page import _model_note
 
-    assert "LoRAs (&lt;lora:name:1&gt; in the prompt): micro-purple, sd15-detail, wide" in _model_note(lora_engine)
+    assert (
+        "LoRAs (&lt;lora:name:1&gt; in the prompt): micro-purple, sd15-detail, te-part, unet-part, wide"
+        in _model_note(lora_engine)
+    )
 
 
 def test_the_lora_training_script_writes_a_kohya_file_the_engine_runs(tmp_path, models_dir):
