@@ -15,6 +15,7 @@ adapters set for a job are what that job, and only it, runs with.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -164,7 +165,7 @@ class LoraAdapters:
         adapter = f"lora{self.attempts}"
         self.attempts += 1
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _without_loader_notes():
                 # PEFT warns whenever a second adapter joins a model: several LoRAs are what this is for.
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
                 pipe.load_lora_weights(str(lora.path), adapter_name=adapter)
@@ -188,6 +189,39 @@ class LoraAdapters:
         self.adapter_names[key] = adapter
         log.info("Loaded LoRA %s from %s", lora.name, lora.path)
         return adapter
+
+
+class _DropNotes(logging.Filter):
+    """Drops log records whose message contains one of `parts`."""
+
+    def __init__(self, *parts: str):
+        super().__init__()
+        self.parts = parts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(part in message for part in self.parts)
+
+
+# Notes the loaders log for every ordinary LoRA: that a UNet-only LoRA has no text encoder keys, and
+# transformers' load report, which lists the adapters already loaded as keys "missing" from the new one.
+_LOADER_NOTES = {
+    "diffusers.loaders.lora_base": ("No LoRA keys associated",),
+    "diffusers.loaders.peft": ("No LoRA keys associated",),
+    "transformers.integrations.peft": ("LOAD REPORT",),
+}
+
+
+@contextlib.contextmanager
+def _without_loader_notes():
+    filters = [(logging.getLogger(name), _DropNotes(*parts)) for name, parts in _LOADER_NOTES.items()]
+    for logger, note_filter in filters:
+        logger.addFilter(note_filter)
+    try:
+        yield
+    finally:
+        for logger, note_filter in filters:
+            logger.removeFilter(note_filter)
 
 
 def _first_lines(message: str, lines: int = 2) -> str:
