@@ -590,3 +590,8 @@ def test_a_failed_job_is_a_json_500_and_the_next_request_works(engine, tmp_path,
         assert response.json()["error"] == name and str(error) in response.json()["detail"]
         response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", **SMALL})
         assert response.status_code == 200 and len(response.json()["images"]) == 1
+
+
+def test_lists_clients_read_at_start_up_answer_empty_rather_than_404(api):
+    for route in ("upscalers", "latent-upscale-modes", "prompt-styles", "hypernetworks", "face-restorers", "sd-vae"):
+        assert ok(api.get(route)) == []

@@ -237,6 +237,10 @@ _IGNORED_RULES = {
 }
 
 
+def _nothing_installed() -> list:
+    return []
+
+
 # Errors ----------------------------------------------------------------------------------------
 
 
@@ -786,6 +790,18 @@ class SdApi:
         router.add_api_route("/png-info", self.png_info, methods=["POST"])
         # Clients probe these for extensions at start-up: there are none.
         router.add_api_route("/scripts", lambda: {"txt2img": [], "img2img": []}, methods=["GET"])
+        # Lists clients read at start-up of things this engine has none of (no upscalers, hires fix, styles,
+        # hypernetworks, face restorers or VAE choice yet): empty, as A1111 answers with none installed.
+        for route in (
+            "/upscalers",
+            "/latent-upscale-modes",
+            "/prompt-styles",
+            "/hypernetworks",
+            "/face-restorers",
+            "/realesrgan-models",
+            "/sd-vae",
+        ):
+            router.add_api_route(route, _nothing_installed, methods=["GET"])
         return router
 
 
