@@ -21,7 +21,7 @@ from PIL import Image, ImageFilter
 from .events import JobControl, Pacer, Progress
 from .models import LoadedModel
 from .prompts import Conditioning, SDXLEmbeds
-from .request import GenerationRequest
+from .request import LATENT_UPSCALERS, GenerationRequest
 from .samplers import build_scheduler, diffusers_strength, img2img_steps
 
 log = logging.getLogger(__name__)
@@ -127,10 +127,20 @@ def run_batch(
     sampling_steps = (
         req.steps if req.mode == "txt2img" else img2img_steps(req.sampler_name, req.steps, req.denoising_strength)
     )
+    # With hires fix, the steps of a pass before this one (shown as done) and the loop steps of the
+    # passes after it (counted into the total), so progress runs once from 0 to 100% over both passes.
+    steps_before = 0
+    hires_sampling_steps = (
+        img2img_steps(req.sampler_name, req.hr_second_pass_steps or req.steps, req.denoising_strength)
+        if req.mode == "txt2img" and req.enable_hr
+        else 0
+    )
 
     def on_step_end(pipeline, index, timestep, tensors):
         nonlocal stopped, preview_seconds, current_conditioning
         step, total = index + 1, pipeline.num_timesteps
+        # Loop steps per sampling step (2 for Heun, DPM2, ...), for the pass still to come.
+        steps_after = round(hires_sampling_steps * total / sampling_steps) if steps_before == 0 else 0
         if control.interrupted or control.take_skip():
             stopped = True
             pipeline._interrupt = True
@@ -155,8 +165,8 @@ def run_batch(
             preview_seconds += time.perf_counter() - preview_started
         emit(
             Progress(
-                step=step,
-                total=total,
+                step=steps_before + step,
+                total=steps_before + total + steps_after,
                 preview=preview,
                 batch_no=batch_no,
                 batch_count=batch_count,
@@ -179,7 +189,45 @@ def run_batch(
     if req.mode == "txt2img":
         latents = _initial_noise(model, generators, req.width, req.height)
         kwargs.update(height=req.height, width=req.width, latents=latents)
-        images = pipe(**kwargs).images
+        if not req.enable_hr:
+            images = pipe(**kwargs).images
+            return BatchOutcome(images, stopped, preview_seconds)
+        # Hires fix, first pass: latents for a latent upscaler, pictures for the others.
+        latent_upscale = req.hr_upscaler in LATENT_UPSCALERS
+        kwargs["output_type"] = "latent" if latent_upscale else "pil"
+        first = pipe(**kwargs).images
+        if stopped:  # Stop or Skip in the first pass: its picture is the answer, as far as it got
+            return BatchOutcome(_decode(pipe, first) if latent_upscale else first, stopped, preview_seconds)
+
+        hr_width, hr_height = req.hires_size
+        hr_steps = req.hr_second_pass_steps or req.steps
+        if latent_upscale:
+            mode, antialias = LATENT_UPSCALERS[req.hr_upscaler]
+            size = model.latent_shape(hr_width, hr_height)[2:]
+            start = torch.nn.functional.interpolate(first, size=size, mode=mode, antialias=antialias)
+        else:
+            resample = Image.Resampling.NEAREST if req.hr_upscaler == "Nearest" else Image.Resampling.LANCZOS
+            start = [picture.resize((hr_width, hr_height), resample) for picture in first]
+        if hires_sampling_steps < 1:  # denoising strength 0: the upscaled picture is the answer
+            return BatchOutcome(_decode(pipe, start) if latent_upscale else start, stopped, preview_seconds)
+
+        # Second pass: img2img over the upscaled picture, with its own scheduler and the same seeds' noise.
+        steps_before = pipe.num_timesteps
+        sampling_steps = hires_sampling_steps
+        current_conditioning = conditioning.at(0)
+        scheduler = build_scheduler(model.scheduler_config, req.sampler_name, req.scheduler, seed=seeds[0])
+        recorder = StepRecorder(scheduler, model.prediction_type)  # the callback reads this pass's predictions
+        hires_pipe = model.pipeline_for("img2img", scheduler)
+        kwargs.update(
+            num_inference_steps=hr_steps,
+            generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+            output_type="pil",
+            image=start,
+            strength=diffusers_strength(hires_sampling_steps, hr_steps),
+        )
+        for first_pass_only in ("height", "width", "latents"):
+            kwargs.pop(first_pass_only)
+        images = hires_pipe(**kwargs).images
         return BatchOutcome(images, stopped, preview_seconds)
 
     init_images = [_fit(req.init_images[i % len(req.init_images)], req.width, req.height) for i in range(len(seeds))]
@@ -230,6 +278,14 @@ def _pipeline_prompt_embeds(pipeline, conditioning: tuple, count: int) -> dict[s
             "add_text_embeds": rows(positive.pooled, negative.pooled),
         }
     return {"prompt_embeds": rows(positive, negative)}
+
+
+def _decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """Pictures of latents, as the pipeline's own last step makes them."""
+    vae = pipe.vae
+    with torch.no_grad():
+        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(pixels, output_type="pil", do_denormalize=[True] * len(pixels))
 
 
 def _initial_noise(model: LoadedModel, generators, width: int, height: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from PIL import Image
 
 from .errors import InvalidRequestError
 from .images import to_pil
-from .request import GenerationRequest
+from .request import HR_UPSCALERS, GenerationRequest
 from .samplers import resolve
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,10 @@ _REQUEST_KEYS = frozenset(
         "Mask mode",
         "Emphasis",
         "Prompt syntax",
+        "Hires upscale",
+        "Hires resize",
+        "Hires steps",
+        "Hires upscaler",
     }
 )
 # A "Prompt" item on the parameter line would replace the prompt when read back (A1111 reads it so too).
@@ -111,8 +115,17 @@ def format_infotext(
         params["Model hash"] = model_hash
     if model_name:
         params["Model"] = model_name
-    if req.mode in ("img2img", "inpaint"):
+    if req.mode in ("img2img", "inpaint") or (req.mode == "txt2img" and req.enable_hr):
         params["Denoising strength"] = _format_number(req.denoising_strength)
+    if req.mode == "txt2img" and req.enable_hr:
+        # As A1111 writes them: Size is the first pass's; the hires pass's comes from the scale or resize.
+        if req.hr_resize_x or req.hr_resize_y:
+            params["Hires resize"] = f"{int(req.hr_resize_x)}x{int(req.hr_resize_y)}"
+        else:
+            params["Hires upscale"] = _format_number(req.hr_scale)
+        if req.hr_second_pass_steps:
+            params["Hires steps"] = int(req.hr_second_pass_steps)
+        params["Hires upscaler"] = req.hr_upscaler
     if req.mode == "inpaint":
         params["Mask blur"] = int(req.mask_blur)
         if req.inpainting_mask_invert:
@@ -254,6 +267,18 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
         req.emphasis = params.pop("Emphasis")
     if "Prompt syntax" in params:
         req.prompt_syntax = params.pop("Prompt syntax")
+    if "Hires upscale" in params or "Hires resize" in params:
+        req.enable_hr = True
+        if "Hires upscale" in params:
+            req.hr_scale = _parse_float("Hires upscale", params.pop("Hires upscale"))
+        if "Hires resize" in params:
+            req.hr_resize_x, req.hr_resize_y = _parse_size(params.pop("Hires resize"), key="Hires resize")
+        if "Hires steps" in params:
+            req.hr_second_pass_steps = _parse_int("Hires steps", params.pop("Hires steps"))
+        if "Hires upscaler" in params:
+            upscaler = params.pop("Hires upscaler")
+            # Upscaler models (R-ESRGAN, 4x-UltraSharp, ...) are not here: the nearest is a picture upscaler.
+            req.hr_upscaler = upscaler if upscaler in HR_UPSCALERS else "Lanczos"
 
     req.extra_params = params
     return req
@@ -295,10 +320,10 @@ def _parse_float(key: str, value: str) -> float:
     return number
 
 
-def _parse_size(value: str) -> tuple[int, int]:
+def _parse_size(value: str, *, key: str = "Size") -> tuple[int, int]:
     match = _SIZE.fullmatch(value.strip())
     if match is None:
-        raise InvalidRequestError("Size", value, "WIDTHxHEIGHT in pixels, e.g. 512x512")
+        raise InvalidRequestError(key, value, "WIDTHxHEIGHT in pixels, e.g. 512x512")
     return int(match[1]), int(match[2])
 
 

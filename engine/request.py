@@ -17,6 +17,18 @@ from .images import to_pil
 SEED_MAX = 2**32 - 1
 
 PROMPT_SYNTAXES = ("a1111", "compel")
+# A1111's hires fix upscalers that need no extra model: latent ones (F.interpolate mode, antialias) and
+# picture ones (decode, resize with PIL, encode again).
+LATENT_UPSCALERS = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+PICTURE_UPSCALERS = ("None", "Lanczos", "Nearest")
+HR_UPSCALERS = (*LATENT_UPSCALERS, *PICTURE_UPSCALERS)
 EMPHASIS_MODES = ("Original", "No norm", "Ignore")
 # A1111 splits prompts on "AND" (composable diffusion), an uppercase word on its own.
 _COMPOSABLE_AND = re.compile(r"\bAND\b")
@@ -53,6 +65,29 @@ class GenerationRequest:
     # (word+, (words)1.3, .blend(), .and()); and A1111's emphasis mode for the a1111 syntax.
     prompt_syntax: str = "a1111"
     emphasis: str = "Original"
+    # A1111's hires fix (txt2img): make the picture at width x height, upscale it by hr_scale (or to
+    # hr_resize_x x hr_resize_y) and run img2img over it at denoising_strength for hr_second_pass_steps
+    # (0: as many as steps).
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+
+    @property
+    def hires_size(self) -> tuple[int, int]:
+        """The hires pass's width and height, as A1111 works them out (multiples of 8)."""
+        width, height = int(self.width or 0), int(self.height or 0)
+        if not self.hr_resize_x and not self.hr_resize_y:
+            target = (width * self.hr_scale, height * self.hr_scale)
+        elif not self.hr_resize_y:
+            target = (self.hr_resize_x, self.hr_resize_x * height / width)
+        elif not self.hr_resize_x:
+            target = (self.hr_resize_y * width / height, self.hr_resize_y)
+        else:
+            target = (self.hr_resize_x, self.hr_resize_y)
+        return tuple(max(8, int(side) // 8 * 8) for side in target)
 
     @property
     def mode(self) -> str:
@@ -201,6 +236,8 @@ def validate_request(
             )
         mask = _mask_to_l(mask)
 
+    hires = _hires_fields(req, limits, width, height, bool(init_images))
+
     extra = req.extra_params or {}
     if not isinstance(extra, dict):
         raise InvalidRequestError("extra_params", extra, "a mapping of infotext keys to text")
@@ -228,7 +265,34 @@ def validate_request(
         extra_params=dict(extra),
         prompt_syntax=prompt_syntax,
         emphasis=emphasis,
+        **hires,
     )
+
+
+def _hires_fields(req: GenerationRequest, limits: Limits, width: int, height: int, has_init: bool) -> dict:
+    enable_hr = req.enable_hr
+    if not isinstance(enable_hr, (bool, int)) or enable_hr not in (True, False, 0, 1):
+        raise InvalidRequestError("enable_hr", enable_hr, "true or false")
+    fields = {"enable_hr": bool(enable_hr)}
+    fields["hr_scale"] = _as_float(req.hr_scale, "hr_scale")
+    _in_range(fields["hr_scale"], "hr_scale", 1.0, 4.0)
+    fields["hr_upscaler"] = _choice(req.hr_upscaler, "hr_upscaler", HR_UPSCALERS)
+    fields["hr_second_pass_steps"] = _as_int(req.hr_second_pass_steps, "hr_second_pass_steps")
+    _in_range(fields["hr_second_pass_steps"], "hr_second_pass_steps", 0, limits.max_steps)
+    for name in ("hr_resize_x", "hr_resize_y"):
+        fields[name] = _as_int(getattr(req, name), name)
+        _in_range(fields[name], name, 0, limits.max_side)
+    if fields["enable_hr"]:
+        if has_init:
+            raise InvalidRequestError("enable_hr", True, "false with init_images: hires fix is a txt2img option")
+        target_w, target_h = dataclasses.replace(req, width=width, height=height, **fields).hires_size
+        if target_w > limits.max_side or target_h > limits.max_side or target_w * target_h > limits.max_pixels:
+            raise InvalidRequestError(
+                "hires size",
+                f"{target_w}x{target_h}",
+                f"at most {limits.max_side} a side and {limits.max_pixels} pixels (lower hr_scale or the size)",
+            )
+    return fields
 
 
 def _choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:

@@ -118,6 +118,7 @@ def test_unimplemented_and_unknown_fields_are_accepted_and_listed(api):
         enable_hr=True,
         hr_scale=2,
         hr_upscaler="Latent",
+        hr_sampler_name="DPM++ 2M",
         styles=["my style"],
         restore_faces=True,
         subseed_strength=0.3,
@@ -128,7 +129,7 @@ def test_unimplemented_and_unknown_fields_are_accepted_and_listed(api):
     assert len(body["images"]) == 1
     assert info["ignored_fields"] == sorted(
         [
-            "enable_hr",
+            "hr_sampler_name",
             "styles",
             "restore_faces",
             "subseed_strength",
@@ -138,6 +139,21 @@ def test_unimplemented_and_unknown_fields_are_accepted_and_listed(api):
         ]
     )
     assert body["parameters"]["my_extension_field"] == {"anything": [1, 2]}
+
+
+def test_hires_fix_makes_the_bigger_picture_and_says_so_in_the_infotext(api):
+    body, info = generate(
+        api, prompt="a hill", seed=9, enable_hr=True, hr_scale=1.5, hr_upscaler="Lanczos", hr_second_pass_steps=2
+    )
+    image = decode(body["images"][0])
+    assert image.size == (96, 96)
+    text = image.text["parameters"]
+    assert "Size: 64x64" in text and "Denoising strength: 0.7" in text
+    assert "Hires upscale: 1.5, Hires steps: 2, Hires upscaler: Lanczos" in text
+    assert info["ignored_fields"] == []
+    refused = api.post("txt2img", json={**SMALL, "enable_hr": True, "hr_upscaler": "4x-UltraSharp"})
+    assert refused.status_code == 422 and refused.json()["field"] == "hr_upscaler"
+    assert "Latent (nearest-exact)" in refused.json()["detail"]
 
 
 def test_img2img_uses_the_init_image_and_strength(api):
@@ -239,7 +255,8 @@ def test_infotext_field_fills_what_the_request_leaves_out(api):
     assert (info["prompt"], info["negative_prompt"], info["seed"], info["steps"]) == ("a red door", "blur", 99, 2)
     assert (info["sampler_name"], info["cfg_scale"], info["width"]) == ("Euler", 5.0, 64)
     assert info["clip_skip"] == 2 and "Clip skip: 2" in info["infotexts"][0]
-    assert "Hires upscale" not in info["infotexts"][0]  # no hires pass was made
+    # The infotext's hires fix is made again: the first pass at 64x64, the picture at 128x128.
+    assert "Size: 64x64" in info["infotexts"][0] and "Hires upscale: 2, Hires upscaler: Latent" in info["infotexts"][0]
 
     _, info = generate(api, infotext=text, prompt="given", seed=5)
     assert (info["prompt"], info["seed"], info["steps"]) == ("given", 5, SMALL["steps"])

@@ -174,8 +174,8 @@ def test_values_with_commas_colons_quotes_survive_round_trip(value):
 
 
 def test_values_are_json_quoted_like_a1111():
-    text = format_infotext(_request(extra_params={"Lora hashes": "a: 1, b: 2", "Hires upscaler": "Latent"}), 1)
-    assert text.endswith('Lora hashes: "a: 1, b: 2", Hires upscaler: Latent')
+    text = format_infotext(_request(extra_params={"Lora hashes": "a: 1, b: 2", "Version": "v1.10.1"}), 1)
+    assert text.endswith('Lora hashes: "a: 1, b: 2", Version: v1.10.1')
 
 
 @pytest.mark.parametrize(
@@ -236,14 +236,13 @@ def test_parse_modern_a1111_infotext_with_hires_and_lora_hashes():
     assert (req.steps, req.cfg_scale, req.seed) == (28, 6.5, 3297430216)
     assert (req.width, req.height) == (512, 768)
     assert req.denoising_strength == 0.45
+    # Hires fix is read into the request; an upscaler model this engine lacks is read as Lanczos.
+    assert (req.enable_hr, req.hr_scale, req.hr_second_pass_steps, req.hr_upscaler) == (True, 2.0, 14, "Lanczos")
     assert req.extra_params == {
         "Model hash": "7f96a1a9ca",
         "Model": "anything-v5",
         "Clip skip": "2",
         "Hires prompt": "extra detail, sharp focus",
-        "Hires upscale": "2",
-        "Hires steps": "14",
-        "Hires upscaler": "R-ESRGAN 4x+ Anime6B",
         "Lora hashes": "add_detail: 7c6bad76eb54",
         "TI hashes": "easynegative: c74b4e810b03",
         "Version": "v1.10.1",
@@ -421,3 +420,27 @@ def test_unsupported_schedule_can_fall_back_to_automatic():
     assert caught.value.field == "Schedule type"
     request = parse_infotext(text, unsupported_schedule="automatic")
     assert (request.sampler_name, request.scheduler, request.seed) == ("Euler a", "Automatic", 1)
+
+
+@pytest.mark.parametrize(
+    ("fields", "written"),
+    [
+        (
+            {"hr_scale": 1.5, "hr_second_pass_steps": 12, "hr_upscaler": "Latent (nearest)"},
+            "Denoising strength: 0.6, Hires upscale: 1.5, Hires steps: 12, Hires upscaler: Latent (nearest)",
+        ),
+        (
+            {"hr_resize_x": 1024, "hr_upscaler": "Lanczos"},
+            "Denoising strength: 0.6, Hires resize: 1024x0, Hires upscaler: Lanczos",
+        ),
+    ],
+)
+def test_hires_fix_round_trips_as_a1111_writes_it(fields, written):
+    req = _request(enable_hr=True, denoising_strength=0.6, **fields)
+    text = format_infotext(req, 5)
+    assert written in text and "Size: 512x512" in text
+    back = parse_infotext(text)
+    for name in ("enable_hr", "hr_scale", "hr_second_pass_steps", "hr_upscaler", "hr_resize_x", "hr_resize_y"):
+        assert getattr(back, name) == getattr(req, name), name
+    assert back.denoising_strength == 0.6 and not back.extra_params
+    assert "Hires" not in format_infotext(_request(denoising_strength=0.6), 5)  # txt2img without it: no keys

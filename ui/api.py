@@ -2,7 +2,7 @@
 
 Request and response shapes follow A1111's modules/api/models.py, so existing clients (webuiapi,
 scripts, other front ends) work unchanged. What differs, on purpose:
-- A field A1111 knows but this engine does not act on (enable_hr, styles, restore_faces, ...) is
+- A field A1111 knows but this engine does not act on (styles, restore_faces, hr_sampler_name, ...) is
   accepted, ignored, and named in the response's info under "ignored_fields" whenever its value
   would have changed A1111's result. Unknown fields are accepted and listed the same way.
 - A bad value is an HTTP 422 whose JSON body names the field, the value and what is allowed,
@@ -205,6 +205,10 @@ def _same(value: Any, other: Any) -> bool:
     return value == other
 
 
+def _hires(payload: Any) -> bool:
+    return getattr(payload, "enable_hr", False) is True
+
+
 def _with_mask(rule):
     return lambda value, payload: bool(getattr(payload, "mask", None)) and rule(value, payload)
 
@@ -227,7 +231,14 @@ _IGNORED_RULES = {
     "script_name": lambda v, p: _set(v),
     "script_args": lambda v, p: _set(v),
     "alwayson_scripts": lambda v, p: _set(v),
-    "enable_hr": lambda v, p: _set(v),
+    # Hires fix runs with the first pass's checkpoint, sampler, schedule and prompts.
+    "hr_checkpoint_name": lambda v, p: _hires(p) and _set(v) and not str(v).startswith("Use same"),
+    "hr_sampler_name": lambda v, p: _hires(p) and _set(v) and not str(v).startswith("Use same"),
+    "hr_scheduler": lambda v, p: _hires(p) and _set(v) and not str(v).startswith("Use same"),
+    "hr_prompt": lambda v, p: _hires(p) and _set(v) and v != p.prompt,
+    "hr_negative_prompt": lambda v, p: _hires(p) and _set(v) and v != p.negative_prompt,
+    "firstphase_width": _not_in(0),
+    "firstphase_height": _not_in(0),
     "resize_mode": _not_in(0),
     # This engine inpaints from the original pixels (A1111 "original", 1) over the whole picture.
     "inpainting_fill": _with_mask(_not_in(1)),
@@ -463,6 +474,17 @@ class SdApi:
             prompt_syntax=pick("prompt_syntax", "a1111"),
             emphasis=self._emphasis_for(payload, from_text),
         )
+        if isinstance(payload, Txt2ImgRequest):
+            fields.update(
+                enable_hr=pick("enable_hr", False),
+                hr_scale=pick("hr_scale", 2.0),
+                hr_upscaler=pick("hr_upscaler", "Latent"),
+                hr_second_pass_steps=pick("hr_second_pass_steps", 0),
+                hr_resize_x=pick("hr_resize_x", 0),
+                hr_resize_y=pick("hr_resize_y", 0),
+                # A1111's page starts hires fix at 0.7.
+                denoising_strength=pick("denoising_strength", 0.7),
+            )
         if isinstance(payload, Img2ImgRequest):
             mask_blur = payload.mask_blur if payload.mask_blur is not None else payload.mask_blur_x
             if payload.mask and not _same(payload.mask_blur_y, mask_blur) and "mask_blur_y" in given:

@@ -1,0 +1,65 @@
+"""Hires fix (A1111's txt2img option) on the micro model: a first pass at the asked size, upscaled in
+latent space or as a picture, then img2img over it at the hires size."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from engine import GenerationRequest, InvalidRequestError, JobControl, Progress, Result
+from training import dataset
+
+PROMPT = "a yellow square on a purple background"
+
+
+def events_of(engine, control: JobControl | None = None, stop_at: int | None = None, **fields):
+    request = GenerationRequest(prompt=PROMPT, seed=11, steps=10, enable_hr=True, **fields)
+    control = control or JobControl()
+    events = []
+    for event in engine.generate(request, control=control):
+        events.append(event)
+        if stop_at is not None and isinstance(event, Progress) and event.step == stop_at:
+            control.interrupt()
+    return [e for e in events if isinstance(e, Progress)], events[-1]
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Latent (nearest-exact)", "Lanczos", "Nearest"])
+def test_hires_fix_draws_the_same_scene_bigger_with_one_progress_over_both_passes(micro_engine, upscaler):
+    progress, result = events_of(micro_engine, hr_upscaler=upscaler, denoising_strength=0.5)
+    assert isinstance(result, Result) and result.images[0].size == (128, 128)
+    reading = dataset.classify(result.images[0])
+    assert (reading.colour, reading.background) == ("yellow", "purple")
+    # Euler a: 10 first-pass steps, then A1111's img2img count at 0.5 of 10, int(0.5 * 10) + 1 = 6.
+    assert [event.step for event in progress] == list(range(1, 17))
+    assert {event.total for event in progress} == {16}
+    assert "Size: 64x64" in result.infotexts[0] and f"Hires upscaler: {upscaler}," in result.infotexts[0] + ","
+
+
+def test_hires_size_steps_and_a_zero_strength(micro_engine):
+    progress, result = events_of(micro_engine, hr_resize_x=96, hr_second_pass_steps=4, denoising_strength=0.75)
+    assert result.images[0].size == (96, 96)  # one side given: the other keeps the aspect ratio
+    assert progress[-1].step == progress[-1].total == 10 + 4  # 0.75 of 4 steps: int(3) + 1
+    assert "Hires resize: 96x0, Hires steps: 4" in result.infotexts[0]
+    # Strength 0: the upscaled first pass is the picture, with no second pass.
+    progress, result = events_of(micro_engine, hr_upscaler="Nearest", denoising_strength=0)
+    first = events_of(micro_engine, hr_scale=1, denoising_strength=0)[1].images[0]
+    assert progress[-1].total == 10 and result.images[0].size == (128, 128)
+    assert result.images[0].tobytes() == first.resize((128, 128), Image.Resampling.NEAREST).tobytes()
+
+
+def test_stop_in_either_pass_keeps_the_picture_as_far_as_it_got(micro_engine):
+    _, result = events_of(micro_engine, stop_at=4, denoising_strength=0.5)
+    assert result.interrupted and result.images[0].size == (64, 64)  # in the first pass: its picture
+    _, result = events_of(micro_engine, stop_at=13, denoising_strength=0.5)
+    assert result.interrupted and result.images[0].size == (128, 128)  # in the hires pass: the big one
+
+
+def test_hires_fields_are_checked_by_name(micro_engine):
+    for fields, message in (
+        ({"hr_scale": 5}, "hr_scale: got 5.0; allowed: 1.0 to 4.0"),
+        ({"hr_upscaler": "4x-UltraSharp"}, "hr_upscaler: got '4x-UltraSharp'; allowed: Latent, "),
+        ({"hr_scale": 4, "width": 2048, "height": 2048}, "hires size: got '8192x8192'"),
+        ({"init_images": [Image.new("RGB", (64, 64))]}, "enable_hr: got True; allowed: false with init_images"),
+    ):
+        with pytest.raises(InvalidRequestError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            micro_engine.validate(GenerationRequest(prompt="x", enable_hr=True, **fields))
