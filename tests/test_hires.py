@@ -63,3 +63,17 @@ def test_hires_fields_are_checked_by_name(micro_engine):
     ):
         with pytest.raises(InvalidRequestError, match=message.replace("(", r"\(").replace(")", r"\)")):
             micro_engine.validate(GenerationRequest(prompt="x", enable_hr=True, **fields))
+
+
+def test_png_info_sends_hires_settings_to_txt2img():
+    import gradio as gr
+
+    from ui.page import _hires_settings_from_infotext
+
+    base = "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512"
+    hires = base + ", Denoising strength: 0.45, Hires upscale: 1.5, Hires steps: 14, Hires upscaler: R-ESRGAN 4x+"
+    # Outside a page event gradio's warning is a Python one; on the page it is a toast.
+    with pytest.warns(UserWarning, match=r"Hires upscaler R-ESRGAN 4x\+ is not available here.*using Lanczos"):
+        assert _hires_settings_from_infotext(hires) == [True, "Lanczos", 14, 0.45, 1.5, 0, 0]
+    off = _hires_settings_from_infotext(base)
+    assert off[0] is False and all(isinstance(value, type(gr.skip())) for value in off[1:])

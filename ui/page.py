@@ -11,6 +11,7 @@ Endpoints for gradio_client (streamed: iterate the job for previews): /txt2img, 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import html
 import logging
@@ -23,7 +24,7 @@ from PIL import Image
 from engine import EngineError
 from engine.events import PREVIEW_MODES
 from engine.lora import lora_uses
-from engine.request import EMPHASIS_MODES, PROMPT_SYNTAXES
+from engine.request import EMPHASIS_MODES, HR_UPSCALERS, PROMPT_SYNTAXES
 
 from .page_compare import build_compare_tab, wire_compare_tab
 from .page_jobs import (
@@ -130,6 +131,8 @@ class TabWidgets:
     denoising_strength: gr.Slider | None = None
     mask_blur: gr.Slider | None = None
     mask_mode: gr.Radio | None = None
+    # txt2img only: the hires fix settings, in the order the generate handler takes them (HIRES_FIELDS).
+    hires: list[gr.components.Component] | None = None
 
 
 def build_page(engine, settings=None) -> gr.Blocks:
@@ -304,6 +307,8 @@ def _build_settings(mode: str, engine, defaults, prompts: dict) -> tuple[Setting
             )
     cfg_scale = gr.Slider(1, 30, value=defaults.cfg_scale, step=0.5, label="CFG Scale", elem_id=f"{mode}_cfg_scale")
     extra: dict = {}
+    if mode == "txt2img":
+        extra["hires"] = _build_hires_fix(engine.limits)
     if mode != "txt2img":
         extra["denoising_strength"] = gr.Slider(
             0, 1, value=0.75, step=0.01, label="Denoising strength", elem_id=f"{mode}_denoising_strength"
@@ -463,6 +468,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
         denoising_strength=extra.get("denoising_strength"),
         mask_blur=extra.get("mask_blur"),
         mask_mode=extra.get("mask_mode"),
+        hires=extra.get("hires"),
     )
 
 
@@ -498,6 +504,39 @@ def _build_png_info_tab() -> PngInfoWidgets:
     return PngInfoWidgets(image, text, table, send_txt2img, send_img2img, send_inpaint)
 
 
+def _build_hires_fix(limits) -> list[gr.components.Component]:
+    """A1111's Hires. fix settings: the picture is made at the size above, upscaled, and denoised again."""
+    with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hires_box"):
+        enable = gr.Checkbox(
+            False, label="Hires. fix: upscale the picture and denoise it again", elem_id="txt2img_enable_hr"
+        )
+        with gr.Row():
+            upscaler = gr.Dropdown(list(HR_UPSCALERS), value="Latent", label="Upscaler", elem_id="txt2img_hr_upscaler")
+            steps = gr.Slider(
+                0,
+                limits.max_steps,
+                value=0,
+                step=1,
+                label="Hires steps",
+                info="0: as many as Sampling steps",
+                elem_id="txt2img_hr_second_pass_steps",
+            )
+            strength = gr.Slider(0, 1, value=0.7, step=0.01, label="Denoising strength", elem_id="txt2img_hr_denoising")
+        with gr.Row():
+            scale = gr.Slider(1, 4, value=2, step=0.05, label="Upscale by", elem_id="txt2img_hr_scale")
+            resize_x = gr.Slider(
+                0,
+                2048,
+                value=0,
+                step=8,
+                label="Resize width to",
+                info="0: by Upscale by",
+                elem_id="txt2img_hr_resize_x",
+            )
+            resize_y = gr.Slider(0, 2048, value=0, step=8, label="Resize height to", elem_id="txt2img_hr_resize_y")
+    return [enable, upscaler, steps, strength, scale, resize_x, resize_y]
+
+
 # Wiring --------------------------------------------------------------------------------------------
 
 
@@ -506,6 +545,8 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
     outputs = [tab.preview, tab.progress, tab.gallery, tab.infotext, tab.results]
     handler = _make_generate_handler(tab.mode, engine, outputs_dir=outputs_dir, save_image=save_image)
     inputs = [session, tab.ticket, *panel.request_inputs()]
+    if tab.mode == "txt2img":
+        inputs += tab.hires
     if tab.mode == "img2img":
         inputs += [tab.image, tab.denoising_strength]
     elif tab.mode == "inpaint":
@@ -624,10 +665,18 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             height: int,
             n_iter: int,
             batch_size: int,
+            enable_hr: bool = False,
+            hr_upscaler: str = "Latent",
+            hr_second_pass_steps: int = 0,
+            denoising_strength: float = 0.7,
+            hr_scale: float = 2.0,
+            hr_resize_x: int = 0,
+            hr_resize_y: int = 0,
         ):
             """Text to image. Streams (preview, progress HTML, gallery, infotext) updates; the last has the
             gallery of PNGs (each with its A1111 "parameters" text chunk) and the first image's infotext.
-            seed -1 is random; n_iter is the batch count."""
+            seed -1 is random; n_iter is the batch count. enable_hr and the hr_* values are A1111's
+            hires fix (denoising_strength is its second pass's)."""
             request = build_request(
                 prompt=prompt,
                 negative_prompt=negative_prompt,
@@ -640,6 +689,16 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                 height=height,
                 n_iter=n_iter,
                 batch_size=batch_size,
+                denoising_strength=denoising_strength,
+            )
+            request = dataclasses.replace(
+                request,
+                enable_hr=bool(enable_hr),
+                hr_upscaler=hr_upscaler,
+                hr_second_pass_steps=hr_second_pass_steps,
+                hr_scale=hr_scale,
+                hr_resize_x=hr_resize_x,
+                hr_resize_y=hr_resize_y,
             )
             yield from run_job(session=session, request=request, ticket=ticket, **common)
 
@@ -753,7 +812,9 @@ def _wire_png_info(png: PngInfoWidgets, tab_widgets: dict[str, TabWidgets], tabs
     ):
         target = tab_widgets[mode]
         outputs = [*target.settings.fill_targets()]
-        if mode != "txt2img":
+        if mode == "txt2img":
+            outputs += target.hires
+        else:
             outputs = [target.image, *outputs, target.denoising_strength]
         button.click(
             functools.partial(_send_png_info, target_mode=mode),
@@ -973,9 +1034,31 @@ def _send_png_info(path: str | None, text: str, *, target_mode: str):
         raise gr.Error("No generation parameters to send: drop a PNG made by this app (or A1111) first.")
     values = _settings_from_infotext(text, with_denoising=target_mode != "txt2img")
     if target_mode == "txt2img":
-        return (*values, gr.Tabs(selected=target_mode))
+        return (*values, *_hires_settings_from_infotext(text), gr.Tabs(selected=target_mode))
     image = _open_image(path) if path else None
     return (_image_for(target_mode, image), *values, gr.Tabs(selected=target_mode))
+
+
+def _hires_settings_from_infotext(text: str) -> list:
+    """Values for the Hires. fix panel (TabWidgets.hires) from an infotext: switched on or off as the
+    picture was made, and its settings where it was on."""
+    from engine.infotext import parse_infotext, parse_infotext_params
+
+    request = parse_infotext(text, unsupported_schedule="automatic")  # already checked by the caller
+    if not request.enable_hr:
+        return [False, *[gr.skip()] * 6]
+    written = parse_infotext_params(text).get("Hires upscaler")
+    if written and written != request.hr_upscaler:
+        gr.Warning(f"Hires upscaler {written} is not available here (no upscaler models yet); using Lanczos.")
+    return [
+        True,
+        request.hr_upscaler,
+        request.hr_second_pass_steps,
+        request.denoising_strength,
+        request.hr_scale,
+        request.hr_resize_x,
+        request.hr_resize_y,
+    ]
 
 
 def _send_result(gallery, view: ResultView | None, *, target_mode: str):

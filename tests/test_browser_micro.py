@@ -1,5 +1,6 @@
-"""LoRAs on the page, in a real browser: the picker adds the tag, the prompt panel reads it, and the
-picture is made with it. On the micro model with the shipped micro-purple LoRA."""
+"""The page on the micro model, in a real browser, where pictures mean something: LoRAs (the picker
+adds the tag, the prompt panel reads it, the picture is made with it; the shipped micro-purple LoRA)
+and hires fix."""
 
 from __future__ import annotations
 
@@ -57,3 +58,27 @@ def test_the_lora_picker_adds_the_tag_and_the_picture_is_made_with_it(page, arti
         arg="got '<lora:purple:1>'",
     )
     assert "micro-purple" in page.inner_text("#txt2img_prompt_reading")
+
+
+def test_hires_fix_makes_the_bigger_picture(page, artifacts_dir):
+    page.fill("#txt2img_prompt textarea", "a blue square on a yellow background")
+    page.click("#txt2img_hires_box button")
+    page.check("#txt2img_enable_hr input")
+    box = page.locator("#txt2img_hr_second_pass_steps input[type=number]")
+    box.fill("5")
+    box.press("Enter")
+    page.click("#txt2img_generate")
+    page.wait_for_function("document.querySelector('#txt2img_infotext textarea').value.includes('Hires upscale')")
+    infotext = page.input_value("#txt2img_infotext textarea")
+    assert "Size: 64x64" in infotext and "Hires upscale: 2, Hires steps: 5, Hires upscaler: Latent" in infotext
+    assert "Denoising strength: 0.7" in infotext
+    # The result is the hires pass's picture: twice the first pass's size.
+    page.wait_for_function(
+        "() => { const img = document.querySelector('#txt2img_gallery img'); return img && img.naturalWidth > 0; }"
+    )
+    size = page.evaluate(
+        "() => { const img = document.querySelector('#txt2img_gallery img'); return [img.naturalWidth, img.naturalHeight]; }"
+    )
+    assert size == [128, 128]
+    page.screenshot(path=str(artifacts_dir / "page_hires.png"), full_page=True)
+    page.uncheck("#txt2img_enable_hr input")
