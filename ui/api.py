@@ -454,8 +454,8 @@ class SdApi:
             scheduler = scheduler or from_text.scheduler
         ignored = self._ignored_fields(payload)
         clip_skip = self._clip_skip_for(payload, ignored, from_text)
-        # Of an infotext's other keys (Hires ..., Lora hashes, Version, ...) the engine acts on none:
-        # carrying them into the new image's infotext would claim work that was not done.
+        # An infotext's other keys (Hires prompt, Lora hashes, Version, ...) are not copied: the engine
+        # writes its own for what it does (a LoRA's hash from its tag), and a copy could claim work not done.
         extra = {"Clip skip": str(clip_skip)} if clip_skip > 1 else {}
 
         fields: dict[str, Any] = dict(
