@@ -609,6 +609,10 @@ def test_a_failed_job_is_a_json_500_and_the_next_request_works(engine, tmp_path,
         assert response.status_code == 200 and len(response.json()["images"]) == 1
 
 
-def test_lists_clients_read_at_start_up_answer_empty_rather_than_404(api):
-    for route in ("upscalers", "latent-upscale-modes", "prompt-styles", "hypernetworks", "face-restorers", "sd-vae"):
+def test_lists_clients_read_at_start_up_answer_rather_than_404(api):
+    for route in ("prompt-styles", "hypernetworks", "face-restorers", "realesrgan-models", "sd-vae"):
         assert ok(api.get(route)) == []
+    # The hires fix upscalers, each name one hr_upscaler takes.
+    assert [item["name"] for item in ok(api.get("upscalers"))] == ["None", "Lanczos", "Nearest"]
+    latent = [item["name"] for item in ok(api.get("latent-upscale-modes"))]
+    assert latent[0] == "Latent" and "Latent (nearest-exact)" in latent and len(latent) == 6

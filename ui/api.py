@@ -32,7 +32,7 @@ from engine import EngineError, GenerationRequest, InvalidRequestError, JobContr
 from engine.images import encode_base64_png, to_pil
 from engine.infotext import parse_infotext, parse_infotext_params, read_infotext
 from engine.outputs import FORMATS, output_folder, save_image
-from engine.request import EMPHASIS_MODES
+from engine.request import EMPHASIS_MODES, LATENT_UPSCALERS, PICTURE_UPSCALERS
 
 if TYPE_CHECKING:
     from engine import Engine, ModelInfo
@@ -250,6 +250,14 @@ _IGNORED_RULES = {
 
 def _nothing_installed() -> list:
     return []
+
+
+def _picture_upscalers() -> list[dict[str, Any]]:
+    # A1111's entries for its built-in upscalers, which need no model file.
+    return [
+        {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+        for name in PICTURE_UPSCALERS
+    ]
 
 
 # Errors ----------------------------------------------------------------------------------------
@@ -812,11 +820,14 @@ class SdApi:
         router.add_api_route("/png-info", self.png_info, methods=["POST"])
         # Clients probe these for extensions at start-up: there are none.
         router.add_api_route("/scripts", lambda: {"txt2img": [], "img2img": []}, methods=["GET"])
-        # Lists clients read at start-up of things this engine has none of (no upscalers, hires fix, styles,
-        # hypernetworks, face restorers or VAE choice yet): empty, as A1111 answers with none installed.
+        # The hires fix upscalers, in A1111's two lists: picture upscalers (no models) and latent modes.
+        router.add_api_route("/upscalers", _picture_upscalers, methods=["GET"])
+        router.add_api_route(
+            "/latent-upscale-modes", lambda: [{"name": name} for name in LATENT_UPSCALERS], methods=["GET"]
+        )
+        # Lists clients read at start-up of things this engine has none of (no styles, hypernetworks, face
+        # restorers or VAE choice yet): empty, as A1111 answers with none installed.
         for route in (
-            "/upscalers",
-            "/latent-upscale-modes",
             "/prompt-styles",
             "/hypernetworks",
             "/face-restorers",
