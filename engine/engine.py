@@ -28,6 +28,7 @@ from .previews import make_previewer
 from .prompt_schedule import prompt_schedule
 from .prompts import Conditioning, PromptReading, SDXLEmbeds, describe_prompt, make_prompt_encoders
 from .request import SEED_MAX, GenerationRequest, Limits, validate_request
+from .styles import PromptStyle, apply_styles, read_styles
 from .tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class Engine:
         checkpoints_dir: str | os.PathLike | None = None,
         embeddings_dir: str | os.PathLike | None = None,
         lora_dir: str | os.PathLike | None = None,
+        styles_file: str | os.PathLike | None = None,
         device: str | None = None,
         dtype: torch.dtype | None = None,
         limits: Limits | None = None,
@@ -82,6 +84,7 @@ class Engine:
             checkpoints_dir=checkpoints_dir,
             embeddings_dir=embeddings_dir,
             lora_dir=lora_dir,
+            styles_file=styles_file,
             allow_pickle=allow_pickle,
         )
         self._job_lock = threading.Lock()
@@ -231,9 +234,18 @@ class Engine:
             native_size=self.defaults().native_size,
             resolve_sampler=samplers.resolve,
         )
+        if checked.styles:
+            prompt, negative = apply_styles(
+                checked.prompt, checked.negative_prompt, checked.styles, self.styles(), self.registry.styles_file
+            )
+            checked = dataclasses.replace(checked, prompt=prompt, negative_prompt=negative, styles=None)
         # An unknown LoRA, or a weight that is not a number, is refused before the job waits in a queue.
         self._require_model().loras.resolve(lora_uses(checked.prompt))
         return checked
+
+    def styles(self) -> dict[str, PromptStyle]:
+        """The prompt styles in styles.csv (read on each call: the file may be edited while the app runs)."""
+        return read_styles(self.registry.styles_file)
 
     def interrupt(self) -> None:
         """Stop the running job (whoever started it) at its next step."""

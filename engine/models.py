@@ -130,6 +130,7 @@ class ModelRegistry:
         checkpoints_dir: Path | None = None,
         embeddings_dir: Path | None = None,
         lora_dir: Path | None = None,
+        styles_file: Path | None = None,
         allow_pickle: bool = False,
     ):
         self.models_dir = Path(models_dir)
@@ -138,6 +139,8 @@ class ModelRegistry:
         self._embeddings_dir = Path(embeddings_dir) if embeddings_dir is not None else None
         # A1111's --lora-dir: LoRAs from here instead of <models_dir>/Lora.
         self._lora_dir = Path(lora_dir) if lora_dir is not None else None
+        # A1111's --styles-file: prompt styles from here instead of styles.csv beside models/.
+        self._styles_file = Path(styles_file) if styles_file is not None else None
         self.allow_pickle = allow_pickle
         self._hash_cache_path = self.models_dir / ".hashes.json"
         self._hash_lock = threading.Lock()
@@ -145,6 +148,10 @@ class ModelRegistry:
     @property
     def checkpoints_dir(self) -> Path:
         return self._checkpoints_dir or self.models_dir / CHECKPOINTS_SUBDIR
+
+    @property
+    def styles_file(self) -> Path:
+        return self._styles_file or self.models_dir.parent / "styles.csv"
 
     @property
     def lora_dir(self) -> Path:

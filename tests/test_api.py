@@ -119,7 +119,6 @@ def test_unimplemented_and_unknown_fields_are_accepted_and_listed(api):
         hr_scale=2,
         hr_upscaler="Latent",
         hr_sampler_name="DPM++ 2M",
-        styles=["my style"],
         restore_faces=True,
         subseed_strength=0.3,
         alwayson_scripts={"ControlNet": {"args": []}},
@@ -130,7 +129,6 @@ def test_unimplemented_and_unknown_fields_are_accepted_and_listed(api):
     assert info["ignored_fields"] == sorted(
         [
             "hr_sampler_name",
-            "styles",
             "restore_faces",
             "subseed_strength",
             "alwayson_scripts",
@@ -610,7 +608,7 @@ def test_a_failed_job_is_a_json_500_and_the_next_request_works(engine, tmp_path,
 
 
 def test_lists_clients_read_at_start_up_answer_rather_than_404(api):
-    for route in ("prompt-styles", "hypernetworks", "face-restorers", "realesrgan-models", "sd-vae"):
+    for route in ("hypernetworks", "face-restorers", "realesrgan-models", "sd-vae"):
         assert ok(api.get(route)) == []
     # The hires fix upscalers, each name one hr_upscaler takes.
     assert [item["name"] for item in ok(api.get("upscalers"))] == ["None", "Lanczos", "Nearest"]

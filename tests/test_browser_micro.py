@@ -1,6 +1,6 @@
 """The page on the micro model, in a real browser, where pictures mean something: LoRAs (the picker
-adds the tag, the prompt panel reads it, the picture is made with it; the shipped micro-purple LoRA)
-and hires fix."""
+adds the tag, the prompt panel reads it, the picture is made with it; the shipped micro-purple LoRA),
+hires fix and prompt styles."""
 
 from __future__ import annotations
 
@@ -17,7 +17,14 @@ from ui.page import build_page
 
 @pytest.fixture(scope="module")
 def page(browser, models_dir, tmp_path_factory):  # noqa: F811 - the fixture imported above
-    engine = Engine(model=str(SHIPPED_MICRO_MODEL), models_dir=models_dir, lora_dir=SHIPPED_MICRO_LORA.parent)
+    styles_file = tmp_path_factory.mktemp("webui") / "styles.csv"
+    styles_file.write_text('name,prompt,negative_prompt\n"On green","{prompt} on a green background",\n')
+    engine = Engine(
+        model=str(SHIPPED_MICRO_MODEL),
+        models_dir=models_dir,
+        lora_dir=SHIPPED_MICRO_LORA.parent,
+        styles_file=styles_file,
+    )
     settings = SimpleNamespace(outputs_dir=tmp_path_factory.mktemp("lora-outputs"), save_images=False)
     demo = build_page(engine, settings)
     demo.queue(default_concurrency_limit=1)
@@ -82,3 +89,14 @@ def test_hires_fix_makes_the_bigger_picture(page, artifacts_dir):
     assert size == [128, 128]
     page.screenshot(path=str(artifacts_dir / "page_hires.png"), full_page=True)
     page.uncheck("#txt2img_enable_hr input")
+
+
+def test_a_chosen_style_is_merged_into_the_prompt_of_the_job(page):
+    page.fill("#txt2img_prompt textarea", "a white circle")
+    page.click("#txt2img_styles input")
+    page.locator("ul[role='listbox'] li", has_text="On green").first.click()
+    page.keyboard.press("Escape")
+    page.click("#txt2img_generate")
+    page.wait_for_function(
+        "document.querySelector('#txt2img_infotext textarea').value.startsWith('a white circle on a green background')"
+    )

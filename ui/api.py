@@ -2,7 +2,7 @@
 
 Request and response shapes follow A1111's modules/api/models.py, so existing clients (webuiapi,
 scripts, other front ends) work unchanged. What differs, on purpose:
-- A field A1111 knows but this engine does not act on (styles, restore_faces, hr_sampler_name, ...) is
+- A field A1111 knows but this engine does not act on (subseed, restore_faces, hr_sampler_name, ...) is
   accepted, ignored, and named in the response's info under "ignored_fields" whenever its value
   would have changed A1111's result. Unknown fields are accepted and listed the same way.
 - A bad value is an HTTP 422 whose JSON body names the field, the value and what is allowed,
@@ -214,7 +214,6 @@ def _with_mask(rule):
 
 
 _IGNORED_RULES = {
-    "styles": lambda v, p: _set(v),
     "subseed_strength": _not_in(0),
     "seed_resize_from_h": _not_in(-1, 0),
     "seed_resize_from_w": _not_in(-1, 0),
@@ -440,7 +439,8 @@ class SdApi:
         if isinstance(payload, Img2ImgRequest) and not payload.include_init_images:
             parameters["init_images"] = None
             parameters["mask"] = None
-        info = self._info(result, ignored, clip_skip, timestamp)
+        styles = payload.styles if isinstance(payload.styles, list) else [payload.styles] if payload.styles else []
+        info = self._info(result, ignored, clip_skip, timestamp, styles=styles)
         return {"images": images, "parameters": parameters, "info": json.dumps(info)}
 
     def _to_request(self, payload: _GenerationPayload) -> tuple[GenerationRequest, list[str], int]:
@@ -481,6 +481,7 @@ class SdApi:
             extra_params=extra,
             prompt_syntax=pick("prompt_syntax", "a1111"),
             emphasis=self._emphasis_for(payload, from_text),
+            styles=payload.styles or None,
         )
         if isinstance(payload, Txt2ImgRequest):
             fields.update(
@@ -573,7 +574,9 @@ class SdApi:
             )
             log.info("Saved %s", path)
 
-    def _info(self, result: Result, ignored: list[str], clip_skip: int, timestamp: str) -> dict[str, Any]:
+    def _info(
+        self, result: Result, ignored: list[str], clip_skip: int, timestamp: str, styles: list[str]
+    ) -> dict[str, Any]:
         req = result.request
         count = len(result.seeds)
         seeds = list(result.seeds)
@@ -613,7 +616,7 @@ class SdApi:
             "extra_generation_params": extra,
             "index_of_first_image": 0,
             "infotexts": list(result.infotexts),
-            "styles": [],
+            "styles": styles,
             "job_timestamp": timestamp,
             "clip_skip": clip_skip,
             "is_using_inpainting_conditioning": False,
@@ -676,6 +679,12 @@ class SdApi:
 
     def refresh_checkpoints(self) -> None:
         self.engine.list_models()
+
+    def prompt_styles(self) -> list[dict[str, str]]:
+        return [
+            {"name": style.name, "prompt": style.prompt, "negative_prompt": style.negative_prompt}
+            for style in self.engine.styles().values()
+        ]
 
     def refresh_embeddings(self) -> None:
         self.engine.refresh_embeddings()
@@ -825,10 +834,10 @@ class SdApi:
         router.add_api_route(
             "/latent-upscale-modes", lambda: [{"name": name} for name in LATENT_UPSCALERS], methods=["GET"]
         )
-        # Lists clients read at start-up of things this engine has none of (no styles, hypernetworks, face
+        router.add_api_route("/prompt-styles", self.prompt_styles, methods=["GET"])
+        # Lists clients read at start-up of things this engine has none of (no hypernetworks, face
         # restorers or VAE choice yet): empty, as A1111 answers with none installed.
         for route in (
-            "/prompt-styles",
             "/hypernetworks",
             "/face-restorers",
             "/realesrgan-models",

@@ -125,6 +125,8 @@ class TabWidgets:
     prompt_reading: gr.HTML
     # Picks a LoRA from the LoRA folder and adds its tag to the prompt.
     add_lora: gr.Dropdown
+    # A1111's prompt styles for this tab's jobs.
+    styles: gr.Dropdown
     # img2img / inpaint only
     image: gr.components.Component | None = None
     mask: gr.Image | None = None
@@ -377,6 +379,14 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
                 info="adds <lora:name:1> to the prompt",
                 elem_id=f"{mode}_add_lora",
             )
+            styles = gr.Dropdown(
+                choices=list(engine.styles()),
+                value=[],
+                multiselect=True,
+                label="Styles",
+                info="from styles.csv, added to the prompts",
+                elem_id=f"{mode}_styles",
+            )
     with gr.Accordion("How the prompt is read", open=False, elem_id=f"{mode}_prompt_reading_box"):
         prompt_reading = gr.HTML("", elem_id=f"{mode}_prompt_reading")
     image = mask = None
@@ -463,6 +473,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
         send_inpaint=send_inpaint,
         prompt_reading=prompt_reading,
         add_lora=add_lora,
+        styles=styles,
         image=image,
         mask=mask,
         denoising_strength=extra.get("denoising_strength"),
@@ -551,6 +562,7 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
         inputs += [tab.image, tab.denoising_strength]
     elif tab.mode == "inpaint":
         inputs += [tab.image, tab.mask, tab.denoising_strength, tab.mask_blur, tab.mask_mode]
+    inputs.append(tab.styles)
     # Showing the preview (and hiding the gallery) around the job is done by separate quick events, so
     # that the streamed endpoint returns plain values to API clients rather than visibility updates.
     # The click registers the job with the session at once, so that Stop also cancels it while it waits
@@ -609,6 +621,13 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
     tab.add_lora.focus(
         lambda: gr.update(choices=_lora_names(engine)),
         outputs=[tab.add_lora],
+        queue=False,
+        api_visibility="private",
+        show_progress="hidden",
+    )
+    tab.styles.focus(
+        lambda: gr.update(choices=list(engine.styles())),
+        outputs=[tab.styles],
         queue=False,
         api_visibility="private",
         show_progress="hidden",
@@ -672,6 +691,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             hr_scale: float = 2.0,
             hr_resize_x: int = 0,
             hr_resize_y: int = 0,
+            styles: list[str] | None = None,
         ):
             """Text to image. Streams (preview, progress HTML, gallery, infotext) updates; the last has the
             gallery of PNGs (each with its A1111 "parameters" text chunk) and the first image's infotext.
@@ -689,6 +709,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                 height=height,
                 n_iter=n_iter,
                 batch_size=batch_size,
+                styles=styles,
                 denoising_strength=denoising_strength,
             )
             request = dataclasses.replace(
@@ -722,6 +743,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             batch_size: int,
             init_image: Image.Image | None,
             denoising_strength: float,
+            styles: list[str] | None = None,
         ):
             """Image to image: like /txt2img plus the init image and the denoising strength (0..1)."""
             if init_image is None:
@@ -738,6 +760,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                 height=height,
                 n_iter=n_iter,
                 batch_size=batch_size,
+                styles=styles,
                 init_image=init_image,
                 denoising_strength=denoising_strength,
             )
@@ -764,6 +787,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
         denoising_strength: float,
         mask_blur: int,
         mask_mode: str,
+        styles: list[str] | None = None,
     ):
         """Inpaint: like /img2img; `image` is an image-editor value whose painted layer is the mask
         (white = repaint), or give `mask` (a white-on-black image of the same size)."""
@@ -785,6 +809,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             height=height,
             n_iter=n_iter,
             batch_size=batch_size,
+            styles=styles,
             init_image=init_image,
             mask=chosen_mask,
             denoising_strength=denoising_strength,

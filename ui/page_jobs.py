@@ -122,6 +122,7 @@ def build_request(
     denoising_strength: Any = 0.75,
     mask_blur: Any = 4,
     mask_mode: str = MASK_MODES[0],
+    styles: list[str] | None = None,
 ) -> GenerationRequest:
     """Widget values as a request; the engine validates every field (and names the bad one)."""
     return GenerationRequest(
@@ -141,6 +142,7 @@ def build_request(
         denoising_strength=denoising_strength,
         mask_blur=mask_blur,
         inpainting_mask_invert=1 if mask_mode == MASK_MODES[1] else 0,
+        styles=list(styles) if styles else None,
     )
 
 

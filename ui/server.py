@@ -72,6 +72,8 @@ class ServerSettings:
     ckpt_dir: Path | None = None
     # A1111's --lora-dir: LoRAs from here instead of <models_dir>/Lora.
     lora_dir: Path | None = None
+    # A1111's --styles-file: prompt styles from this file instead of styles.csv beside models/.
+    styles_file: Path | None = None
     # A1111's --embeddings-dir: textual inversion embeddings from here instead of embeddings/ beside models/.
     embeddings_dir: Path | None = None
     outputs_dir: Path = DEFAULT_OUTPUTS_DIR
@@ -166,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="LoRA folder for <lora:name:weight> tags, as in A1111 (default: <models-dir>/Lora)",
     )
     models.add_argument(
+        "--styles-file",
+        type=Path,
+        help="A1111's prompt styles file (default: styles.csv beside the models folder)",
+    )
+    models.add_argument(
         "--embeddings-dir",
         type=Path,
         help="textual inversion embeddings folder, as in A1111 (default: embeddings/ beside the models folder)",
@@ -230,6 +237,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         models_dir=args.models_dir,
         ckpt_dir=args.ckpt_dir.expanduser() if args.ckpt_dir is not None else None,
         lora_dir=args.lora_dir.expanduser() if args.lora_dir is not None else None,
+        styles_file=args.styles_file.expanduser() if args.styles_file is not None else None,
         embeddings_dir=args.embeddings_dir.expanduser() if args.embeddings_dir is not None else None,
         outputs_dir=args.outputs_dir or DEFAULT_OUTPUTS_DIR,
         save_images=not args.no_save,
