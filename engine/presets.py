@@ -15,7 +15,7 @@ DEFAULT_MODELS_DIR = PROJECT_DIR / "models"
 # The embedded default: a micro model trained on shapes (training/), shipped in the repository.
 MICRO_MODEL_NAME = "micro-shapes"
 SHIPPED_MICRO_MODEL = DEFAULT_MODELS_DIR / "Stable-diffusion" / MICRO_MODEL_NAME
-# A LoRA for the micro model that draws every shape purple (training/train_lora.py).
+# A LoRA for the micro model that draws the shape purple (training/train_lora.py; 53 of 60 prompts).
 SHIPPED_MICRO_LORA = DEFAULT_MODELS_DIR / "Lora" / "micro-purple.safetensors"
 
 

@@ -2,8 +2,8 @@
 
     .venv/bin/python -m training.train_lora                      # models/Lora/micro-purple.safetensors
 
-The LoRA teaches one thing the model cannot do alone: it draws every shape purple, whatever colour
-the prompt names, on the background the prompt names. Its pictures are the training set's scenes
+The LoRA teaches one thing the model cannot do alone: it draws the shape purple, whatever colour the
+prompt names, on the background the prompt names (53 of 60 test prompts; README). Its pictures are the training set's scenes
 with the shape recoloured purple (scenes whose background is purple are left out) and their
 captions unchanged, so `<lora:micro-purple:1>` turns "a red circle on a white background" into a
 purple circle on white. It adapts both the UNet's attention projections and the text encoder's
