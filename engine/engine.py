@@ -121,7 +121,7 @@ class Engine:
         if folder_signature(self.registry.embeddings_dir) == model.embeddings.signature:
             return model.embeddings
         with self._job_lock:
-            loader = model.pipeline_for("txt2img", model.components["scheduler"], traced=False)
+            loader = model.loader_pipeline()
             unload_embeddings(loader, model.embeddings)
             model.embeddings = load_embeddings(loader, self.registry.embeddings_dir)
             # New encoders: they know the tokenizer's embedding tokens, and nothing cached under the old ones.
@@ -240,7 +240,7 @@ class Engine:
             )
             checked = dataclasses.replace(checked, prompt=prompt, negative_prompt=negative, styles=None)
         # An unknown LoRA, or a weight that is not a number, is refused before the job waits in a queue.
-        self._require_model().loras.resolve(lora_uses(checked.prompt))
+        self.describe_loras(checked.prompt)
         return checked
 
     def styles(self) -> dict[str, PromptStyle]:
@@ -454,8 +454,7 @@ class Engine:
     def _switch_loras(self, model: LoadedModel, req: GenerationRequest) -> dict[str, str]:
         """Switch on the LoRAs the prompt's tags name (and off any others); {name: short hash} of them."""
         found = model.loras.resolve(lora_uses(req.prompt))
-        loader = model.pipeline_for("txt2img", model.components["scheduler"], traced=False)
-        if model.loras.activate(loader, found, model.family):
+        if model.loras.activate(model.loader_pipeline, found, model.family):
             # A LoRA on the text encoder changes what a prompt encodes to.
             model.prompt_encoder.clear_cache()
             model.compel_encoder.clear_cache()

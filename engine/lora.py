@@ -120,6 +120,8 @@ class LoraAdapters:
 
     def resolve(self, uses: list[LoraUse]) -> list[tuple[LoraUse, LoraFile]]:
         """The files `uses` name; raises InvalidRequestError naming an unknown one and listing what there is."""
+        if not uses:
+            return []  # most prompts: no need to read the folder
         available = scan_loras(self.folder)
         by_lower = {name.lower(): lora for name, lora in available.items()}
         found = []
@@ -136,12 +138,14 @@ class LoraAdapters:
             found.append((use, lora))
         return found
 
-    def activate(self, pipe, found: list[tuple[LoraUse, LoraFile]], family: str) -> bool:
-        """Set `pipe`'s adapters to exactly the LoRAs in `found` at their weights (none: all off).
-        Returns whether the set changed. Raises InvalidRequestError for a LoRA this model cannot take."""
+    def activate(self, make_pipeline, found: list[tuple[LoraUse, LoraFile]], family: str) -> bool:
+        """Set the adapters of the pipeline `make_pipeline()` gives (called only when they change) to
+        exactly the LoRAs in `found` at their weights (none: all off). Returns whether the set changed.
+        Raises InvalidRequestError for a LoRA this model cannot take."""
         wanted = tuple((str(lora.path), use.text_encoder, use.unet) for use, lora in found)
         if wanted == self.active:
             return False
+        pipe = make_pipeline()
         names, weights = [], []
         for use, lora in found:
             names.append(self._load(pipe, use, lora, family))

@@ -93,6 +93,11 @@ class LoadedModel:
     def prediction_type(self) -> str:
         return self.scheduler_config.get("prediction_type", "epsilon")
 
+    def loader_pipeline(self):
+        """A pipeline over the shared modules for diffusers' loaders (LoRAs, embeddings), which change
+        those modules in place: its UNet is the module itself, never a trace."""
+        return self.pipeline_for("txt2img", self.components["scheduler"], traced=False)
+
     def pipeline_for(self, mode: str, scheduler, *, traced: bool = True):
         """A pipeline object for one job: shared weights, the job's own scheduler. The UNet is the
         traced one where the family runs it so, unless `traced` is False or LoRAs are switched on

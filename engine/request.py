@@ -65,12 +65,12 @@ class GenerationRequest:
     # (word+, (words)1.3, .blend(), .and()); and A1111's emphasis mode for the a1111 syntax.
     prompt_syntax: str = "a1111"
     emphasis: str = "Original"
-    # A1111's hires fix (txt2img): make the picture at width x height, upscale it by hr_scale (or to
-    # hr_resize_x x hr_resize_y) and run img2img over it at denoising_strength for hr_second_pass_steps
-    # (0: as many as steps).
     # A1111's prompt styles (names in styles.csv): Engine.validate merges them into prompt and
     # negative_prompt and empties this, so what runs, and its infotext, holds the merged prompts.
     styles: list[str] | None = None
+    # A1111's hires fix (txt2img): make the picture at width x height, upscale it by hr_scale (or to
+    # hr_resize_x x hr_resize_y) and run img2img over it at denoising_strength for hr_second_pass_steps
+    # (0: as many as steps).
     enable_hr: bool = False
     hr_scale: float = 2.0
     hr_upscaler: str = "Latent"

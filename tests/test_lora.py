@@ -197,15 +197,6 @@ def test_the_api_lists_loras_and_refuses_a_missing_one(lora_engine, lora_dir, tm
     assert flags["lora_dir"] == str(lora_dir)
 
 
-def test_lora_dir_flag(tmp_path, lora_dir, capsys):
-    from ui.server import parse_args
-
-    assert parse_args(["--lora-dir", str(lora_dir)], environ={}).lora_dir == lora_dir
-    with pytest.raises(SystemExit):
-        parse_args(["--lora-dir", str(tmp_path / "missing")], environ={})
-    assert "--lora-dir" in capsys.readouterr().err
-
-
 def test_the_page_names_the_loras_under_the_model(lora_engine):
     from ui.page import _model_note
 
@@ -266,7 +257,7 @@ def test_an_sdxl_lora_reaches_both_text_encoders_at_its_weights(tmp_path):
     adapters = LoraAdapters(tmp_path)
     encoder = SDXLPromptEncoder(pipe.tokenizer, pipe.text_encoder, pipe.tokenizer_2, pipe.text_encoder_2)
     plain = encoder.encode("a cat")[0]
-    assert adapters.activate(pipe, adapters.resolve(lora_uses("<lora:xl-style:1:0>")), "sdxl")
+    assert adapters.activate(lambda: pipe, adapters.resolve(lora_uses("<lora:xl-style:1:0>")), "sdxl")
     assert pipe.get_list_adapters() == {"unet": ["lora0"], "text_encoder": ["lora0"], "text_encoder_2": ["lora0"]}
     scales = {
         name: {layer.scaling["lora0"] for layer in module.modules() if hasattr(layer, "scaling")}
@@ -276,7 +267,7 @@ def test_an_sdxl_lora_reaches_both_text_encoders_at_its_weights(tmp_path):
     encoder.clear_cache()
     styled = encoder.encode("a cat")[0]
     assert not torch.equal(styled.embeds, plain.embeds) and not torch.equal(styled.pooled, plain.pooled)
-    assert adapters.activate(pipe, [], "sdxl")
+    assert adapters.activate(lambda: pipe, [], "sdxl")
     encoder.clear_cache()
     assert torch.equal(encoder.encode("a cat")[0].embeds, plain.embeds)
 
