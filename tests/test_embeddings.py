@@ -163,15 +163,6 @@ def test_the_api_lists_embeddings_as_a1111_does(ti_engine, embeddings_dir, tmp_p
     }
 
 
-def test_embeddings_dir_flag(tmp_path, embeddings_dir, capsys):
-    from ui.server import parse_args
-
-    assert parse_args(["--embeddings-dir", str(embeddings_dir)], environ={}).embeddings_dir == embeddings_dir
-    with pytest.raises(SystemExit):
-        parse_args(["--embeddings-dir", str(tmp_path / "missing")], environ={})
-    assert "--embeddings-dir" in capsys.readouterr().err
-
-
 def test_the_page_names_the_embeddings_under_the_model(ti_engine):
     from ui.page import _first_names, _model_note
 

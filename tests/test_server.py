@@ -139,6 +139,16 @@ def test_ckpt_dir_is_any_checkpoints_folder_as_in_a1111(tmp_path, models_dir, ca
     assert "no such folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("flag", "field"), [("--lora-dir", "lora_dir"), ("--embeddings-dir", "embeddings_dir")])
+def test_lora_and_embeddings_folders_are_given_as_in_a1111(tmp_path, capsys, flag, field):
+    folder = tmp_path / "here"
+    folder.mkdir()
+    assert getattr(parse(flag, str(folder)), field) == folder
+    with pytest.raises(SystemExit):
+        parse(flag, str(tmp_path / "missing"))
+    assert flag in capsys.readouterr().err
+
+
 # Exposure warning ----------------------------------------------------------------------------
 
 

@@ -209,6 +209,11 @@ def _hires(payload: Any) -> bool:
     return getattr(payload, "enable_hr", False) is True
 
 
+def _hires_override(value: Any, payload: Any) -> bool:
+    """A second-pass checkpoint, sampler or schedule other than A1111's "Use same ..." choice."""
+    return _hires(payload) and _set(value) and not str(value).startswith("Use same")
+
+
 def _with_mask(rule):
     return lambda value, payload: bool(getattr(payload, "mask", None)) and rule(value, payload)
 
@@ -231,9 +236,9 @@ _IGNORED_RULES = {
     "script_args": lambda v, p: _set(v),
     "alwayson_scripts": lambda v, p: _set(v),
     # Hires fix runs with the first pass's checkpoint, sampler, schedule and prompts.
-    "hr_checkpoint_name": lambda v, p: _hires(p) and _set(v) and not str(v).startswith("Use same"),
-    "hr_sampler_name": lambda v, p: _hires(p) and _set(v) and not str(v).startswith("Use same"),
-    "hr_scheduler": lambda v, p: _hires(p) and _set(v) and not str(v).startswith("Use same"),
+    "hr_checkpoint_name": _hires_override,
+    "hr_sampler_name": _hires_override,
+    "hr_scheduler": _hires_override,
     "hr_prompt": lambda v, p: _hires(p) and _set(v) and v != p.prompt,
     "hr_negative_prompt": lambda v, p: _hires(p) and _set(v) and v != p.negative_prompt,
     "firstphase_width": _not_in(0),

@@ -219,9 +219,11 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     except ValueError as exc:
         parser.error(str(exc))
 
-    if args.ckpt_dir is not None and not args.ckpt_dir.expanduser().is_dir():
-        parser.error(f"--ckpt-dir {args.ckpt_dir}: no such folder")
-    for flag, folder in (("--lora-dir", args.lora_dir), ("--embeddings-dir", args.embeddings_dir)):
+    for flag, folder in (
+        ("--ckpt-dir", args.ckpt_dir),
+        ("--lora-dir", args.lora_dir),
+        ("--embeddings-dir", args.embeddings_dir),
+    ):
         if folder is not None and not folder.expanduser().is_dir():
             parser.error(f"{flag} {folder}: no such folder")
 
@@ -235,15 +237,19 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         api_auth=api_auth,
         model=args.model,
         models_dir=args.models_dir,
-        ckpt_dir=args.ckpt_dir.expanduser() if args.ckpt_dir is not None else None,
-        lora_dir=args.lora_dir.expanduser() if args.lora_dir is not None else None,
-        styles_file=args.styles_file.expanduser() if args.styles_file is not None else None,
-        embeddings_dir=args.embeddings_dir.expanduser() if args.embeddings_dir is not None else None,
+        ckpt_dir=_expanded(args.ckpt_dir),
+        lora_dir=_expanded(args.lora_dir),
+        styles_file=_expanded(args.styles_file),
+        embeddings_dir=_expanded(args.embeddings_dir),
         outputs_dir=args.outputs_dir or DEFAULT_OUTPUTS_DIR,
         save_images=not args.no_save,
         allow_pickle=args.allow_pickle,
         device=args.device,
     )
+
+
+def _expanded(path: Path | None) -> Path | None:
+    return path.expanduser() if path is not None else None
 
 
 def _port(text: str) -> int:
