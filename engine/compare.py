@@ -40,6 +40,8 @@ AXIS_TYPES = (
     "Steps",
     "CFG scale",
     "Seed",
+    "Var. seed",
+    "Var. strength",
     "Denoising strength",
     "Prompt S/R",
     "Model",
@@ -51,10 +53,12 @@ _AXIS_FIELDS = {
     "Steps": "steps",
     "CFG scale": "cfg_scale",
     "Seed": "seed",
+    "Var. seed": "subseed",
+    "Var. strength": "subseed_strength",
     "Denoising strength": "denoising_strength",
 }
-_INT_AXES = {"Steps", "Seed"}
-_FLOAT_AXES = {"CFG scale", "Denoising strength"}
+_INT_AXES = {"Steps", "Seed", "Var. seed"}
+_FLOAT_AXES = {"CFG scale", "Var. strength", "Denoising strength"}
 MAX_CELLS = 400
 
 _NUMBER = r"[+-]?\s*(?:\d+(?:\.\d*)?|\.\d+)"
@@ -132,7 +136,7 @@ def parse_axis(kind: str, text: str, engine) -> Axis:
         typed = _expand(kind, values)
         if kind == "Steps" and any(not 1 <= v <= engine.limits.max_steps for v in typed):
             raise InvalidRequestError(f"{kind} axis", text, f"steps from 1 to {engine.limits.max_steps}")
-        if kind == "Denoising strength" and any(not 0 <= v <= 1 for v in typed):
+        if kind in ("Denoising strength", "Var. strength") and any(not 0 <= v <= 1 for v in typed):
             raise InvalidRequestError(f"{kind} axis", text, "strengths from 0 to 1")
         labels = tuple(_format_number(v) for v in typed)
     elif kind == "Sampler":
@@ -328,13 +332,15 @@ class Comparer:
     ) -> Iterator[GridProgress | GridResult]:
         """Run every cell (each an engine job through the engine's queue) and end with a GridResult.
 
-        The seed is fixed once for the whole grid (a random seed is drawn up front), so cells differ only
-        along the axes. Stop (control.interrupt) ends the grid after the current cell's partial image.
+        The seed and variation seed are fixed once for the whole grid (random ones are drawn up front), so
+        cells differ only along the axes. Stop (control.interrupt) ends the grid after the current cell's partial image.
         """
         control = control or JobControl()
         preview = preview or PreviewSettings(mode="approx", every=1)
         if base.seed in (-1, None):
             base = dataclasses.replace(base, seed=int(torch.randint(0, 2**32 - 1, (1,)).item()))
+        if base.subseed in (-1, None):
+            base = dataclasses.replace(base, subseed=int(torch.randint(0, 2**32 - 1, (1,)).item()))
         cells = plan_grid(base, axes)
         for cell in cells:  # every cell is checked before the first one runs
             self.engine.validate(cell.request)

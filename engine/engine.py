@@ -358,14 +358,19 @@ class Engine:
         started = time.perf_counter()
         self._current = control
         seed = req.seed if req.seed != -1 else secrets.randbelow(SEED_MAX + 1)
-        req = dataclasses.replace(req, seed=seed)
+        subseed = req.subseed if req.subseed != -1 else secrets.randbelow(SEED_MAX + 1)
+        req = dataclasses.replace(req, seed=seed, subseed=subseed)
         total_images = req.batch_size * req.n_iter
-        seeds = [seed + index for index in range(total_images)]
+        # As in A1111: a batch counts up the seed, or, with a variation strength, keeps the seed and counts
+        # up the variation seed, so that it shows variations of one picture.
+        varying = req.subseed_strength > 0
+        seeds = [seed + (0 if varying else index) for index in range(total_images)]
+        subseeds = [subseed + index for index in range(total_images)]
         # Samplers whose noise comes from one seed per batch run one image at a time, so that
         # the image for a seed never depends on the batch it was made in.
         one_by_one = self.exact_batches or samplers.get_sampler(req.sampler_name).batch_shares_noise
         per_call = 1 if one_by_one else req.batch_size
-        batches = [seeds[i : i + per_call] for i in range(0, total_images, per_call)]
+        batches = [range(i, min(i + per_call, total_images)) for i in range(0, total_images, per_call)]
         self._state = JobState(
             running=True, job_id=control.job_id, mode=req.mode, batch_count=len(batches), started_at=time.time()
         )
@@ -385,18 +390,19 @@ class Engine:
             )
             emit(event)
 
-        images, image_seeds, skipped = [], [], []
+        images, image_indexes, skipped = [], [], []
         preview_seconds = 0.0
         try:
             lora_hashes = self._switch_loras(model, req)
             conditioning = self._encode_prompts(model, req)
-            for batch_no, batch_seeds in enumerate(batches):
+            for batch_no, batch_indexes in enumerate(batches):
                 if control.interrupted:
                     break
                 outcome = run_batch(
                     model,
                     req,
-                    seeds=batch_seeds,
+                    seeds=[seeds[index] for index in batch_indexes],
+                    subseeds=[subseeds[index] for index in batch_indexes],
                     conditioning=conditioning,
                     control=control,
                     previewer=previewer,
@@ -409,7 +415,7 @@ class Engine:
                 )
                 images.extend(outcome.images)
                 preview_seconds += outcome.preview_seconds
-                image_seeds.extend(batch_seeds)
+                image_indexes.extend(batch_indexes)
                 if outcome.stopped and not control.interrupted:
                     skipped.append(batch_no)
         finally:
@@ -427,10 +433,13 @@ class Engine:
         embedding_hashes = model.embeddings.hashes_used(
             [req.prompt, req.negative_prompt], model.components["tokenizer"]
         )
-        for image, image_seed in zip(images, image_seeds, strict=True):
+        image_seeds = [seeds[index] for index in image_indexes]
+        image_subseeds = [subseeds[index] for index in image_indexes]
+        for image, image_seed, image_subseed in zip(images, image_seeds, image_subseeds, strict=True):
             text = format_infotext(
                 req,
                 image_seed,
+                subseed=image_subseed,
                 model_name=_model_name(model.info),
                 model_hash=model.info.hash,
                 embedding_hashes=embedding_hashes,
@@ -449,6 +458,7 @@ class Engine:
             job_id=control.job_id,
             skipped_batches=skipped,
             preview_seconds=preview_seconds,
+            subseeds=image_subseeds,
         )
 
     def _switch_loras(self, model: LoadedModel, req: GenerationRequest) -> dict[str, str]:

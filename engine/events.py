@@ -122,6 +122,8 @@ class Result:
     job_id: int = 0
     skipped_batches: list[int] = field(default_factory=list)
     preview_seconds: float = 0.0  # part of `elapsed` spent making live previews
+    # Each image's variation seed (A1111's all_subseeds; they only matter where subseed_strength > 0).
+    subseeds: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

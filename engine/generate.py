@@ -20,6 +20,7 @@ from PIL import Image, ImageFilter
 
 from .events import JobControl, Pacer, Progress
 from .models import LoadedModel
+from .noise import NoiseVariation, initial_noise
 from .prompts import Conditioning, SDXLEmbeds
 from .request import LATENT_UPSCALERS, GenerationRequest
 from .samplers import build_scheduler, diffusers_strength, img2img_steps
@@ -102,6 +103,7 @@ def run_batch(
     req: GenerationRequest,
     *,
     seeds: list[int],
+    subseeds: list[int] | None = None,
     conditioning: Conditioning,
     control: JobControl,
     previewer: Callable[[torch.Tensor], Image.Image] | None,
@@ -112,10 +114,16 @@ def run_batch(
     started: float,
     preview_interval_s: float = 0.0,
 ) -> BatchOutcome:
-    """Sample one batch (one image per seed) and return its images."""
+    """Sample one batch (one image per seed; `subseeds` are their variation seeds) and return its images."""
     scheduler = build_scheduler(model.scheduler_config, req.sampler_name, req.scheduler, seed=seeds[0])
     recorder = StepRecorder(scheduler, model.prediction_type)
     pipe = model.pipeline_for(req.mode, scheduler)
+    resize_from = None
+    if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0:
+        resize_from = model.latent_shape(req.seed_resize_from_w, req.seed_resize_from_h)[2:]
+    variation = NoiseVariation(seeds, subseeds or seeds, req.subseed_strength, resize_from)
+    if req.mode != "txt2img":
+        variation.install(pipe, scheduler)
     # One CPU generator per image: image i depends only on its own seed, whatever the batch,
     # and CPU noise is the same on every device.
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
@@ -187,7 +195,8 @@ def run_batch(
     kwargs.update(_conditioning_kwargs(conditioning, len(seeds)))
 
     if req.mode == "txt2img":
-        latents = _initial_noise(model, generators, req.width, req.height)
+        noise = variation.vary(initial_noise(generators, model.latent_shape(req.width, req.height)))
+        latents = noise.to(model.device, model.dtype)
         kwargs.update(height=req.height, width=req.width, latents=latents)
         if not req.enable_hr:
             images = pipe(**kwargs).images
@@ -218,6 +227,7 @@ def run_batch(
         scheduler = build_scheduler(model.scheduler_config, req.sampler_name, req.scheduler, seed=seeds[0])
         recorder = StepRecorder(scheduler, model.prediction_type)  # the callback reads this pass's predictions
         hires_pipe = model.pipeline_for("img2img", scheduler)
+        variation.install(hires_pipe, scheduler)  # A1111 varies the hires pass's noise too
         kwargs.update(
             num_inference_steps=hr_steps,
             generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
@@ -286,12 +296,6 @@ def _decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
     with torch.no_grad():
         pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
     return pipe.image_processor.postprocess(pixels, output_type="pil", do_denormalize=[True] * len(pixels))
-
-
-def _initial_noise(model: LoadedModel, generators, width: int, height: int) -> torch.Tensor:
-    shape = model.latent_shape(width, height)
-    noise = [torch.randn(shape, generator=generator, dtype=torch.float32) for generator in generators]
-    return torch.cat(noise).to(model.device, model.dtype)
 
 
 def _fit(image: Image.Image, width: int, height: int) -> Image.Image:

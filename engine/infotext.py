@@ -60,6 +60,9 @@ _REQUEST_KEYS = frozenset(
         "Schedule type",
         "CFG scale",
         "Seed",
+        "Variation seed",
+        "Variation seed strength",
+        "Seed resize from",
         "Size",
         "Denoising strength",
         "Mask blur",
@@ -92,13 +95,15 @@ def format_infotext(
     req: GenerationRequest,
     seed: int,
     *,
+    subseed: int | None = None,
     model_name: str | None = None,
     model_hash: str | None = None,
     embedding_hashes: dict[str, str] | None = None,
     lora_hashes: dict[str, str] | None = None,
 ) -> str:
-    """A1111's "parameters" text for one image of a validated request, made with `seed`; `embedding_hashes`
-    and `lora_hashes` are the textual inversion embeddings and LoRAs it used, by name."""
+    """A1111's "parameters" text for one image of a validated request, made with `seed` (and variation seed
+    `subseed`, the request's when not given); `embedding_hashes` and `lora_hashes` are the textual inversion
+    embeddings and LoRAs it used, by name."""
     if req.width is None or req.height is None:
         raise InvalidRequestError(
             "width x height", f"{req.width}x{req.height}", "a validated request (Engine.validate fills in the size)"
@@ -115,6 +120,12 @@ def format_infotext(
         params["Model hash"] = model_hash
     if model_name:
         params["Model"] = model_name
+    # Only when they change the noise, as A1111 writes them.
+    if req.subseed_strength > 0:
+        params["Variation seed"] = int(req.subseed if subseed is None else subseed)
+        params["Variation seed strength"] = _format_number(req.subseed_strength)
+    if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0:
+        params["Seed resize from"] = f"{int(req.seed_resize_from_w)}x{int(req.seed_resize_from_h)}"
     if req.mode in ("img2img", "inpaint") or (req.mode == "txt2img" and req.enable_hr):
         params["Denoising strength"] = _format_number(req.denoising_strength)
     if req.mode == "txt2img" and req.enable_hr:
@@ -254,6 +265,13 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
         req.seed = _parse_int("Seed", params.pop("Seed"))
     if "Size" in params:
         req.width, req.height = _parse_size(params.pop("Size"))
+    if "Variation seed" in params:
+        req.subseed = _parse_int("Variation seed", params.pop("Variation seed"))
+    if "Variation seed strength" in params:
+        req.subseed_strength = _parse_float("Variation seed strength", params.pop("Variation seed strength"))
+    if "Seed resize from" in params:
+        size = _parse_size(params.pop("Seed resize from"), key="Seed resize from")
+        req.seed_resize_from_w, req.seed_resize_from_h = size
     if "Denoising strength" in params:
         req.denoising_strength = _parse_float("Denoising strength", params.pop("Denoising strength"))
     if "Mask blur" in params:

@@ -49,6 +49,15 @@ class GenerationRequest:
     steps: int = 20
     cfg_scale: float = 7.0
     seed: int = -1
+    # A1111's variation seed: `subseed`'s noise blended into the seed's at `subseed_strength` (0: off,
+    # 1: all the variation seed's); -1 is random. With a strength above 0 a batch keeps one seed and
+    # counts up the variation seed instead, so it shows variations of one picture.
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    # A1111's "Resize seed from": draw the seed's noise at this size (both above 0; 0 or -1 is off) and
+    # centre it in the real size's, so a picture keeps its layout at a nearby size.
+    seed_resize_from_w: int = 0
+    seed_resize_from_h: int = 0
     width: int | None = None
     height: int | None = None
     batch_size: int = 1
@@ -183,6 +192,7 @@ def validate_request(
     seed = _as_int(req.seed, "seed")
     if seed != -1:
         _in_range(seed, "seed", 0, SEED_MAX)
+    seed_extras = _seed_extras(req, limits)
     batch_size = _as_int(req.batch_size, "batch_size")
     _in_range(batch_size, "batch_size", 1, limits.max_batch_size)
     n_iter = _as_int(req.n_iter, "n_iter")
@@ -256,6 +266,7 @@ def validate_request(
         steps=steps,
         cfg_scale=cfg_scale,
         seed=seed,
+        **seed_extras,
         width=width,
         height=height,
         batch_size=batch_size,
@@ -270,6 +281,26 @@ def validate_request(
         emphasis=emphasis,
         **hires,
     )
+
+
+def _seed_extras(req: GenerationRequest, limits: Limits) -> dict:
+    fields = {"subseed": _as_int(req.subseed, "subseed")}
+    if fields["subseed"] != -1:
+        _in_range(fields["subseed"], "subseed", 0, SEED_MAX)
+    fields["subseed_strength"] = _as_float(req.subseed_strength, "subseed_strength")
+    _in_range(fields["subseed_strength"], "subseed_strength", 0.0, 1.0)
+    for name in ("seed_resize_from_w", "seed_resize_from_h"):
+        # A1111 sends -1 for "off"; kept as 0 here.
+        side = max(0, _as_int(getattr(req, name), name))
+        if side and (side < 8 or side % 8 or side > limits.max_side):
+            raise InvalidRequestError(name, side, f"0 (off) or a multiple of 8 from 8 to {limits.max_side}")
+        fields[name] = side
+    if bool(fields["seed_resize_from_w"]) != bool(fields["seed_resize_from_h"]):
+        unset = "seed_resize_from_h" if fields["seed_resize_from_w"] else "seed_resize_from_w"
+        raise InvalidRequestError(
+            unset, getattr(req, unset), "a size too: give both seed_resize_from_w and seed_resize_from_h, or neither"
+        )
+    return fields
 
 
 def _hires_fields(req: GenerationRequest, limits: Limits, width: int, height: int, has_init: bool) -> dict:

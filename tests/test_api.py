@@ -120,7 +120,6 @@ def test_unimplemented_and_unknown_fields_are_accepted_and_listed(api):
         hr_upscaler="Latent",
         hr_sampler_name="DPM++ 2M",
         restore_faces=True,
-        subseed_strength=0.3,
         alwayson_scripts={"ControlNet": {"args": []}},
         override_settings={"sd_vae": "some.vae.pt"},
         my_extension_field={"anything": [1, 2]},
@@ -130,13 +129,29 @@ def test_unimplemented_and_unknown_fields_are_accepted_and_listed(api):
         [
             "hr_sampler_name",
             "restore_faces",
-            "subseed_strength",
             "alwayson_scripts",
             "override_settings.sd_vae",
             "my_extension_field",
         ]
     )
     assert body["parameters"]["my_extension_field"] == {"anything": [1, 2]}
+
+
+def test_the_api_acts_on_variation_seeds_and_reports_them(api):
+    payload = {"prompt": "a hill", "seed": 9, "subseed": 30, "subseed_strength": 0.4, "batch_size": 2, "steps": 3}
+    payload.update(width=64, height=64, seed_resize_from_w=56, seed_resize_from_h=56)
+    response = api.post("txt2img", json=payload)
+    assert response.status_code == 200, response.text
+    info = json.loads(response.json()["info"])
+    assert info["all_seeds"] == [9, 9] and info["all_subseeds"] == [30, 31]
+    assert (info["subseed"], info["subseed_strength"]) == (30, 0.4)
+    assert (info["seed_resize_from_w"], info["seed_resize_from_h"]) == (56, 56)
+    assert "Variation seed: 31, Variation seed strength: 0.4, Seed resize from: 56x56" in info["infotexts"][1]
+    assert info["ignored_fields"] == []
+    again = api.post("txt2img", json={**payload, "batch_size": 1, "subseed": 31})
+    assert again.json()["images"][0] == response.json()["images"][1]
+    refused = api.post("txt2img", json={**payload, "subseed_strength": 2})
+    assert refused.status_code == 422 and refused.json()["field"] == "subseed_strength"
 
 
 def test_hires_fix_makes_the_bigger_picture_and_says_so_in_the_infotext(api):

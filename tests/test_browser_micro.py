@@ -100,3 +100,39 @@ def test_a_chosen_style_is_merged_into_the_prompt_of_the_job(page):
     page.wait_for_function(
         "document.querySelector('#txt2img_infotext textarea').value.startsWith('a white circle on a green background')"
     )
+
+
+def test_variation_seed_from_the_extra_row_and_back_through_png_info(page, tmp_path, artifacts_dir):
+    page.fill("#txt2img_prompt textarea", "a green triangle on a black background")
+    assert not page.is_visible("#txt2img_subseed")
+    page.check("#txt2img_subseed_show input")
+    page.wait_for_selector("#txt2img_subseed", state="visible")
+    for elem_id, value in (("txt2img_seed", 31), ("txt2img_subseed", 9), ("txt2img_subseed_strength", 0.3)):
+        box = page.locator(f"#{elem_id} input[type=number]").first
+        box.fill(str(value))
+        box.press("Enter")
+    page.click("#txt2img_generate")
+    page.wait_for_function("document.querySelector('#txt2img_infotext textarea').value.includes('Variation seed: 9')")
+    assert "Seed: 31," in page.input_value("#txt2img_infotext textarea")
+    assert "Variation seed strength: 0.3" in page.input_value("#txt2img_infotext textarea")
+    page.screenshot(path=str(artifacts_dir / "page_variation.png"), full_page=True)
+
+    # Untick Extra and clear the values; PNG Info's Send ticks it again with the picture's variation seed.
+    src = page.get_attribute("#txt2img_gallery img", "src")
+    png_path = tmp_path / "varied.png"
+    png_path.write_bytes(page.request.get(src).body())
+    page.locator("#txt2img_subseed input[type=number]").first.fill("-1")
+    page.click("#txt2img_reuse_subseed")
+    page.wait_for_function("document.querySelector('#txt2img_subseed input').value === '9'")
+    page.locator("#txt2img_subseed input[type=number]").first.fill("-1")
+    page.uncheck("#txt2img_subseed_show input")
+    page.wait_for_selector("#txt2img_subseed", state="hidden")
+    page.get_by_role("tab", name="PNG Info").click()
+    page.set_input_files("#pnginfo_image input[type=file]", str(png_path))
+    page.wait_for_function("document.querySelector('#pnginfo_text textarea').value.includes('Variation seed: 9')")
+    page.click("#pnginfo_send_to_txt2img")
+    page.wait_for_selector("#txt2img_subseed", state="visible")
+    assert page.is_checked("#txt2img_subseed_show input")
+    assert page.input_value("#txt2img_subseed input") == "9"
+    assert page.input_value("#txt2img_subseed_strength input[type=number]") == "0.3"
+    page.uncheck("#txt2img_subseed_show input")

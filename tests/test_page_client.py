@@ -118,6 +118,18 @@ def test_batch_gives_one_image_and_caption_per_seed(page_url):
     assert "Seed: 77" in infotext
 
 
+def test_variation_seed_applies_only_with_extra_ticked(page_url):
+    client = _client(page_url)
+    extras = {"subseed": 500, "subseed_strength": 0.5, "batch_size": 2}
+    args = txt2img_args(steps=4, seed=77)[:-1]
+    ticked = client.predict(*args, seed_extra=True, **extras, api_name="/txt2img")
+    assert [item["caption"] for item in ticked[2]] == ["Seed 77, variation 500", "Seed 77, variation 501"]
+    assert "Variation seed: 500, Variation seed strength: 0.5" in ticked[3]
+    unticked = client.predict(*args, seed_extra=False, **extras, api_name="/txt2img")
+    assert [item["caption"] for item in unticked[2]] == ["Seed 77", "Seed 78"]
+    assert "Variation seed" not in unticked[3]
+
+
 def test_a_bad_value_is_refused_with_the_field_and_what_is_allowed(page_url):
     client = _client(page_url)
     with pytest.raises(AppError) as caught:

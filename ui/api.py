@@ -2,7 +2,7 @@
 
 Request and response shapes follow A1111's modules/api/models.py, so existing clients (webuiapi,
 scripts, other front ends) work unchanged. What differs, on purpose:
-- A field A1111 knows but this engine does not act on (subseed, restore_faces, hr_sampler_name, ...) is
+- A field A1111 knows but this engine does not act on (restore_faces, tiling, hr_sampler_name, ...) is
   accepted, ignored, and named in the response's info under "ignored_fields" whenever its value
   would have changed A1111's result. Unknown fields are accepted and listed the same way.
 - A bad value is an HTTP 422 whose JSON body names the field, the value and what is allowed,
@@ -52,6 +52,9 @@ _STANDARD_INFOTEXT_KEYS = {
     "Schedule type",
     "CFG scale",
     "Seed",
+    "Variation seed",
+    "Variation seed strength",
+    "Seed resize from",
     "Size",
     "Model hash",
     "Model",
@@ -112,12 +115,12 @@ class _GenerationPayload(BaseModel):
     override_settings: dict[str, Any] | None = Field(
         None, description="acted on: CLIP_stop_at_last_layers, emphasis ('Original', 'No norm', 'Ignore')"
     )
-    # Accepted, not acted on.
     styles: Any = None
-    subseed: Any = -1
-    subseed_strength: Any = 0
-    seed_resize_from_h: Any = -1
-    seed_resize_from_w: Any = -1
+    subseed: Any = Field(-1, description="variation seed; -1: random")
+    subseed_strength: Any = Field(0, description="0 (off) to 1: how much of the variation seed's noise")
+    seed_resize_from_h: Any = Field(-1, description="draw the seed's noise at this size (-1 or 0: off)")
+    seed_resize_from_w: Any = Field(-1, description="draw the seed's noise at this size (-1 or 0: off)")
+    # Accepted, not acted on.
     restore_faces: Any = None
     tiling: Any = None
     do_not_save_samples: Any = False
@@ -219,9 +222,6 @@ def _with_mask(rule):
 
 
 _IGNORED_RULES = {
-    "subseed_strength": _not_in(0),
-    "seed_resize_from_h": _not_in(-1, 0),
-    "seed_resize_from_w": _not_in(-1, 0),
     "restore_faces": lambda v, p: _set(v),
     "tiling": lambda v, p: _set(v),
     "eta": _not_in(0, 1),
@@ -479,6 +479,10 @@ class SdApi:
             steps=pick("steps", defaults.steps),
             cfg_scale=pick("cfg_scale", defaults.cfg_scale),
             seed=pick("seed", -1),
+            subseed=pick("subseed", -1),
+            subseed_strength=pick("subseed_strength", 0),
+            seed_resize_from_w=pick("seed_resize_from_w", 0),
+            seed_resize_from_h=pick("seed_resize_from_h", 0),
             width=pick("width", None),
             height=pick("height", None),
             batch_size=payload.batch_size,
@@ -598,9 +602,9 @@ class SdApi:
             "all_negative_prompts": [req.negative_prompt] * count,
             "seed": seeds[0] if seeds else req.seed,
             "all_seeds": seeds,
-            "subseed": -1,
-            "all_subseeds": [-1] * count,
-            "subseed_strength": 0,
+            "subseed": result.subseeds[0] if result.subseeds else req.subseed,
+            "all_subseeds": list(result.subseeds),
+            "subseed_strength": req.subseed_strength,
             "width": req.width,
             "height": req.height,
             "sampler_name": req.sampler_name,
@@ -615,8 +619,8 @@ class SdApi:
             "sd_model_hash": model.hash if model else None,
             "sd_vae_name": None,
             "sd_vae_hash": None,
-            "seed_resize_from_w": -1,
-            "seed_resize_from_h": -1,
+            "seed_resize_from_w": req.seed_resize_from_w or -1,
+            "seed_resize_from_h": req.seed_resize_from_h or -1,
             "denoising_strength": req.denoising_strength if req.mode != "txt2img" else None,
             "extra_generation_params": extra,
             "index_of_first_image": 0,

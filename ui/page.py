@@ -74,6 +74,16 @@ class SettingsWidgets:
     random_seed: gr.Button
     reuse_seed: gr.Button
     swap_size: gr.Button
+    # A1111's seed "Extra": a variation seed blended in, and the size the seed's noise is drawn at. They
+    # apply only while seed_extra is ticked (the row with them shows then).
+    seed_extra: gr.Checkbox
+    seed_extra_row: gr.Column
+    subseed: gr.Number
+    subseed_strength: gr.Slider
+    seed_resize_from_w: gr.Slider
+    seed_resize_from_h: gr.Slider
+    random_subseed: gr.Button
+    reuse_subseed: gr.Button
 
     def request_inputs(self) -> list[gr.components.Component]:
         """In the order of the endpoints' documented parameters."""
@@ -90,6 +100,10 @@ class SettingsWidgets:
             self.n_iter,
             self.batch_size,
         ]
+
+    def variation_inputs(self) -> list[gr.components.Component]:
+        """The seed extras, in the order the generate handlers take them (after styles)."""
+        return [self.seed_extra, self.subseed, self.subseed_strength, self.seed_resize_from_w, self.seed_resize_from_h]
 
     def fill_targets(self) -> list[gr.components.Component]:
         """The fields filled from an infotext (Send to ...): everything an infotext says."""
@@ -216,7 +230,13 @@ def build_page(engine, settings=None) -> gr.Blocks:
                 button.click(
                     functools.partial(_send_result, target_mode=target_mode),
                     inputs=[source.gallery, source.results],
-                    outputs=[target.image, *target.settings.fill_targets(), target.denoising_strength, tabs],
+                    outputs=[
+                        target.image,
+                        *target.settings.fill_targets(),
+                        target.denoising_strength,
+                        *target.settings.variation_inputs(),
+                        tabs,
+                    ],
                     api_visibility="private",
                     show_progress="hidden",
                 )
@@ -227,8 +247,9 @@ def build_page(engine, settings=None) -> gr.Blocks:
             engine,
             session,
             base_inputs=txt2img.fill_targets(),
-            send_targets=[*txt2img.fill_targets(), tabs],
-            settings_from_infotext=functools.partial(_settings_from_infotext, with_denoising=False),
+            variation_inputs=txt2img.variation_inputs(),
+            send_targets=[*txt2img.fill_targets(), *txt2img.variation_inputs(), tabs],
+            settings_from_infotext=_txt2img_settings_from_infotext,
         )
 
         model.input(
@@ -327,6 +348,28 @@ def _build_settings(mode: str, engine, defaults, prompts: dict) -> tuple[Setting
         seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{mode}_seed", scale=6, minimum=-1)
         random_seed = gr.Button("⚄", elem_id=f"{mode}_random_seed", scale=0, min_width=44, elem_classes="tool-button")
         reuse_seed = gr.Button("♻", elem_id=f"{mode}_reuse_seed", scale=0, min_width=44, elem_classes="tool-button")
+        seed_extra = gr.Checkbox(False, label="Extra", elem_id=f"{mode}_subseed_show", scale=1, min_width=80)
+    with gr.Column(visible=False, elem_id=f"{mode}_seed_extras") as seed_extra_row:
+        with gr.Row(equal_height=True):
+            subseed = gr.Number(
+                value=-1, precision=0, label="Variation seed", elem_id=f"{mode}_subseed", scale=4, minimum=-1
+            )
+            random_subseed = gr.Button(
+                "⚄", elem_id=f"{mode}_random_subseed", scale=0, min_width=44, elem_classes="tool-button"
+            )
+            reuse_subseed = gr.Button(
+                "♻", elem_id=f"{mode}_reuse_subseed", scale=0, min_width=44, elem_classes="tool-button"
+            )
+            subseed_strength = gr.Slider(
+                0, 1, value=0, step=0.01, label="Variation strength", elem_id=f"{mode}_subseed_strength", scale=4
+            )
+        with gr.Row(equal_height=True):
+            seed_resize_from_w = gr.Slider(
+                0, max_side, value=0, step=8, label="Resize seed from width", elem_id=f"{mode}_seed_resize_from_w"
+            )
+            seed_resize_from_h = gr.Slider(
+                0, max_side, value=0, step=8, label="Resize seed from height", elem_id=f"{mode}_seed_resize_from_h"
+            )
     return (
         SettingsWidgets(
             **prompts,
@@ -342,6 +385,14 @@ def _build_settings(mode: str, engine, defaults, prompts: dict) -> tuple[Setting
             random_seed=random_seed,
             reuse_seed=reuse_seed,
             swap_size=swap_size,
+            seed_extra=seed_extra,
+            seed_extra_row=seed_extra_row,
+            subseed=subseed,
+            subseed_strength=subseed_strength,
+            seed_resize_from_w=seed_resize_from_w,
+            seed_resize_from_h=seed_resize_from_h,
+            random_subseed=random_subseed,
+            reuse_subseed=reuse_subseed,
         ),
         extra,
     )
@@ -562,7 +613,7 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
         inputs += [tab.image, tab.denoising_strength]
     elif tab.mode == "inpaint":
         inputs += [tab.image, tab.mask, tab.denoising_strength, tab.mask_blur, tab.mask_mode]
-    inputs.append(tab.styles)
+    inputs += [tab.styles, *panel.variation_inputs()]
     # Showing the preview (and hiding the gallery) around the job is done by separate quick events, so
     # that the streamed endpoint returns plain values to API clients rather than visibility updates.
     # The click registers the job with the session at once, so that Stop also cancels it while it waits
@@ -654,6 +705,20 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
         )
     panel.random_seed.click(lambda: -1, outputs=[panel.seed], api_visibility="private", queue=False)
     panel.reuse_seed.click(_reuse_seed, inputs=[tab.results], outputs=[panel.seed], api_visibility="private")
+    panel.seed_extra.change(
+        lambda shown: gr.update(visible=bool(shown)),
+        inputs=[panel.seed_extra],
+        outputs=[panel.seed_extra_row],
+        api_visibility="private",
+        queue=False,
+    )
+    panel.random_subseed.click(lambda: -1, outputs=[panel.subseed], api_visibility="private", queue=False)
+    panel.reuse_subseed.click(
+        functools.partial(_reuse_seed, variation=True),
+        inputs=[tab.results],
+        outputs=[panel.subseed],
+        api_visibility="private",
+    )
     panel.swap_size.click(
         lambda w, h: (h, w),
         inputs=[panel.width, panel.height],
@@ -692,11 +757,18 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             hr_resize_x: int = 0,
             hr_resize_y: int = 0,
             styles: list[str] | None = None,
+            seed_extra: bool = False,
+            subseed: int = -1,
+            subseed_strength: float = 0.0,
+            seed_resize_from_w: int = 0,
+            seed_resize_from_h: int = 0,
         ):
             """Text to image. Streams (preview, progress HTML, gallery, infotext) updates; the last has the
             gallery of PNGs (each with its A1111 "parameters" text chunk) and the first image's infotext.
             seed -1 is random; n_iter is the batch count. enable_hr and the hr_* values are A1111's
-            hires fix (denoising_strength is its second pass's)."""
+            hires fix (denoising_strength is its second pass's). With seed_extra, subseed is blended in at
+            subseed_strength and the seed's noise is drawn at seed_resize_from_w x _h (0: off), as in A1111."""
+            variation = _variation(seed_extra, subseed, subseed_strength, seed_resize_from_w, seed_resize_from_h)
             request = build_request(
                 prompt=prompt,
                 negative_prompt=negative_prompt,
@@ -710,6 +782,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                 n_iter=n_iter,
                 batch_size=batch_size,
                 styles=styles,
+                **variation,
                 denoising_strength=denoising_strength,
             )
             request = dataclasses.replace(
@@ -744,10 +817,16 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             init_image: Image.Image | None,
             denoising_strength: float,
             styles: list[str] | None = None,
+            seed_extra: bool = False,
+            subseed: int = -1,
+            subseed_strength: float = 0.0,
+            seed_resize_from_w: int = 0,
+            seed_resize_from_h: int = 0,
         ):
             """Image to image: like /txt2img plus the init image and the denoising strength (0..1)."""
             if init_image is None:
                 raise gr.Error("init_images: got nothing; allowed: an image (upload one in img2img)")
+            variation = _variation(seed_extra, subseed, subseed_strength, seed_resize_from_w, seed_resize_from_h)
             request = build_request(
                 prompt=prompt,
                 negative_prompt=negative_prompt,
@@ -761,6 +840,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                 n_iter=n_iter,
                 batch_size=batch_size,
                 styles=styles,
+                **variation,
                 init_image=init_image,
                 denoising_strength=denoising_strength,
             )
@@ -788,6 +868,11 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
         mask_blur: int,
         mask_mode: str,
         styles: list[str] | None = None,
+        seed_extra: bool = False,
+        subseed: int = -1,
+        subseed_strength: float = 0.0,
+        seed_resize_from_w: int = 0,
+        seed_resize_from_h: int = 0,
     ):
         """Inpaint: like /img2img; `image` is an image-editor value whose painted layer is the mask
         (white = repaint), or give `mask` (a white-on-black image of the same size)."""
@@ -797,6 +882,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
         chosen_mask = mask if mask is not None else painted
         if chosen_mask is None:
             raise gr.Error("mask: got nothing; allowed: paint over the image, or upload a mask (white = repaint)")
+        variation = _variation(seed_extra, subseed, subseed_strength, seed_resize_from_w, seed_resize_from_h)
         request = build_request(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -810,6 +896,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             n_iter=n_iter,
             batch_size=batch_size,
             styles=styles,
+            **variation,
             init_image=init_image,
             mask=chosen_mask,
             denoising_strength=denoising_strength,
@@ -819,6 +906,17 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
         yield from run_job(session=session, request=request, ticket=ticket, **common)
 
     return inpaint
+
+
+def _variation(seed_extra, subseed, subseed_strength, seed_resize_from_w, seed_resize_from_h) -> dict:
+    """The seed extras as build_request's keywords."""
+    return dict(
+        seed_extra=bool(seed_extra),
+        subseed=subseed,
+        subseed_strength=subseed_strength,
+        seed_resize_from_w=seed_resize_from_w,
+        seed_resize_from_h=seed_resize_from_h,
+    )
 
 
 def _wire_png_info(png: PngInfoWidgets, tab_widgets: dict[str, TabWidgets], tabs: gr.Tabs) -> None:
@@ -841,6 +939,7 @@ def _wire_png_info(png: PngInfoWidgets, tab_widgets: dict[str, TabWidgets], tabs
             outputs += target.hires
         else:
             outputs = [target.image, *outputs, target.denoising_strength]
+        outputs += target.settings.variation_inputs()
         button.click(
             functools.partial(_send_png_info, target_mode=mode),
             inputs=[png.image, png.text],
@@ -919,8 +1018,12 @@ def _read_prompts(engine, prompt: str, negative_prompt: str, steps) -> str:
         return f'<span class="token-count error">{html.escape(str(exc))}</span>'
 
 
-def _reuse_seed(view: ResultView | None):
-    seed = view.selected_seed() if view is not None else None
+def _reuse_seed(view: ResultView | None, *, variation: bool = False):
+    """The selected result's seed (or variation seed) for the ♻ button."""
+    if view is None:
+        seed = None
+    else:
+        seed = view.selected_subseed() if variation else view.selected_seed()
     if seed is None:
         gr.Info("No result yet: generate an image first.")
         return gr.skip()
@@ -1058,10 +1161,28 @@ def _send_png_info(path: str | None, text: str, *, target_mode: str):
     if not text:
         raise gr.Error("No generation parameters to send: drop a PNG made by this app (or A1111) first.")
     values = _settings_from_infotext(text, with_denoising=target_mode != "txt2img")
+    variation = _variation_from_infotext(text)
     if target_mode == "txt2img":
-        return (*values, *_hires_settings_from_infotext(text), gr.Tabs(selected=target_mode))
+        return (*values, *_hires_settings_from_infotext(text), *variation, gr.Tabs(selected=target_mode))
     image = _open_image(path) if path else None
-    return (_image_for(target_mode, image), *values, gr.Tabs(selected=target_mode))
+    return (_image_for(target_mode, image), *values, *variation, gr.Tabs(selected=target_mode))
+
+
+def _variation_from_infotext(text: str) -> list:
+    """Values for SettingsWidgets.variation_inputs from an infotext: Extra ticked with the picture's
+    variation seed and seed resize where it had them, else unticked (the other values left as they are)."""
+    from engine.infotext import parse_infotext
+
+    request = parse_infotext(text, unsupported_schedule="automatic")  # already checked by the caller
+    resized = request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0
+    if request.subseed_strength <= 0 and not resized:
+        return [False, *[gr.skip()] * 4]
+    return [True, request.subseed, request.subseed_strength, request.seed_resize_from_w, request.seed_resize_from_h]
+
+
+def _txt2img_settings_from_infotext(text: str) -> list:
+    """The txt2img fields a Compare cell fills: the settings and the seed extras."""
+    return [*_settings_from_infotext(text, with_denoising=False), *_variation_from_infotext(text)]
 
 
 def _hires_settings_from_infotext(text: str) -> list:
@@ -1093,8 +1214,9 @@ def _send_result(gallery, view: ResultView | None, *, target_mode: str):
     item = gallery[index]
     path = item[0] if isinstance(item, (tuple, list)) else item
     image = _open_image(path)
-    values = _settings_from_infotext(view.selected_infotext(), with_denoising=True)
-    return (_image_for(target_mode, image), *values, gr.Tabs(selected=target_mode))
+    text = view.selected_infotext()
+    values = _settings_from_infotext(text, with_denoising=True)
+    return (_image_for(target_mode, image), *values, *_variation_from_infotext(text), gr.Tabs(selected=target_mode))
 
 
 def _open_image(path) -> Image.Image:

@@ -206,9 +206,11 @@ def wire_compare_tab(
     base_inputs: list[gr.components.Component],
     send_targets: list[gr.components.Component],
     settings_from_infotext: Callable[[str], list],
+    variation_inputs: list[gr.components.Component] | None = None,
 ) -> None:
     """Events. `base_inputs` are the txt2img prompt, negative prompt, sampler, schedule type, steps, CFG,
-    seed, width and height; `send_targets` the txt2img fields (and the tabs) a clicked cell fills."""
+    seed, width and height; `variation_inputs` its seed extras (Extra, variation seed, strength, resize
+    from width, height); `send_targets` the txt2img fields (and the tabs) a clicked cell fills."""
     for kind, values, picker in zip(widgets.axis_types, widgets.axis_values, widgets.axis_pickers, strict=True):
         kind.change(
             lambda k: gr.update(choices=_pick_choices(engine, k), value=[], visible=k in _PICKABLE),
@@ -233,7 +235,7 @@ def wire_compare_tab(
     )
     widgets.run.click(
         functools.partial(_run_grid, engine),
-        inputs=[session, widgets.view, *base_inputs, *axis_inputs, widgets.convergence],
+        inputs=[session, widgets.view, *base_inputs, *axis_inputs, widgets.convergence, *(variation_inputs or [])],
         outputs=[
             widgets.progress,
             widgets.preview,
@@ -339,8 +341,14 @@ def _run_grid(
     z_type: str,
     z_values: str,
     convergence: bool,
+    seed_extra: bool = False,
+    subseed: int = -1,
+    subseed_strength: float = 0.0,
+    seed_resize_from_w: int = 0,
+    seed_resize_from_h: int = 0,
 ):
-    """Streams (progress, current cell preview, grid, cells, plot, view, timeline choices, step slider)."""
+    """Streams (progress, current cell preview, grid, cells, plot, view, timeline choices, step slider).
+    The seed extras are the txt2img tab's (Var. seed and Var. strength axes change them per cell)."""
     base = build_request(
         prompt=prompt,
         negative_prompt=negative_prompt,
@@ -353,6 +361,11 @@ def _run_grid(
         height=height,
         n_iter=1,
         batch_size=1,
+        seed_extra=seed_extra,
+        subseed=subseed,
+        subseed_strength=subseed_strength,
+        seed_resize_from_w=seed_resize_from_w,
+        seed_resize_from_h=seed_resize_from_h,
     )
     base = dataclasses.replace(base, prompt_syntax=session.prompt_syntax, emphasis=session.emphasis)
     try:

@@ -81,6 +81,7 @@ class ResultView:
     seeds: list[int] = field(default_factory=list)
     infotexts: list[str] = field(default_factory=list)
     selected: int = 0
+    subseeds: list[int] = field(default_factory=list)
 
     def selected_infotext(self) -> str:
         if not self.infotexts:
@@ -91,6 +92,11 @@ class ResultView:
         if not self.seeds:
             return None
         return self.seeds[min(self.selected, len(self.seeds) - 1)]
+
+    def selected_subseed(self) -> int | None:
+        if not self.subseeds:
+            return None
+        return self.subseeds[min(self.selected, len(self.subseeds) - 1)]
 
 
 ERROR_TITLES = {"InvalidRequestError": "Invalid setting", "ModelLoadError": "Model not loaded"}
@@ -123,8 +129,16 @@ def build_request(
     mask_blur: Any = 4,
     mask_mode: str = MASK_MODES[0],
     styles: list[str] | None = None,
+    seed_extra: bool = False,
+    subseed: Any = -1,
+    subseed_strength: Any = 0,
+    seed_resize_from_w: Any = 0,
+    seed_resize_from_h: Any = 0,
 ) -> GenerationRequest:
-    """Widget values as a request; the engine validates every field (and names the bad one)."""
+    """Widget values as a request; the engine validates every field (and names the bad one). The variation
+    seed and seed resize apply only with `seed_extra` ticked, as A1111's "Extra" box works."""
+    if not seed_extra:
+        subseed, subseed_strength, seed_resize_from_w, seed_resize_from_h = -1, 0, 0, 0
     return GenerationRequest(
         prompt=prompt or "",
         negative_prompt=negative_prompt or "",
@@ -143,6 +157,10 @@ def build_request(
         mask_blur=mask_blur,
         inpainting_mask_invert=1 if mask_mode == MASK_MODES[1] else 0,
         styles=list(styles) if styles else None,
+        subseed=-1 if subseed is None else subseed,
+        subseed_strength=0 if subseed_strength is None else subseed_strength,
+        seed_resize_from_w=seed_resize_from_w or 0,
+        seed_resize_from_h=seed_resize_from_h or 0,
     )
 
 
@@ -330,11 +348,20 @@ def run_job(
     if session.save_images and save_image is not None and outputs_dir is not None:
         _save_all(result, save_image, outputs_dir=outputs_dir, mode=mode)
 
-    view = ResultView(seeds=list(result.seeds), infotexts=list(result.infotexts), selected=0)
-    gallery = [(image, f"Seed {seed}") for image, seed in zip(result.images, result.seeds, strict=True)]
+    view = ResultView(
+        seeds=list(result.seeds), infotexts=list(result.infotexts), selected=0, subseeds=list(result.subseeds)
+    )
+    gallery = [(image, _caption(result, index)) for index, image in enumerate(result.images)]
     state = "interrupted" if result.interrupted else "done"
     bar = progress_html(fraction if result.interrupted else 1.0, describe_result(result), state=state)
     yield None, bar, gallery, view.selected_infotext(), view
+
+
+def _caption(result: Result, index: int) -> str:
+    caption = f"Seed {result.seeds[index]}"
+    if result.request.subseed_strength > 0 and index < len(result.subseeds):
+        caption += f", variation {result.subseeds[index]}"
+    return caption
 
 
 def _save_all(result: Result, save_image, *, outputs_dir: Path, mode: str) -> None:

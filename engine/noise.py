@@ -1,0 +1,154 @@
+"""Starting noise from seeds, with A1111's variation seeds and "resize seed from".
+
+An image's noise is the first draw of a CPU generator seeded with its seed (what A1111 draws with its
+CPU random source). A1111's two seed extras change that noise, and are rebuilt here to the same numbers:
+
+- Variation seed (`subseed`, `subseed_strength`): the noise of a second seed is blended in by spherical
+  interpolation; strength 0 is the seed's own noise, strength 1 the variation seed's.
+- Resize seed from (`seed_resize_from_w` x `seed_resize_from_h`): the seed's noise is drawn at that size
+  and pasted into the middle of the real size's noise (or cropped from its middle), so a picture keeps
+  its composition at a slightly different size.
+
+txt2img starts from this noise. img2img, inpaint and the hires fix pass add noise to a picture through
+the scheduler's add_noise; `NoiseVariation.install` makes the job's scheduler vary that noise the same
+way, so variation seeds work in every mode. Those modes draw their noise where diffusers draws it, so
+their pictures match this engine's, not A1111's, as without variation seeds.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+
+import torch
+
+# Above this mean cosine the two noises count as one direction, and are mixed linearly (A1111's threshold).
+_PARALLEL = 0.9995
+
+
+def seed_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
+    """The first draw of a fresh CPU generator seeded with `seed`, float32."""
+    return torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
+
+
+def slerp(strength: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """A1111's spherical interpolation of one image's noise (C, H, W): the angle is taken per channel and
+    column (norms along the height axis), which is what A1111 computes, so the numbers match it."""
+    low_direction = low / torch.norm(low, dim=1, keepdim=True)
+    high_direction = high / torch.norm(high, dim=1, keepdim=True)
+    cosine = (low_direction * high_direction).sum(1)
+    if cosine.mean() > _PARALLEL:
+        # A1111 writes this near-parallel case with the weights this way round; kept so the numbers match.
+        return low * strength + high * (1 - strength)
+    angle = torch.acos(cosine)
+    sine = torch.sin(angle)
+    low_weight = (torch.sin((1.0 - strength) * angle) / sine).unsqueeze(1)
+    high_weight = (torch.sin(strength * angle) / sine).unsqueeze(1)
+    return low_weight * low + high_weight * high
+
+
+def paste_centred(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """`target` (C, H, W) with `source` (C, h, w) laid over its middle; a larger source is cropped to its
+    middle. Offsets round as A1111's do (floor of half the difference)."""
+    result = target.clone()
+    rows = _overlap(target.shape[1], source.shape[1])
+    cols = _overlap(target.shape[2], source.shape[2])
+    (to_y, from_y, height), (to_x, from_x, width) = rows, cols
+    result[:, to_y : to_y + height, to_x : to_x + width] = source[:, from_y : from_y + height, from_x : from_x + width]
+    return result
+
+
+def _overlap(target_side: int, source_side: int) -> tuple[int, int, int]:
+    """(start in target, start in source, length) of a source centred on a target along one axis."""
+    offset = (target_side - source_side) // 2
+    if offset >= 0:
+        return offset, 0, source_side
+    return 0, -offset, source_side + 2 * offset
+
+
+class NoiseVariation:
+    """A1111's variation seed and seed resize for one batch: image i has seed `seeds[i]` and variation
+    seed `subseeds[i]`. `resize_from_latent` is the latent (height, width) of the size the seed's noise
+    is drawn at, or None."""
+
+    def __init__(
+        self,
+        seeds: Sequence[int],
+        subseeds: Sequence[int],
+        strength: float,
+        resize_from_latent: tuple[int, int] | None = None,
+    ):
+        self.seeds = list(seeds)
+        self.subseeds = list(subseeds)
+        self.strength = float(strength)
+        self.resize_from_latent = resize_from_latent
+        # The noise last varied and what it became: a pipeline hands the same noise tensor to add_noise
+        # on every step of an inpaint, and must get the same varied noise back each time.
+        self._source: torch.Tensor | None = None
+        self._varied: torch.Tensor | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.strength != 0 or self.resize_from_latent is not None
+
+    def vary(self, noise: torch.Tensor) -> torch.Tensor:
+        """The batch's noise (N, C, H, W), each image's changed by its variation seed and seed resize."""
+        if not self.active:
+            return noise
+        if noise is self._source or noise is self._varied:
+            return self._varied
+        images = [self._vary_one(image.float().cpu(), index) for index, image in enumerate(noise)]
+        varied = torch.stack(images).to(noise.device, noise.dtype)
+        self._source, self._varied = noise, varied
+        return varied
+
+    def _vary_one(self, base: torch.Tensor, index: int) -> torch.Tensor:
+        # A batch larger than the seed list repeats it (num_images_per_prompt over one seed list).
+        seed = self.seeds[index % len(self.seeds)]
+        subseed = self.subseeds[index % len(self.subseeds)]
+        channels = base.shape[0]
+        resized = self.resize_from_latent is not None and tuple(self.resize_from_latent) != tuple(base.shape[1:])
+        # With a seed resize the seed's noise is drawn afresh at the other size; otherwise it is `base`.
+        noise = seed_noise(seed, (channels, *self.resize_from_latent)) if resized else base
+        if self.strength != 0:
+            noise = slerp(self.strength, noise, seed_noise(subseed, noise.shape))
+        return paste_centred(base, noise) if resized else noise
+
+    def install(self, pipe, scheduler) -> None:
+        """Vary the noise that this job's img2img, inpaint or hires pass adds to its picture. Both objects
+        belong to one job (the pipeline object and scheduler are made per job), so nothing is shared."""
+        if not self.active:
+            return
+        scheduler.add_noise = self._wrap_noise_argument(scheduler.add_noise, position=1)
+        if "is_strength_max" in inspect.signature(pipe.prepare_latents).parameters:
+            # An inpaint pipeline at strength 1 starts from pure noise without calling add_noise.
+            pipe.prepare_latents = self._wrap_inpaint_latents(pipe.prepare_latents, scheduler)
+
+    def _wrap_noise_argument(self, add_noise: Callable, position: int) -> Callable:
+        @functools.wraps(add_noise)
+        def varied_add_noise(*args, **kwargs):
+            if "noise" in kwargs:
+                kwargs["noise"] = self.vary(kwargs["noise"])
+            else:
+                args = (*args[:position], self.vary(args[position]), *args[position + 1 :])
+            return add_noise(*args, **kwargs)
+
+        return varied_add_noise
+
+    def _wrap_inpaint_latents(self, prepare_latents: Callable, scheduler) -> Callable:
+        @functools.wraps(prepare_latents)
+        def varied_prepare_latents(*args, **kwargs):
+            outputs = prepare_latents(*args, **kwargs)
+            if not kwargs.get("is_strength_max", True) or not isinstance(outputs, tuple) or len(outputs) < 2:
+                return outputs  # below strength 1 the noise went through add_noise, already varied
+            _latents, noise, *rest = outputs
+            varied = self.vary(noise)
+            return (varied * scheduler.init_noise_sigma, varied, *rest)
+
+        return varied_prepare_latents
+
+
+def initial_noise(generators: Sequence[torch.Generator], shape: Sequence[int]) -> torch.Tensor:
+    """txt2img's starting noise: one draw of `shape` (1, C, H, W) from each image's generator."""
+    return torch.cat([torch.randn(tuple(shape), generator=generator, dtype=torch.float32) for generator in generators])
