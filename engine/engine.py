@@ -25,7 +25,7 @@ from .lora import LoraFile, LoraUse, lora_uses, scan_loras
 from .models import LoadedModel, ModelInfo, ModelRegistry, default_dtype, load_model, pick_device
 from .presets import DEFAULT_MODELS_DIR, MICRO_MODEL_NAME, SHIPPED_MICRO_MODEL, FamilyDefaults
 from .previews import make_previewer
-from .prompt_schedule import prompt_schedule
+from .prompt_schedule import composable_parts, is_composed, prompt_schedule
 from .prompts import Conditioning, PromptReading, SDXLEmbeds, describe_prompt, make_prompt_encoders
 from .request import SEED_MAX, GenerationRequest, Limits, validate_request
 from .styles import PromptStyle, apply_styles, read_styles
@@ -211,18 +211,25 @@ class Engine:
     def sampler_aliases(self, name: str) -> list[str]:
         return list(samplers.get_sampler(name).aliases)
 
-    def token_counts(self, text: str) -> list[int]:
+    def token_counts(self, text: str, composable: bool = False) -> list[int]:
+        """Tokens per 75-token chunk; `composable` for a prompt (its AND parts counted apart, the longest
+        shown), not for a negative prompt."""
         encoder = self._require_model().prompt_encoder
         if encoder is None:
             tokenizer = self._require_model().components["tokenizer"]
             return [len(tokenizer(text or "", add_special_tokens=False).input_ids)]
-        return encoder.token_counts(text or "")
+        return encoder.token_counts(text or "", composable)
 
     # Jobs -----------------------------------------------------------------------------------
 
     def describe_prompt(self, text: str, steps: int = 20) -> list[PromptReading]:
         """How the A1111 syntax reads `text` at each stretch of `steps` steps (fragments, weights, chunks)."""
         return describe_prompt(text or "", max(1, int(steps)), self._require_model().prompt_encoder)
+
+    @staticmethod
+    def composable_parts(text: str) -> list[tuple[str, float]]:
+        """A prompt's AND parts with their weights (one part of weight 1 for a plain prompt)."""
+        return composable_parts(text or "")
 
     def validate(self, req: GenerationRequest) -> GenerationRequest:
         """A checked, normalized copy of `req`; raises InvalidRequestError naming the bad field."""
@@ -474,21 +481,31 @@ class Engine:
         # A1111 lays the prompt-editing schedule over all the job's steps, in img2img too.
         steps = req.steps
         clip_skip = _clip_skip(req)
+        composed: list = []
         try:
             if req.prompt_syntax == "compel":
                 positive, negative = model.compel_encoder.encode(req.prompt, req.negative_prompt, clip_skip=clip_skip)
                 positive_schedule, negative_schedule = [(steps, positive)], [(steps, negative)]
             else:
-                positive_texts = prompt_schedule(req.prompt, steps)
+                # Each AND part of the prompt has its own prompt-editing schedule, as in A1111; the negative
+                # prompt is one text (A1111 does not split it).
+                parts = composable_parts(req.prompt)
+                part_texts = [prompt_schedule(text, steps) for text, _weight in parts]
                 negative_texts = prompt_schedule(req.negative_prompt, steps)
                 positives, negatives = model.prompt_encoder.encode_many(
-                    [text for _, text in positive_texts],
+                    [text for texts in part_texts for _, text in texts],
                     [text for _, text in negative_texts],
                     clip_skip=clip_skip,
                     emphasis=req.emphasis,
                 )
-                positive_schedule = [(end, embeds) for (end, _), embeds in zip(positive_texts, positives, strict=True)]
+                encoded = iter(positives)
+                part_schedules = [[(end, next(encoded)) for end, _ in texts] for texts in part_texts]
+                positive_schedule = part_schedules[0]
                 negative_schedule = [(end, embeds) for (end, _), embeds in zip(negative_texts, negatives, strict=True)]
+                if is_composed(parts):
+                    composed = [
+                        (schedule, weight) for schedule, (_text, weight) in zip(part_schedules, parts, strict=True)
+                    ]
         except ValueError as exc:  # compel's parser and the encoders' own checks
             raise InvalidRequestError(
                 "prompt", req.prompt, f"text the {req.prompt_syntax} syntax reads ({exc})"
@@ -502,7 +519,12 @@ class Engine:
         def to_model(schedule):
             return [(end, on_model(embeds)) for end, embeds in schedule]
 
-        return Conditioning(to_model(positive_schedule), to_model(negative_schedule), steps)
+        return Conditioning(
+            to_model(positive_schedule),
+            to_model(negative_schedule),
+            steps,
+            parts=[(to_model(schedule), weight) for schedule, weight in composed],
+        )
 
 
 @contextlib.contextmanager

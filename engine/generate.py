@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageFilter
 
+from .composable import ComposedGuidance
 from .events import JobControl, Pacer, Progress
 from .models import LoadedModel
 from .noise import NoiseVariation, initial_noise
@@ -117,7 +118,9 @@ def run_batch(
     """Sample one batch (one image per seed; `subseeds` are their variation seeds) and return its images."""
     scheduler = build_scheduler(model.scheduler_config, req.sampler_name, req.scheduler, seed=seeds[0])
     recorder = StepRecorder(scheduler, model.prediction_type)
-    pipe = model.pipeline_for(req.mode, scheduler)
+    composed: list[ComposedGuidance] = []  # the UNet stand-in of each pass, for a prompt with AND
+    wrap_unet = _composed_guidance(model, req, conditioning, composed.append) if conditioning.parts else None
+    pipe = model.pipeline_for(req.mode, scheduler, wrap_unet=wrap_unet)
     resize_from = None
     if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0:
         resize_from = model.latent_shape(req.seed_resize_from_w, req.seed_resize_from_h)[2:]
@@ -155,6 +158,8 @@ def run_batch(
             x0 = recorder.x0()
             return {"latents": x0} if x0 is not None else {}
         changes = {}
+        if composed:  # the composable parts' prompt-editing entries for the next step
+            composed[-1].step_index = step * sampling_steps // total
         if conditioning.scheduled and step < total:
             # Prompt editing: the conditioning for the next step, where the schedule says it changes.
             # Second-order samplers run more loop steps than sampling steps; scale to sampling steps. As in
@@ -226,7 +231,7 @@ def run_batch(
         current_conditioning = conditioning.at(0)
         scheduler = build_scheduler(model.scheduler_config, req.sampler_name, req.scheduler, seed=seeds[0])
         recorder = StepRecorder(scheduler, model.prediction_type)  # the callback reads this pass's predictions
-        hires_pipe = model.pipeline_for("img2img", scheduler)
+        hires_pipe = model.pipeline_for("img2img", scheduler, wrap_unet=wrap_unet)
         variation.install(hires_pipe, scheduler)  # A1111 varies the hires pass's noise too
         kwargs.update(
             num_inference_steps=hr_steps,
@@ -256,6 +261,20 @@ def run_batch(
     # trip would otherwise soften the whole picture.
     images = [Image.composite(out, original, mask) for out, original in zip(generated, init_images, strict=True)]
     return BatchOutcome(images, stopped, preview_seconds)
+
+
+def _composed_guidance(model: LoadedModel, req: GenerationRequest, conditioning: Conditioning, made) -> Callable:
+    """A wrap_unet for pipeline_for that makes the job's ComposedGuidance and hands it to `made`."""
+    unet_config = model.components["unet"].config
+    # When diffusers' pipelines guide themselves (their do_classifier_free_guidance).
+    cfg_in_pipeline = req.cfg_scale > 1 and getattr(unet_config, "time_cond_proj_dim", None) is None
+
+    def wrap(unet):
+        guidance = ComposedGuidance(unet, conditioning, req.cfg_scale, cfg_in_pipeline)
+        made(guidance)
+        return guidance
+
+    return wrap
 
 
 def _conditioning_kwargs(conditioning: Conditioning, count: int) -> dict:

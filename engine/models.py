@@ -98,10 +98,11 @@ class LoadedModel:
         those modules in place: its UNet is the module itself, never a trace."""
         return self.pipeline_for("txt2img", self.components["scheduler"], traced=False)
 
-    def pipeline_for(self, mode: str, scheduler, *, traced: bool = True):
+    def pipeline_for(self, mode: str, scheduler, *, traced: bool = True, wrap_unet=None):
         """A pipeline object for one job: shared weights, the job's own scheduler. The UNet is the
         traced one where the family runs it so, unless `traced` is False or LoRAs are switched on
-        (a trace holds the layers it was made with, so adapters would not run in it)."""
+        (a trace holds the layers it was made with, so adapters would not run in it). `wrap_unet`, when
+        given, makes the job's stand-in for that UNet (composable prompts)."""
         cls = self.pipeline_classes[mode]
         accepted = set(inspect.signature(cls.__init__).parameters)
         parts = {name: module for name, module in self.components.items() if name in accepted}
@@ -114,6 +115,8 @@ class LoadedModel:
             and not self.traced_unet.hooked()
         ):
             parts["unet"] = self.traced_unet
+        if wrap_unet is not None and "unet" in parts:
+            parts["unet"] = wrap_unet(parts["unet"])
         parts["scheduler"] = scheduler
         if "requires_safety_checker" in accepted:
             parts["requires_safety_checker"] = False

@@ -202,3 +202,33 @@ def text_for_step(schedule: list[tuple[int, str]], step_index: int) -> str:
         if step_index <= end_step:
             return text
     return schedule[-1][1]
+
+
+# A1111's composable diffusion: "AND" as an upper-case word splits a prompt into parts, and a part may
+# end in ":weight" (a number, nothing after it).
+_AND = re.compile(r"\bAND\b")
+_PART_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+
+
+def composable_parts(prompt: str) -> list[tuple[str, float]]:
+    """The parts of a prompt with their weights, as A1111's get_multicond_prompt_list reads them: split at
+    each "AND", a trailing ":w" is the part's weight (1 when none). A part named twice is one part with
+    the weights added, which guides the same as the two.
+
+    >>> composable_parts("a red circle AND a blue background :0.5")
+    [('a red circle', 1.0), ('a blue background', 0.5)]
+    >>> composable_parts("a cat")
+    [('a cat', 1.0)]
+    """
+    weights: dict[str, float] = {}
+    for part in _AND.split(prompt):
+        match = _PART_WEIGHT.search(part)
+        text, weight = (match[1], match[2]) if match is not None else (part, None)
+        text = text.strip()
+        weights[text] = weights.get(text, 0.0) + (float(weight) if weight is not None else 1.0)
+    return list(weights.items())
+
+
+def is_composed(parts: list[tuple[str, float]]) -> bool:
+    """Whether the parts need composable guidance: more than one, or one with a weight other than 1."""
+    return len(parts) > 1 or parts[0][1] != 1.0

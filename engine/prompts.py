@@ -32,13 +32,13 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
 from .embeddings import EmbeddingTokens
-from .prompt_schedule import prompt_schedule, text_for_step
+from .prompt_schedule import composable_parts, prompt_schedule, text_for_step
 from .request import EMPHASIS_MODES
 
 log = logging.getLogger(__name__)
@@ -311,11 +311,14 @@ class PromptEncoder:
         )["input_ids"]
         return split_into_chunks(parsed, token_ids, self.comma_id, embedding_group=self.embedding_tokens.group)
 
-    def token_counts(self, prompt: str) -> list[int]:
+    def token_counts(self, prompt: str, composable: bool = False) -> list[int]:
         """Prompt tokens in each 75-token chunk, e.g. "" -> [0]; 80 tokens without commas -> [75, 5].
 
-        With prompt editing, the counts of the longest text the prompt turns into at some step."""
-        texts = [text for _end, text in prompt_schedule(split_extra_networks(prompt)[0], SCHEDULE_PREVIEW_STEPS)]
+        With prompt editing, the counts of the longest text the prompt turns into at some step; with
+        `composable` (a prompt, not a negative prompt), of the longest of its AND parts, as A1111 counts."""
+        plain = split_extra_networks(prompt)[0]
+        parts = [text for text, _weight in composable_parts(plain)] if composable else [plain]
+        texts = [text for part in parts for _end, text in prompt_schedule(part, SCHEDULE_PREVIEW_STEPS)]
         counts = [[len(chunk.tokens) for chunk in self._chunks(text)] for text in texts]
         return max(counts, key=lambda per_chunk: (len(per_chunk), sum(per_chunk)))
 
@@ -443,13 +446,20 @@ class Conditioning:
     positive: list[tuple[int, object]]
     negative: list[tuple[int, object]]
     steps: int
+    # A1111's composable diffusion ("a AND b :0.5"): each part's schedule and its weight; empty for a plain
+    # prompt. `positive` then holds the first part's schedule, which keeps the pipeline's shapes.
+    parts: list[tuple[list[tuple[int, object]], float]] = field(default_factory=list)
 
     @property
     def scheduled(self) -> bool:
-        return len(self.positive) > 1 or len(self.negative) > 1
+        return any(len(schedule) > 1 for schedule in (self.positive, self.negative, *(s for s, _ in self.parts)))
 
     def at(self, step_index: int) -> tuple[object, object]:
         return text_for_step(self.positive, step_index), text_for_step(self.negative, step_index)
+
+    def parts_at(self, step_index: int) -> list[tuple[object, float]]:
+        """Each composable part's embeddings at a step, with its weight."""
+        return [(text_for_step(schedule, step_index), weight) for schedule, weight in self.parts]
 
 
 class CompelEncoder:
@@ -543,8 +553,8 @@ class SDXLPromptEncoder:
         self._cache: OrderedDict[tuple, SDXLEmbeds] = OrderedDict()
         self._lock = threading.RLock()
 
-    def token_counts(self, prompt: str) -> list[int]:
-        return self.parts[0].token_counts(prompt)
+    def token_counts(self, prompt: str, composable: bool = False) -> list[int]:
+        return self.parts[0].token_counts(prompt, composable)
 
     def _chunks(self, text: str) -> list[PromptChunk]:
         return self.parts[0]._chunks(text)

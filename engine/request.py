@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,8 +29,6 @@ LATENT_UPSCALERS = {
 PICTURE_UPSCALERS = ("None", "Lanczos", "Nearest")
 HR_UPSCALERS = (*LATENT_UPSCALERS, *PICTURE_UPSCALERS)
 EMPHASIS_MODES = ("Original", "No norm", "Ignore")
-# A1111 splits prompts on "AND" (composable diffusion), an uppercase word on its own.
-_COMPOSABLE_AND = re.compile(r"\bAND\b")
 
 
 @dataclass
@@ -173,17 +170,6 @@ def validate_request(
 
     prompt_syntax = _choice(req.prompt_syntax, "prompt_syntax", PROMPT_SYNTAXES)
     emphasis = _choice(req.emphasis, "emphasis", EMPHASIS_MODES)
-    if prompt_syntax == "a1111":
-        for name in ("prompt", "negative_prompt"):
-            text = getattr(req, name) or ""
-            if _COMPOSABLE_AND.search(text):
-                raise InvalidRequestError(
-                    name,
-                    text,
-                    "no composable prompts ('AND' as a separate uppercase word) with the a1111 syntax yet: "
-                    "write 'and' in lower case to keep the word, or use prompt_syntax 'compel' and "
-                    '\'("a", "b").and()\'',
-                )
 
     steps = _as_int(req.steps, "steps")
     _in_range(steps, "steps", 1, limits.max_steps)

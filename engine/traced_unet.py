@@ -39,21 +39,28 @@ class _PositionalUNet(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
 
-class TracedUNet(torch.nn.Module):
-    """Stands in for a UNet2DConditionModel inside a pipeline; anything else it is asked for
-    (config, dtype, device) comes from the UNet it wraps."""
+class UNetStandIn(torch.nn.Module):
+    """Stands in for a UNet2DConditionModel inside a pipeline: subclasses change how it is called, and
+    anything else a pipeline asks for (config, dtype, device, add_embedding) comes from the UNet it wraps."""
 
     def __init__(self, unet: torch.nn.Module):
         super().__init__()
         self.unet = unet
-        self._traces: OrderedDict[tuple, torch.jit.ScriptModule] = OrderedDict()
-        self._broken = False
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["unet"], name)
+
+
+class TracedUNet(UNetStandIn):
+    """Runs the UNet as TorchScript traces where it can (see the module's docstring)."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__(unet)
+        self._traces: OrderedDict[tuple, torch.jit.ScriptModule] = OrderedDict()
+        self._broken = False
 
     @property
     def traced_sample_shapes(self) -> list[tuple[int, ...]]:

@@ -262,12 +262,13 @@ def test_prompt_encodings_are_cached_across_jobs(engine):
 # --- validation, AND, infotext -----------------------------------------------------------------------------
 
 
-def test_composable_and_is_refused_with_what_to_do(engine):
-    with pytest.raises(InvalidRequestError) as error:
-        engine.validate(GenerationRequest(prompt="a cat AND a dog"))
-    assert error.value.field == "prompt"
-    assert "compel" in str(error.value) and "lower case" in str(error.value)
-    engine.validate(GenerationRequest(prompt="a cat and a dog"))  # lower case is just a word
+def test_composable_and_is_read_into_weighted_parts(engine):
+    request = engine.validate(GenerationRequest(prompt="a cat AND a dog :0.5", negative_prompt="fog AND rain"))
+    conditioning = engine._encode_prompts(engine.loaded, request)
+    assert [weight for _schedule, weight in conditioning.parts] == [1.0, 0.5]
+    assert len(conditioning.negative) == 1  # the negative prompt is one text, "AND" a word in it
+    plain = engine._encode_prompts(engine.loaded, engine.validate(GenerationRequest(prompt="a cat and a dog")))
+    assert plain.parts == []  # lower case is just a word
 
 
 @pytest.mark.parametrize(("field", "value"), [("emphasis", "loud"), ("prompt_syntax", "midjourney"), ("emphasis", 3)])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -198,15 +199,35 @@ class TinySDXLModel:
         # As engine.models.load_model gives every loaded model its encoders.
         self.prompt_encoder, self.compel_encoder = make_prompt_encoders(self.components)
 
-    def pipeline_for(self, mode, scheduler):
+    def pipeline_for(self, mode, scheduler, wrap_unet=None):
         from diffusers import StableDiffusionXLPipeline
 
-        pipeline = StableDiffusionXLPipeline(**{**self.components, "scheduler": scheduler})
+        parts = {**self.components, "scheduler": scheduler}
+        if wrap_unet is not None:
+            parts["unet"] = wrap_unet(parts["unet"])
+        pipeline = StableDiffusionXLPipeline(**parts)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
     def latent_shape(self, width, height):
         return (1, 4, height // 2, width // 2)
+
+
+def _sample(model, request: GenerationRequest, conditioning: Conditioning, *, seed: int):
+    """One image of `request` through run_batch, without previews or progress."""
+    return run_batch(
+        model,
+        request,
+        seeds=[seed],
+        conditioning=conditioning,
+        control=JobControl(),
+        previewer=None,
+        preview_every=1,
+        emit=lambda _progress: None,
+        batch_no=0,
+        batch_count=1,
+        started=0.0,
+    )
 
 
 def test_prompt_editing_switches_text_and_pooled_conditioning_at_the_stated_step(pipe, encoder):
@@ -226,18 +247,11 @@ def test_prompt_editing_switches_text_and_pooled_conditioning_at_the_stated_step
         with_kwargs=True,
     )
     try:
-        outcome = run_batch(
+        outcome = _sample(
             TinySDXLModel(pipe),
             GenerationRequest(prompt="a [cat:dog:2] on a mat", steps=steps, sampler_name="Euler", width=64, height=64),
-            seeds=[1],
-            conditioning=conditioning,
-            control=JobControl(),
-            previewer=None,
-            preview_every=1,
-            emit=lambda _progress: None,
-            batch_no=0,
-            batch_count=1,
-            started=0.0,
+            conditioning,
+            seed=1,
         )
     finally:
         handle.remove()
@@ -278,3 +292,28 @@ def test_empty_negative_is_zeros_then_padded_with_the_empty_prompt_like_a1111(en
     assert not negative.embeds[:, :77].any() and not negative.pooled.any()
     empty, _ = encoder.encode("", "blurry")
     torch.testing.assert_close(negative.embeds[:, 77:154], empty.embeds[:, :77])
+
+
+def test_sdxl_composable_parts_guide_with_their_own_states_and_pooled_output(engine, pipe):
+    """ "P AND P" guides twice as hard as P, so at CFG 3 it draws what P draws at CFG 6: both encoders' states
+    and the pooled output (add_text_embeds) of each part reach the UNet."""
+    model = TinySDXLModel(pipe)
+
+    def draw(prompt: str, cfg_scale: float):
+        request = GenerationRequest(
+            prompt=prompt,
+            negative_prompt="blurry",
+            steps=3,
+            cfg_scale=cfg_scale,
+            sampler_name="Euler",
+            width=64,
+            height=64,
+        )
+        outcome = _sample(model, request, engine._encode_prompts(model, request), seed=2)
+        return np.asarray(outcome.images[0], dtype=np.int16)
+
+    doubled = draw("a cat on a mat AND a cat on a mat", 3.0)
+    assert np.abs(doubled - draw("a cat on a mat", 6.0)).max() <= 1
+    assert np.abs(doubled - draw("a cat on a mat", 3.0)).max() > 1
+    # A second part's pooled output matters too: another part changes the picture.
+    assert np.abs(draw("a cat on a mat AND a dog", 3.0) - doubled).max() > 1

@@ -656,10 +656,12 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
         concurrency_limit=None,
         show_progress="hidden",
     )
-    count = functools.partial(_count_tokens, engine)
-    for box, counter in ((panel.prompt, panel.prompt_tokens), (panel.negative_prompt, panel.negative_tokens)):
+    for box, counter, composable in (
+        (panel.prompt, panel.prompt_tokens, True),
+        (panel.negative_prompt, panel.negative_tokens, False),
+    ):
         box.change(
-            count,
+            functools.partial(_count_tokens, engine, composable=composable),
             inputs=[box],
             outputs=[counter],
             trigger_mode="always_last",
@@ -997,9 +999,9 @@ def _add_lora_tag(prompt: str, name: str | None):
     return f"{prompt.rstrip()} <lora:{name}:1>".strip(), None
 
 
-def _count_tokens(engine, text: str) -> str:
+def _count_tokens(engine, text: str, *, composable: bool = False) -> str:
     try:
-        return token_counter_html(engine.token_counts(text or ""))
+        return token_counter_html(engine.token_counts(text or "", composable))
     except EngineError as exc:
         # A prompt the parser rejects shows why next to the counter instead of a pop-up on every keystroke.
         return f'<span class="token-count error" title="{html.escape(str(exc))}">?/75</span>'
@@ -1009,8 +1011,19 @@ def _read_prompts(engine, prompt: str, negative_prompt: str, steps) -> str:
     """The parsed view: fragments with weights for each stretch of steps, and tokens per chunk."""
     try:
         steps = int(steps or 20)
+        parts = engine.composable_parts(prompt)
+        if len(parts) == 1 and parts[0][1] == 1.0:
+            readings = prompt_reading_html(engine.describe_prompt(prompt, steps), label="Prompt")
+        else:  # AND: each part guides the picture on its own, by its weight
+            readings = "".join(
+                prompt_reading_html(
+                    engine.describe_prompt(text, steps),
+                    label=f"Prompt, part {index} of {len(parts)} (AND), weight {weight:.3g}",
+                )
+                for index, (text, weight) in enumerate(parts, start=1)
+            )
         return (
-            prompt_reading_html(engine.describe_prompt(prompt, steps), label="Prompt")
+            readings
             + prompt_reading_html(engine.describe_prompt(negative_prompt, steps), label="Negative prompt")
             + lora_reading_html(engine.describe_loras(prompt))
         )
