@@ -39,6 +39,7 @@ def create_engine(settings: ServerSettings):
         models_dir=settings.models_dir,
         checkpoints_dir=settings.ckpt_dir,
         lora_dir=settings.lora_dir,
+        vae_dir=settings.vae_dir,
         styles_file=settings.styles_file,
         embeddings_dir=settings.embeddings_dir,
         device=settings.device,

@@ -30,6 +30,12 @@ from .prompts import Conditioning, PromptReading, SDXLEmbeds, describe_prompt, m
 from .request import SEED_MAX, GenerationRequest, Limits, validate_request
 from .styles import PromptStyle, apply_styles, read_styles
 from .tiny_model import TINY_MODEL_NAME, ensure_tiny_model
+from .vae import AUTOMATIC as VAE_AUTOMATIC
+from .vae import NONE as VAE_NONE
+from .vae import VaeFile, scan_vaes
+from .vae import choose as vae_choice
+from .vae import near_checkpoint as vae_near_checkpoint
+from .vae import weights_file as vae_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,7 @@ class Engine:
         checkpoints_dir: str | os.PathLike | None = None,
         embeddings_dir: str | os.PathLike | None = None,
         lora_dir: str | os.PathLike | None = None,
+        vae_dir: str | os.PathLike | None = None,
         styles_file: str | os.PathLike | None = None,
         device: str | None = None,
         dtype: torch.dtype | None = None,
@@ -84,6 +91,7 @@ class Engine:
             checkpoints_dir=checkpoints_dir,
             embeddings_dir=embeddings_dir,
             lora_dir=lora_dir,
+            vae_dir=vae_dir,
             styles_file=styles_file,
             allow_pickle=allow_pickle,
         )
@@ -113,6 +121,21 @@ class Engine:
     def list_loras(self) -> list[LoraFile]:
         """The LoRAs in the LoRA folder (models/Lora, or --lora-dir), for `<lora:name:weight>` tags."""
         return list(scan_loras(self.registry.lora_dir).values())
+
+    def list_vaes(self) -> dict[str, VaeFile]:
+        """The VAEs in the VAE folder (models/VAE, or --vae-dir), by the name A1111 shows."""
+        return scan_vaes(self.registry.vae_dir)
+
+    def job_vae(self, sd_vae: str) -> VaeFile | None:
+        """The VAE file a job's sd_vae choice means for the loaded model (None: the model's own)."""
+        if sd_vae == VAE_NONE:
+            return None
+        if sd_vae == VAE_AUTOMATIC:
+            return vae_near_checkpoint(self._require_model().info.path)
+        found = self.list_vaes().get(sd_vae)
+        if found is None:  # removed from the folder while the job waited
+            vae_choice(sd_vae, self.list_vaes(), self.registry.vae_dir)
+        return found
 
     def refresh_embeddings(self) -> EmbeddingsReport:
         """Read the embeddings folder again if its files changed since the model read it (A1111's refresh).
@@ -248,6 +271,13 @@ class Engine:
             checked = dataclasses.replace(checked, prompt=prompt, negative_prompt=negative, styles=None)
         # An unknown LoRA, or a weight that is not a number, is refused before the job waits in a queue.
         self.describe_loras(checked.prompt)
+        checked = dataclasses.replace(
+            checked, sd_vae=vae_choice(checked.sd_vae, self.list_vaes(), self.registry.vae_dir)
+        )
+        # A VAE for another kind of model is refused now, not after the job waited; it stays loaded for the job.
+        vae_file = self.job_vae(checked.sd_vae)
+        if vae_file is not None:
+            self._require_model().vaes.get(vae_file)
         return checked
 
     def styles(self) -> dict[str, PromptStyle]:
@@ -400,6 +430,10 @@ class Engine:
         images, image_indexes, skipped = [], [], []
         preview_seconds = 0.0
         try:
+            vae_file = self.job_vae(req.sd_vae)
+            vae = model.vaes.get(vae_file) if vae_file is not None else None
+            if vae is not None and preview.mode == "vae":  # previews decode with the job's VAE too
+                previewer = make_previewer("vae", vae=vae, latent_rgb=model.latent_rgb, taesd=model.taesd)
             lora_hashes = self._switch_loras(model, req)
             conditioning = self._encode_prompts(model, req)
             for batch_no, batch_indexes in enumerate(batches):
@@ -410,6 +444,7 @@ class Engine:
                     req,
                     seeds=[seeds[index] for index in batch_indexes],
                     subseeds=[subseeds[index] for index in batch_indexes],
+                    vae=vae,
                     conditioning=conditioning,
                     control=control,
                     previewer=previewer,
@@ -437,6 +472,7 @@ class Engine:
             )
 
         infotexts = []
+        vae_hash = self.registry.sha256_of(vae_weights_file(vae_file))[:10] if vae_file is not None else None
         embedding_hashes = model.embeddings.hashes_used(
             [req.prompt, req.negative_prompt], model.components["tokenizer"]
         )
@@ -449,6 +485,8 @@ class Engine:
                 subseed=image_subseed,
                 model_name=_model_name(model.info),
                 model_hash=model.info.hash,
+                vae_name=vae_file.name if vae_file is not None else None,
+                vae_hash=vae_hash,
                 embedding_hashes=embedding_hashes,
                 lora_hashes=lora_hashes,
             )

@@ -105,6 +105,7 @@ def run_batch(
     *,
     seeds: list[int],
     subseeds: list[int] | None = None,
+    vae=None,
     conditioning: Conditioning,
     control: JobControl,
     previewer: Callable[[torch.Tensor], Image.Image] | None,
@@ -115,12 +116,13 @@ def run_batch(
     started: float,
     preview_interval_s: float = 0.0,
 ) -> BatchOutcome:
-    """Sample one batch (one image per seed; `subseeds` are their variation seeds) and return its images."""
+    """Sample one batch (one image per seed; `subseeds` are their variation seeds) and return its images;
+    `vae`, when given, decodes and encodes pictures instead of the model's own."""
     scheduler = build_scheduler(model.scheduler_config, req.sampler_name, req.scheduler, seed=seeds[0])
     recorder = StepRecorder(scheduler, model.prediction_type)
     composed: list[ComposedGuidance] = []  # the UNet stand-in of each pass, for a prompt with AND
     wrap_unet = _composed_guidance(model, req, conditioning, composed.append) if conditioning.parts else None
-    pipe = model.pipeline_for(req.mode, scheduler, wrap_unet=wrap_unet)
+    pipe = model.pipeline_for(req.mode, scheduler, wrap_unet=wrap_unet, vae=vae)
     resize_from = None
     if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0:
         resize_from = model.latent_shape(req.seed_resize_from_w, req.seed_resize_from_h)[2:]
@@ -231,7 +233,7 @@ def run_batch(
         current_conditioning = conditioning.at(0)
         scheduler = build_scheduler(model.scheduler_config, req.sampler_name, req.scheduler, seed=seeds[0])
         recorder = StepRecorder(scheduler, model.prediction_type)  # the callback reads this pass's predictions
-        hires_pipe = model.pipeline_for("img2img", scheduler, wrap_unet=wrap_unet)
+        hires_pipe = model.pipeline_for("img2img", scheduler, wrap_unet=wrap_unet, vae=vae)
         variation.install(hires_pipe, scheduler)  # A1111 varies the hires pass's noise too
         kwargs.update(
             num_inference_steps=hr_steps,

@@ -63,6 +63,8 @@ _REQUEST_KEYS = frozenset(
         "Variation seed",
         "Variation seed strength",
         "Seed resize from",
+        "VAE",
+        "VAE hash",
         "Size",
         "Denoising strength",
         "Mask blur",
@@ -98,12 +100,15 @@ def format_infotext(
     subseed: int | None = None,
     model_name: str | None = None,
     model_hash: str | None = None,
+    vae_name: str | None = None,
+    vae_hash: str | None = None,
     embedding_hashes: dict[str, str] | None = None,
     lora_hashes: dict[str, str] | None = None,
 ) -> str:
     """A1111's "parameters" text for one image of a validated request, made with `seed` (and variation seed
-    `subseed`, the request's when not given); `embedding_hashes` and `lora_hashes` are the textual inversion
-    embeddings and LoRAs it used, by name."""
+    `subseed`, the request's when not given); `vae_name` and `vae_hash` the VAE file that decoded it, when
+    not the model's own; `embedding_hashes` and `lora_hashes` the textual inversion embeddings and LoRAs it
+    used, by name."""
     if req.width is None or req.height is None:
         raise InvalidRequestError(
             "width x height", f"{req.width}x{req.height}", "a validated request (Engine.validate fills in the size)"
@@ -120,6 +125,10 @@ def format_infotext(
         params["Model hash"] = model_hash
     if model_name:
         params["Model"] = model_name
+    if vae_name:
+        if vae_hash:
+            params["VAE hash"] = vae_hash
+        params["VAE"] = vae_name
     # Only when they change the noise, as A1111 writes them.
     if req.subseed_strength > 0:
         params["Variation seed"] = int(req.subseed if subseed is None else subseed)
@@ -265,6 +274,9 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
         req.seed = _parse_int("Seed", params.pop("Seed"))
     if "Size" in params:
         req.width, req.height = _parse_size(params.pop("Size"))
+    if "VAE" in params:
+        req.sd_vae = params.pop("VAE")
+        params.pop("VAE hash", None)  # the file's own hash says which it is; a copy would go stale
     if "Variation seed" in params:
         req.subseed = _parse_int("Variation seed", params.pop("Variation seed"))
     if "Variation seed strength" in params:

@@ -26,6 +26,7 @@ from .presets import FamilyDefaults, family_defaults, family_names, latent_rgb_t
 from .previews import fit_latent_rgb, load_latent_rgb_table
 from .tiny_model import TINY_MODEL_NAME
 from .traced_unet import TracedUNet
+from .vae import LoadedVaes
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class LoadedModel:
     loras: LoraAdapters | None = None
     # What jobs' pipelines call as their UNet when the family runs it traced (engine/traced_unet.py).
     traced_unet: TracedUNet | None = None
+    # VAEs from the VAE folder, loaded on this model's VAE config for the jobs that choose them (engine/vae.py).
+    vaes: LoadedVaes | None = None
 
     @property
     def vae(self):
@@ -98,11 +101,11 @@ class LoadedModel:
         those modules in place: its UNet is the module itself, never a trace."""
         return self.pipeline_for("txt2img", self.components["scheduler"], traced=False)
 
-    def pipeline_for(self, mode: str, scheduler, *, traced: bool = True, wrap_unet=None):
+    def pipeline_for(self, mode: str, scheduler, *, traced: bool = True, wrap_unet=None, vae=None):
         """A pipeline object for one job: shared weights, the job's own scheduler. The UNet is the
         traced one where the family runs it so, unless `traced` is False or LoRAs are switched on
         (a trace holds the layers it was made with, so adapters would not run in it). `wrap_unet`, when
-        given, makes the job's stand-in for that UNet (composable prompts)."""
+        given, makes the job's stand-in for that UNet (composable prompts); `vae` replaces the model's."""
         cls = self.pipeline_classes[mode]
         accepted = set(inspect.signature(cls.__init__).parameters)
         parts = {name: module for name, module in self.components.items() if name in accepted}
@@ -117,6 +120,8 @@ class LoadedModel:
             parts["unet"] = self.traced_unet
         if wrap_unet is not None and "unet" in parts:
             parts["unet"] = wrap_unet(parts["unet"])
+        if vae is not None:
+            parts["vae"] = vae
         parts["scheduler"] = scheduler
         if "requires_safety_checker" in accepted:
             parts["requires_safety_checker"] = False
@@ -138,10 +143,13 @@ class ModelRegistry:
         checkpoints_dir: Path | None = None,
         embeddings_dir: Path | None = None,
         lora_dir: Path | None = None,
+        vae_dir: Path | None = None,
         styles_file: Path | None = None,
         allow_pickle: bool = False,
     ):
         self.models_dir = Path(models_dir)
+        # A1111's --vae-dir: VAE files from here instead of <models_dir>/VAE.
+        self._vae_dir = Path(vae_dir) if vae_dir is not None else None
         # A1111's --ckpt-dir: checkpoints may live outside the models folder.
         self._checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir is not None else None
         self._embeddings_dir = Path(embeddings_dir) if embeddings_dir is not None else None
@@ -164,6 +172,10 @@ class ModelRegistry:
     @property
     def lora_dir(self) -> Path:
         return self._lora_dir or self.models_dir / "Lora"
+
+    @property
+    def vae_dir(self) -> Path:
+        return self._vae_dir or self.models_dir / "VAE"
 
     @property
     def embeddings_dir(self) -> Path:
@@ -238,12 +250,16 @@ class ModelRegistry:
         target = _hash_target(Path(info.path))
         if target is None:
             return info
+        return replace(info, sha256=self.sha256_of(target))
+
+    def sha256_of(self, target: Path) -> str:
+        """A file's sha256, computed once and cached on disk (keyed by path, size and modification time)."""
         with self._hash_lock:
             cache = self._read_hash_cache()
             key, stamp = str(target.resolve()), _file_stamp(target)
             entry = cache.get(key)
             if entry and entry.get("stamp") == stamp:
-                return replace(info, sha256=entry["sha256"])
+                return entry["sha256"]
             log.info("Computing the sha256 of %s", target)
             digest = _sha256_file(target)
             cache[key] = {"stamp": stamp, "sha256": digest}
@@ -252,7 +268,7 @@ class ModelRegistry:
                 self._hash_cache_path.write_text(json.dumps(cache, indent=1))
             except OSError as exc:  # a read-only models folder still works, it just rehashes
                 log.warning("Could not write the hash cache %s: %s", self._hash_cache_path, exc)
-            return replace(info, sha256=digest)
+            return digest
 
     def _info_for(self, path: Path, kind: str, cache: dict) -> ModelInfo:
         root = self.checkpoints_dir
@@ -332,6 +348,7 @@ def load_model(
         pipeline_classes=_pipeline_classes(family),
         embeddings=embeddings,
         loras=LoraAdapters(registry.lora_dir),
+        vaes=LoadedVaes(components["vae"], device, dtype),
     )
     if trace_unet and defaults.cpu_traced_unet and device.type == "cpu" and "unet" in components:
         loaded.traced_unet = TracedUNet(components["unet"])

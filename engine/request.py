@@ -71,6 +71,9 @@ class GenerationRequest:
     # (word+, (words)1.3, .blend(), .and()); and A1111's emphasis mode for the a1111 syntax.
     prompt_syntax: str = "a1111"
     emphasis: str = "Original"
+    # A1111's "SD VAE": "Automatic" (a VAE named after the checkpoint beside it, else the model's own),
+    # "None" (the model's own), or a file in the VAE folder. Engine.validate checks it against the folder.
+    sd_vae: str = "Automatic"
     # A1111's prompt styles (names in styles.csv): Engine.validate merges them into prompt and
     # negative_prompt and empties this, so what runs, and its infotext, holds the merged prompts.
     styles: list[str] | None = None

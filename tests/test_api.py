@@ -121,7 +121,7 @@ def test_unimplemented_and_unknown_fields_are_accepted_and_listed(api):
         hr_sampler_name="DPM++ 2M",
         restore_faces=True,
         alwayson_scripts={"ControlNet": {"args": []}},
-        override_settings={"sd_vae": "some.vae.pt"},
+        override_settings={"eta_noise_seed_delta": 31337},
         my_extension_field={"anything": [1, 2]},
     )
     assert len(body["images"]) == 1
@@ -130,7 +130,7 @@ def test_unimplemented_and_unknown_fields_are_accepted_and_listed(api):
             "hr_sampler_name",
             "restore_faces",
             "alwayson_scripts",
-            "override_settings.sd_vae",
+            "override_settings.eta_noise_seed_delta",
             "my_extension_field",
         ]
     )

@@ -33,6 +33,7 @@ from engine.images import encode_base64_png, to_pil
 from engine.infotext import parse_infotext, parse_infotext_params, read_infotext
 from engine.outputs import FORMATS, output_folder, save_image
 from engine.request import EMPHASIS_MODES, LATENT_UPSCALERS, PICTURE_UPSCALERS
+from engine.vae import choose as vae_choice
 
 if TYPE_CHECKING:
     from engine import Engine, ModelInfo
@@ -56,6 +57,8 @@ _STANDARD_INFOTEXT_KEYS = {
     "Variation seed strength",
     "Seed resize from",
     "Size",
+    "VAE hash",
+    "VAE",
     "Model hash",
     "Model",
 }
@@ -113,7 +116,9 @@ class _GenerationPayload(BaseModel):
     infotext: str | None = Field(None, description="A1111 parameters text filling the fields not given")
     prompt_syntax: str | None = Field(None, description="'a1111' (default) or 'compel'")
     override_settings: dict[str, Any] | None = Field(
-        None, description="acted on: CLIP_stop_at_last_layers, emphasis ('Original', 'No norm', 'Ignore')"
+        None,
+        description="acted on: CLIP_stop_at_last_layers, emphasis ('Original', 'No norm', 'Ignore'), "
+        "sd_vae ('Automatic', 'None' or a file from /sdapi/v1/sd-vae)",
     )
     styles: Any = None
     subseed: Any = Field(-1, description="variation seed; -1: random")
@@ -397,7 +402,11 @@ class SdApi:
         self._samples_format = "png"
         self._clip_skip = 1
         # Options this server does not act on, kept so GET /options echoes what was set.
-        self._stored_options: dict[str, Any] = {"samples_save": settings.save_images, "emphasis": "Original"}
+        self._stored_options: dict[str, Any] = {
+            "samples_save": settings.save_images,
+            "emphasis": "Original",
+            "sd_vae": "Automatic",
+        }
         self._jobs: dict[int, tuple[str, str]] = {}  # job id -> (kind, timestamp) of jobs started here
         self._last_job_timestamp = "0"
 
@@ -490,6 +499,7 @@ class SdApi:
             extra_params=extra,
             prompt_syntax=pick("prompt_syntax", "a1111"),
             emphasis=self._emphasis_for(payload, from_text),
+            sd_vae=self._setting_for("sd_vae", payload, from_text, "Automatic"),
             styles=payload.styles or None,
         )
         if isinstance(payload, Txt2ImgRequest):
@@ -545,13 +555,24 @@ class SdApi:
         for key, value in (payload.override_settings or {}).items():
             if key == "CLIP_stop_at_last_layers":
                 clip_skip = _clip_skip_value(value, "override_settings.CLIP_stop_at_last_layers")
-            elif key == "emphasis":
-                continue  # read by _emphasis_for
+            elif key in ("emphasis", "sd_vae"):
+                continue  # read by _emphasis_for and _setting_for
             elif key == "sd_model_checkpoint" and self._is_loaded_model(value):
                 continue  # asks for the model already loaded
             else:
                 ignored.append(f"override_settings.{key}")
         return clip_skip
+
+    def _setting_for(self, name: str, payload: _GenerationPayload, from_text, default: str) -> Any:
+        """An A1111 setting a job uses: override_settings, else the infotext, else /options, else `default`.
+        The engine checks the value and names the field when it is not allowed."""
+        overrides = payload.override_settings or {}
+        if name in overrides:
+            return overrides[name]
+        if from_text is not None and getattr(from_text, name) != default:
+            return getattr(from_text, name)
+        with self._lock:
+            return self._stored_options.get(name, default)
 
     def _emphasis_for(self, payload: _GenerationPayload, from_text: GenerationRequest | None) -> Any:
         """A1111's "emphasis" setting: override_settings, else the infotext, else /options (default Original).
@@ -589,11 +610,8 @@ class SdApi:
         req = result.request
         count = len(result.seeds)
         seeds = list(result.seeds)
-        extra = {}
-        if result.infotexts:
-            extra = {
-                k: v for k, v in parse_infotext_params(result.infotexts[0]).items() if k not in _STANDARD_INFOTEXT_KEYS
-            }
+        written = parse_infotext_params(result.infotexts[0]) if result.infotexts else {}
+        extra = {k: v for k, v in written.items() if k not in _STANDARD_INFOTEXT_KEYS}
         model = result.model
         return {
             "prompt": req.prompt,
@@ -617,8 +635,8 @@ class SdApi:
             "face_restoration_model": None,
             "sd_model_name": Path(model.name).name if model else None,
             "sd_model_hash": model.hash if model else None,
-            "sd_vae_name": None,
-            "sd_vae_hash": None,
+            "sd_vae_name": written.get("VAE"),
+            "sd_vae_hash": written.get("VAE hash"),
             "seed_resize_from_w": req.seed_resize_from_w or -1,
             "seed_resize_from_h": req.seed_resize_from_h or -1,
             "denoising_strength": req.denoising_strength if req.mode != "txt2img" else None,
@@ -736,6 +754,14 @@ class SdApi:
             )
         return items
 
+    def sd_vae(self) -> list[dict[str, str]]:
+        """The VAE folder's files, in A1111's shape: [{"model_name", "filename"}]."""
+        return [{"model_name": vae.name, "filename": str(vae.path)} for vae in self.engine.list_vaes().values()]
+
+    @property
+    def _vae_dir(self) -> Path:
+        return self.engine.registry.vae_dir
+
     def get_options(self) -> dict[str, Any]:
         model = self.engine.model
         with self._lock:
@@ -760,6 +786,8 @@ class SdApi:
             clip_skip = _clip_skip_value(options["CLIP_stop_at_last_layers"], "CLIP_stop_at_last_layers")
         if "emphasis" in options and options["emphasis"] not in EMPHASIS_MODES:
             raise ApiError(422, "emphasis", options["emphasis"], ", ".join(EMPHASIS_MODES))
+        if "sd_vae" in options:
+            options = {**options, "sd_vae": vae_choice(options["sd_vae"], self.engine.list_vaes(), self._vae_dir)}
         checkpoint = options.get("sd_model_checkpoint")
         if checkpoint is not None:
             if not isinstance(checkpoint, str) or not checkpoint.strip():
@@ -789,6 +817,7 @@ class SdApi:
             "models_dir": str(s.models_dir) if s.models_dir else str(self.engine.models_dir),
             "embeddings_dir": str(self.engine.registry.embeddings_dir),
             "lora_dir": str(self.engine.registry.lora_dir),
+            "vae_dir": str(self.engine.registry.vae_dir),
             "outputs_dir": str(s.outputs_dir),
             "no_save": not s.save_images,
             "allow_pickle": s.allow_pickle,
@@ -832,6 +861,9 @@ class SdApi:
         router.add_api_route("/loras", self.loras, methods=["GET"])
         # The folder is read on each request and each job, so there is nothing to refresh.
         router.add_api_route("/refresh-loras", lambda: None, methods=["POST"])
+        router.add_api_route("/sd-vae", self.sd_vae, methods=["GET"])
+        # The folder is read on each request and each job, so there is nothing to refresh.
+        router.add_api_route("/refresh-vae", lambda: None, methods=["POST"])
         router.add_api_route("/options", self.get_options, methods=["GET"])
         router.add_api_route("/options", self.set_options, methods=["POST"])
         router.add_api_route("/cmd-flags", self.cmd_flags, methods=["GET"])
@@ -844,13 +876,12 @@ class SdApi:
             "/latent-upscale-modes", lambda: [{"name": name} for name in LATENT_UPSCALERS], methods=["GET"]
         )
         router.add_api_route("/prompt-styles", self.prompt_styles, methods=["GET"])
-        # Lists clients read at start-up of things this engine has none of (no hypernetworks, face
-        # restorers or VAE choice yet): empty, as A1111 answers with none installed.
+        # Lists clients read at start-up of things this engine has none of (no hypernetworks or face
+        # restorers yet): empty, as A1111 answers with none installed.
         for route in (
             "/hypernetworks",
             "/face-restorers",
             "/realesrgan-models",
-            "/sd-vae",
         ):
             router.add_api_route(route, _nothing_installed, methods=["GET"])
         return router

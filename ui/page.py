@@ -25,6 +25,7 @@ from engine import EngineError
 from engine.events import PREVIEW_MODES
 from engine.lora import lora_uses
 from engine.request import EMPHASIS_MODES, HR_UPSCALERS, PROMPT_SYNTAXES
+from engine.vae import choose as vae_choice
 
 from .page_compare import build_compare_tab, wire_compare_tab
 from .page_jobs import (
@@ -176,6 +177,15 @@ def build_page(engine, settings=None) -> gr.Blocks:
                 min_width=320,
             )
             refresh_models = gr.Button("↻", elem_id="model_refresh", scale=0, min_width=48, elem_classes="tool-button")
+            sd_vae = gr.Dropdown(
+                choices=_vae_choices(engine),
+                value="Automatic",
+                label="SD VAE",
+                info="this browser session's jobs",
+                elem_id="sd_vae",
+                scale=2,
+                min_width=200,
+            )
             model_note = gr.HTML(_model_note(engine), elem_id="model_note", scale=3)
 
         with gr.Tabs(elem_id="tabs") as tabs:
@@ -267,6 +277,14 @@ def build_page(engine, settings=None) -> gr.Blocks:
             api_visibility="private",
             queue=False,
         )
+        # The VAE folder is read again whenever the list is opened, so a VAE added meanwhile is there.
+        sd_vae.focus(
+            lambda: gr.update(choices=_vae_choices(engine)),
+            outputs=[sd_vae],
+            queue=False,
+            api_visibility="private",
+            show_progress="hidden",
+        )
         # Another user may have switched the (shared) model since this page was built.
         demo.load(refresh, outputs=[model, model_note], api_visibility="private", queue=False)
 
@@ -277,12 +295,13 @@ def build_page(engine, settings=None) -> gr.Blocks:
             (save_images, _set_save_images, "set_save_images"),
             (prompt_syntax, _set_prompt_syntax, "set_prompt_syntax"),
             (emphasis, _set_emphasis, "set_emphasis"),
+            (sd_vae, functools.partial(_set_vae, engine), "set_vae"),
         ):
             widget.change(
                 setter,
                 inputs=[session, widget],
                 api_name=api_name,
-                api_description=setter.__doc__,
+                api_description=getattr(setter, "func", setter).__doc__,
                 concurrency_limit=None,
                 show_progress="hidden",
             )
@@ -1062,6 +1081,18 @@ def _set_emphasis(session: PageSession, emphasis: str) -> None:
     if emphasis not in EMPHASIS_MODES:
         raise gr.Error(f"emphasis: got {emphasis!r}; allowed: {', '.join(EMPHASIS_MODES)}")
     session.emphasis = emphasis
+
+
+def _vae_choices(engine) -> list[str]:
+    return ["Automatic", "None", *engine.list_vaes()]
+
+
+def _set_vae(engine, session: PageSession, sd_vae: str) -> None:
+    """A1111's SD VAE for this session's jobs: "Automatic", "None" or a file in the VAE folder."""
+    try:
+        session.sd_vae = vae_choice(sd_vae, engine.list_vaes(), engine.registry.vae_dir)
+    except EngineError as exc:
+        raise engine_error(exc) from exc
 
 
 def _set_preview_mode(session: PageSession, mode: str) -> None:

@@ -367,7 +367,9 @@ def _run_grid(
         seed_resize_from_w=seed_resize_from_w,
         seed_resize_from_h=seed_resize_from_h,
     )
-    base = dataclasses.replace(base, prompt_syntax=session.prompt_syntax, emphasis=session.emphasis)
+    base = dataclasses.replace(
+        base, prompt_syntax=session.prompt_syntax, emphasis=session.emphasis, sd_vae=session.sd_vae
+    )
     try:
         axes = [
             parse_axis(kind, text, engine)

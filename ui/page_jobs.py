@@ -43,6 +43,8 @@ class PageSession:
     save_images: bool = False
     prompt_syntax: str = "a1111"
     emphasis: str = "Original"
+    # A1111's SD VAE for this session's jobs: Automatic, None or a file in the VAE folder.
+    sd_vae: str = "Automatic"
     # Jobs this session queued or started and that have not ended, by job id: Stop interrupts these only.
     running: dict[int, JobControl] = field(default_factory=dict)
 
@@ -315,7 +317,9 @@ def run_job(
     control = session.take_job(ticket)
     result, fraction, shown = None, 0.0, None
     pacer, stop_shown = Pacer(LIVE_UPDATE_INTERVAL_S), False
-    request = dataclasses.replace(request, prompt_syntax=session.prompt_syntax, emphasis=session.emphasis)
+    request = dataclasses.replace(
+        request, prompt_syntax=session.prompt_syntax, emphasis=session.emphasis, sd_vae=session.sd_vae
+    )
     try:
         validated = engine.validate(request)
         width, height = validated.width, validated.height

@@ -72,6 +72,8 @@ class ServerSettings:
     ckpt_dir: Path | None = None
     # A1111's --lora-dir: LoRAs from here instead of <models_dir>/Lora.
     lora_dir: Path | None = None
+    # A1111's --vae-dir: VAE files from here instead of <models_dir>/VAE.
+    vae_dir: Path | None = None
     # A1111's --styles-file: prompt styles from this file instead of styles.csv beside models/.
     styles_file: Path | None = None
     # A1111's --embeddings-dir: textual inversion embeddings from here instead of embeddings/ beside models/.
@@ -168,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="LoRA folder for <lora:name:weight> tags, as in A1111 (default: <models-dir>/Lora)",
     )
     models.add_argument(
+        "--vae-dir",
+        type=Path,
+        help="VAE folder for the SD VAE choice, as in A1111 (default: <models-dir>/VAE)",
+    )
+    models.add_argument(
         "--styles-file",
         type=Path,
         help="A1111's prompt styles file (default: styles.csv beside the models folder)",
@@ -222,6 +229,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     for flag, folder in (
         ("--ckpt-dir", args.ckpt_dir),
         ("--lora-dir", args.lora_dir),
+        ("--vae-dir", args.vae_dir),
         ("--embeddings-dir", args.embeddings_dir),
     ):
         if folder is not None and not folder.expanduser().is_dir():
@@ -239,6 +247,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         models_dir=args.models_dir,
         ckpt_dir=_expanded(args.ckpt_dir),
         lora_dir=_expanded(args.lora_dir),
+        vae_dir=_expanded(args.vae_dir),
         styles_file=_expanded(args.styles_file),
         embeddings_dir=_expanded(args.embeddings_dir),
         outputs_dir=args.outputs_dir or DEFAULT_OUTPUTS_DIR,
