@@ -436,6 +436,11 @@ class Engine:
                 previewer = make_previewer("vae", vae=vae, latent_rgb=model.latent_rgb, taesd=model.taesd)
             lora_hashes = self._switch_loras(model, req)
             conditioning = self._encode_prompts(model, req)
+            hires_conditioning = None
+            if req.mode == "txt2img" and req.enable_hr and req.hires_prompts != (req.prompt, req.negative_prompt):
+                hr_prompt, hr_negative = req.hires_prompts
+                hires_request = dataclasses.replace(req, prompt=hr_prompt, negative_prompt=hr_negative)
+                hires_conditioning = self._encode_prompts(model, hires_request)
             for batch_no, batch_indexes in enumerate(batches):
                 if control.interrupted:
                     break
@@ -446,6 +451,7 @@ class Engine:
                     subseeds=[subseeds[index] for index in batch_indexes],
                     vae=vae,
                     conditioning=conditioning,
+                    hires_conditioning=hires_conditioning,
                     control=control,
                     previewer=previewer,
                     preview_every=preview.every,

@@ -115,9 +115,11 @@ def run_batch(
     batch_count: int,
     started: float,
     preview_interval_s: float = 0.0,
+    hires_conditioning: Conditioning | None = None,
 ) -> BatchOutcome:
     """Sample one batch (one image per seed; `subseeds` are their variation seeds) and return its images;
-    `vae`, when given, decodes and encodes pictures instead of the model's own."""
+    `vae`, when given, decodes and encodes pictures instead of the model's own; `hires_conditioning` is the
+    hires pass's when its prompts differ from the first pass's."""
     scheduler = build_scheduler(model.scheduler_config, req.sampler_name, req.scheduler, seed=seeds[0])
     recorder = StepRecorder(scheduler, model.prediction_type)
     composed: list[ComposedGuidance] = []  # the UNet stand-in of each pass, for a prompt with AND
@@ -143,8 +145,9 @@ def run_batch(
     # With hires fix, the steps of a pass before this one (shown as done) and the loop steps of the
     # passes after it (counted into the total), so progress runs once from 0 to 100% over both passes.
     steps_before = 0
+    hr_sampler, hr_schedule = req.hires_sampler
     hires_sampling_steps = (
-        img2img_steps(req.sampler_name, req.hr_second_pass_steps or req.steps, req.denoising_strength)
+        img2img_steps(hr_sampler, req.hr_second_pass_steps or req.steps, req.denoising_strength)
         if req.mode == "txt2img" and req.enable_hr
         else 0
     )
@@ -227,12 +230,17 @@ def run_batch(
         if hires_sampling_steps < 1:  # denoising strength 0: the upscaled picture is the answer
             return BatchOutcome(_decode(pipe, start) if latent_upscale else start, stopped, preview_seconds)
 
-        # Second pass: img2img over the upscaled picture, with its own scheduler and the same seeds' noise.
+        # Second pass: img2img over the upscaled picture, with its own scheduler (the hires sampler's) and
+        # the same seeds' noise. The callback reads `conditioning` and `recorder` afresh: this pass's.
         steps_before = pipe.num_timesteps
         sampling_steps = hires_sampling_steps
+        if hires_conditioning is not None:
+            conditioning = hires_conditioning
+            kwargs.update(_conditioning_kwargs(conditioning, len(seeds)))
+            wrap_unet = _composed_guidance(model, req, conditioning, composed.append) if conditioning.parts else None
         current_conditioning = conditioning.at(0)
-        scheduler = build_scheduler(model.scheduler_config, req.sampler_name, req.scheduler, seed=seeds[0])
-        recorder = StepRecorder(scheduler, model.prediction_type)  # the callback reads this pass's predictions
+        scheduler = build_scheduler(model.scheduler_config, hr_sampler, hr_schedule, seed=seeds[0])
+        recorder = StepRecorder(scheduler, model.prediction_type)
         hires_pipe = model.pipeline_for("img2img", scheduler, wrap_unet=wrap_unet, vae=vae)
         variation.install(hires_pipe, scheduler)  # A1111 varies the hires pass's noise too
         kwargs.update(

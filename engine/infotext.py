@@ -75,6 +75,10 @@ _REQUEST_KEYS = frozenset(
         "Hires resize",
         "Hires steps",
         "Hires upscaler",
+        "Hires sampler",
+        "Hires schedule type",
+        "Hires prompt",
+        "Hires negative prompt",
     }
 )
 # A "Prompt" item on the parameter line would replace the prompt when read back (A1111 reads it so too).
@@ -146,6 +150,17 @@ def format_infotext(
         if req.hr_second_pass_steps:
             params["Hires steps"] = int(req.hr_second_pass_steps)
         params["Hires upscaler"] = req.hr_upscaler
+        # As A1111 writes them: only where the hires pass differs from the first.
+        hr_sampler, hr_schedule = req.hires_sampler
+        if hr_sampler != req.sampler_name:
+            params["Hires sampler"] = hr_sampler
+        if hr_schedule != req.scheduler:
+            params["Hires schedule type"] = hr_schedule
+        hr_prompt, hr_negative = req.hires_prompts
+        if hr_prompt != req.prompt:
+            params["Hires prompt"] = hr_prompt
+        if hr_negative != req.negative_prompt:
+            params["Hires negative prompt"] = hr_negative
     if req.mode == "inpaint":
         params["Mask blur"] = int(req.mask_blur)
         if req.inpainting_mask_invert:
@@ -309,6 +324,14 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
             upscaler = params.pop("Hires upscaler")
             # Upscaler models (R-ESRGAN, 4x-UltraSharp, ...) are not here: the nearest is a picture upscaler.
             req.hr_upscaler = upscaler if upscaler in HR_UPSCALERS else "Lanczos"
+        for key, name in (
+            ("Hires sampler", "hr_sampler_name"),
+            ("Hires schedule type", "hr_scheduler"),
+            ("Hires prompt", "hr_prompt"),
+            ("Hires negative prompt", "hr_negative_prompt"),
+        ):
+            if key in params:
+                setattr(req, name, params.pop(key))
 
     req.extra_params = params
     return req

@@ -86,6 +86,22 @@ class GenerationRequest:
     hr_second_pass_steps: int = 0
     hr_resize_x: int = 0
     hr_resize_y: int = 0
+    # The hires pass's own sampler, schedule type and prompts; empty (or A1111's "Use same sampler" /
+    # "Use same scheduler") means the first pass's.
+    hr_sampler_name: str = ""
+    hr_scheduler: str = ""
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+
+    @property
+    def hires_sampler(self) -> tuple[str, str]:
+        """The hires pass's sampler and schedule type."""
+        return self.hr_sampler_name or self.sampler_name, self.hr_scheduler or self.scheduler
+
+    @property
+    def hires_prompts(self) -> tuple[str, str]:
+        """The hires pass's prompt and negative prompt."""
+        return self.hr_prompt or self.prompt, self.hr_negative_prompt or self.negative_prompt
 
     @property
     def hires_size(self) -> tuple[int, int]:
@@ -238,7 +254,7 @@ def validate_request(
             )
         mask = _mask_to_l(mask)
 
-    hires = _hires_fields(req, limits, width, height, bool(init_images))
+    hires = _hires_fields(req, limits, width, height, bool(init_images), resolve_sampler)
 
     extra = req.extra_params or {}
     if not isinstance(extra, dict):
@@ -292,7 +308,9 @@ def _seed_extras(req: GenerationRequest, limits: Limits) -> dict:
     return fields
 
 
-def _hires_fields(req: GenerationRequest, limits: Limits, width: int, height: int, has_init: bool) -> dict:
+def _hires_fields(
+    req: GenerationRequest, limits: Limits, width: int, height: int, has_init: bool, resolve_sampler
+) -> dict:
     enable_hr = req.enable_hr
     if not isinstance(enable_hr, (bool, int)) or enable_hr not in (True, False, 0, 1):
         raise InvalidRequestError("enable_hr", enable_hr, "true or false")
@@ -305,6 +323,28 @@ def _hires_fields(req: GenerationRequest, limits: Limits, width: int, height: in
     for name in ("hr_resize_x", "hr_resize_y"):
         fields[name] = _as_int(getattr(req, name), name)
         _in_range(fields[name], name, 0, limits.max_side)
+    for name in ("hr_prompt", "hr_negative_prompt"):
+        text = getattr(req, name) or ""
+        if not isinstance(text, str):
+            raise InvalidRequestError(name, text, "text")
+        if len(text) > limits.max_prompt_chars:
+            raise InvalidRequestError(name, f"{len(text)} characters", f"at most {limits.max_prompt_chars} characters")
+        fields[name] = text
+    sampler = _same_as_first_pass(req.hr_sampler_name, "hr_sampler_name")
+    schedule = _same_as_first_pass(req.hr_scheduler, "hr_scheduler")
+    fields["hr_sampler_name"] = fields["hr_scheduler"] = ""
+    if sampler or schedule:
+        try:
+            sampler_name, scheduler = resolve_sampler(sampler or req.sampler_name, schedule or req.scheduler)
+        except InvalidRequestError as exc:
+            if schedule or exc.field != "scheduler":
+                name = "hr_scheduler" if exc.field == "scheduler" else "hr_sampler_name"
+                raise InvalidRequestError(name, exc.value, exc.allowed) from exc
+            # The first pass's schedule type does not go with the hires sampler here: its own default does.
+            sampler_name, scheduler = resolve_sampler(sampler, "Automatic")
+            schedule = scheduler
+        fields["hr_sampler_name"] = sampler_name if sampler else ""
+        fields["hr_scheduler"] = scheduler if schedule else ""
     if fields["enable_hr"]:
         if has_init:
             raise InvalidRequestError("enable_hr", True, "false with init_images: hires fix is a txt2img option")
@@ -316,6 +356,15 @@ def _hires_fields(req: GenerationRequest, limits: Limits, width: int, height: in
                 f"at most {limits.max_side} a side and {limits.max_pixels} pixels (lower hr_scale or the size)",
             )
     return fields
+
+
+def _same_as_first_pass(value: Any, name: str) -> str:
+    """A hires sampler or schedule type as given; "" for the first pass's (None, "", A1111's "Use same ...")."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidRequestError(name, value, "a name, or empty (or 'Use same ...') for the first pass's")
+    return "" if not value.strip() or value.strip().lower().startswith("use same") else value.strip()
 
 
 def _choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:

@@ -118,7 +118,7 @@ def test_unimplemented_and_unknown_fields_are_accepted_and_listed(api):
         enable_hr=True,
         hr_scale=2,
         hr_upscaler="Latent",
-        hr_sampler_name="DPM++ 2M",
+        hr_checkpoint_name="other.safetensors",
         restore_faces=True,
         alwayson_scripts={"ControlNet": {"args": []}},
         override_settings={"eta_noise_seed_delta": 31337},
@@ -127,7 +127,7 @@ def test_unimplemented_and_unknown_fields_are_accepted_and_listed(api):
     assert len(body["images"]) == 1
     assert info["ignored_fields"] == sorted(
         [
-            "hr_sampler_name",
+            "hr_checkpoint_name",
             "restore_faces",
             "alwayson_scripts",
             "override_settings.eta_noise_seed_delta",

@@ -74,6 +74,61 @@ def test_png_info_sends_hires_settings_to_txt2img():
     hires = base + ", Denoising strength: 0.45, Hires upscale: 1.5, Hires steps: 14, Hires upscaler: R-ESRGAN 4x+"
     # Outside a page event gradio's warning is a Python one; on the page it is a toast.
     with pytest.warns(UserWarning, match=r"Hires upscaler R-ESRGAN 4x\+ is not available here.*using Lanczos"):
-        assert _hires_settings_from_infotext(hires) == [True, "Lanczos", 14, 0.45, 1.5, 0, 0]
+        assert _hires_settings_from_infotext(hires) == [
+            True,
+            "Lanczos",
+            14,
+            0.45,
+            1.5,
+            0,
+            0,
+            "Use same sampler",
+            "Use same scheduler",
+            "",
+            "",
+        ]
+    own = (
+        hires.replace("R-ESRGAN 4x+", "Latent")
+        + ', Hires sampler: DPM++ 2M, Hires schedule type: Karras, Hires prompt: "a dog, big"'
+    )
+    assert _hires_settings_from_infotext(own)[7:] == ["DPM++ 2M", "Karras", "a dog, big", ""]
     off = _hires_settings_from_infotext(base)
     assert off[0] is False and all(isinstance(value, type(gr.skip())) for value in off[1:])
+
+
+def test_the_hires_pass_has_its_own_sampler_schedule_and_prompts(micro_engine):
+    """The hires prompt draws the second pass: "a blue ..." over a first pass of "a yellow ..." turns the
+    square blue. A hires sampler of its own samples the second pass only, and counts its own steps."""
+    _, plain = events_of(micro_engine, hr_scale=1.5, denoising_strength=0.7)
+    _, reprompted = events_of(
+        micro_engine, hr_scale=1.5, denoising_strength=0.7, hr_prompt="a blue square on a purple background"
+    )
+    assert dataset.classify(plain.images[0]).colour == "yellow"
+    assert dataset.classify(reprompted.images[0]).colour == "blue"
+    text = reprompted.infotexts[0]
+    assert "Hires prompt: a blue square on a purple background" in text and "Hires negative prompt" not in text
+
+    progress, resampled = events_of(micro_engine, hr_scale=1.5, denoising_strength=0.5, hr_sampler_name="DDIM")
+    assert "Hires sampler: DDIM" in resampled.infotexts[0] and "Hires schedule type" not in resampled.infotexts[0]
+    # Euler a's first pass runs 10 steps; DDIM in img2img at 0.5 of 10 runs int(0.5 * 10) = 5 (Euler a: 6).
+    assert progress[-1].step == progress[-1].total == 15
+    plain_hires = events_of(micro_engine, hr_scale=1.5, denoising_strength=0.5)[1]
+    assert resampled.images[0].tobytes() != plain_hires.images[0].tobytes()
+    _, karras = events_of(
+        micro_engine, hr_scale=1.5, denoising_strength=0.5, hr_sampler_name="DPM++ 2M", hr_scheduler="karras"
+    )
+    assert "Hires sampler: DPM++ 2M, Hires schedule type: Karras" in karras.infotexts[0]
+    # "Use same ..." is the first pass's, and writes nothing.
+    _, same = events_of(micro_engine, hr_scale=1.5, denoising_strength=0.5, hr_sampler_name="Use same sampler")
+    assert "Hires sampler" not in same.infotexts[0]
+
+
+def test_hires_sampler_and_prompt_read_back_from_the_infotext(micro_engine):
+    from engine.infotext import parse_infotext
+
+    fields = {"hr_scale": 1.25, "denoising_strength": 0.6, "hr_sampler_name": "Euler", "hr_negative_prompt": "blue"}
+    _, first = events_of(micro_engine, **fields)
+    again = list(micro_engine.generate(parse_infotext(first.infotexts[0])))[-1]
+    assert again.images[0].tobytes() == first.images[0].tobytes()
+    with pytest.raises(InvalidRequestError, match="hr_sampler_name: got 'Euler b'"):
+        micro_engine.validate(GenerationRequest(prompt="x", enable_hr=True, hr_sampler_name="Euler b"))

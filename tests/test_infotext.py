@@ -238,11 +238,11 @@ def test_parse_modern_a1111_infotext_with_hires_and_lora_hashes():
     assert req.denoising_strength == 0.45
     # Hires fix is read into the request; an upscaler model this engine lacks is read as Lanczos.
     assert (req.enable_hr, req.hr_scale, req.hr_second_pass_steps, req.hr_upscaler) == (True, 2.0, 14, "Lanczos")
+    assert req.hr_prompt == "extra detail, sharp focus"
     assert req.extra_params == {
         "Model hash": "7f96a1a9ca",
         "Model": "anything-v5",
         "Clip skip": "2",
-        "Hires prompt": "extra detail, sharp focus",
         "Lora hashes": "add_detail: 7c6bad76eb54",
         "TI hashes": "easynegative: c74b4e810b03",
         "Version": "v1.10.1",

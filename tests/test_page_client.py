@@ -267,3 +267,25 @@ def test_prompt_syntax_and_emphasis_are_session_settings(page_url):
     assert "Emphasis" not in text_b and "Prompt syntax" not in text_b
     with pytest.raises(AppError, match="loud"):
         user_a.predict("loud", api_name="/set_emphasis")
+
+
+def test_compare_grids_use_the_hires_panel_and_the_seed_extras(page_url):
+    client = _client(page_url)
+    axes = ("Var. strength", "0, 1", "Nothing", "", "Nothing", "", False)
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Lanczos", "hr_denoising_strength": 0.5}
+    result = client.predict(
+        *txt2img_args("a lighthouse", steps=3, seed=5)[:9],
+        *axes,
+        seed_extra=True,
+        subseed=9,
+        **hires,
+        api_name="/compare",
+    )
+    progress, cells = result[0], result[3]
+    assert "2 cells" in progress
+    images = []
+    for cell in cells:
+        with Image.open(cell["image"]) as image:
+            assert image.size == (96, 96)  # the hires pass's size
+            images.append(image.convert("RGB").tobytes())
+    assert images[0] != images[1]  # strength 0 is seed 5's picture, strength 1 variation seed 9's

@@ -199,12 +199,14 @@ class TinySDXLModel:
         # As engine.models.load_model gives every loaded model its encoders.
         self.prompt_encoder, self.compel_encoder = make_prompt_encoders(self.components)
 
-    def pipeline_for(self, mode, scheduler, wrap_unet=None):
+    def pipeline_for(self, mode, scheduler, wrap_unet=None, vae=None):
         from diffusers import StableDiffusionXLPipeline
 
         parts = {**self.components, "scheduler": scheduler}
         if wrap_unet is not None:
             parts["unet"] = wrap_unet(parts["unet"])
+        if vae is not None:
+            parts["vae"] = vae
         pipeline = StableDiffusionXLPipeline(**parts)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline

@@ -197,3 +197,52 @@ def test_the_page_vae_choice_belongs_to_one_session(vae_engine, tmp_path):
             user_b.predict("nope", api_name="/set_vae")
     finally:
         demo.close()
+
+
+def test_in_the_browser_the_vae_list_and_png_info_bring_a_vae_back(vae_engine, tmp_path):
+    from types import SimpleNamespace
+
+    from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, open_page
+    from ui.page import build_page
+
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: run `make chromium` to install Debian's Chromium for the browser tests")
+    from playwright.sync_api import sync_playwright
+
+    demo = build_page(vae_engine, SimpleNamespace(outputs_dir=tmp_path, save_images=False, models_dir=None))
+    demo.queue(default_concurrency_limit=1)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            _context, page = open_page(browser, url)
+
+            def choose_vae(name: str) -> None:
+                page.click("#sd_vae input")
+                page.locator("ul[role='listbox'] li", has_text=name).first.click()
+                page.wait_for_function(f"document.querySelector('#sd_vae input').value === {name!r}")
+
+            page.fill("#txt2img_prompt textarea", REQUEST["prompt"])
+            choose_vae("bright.safetensors")
+            page.click("#txt2img_generate")
+            page.wait_for_function("document.querySelector('#txt2img_infotext textarea').value.includes('VAE: ')")
+            assert "VAE: bright.safetensors" in page.input_value("#txt2img_infotext textarea")
+            png_path = tmp_path / "bright.png"
+            png_path.write_bytes(page.request.get(page.get_attribute("#txt2img_gallery img", "src")).body())
+
+            choose_vae("None")
+            page.get_by_role("tab", name="PNG Info").click()
+            page.set_input_files("#pnginfo_image input[type=file]", str(png_path))
+            page.wait_for_function("document.querySelector('#pnginfo_text textarea').value.includes('VAE: ')")
+            page.click("#pnginfo_send_to_txt2img")
+            page.wait_for_function("document.querySelector('#sd_vae input').value === 'bright.safetensors'")
+            # The session's jobs use it again.
+            page.fill("#txt2img_prompt textarea", "a green square on a white background")
+            page.click("#txt2img_generate")
+            page.wait_for_function(
+                "document.querySelector('#txt2img_infotext textarea').value.startsWith('a green square')"
+            )
+            assert "VAE: bright.safetensors" in page.input_value("#txt2img_infotext textarea")
+            browser.close()
+    finally:
+        demo.close()

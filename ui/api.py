@@ -2,7 +2,7 @@
 
 Request and response shapes follow A1111's modules/api/models.py, so existing clients (webuiapi,
 scripts, other front ends) work unchanged. What differs, on purpose:
-- A field A1111 knows but this engine does not act on (restore_faces, tiling, hr_sampler_name, ...) is
+- A field A1111 knows but this engine does not act on (restore_faces, tiling, hr_checkpoint_name, ...) is
   accepted, ignored, and named in the response's info under "ignored_fields" whenever its value
   would have changed A1111's result. Unknown fields are accepted and listed the same way.
 - A bad value is an HTTP 422 whose JSON body names the field, the value and what is allowed,
@@ -218,7 +218,7 @@ def _hires(payload: Any) -> bool:
 
 
 def _hires_override(value: Any, payload: Any) -> bool:
-    """A second-pass checkpoint, sampler or schedule other than A1111's "Use same ..." choice."""
+    """A second-pass checkpoint other than A1111's "Use same checkpoint" choice."""
     return _hires(payload) and _set(value) and not str(value).startswith("Use same")
 
 
@@ -240,12 +240,8 @@ _IGNORED_RULES = {
     "script_name": lambda v, p: _set(v),
     "script_args": lambda v, p: _set(v),
     "alwayson_scripts": lambda v, p: _set(v),
-    # Hires fix runs with the first pass's checkpoint, sampler, schedule and prompts.
+    # Hires fix runs with the first pass's checkpoint.
     "hr_checkpoint_name": _hires_override,
-    "hr_sampler_name": _hires_override,
-    "hr_scheduler": _hires_override,
-    "hr_prompt": lambda v, p: _hires(p) and _set(v) and v != p.prompt,
-    "hr_negative_prompt": lambda v, p: _hires(p) and _set(v) and v != p.negative_prompt,
     "firstphase_width": _not_in(0),
     "firstphase_height": _not_in(0),
     "resize_mode": _not_in(0),
@@ -510,6 +506,10 @@ class SdApi:
                 hr_second_pass_steps=pick("hr_second_pass_steps", 0),
                 hr_resize_x=pick("hr_resize_x", 0),
                 hr_resize_y=pick("hr_resize_y", 0),
+                hr_sampler_name=pick("hr_sampler_name", ""),
+                hr_scheduler=pick("hr_scheduler", ""),
+                hr_prompt=pick("hr_prompt", ""),
+                hr_negative_prompt=pick("hr_negative_prompt", ""),
                 # A1111's page starts hires fix at 0.7.
                 denoising_strength=pick("denoising_strength", 0.7),
             )

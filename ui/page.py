@@ -25,6 +25,7 @@ from engine import EngineError
 from engine.events import PREVIEW_MODES
 from engine.lora import lora_uses
 from engine.request import EMPHASIS_MODES, HR_UPSCALERS, PROMPT_SYNTAXES
+from engine.samplers import sampler_names, schedule_type_names
 from engine.vae import choose as vae_choice
 
 from .page_compare import build_compare_tab, wire_compare_tab
@@ -47,6 +48,9 @@ from .page_style import PAGE_CSS
 
 log = logging.getLogger(__name__)
 
+# A1111's choices for a hires pass that samples as the first pass does.
+SAME_SAMPLER = "Use same sampler"
+SAME_SCHEDULE = "Use same scheduler"
 PREVIEW_MODE_LABELS = {
     "approx": "approx (fast linear latent preview)",
     "vae": "vae (full decoder, slow)",
@@ -250,7 +254,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     api_visibility="private",
                     show_progress="hidden",
                 )
-        _wire_png_info(png, tab_widgets, tabs)
+        _wire_png_info(png, tab_widgets, tabs, sd_vae=sd_vae, engine=engine)
         txt2img = tab_widgets["txt2img"].settings
         wire_compare_tab(
             compare,
@@ -258,6 +262,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
             session,
             base_inputs=txt2img.fill_targets(),
             variation_inputs=txt2img.variation_inputs(),
+            hires_inputs=tab_widgets["txt2img"].hires,
             send_targets=[*txt2img.fill_targets(), *txt2img.variation_inputs(), tabs],
             settings_from_infotext=_txt2img_settings_from_infotext,
         )
@@ -350,7 +355,7 @@ def _build_settings(mode: str, engine, defaults, prompts: dict) -> tuple[Setting
     cfg_scale = gr.Slider(1, 30, value=defaults.cfg_scale, step=0.5, label="CFG Scale", elem_id=f"{mode}_cfg_scale")
     extra: dict = {}
     if mode == "txt2img":
-        extra["hires"] = _build_hires_fix(engine.limits)
+        extra["hires"] = _build_hires_fix(engine)
     if mode != "txt2img":
         extra["denoising_strength"] = gr.Slider(
             0, 1, value=0.75, step=0.01, label="Denoising strength", elem_id=f"{mode}_denoising_strength"
@@ -585,8 +590,9 @@ def _build_png_info_tab() -> PngInfoWidgets:
     return PngInfoWidgets(image, text, table, send_txt2img, send_img2img, send_inpaint)
 
 
-def _build_hires_fix(limits) -> list[gr.components.Component]:
+def _build_hires_fix(engine) -> list[gr.components.Component]:
     """A1111's Hires. fix settings: the picture is made at the size above, upscaled, and denoised again."""
+    limits = engine.limits
     with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hires_box"):
         enable = gr.Checkbox(
             False, label="Hires. fix: upscale the picture and denoise it again", elem_id="txt2img_enable_hr"
@@ -615,7 +621,30 @@ def _build_hires_fix(limits) -> list[gr.components.Component]:
                 elem_id="txt2img_hr_resize_x",
             )
             resize_y = gr.Slider(0, 2048, value=0, step=8, label="Resize height to", elem_id="txt2img_hr_resize_y")
-    return [enable, upscaler, steps, strength, scale, resize_x, resize_y]
+        with gr.Row():
+            sampler = gr.Dropdown(
+                [SAME_SAMPLER, *engine.samplers()],
+                value=SAME_SAMPLER,
+                label="Hires sampling method",
+                elem_id="txt2img_hr_sampler",
+            )
+            schedule = gr.Dropdown(
+                [SAME_SCHEDULE, *engine.schedulers()],
+                value=SAME_SCHEDULE,
+                label="Hires schedule type",
+                elem_id="txt2img_hr_scheduler",
+            )
+        hr_prompt = gr.Textbox(
+            "", label="Hires prompt", placeholder="empty: the prompt above", lines=2, elem_id="txt2img_hr_prompt"
+        )
+        hr_negative = gr.Textbox(
+            "",
+            label="Hires negative prompt",
+            placeholder="empty: the negative prompt above",
+            lines=2,
+            elem_id="txt2img_hr_negative_prompt",
+        )
+    return [enable, upscaler, steps, strength, scale, resize_x, resize_y, sampler, schedule, hr_prompt, hr_negative]
 
 
 # Wiring --------------------------------------------------------------------------------------------
@@ -777,6 +806,10 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             hr_scale: float = 2.0,
             hr_resize_x: int = 0,
             hr_resize_y: int = 0,
+            hr_sampler_name: str = "Use same sampler",
+            hr_scheduler: str = "Use same scheduler",
+            hr_prompt: str = "",
+            hr_negative_prompt: str = "",
             styles: list[str] | None = None,
             seed_extra: bool = False,
             subseed: int = -1,
@@ -814,6 +847,10 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                 hr_scale=hr_scale,
                 hr_resize_x=hr_resize_x,
                 hr_resize_y=hr_resize_y,
+                hr_sampler_name=hr_sampler_name,
+                hr_scheduler=hr_scheduler,
+                hr_prompt=hr_prompt or "",
+                hr_negative_prompt=hr_negative_prompt or "",
             )
             yield from run_job(session=session, request=request, ticket=ticket, **common)
 
@@ -940,7 +977,9 @@ def _variation(seed_extra, subseed, subseed_strength, seed_resize_from_w, seed_r
     )
 
 
-def _wire_png_info(png: PngInfoWidgets, tab_widgets: dict[str, TabWidgets], tabs: gr.Tabs) -> None:
+def _wire_png_info(
+    png: PngInfoWidgets, tab_widgets: dict[str, TabWidgets], tabs: gr.Tabs, *, sd_vae: gr.Dropdown, engine
+) -> None:
     png.image.change(
         _read_png_info,
         inputs=[png.image],
@@ -962,9 +1001,9 @@ def _wire_png_info(png: PngInfoWidgets, tab_widgets: dict[str, TabWidgets], tabs
             outputs = [target.image, *outputs, target.denoising_strength]
         outputs += target.settings.variation_inputs()
         button.click(
-            functools.partial(_send_png_info, target_mode=mode),
+            functools.partial(_send_png_info, target_mode=mode, engine=engine),
             inputs=[png.image, png.text],
-            outputs=[*outputs, tabs],
+            outputs=[*outputs, sd_vae, tabs],
             api_visibility="private",
             show_progress="hidden",
         )
@@ -1201,15 +1240,31 @@ def _settings_from_infotext(text: str, *, with_denoising: bool) -> list:
     return values
 
 
-def _send_png_info(path: str | None, text: str, *, target_mode: str):
+def _send_png_info(path: str | None, text: str, *, target_mode: str, engine):
     if not text:
         raise gr.Error("No generation parameters to send: drop a PNG made by this app (or A1111) first.")
     values = _settings_from_infotext(text, with_denoising=target_mode != "txt2img")
     variation = _variation_from_infotext(text)
+    vae = _vae_from_infotext(engine, text)
     if target_mode == "txt2img":
-        return (*values, *_hires_settings_from_infotext(text), *variation, gr.Tabs(selected=target_mode))
+        return (*values, *_hires_settings_from_infotext(text), *variation, vae, gr.Tabs(selected=target_mode))
     image = _open_image(path) if path else None
-    return (_image_for(target_mode, image), *values, *variation, gr.Tabs(selected=target_mode))
+    return (_image_for(target_mode, image), *values, *variation, vae, gr.Tabs(selected=target_mode))
+
+
+def _vae_from_infotext(engine, text: str):
+    """The SD VAE list's value for an infotext: the VAE it names when the VAE folder has it (else left as it
+    is, with a warning), or Automatic when it names none (the model's own VAE, or one beside it)."""
+    from engine.infotext import parse_infotext_params
+
+    written = parse_infotext_params(text).get("VAE")
+    if not written:
+        return "Automatic"
+    try:
+        return vae_choice(written, engine.list_vaes(), engine.registry.vae_dir)
+    except EngineError:
+        gr.Warning(f"VAE {written} is not in {engine.registry.vae_dir}: the SD VAE choice is left as it was.")
+        return gr.skip()
 
 
 def _variation_from_infotext(text: str) -> list:
@@ -1236,7 +1291,7 @@ def _hires_settings_from_infotext(text: str) -> list:
 
     request = parse_infotext(text, unsupported_schedule="automatic")  # already checked by the caller
     if not request.enable_hr:
-        return [False, *[gr.skip()] * 6]
+        return [False, *[gr.skip()] * 10]
     written = parse_infotext_params(text).get("Hires upscaler")
     if written and written != request.hr_upscaler:
         gr.Warning(f"Hires upscaler {written} is not available here (no upscaler models yet); using Lanczos.")
@@ -1248,7 +1303,22 @@ def _hires_settings_from_infotext(text: str) -> list:
         request.hr_scale,
         request.hr_resize_x,
         request.hr_resize_y,
+        _listed(request.hr_sampler_name, sampler_names(), SAME_SAMPLER),
+        _listed(request.hr_scheduler, schedule_type_names(), SAME_SCHEDULE),
+        request.hr_prompt,
+        request.hr_negative_prompt,
     ]
+
+
+def _listed(name: str, choices: list[str], same: str) -> str:
+    """A hires sampler or schedule type as its list shows it (an infotext writes none for "same")."""
+    if not name:
+        return same
+    for choice in choices:
+        if choice.lower() == name.strip().lower():
+            return choice
+    gr.Warning(f"{name} is not available here; the hires pass uses the first pass's.")
+    return same
 
 
 def _send_result(gallery, view: ResultView | None, *, target_mode: str):

@@ -90,7 +90,8 @@ class CompareWidgets:
 def build_compare_tab(engine) -> CompareWidgets:
     """The tab's widgets (call inside a gr.Tab)."""
     gr.Markdown(
-        "Grids use the **txt2img** tab's prompt and settings, with one fixed seed, so cells differ only along "
+        "Grids use the **txt2img** tab's prompt and settings (Hires. fix and the seed's Extra included), with "
+        "one fixed seed, so cells differ only along "
         "the axes. Values: `Euler a, DPM++ 2M`, ranges `10-40 (+10)`, or `5-30 [4]` (4 evenly spaced)."
     )
     with gr.Row():
@@ -207,10 +208,12 @@ def wire_compare_tab(
     send_targets: list[gr.components.Component],
     settings_from_infotext: Callable[[str], list],
     variation_inputs: list[gr.components.Component] | None = None,
+    hires_inputs: list[gr.components.Component] | None = None,
 ) -> None:
     """Events. `base_inputs` are the txt2img prompt, negative prompt, sampler, schedule type, steps, CFG,
     seed, width and height; `variation_inputs` its seed extras (Extra, variation seed, strength, resize
-    from width, height); `send_targets` the txt2img fields (and the tabs) a clicked cell fills."""
+    from width, height); `hires_inputs` its Hires. fix panel, in the order _run_grid takes them; `send_targets`
+    the txt2img fields (and the tabs) a clicked cell fills."""
     for kind, values, picker in zip(widgets.axis_types, widgets.axis_values, widgets.axis_pickers, strict=True):
         kind.change(
             lambda k: gr.update(choices=_pick_choices(engine, k), value=[], visible=k in _PICKABLE),
@@ -235,7 +238,15 @@ def wire_compare_tab(
     )
     widgets.run.click(
         functools.partial(_run_grid, engine),
-        inputs=[session, widgets.view, *base_inputs, *axis_inputs, widgets.convergence, *(variation_inputs or [])],
+        inputs=[
+            session,
+            widgets.view,
+            *base_inputs,
+            *axis_inputs,
+            widgets.convergence,
+            *(variation_inputs or []),
+            *(hires_inputs or []),
+        ],
         outputs=[
             widgets.progress,
             widgets.preview,
@@ -346,9 +357,21 @@ def _run_grid(
     subseed_strength: float = 0.0,
     seed_resize_from_w: int = 0,
     seed_resize_from_h: int = 0,
+    enable_hr: bool = False,
+    hr_upscaler: str = "Latent",
+    hr_second_pass_steps: int = 0,
+    hr_denoising_strength: float = 0.7,
+    hr_scale: float = 2.0,
+    hr_resize_x: int = 0,
+    hr_resize_y: int = 0,
+    hr_sampler_name: str = "",
+    hr_scheduler: str = "",
+    hr_prompt: str = "",
+    hr_negative_prompt: str = "",
 ):
     """Streams (progress, current cell preview, grid, cells, plot, view, timeline choices, step slider).
-    The seed extras are the txt2img tab's (Var. seed and Var. strength axes change them per cell)."""
+    The seed extras and the Hires. fix settings are the txt2img tab's (Var. seed and Var. strength axes
+    change the first per cell; with hires fix on, the Denoising strength axis is its second pass's)."""
     base = build_request(
         prompt=prompt,
         negative_prompt=negative_prompt,
@@ -368,8 +391,23 @@ def _run_grid(
         seed_resize_from_h=seed_resize_from_h,
     )
     base = dataclasses.replace(
-        base, prompt_syntax=session.prompt_syntax, emphasis=session.emphasis, sd_vae=session.sd_vae
+        base,
+        prompt_syntax=session.prompt_syntax,
+        emphasis=session.emphasis,
+        sd_vae=session.sd_vae,
+        enable_hr=bool(enable_hr),
+        hr_upscaler=hr_upscaler,
+        hr_second_pass_steps=hr_second_pass_steps,
+        hr_scale=hr_scale,
+        hr_resize_x=hr_resize_x,
+        hr_resize_y=hr_resize_y,
+        hr_sampler_name=hr_sampler_name or "",
+        hr_scheduler=hr_scheduler or "",
+        hr_prompt=hr_prompt or "",
+        hr_negative_prompt=hr_negative_prompt or "",
     )
+    if enable_hr:
+        base = dataclasses.replace(base, denoising_strength=hr_denoising_strength)
     try:
         axes = [
             parse_axis(kind, text, engine)
