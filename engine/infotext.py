@@ -69,6 +69,8 @@ _REQUEST_KEYS = frozenset(
         "Denoising strength",
         "Mask blur",
         "Mask mode",
+        "Inpaint area",
+        "Masked area padding",
         "Emphasis",
         "Prompt syntax",
         "Hires upscale",
@@ -165,6 +167,9 @@ def format_infotext(
         params["Mask blur"] = int(req.mask_blur)
         if req.inpainting_mask_invert:
             params["Mask mode"] = "Inpaint not masked"
+        if req.inpaint_full_res:
+            params["Inpaint area"] = "Only masked"
+            params["Masked area padding"] = int(req.inpaint_full_res_padding)
     # Written only when not the default, as A1111 writes "Emphasis".
     if req.emphasis != "Original":
         params["Emphasis"] = req.emphasis
@@ -308,6 +313,10 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
         if mode not in MASK_MODES:
             raise InvalidRequestError("Mask mode", mode, " or ".join(MASK_MODES))
         req.inpainting_mask_invert = MASK_MODES[mode]
+    if "Inpaint area" in params:
+        req.inpaint_full_res = params.pop("Inpaint area") == "Only masked"
+    if "Masked area padding" in params:
+        req.inpaint_full_res_padding = _parse_int("Masked area padding", params.pop("Masked area padding"))
     if "Emphasis" in params:
         req.emphasis = params.pop("Emphasis")
     if "Prompt syntax" in params:

@@ -10,7 +10,7 @@ from typing import Any
 from PIL import Image
 
 from .errors import InvalidRequestError
-from .images import to_pil
+from .images import LATENT_RESIZE, RESIZE_MODES, to_pil
 
 # A1111 draws random seeds from [0, 2**32).
 SEED_MAX = 2**32 - 1
@@ -64,6 +64,13 @@ class GenerationRequest:
     denoising_strength: float = 0.75
     mask_blur: int = 4
     inpainting_mask_invert: int = 0
+    # A1111's img2img resize mode (engine.images.RESIZE_MODES): how an init image (and mask) of another
+    # size is brought to width x height. 3 resizes img2img's latents instead of its pixels.
+    resize_mode: int = 0
+    # A1111's "Inpaint area": False is "Whole picture"; True is "Only masked", which inpaints the region
+    # around the mask (inpaint_full_res_padding pixels wider) at the generation size and pastes it back.
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = 32
     # Infotext keys this engine does not act on (Clip skip, Version, ...), kept so that
     # reading an image's parameters and writing them again loses nothing.
     extra_params: dict[str, str] = field(default_factory=dict)
@@ -208,6 +215,17 @@ def validate_request(
     _in_range(mask_blur, "mask_blur", 0, limits.max_mask_blur)
     mask_invert = _as_int(req.inpainting_mask_invert, "inpainting_mask_invert")
     _in_range(mask_invert, "inpainting_mask_invert", 0, 1)
+    full_res = req.inpaint_full_res
+    if not isinstance(full_res, (bool, int)) or full_res not in (True, False, 0, 1):
+        raise InvalidRequestError("inpaint_full_res", full_res, "true (Only masked) or false (Whole picture)")
+    padding = _as_int(req.inpaint_full_res_padding, "inpaint_full_res_padding")
+    _in_range(padding, "inpaint_full_res_padding", 0, 256)
+    resize_mode = _as_int(req.resize_mode, "resize_mode")
+    _in_range(resize_mode, "resize_mode", 0, len(RESIZE_MODES) - 1)
+    if resize_mode == LATENT_RESIZE and req.mask is not None:
+        raise InvalidRequestError(
+            "resize_mode", resize_mode, "0 to 2 with a mask: inpaint resizes pictures, not latents (3 is img2img's)"
+        )
 
     sampler_name, scheduler = resolve_sampler(req.sampler_name, req.scheduler)
 
@@ -281,6 +299,9 @@ def validate_request(
         denoising_strength=strength,
         mask_blur=mask_blur,
         inpainting_mask_invert=mask_invert,
+        resize_mode=resize_mode,
+        inpaint_full_res=bool(full_res),
+        inpaint_full_res_padding=padding,
         extra_params=dict(extra),
         prompt_syntax=prompt_syntax,
         emphasis=emphasis,

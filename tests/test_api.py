@@ -190,6 +190,20 @@ def test_img2img_uses_the_init_image_and_strength(api):
     assert body["parameters"]["init_images"] == [png_b64(init)]
 
 
+def test_img2img_resize_mode_is_acted_on(api):
+    wide = Image.new("RGB", (128, 64), (250, 250, 0))
+    wide.paste((0, 0, 250), (32, 0, 96, 64))  # blue in the middle, yellow at the sides
+    payload = {"prompt": "sea", "init_images": [png_b64(wide)], "denoising_strength": 0, "seed": 3}
+    _, info = generate(api, "img2img", resize_mode=1, **payload)
+    assert info["ignored_fields"] == []
+    cropped = decode(generate(api, "img2img", resize_mode=1, **payload)[0]["images"][0]).convert("RGB")
+    stretched = decode(generate(api, "img2img", resize_mode=0, **payload)[0]["images"][0]).convert("RGB")
+    assert cropped.getpixel((2, 32)) == (0, 0, 250) and stretched.getpixel((2, 32)) == (250, 250, 0)
+    mask = png_b64(Image.new("L", (128, 64), 255))
+    refused = api.post("img2img", json={**SMALL, **payload, "mask": mask, "resize_mode": 3})
+    assert refused.status_code == 422 and refused.json()["field"] == "resize_mode"
+
+
 def test_inpaint_repaints_only_the_white_part_of_the_mask(api):
     init = Image.new("RGB", (64, 64), (220, 30, 30))
     mask = Image.new("L", (64, 64), 0)
@@ -215,7 +229,19 @@ def test_inpaint_repaints_only_the_white_part_of_the_mask(api):
     _, info = generate(
         api, "img2img", init_images=[png_b64(init)], mask=png_b64(mask), inpainting_fill=0, inpaint_full_res=True
     )
-    assert info["ignored_fields"] == ["inpaint_full_res", "inpainting_fill"]  # A1111 would have done these
+    assert info["ignored_fields"] == ["inpainting_fill"]  # A1111 would have filled the masked area first
+
+
+def test_inpaint_area_defaults_to_only_masked_as_in_a1111s_api(api):
+    init = Image.new("RGB", (128, 128), (220, 30, 30))
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (96, 96, 120, 120))
+    payload = {"init_images": [png_b64(init)], "mask": png_b64(mask), "mask_blur": 0, "seed": 2}
+    body, info = generate(api, "img2img", **payload)
+    image = decode(body["images"][0])
+    assert image.size == (128, 128) and "Inpaint area: Only masked, Masked area padding: 0" in image.text["parameters"]
+    whole = decode(generate(api, "img2img", inpaint_full_res=False, **payload)[0]["images"][0])
+    assert whole.size == (64, 64) and "Inpaint area" not in whole.text["parameters"]
 
 
 def test_inpainting_mask_invert_repaints_the_black_part(api):

@@ -263,7 +263,7 @@ def test_parse_inpaint_infotext():
     assert (req.sampler_name, req.scheduler) == ("Euler a", "Automatic")
     assert (req.cfg_scale, req.denoising_strength, req.mask_blur, req.inpainting_mask_invert) == (7.0, 0.6, 8, 1)
     assert req.extra_params["Masked content"] == "original"
-    assert req.extra_params["Inpaint area"] == "Only masked"
+    assert req.inpaint_full_res and "Inpaint area" not in req.extra_params
     assert "Mask mode" not in req.extra_params
 
 

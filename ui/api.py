@@ -178,12 +178,14 @@ class Img2ImgRequest(_GenerationPayload):
     mask_blur_y: Any = 4
     inpainting_mask_invert: int = 0
     include_init_images: bool = False
-    resize_mode: Any = 0
+    resize_mode: Any = Field(
+        0, description="0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale)"
+    )
     image_cfg_scale: Any = None
     mask_round: Any = True
     inpainting_fill: Any = 0
-    inpaint_full_res: Any = True
-    inpaint_full_res_padding: Any = 0
+    inpaint_full_res: Any = Field(True, description="A1111's API default: Only masked (false: Whole picture)")
+    inpaint_full_res_padding: Any = Field(0, description="pixels around the mask for Only masked")
     initial_noise_multiplier: Any = None
     latent_mask: Any = None
 
@@ -244,10 +246,8 @@ _IGNORED_RULES = {
     "hr_checkpoint_name": _hires_override,
     "firstphase_width": _not_in(0),
     "firstphase_height": _not_in(0),
-    "resize_mode": _not_in(0),
-    # This engine inpaints from the original pixels (A1111 "original", 1) over the whole picture.
+    # This engine inpaints from the original pixels (A1111 "original", 1).
     "inpainting_fill": _with_mask(_not_in(1)),
-    "inpaint_full_res": _with_mask(lambda v, p: _set(v)),
     "initial_noise_multiplier": _not_in(1),
     "latent_mask": lambda v, p: _set(v),
 }
@@ -523,6 +523,9 @@ class SdApi:
                 denoising_strength=pick("denoising_strength", 0.75),
                 mask_blur=mask_blur,
                 inpainting_mask_invert=payload.inpainting_mask_invert,
+                resize_mode=payload.resize_mode,
+                inpaint_full_res=pick("inpaint_full_res", True),
+                inpaint_full_res_padding=pick("inpaint_full_res_padding", 0),
             )
         return GenerationRequest(**fields), ignored, clip_skip
 

@@ -23,6 +23,7 @@ from PIL import Image
 
 from engine import EngineError
 from engine.events import PREVIEW_MODES
+from engine.images import LATENT_RESIZE, RESIZE_MODES
 from engine.lora import lora_uses
 from engine.request import EMPHASIS_MODES, HR_UPSCALERS, PROMPT_SYNTAXES
 from engine.samplers import sampler_names, schedule_type_names
@@ -43,11 +44,14 @@ from .page_jobs import (
     run_job,
     token_counter_html,
     valid_preview_mode,
+    with_hires,
 )
 from .page_style import PAGE_CSS
 
 log = logging.getLogger(__name__)
 
+# A1111's "Inpaint area" choices (inpaint_full_res false / true).
+INPAINT_AREAS = ("Whole picture", "Only masked")
 # A1111's choices for a hires pass that samples as the first pass does.
 SAME_SAMPLER = "Use same sampler"
 SAME_SCHEDULE = "Use same scheduler"
@@ -152,6 +156,10 @@ class TabWidgets:
     denoising_strength: gr.Slider | None = None
     mask_blur: gr.Slider | None = None
     mask_mode: gr.Radio | None = None
+    resize_mode: gr.Radio | None = None
+    # inpaint only: A1111's Inpaint area and its padding
+    inpaint_area: gr.Radio | None = None
+    inpaint_padding: gr.Slider | None = None
     # txt2img only: the hires fix settings, in the order the generate handler takes them (HIRES_FIELDS).
     hires: list[gr.components.Component] | None = None
 
@@ -360,6 +368,15 @@ def _build_settings(mode: str, engine, defaults, prompts: dict) -> tuple[Setting
         extra["denoising_strength"] = gr.Slider(
             0, 1, value=0.75, step=0.01, label="Denoising strength", elem_id=f"{mode}_denoising_strength"
         )
+        # A1111's resize modes; inpaint resizes pictures only (no latent upscale).
+        modes = RESIZE_MODES if mode == "img2img" else RESIZE_MODES[:LATENT_RESIZE]
+        extra["resize_mode"] = gr.Radio(
+            [(label, index) for index, label in enumerate(modes)],
+            value=0,
+            label="Resize mode",
+            info="for an init image of another size than Width x Height",
+            elem_id=f"{mode}_resize_mode",
+        )
     if mode == "inpaint":
         with gr.Row(equal_height=True):
             extra["mask_blur"] = gr.Slider(
@@ -367,6 +384,17 @@ def _build_settings(mode: str, engine, defaults, prompts: dict) -> tuple[Setting
             )
             extra["mask_mode"] = gr.Radio(
                 list(MASK_MODES), value=MASK_MODES[0], label="Mask mode", elem_id="inpaint_mask_mode"
+            )
+        with gr.Row(equal_height=True):
+            extra["inpaint_area"] = gr.Radio(
+                list(INPAINT_AREAS),
+                value=INPAINT_AREAS[0],
+                label="Inpaint area",
+                info="Only masked: the region around the mask is inpainted at Width x Height and pasted back",
+                elem_id="inpaint_full_res",
+            )
+            extra["inpaint_padding"] = gr.Slider(
+                0, 256, value=32, step=4, label="Only masked padding, pixels", elem_id="inpaint_full_res_padding"
             )
     with gr.Row(equal_height=True):
         seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{mode}_seed", scale=6, minimum=-1)
@@ -554,6 +582,9 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
         denoising_strength=extra.get("denoising_strength"),
         mask_blur=extra.get("mask_blur"),
         mask_mode=extra.get("mask_mode"),
+        resize_mode=extra.get("resize_mode"),
+        inpaint_area=extra.get("inpaint_area"),
+        inpaint_padding=extra.get("inpaint_padding"),
         hires=extra.get("hires"),
     )
 
@@ -662,6 +693,10 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
     elif tab.mode == "inpaint":
         inputs += [tab.image, tab.mask, tab.denoising_strength, tab.mask_blur, tab.mask_mode]
     inputs += [tab.styles, *panel.variation_inputs()]
+    if tab.resize_mode is not None:
+        inputs.append(tab.resize_mode)
+    if tab.inpaint_area is not None:
+        inputs += [tab.inpaint_area, tab.inpaint_padding]
     # Showing the preview (and hiding the gallery) around the job is done by separate quick events, so
     # that the streamed endpoint returns plain values to API clients rather than visibility updates.
     # The click registers the job with the session at once, so that Stop also cancels it while it waits
@@ -839,18 +874,19 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                 **variation,
                 denoising_strength=denoising_strength,
             )
-            request = dataclasses.replace(
+            request = with_hires(
                 request,
-                enable_hr=bool(enable_hr),
-                hr_upscaler=hr_upscaler,
-                hr_second_pass_steps=hr_second_pass_steps,
-                hr_scale=hr_scale,
-                hr_resize_x=hr_resize_x,
-                hr_resize_y=hr_resize_y,
-                hr_sampler_name=hr_sampler_name,
-                hr_scheduler=hr_scheduler,
-                hr_prompt=hr_prompt or "",
-                hr_negative_prompt=hr_negative_prompt or "",
+                enable_hr,
+                hr_upscaler,
+                hr_second_pass_steps,
+                denoising_strength,
+                hr_scale,
+                hr_resize_x,
+                hr_resize_y,
+                hr_sampler_name,
+                hr_scheduler,
+                hr_prompt,
+                hr_negative_prompt,
             )
             yield from run_job(session=session, request=request, ticket=ticket, **common)
 
@@ -880,8 +916,10 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             subseed_strength: float = 0.0,
             seed_resize_from_w: int = 0,
             seed_resize_from_h: int = 0,
+            resize_mode: int = 0,
         ):
-            """Image to image: like /txt2img plus the init image and the denoising strength (0..1)."""
+            """Image to image: like /txt2img plus the init image and the denoising strength (0..1); resize_mode
+            is A1111's (0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale))."""
             if init_image is None:
                 raise gr.Error("init_images: got nothing; allowed: an image (upload one in img2img)")
             variation = _variation(seed_extra, subseed, subseed_strength, seed_resize_from_w, seed_resize_from_h)
@@ -901,6 +939,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                 **variation,
                 init_image=init_image,
                 denoising_strength=denoising_strength,
+                resize_mode=resize_mode,
             )
             yield from run_job(session=session, request=request, ticket=ticket, **common)
 
@@ -931,9 +970,14 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
         subseed_strength: float = 0.0,
         seed_resize_from_w: int = 0,
         seed_resize_from_h: int = 0,
+        resize_mode: int = 0,
+        inpaint_area: str = "Whole picture",
+        inpaint_full_res_padding: int = 32,
     ):
         """Inpaint: like /img2img; `image` is an image-editor value whose painted layer is the mask
-        (white = repaint), or give `mask` (a white-on-black image of the same size)."""
+        (white = repaint), or give `mask` (a white-on-black image of the same size). inpaint_area is
+        A1111's: "Whole picture", or "Only masked" (the region around the mask, inpaint_full_res_padding
+        pixels wider, inpainted at width x height and pasted back)."""
         init_image, painted = editor_image_and_mask(image)
         if init_image is None:
             raise gr.Error("init_images: got nothing; allowed: an image (upload one in inpaint)")
@@ -960,6 +1004,12 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             denoising_strength=denoising_strength,
             mask_blur=mask_blur,
             mask_mode=mask_mode,
+            resize_mode=resize_mode,
+        )
+        request = dataclasses.replace(
+            request,
+            inpaint_full_res=inpaint_area == INPAINT_AREAS[1],
+            inpaint_full_res_padding=inpaint_full_res_padding,
         )
         yield from run_job(session=session, request=request, ticket=ticket, **common)
 
@@ -1000,6 +1050,8 @@ def _wire_png_info(
         else:
             outputs = [target.image, *outputs, target.denoising_strength]
         outputs += target.settings.variation_inputs()
+        if target.inpaint_area is not None:
+            outputs += [target.inpaint_area, target.inpaint_padding]
         button.click(
             functools.partial(_send_png_info, target_mode=mode, engine=engine),
             inputs=[png.image, png.text],
@@ -1249,7 +1301,19 @@ def _send_png_info(path: str | None, text: str, *, target_mode: str, engine):
     if target_mode == "txt2img":
         return (*values, *_hires_settings_from_infotext(text), *variation, vae, gr.Tabs(selected=target_mode))
     image = _open_image(path) if path else None
+    if target_mode == "inpaint":
+        variation = [*variation, *_inpaint_area_from_infotext(text)]
     return (_image_for(target_mode, image), *values, *variation, vae, gr.Tabs(selected=target_mode))
+
+
+def _inpaint_area_from_infotext(text: str) -> list:
+    """Inpaint area and its padding, as the picture was made (Whole picture when the text says nothing)."""
+    from engine.infotext import parse_infotext
+
+    request = parse_infotext(text, unsupported_schedule="automatic")  # already checked by the caller
+    if not request.inpaint_full_res:
+        return [INPAINT_AREAS[0], gr.skip()]
+    return [INPAINT_AREAS[1], request.inpaint_full_res_padding]
 
 
 def _vae_from_infotext(engine, text: str):

@@ -43,6 +43,7 @@ from .page_jobs import (
     describe_waiting,
     engine_error,
     progress_html,
+    with_hires,
 )
 
 log = logging.getLogger(__name__)
@@ -395,19 +396,21 @@ def _run_grid(
         prompt_syntax=session.prompt_syntax,
         emphasis=session.emphasis,
         sd_vae=session.sd_vae,
-        enable_hr=bool(enable_hr),
-        hr_upscaler=hr_upscaler,
-        hr_second_pass_steps=hr_second_pass_steps,
-        hr_scale=hr_scale,
-        hr_resize_x=hr_resize_x,
-        hr_resize_y=hr_resize_y,
-        hr_sampler_name=hr_sampler_name or "",
-        hr_scheduler=hr_scheduler or "",
-        hr_prompt=hr_prompt or "",
-        hr_negative_prompt=hr_negative_prompt or "",
     )
-    if enable_hr:
-        base = dataclasses.replace(base, denoising_strength=hr_denoising_strength)
+    base = with_hires(
+        base,
+        enable_hr,
+        hr_upscaler,
+        hr_second_pass_steps,
+        hr_denoising_strength if enable_hr else base.denoising_strength,
+        hr_scale,
+        hr_resize_x,
+        hr_resize_y,
+        hr_sampler_name,
+        hr_scheduler,
+        hr_prompt,
+        hr_negative_prompt,
+    )
     try:
         axes = [
             parse_axis(kind, text, engine)

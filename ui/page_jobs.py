@@ -130,6 +130,7 @@ def build_request(
     denoising_strength: Any = 0.75,
     mask_blur: Any = 4,
     mask_mode: str = MASK_MODES[0],
+    resize_mode: Any = 0,
     styles: list[str] | None = None,
     seed_extra: bool = False,
     subseed: Any = -1,
@@ -158,11 +159,32 @@ def build_request(
         denoising_strength=denoising_strength,
         mask_blur=mask_blur,
         inpainting_mask_invert=1 if mask_mode == MASK_MODES[1] else 0,
+        resize_mode=0 if resize_mode is None else resize_mode,
         styles=list(styles) if styles else None,
         subseed=-1 if subseed is None else subseed,
         subseed_strength=0 if subseed_strength is None else subseed_strength,
         seed_resize_from_w=seed_resize_from_w or 0,
         seed_resize_from_h=seed_resize_from_h or 0,
+    )
+
+
+def with_hires(request: GenerationRequest, enable_hr, *hires_values) -> GenerationRequest:
+    """`request` with the Hires. fix panel's values, in its order: enable, upscaler, hires steps, denoising
+    strength, upscale by, resize width and height, sampler, schedule type, prompt, negative prompt."""
+    upscaler, steps, strength, scale, resize_x, resize_y, sampler, schedule, prompt, negative = hires_values
+    return dataclasses.replace(
+        request,
+        enable_hr=bool(enable_hr),
+        hr_upscaler=upscaler,
+        hr_second_pass_steps=steps,
+        denoising_strength=strength,
+        hr_scale=scale,
+        hr_resize_x=resize_x,
+        hr_resize_y=resize_y,
+        hr_sampler_name=sampler or "",
+        hr_scheduler=schedule or "",
+        hr_prompt=prompt or "",
+        hr_negative_prompt=negative or "",
     )
 
 
