@@ -21,6 +21,7 @@ from PIL import Image, ImageFilter
 from .composable import ComposedGuidance
 from .events import JobControl, Pacer, Progress
 from .images import LATENT_RESIZE, resize_to
+from .inpaint import inpaint
 from .models import LoadedModel
 from .noise import NoiseVariation, initial_noise
 from .prompts import Conditioning, SDXLEmbeds
@@ -269,19 +270,7 @@ def run_batch(
         return BatchOutcome(images, stopped, preview_seconds)
 
     kwargs.update(height=req.height, width=req.width)
-    if req.inpaint_full_res:
-        full_mask = _painted_mask(req)
-        region = inpaint_region(full_mask, req.inpaint_full_res_padding, req.width, req.height)
-        if region is not None:
-            images = _inpaint_only_masked(pipe, kwargs, req, sources, full_mask, region)
-            return BatchOutcome(images, stopped, preview_seconds)
-        log.info("Inpaint area Only masked: the mask is blank, so the whole picture is used")
-    mask = _prepare_mask(req)
-    kwargs.update(mask_image=[mask] * len(seeds))
-    generated = pipe(**kwargs).images
-    # Outside the mask the original pixels come back untouched, as in A1111: the VAE round
-    # trip would otherwise soften the whole picture.
-    images = [Image.composite(out, original, mask) for out, original in zip(generated, init_images, strict=True)]
+    images = inpaint(pipe, kwargs, req, sources, init_images, _prepare_mask(req), seeds)
     return BatchOutcome(images, stopped, preview_seconds)
 
 
@@ -365,60 +354,3 @@ def _prepare_mask(req: GenerationRequest) -> Image.Image:
     if req.mask_blur > 0:
         mask = mask.filter(ImageFilter.GaussianBlur(req.mask_blur))
     return mask
-
-
-def _painted_mask(req: GenerationRequest) -> Image.Image:
-    """The mask at the init image's own size, inverted and blurred as asked (A1111 blurs it there)."""
-    mask = req.mask
-    if req.inpainting_mask_invert:
-        mask = Image.eval(mask, lambda value: 255 - value)
-    if req.mask_blur > 0:
-        mask = mask.filter(ImageFilter.GaussianBlur(req.mask_blur))
-    return mask
-
-
-def inpaint_region(mask: Image.Image, padding: int, width: int, height: int) -> tuple[int, int, int, int] | None:
-    """A1111's "Only masked" region: the painted pixels' bounding box, `padding` pixels wider on each side
-    (within the picture), then grown along one axis to the generation size's aspect ratio, as A1111's
-    expand_crop_region grows it. None when nothing is painted."""
-    box = mask.getbbox()
-    if box is None:
-        return None
-    picture_w, picture_h = mask.size
-    x1, y1 = max(box[0] - padding, 0), max(box[1] - padding, 0)
-    x2, y2 = min(box[2] + padding, picture_w), min(box[3] + padding, picture_h)
-    if (x2 - x1) / (y2 - y1) > width / height:
-        y1, y2 = _grown(y1, y2, int((x2 - x1) * height / width - (y2 - y1)), picture_h)
-    else:
-        x1, x2 = _grown(x1, x2, int((y2 - y1) * width / height - (x2 - x1)), picture_w)
-    return x1, y1, x2, y2
-
-
-def _grown(start: int, end: int, extra: int, limit: int) -> tuple[int, int]:
-    """[start, end) grown by `extra`, half each side, shifted back inside [0, limit) where it runs over."""
-    start -= extra // 2
-    end += extra - extra // 2
-    if end >= limit:
-        start, end = start - (end - limit), limit
-    if start < 0:
-        start, end = 0, end - start
-    return start, min(end, limit)
-
-
-def _inpaint_only_masked(pipe, kwargs: dict, req: GenerationRequest, sources, mask, region) -> list[Image.Image]:
-    """A1111's "Inpaint area: Only masked": the region around the mask is cut out, brought to the generation
-    size (Resize and fill), inpainted there at full resolution, and pasted back (Crop and resize) into the
-    picture at its own size; outside the (blurred) mask every pixel stays the original's."""
-    x1, y1, x2, y2 = region
-    size = (x2 - x1, y2 - y1)
-    pictures = [source if source.size == mask.size else source.resize(mask.size) for source in sources]
-    crops = [resize_to(picture.crop(region), req.width, req.height, 2) for picture in pictures]
-    crop_mask = resize_to(mask.crop(region), req.width, req.height, 2)
-    kwargs.update(image=crops, mask_image=[crop_mask] * len(crops))
-    generated = pipe(**kwargs).images
-    images = []
-    for out, picture in zip(generated, pictures, strict=True):
-        canvas = picture.copy()
-        canvas.paste(resize_to(out, *size, 1), (x1, y1))
-        images.append(Image.composite(canvas, picture, mask))
-    return images

@@ -23,6 +23,7 @@ from PIL import Image
 
 from .errors import InvalidRequestError
 from .images import to_pil
+from .inpaint import MASKED_CONTENT
 from .request import HR_UPSCALERS, GenerationRequest
 from .samplers import resolve
 
@@ -71,6 +72,7 @@ _REQUEST_KEYS = frozenset(
         "Mask mode",
         "Inpaint area",
         "Masked area padding",
+        "Masked content",
         "Emphasis",
         "Prompt syntax",
         "Hires upscale",
@@ -167,6 +169,7 @@ def format_infotext(
         params["Mask blur"] = int(req.mask_blur)
         if req.inpainting_mask_invert:
             params["Mask mode"] = "Inpaint not masked"
+        params["Masked content"] = MASKED_CONTENT[req.inpainting_fill]
         if req.inpaint_full_res:
             params["Inpaint area"] = "Only masked"
             params["Masked area padding"] = int(req.inpaint_full_res_padding)
@@ -313,6 +316,11 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
         if mode not in MASK_MODES:
             raise InvalidRequestError("Mask mode", mode, " or ".join(MASK_MODES))
         req.inpainting_mask_invert = MASK_MODES[mode]
+    if "Masked content" in params:
+        content = params.pop("Masked content")
+        if content not in MASKED_CONTENT:
+            raise InvalidRequestError("Masked content", content, ", ".join(MASKED_CONTENT))
+        req.inpainting_fill = MASKED_CONTENT.index(content)
     if "Inpaint area" in params:
         req.inpaint_full_res = params.pop("Inpaint area") == "Only masked"
     if "Masked area padding" in params:

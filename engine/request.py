@@ -71,6 +71,9 @@ class GenerationRequest:
     # around the mask (inpaint_full_res_padding pixels wider) at the generation size and pastes it back.
     inpaint_full_res: bool = False
     inpaint_full_res_padding: int = 32
+    # A1111's "Masked content" (engine.inpaint.MASKED_CONTENT): what the masked part starts from; 1 is
+    # the original picture.
+    inpainting_fill: int = 1
     # Infotext keys this engine does not act on (Clip skip, Version, ...), kept so that
     # reading an image's parameters and writing them again loses nothing.
     extra_params: dict[str, str] = field(default_factory=dict)
@@ -220,6 +223,8 @@ def validate_request(
         raise InvalidRequestError("inpaint_full_res", full_res, "true (Only masked) or false (Whole picture)")
     padding = _as_int(req.inpaint_full_res_padding, "inpaint_full_res_padding")
     _in_range(padding, "inpaint_full_res_padding", 0, 256)
+    fill = _as_int(req.inpainting_fill, "inpainting_fill")
+    _in_range(fill, "inpainting_fill", 0, 3)
     resize_mode = _as_int(req.resize_mode, "resize_mode")
     _in_range(resize_mode, "resize_mode", 0, len(RESIZE_MODES) - 1)
     if resize_mode == LATENT_RESIZE and req.mask is not None:
@@ -302,6 +307,7 @@ def validate_request(
         resize_mode=resize_mode,
         inpaint_full_res=bool(full_res),
         inpaint_full_res_padding=padding,
+        inpainting_fill=fill,
         extra_params=dict(extra),
         prompt_syntax=prompt_syntax,
         emphasis=emphasis,

@@ -229,7 +229,7 @@ def test_inpaint_repaints_only_the_white_part_of_the_mask(api):
     _, info = generate(
         api, "img2img", init_images=[png_b64(init)], mask=png_b64(mask), inpainting_fill=0, inpaint_full_res=True
     )
-    assert info["ignored_fields"] == ["inpainting_fill"]  # A1111 would have filled the masked area first
+    assert info["ignored_fields"] == []
 
 
 def test_inpaint_area_defaults_to_only_masked_as_in_a1111s_api(api):
@@ -239,7 +239,10 @@ def test_inpaint_area_defaults_to_only_masked_as_in_a1111s_api(api):
     payload = {"init_images": [png_b64(init)], "mask": png_b64(mask), "mask_blur": 0, "seed": 2}
     body, info = generate(api, "img2img", **payload)
     image = decode(body["images"][0])
-    assert image.size == (128, 128) and "Inpaint area: Only masked, Masked area padding: 0" in image.text["parameters"]
+    text = image.text["parameters"]
+    assert (
+        image.size == (128, 128) and "Masked content: fill, Inpaint area: Only masked, Masked area padding: 0" in text
+    )
     whole = decode(generate(api, "img2img", inpaint_full_res=False, **payload)[0]["images"][0])
     assert whole.size == (64, 64) and "Inpaint area" not in whole.text["parameters"]
 

@@ -110,7 +110,8 @@ def test_format_writes_fractional_cfg_and_img2img_fields():
     inpaint = _request(init_images=[init], mask=mask, denoising_strength=1.0, mask_blur=8, inpainting_mask_invert=1)
     assert format_infotext(inpaint, 7, model_name="m", model_hash="0123456789").splitlines()[-1] == (
         "Steps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 7, Size: 512x512, "
-        "Model hash: 0123456789, Model: m, Denoising strength: 1, Mask blur: 8, Mask mode: Inpaint not masked"
+        "Model hash: 0123456789, Model: m, Denoising strength: 1, Mask blur: 8, Mask mode: Inpaint not masked, "
+        "Masked content: original"
     )
 
     txt2img = format_infotext(_request(denoising_strength=0.3, mask_blur=9), 7)
@@ -262,7 +263,7 @@ def test_parse_inpaint_infotext():
     req = parse_infotext(A1111_INPAINT)
     assert (req.sampler_name, req.scheduler) == ("Euler a", "Automatic")
     assert (req.cfg_scale, req.denoising_strength, req.mask_blur, req.inpainting_mask_invert) == (7.0, 0.6, 8, 1)
-    assert req.extra_params["Masked content"] == "original"
+    assert req.inpainting_fill == 1 and "Masked content" not in req.extra_params
     assert req.inpaint_full_res and "Inpaint area" not in req.extra_params
     assert "Mask mode" not in req.extra_params
 

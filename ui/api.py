@@ -183,7 +183,7 @@ class Img2ImgRequest(_GenerationPayload):
     )
     image_cfg_scale: Any = None
     mask_round: Any = True
-    inpainting_fill: Any = 0
+    inpainting_fill: Any = Field(0, description="masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing")
     inpaint_full_res: Any = Field(True, description="A1111's API default: Only masked (false: Whole picture)")
     inpaint_full_res_padding: Any = Field(0, description="pixels around the mask for Only masked")
     initial_noise_multiplier: Any = None
@@ -246,8 +246,6 @@ _IGNORED_RULES = {
     "hr_checkpoint_name": _hires_override,
     "firstphase_width": _not_in(0),
     "firstphase_height": _not_in(0),
-    # This engine inpaints from the original pixels (A1111 "original", 1).
-    "inpainting_fill": _with_mask(_not_in(1)),
     "initial_noise_multiplier": _not_in(1),
     "latent_mask": lambda v, p: _set(v),
 }
@@ -526,6 +524,8 @@ class SdApi:
                 resize_mode=payload.resize_mode,
                 inpaint_full_res=pick("inpaint_full_res", True),
                 inpaint_full_res_padding=pick("inpaint_full_res_padding", 0),
+                # A1111's API default is fill (0); its page starts on original (1).
+                inpainting_fill=pick("inpainting_fill", 0),
             )
         return GenerationRequest(**fields), ignored, clip_skip
 

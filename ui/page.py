@@ -24,6 +24,7 @@ from PIL import Image
 from engine import EngineError
 from engine.events import PREVIEW_MODES
 from engine.images import LATENT_RESIZE, RESIZE_MODES
+from engine.inpaint import MASKED_CONTENT
 from engine.lora import lora_uses
 from engine.request import EMPHASIS_MODES, HR_UPSCALERS, PROMPT_SYNTAXES
 from engine.samplers import sampler_names, schedule_type_names
@@ -160,6 +161,7 @@ class TabWidgets:
     # inpaint only: A1111's Inpaint area and its padding
     inpaint_area: gr.Radio | None = None
     inpaint_padding: gr.Slider | None = None
+    masked_content: gr.Radio | None = None
     # txt2img only: the hires fix settings, in the order the generate handler takes them (HIRES_FIELDS).
     hires: list[gr.components.Component] | None = None
 
@@ -396,6 +398,13 @@ def _build_settings(mode: str, engine, defaults, prompts: dict) -> tuple[Setting
             extra["inpaint_padding"] = gr.Slider(
                 0, 256, value=32, step=4, label="Only masked padding, pixels", elem_id="inpaint_full_res_padding"
             )
+        extra["masked_content"] = gr.Radio(
+            list(MASKED_CONTENT),
+            value=MASKED_CONTENT[1],
+            label="Masked content",
+            info="what the masked part starts from",
+            elem_id="inpaint_inpainting_fill",
+        )
     with gr.Row(equal_height=True):
         seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{mode}_seed", scale=6, minimum=-1)
         random_seed = gr.Button("⚄", elem_id=f"{mode}_random_seed", scale=0, min_width=44, elem_classes="tool-button")
@@ -585,6 +594,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
         resize_mode=extra.get("resize_mode"),
         inpaint_area=extra.get("inpaint_area"),
         inpaint_padding=extra.get("inpaint_padding"),
+        masked_content=extra.get("masked_content"),
         hires=extra.get("hires"),
     )
 
@@ -696,7 +706,7 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
     if tab.resize_mode is not None:
         inputs.append(tab.resize_mode)
     if tab.inpaint_area is not None:
-        inputs += [tab.inpaint_area, tab.inpaint_padding]
+        inputs += [tab.inpaint_area, tab.inpaint_padding, tab.masked_content]
     # Showing the preview (and hiding the gallery) around the job is done by separate quick events, so
     # that the streamed endpoint returns plain values to API clients rather than visibility updates.
     # The click registers the job with the session at once, so that Stop also cancels it while it waits
@@ -973,11 +983,13 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
         resize_mode: int = 0,
         inpaint_area: str = "Whole picture",
         inpaint_full_res_padding: int = 32,
+        inpainting_fill: str = "original",
     ):
         """Inpaint: like /img2img; `image` is an image-editor value whose painted layer is the mask
         (white = repaint), or give `mask` (a white-on-black image of the same size). inpaint_area is
         A1111's: "Whole picture", or "Only masked" (the region around the mask, inpaint_full_res_padding
-        pixels wider, inpainted at width x height and pasted back)."""
+        pixels wider, inpainted at width x height and pasted back); inpainting_fill is A1111's masked content:
+        "fill", "original", "latent noise" or "latent nothing"."""
         init_image, painted = editor_image_and_mask(image)
         if init_image is None:
             raise gr.Error("init_images: got nothing; allowed: an image (upload one in inpaint)")
@@ -1010,6 +1022,9 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             request,
             inpaint_full_res=inpaint_area == INPAINT_AREAS[1],
             inpaint_full_res_padding=inpaint_full_res_padding,
+            inpainting_fill=MASKED_CONTENT.index(inpainting_fill)
+            if inpainting_fill in MASKED_CONTENT
+            else inpainting_fill,
         )
         yield from run_job(session=session, request=request, ticket=ticket, **common)
 
@@ -1051,7 +1066,7 @@ def _wire_png_info(
             outputs = [target.image, *outputs, target.denoising_strength]
         outputs += target.settings.variation_inputs()
         if target.inpaint_area is not None:
-            outputs += [target.inpaint_area, target.inpaint_padding]
+            outputs += [target.inpaint_area, target.inpaint_padding, target.masked_content]
         button.click(
             functools.partial(_send_png_info, target_mode=mode, engine=engine),
             inputs=[png.image, png.text],
@@ -1307,13 +1322,15 @@ def _send_png_info(path: str | None, text: str, *, target_mode: str, engine):
 
 
 def _inpaint_area_from_infotext(text: str) -> list:
-    """Inpaint area and its padding, as the picture was made (Whole picture when the text says nothing)."""
+    """Inpaint area, its padding and the masked content, as the picture was made (Whole picture and original
+    when the text says nothing)."""
     from engine.infotext import parse_infotext
 
     request = parse_infotext(text, unsupported_schedule="automatic")  # already checked by the caller
+    content = MASKED_CONTENT[request.inpainting_fill]
     if not request.inpaint_full_res:
-        return [INPAINT_AREAS[0], gr.skip()]
-    return [INPAINT_AREAS[1], request.inpaint_full_res_padding]
+        return [INPAINT_AREAS[0], gr.skip(), content]
+    return [INPAINT_AREAS[1], request.inpaint_full_res_padding, content]
 
 
 def _vae_from_infotext(engine, text: str):

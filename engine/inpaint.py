@@ -1,0 +1,158 @@
+"""Inpainting as A1111 does it, around diffusers' inpaint pipelines: the inpaint area (Whole picture or Only
+masked) and the masked content (what the masked part starts from).
+
+Masked content (`inpainting_fill`):
+- 0 fill: the masked part is painted over with the colours around it, blurred (pixels, before encoding);
+- 1 original: the picture as it is;
+- 2 latent noise: the masked part of the encoded picture is replaced by the seed's noise;
+- 3 latent nothing: ... by zeros.
+Only what the pipeline starts from changes: outside the mask, the result is the original picture's pixels.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter, ImageOps
+
+from .images import resize_to
+from .noise import seed_noise
+from .request import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
+FILL, ORIGINAL, LATENT_NOISE, LATENT_NOTHING = range(4)
+# The blur radii and how often each is laid on, widest first, for the fill (A1111's masking.fill).
+_FILL_PASSES = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))
+
+
+def inpaint(pipe, kwargs: dict, req: GenerationRequest, sources, init_images, mask, seeds) -> list[Image.Image]:
+    """Run the inpaint pipeline for one batch. `sources` are the init images as given, `init_images` them at
+    the generation size and `mask` the mask there (inverted and blurred as asked)."""
+    if req.inpaint_full_res:
+        full_mask = painted_mask(req)
+        region = inpaint_region(full_mask, req.inpaint_full_res_padding, req.width, req.height)
+        if region is not None:
+            return _only_masked(pipe, kwargs, req, sources, full_mask, region, seeds)
+        log.info("Inpaint area Only masked: the mask is blank, so the whole picture is used")
+    generated = _run(pipe, kwargs, req, init_images, mask, seeds)
+    # Outside the mask the original pixels come back untouched, as in A1111: the VAE round
+    # trip would otherwise soften the whole picture.
+    return [Image.composite(out, original, mask) for out, original in zip(generated, init_images, strict=True)]
+
+
+def _run(pipe, kwargs: dict, req: GenerationRequest, pictures, mask, seeds) -> list[Image.Image]:
+    """The pipeline over `pictures` (at the generation size) with the masked content asked for."""
+    if req.inpainting_fill == FILL:
+        pictures = [fill_masked(picture, mask) for picture in pictures]
+    elif req.inpainting_fill in (LATENT_NOISE, LATENT_NOTHING):
+        _install_latent_fill(pipe, req.inpainting_fill, mask, seeds)
+    kwargs.update(image=pictures, mask_image=[mask] * len(pictures))
+    return pipe(**kwargs).images
+
+
+def painted_mask(req: GenerationRequest) -> Image.Image:
+    """The mask at the init image's own size, inverted and blurred as asked (A1111 blurs it there)."""
+    mask = req.mask
+    if req.inpainting_mask_invert:
+        mask = Image.eval(mask, lambda value: 255 - value)
+    if req.mask_blur > 0:
+        mask = mask.filter(ImageFilter.GaussianBlur(req.mask_blur))
+    return mask
+
+
+def inpaint_region(mask: Image.Image, padding: int, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """A1111's "Only masked" region: the painted pixels' bounding box, `padding` pixels wider on each side
+    (within the picture), then grown along one axis to the generation size's aspect ratio, as A1111's
+    expand_crop_region grows it. None when nothing is painted."""
+    box = mask.getbbox()
+    if box is None:
+        return None
+    picture_w, picture_h = mask.size
+    x1, y1 = max(box[0] - padding, 0), max(box[1] - padding, 0)
+    x2, y2 = min(box[2] + padding, picture_w), min(box[3] + padding, picture_h)
+    if (x2 - x1) / (y2 - y1) > width / height:
+        y1, y2 = _grown(y1, y2, int((x2 - x1) * height / width - (y2 - y1)), picture_h)
+    else:
+        x1, x2 = _grown(x1, x2, int((y2 - y1) * width / height - (x2 - x1)), picture_w)
+    return x1, y1, x2, y2
+
+
+def _grown(start: int, end: int, extra: int, limit: int) -> tuple[int, int]:
+    """[start, end) grown by `extra`, half each side, shifted back inside [0, limit) where it runs over."""
+    start -= extra // 2
+    end += extra - extra // 2
+    if end >= limit:
+        start, end = start - (end - limit), limit
+    if start < 0:
+        start, end = 0, end - start
+    return start, min(end, limit)
+
+
+def _only_masked(pipe, kwargs: dict, req: GenerationRequest, sources, mask, region, seeds) -> list[Image.Image]:
+    """A1111's "Inpaint area: Only masked": the region around the mask is cut out, brought to the generation
+    size (Resize and fill), inpainted there at full resolution, and pasted back (Crop and resize) into the
+    picture at its own size; outside the (blurred) mask every pixel stays the original's."""
+    x1, y1, x2, y2 = region
+    size = (x2 - x1, y2 - y1)
+    pictures = [source if source.size == mask.size else source.resize(mask.size) for source in sources]
+    crops = [resize_to(picture.crop(region), req.width, req.height, 2) for picture in pictures]
+    crop_mask = resize_to(mask.crop(region), req.width, req.height, 2)
+    generated = _run(pipe, kwargs, req, crops, crop_mask, seeds)
+    images = []
+    for out, picture in zip(generated, pictures, strict=True):
+        canvas = picture.copy()
+        canvas.paste(resize_to(out, *size, 1), (x1, y1))
+        images.append(Image.composite(canvas, picture, mask))
+    return images
+
+
+def fill_masked(picture: Image.Image, mask: Image.Image) -> Image.Image:
+    """The picture with its masked part painted over by the colours around it: the unmasked pixels,
+    blurred ever less widely and laid over each other, so nearby colours win (A1111's "fill")."""
+    keep = ImageOps.invert(mask.convert("L"))
+    # Premultiplied alpha ("RGBa"): blurring spreads the kept colours without the masked part's.
+    kept = Image.new("RGBa", picture.size)
+    kept.paste(picture.convert("RGBA").convert("RGBa"), mask=keep)
+    filled = Image.new("RGBA", picture.size)
+    for radius, times in _FILL_PASSES:
+        layer = kept.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
+        for _ in range(times):
+            filled.alpha_composite(layer)
+    return filled.convert("RGB")
+
+
+def _install_latent_fill(pipe, content: int, mask: Image.Image, seeds) -> None:
+    """Make this job's pipeline replace the masked part of the encoded picture by the seed's noise (latent
+    noise) or zeros (latent nothing), where the pipeline encodes the picture it starts from. The pipeline
+    object is the job's own, so nothing is shared."""
+    prepare_latents, encode = pipe.prepare_latents, pipe._encode_vae_image
+
+    def filled_encode(image, generator):
+        latents = encode(image, generator)
+        # A1111 resizes the mask to the latent size and rounds it: each latent pixel is kept or replaced.
+        size = (latents.shape[3], latents.shape[2])
+        masked = np.around(np.asarray(mask.convert("L").resize(size), dtype=np.float32) / 255.0)
+        masked = torch.from_numpy(masked).to(latents.device, latents.dtype)[None, None]
+        if content == LATENT_NOTHING:
+            replacement = torch.zeros_like(latents)
+        else:
+            noise = [seed_noise(seeds[i % len(seeds)], latents.shape[1:]) for i in range(latents.shape[0])]
+            replacement = torch.stack(noise).to(latents.device, latents.dtype)
+        return latents * (1 - masked) + replacement * masked
+
+    @functools.wraps(prepare_latents)
+    def prepare_with_fill(*args, **kwargs):
+        # Only the picture the sampling starts from: an inpainting model's masked-picture input is encoded
+        # elsewhere (prepare_mask_latents) and stays as it is.
+        pipe._encode_vae_image = filled_encode
+        try:
+            return prepare_latents(*args, **kwargs)
+        finally:
+            pipe._encode_vae_image = encode
+
+    pipe.prepare_latents = prepare_with_fill
