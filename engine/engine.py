@@ -29,6 +29,7 @@ from .prompt_schedule import composable_parts, is_composed, prompt_schedule
 from .prompts import Conditioning, PromptReading, SDXLEmbeds, describe_prompt, make_prompt_encoders
 from .request import SEED_MAX, GenerationRequest, Limits, validate_request
 from .styles import PromptStyle, apply_styles, read_styles
+from .tiling import circular_padding
 from .tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 from .vae import AUTOMATIC as VAE_AUTOMATIC
 from .vae import NONE as VAE_NONE
@@ -441,31 +442,35 @@ class Engine:
                 hr_prompt, hr_negative = req.hires_prompts
                 hires_request = dataclasses.replace(req, prompt=hr_prompt, negative_prompt=hr_negative)
                 hires_conditioning = self._encode_prompts(model, hires_request)
-            for batch_no, batch_indexes in enumerate(batches):
-                if control.interrupted:
-                    break
-                outcome = run_batch(
-                    model,
-                    req,
-                    seeds=[seeds[index] for index in batch_indexes],
-                    subseeds=[subseeds[index] for index in batch_indexes],
-                    vae=vae,
-                    conditioning=conditioning,
-                    hires_conditioning=hires_conditioning,
-                    control=control,
-                    previewer=previewer,
-                    preview_every=preview.every,
-                    preview_interval_s=preview.min_interval_s,
-                    emit=emit_progress,
-                    batch_no=batch_no,
-                    batch_count=len(batches),
-                    started=started,
-                )
-                images.extend(outcome.images)
-                preview_seconds += outcome.preview_seconds
-                image_indexes.extend(batch_indexes)
-                if outcome.stopped and not control.interrupted:
-                    skipped.append(batch_no)
+            tiled = (
+                circular_padding(model.components["unet"], vae or model.vae) if req.tiling else contextlib.nullcontext()
+            )
+            with tiled:
+                for batch_no, batch_indexes in enumerate(batches):
+                    if control.interrupted:
+                        break
+                    outcome = run_batch(
+                        model,
+                        req,
+                        seeds=[seeds[index] for index in batch_indexes],
+                        subseeds=[subseeds[index] for index in batch_indexes],
+                        vae=vae,
+                        conditioning=conditioning,
+                        hires_conditioning=hires_conditioning,
+                        control=control,
+                        previewer=previewer,
+                        preview_every=preview.every,
+                        preview_interval_s=preview.min_interval_s,
+                        emit=emit_progress,
+                        batch_no=batch_no,
+                        batch_count=len(batches),
+                        started=started,
+                    )
+                    images.extend(outcome.images)
+                    preview_seconds += outcome.preview_seconds
+                    image_indexes.extend(batch_indexes)
+                    if outcome.stopped and not control.interrupted:
+                        skipped.append(batch_no)
         finally:
             self._current = None
             self._state = JobState(

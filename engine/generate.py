@@ -126,7 +126,8 @@ def run_batch(
     recorder = StepRecorder(scheduler, model.prediction_type)
     composed: list[ComposedGuidance] = []  # the UNet stand-in of each pass, for a prompt with AND
     wrap_unet = _composed_guidance(model, req, conditioning, composed.append) if conditioning.parts else None
-    pipe = model.pipeline_for(req.mode, scheduler, wrap_unet=wrap_unet, vae=vae)
+    # A trace holds the padding its convolutions had when traced: tiling runs the UNet as a module.
+    pipe = model.pipeline_for(req.mode, scheduler, traced=not req.tiling, wrap_unet=wrap_unet, vae=vae)
     resize_from = None
     if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0:
         resize_from = model.latent_shape(req.seed_resize_from_w, req.seed_resize_from_h)[2:]
@@ -243,7 +244,7 @@ def run_batch(
         current_conditioning = conditioning.at(0)
         scheduler = build_scheduler(model.scheduler_config, hr_sampler, hr_schedule, seed=seeds[0])
         recorder = StepRecorder(scheduler, model.prediction_type)
-        hires_pipe = model.pipeline_for("img2img", scheduler, wrap_unet=wrap_unet, vae=vae)
+        hires_pipe = model.pipeline_for("img2img", scheduler, traced=not req.tiling, wrap_unet=wrap_unet, vae=vae)
         variation.install(hires_pipe, scheduler)  # A1111 varies the hires pass's noise too
         kwargs.update(
             num_inference_steps=hr_steps,

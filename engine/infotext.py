@@ -74,6 +74,7 @@ _REQUEST_KEYS = frozenset(
         "Masked area padding",
         "Masked content",
         "Emphasis",
+        "Tiling",
         "Prompt syntax",
         "Hires upscale",
         "Hires resize",
@@ -173,6 +174,8 @@ def format_infotext(
         if req.inpaint_full_res:
             params["Inpaint area"] = "Only masked"
             params["Masked area padding"] = int(req.inpaint_full_res_padding)
+    if req.tiling:
+        params["Tiling"] = "True"
     # Written only when not the default, as A1111 writes "Emphasis".
     if req.emphasis != "Original":
         params["Emphasis"] = req.emphasis
@@ -325,6 +328,8 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
         req.inpaint_full_res = params.pop("Inpaint area") == "Only masked"
     if "Masked area padding" in params:
         req.inpaint_full_res_padding = _parse_int("Masked area padding", params.pop("Masked area padding"))
+    if "Tiling" in params:
+        req.tiling = params.pop("Tiling").strip().lower() == "true"
     if "Emphasis" in params:
         req.emphasis = params.pop("Emphasis")
     if "Prompt syntax" in params:

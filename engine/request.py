@@ -81,6 +81,8 @@ class GenerationRequest:
     # (word+, (words)1.3, .blend(), .and()); and A1111's emphasis mode for the a1111 syntax.
     prompt_syntax: str = "a1111"
     emphasis: str = "Original"
+    # A1111's "Tiling": pictures whose edges continue each other, so they tile seamlessly.
+    tiling: bool = False
     # A1111's "SD VAE": "Automatic" (a VAE named after the checkpoint beside it, else the model's own),
     # "None" (the model's own), or a file in the VAE folder. Engine.validate checks it against the folder.
     sd_vae: str = "Automatic"
@@ -218,6 +220,8 @@ def validate_request(
     _in_range(mask_blur, "mask_blur", 0, limits.max_mask_blur)
     mask_invert = _as_int(req.inpainting_mask_invert, "inpainting_mask_invert")
     _in_range(mask_invert, "inpainting_mask_invert", 0, 1)
+    if not isinstance(req.tiling, (bool, int)) or req.tiling not in (True, False, 0, 1):
+        raise InvalidRequestError("tiling", req.tiling, "true or false")
     full_res = req.inpaint_full_res
     if not isinstance(full_res, (bool, int)) or full_res not in (True, False, 0, 1):
         raise InvalidRequestError("inpaint_full_res", full_res, "true (Only masked) or false (Whole picture)")
@@ -305,6 +309,7 @@ def validate_request(
         mask_blur=mask_blur,
         inpainting_mask_invert=mask_invert,
         resize_mode=resize_mode,
+        tiling=bool(req.tiling),
         inpaint_full_res=bool(full_res),
         inpaint_full_res_padding=padding,
         inpainting_fill=fill,

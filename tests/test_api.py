@@ -190,6 +190,11 @@ def test_img2img_uses_the_init_image_and_strength(api):
     assert body["parameters"]["init_images"] == [png_b64(init)]
 
 
+def test_tiling_is_acted_on(api):
+    body, info = generate(api, prompt="a wall", seed=4, tiling=True)
+    assert "Tiling: True" in decode(body["images"][0]).text["parameters"] and info["ignored_fields"] == []
+
+
 def test_img2img_resize_mode_is_acted_on(api):
     wide = Image.new("RGB", (128, 64), (250, 250, 0))
     wide.paste((0, 0, 250), (32, 0, 96, 64))  # blue in the middle, yellow at the sides

@@ -2,7 +2,7 @@
 
 Request and response shapes follow A1111's modules/api/models.py, so existing clients (webuiapi,
 scripts, other front ends) work unchanged. What differs, on purpose:
-- A field A1111 knows but this engine does not act on (restore_faces, tiling, hr_checkpoint_name, ...) is
+- A field A1111 knows but this engine does not act on (restore_faces, hr_checkpoint_name, ...) is
   accepted, ignored, and named in the response's info under "ignored_fields" whenever its value
   would have changed A1111's result. Unknown fields are accepted and listed the same way.
 - A bad value is an HTTP 422 whose JSON body names the field, the value and what is allowed,
@@ -230,7 +230,6 @@ def _with_mask(rule):
 
 _IGNORED_RULES = {
     "restore_faces": lambda v, p: _set(v),
-    "tiling": lambda v, p: _set(v),
     "eta": _not_in(0, 1),
     "s_min_uncond": _not_in(0),
     "s_churn": _not_in(0),
@@ -494,6 +493,7 @@ class SdApi:
             prompt_syntax=pick("prompt_syntax", "a1111"),
             emphasis=self._emphasis_for(payload, from_text),
             sd_vae=self._setting_for("sd_vae", payload, from_text, "Automatic"),
+            tiling=pick("tiling", False),
             styles=payload.styles or None,
         )
         if isinstance(payload, Txt2ImgRequest):

@@ -94,6 +94,8 @@ class SettingsWidgets:
     seed_resize_from_h: gr.Slider
     random_subseed: gr.Button
     reuse_subseed: gr.Button
+    # A1111's Tiling: a picture whose edges continue each other.
+    tiling: gr.Checkbox
 
     def request_inputs(self) -> list[gr.components.Component]:
         """In the order of the endpoints' documented parameters."""
@@ -259,6 +261,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                         *target.settings.fill_targets(),
                         target.denoising_strength,
                         *target.settings.variation_inputs(),
+                        target.settings.tiling,
                         tabs,
                     ],
                     api_visibility="private",
@@ -410,6 +413,7 @@ def _build_settings(mode: str, engine, defaults, prompts: dict) -> tuple[Setting
         random_seed = gr.Button("⚄", elem_id=f"{mode}_random_seed", scale=0, min_width=44, elem_classes="tool-button")
         reuse_seed = gr.Button("♻", elem_id=f"{mode}_reuse_seed", scale=0, min_width=44, elem_classes="tool-button")
         seed_extra = gr.Checkbox(False, label="Extra", elem_id=f"{mode}_subseed_show", scale=1, min_width=80)
+        tiling = gr.Checkbox(False, label="Tiling", elem_id=f"{mode}_tiling", scale=1, min_width=80)
     with gr.Column(visible=False, elem_id=f"{mode}_seed_extras") as seed_extra_row:
         with gr.Row(equal_height=True):
             subseed = gr.Number(
@@ -454,6 +458,7 @@ def _build_settings(mode: str, engine, defaults, prompts: dict) -> tuple[Setting
             seed_resize_from_h=seed_resize_from_h,
             random_subseed=random_subseed,
             reuse_subseed=reuse_subseed,
+            tiling=tiling,
         ),
         extra,
     )
@@ -707,6 +712,7 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
         inputs.append(tab.resize_mode)
     if tab.inpaint_area is not None:
         inputs += [tab.inpaint_area, tab.inpaint_padding, tab.masked_content]
+    inputs.append(panel.tiling)
     # Showing the preview (and hiding the gallery) around the job is done by separate quick events, so
     # that the streamed endpoint returns plain values to API clients rather than visibility updates.
     # The click registers the job with the session at once, so that Stop also cancels it while it waits
@@ -861,12 +867,14 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             subseed_strength: float = 0.0,
             seed_resize_from_w: int = 0,
             seed_resize_from_h: int = 0,
+            tiling: bool = False,
         ):
             """Text to image. Streams (preview, progress HTML, gallery, infotext) updates; the last has the
             gallery of PNGs (each with its A1111 "parameters" text chunk) and the first image's infotext.
             seed -1 is random; n_iter is the batch count. enable_hr and the hr_* values are A1111's
             hires fix (denoising_strength is its second pass's). With seed_extra, subseed is blended in at
-            subseed_strength and the seed's noise is drawn at seed_resize_from_w x _h (0: off), as in A1111."""
+            subseed_strength and the seed's noise is drawn at seed_resize_from_w x _h (0: off), as in A1111.
+            tiling makes a picture whose edges continue each other (A1111's Tiling)."""
             variation = _variation(seed_extra, subseed, subseed_strength, seed_resize_from_w, seed_resize_from_h)
             request = build_request(
                 prompt=prompt,
@@ -898,6 +906,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                 hr_prompt,
                 hr_negative_prompt,
             )
+            request = dataclasses.replace(request, tiling=bool(tiling))
             yield from run_job(session=session, request=request, ticket=ticket, **common)
 
         return txt2img
@@ -927,6 +936,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             seed_resize_from_w: int = 0,
             seed_resize_from_h: int = 0,
             resize_mode: int = 0,
+            tiling: bool = False,
         ):
             """Image to image: like /txt2img plus the init image and the denoising strength (0..1); resize_mode
             is A1111's (0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale))."""
@@ -951,6 +961,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                 denoising_strength=denoising_strength,
                 resize_mode=resize_mode,
             )
+            request = dataclasses.replace(request, tiling=bool(tiling))
             yield from run_job(session=session, request=request, ticket=ticket, **common)
 
         return img2img
@@ -984,6 +995,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
         inpaint_area: str = "Whole picture",
         inpaint_full_res_padding: int = 32,
         inpainting_fill: str = "original",
+        tiling: bool = False,
     ):
         """Inpaint: like /img2img; `image` is an image-editor value whose painted layer is the mask
         (white = repaint), or give `mask` (a white-on-black image of the same size). inpaint_area is
@@ -1026,6 +1038,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             if inpainting_fill in MASKED_CONTENT
             else inpainting_fill,
         )
+        request = dataclasses.replace(request, tiling=bool(tiling))
         yield from run_job(session=session, request=request, ticket=ticket, **common)
 
     return inpaint
@@ -1064,7 +1077,7 @@ def _wire_png_info(
             outputs += target.hires
         else:
             outputs = [target.image, *outputs, target.denoising_strength]
-        outputs += target.settings.variation_inputs()
+        outputs += [*target.settings.variation_inputs(), target.settings.tiling]
         if target.inpaint_area is not None:
             outputs += [target.inpaint_area, target.inpaint_padding, target.masked_content]
         button.click(
@@ -1311,7 +1324,7 @@ def _send_png_info(path: str | None, text: str, *, target_mode: str, engine):
     if not text:
         raise gr.Error("No generation parameters to send: drop a PNG made by this app (or A1111) first.")
     values = _settings_from_infotext(text, with_denoising=target_mode != "txt2img")
-    variation = _variation_from_infotext(text)
+    variation = [*_variation_from_infotext(text), _tiling_from_infotext(text)]
     vae = _vae_from_infotext(engine, text)
     if target_mode == "txt2img":
         return (*values, *_hires_settings_from_infotext(text), *variation, vae, gr.Tabs(selected=target_mode))
@@ -1319,6 +1332,12 @@ def _send_png_info(path: str | None, text: str, *, target_mode: str, engine):
     if target_mode == "inpaint":
         variation = [*variation, *_inpaint_area_from_infotext(text)]
     return (_image_for(target_mode, image), *values, *variation, vae, gr.Tabs(selected=target_mode))
+
+
+def _tiling_from_infotext(text: str) -> bool:
+    from engine.infotext import parse_infotext
+
+    return parse_infotext(text, unsupported_schedule="automatic").tiling  # already checked by the caller
 
 
 def _inpaint_area_from_infotext(text: str) -> list:
@@ -1411,7 +1430,8 @@ def _send_result(gallery, view: ResultView | None, *, target_mode: str):
     image = _open_image(path)
     text = view.selected_infotext()
     values = _settings_from_infotext(text, with_denoising=True)
-    return (_image_for(target_mode, image), *values, *_variation_from_infotext(text), gr.Tabs(selected=target_mode))
+    extras = [*_variation_from_infotext(text), _tiling_from_infotext(text)]
+    return (_image_for(target_mode, image), *values, *extras, gr.Tabs(selected=target_mode))
 
 
 def _open_image(path) -> Image.Image:
