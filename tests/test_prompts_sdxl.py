@@ -199,7 +199,7 @@ class TinySDXLModel:
         # As engine.models.load_model gives every loaded model its encoders.
         self.prompt_encoder, self.compel_encoder = make_prompt_encoders(self.components)
 
-    def pipeline_for(self, mode, scheduler, wrap_unet=None, vae=None):
+    def pipeline_for(self, mode, scheduler, traced=True, wrap_unet=None, vae=None):
         from diffusers import StableDiffusionXLPipeline
 
         parts = {**self.components, "scheduler": scheduler}
