@@ -120,18 +120,20 @@ class NoiseVariation:
         belong to one job (the pipeline object and scheduler are made per job), so nothing is shared."""
         if not self.active:
             return
-        scheduler.add_noise = self._wrap_noise_argument(scheduler.add_noise, position=1)
+        scheduler.add_noise = self._varied_add_noise(scheduler.add_noise)
         if "is_strength_max" in inspect.signature(pipe.prepare_latents).parameters:
             # An inpaint pipeline at strength 1 starts from pure noise without calling add_noise.
             pipe.prepare_latents = self._wrap_inpaint_latents(pipe.prepare_latents, scheduler)
 
-    def _wrap_noise_argument(self, add_noise: Callable, position: int) -> Callable:
+    def _varied_add_noise(self, add_noise: Callable) -> Callable:
+        """add_noise(original_samples, noise, timesteps) with `noise` varied, passed by position or name."""
+
         @functools.wraps(add_noise)
         def varied_add_noise(*args, **kwargs):
             if "noise" in kwargs:
                 kwargs["noise"] = self.vary(kwargs["noise"])
             else:
-                args = (*args[:position], self.vary(args[position]), *args[position + 1 :])
+                args = (args[0], self.vary(args[1]), *args[2:])
             return add_noise(*args, **kwargs)
 
         return varied_add_noise

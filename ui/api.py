@@ -491,7 +491,7 @@ class SdApi:
             n_iter=payload.n_iter,
             extra_params=extra,
             prompt_syntax=pick("prompt_syntax", "a1111"),
-            emphasis=self._emphasis_for(payload, from_text),
+            emphasis=self._setting_for("emphasis", payload, from_text, "Original"),
             sd_vae=self._setting_for("sd_vae", payload, from_text, "Automatic"),
             tiling=pick("tiling", False),
             styles=payload.styles or None,
@@ -559,7 +559,7 @@ class SdApi:
             if key == "CLIP_stop_at_last_layers":
                 clip_skip = _clip_skip_value(value, "override_settings.CLIP_stop_at_last_layers")
             elif key in ("emphasis", "sd_vae"):
-                continue  # read by _emphasis_for and _setting_for
+                continue  # read by _setting_for
             elif key == "sd_model_checkpoint" and self._is_loaded_model(value):
                 continue  # asks for the model already loaded
             else:
@@ -576,17 +576,6 @@ class SdApi:
             return getattr(from_text, name)
         with self._lock:
             return self._stored_options.get(name, default)
-
-    def _emphasis_for(self, payload: _GenerationPayload, from_text: GenerationRequest | None) -> Any:
-        """A1111's "emphasis" setting: override_settings, else the infotext, else /options (default Original).
-        The engine checks the value and names the field when it is not a known mode."""
-        overrides = payload.override_settings or {}
-        if "emphasis" in overrides:
-            return overrides["emphasis"]
-        if from_text is not None and from_text.emphasis != "Original":
-            return from_text.emphasis
-        with self._lock:
-            return self._stored_options.get("emphasis", "Original")
 
     def _is_loaded_model(self, name: Any) -> bool:
         model = self.engine.model

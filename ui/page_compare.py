@@ -7,7 +7,6 @@ its last grid's cells (for the timeline and Send to txt2img).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import tempfile
@@ -391,14 +390,8 @@ def _run_grid(
         seed_resize_from_w=seed_resize_from_w,
         seed_resize_from_h=seed_resize_from_h,
     )
-    base = dataclasses.replace(
-        base,
-        prompt_syntax=session.prompt_syntax,
-        emphasis=session.emphasis,
-        sd_vae=session.sd_vae,
-    )
     base = with_hires(
-        base,
+        session.settings_for(base),
         enable_hr,
         hr_upscaler,
         hr_second_pass_steps,

@@ -54,6 +54,12 @@ class PageSession:
         interval = 0.0 if keep_every_frame else LIVE_UPDATE_INTERVAL_S
         return PreviewSettings(mode=self.preview_mode, every=self.preview_every, min_interval_s=interval)
 
+    def settings_for(self, request: GenerationRequest) -> GenerationRequest:
+        """`request` with this session's prompt syntax, emphasis mode and SD VAE."""
+        return dataclasses.replace(
+            request, prompt_syntax=self.prompt_syntax, emphasis=self.emphasis, sd_vae=self.sd_vae
+        )
+
     def start_job(self) -> JobControl:
         """A control for a job about to be queued or run; Stop reaches it from now on."""
         control = JobControl()
@@ -339,9 +345,7 @@ def run_job(
     control = session.take_job(ticket)
     result, fraction, shown = None, 0.0, None
     pacer, stop_shown = Pacer(LIVE_UPDATE_INTERVAL_S), False
-    request = dataclasses.replace(
-        request, prompt_syntax=session.prompt_syntax, emphasis=session.emphasis, sd_vae=session.sd_vae
-    )
+    request = session.settings_for(request)
     try:
         validated = engine.validate(request)
         width, height = validated.width, validated.height
