@@ -127,15 +127,17 @@ class Engine:
         """The VAEs in the VAE folder (models/VAE, or --vae-dir), by the name A1111 shows."""
         return scan_vaes(self.registry.vae_dir)
 
-    def job_vae(self, sd_vae: str) -> VaeFile | None:
-        """The VAE file a job's sd_vae choice means for the loaded model (None: the model's own)."""
+    def job_vae(self, sd_vae: str, available: dict[str, VaeFile] | None = None) -> VaeFile | None:
+        """The VAE file a job's sd_vae choice means for the loaded model (None: the model's own);
+        `available` is the VAE folder's listing when the caller has just read it."""
         if sd_vae == VAE_NONE:
             return None
         if sd_vae == VAE_AUTOMATIC:
             return vae_near_checkpoint(self._require_model().info.path)
-        found = self.list_vaes().get(sd_vae)
+        available = self.list_vaes() if available is None else available
+        found = available.get(sd_vae)
         if found is None:  # removed from the folder while the job waited
-            vae_choice(sd_vae, self.list_vaes(), self.registry.vae_dir)
+            vae_choice(sd_vae, available, self.registry.vae_dir)
         return found
 
     def refresh_embeddings(self) -> EmbeddingsReport:
@@ -272,11 +274,10 @@ class Engine:
             checked = dataclasses.replace(checked, prompt=prompt, negative_prompt=negative, styles=None)
         # An unknown LoRA, or a weight that is not a number, is refused before the job waits in a queue.
         self.describe_loras(checked.prompt)
-        checked = dataclasses.replace(
-            checked, sd_vae=vae_choice(checked.sd_vae, self.list_vaes(), self.registry.vae_dir)
-        )
+        available = self.list_vaes()
+        checked = dataclasses.replace(checked, sd_vae=vae_choice(checked.sd_vae, available, self.registry.vae_dir))
         # A VAE for another kind of model is refused now, not after the job waited; it stays loaded for the job.
-        vae_file = self.job_vae(checked.sd_vae)
+        vae_file = self.job_vae(checked.sd_vae, available)
         if vae_file is not None:
             self._require_model().vaes.get(vae_file)
         return checked

@@ -156,7 +156,7 @@ def load_vae(vae: VaeFile, reference):
 
 
 def _read_tensors(vae: VaeFile) -> dict[str, torch.Tensor]:
-    path = weights_file(vae) if vae.path.is_dir() else vae.path
+    path = weights_file(vae)
     try:
         if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file
