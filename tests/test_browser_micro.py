@@ -98,6 +98,9 @@ def test_a_chosen_style_is_merged_into_the_prompt_of_the_job(page):
     page.wait_for_function(
         "document.querySelector('#txt2img_infotext textarea').value.startsWith('a white circle on a green background')"
     )
+    # The style stays chosen until removed: take it off, so the next test's jobs are not merged with it.
+    page.locator("#txt2img_styles .token-remove").first.click()
+    page.wait_for_function("document.querySelectorAll('#txt2img_styles .token').length === 0")
 
 
 def test_variation_seed_from_the_extra_row_and_back_through_png_info(page, tmp_path, artifacts_dir):
