@@ -40,6 +40,8 @@ def create_engine(settings: ServerSettings):
         checkpoints_dir=settings.ckpt_dir,
         lora_dir=settings.lora_dir,
         vae_dir=settings.vae_dir,
+        esrgan_dir=settings.esrgan_dir,
+        realesrgan_dir=settings.realesrgan_dir,
         styles_file=settings.styles_file,
         embeddings_dir=settings.embeddings_dir,
         device=settings.device,

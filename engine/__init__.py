@@ -9,12 +9,14 @@ for event in engine.generate(GenerationRequest(prompt="a lighthouse at dusk")):
 from .engine import Engine
 from .errors import EngineError, InvalidRequestError, ModelLoadError
 from .events import JobControl, JobState, PreviewSettings, Progress, Result, Waiting
+from .extras import ExtrasRequest
 from .models import ModelInfo
 from .request import GenerationRequest, Limits
 
 __all__ = [
     "Engine",
     "EngineError",
+    "ExtrasRequest",
     "GenerationRequest",
     "InvalidRequestError",
     "JobControl",

@@ -14,11 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from . import samplers
 from .embeddings import EmbeddingsReport, folder_signature, load_embeddings, unload_embeddings
 from .errors import EngineError, InvalidRequestError, ModelLoadError
 from .events import JobControl, JobState, PreviewSettings, Progress, Result, Waiting
+from .extras import ExtrasRequest, upscale_picture
+from .extras import check as check_extras
 from .generate import run_batch
 from .infotext import format_infotext
 from .lora import LoraFile, LoraUse, lora_uses, scan_loras
@@ -27,10 +30,12 @@ from .presets import DEFAULT_MODELS_DIR, MICRO_MODEL_NAME, SHIPPED_MICRO_MODEL, 
 from .previews import make_previewer
 from .prompt_schedule import composable_parts, is_composed, prompt_schedule
 from .prompts import Conditioning, PromptReading, SDXLEmbeds, describe_prompt, make_prompt_encoders
-from .request import SEED_MAX, GenerationRequest, Limits, validate_request
+from .request import HR_UPSCALERS, PICTURE_UPSCALERS, SEED_MAX, GenerationRequest, Limits, validate_request
 from .styles import PromptStyle, apply_styles, read_styles
 from .tiling import circular_padding
 from .tiny_model import TINY_MODEL_NAME, ensure_tiny_model
+from .upscalers import LoadedUpscalers, UpscalerFile, scan_upscalers
+from .upscalers import choose as upscaler_choice
 from .vae import AUTOMATIC as VAE_AUTOMATIC
 from .vae import NONE as VAE_NONE
 from .vae import VaeFile, scan_vaes
@@ -63,6 +68,8 @@ class Engine:
         embeddings_dir: str | os.PathLike | None = None,
         lora_dir: str | os.PathLike | None = None,
         vae_dir: str | os.PathLike | None = None,
+        esrgan_dir: str | os.PathLike | None = None,
+        realesrgan_dir: str | os.PathLike | None = None,
         styles_file: str | os.PathLike | None = None,
         device: str | None = None,
         dtype: torch.dtype | None = None,
@@ -93,6 +100,8 @@ class Engine:
             embeddings_dir=embeddings_dir,
             lora_dir=lora_dir,
             vae_dir=vae_dir,
+            esrgan_dir=esrgan_dir,
+            realesrgan_dir=realesrgan_dir,
             styles_file=styles_file,
             allow_pickle=allow_pickle,
         )
@@ -101,6 +110,7 @@ class Engine:
         self._current: JobControl | None = None
         self._state = JobState()
         self._loaded: LoadedModel | None = None
+        self.upscalers = LoadedUpscalers(self.device)
         self.load_model(model if model is not None else self._default_model())
 
     # Models ---------------------------------------------------------------------------------
@@ -126,6 +136,30 @@ class Engine:
     def list_vaes(self) -> dict[str, VaeFile]:
         """The VAEs in the VAE folder (models/VAE, or --vae-dir), by the name A1111 shows."""
         return scan_vaes(self.registry.vae_dir)
+
+    def list_upscalers(self) -> dict[str, UpscalerFile]:
+        """The upscaler models in models/ESRGAN and models/RealESRGAN, by the name A1111 shows."""
+        return scan_upscalers(self.registry.esrgan_dir, self.registry.realesrgan_dir)
+
+    def upscaler_folders(self) -> str:
+        """Where upscaler models are looked for, for messages."""
+        return f"{self.registry.esrgan_dir} and {self.registry.realesrgan_dir}"
+
+    def upscale(self, req: ExtrasRequest) -> tuple[Image.Image, dict[str, str]]:
+        """A1111's Extras upscale of one picture: the result and its "Postprocess ..." parameters. Refused
+        (InvalidRequestError) before any work; runs when no job holds the device."""
+        available = self.list_upscalers()
+        folders = self.upscaler_folders()
+        checked = check_extras(
+            req, self.limits, lambda value, field: upscaler_choice(value, available, PICTURE_UPSCALERS, field, folders)
+        )
+        networks = {}
+        for field in ("upscaler_1", "upscaler_2"):
+            name = getattr(checked, field)
+            if name in available:
+                networks[name] = self.upscalers.get(available[name], field)
+        with self._job_lock:
+            return upscale_picture(checked.image, checked, networks)
 
     def job_vae(self, sd_vae: str, available: dict[str, VaeFile] | None = None) -> VaeFile | None:
         """The VAE file a job's sd_vae choice means for the loaded model (None: the model's own);
@@ -261,11 +295,21 @@ class Engine:
         """A checked, normalized copy of `req`; raises InvalidRequestError naming the bad field."""
         if not isinstance(req, GenerationRequest):
             raise EngineError(f"expected a GenerationRequest, got {type(req).__name__}")
+        upscalers = self.list_upscalers()
+        if req.enable_hr is True and isinstance(req.hr_upscaler, str):
+            # Matched without case, with or without the file's extension; refused naming what there is.
+            req = dataclasses.replace(
+                req,
+                hr_upscaler=upscaler_choice(
+                    req.hr_upscaler, upscalers, HR_UPSCALERS, "hr_upscaler", self.upscaler_folders()
+                ),
+            )
         checked = validate_request(
             req,
             limits=self.limits,
             native_size=self.defaults().native_size,
             resolve_sampler=samplers.resolve,
+            upscalers=tuple(upscalers),
         )
         if checked.styles:
             prompt, negative = apply_styles(
@@ -280,6 +324,8 @@ class Engine:
         vae_file = self.job_vae(checked.sd_vae, available)
         if vae_file is not None:
             self._require_model().vaes.get(vae_file)
+        if checked.enable_hr and checked.hr_upscaler in upscalers:
+            self.upscalers.get(upscalers[checked.hr_upscaler])  # a file that is no upscaler is refused now
         return checked
 
     def styles(self) -> dict[str, PromptStyle]:
@@ -439,6 +485,14 @@ class Engine:
             lora_hashes = self._switch_loras(model, req)
             conditioning = self._encode_prompts(model, req)
             hires_conditioning = None
+            upscaler = None
+            if req.mode == "txt2img" and req.enable_hr and req.hr_upscaler not in HR_UPSCALERS:
+                found = self.list_upscalers().get(req.hr_upscaler)
+                if found is None:  # removed from the folder while the job waited
+                    raise InvalidRequestError(
+                        "hr_upscaler", req.hr_upscaler, f"an upscaler in {self.upscaler_folders()}"
+                    )
+                upscaler = self.upscalers.get(found)
             if req.mode == "txt2img" and req.enable_hr and req.hires_prompts != (req.prompt, req.negative_prompt):
                 hr_prompt, hr_negative = req.hires_prompts
                 hires_request = dataclasses.replace(req, prompt=hr_prompt, negative_prompt=hr_negative)
@@ -458,6 +512,7 @@ class Engine:
                         vae=vae,
                         conditioning=conditioning,
                         hires_conditioning=hires_conditioning,
+                        upscaler=upscaler,
                         control=control,
                         previewer=previewer,
                         preview_every=preview.every,

@@ -27,6 +27,7 @@ from .noise import NoiseVariation, initial_noise
 from .prompts import Conditioning, SDXLEmbeds
 from .request import LATENT_UPSCALERS, GenerationRequest
 from .samplers import build_scheduler, diffusers_strength, img2img_steps
+from .upscalers import upscale_to
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +119,12 @@ def run_batch(
     started: float,
     preview_interval_s: float = 0.0,
     hires_conditioning: Conditioning | None = None,
+    upscaler: torch.nn.Module | None = None,
 ) -> BatchOutcome:
     """Sample one batch (one image per seed; `subseeds` are their variation seeds) and return its images;
     `vae`, when given, decodes and encodes pictures instead of the model's own; `hires_conditioning` is the
-    hires pass's when its prompts differ from the first pass's."""
+    hires pass's when its prompts differ from the first pass's; `upscaler` is the hires fix's upscaler
+    network when it uses a model."""
     scheduler = build_scheduler(model.scheduler_config, req.sampler_name, req.scheduler, seed=seeds[0])
     recorder = StepRecorder(scheduler, model.prediction_type)
     composed: list[ComposedGuidance] = []  # the UNet stand-in of each pass, for a prompt with AND
@@ -227,6 +230,8 @@ def run_batch(
             mode, antialias = LATENT_UPSCALERS[req.hr_upscaler]
             size = model.latent_shape(hr_width, hr_height)[2:]
             start = torch.nn.functional.interpolate(first, size=size, mode=mode, antialias=antialias)
+        elif upscaler is not None:
+            start = [upscale_to(upscaler, picture, hr_width, hr_height) for picture in first]
         else:
             resample = Image.Resampling.NEAREST if req.hr_upscaler == "Nearest" else Image.Resampling.LANCZOS
             start = [picture.resize((hr_width, hr_height), resample) for picture in first]

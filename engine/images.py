@@ -44,20 +44,25 @@ def to_pil(value: Any, field: str) -> Image.Image:
     raise InvalidRequestError(field, value, IMAGE_KINDS)
 
 
-def encode_png(image: Image.Image, infotext: str | None = None, compress_level: int = 4) -> bytes:
-    """PNG bytes with the A1111 `parameters` text chunk when an infotext is given."""
+def encode_png(
+    image: Image.Image, infotext: str | None = None, compress_level: int = 4, postprocessing: str | None = None
+) -> bytes:
+    """PNG bytes with the A1111 `parameters` text chunk when an infotext is given, and its `postprocessing`
+    chunk (what Extras did to the picture) when that is."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     if infotext:
         info.add_text("parameters", infotext)
+    if postprocessing:
+        info.add_text("postprocessing", postprocessing)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
     return buffer.getvalue()
 
 
-def encode_base64_png(image: Image.Image, infotext: str | None = None) -> str:
-    return base64.b64encode(encode_png(image, infotext)).decode("ascii")
+def encode_base64_png(image: Image.Image, infotext: str | None = None, postprocessing: str | None = None) -> str:
+    return base64.b64encode(encode_png(image, infotext, postprocessing=postprocessing)).decode("ascii")
 
 
 # A1111's img2img resize modes (its `resize_mode` field and the page's "Resize mode").

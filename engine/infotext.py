@@ -24,7 +24,7 @@ from PIL import Image
 from .errors import InvalidRequestError
 from .images import to_pil
 from .inpaint import MASKED_CONTENT
-from .request import HR_UPSCALERS, GenerationRequest
+from .request import GenerationRequest
 from .samplers import resolve
 
 log = logging.getLogger(__name__)
@@ -343,9 +343,9 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
         if "Hires steps" in params:
             req.hr_second_pass_steps = _parse_int("Hires steps", params.pop("Hires steps"))
         if "Hires upscaler" in params:
-            upscaler = params.pop("Hires upscaler")
-            # Upscaler models (R-ESRGAN, 4x-UltraSharp, ...) are not here: the nearest is a picture upscaler.
-            req.hr_upscaler = upscaler if upscaler in HR_UPSCALERS else "Lanczos"
+            # Kept as written: an upscaler model's name (R-ESRGAN 4x+, 4x-UltraSharp) is checked against
+            # the upscaler folders when the request is, where a missing one is named.
+            req.hr_upscaler = params.pop("Hires upscaler")
         for key, name in (
             ("Hires sampler", "hr_sampler_name"),
             ("Hires schedule type", "hr_scheduler"),

@@ -144,10 +144,16 @@ class ModelRegistry:
         embeddings_dir: Path | None = None,
         lora_dir: Path | None = None,
         vae_dir: Path | None = None,
+        esrgan_dir: Path | None = None,
+        realesrgan_dir: Path | None = None,
         styles_file: Path | None = None,
         allow_pickle: bool = False,
     ):
         self.models_dir = Path(models_dir)
+        # A1111's --esrgan-models-path and --realesrgan-models-path: upscaler models instead of
+        # <models_dir>/ESRGAN and <models_dir>/RealESRGAN.
+        self._esrgan_dir = Path(esrgan_dir) if esrgan_dir is not None else None
+        self._realesrgan_dir = Path(realesrgan_dir) if realesrgan_dir is not None else None
         # A1111's --vae-dir: VAE files from here instead of <models_dir>/VAE.
         self._vae_dir = Path(vae_dir) if vae_dir is not None else None
         # A1111's --ckpt-dir: checkpoints may live outside the models folder.
@@ -176,6 +182,14 @@ class ModelRegistry:
     @property
     def vae_dir(self) -> Path:
         return self._vae_dir or self.models_dir / "VAE"
+
+    @property
+    def esrgan_dir(self) -> Path:
+        return self._esrgan_dir or self.models_dir / "ESRGAN"
+
+    @property
+    def realesrgan_dir(self) -> Path:
+        return self._realesrgan_dir or self.models_dir / "RealESRGAN"
 
     @property
     def embeddings_dir(self) -> Path:

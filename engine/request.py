@@ -184,11 +184,13 @@ def validate_request(
     limits: Limits,
     native_size: tuple[int, int],
     resolve_sampler,
+    upscalers: tuple[str, ...] = (),
 ) -> GenerationRequest:
     """Check every field and return a normalized copy (sizes resolved, images decoded).
 
     `resolve_sampler(sampler_name, scheduler)` returns the canonical pair or raises
     InvalidRequestError; it is passed in so that this module knows nothing of diffusers.
+    `upscalers` names the upscaler models there are, allowed as hr_upscaler beside the built-in ones.
     """
     for name in ("prompt", "negative_prompt"):
         text = getattr(req, name)
@@ -281,7 +283,7 @@ def validate_request(
             )
         mask = _mask_to_l(mask)
 
-    hires = _hires_fields(req, limits, width, height, bool(init_images), resolve_sampler)
+    hires = _hires_fields(req, limits, width, height, bool(init_images), resolve_sampler, upscalers)
 
     extra = req.extra_params or {}
     if not isinstance(extra, dict):
@@ -341,7 +343,7 @@ def _seed_extras(req: GenerationRequest, limits: Limits) -> dict:
 
 
 def _hires_fields(
-    req: GenerationRequest, limits: Limits, width: int, height: int, has_init: bool, resolve_sampler
+    req: GenerationRequest, limits: Limits, width: int, height: int, has_init: bool, resolve_sampler, upscalers
 ) -> dict:
     enable_hr = req.enable_hr
     if not isinstance(enable_hr, (bool, int)) or enable_hr not in (True, False, 0, 1):
@@ -349,7 +351,7 @@ def _hires_fields(
     fields = {"enable_hr": bool(enable_hr)}
     fields["hr_scale"] = _as_float(req.hr_scale, "hr_scale")
     _in_range(fields["hr_scale"], "hr_scale", 1.0, 4.0)
-    fields["hr_upscaler"] = _choice(req.hr_upscaler, "hr_upscaler", HR_UPSCALERS)
+    fields["hr_upscaler"] = _choice(req.hr_upscaler, "hr_upscaler", (*HR_UPSCALERS, *upscalers))
     fields["hr_second_pass_steps"] = _as_int(req.hr_second_pass_steps, "hr_second_pass_steps")
     _in_range(fields["hr_second_pass_steps"], "hr_second_pass_steps", 0, limits.max_steps)
     for name in ("hr_resize_x", "hr_resize_y"):

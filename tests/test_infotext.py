@@ -237,8 +237,10 @@ def test_parse_modern_a1111_infotext_with_hires_and_lora_hashes():
     assert (req.steps, req.cfg_scale, req.seed) == (28, 6.5, 3297430216)
     assert (req.width, req.height) == (512, 768)
     assert req.denoising_strength == 0.45
-    # Hires fix is read into the request; an upscaler model this engine lacks is read as Lanczos.
-    assert (req.enable_hr, req.hr_scale, req.hr_second_pass_steps, req.hr_upscaler) == (True, 2.0, 14, "Lanczos")
+    # Hires fix is read into the request; an upscaler model's name is kept as written (the engine looks it up in
+    # its upscaler folders when the request is checked).
+    assert (req.enable_hr, req.hr_scale, req.hr_second_pass_steps) == (True, 2.0, 14)
+    assert req.hr_upscaler == "R-ESRGAN 4x+ Anime6B"
     assert req.hr_prompt == "extra detail, sharp focus"
     assert req.extra_params == {
         "Model hash": "7f96a1a9ca",
@@ -279,9 +281,15 @@ def test_parse_multiline_prompt_without_negative():
 
 
 def test_parsed_a1111_requests_pass_validation():
+    # Where the upscaler model a hires infotext names is there (without it, hr_upscaler is refused by name).
+    upscalers = ("R-ESRGAN 4x+ Anime6B",)
     for text in (A1111_HIRES_LORA, A1111_OLD_COMBINED_SAMPLER, A1111_INPAINT, A1111_SDXL_NO_NEGATIVE):
-        req = validate_request(parse_infotext(text), limits=Limits(), native_size=(512, 512), resolve_sampler=resolve)
+        request = parse_infotext(text)
+        req = validate_request(
+            request, limits=Limits(), native_size=(512, 512), resolve_sampler=resolve, upscalers=upscalers
+        )
         assert req.prompt
+        assert req.hr_upscaler == request.hr_upscaler
 
 
 def test_parse_windows_line_endings():

@@ -14,6 +14,7 @@ scripts, other front ends) work unchanged. What differs, on purpose:
 from __future__ import annotations
 
 import datetime as dt
+import html
 import json
 import logging
 import math
@@ -29,10 +30,13 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine import EngineError, GenerationRequest, InvalidRequestError, JobControl, ModelLoadError, Result
+from engine.extras import ExtrasRequest
+from engine.extras import describe as describe_postprocessing
 from engine.images import encode_base64_png, to_pil
 from engine.infotext import parse_infotext, parse_infotext_params, read_infotext
 from engine.outputs import FORMATS, output_folder, save_image
 from engine.request import EMPHASIS_MODES, LATENT_UPSCALERS, PICTURE_UPSCALERS
+from engine.upscalers import scale_from_name
 from engine.vae import choose as vae_choice
 
 if TYPE_CHECKING:
@@ -190,6 +194,52 @@ class Img2ImgRequest(_GenerationPayload):
     latent_mask: Any = None
 
 
+class _ExtrasPayload(BaseModel):
+    """A1111's extras fields (the face restorers' are accepted and do nothing: there are none here)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    resize_mode: Any = Field(0, description="0: scale by upscaling_resize; 1: scale to upscaling_resize_w x _h")
+    show_extras_results: Any = True
+    gfpgan_visibility: Any = 0
+    codeformer_visibility: Any = 0
+    codeformer_weight: Any = 0
+    upscaling_resize: Any = 2
+    upscaling_resize_w: Any = 512
+    upscaling_resize_h: Any = 512
+    upscaling_crop: Any = True
+    upscaler_1: Any = "None"
+    upscaler_2: Any = "None"
+    extras_upscaler_2_visibility: Any = 0
+    upscale_first: Any = False
+
+    def extras_request(self, image: Any) -> ExtrasRequest:
+        return ExtrasRequest(
+            image=image,
+            resize_mode=self.resize_mode,
+            upscaling_resize=self.upscaling_resize,
+            upscaling_resize_w=self.upscaling_resize_w,
+            upscaling_resize_h=self.upscaling_resize_h,
+            upscaling_crop=self.upscaling_crop,
+            upscaler_1=self.upscaler_1,
+            upscaler_2=self.upscaler_2,
+            extras_upscaler_2_visibility=self.extras_upscaler_2_visibility,
+        )
+
+
+class ExtrasSingleImageRequest(_ExtrasPayload):
+    image: str = Field("", description="base64 image (PNG, JPEG or WebP)")
+
+
+class _ExtrasImage(BaseModel):
+    data: str = Field(description="base64 image")
+    name: str = ""
+
+
+class ExtrasBatchImagesRequest(_ExtrasPayload):
+    imageList: list[_ExtrasImage] = Field(default_factory=list)  # noqa: N815 (A1111's field name)
+
+
 class PngInfoRequest(BaseModel):
     image: str = Field(description="base64 image (PNG, JPEG or WebP)")
 
@@ -254,12 +304,23 @@ def _nothing_installed() -> list:
     return []
 
 
-def _picture_upscalers() -> list[dict[str, Any]]:
-    # A1111's entries for its built-in upscalers, which need no model file.
-    return [
+def _upscaler_entries(engine) -> list[dict[str, Any]]:
+    """A1111's /upscalers entries: its built-in upscalers, which need no model file, then the model files."""
+    built_in = [
         {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
         for name in PICTURE_UPSCALERS
     ]
+    models = [
+        {
+            "name": name,
+            "model_name": "RealESRGAN" if upscaler.path.is_relative_to(engine.registry.realesrgan_dir) else "ESRGAN",
+            "model_path": str(upscaler.path),
+            "model_url": None,
+            "scale": scale_from_name(upscaler.path.stem),
+        }
+        for name, upscaler in engine.list_upscalers().items()
+    ]
+    return built_in + models
 
 
 # Errors ----------------------------------------------------------------------------------------
@@ -834,6 +895,27 @@ class SdApi:
                 parameters["Size-1"], parameters["Size-2"] = width.strip(), height.strip()
         return {"info": text, "items": items, "parameters": parameters}
 
+    def extra_single_image(self, payload: ExtrasSingleImageRequest) -> dict[str, Any]:
+        image, html_info = self._extras(payload, payload.image or None, "image")
+        return {"html_info": html_info, "image": image}
+
+    def extra_batch_images(self, payload: ExtrasBatchImagesRequest) -> dict[str, Any]:
+        if not payload.imageList:
+            raise InvalidRequestError("imageList", [], "at least one {data, name} image")
+        results = [
+            self._extras(payload, entry.data, f"imageList[{index}]") for index, entry in enumerate(payload.imageList)
+        ]
+        return {"html_info": results[-1][1], "images": [image for image, _ in results]}
+
+    def _extras(self, payload: _ExtrasPayload, data: str | None, field: str) -> tuple[str, str]:
+        """One picture through Extras: (base64 PNG, A1111's html_info). The PNG keeps the source's infotext
+        and records what was done in a `postprocessing` chunk, as A1111's does."""
+        source = to_pil(data.strip(), field) if data else None
+        result, info = self.engine.upscale(payload.extras_request(source))
+        text = describe_postprocessing(info)
+        encoded = encode_base64_png(result, read_infotext(source) if source is not None else None, text)
+        return encoded, f"<p>{html.escape(text)}</p>"
+
     # Wiring ------------------------------------------------------------------------------------
 
     def router(self) -> APIRouter:
@@ -860,10 +942,12 @@ class SdApi:
         router.add_api_route("/options", self.set_options, methods=["POST"])
         router.add_api_route("/cmd-flags", self.cmd_flags, methods=["GET"])
         router.add_api_route("/png-info", self.png_info, methods=["POST"])
+        router.add_api_route("/extra-single-image", self.extra_single_image, methods=["POST"])
+        router.add_api_route("/extra-batch-images", self.extra_batch_images, methods=["POST"])
         # Clients probe these for extensions at start-up: there are none.
         router.add_api_route("/scripts", lambda: {"txt2img": [], "img2img": []}, methods=["GET"])
         # The hires fix upscalers, in A1111's two lists: picture upscalers (no models) and latent modes.
-        router.add_api_route("/upscalers", _picture_upscalers, methods=["GET"])
+        router.add_api_route("/upscalers", lambda: _upscaler_entries(self.engine), methods=["GET"])
         router.add_api_route(
             "/latent-upscale-modes", lambda: [{"name": name} for name in LATENT_UPSCALERS], methods=["GET"]
         )

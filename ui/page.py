@@ -26,11 +26,12 @@ from engine.events import PREVIEW_MODES
 from engine.images import LATENT_RESIZE, RESIZE_MODES
 from engine.inpaint import MASKED_CONTENT
 from engine.lora import lora_uses
-from engine.request import EMPHASIS_MODES, HR_UPSCALERS, PROMPT_SYNTAXES
+from engine.request import EMPHASIS_MODES, HR_UPSCALERS, LATENT_UPSCALERS, PROMPT_SYNTAXES
 from engine.samplers import sampler_names, schedule_type_names
 from engine.vae import choose as vae_choice
 
 from .page_compare import build_compare_tab, wire_compare_tab
+from .page_extras import build_extras_tab, upscaler_choices, wire_extras_tab
 from .page_jobs import (
     MASK_MODES,
     PageSession,
@@ -42,6 +43,7 @@ from .page_jobs import (
     params_table_html,
     progress_html,
     prompt_reading_html,
+    reread_on_open,
     run_job,
     token_counter_html,
     valid_preview_mode,
@@ -211,6 +213,8 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     tab_widgets[mode] = _build_generation_tab(mode, engine, defaults)
             with gr.Tab("Compare", id="compare", elem_id="tab_compare"):
                 compare = build_compare_tab(engine)
+            with gr.Tab("Extras", id="extras", elem_id="tab_extras"):
+                extras = build_extras_tab(engine)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 png = _build_png_info_tab()
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
@@ -268,6 +272,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     show_progress="hidden",
                 )
         _wire_png_info(png, tab_widgets, tabs, sd_vae=sd_vae, engine=engine)
+        wire_extras_tab(extras, engine)
         txt2img = tab_widgets["txt2img"].settings
         wire_compare_tab(
             compare,
@@ -295,14 +300,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
             api_visibility="private",
             queue=False,
         )
-        # The VAE folder is read again whenever the list is opened, so a VAE added meanwhile is there.
-        sd_vae.focus(
-            lambda: gr.update(choices=_vae_choices(engine)),
-            outputs=[sd_vae],
-            queue=False,
-            api_visibility="private",
-            show_progress="hidden",
-        )
+        reread_on_open(sd_vae, functools.partial(_vae_choices, engine))
         # Another user may have switched the (shared) model since this page was built.
         demo.load(refresh, outputs=[model, model_note], api_visibility="private", queue=False)
 
@@ -644,7 +642,10 @@ def _build_hires_fix(engine) -> list[gr.components.Component]:
             False, label="Hires. fix: upscale the picture and denoise it again", elem_id="txt2img_enable_hr"
         )
         with gr.Row():
-            upscaler = gr.Dropdown(list(HR_UPSCALERS), value="Latent", label="Upscaler", elem_id="txt2img_hr_upscaler")
+            upscaler = gr.Dropdown(
+                _upscaler_choices(engine), value="Latent", label="Upscaler", elem_id="txt2img_hr_upscaler"
+            )
+            reread_on_open(upscaler, functools.partial(_upscaler_choices, engine))
             steps = gr.Slider(
                 0,
                 limits.max_steps,
@@ -1327,7 +1328,7 @@ def _send_png_info(path: str | None, text: str, *, target_mode: str, engine):
     variation = [*_variation_from_infotext(text), _tiling_from_infotext(text)]
     vae = _vae_from_infotext(engine, text)
     if target_mode == "txt2img":
-        return (*values, *_hires_settings_from_infotext(text), *variation, vae, gr.Tabs(selected=target_mode))
+        return (*values, *_hires_settings_from_infotext(text, engine), *variation, vae, gr.Tabs(selected=target_mode))
     image = _open_image(path) if path else None
     if target_mode == "inpaint":
         variation = [*variation, *_inpaint_area_from_infotext(text)]
@@ -1384,20 +1385,28 @@ def _txt2img_settings_from_infotext(text: str) -> list:
     return [*_settings_from_infotext(text, with_denoising=False), *_variation_from_infotext(text)]
 
 
-def _hires_settings_from_infotext(text: str) -> list:
+def _upscaler_choices(engine) -> list[str]:
+    return [*LATENT_UPSCALERS, *upscaler_choices(engine)]
+
+
+def _hires_settings_from_infotext(text: str, engine=None) -> list:
     """Values for the Hires. fix panel (TabWidgets.hires) from an infotext: switched on or off as the
-    picture was made, and its settings where it was on."""
-    from engine.infotext import parse_infotext, parse_infotext_params
+    picture was made, and its settings where it was on. An upscaler model that is not in `engine`'s upscaler
+    folders becomes Lanczos, with a warning saying where it would go."""
+    from engine.infotext import parse_infotext
 
     request = parse_infotext(text, unsupported_schedule="automatic")  # already checked by the caller
     if not request.enable_hr:
         return [False, *[gr.skip()] * 10]
-    written = parse_infotext_params(text).get("Hires upscaler")
-    if written and written != request.hr_upscaler:
-        gr.Warning(f"Hires upscaler {written} is not available here (no upscaler models yet); using Lanczos.")
+    upscaler = request.hr_upscaler
+    available = _upscaler_choices(engine) if engine is not None else list(HR_UPSCALERS)
+    if upscaler not in available:
+        where = f"put it in {engine.upscaler_folders()}" if engine is not None else "no upscaler models here"
+        gr.Warning(f"Hires upscaler {upscaler} is not available here ({where}); using Lanczos.")
+        upscaler = "Lanczos"
     return [
         True,
-        request.hr_upscaler,
+        upscaler,
         request.hr_second_pass_steps,
         request.denoising_strength,
         request.hr_scale,

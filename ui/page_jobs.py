@@ -115,6 +115,18 @@ def engine_error(exc: EngineError) -> gr.Error:
     return gr.Error(str(exc), title=ERROR_TITLES.get(type(exc).__name__, "Error"))
 
 
+def reread_on_open(dropdown: gr.Dropdown, choices) -> None:
+    """`choices()` (a folder's listing) read again whenever `dropdown` is opened, so a file added while the page
+    is open is there."""
+    dropdown.focus(
+        lambda: gr.update(choices=choices()),
+        outputs=[dropdown],
+        queue=False,
+        api_visibility="private",
+        show_progress="hidden",
+    )
+
+
 # Requests -------------------------------------------------------------------------------------
 
 

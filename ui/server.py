@@ -74,6 +74,10 @@ class ServerSettings:
     lora_dir: Path | None = None
     # A1111's --vae-dir: VAE files from here instead of <models_dir>/VAE.
     vae_dir: Path | None = None
+    # A1111's --esrgan-models-path and --realesrgan-models-path: upscaler models from here instead of
+    # <models_dir>/ESRGAN and <models_dir>/RealESRGAN.
+    esrgan_dir: Path | None = None
+    realesrgan_dir: Path | None = None
     # A1111's --styles-file: prompt styles from this file instead of styles.csv beside models/.
     styles_file: Path | None = None
     # A1111's --embeddings-dir: textual inversion embeddings from here instead of embeddings/ beside models/.
@@ -175,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="VAE folder for the SD VAE choice, as in A1111 (default: <models-dir>/VAE)",
     )
     models.add_argument(
+        "--esrgan-models-path",
+        dest="esrgan_dir",
+        type=Path,
+        help="ESRGAN upscaler models (4x-UltraSharp, ...), as in A1111 (default: <models-dir>/ESRGAN)",
+    )
+    models.add_argument(
+        "--realesrgan-models-path",
+        dest="realesrgan_dir",
+        type=Path,
+        help="Real-ESRGAN upscaler models, as in A1111 (default: <models-dir>/RealESRGAN)",
+    )
+    models.add_argument(
         "--styles-file",
         type=Path,
         help="A1111's prompt styles file (default: styles.csv beside the models folder)",
@@ -230,6 +246,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         ("--ckpt-dir", args.ckpt_dir),
         ("--lora-dir", args.lora_dir),
         ("--vae-dir", args.vae_dir),
+        ("--esrgan-models-path", args.esrgan_dir),
+        ("--realesrgan-models-path", args.realesrgan_dir),
         ("--embeddings-dir", args.embeddings_dir),
     ):
         if folder is not None and not folder.expanduser().is_dir():
@@ -248,6 +266,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         ckpt_dir=_expanded(args.ckpt_dir),
         lora_dir=_expanded(args.lora_dir),
         vae_dir=_expanded(args.vae_dir),
+        esrgan_dir=_expanded(args.esrgan_dir),
+        realesrgan_dir=_expanded(args.realesrgan_dir),
         styles_file=_expanded(args.styles_file),
         embeddings_dir=_expanded(args.embeddings_dir),
         outputs_dir=args.outputs_dir or DEFAULT_OUTPUTS_DIR,

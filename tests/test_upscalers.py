@@ -1,0 +1,368 @@
+"""Upscaler models (ESRGAN, Real-ESRGAN, Real-ESRGAN Compact) from A1111's folders, in the hires fix and Extras.
+
+The networks here are built by the tests. A "nearest" ESRGAN has weights that make it copy its input through
+every layer (identity convolutions, a zero trunk), so its output is the input scaled by nearest neighbour,
+exactly: any mistake in reading a layout, in the order of its layers or in the scale shows as other pixels.
+Random weights check that every layout of the same network gives the same output. (The networks were also
+checked against spandrel's, the library A1111 and ComfyUI use, on random weights in every layout: equal to
+the last bit. spandrel cannot be a dependency here; see engine/upscalers.py.)
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from engine import Engine, ExtrasRequest, GenerationRequest, InvalidRequestError, Result
+from engine.infotext import parse_infotext
+from engine.presets import SHIPPED_MICRO_MODEL
+from engine.upscalers import CompactNet, RRDBNet, UpscalerFile, build_network, read_tensors, run_tiled
+
+HIRES = {
+    "prompt": "a red circle on a blue background",
+    "steps": 8,
+    "seed": 3,
+    "sampler_name": "Euler",
+    "enable_hr": True,
+    "hr_scale": 2,
+    "denoising_strength": 0.5,
+}
+
+
+def basicsr_names(network: RRDBNet) -> dict[str, torch.Tensor]:
+    """BasicSR's file layout (Real-ESRGAN, 4x-UltraSharp): conv_up1, conv_up2 for the module's list."""
+    return {
+        re.sub(r"^conv_up\.(\d)\.", lambda m: f"conv_up{int(m.group(1)) + 1}.", key): tensor.detach().clone()
+        for key, tensor in network.state_dict().items()
+    }
+
+
+def original_names(network: RRDBNet) -> dict[str, torch.Tensor]:
+    """ESRGAN's original sequential layout: model.0, model.1.sub.N.RDBr.convc.0, model.1.sub.<blocks> (trunk
+    conv), model.3/6/... (upsampling convs), then the HR conv and the last conv two places apart."""
+    blocks, upsamples = len(network.body), len(network.conv_up)
+    renamed = {}
+    for key, tensor in network.state_dict().items():
+        kind = key.rsplit(".", 1)[1]
+        if key.startswith("conv_first."):
+            key = f"model.0.{kind}"
+        elif key.startswith("body."):
+            key = re.sub(r"^body\.(\d+)\.rdb(\d)\.conv(\d)\.", r"model.1.sub.\1.RDB\2.conv\3.0.", key)
+        elif key.startswith("conv_body."):
+            key = f"model.1.sub.{blocks}.{kind}"
+        elif key.startswith("conv_up."):
+            key = f"model.{3 * (int(key.split('.')[1]) + 1)}.{kind}"
+        elif key.startswith("conv_hr."):
+            key = f"model.{3 * upsamples + 2}.{kind}"
+        elif key.startswith("conv_last."):
+            key = f"model.{3 * upsamples + 4}.{kind}"
+        renamed[key] = tensor.detach().clone()
+    return renamed
+
+
+def bsrgan_names(network: RRDBNet) -> dict[str, torch.Tensor]:
+    renamed = {}
+    for key, tensor in basicsr_names(network).items():
+        key = re.sub(r"^body\.(\d+)\.rdb(\d)\.", r"RRDB_trunk.\1.RDB\2.", key)
+        key = key.replace("conv_body.", "trunk_conv.").replace("conv_hr.", "HRconv.")
+        renamed[re.sub(r"^conv_up(\d)\.", r"upconv\1.", key)] = tensor
+    return renamed
+
+
+def random_rrdb(upsamples: int = 2, unshuffle: int = 1, seed: int = 0) -> RRDBNet:
+    torch.manual_seed(seed)
+    network = RRDBNet(3 * unshuffle**2, 3, features=8, blocks=2, growth=4, upsamples=upsamples, unshuffle=unshuffle)
+    for parameter in network.parameters():
+        parameter.data.normal_(0, 0.1)
+    return network
+
+
+def nearest_rrdb(upsamples: int) -> RRDBNet:
+    """An ESRGAN whose output is its input scaled by nearest neighbour (for inputs in [0, 1])."""
+    network = RRDBNet(3, 3, features=8, blocks=1, growth=4, upsamples=upsamples, unshuffle=1)
+    identity = torch.zeros(8, 8, 3, 3)
+    identity[range(8), range(8), 1, 1] = 1
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.zero_()
+        network.conv_first.weight[:3, :3] = identity[:3, :3]
+        for conv in (*network.conv_up, network.conv_hr):
+            conv.weight.copy_(identity)
+        network.conv_last.weight.copy_(identity[:3])
+        # The trunk stays busy (random dense blocks) but its own last conv is zero, so it adds nothing.
+        for parameter in network.body.parameters():
+            parameter.normal_(0, 0.1)
+    return network
+
+
+def save_pth(tensors: dict, path, nesting: str | None = None) -> None:
+    torch.save({nesting: tensors} if nesting else tensors, path)
+
+
+@pytest.fixture(scope="module")
+def upscaler_models_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("upscaler-models")
+    esrgan, realesrgan = root / "ESRGAN", root / "RealESRGAN"
+    esrgan.mkdir()
+    realesrgan.mkdir()
+    save_file(
+        {k: v.contiguous() for k, v in basicsr_names(nearest_rrdb(1)).items()}, str(esrgan / "2x-nearest.safetensors")
+    )
+    save_pth(original_names(nearest_rrdb(2)), esrgan / "4x-nearest.pth")
+    (esrgan / "broken.pth").write_bytes(b"not a checkpoint")
+    save_pth(basicsr_names(random_rrdb()), realesrgan / "RealESRGAN_x4plus.pth", nesting="params_ema")
+    torch.manual_seed(1)
+    compact = CompactNet(3, 3, features=8, convs=2, scale=4)
+    save_pth(compact.state_dict(), realesrgan / "realesr-general-x4v3.pth", nesting="params")
+    return root
+
+
+@pytest.fixture(scope="module")
+def upscaler_engine(upscaler_models_dir):
+    return Engine(model=str(SHIPPED_MICRO_MODEL), models_dir=upscaler_models_dir)
+
+
+def generate(engine, **fields) -> Result:
+    result = list(engine.generate(GenerationRequest(**{**HIRES, **fields})))[-1]
+    assert isinstance(result, Result), result
+    return result
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_every_layout_of_one_network_loads_to_the_same_network():
+    network = random_rrdb().eval()
+    picture = torch.rand(1, 3, 12, 10)
+    with torch.no_grad():
+        expected = network(picture)
+        for layout in (basicsr_names, original_names, bsrgan_names):
+            loaded = build_network(layout(network), layout.__name__).eval()
+            assert torch.equal(loaded(picture), expected), layout.__name__
+
+
+@pytest.mark.parametrize(
+    ("upsamples", "unshuffle", "scale"),
+    [(2, 1, 4), (2, 2, 2), (2, 4, 1), (3, 1, 8), (1, 1, 2)],
+)
+def test_the_scale_is_read_off_the_weights(upsamples, unshuffle, scale):
+    """Real-ESRGAN's x2 and x1 models unshuffle their input (12 or 48 input channels); odd sides are padded."""
+    for layout in (basicsr_names, original_names):
+        loaded = build_network(layout(random_rrdb(upsamples, unshuffle)), "x")
+        assert loaded.scale == scale
+        with torch.no_grad():
+            assert loaded(torch.rand(1, 3, 13, 11)).shape == (1, 3, 13 * scale, 11 * scale)
+    for compact_scale in (2, 4):
+        compact = build_network(CompactNet(3, 3, 8, 2, compact_scale).state_dict(), "compact")
+        assert isinstance(compact, CompactNet) and compact.scale == compact_scale
+
+
+def test_a_nearest_esrgan_scales_exactly_by_nearest_neighbour_in_either_layout():
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (9, 13, 3), dtype=np.uint8))
+    array = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    for layout in (basicsr_names, original_names):
+        network = build_network(layout(nearest_rrdb(2)), "nearest")
+        with torch.no_grad():
+            out = (network(array)[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        assert np.array_equal(out, np.asarray(picture.resize((52, 36), Image.Resampling.NEAREST)))
+
+
+def test_tiles_blend_into_the_whole_picture():
+    """A picture larger than a tile is made in overlapping tiles; where a quarter of the overlap covers the
+    network's reach (a Compact net with 2 body convolutions sees 4 pixels around), the result is the whole
+    picture's."""
+    torch.manual_seed(2)
+    network = CompactNet(3, 3, features=8, convs=2, scale=2).eval()
+    picture = torch.rand(1, 3, 70, 90)
+    with torch.no_grad():
+        whole = network(picture)
+        tiled = run_tiled(network, picture, tile=32, overlap=16)
+    assert tiled.shape == whole.shape
+    assert (tiled - whole).abs().max() < 1e-5
+
+
+def test_the_folders_list_files_by_a1111s_names(upscaler_engine, upscaler_models_dir):
+    listed = upscaler_engine.list_upscalers()
+    assert set(listed) == {"2x-nearest", "4x-nearest", "broken", "R-ESRGAN 4x+", "R-ESRGAN General 4xV3"}
+    assert listed["R-ESRGAN 4x+"].path == upscaler_models_dir / "RealESRGAN" / "RealESRGAN_x4plus.pth"
+    tensors = read_tensors(listed["R-ESRGAN General 4xV3"])  # BasicSR's "params" nesting removed
+    assert "body.0.weight" in tensors
+
+
+def test_the_hires_fix_upscales_with_a_model(upscaler_engine):
+    """A 2x nearest ESRGAN makes the same picture as the built-in Nearest upscaler, byte for byte; a 4x one runs
+    once and is brought down to the hires size with Lanczos, so it differs (a little, on flat shapes)."""
+    by_model = generate(upscaler_engine, hr_upscaler="2x-nearest")
+    by_nearest = generate(upscaler_engine, hr_upscaler="Nearest")
+    assert by_model.images[0].size == (128, 128)
+    assert np.array_equal(pixels(by_model.images[0]), pixels(by_nearest.images[0]))
+    assert "Hires upscaler: 2x-nearest" in by_model.infotexts[0]
+    # Matched without case or with the file's extension, as the file's name.
+    four = generate(upscaler_engine, hr_upscaler="4X-NEAREST.pth")
+    assert "Hires upscaler: 4x-nearest" in four.infotexts[0]
+    assert not np.array_equal(pixels(four.images[0]), pixels(by_nearest.images[0]))
+    # The infotext brings the upscaler back, and the same picture with it.
+    again = list(upscaler_engine.generate(parse_infotext(by_model.infotexts[0])))[-1]
+    assert np.array_equal(pixels(again.images[0]), pixels(by_model.images[0]))
+
+
+def test_png_info_sends_an_upscaler_model_that_is_here_and_lanczos_for_one_that_is_not(upscaler_engine):
+    from ui.page import _hires_settings_from_infotext
+
+    text = "a cat\nSteps: 8, Seed: 1, Size: 64x64, Denoising strength: 0.5, Hires upscale: 2, Hires upscaler: "
+    assert _hires_settings_from_infotext(text + "R-ESRGAN 4x+", upscaler_engine)[1] == "R-ESRGAN 4x+"
+    with pytest.warns(UserWarning, match=r"R-ESRGAN 2x\+ is not available here \(put it in .*ESRGAN.*Lanczos"):
+        assert _hires_settings_from_infotext(text + "R-ESRGAN 2x+", upscaler_engine)[1] == "Lanczos"
+
+
+def test_a_missing_or_broken_upscaler_is_refused_by_name_and_the_next_job_works(upscaler_engine):
+    with pytest.raises(InvalidRequestError) as missing:
+        generate(upscaler_engine, hr_upscaler="R-ESRGAN 4x+ Anime6B")
+    assert missing.value.field == "hr_upscaler"
+    assert "R-ESRGAN 4x+" in missing.value.allowed and "ESRGAN" in missing.value.allowed  # what there is, where
+    with pytest.raises(InvalidRequestError) as broken:
+        generate(upscaler_engine, hr_upscaler="broken")
+    assert broken.value.field == "hr_upscaler" and "could not read" in broken.value.allowed
+    assert generate(upscaler_engine, hr_upscaler="Lanczos").images[0].size == (128, 128)
+
+
+def test_extras_scales_by_and_to_as_a1111(upscaler_engine):
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    # Scale by 4 with a 4x model: one pass, exactly nearest neighbour.
+    result, info = upscaler_engine.upscale(ExtrasRequest(image=picture, upscaler_1="4x-nearest", upscaling_resize=4))
+    assert np.array_equal(pixels(result), pixels(picture.resize((120, 80), Image.Resampling.NEAREST)))
+    assert info == {"Postprocess upscale by": "4", "Postprocess upscaler": "4x-nearest"}
+    # Scale by 1.5: sides rounded down to a multiple of 8 (45x30 -> 40x24), as A1111 makes them.
+    result, _ = upscaler_engine.upscale(ExtrasRequest(image=picture, upscaler_1="Lanczos", upscaling_resize=1.5))
+    assert result.size == (40, 24)
+    # Scale to 100x100 with crop: scaled by the larger ratio (5: 150x100) and centred on a 100x100 canvas.
+    request = ExtrasRequest(image=picture, resize_mode=1, upscaling_resize_w=100, upscaling_resize_h=100)
+    result, info = upscaler_engine.upscale(ExtrasRequest(**{**vars(request), "upscaler_1": "Nearest"}))
+    nearest = picture.resize((150, 100), Image.Resampling.NEAREST)
+    assert result.size == (100, 100)
+    assert np.array_equal(pixels(result), pixels(nearest.crop((25, 0, 125, 100))))
+    assert info["Postprocess crop to"] == "100x100" and info["Postprocess upscale to"] == "100x100"
+    # A second upscaler at visibility 0.3 is blended over the first (on a picture whose doubled sides are
+    # multiples of 8).
+    picture = picture.crop((0, 0, 28, 20))
+    blended, info = upscaler_engine.upscale(
+        ExtrasRequest(
+            image=picture,
+            upscaler_1="Lanczos",
+            upscaler_2="2x-nearest",
+            extras_upscaler_2_visibility=0.3,
+        )
+    )
+    expected = Image.blend(
+        picture.resize((56, 40), Image.Resampling.LANCZOS), picture.resize((56, 40), Image.Resampling.NEAREST), 0.3
+    )
+    assert np.array_equal(pixels(blended), pixels(expected))
+    assert info["Postprocess upscaler 2"] == "2x-nearest"
+    unchanged, info = upscaler_engine.upscale(ExtrasRequest(image=picture, upscaler_1="None"))
+    assert np.array_equal(pixels(unchanged), pixels(picture)) and info == {}
+
+
+def test_extras_refuses_bad_values_by_field(upscaler_engine):
+    picture = Image.new("RGB", (600, 600), "red")
+    cases = [
+        ({"upscaler_1": "nope"}, "upscaler_1"),
+        ({"upscaler_1": "Lanczos", "upscaling_resize": 9}, "upscaling_resize"),
+        ({"upscaler_1": "Lanczos", "upscaling_resize": 8}, "upscaling_resize"),  # 4800 px: over the 4096 side
+        ({"upscaler_1": "Lanczos", "resize_mode": 2}, "resize_mode"),
+        ({"upscaler_1": "Lanczos", "extras_upscaler_2_visibility": "x"}, "extras_upscaler_2_visibility"),
+        ({"upscaler_1": "broken"}, "upscaler_1"),
+        ({"image": None}, "image"),
+    ]
+    for fields, field in cases:
+        with pytest.raises(InvalidRequestError) as refused:
+            upscaler_engine.upscale(ExtrasRequest(**{"image": picture, **fields}))
+        assert refused.value.field == field, fields
+    assert upscaler_engine.upscale(ExtrasRequest(image=picture, upscaler_1="Lanczos"))[0].size == (1200, 1200)
+
+
+def test_the_api_lists_upscalers_and_runs_extras(upscaler_engine, tmp_path):
+    from engine.images import encode_base64_png
+    from ui.server import ServerSettings, launch
+
+    picture = Image.fromarray(np.random.default_rng(2).integers(0, 256, (16, 24, 3), dtype=np.uint8))
+    encoded = encode_base64_png(picture, "a red circle\nSteps: 8, Seed: 3, Size: 24x16")
+    handle = launch(upscaler_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path))
+    try:
+        with httpx.Client(base_url=handle.url + "sdapi/v1/", timeout=120) as api:
+            listed = {entry["name"]: entry for entry in api.get("upscalers").json()}
+            assert {"None", "Lanczos", "Nearest", "2x-nearest", "R-ESRGAN 4x+"} <= set(listed)
+            assert listed["2x-nearest"]["scale"] == 2 and listed["2x-nearest"]["model_path"].endswith(".safetensors")
+            assert listed["R-ESRGAN 4x+"]["model_name"] == "RealESRGAN"
+
+            answer = api.post(
+                "extra-single-image", json={"image": encoded, "upscaler_1": "4x-nearest", "upscaling_resize": 4}
+            )
+            assert answer.status_code == 200, answer.text
+            result = Image.open(io.BytesIO(base64.b64decode(answer.json()["image"])))
+            assert np.array_equal(pixels(result), pixels(picture.resize((96, 64), Image.Resampling.NEAREST)))
+            # The source's infotext stays, and what Extras did is recorded beside it, as in A1111.
+            assert result.info["parameters"].startswith("a red circle")
+            assert result.info["postprocessing"] == "Postprocess upscale by: 4, Postprocess upscaler: 4x-nearest"
+            assert "4x-nearest" in answer.json()["html_info"]
+
+            batch = api.post(
+                "extra-batch-images",
+                json={"imageList": [{"data": encoded, "name": "a.png"}] * 2, "upscaler_1": "Lanczos"},
+            )
+            assert batch.status_code == 200 and len(batch.json()["images"]) == 2
+
+            refused = api.post("extra-single-image", json={"image": encoded, "upscaler_1": "R-ESRGAN 2x+"})
+            assert refused.status_code == 422 and refused.json()["field"] == "upscaler_1"
+            payload = {**HIRES, "hr_upscaler": "2x-nearest", "width": 64, "height": 64}
+            info = json.loads(api.post("txt2img", json=payload).json()["info"])
+            assert "Hires upscaler: 2x-nearest" in info["infotexts"][0]
+    finally:
+        handle.close()
+
+
+def test_the_page_extras_tab_upscales(upscaler_engine, tmp_path):
+    from gradio_client import Client, handle_file
+
+    from ui.page import build_page
+
+    picture_path = tmp_path / "source.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(picture_path)
+    demo = build_page(upscaler_engine)
+    demo.queue()
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        client = Client(url, verbose=False)
+        result, info = client.predict(
+            handle_file(str(picture_path)), 0, 2, 512, 512, True, "2x-nearest", "None", 0, api_name="/extras"
+        )
+        assert Image.open(result).size == (32, 32)
+        assert "Postprocess upscaler: 2x-nearest" in info
+    finally:
+        demo.close()
+
+
+def test_upscaler_folders_come_from_a1111s_flags(tmp_path):
+    from ui.server import parse_args
+
+    (tmp_path / "esr").mkdir()
+    settings = parse_args(["--esrgan-models-path", str(tmp_path / "esr"), "--realesrgan-models-path", str(tmp_path)])
+    assert settings.esrgan_dir == tmp_path / "esr" and settings.realesrgan_dir == tmp_path
+    with pytest.raises(SystemExit):
+        parse_args(["--esrgan-models-path", str(tmp_path / "missing")])
+
+
+def test_a_file_that_is_no_upscaler_is_named(tmp_path):
+    path = tmp_path / "swinir.pth"
+    torch.save({"layers.0.weight": torch.zeros(2)}, path)
+    with pytest.raises(Exception, match="not an ESRGAN"):
+        build_network(read_tensors(UpscalerFile("swinir", path)), "swinir")

@@ -1,0 +1,123 @@
+"""The Extras tab: A1111's upscale of one picture, with the same upscalers as the hires fix."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import gradio as gr
+
+from engine import EngineError, ExtrasRequest
+from engine.extras import SCALE_BY, SCALE_TO
+from engine.extras import describe as describe_postprocessing
+from engine.request import PICTURE_UPSCALERS
+
+from .page_jobs import engine_error, reread_on_open
+
+
+@dataclass
+class ExtrasWidgets:
+    image: gr.Image
+    resize_mode: gr.Radio
+    scale: gr.Slider
+    width: gr.Slider
+    height: gr.Slider
+    crop: gr.Checkbox
+    upscaler_1: gr.Dropdown
+    upscaler_2: gr.Dropdown
+    visibility: gr.Slider
+    run: gr.Button
+    result: gr.Image
+    info: gr.Textbox
+
+    def inputs(self) -> list:
+        return [
+            self.image,
+            self.resize_mode,
+            self.scale,
+            self.width,
+            self.height,
+            self.crop,
+            self.upscaler_1,
+            self.upscaler_2,
+            self.visibility,
+        ]
+
+
+def upscaler_choices(engine) -> list[str]:
+    return [*PICTURE_UPSCALERS, *engine.list_upscalers()]
+
+
+def build_extras_tab(engine) -> ExtrasWidgets:
+    choices = upscaler_choices(engine)
+    with gr.Row(equal_height=False):
+        with gr.Column():
+            image = gr.Image(
+                type="pil", label="Source", sources=["upload", "clipboard"], elem_id="extras_image", height=360
+            )
+            resize_mode = gr.Radio(
+                [("Scale by", SCALE_BY), ("Scale to", SCALE_TO)],
+                value=SCALE_BY,
+                label="Resize",
+                elem_id="extras_resize_mode",
+            )
+            scale = gr.Slider(1, 8, value=2, step=0.05, label="Scale by", elem_id="extras_upscaling_resize")
+            with gr.Row():
+                width = gr.Slider(64, engine.limits.max_side, value=512, step=8, label="Width", elem_id="extras_w")
+                height = gr.Slider(64, engine.limits.max_side, value=512, step=8, label="Height", elem_id="extras_h")
+                crop = gr.Checkbox(True, label="Crop to fit", elem_id="extras_crop")
+            with gr.Row():
+                upscaler_1 = gr.Dropdown(choices, value="Lanczos", label="Upscaler 1", elem_id="extras_upscaler_1")
+                upscaler_2 = gr.Dropdown(choices, value="None", label="Upscaler 2", elem_id="extras_upscaler_2")
+                visibility = gr.Slider(
+                    0, 1, value=0, step=0.01, label="Upscaler 2 visibility", elem_id="extras_upscaler_2_visibility"
+                )
+            gr.Markdown(
+                f"Upscaler models (ESRGAN, Real-ESRGAN, 4x-UltraSharp, ...) are read from {engine.upscaler_folders()}.",
+                elem_id="extras_folders",
+            )
+            run = gr.Button("Upscale", variant="primary", elem_id="extras_generate")
+        with gr.Column():
+            result = gr.Image(type="pil", label="Result", interactive=False, format="png", elem_id="extras_result")
+            info = gr.Textbox(label="Postprocessing", interactive=False, elem_id="extras_info")
+    return ExtrasWidgets(
+        image, resize_mode, scale, width, height, crop, upscaler_1, upscaler_2, visibility, run, result, info
+    )
+
+
+def wire_extras_tab(widgets: ExtrasWidgets, engine) -> None:
+    widgets.run.click(
+        functools.partial(run_extras, engine),
+        inputs=widgets.inputs(),
+        outputs=[widgets.result, widgets.info],
+        concurrency_limit=1,
+        concurrency_id="gpu",
+        api_name="extras",
+    )
+    for dropdown in (widgets.upscaler_1, widgets.upscaler_2):
+        reread_on_open(dropdown, functools.partial(upscaler_choices, engine))
+
+
+def run_extras(engine, image, resize_mode, scale, width, height, crop, upscaler_1, upscaler_2, visibility):
+    """The Extras button (also /extras for gradio_client): the upscaled picture and what was done to it."""
+    if image is None:
+        raise gr.Error("Upscale: drop a picture into Source first.")
+    request = ExtrasRequest(
+        image=image,
+        resize_mode=resize_mode,
+        upscaling_resize=scale,
+        upscaling_resize_w=width,
+        upscaling_resize_h=height,
+        upscaling_crop=crop,
+        upscaler_1=upscaler_1,
+        upscaler_2=upscaler_2,
+        extras_upscaler_2_visibility=visibility,
+    )
+    try:
+        result, info = engine.upscale(request)
+    except EngineError as exc:
+        raise engine_error(exc) from exc
+    return (
+        result,
+        f"{describe_postprocessing(info) or 'Upscaler 1 is None: the picture is unchanged.'} ({result.width}x{result.height})",
+    )
