@@ -34,7 +34,7 @@ class SamplerSpec:
     # to 0: diffusers' "linspace" spacing); its DDIM, PLMS and UniPC step on the model's own timestep
     # spacing (SD's "leading", offset 1), as do samplers A1111 lacks.
     k_diffusion: bool = True
-    # A1111's discard_next_to_last_sigma (its DPM2 and DPM2 a): see _DiscardPenultimateSigma.
+    # A1111's discard_next_to_last_sigma (its DPM2, DPM2 a and DPM++ 3M SDE): see _DiscardPenultimateSigma.
     discard_penultimate_sigma: bool = False
 
 
@@ -77,6 +77,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
         "Exponential",
         ("k_dpmpp_3m_sde",),
+        discard_penultimate_sigma=True,
     ),
     SamplerSpec("Euler a", "EulerAncestralDiscreteScheduler", {}, "Uniform", ("k_euler_a", "k_euler_ancestral")),
     SamplerSpec("Euler", "EulerDiscreteScheduler", {}, "Uniform", ("k_euler",)),
@@ -168,7 +169,7 @@ def effective_schedule(spec: SamplerSpec, schedule: str) -> str:
 
 
 class _DiscardPenultimateSigma:
-    """A1111's discard_next_to_last_sigma, as its DPM2 and DPM2 a sample: the sigma schedule is built
+    """A1111's discard_next_to_last_sigma, as its DPM2, DPM2 a and DPM++ 3M SDE sample: the sigma schedule is built
     for one step more and its smallest non-zero sigma dropped, so the step count stays and the last
     step goes to 0 from a larger sigma (a second-order step at the very smallest sigma is wasted).
 
@@ -195,9 +196,14 @@ class KDPM2AncestralDiscardingScheduler(_DiscardPenultimateSigma, diffusers.KDPM
     pass
 
 
+class DPMSolverMultistepDiscardingScheduler(_DiscardPenultimateSigma, diffusers.DPMSolverMultistepScheduler):
+    pass
+
+
 _DISCARDING = {
     "KDPM2DiscreteScheduler": KDPM2DiscardingScheduler,
     "KDPM2AncestralDiscreteScheduler": KDPM2AncestralDiscardingScheduler,
+    "DPMSolverMultistepScheduler": DPMSolverMultistepDiscardingScheduler,
 }
 
 

@@ -289,6 +289,21 @@ def test_dpm2_drops_the_next_to_last_sigma_as_a1111_does(sampler, schedule):
     assert len(scheduler.timesteps) == 2 * steps - 1  # still 20 steps, 39 model evaluations
 
 
+def test_dpmpp_3m_sde_drops_the_next_to_last_sigma_as_a1111_does():
+    # A1111's DPM++ 3M SDE is discard_next_to_last_sigma too, on its Exponential schedule: 20 steps end on
+    # 0 from the 20th of 21 sigmas spread evenly in log from sigma_max to sigma_min.
+    sigma_min, sigma_max, steps = 0.029168, 14.6146, 20
+    made = torch.linspace(math.log(sigma_max), math.log(sigma_min), steps + 1, dtype=torch.float64).exp()
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "DPM++ 3M SDE", "Automatic", seed=0)
+    scheduler.set_timesteps(steps)
+    assert scheduler.sigmas.tolist() == pytest.approx([*made[:-1].tolist(), 0.0], abs=2e-4)
+    assert len(scheduler.timesteps) == steps
+    # DPM++ 2M SDE, on the same class, keeps every sigma (A1111 does not discard there).
+    kept = build_scheduler(SD_SCHEDULER_CONFIG, "DPM++ 2M SDE", "Automatic", seed=0)
+    kept.set_timesteps(steps)
+    assert min(s for s in kept.sigmas.tolist() if s > 0) == pytest.approx(sigma_min, abs=1e-3)
+
+
 def a1111_lcm_sigmas(alphas_cumprod, steps, sgm_uniform=False):
     """A1111's LCM sigmas (modules/sd_samplers_lcm.py): those of the 50 "original" timesteps 19 ... 999,
     interpolated in log at timesteps spread evenly from 999 to 19, then 0; and `sigma_to_t`, the nearest
