@@ -1,6 +1,6 @@
 """The page on the micro model, in a real browser, where pictures mean something: LoRAs (the picker
 adds the tag, the prompt panel reads it, the picture is made with it; the shipped micro-purple LoRA),
-hires fix and prompt styles."""
+hires fix, prompt styles, and Extras with the shipped micro-shapes-2x upscaler."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from engine import Engine
-from engine.presets import SHIPPED_MICRO_LORA, SHIPPED_MICRO_MODEL
+from engine.presets import DEFAULT_MODELS_DIR, SHIPPED_MICRO_LORA, SHIPPED_MICRO_MODEL
 from tests.test_browser import browser, open_page  # noqa: F401 - fixture
 from ui.page import build_page
 
@@ -23,6 +23,7 @@ def page(browser, models_dir, tmp_path_factory):  # noqa: F811 - the fixture imp
         model=str(SHIPPED_MICRO_MODEL),
         models_dir=models_dir,
         lora_dir=SHIPPED_MICRO_LORA.parent,
+        esrgan_dir=DEFAULT_MODELS_DIR / "ESRGAN",
         styles_file=styles_file,
     )
     settings = SimpleNamespace(outputs_dir=tmp_path_factory.mktemp("lora-outputs"), save_images=False)
@@ -36,6 +37,16 @@ def page(browser, models_dir, tmp_path_factory):  # noqa: F811 - the fixture imp
     yield page
     context.close()
     demo.close()
+
+
+def shown_size(page, selector: str) -> list[int]:
+    """The natural size of the picture an <img> shows, once it has loaded."""
+    page.wait_for_function(
+        f"() => {{ const img = document.querySelector({selector!r}); return img && img.naturalWidth > 0; }}"
+    )
+    return page.evaluate(
+        f"() => {{ const img = document.querySelector({selector!r}); return [img.naturalWidth, img.naturalHeight]; }}"
+    )
 
 
 def test_the_lora_picker_adds_the_tag_and_the_picture_is_made_with_it(page, artifacts_dir):
@@ -78,15 +89,28 @@ def test_hires_fix_makes_the_bigger_picture(page, artifacts_dir):
     assert "Size: 64x64" in infotext and "Hires upscale: 2, Hires upscaler: Latent" in infotext
     assert "Denoising strength: 0.7" in infotext
     # The result is the hires pass's picture: twice the first pass's size.
-    page.wait_for_function(
-        "() => { const img = document.querySelector('#txt2img_gallery img'); return img && img.naturalWidth > 0; }"
-    )
-    size = page.evaluate(
-        "() => { const img = document.querySelector('#txt2img_gallery img'); return [img.naturalWidth, img.naturalHeight]; }"
-    )
-    assert size == [128, 128]
+    assert shown_size(page, "#txt2img_gallery img") == [128, 128]
     page.screenshot(path=str(artifacts_dir / "page_hires.png"), full_page=True)
     page.uncheck("#txt2img_enable_hr input")
+
+
+def test_extras_upscales_a_picture_with_the_shipped_upscaler(page, tmp_path, artifacts_dir):
+    from training.dataset import ShapeScene, draw_scene
+
+    source = tmp_path / "scene.png"
+    draw_scene(ShapeScene("triangle", "red", "blue", "large", (14, 12, 50, 48))).save(source)
+    page.get_by_role("tab", name="Extras").click()
+    page.set_input_files("#extras_image input[type=file]", str(source))
+    page.click("#extras_upscaler_1 input")
+    page.locator("ul[role='listbox'] li", has_text="micro-shapes-2x").first.click()
+    page.click("#extras_generate")
+    page.wait_for_function("document.querySelector('#extras_info textarea').value.includes('micro-shapes-2x')")
+    assert page.input_value("#extras_info textarea") == (
+        "Postprocess upscale by: 2, Postprocess upscaler: micro-shapes-2x (128x128)"
+    )
+    assert shown_size(page, "#extras_result img") == [128, 128]
+    page.screenshot(path=str(artifacts_dir / "page_extras.png"), full_page=True)
+    page.get_by_role("tab", name="txt2img").click()
 
 
 def test_a_chosen_style_is_merged_into_the_prompt_of_the_job(page):
