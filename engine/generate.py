@@ -23,10 +23,10 @@ from .events import JobControl, Pacer, Progress
 from .images import LATENT_RESIZE, resize_to
 from .inpaint import inpaint
 from .models import LoadedModel
-from .noise import NoiseVariation, initial_noise
+from .noise import NoiseVariation, initial_noise, reseed_after_start
 from .prompts import Conditioning, SDXLEmbeds
 from .request import LATENT_UPSCALERS, GenerationRequest
-from .samplers import build_scheduler, diffusers_strength, img2img_steps
+from .samplers import build_scheduler, diffusers_strength, eta_for, img2img_steps
 from .upscalers import upscale_to
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def run_batch(
     `vae`, when given, decodes and encodes pictures instead of the model's own; `hires_conditioning` is the
     hires pass's when its prompts differ from the first pass's; `upscaler` is the hires fix's upscaler
     network when it uses a model."""
-    scheduler = build_scheduler(model.scheduler_config, req.sampler_name, req.scheduler, seed=seeds[0])
+    scheduler = build_scheduler(model.scheduler_config, req.sampler_name, req.scheduler, seed=seeds[0], eta=req.eta)
     recorder = StepRecorder(scheduler, model.prediction_type)
     composed: list[ComposedGuidance] = []  # the UNet stand-in of each pass, for a prompt with AND
     wrap_unet = _composed_guidance(model, req, conditioning, composed.append) if conditioning.parts else None
@@ -137,6 +137,7 @@ def run_batch(
     variation = NoiseVariation(seeds, subseeds or seeds, req.subseed_strength, resize_from)
     if req.mode != "txt2img":
         variation.install(pipe, scheduler)
+    reseed_after_start(pipe, seeds, req.eta_noise_seed_delta)
     # One CPU generator per image: image i depends only on its own seed, whatever the batch,
     # and CPU noise is the same on every device.
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
@@ -207,6 +208,8 @@ def run_batch(
         "callback_on_step_end": on_step_end,
         "callback_on_step_end_tensor_inputs": ["latents"],
         "output_type": "pil",
+        # DDIM's eta (its step takes it from the pipeline call); Euler a's is set on its scheduler.
+        "eta": eta_for(req.sampler_name, req.eta) or 0.0,
     }
     kwargs.update(_conditioning_kwargs(conditioning, len(seeds)))
 
@@ -247,16 +250,18 @@ def run_batch(
             kwargs.update(_conditioning_kwargs(conditioning, len(seeds)))
             wrap_unet = _composed_guidance(model, req, conditioning, composed.append) if conditioning.parts else None
         current_conditioning = conditioning.at(0)
-        scheduler = build_scheduler(model.scheduler_config, hr_sampler, hr_schedule, seed=seeds[0])
+        scheduler = build_scheduler(model.scheduler_config, hr_sampler, hr_schedule, seed=seeds[0], eta=req.eta)
         recorder = StepRecorder(scheduler, model.prediction_type)
         hires_pipe = model.pipeline_for("img2img", scheduler, traced=not req.tiling, wrap_unet=wrap_unet, vae=vae)
         variation.install(hires_pipe, scheduler)  # A1111 varies the hires pass's noise too
+        reseed_after_start(hires_pipe, seeds, req.eta_noise_seed_delta)
         kwargs.update(
             num_inference_steps=hr_steps,
             generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
             output_type="pil",
             image=start,
             strength=diffusers_strength(hires_sampling_steps, hr_steps),
+            eta=eta_for(hr_sampler, req.eta) or 0.0,
         )
         for first_pass_only in ("height", "width", "latents"):
             kwargs.pop(first_pass_only)

@@ -25,7 +25,7 @@ from .errors import InvalidRequestError
 from .images import to_pil
 from .inpaint import MASKED_CONTENT
 from .request import GenerationRequest
-from .samplers import resolve
+from .samplers import eta_for, get_sampler, resolve
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,9 @@ _REQUEST_KEYS = frozenset(
         "Masked content",
         "Emphasis",
         "Tiling",
+        "Eta",
+        "Eta DDIM",
+        "ENSD",
         "Prompt syntax",
         "Hires upscale",
         "Hires resize",
@@ -176,6 +179,12 @@ def format_infotext(
             params["Masked area padding"] = int(req.inpaint_full_res_padding)
     if req.tiling:
         params["Tiling"] = "True"
+    # As A1111 writes them: eta when not the sampler's default; ENSD for its uses_ensd samplers, when eta is not 0.
+    spec, eta = get_sampler(req.sampler_name), eta_for(req.sampler_name, req.eta)
+    if eta is not None and eta != spec.eta_default:
+        params[spec.eta_key] = _format_number(eta)
+    if req.eta_noise_seed_delta and spec.uses_ensd and (eta is None or eta != 0):
+        params["ENSD"] = int(req.eta_noise_seed_delta)
     # Written only when not the default, as A1111 writes "Emphasis".
     if req.emphasis != "Original":
         params["Emphasis"] = req.emphasis
@@ -330,6 +339,11 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
         req.inpaint_full_res_padding = _parse_int("Masked area padding", params.pop("Masked area padding"))
     if "Tiling" in params:
         req.tiling = params.pop("Tiling").strip().lower() == "true"
+    for key in ("Eta", "Eta DDIM"):
+        if key in params:
+            req.eta = _parse_float(key, params.pop(key))
+    if "ENSD" in params:
+        req.eta_noise_seed_delta = _parse_int("ENSD", params.pop("ENSD"))
     if "Emphasis" in params:
         req.emphasis = params.pop("Emphasis")
     if "Prompt syntax" in params:

@@ -151,6 +151,27 @@ class NoiseVariation:
         return varied_prepare_latents
 
 
+def reseed_after_start(pipe, seeds: Sequence[int], delta: int) -> None:
+    """A1111's eta noise seed delta (ENSD) for this job's pipeline: once a pass has drawn its starting noise
+    (prepare_latents; txt2img's was drawn before it), each image's generator is seeded with its seed + `delta`,
+    so the noise its steps add comes from there, as in A1111's ImageRNG. The pipeline object is the job's own."""
+    if not delta:
+        return
+    prepare = pipe.prepare_latents
+    position = list(inspect.signature(prepare).parameters).index("generator")
+
+    @functools.wraps(prepare)
+    def reseeding_prepare_latents(*args, **kwargs):
+        outputs = prepare(*args, **kwargs)
+        generators = kwargs["generator"] if "generator" in kwargs else args[position]
+        generators = generators if isinstance(generators, list) else [generators]
+        for index, generator in enumerate(generators):
+            generator.manual_seed(int(seeds[index % len(seeds)]) + int(delta))
+        return outputs
+
+    pipe.prepare_latents = reseeding_prepare_latents
+
+
 def initial_noise(generators: Sequence[torch.Generator], shape: Sequence[int]) -> torch.Tensor:
     """txt2img's starting noise: one draw of `shape` (1, C, H, W) from each image's generator."""
     return torch.cat([torch.randn(tuple(shape), generator=generator, dtype=torch.float32) for generator in generators])

@@ -83,6 +83,12 @@ class GenerationRequest:
     emphasis: str = "Original"
     # A1111's "Tiling": pictures whose edges continue each other, so they tile seamlessly.
     tiling: bool = False
+    # A1111's eta: how much fresh noise an ancestral step adds (Euler a: 1 by default) or DDIM's (0 by default);
+    # None is the sampler's default. Samplers that take none here ignore it.
+    eta: float | None = None
+    # A1111's "Eta noise seed delta" (ENSD): after each picture's starting noise is drawn, the noise its steps
+    # draw comes from seed + this, as A1111 does it (31337 in NovelAI-era infotexts); 0 leaves it.
+    eta_noise_seed_delta: int = 0
     # A1111's "SD VAE": "Automatic" (a VAE named after the checkpoint beside it, else the model's own),
     # "None" (the model's own), or a file in the VAE folder. Engine.validate checks it against the folder.
     sd_vae: str = "Automatic"
@@ -224,6 +230,12 @@ def validate_request(
     _in_range(mask_invert, "inpainting_mask_invert", 0, 1)
     if not isinstance(req.tiling, (bool, int)) or req.tiling not in (True, False, 0, 1):
         raise InvalidRequestError("tiling", req.tiling, "true or false")
+    eta = None
+    if req.eta is not None:
+        eta = _as_float(req.eta, "eta")
+        _in_range(eta, "eta", 0.0, 1.0)
+    ensd = _as_int(req.eta_noise_seed_delta, "eta_noise_seed_delta")
+    _in_range(ensd, "eta_noise_seed_delta", 0, SEED_MAX)
     full_res = req.inpaint_full_res
     if not isinstance(full_res, (bool, int)) or full_res not in (True, False, 0, 1):
         raise InvalidRequestError("inpaint_full_res", full_res, "true (Only masked) or false (Whole picture)")
@@ -312,6 +324,8 @@ def validate_request(
         inpainting_mask_invert=mask_invert,
         resize_mode=resize_mode,
         tiling=bool(req.tiling),
+        eta=eta,
+        eta_noise_seed_delta=ensd,
         inpaint_full_res=bool(full_res),
         inpaint_full_res_padding=padding,
         inpainting_fill=fill,

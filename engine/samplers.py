@@ -12,6 +12,7 @@ from typing import Any
 
 import diffusers
 import torch
+from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -36,6 +37,12 @@ class SamplerSpec:
     k_diffusion: bool = True
     # A1111's discard_next_to_last_sigma (its DPM2, DPM2 a and DPM++ 3M SDE): see _DiscardPenultimateSigma.
     discard_penultimate_sigma: bool = False
+    # The eta this sampler takes by default (ancestral noise: 1 for Euler a, 0 for DDIM), and the infotext key
+    # A1111 writes a different one under; None where this engine's sampler takes no eta.
+    eta_default: float | None = None
+    eta_key: str = "Eta"
+    # A1111 writes "ENSD" in infotext for this sampler (its uses_ensd samplers), when eta is not 0.
+    uses_ensd: bool = False
 
 
 # Order as in A1111's sampler dropdown.
@@ -70,6 +77,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         "Karras",
         ("k_dpmpp_2s_a",),
         note="diffusers has no ancestral 2S solver; this is its deterministic single-step DPM++ 2S",
+        uses_ensd=True,
     ),
     SamplerSpec(
         "DPM++ 3M SDE",
@@ -79,15 +87,38 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         ("k_dpmpp_3m_sde",),
         discard_penultimate_sigma=True,
     ),
-    SamplerSpec("Euler a", "EulerAncestralDiscreteScheduler", {}, "Uniform", ("k_euler_a", "k_euler_ancestral")),
+    SamplerSpec(
+        "Euler a",
+        "EulerAncestralDiscreteScheduler",
+        {},
+        "Uniform",
+        ("k_euler_a", "k_euler_ancestral"),
+        eta_default=1.0,
+        uses_ensd=True,
+    ),
     SamplerSpec("Euler", "EulerDiscreteScheduler", {}, "Uniform", ("k_euler",)),
     SamplerSpec("LMS", "LMSDiscreteScheduler", {}, "Uniform", ("k_lms",)),
     SamplerSpec("Heun", "HeunDiscreteScheduler", {}, "Uniform", ("k_heun",)),
     SamplerSpec("DPM2", "KDPM2DiscreteScheduler", {}, "Karras", ("k_dpm_2",), discard_penultimate_sigma=True),
     SamplerSpec(
-        "DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, "Karras", ("k_dpm_2_a",), discard_penultimate_sigma=True
+        "DPM2 a",
+        "KDPM2AncestralDiscreteScheduler",
+        {},
+        "Karras",
+        ("k_dpm_2_a",),
+        discard_penultimate_sigma=True,
+        uses_ensd=True,
     ),
-    SamplerSpec("DDIM", "DDIMScheduler", {"set_alpha_to_one": False}, "Uniform", ("ddim",), k_diffusion=False),
+    SamplerSpec(
+        "DDIM",
+        "DDIMScheduler",
+        {"set_alpha_to_one": False},
+        "Uniform",
+        ("ddim",),
+        k_diffusion=False,
+        eta_default=0.0,
+        eta_key="Eta DDIM",
+    ),
     SamplerSpec("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, "Uniform", ("plms",), k_diffusion=False),
     SamplerSpec("UniPC", "UniPCMultistepScheduler", {}, "Uniform", ("unipc",), k_diffusion=False),
     SamplerSpec("DEIS", "DEISMultistepScheduler", {}, "Uniform", ("deis",), k_diffusion=False),
@@ -306,12 +337,52 @@ class A1111LCMScheduler(diffusers.LCMScheduler):
         return alpha.sqrt() * original_samples + (1 - alpha).sqrt() * noise
 
 
-# Samplers whose A1111 schedule diffusers' own class does not make.
-_A1111_CLASSES = {"LCM": A1111LCMScheduler}
+class EtaEulerAncestralScheduler(diffusers.EulerAncestralDiscreteScheduler):
+    """Euler a with A1111's eta (k-diffusion's get_ancestral_step): each step goes down to sigma_down and adds
+    fresh noise of sigma_up, where sigma_up = min(sigma_next, eta * sqrt(sigma_next^2 (sigma^2 - sigma_next^2)
+    / sigma^2)). diffusers' own step is eta 1 and takes none. At eta 0 this is Euler; the noise is still drawn
+    every step, as A1111 draws it.
+
+    The eta is the instance's (build_scheduler sets it), not a step argument: a pipeline hands its own
+    default eta (0) to any step that takes one, which would turn Euler a into Euler for every caller."""
+
+    eta = 1.0
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        eta = self.eta
+        if eta == 1.0:
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma = self.sigmas[self.step_index]
+        sigma_next = self.sigmas[self.step_index + 1]
+        sample = sample.to(torch.float32)
+        if self.config.prediction_type == "v_prediction":
+            denoised = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+        else:
+            denoised = sample - sigma * model_output
+        sigma_up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        prev_sample = sample + (sample - denoised) / sigma * (sigma_down - sigma)
+        noise = randn_tensor(
+            model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
+        )
+        prev_sample = (prev_sample + noise * sigma_up).to(model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample, denoised)
+        return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
 
 
-def build_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: str, seed: int | None = None):
-    """A new scheduler instance for one job; `base_config` is the model's own scheduler config."""
+# Samplers whose A1111 schedule (or eta) diffusers' own class does not make.
+_A1111_CLASSES = {"LCM": A1111LCMScheduler, "Euler a": EtaEulerAncestralScheduler}
+
+
+def build_scheduler(
+    base_config: dict[str, Any], sampler_name: str, schedule: str, seed: int | None = None, eta: float | None = None
+):
+    """A new scheduler instance for one job; `base_config` is the model's own scheduler config. `eta` is Euler a's
+    (None: 1); DDIM takes its eta from the pipeline call."""
     spec = get_sampler(sampler_name)
     if spec.name in _A1111_CLASSES:
         cls = _A1111_CLASSES[spec.name]
@@ -331,7 +402,16 @@ def build_scheduler(base_config: dict[str, Any], sampler_name: str, schedule: st
     if "noise_sampler_seed" in params and seed is not None:
         overrides["noise_sampler_seed"] = seed
     overrides = {key: value for key, value in overrides.items() if key in params}
-    return cls.from_config(dict(base_config), **overrides)
+    scheduler = cls.from_config(dict(base_config), **overrides)
+    if eta is not None and isinstance(scheduler, EtaEulerAncestralScheduler):
+        scheduler.eta = float(eta)
+    return scheduler
+
+
+def eta_for(sampler_name: str, eta: float | None) -> float | None:
+    """The eta a job's sampler runs with (None: it takes none here)."""
+    default = get_sampler(sampler_name).eta_default
+    return None if default is None else (default if eta is None else float(eta))
 
 
 def img2img_steps(sampler_name: str, steps: int, strength: float) -> int:

@@ -121,7 +121,7 @@ def test_unimplemented_and_unknown_fields_are_accepted_and_listed(api):
         hr_checkpoint_name="other.safetensors",
         restore_faces=True,
         alwayson_scripts={"ControlNet": {"args": []}},
-        override_settings={"eta_noise_seed_delta": 31337},
+        override_settings={"token_merging_ratio": 0.5},
         my_extension_field={"anything": [1, 2]},
     )
     assert len(body["images"]) == 1
@@ -130,7 +130,7 @@ def test_unimplemented_and_unknown_fields_are_accepted_and_listed(api):
             "hr_checkpoint_name",
             "restore_faces",
             "alwayson_scripts",
-            "override_settings.eta_noise_seed_delta",
+            "override_settings.token_merging_ratio",
             "my_extension_field",
         ]
     )

@@ -370,6 +370,41 @@ def test_lcm_samples_as_a1111s_lcm_does(steps, schedule):
     assert torch.allclose(noised, expected.float(), atol=1e-5)
 
 
+def a1111_euler_ancestral(eps_model, noise, noises, sigmas, timesteps, eta):
+    """k-diffusion's sample_euler_ancestral with get_ancestral_step's eta, as A1111 runs Euler a."""
+    x = noise.double() * sigmas[0]
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = x - sigma * eps_model((x / (sigma**2 + 1).sqrt()).float(), timesteps[i]).double()
+        sigma_up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        x = x + (x - denoised) / sigma * (sigma_down - sigma)
+        if sigma_next > 0:
+            x = x + noises[i].double() * sigma_up
+    return x.float()
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_euler_a_takes_a1111s_eta(eta):
+    def eps_model(latent, timestep):
+        return 0.3 * latent * (1 + float(timestep) / 1000) + 0.1 * torch.sin(3 * latent)
+
+    shape, steps = (1, 4, 8, 8), 10
+    generator = torch.Generator().manual_seed(5)
+    noise = torch.randn(shape, generator=generator)
+    noises = [torch.randn(shape, generator=generator) for _ in range(steps)]
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "Euler a", "Automatic", eta=eta)
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(5)
+    latent = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
+    for timestep in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(latent, timestep)
+        latent = scheduler.step(eps_model(model_input, timestep), timestep, latent, generator=generator).prev_sample
+    sigmas = scheduler.sigmas.double()
+    expected = a1111_euler_ancestral(eps_model, noise, noises, sigmas, scheduler.timesteps, eta)
+    assert torch.allclose(latent, expected, atol=1e-4)
+
+
 @pytest.mark.parametrize("sampler", ["DDIM", "PLMS"])
 def test_timestep_samplers_keep_the_models_spacing(sampler):
     # A1111's DDIM and PLMS step on range(1, 1000, 1000 // steps), as the config's "leading" spacing does.

@@ -35,7 +35,9 @@ from engine.extras import describe as describe_postprocessing
 from engine.images import encode_base64_png, to_pil
 from engine.infotext import parse_infotext, parse_infotext_params, read_infotext
 from engine.outputs import FORMATS, output_folder, save_image
-from engine.request import EMPHASIS_MODES, LATENT_UPSCALERS, PICTURE_UPSCALERS
+from engine.request import EMPHASIS_MODES, LATENT_UPSCALERS, PICTURE_UPSCALERS, SEED_MAX
+from engine.samplers import get_sampler
+from engine.samplers import resolve as resolve_sampler
 from engine.upscalers import scale_from_name
 from engine.vae import choose as vae_choice
 
@@ -122,7 +124,7 @@ class _GenerationPayload(BaseModel):
     override_settings: dict[str, Any] | None = Field(
         None,
         description="acted on: CLIP_stop_at_last_layers, emphasis ('Original', 'No norm', 'Ignore'), "
-        "sd_vae ('Automatic', 'None' or a file from /sdapi/v1/sd-vae)",
+        "sd_vae ('Automatic', 'None' or a file from /sdapi/v1/sd-vae), eta_noise_seed_delta (ENSD, e.g. 31337)",
     )
     styles: Any = None
     subseed: Any = Field(-1, description="variation seed; -1: random")
@@ -132,9 +134,10 @@ class _GenerationPayload(BaseModel):
     # Accepted, not acted on.
     restore_faces: Any = None
     tiling: Any = None
+    eta: Any = Field(None, description="ancestral noise of Euler a (default 1) or DDIM (default 0), 0 to 1")
+    # Accepted, not acted on.
     do_not_save_samples: Any = False
     do_not_save_grid: Any = False
-    eta: Any = None
     s_min_uncond: Any = None
     s_churn: Any = None
     s_tmax: Any = None
@@ -258,6 +261,17 @@ def _not_in(*neutral: Any):
     return differs
 
 
+def _eta_ignored(value: Any, payload: Any) -> bool:
+    """eta acts on Euler a and DDIM here; with another sampler a value given is listed as ignored."""
+    name = payload.sampler_name or payload.sampler_index
+    if value is None or not name:
+        return False
+    try:
+        return get_sampler(resolve_sampler(name, None)[0]).eta_default is None
+    except InvalidRequestError:
+        return False  # the request is refused for its sampler anyway
+
+
 def _same(value: Any, other: Any) -> bool:
     # True == 1 in Python; a flag and a number are not the same setting here.
     if isinstance(value, bool) or isinstance(other, bool):
@@ -280,7 +294,7 @@ def _with_mask(rule):
 
 _IGNORED_RULES = {
     "restore_faces": lambda v, p: _set(v),
-    "eta": _not_in(0, 1),
+    "eta": _eta_ignored,
     "s_min_uncond": _not_in(0),
     "s_churn": _not_in(0),
     "s_tmax": _not_in(0, math.inf),
@@ -460,6 +474,7 @@ class SdApi:
             "samples_save": settings.save_images,
             "emphasis": "Original",
             "sd_vae": "Automatic",
+            "eta_noise_seed_delta": 0,
         }
         self._jobs: dict[int, tuple[str, str]] = {}  # job id -> (kind, timestamp) of jobs started here
         self._last_job_timestamp = "0"
@@ -555,6 +570,8 @@ class SdApi:
             emphasis=self._setting_for("emphasis", payload, from_text, "Original"),
             sd_vae=self._setting_for("sd_vae", payload, from_text, "Automatic"),
             tiling=pick("tiling", False),
+            eta=pick("eta", None),
+            eta_noise_seed_delta=self._setting_for("eta_noise_seed_delta", payload, from_text, 0),
             styles=payload.styles or None,
         )
         if isinstance(payload, Txt2ImgRequest):
@@ -619,7 +636,7 @@ class SdApi:
         for key, value in (payload.override_settings or {}).items():
             if key == "CLIP_stop_at_last_layers":
                 clip_skip = _clip_skip_value(value, "override_settings.CLIP_stop_at_last_layers")
-            elif key in ("emphasis", "sd_vae"):
+            elif key in ("emphasis", "sd_vae", "eta_noise_seed_delta"):
                 continue  # read by _setting_for
             elif key == "sd_model_checkpoint" and self._is_loaded_model(value):
                 continue  # asks for the model already loaded
@@ -839,6 +856,10 @@ class SdApi:
             clip_skip = _clip_skip_value(options["CLIP_stop_at_last_layers"], "CLIP_stop_at_last_layers")
         if "emphasis" in options and options["emphasis"] not in EMPHASIS_MODES:
             raise ApiError(422, "emphasis", options["emphasis"], ", ".join(EMPHASIS_MODES))
+        if "eta_noise_seed_delta" in options:
+            ensd = options["eta_noise_seed_delta"]
+            if isinstance(ensd, bool) or not isinstance(ensd, int) or not 0 <= ensd <= SEED_MAX:
+                raise ApiError(422, "eta_noise_seed_delta", ensd, f"a whole number from 0 to {SEED_MAX}")
         if "sd_vae" in options:
             options = {**options, "sd_vae": vae_choice(options["sd_vae"], self.engine.list_vaes(), self._vae_dir)}
         checkpoint = options.get("sd_model_checkpoint")

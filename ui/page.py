@@ -26,7 +26,7 @@ from engine.events import PREVIEW_MODES
 from engine.images import LATENT_RESIZE, RESIZE_MODES
 from engine.inpaint import MASKED_CONTENT
 from engine.lora import lora_uses
-from engine.request import EMPHASIS_MODES, HR_UPSCALERS, LATENT_UPSCALERS, PROMPT_SYNTAXES
+from engine.request import EMPHASIS_MODES, HR_UPSCALERS, LATENT_UPSCALERS, PROMPT_SYNTAXES, SEED_MAX
 from engine.samplers import sampler_names, schedule_type_names
 from engine.vae import choose as vae_choice
 
@@ -242,6 +242,20 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     info="Original: weights, then the mean restored. No norm: weights only. Ignore: no weights.",
                     elem_id="setting_emphasis",
                 )
+                with gr.Row():
+                    ensd = gr.Number(
+                        0,
+                        precision=0,
+                        minimum=0,
+                        label="Eta noise seed delta (ENSD)",
+                        info="After the starting noise, steps draw their noise from seed + this (A1111's; 31337 "
+                        "in many shared infotexts). 0: off.",
+                        elem_id="setting_ensd",
+                    )
+                    eta_ancestral = gr.Slider(
+                        0, 1, value=1, step=0.01, label="Eta for Euler a", elem_id="setting_eta_ancestral"
+                    )
+                    eta_ddim = gr.Slider(0, 1, value=0, step=0.01, label="Eta for DDIM", elem_id="setting_eta_ddim")
                 save_images = gr.Checkbox(
                     value=save_default,
                     label="Save generated images"
@@ -271,7 +285,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     api_visibility="private",
                     show_progress="hidden",
                 )
-        _wire_png_info(png, tab_widgets, tabs, sd_vae=sd_vae, engine=engine)
+        _wire_png_info(png, tab_widgets, tabs, sd_vae=sd_vae, ensd=ensd, engine=engine)
         wire_extras_tab(extras, engine)
         txt2img = tab_widgets["txt2img"].settings
         wire_compare_tab(
@@ -312,6 +326,9 @@ def build_page(engine, settings=None) -> gr.Blocks:
             (prompt_syntax, _set_prompt_syntax, "set_prompt_syntax"),
             (emphasis, _set_emphasis, "set_emphasis"),
             (sd_vae, functools.partial(_set_vae, engine), "set_vae"),
+            (ensd, _set_ensd, "set_ensd"),
+            (eta_ancestral, _set_eta_ancestral, "set_eta_ancestral"),
+            (eta_ddim, _set_eta_ddim, "set_eta_ddim"),
         ):
             widget.change(
                 setter,
@@ -1057,7 +1074,13 @@ def _variation(seed_extra, subseed, subseed_strength, seed_resize_from_w, seed_r
 
 
 def _wire_png_info(
-    png: PngInfoWidgets, tab_widgets: dict[str, TabWidgets], tabs: gr.Tabs, *, sd_vae: gr.Dropdown, engine
+    png: PngInfoWidgets,
+    tab_widgets: dict[str, TabWidgets],
+    tabs: gr.Tabs,
+    *,
+    sd_vae: gr.Dropdown,
+    ensd: gr.Number,
+    engine,
 ) -> None:
     png.image.change(
         _read_png_info,
@@ -1084,7 +1107,7 @@ def _wire_png_info(
         button.click(
             functools.partial(_send_png_info, target_mode=mode, engine=engine),
             inputs=[png.image, png.text],
-            outputs=[*outputs, sd_vae, tabs],
+            outputs=[*outputs, sd_vae, ensd, tabs],
             api_visibility="private",
             show_progress="hidden",
         )
@@ -1201,6 +1224,29 @@ def _set_emphasis(session: PageSession, emphasis: str) -> None:
     if emphasis not in EMPHASIS_MODES:
         raise gr.Error(f"emphasis: got {emphasis!r}; allowed: {', '.join(EMPHASIS_MODES)}")
     session.emphasis = emphasis
+
+
+def _set_ensd(session: PageSession, ensd) -> None:
+    """A1111's eta noise seed delta (ENSD) for this session's jobs: a whole number, 0 (off) or more."""
+    if ensd is None or isinstance(ensd, bool) or float(ensd) != int(ensd) or not 0 <= int(ensd) <= SEED_MAX:
+        raise gr.Error(f"eta_noise_seed_delta: got {ensd!r}; allowed: a whole number from 0 to {SEED_MAX}")
+    session.ensd = int(ensd)
+
+
+def _set_eta_ancestral(session: PageSession, eta: float) -> None:
+    """Eta for Euler a in this session's jobs: 0 (no fresh noise: Euler) to 1 (A1111's default)."""
+    session.eta_ancestral = _eta_value(eta)
+
+
+def _set_eta_ddim(session: PageSession, eta: float) -> None:
+    """Eta for DDIM in this session's jobs: 0 (A1111's default, deterministic) to 1."""
+    session.eta_ddim = _eta_value(eta)
+
+
+def _eta_value(eta) -> float:
+    if eta is None or isinstance(eta, bool) or not 0 <= float(eta) <= 1:
+        raise gr.Error(f"eta: got {eta!r}; allowed: 0 to 1")
+    return float(eta)
 
 
 def _vae_choices(engine) -> list[str]:
@@ -1326,13 +1372,21 @@ def _send_png_info(path: str | None, text: str, *, target_mode: str, engine):
         raise gr.Error("No generation parameters to send: drop a PNG made by this app (or A1111) first.")
     values = _settings_from_infotext(text, with_denoising=target_mode != "txt2img")
     variation = [*_variation_from_infotext(text), _tiling_from_infotext(text)]
-    vae = _vae_from_infotext(engine, text)
+    session_settings = (_vae_from_infotext(engine, text), _ensd_from_infotext(text), gr.Tabs(selected=target_mode))
     if target_mode == "txt2img":
-        return (*values, *_hires_settings_from_infotext(text, engine), *variation, vae, gr.Tabs(selected=target_mode))
+        return (*values, *_hires_settings_from_infotext(text, engine), *variation, *session_settings)
     image = _open_image(path) if path else None
     if target_mode == "inpaint":
         variation = [*variation, *_inpaint_area_from_infotext(text)]
-    return (_image_for(target_mode, image), *values, *variation, vae, gr.Tabs(selected=target_mode))
+    return (_image_for(target_mode, image), *values, *variation, *session_settings)
+
+
+def _ensd_from_infotext(text: str):
+    """The ENSD setting's value for an infotext that names one (A1111 pastes it as an override); else left."""
+    from engine.infotext import parse_infotext
+
+    ensd = parse_infotext(text, unsupported_schedule="automatic").eta_noise_seed_delta
+    return ensd if ensd else gr.skip()
 
 
 def _tiling_from_infotext(text: str) -> bool:

@@ -22,6 +22,7 @@ from PIL import Image
 from engine import EngineError, GenerationRequest, JobControl, PreviewSettings, Progress, Result, Waiting
 from engine.events import PREVIEW_MODES, Pacer
 from engine.previews import preview_to_display
+from engine.samplers import get_sampler
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ class PageSession:
     emphasis: str = "Original"
     # A1111's SD VAE for this session's jobs: Automatic, None or a file in the VAE folder.
     sd_vae: str = "Automatic"
+    # A1111's sampler parameters: eta noise seed delta, and the eta of Euler a and of DDIM.
+    ensd: int = 0
+    eta_ancestral: float = 1.0
+    eta_ddim: float = 0.0
     # Jobs this session queued or started and that have not ended, by job id: Stop interrupts these only.
     running: dict[int, JobControl] = field(default_factory=dict)
 
@@ -55,9 +60,23 @@ class PageSession:
         return PreviewSettings(mode=self.preview_mode, every=self.preview_every, min_interval_s=interval)
 
     def settings_for(self, request: GenerationRequest) -> GenerationRequest:
-        """`request` with this session's prompt syntax, emphasis mode and SD VAE."""
+        """`request` with this session's prompt syntax, emphasis mode, SD VAE, ENSD and its sampler's eta."""
+        try:
+            spec = get_sampler(request.sampler_name)
+        except EngineError:
+            spec = None  # refused by name when the job is checked
+        eta = None
+        if spec is not None and spec.eta_default is not None:
+            chosen = self.eta_ddim if spec.eta_key == "Eta DDIM" else self.eta_ancestral
+            # Left to each sampler's default unless changed: a Compare grid may switch samplers.
+            eta = None if chosen == spec.eta_default else chosen
         return dataclasses.replace(
-            request, prompt_syntax=self.prompt_syntax, emphasis=self.emphasis, sd_vae=self.sd_vae
+            request,
+            prompt_syntax=self.prompt_syntax,
+            emphasis=self.emphasis,
+            sd_vae=self.sd_vae,
+            eta=eta,
+            eta_noise_seed_delta=self.ensd,
         )
 
     def start_job(self) -> JobControl:

@@ -1,0 +1,143 @@
+"""A1111's sampler parameters: eta (Euler a's and DDIM's fresh noise) and the eta noise seed delta (ENSD).
+
+Euler a's eta is checked step by step against k-diffusion's formula in test_engine.py; here, on the micro
+model: what each setting does to a picture, what the infotext says (as A1111 writes it), and that reading it
+back makes the same picture.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from engine import GenerationRequest, InvalidRequestError, Result
+from engine.infotext import parse_infotext, parse_infotext_params
+from engine.noise import reseed_after_start
+
+REQUEST = {"prompt": "a red circle on a blue background", "steps": 8, "seed": 21}
+
+
+def generate(engine, **fields) -> Result:
+    result = list(engine.generate(GenerationRequest(**{**REQUEST, **fields})))[-1]
+    assert isinstance(result, Result), result
+    return result
+
+
+def same(a: Result, b: Result) -> bool:
+    return np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+
+
+def test_euler_a_at_eta_0_is_euler_and_eta_shows_in_the_infotext(micro_engine):
+    euler = generate(micro_engine, sampler_name="Euler")
+    no_noise = generate(micro_engine, sampler_name="Euler a", eta=0)
+    assert same(no_noise, euler)  # no fresh noise: the same steps as Euler, byte for byte
+    default = generate(micro_engine, sampler_name="Euler a")
+    half = generate(micro_engine, sampler_name="Euler a", eta=0.5)
+    assert not same(half, default) and not same(half, no_noise)
+    assert same(generate(micro_engine, sampler_name="Euler a", eta=1), default)  # 1 is the default
+    assert "Eta" not in parse_infotext_params(default.infotexts[0])
+    assert parse_infotext_params(half.infotexts[0])["Eta"] == "0.5"
+    again = list(micro_engine.generate(parse_infotext(half.infotexts[0])))[-1]
+    assert same(again, half)
+
+
+def test_ddim_eta_adds_noise_and_is_written_as_eta_ddim(micro_engine):
+    default = generate(micro_engine, sampler_name="DDIM")
+    noisy = generate(micro_engine, sampler_name="DDIM", eta=0.7)
+    assert not same(noisy, default)
+    assert "Eta DDIM" not in parse_infotext_params(default.infotexts[0])
+    assert parse_infotext_params(noisy.infotexts[0])["Eta DDIM"] == "0.7"
+    assert same(list(micro_engine.generate(parse_infotext(noisy.infotexts[0])))[-1], noisy)
+
+
+def test_ensd_changes_only_the_noise_drawn_after_the_start(micro_engine):
+    plain = generate(micro_engine, sampler_name="Euler a")
+    delta = generate(micro_engine, sampler_name="Euler a", eta_noise_seed_delta=31337)
+    assert not same(delta, plain)
+    assert parse_infotext_params(delta.infotexts[0])["ENSD"] == "31337"
+    assert same(list(micro_engine.generate(parse_infotext(delta.infotexts[0])))[-1], delta)
+    # Samplers that draw nothing after the start make the same picture; A1111 writes no ENSD for them, nor
+    # for Euler a at eta 0.
+    for fields in ({"sampler_name": "Euler"}, {"sampler_name": "DPM++ 2M"}, {"sampler_name": "Euler a", "eta": 0}):
+        with_delta = generate(micro_engine, **fields, eta_noise_seed_delta=31337)
+        assert same(with_delta, generate(micro_engine, **fields)), fields
+        assert "ENSD" not in parse_infotext_params(with_delta.infotexts[0]), fields
+
+
+def test_ensd_reseeds_each_generator_once_the_starting_noise_is_drawn():
+    class Pipeline:
+        def prepare_latents(self, shape, dtype, device, generator, latents=None):
+            return torch.stack([torch.randn(shape, generator=g) for g in generator])
+
+    pipe, seeds = Pipeline(), [5, 9]
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    reseed_after_start(pipe, seeds, 100)
+    start = pipe.prepare_latents((3,), None, None, generators)
+    assert torch.equal(start[1], torch.randn((3,), generator=torch.Generator().manual_seed(9)))
+    for generator, seed in zip(generators, seeds, strict=True):
+        assert torch.equal(
+            torch.randn(4, generator=generator), torch.randn(4, generator=torch.Generator().manual_seed(seed + 100))
+        )
+
+
+def test_bad_eta_or_ensd_is_refused_by_name(micro_engine):
+    for fields, field in (
+        ({"eta": 1.5}, "eta"),
+        ({"eta": "x"}, "eta"),
+        ({"eta_noise_seed_delta": -1}, "eta_noise_seed_delta"),
+    ):
+        with pytest.raises(InvalidRequestError) as refused:
+            micro_engine.validate(GenerationRequest(**{**REQUEST, **fields}))
+        assert refused.value.field == field
+
+
+def test_the_api_takes_eta_and_ensd_as_a1111_does(micro_engine, tmp_path):
+    from ui.server import ServerSettings, launch
+
+    handle = launch(micro_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path))
+    try:
+        with httpx.Client(base_url=handle.url + "sdapi/v1/", timeout=120) as api:
+            base = {**REQUEST, "sampler_name": "Euler a"}
+            info = json.loads(api.post("txt2img", json={**base, "eta": 0.5}).json()["info"])
+            assert "Eta: 0.5" in info["infotexts"][0] and "eta" not in info["ignored_fields"]
+            overridden = {**base, "override_settings": {"eta_noise_seed_delta": 31337}}
+            info = json.loads(api.post("txt2img", json=overridden).json()["info"])
+            assert "ENSD: 31337" in info["infotexts"][0] and not info["ignored_fields"]
+            # Through /options it stays for later jobs, as in A1111.
+            assert api.post("options", json={"eta_noise_seed_delta": 1}).status_code == 200
+            assert "ENSD: 1" in json.loads(api.post("txt2img", json=base).json()["info"])["infotexts"][0]
+            refused = api.post("options", json={"eta_noise_seed_delta": -5})
+            assert refused.status_code == 422 and refused.json()["field"] == "eta_noise_seed_delta"
+            api.post("options", json={"eta_noise_seed_delta": 0})
+            # A sampler that takes no eta here: listed, as every field this engine does not act on.
+            info = json.loads(
+                api.post("txt2img", json={**REQUEST, "sampler_name": "DPM++ 2M", "eta": 0.5}).json()["info"]
+            )
+            assert "eta" in info["ignored_fields"]
+    finally:
+        handle.close()
+
+
+def test_the_page_ensd_and_eta_belong_to_one_session(micro_engine):
+    from gradio_client import Client
+
+    from ui.page import build_page
+
+    demo = build_page(micro_engine)
+    demo.queue()
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    try:
+        user_a, user_b = Client(url, verbose=False), Client(url, verbose=False)
+        user_a.predict(31337, api_name="/set_ensd")
+        user_a.predict(0.5, api_name="/set_eta_ancestral")
+        args = ("a red circle on a blue background", "", "Euler a", "Automatic", 8, 7.0, 21, 64, 64, 1, 1)
+        infotext = user_a.predict(*args, api_name="/txt2img")[3]
+        assert "Eta: 0.5" in infotext and "ENSD: 31337" in infotext
+        other = user_b.predict(*args, api_name="/txt2img")[3]
+        assert "Eta" not in other and "ENSD" not in other
+    finally:
+        demo.close()
