@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .errors import InvalidRequestError
 from .events import JobControl, PreviewSettings, Progress, Result, Waiting
-from .request import GenerationRequest
+from .request import HR_UPSCALERS, GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,9 @@ AXIS_TYPES = (
     "Var. seed",
     "Var. strength",
     "Denoising strength",
+    "Eta",
+    "ENSD",
+    "Hires upscaler",
     "Prompt S/R",
     "Model",
 )
@@ -56,9 +59,12 @@ _AXIS_FIELDS = {
     "Var. seed": "subseed",
     "Var. strength": "subseed_strength",
     "Denoising strength": "denoising_strength",
+    "Eta": "eta",
+    "ENSD": "eta_noise_seed_delta",
+    "Hires upscaler": "hr_upscaler",
 }
-_INT_AXES = {"Steps", "Seed", "Var. seed"}
-_FLOAT_AXES = {"CFG scale", "Var. strength", "Denoising strength"}
+_INT_AXES = {"Steps", "Seed", "Var. seed", "ENSD"}
+_FLOAT_AXES = {"CFG scale", "Var. strength", "Denoising strength", "Eta"}
 MAX_CELLS = 400
 
 _NUMBER = r"[+-]?\s*(?:\d+(?:\.\d*)?|\.\d+)"
@@ -136,14 +142,19 @@ def parse_axis(kind: str, text: str, engine) -> Axis:
         typed = _expand(kind, values)
         if kind == "Steps" and any(not 1 <= v <= engine.limits.max_steps for v in typed):
             raise InvalidRequestError(f"{kind} axis", text, f"steps from 1 to {engine.limits.max_steps}")
-        if kind in ("Denoising strength", "Var. strength") and any(not 0 <= v <= 1 for v in typed):
-            raise InvalidRequestError(f"{kind} axis", text, "strengths from 0 to 1")
+        if kind in ("Denoising strength", "Var. strength", "Eta") and any(not 0 <= v <= 1 for v in typed):
+            raise InvalidRequestError(f"{kind} axis", text, "values from 0 to 1")
+        if kind == "ENSD" and any(v < 0 for v in typed):
+            raise InvalidRequestError(f"{kind} axis", text, "whole numbers, 0 or more")
         labels = tuple(_format_number(v) for v in typed)
     elif kind == "Sampler":
         typed = [_match(value, engine.samplers(), kind, aliases=engine.sampler_aliases) for value in values]
         labels = tuple(typed)
     elif kind == "Schedule type":
         typed = [_match(value, engine.schedulers(), kind) for value in values]
+        labels = tuple(typed)
+    elif kind == "Hires upscaler":
+        typed = [_match(value, hires_upscalers(engine), kind) for value in values]
         labels = tuple(typed)
     elif kind == "Prompt S/R":
         typed, labels = values, tuple(values)
@@ -160,6 +171,11 @@ def parse_axis(kind: str, text: str, engine) -> Axis:
     if len(typed) > MAX_CELLS:
         raise InvalidRequestError(f"{kind} axis", f"{len(typed)} values", f"at most {MAX_CELLS}")
     return Axis(kind, tuple(typed), labels)
+
+
+def hires_upscalers(engine) -> list[str]:
+    """The hires fix's upscalers: the built-in ones and the upscaler models there are."""
+    return [*HR_UPSCALERS, *engine.list_upscalers()]
 
 
 def _match(value: str, options: list[str], kind: str, aliases: Callable[[str], list[str]] | None = None) -> str:
@@ -200,6 +216,8 @@ def plan_grid(base: GenerationRequest, axes: list[Axis]) -> list[Cell]:
                 raise InvalidRequestError(
                     "Prompt S/R axis", search, "a first value found in the prompt or negative prompt (it is replaced)"
                 )
+    if not base.enable_hr and "Hires upscaler" in (x_axis.kind, y_axis.kind, z_axis.kind):
+        raise InvalidRequestError("Hires upscaler axis", "Hires. fix off", "Hires. fix on (in the txt2img tab)")
     total = len(x_axis) * len(y_axis) * len(z_axis)
     if total > MAX_CELLS:
         raise InvalidRequestError("grid", f"{total} cells", f"at most {MAX_CELLS}")

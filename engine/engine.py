@@ -296,7 +296,7 @@ class Engine:
         if not isinstance(req, GenerationRequest):
             raise EngineError(f"expected a GenerationRequest, got {type(req).__name__}")
         upscalers = self.list_upscalers()
-        if req.enable_hr is True and isinstance(req.hr_upscaler, str):
+        if req.enable_hr in (True, 1) and isinstance(req.hr_upscaler, str):
             # Matched without case, with or without the file's extension; refused naming what there is.
             req = dataclasses.replace(
                 req,

@@ -101,6 +101,13 @@ def test_extras_upscales_a_picture_with_the_shipped_upscaler(page, tmp_path, art
     draw_scene(ShapeScene("triangle", "red", "blue", "large", (14, 12, 50, 48))).save(source)
     page.get_by_role("tab", name="Extras").click()
     page.set_input_files("#extras_image input[type=file]", str(source))
+    # One mode's settings at a time: Scale to shows the size, Scale by the factor.
+    page.click("#extras_resize_mode label:has-text('Scale to')")
+    page.locator("#extras_w").wait_for(state="visible")
+    assert not page.locator("#extras_upscaling_resize").is_visible()
+    page.click("#extras_resize_mode label:has-text('Scale by')")
+    page.locator("#extras_upscaling_resize").wait_for(state="visible")
+    assert not page.locator("#extras_w").is_visible()
     page.click("#extras_upscaler_1 input")
     page.locator("ul[role='listbox'] li", has_text="micro-shapes-2x").first.click()
     page.click("#extras_generate")

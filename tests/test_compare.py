@@ -55,6 +55,9 @@ def run(comparer, axes, **kwargs) -> tuple[list[GridProgress], GridResult]:
         ("Sampler", "euler A, DPM++ 2M , unipc", ("Euler a", "DPM++ 2M", "UniPC")),
         ("Schedule type", "automatic, KARRAS", ("Automatic", "Karras")),
         ("Prompt S/R", 'red, "blue, bright", green', ("red", "blue, bright", "green")),
+        ("Eta", "0-1 [3]", (0.0, 0.5, 1.0)),
+        ("ENSD", "0, 31337", (0, 31337)),
+        ("Hires upscaler", "latent, LANCZOS", ("Latent", "Lanczos")),
     ],
 )
 def test_axis_values_parse_like_a1111(engine, kind, text, values):
@@ -72,6 +75,9 @@ def test_axis_values_parse_like_a1111(engine, kind, text, values):
         ("Schedule type", "Curvy", "Karras"),
         ("Model", "no-such-model", "tiny-sd"),
         ("Steps", "", "at least one value"),
+        ("Eta", "0.5, 2", "values from 0 to 1"),
+        ("ENSD", "-1", "0 or more"),
+        ("Hires upscaler", "R-ESRGAN 4x+", "Lanczos"),
     ],
 )
 def test_bad_axis_values_name_the_axis_and_what_is_allowed(engine, kind, text, allowed):
@@ -105,6 +111,23 @@ def test_plan_shares_everything_but_the_axes(engine):
         ("DDIM", 9.0),
     ]
     assert {c.request.seed for c in cells} == {11} and {c.request.prompt for c in cells} == {BASE.prompt}
+
+
+def test_eta_ensd_and_hires_upscaler_axes_set_their_fields(engine):
+    axes = [parse_axis("Eta", "0, 1", engine), parse_axis("ENSD", "0, 31337", engine)]
+    cells = plan_grid(BASE, axes)
+    assert [(c.request.eta, c.request.eta_noise_seed_delta) for c in cells] == [
+        (0.0, 0),
+        (1.0, 0),
+        (0.0, 31337),
+        (1.0, 31337),
+    ]
+    assert cells[3].label == "Eta: 1, ENSD: 31337"
+    upscalers = [parse_axis("Hires upscaler", "Latent, Nearest", engine)]
+    with pytest.raises(InvalidRequestError, match="Hires. fix on"):
+        plan_grid(BASE, upscalers)
+    cells = plan_grid(dataclasses.replace(BASE, enable_hr=True), upscalers)
+    assert [c.request.hr_upscaler for c in cells] == ["Latent", "Nearest"]
 
 
 def test_prompt_search_replace(engine):

@@ -113,6 +113,17 @@ def test_the_api_takes_eta_and_ensd_as_a1111_does(micro_engine, tmp_path):
             refused = api.post("options", json={"eta_noise_seed_delta": -5})
             assert refused.status_code == 422 and refused.json()["field"] == "eta_noise_seed_delta"
             api.post("options", json={"eta_noise_seed_delta": 0})
+            # A1111's eta settings, per sampler kind: eta_ancestral (Euler a) and eta_ddim.
+            info = json.loads(
+                api.post("txt2img", json={**base, "override_settings": {"eta_ancestral": 0.5}}).json()["info"]
+            )
+            assert "Eta: 0.5" in info["infotexts"][0] and not info["ignored_fields"]
+            assert api.post("options", json={"eta_ddim": 0.7}).status_code == 200
+            ddim = json.loads(api.post("txt2img", json={**REQUEST, "sampler_name": "DDIM"}).json()["info"])
+            assert "Eta DDIM: 0.7" in ddim["infotexts"][0]
+            assert "Eta" not in json.loads(api.post("txt2img", json=base).json()["info"])["infotexts"][0]
+            api.post("options", json={"eta_ddim": 0})
+            assert api.post("options", json={"eta_ancestral": 2}).json()["field"] == "eta_ancestral"
             # A sampler that takes no eta here: listed, as every field this engine does not act on.
             info = json.loads(
                 api.post("txt2img", json={**REQUEST, "sampler_name": "DPM++ 2M", "eta": 0.5}).json()["info"]

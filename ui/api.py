@@ -124,7 +124,8 @@ class _GenerationPayload(BaseModel):
     override_settings: dict[str, Any] | None = Field(
         None,
         description="acted on: CLIP_stop_at_last_layers, emphasis ('Original', 'No norm', 'Ignore'), "
-        "sd_vae ('Automatic', 'None' or a file from /sdapi/v1/sd-vae), eta_noise_seed_delta (ENSD, e.g. 31337)",
+        "sd_vae ('Automatic', 'None' or a file from /sdapi/v1/sd-vae), eta_noise_seed_delta (ENSD, e.g. 31337), "
+        "eta_ancestral (Euler a), eta_ddim",
     )
     styles: Any = None
     subseed: Any = Field(-1, description="variation seed; -1: random")
@@ -475,6 +476,8 @@ class SdApi:
             "emphasis": "Original",
             "sd_vae": "Automatic",
             "eta_noise_seed_delta": 0,
+            "eta_ancestral": 1.0,
+            "eta_ddim": 0.0,
         }
         self._jobs: dict[int, tuple[str, str]] = {}  # job id -> (kind, timestamp) of jobs started here
         self._last_job_timestamp = "0"
@@ -570,7 +573,7 @@ class SdApi:
             emphasis=self._setting_for("emphasis", payload, from_text, "Original"),
             sd_vae=self._setting_for("sd_vae", payload, from_text, "Automatic"),
             tiling=pick("tiling", False),
-            eta=pick("eta", None),
+            eta=self._eta_for(payload, from_text, sampler or defaults.sampler_name),
             eta_noise_seed_delta=self._setting_for("eta_noise_seed_delta", payload, from_text, 0),
             styles=payload.styles or None,
         )
@@ -636,13 +639,32 @@ class SdApi:
         for key, value in (payload.override_settings or {}).items():
             if key == "CLIP_stop_at_last_layers":
                 clip_skip = _clip_skip_value(value, "override_settings.CLIP_stop_at_last_layers")
-            elif key in ("emphasis", "sd_vae", "eta_noise_seed_delta"):
+            elif key in ("emphasis", "sd_vae", "eta_noise_seed_delta", "eta_ancestral", "eta_ddim"):
                 continue  # read by _setting_for
             elif key == "sd_model_checkpoint" and self._is_loaded_model(value):
                 continue  # asks for the model already loaded
             else:
                 ignored.append(f"override_settings.{key}")
         return clip_skip
+
+    def _eta_for(self, payload: _GenerationPayload, from_text, sampler: str) -> Any:
+        """The job's eta: the payload's `eta`, else the infotext's, else A1111's setting for its sampler
+        (`eta_ancestral` for Euler a, `eta_ddim` for DDIM) from override_settings or /options."""
+        if payload.eta is not None:
+            return payload.eta
+        if from_text is not None and from_text.eta is not None:
+            return from_text.eta
+        try:
+            spec = get_sampler(resolve_sampler(sampler, None)[0])
+        except InvalidRequestError:
+            return None  # refused for its sampler when the request is checked
+        if spec.eta_default is None:
+            return None
+        key = "eta_ddim" if spec.eta_key == "Eta DDIM" else "eta_ancestral"
+        overrides = payload.override_settings or {}
+        with self._lock:
+            value = overrides.get(key, self._stored_options.get(key))
+        return None if value is None or _same(value, spec.eta_default) else value
 
     def _setting_for(self, name: str, payload: _GenerationPayload, from_text, default: str) -> Any:
         """An A1111 setting a job uses: override_settings, else the infotext, else /options, else `default`.
@@ -856,6 +878,10 @@ class SdApi:
             clip_skip = _clip_skip_value(options["CLIP_stop_at_last_layers"], "CLIP_stop_at_last_layers")
         if "emphasis" in options and options["emphasis"] not in EMPHASIS_MODES:
             raise ApiError(422, "emphasis", options["emphasis"], ", ".join(EMPHASIS_MODES))
+        for key in ("eta_ancestral", "eta_ddim"):
+            value = options.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ApiError(422, key, value, "a number from 0 to 1")
         if "eta_noise_seed_delta" in options:
             ensd = options["eta_noise_seed_delta"]
             if isinstance(ensd, bool) or not isinstance(ensd, int) or not 0 <= ensd <= SEED_MAX:

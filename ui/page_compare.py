@@ -26,6 +26,7 @@ from engine.compare import (
     GridResult,
     convergence_table,
     export_timeline,
+    hires_upscalers,
     list_presets,
     load_preset,
     parse_axis,
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 
 PRESETS_FOLDER = PRESETS_DIR / "compare"
 MAX_SIDE_BY_SIDE = 4
-_PICKABLE = ("Sampler", "Schedule type", "Model")
+_PICKABLE = ("Sampler", "Schedule type", "Hires upscaler", "Model")
 
 
 @dataclass
@@ -302,6 +303,8 @@ def _pick_choices(engine, kind: str) -> list[str]:
         return engine.samplers()
     if kind == "Schedule type":
         return engine.schedulers()
+    if kind == "Hires upscaler":
+        return hires_upscalers(engine)
     if kind == "Model":
         return [model.name for model in engine.list_models()]
     return []

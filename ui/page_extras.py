@@ -62,7 +62,8 @@ def build_extras_tab(engine) -> ExtrasWidgets:
                 elem_id="extras_resize_mode",
             )
             scale = gr.Slider(1, 8, value=2, step=0.05, label="Scale by", elem_id="extras_upscaling_resize")
-            with gr.Row():
+            # Shown for "Scale to" only, as A1111 shows one mode's settings at a time.
+            with gr.Row(visible=False) as size_row:
                 width = gr.Slider(64, engine.limits.max_side, value=512, step=8, label="Width", elem_id="extras_w")
                 height = gr.Slider(64, engine.limits.max_side, value=512, step=8, label="Height", elem_id="extras_h")
                 crop = gr.Checkbox(True, label="Crop to fit", elem_id="extras_crop")
@@ -80,6 +81,14 @@ def build_extras_tab(engine) -> ExtrasWidgets:
         with gr.Column():
             result = gr.Image(type="pil", label="Result", interactive=False, format="png", elem_id="extras_result")
             info = gr.Textbox(label="Postprocessing", interactive=False, elem_id="extras_info")
+    resize_mode.change(
+        lambda mode: (gr.update(visible=mode == SCALE_BY), gr.update(visible=mode == SCALE_TO)),
+        inputs=[resize_mode],
+        outputs=[scale, size_row],
+        queue=False,
+        api_visibility="private",
+        show_progress="hidden",
+    )
     return ExtrasWidgets(
         image, resize_mode, scale, width, height, crop, upscaler_1, upscaler_2, visibility, run, result, info
     )
