@@ -152,3 +152,14 @@ def test_the_page_ensd_and_eta_belong_to_one_session(micro_engine):
         assert "Eta" not in other and "ENSD" not in other
     finally:
         demo.close()
+
+
+def test_png_info_send_sets_the_sessions_ensd_and_eta_from_the_infotext():
+    import gradio as gr
+
+    from ui.page import _sampler_parameters_from_infotext
+
+    text = "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64, Eta: 0.5, ENSD: 31337"
+    assert _sampler_parameters_from_infotext(text) == [31337, 0.5, gr.skip()]
+    ddim = "a cat\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, Eta DDIM: 0.3"
+    assert _sampler_parameters_from_infotext(ddim) == [gr.skip(), gr.skip(), 0.3]

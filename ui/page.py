@@ -285,7 +285,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     api_visibility="private",
                     show_progress="hidden",
                 )
-        _wire_png_info(png, tab_widgets, tabs, sd_vae=sd_vae, ensd=ensd, engine=engine)
+        _wire_png_info(png, tab_widgets, tabs, session_settings=[sd_vae, ensd, eta_ancestral, eta_ddim], engine=engine)
         wire_extras_tab(extras, engine)
         txt2img = tab_widgets["txt2img"].settings
         wire_compare_tab(
@@ -1078,10 +1078,10 @@ def _wire_png_info(
     tab_widgets: dict[str, TabWidgets],
     tabs: gr.Tabs,
     *,
-    sd_vae: gr.Dropdown,
-    ensd: gr.Number,
+    session_settings: list,
     engine,
 ) -> None:
+    """`session_settings`: the SD VAE list, ENSD and the two etas, which Send sets from the infotext."""
     png.image.change(
         _read_png_info,
         inputs=[png.image],
@@ -1107,7 +1107,7 @@ def _wire_png_info(
         button.click(
             functools.partial(_send_png_info, target_mode=mode, engine=engine),
             inputs=[png.image, png.text],
-            outputs=[*outputs, sd_vae, ensd, tabs],
+            outputs=[*outputs, *session_settings, tabs],
             api_visibility="private",
             show_progress="hidden",
         )
@@ -1372,7 +1372,11 @@ def _send_png_info(path: str | None, text: str, *, target_mode: str, engine):
         raise gr.Error("No generation parameters to send: drop a PNG made by this app (or A1111) first.")
     values = _settings_from_infotext(text, with_denoising=target_mode != "txt2img")
     variation = [*_variation_from_infotext(text), _tiling_from_infotext(text)]
-    session_settings = (_vae_from_infotext(engine, text), _ensd_from_infotext(text), gr.Tabs(selected=target_mode))
+    session_settings = (
+        _vae_from_infotext(engine, text),
+        *_sampler_parameters_from_infotext(text),
+        gr.Tabs(selected=target_mode),
+    )
     if target_mode == "txt2img":
         return (*values, *_hires_settings_from_infotext(text, engine), *variation, *session_settings)
     image = _open_image(path) if path else None
@@ -1381,12 +1385,19 @@ def _send_png_info(path: str | None, text: str, *, target_mode: str, engine):
     return (_image_for(target_mode, image), *values, *variation, *session_settings)
 
 
-def _ensd_from_infotext(text: str):
-    """The ENSD setting's value for an infotext that names one (A1111 pastes it as an override); else left."""
-    from engine.infotext import parse_infotext
+def _sampler_parameters_from_infotext(text: str) -> list:
+    """The Settings tab's ENSD, Eta for Euler a and Eta for DDIM from an infotext: each set where the infotext
+    names it (A1111 pastes them as overrides), else left as it is."""
+    from engine.infotext import parse_infotext_params
 
-    ensd = parse_infotext(text, unsupported_schedule="automatic").eta_noise_seed_delta
-    return ensd if ensd else gr.skip()
+    params = parse_infotext_params(text)
+    values = []
+    for key in ("ENSD", "Eta", "Eta DDIM"):
+        try:
+            values.append(int(params[key]) if key == "ENSD" else float(params[key]))
+        except (KeyError, ValueError):
+            values.append(gr.skip())
+    return values
 
 
 def _tiling_from_infotext(text: str) -> bool:
