@@ -1,6 +1,7 @@
 """Saving finished images the way A1111 lays them out, so existing habits and tools keep working.
 
     outputs/txt2img-images/2024-05-01/00042-1234.png      (img2img and inpaint: img2img-images/)
+    outputs/extras-images/2024-05-01/00007.png             (Extras: no seed)
 
 Numbers continue from the highest one already in the day's folder. Two saves racing for the same
 number (two server threads, two processes) never overwrite each other: a number is claimed by
@@ -19,9 +20,14 @@ from PIL import Image
 
 from .images import encode_png
 
-MODE_FOLDERS = {"txt2img": "txt2img-images", "img2img": "img2img-images", "inpaint": "img2img-images"}
+MODE_FOLDERS = {
+    "txt2img": "txt2img-images",
+    "img2img": "img2img-images",
+    "inpaint": "img2img-images",
+    "extras": "extras-images",
+}
 FORMATS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
-_NUMBERED = re.compile(r"^(\d+)-")
+_NUMBERED = re.compile(r"^(\d+)[-.]")
 _CLAIM_PREFIX = ".claim-"
 # EXIF tags: the Exif sub-IFD and its UserComment, where A1111 keeps JPEG/WebP infotexts.
 _EXIF_IFD = 0x8769
@@ -45,17 +51,19 @@ def save_image(
     *,
     outputs_dir: str | os.PathLike,
     mode: str,
-    seed: int,
+    seed: int | None,
     fmt: str = "png",
     day: dt.date | None = None,
+    postprocessing: str | None = None,
 ) -> Path:
-    """Write `image` with its infotext embedded as NNNNN-<seed>.<ext>; returns the new file's path."""
+    """Write `image` with its infotext embedded as NNNNN-<seed>.<ext> (NNNNN.<ext> without a seed); returns the
+    new file's path. `postprocessing` is what Extras did, kept in a PNG's `postprocessing` chunk as A1111 does."""
     ext = FORMATS.get(str(fmt).lower())
     if ext is None:
         raise ValueError(f"fmt: got {fmt!r}; allowed: {', '.join(FORMATS)}")
     folder = output_folder(outputs_dir, mode, day)
     folder.mkdir(parents=True, exist_ok=True)
-    data = encode_image(image, infotext, ext)
+    data = encode_image(image, infotext, ext, postprocessing)
 
     number = next_number(folder)
     for _ in range(_MAX_ATTEMPTS):
@@ -68,7 +76,7 @@ def save_image(
             if _number_taken(folder, number):
                 number += 1
                 continue
-            path = folder / f"{number:05d}-{seed}.{ext}"
+            path = folder / (f"{number:05d}.{ext}" if seed is None else f"{number:05d}-{seed}.{ext}")
             if _create_exclusive(path, data):
                 return path
             number += 1
@@ -91,10 +99,10 @@ def next_number(folder: Path) -> int:
     return highest + 1
 
 
-def encode_image(image: Image.Image, infotext: str | None, ext: str) -> bytes:
-    """PNG with a `parameters` text chunk; JPEG/WebP with the infotext in EXIF UserComment."""
+def encode_image(image: Image.Image, infotext: str | None, ext: str, postprocessing: str | None = None) -> bytes:
+    """PNG with a `parameters` text chunk (and `postprocessing`); JPEG/WebP with the infotext in EXIF UserComment."""
     if ext == "png":
-        return encode_png(image, infotext)
+        return encode_png(image, infotext, postprocessing=postprocessing)
     if image.mode not in ("RGB", "L"):
         image = image.convert("RGB")
     exif = Image.Exif()
@@ -107,8 +115,9 @@ def encode_image(image: Image.Image, infotext: str | None, ext: str) -> bytes:
 
 
 def _number_taken(folder: Path, number: int) -> bool:
-    prefix = f"{number:05d}-"
-    return any(name.startswith(prefix) for name in os.listdir(folder))
+    return any(
+        (match := _NUMBERED.match(name)) is not None and int(match.group(1)) == number for name in os.listdir(folder)
+    )
 
 
 def _create_exclusive(path: Path, data: bytes) -> bool:

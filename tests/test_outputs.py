@@ -74,9 +74,21 @@ def test_rgba_images_are_saved_as_jpeg(tmp_path):
         assert saved.mode == "RGB"
 
 
+def test_extras_results_are_numbered_without_a_seed_among_the_same_counter(tmp_path):
+    first = save_image(picture(), None, outputs_dir=tmp_path, mode="extras", seed=None, day=DAY, postprocessing="x: 1")
+    second = save_image(picture(), None, outputs_dir=tmp_path, mode="extras", seed=None, day=DAY)
+    assert (first.name, second.name) == ("00000.png", "00001.png")
+    assert first.parent == tmp_path / "extras-images" / DAY.isoformat()
+    with Image.open(first) as saved:
+        assert saved.info["postprocessing"] == "x: 1"
+    # A seeded file in the same folder counts too.
+    (first.parent / "00007-5.png").write_bytes(b"")
+    assert save_image(picture(), None, outputs_dir=tmp_path, mode="extras", seed=None, day=DAY).name == "00008.png"
+
+
 def test_bad_mode_and_format_are_refused_with_the_choices(tmp_path):
-    with pytest.raises(ValueError, match="mode: got 'extras'; allowed: txt2img, img2img, inpaint"):
-        save_image(picture(), None, outputs_dir=tmp_path, mode="extras", seed=1)
+    with pytest.raises(ValueError, match="mode: got 'grids'; allowed: txt2img, img2img, inpaint, extras"):
+        save_image(picture(), None, outputs_dir=tmp_path, mode="grids", seed=1)
     with pytest.raises(ValueError, match="fmt: got 'gif'"):
         save_image(picture(), None, outputs_dir=tmp_path, mode="txt2img", seed=1, fmt="gif")
 

@@ -331,13 +331,18 @@ def test_the_api_lists_upscalers_and_runs_extras(upscaler_engine, tmp_path):
 
 
 def test_the_page_extras_tab_upscales(upscaler_engine, tmp_path):
+    from types import SimpleNamespace
+
     from gradio_client import Client, handle_file
 
+    from engine.images import encode_png
     from ui.page import build_page
 
     picture_path = tmp_path / "source.png"
-    Image.fromarray(np.random.default_rng(3).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(picture_path)
-    demo = build_page(upscaler_engine)
+    picture = Image.fromarray(np.random.default_rng(3).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    picture_path.write_bytes(encode_png(picture, "a red circle\nSteps: 8, Seed: 3, Size: 16x16"))
+    outputs = tmp_path / "outputs"
+    demo = build_page(upscaler_engine, SimpleNamespace(outputs_dir=outputs, save_images=True))
     demo.queue()
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
     try:
@@ -346,7 +351,13 @@ def test_the_page_extras_tab_upscales(upscaler_engine, tmp_path):
             handle_file(str(picture_path)), 0, 2, 512, 512, True, "2x-nearest", "None", 0, api_name="/extras"
         )
         assert Image.open(result).size == (32, 32)
-        assert "Postprocess upscaler: 2x-nearest" in info
+        assert "Postprocess upscaler: 2x-nearest" in info and "saved as 00000.png" in info
+        # Saved as A1111 saves Extras results: outputs/extras-images/<date>/NNNNN.png, with the source's
+        # infotext and what was done.
+        (saved,) = (outputs / "extras-images").glob("*/00000.png")
+        with Image.open(saved) as kept:
+            assert kept.info["postprocessing"] == "Postprocess upscale by: 2, Postprocess upscaler: 2x-nearest"
+            assert kept.info["parameters"].startswith("a red circle")
     finally:
         demo.close()
 

@@ -286,7 +286,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     show_progress="hidden",
                 )
         _wire_png_info(png, tab_widgets, tabs, session_settings=[sd_vae, ensd, eta_ancestral, eta_ddim], engine=engine)
-        wire_extras_tab(extras, engine)
+        wire_extras_tab(extras, engine, session, outputs_dir=outputs_dir, save_image=save_image)
         txt2img = tab_widgets["txt2img"].settings
         wire_compare_tab(
             compare,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import gradio as gr
@@ -10,9 +11,12 @@ import gradio as gr
 from engine import EngineError, ExtrasRequest
 from engine.extras import SCALE_BY, SCALE_TO
 from engine.extras import describe as describe_postprocessing
+from engine.infotext import read_infotext
 from engine.request import PICTURE_UPSCALERS
 
 from .page_jobs import engine_error, reread_on_open
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,10 +98,11 @@ def build_extras_tab(engine) -> ExtrasWidgets:
     )
 
 
-def wire_extras_tab(widgets: ExtrasWidgets, engine) -> None:
+def wire_extras_tab(widgets: ExtrasWidgets, engine, session: gr.State, *, outputs_dir=None, save_image=None) -> None:
+    """`save_image` and `outputs_dir` save results (outputs/extras-images) when the session saves images."""
     widgets.run.click(
-        functools.partial(run_extras, engine),
-        inputs=widgets.inputs(),
+        functools.partial(run_extras, engine, outputs_dir=outputs_dir, save_image=save_image),
+        inputs=[session, *widgets.inputs()],
         outputs=[widgets.result, widgets.info],
         concurrency_limit=1,
         concurrency_id="gpu",
@@ -107,8 +112,24 @@ def wire_extras_tab(widgets: ExtrasWidgets, engine) -> None:
         reread_on_open(dropdown, functools.partial(upscaler_choices, engine))
 
 
-def run_extras(engine, image, resize_mode, scale, width, height, crop, upscaler_1, upscaler_2, visibility):
-    """The Extras button (also /extras for gradio_client): the upscaled picture and what was done to it."""
+def run_extras(
+    engine,
+    session,
+    image,
+    resize_mode,
+    scale,
+    width,
+    height,
+    crop,
+    upscaler_1,
+    upscaler_2,
+    visibility,
+    *,
+    outputs_dir=None,
+    save_image=None,
+):
+    """The Extras button (also /extras for gradio_client): the upscaled picture and what was done to it. Saved
+    to outputs/extras-images when this session saves images, with the source's infotext and what was done."""
     if image is None:
         raise gr.Error("Upscale: drop a picture into Source first.")
     request = ExtrasRequest(
@@ -126,7 +147,13 @@ def run_extras(engine, image, resize_mode, scale, width, height, crop, upscaler_
         result, info = engine.upscale(request)
     except EngineError as exc:
         raise engine_error(exc) from exc
-    return (
-        result,
-        f"{describe_postprocessing(info) or 'Upscaler 1 is None: the picture is unchanged.'} ({result.width}x{result.height})",
-    )
+    text = describe_postprocessing(info)
+    saved = ""
+    if info and session.save_images and save_image is not None and outputs_dir is not None:
+        path = save_image(
+            result, read_infotext(image), outputs_dir=outputs_dir, mode="extras", seed=None, postprocessing=text
+        )
+        log.info("Saved %s", path)
+        saved = f", saved as {path.name}"
+    shown = text or "Upscaler 1 is None: the picture is unchanged."
+    return result, f"{shown} ({result.width}x{result.height}{saved})"
