@@ -400,7 +400,10 @@ def upscale_to(network: nn.Module, picture: Image.Image, width: int, height: int
     for _ in range(MAX_PASSES):
         if picture.width >= width and picture.height >= height:
             break
+        before = picture.size
         picture = upscale_once(network, picture)
+        if picture.size == before:  # a 1x model (a denoiser, say) runs once
+            break
     if picture.size != (width, height):
         picture = picture.resize((width, height), Image.Resampling.LANCZOS)
     return picture

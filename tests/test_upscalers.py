@@ -177,6 +177,18 @@ def test_a_nearest_esrgan_scales_exactly_by_nearest_neighbour_in_either_layout()
         assert np.array_equal(out, np.asarray(picture.resize((52, 36), Image.Resampling.NEAREST)))
 
 
+def test_a_1x_model_runs_once_and_lanczos_makes_the_size():
+    from engine.upscalers import upscale_to
+
+    network = nearest_rrdb(0)  # 1x: the picture as it is
+    calls = []
+    network.register_forward_hook(lambda *args: calls.append(1))
+    picture = Image.fromarray(np.random.default_rng(4).integers(0, 256, (10, 12, 3), dtype=np.uint8))
+    result = upscale_to(network, picture, 24, 20)
+    assert len(calls) == 1
+    assert np.array_equal(pixels(result), pixels(picture.resize((24, 20), Image.Resampling.LANCZOS)))
+
+
 def test_tiles_blend_into_the_whole_picture():
     """A picture larger than a tile is made in overlapping tiles; where a quarter of the overlap covers the
     network's reach (a Compact net with 2 body convolutions sees 4 pixels around), the result is the whole
