@@ -289,3 +289,28 @@ def test_compare_grids_use_the_hires_panel_and_the_seed_extras(page_url):
             assert image.size == (96, 96)  # the hires pass's size
             images.append(image.convert("RGB").tobytes())
     assert images[0] != images[1]  # strength 0 is seed 5's picture, strength 1 variation seed 9's
+
+
+def test_compare_grids_tile_when_the_txt2img_tiling_box_is_ticked(page_url, engine):
+    from engine import GenerationRequest
+
+    client = _client(page_url)
+    axes = ("Seed", "5", "Nothing", "", "Nothing", "", False)
+    result = client.predict(*txt2img_args("a lighthouse", steps=3, seed=5)[:9], *axes, tiling=True, api_name="/compare")
+    (cell,) = result[3]
+    with Image.open(cell["image"]) as image:
+        shown = image.convert("RGB").tobytes()
+    request = GenerationRequest(
+        prompt="a lighthouse",
+        negative_prompt="blurry",
+        sampler_name="Euler a",
+        steps=3,
+        cfg_scale=7.0,
+        seed=5,
+        width=64,
+        height=64,
+        tiling=True,
+    )
+    tiled = list(engine.generate(request))[-1].images[0]
+    plain = list(engine.generate(GenerationRequest(**{**vars(request), "tiling": False})))[-1].images[0]
+    assert shown == tiled.convert("RGB").tobytes() and shown != plain.convert("RGB").tobytes()

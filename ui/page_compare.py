@@ -7,6 +7,7 @@ its last grid's cells (for the timeline and Send to txt2img).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import tempfile
@@ -210,11 +211,13 @@ def wire_compare_tab(
     settings_from_infotext: Callable[[str], list],
     variation_inputs: list[gr.components.Component] | None = None,
     hires_inputs: list[gr.components.Component] | None = None,
+    tiling_input: gr.components.Component | None = None,
 ) -> None:
     """Events. `base_inputs` are the txt2img prompt, negative prompt, sampler, schedule type, steps, CFG,
     seed, width and height; `variation_inputs` its seed extras (Extra, variation seed, strength, resize
-    from width, height); `hires_inputs` its Hires. fix panel, in the order _run_grid takes them; `send_targets`
-    the txt2img fields (and the tabs) a clicked cell fills."""
+    from width, height); `hires_inputs` its Hires. fix panel, and `tiling_input` its Tiling box, in the order
+    _run_grid takes them (each needs the ones before it); `send_targets` the txt2img fields (and the tabs) a
+    clicked cell fills."""
     for kind, values, picker in zip(widgets.axis_types, widgets.axis_values, widgets.axis_pickers, strict=True):
         kind.change(
             lambda k: gr.update(choices=_pick_choices(engine, k), value=[], visible=k in _PICKABLE),
@@ -247,6 +250,7 @@ def wire_compare_tab(
             widgets.convergence,
             *(variation_inputs or []),
             *(hires_inputs or []),
+            *([tiling_input] if tiling_input is not None else []),
         ],
         outputs=[
             widgets.progress,
@@ -371,9 +375,10 @@ def _run_grid(
     hr_scheduler: str = "",
     hr_prompt: str = "",
     hr_negative_prompt: str = "",
+    tiling: bool = False,
 ):
     """Streams (progress, current cell preview, grid, cells, plot, view, timeline choices, step slider).
-    The seed extras and the Hires. fix settings are the txt2img tab's (Var. seed and Var. strength axes
+    The seed extras, the Hires. fix settings and Tiling are the txt2img tab's (Var. seed and Var. strength axes
     change the first per cell; with hires fix on, the Denoising strength axis is its second pass's)."""
     base = build_request(
         prompt=prompt,
@@ -407,6 +412,7 @@ def _run_grid(
         hr_prompt,
         hr_negative_prompt,
     )
+    base = dataclasses.replace(base, tiling=bool(tiling))
     try:
         axes = [
             parse_axis(kind, text, engine)
