@@ -135,6 +135,7 @@ def test_the_api_takes_eta_and_ensd_as_a1111_does(micro_engine, tmp_path):
 
 def test_the_page_ensd_and_eta_belong_to_one_session(micro_engine):
     from gradio_client import Client
+    from gradio_client.exceptions import AppError
 
     from ui.page import build_page
 
@@ -150,6 +151,9 @@ def test_the_page_ensd_and_eta_belong_to_one_session(micro_engine):
         assert "Eta: 0.5" in infotext and "ENSD: 31337" in infotext
         other = user_b.predict(*args, api_name="/txt2img")[3]
         assert "Eta" not in other and "ENSD" not in other
+        for api_name, bad in (("/set_ensd", -1), ("/set_eta_ancestral", 2)):
+            with pytest.raises(AppError, match="allowed|minimum|maximum"):
+                user_a.predict(bad, api_name=api_name)
     finally:
         demo.close()
 

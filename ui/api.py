@@ -132,11 +132,10 @@ class _GenerationPayload(BaseModel):
     subseed_strength: Any = Field(0, description="0 (off) to 1: how much of the variation seed's noise")
     seed_resize_from_h: Any = Field(-1, description="draw the seed's noise at this size (-1 or 0: off)")
     seed_resize_from_w: Any = Field(-1, description="draw the seed's noise at this size (-1 or 0: off)")
-    # Accepted, not acted on.
-    restore_faces: Any = None
     tiling: Any = None
     eta: Any = Field(None, description="ancestral noise of Euler a (default 1) or DDIM (default 0), 0 to 1")
     # Accepted, not acted on.
+    restore_faces: Any = None
     do_not_save_samples: Any = False
     do_not_save_grid: Any = False
     s_min_uncond: Any = None
@@ -640,7 +639,7 @@ class SdApi:
             if key == "CLIP_stop_at_last_layers":
                 clip_skip = _clip_skip_value(value, "override_settings.CLIP_stop_at_last_layers")
             elif key in ("emphasis", "sd_vae", "eta_noise_seed_delta", "eta_ancestral", "eta_ddim"):
-                continue  # read by _setting_for
+                continue  # read by _setting_for and _eta_for
             elif key == "sd_model_checkpoint" and self._is_loaded_model(value):
                 continue  # asks for the model already loaded
             else:

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import html
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -1229,9 +1230,13 @@ def _set_emphasis(session: PageSession, emphasis: str) -> None:
 
 def _set_ensd(session: PageSession, ensd) -> None:
     """A1111's eta noise seed delta (ENSD) for this session's jobs: a whole number, 0 (off) or more."""
-    if ensd is None or isinstance(ensd, bool) or float(ensd) != int(ensd) or not 0 <= int(ensd) <= SEED_MAX:
+    try:
+        whole = not isinstance(ensd, bool) and float(ensd) == int(float(ensd))
+    except (TypeError, ValueError):
+        whole = False
+    if not whole or not 0 <= int(float(ensd)) <= SEED_MAX:
         raise gr.Error(f"eta_noise_seed_delta: got {ensd!r}; allowed: a whole number from 0 to {SEED_MAX}")
-    session.ensd = int(ensd)
+    session.ensd = int(float(ensd))
 
 
 def _set_eta_ancestral(session: PageSession, eta: float) -> None:
@@ -1245,9 +1250,13 @@ def _set_eta_ddim(session: PageSession, eta: float) -> None:
 
 
 def _eta_value(eta) -> float:
-    if eta is None or isinstance(eta, bool) or not 0 <= float(eta) <= 1:
+    try:
+        number = float(eta) if not isinstance(eta, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not 0 <= number <= 1:  # NaN too
         raise gr.Error(f"eta: got {eta!r}; allowed: 0 to 1")
-    return float(eta)
+    return number
 
 
 def _vae_choices(engine) -> list[str]:
