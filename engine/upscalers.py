@@ -222,8 +222,19 @@ def read_tensors(upscaler: UpscalerFile) -> dict[str, torch.Tensor]:
 
 def build_network(tensors: dict[str, torch.Tensor], name: str) -> RRDBNet | CompactNet:
     """The network these weights are for, with them loaded; ModelLoadError naming what it is not."""
+    network = _build(tensors, name)
+    if isinstance(network, CompactNet):
+        channels = network.body[0].in_channels
+    else:  # an unshuffling RRDBNet takes its picture's channels times the factor squared
+        channels = network.conv_first.in_channels // network.unshuffle**2
+    if channels != 3:
+        raise ModelLoadError(f"Upscaler {name} takes {channels}-channel pictures; only RGB models are supported.")
+    return network
+
+
+def _build(tensors: dict[str, torch.Tensor], name: str) -> RRDBNet | CompactNet:
     if "body.0.weight" in tensors and "body.1.weight" in tensors and tensors["body.1.weight"].ndim == 1:
-        return _compact(tensors)
+        return _compact(tensors, name)
     if any(".conv1x1." in key for key in tensors):
         raise ModelLoadError(f"Upscaler {name} is an ESRGAN+ model (conv1x1 layers), which is not supported.")
     if "model.0.weight" in tensors and "model.1.sub.0.RDB1.conv1.0.weight" in tensors:
@@ -288,14 +299,17 @@ def _rrdb(tensors: dict[str, torch.Tensor], name: str) -> RRDBNet:
     return network
 
 
-def _compact(tensors: dict[str, torch.Tensor]) -> CompactNet:
+def _compact(tensors: dict[str, torch.Tensor], name: str) -> CompactNet:
     last = max(int(key.split(".")[1]) for key in tensors if key.startswith("body."))
     first = tensors["body.0.weight"]
     out_channels_total = tensors[f"body.{last}.weight"].shape[0]
     in_channels = first.shape[1]
     scale = int(round((out_channels_total / in_channels) ** 0.5))
     network = CompactNet(in_channels, in_channels, first.shape[0], convs=(last - 2) // 2, scale=scale)
-    network.load_state_dict(tensors, strict=True)
+    try:
+        network.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"Upscaler {name}: its weights do not make a Real-ESRGAN Compact network ({exc})") from exc
     return network
 
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from engine import Engine, ExtrasRequest, GenerationRequest, InvalidRequestError, Result
+from engine import Engine, ExtrasRequest, GenerationRequest, InvalidRequestError, ModelLoadError, Result
 from engine.infotext import parse_infotext
 from engine.presets import SHIPPED_MICRO_MODEL
 from engine.upscalers import CompactNet, RRDBNet, UpscalerFile, build_network, read_tensors, run_tiled
@@ -387,8 +387,14 @@ def test_upscaler_folders_come_from_a1111s_flags(tmp_path):
 def test_a_file_that_is_no_upscaler_is_named(tmp_path):
     path = tmp_path / "swinir.pth"
     torch.save({"layers.0.weight": torch.zeros(2)}, path)
-    with pytest.raises(Exception, match="not an ESRGAN"):
+    with pytest.raises(ModelLoadError, match="not an ESRGAN"):
         build_network(read_tensors(UpscalerFile("swinir", path)), "swinir")
+    with pytest.raises(ModelLoadError, match="1-channel pictures; only RGB"):
+        build_network(CompactNet(1, 1, 8, 2, 2).state_dict(), "grey")
+    broken = CompactNet(3, 3, 8, 2, 2).state_dict()
+    broken["body.2.weight"] = torch.zeros(8, 8, 5, 5)
+    with pytest.raises(ModelLoadError, match="do not make a Real-ESRGAN Compact network"):
+        build_network(broken, "broken")
 
 
 def test_the_shipped_micro_upscaler_doubles_the_micro_models_pictures_sharper_than_lanczos():
