@@ -85,6 +85,13 @@ def check(req: ExtrasRequest, limits: Limits, choose_upscaler) -> ExtrasRequest:
         extras_upscaler_2_visibility=visibility,
     )
     out_width, out_height, _ = target_size(picture, checked)
+    if checked.upscaler_1 != "None" and min(out_width, out_height) < 8:
+        raise InvalidRequestError(
+            "upscaling_resize",
+            checked.upscaling_resize,
+            f"a scale that makes this {picture.width}x{picture.height} picture at least 8 pixels a side "
+            "(sides are rounded down to a multiple of 8)",
+        )
     if checked.upscaler_1 != "None" and max(out_width, out_height) > limits.max_side:
         field = "upscaling_resize" if mode == SCALE_BY else "upscaling_resize_w"
         raise InvalidRequestError(

@@ -294,6 +294,7 @@ def test_extras_refuses_bad_values_by_field(upscaler_engine):
         ({"upscaler_1": "Lanczos", "extras_upscaler_2_visibility": "x"}, "extras_upscaler_2_visibility"),
         ({"upscaler_1": "broken"}, "upscaler_1"),
         ({"image": None}, "image"),
+        ({"image": Image.new("RGB", (3, 3)), "upscaler_1": "Lanczos"}, "upscaling_resize"),  # 6x6: rounds to 0
     ]
     for fields, field in cases:
         with pytest.raises(InvalidRequestError) as refused:
