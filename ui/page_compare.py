@@ -92,7 +92,7 @@ class CompareWidgets:
 def build_compare_tab(engine) -> CompareWidgets:
     """The tab's widgets (call inside a gr.Tab)."""
     gr.Markdown(
-        "Grids use the **txt2img** tab's prompt and settings (Hires. fix and the seed's Extra included), with "
+        "Grids use the **txt2img** tab's prompt and settings (Hires. fix, the seed's Extra and Tiling included), with "
         "one fixed seed, so cells differ only along "
         "the axes. Values: `Euler a, DPM++ 2M`, ranges `10-40 (+10)`, or `5-30 [4]` (4 evenly spaced)."
     )
