@@ -184,6 +184,18 @@ def test_send_result_to_img2img(page):
     page.wait_for_selector("#txt2img_prompt textarea")
 
 
+def test_send_result_to_extras_and_upscale_it(page):
+    page.click("#txt2img_send_to_extras")
+    page.wait_for_selector("#extras_image img")
+    page.click("#extras_generate")  # Lanczos, 2x
+    page.wait_for_function("document.querySelector('#extras_info textarea').value.includes('(256x256')")
+    assert page.input_value("#extras_info textarea").startswith(
+        "Postprocess upscale by: 2, Postprocess upscaler: Lanczos"
+    )
+    page.get_by_role("tab", name="txt2img").click()
+    page.wait_for_selector("#txt2img_prompt textarea")
+
+
 def test_png_info_round_trip_fills_txt2img(page, tmp_path, artifacts_dir):
     src = page.get_attribute("#txt2img_gallery img", "src")
     png_path = tmp_path / "generated.png"

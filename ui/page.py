@@ -150,6 +150,7 @@ class TabWidgets:
     ticket: gr.State
     send_img2img: gr.Button
     send_inpaint: gr.Button
+    send_extras: gr.Button
     # How the prompt is read: fragments and weights per stretch of steps (prompt editing).
     prompt_reading: gr.HTML
     # Picks a LoRA from the LoRA folder and adds its tag to the prompt.
@@ -286,6 +287,13 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     api_visibility="private",
                     show_progress="hidden",
                 )
+            source.send_extras.click(
+                _send_to_extras,
+                inputs=[source.gallery, source.results],
+                outputs=[extras.image, tabs],
+                api_visibility="private",
+                show_progress="hidden",
+            )
         _wire_png_info(png, tab_widgets, tabs, session_settings=[sd_vae, ensd, eta_ancestral, eta_ddim], engine=engine)
         wire_extras_tab(extras, engine, session, outputs_dir=outputs_dir, save_image=save_image)
         txt2img = tab_widgets["txt2img"].settings
@@ -592,6 +600,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
             with gr.Row():
                 send_img2img = gr.Button("Send to img2img", elem_id=f"{mode}_send_to_img2img", size="sm")
                 send_inpaint = gr.Button("Send to inpaint", elem_id=f"{mode}_send_to_inpaint", size="sm")
+                send_extras = gr.Button("Send to extras", elem_id=f"{mode}_send_to_extras", size="sm")
     return TabWidgets(
         mode=mode,
         settings=panel,
@@ -605,6 +614,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
         ticket=gr.State(None),
         send_img2img=send_img2img,
         send_inpaint=send_inpaint,
+        send_extras=send_extras,
         prompt_reading=prompt_reading,
         add_lora=add_lora,
         styles=styles,
@@ -1505,17 +1515,25 @@ def _listed(name: str, choices: list[str], same: str) -> str:
     return same
 
 
-def _send_result(gallery, view: ResultView | None, *, target_mode: str):
+def _selected_picture(gallery, view: ResultView | None) -> Image.Image:
+    """The result picked in a tab's gallery; gr.Error when there is none yet."""
     if not gallery or view is None or not view.infotexts:
         raise gr.Error("No result to send yet: generate an image first.")
-    index = min(view.selected, len(gallery) - 1)
-    item = gallery[index]
-    path = item[0] if isinstance(item, (tuple, list)) else item
-    image = _open_image(path)
+    item = gallery[min(view.selected, len(gallery) - 1)]
+    return _open_image(item[0] if isinstance(item, (tuple, list)) else item)
+
+
+def _send_result(gallery, view: ResultView | None, *, target_mode: str):
+    image = _selected_picture(gallery, view)
     text = view.selected_infotext()
     values = _settings_from_infotext(text, with_denoising=True)
     extras = [*_variation_from_infotext(text), _tiling_from_infotext(text)]
     return (_image_for(target_mode, image), *values, *extras, gr.Tabs(selected=target_mode))
+
+
+def _send_to_extras(gallery, view: ResultView | None):
+    """The selected result into the Extras tab's source, as A1111's "Send to extras"."""
+    return _selected_picture(gallery, view), gr.Tabs(selected="extras")
 
 
 def _open_image(path) -> Image.Image:
