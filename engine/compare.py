@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .errors import InvalidRequestError
 from .events import JobControl, PreviewSettings, Progress, Result, Waiting
-from .request import HR_UPSCALERS, GenerationRequest
+from .request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def parse_axis(kind: str, text: str, engine) -> Axis:
         typed = [_match(value, engine.schedulers(), kind) for value in values]
         labels = tuple(typed)
     elif kind == "Hires upscaler":
-        typed = [_match(value, hires_upscalers(engine), kind) for value in values]
+        typed = [_match(value, engine.hires_upscalers(), kind) for value in values]
         labels = tuple(typed)
     elif kind == "Prompt S/R":
         typed, labels = values, tuple(values)
@@ -171,11 +171,6 @@ def parse_axis(kind: str, text: str, engine) -> Axis:
     if len(typed) > MAX_CELLS:
         raise InvalidRequestError(f"{kind} axis", f"{len(typed)} values", f"at most {MAX_CELLS}")
     return Axis(kind, tuple(typed), labels)
-
-
-def hires_upscalers(engine) -> list[str]:
-    """The hires fix's upscalers: the built-in ones and the upscaler models there are."""
-    return [*HR_UPSCALERS, *engine.list_upscalers()]
 
 
 def _match(value: str, options: list[str], kind: str, aliases: Callable[[str], list[str]] | None = None) -> str:

@@ -141,6 +141,10 @@ class Engine:
         """The upscaler models in models/ESRGAN and models/RealESRGAN, by the name A1111 shows."""
         return scan_upscalers(self.registry.esrgan_dir, self.registry.realesrgan_dir)
 
+    def hires_upscalers(self) -> list[str]:
+        """The hires fix's upscalers: the latent and picture ones built in, then the upscaler models there are."""
+        return [*HR_UPSCALERS, *self.list_upscalers()]
+
     def upscaler_folders(self) -> str:
         """Where upscaler models are looked for, for messages."""
         return f"{self.registry.esrgan_dir} and {self.registry.realesrgan_dir}"
@@ -295,7 +299,8 @@ class Engine:
         """A checked, normalized copy of `req`; raises InvalidRequestError naming the bad field."""
         if not isinstance(req, GenerationRequest):
             raise EngineError(f"expected a GenerationRequest, got {type(req).__name__}")
-        upscalers = self.list_upscalers()
+        # The folders are read only for a name that is not built in (the page and most API jobs send one that is).
+        upscalers = {} if req.hr_upscaler in HR_UPSCALERS else self.list_upscalers()
         if req.enable_hr in (True, 1) and isinstance(req.hr_upscaler, str):
             # Matched without case, with or without the file's extension; refused naming what there is.
             req = dataclasses.replace(

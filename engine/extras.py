@@ -11,7 +11,6 @@ blended over the first (0: only the first, 1: only the second).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +18,9 @@ from PIL import Image
 
 from .errors import InvalidRequestError
 from .images import to_pil
-from .request import Limits
+
+# The generation request's number parsing, so both refuse a value in the same words.
+from .request import Limits, _as_float, _as_int
 from .upscalers import upscale_to
 
 SCALE_BY, SCALE_TO = 0, 1
@@ -59,18 +60,18 @@ def check(req: ExtrasRequest, limits: Limits, choose_upscaler) -> ExtrasRequest:
     if req.image is None:
         raise InvalidRequestError("image", None, "a picture (base64 PNG/JPEG/WebP, or a data URL)")
     picture = to_pil(req.image, "image").convert("RGB")
-    mode = _number(req.resize_mode, "resize_mode", int)
+    mode = _as_int(req.resize_mode, "resize_mode")
     if mode not in (SCALE_BY, SCALE_TO):
         raise InvalidRequestError("resize_mode", req.resize_mode, "0 (scale by) or 1 (scale to)")
-    scale = _number(req.upscaling_resize, "upscaling_resize", float)
+    scale = _as_float(req.upscaling_resize, "upscaling_resize")
     if not 1.0 <= scale <= MAX_SCALE:
         raise InvalidRequestError("upscaling_resize", req.upscaling_resize, f"1 to {MAX_SCALE:g}")
-    width = _number(req.upscaling_resize_w, "upscaling_resize_w", int)
-    height = _number(req.upscaling_resize_h, "upscaling_resize_h", int)
+    width = _as_int(req.upscaling_resize_w, "upscaling_resize_w")
+    height = _as_int(req.upscaling_resize_h, "upscaling_resize_h")
     for name, side in (("upscaling_resize_w", width), ("upscaling_resize_h", height)):
         if mode == SCALE_TO and not 8 <= side <= limits.max_side:
             raise InvalidRequestError(name, side, f"8 to {limits.max_side} pixels")
-    visibility = _number(req.extras_upscaler_2_visibility, "extras_upscaler_2_visibility", float)
+    visibility = _as_float(req.extras_upscaler_2_visibility, "extras_upscaler_2_visibility")
     if not 0.0 <= visibility <= 1.0:
         raise InvalidRequestError("extras_upscaler_2_visibility", req.extras_upscaler_2_visibility, "0 to 1")
     checked = ExtrasRequest(
@@ -101,16 +102,6 @@ def check(req: ExtrasRequest, limits: Limits, choose_upscaler) -> ExtrasRequest:
             f"(this {picture.width}x{picture.height} picture would become {out_width}x{out_height})",
         )
     return checked
-
-
-def _number(value: Any, name: str, kind: type) -> int | float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not math.isfinite(number) or (kind is int and number != int(number)):
-        raise InvalidRequestError(name, value, "a whole number" if kind is int else "a number")
-    return kind(number)
 
 
 def upscale_picture(picture: Image.Image, req: ExtrasRequest, networks: dict) -> tuple[Image.Image, dict[str, str]]:

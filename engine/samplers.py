@@ -41,6 +41,8 @@ class SamplerSpec:
     # A1111 writes a different one under; None where this engine's sampler takes no eta.
     eta_default: float | None = None
     eta_key: str = "Eta"
+    # A1111's setting (and this engine's page setting) that holds it: eta_ancestral or eta_ddim.
+    eta_option: str = "eta_ancestral"
     # A1111 writes "ENSD" in infotext for this sampler (its uses_ensd samplers), when eta is not 0.
     uses_ensd: bool = False
 
@@ -118,6 +120,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         k_diffusion=False,
         eta_default=0.0,
         eta_key="Eta DDIM",
+        eta_option="eta_ddim",
     ),
     SamplerSpec("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, "Uniform", ("plms",), k_diffusion=False),
     SamplerSpec("UniPC", "UniPCMultistepScheduler", {}, "Uniform", ("unipc",), k_diffusion=False),

@@ -36,7 +36,7 @@ from engine.images import encode_base64_png, to_pil
 from engine.infotext import parse_infotext, parse_infotext_params, read_infotext
 from engine.outputs import FORMATS, output_folder, save_image
 from engine.request import EMPHASIS_MODES, LATENT_UPSCALERS, PICTURE_UPSCALERS, SEED_MAX
-from engine.samplers import get_sampler
+from engine.samplers import SamplerSpec, get_sampler
 from engine.samplers import resolve as resolve_sampler
 from engine.upscalers import scale_from_name
 from engine.vae import choose as vae_choice
@@ -261,15 +261,21 @@ def _not_in(*neutral: Any):
     return differs
 
 
+def _sampler_spec(name: Any) -> SamplerSpec | None:
+    """The sampler a payload names (aliases and "DPM++ 2M Karras" style too); None for none or an unknown one,
+    which the engine refuses by name when it checks the request."""
+    if not name:
+        return None
+    try:
+        return get_sampler(resolve_sampler(name, None)[0])
+    except InvalidRequestError:
+        return None
+
+
 def _eta_ignored(value: Any, payload: Any) -> bool:
     """eta acts on Euler a and DDIM here; with another sampler a value given is listed as ignored."""
-    name = payload.sampler_name or payload.sampler_index
-    if value is None or not name:
-        return False
-    try:
-        return get_sampler(resolve_sampler(name, None)[0]).eta_default is None
-    except InvalidRequestError:
-        return False  # the request is refused for its sampler anyway
+    spec = _sampler_spec(payload.sampler_name or payload.sampler_index)
+    return value is not None and spec is not None and spec.eta_default is None
 
 
 def _same(value: Any, other: Any) -> bool:
@@ -653,16 +659,12 @@ class SdApi:
             return payload.eta
         if from_text is not None and from_text.eta is not None:
             return from_text.eta
-        try:
-            spec = get_sampler(resolve_sampler(sampler, None)[0])
-        except InvalidRequestError:
-            return None  # refused for its sampler when the request is checked
-        if spec.eta_default is None:
+        spec = _sampler_spec(sampler)
+        if spec is None or spec.eta_default is None:
             return None
-        key = "eta_ddim" if spec.eta_key == "Eta DDIM" else "eta_ancestral"
         overrides = payload.override_settings or {}
         with self._lock:
-            value = overrides.get(key, self._stored_options.get(key))
+            value = overrides.get(spec.eta_option, self._stored_options.get(spec.eta_option))
         return None if value is None or _same(value, spec.eta_default) else value
 
     def _setting_for(self, name: str, payload: _GenerationPayload, from_text, default: str) -> Any:

@@ -27,12 +27,12 @@ from engine.events import PREVIEW_MODES
 from engine.images import LATENT_RESIZE, RESIZE_MODES
 from engine.inpaint import MASKED_CONTENT
 from engine.lora import lora_uses
-from engine.request import EMPHASIS_MODES, HR_UPSCALERS, LATENT_UPSCALERS, PROMPT_SYNTAXES, SEED_MAX
+from engine.request import EMPHASIS_MODES, HR_UPSCALERS, PROMPT_SYNTAXES, SEED_MAX
 from engine.samplers import sampler_names, schedule_type_names
 from engine.vae import choose as vae_choice
 
 from .page_compare import build_compare_tab, wire_compare_tab
-from .page_extras import build_extras_tab, upscaler_choices, wire_extras_tab
+from .page_extras import build_extras_tab, wire_extras_tab
 from .page_jobs import (
     MASK_MODES,
     PageSession,
@@ -672,9 +672,9 @@ def _build_hires_fix(engine) -> list[gr.components.Component]:
         )
         with gr.Row():
             upscaler = gr.Dropdown(
-                _upscaler_choices(engine), value="Latent", label="Upscaler", elem_id="txt2img_hr_upscaler"
+                engine.hires_upscalers(), value="Latent", label="Upscaler", elem_id="txt2img_hr_upscaler"
             )
-            reread_on_open(upscaler, functools.partial(_upscaler_choices, engine))
+            reread_on_open(upscaler, engine.hires_upscalers)
             steps = gr.Slider(
                 0,
                 limits.max_steps,
@@ -1470,10 +1470,6 @@ def _txt2img_settings_from_infotext(text: str) -> list:
     return [*_settings_from_infotext(text, with_denoising=False), *_variation_from_infotext(text)]
 
 
-def _upscaler_choices(engine) -> list[str]:
-    return [*LATENT_UPSCALERS, *upscaler_choices(engine)]
-
-
 def _hires_settings_from_infotext(text: str, engine=None) -> list:
     """Values for the Hires. fix panel (TabWidgets.hires) from an infotext: switched on or off as the
     picture was made, and its settings where it was on. An upscaler model that is not in `engine`'s upscaler
@@ -1484,7 +1480,7 @@ def _hires_settings_from_infotext(text: str, engine=None) -> list:
     if not request.enable_hr:
         return [False, *[gr.skip()] * 10]
     upscaler = request.hr_upscaler
-    available = _upscaler_choices(engine) if engine is not None else list(HR_UPSCALERS)
+    available = engine.hires_upscalers() if engine is not None else list(HR_UPSCALERS)
     if upscaler not in available:
         where = f"put it in {engine.upscaler_folders()}" if engine is not None else "no upscaler models here"
         gr.Warning(f"Hires upscaler {upscaler} is not available here ({where}); using Lanczos.")

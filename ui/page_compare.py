@@ -27,7 +27,6 @@ from engine.compare import (
     GridResult,
     convergence_table,
     export_timeline,
-    hires_upscalers,
     list_presets,
     load_preset,
     parse_axis,
@@ -308,7 +307,7 @@ def _pick_choices(engine, kind: str) -> list[str]:
     if kind == "Schedule type":
         return engine.schedulers()
     if kind == "Hires upscaler":
-        return hires_upscalers(engine)
+        return engine.hires_upscalers()
     if kind == "Model":
         return [model.name for model in engine.list_models()]
     return []

@@ -67,7 +67,7 @@ class PageSession:
             spec = None  # refused by name when the job is checked
         eta = None
         if spec is not None and spec.eta_default is not None:
-            chosen = self.eta_ddim if spec.eta_key == "Eta DDIM" else self.eta_ancestral
+            chosen = getattr(self, spec.eta_option)  # this session's eta_ancestral or eta_ddim
             # Left to each sampler's default unless changed: a Compare grid may switch samplers.
             eta = None if chosen == spec.eta_default else chosen
         return dataclasses.replace(
