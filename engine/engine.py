@@ -163,7 +163,30 @@ class Engine:
             if name in available:
                 networks[name] = self.upscalers.get(available[name], field)
         with self._job_lock:
-            return upscale_picture(checked.image, checked, networks)
+            # Shown in /progress and to jobs waiting for the device, as a generation is: tiles for steps, and
+            # each upscaler model for a batch.
+            started, control = time.perf_counter(), JobControl()
+            model_runs = [
+                checked.upscaler_1 in networks,
+                checked.extras_upscaler_2_visibility > 0 and checked.upscaler_2 in networks,
+            ].count(True)
+            self._state = JobState(
+                running=True, job_id=control.job_id, mode="extras", batch_count=model_runs, started_at=time.time()
+            )
+
+            def on_tile(upscaler_no: int, done: int, total: int) -> None:
+                self._state = dataclasses.replace(
+                    self._state,
+                    step=done,
+                    total=total,
+                    batch_no=min(upscaler_no, model_runs - 1),
+                    elapsed=time.perf_counter() - started,
+                )
+
+            try:
+                return upscale_picture(checked.image, checked, networks, on_tile=on_tile)
+            finally:
+                self._state = JobState(running=False, job_id=control.job_id, mode="extras")
 
     def job_vae(self, sd_vae: str, available: dict[str, VaeFile] | None = None) -> VaeFile | None:
         """The VAE file a job's sd_vae choice means for the loaded model (None: the model's own);

@@ -104,16 +104,19 @@ def check(req: ExtrasRequest, limits: Limits, choose_upscaler) -> ExtrasRequest:
     return checked
 
 
-def upscale_picture(picture: Image.Image, req: ExtrasRequest, networks: dict) -> tuple[Image.Image, dict[str, str]]:
+def upscale_picture(
+    picture: Image.Image, req: ExtrasRequest, networks: dict, on_tile=None
+) -> tuple[Image.Image, dict[str, str]]:
     """The upscaled picture and A1111's "Postprocess ..." parameters for it; `networks` holds the loaded
-    network of each upscaler model the request names."""
+    network of each upscaler model the request names. `on_tile(upscaler_no, done, total)`, when given, counts
+    an upscaler model's tiles (upscaler_no 0 or 1) as they finish."""
     info: dict[str, str] = {}
     if req.upscaler_1 == "None":
         return picture.copy(), info
-    result = _upscale_with(picture, req, req.upscaler_1, networks, info)
+    result = _upscale_with(picture, req, req.upscaler_1, networks, info, _tile_counter(on_tile, 0))
     info["Postprocess upscaler"] = req.upscaler_1
     if req.upscaler_2 != "None" and req.extras_upscaler_2_visibility > 0:
-        second = _upscale_with(picture, req, req.upscaler_2, networks, info)
+        second = _upscale_with(picture, req, req.upscaler_2, networks, info, _tile_counter(on_tile, 1))
         result = Image.blend(result, second, req.extras_upscaler_2_visibility)
         info["Postprocess upscaler 2"] = req.upscaler_2
     return result, info
@@ -124,14 +127,18 @@ def describe(info: dict[str, str]) -> str:
     return ", ".join(f"{key}: {value}" for key, value in info.items())
 
 
-def _upscale_with(picture, req: ExtrasRequest, upscaler: str, networks: dict, info: dict) -> Image.Image:
+def _tile_counter(on_tile, upscaler_no: int):
+    return None if on_tile is None else lambda done, total: on_tile(upscaler_no, done, total)
+
+
+def _upscale_with(picture, req: ExtrasRequest, upscaler: str, networks: dict, info: dict, on_tile) -> Image.Image:
     width, height, scale = target_size(picture, req)
     if req.resize_mode == SCALE_TO:
         info["Postprocess upscale to"] = f"{req.upscaling_resize_w}x{req.upscaling_resize_h}"
     else:
         info["Postprocess upscale by"] = f"{scale:g}"
     if upscaler in networks:
-        result = upscale_to(networks[upscaler], picture, width, height)
+        result = upscale_to(networks[upscaler], picture, width, height, on_tile=on_tile)
     elif upscaler == "Nearest":
         result = picture.resize((int(picture.width * scale), int(picture.height * scale)), Image.Resampling.NEAREST)
         if result.size != (width, height):

@@ -368,15 +368,28 @@ def _tile_weights(start: int, length: int, total: int, fade: int) -> torch.Tenso
     return weight
 
 
+def tile_count(height: int, width: int, tile: int = TILE_SIZE, overlap: int = TILE_OVERLAP) -> int:
+    """How many network runs run_tiled makes for a picture of that size."""
+    if height <= tile and width <= tile:
+        return 1
+    return len(_tile_starts(height, tile, overlap)) * len(_tile_starts(width, tile, overlap))
+
+
 @torch.inference_mode()
-def run_tiled(network: nn.Module, pixels: torch.Tensor, tile: int = TILE_SIZE, overlap: int = TILE_OVERLAP):
+def run_tiled(
+    network: nn.Module, pixels: torch.Tensor, tile: int = TILE_SIZE, overlap: int = TILE_OVERLAP, on_tile=None
+):
     """The network's output for `pixels` (1, C, H, W), computed in tiles of `tile` pixels that overlap by at least
     `overlap` and are blended linearly where they do. Where the network sees no further than a quarter of the
-    overlap, the result is the whole picture's; beyond that (a full ESRGAN sees far) the blend hides the seams."""
+    overlap, the result is the whole picture's; beyond that (a full ESRGAN sees far) the blend hides the seams.
+    `on_tile()`, when given, is called after each tile."""
+    on_tile = on_tile or (lambda: None)
     scale = network.scale
     _, _, height, width = pixels.shape
     if height <= tile and width <= tile:
-        return network(pixels)
+        out = network(pixels)
+        on_tile()
+        return out
     out = None
     weight_sum = torch.zeros(1, 1, height * scale, width * scale, device=pixels.device)
     for top in _tile_starts(height, tile, overlap):
@@ -394,30 +407,48 @@ def run_tiled(network: nn.Module, pixels: torch.Tensor, tile: int = TILE_SIZE, o
             cols = slice(left * scale, left * scale + piece_w)
             out[:, :, rows, cols] += piece.float() * weight
             weight_sum[:, :, rows, cols] += weight
+            on_tile()
     return out / weight_sum
 
 
-def upscale_once(network: nn.Module, picture: Image.Image) -> Image.Image:
-    """One pass of the network over an RGB picture."""
+def upscale_once(network: nn.Module, picture: Image.Image, on_tile=None) -> Image.Image:
+    """One pass of the network over an RGB picture; `on_tile()` is called after each tile."""
     parameter = next(network.parameters())
     array = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
     pixels = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).to(parameter.device, parameter.dtype)
-    out = run_tiled(network, pixels).float().clamp(0, 1)
+    out = run_tiled(network, pixels, on_tile=on_tile).float().clamp(0, 1)
     result = (out[0].permute(1, 2, 0) * 255.0).round().to(torch.uint8).cpu().numpy()
     return Image.fromarray(result, "RGB")
 
 
-def upscale_to(network: nn.Module, picture: Image.Image, width: int, height: int) -> Image.Image:
+def planned_passes(scale: int, size: tuple[int, int], target: tuple[int, int]) -> list[tuple[int, int]]:
+    """The (width, height) each of upscale_to's network passes starts from."""
+    passes = []
+    width, height = size
+    while len(passes) < MAX_PASSES and (width < target[0] or height < target[1]):
+        passes.append((width, height))
+        if scale == 1:  # a 1x model (a denoiser, say) runs once
+            break
+        width, height = width * scale, height * scale
+    return passes
+
+
+def upscale_to(network: nn.Module, picture: Image.Image, width: int, height: int, on_tile=None) -> Image.Image:
     """`picture` at width x height as A1111's upscalers make it: the network runs (at most three times) until
     the picture is at least that size, then Lanczos brings it to exactly that size. A picture already that
-    large is only resized."""
-    for _ in range(MAX_PASSES):
-        if picture.width >= width and picture.height >= height:
-            break
-        before = picture.size
-        picture = upscale_once(network, picture)
-        if picture.size == before:  # a 1x model (a denoiser, say) runs once
-            break
+    large is only resized. `on_tile(done, total)`, when given, counts the tiles of all passes as they finish."""
+    passes = planned_passes(network.scale, picture.size, (width, height))
+    total = sum(tile_count(pass_height, pass_width) for pass_width, pass_height in passes)
+    done = 0
+
+    def count_tile() -> None:
+        nonlocal done
+        done += 1
+        if on_tile is not None:
+            on_tile(done, total)
+
+    for _ in passes:
+        picture = upscale_once(network, picture, on_tile=count_tile)
     if picture.size != (width, height):
         picture = picture.resize((width, height), Image.Resampling.LANCZOS)
     return picture

@@ -5,12 +5,14 @@ Never downloads a browser: a missing /usr/bin/chromium fails with the command th
 
 from __future__ import annotations
 
+import io
 import re
 import socket
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from PIL import Image
 
 from ui.page import build_page
 
@@ -185,6 +187,8 @@ def test_send_result_to_img2img(page):
 
 
 def test_send_result_to_extras_and_upscale_it(page):
+    infotext = page.input_value("#txt2img_infotext textarea")
+    assert "Seed: " in infotext
     page.click("#txt2img_send_to_extras")
     page.wait_for_selector("#extras_image img")
     page.click("#extras_generate")  # Lanczos, 2x
@@ -192,6 +196,11 @@ def test_send_result_to_extras_and_upscale_it(page):
     assert page.input_value("#extras_info textarea").startswith(
         "Postprocess upscale by: 2, Postprocess upscaler: Lanczos"
     )
+    # The result's download keeps the generation's infotext, with what Extras did beside it.
+    result = Image.open(io.BytesIO(page.request.get(page.get_attribute("#extras_result img", "src")).body()))
+    assert result.size == (256, 256)
+    assert result.info["parameters"] == infotext
+    assert result.info["postprocessing"] == "Postprocess upscale by: 2, Postprocess upscaler: Lanczos"
     page.get_by_role("tab", name="txt2img").click()
     page.wait_for_selector("#txt2img_prompt textarea")
 

@@ -11,6 +11,7 @@ the last bit. spandrel cannot be a dependency here; see engine/upscalers.py.)
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import re
@@ -201,6 +202,53 @@ def test_tiles_blend_into_the_whole_picture():
         tiled = run_tiled(network, picture, tile=32, overlap=16)
     assert tiled.shape == whole.shape
     assert (tiled - whole).abs().max() < 1e-5
+
+
+def test_passes_count_their_tiles_as_they_finish():
+    from engine.upscalers import planned_passes, tile_count, upscale_to
+
+    network = nearest_rrdb(1)  # 2x
+    picture = Image.fromarray(np.random.default_rng(5).integers(0, 256, (150, 210, 3), dtype=np.uint8))
+    assert planned_passes(2, (210, 150), (800, 600)) == [(210, 150), (420, 300)]  # a third would overshoot
+    counted = []
+    result = upscale_to(network, picture, 800, 600, on_tile=lambda done, total: counted.append((done, total)))
+    total = tile_count(150, 210) + tile_count(300, 420)
+    assert total == 2 + 6
+    assert counted == [(done, total) for done in range(1, total + 1)]
+    assert np.array_equal(pixels(result), pixels(upscale_to(network, picture, 800, 600)))
+
+
+def test_extras_shows_in_progress_while_it_runs(upscaler_engine, tmp_path):
+    """An Extras upscale holds the device: /progress and jobs waiting behind it see it, tile by tile."""
+    from engine.events import Waiting
+    from ui.api import SdApi
+    from ui.page_jobs import describe_waiting
+    from ui.server import ServerSettings
+
+    api = SdApi(upscaler_engine, ServerSettings(api=True, outputs_dir=tmp_path))
+    network = upscaler_engine.upscalers.get(upscaler_engine.list_upscalers()["2x-nearest"])
+    seen = []
+    hook = network.register_forward_hook(lambda *args: seen.append((upscaler_engine.progress(), api.progress())))
+    try:
+        picture = Image.new("RGB", (200, 200), "purple")
+        upscaler_engine.upscale(ExtrasRequest(image=picture, upscaler_1="2x-nearest"))  # 2x2 tiles of 192
+    finally:
+        hook.remove()
+    assert [(state.running, state.mode, state.step, state.total) for state, _ in seen] == [
+        (True, "extras", 0, 0),
+        (True, "extras", 1, 4),
+        (True, "extras", 2, 4),
+        (True, "extras", 3, 4),
+    ]
+    last = seen[-1][1]
+    assert last["state"]["job"] == "extras" and last["textinfo"] == "Upscaling, tile 3/4"
+    assert 0.7 < last["progress"] < 0.8
+    after = upscaler_engine.progress()
+    assert not after.running and after.mode == "extras"
+    assert api.progress()["state"]["job_count"] == 0
+    # A page job waiting for the device says what it waits for.
+    waiting = Waiting(ahead=dataclasses.replace(seen[-1][0], batch_count=2, batch_no=1), job_id=0)
+    assert describe_waiting(waiting).startswith("Waiting for an upscale to finish (upscaler 2/2, tile 3/4, ETA ")
 
 
 def test_the_folders_list_files_by_a1111s_names(upscaler_engine, upscaler_models_dir):

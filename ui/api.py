@@ -768,9 +768,15 @@ class SdApi:
         current_image = None
         if state.preview is not None and not skip_current_image:
             current_image = encode_base64_png(state.preview)
-        textinfo = f"Sampling step {state.step}/{state.total}"
-        if state.batch_count > 1:
-            textinfo += f", batch {state.batch_no + 1}/{state.batch_count}"
+        if state.mode == "extras":
+            job = job or "extras"
+            textinfo = f"Upscaling, tile {state.step}/{state.total}"
+            if state.batch_count > 1:
+                textinfo += f", upscaler {state.batch_no + 1}/{state.batch_count}"
+        else:
+            textinfo = f"Sampling step {state.step}/{state.total}"
+            if state.batch_count > 1:
+                textinfo += f", batch {state.batch_no + 1}/{state.batch_count}"
         return {
             # A1111 reports at least 0.01 while a job runs: clients read 0 as "idle".
             "progress": max(0.01, state.fraction),

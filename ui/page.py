@@ -1528,8 +1528,10 @@ def _send_result(gallery, view: ResultView | None, *, target_mode: str):
 
 
 def _send_to_extras(gallery, view: ResultView | None):
-    """The selected result into the Extras tab's source, as A1111's "Send to extras"."""
-    return _selected_picture(gallery, view), gr.Tabs(selected="extras")
+    """The selected result, with its infotext, into the Extras tab's source, as A1111's "Send to extras"."""
+    picture = _selected_picture(gallery, view)
+    picture.info["parameters"] = view.selected_infotext()
+    return picture, gr.Tabs(selected="extras")
 
 
 def _open_image(path) -> Image.Image:

@@ -56,8 +56,14 @@ def build_extras_tab(engine) -> ExtrasWidgets:
     choices = upscaler_choices(engine)
     with gr.Row(equal_height=False):
         with gr.Column():
+            # PNG, so that a picture's infotext (a result sent here, an uploaded PNG) reaches the job.
             image = gr.Image(
-                type="pil", label="Source", sources=["upload", "clipboard"], elem_id="extras_image", height=360
+                type="pil",
+                label="Source",
+                sources=["upload", "clipboard"],
+                format="png",
+                elem_id="extras_image",
+                height=360,
             )
             resize_mode = gr.Radio(
                 [("Scale by", SCALE_BY), ("Scale to", SCALE_TO)],
@@ -148,10 +154,16 @@ def run_extras(
     except EngineError as exc:
         raise engine_error(exc) from exc
     text = describe_postprocessing(info)
+    source_infotext = read_infotext(image)
+    # The shown result keeps both texts, so that its download button gives the PNG a saved copy would be.
+    if source_infotext:
+        result.info["parameters"] = source_infotext
+    if text:
+        result.info["postprocessing"] = text
     saved = ""
     if info and session.save_images and save_image is not None and outputs_dir is not None:
         path = save_image(
-            result, read_infotext(image), outputs_dir=outputs_dir, mode="extras", seed=None, postprocessing=text
+            result, source_infotext, outputs_dir=outputs_dir, mode="extras", seed=None, postprocessing=text
         )
         log.info("Saved %s", path)
         saved = f", saved as {path.name}"

@@ -326,10 +326,12 @@ def describe_waiting(event: Waiting) -> str:
     ahead = event.ahead
     if not ahead.running:
         return "Waiting for the device (a model is loading, or a job is ending)..."
-    where = f"step {ahead.step}/{ahead.total}" if ahead.total else "starting"
+    upscaling = ahead.mode == "extras"
+    where = f"{'tile' if upscaling else 'step'} {ahead.step}/{ahead.total}" if ahead.total else "starting"
     if ahead.batch_count > 1:
-        where = f"batch {ahead.batch_no + 1}/{ahead.batch_count}, {where}"
-    return f"Waiting for another job to finish ({where}, ETA {ahead.eta:.1f} s)..."
+        where = f"{'upscaler' if upscaling else 'batch'} {ahead.batch_no + 1}/{ahead.batch_count}, {where}"
+    job = "an upscale" if upscaling else "another job"
+    return f"Waiting for {job} to finish ({where}, ETA {ahead.eta:.1f} s)..."
 
 
 def describe_result(result: Result) -> str:
