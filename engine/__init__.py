@@ -10,6 +10,7 @@ from .engine import Engine
 from .errors import EngineError, InvalidRequestError, ModelLoadError
 from .events import JobControl, JobState, PreviewSettings, Progress, Result, Waiting
 from .extras import ExtrasRequest
+from .merge import MergeRequest, MergeResult
 from .models import ModelInfo
 from .request import GenerationRequest, Limits
 
@@ -22,6 +23,8 @@ __all__ = [
     "JobControl",
     "JobState",
     "Limits",
+    "MergeRequest",
+    "MergeResult",
     "ModelInfo",
     "ModelLoadError",
     "PreviewSettings",

@@ -356,12 +356,13 @@ def _weights_left_unloaded(pipe) -> list[str]:
 # Saving: diffusers -> original layout
 
 
-def save_single_file(pipe, path: str | os.PathLike) -> Path:
+def save_single_file(pipe, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Write an SD 1.x-layout diffusers pipeline (such as the tiny model) as one LDM `.safetensors` file.
 
     The UNet, VAE and CLIP text encoder are renamed to the original Stable Diffusion layout, so the
     file loads in A1111 and with `load_single_file`. The file is written beside `path` and renamed
-    into place, so an interrupted save never leaves a half-written checkpoint.
+    into place, so an interrupted save never leaves a half-written checkpoint. `metadata` joins the
+    header's {"format": "pt"} (A1111's merger writes its recipe there).
     """
     from safetensors.torch import save_file
     from transformers import CLIPTextModel
@@ -382,7 +383,7 @@ def save_single_file(pipe, path: str | os.PathLike) -> Path:
     handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(handle)
     try:
-        save_file(tensors, staging, metadata={"format": "pt"})
+        save_file(tensors, staging, metadata={**(metadata or {}), "format": "pt"})
         os.replace(staging, path)
     finally:
         if os.path.exists(staging):

@@ -25,6 +25,8 @@ from .extras import check as check_extras
 from .generate import run_batch
 from .infotext import format_infotext
 from .lora import LoraFile, LoraUse, lora_uses, scan_loras
+from .merge import MergeRequest, MergeResult, run_merge
+from .merge import check as check_merge
 from .models import LoadedModel, ModelInfo, ModelRegistry, default_dtype, load_model, pick_device
 from .presets import DEFAULT_MODELS_DIR, MICRO_MODEL_NAME, SHIPPED_MICRO_MODEL, FamilyDefaults
 from .previews import make_previewer
@@ -187,6 +189,32 @@ class Engine:
                 return upscale_picture(checked.image, checked, networks, on_tile=on_tile)
             finally:
                 self._state = JobState(running=False, job_id=control.job_id, mode="extras")
+
+    def merge_checkpoints(self, req: MergeRequest) -> MergeResult:
+        """A1111's Checkpoint Merger: a new checkpoint in the checkpoints folder from two or three models.
+        Refused (InvalidRequestError naming the field) before anything is written; holds the device, as a
+        job does, and shows in progress() as mode "merge", one step a tensor."""
+        inputs = check_merge(req, self.registry, self.list_vaes())
+        with self._job_lock:
+            started, control = time.perf_counter(), JobControl()
+            self._state = JobState(running=True, job_id=control.job_id, mode="merge", started_at=time.time())
+
+            def on_tensor(done: int, total: int) -> None:
+                self._state = dataclasses.replace(
+                    self._state, step=done, total=total, batch_count=1, elapsed=time.perf_counter() - started
+                )
+
+            try:
+                return run_merge(
+                    inputs,
+                    self.registry,
+                    save_as_half=bool(req.save_as_half),
+                    checkpoint_format=req.checkpoint_format,
+                    save_metadata=bool(req.save_metadata),
+                    on_tensor=on_tensor,
+                )
+            finally:
+                self._state = JobState(running=False, job_id=control.job_id, mode="merge")
 
     def job_vae(self, sd_vae: str, available: dict[str, VaeFile] | None = None) -> VaeFile | None:
         """The VAE file a job's sd_vae choice means for the loaded model (None: the model's own);

@@ -318,28 +318,8 @@ def load_model(
     """Load `info` onto `device`; raises ModelLoadError with what to do when it cannot.
 
     trace_unet=False keeps the UNet a Python module even for families that run it traced."""
-    if info.kind == "pickle" and not registry.allow_pickle:
-        raise ModelLoadError(
-            f"{info.path} is a pickle checkpoint ({Path(info.path).suffix}): loading one can run arbitrary code. "
-            "Use a .safetensors version of it, or start with --allow-pickle (Engine(allow_pickle=True)) "
-            "if you trust where it came from."
-        )
+    pipe = load_pipeline(info, registry=registry, dtype=dtype)
     info = registry.with_hash(info)
-    try:
-        if info.kind == "folder":
-            pipe = _load_folder(info.path, dtype, allow_pickle=registry.allow_pickle)
-        elif info.kind in ("single_file", "pickle"):
-            from .checkpoint import detect_family, load_single_file
-
-            family = detect_family(info.path) if info.kind == "single_file" else "sd1"
-            pipe = load_single_file(info.path, family, torch_dtype=dtype)
-        else:
-            pipe = _load_hub(info.path, dtype)
-    except ModelLoadError:
-        raise
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelLoadError(f"Could not load model {info.name!r} from {info.path}: {exc}") from exc
-
     pipe.to(device)
     # Before the prompt encoders are made: the embeddings become tokens of the model's own tokenizers.
     embeddings = load_embeddings(pipe, registry.embeddings_dir)
@@ -370,6 +350,32 @@ def load_model(
 
     loaded.prompt_encoder, loaded.compel_encoder = make_prompt_encoders(components)
     return loaded
+
+
+def load_pipeline(info: ModelInfo, *, registry: ModelRegistry, dtype: torch.dtype):
+    """The diffusers pipeline of `info` (folder, single file or hub id), on the CPU; ModelLoadError with what
+    to do when it cannot be loaded."""
+    if info.kind == "pickle" and not registry.allow_pickle:
+        raise ModelLoadError(
+            f"{info.path} is a pickle checkpoint ({Path(info.path).suffix}): loading one can run arbitrary code. "
+            "Use a .safetensors version of it, or start with --allow-pickle (Engine(allow_pickle=True)) "
+            "if you trust where it came from."
+        )
+    try:
+        if info.kind == "folder":
+            pipe = _load_folder(info.path, dtype, allow_pickle=registry.allow_pickle)
+        elif info.kind in ("single_file", "pickle"):
+            from .checkpoint import detect_family, load_single_file
+
+            family = detect_family(info.path) if info.kind == "single_file" else "sd1"
+            pipe = load_single_file(info.path, family, torch_dtype=dtype)
+        else:
+            pipe = _load_hub(info.path, dtype)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"Could not load model {info.name!r} from {info.path}: {exc}") from exc
+    return pipe
 
 
 def detect_pipeline_family(components: dict[str, Any], info: ModelInfo) -> str:

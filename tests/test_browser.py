@@ -63,14 +63,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def serve_page(engine, settings):
+    """The page for `engine`, served on a free local port: (demo, url). Close the demo when done."""
+    demo = build_page(engine, settings)
+    demo.queue(default_concurrency_limit=1)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True)
+    return demo, url
+
+
 @pytest.fixture(scope="module")
 def page_url(engine, models_dir, tmp_path_factory):
     settings = SimpleNamespace(
         outputs_dir=tmp_path_factory.mktemp("browser-outputs"), save_images=False, models_dir=models_dir
     )
-    demo = build_page(engine, settings)
-    demo.queue(default_concurrency_limit=1)
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True)
+    demo, url = serve_page(engine, settings)
     yield url
     demo.close()
 

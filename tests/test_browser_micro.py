@@ -4,15 +4,13 @@ hires fix, prompt styles, and Extras with the shipped micro-shapes-2x upscaler."
 
 from __future__ import annotations
 
-import socket
 from types import SimpleNamespace
 
 import pytest
 
 from engine import Engine
 from engine.presets import DEFAULT_MODELS_DIR, SHIPPED_MICRO_LORA, SHIPPED_MICRO_MODEL
-from tests.test_browser import browser, open_page  # noqa: F401 - fixture
-from ui.page import build_page
+from tests.test_browser import browser, open_page, serve_page  # noqa: F401 - fixture
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +25,7 @@ def page(browser, models_dir, tmp_path_factory):  # noqa: F811 - the fixture imp
         styles_file=styles_file,
     )
     settings = SimpleNamespace(outputs_dir=tmp_path_factory.mktemp("lora-outputs"), save_images=False)
-    demo = build_page(engine, settings)
-    demo.queue(default_concurrency_limit=1)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    demo, url = serve_page(engine, settings)
     context, page = open_page(browser, url)
     yield page
     context.close()

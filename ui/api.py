@@ -773,6 +773,9 @@ class SdApi:
             textinfo = f"Upscaling, tile {state.step}/{state.total}"
             if state.batch_count > 1:
                 textinfo += f", upscaler {state.batch_no + 1}/{state.batch_count}"
+        elif state.mode == "merge":
+            job = job or "merge"
+            textinfo = f"Merging, tensor {state.step}/{state.total}"
         else:
             textinfo = f"Sampling step {state.step}/{state.total}"
             if state.batch_count > 1:

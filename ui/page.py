@@ -50,6 +50,7 @@ from .page_jobs import (
     valid_preview_mode,
     with_hires,
 )
+from .page_merge import build_merge_tab, wire_merge_tab
 from .page_style import PAGE_CSS
 
 log = logging.getLogger(__name__)
@@ -217,6 +218,8 @@ def build_page(engine, settings=None) -> gr.Blocks:
                 compare = build_compare_tab(engine)
             with gr.Tab("Extras", id="extras", elem_id="tab_extras"):
                 extras = build_extras_tab(engine)
+            with gr.Tab("Checkpoint Merger", id="merge", elem_id="tab_merge"):
+                merge = build_merge_tab(engine)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 png = _build_png_info_tab()
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
@@ -296,6 +299,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
             )
         _wire_png_info(png, tab_widgets, tabs, session_settings=[sd_vae, ensd, eta_ancestral, eta_ddim], engine=engine)
         wire_extras_tab(extras, engine, session, outputs_dir=outputs_dir, save_image=save_image)
+        wire_merge_tab(merge, engine, model_dropdown=model, model_titles=functools.partial(_model_titles, engine))
         txt2img = tab_widgets["txt2img"].settings
         wire_compare_tab(
             compare,

@@ -326,11 +326,14 @@ def describe_waiting(event: Waiting) -> str:
     ahead = event.ahead
     if not ahead.running:
         return "Waiting for the device (a model is loading, or a job is ending)..."
-    upscaling = ahead.mode == "extras"
-    where = f"{'tile' if upscaling else 'step'} {ahead.step}/{ahead.total}" if ahead.total else "starting"
+    # What runs ahead, what its steps are, and what its batches are.
+    job, step, batch = {
+        "extras": ("an upscale", "tile", "upscaler"),
+        "merge": ("a checkpoint merge", "tensor", ""),
+    }.get(ahead.mode, ("another job", "step", "batch"))
+    where = f"{step} {ahead.step}/{ahead.total}" if ahead.total else "starting"
     if ahead.batch_count > 1:
-        where = f"{'upscaler' if upscaling else 'batch'} {ahead.batch_no + 1}/{ahead.batch_count}, {where}"
-    job = "an upscale" if upscaling else "another job"
+        where = f"{batch} {ahead.batch_no + 1}/{ahead.batch_count}, {where}"
     return f"Waiting for {job} to finish ({where}, ETA {ahead.eta:.1f} s)..."
 
 
