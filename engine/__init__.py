@@ -12,6 +12,7 @@ from .events import JobControl, JobState, PreviewSettings, Progress, Result, Wai
 from .extras import ExtrasRequest
 from .merge import MergeRequest, MergeResult
 from .models import ModelInfo
+from .prompt_list import PromptList
 from .request import GenerationRequest, Limits
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "ModelInfo",
     "ModelLoadError",
     "PreviewSettings",
+    "PromptList",
     "Progress",
     "Result",
     "Waiting",

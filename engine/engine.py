@@ -30,6 +30,8 @@ from .merge import check as check_merge
 from .models import LoadedModel, ModelInfo, ModelRegistry, default_dtype, load_model, pick_device
 from .presets import DEFAULT_MODELS_DIR, MICRO_MODEL_NAME, SHIPPED_MICRO_MODEL, FamilyDefaults
 from .previews import make_previewer
+from .prompt_list import PromptList
+from .prompt_list import expand as expand_prompt_list
 from .prompt_schedule import composable_parts, is_composed, prompt_schedule
 from .prompts import Conditioning, PromptReading, SDXLEmbeds, describe_prompt, make_prompt_encoders
 from .request import HR_UPSCALERS, PICTURE_UPSCALERS, SEED_MAX, GenerationRequest, Limits, validate_request
@@ -345,6 +347,21 @@ class Engine:
     def composable_parts(text: str) -> list[tuple[str, float]]:
         """A prompt's AND parts with their weights (one part of weight 1 for a plain prompt)."""
         return composable_parts(text or "")
+
+    def prompt_list_requests(self, base: GenerationRequest, prompt_list: PromptList) -> list[GenerationRequest]:
+        """A1111's "Prompts from file or textbox": one request per line of the list, made from `base`. Every line is
+        checked before any job runs; InvalidRequestError names the line, then the field."""
+        requests = []
+        for number, request in expand_prompt_list(base, prompt_list):
+            try:
+                self.validate(request)
+            except InvalidRequestError as exc:
+                field = (
+                    exc.field if exc.field.startswith("prompt list line") else f"prompt list line {number}: {exc.field}"
+                )
+                raise InvalidRequestError(field, exc.value, exc.allowed) from exc
+            requests.append(request)
+        return requests
 
     def validate(self, req: GenerationRequest) -> GenerationRequest:
         """A checked, normalized copy of `req`; raises InvalidRequestError naming the bad field."""

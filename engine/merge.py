@@ -124,6 +124,7 @@ def check(req: MergeRequest, registry: ModelRegistry, vaes: dict[str, VaeFile]) 
             "custom_name", req.custom_name, "a file name: no / \\ : * ? \" < > |, not starting with a dot, 200 "
             "characters at most"
         )  # fmt: skip
+    _check_free(registry.checkpoints_dir, name, req.custom_name)  # before minutes of loading; again when writing
     return _Inputs(
         primary=models["primary_model_name"],
         secondary=models["secondary_model_name"],
@@ -320,11 +321,15 @@ def _fits_one_file(pipe, family: str) -> bool:
     return family in widths and config.get("cross_attention_dim") == widths[family] and config.get("in_channels") == 4
 
 
+def _check_free(folder: Path, name: str, value) -> None:
+    """Refuse a name a model in `folder` has, as a file or a folder: nothing is overwritten, and two models of
+    one name could not be told apart."""
+    if (folder / name).exists() or (folder / f"{name}.safetensors").exists():
+        raise InvalidRequestError("custom_name", value or name, f"a name no model in {folder} has yet")
+
+
 def _new_path(path: Path) -> Path:
-    if path.exists():
-        raise InvalidRequestError(
-            "custom_name", path.name.removesuffix(".safetensors"), f"a name no model in {path.parent} has yet"
-        )
+    _check_free(path.parent, path.name.removesuffix(".safetensors"), path.name.removesuffix(".safetensors"))
     return path
 
 

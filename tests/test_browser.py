@@ -343,3 +343,27 @@ def test_send_result_to_inpaint_paint_a_mask_and_inpaint(browser, page_url):
         assert "Seed: 31" in infotext and "Denoising strength: 0.75" in infotext and "Mask blur: 4" in infotext
     finally:
         context.close()
+
+
+def test_a_prompt_list_file_runs_one_job_per_line(page, tmp_path, artifacts_dir):
+    listing = tmp_path / "prompts.txt"
+    listing.write_text('a red lighthouse\r\n\r\n--prompt "a blue boat" --seed 9\n')
+    page.click("#txt2img_prompt_list_box > button")
+    page.set_input_files("#txt2img_prompt_list_file input[type=file]", str(listing))
+    page.wait_for_function(
+        "document.querySelector('#txt2img_prompt_list_text textarea').value === "
+        "'a red lighthouse\\n\\n--prompt \"a blue boat\" --seed 9'"
+    )
+    assert page.is_checked("#txt2img_prompt_list_on input")  # an uploaded list is switched on
+    page.fill("#txt2img_prompt textarea", "")
+    try:
+        _generate(page, steps=3, size=64)
+        page.wait_for_function("document.querySelector('#txt2img_progress').innerText.includes('2 prompts')")
+        page.get_by_role("button", name="Thumbnail 2 of 2").first.wait_for()
+        page.screenshot(path=str(artifacts_dir / "page_prompt_list.png"), full_page=True)
+        page.get_by_role("button", name="Thumbnail 2 of 2").first.click()
+        page.wait_for_function("document.querySelector('#txt2img_infotext textarea').value.startsWith('a blue boat')")
+        assert "Seed: 9," in page.input_value("#txt2img_infotext textarea")
+    finally:
+        page.uncheck("#txt2img_prompt_list_on input")
+        page.click("#txt2img_prompt_list_box > button")

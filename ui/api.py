@@ -35,6 +35,8 @@ from engine.extras import describe as describe_postprocessing
 from engine.images import encode_base64_png, to_pil
 from engine.infotext import parse_infotext, parse_infotext_params, read_infotext
 from engine.outputs import FORMATS, output_folder, save_image
+from engine.prompt_list import SCRIPT_NAME as PROMPT_LIST_SCRIPT
+from engine.prompt_list import PromptList
 from engine.request import EMPHASIS_MODES, LATENT_UPSCALERS, PICTURE_UPSCALERS, SEED_MAX
 from engine.samplers import SamplerSpec, get_sampler
 from engine.samplers import resolve as resolve_sampler
@@ -294,6 +296,10 @@ def _hires_override(value: Any, payload: Any) -> bool:
     return _hires(payload) and _set(value) and not str(value).startswith("Use same")
 
 
+def _is_prompt_list(payload: Any) -> bool:
+    return str(getattr(payload, "script_name", None) or "").strip().lower() == PROMPT_LIST_SCRIPT
+
+
 def _with_mask(rule):
     return lambda value, payload: bool(getattr(payload, "mask", None)) and rule(value, payload)
 
@@ -308,8 +314,9 @@ _IGNORED_RULES = {
     "s_noise": _not_in(1),
     "refiner_checkpoint": lambda v, p: _set(v),
     "firstpass_image": lambda v, p: _set(v),
-    "script_name": lambda v, p: _set(v),
-    "script_args": lambda v, p: _set(v),
+    # The one script run here is A1111's "Prompts from file or textbox".
+    "script_name": lambda v, p: _set(v) and not _is_prompt_list(p),
+    "script_args": lambda v, p: _set(v) and not _is_prompt_list(p),
     "alwayson_scripts": lambda v, p: _set(v),
     # Hires fix runs with the first pass's checkpoint.
     "hr_checkpoint_name": _hires_override,
@@ -501,10 +508,44 @@ class SdApi:
 
     def _generate(self, payload: _GenerationPayload) -> dict[str, Any]:
         req, ignored, clip_skip = self._to_request(payload)
-        control = JobControl()
+        requests = [req]
+        if _is_prompt_list(payload):  # every line is checked before the first job runs
+            requests = self.engine.prompt_list_requests(req, PromptList.from_script_args(payload.script_args))
         timestamp = dt.datetime.now().strftime("%Y%m%d%H%M%S")
-        self._jobs[control.job_id] = (req.mode, timestamp)
         self._last_job_timestamp = timestamp
+        results = []
+        for request in requests:
+            results.append(self._run(request, timestamp))
+            if results[-1].interrupted:  # /interrupt stops the whole list, as in A1111
+                break
+
+        if payload.save_images:
+            if self.settings.save_images:
+                for result in results:
+                    self._save(result)
+            else:
+                ignored.append("save_images")  # the server was started with --no-save
+        images = []
+        if payload.send_images:
+            images = [
+                encode_base64_png(image, text)
+                for result in results
+                for image, text in zip(result.images, result.infotexts, strict=True)
+            ]
+
+        parameters = payload.model_dump()
+        if isinstance(payload, Img2ImgRequest) and not payload.include_init_images:
+            parameters["init_images"] = None
+            parameters["mask"] = None
+        styles = payload.styles if isinstance(payload.styles, list) else [payload.styles] if payload.styles else []
+        info = self._info(results[0], ignored, clip_skip, timestamp, styles=styles)
+        if len(results) > 1:  # a prompt list: one answer for all its jobs, as A1111's script gives
+            info.update(_joined_info(results))
+        return {"images": images, "parameters": parameters, "info": json.dumps(info)}
+
+    def _run(self, req: GenerationRequest, timestamp: str) -> Result:
+        control = JobControl()
+        self._jobs[control.job_id] = (req.mode, timestamp)
         result: Result | None = None
         try:
             for event in self.engine.generate(req, control=control):
@@ -514,25 +555,7 @@ class SdApi:
             self._jobs.pop(control.job_id, None)
         if result is None:
             raise EngineError("The job ended without a result")
-
-        if payload.save_images:
-            if self.settings.save_images:
-                self._save(result)
-            else:
-                ignored.append("save_images")  # the server was started with --no-save
-        images = []
-        if payload.send_images:
-            images = [
-                encode_base64_png(image, text) for image, text in zip(result.images, result.infotexts, strict=True)
-            ]
-
-        parameters = payload.model_dump()
-        if isinstance(payload, Img2ImgRequest) and not payload.include_init_images:
-            parameters["init_images"] = None
-            parameters["mask"] = None
-        styles = payload.styles if isinstance(payload.styles, list) else [payload.styles] if payload.styles else []
-        info = self._info(result, ignored, clip_skip, timestamp, styles=styles)
-        return {"images": images, "parameters": parameters, "info": json.dumps(info)}
+        return result
 
     def _to_request(self, payload: _GenerationPayload) -> tuple[GenerationRequest, list[str], int]:
         given = payload.model_fields_set
@@ -1002,7 +1025,11 @@ class SdApi:
         router.add_api_route("/extra-single-image", self.extra_single_image, methods=["POST"])
         router.add_api_route("/extra-batch-images", self.extra_batch_images, methods=["POST"])
         # Clients probe these for extensions at start-up: there are none.
-        router.add_api_route("/scripts", lambda: {"txt2img": [], "img2img": []}, methods=["GET"])
+        router.add_api_route(
+            "/scripts",
+            lambda: {"txt2img": [PROMPT_LIST_SCRIPT], "img2img": [PROMPT_LIST_SCRIPT]},
+            methods=["GET"],
+        )
         # The hires fix upscalers, in A1111's two lists: picture upscalers (no models) and latent modes.
         router.add_api_route("/upscalers", lambda: _upscaler_entries(self.engine), methods=["GET"])
         router.add_api_route(
@@ -1078,6 +1105,20 @@ class _Unauthorized(ApiError):
             "Incorrect or missing username and password",
             headers={"WWW-Authenticate": 'Basic realm="sdapi"'},
         )
+
+
+def _joined_info(results: list[Result]) -> dict[str, Any]:
+    """The per-image lists of A1111's info over the results of several jobs."""
+    return {
+        "all_prompts": [r.request.prompt for r in results for _ in r.seeds],
+        "all_negative_prompts": [r.request.negative_prompt for r in results for _ in r.seeds],
+        "all_seeds": [seed for r in results for seed in r.seeds],
+        "all_subseeds": [subseed for r in results for subseed in r.subseeds],
+        "infotexts": [text for r in results for text in r.infotexts],
+        "interrupted": any(r.interrupted for r in results),
+        "skipped_batches": [batch for r in results for batch in r.skipped_batches],
+        "elapsed": round(sum(r.elapsed for r in results), 3),
+    }
 
 
 def _state_dict(state, *, job: str, job_count: int, timestamp: str) -> dict[str, Any]:

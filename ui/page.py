@@ -22,11 +22,12 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from engine import EngineError
+from engine import EngineError, PromptList
 from engine.events import PREVIEW_MODES
 from engine.images import LATENT_RESIZE, RESIZE_MODES
 from engine.inpaint import MASKED_CONTENT
 from engine.lora import lora_uses
+from engine.prompt_list import POSITIONS as PROMPT_LIST_POSITIONS
 from engine.request import EMPHASIS_MODES, HR_UPSCALERS, PROMPT_SYNTAXES, SEED_MAX
 from engine.samplers import sampler_names, schedule_type_names
 from engine.vae import choose as vae_choice
@@ -171,6 +172,8 @@ class TabWidgets:
     masked_content: gr.Radio | None = None
     # txt2img only: the hires fix settings, in the order the generate handler takes them (HIRES_FIELDS).
     hires: list[gr.components.Component] | None = None
+    # A1111's "Prompts from file or textbox": on, iterate seed, same seed, position, the list.
+    prompt_list: list[gr.components.Component] | None = None
 
 
 def build_page(engine, settings=None) -> gr.Blocks:
@@ -571,6 +574,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
                 prompt=prompt, negative_prompt=negative, prompt_tokens=prompt_tokens, negative_tokens=negative_tokens
             )
             panel, extra = _build_settings(mode, engine, defaults, prompts)
+            prompt_list = _build_prompt_list(mode)
         with gr.Column(scale=5, elem_classes="output-column"):
             progress = gr.HTML(progress_html(0.0, "Idle", state="idle"), label="Progress", elem_id=f"{mode}_progress")
             preview = gr.Image(
@@ -632,7 +636,65 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
         inpaint_padding=extra.get("inpaint_padding"),
         masked_content=extra.get("masked_content"),
         hires=extra.get("hires"),
+        prompt_list=prompt_list,
     )
+
+
+def _build_prompt_list(mode: str) -> list[gr.components.Component]:
+    """A1111's "Prompts from file or textbox" script: (on, iterate seed, same seed, position, the list), in the
+    order the generate handlers take them."""
+    with gr.Accordion("Prompts from file or textbox", open=False, elem_id=f"{mode}_prompt_list_box"):
+        on = gr.Checkbox(False, label="Run one job per line of the list", elem_id=f"{mode}_prompt_list_on")
+        with gr.Row():
+            iterate = gr.Checkbox(False, label="Iterate seed every line", elem_id=f"{mode}_prompt_list_iterate")
+            same = gr.Checkbox(False, label="Use same random seed for all lines", elem_id=f"{mode}_prompt_list_same")
+            position = gr.Radio(
+                list(PROMPT_LIST_POSITIONS),
+                value="start",
+                label="Insert prompts at the",
+                elem_id=f"{mode}_prompt_list_position",
+            )
+        text = gr.Textbox(
+            "",
+            label="List of prompt inputs",
+            lines=4,
+            placeholder='a red circle\n--prompt "a blue square" --steps 30 --seed 7 --cfg_scale 5',
+            info="One line a job: a prompt, or A1111's options (--prompt, --negative_prompt, --seed, --steps, "
+            "--cfg_scale, --sampler_name, --width, --height, --n_iter, --batch_size, ...).",
+            elem_id=f"{mode}_prompt_list_text",
+        )
+        upload = gr.File(
+            label="Upload prompt inputs (.txt)", file_types=[".txt"], type="binary", elem_id=f"{mode}_prompt_list_file"
+        )
+    upload.upload(
+        _read_prompt_file,
+        inputs=[upload],
+        outputs=[text, on],
+        queue=False,
+        api_visibility="private",
+        show_progress="hidden",
+    )
+    return [on, iterate, same, position, text]
+
+
+def _read_prompt_file(data: bytes | None):
+    """An uploaded list into the textbox (as A1111 reads it: UTF-8, lines stripped), switched on."""
+    if not data:
+        return gr.skip(), gr.skip()
+    lines = [line.strip() for line in data.decode("utf-8", errors="replace").splitlines()]
+    return "\n".join(lines), True
+
+
+def _prompt_list_requests(engine, request, on, iterate, same, position, text):
+    """The page's request, or with the list on, one request per line (every line checked first)."""
+    if not on:
+        return request
+    try:
+        return engine.prompt_list_requests(
+            request, PromptList(text=text or "", iterate_seed=bool(iterate), same_seed=bool(same), position=position)
+        )
+    except EngineError as exc:
+        raise engine_error(exc) from exc
 
 
 @dataclass
@@ -747,6 +809,7 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
     if tab.inpaint_area is not None:
         inputs += [tab.inpaint_area, tab.inpaint_padding, tab.masked_content]
     inputs.append(panel.tiling)
+    inputs += tab.prompt_list
     # Showing the preview (and hiding the gallery) around the job is done by separate quick events, so
     # that the streamed endpoint returns plain values to API clients rather than visibility updates.
     # The click registers the job with the session at once, so that Stop also cancels it while it waits
@@ -902,13 +965,20 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             seed_resize_from_w: int = 0,
             seed_resize_from_h: int = 0,
             tiling: bool = False,
+            prompt_list: bool = False,
+            iterate_seed: bool = False,
+            same_seed: bool = False,
+            prompt_position: str = "start",
+            prompt_list_text: str = "",
         ):
             """Text to image. Streams (preview, progress HTML, gallery, infotext) updates; the last has the
             gallery of PNGs (each with its A1111 "parameters" text chunk) and the first image's infotext.
             seed -1 is random; n_iter is the batch count. enable_hr and the hr_* values are A1111's
             hires fix (denoising_strength is its second pass's). With seed_extra, subseed is blended in at
             subseed_strength and the seed's noise is drawn at seed_resize_from_w x _h (0: off), as in A1111.
-            tiling makes a picture whose edges continue each other (A1111's Tiling)."""
+            tiling makes a picture whose edges continue each other (A1111's Tiling). With prompt_list, each line of
+            prompt_list_text is a job (A1111's "Prompts from file or textbox": a prompt, or --options; iterate_seed,
+            same_seed and prompt_position are its settings), all into one gallery."""
             variation = _variation(seed_extra, subseed, subseed_strength, seed_resize_from_w, seed_resize_from_h)
             request = build_request(
                 prompt=prompt,
@@ -941,6 +1011,9 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                 hr_negative_prompt,
             )
             request = dataclasses.replace(request, tiling=bool(tiling))
+            request = _prompt_list_requests(
+                engine, request, prompt_list, iterate_seed, same_seed, prompt_position, prompt_list_text
+            )
             yield from run_job(session=session, request=request, ticket=ticket, **common)
 
         return txt2img
@@ -971,6 +1044,11 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             seed_resize_from_h: int = 0,
             resize_mode: int = 0,
             tiling: bool = False,
+            prompt_list: bool = False,
+            iterate_seed: bool = False,
+            same_seed: bool = False,
+            prompt_position: str = "start",
+            prompt_list_text: str = "",
         ):
             """Image to image: like /txt2img plus the init image and the denoising strength (0..1); resize_mode
             is A1111's (0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale))."""
@@ -996,6 +1074,9 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                 resize_mode=resize_mode,
             )
             request = dataclasses.replace(request, tiling=bool(tiling))
+            request = _prompt_list_requests(
+                engine, request, prompt_list, iterate_seed, same_seed, prompt_position, prompt_list_text
+            )
             yield from run_job(session=session, request=request, ticket=ticket, **common)
 
         return img2img
@@ -1030,6 +1111,11 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
         inpaint_full_res_padding: int = 32,
         inpainting_fill: str = "original",
         tiling: bool = False,
+        prompt_list: bool = False,
+        iterate_seed: bool = False,
+        same_seed: bool = False,
+        prompt_position: str = "start",
+        prompt_list_text: str = "",
     ):
         """Inpaint: like /img2img; `image` is an image-editor value whose painted layer is the mask
         (white = repaint), or give `mask` (a white-on-black image of the same size). inpaint_area is
@@ -1073,6 +1159,9 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             else inpainting_fill,
         )
         request = dataclasses.replace(request, tiling=bool(tiling))
+        request = _prompt_list_requests(
+            engine, request, prompt_list, iterate_seed, same_seed, prompt_position, prompt_list_text
+        )
         yield from run_job(session=session, request=request, ticket=ticket, **common)
 
     return inpaint

@@ -364,7 +364,7 @@ def params_table_html(params: dict[str, str]) -> str:
 def run_job(
     engine,
     session: PageSession,
-    request: GenerationRequest,
+    request: GenerationRequest | list[GenerationRequest],
     *,
     ticket: int | None = None,
     mode: str,
@@ -376,51 +376,69 @@ def run_job(
     Each update is a plain (preview image, progress HTML, gallery, infotext, result view) tuple, so
     gradio_client users get values, not update dicts. While running, the gallery is empty and the
     preview holds the latest preview; the last update has the gallery and no preview. `ticket` is the
-    job id PageSession.start_job gave when Generate was clicked (None for API calls).
+    job id PageSession.start_job gave when Generate was clicked (None for API calls). A list of requests
+    (a prompt list) runs one after another, all checked first, into one gallery; Stop ends the list.
     """
+    requests = request if isinstance(request, list) else [request]
     control = session.take_job(ticket)
-    result, fraction, shown = None, 0.0, None
+    results: list[Result] = []
+    fraction, shown = 0.0, None
     pacer, stop_shown = Pacer(LIVE_UPDATE_INTERVAL_S), False
-    request = session.settings_for(request)
     try:
-        validated = engine.validate(request)
-        width, height = validated.width, validated.height
+        validated_all = [engine.validate(session.settings_for(each)) for each in requests]
         yield None, progress_html(0.0, "Starting...", job_id=control.job_id), [], "", gr.skip()
-        for event in engine.generate(validated, control=control, preview=session.preview_settings()):
-            if isinstance(event, Waiting):
-                text = "Stopping..." if control.interrupted else describe_waiting(event)
-                yield None, progress_html(0.0, text, job_id=control.job_id), [], "", gr.skip()
-            elif isinstance(event, Progress):
-                fraction = event.fraction
-                text = describe_progress(event)
-                if control.interrupted:
-                    text = f"Stopping... {text}"
-                if event.preview is not None:
-                    shown = preview_to_display(event.preview, width, height, PREVIEW_DISPLAY_SIDE)
-                # Previews come paced by the engine; progress-only steps in between are dropped.
-                force = event.preview is not None or event.step == event.total or control.interrupted != stop_shown
-                if pacer.ready(force=force):
-                    stop_shown = control.interrupted
-                    yield shown, progress_html(fraction, text, job_id=control.job_id), [], "", gr.skip()
-            elif isinstance(event, Result):
-                result = event
+        for number, validated in enumerate(validated_all, start=1):
+            if control.interrupted and results:
+                break
+            prefix = f"Prompt {number}/{len(validated_all)}: " if len(validated_all) > 1 else ""
+            width, height = validated.width, validated.height
+            for event in engine.generate(validated, control=control, preview=session.preview_settings()):
+                if isinstance(event, Waiting):
+                    text = "Stopping..." if control.interrupted else prefix + describe_waiting(event)
+                    yield None, progress_html(0.0, text, job_id=control.job_id), [], "", gr.skip()
+                elif isinstance(event, Progress):
+                    fraction = (number - 1 + event.fraction) / len(validated_all)
+                    text = prefix + describe_progress(event)
+                    if control.interrupted:
+                        text = f"Stopping... {text}"
+                    if event.preview is not None:
+                        shown = preview_to_display(event.preview, width, height, PREVIEW_DISPLAY_SIDE)
+                    # Previews come paced by the engine; progress-only steps in between are dropped.
+                    force = event.preview is not None or event.step == event.total or control.interrupted != stop_shown
+                    if pacer.ready(force=force):
+                        stop_shown = control.interrupted
+                        yield shown, progress_html(fraction, text, job_id=control.job_id), [], "", gr.skip()
+                elif isinstance(event, Result):
+                    results.append(event)
+                    # Saved as each job ends, so a later line's failure loses nothing made before it.
+                    if session.save_images and save_image is not None and outputs_dir is not None:
+                        _save_all(event, save_image, outputs_dir=outputs_dir, mode=mode)
     except EngineError as exc:
         raise engine_error(exc) from exc
     finally:
         session.end_job(control)
-    if result is None:  # the engine always ends with a Result; this guards the page, not the engine
+    if not results:  # the engine always ends with a Result; this guards the page, not the engine
         raise gr.Error("The job ended without a result.")
 
-    if session.save_images and save_image is not None and outputs_dir is not None:
-        _save_all(result, save_image, outputs_dir=outputs_dir, mode=mode)
-
     view = ResultView(
-        seeds=list(result.seeds), infotexts=list(result.infotexts), selected=0, subseeds=list(result.subseeds)
+        seeds=[seed for result in results for seed in result.seeds],
+        infotexts=[text for result in results for text in result.infotexts],
+        selected=0,
+        subseeds=[subseed for result in results for subseed in result.subseeds],
     )
-    gallery = [(image, _caption(result, index)) for index, image in enumerate(result.images)]
-    state = "interrupted" if result.interrupted else "done"
-    bar = progress_html(fraction if result.interrupted else 1.0, describe_result(result), state=state)
+    gallery = [(image, _caption(result, index)) for result in results for index, image in enumerate(result.images)]
+    interrupted = any(result.interrupted for result in results)
+    summary = describe_result(results[-1]) if len(results) == 1 else _describe_results(results, len(requests))
+    bar = progress_html(fraction if interrupted else 1.0, summary, state="interrupted" if interrupted else "done")
     yield None, bar, gallery, view.selected_infotext(), view
+
+
+def _describe_results(results: list[Result], asked: int) -> str:
+    images = sum(len(result.images) for result in results)
+    seconds = sum(result.elapsed for result in results)
+    ran = f"{len(results)} of {asked} prompts" if len(results) < asked else f"{asked} prompts"
+    stopped = ", stopped" if any(result.interrupted for result in results) else ""
+    return f"{ran}: {images} image{'s' if images != 1 else ''} in {seconds:.1f} s{stopped}"
 
 
 def _caption(result: Result, index: int) -> str:
