@@ -166,57 +166,54 @@ class Engine:
             name = getattr(checked, field)
             if name in available:
                 networks[name] = self.upscalers.get(available[name], field)
-        with self._job_lock:
-            # Shown in /progress and to jobs waiting for the device, as a generation is: tiles for steps, and
-            # each upscaler model for a batch.
-            started, control = time.perf_counter(), JobControl()
-            model_runs = [
-                checked.upscaler_1 in networks,
-                checked.extras_upscaler_2_visibility > 0 and checked.upscaler_2 in networks,
-            ].count(True)
-            self._state = JobState(
-                running=True, job_id=control.job_id, mode="extras", batch_count=model_runs, started_at=time.time()
+        model_runs = [
+            checked.upscaler_1 in networks,
+            checked.extras_upscaler_2_visibility > 0 and checked.upscaler_2 in networks,
+        ].count(True)
+        # Tiles count as steps, and each upscaler model as a batch.
+        with self._device_task("extras", batch_count=model_runs) as report:
+            return upscale_picture(
+                checked.image, checked, networks, on_tile=lambda number, done, total: report(done, total, number)
             )
-
-            def on_tile(upscaler_no: int, done: int, total: int) -> None:
-                self._state = dataclasses.replace(
-                    self._state,
-                    step=done,
-                    total=total,
-                    batch_no=min(upscaler_no, model_runs - 1),
-                    elapsed=time.perf_counter() - started,
-                )
-
-            try:
-                return upscale_picture(checked.image, checked, networks, on_tile=on_tile)
-            finally:
-                self._state = JobState(running=False, job_id=control.job_id, mode="extras")
 
     def merge_checkpoints(self, req: MergeRequest) -> MergeResult:
         """A1111's Checkpoint Merger: a new checkpoint in the checkpoints folder from two or three models.
         Refused (InvalidRequestError naming the field) before anything is written; holds the device, as a
         job does, and shows in progress() as mode "merge", one step a tensor."""
         inputs = check_merge(req, self.registry, self.list_vaes())
+        with self._device_task("merge") as report:
+            return run_merge(
+                inputs,
+                self.registry,
+                save_as_half=bool(req.save_as_half),
+                checkpoint_format=req.checkpoint_format,
+                save_metadata=bool(req.save_metadata),
+                on_tensor=report,
+            )
+
+    @contextlib.contextmanager
+    def _device_task(self, mode: str, batch_count: int = 1):
+        """Hold the device for work that is no generation (an upscale, a merge), shown in progress() and to jobs
+        waiting for the device as `mode`, as a generation is; yields report(step, total, batch_no=0)."""
         with self._job_lock:
             started, control = time.perf_counter(), JobControl()
-            self._state = JobState(running=True, job_id=control.job_id, mode="merge", started_at=time.time())
+            self._state = JobState(
+                running=True, job_id=control.job_id, mode=mode, batch_count=batch_count, started_at=time.time()
+            )
 
-            def on_tensor(done: int, total: int) -> None:
+            def report(step: int, total: int, batch_no: int = 0) -> None:
                 self._state = dataclasses.replace(
-                    self._state, step=done, total=total, batch_count=1, elapsed=time.perf_counter() - started
+                    self._state,
+                    step=step,
+                    total=total,
+                    batch_no=min(batch_no, max(batch_count - 1, 0)),
+                    elapsed=time.perf_counter() - started,
                 )
 
             try:
-                return run_merge(
-                    inputs,
-                    self.registry,
-                    save_as_half=bool(req.save_as_half),
-                    checkpoint_format=req.checkpoint_format,
-                    save_metadata=bool(req.save_metadata),
-                    on_tensor=on_tensor,
-                )
+                yield report
             finally:
-                self._state = JobState(running=False, job_id=control.job_id, mode="merge")
+                self._state = JobState(running=False, job_id=control.job_id, mode=mode)
 
     def job_vae(self, sd_vae: str, available: dict[str, VaeFile] | None = None) -> VaeFile | None:
         """The VAE file a job's sd_vae choice means for the loaded model (None: the model's own);

@@ -325,7 +325,9 @@ def _check_free(folder: Path, name: str, value) -> None:
     """Refuse a name a model in `folder` has, as a file or a folder: nothing is overwritten, and two models of
     one name could not be told apart."""
     if (folder / name).exists() or (folder / f"{name}.safetensors").exists():
-        raise InvalidRequestError("custom_name", value or name, f"a name no model in {folder} has yet")
+        raise InvalidRequestError(
+            "custom_name", value or name, f"a name no model in {folder} has yet (type a new one in Custom name)"
+        )
 
 
 def _new_path(path: Path) -> Path:
