@@ -134,7 +134,9 @@ def run_batch(
     resize_from = None
     if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0:
         resize_from = model.latent_shape(req.seed_resize_from_w, req.seed_resize_from_h)[2:]
-    variation = NoiseVariation(seeds, subseeds or seeds, req.subseed_strength, resize_from)
+    # A1111 scales the noise of img2img and inpaint only, never a hires pass's.
+    multiplier = req.initial_noise_multiplier if req.mode != "txt2img" else 1.0
+    variation = NoiseVariation(seeds, subseeds or seeds, req.subseed_strength, resize_from, multiplier)
     if req.mode != "txt2img":
         variation.install(pipe, scheduler)
     reseed_after_start(pipe, seeds, req.eta_noise_seed_delta)

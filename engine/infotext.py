@@ -185,6 +185,8 @@ def format_infotext(
         params[spec.eta_key] = _format_number(eta)
     if req.eta_noise_seed_delta and spec.uses_ensd and (eta is None or eta != 0):
         params["ENSD"] = int(req.eta_noise_seed_delta)
+    if req.mode != "txt2img" and req.initial_noise_multiplier != 1:
+        params["Noise multiplier"] = _format_number(req.initial_noise_multiplier)
     # Written only when not the default, as A1111 writes "Emphasis".
     if req.emphasis != "Original":
         params["Emphasis"] = req.emphasis
@@ -344,6 +346,8 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
             req.eta = _parse_float(key, params.pop(key))
     if "ENSD" in params:
         req.eta_noise_seed_delta = _parse_int("ENSD", params.pop("ENSD"))
+    if "Noise multiplier" in params:
+        req.initial_noise_multiplier = _parse_float("Noise multiplier", params.pop("Noise multiplier"))
     if "Emphasis" in params:
         req.emphasis = params.pop("Emphasis")
     if "Prompt syntax" in params:

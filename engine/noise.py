@@ -70,7 +70,8 @@ def _overlap(target_side: int, source_side: int) -> tuple[int, int, int]:
 class NoiseVariation:
     """A1111's variation seed and seed resize for one batch: image i has seed `seeds[i]` and variation
     seed `subseeds[i]`. `resize_from_latent` is the latent (height, width) of the size the seed's noise
-    is drawn at, or None."""
+    is drawn at, or None. `multiplier` is A1111's noise multiplier for img2img: the noise added to the
+    picture is scaled by it once varied, as A1111 scales the noise it drew."""
 
     def __init__(
         self,
@@ -78,23 +79,29 @@ class NoiseVariation:
         subseeds: Sequence[int],
         strength: float,
         resize_from_latent: tuple[int, int] | None = None,
+        multiplier: float = 1.0,
     ):
         self.seeds = list(seeds)
         self.subseeds = list(subseeds)
         self.strength = float(strength)
         self.resize_from_latent = resize_from_latent
+        self.multiplier = float(multiplier)
         # The noise last varied and what it became: a pipeline hands the same noise tensor to add_noise
         # on every step of an inpaint, and must get the same varied noise back each time.
         self._source: torch.Tensor | None = None
         self._varied: torch.Tensor | None = None
 
     @property
-    def active(self) -> bool:
+    def varies(self) -> bool:
         return self.strength != 0 or self.resize_from_latent is not None
+
+    @property
+    def active(self) -> bool:
+        return self.varies or self.multiplier != 1
 
     def vary(self, noise: torch.Tensor) -> torch.Tensor:
         """The batch's noise (N, C, H, W), each image's changed by its variation seed and seed resize."""
-        if not self.active:
+        if not self.varies:
             return noise
         if noise is self._source or noise is self._varied:
             return self._varied
@@ -115,9 +122,13 @@ class NoiseVariation:
             noise = slerp(self.strength, noise, seed_noise(subseed, noise.shape))
         return paste_centred(base, noise) if resized else noise
 
+    def _scaled(self, noise: torch.Tensor) -> torch.Tensor:
+        varied = self.vary(noise)
+        return varied * self.multiplier if self.multiplier != 1 else varied
+
     def install(self, pipe, scheduler) -> None:
-        """Vary the noise that this job's img2img, inpaint or hires pass adds to its picture. Both objects
-        belong to one job (the pipeline object and scheduler are made per job), so nothing is shared."""
+        """Vary (and scale) the noise that this job's img2img, inpaint or hires pass adds to its picture. Both
+        objects belong to one job (the pipeline object and scheduler are made per job), so nothing is shared."""
         if not self.active:
             return
         scheduler.add_noise = self._varied_add_noise(scheduler.add_noise)
@@ -131,9 +142,9 @@ class NoiseVariation:
         @functools.wraps(add_noise)
         def varied_add_noise(*args, **kwargs):
             if "noise" in kwargs:
-                kwargs["noise"] = self.vary(kwargs["noise"])
+                kwargs["noise"] = self._scaled(kwargs["noise"])
             else:
-                args = (args[0], self.vary(args[1]), *args[2:])
+                args = (args[0], self._scaled(args[1]), *args[2:])
             return add_noise(*args, **kwargs)
 
         return varied_add_noise
@@ -146,7 +157,8 @@ class NoiseVariation:
                 return outputs  # below strength 1 the noise went through add_noise, already varied
             _latents, noise, *rest = outputs
             varied = self.vary(noise)
-            return (varied * scheduler.init_noise_sigma, varied, *rest)
+            # The noise handed back is scaled again where add_noise uses it.
+            return (self._scaled(noise) * scheduler.init_noise_sigma, varied, *rest)
 
         return varied_prepare_latents
 

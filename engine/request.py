@@ -14,6 +14,8 @@ from .images import LATENT_RESIZE, RESIZE_MODES, to_pil
 
 # A1111 draws random seeds from [0, 2**32).
 SEED_MAX = 2**32 - 1
+# A1111's setting slider for the img2img noise multiplier goes to 1.5.
+MAX_NOISE_MULTIPLIER = 1.5
 
 PROMPT_SYNTAXES = ("a1111", "compel")
 # A1111's hires fix upscalers that need no extra model: latent ones (F.interpolate mode, antialias) and
@@ -89,6 +91,8 @@ class GenerationRequest:
     # A1111's "Eta noise seed delta" (ENSD): after each picture's starting noise is drawn, the noise its steps
     # draw comes from seed + this, as A1111 does it (31337 in NovelAI-era infotexts); 0 leaves it.
     eta_noise_seed_delta: int = 0
+    # A1111's "Noise multiplier for img2img": the noise img2img and inpaint add to the picture, scaled (1 leaves it).
+    initial_noise_multiplier: float = 1.0
     # A1111's "SD VAE": "Automatic" (a VAE named after the checkpoint beside it, else the model's own),
     # "None" (the model's own), or a file in the VAE folder. Engine.validate checks it against the folder.
     sd_vae: str = "Automatic"
@@ -236,6 +240,8 @@ def validate_request(
         _in_range(eta, "eta", 0.0, 1.0)
     ensd = _as_int(req.eta_noise_seed_delta, "eta_noise_seed_delta")
     _in_range(ensd, "eta_noise_seed_delta", 0, SEED_MAX)
+    noise_multiplier = _as_float(req.initial_noise_multiplier, "initial_noise_multiplier")
+    _in_range(noise_multiplier, "initial_noise_multiplier", 0.0, MAX_NOISE_MULTIPLIER)
     full_res = req.inpaint_full_res
     if not isinstance(full_res, (bool, int)) or full_res not in (True, False, 0, 1):
         raise InvalidRequestError("inpaint_full_res", full_res, "true (Only masked) or false (Whole picture)")
@@ -326,6 +332,7 @@ def validate_request(
         tiling=bool(req.tiling),
         eta=eta,
         eta_noise_seed_delta=ensd,
+        initial_noise_multiplier=noise_multiplier,
         inpaint_full_res=bool(full_res),
         inpaint_full_res_padding=padding,
         inpainting_fill=fill,

@@ -37,7 +37,7 @@ from engine.infotext import parse_infotext, parse_infotext_params, read_infotext
 from engine.outputs import FORMATS, output_folder, save_image
 from engine.prompt_list import SCRIPT_NAME as PROMPT_LIST_SCRIPT
 from engine.prompt_list import PromptList
-from engine.request import EMPHASIS_MODES, LATENT_UPSCALERS, PICTURE_UPSCALERS, SEED_MAX
+from engine.request import EMPHASIS_MODES, LATENT_UPSCALERS, MAX_NOISE_MULTIPLIER, PICTURE_UPSCALERS, SEED_MAX
 from engine.samplers import SamplerSpec, get_sampler
 from engine.samplers import resolve as resolve_sampler
 from engine.upscalers import scale_from_name
@@ -127,7 +127,7 @@ class _GenerationPayload(BaseModel):
         None,
         description="acted on: CLIP_stop_at_last_layers, emphasis ('Original', 'No norm', 'Ignore'), "
         "sd_vae ('Automatic', 'None' or a file from /sdapi/v1/sd-vae), eta_noise_seed_delta (ENSD, e.g. 31337), "
-        "eta_ancestral (Euler a), eta_ddim",
+        "eta_ancestral (Euler a), eta_ddim, initial_noise_multiplier (img2img)",
     )
     styles: Any = None
     subseed: Any = Field(-1, description="variation seed; -1: random")
@@ -195,7 +195,7 @@ class Img2ImgRequest(_GenerationPayload):
     inpainting_fill: Any = Field(0, description="masked content: 0 fill, 1 original, 2 latent noise, 3 latent nothing")
     inpaint_full_res: Any = Field(True, description="A1111's API default: Only masked (false: Whole picture)")
     inpaint_full_res_padding: Any = Field(0, description="pixels around the mask for Only masked")
-    initial_noise_multiplier: Any = None
+    initial_noise_multiplier: Any = Field(None, description="scales the noise added to the picture (0 to 1.5; 1: off)")
     latent_mask: Any = None
 
 
@@ -296,6 +296,17 @@ def _hires_override(value: Any, payload: Any) -> bool:
     return _hires(payload) and _set(value) and not str(value).startswith("Use same")
 
 
+# A1111 settings a job reads from override_settings (or /options): see _setting_for and _eta_for.
+_SETTINGS_READ_BY_JOBS = (
+    "emphasis",
+    "sd_vae",
+    "eta_noise_seed_delta",
+    "eta_ancestral",
+    "eta_ddim",
+    "initial_noise_multiplier",
+)
+
+
 def _is_prompt_list(payload: Any) -> bool:
     return str(getattr(payload, "script_name", None) or "").strip().lower() == PROMPT_LIST_SCRIPT
 
@@ -322,7 +333,6 @@ _IGNORED_RULES = {
     "hr_checkpoint_name": _hires_override,
     "firstphase_width": _not_in(0),
     "firstphase_height": _not_in(0),
-    "initial_noise_multiplier": _not_in(1),
     "latent_mask": lambda v, p: _set(v),
 }
 
@@ -490,6 +500,7 @@ class SdApi:
             "eta_noise_seed_delta": 0,
             "eta_ancestral": 1.0,
             "eta_ddim": 0.0,
+            "initial_noise_multiplier": 1.0,
         }
         self._jobs: dict[int, tuple[str, str]] = {}  # job id -> (kind, timestamp) of jobs started here
         self._last_job_timestamp = "0"
@@ -635,6 +646,11 @@ class SdApi:
                 inpaint_full_res_padding=pick("inpaint_full_res_padding", 0),
                 # A1111's API default is fill (0); its page starts on original (1).
                 inpainting_fill=pick("inpainting_fill", 0),
+                initial_noise_multiplier=(
+                    payload.initial_noise_multiplier
+                    if payload.initial_noise_multiplier is not None
+                    else self._setting_for("initial_noise_multiplier", payload, from_text, 1.0)
+                ),
             )
         return GenerationRequest(**fields), ignored, clip_skip
 
@@ -667,7 +683,7 @@ class SdApi:
         for key, value in (payload.override_settings or {}).items():
             if key == "CLIP_stop_at_last_layers":
                 clip_skip = _clip_skip_value(value, "override_settings.CLIP_stop_at_last_layers")
-            elif key in ("emphasis", "sd_vae", "eta_noise_seed_delta", "eta_ancestral", "eta_ddim"):
+            elif key in _SETTINGS_READ_BY_JOBS:
                 continue  # read by _setting_for and _eta_for
             elif key == "sd_model_checkpoint" and self._is_loaded_model(value):
                 continue  # asks for the model already loaded
@@ -911,10 +927,10 @@ class SdApi:
             clip_skip = _clip_skip_value(options["CLIP_stop_at_last_layers"], "CLIP_stop_at_last_layers")
         if "emphasis" in options and options["emphasis"] not in EMPHASIS_MODES:
             raise ApiError(422, "emphasis", options["emphasis"], ", ".join(EMPHASIS_MODES))
-        for key in ("eta_ancestral", "eta_ddim"):
+        for key, highest in (("eta_ancestral", 1), ("eta_ddim", 1), ("initial_noise_multiplier", MAX_NOISE_MULTIPLIER)):
             value = options.get(key, 0)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ApiError(422, key, value, "a number from 0 to 1")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= highest:
+                raise ApiError(422, key, value, f"a number from 0 to {highest}")
         if "eta_noise_seed_delta" in options:
             ensd = options["eta_noise_seed_delta"]
             if isinstance(ensd, bool) or not isinstance(ensd, int) or not 0 <= ensd <= SEED_MAX:

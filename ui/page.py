@@ -28,7 +28,7 @@ from engine.images import LATENT_RESIZE, RESIZE_MODES
 from engine.inpaint import MASKED_CONTENT
 from engine.lora import lora_uses
 from engine.prompt_list import POSITIONS as PROMPT_LIST_POSITIONS
-from engine.request import EMPHASIS_MODES, HR_UPSCALERS, PROMPT_SYNTAXES, SEED_MAX
+from engine.request import EMPHASIS_MODES, HR_UPSCALERS, MAX_NOISE_MULTIPLIER, PROMPT_SYNTAXES, SEED_MAX
 from engine.samplers import sampler_names, schedule_type_names
 from engine.vae import choose as vae_choice
 
@@ -264,6 +264,15 @@ def build_page(engine, settings=None) -> gr.Blocks:
                         0, 1, value=1, step=0.01, label="Eta for Euler a", elem_id="setting_eta_ancestral"
                     )
                     eta_ddim = gr.Slider(0, 1, value=0, step=0.01, label="Eta for DDIM", elem_id="setting_eta_ddim")
+                noise_multiplier = gr.Slider(
+                    0,
+                    MAX_NOISE_MULTIPLIER,
+                    value=1,
+                    step=0.01,
+                    label="Noise multiplier for img2img",
+                    info="Scales the noise img2img and inpaint add to the picture (A1111's; 1: off).",
+                    elem_id="setting_noise_multiplier",
+                )
                 save_images = gr.Checkbox(
                     value=save_default,
                     label="Save generated images"
@@ -300,7 +309,13 @@ def build_page(engine, settings=None) -> gr.Blocks:
                 api_visibility="private",
                 show_progress="hidden",
             )
-        _wire_png_info(png, tab_widgets, tabs, session_settings=[sd_vae, ensd, eta_ancestral, eta_ddim], engine=engine)
+        _wire_png_info(
+            png,
+            tab_widgets,
+            tabs,
+            session_settings=[sd_vae, ensd, eta_ancestral, eta_ddim, noise_multiplier],
+            engine=engine,
+        )
         wire_extras_tab(extras, engine, session, outputs_dir=outputs_dir, save_image=save_image)
         wire_merge_tab(merge, engine, model_dropdown=model, model_titles=functools.partial(_model_titles, engine))
         txt2img = tab_widgets["txt2img"].settings
@@ -346,6 +361,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
             (ensd, _set_ensd, "set_ensd"),
             (eta_ancestral, _set_eta_ancestral, "set_eta_ancestral"),
             (eta_ddim, _set_eta_ddim, "set_eta_ddim"),
+            (noise_multiplier, _set_noise_multiplier, "set_noise_multiplier"),
         ):
             widget.change(
                 setter,
@@ -1186,7 +1202,8 @@ def _wire_png_info(
     session_settings: list,
     engine,
 ) -> None:
-    """`session_settings`: the SD VAE list, ENSD and the two etas, which Send sets from the infotext."""
+    """`session_settings`: the SD VAE list, ENSD, the two etas and the noise multiplier, which Send sets from the
+    infotext."""
     png.image.change(
         _read_png_info,
         inputs=[png.image],
@@ -1352,6 +1369,17 @@ def _set_eta_ddim(session: PageSession, eta: float) -> None:
     session.eta_ddim = _eta_value(eta)
 
 
+def _set_noise_multiplier(session: PageSession, multiplier: float) -> None:
+    """A1111's noise multiplier for this session's img2img and inpaint jobs: 0 to 1.5, 1 leaves the noise."""
+    try:
+        number = float(multiplier) if not isinstance(multiplier, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not 0 <= number <= MAX_NOISE_MULTIPLIER:  # NaN too
+        raise gr.Error(f"initial_noise_multiplier: got {multiplier!r}; allowed: 0 to {MAX_NOISE_MULTIPLIER}")
+    session.noise_multiplier = number
+
+
 def _eta_value(eta) -> float:
     try:
         number = float(eta) if not isinstance(eta, bool) else math.nan
@@ -1499,13 +1527,13 @@ def _send_png_info(path: str | None, text: str, *, target_mode: str, engine):
 
 
 def _sampler_parameters_from_infotext(text: str) -> list:
-    """The Settings tab's ENSD, Eta for Euler a and Eta for DDIM from an infotext: each set where the infotext
-    names it (A1111 pastes them as overrides), else left as it is."""
+    """The Settings tab's ENSD, Eta for Euler a, Eta for DDIM and noise multiplier from an infotext: each set where
+    the infotext names it (A1111 pastes them as overrides), else left as it is."""
     from engine.infotext import parse_infotext_params
 
     params = parse_infotext_params(text)
     values = []
-    for key in ("ENSD", "Eta", "Eta DDIM"):
+    for key in ("ENSD", "Eta", "Eta DDIM", "Noise multiplier"):
         try:
             values.append(int(params[key]) if key == "ENSD" else float(params[key]))
         except (KeyError, ValueError):

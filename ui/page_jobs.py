@@ -50,6 +50,8 @@ class PageSession:
     ensd: int = 0
     eta_ancestral: float = 1.0
     eta_ddim: float = 0.0
+    # A1111's "Noise multiplier for img2img" (img2img and inpaint jobs).
+    noise_multiplier: float = 1.0
     # Jobs this session queued or started and that have not ended, by job id: Stop interrupts these only.
     running: dict[int, JobControl] = field(default_factory=dict)
 
@@ -60,7 +62,8 @@ class PageSession:
         return PreviewSettings(mode=self.preview_mode, every=self.preview_every, min_interval_s=interval)
 
     def settings_for(self, request: GenerationRequest) -> GenerationRequest:
-        """`request` with this session's prompt syntax, emphasis mode, SD VAE, ENSD and its sampler's eta."""
+        """`request` with this session's prompt syntax, emphasis mode, SD VAE, ENSD, its sampler's eta and the
+        img2img noise multiplier."""
         try:
             spec = get_sampler(request.sampler_name)
         except EngineError:
@@ -77,6 +80,7 @@ class PageSession:
             sd_vae=self.sd_vae,
             eta=eta,
             eta_noise_seed_delta=self.ensd,
+            initial_noise_multiplier=self.noise_multiplier,
         )
 
     def start_job(self) -> JobControl:
