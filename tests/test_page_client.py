@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -314,3 +315,31 @@ def test_compare_grids_tile_when_the_txt2img_tiling_box_is_ticked(page_url, engi
     tiled = list(engine.generate(request))[-1].images[0]
     plain = list(engine.generate(GenerationRequest(**{**vars(request), "tiling": False})))[-1].images[0]
     assert shown == tiled.convert("RGB").tobytes() and shown != plain.convert("RGB").tobytes()
+
+
+def test_img2img_runs_a_batch_of_init_images_one_job_each(page_url, tmp_path):
+    client = _client(page_url)
+    paths = []
+    for index, colour in enumerate(("red", "blue", "yellow")):
+        paths.append(tmp_path / f"batch-{index}.png")
+        Image.new("RGB", (64, 64), colour).save(paths[-1])
+    common = ("a square", "", "Euler", "Automatic", 4, 7.0, 30, 64, 64, 1, 1)
+    batch = [handle_file(str(path)) for path in paths]
+    _, progress, gallery, _ = client.predict(*common, None, 0.3, batch_images=batch, api_name="/img2img")
+    assert "3 init images: 3 images in" in progress
+    # Each picture's job is the one that picture makes on its own, seed and all.
+    for path, item in zip(paths, gallery, strict=True):
+        alone = client.predict(*common, handle_file(str(path)), 0.3, api_name="/img2img")[2]
+        with Image.open(alone[0]["image"]) as one, Image.open(item["image"]) as in_batch:
+            assert np.array_equal(np.asarray(one), np.asarray(in_batch))
+    with Image.open(gallery[0]["image"]) as first, Image.open(gallery[1]["image"]) as second:
+        assert not np.array_equal(np.asarray(first), np.asarray(second))
+
+    not_a_picture = tmp_path / "notes.png"
+    not_a_picture.write_text("not a picture")
+    with pytest.raises(AppError, match="batch_images: got 'notes.png'"):
+        client.predict(*common, None, 0.3, batch_images=[handle_file(str(not_a_picture))], api_name="/img2img")
+    with pytest.raises(AppError, match="one of the two"):
+        client.predict(
+            *common, None, 0.3, batch_images=batch, prompt_list=True, prompt_list_text="a", api_name="/img2img"
+        )

@@ -174,6 +174,8 @@ class TabWidgets:
     hires: list[gr.components.Component] | None = None
     # A1111's "Prompts from file or textbox": on, iterate seed, same seed, position, the list.
     prompt_list: list[gr.components.Component] | None = None
+    # img2img only: several init images, one job each (A1111's Batch).
+    batch_images: gr.File | None = None
 
 
 def build_page(engine, settings=None) -> gr.Blocks:
@@ -554,7 +556,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
             )
     with gr.Accordion("How the prompt is read", open=False, elem_id=f"{mode}_prompt_reading_box"):
         prompt_reading = gr.HTML("", elem_id=f"{mode}_prompt_reading")
-    image = mask = None
+    image = mask = batch_images = None
     with gr.Row(equal_height=False):
         with gr.Column(scale=5, elem_classes="settings-column"):
             if mode == "img2img":
@@ -565,6 +567,15 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
                     elem_id="img2img_image",
                     height=320,
                 )
+                # A1111's Batch tab without server folders: the pictures come from the browser.
+                with gr.Accordion("Batch: several init images", open=False, elem_id="img2img_batch_box"):
+                    batch_images = gr.File(
+                        file_count="multiple",
+                        file_types=["image"],
+                        type="filepath",
+                        label="Init images: with files here, Generate runs one job per picture (not the one above)",
+                        elem_id="img2img_batch_images",
+                    )
             elif mode == "inpaint":
                 image = gr.ImageEditor(
                     type="pil",
@@ -653,6 +664,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
         masked_content=extra.get("masked_content"),
         hires=extra.get("hires"),
         prompt_list=prompt_list,
+        batch_images=batch_images,
     )
 
 
@@ -691,6 +703,18 @@ def _build_prompt_list(mode: str) -> list[gr.components.Component]:
         show_progress="hidden",
     )
     return [on, iterate, same, position, text]
+
+
+def _batch_pictures(paths: list[str] | None) -> list[Image.Image]:
+    """The batch's files as RGB pictures; gr.Error naming a file that is no picture."""
+    pictures = []
+    for path in paths or []:
+        try:
+            pictures.append(_open_image(path))
+        except (OSError, ValueError) as exc:
+            name = Path(path).name
+            raise gr.Error(f"batch_images: got {name!r}; allowed: pictures (PNG, JPEG, WebP) ({exc})") from exc
+    return pictures
 
 
 def _read_prompt_file(data: bytes | None):
@@ -826,6 +850,8 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
         inputs += [tab.inpaint_area, tab.inpaint_padding, tab.masked_content]
     inputs.append(panel.tiling)
     inputs += tab.prompt_list
+    if tab.batch_images is not None:
+        inputs.append(tab.batch_images)
     # Showing the preview (and hiding the gallery) around the job is done by separate quick events, so
     # that the streamed endpoint returns plain values to API clients rather than visibility updates.
     # The click registers the job with the session at once, so that Stop also cancels it while it waits
@@ -1065,9 +1091,18 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             same_seed: bool = False,
             prompt_position: str = "start",
             prompt_list_text: str = "",
+            batch_images: list[str] | None = None,
         ):
             """Image to image: like /txt2img plus the init image and the denoising strength (0..1); resize_mode
-            is A1111's (0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale))."""
+            is A1111's (0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale)).
+            batch_images (files) run one job each, in place of init_image, into one gallery."""
+            pictures = _batch_pictures(batch_images)
+            if pictures and prompt_list:
+                raise gr.Error(
+                    "batch_images: got a batch with a prompt list; allowed: one of the two (clear the batch's files, "
+                    "or untick the prompt list)"
+                )
+            init_image = pictures[0] if pictures else init_image
             if init_image is None:
                 raise gr.Error("init_images: got nothing; allowed: an image (upload one in img2img)")
             variation = _variation(seed_extra, subseed, subseed_strength, seed_resize_from_w, seed_resize_from_h)
@@ -1090,6 +1125,10 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                 resize_mode=resize_mode,
             )
             request = dataclasses.replace(request, tiling=bool(tiling))
+            if pictures:
+                batch = [dataclasses.replace(request, init_images=[picture]) for picture in pictures]
+                yield from run_job(session=session, request=batch, ticket=ticket, unit="init image", **common)
+                return
             request = _prompt_list_requests(
                 engine, request, prompt_list, iterate_seed, same_seed, prompt_position, prompt_list_text
             )

@@ -374,6 +374,7 @@ def run_job(
     mode: str,
     outputs_dir: Path | None,
     save_image=None,
+    unit: str = "prompt",
 ) -> Iterator[tuple]:
     """Iterate engine.generate and yield page updates: previews and progress, then the results.
 
@@ -381,7 +382,8 @@ def run_job(
     gradio_client users get values, not update dicts. While running, the gallery is empty and the
     preview holds the latest preview; the last update has the gallery and no preview. `ticket` is the
     job id PageSession.start_job gave when Generate was clicked (None for API calls). A list of requests
-    (a prompt list) runs one after another, all checked first, into one gallery; Stop ends the list.
+    (a prompt list, a batch of pictures: `unit` says which) runs one after another, all checked first, into
+    one gallery; Stop ends the list.
     """
     requests = request if isinstance(request, list) else [request]
     control = session.take_job(ticket)
@@ -394,7 +396,7 @@ def run_job(
         for number, validated in enumerate(validated_all, start=1):
             if control.interrupted and results:
                 break
-            prefix = f"Prompt {number}/{len(validated_all)}: " if len(validated_all) > 1 else ""
+            prefix = f"{unit.capitalize()} {number}/{len(validated_all)}: " if len(validated_all) > 1 else ""
             width, height = validated.width, validated.height
             for event in engine.generate(validated, control=control, preview=session.preview_settings()):
                 if isinstance(event, Waiting):
@@ -432,15 +434,15 @@ def run_job(
     )
     gallery = [(image, _caption(result, index)) for result in results for index, image in enumerate(result.images)]
     interrupted = any(result.interrupted for result in results)
-    summary = describe_result(results[-1]) if len(results) == 1 else _describe_results(results, len(requests))
+    summary = describe_result(results[-1]) if len(requests) == 1 else _describe_results(results, len(requests), unit)
     bar = progress_html(fraction if interrupted else 1.0, summary, state="interrupted" if interrupted else "done")
     yield None, bar, gallery, view.selected_infotext(), view
 
 
-def _describe_results(results: list[Result], asked: int) -> str:
+def _describe_results(results: list[Result], asked: int, unit: str) -> str:
     images = sum(len(result.images) for result in results)
     seconds = sum(result.elapsed for result in results)
-    ran = f"{len(results)} of {asked} prompts" if len(results) < asked else f"{asked} prompts"
+    ran = f"{len(results)} of {asked} {unit}s" if len(results) < asked else f"{asked} {unit}s"
     stopped = ", stopped" if any(result.interrupted for result in results) else ""
     return f"{ran}: {images} image{'s' if images != 1 else ''} in {seconds:.1f} s{stopped}"
 
