@@ -657,7 +657,7 @@ def test_a_failed_job_is_a_json_500_and_the_next_request_works(engine, tmp_path,
 
 
 def test_lists_clients_read_at_start_up_answer_rather_than_404(api):
-    for route in ("hypernetworks", "face-restorers", "realesrgan-models", "sd-vae"):
+    for route in ("hypernetworks", "face-restorers", "realesrgan-models", "sd-vae", "extensions"):
         assert ok(api.get(route)) == []
     # The hires fix upscalers, each name one hr_upscaler takes.
     assert [item["name"] for item in ok(api.get("upscalers"))] == ["None", "Lanczos", "Nearest"]

@@ -364,6 +364,9 @@ def test_the_api_lists_upscalers_and_runs_extras(upscaler_engine, tmp_path):
             assert {"None", "Lanczos", "Nearest", "2x-nearest", "R-ESRGAN 4x+"} <= set(listed)
             assert listed["2x-nearest"]["scale"] == 2 and listed["2x-nearest"]["model_path"].endswith(".safetensors")
             assert listed["R-ESRGAN 4x+"]["model_name"] == "RealESRGAN"
+            real = {entry["name"]: entry for entry in api.get("realesrgan-models").json()}
+            assert set(real) == {"R-ESRGAN 4x+", "R-ESRGAN General 4xV3"}
+            assert real["R-ESRGAN 4x+"]["path"].endswith("RealESRGAN_x4plus.pth") and real["R-ESRGAN 4x+"]["scale"] == 4
 
             answer = api.post(
                 "extra-single-image", json={"image": encoded, "upscaler_1": "4x-nearest", "upscaling_resize": 4}

@@ -360,6 +360,33 @@ def _upscaler_entries(engine) -> list[dict[str, Any]]:
     return built_in + models
 
 
+def _realesrgan_entries(engine) -> list[dict[str, Any]]:
+    """A1111's /realesrgan-models: the Real-ESRGAN files there are, by A1111's names."""
+    return [
+        {"name": name, "path": str(upscaler.path), "scale": scale_from_name(upscaler.path.stem)}
+        for name, upscaler in engine.list_upscalers().items()
+        if upscaler.path.is_relative_to(engine.registry.realesrgan_dir)
+    ]
+
+
+def _script_info() -> list[dict[str, Any]]:
+    """A1111's /script-info for the one script run here, for txt2img and img2img alike."""
+
+    def arg(label: str, value: Any, choices: list[str] | None = None) -> dict[str, Any]:
+        return {"label": label, "value": value, "minimum": None, "maximum": None, "step": None, "choices": choices}
+
+    args = [
+        arg("Iterate seed every line", False),
+        arg("Use same random seed for all lines", False),
+        arg("Insert prompts at the", "start", ["start", "end"]),
+        arg("List of prompt inputs", ""),
+    ]
+    return [
+        {"name": PROMPT_LIST_SCRIPT, "is_alwayson": False, "is_img2img": img2img, "args": args}
+        for img2img in (False, True)
+    ]
+
+
 # Errors ----------------------------------------------------------------------------------------
 
 
@@ -1040,12 +1067,15 @@ class SdApi:
         router.add_api_route("/png-info", self.png_info, methods=["POST"])
         router.add_api_route("/extra-single-image", self.extra_single_image, methods=["POST"])
         router.add_api_route("/extra-batch-images", self.extra_batch_images, methods=["POST"])
-        # Clients probe these for extensions at start-up: there are none.
+        # Clients probe these at start-up: the one script (Prompts from file or textbox), and no extensions.
         router.add_api_route(
             "/scripts",
             lambda: {"txt2img": [PROMPT_LIST_SCRIPT], "img2img": [PROMPT_LIST_SCRIPT]},
             methods=["GET"],
         )
+        router.add_api_route("/script-info", _script_info, methods=["GET"])
+        router.add_api_route("/extensions", _nothing_installed, methods=["GET"])
+        router.add_api_route("/realesrgan-models", lambda: _realesrgan_entries(self.engine), methods=["GET"])
         # The hires fix upscalers, in A1111's two lists: picture upscalers (no models) and latent modes.
         router.add_api_route("/upscalers", lambda: _upscaler_entries(self.engine), methods=["GET"])
         router.add_api_route(
@@ -1057,7 +1087,6 @@ class SdApi:
         for route in (
             "/hypernetworks",
             "/face-restorers",
-            "/realesrgan-models",
         ):
             router.add_api_route(route, _nothing_installed, methods=["GET"])
         return router
