@@ -161,11 +161,11 @@ def test_the_page_ensd_and_eta_belong_to_one_session(micro_engine):
 def test_png_info_send_sets_the_sessions_ensd_and_eta_from_the_infotext():
     import gradio as gr
 
-    from ui.page import _sampler_parameters_from_infotext
+    from ui.page import ReadInfotext, _sampler_parameters_from_infotext
 
     text = "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64, Eta: 0.5, ENSD: 31337"
-    assert _sampler_parameters_from_infotext(text) == [31337, 0.5, gr.skip(), gr.skip()]
+    assert _sampler_parameters_from_infotext(ReadInfotext.of(text)) == [31337, 0.5, gr.skip(), gr.skip()]
     ddim = "a cat\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, Eta DDIM: 0.3"
-    assert _sampler_parameters_from_infotext(ddim) == [gr.skip(), gr.skip(), 0.3, gr.skip()]
+    assert _sampler_parameters_from_infotext(ReadInfotext.of(ddim)) == [gr.skip(), gr.skip(), 0.3, gr.skip()]
     img2img = "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Denoising strength: 0.5, Noise multiplier: 0.8"
-    assert _sampler_parameters_from_infotext(img2img) == [gr.skip(), gr.skip(), gr.skip(), 0.8]
+    assert _sampler_parameters_from_infotext(ReadInfotext.of(img2img)) == [gr.skip(), gr.skip(), gr.skip(), 0.8]

@@ -71,13 +71,13 @@ def test_hires_fields_are_checked_by_name(micro_engine):
 def test_png_info_sends_hires_settings_to_txt2img():
     import gradio as gr
 
-    from ui.page import _hires_settings_from_infotext
+    from ui.page import ReadInfotext, _hires_settings_from_infotext
 
     base = "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512"
     hires = base + ", Denoising strength: 0.45, Hires upscale: 1.5, Hires steps: 14, Hires upscaler: R-ESRGAN 4x+"
     # Outside a page event gradio's warning is a Python one; on the page it is a toast.
     with pytest.warns(UserWarning, match=r"Hires upscaler R-ESRGAN 4x\+ is not available here.*using Lanczos"):
-        assert _hires_settings_from_infotext(hires) == [
+        assert _hires_settings_from_infotext(ReadInfotext.of(hires)) == [
             True,
             "Lanczos",
             14,
@@ -94,8 +94,8 @@ def test_png_info_sends_hires_settings_to_txt2img():
         hires.replace("R-ESRGAN 4x+", "Latent")
         + ', Hires sampler: DPM++ 2M, Hires schedule type: Karras, Hires prompt: "a dog, big"'
     )
-    assert _hires_settings_from_infotext(own)[7:] == ["DPM++ 2M", "Karras", "a dog, big", ""]
-    off = _hires_settings_from_infotext(base)
+    assert _hires_settings_from_infotext(ReadInfotext.of(own))[7:] == ["DPM++ 2M", "Karras", "a dog, big", ""]
+    off = _hires_settings_from_infotext(ReadInfotext.of(base))
     assert off[0] is False and all(isinstance(value, type(gr.skip())) for value in off[1:])
 
 

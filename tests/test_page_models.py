@@ -47,11 +47,11 @@ def test_an_unknown_model_is_an_error_shown_on_the_page(two_model_engine):
 
 
 def test_png_info_with_a_schedule_diffusers_lacks_falls_back_to_automatic():
-    from ui.page import _settings_from_infotext
+    from ui.page import ReadInfotext, _settings_from_infotext
 
     text = "a cat\nSteps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, Seed: 5, Size: 512x512"
     with pytest.warns(UserWarning, match="Karras is not available for Euler a"):  # shown to the user as a toast
         prompt, _negative, sampler, schedule, steps, _cfg, seed, *_ = _settings_from_infotext(
-            text, with_denoising=False
+            ReadInfotext.of(text), with_denoising=False
         )
     assert (prompt, sampler, schedule, steps, seed) == ("a cat", "Euler a", "Automatic", 20, 5)

@@ -277,12 +277,12 @@ def test_the_hires_fix_upscales_with_a_model(upscaler_engine):
 
 
 def test_png_info_sends_an_upscaler_model_that_is_here_and_lanczos_for_one_that_is_not(upscaler_engine):
-    from ui.page import _hires_settings_from_infotext
+    from ui.page import ReadInfotext, _hires_settings_from_infotext
 
     text = "a cat\nSteps: 8, Seed: 1, Size: 64x64, Denoising strength: 0.5, Hires upscale: 2, Hires upscaler: "
-    assert _hires_settings_from_infotext(text + "R-ESRGAN 4x+", upscaler_engine)[1] == "R-ESRGAN 4x+"
+    assert _hires_settings_from_infotext(ReadInfotext.of(text + "R-ESRGAN 4x+"), upscaler_engine)[1] == "R-ESRGAN 4x+"
     with pytest.warns(UserWarning, match=r"R-ESRGAN 2x\+ is not available here \(put it in .*ESRGAN.*Lanczos"):
-        assert _hires_settings_from_infotext(text + "R-ESRGAN 2x+", upscaler_engine)[1] == "Lanczos"
+        assert _hires_settings_from_infotext(ReadInfotext.of(text + "R-ESRGAN 2x+"), upscaler_engine)[1] == "Lanczos"
 
 
 def test_a_missing_or_broken_upscaler_is_refused_by_name_and_the_next_job_works(upscaler_engine):

@@ -22,7 +22,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from engine import EngineError, PromptList
+from engine import EngineError, GenerationRequest, PromptList
 from engine.events import PREVIEW_MODES
 from engine.images import LATENT_RESIZE, RESIZE_MODES
 from engine.inpaint import MASKED_CONTENT
@@ -1515,15 +1515,27 @@ def _read_png_info(path: str | None):
     return text, params_table_html(parse_infotext_params(text))
 
 
-def _settings_from_infotext(text: str, *, with_denoising: bool) -> list:
-    """Field values for SettingsWidgets.fill_targets (and denoising strength) from an A1111 infotext."""
-    from engine.infotext import parse_infotext, parse_infotext_params
+@dataclass(frozen=True)
+class ReadInfotext:
+    """An infotext read once for a Send button: the request it describes and its parameters as written."""
 
-    try:
-        request = parse_infotext(text, unsupported_schedule="automatic")
-        params = parse_infotext_params(text)
-    except EngineError as exc:
-        raise engine_error(exc) from exc
+    request: GenerationRequest
+    params: dict[str, str]
+
+    @classmethod
+    def of(cls, text: str) -> ReadInfotext:
+        """gr.Error naming the field when the text cannot be read."""
+        from engine.infotext import parse_infotext, parse_infotext_params
+
+        try:
+            return cls(parse_infotext(text, unsupported_schedule="automatic"), parse_infotext_params(text))
+        except EngineError as exc:
+            raise engine_error(exc) from exc
+
+
+def _settings_from_infotext(read: ReadInfotext, *, with_denoising: bool) -> list:
+    """Field values for SettingsWidgets.fill_targets (and denoising strength) from an A1111 infotext."""
+    request, params = read.request, read.params
     written = params.get("Schedule type", "")
     if written and written.lower().replace("_", " ") != request.scheduler.lower():
         gr.Warning(
@@ -1550,27 +1562,26 @@ def _settings_from_infotext(text: str, *, with_denoising: bool) -> list:
 def _send_png_info(path: str | None, text: str, *, target_mode: str, engine):
     if not text:
         raise gr.Error("No generation parameters to send: drop a PNG made by this app (or A1111) first.")
-    values = _settings_from_infotext(text, with_denoising=target_mode != "txt2img")
-    variation = [*_variation_from_infotext(text), _tiling_from_infotext(text)]
+    read = ReadInfotext.of(text)
+    values = _settings_from_infotext(read, with_denoising=target_mode != "txt2img")
+    variation = [*_variation_from_infotext(read), read.request.tiling]
     session_settings = (
-        _vae_from_infotext(engine, text),
-        *_sampler_parameters_from_infotext(text),
+        _vae_from_infotext(engine, read),
+        *_sampler_parameters_from_infotext(read),
         gr.Tabs(selected=target_mode),
     )
     if target_mode == "txt2img":
-        return (*values, *_hires_settings_from_infotext(text, engine), *variation, *session_settings)
+        return (*values, *_hires_settings_from_infotext(read, engine), *variation, *session_settings)
     image = _open_image(path) if path else None
     if target_mode == "inpaint":
-        variation = [*variation, *_inpaint_area_from_infotext(text)]
+        variation = [*variation, *_inpaint_area_from_infotext(read)]
     return (_image_for(target_mode, image), *values, *variation, *session_settings)
 
 
-def _sampler_parameters_from_infotext(text: str) -> list:
+def _sampler_parameters_from_infotext(read: ReadInfotext) -> list:
     """The Settings tab's ENSD, Eta for Euler a, Eta for DDIM and noise multiplier from an infotext: each set where
     the infotext names it (A1111 pastes them as overrides), else left as it is."""
-    from engine.infotext import parse_infotext_params
-
-    params = parse_infotext_params(text)
+    params = read.params
     values = []
     for key in ("ENSD", "Eta", "Eta DDIM", "Noise multiplier"):
         try:
@@ -1580,30 +1591,20 @@ def _sampler_parameters_from_infotext(text: str) -> list:
     return values
 
 
-def _tiling_from_infotext(text: str) -> bool:
-    from engine.infotext import parse_infotext
-
-    return parse_infotext(text, unsupported_schedule="automatic").tiling  # already checked by the caller
-
-
-def _inpaint_area_from_infotext(text: str) -> list:
+def _inpaint_area_from_infotext(read: ReadInfotext) -> list:
     """Inpaint area, its padding and the masked content, as the picture was made (Whole picture and original
     when the text says nothing)."""
-    from engine.infotext import parse_infotext
-
-    request = parse_infotext(text, unsupported_schedule="automatic")  # already checked by the caller
+    request = read.request
     content = MASKED_CONTENT[request.inpainting_fill]
     if not request.inpaint_full_res:
         return [INPAINT_AREAS[0], gr.skip(), content]
     return [INPAINT_AREAS[1], request.inpaint_full_res_padding, content]
 
 
-def _vae_from_infotext(engine, text: str):
+def _vae_from_infotext(engine, read: ReadInfotext):
     """The SD VAE list's value for an infotext: the VAE it names when the VAE folder has it (else left as it
     is, with a warning), or Automatic when it names none (the model's own VAE, or one beside it)."""
-    from engine.infotext import parse_infotext_params
-
-    written = parse_infotext_params(text).get("VAE")
+    written = read.params.get("VAE")
     if not written:
         return "Automatic"
     try:
@@ -1613,12 +1614,10 @@ def _vae_from_infotext(engine, text: str):
         return gr.skip()
 
 
-def _variation_from_infotext(text: str) -> list:
+def _variation_from_infotext(read: ReadInfotext) -> list:
     """Values for SettingsWidgets.variation_inputs from an infotext: Extra ticked with the picture's
     variation seed and seed resize where it had them, else unticked (the other values left as they are)."""
-    from engine.infotext import parse_infotext
-
-    request = parse_infotext(text, unsupported_schedule="automatic")  # already checked by the caller
+    request = read.request
     resized = request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0
     if request.subseed_strength <= 0 and not resized:
         return [False, *[gr.skip()] * 4]
@@ -1627,16 +1626,15 @@ def _variation_from_infotext(text: str) -> list:
 
 def _txt2img_settings_from_infotext(text: str) -> list:
     """The txt2img fields a Compare cell fills: the settings and the seed extras."""
-    return [*_settings_from_infotext(text, with_denoising=False), *_variation_from_infotext(text)]
+    read = ReadInfotext.of(text)
+    return [*_settings_from_infotext(read, with_denoising=False), *_variation_from_infotext(read)]
 
 
-def _hires_settings_from_infotext(text: str, engine=None) -> list:
+def _hires_settings_from_infotext(read: ReadInfotext, engine=None) -> list:
     """Values for the Hires. fix panel (TabWidgets.hires) from an infotext: switched on or off as the
     picture was made, and its settings where it was on. An upscaler model that is not in `engine`'s upscaler
     folders becomes Lanczos, with a warning saying where it would go."""
-    from engine.infotext import parse_infotext
-
-    request = parse_infotext(text, unsupported_schedule="automatic")  # already checked by the caller
+    request = read.request
     if not request.enable_hr:
         return [False, *[gr.skip()] * 10]
     upscaler = request.hr_upscaler
@@ -1681,9 +1679,9 @@ def _selected_picture(gallery, view: ResultView | None) -> Image.Image:
 
 def _send_result(gallery, view: ResultView | None, *, target_mode: str):
     image = _selected_picture(gallery, view)
-    text = view.selected_infotext()
-    values = _settings_from_infotext(text, with_denoising=True)
-    extras = [*_variation_from_infotext(text), _tiling_from_infotext(text)]
+    read = ReadInfotext.of(view.selected_infotext())
+    values = _settings_from_infotext(read, with_denoising=True)
+    extras = [*_variation_from_infotext(read), read.request.tiling]
     return (_image_for(target_mode, image), *values, *extras, gr.Tabs(selected=target_mode))
 
 
