@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .errors import InvalidRequestError
 from .events import JobControl, PreviewSettings, Progress, Result, Waiting
-from .request import GenerationRequest
+from .request import MAX_CLIP_SKIP, GenerationRequest, with_clip_skip
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,12 @@ AXIS_TYPES = (
     "Denoising strength",
     "Eta",
     "ENSD",
+    "Clip skip",
     "Hires upscaler",
     "Prompt S/R",
     "Model",
 )
-# The request field each axis sets (Prompt S/R and Model are handled on their own).
+# The request field each axis sets (Prompt S/R, Model and Clip skip are handled on their own).
 _AXIS_FIELDS = {
     "Sampler": "sampler_name",
     "Schedule type": "scheduler",
@@ -63,7 +64,7 @@ _AXIS_FIELDS = {
     "ENSD": "eta_noise_seed_delta",
     "Hires upscaler": "hr_upscaler",
 }
-_INT_AXES = {"Steps", "Seed", "Var. seed", "ENSD"}
+_INT_AXES = {"Steps", "Seed", "Var. seed", "ENSD", "Clip skip"}
 _FLOAT_AXES = {"CFG scale", "Var. strength", "Denoising strength", "Eta"}
 MAX_CELLS = 400
 
@@ -146,6 +147,8 @@ def parse_axis(kind: str, text: str, engine) -> Axis:
             raise InvalidRequestError(f"{kind} axis", text, "values from 0 to 1")
         if kind == "ENSD" and any(v < 0 for v in typed):
             raise InvalidRequestError(f"{kind} axis", text, "whole numbers, 0 or more")
+        if kind == "Clip skip" and any(not 1 <= v <= MAX_CLIP_SKIP for v in typed):
+            raise InvalidRequestError(f"{kind} axis", text, f"whole numbers from 1 to {MAX_CLIP_SKIP}")
         labels = tuple(_format_number(v) for v in typed)
     elif kind == "Sampler":
         typed = [_match(value, engine.samplers(), kind, aliases=engine.sampler_aliases) for value in values]
@@ -239,6 +242,8 @@ def plan_grid(base: GenerationRequest, axes: list[Axis]) -> list[Cell]:
                 )
             elif axis.kind == "Model":
                 model = value
+            elif axis.kind == "Clip skip":  # an infotext key the request carries as A1111 writes it
+                request = dataclasses.replace(request, extra_params=with_clip_skip(request.extra_params, value))
             else:
                 request = dataclasses.replace(request, **{_AXIS_FIELDS[axis.kind]: value})
         cells.append(Cell(len(cells), x, y, z, request, model, ", ".join(parts)))

@@ -16,6 +16,8 @@ from .images import LATENT_RESIZE, RESIZE_MODES, to_pil
 SEED_MAX = 2**32 - 1
 # A1111's setting slider for the img2img noise multiplier goes to 1.5.
 MAX_NOISE_MULTIPLIER = 1.5
+# A1111's Clip skip setting goes to 12 (a model's text encoder may have fewer layers: it refuses more).
+MAX_CLIP_SKIP = 12
 
 PROMPT_SYNTAXES = ("a1111", "compel")
 # A1111's hires fix upscalers that need no extra model: latent ones (F.interpolate mode, antialias) and
@@ -183,6 +185,15 @@ def _as_float(req_value: Any, name: str) -> float:
     return number
 
 
+def with_clip_skip(extra_params: dict[str, str], clip_skip: int) -> dict[str, str]:
+    """A request's extra infotext keys with A1111's "Clip skip" set (kept only when it is not 1, as A1111 writes
+    it)."""
+    extra = {key: value for key, value in (extra_params or {}).items() if key != "Clip skip"}
+    if clip_skip != 1:
+        extra["Clip skip"] = str(clip_skip)
+    return extra
+
+
 def _in_range(value: int | float, name: str, low: float, high: float) -> None:
     if not low <= value <= high:
         raise InvalidRequestError(name, value, f"{low} to {high}")
@@ -307,7 +318,7 @@ def validate_request(
     if not isinstance(extra, dict):
         raise InvalidRequestError("extra_params", extra, "a mapping of infotext keys to text")
     if "Clip skip" in extra:
-        _in_range(_as_int(extra["Clip skip"], "Clip skip"), "Clip skip", 1, 12)
+        _in_range(_as_int(extra["Clip skip"], "Clip skip"), "Clip skip", 1, MAX_CLIP_SKIP)
 
     return dataclasses.replace(
         req,

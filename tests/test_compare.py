@@ -58,6 +58,7 @@ def run(comparer, axes, **kwargs) -> tuple[list[GridProgress], GridResult]:
         ("Eta", "0-1 [3]", (0.0, 0.5, 1.0)),
         ("ENSD", "0, 31337", (0, 31337)),
         ("Hires upscaler", "latent, LANCZOS", ("Latent", "Lanczos")),
+        ("Clip skip", "1-3", (1, 2, 3)),
     ],
 )
 def test_axis_values_parse_like_a1111(engine, kind, text, values):
@@ -78,6 +79,7 @@ def test_axis_values_parse_like_a1111(engine, kind, text, values):
         ("Eta", "0.5, 2", "values from 0 to 1"),
         ("ENSD", "-1", "0 or more"),
         ("Hires upscaler", "R-ESRGAN 4x+", "Lanczos"),
+        ("Clip skip", "0, 2", "from 1 to 12"),
     ],
 )
 def test_bad_axis_values_name_the_axis_and_what_is_allowed(engine, kind, text, allowed):
@@ -128,6 +130,18 @@ def test_eta_ensd_and_hires_upscaler_axes_set_their_fields(engine):
         plan_grid(BASE, upscalers)
     cells = plan_grid(dataclasses.replace(BASE, enable_hr=True), upscalers)
     assert [c.request.hr_upscaler for c in cells] == ["Latent", "Nearest"]
+
+
+def test_the_clip_skip_axis_sets_what_the_infotext_writes(engine):
+    base = dataclasses.replace(BASE, extra_params={"Clip skip": "2", "Version": "x"})
+    cells = plan_grid(base, [parse_axis("Clip skip", "1, 3", engine)])
+    assert [c.request.extra_params for c in cells] == [
+        {"Version": "x"},
+        {"Version": "x", "Clip skip": "3"},
+    ]
+    results = [list(engine.generate(c.request))[-1] for c in cells]
+    assert "Clip skip" not in results[0].infotexts[0] and "Clip skip: 3" in results[1].infotexts[0]
+    assert not np.array_equal(np.asarray(results[0].images[0]), np.asarray(results[1].images[0]))
 
 
 def test_prompt_search_replace(engine):

@@ -343,3 +343,15 @@ def test_img2img_runs_a_batch_of_init_images_one_job_each(page_url, tmp_path):
         client.predict(
             *common, None, 0.3, batch_images=batch, prompt_list=True, prompt_list_text="a", api_name="/img2img"
         )
+
+
+def test_clip_skip_is_this_sessions_own_and_changes_the_picture(page_url):
+    client, other = _client(page_url), _client(page_url)
+    client.predict(2, api_name="/set_clip_skip")
+    skipped = client.predict(*txt2img_args(steps=4), api_name="/txt2img")
+    plain = other.predict(*txt2img_args(steps=4), api_name="/txt2img")
+    assert "Clip skip: 2" in skipped[3] and "Clip skip" not in plain[3]
+    with Image.open(skipped[2][0]["image"]) as a, Image.open(plain[2][0]["image"]) as b:
+        assert not np.array_equal(np.asarray(a), np.asarray(b))  # the penultimate layer's states
+    client.predict(1, api_name="/set_clip_skip")
+    assert "Clip skip" not in client.predict(*txt2img_args(steps=4), api_name="/txt2img")[3]

@@ -28,7 +28,14 @@ from engine.images import LATENT_RESIZE, RESIZE_MODES
 from engine.inpaint import MASKED_CONTENT
 from engine.lora import lora_uses
 from engine.prompt_list import POSITIONS as PROMPT_LIST_POSITIONS
-from engine.request import EMPHASIS_MODES, HR_UPSCALERS, MAX_NOISE_MULTIPLIER, PROMPT_SYNTAXES, SEED_MAX
+from engine.request import (
+    EMPHASIS_MODES,
+    HR_UPSCALERS,
+    MAX_CLIP_SKIP,
+    MAX_NOISE_MULTIPLIER,
+    PROMPT_SYNTAXES,
+    SEED_MAX,
+)
 from engine.samplers import sampler_names, schedule_type_names
 from engine.vae import choose as vae_choice
 
@@ -212,6 +219,18 @@ def build_page(engine, settings=None) -> gr.Blocks:
                 scale=2,
                 min_width=200,
             )
+            # A1111 users keep Clip skip beside the checkpoint (quicksettings): many checkpoints want 2.
+            clip_skip = gr.Slider(
+                1,
+                MAX_CLIP_SKIP,
+                value=1,
+                step=1,
+                label="Clip skip",
+                info="this browser session's jobs",
+                elem_id="clip_skip",
+                scale=2,
+                min_width=160,
+            )
             model_note = gr.HTML(_model_note(engine), elem_id="model_note", scale=3)
 
         with gr.Tabs(elem_id="tabs") as tabs:
@@ -315,7 +334,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
             png,
             tab_widgets,
             tabs,
-            session_settings=[sd_vae, ensd, eta_ancestral, eta_ddim, noise_multiplier],
+            session_settings=[sd_vae, ensd, eta_ancestral, eta_ddim, noise_multiplier, clip_skip],
             engine=engine,
         )
         wire_extras_tab(extras, engine, session, outputs_dir=outputs_dir, save_image=save_image)
@@ -364,6 +383,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
             (eta_ancestral, _set_eta_ancestral, "set_eta_ancestral"),
             (eta_ddim, _set_eta_ddim, "set_eta_ddim"),
             (noise_multiplier, _set_noise_multiplier, "set_noise_multiplier"),
+            (clip_skip, _set_clip_skip, "set_clip_skip"),
         ):
             widget.change(
                 setter,
@@ -1241,8 +1261,8 @@ def _wire_png_info(
     session_settings: list,
     engine,
 ) -> None:
-    """`session_settings`: the SD VAE list, ENSD, the two etas and the noise multiplier, which Send sets from the
-    infotext."""
+    """`session_settings`: the SD VAE list, ENSD, the two etas, the noise multiplier and clip skip, which Send
+    sets from the infotext."""
     png.image.change(
         _read_png_info,
         inputs=[png.image],
@@ -1406,6 +1426,18 @@ def _set_eta_ancestral(session: PageSession, eta: float) -> None:
 def _set_eta_ddim(session: PageSession, eta: float) -> None:
     """Eta for DDIM in this session's jobs: 0 (A1111's default, deterministic) to 1."""
     session.eta_ddim = _eta_value(eta)
+
+
+def _set_clip_skip(session: PageSession, clip_skip) -> None:
+    """A1111's Clip skip for this session's jobs: 1 (the text encoder's last layer) to 12. A model whose text
+    encoder has fewer layers refuses a larger one when the job is checked; SDXL models ignore it, as in A1111."""
+    try:
+        whole = not isinstance(clip_skip, bool) and float(clip_skip) == int(float(clip_skip))
+    except (TypeError, ValueError):
+        whole = False
+    if not whole or not 1 <= int(float(clip_skip)) <= MAX_CLIP_SKIP:
+        raise gr.Error(f"Clip skip: got {clip_skip!r}; allowed: a whole number from 1 to {MAX_CLIP_SKIP}")
+    session.clip_skip = int(float(clip_skip))
 
 
 def _set_noise_multiplier(session: PageSession, multiplier: float) -> None:
@@ -1580,7 +1612,8 @@ def _send_png_info(path: str | None, text: str, *, target_mode: str, engine):
 
 def _sampler_parameters_from_infotext(read: ReadInfotext) -> list:
     """The Settings tab's ENSD, Eta for Euler a, Eta for DDIM and noise multiplier from an infotext: each set where
-    the infotext names it (A1111 pastes them as overrides), else left as it is."""
+    the infotext names it (A1111 pastes them as overrides), else left as it is; then Clip skip, 1 where the
+    infotext names none (A1111 writes it only when it is not 1, and pastes 1 then)."""
     params = read.params
     values = []
     for key in ("ENSD", "Eta", "Eta DDIM", "Noise multiplier"):
@@ -1588,7 +1621,11 @@ def _sampler_parameters_from_infotext(read: ReadInfotext) -> list:
             values.append(int(params[key]) if key == "ENSD" else float(params[key]))
         except (KeyError, ValueError):
             values.append(gr.skip())
-    return values
+    try:
+        clip_skip = int(params.get("Clip skip", 1))
+    except ValueError:
+        clip_skip = 0
+    return [*values, clip_skip if 1 <= clip_skip <= MAX_CLIP_SKIP else gr.skip()]
 
 
 def _inpaint_area_from_infotext(read: ReadInfotext) -> list:

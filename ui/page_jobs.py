@@ -22,6 +22,7 @@ from PIL import Image
 from engine import EngineError, GenerationRequest, JobControl, PreviewSettings, Progress, Result, Waiting
 from engine.events import PREVIEW_MODES, Pacer
 from engine.previews import preview_to_display
+from engine.request import with_clip_skip
 from engine.samplers import get_sampler
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class PageSession:
     eta_ddim: float = 0.0
     # A1111's "Noise multiplier for img2img" (img2img and inpaint jobs).
     noise_multiplier: float = 1.0
+    # A1111's "Clip skip" (CLIP_stop_at_last_layers): 1 is the text encoder's last layer.
+    clip_skip: int = 1
     # Jobs this session queued or started and that have not ended, by job id: Stop interrupts these only.
     running: dict[int, JobControl] = field(default_factory=dict)
 
@@ -62,8 +65,8 @@ class PageSession:
         return PreviewSettings(mode=self.preview_mode, every=self.preview_every, min_interval_s=interval)
 
     def settings_for(self, request: GenerationRequest) -> GenerationRequest:
-        """`request` with this session's prompt syntax, emphasis mode, SD VAE, ENSD, its sampler's eta and the
-        img2img noise multiplier."""
+        """`request` with this session's prompt syntax, emphasis mode, SD VAE, ENSD, its sampler's eta, the
+        img2img noise multiplier and clip skip."""
         try:
             spec = get_sampler(request.sampler_name)
         except EngineError:
@@ -81,6 +84,7 @@ class PageSession:
             eta=eta,
             eta_noise_seed_delta=self.ensd,
             initial_noise_multiplier=self.noise_multiplier,
+            extra_params=with_clip_skip(request.extra_params, self.clip_skip),
         )
 
     def start_job(self) -> JobControl:
