@@ -138,3 +138,24 @@ def test_the_page_runs_a_list_into_one_gallery(page_url):  # noqa: F811
     with pytest.raises(Exception, match="prompt list line 1: --steps"):
         client.predict(*args, prompt_list=True, prompt_list_text="--steps none", api_name="/txt2img")
     assert len(client.predict(*args, api_name="/txt2img")[2]) == 1  # the list off: the page's prompt alone
+
+
+def test_a_list_that_fails_part_way_keeps_what_it_made(page_url, engine, monkeypatch):  # noqa: F811
+    from engine import EngineError
+
+    real, calls = engine.generate, []
+
+    def failing_second(request, **kwargs):
+        calls.append(request.prompt)
+        if len(calls) == 2:
+            raise EngineError("Generation failed: the second line broke")
+        return real(request, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", failing_second)
+    client = _client(page_url)
+    args = ("", "", "Euler a", "Automatic", 3, 7.0, 21, 64, 64, 1, 1)
+    job = client.submit(*args, prompt_list=True, prompt_list_text="a red lighthouse\na blue boat", api_name="/txt2img")
+    with pytest.raises(Exception, match="the second line broke"):
+        job.result()
+    last = job.outputs()[-1]
+    assert len(last[2]) == 1 and last[3].startswith("a red lighthouse\n")

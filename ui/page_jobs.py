@@ -424,12 +424,17 @@ def run_job(
                     if session.save_images and save_image is not None and outputs_dir is not None:
                         _save_all(event, save_image, outputs_dir=outputs_dir, mode=mode)
     except EngineError as exc:
+        if results:  # a list that failed part-way: what it made stays in the gallery under the error
+            yield _final_update(results, len(requests), unit, fraction)
         raise engine_error(exc) from exc
     finally:
         session.end_job(control)
     if not results:  # the engine always ends with a Result; this guards the page, not the engine
         raise gr.Error("The job ended without a result.")
+    yield _final_update(results, len(requests), unit, fraction)
 
+
+def _final_update(results: list[Result], asked: int, unit: str, fraction: float) -> tuple:
     view = ResultView(
         seeds=[seed for result in results for seed in result.seeds],
         infotexts=[text for result in results for text in result.infotexts],
@@ -438,9 +443,9 @@ def run_job(
     )
     gallery = [(image, _caption(result, index)) for result in results for index, image in enumerate(result.images)]
     interrupted = any(result.interrupted for result in results)
-    summary = describe_result(results[-1]) if len(requests) == 1 else _describe_results(results, len(requests), unit)
+    summary = describe_result(results[-1]) if asked == 1 else _describe_results(results, asked, unit)
     bar = progress_html(fraction if interrupted else 1.0, summary, state="interrupted" if interrupted else "done")
-    yield None, bar, gallery, view.selected_infotext(), view
+    return None, bar, gallery, view.selected_infotext(), view
 
 
 def _describe_results(results: list[Result], asked: int, unit: str) -> str:
