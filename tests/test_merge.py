@@ -212,12 +212,17 @@ def test_bad_merges_are_refused_by_field_and_write_nothing(merge_engine, fields,
 
 
 @pytest.fixture(scope="module")
-def merge_page(browser, merge_engine, tmp_path_factory):  # noqa: F811 - the fixture imported above
+def merge_url(merge_engine, tmp_path_factory):
     demo, url = serve_page(merge_engine, SimpleNamespace(outputs_dir=tmp_path_factory.mktemp("out"), save_images=False))
-    context, page = open_page(browser, url)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def merge_page(browser, merge_url):  # noqa: F811 - the fixture imported above
+    context, page = open_page(browser, merge_url)
     yield page
     context.close()
-    demo.close()
 
 
 def pick(page, dropdown: str, option: str) -> None:
@@ -244,3 +249,15 @@ def test_the_merger_tab_writes_a_model_the_checkpoint_list_then_offers(merge_pag
     page.fill("#merge_custom_name textarea", "from-the-page")
     page.click("#merge_run")
     page.get_by_text("custom_name: got 'from-the-page'").first.wait_for()
+
+
+def test_gradio_client_merges_by_model_name(merge_url, merge_engine):
+    from gradio_client import Client
+
+    client = Client(merge_url, verbose=False)
+    args = ("micro-shapes", "micro-purple", None, "Weighted sum", 0.5, False, "by-client", "Automatic", "None", True)
+    text, *_ = client.predict(*args, api_name="/merge")
+    assert "Checkpoint saved to" in text and "by-client [" in text
+    assert (merge_engine.registry.checkpoints_dir / "by-client" / "model_index.json").is_file()
+    with pytest.raises(Exception, match="secondary_model_name: got 'no-such-model'"):
+        client.predict("micro-shapes", "no-such-model", *args[2:6], "other", *args[7:], api_name="/merge")

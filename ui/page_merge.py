@@ -64,10 +64,13 @@ def build_merge_tab(engine) -> MergeWidgets:
                 f"or halve it). The result is written to {engine.registry.checkpoints_dir} and listed at once.",
                 elem_id="merge_help",
             )
+            # Custom values: a gradio_client caller may name a model, a file or a path, as the API takes them
+            # (the engine refuses what it cannot find, by field).
+            picker = dict(value=None, allow_custom_value=True)
             with gr.Row():
-                primary = gr.Dropdown(models, value=None, label="Primary model (A)", elem_id="merge_primary")
-                secondary = gr.Dropdown(models, value=None, label="Secondary model (B)", elem_id="merge_secondary")
-                tertiary = gr.Dropdown(models, value=None, label="Tertiary model (C)", elem_id="merge_tertiary")
+                primary = gr.Dropdown(models, label="Primary model (A)", elem_id="merge_primary", **picker)
+                secondary = gr.Dropdown(models, label="Secondary model (B)", elem_id="merge_secondary", **picker)
+                tertiary = gr.Dropdown(models, label="Tertiary model (C)", elem_id="merge_tertiary", **picker)
             custom_name = gr.Textbox(
                 label="Custom name (optional)",
                 placeholder="A1111's name: 0.7(A) + 0.3(B), A + 0.3(B - C)",
