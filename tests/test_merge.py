@@ -261,3 +261,38 @@ def test_gradio_client_merges_by_model_name(merge_url, merge_engine):
     assert (merge_engine.registry.checkpoints_dir / "by-client" / "model_index.json").is_file()
     with pytest.raises(Exception, match="secondary_model_name: got 'no-such-model'"):
         client.predict("micro-shapes", "no-such-model", *args[2:6], "other", *args[7:], api_name="/merge")
+
+
+def test_the_api_runs_a_request_on_its_override_checkpoint_and_restores_the_one_before(merge_engine, tmp_path):
+    """Not the merger's own, but this folder has the two models it needs: A1111's per-request model switch."""
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from ui.server import ServerSettings, launch
+
+    handle = launch(merge_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path))
+    payload = {"prompt": PROMPT, "seed": 2, "steps": 8}
+
+    def picture(body: dict) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(body["images"][0]))))
+
+    try:
+        with httpx.Client(base_url=handle.url + "sdapi/v1/", timeout=120) as api:
+            override = {**payload, "override_settings": {"sd_model_checkpoint": "micro-purple"}}
+            body = api.post("txt2img", json=override).json()
+            info = json.loads(body["info"])
+            assert "Model: micro-purple" in info["infotexts"][0] and info["ignored_fields"] == []
+            assert merge_engine.model.name == "micro-shapes"  # restored afterwards, as A1111 does by default
+            kept = api.post("txt2img", json={**override, "override_settings_restore_afterwards": False}).json()
+            assert merge_engine.model.name == "micro-purple"
+            assert np.array_equal(picture(kept), picture(body))
+            assert np.array_equal(picture(api.post("txt2img", json=payload).json()), picture(body))
+            refused = api.post("txt2img", json={**payload, "override_settings": {"sd_model_checkpoint": "nope"}})
+            assert refused.status_code == 422 and refused.json()["field"] == "override_settings.sd_model_checkpoint"
+            assert merge_engine.model.name == "micro-purple"  # a refused switch keeps the model there is
+    finally:
+        merge_engine.load_model("micro-shapes")
+        handle.close()

@@ -13,6 +13,7 @@ scripts, other front ends) work unchanged. What differs, on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import html
 import json
@@ -125,9 +126,12 @@ class _GenerationPayload(BaseModel):
     prompt_syntax: str | None = Field(None, description="'a1111' (default) or 'compel'")
     override_settings: dict[str, Any] | None = Field(
         None,
-        description="acted on: CLIP_stop_at_last_layers, emphasis ('Original', 'No norm', 'Ignore'), "
+        description="acted on: sd_model_checkpoint (loaded for the request), CLIP_stop_at_last_layers, emphasis ('Original', 'No norm', 'Ignore'), "
         "sd_vae ('Automatic', 'None' or a file from /sdapi/v1/sd-vae), eta_noise_seed_delta (ENSD, e.g. 31337), "
         "eta_ancestral (Euler a), eta_ddim, initial_noise_multiplier (img2img)",
+    )
+    override_settings_restore_afterwards: Any = Field(
+        True, description="false: a model chosen by override_settings.sd_model_checkpoint stays loaded"
     )
     styles: Any = None
     subseed: Any = Field(-1, description="variation seed; -1: random")
@@ -145,7 +149,6 @@ class _GenerationPayload(BaseModel):
     s_tmax: Any = None
     s_tmin: Any = None
     s_noise: Any = None
-    override_settings_restore_afterwards: Any = True
     refiner_checkpoint: Any = None
     refiner_switch_at: Any = None
     disable_extra_networks: Any = False
@@ -545,17 +548,18 @@ class SdApi:
         return self._generate(payload)
 
     def _generate(self, payload: _GenerationPayload) -> dict[str, Any]:
-        req, ignored, clip_skip = self._to_request(payload)
-        requests = [req]
-        if _is_prompt_list(payload):  # every line is checked before the first job runs
-            requests = self.engine.prompt_list_requests(req, PromptList.from_script_args(payload.script_args))
-        timestamp = dt.datetime.now().strftime("%Y%m%d%H%M%S")
-        self._last_job_timestamp = timestamp
-        results = []
-        for request in requests:
-            results.append(self._run(request, timestamp))
-            if results[-1].interrupted:  # /interrupt stops the whole list, as in A1111
-                break
+        with self._model_for(payload):
+            req, ignored, clip_skip = self._to_request(payload)
+            requests = [req]
+            if _is_prompt_list(payload):  # every line is checked before the first job runs
+                requests = self.engine.prompt_list_requests(req, PromptList.from_script_args(payload.script_args))
+            timestamp = dt.datetime.now().strftime("%Y%m%d%H%M%S")
+            self._last_job_timestamp = timestamp
+            results = []
+            for request in requests:
+                results.append(self._run(request, timestamp))
+                if results[-1].interrupted:  # /interrupt stops the whole list, as in A1111
+                    break
 
         if payload.save_images:
             if self.settings.save_images:
@@ -580,6 +584,29 @@ class SdApi:
         if len(results) > 1:  # a prompt list: one answer for all its jobs, as A1111's script gives
             info.update(_joined_info(results))
         return {"images": images, "parameters": parameters, "info": json.dumps(info)}
+
+    @contextlib.contextmanager
+    def _model_for(self, payload: _GenerationPayload):
+        """A1111's override_settings.sd_model_checkpoint: that model is loaded for the request and, unless
+        override_settings_restore_afterwards is false, the one before it loaded again afterwards. The model is
+        shared (as in A1111): a page job that starts meanwhile uses it too."""
+        wanted = (payload.override_settings or {}).get("sd_model_checkpoint")
+        if wanted is None or self._is_loaded_model(wanted):
+            yield
+            return
+        field = "override_settings.sd_model_checkpoint"
+        if not isinstance(wanted, str) or not wanted.strip():
+            raise ApiError(422, field, wanted, "a model title or name from /sdapi/v1/sd-models")
+        previous = self.engine.model.path
+        try:
+            self.engine.load_model(wanted)
+        except ModelLoadError as exc:
+            raise ApiError(422, field, wanted, "a model title or name from /sdapi/v1/sd-models", str(exc)) from exc
+        try:
+            yield
+        finally:
+            if payload.override_settings_restore_afterwards is not False:
+                self.engine.load_model(previous)
 
     def _run(self, req: GenerationRequest, timestamp: str) -> Result:
         control = JobControl()
@@ -712,8 +739,8 @@ class SdApi:
                 clip_skip = _clip_skip_value(value, "override_settings.CLIP_stop_at_last_layers")
             elif key in _SETTINGS_READ_BY_JOBS:
                 continue  # read by _setting_for and _eta_for
-            elif key == "sd_model_checkpoint" and self._is_loaded_model(value):
-                continue  # asks for the model already loaded
+            elif key == "sd_model_checkpoint":
+                continue  # loaded for the request by _model_for
             else:
                 ignored.append(f"override_settings.{key}")
         return clip_skip
