@@ -367,3 +367,24 @@ def test_a_prompt_list_file_runs_one_job_per_line(page, tmp_path, artifacts_dir)
     finally:
         page.uncheck("#txt2img_prompt_list_on input")
         page.click("#txt2img_prompt_list_box > button")
+
+
+def test_generate_forever_repeats_until_stop(page):
+    _set_number(page, "txt2img_seed", -1)
+    page.check("#txt2img_forever input")
+    try:
+        _generate(page, steps=2, size=64, wait_for_end=False)
+        # Three finished pictures, each with its own random seed, without another click.
+        page.wait_for_function("window.__seen.filter(([kind]) => kind === 'gallery').length >= 3")
+        page.click("#txt2img_stop")
+        page.wait_for_function("!document.querySelector('#txt2img_forever input').checked")
+        # Stop may land on a round that runs (a picture as far as it got) or one that waits (none).
+        page.wait_for_selector("#txt2img_progress .job-progress.interrupted, #txt2img_progress .job-progress.done")
+        page.wait_for_function("!document.querySelector('#txt2img_generate').disabled")
+        page.wait_for_timeout(1500)
+        shown = len(_seen(page, "gallery"))
+        page.wait_for_timeout(1500)
+        assert len(_seen(page, "gallery")) == shown, "Stop ends the repeats"
+        assert not page.locator("#txt2img_generate").is_disabled()
+    finally:
+        page.uncheck("#txt2img_forever input")

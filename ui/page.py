@@ -150,6 +150,7 @@ class TabWidgets:
     settings: SettingsWidgets
     generate: gr.Button
     stop: gr.Button
+    forever: gr.Checkbox
     progress: gr.HTML
     preview: gr.Image
     gallery: gr.Gallery
@@ -559,6 +560,8 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
         with gr.Column(scale=2, min_width=180, elem_classes="generate-column"):
             generate = gr.Button("Generate", variant="primary", elem_id=f"{mode}_generate", size="lg")
             stop = gr.Button("Stop", variant="stop", elem_id=f"{mode}_stop", size="md")
+            # A1111's "Generate forever" (its Generate button's context menu): Stop ends it.
+            forever = gr.Checkbox(False, label="Generate forever", elem_id=f"{mode}_forever")
             add_lora = gr.Dropdown(
                 choices=_lora_names(engine),
                 value=None,
@@ -661,6 +664,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
         settings=panel,
         generate=generate,
         stop=stop,
+        forever=forever,
         progress=progress,
         preview=preview,
         gallery=gallery,
@@ -898,7 +902,20 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
         show_progress_on=[tab.preview],
     )
     # Gradio 6 runs .then() listeners only after success; .failure() covers errors.
-    job.then(_show_finished, outputs=running_view, queue=False, api_visibility="private", show_progress="hidden")
+    finished = job.then(
+        _show_finished, outputs=running_view, queue=False, api_visibility="private", show_progress="hidden"
+    )
+    # Generate forever: the browser presses Generate again once a job has ended well (a failed one ends it),
+    # so each round queues like any click and Stop reaches it.
+    finished.then(
+        None,
+        inputs=[tab.forever],
+        js=f"(on) => {{ if (on) setTimeout(() => document.querySelector('#{tab.mode}_generate').click(), 100); }}",
+        queue=False,
+        api_visibility="private",
+        show_progress="hidden",
+    )
+    job.failure(lambda: False, outputs=[tab.forever], queue=False, api_visibility="private", show_progress="hidden")
     job.failure(
         _show_failed,
         outputs=[*running_view, tab.progress],
@@ -906,6 +923,7 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
         api_visibility="private",
         show_progress="hidden",
     )
+    tab.stop.click(lambda: False, outputs=[tab.forever], queue=False, api_visibility="private", show_progress="hidden")
     tab.stop.click(
         _stop,
         inputs=[session],
