@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import queue
@@ -388,6 +389,11 @@ class Engine:
             checked = dataclasses.replace(checked, prompt=prompt, negative_prompt=negative, styles=None)
         # An unknown LoRA, or a weight that is not a number, is refused before the job waits in a queue.
         self.describe_loras(checked.prompt)
+        if checked.enable_hr and checked.hr_prompt:
+            try:
+                self.describe_loras(checked.hr_prompt)
+            except InvalidRequestError as exc:
+                raise InvalidRequestError("hr_prompt", exc.value, exc.allowed) from exc
         available = self.list_vaes()
         checked = dataclasses.replace(checked, sd_vae=vae_choice(checked.sd_vae, available, self.registry.vae_dir))
         # A VAE for another kind of model is refused now, not after the job waited; it stays loaded for the job.
@@ -563,10 +569,18 @@ class Engine:
                         "hr_upscaler", req.hr_upscaler, f"an upscaler in {self.upscaler_folders()}"
                     )
                 upscaler = self.upscalers.get(found)
+            hires_loras = None  # the hires prompt's request, when its LoRAs differ from the first prompt's
             if req.mode == "txt2img" and req.enable_hr and req.hires_prompts != (req.prompt, req.negative_prompt):
                 hr_prompt, hr_negative = req.hires_prompts
                 hires_request = dataclasses.replace(req, prompt=hr_prompt, negative_prompt=hr_negative)
-                hires_conditioning = self._encode_prompts(model, hires_request)
+                if _lora_set(model, hires_request.prompt) != _lora_set(model, req.prompt):
+                    # As A1111 does: the hires prompt's LoRAs run in the second pass (and encode its prompts).
+                    hires_loras = hires_request
+                    lora_hashes = {**lora_hashes, **self._switch_loras(model, hires_request)}
+                    hires_conditioning = self._encode_prompts(model, hires_request)
+                    self._switch_loras(model, req)
+                else:
+                    hires_conditioning = self._encode_prompts(model, hires_request)
             tiled = (
                 circular_padding(model.components["unet"], vae or model.vae) if req.tiling else contextlib.nullcontext()
             )
@@ -574,6 +588,8 @@ class Engine:
                 for batch_no, batch_indexes in enumerate(batches):
                     if control.interrupted:
                         break
+                    if hires_loras is not None and batch_no > 0:  # the last batch's hires pass switched them
+                        self._switch_loras(model, req)
                     outcome = run_batch(
                         model,
                         req,
@@ -583,6 +599,9 @@ class Engine:
                         conditioning=conditioning,
                         hires_conditioning=hires_conditioning,
                         upscaler=upscaler,
+                        before_hires=(
+                            functools.partial(self._switch_loras, model, hires_loras) if hires_loras else None
+                        ),
                         control=control,
                         previewer=previewer,
                         preview_every=preview.every,
@@ -724,6 +743,11 @@ def cpu_threads_for(model: LoadedModel, pixels: int) -> Iterator[None]:
 
 def _previewer_for(model: LoadedModel, preview: PreviewSettings):
     return make_previewer(preview.mode, vae=model.vae, latent_rgb=model.latent_rgb, taesd=model.taesd)
+
+
+def _lora_set(model: LoadedModel, prompt: str) -> list[tuple[str, float, float]]:
+    """The LoRAs a prompt switches on, with their text-encoder and UNet weights."""
+    return [(lora.name, use.text_encoder, use.unet) for use, lora in model.loras.resolve(lora_uses(prompt))]
 
 
 def _clip_skip(req: GenerationRequest) -> int:

@@ -120,11 +120,13 @@ def run_batch(
     preview_interval_s: float = 0.0,
     hires_conditioning: Conditioning | None = None,
     upscaler: torch.nn.Module | None = None,
+    before_hires: Callable[[], object] | None = None,
 ) -> BatchOutcome:
     """Sample one batch (one image per seed; `subseeds` are their variation seeds) and return its images;
     `vae`, when given, decodes and encodes pictures instead of the model's own; `hires_conditioning` is the
     hires pass's when its prompts differ from the first pass's; `upscaler` is the hires fix's upscaler
-    network when it uses a model."""
+    network when it uses a model; `before_hires()` runs just before the second pass (it switches that pass's
+    LoRAs on)."""
     scheduler = build_scheduler(model.scheduler_config, req.sampler_name, req.scheduler, seed=seeds[0], eta=req.eta)
     recorder = StepRecorder(scheduler, model.prediction_type)
     composed: list[ComposedGuidance] = []  # the UNet stand-in of each pass, for a prompt with AND
@@ -245,6 +247,8 @@ def run_batch(
 
         # Second pass: img2img over the upscaled picture, with its own scheduler (the hires sampler's) and
         # the same seeds' noise. The callback reads `conditioning` and `recorder` afresh: this pass's.
+        if before_hires is not None:
+            before_hires()
         steps_before = pipe.num_timesteps
         sampling_steps = hires_sampling_steps
         if hires_conditioning is not None:

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from engine import Engine, GenerationRequest, InvalidRequestError
+from engine import Engine, GenerationRequest, InvalidRequestError, Result
+from engine.infotext import parse_infotext_params
 from engine.lora import LoraUse, lora_uses
 from engine.presets import SHIPPED_MICRO_LORA, SHIPPED_MICRO_MODEL
 from training import dataset
@@ -280,3 +281,34 @@ def test_the_lora_picker_adds_a_tag_once():
     named = "a circle <lora:Micro-Purple:0.4>"
     assert _add_lora_tag(named, "micro-purple") == (named, None)  # already there: its weight is kept
     assert _add_lora_tag("a <lora:x:bad>", "micro-purple") == ("a <lora:x:bad> <lora:micro-purple:1>", None)
+
+
+def test_the_hires_prompts_loras_run_in_the_second_pass(lora_engine):
+    """As in A1111: LoRA tags in the hires prompt switch LoRAs for the hires pass only."""
+    prompt = scene_prompt(*SCENES[0])  # a red circle on a white background
+    hires = dict(enable_hr=True, hr_scale=1.5, denoising_strength=0.7, hr_second_pass_steps=12, steps=12, n_iter=2)
+
+    def run(**fields) -> Result:
+        result = list(lora_engine.generate(GenerationRequest(**{"prompt": prompt, "seed": 40, **hires, **fields})))[-1]
+        assert isinstance(result, Result)
+        return result
+
+    def colour(result: Result, index: int = 0) -> str:
+        return dataset.classify(result.images[index].resize((64, 64), Image.Resampling.LANCZOS)).colour
+
+    plain = run(hr_prompt=prompt + ", simple")
+    purple_hires = run(hr_prompt=prompt + " <lora:micro-purple:1>")
+    assert [colour(plain, index) for index in (0, 1)] == ["red", "red"]
+    assert [colour(purple_hires, index) for index in (0, 1)] == ["purple", "purple"]
+    assert "micro-purple: " in parse_infotext_params(purple_hires.infotexts[0])["Lora hashes"]
+    # The second batch's first pass ran without the LoRA again: its picture is the one seed 41 makes alone.
+    alone = run(hr_prompt=prompt + " <lora:micro-purple:1>", seed=41, n_iter=1)
+    assert np.array_equal(np.asarray(alone.images[0]), np.asarray(purple_hires.images[1]))
+    # The other way round: the LoRA in the first pass only leaves the second pass without it.
+    first_only = run(prompt=prompt + " <lora:micro-purple:1>", hr_prompt=prompt)
+    both = run(prompt=prompt + " <lora:micro-purple:1>")
+    assert [colour(first_only, index) for index in (0, 1)] == ["red", "red"]  # redrawn at 0.7 without it
+    assert [colour(both, index) for index in (0, 1)] == ["purple", "purple"]
+    with pytest.raises(InvalidRequestError) as refused:
+        lora_engine.validate(GenerationRequest(prompt=prompt, enable_hr=True, hr_prompt="x <lora:nope:1>"))
+    assert refused.value.field == "hr_prompt"
