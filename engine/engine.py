@@ -183,14 +183,7 @@ class Engine:
         job does, and shows in progress() as mode "merge", one step a tensor."""
         inputs = check_merge(req, self.registry, self.list_vaes())
         with self._device_task("merge") as report:
-            return run_merge(
-                inputs,
-                self.registry,
-                save_as_half=bool(req.save_as_half),
-                checkpoint_format=req.checkpoint_format,
-                save_metadata=bool(req.save_metadata),
-                on_tensor=report,
-            )
+            return run_merge(inputs, self.registry, on_tensor=report)
 
     @contextlib.contextmanager
     def _device_task(self, mode: str, batch_count: int = 1):

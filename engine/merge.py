@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -28,7 +27,11 @@ import torch
 
 from .errors import InvalidRequestError, ModelLoadError
 from .models import ModelInfo, ModelRegistry, detect_pipeline_family, load_pipeline
+
+# The generation request's number parsing, so both refuse a value in the same words.
+from .request import _as_float, _in_range
 from .vae import VaeFile, load_vae
+from .vae import choose as vae_choice
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +81,17 @@ class _Inputs:
     multiplier: float
     vae: VaeFile | None
     name: str
+    save_as_half: bool
+    checkpoint_format: str
+    save_metadata: bool
 
 
 def check(req: MergeRequest, registry: ModelRegistry, vaes: dict[str, VaeFile]) -> _Inputs:
     """The request's models and output name; InvalidRequestError naming the field otherwise. Nothing is loaded."""
     if req.interp_method not in INTERP_METHODS:
         raise InvalidRequestError("interp_method", req.interp_method, ", ".join(INTERP_METHODS))
-    try:
-        multiplier = float(req.multiplier)
-    except (TypeError, ValueError):
-        raise InvalidRequestError("multiplier", req.multiplier, "a number from 0 to 1") from None
-    if not (math.isfinite(multiplier) and 0.0 <= multiplier <= 1.0):
-        raise InvalidRequestError("multiplier", req.multiplier, "a number from 0 to 1")
+    multiplier = _as_float(req.multiplier, "multiplier")
+    _in_range(multiplier, "multiplier", 0.0, 1.0)
     if req.checkpoint_format not in CHECKPOINT_FORMATS:
         raise InvalidRequestError("checkpoint_format", req.checkpoint_format, ", ".join(CHECKPOINT_FORMATS))
     needs = {
@@ -111,7 +113,12 @@ def check(req: MergeRequest, registry: ModelRegistry, vaes: dict[str, VaeFile]) 
             raise InvalidRequestError(field_name, value, f"a checkpoint in {registry.checkpoints_dir} ({exc})") from exc
     vae = None
     if req.bake_in_vae and req.bake_in_vae != NO_VAE:
-        vae = next((found for name, found in vaes.items() if req.bake_in_vae in (name, Path(name).stem)), None)
+        # Matched as the SD VAE setting matches (any case, with or without the extension); "Automatic" means
+        # nothing to bake in.
+        try:
+            vae = vaes.get(vae_choice(req.bake_in_vae, vaes, registry.vae_dir))
+        except InvalidRequestError:
+            vae = None
         if vae is None:
             listed = ", ".join([NO_VAE, *vaes]) if vaes else f"{NO_VAE} (no VAEs in {registry.vae_dir})"
             raise InvalidRequestError("bake_in_vae", req.bake_in_vae, listed)
@@ -133,6 +140,9 @@ def check(req: MergeRequest, registry: ModelRegistry, vaes: dict[str, VaeFile]) 
         multiplier=multiplier,
         vae=vae,
         name=name,
+        save_as_half=bool(req.save_as_half),
+        checkpoint_format=req.checkpoint_format,
+        save_metadata=bool(req.save_metadata),
     )
 
 
@@ -180,17 +190,12 @@ class _Progress:
 
 
 def run_merge(
-    inputs: _Inputs,
-    registry: ModelRegistry,
-    *,
-    save_as_half: bool = False,
-    checkpoint_format: str = FORMAT_AUTOMATIC,
-    save_metadata: bool = True,
-    on_tensor: Callable[[int, int], None] | None = None,
+    inputs: _Inputs, registry: ModelRegistry, *, on_tensor: Callable[[int, int], None] | None = None
 ) -> MergeResult:
     """Load the models, merge them and write the result; InvalidRequestError naming the field of a model that
     does not fit A. `on_tensor(done, total)` counts merged tensors."""
     started = time.perf_counter()
+    save_as_half, checkpoint_format = inputs.save_as_half, inputs.checkpoint_format
     dtype = torch.float16 if save_as_half else torch.float32
     fields = {"primary_model_name": inputs.primary}
     if inputs.secondary is not None:
@@ -270,11 +275,12 @@ def run_merge(
         primary.vae.load_state_dict({key: value.to(dtype) for key, value in baked.state_dict().items()})
 
     name = inputs.name + "".join(f".{kind}" for kind in sorted(kinds) if kind)
+    hashes = {field_name: registry.with_hash(info).sha256 for field_name, info in fields.items()}
     recipe = {
         "type": "webui",
-        "primary_model_hash": registry.with_hash(inputs.primary).sha256,
-        "secondary_model_hash": registry.with_hash(inputs.secondary).sha256 if inputs.secondary else None,
-        "tertiary_model_hash": registry.with_hash(inputs.tertiary).sha256 if inputs.tertiary else None,
+        "primary_model_hash": hashes["primary_model_name"],
+        "secondary_model_hash": hashes.get("secondary_model_name"),
+        "tertiary_model_hash": hashes.get("tertiary_model_name"),
         "interp_method": inputs.method,
         "multiplier": inputs.multiplier,
         "save_as_half": save_as_half,
@@ -283,14 +289,10 @@ def run_merge(
         "is_inpainting": "inpainting" in kinds,
         "is_instruct_pix2pix": "instruct-pix2pix" in kinds,
     }
-    metadata = {"sd_merge_recipe": json.dumps(recipe)} if save_metadata else {}
-    if save_metadata:
-        metadata["sd_merge_models"] = json.dumps(
-            {
-                registry.with_hash(info).sha256 or info.name: {"name": info.name, "legacy_hash": None}
-                for info in fields.values()
-            }
-        )
+    metadata = {}
+    if inputs.save_metadata:
+        merged_models = {hashes[f] or info.name: {"name": info.name, "legacy_hash": None} for f, info in fields.items()}
+        metadata = {"sd_merge_recipe": json.dumps(recipe), "sd_merge_models": json.dumps(merged_models)}
     registry.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     if as_file:
         path = _new_path(registry.checkpoints_dir / f"{name}.safetensors")
