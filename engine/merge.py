@@ -31,7 +31,6 @@ from .models import ModelInfo, ModelRegistry, detect_pipeline_family, load_pipel
 # The generation request's number parsing, so both refuse a value in the same words.
 from .request import _as_float, _in_range
 from .vae import VaeFile, load_vae
-from .vae import choose as vae_choice
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +112,7 @@ def check(req: MergeRequest, registry: ModelRegistry, vaes: dict[str, VaeFile]) 
             raise InvalidRequestError(field_name, value, f"a checkpoint in {registry.checkpoints_dir} ({exc})") from exc
     vae = None
     if req.bake_in_vae and req.bake_in_vae != NO_VAE:
-        # Matched as the SD VAE setting matches (any case, with or without the extension); "Automatic" means
-        # nothing to bake in.
-        try:
-            vae = vaes.get(vae_choice(req.bake_in_vae, vaes, registry.vae_dir))
-        except InvalidRequestError:
-            vae = None
+        vae = next((found for name, found in vaes.items() if req.bake_in_vae in (name, Path(name).stem)), None)
         if vae is None:
             listed = ", ".join([NO_VAE, *vaes]) if vaes else f"{NO_VAE} (no VAEs in {registry.vae_dir})"
             raise InvalidRequestError("bake_in_vae", req.bake_in_vae, listed)
