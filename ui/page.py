@@ -1427,13 +1427,7 @@ def _set_emphasis(session: PageSession, emphasis: str) -> None:
 
 def _set_ensd(session: PageSession, ensd) -> None:
     """A1111's eta noise seed delta (ENSD) for this session's jobs: a whole number, 0 (off) or more."""
-    try:
-        whole = not isinstance(ensd, bool) and float(ensd) == int(float(ensd))
-    except (TypeError, ValueError):
-        whole = False
-    if not whole or not 0 <= int(float(ensd)) <= SEED_MAX:
-        raise gr.Error(f"eta_noise_seed_delta: got {ensd!r}; allowed: a whole number from 0 to {SEED_MAX}")
-    session.ensd = int(float(ensd))
+    session.ensd = _whole_setting(ensd, "eta_noise_seed_delta", 0, SEED_MAX)
 
 
 def _set_eta_ancestral(session: PageSession, eta: float) -> None:
@@ -1449,33 +1443,37 @@ def _set_eta_ddim(session: PageSession, eta: float) -> None:
 def _set_clip_skip(session: PageSession, clip_skip) -> None:
     """A1111's Clip skip for this session's jobs: 1 (the text encoder's last layer) to 12. A model whose text
     encoder has fewer layers refuses a larger one when the job is checked; SDXL models ignore it, as in A1111."""
-    try:
-        whole = not isinstance(clip_skip, bool) and float(clip_skip) == int(float(clip_skip))
-    except (TypeError, ValueError):
-        whole = False
-    if not whole or not 1 <= int(float(clip_skip)) <= MAX_CLIP_SKIP:
-        raise gr.Error(f"Clip skip: got {clip_skip!r}; allowed: a whole number from 1 to {MAX_CLIP_SKIP}")
-    session.clip_skip = int(float(clip_skip))
+    session.clip_skip = _whole_setting(clip_skip, "Clip skip", 1, MAX_CLIP_SKIP)
 
 
 def _set_noise_multiplier(session: PageSession, multiplier: float) -> None:
     """A1111's noise multiplier for this session's img2img and inpaint jobs: 0 to 1.5, 1 leaves the noise."""
-    try:
-        number = float(multiplier) if not isinstance(multiplier, bool) else math.nan
-    except (TypeError, ValueError):
-        number = math.nan
-    if not 0 <= number <= MAX_NOISE_MULTIPLIER:  # NaN too
-        raise gr.Error(f"initial_noise_multiplier: got {multiplier!r}; allowed: 0 to {MAX_NOISE_MULTIPLIER}")
-    session.noise_multiplier = number
+    session.noise_multiplier = _number_setting(multiplier, "initial_noise_multiplier", 0, MAX_NOISE_MULTIPLIER)
 
 
 def _eta_value(eta) -> float:
+    return _number_setting(eta, "eta", 0, 1)
+
+
+def _whole_setting(value, name: str, low: int, high: int) -> int:
+    """A whole number from a Settings widget, from `low` to `high`; gr.Error naming the setting otherwise."""
     try:
-        number = float(eta) if not isinstance(eta, bool) else math.nan
+        whole = not isinstance(value, bool) and float(value) == int(float(value))
+    except (TypeError, ValueError):
+        whole = False
+    if not whole or not low <= int(float(value)) <= high:
+        raise gr.Error(f"{name}: got {value!r}; allowed: a whole number from {low} to {high}")
+    return int(float(value))
+
+
+def _number_setting(value, name: str, low: float, high: float) -> float:
+    """A number from a Settings widget, from `low` to `high`; gr.Error naming the setting otherwise."""
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
     except (TypeError, ValueError):
         number = math.nan
-    if not 0 <= number <= 1:  # NaN too
-        raise gr.Error(f"eta: got {eta!r}; allowed: 0 to 1")
+    if not low <= number <= high:  # NaN too
+        raise gr.Error(f"{name}: got {value!r}; allowed: {low} to {high}")
     return number
 
 
