@@ -25,51 +25,39 @@ POSITIONS = ("start", "end")
 SCRIPT_NAME = "prompts from file or textbox"
 
 
-def _whole(value: str) -> int:
-    return int(value)
-
-
-def _number(value: str) -> float:
-    return float(value)
-
-
 def _flag(value: str) -> bool:
     return value.lower() == "true"  # as A1111: anything else is false
 
 
-def _text(value: str) -> str:
-    return value
-
-
 # A1111's options, by the GenerationRequest field each sets (None: read and not acted on).
 _OPTIONS = {
-    "prompt": ("prompt", _text),
-    "negative_prompt": ("negative_prompt", _text),
-    "styles": ("styles", _text),
-    "seed": ("seed", _whole),
-    "subseed": ("subseed", _whole),
-    "subseed_strength": ("subseed_strength", _number),
-    "seed_resize_from_h": ("seed_resize_from_h", _whole),
-    "seed_resize_from_w": ("seed_resize_from_w", _whole),
-    "sampler_name": ("sampler_name", _text),
-    "batch_size": ("batch_size", _whole),
-    "n_iter": ("n_iter", _whole),
-    "steps": ("steps", _whole),
-    "cfg_scale": ("cfg_scale", _number),
-    "width": ("width", _whole),
-    "height": ("height", _whole),
+    "prompt": ("prompt", str),
+    "negative_prompt": ("negative_prompt", str),
+    "styles": ("styles", str),
+    "seed": ("seed", int),
+    "subseed": ("subseed", int),
+    "subseed_strength": ("subseed_strength", float),
+    "seed_resize_from_h": ("seed_resize_from_h", int),
+    "seed_resize_from_w": ("seed_resize_from_w", int),
+    "sampler_name": ("sampler_name", str),
+    "batch_size": ("batch_size", int),
+    "n_iter": ("n_iter", int),
+    "steps": ("steps", int),
+    "cfg_scale": ("cfg_scale", float),
+    "width": ("width", int),
+    "height": ("height", int),
     "tiling": ("tiling", _flag),
     "enable_hr": ("enable_hr", _flag),
-    "denoising_strength": ("denoising_strength", _number),
-    "hr_upscaler": ("hr_upscaler", _text),
-    "hr_scale": ("hr_scale", _number),
-    "hr_second_pass_steps": ("hr_second_pass_steps", _whole),
-    "hr_resize_x": ("hr_resize_x", _whole),
-    "hr_resize_y": ("hr_resize_y", _whole),
+    "denoising_strength": ("denoising_strength", float),
+    "hr_upscaler": ("hr_upscaler", str),
+    "hr_scale": ("hr_scale", float),
+    "hr_second_pass_steps": ("hr_second_pass_steps", int),
+    "hr_resize_x": ("hr_resize_x", int),
+    "hr_resize_y": ("hr_resize_y", int),
     # Where files go and what is shown are this program's to decide (a list must not write anywhere it names).
-    "outpath_samples": (None, _text),
-    "outpath_grids": (None, _text),
-    "prompt_for_display": (None, _text),
+    "outpath_samples": (None, str),
+    "outpath_grids": (None, str),
+    "prompt_for_display": (None, str),
     "do_not_save_samples": (None, _flag),
     "do_not_save_grid": (None, _flag),
     "restore_faces": ("restore_faces", _flag),
@@ -78,7 +66,7 @@ _REFUSED = {
     "sd_model": "not in a list here: pick the checkpoint in the checkpoint list (one model serves every user)",
     "sampler_index": "not a number here: use --sampler_name with the sampler's name",
 }
-_PARSER_WORDS = {_whole: "a whole number", _number: "a number", _flag: "true or false", _text: "text"}
+_PARSER_WORDS = {int: "a whole number", float: "a number", _flag: "true or false", str: "text"}
 
 
 @dataclass(frozen=True)
