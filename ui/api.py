@@ -580,9 +580,8 @@ class SdApi:
             parameters["init_images"] = None
             parameters["mask"] = None
         styles = payload.styles if isinstance(payload.styles, list) else [payload.styles] if payload.styles else []
-        info = self._info(results[0], ignored, clip_skip, timestamp, styles=styles)
-        if len(results) > 1:  # a prompt list: one answer for all its jobs, as A1111's script gives
-            info.update(_joined_info(results))
+        # A prompt list's jobs get one answer, as A1111's script gives.
+        info = self._info(results, ignored, clip_skip, timestamp, styles=styles)
         return {"images": images, "parameters": parameters, "info": json.dumps(info)}
 
     @contextlib.contextmanager
@@ -791,23 +790,24 @@ class SdApi:
             log.info("Saved %s", path)
 
     def _info(
-        self, result: Result, ignored: list[str], clip_skip: int, timestamp: str, styles: list[str]
+        self, results: list[Result], ignored: list[str], clip_skip: int, timestamp: str, styles: list[str]
     ) -> dict[str, Any]:
+        """A1111's info for one request's jobs (several for a prompt list): the first job's settings, and the
+        per-image lists over them all."""
+        result = results[0]
         req = result.request
-        count = len(result.seeds)
-        seeds = list(result.seeds)
         written = parse_infotext_params(result.infotexts[0]) if result.infotexts else {}
         extra = {k: v for k, v in written.items() if k not in _STANDARD_INFOTEXT_KEYS}
         model = result.model
         return {
             "prompt": req.prompt,
-            "all_prompts": [req.prompt] * count,
+            "all_prompts": [r.request.prompt for r in results for _ in r.seeds],
             "negative_prompt": req.negative_prompt,
-            "all_negative_prompts": [req.negative_prompt] * count,
-            "seed": seeds[0] if seeds else req.seed,
-            "all_seeds": seeds,
+            "all_negative_prompts": [r.request.negative_prompt for r in results for _ in r.seeds],
+            "seed": result.seeds[0] if result.seeds else req.seed,
+            "all_seeds": [seed for r in results for seed in r.seeds],
             "subseed": result.subseeds[0] if result.subseeds else req.subseed,
-            "all_subseeds": list(result.subseeds),
+            "all_subseeds": [subseed for r in results for subseed in r.subseeds],
             "subseed_strength": req.subseed_strength,
             "width": req.width,
             "height": req.height,
@@ -828,7 +828,7 @@ class SdApi:
             "denoising_strength": req.denoising_strength if req.mode != "txt2img" else None,
             "extra_generation_params": extra,
             "index_of_first_image": 0,
-            "infotexts": list(result.infotexts),
+            "infotexts": [text for r in results for text in r.infotexts],
             "styles": styles,
             "job_timestamp": timestamp,
             "clip_skip": clip_skip,
@@ -836,9 +836,9 @@ class SdApi:
             "version": None,
             # Not in A1111's answer:
             "mode": req.mode,
-            "interrupted": result.interrupted,
-            "skipped_batches": list(result.skipped_batches),
-            "elapsed": round(result.elapsed, 3),
+            "interrupted": any(r.interrupted for r in results),
+            "skipped_batches": [batch for r in results for batch in r.skipped_batches],
+            "elapsed": round(sum(r.elapsed for r in results), 3),
             "ignored_fields": sorted(set(ignored)),
         }
 
@@ -1177,20 +1177,6 @@ class _Unauthorized(ApiError):
             "Incorrect or missing username and password",
             headers={"WWW-Authenticate": 'Basic realm="sdapi"'},
         )
-
-
-def _joined_info(results: list[Result]) -> dict[str, Any]:
-    """The per-image lists of A1111's info over the results of several jobs."""
-    return {
-        "all_prompts": [r.request.prompt for r in results for _ in r.seeds],
-        "all_negative_prompts": [r.request.negative_prompt for r in results for _ in r.seeds],
-        "all_seeds": [seed for r in results for seed in r.seeds],
-        "all_subseeds": [subseed for r in results for subseed in r.subseeds],
-        "infotexts": [text for r in results for text in r.infotexts],
-        "interrupted": any(r.interrupted for r in results),
-        "skipped_batches": [batch for r in results for batch in r.skipped_batches],
-        "elapsed": round(sum(r.elapsed for r in results), 3),
-    }
 
 
 def _state_dict(state, *, job: str, job_count: int, timestamp: str) -> dict[str, Any]:
