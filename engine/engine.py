@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import logging
 import os
 import queue
@@ -26,6 +27,7 @@ from .extras import check as check_extras
 from .generate import run_batch
 from .infotext import format_infotext
 from .lora import LoraFile, LoraUse, lora_uses, scan_loras
+from .memory import memory_report
 from .merge import MergeRequest, MergeResult, run_merge
 from .merge import check as check_merge
 from .models import LoadedModel, ModelInfo, ModelRegistry, default_dtype, load_model, pick_device
@@ -115,6 +117,9 @@ class Engine:
         self._current: JobControl | None = None
         self._state = JobState()
         self._loaded: LoadedModel | None = None
+        # The model unload_model() let go of: what the page and API still name as the checkpoint, and what the
+        # next use loads back.
+        self._unloaded: ModelInfo | None = None
         self.upscalers = LoadedUpscalers(self.device)
         self.load_model(model if model is not None else self._default_model())
 
@@ -130,7 +135,7 @@ class Engine:
 
     def list_models(self) -> list[ModelInfo]:
         listed = self.registry.scan()
-        loaded = self._loaded.info if self._loaded else None
+        loaded = self._loaded.info if self._loaded else self._unloaded
         # The loaded model knows its hash even when it lives outside the models folder.
         return [loaded if loaded and info.path == loaded.path else info for info in listed]
 
@@ -225,6 +230,8 @@ class Engine:
     def refresh_embeddings(self) -> EmbeddingsReport:
         """Read the embeddings folder again if its files changed since the model read it (A1111's refresh).
         Waits for a running job: no prompt is encoded while the tokenizer changes."""
+        if self._loaded is None and self._unloaded is not None:
+            return EmbeddingsReport()  # read afresh when the model loads back
         model = self._require_model()
         if folder_signature(self.registry.embeddings_dir) == model.embeddings.signature:
             return model.embeddings
@@ -257,11 +264,41 @@ class Engine:
                 self._loaded = previous  # a failed switch keeps the model that worked
                 raise
             del previous
+            self._unloaded = None
             log.info("Loaded model %s (%s)", self._loaded.info.title, self._loaded.family)
             # Only where it was measured to pay: a real model on a CPU would spend seconds on it.
             if self.warm_up and self._loaded.traced_unet is not None:
                 self._warm_up_locked()
             return self._loaded.info
+
+    def unload_model(self) -> ModelInfo | None:
+        """A1111's "Unload SD checkpoint": let go of the loaded model's weights (device and host memory), for
+        another program to use. It stays the checkpoint the page and API name; the next job, prompt
+        reading or reload_model() loads it back. Waits for a running job. None when nothing was loaded."""
+        with self._job_lock, self._model_lock:
+            if self._loaded is None:
+                return self._unloaded
+            self._unloaded, self._loaded = self._loaded.info, None
+        self.upscalers.clear()
+        # The pipeline's modules hold reference cycles (hooks, traces): collect them now, not at some later
+        # allocation, and hand the device's cached blocks back so other programs see the memory free.
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.info("Unloaded model %s", self._unloaded.title)
+        return self._unloaded
+
+    def reload_model(self) -> ModelInfo:
+        """Load back the model unload_model() let go of (nothing to do when one is loaded)."""
+        return self._require_model().info
+
+    @property
+    def model_loaded(self) -> bool:
+        return self._loaded is not None
+
+    def memory(self) -> dict:
+        """This program's and the device's memory, in A1111's /memory shape (engine/memory.py)."""
+        return memory_report(self.device)
 
     def _warm_up_locked(self) -> None:
         """Make one step of the model's default picture and throw it away, so that the first person to
@@ -294,6 +331,9 @@ class Engine:
 
     @property
     def model(self) -> ModelInfo:
+        """The current checkpoint, loaded or let go of by unload_model() (naming it loads nothing)."""
+        if self._loaded is None and self._unloaded is not None:
+            return self._unloaded
         return self._require_model().info
 
     @property
@@ -304,9 +344,25 @@ class Engine:
         return self._require_model().defaults
 
     def _require_model(self) -> LoadedModel:
-        if self._loaded is None:
+        loaded = self._loaded
+        if loaded is None and self._unloaded is not None:
+            loaded = self._load_back()
+        if loaded is None:
             raise ModelLoadError("No model is loaded: load one from the model list.")
-        return self._loaded
+        return loaded
+
+    def _load_back(self) -> LoadedModel | None:
+        """Load the model unload_model() let go of. Only the model lock is taken: a job that needs the model
+        may already hold the job lock, and while no model is loaded no job can be using one."""
+        with self._model_lock:
+            if self._loaded is None and self._unloaded is not None:
+                info = self._unloaded
+                self._loaded = load_model(
+                    info, registry=self.registry, device=self.device, dtype=self.dtype, trace_unet=self.trace_unet
+                )
+                self._unloaded = None
+                log.info("Loaded model %s back (%s)", info.title, self._loaded.family)
+            return self._loaded
 
     # Samplers and prompts -------------------------------------------------------------------
 
@@ -496,13 +552,12 @@ class Engine:
                 return False
 
     def _stopped_before_start(self, req: GenerationRequest, control: JobControl) -> Result:
-        loaded = self._loaded
         return Result(
             images=[],
             seeds=[],
             infotexts=[],
             request=req,
-            model=loaded.info if loaded is not None else None,
+            model=self._loaded.info if self._loaded is not None else self._unloaded,
             interrupted=True,
             job_id=control.job_id,
         )

@@ -343,6 +343,11 @@ class LoadedUpscalers:
             self._loaded.move_to_end(key)
             return self._loaded[key]
 
+    def clear(self) -> None:
+        """Let go of every loaded network (they load again on their next use)."""
+        with self._lock:
+            self._loaded.clear()
+
 
 # Running ----------------------------------------------------------------------------------------
 

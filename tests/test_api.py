@@ -525,6 +525,34 @@ def test_options_switch_to_the_same_model_and_refuse_an_unknown_one(api, engine)
     generate(api, prompt="still works")
 
 
+def test_unload_checkpoint_frees_the_model_and_the_next_job_loads_it_back(api, engine):
+    before, _ = generate(api, prompt="unload", seed=11)
+    title = engine.model.title
+    assert ok(api.post("unload-checkpoint")) == {}
+    assert not engine.model_loaded
+    # Clients still read the checkpoint's name, and listing models loads nothing.
+    assert ok(api.get("options"))["sd_model_checkpoint"] == title
+    assert title in [item["title"] for item in ok(api.get("sd-models"))]
+    assert not engine.model_loaded
+
+    after, _ = generate(api, prompt="unload", seed=11)
+    assert engine.model_loaded and after["images"] == before["images"]
+
+    engine.unload_model()
+    assert ok(api.post("reload-checkpoint")) == {} and engine.model_loaded
+    assert ok(api.post("reload-checkpoint")) == {}
+
+
+def test_memory_answers_in_a1111s_shape(api, engine):
+    memory = ok(api.get("memory"))
+    assert set(memory) == {"ram", "cuda"}
+    assert set(memory["ram"]) == {"free", "used", "total"} and 0 < memory["ram"]["used"] < memory["ram"]["total"]
+    if engine.device.type == "cuda":
+        assert {"system", "active", "allocated", "reserved", "inactive", "events"} == set(memory["cuda"])
+    else:
+        assert memory["cuda"] == {"error": "unavailable"}  # as A1111 answers without a GPU
+
+
 def test_unknown_options_are_kept_per_server(api, engine, server):
     assert api.post("options", json={"my_extension_option": [1, "two"], "samples_save": False}).status_code == 200
     options = ok(api.get("options"))

@@ -78,3 +78,44 @@ def test_hub_id_offline_fails_fast_with_a_clear_message(engine, monkeypatch):
 def test_folder_without_model_index_is_explained(engine, tmp_path):
     with pytest.raises(ModelLoadError, match="model_index.json"):
         engine.load_model(str(tmp_path))
+
+
+def test_unloading_frees_the_weights_and_the_next_job_loads_them_back(models_dir):
+    import weakref
+
+    own = Engine(model="tiny-sd", models_dir=models_dir)
+    before = image_bytes(own)
+    unet = weakref.ref(own.loaded.components["unet"])
+    title = own.model.title
+
+    assert own.unload_model().title == title
+    assert unet() is None, "something still holds the unloaded UNet: its memory is not freed"
+    # Still the checkpoint the page and API name (and list with its hash), without loading anything.
+    assert not own.model_loaded and own.model.title == title
+    assert {info.title for info in own.list_models()} >= {title}
+    assert own.unload_model().title == title  # a second unload is harmless
+
+    assert image_bytes(own) == before
+    assert own.model_loaded
+
+
+def test_reload_brings_an_unloaded_model_back_and_a_failed_switch_keeps_it_unloaded(models_dir):
+    own = Engine(model="tiny-sd", models_dir=models_dir)
+    title = own.model.title
+    own.unload_model()
+    assert own.reload_model().title == title and own.model_loaded
+    assert own.reload_model().title == title  # nothing to do when loaded
+
+    own.unload_model()
+    with pytest.raises(ModelLoadError):
+        own.load_model("no-such-model")
+    assert not own.model_loaded and own.model.title == title
+    own.load_model("tiny-sd")  # choosing the checkpoint again loads it, as in A1111
+    assert own.model_loaded and own.model.title == title
+
+
+def test_memory_report_has_a1111s_shape(engine):
+    report = engine.memory()
+    ram = report["ram"]
+    assert 0 < ram["used"] < ram["total"] and 0 < ram["free"] <= ram["total"]
+    assert report["cuda"] == {"error": "unavailable"} or "system" in report["cuda"]

@@ -8,7 +8,7 @@ import gradio as gr
 import pytest
 
 from engine import Engine
-from ui.page import _load_model, _refresh_models
+from ui.page import _load_model, _refresh_models, _reload_model, _unload_model
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,20 @@ def test_an_unknown_model_is_an_error_shown_on_the_page(two_model_engine):
     with pytest.raises(gr.Error, match="no-such-model"):
         _load_model(two_model_engine, "no-such-model")
     assert two_model_engine.model == loaded
+
+
+def test_settings_unload_and_reload_buttons_say_what_happened(two_model_engine):
+    title = two_model_engine.model.title
+    note, line = _unload_model(two_model_engine)
+    assert not two_model_engine.model_loaded
+    assert "Unloaded from memory" in note and line.startswith(f"Unloaded {title}.") and "RAM: this program" in line
+    # The ↻ button and the header read nothing that would load the model back.
+    dropdown, note = _refresh_models(two_model_engine, embeddings=True)
+    assert dropdown["value"] == title and "Unloaded" in note and not two_model_engine.model_loaded
+    assert _unload_model(two_model_engine)[1].startswith(f"Unloaded {title}.")
+
+    note, line = _reload_model(two_model_engine)
+    assert two_model_engine.model_loaded and "Model family" in note and line.startswith(f"Loaded {title}.")
 
 
 def test_png_info_with_a_schedule_diffusers_lacks_falls_back_to_automatic():

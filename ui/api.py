@@ -902,6 +902,15 @@ class SdApi:
     def refresh_checkpoints(self) -> None:
         self.engine.list_models()
 
+    def unload_checkpoint(self) -> dict[str, Any]:
+        """A1111's unload: the weights leave memory; the next job (or /reload-checkpoint) loads them back."""
+        self.engine.unload_model()
+        return {}
+
+    def reload_checkpoint(self) -> dict[str, Any]:
+        self.engine.reload_model()  # a file gone meanwhile is a ModelLoadError: a 500 saying so
+        return {}
+
     def prompt_styles(self) -> list[dict[str, str]]:
         return [
             {"name": style.name, "prompt": style.prompt, "negative_prompt": style.negative_prompt}
@@ -1080,6 +1089,9 @@ class SdApi:
         router.add_api_route("/schedulers", self.schedulers, methods=["GET"])
         router.add_api_route("/sd-models", self.sd_models, methods=["GET"])
         router.add_api_route("/refresh-checkpoints", self.refresh_checkpoints, methods=["POST"])
+        router.add_api_route("/unload-checkpoint", self.unload_checkpoint, methods=["POST"])
+        router.add_api_route("/reload-checkpoint", self.reload_checkpoint, methods=["POST"])
+        router.add_api_route("/memory", self.engine.memory, methods=["GET"])
         router.add_api_route("/embeddings", self.embeddings, methods=["GET"])
         router.add_api_route("/refresh-embeddings", self.refresh_embeddings, methods=["POST"])
         router.add_api_route("/loras", self.loras, methods=["GET"])

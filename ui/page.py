@@ -27,6 +27,7 @@ from engine.events import PREVIEW_MODES
 from engine.images import LATENT_RESIZE, RESIZE_MODES
 from engine.inpaint import MASKED_CONTENT
 from engine.lora import lora_uses
+from engine.memory import describe_memory
 from engine.prompt_list import POSITIONS as PROMPT_LIST_POSITIONS
 from engine.request import (
     EMPHASIS_MODES,
@@ -303,6 +304,15 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     info=None if save_image is not None else "Saving is not available (engine.outputs missing).",
                     elem_id="setting_save_images",
                 )
+                # A1111's Settings > Actions: free the memory for another program; shared by everyone here.
+                with gr.Row(equal_height=True):
+                    unload_model = gr.Button("Unload checkpoint", elem_id="unload_checkpoint", scale=0, min_width=180)
+                    reload_model = gr.Button("Reload checkpoint", elem_id="reload_checkpoint", scale=0, min_width=180)
+                    memory_line = gr.Markdown(
+                        "Unloading frees the checkpoint's memory for every user of this server; "
+                        "the next job loads it back.",
+                        elem_id="memory_line",
+                    )
 
         # Events ---------------------------------------------------------------------------------
         for tab in tab_widgets.values():
@@ -353,6 +363,18 @@ def build_page(engine, settings=None) -> gr.Blocks:
             settings_from_infotext=_txt2img_settings_from_infotext,
         )
 
+        unload_model.click(
+            functools.partial(_unload_model, engine),
+            outputs=[model_note, memory_line],
+            api_visibility="private",
+            concurrency_limit=1,
+        )
+        reload_model.click(
+            functools.partial(_reload_model, engine),
+            outputs=[model_note, memory_line],
+            api_visibility="private",
+            concurrency_limit=1,
+        )
         model.input(
             functools.partial(_load_model, engine),
             inputs=[model],
@@ -1511,6 +1533,9 @@ def _model_titles(engine) -> list[str]:
 
 
 def _model_note(engine) -> str:
+    if not engine.model_loaded:
+        # Reading the family or embeddings would load the model back: say what happened instead.
+        return '<div class="model-note">Unloaded from memory: the next job loads it back.</div>'
     lines = [f"Model family: {html.escape(engine.defaults().label)}"]
     embeddings = engine.loaded.embeddings
     # Names only (reasons on hover and in the log), and only the first few: an A1111 embeddings folder
@@ -1525,6 +1550,33 @@ def _model_note(engine) -> str:
     if loras:
         lines.append(f"LoRAs (&lt;lora:name:1&gt; in the prompt): {html.escape(_first_names(loras))}")
     return f'<div class="model-note">{"<br>".join(lines)}</div>'
+
+
+def _unload_model(engine) -> tuple[str, str]:
+    before = engine.memory()
+    info = engine.unload_model()
+    if info is None:
+        return _model_note(engine), "No checkpoint is loaded."
+    after = engine.memory()
+    return _model_note(engine), f"Unloaded {info.title}. {_memory_change(before, after)}"
+
+
+def _reload_model(engine) -> tuple[str, str]:
+    before = engine.memory()
+    try:
+        info = engine.reload_model()
+    except EngineError as exc:
+        raise engine_error(exc) from exc
+    return _model_note(engine), f"Loaded {info.title}. {_memory_change(before, engine.memory())}"
+
+
+def _memory_change(before: dict, after: dict) -> str:
+    """The memory line after an unload or reload, with how much this program's memory changed."""
+    line = describe_memory(after)
+    if "error" in before["ram"] or "error" in after["ram"]:
+        return line
+    change = (after["ram"]["used"] - before["ram"]["used"]) / 1024**2
+    return f"{line} ({change:+.0f} MB)"
 
 
 def _first_names(names: list[str], shown: int = 8) -> str:
