@@ -285,6 +285,12 @@ def test_a_queued_job_shows_its_place_and_stop_reaches_only_its_owner(browser, p
     other.goto(page_url)
     other.wait_for_selector("#txt2img_prompt textarea")
     try:
+        # The other user already has a picture, which their cancelled job must leave in place.
+        _set_number(other, "txt2img_seed", 5)
+        _generate(other, steps=4, size=64)
+        assert "Seed: 5" in other.input_value("#txt2img_infotext textarea")
+        _set_number(other, "txt2img_seed", 6)
+
         _generate(page, steps=150, size=64, n_iter=LONG_RUN_BATCHES, wait_for_end=False)
         page.wait_for_function("/step \\d+\\/150/.test(document.querySelector('#txt2img_progress').textContent)")
 
@@ -303,6 +309,9 @@ def test_a_queued_job_shows_its_place_and_stop_reaches_only_its_owner(browser, p
         other.wait_for_selector("#txt2img_progress .job-progress.interrupted")
         assert "Stopped before it started" in other.inner_text("#txt2img_progress")
         other.wait_for_function("!document.querySelector('#txt2img_generate').disabled")
+        # Their last picture is still there, with its infotext.
+        other.wait_for_selector("#txt2img_gallery img")
+        assert "Seed: 5" in other.input_value("#txt2img_infotext textarea")
     finally:
         other_context.close()
 

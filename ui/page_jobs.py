@@ -388,15 +388,26 @@ def run_job(
     job id PageSession.start_job gave when Generate was clicked (None for API calls). A list of requests
     (a prompt list, a batch of pictures: `unit` says which) runs one after another, all checked first, into
     one gallery; Stop ends the list.
+
+    On the page (a `ticket`), the gallery, infotext and result view are left as they are until results come,
+    and a job stopped before it started leaves them as they were: the last pictures stay, as in A1111.
     """
     requests = request if isinstance(request, list) else [request]
     control = session.take_job(ticket)
     results: list[Result] = []
     fraction, shown = 0.0, None
     pacer, stop_shown = Pacer(LIVE_UPDATE_INTERVAL_S), False
+    # The page hides its gallery while a job runs and shows it again after; API callers get plain values.
+    running_gallery, running_infotext = (gr.skip(), gr.skip()) if ticket is not None else ([], "")
     try:
         validated_all = [engine.validate(session.settings_for(each)) for each in requests]
-        yield None, progress_html(0.0, "Starting...", job_id=control.job_id), [], "", gr.skip()
+        yield (
+            None,
+            progress_html(0.0, "Starting...", job_id=control.job_id),
+            running_gallery,
+            running_infotext,
+            gr.skip(),
+        )
         for number, validated in enumerate(validated_all, start=1):
             if control.interrupted and results:
                 break
@@ -405,7 +416,13 @@ def run_job(
             for event in engine.generate(validated, control=control, preview=session.preview_settings()):
                 if isinstance(event, Waiting):
                     text = "Stopping..." if control.interrupted else prefix + describe_waiting(event)
-                    yield None, progress_html(0.0, text, job_id=control.job_id), [], "", gr.skip()
+                    yield (
+                        None,
+                        progress_html(0.0, text, job_id=control.job_id),
+                        running_gallery,
+                        running_infotext,
+                        gr.skip(),
+                    )
                 elif isinstance(event, Progress):
                     fraction = (number - 1 + event.fraction) / len(validated_all)
                     text = prefix + describe_progress(event)
@@ -417,7 +434,8 @@ def run_job(
                     force = event.preview is not None or event.step == event.total or control.interrupted != stop_shown
                     if pacer.ready(force=force):
                         stop_shown = control.interrupted
-                        yield shown, progress_html(fraction, text, job_id=control.job_id), [], "", gr.skip()
+                        bar = progress_html(fraction, text, job_id=control.job_id)
+                        yield shown, bar, running_gallery, running_infotext, gr.skip()
                 elif isinstance(event, Result):
                     results.append(event)
                     # Saved as each job ends, so a later line's failure loses nothing made before it.
@@ -431,7 +449,10 @@ def run_job(
         session.end_job(control)
     if not results:  # the engine always ends with a Result; this guards the page, not the engine
         raise gr.Error("The job ended without a result.")
-    yield _final_update(results, len(requests), unit, fraction)
+    final = _final_update(results, len(requests), unit, fraction)
+    if ticket is not None and not any(result.images for result in results):
+        final = (*final[:2], gr.skip(), gr.skip(), gr.skip())  # stopped before it started: keep the last pictures
+    yield final
 
 
 def _final_update(results: list[Result], asked: int, unit: str, fraction: float) -> tuple:
