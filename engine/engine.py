@@ -120,6 +120,9 @@ class Engine:
         # The model unload_model() let go of: what the page and API still name as the checkpoint, and what the
         # next use loads back.
         self._unloaded: ModelInfo | None = None
+        # The hires checkpoint the last job used (A1111's "Hires checkpoint"), kept loaded for the next job that
+        # names it; let go of by a job without one, a model switch and unload_model().
+        self._hires_loaded: LoadedModel | None = None
         self.upscalers = LoadedUpscalers(self.device)
         self.load_model(model if model is not None else self._default_model())
 
@@ -214,13 +217,15 @@ class Engine:
             finally:
                 self._state = JobState(running=False, job_id=control.job_id, mode=mode)
 
-    def job_vae(self, sd_vae: str, available: dict[str, VaeFile] | None = None) -> VaeFile | None:
-        """The VAE file a job's sd_vae choice means for the loaded model (None: the model's own);
-        `available` is the VAE folder's listing when the caller has just read it."""
+    def job_vae(
+        self, sd_vae: str, available: dict[str, VaeFile] | None = None, model: LoadedModel | None = None
+    ) -> VaeFile | None:
+        """The VAE file a job's sd_vae choice means for `model`, by default the loaded one (None: the model's
+        own); `available` is the VAE folder's listing when the caller has just read it."""
         if sd_vae == VAE_NONE:
             return None
         if sd_vae == VAE_AUTOMATIC:
-            return vae_near_checkpoint(self._require_model().info.path)
+            return vae_near_checkpoint((model or self._require_model()).info.path)
         available = self.list_vaes() if available is None else available
         found = available.get(sd_vae)
         if found is None:  # removed from the folder while the job waited
@@ -255,7 +260,7 @@ class Engine:
         if self._loaded is not None and Path(self._loaded.info.path) == Path(info.path):
             return self._loaded.info
         with self._job_lock, self._model_lock:
-            previous, self._loaded = self._loaded, None
+            previous, self._loaded, self._hires_loaded = self._loaded, None, None
             try:
                 self._loaded = load_model(
                     info, registry=self.registry, device=self.device, dtype=self.dtype, trace_unet=self.trace_unet
@@ -278,7 +283,7 @@ class Engine:
         with self._job_lock, self._model_lock:
             if self._loaded is None:
                 return self._unloaded
-            self._unloaded, self._loaded = self._loaded.info, None
+            self._unloaded, self._loaded, self._hires_loaded = self._loaded.info, None, None
         self.upscalers.clear()
         # The pipeline's modules hold reference cycles (hooks, traces): collect them now, not at some later
         # allocation, and hand the device's cached blocks back so other programs see the memory free.
@@ -436,6 +441,10 @@ class Engine:
                 checked.prompt, checked.negative_prompt, checked.styles, self.styles(), self.registry.styles_file
             )
             checked = dataclasses.replace(checked, prompt=prompt, negative_prompt=negative, styles=None)
+        if checked.enable_hr and checked.hr_checkpoint_name:
+            checked = dataclasses.replace(
+                checked, hr_checkpoint_name=self._hires_checkpoint(checked.hr_checkpoint_name)
+            )
         # An unknown LoRA, or a weight that is not a number, is refused before the job waits in a queue.
         self.describe_loras(checked.prompt)
         if checked.enable_hr and checked.hr_prompt:
@@ -452,6 +461,46 @@ class Engine:
         if checked.enable_hr and checked.hr_upscaler in upscalers:
             self.upscalers.get(upscalers[checked.hr_upscaler])  # a file that is no upscaler is refused now
         return checked
+
+    def _hires_checkpoint(self, name: str) -> str:
+        """The title of the model a hires checkpoint names ("" when it is the loaded one); InvalidRequestError
+        naming hr_checkpoint_name when there is no such model."""
+        try:
+            info = self.registry.with_hash(self.registry.resolve(name))
+        except ModelLoadError as exc:
+            titles = ", ".join(info.title for info in self.list_models()) or "none"
+            raise InvalidRequestError(
+                "hr_checkpoint_name", name, f"a checkpoint from the model list ({titles}), or 'Use same checkpoint'"
+            ) from exc
+        return "" if Path(info.path) == Path(self.model.path) else info.title
+
+    def _hires_model_for(self, req: GenerationRequest, model: LoadedModel) -> LoadedModel | None:
+        """The model a job's hires pass runs on when it is not `model` (loaded now, or kept from the last job
+        that named it). Runs under the job lock."""
+        if not (req.mode == "txt2img" and req.enable_hr and req.hr_checkpoint_name):
+            self._hires_loaded = None  # a job without one lets its memory go
+            return None
+        info = self.registry.resolve(req.hr_checkpoint_name)
+        if Path(info.path) == Path(model.info.path):
+            return None
+        if self._hires_loaded is None or Path(self._hires_loaded.info.path) != Path(info.path):
+            self._hires_loaded = None  # one at a time: let the last one go before loading the next
+            try:
+                hires = load_model(
+                    info, registry=self.registry, device=self.device, dtype=self.dtype, trace_unet=self.trace_unet
+                )
+            except ModelLoadError as exc:
+                raise InvalidRequestError("hr_checkpoint_name", req.hr_checkpoint_name, "a model that loads") from exc
+            # Latents and prompt conditioning pass from one model to the other: only the same kind of model fits.
+            if hires.family != model.family:
+                raise InvalidRequestError(
+                    "hr_checkpoint_name",
+                    req.hr_checkpoint_name,
+                    f"a checkpoint of the loaded model's kind ({model.family}; this one is {hires.family})",
+                )
+            log.info("Loaded hires checkpoint %s", hires.info.title)
+            self._hires_loaded = hires
+        return self._hires_loaded
 
     def styles(self) -> dict[str, PromptStyle]:
         """The prompt styles in styles.csv (read on each call: the file may be edited while the app runs)."""
@@ -618,7 +667,17 @@ class Engine:
                     )
                 upscaler = self.upscalers.get(found)
             hires_loras = None  # the hires prompt's request, when its LoRAs differ from the first prompt's
-            if req.mode == "txt2img" and req.enable_hr and req.hires_prompts != (req.prompt, req.negative_prompt):
+            hires_model = self._hires_model_for(req, model)  # None: the hires pass runs on `model`
+            hires_vae = None
+            if hires_model is not None:
+                # A1111's hires checkpoint: the second pass's prompts, LoRAs and VAE are that model's own.
+                hr_prompt, hr_negative = req.hires_prompts
+                hires_request = dataclasses.replace(req, prompt=hr_prompt, negative_prompt=hr_negative)
+                lora_hashes = {**lora_hashes, **self._switch_loras(hires_model, hires_request)}
+                hires_conditioning = self._encode_prompts(hires_model, hires_request)
+                hires_vae_file = self.job_vae(req.sd_vae, model=hires_model)
+                hires_vae = hires_model.vaes.get(hires_vae_file) if hires_vae_file is not None else None
+            elif req.mode == "txt2img" and req.enable_hr and req.hires_prompts != (req.prompt, req.negative_prompt):
                 hr_prompt, hr_negative = req.hires_prompts
                 hires_request = dataclasses.replace(req, prompt=hr_prompt, negative_prompt=hr_negative)
                 if _lora_set(model, hires_request.prompt) != _lora_set(model, req.prompt):
@@ -629,10 +688,13 @@ class Engine:
                     self._switch_loras(model, req)
                 else:
                     hires_conditioning = self._encode_prompts(model, hires_request)
-            tiled = (
-                circular_padding(model.components["unet"], vae or model.vae) if req.tiling else contextlib.nullcontext()
-            )
-            with tiled:
+            with contextlib.ExitStack() as tiled:
+                if req.tiling:
+                    tiled.enter_context(circular_padding(model.components["unet"], vae or model.vae))
+                    if hires_model is not None:
+                        tiled.enter_context(
+                            circular_padding(hires_model.components["unet"], hires_vae or hires_model.vae)
+                        )
                 for batch_no, batch_indexes in enumerate(batches):
                     if control.interrupted:
                         break
@@ -647,6 +709,8 @@ class Engine:
                         conditioning=conditioning,
                         hires_conditioning=hires_conditioning,
                         upscaler=upscaler,
+                        hires_model=hires_model,
+                        hires_vae=hires_vae,
                         before_hires=(
                             functools.partial(self._switch_loras, model, hires_loras) if hires_loras else None
                         ),

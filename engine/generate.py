@@ -120,13 +120,16 @@ def run_batch(
     preview_interval_s: float = 0.0,
     hires_conditioning: Conditioning | None = None,
     upscaler: torch.nn.Module | None = None,
+    hires_model: LoadedModel | None = None,
+    hires_vae=None,
     before_hires: Callable[[], object] | None = None,
 ) -> BatchOutcome:
     """Sample one batch (one image per seed; `subseeds` are their variation seeds) and return its images;
     `vae`, when given, decodes and encodes pictures instead of the model's own; `hires_conditioning` is the
     hires pass's when its prompts differ from the first pass's; `upscaler` is the hires fix's upscaler
-    network when it uses a model; `before_hires()` runs just before the second pass (it switches that pass's
-    LoRAs on)."""
+    network when it uses a model; `hires_model` (with `hires_vae`, its VAE when not its own) is A1111's hires
+    checkpoint, the model the second pass runs on (`hires_conditioning` is then that model's); `before_hires()`
+    runs just before the second pass (it switches that pass's LoRAs on)."""
     scheduler = build_scheduler(model.scheduler_config, req.sampler_name, req.scheduler, seed=seeds[0], eta=req.eta)
     recorder = StepRecorder(scheduler, model.prediction_type)
     composed: list[ComposedGuidance] = []  # the UNet stand-in of each pass, for a prompt with AND
@@ -251,9 +254,12 @@ def run_batch(
             before_hires()
         steps_before = pipe.num_timesteps
         sampling_steps = hires_sampling_steps
+        if hires_model is not None:
+            model, vae = hires_model, hires_vae
         if hires_conditioning is not None:
             conditioning = hires_conditioning
             kwargs.update(_conditioning_kwargs(conditioning, len(seeds)))
+        if hires_conditioning is not None or hires_model is not None:
             wrap_unet = _composed_guidance(model, req, conditioning, composed.append) if conditioning.parts else None
         current_conditioning = conditioning.at(0)
         scheduler = build_scheduler(model.scheduler_config, hr_sampler, hr_schedule, seed=seeds[0], eta=req.eta)

@@ -83,6 +83,7 @@ _REQUEST_KEYS = frozenset(
         "Hires resize",
         "Hires steps",
         "Hires upscaler",
+        "Hires checkpoint",
         "Hires sampler",
         "Hires schedule type",
         "Hires prompt",
@@ -158,6 +159,8 @@ def format_infotext(
         if req.hr_second_pass_steps:
             params["Hires steps"] = int(req.hr_second_pass_steps)
         params["Hires upscaler"] = req.hr_upscaler
+        if req.hr_checkpoint_name:
+            params["Hires checkpoint"] = req.hr_checkpoint_name
         # As A1111 writes them: only where the hires pass differs from the first.
         hr_sampler, hr_schedule = req.hires_sampler
         if hr_sampler != req.sampler_name:
@@ -365,6 +368,7 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
             # the upscaler folders when the request is, where a missing one is named.
             req.hr_upscaler = params.pop("Hires upscaler")
         for key, name in (
+            ("Hires checkpoint", "hr_checkpoint_name"),
             ("Hires sampler", "hr_sampler_name"),
             ("Hires schedule type", "hr_scheduler"),
             ("Hires prompt", "hr_prompt"),

@@ -116,6 +116,9 @@ class GenerationRequest:
     hr_scheduler: str = ""
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
+    # A1111's "Hires checkpoint": the hires pass runs on this model (a title or name from the checkpoint list);
+    # empty, or "Use same checkpoint", is the loaded one. Engine.validate resolves it to the model's title.
+    hr_checkpoint_name: str = ""
 
     @property
     def hires_sampler(self) -> tuple[str, str]:
@@ -396,6 +399,7 @@ def _hires_fields(
         if len(text) > limits.max_prompt_chars:
             raise InvalidRequestError(name, f"{len(text)} characters", f"at most {limits.max_prompt_chars} characters")
         fields[name] = text
+    fields["hr_checkpoint_name"] = _same_as_first_pass(req.hr_checkpoint_name, "hr_checkpoint_name")
     sampler = _same_as_first_pass(req.hr_sampler_name, "hr_sampler_name")
     schedule = _same_as_first_pass(req.hr_scheduler, "hr_scheduler")
     fields["hr_sampler_name"] = fields["hr_scheduler"] = ""

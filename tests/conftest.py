@@ -44,6 +44,29 @@ def micro_engine(models_dir):
     return Engine(model=str(SHIPPED_MICRO_MODEL), models_dir=models_dir)
 
 
+def add_micro_and_micro_purple(root: Path) -> None:
+    """Put the micro model and micro-purple (the micro model with the shipped micro-purple LoRA fused in at full
+    strength: the same kind of model, drawing purple shapes) into the models folder `root`."""
+    import json
+    import shutil
+
+    from diffusers import DiffusionPipeline
+
+    from engine.presets import SHIPPED_MICRO_LORA, SHIPPED_MICRO_MODEL
+
+    checkpoints = root / "Stable-diffusion"
+    shutil.copytree(SHIPPED_MICRO_MODEL, checkpoints / "micro-shapes")
+    pipe = DiffusionPipeline.from_pretrained(str(checkpoints / "micro-shapes"), local_files_only=True)
+    pipe.load_lora_weights(str(SHIPPED_MICRO_LORA))
+    pipe.fuse_lora(lora_scale=1.0)
+    pipe.unload_lora_weights()
+    pipe.save_pretrained(checkpoints / "micro-purple", safe_serialization=True)
+    index_path = checkpoints / "micro-purple" / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["_lantern_family"] = "micro"
+    index_path.write_text(json.dumps(index))
+
+
 @pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
     ARTIFACTS_DIR.mkdir(exist_ok=True)

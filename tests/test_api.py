@@ -118,7 +118,7 @@ def test_unimplemented_and_unknown_fields_are_accepted_and_listed(api):
         enable_hr=True,
         hr_scale=2,
         hr_upscaler="Latent",
-        hr_checkpoint_name="other.safetensors",
+        hr_checkpoint_name="Use same checkpoint",
         restore_faces=True,
         alwayson_scripts={"ControlNet": {"args": []}},
         override_settings={"token_merging_ratio": 0.5},
@@ -127,7 +127,6 @@ def test_unimplemented_and_unknown_fields_are_accepted_and_listed(api):
     assert len(body["images"]) == 1
     assert info["ignored_fields"] == sorted(
         [
-            "hr_checkpoint_name",
             "restore_faces",
             "alwayson_scripts",
             "override_settings.token_merging_ratio",

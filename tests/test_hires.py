@@ -89,12 +89,19 @@ def test_png_info_sends_hires_settings_to_txt2img():
             "Use same scheduler",
             "",
             "",
+            "Use same checkpoint",
         ]
     own = (
         hires.replace("R-ESRGAN 4x+", "Latent")
         + ', Hires sampler: DPM++ 2M, Hires schedule type: Karras, Hires prompt: "a dog, big"'
     )
-    assert _hires_settings_from_infotext(ReadInfotext.of(own))[7:] == ["DPM++ 2M", "Karras", "a dog, big", ""]
+    assert _hires_settings_from_infotext(ReadInfotext.of(own))[7:] == [
+        "DPM++ 2M",
+        "Karras",
+        "a dog, big",
+        "",
+        "Use same checkpoint",
+    ]
     off = _hires_settings_from_infotext(ReadInfotext.of(base))
     assert off[0] is False and all(isinstance(value, type(gr.skip())) for value in off[1:])
 

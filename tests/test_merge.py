@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 import engine.merge as merge_module
 from engine import Engine, GenerationRequest, InvalidRequestError, MergeRequest
 from engine.events import Waiting
-from engine.presets import SHIPPED_MICRO_LORA, SHIPPED_MICRO_MODEL
+from engine.presets import SHIPPED_MICRO_LORA
 from engine.tiny_model import ensure_tiny_model
+from tests.conftest import add_micro_and_micro_purple
 from tests.test_browser import browser, open_page, serve_page  # noqa: F401 - fixture
 from ui.page_jobs import describe_waiting
 
@@ -30,22 +31,11 @@ PROMPT = "a red circle on a white background"
 def merge_dir(tmp_path_factory):
     """A models folder with the micro model (A), micro-purple (B = A with the LoRA fused), the tiny model, a VAE
     and the LoRA."""
-    from diffusers import DiffusionPipeline
-
     root = tmp_path_factory.mktemp("merge-models")
     checkpoints = root / "Stable-diffusion"
-    shutil.copytree(SHIPPED_MICRO_MODEL, checkpoints / "micro-shapes")
+    add_micro_and_micro_purple(root)
     (root / "Lora").mkdir()
     shutil.copy(SHIPPED_MICRO_LORA, root / "Lora" / SHIPPED_MICRO_LORA.name)
-    pipe = DiffusionPipeline.from_pretrained(str(checkpoints / "micro-shapes"), local_files_only=True)
-    pipe.load_lora_weights(str(SHIPPED_MICRO_LORA))
-    pipe.fuse_lora(lora_scale=1.0)
-    pipe.unload_lora_weights()
-    pipe.save_pretrained(checkpoints / "micro-purple", safe_serialization=True)
-    index_path = checkpoints / "micro-purple" / "model_index.json"
-    index = json.loads(index_path.read_text())
-    index["_lantern_family"] = "micro"
-    index_path.write_text(json.dumps(index))
     # A VAE file: the micro VAE with its decoder's last convolution's bias moved.
     vae = load_file(str(checkpoints / "micro-shapes" / "vae" / "diffusion_pytorch_model.safetensors"))
     vae["decoder.conv_out.bias"] = vae["decoder.conv_out.bias"] + 0.25

@@ -2,7 +2,7 @@
 
 Request and response shapes follow A1111's modules/api/models.py, so existing clients (webuiapi,
 scripts, other front ends) work unchanged. What differs, on purpose:
-- A field A1111 knows but this engine does not act on (restore_faces, hr_checkpoint_name, ...) is
+- A field A1111 knows but this engine does not act on (restore_faces, s_churn, ...) is
   accepted, ignored, and named in the response's info under "ignored_fields" whenever its value
   would have changed A1111's result. Unknown fields are accepted and listed the same way.
 - A bad value is an HTTP 422 whose JSON body names the field, the value and what is allowed,
@@ -290,15 +290,6 @@ def _same(value: Any, other: Any) -> bool:
     return value == other
 
 
-def _hires(payload: Any) -> bool:
-    return getattr(payload, "enable_hr", False) is True
-
-
-def _hires_override(value: Any, payload: Any) -> bool:
-    """A second-pass checkpoint other than A1111's "Use same checkpoint" choice."""
-    return _hires(payload) and _set(value) and not str(value).startswith("Use same")
-
-
 # A1111 settings a job reads from override_settings (or /options): see _setting_for and _eta_for.
 _SETTINGS_READ_BY_JOBS = (
     "emphasis",
@@ -332,8 +323,6 @@ _IGNORED_RULES = {
     "script_name": lambda v, p: _set(v) and not _is_prompt_list(p),
     "script_args": lambda v, p: _set(v) and not _is_prompt_list(p),
     "alwayson_scripts": lambda v, p: _set(v),
-    # Hires fix runs with the first pass's checkpoint.
-    "hr_checkpoint_name": _hires_override,
     "firstphase_width": _not_in(0),
     "firstphase_height": _not_in(0),
     "latent_mask": lambda v, p: _set(v),
@@ -681,6 +670,7 @@ class SdApi:
                 hr_scheduler=pick("hr_scheduler", ""),
                 hr_prompt=pick("hr_prompt", ""),
                 hr_negative_prompt=pick("hr_negative_prompt", ""),
+                hr_checkpoint_name=pick("hr_checkpoint_name", ""),
                 # A1111's page starts hires fix at 0.7.
                 denoising_strength=pick("denoising_strength", 0.7),
             )

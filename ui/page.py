@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 INPAINT_AREAS = ("Whole picture", "Only masked")
 # A1111's choices for a hires pass that samples as the first pass does.
 SAME_SAMPLER = "Use same sampler"
+SAME_CHECKPOINT = "Use same checkpoint"
 SAME_SCHEDULE = "Use same scheduler"
 PREVIEW_MODE_LABELS = {
     "approx": "approx (fast linear latent preview)",
@@ -872,7 +873,32 @@ def _build_hires_fix(engine) -> list[gr.components.Component]:
             lines=2,
             elem_id="txt2img_hr_negative_prompt",
         )
-    return [enable, upscaler, steps, strength, scale, resize_x, resize_y, sampler, schedule, hr_prompt, hr_negative]
+        checkpoint = gr.Dropdown(
+            _hires_checkpoints(engine),
+            value=SAME_CHECKPOINT,
+            label="Hires checkpoint",
+            info="the model the second pass runs on: one of the same kind as the checkpoint above",
+            elem_id="txt2img_hr_checkpoint",
+        )
+        reread_on_open(checkpoint, functools.partial(_hires_checkpoints, engine))
+    return [
+        enable,
+        upscaler,
+        steps,
+        strength,
+        scale,
+        resize_x,
+        resize_y,
+        sampler,
+        schedule,
+        hr_prompt,
+        hr_negative,
+        checkpoint,
+    ]
+
+
+def _hires_checkpoints(engine) -> list[str]:
+    return [SAME_CHECKPOINT, *(info.title for info in engine.list_models())]
 
 
 # Wiring --------------------------------------------------------------------------------------------
@@ -1060,6 +1086,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             hr_scheduler: str = "Use same scheduler",
             hr_prompt: str = "",
             hr_negative_prompt: str = "",
+            hr_checkpoint_name: str = SAME_CHECKPOINT,
             styles: list[str] | None = None,
             seed_extra: bool = False,
             subseed: int = -1,
@@ -1111,6 +1138,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                 hr_scheduler,
                 hr_prompt,
                 hr_negative_prompt,
+                hr_checkpoint_name,
             )
             request = dataclasses.replace(request, tiling=bool(tiling))
             request = _prompt_list_requests(
@@ -1741,7 +1769,7 @@ def _hires_settings_from_infotext(read: ReadInfotext, engine=None) -> list:
     folders becomes Lanczos, with a warning saying where it would go."""
     request = read.request
     if not request.enable_hr:
-        return [False, *[gr.skip()] * 10]
+        return [False, *[gr.skip()] * 11]
     upscaler = request.hr_upscaler
     available = engine.hires_upscalers() if engine is not None else list(HR_UPSCALERS)
     if upscaler not in available:
@@ -1760,7 +1788,23 @@ def _hires_settings_from_infotext(read: ReadInfotext, engine=None) -> list:
         _listed(request.hr_scheduler, schedule_type_names(), SAME_SCHEDULE),
         request.hr_prompt,
         request.hr_negative_prompt,
+        _hires_checkpoint_from_infotext(request.hr_checkpoint_name, engine),
     ]
+
+
+def _hires_checkpoint_from_infotext(name: str, engine) -> str:
+    """The Hires checkpoint list's entry for an infotext's (A1111 writes "name [hash]"); one that is not here
+    becomes "Use same checkpoint", with a warning."""
+    if not name:
+        return SAME_CHECKPOINT
+    try:
+        info = engine.registry.resolve(name) if engine is not None else None
+    except EngineError:
+        info = None
+    if info is None or info.kind == "hub":
+        gr.Warning(f"Hires checkpoint {name} is not in the model list; using the same checkpoint.")
+        return SAME_CHECKPOINT
+    return engine.registry.with_hash(info).title
 
 
 def _listed(name: str, choices: list[str], same: str) -> str:

@@ -374,6 +374,7 @@ def _run_grid(
     hr_scheduler: str = "",
     hr_prompt: str = "",
     hr_negative_prompt: str = "",
+    hr_checkpoint_name: str = "",
     tiling: bool = False,
 ):
     """Streams (progress, current cell preview, grid, cells, plot, view, timeline choices, step slider).
@@ -410,6 +411,7 @@ def _run_grid(
         hr_scheduler,
         hr_prompt,
         hr_negative_prompt,
+        hr_checkpoint_name,
     )
     base = dataclasses.replace(base, tiling=bool(tiling))
     try:

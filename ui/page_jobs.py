@@ -215,8 +215,8 @@ def build_request(
 
 def with_hires(request: GenerationRequest, enable_hr, *hires_values) -> GenerationRequest:
     """`request` with the Hires. fix panel's values, in its order: enable, upscaler, hires steps, denoising
-    strength, upscale by, resize width and height, sampler, schedule type, prompt, negative prompt."""
-    upscaler, steps, strength, scale, resize_x, resize_y, sampler, schedule, prompt, negative = hires_values
+    strength, upscale by, resize width and height, sampler, schedule type, prompt, negative prompt, checkpoint."""
+    upscaler, steps, strength, scale, resize_x, resize_y, sampler, schedule, prompt, negative, checkpoint = hires_values
     return dataclasses.replace(
         request,
         enable_hr=bool(enable_hr),
@@ -230,6 +230,7 @@ def with_hires(request: GenerationRequest, enable_hr, *hires_values) -> Generati
         hr_scheduler=schedule or "",
         hr_prompt=prompt or "",
         hr_negative_prompt=negative or "",
+        hr_checkpoint_name=checkpoint or "",
     )
 
 
