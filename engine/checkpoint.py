@@ -23,6 +23,9 @@ import torch
 from .errors import ModelLoadError
 from .presets import CONFIGS_DIR, TOKENIZER_DIR, family_defaults
 
+# An inpainting model's UNet input: the 4 latent channels, the mask, and the masked picture's 4.
+INPAINTING_CHANNELS = 9
+
 log = logging.getLogger(__name__)
 
 FAMILIES = ("sd1", "sd2", "sdxl", "tiny")
@@ -127,10 +130,11 @@ def family_from_shapes(shapes: dict[str, list[int]], *, source: str = "checkpoin
         raise ModelLoadError(_not_a_checkpoint(source, names))
 
     conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
-    if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
+    if conv_in is not None and len(conv_in) == 4 and conv_in[1] not in (4, INPAINTING_CHANNELS):
+        kind = " (an instruct-pix2pix model)" if conv_in[1] == 8 else ""
         raise ModelLoadError(
-            f"{source} is a UNet with {conv_in[1]} input channels (an inpainting or instruct-pix2pix model); "
-            "only standard 4-channel checkpoints are supported. Use the model's non-inpainting version."
+            f"{source} is a UNet with {conv_in[1]} input channels{kind}; only standard (4) and inpainting (9) "
+            "checkpoints are supported."
         )
 
     if any(name.startswith(SDXL_PREFIX) for name in names):
@@ -283,7 +287,12 @@ def load_single_file(
     pipeline_class = pipeline_class or default_pipeline_class(family)
     kwargs = single_file_kwargs(family, pipeline_class, torch_dtype=torch_dtype)
     if path.suffix.lower() == ".safetensors":
-        _check_contents(path, family)
+        shapes = _check_contents(path, family)
+        conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight") or []
+        if len(conv_in) == 4 and conv_in[1] == INPAINTING_CHANNELS:
+            # An inpainting checkpoint: the family's UNet config with the wider input (diffusers' legacy keyword,
+            # which reaches the UNet alone; in_channels would widen the VAE too).
+            kwargs["num_in_channels"] = INPAINTING_CHANNELS
     log.info("Loading %s checkpoint %s with configs from %s", family, path, kwargs["config"])
     try:
         pipe = pipeline_class.from_single_file(str(path), **kwargs)
@@ -321,7 +330,8 @@ _COMPONENT_PREFIXES = {
 }
 
 
-def _check_contents(path: Path, family: str) -> None:
+def _check_contents(path: Path, family: str) -> dict[str, list[int]]:
+    """The file's tensor shapes, once they are known to be a `family` checkpoint."""
     shapes = read_safetensors_header(path)
     found = family_from_shapes(shapes, source=str(path))
     if found != family:
@@ -338,6 +348,7 @@ def _check_contents(path: Path, family: str) -> None:
             f"{path} has no {' and no '.join(absent)} weights; only complete checkpoints (UNet, VAE and text "
             "encoder in one file) can be loaded. Download the full version of the model."
         )
+    return shapes
 
 
 def _weights_left_unloaded(pipe) -> list[str]:

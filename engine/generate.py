@@ -224,6 +224,9 @@ def run_batch(
         noise = variation.vary(initial_noise(generators, model.latent_shape(req.width, req.height)))
         latents = noise.to(model.device, model.dtype)
         kwargs.update(height=req.height, width=req.width, latents=latents)
+        if model.inpainting_unet:  # the inpaint pipeline, from the noise alone, as A1111 runs such a model
+            blank = Image.new("RGB", (req.width, req.height), (127, 127, 127))
+            kwargs.update(image=[blank] * len(seeds), strength=1.0, **_repaint_all(pipe, req.width, req.height))
         if not req.enable_hr:
             images = pipe(**kwargs).images
             return BatchOutcome(images, stopped, preview_seconds)
@@ -275,8 +278,10 @@ def run_batch(
             strength=diffusers_strength(hires_sampling_steps, hr_steps),
             eta=eta_for(hr_sampler, req.eta) or 0.0,
         )
-        for first_pass_only in ("height", "width", "latents"):
-            kwargs.pop(first_pass_only)
+        for first_pass_only in ("height", "width", "latents", "mask_image", "masked_image_latents"):
+            kwargs.pop(first_pass_only, None)
+        if model.inpainting_unet:
+            kwargs.update(_repaint_all(hires_pipe, hr_width, hr_height))
         images = hires_pipe(**kwargs).images
         return BatchOutcome(images, stopped, preview_seconds)
 
@@ -287,6 +292,8 @@ def run_batch(
         return BatchOutcome([image.copy() for image in init_images], stopped)
     kwargs.update(image=init_images, strength=diffusers_strength(sampling_steps, req.steps))
     if req.mode == "img2img":
+        if model.inpainting_unet:
+            kwargs.update(_repaint_all(pipe, req.width, req.height))
         if req.resize_mode == LATENT_RESIZE:
             kwargs["image"] = _latents_resized(pipe, model, sources, generators, req.width, req.height)
         images = pipe(**kwargs).images
@@ -341,6 +348,19 @@ def _pipeline_prompt_embeds(pipeline, conditioning: tuple, count: int) -> dict[s
             "add_text_embeds": rows(positive.pooled, negative.pooled),
         }
     return {"prompt_embeds": rows(positive, negative)}
+
+
+def _repaint_all(pipe, width: int, height: int) -> dict:
+    """What an inpainting model's UNet is given besides the latents when the whole picture is made anew (txt2img,
+    img2img, a hires pass): a mask over everything and, as the masked picture, mid-grey, as A1111 conditions
+    these models there. The grey is encoded to its mean latents once, so no random draw shifts the job's noise."""
+    vae = pipe.vae
+    grey = torch.zeros(1, 3, height, width, device=vae.device, dtype=vae.dtype)  # mid-grey in the VAE's -1..1
+    with torch.no_grad():
+        masked = vae.encode(grey).latent_dist.mode() * vae.config.scaling_factor
+    # The inpaint pipeline's size defaults to the model's native one, not the picture's: it is given.
+    mask = Image.new("L", (width, height), 255)
+    return {"mask_image": mask, "masked_image_latents": masked, "width": width, "height": height}
 
 
 def _decode(pipe, latents: torch.Tensor) -> list[Image.Image]:

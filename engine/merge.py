@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import INPAINTING_CHANNELS
 from .errors import InvalidRequestError, ModelLoadError
 from .models import ModelInfo, ModelRegistry, detect_pipeline_family, load_pipeline
 
@@ -311,10 +312,14 @@ def _architecture(pipe) -> tuple:
 
 def _fits_one_file(pipe, family: str) -> bool:
     """Whether save_single_file writes this model as a file that loads back as the same model: an SD 1.x
-    layout of the sizes load_single_file knows, with a 4-channel UNet."""
+    layout of the sizes load_single_file knows, with a standard or an inpainting UNet."""
     config = pipe.unet.config
     widths = {"sd1": 768, "tiny": 32}
-    return family in widths and config.get("cross_attention_dim") == widths[family] and config.get("in_channels") == 4
+    return (
+        family in widths
+        and config.get("cross_attention_dim") == widths[family]
+        and config.get("in_channels") in (4, INPAINTING_CHANNELS)
+    )
 
 
 def _check_free(folder: Path, name: str, value) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import INPAINTING_CHANNELS
 from .embeddings import EmbeddingsReport, load_embeddings
 from .errors import ModelLoadError
 from .lora import LoraAdapters
@@ -85,6 +86,12 @@ class LoadedModel:
     @property
     def vae(self):
         return self.components["vae"]
+
+    @property
+    def inpainting_unet(self) -> bool:
+        """An inpainting model (sd-v1-5-inpainting and the like): its UNet also takes the mask and the masked
+        picture's latents, 9 input channels in all, so every mode runs on the inpaint pipeline."""
+        return self.components["unet"].config.get("in_channels") == INPAINTING_CHANNELS
 
     def latent_shape(self, width: int, height: int) -> tuple[int, int, int, int]:
         """The shape of one image's latent: the VAE's channels at its downscaling (8 for SD)."""
@@ -324,6 +331,13 @@ def load_model(
     # Before the prompt encoders are made: the embeddings become tokens of the model's own tokenizers.
     embeddings = load_embeddings(pipe, registry.embeddings_dir)
     components = dict(pipe.components)
+    in_channels = components["unet"].config.get("in_channels")
+    if in_channels not in (4, INPAINTING_CHANNELS):
+        raise ModelLoadError(
+            f"{info.path} has a UNet with {in_channels} input channels"
+            f"{' (an instruct-pix2pix model)' if in_channels == 8 else ''}; only standard (4) and inpainting (9) "
+            "models are supported."
+        )
     family = detect_pipeline_family(components, info)
     info = replace(info, family=family)
     defaults = family_defaults(family)
@@ -339,7 +353,7 @@ def load_model(
         taesd=taesd,
         device=device,
         dtype=dtype,
-        pipeline_classes=_pipeline_classes(family),
+        pipeline_classes=_pipeline_classes(family, inpainting=in_channels == INPAINTING_CHANNELS),
         embeddings=embeddings,
         loras=LoraAdapters(registry.lora_dir),
         vaes=LoadedVaes(components["vae"], device, dtype),
@@ -424,14 +438,19 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type in ("cuda", "mps") else torch.float32
 
 
-def _pipeline_classes(family: str) -> dict[str, type]:
+def _pipeline_classes(family: str, *, inpainting: bool = False) -> dict[str, type]:
+    """The diffusers pipeline class of each mode; an inpainting model runs every mode on the inpaint one (the
+    others would feed its UNet 4 channels, not 9; generate.py gives it a mask that repaints everything)."""
     import diffusers
 
     prefix = "StableDiffusionXL" if family == "sdxl" else "StableDiffusion"
+    inpaint = getattr(diffusers, f"{prefix}InpaintPipeline")
+    if inpainting:
+        return {"txt2img": inpaint, "img2img": inpaint, "inpaint": inpaint}
     return {
         "txt2img": getattr(diffusers, f"{prefix}Pipeline"),
         "img2img": getattr(diffusers, f"{prefix}Img2ImgPipeline"),
-        "inpaint": getattr(diffusers, f"{prefix}InpaintPipeline"),
+        "inpaint": inpaint,
     }
 
 

@@ -298,14 +298,14 @@ def test_sdxl_refiner_is_refused_with_a_reason(tmp_path):
         detect_family(path)
 
 
-def test_inpainting_checkpoint_is_refused_with_a_reason(tmp_path):
-    path = write_fake_checkpoint(
-        tmp_path / "inpainting.safetensors",
-        {**SD1_KEYS, "model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)},
-    )
+def test_an_inpainting_checkpoint_is_its_family_and_instruct_pix2pix_is_refused_with_a_reason(tmp_path):
+    conv_in = "model.diffusion_model.input_blocks.0.0.weight"
+    inpainting = write_fake_checkpoint(tmp_path / "inpainting.safetensors", {**SD1_KEYS, conv_in: (320, 9, 3, 3)})
+    assert detect_family(inpainting) == "sd1"  # loaded with a 9-channel UNet: tests/test_inpainting_model.py
 
-    with pytest.raises(ModelLoadError, match="9 input channels"):
-        detect_family(path)
+    pix2pix = write_fake_checkpoint(tmp_path / "pix2pix.safetensors", {**SD1_KEYS, conv_in: (320, 8, 3, 3)})
+    with pytest.raises(ModelLoadError, match="8 input channels .an instruct-pix2pix model"):
+        detect_family(pix2pix)
 
 
 # ---------------------------------------------------------------------------------------------

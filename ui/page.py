@@ -307,8 +307,12 @@ def build_page(engine, settings=None) -> gr.Blocks:
                 )
                 # A1111's Settings > Actions: free the memory for another program; shared by everyone here.
                 with gr.Row(equal_height=True):
-                    unload_model = gr.Button("Unload checkpoint", elem_id="unload_checkpoint", scale=0, min_width=180)
-                    reload_model = gr.Button("Reload checkpoint", elem_id="reload_checkpoint", scale=0, min_width=180)
+                    unload_model = gr.Button(
+                        "Unload checkpoint", elem_id="unload_checkpoint", size="sm", scale=0, min_width=200
+                    )
+                    reload_model = gr.Button(
+                        "Reload checkpoint", elem_id="reload_checkpoint", size="sm", scale=0, min_width=200
+                    )
                     memory_line = gr.Markdown(
                         "Unloading frees the checkpoint's memory for every user of this server; "
                         "the next job loads it back.",
@@ -1564,7 +1568,8 @@ def _model_note(engine) -> str:
     if not engine.model_loaded:
         # Reading the family or embeddings would load the model back: say what happened instead.
         return '<div class="model-note">Unloaded from memory: the next job loads it back.</div>'
-    lines = [f"Model family: {html.escape(engine.defaults().label)}"]
+    family = engine.defaults().label + (", inpainting model" if engine.loaded.inpainting_unet else "")
+    lines = [f"Model family: {html.escape(family)}"]
     embeddings = engine.loaded.embeddings
     # Names only (reasons on hover and in the log), and only the first few: an A1111 embeddings folder
     # can hold dozens, and a folder of SD 1.5 embeddings on an SDXL model would otherwise fill the header.
