@@ -282,6 +282,7 @@ def run_batch(
             kwargs.pop(first_pass_only, None)
         if model.inpainting_unet:
             kwargs.update(_repaint_all(hires_pipe, hr_width, hr_height))
+            _noise_over_the_picture(hires_pipe)
         images = hires_pipe(**kwargs).images
         return BatchOutcome(images, stopped, preview_seconds)
 
@@ -294,6 +295,7 @@ def run_batch(
     if req.mode == "img2img":
         if model.inpainting_unet:
             kwargs.update(_repaint_all(pipe, req.width, req.height))
+            _noise_over_the_picture(pipe)
         if req.resize_mode == LATENT_RESIZE:
             kwargs["image"] = _latents_resized(pipe, model, sources, generators, req.width, req.height)
         images = pipe(**kwargs).images
@@ -361,6 +363,19 @@ def _repaint_all(pipe, width: int, height: int) -> dict:
     # The inpaint pipeline's size defaults to the model's native one, not the picture's: it is given.
     mask = Image.new("L", (width, height), 255)
     return {"mask_image": mask, "masked_image_latents": masked, "width": width, "height": height}
+
+
+def _noise_over_the_picture(pipe) -> None:
+    """Make this job's inpaint pipeline start an img2img-like pass (an inpainting model's img2img or hires pass)
+    as img2img does: its noise added to the picture's latents, also at strength 1, where the inpaint pipeline
+    would start from pure noise. The pipeline object is the job's own."""
+    prepare = pipe.prepare_latents
+
+    @functools.wraps(prepare)
+    def prepare_over_the_picture(*args, **kwargs):
+        return prepare(*args, **{**kwargs, "is_strength_max": False})
+
+    pipe.prepare_latents = prepare_over_the_picture
 
 
 def _decode(pipe, latents: torch.Tensor) -> list[Image.Image]:

@@ -84,9 +84,31 @@ def test_an_inpainting_model_draws_in_txt2img_hires_and_img2img_what_its_base_mo
         assert np.array_equal(pixels(inpainting, **hires), pixels(base, **hires)), sampler
         init = Image.fromarray(drawn.astype(np.uint8))
         img2img = dict(prompt="a blue circle on a blue background", seed=2, steps=10, sampler_name=sampler)
-        img2img.update(init_images=[init], denoising_strength=0.6, width=80, height=72)
+        img2img.update(init_images=[init], width=80, height=72)
         # The masked picture's latents are the only input the two compute apart: at most a level in a few pixels.
-        assert np.abs(pixels(inpainting, **img2img) - pixels(base, **img2img)).max() <= 1, sampler
+        # At denoising 1 too, where the inpaint pipeline alone would start from pure noise, not the picture.
+        for strength in (0.6, 1.0):
+            img2img["denoising_strength"] = strength
+            assert np.abs(pixels(inpainting, **img2img) - pixels(base, **img2img)).max() <= 1, (sampler, strength)
+
+
+def test_an_sdxl_inpainting_model_draws_what_its_base_model_draws(tmp_path):
+    from tests.test_prompts_sdxl import build_tiny_sdxl_pipeline
+
+    pipe = build_tiny_sdxl_pipeline()
+    pipe.save_pretrained(tmp_path / "Stable-diffusion" / "xl", safe_serialization=True)
+    widen_unet(pipe)
+    pipe.save_pretrained(tmp_path / "Stable-diffusion" / "xl-inpainting", safe_serialization=True)
+    base = Engine(model="xl", models_dir=tmp_path)
+    inpainting = Engine(model="xl-inpainting", models_dir=tmp_path)
+    assert inpainting.model.family == "sdxl" and inpainting.loaded.inpainting_unet
+    txt2img = dict(prompt="a cat", seed=1, steps=4, width=64, height=64)
+    assert np.array_equal(pixels(inpainting, **txt2img), pixels(base, **txt2img))
+    # Its hires pass starts at the top of the schedule (strength 1): from the picture, as img2img does.
+    hires = dict(txt2img, enable_hr=True, hr_scale=1.5, hr_upscaler="Lanczos")
+    assert np.array_equal(pixels(inpainting, **hires), pixels(base, **hires))
+    img2img = dict(txt2img, init_images=[Image.new("RGB", (64, 64), "red")], denoising_strength=0.5)
+    assert np.abs(pixels(inpainting, **img2img) - pixels(base, **img2img)).max() <= 1
 
 
 def unet_inputs(engine: Engine, **fields) -> list[torch.Tensor]:
