@@ -196,6 +196,7 @@ class TinySDXLModel:
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self.family = "sdxl"
+        self.inpainting_unet = False
         # As engine.models.load_model gives every loaded model its encoders.
         self.prompt_encoder, self.compel_encoder = make_prompt_encoders(self.components)
 
