@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
-from .checkpoint import INPAINTING_CHANNELS
+from .checkpoint import INPAINTING_CHANNELS, UNET_PREFIX
 from .errors import InvalidRequestError, ModelLoadError
-from .models import ModelInfo, ModelRegistry, detect_pipeline_family, load_pipeline
+from .models import ModelInfo, ModelRegistry, detect_pipeline_family, load_pipeline, model_weights_file
 
 # The generation request's number parsing, so both refuse a value in the same words.
 from .request import _as_float, _in_range
@@ -40,6 +41,7 @@ INTERP_METHODS = (NO_INTERPOLATION, WEIGHTED_SUM, ADD_DIFFERENCE)
 FORMAT_AUTOMATIC, FORMAT_SAFETENSORS, FORMAT_DIFFUSERS = "Automatic", "safetensors", "diffusers"
 CHECKPOINT_FORMATS = (FORMAT_AUTOMATIC, FORMAT_SAFETENSORS, FORMAT_DIFFUSERS)
 NO_VAE = "None"
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 # Top-level files of a diffusers folder that belong to the model, not to one component (model_index.json is
 # rewritten by diffusers; its "_lantern_*" keys and these files are copied from A).
 _MODEL_LEVEL_SUFFIXES = (".json", ".txt", ".md")
@@ -261,6 +263,12 @@ def run_merge(
                     merged_tensors += 1
     for field_name in ("secondary_model_name", "tertiary_model_name"):
         pipes.pop(field_name, None)  # freed before the VAE loads and the file is written
+    # As A1111: the result keeps A's precision (a half-precision A gives a half-precision result), merged in
+    # float32 all the same.
+    stored = _stored_dtype(inputs.primary)
+    if not save_as_half and stored in (torch.float16, torch.bfloat16):
+        dtype = stored
+        primary.to(dtype)
 
     if inputs.vae is not None:
         try:
@@ -308,6 +316,20 @@ def _architecture(pipe) -> tuple:
     width of the text their UNet attends to."""
     modules = sorted(name for name, module in pipe.components.items() if isinstance(module, torch.nn.Module))
     return modules, pipe.unet.config.get("cross_attention_dim")
+
+
+def _stored_dtype(info: ModelInfo) -> torch.dtype | None:
+    """The precision a model's UNet weights are stored in (None when it cannot be read: a hub id, a pickle)."""
+    target = model_weights_file(Path(info.path)) if info.kind != "hub" else None
+    if target is None or target.suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(str(target), framework="pt") as handle:
+            names = list(handle.keys())
+            unet = [name for name in names if name.startswith(UNET_PREFIX)] or names
+            return _SAFETENSORS_DTYPES.get(handle.get_slice(unet[0]).get_dtype()) if unet else None
+    except (OSError, ValueError):
+        return None
 
 
 def _fits_one_file(pipe, family: str) -> bool:

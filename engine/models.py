@@ -108,6 +108,15 @@ class LoadedModel:
         those modules in place: its UNet is the module itself, never a trace."""
         return self.pipeline_for("txt2img", self.components["scheduler"], traced=False)
 
+    def job_unet(self, *, traced: bool = True):
+        """What a job calls as this model's UNet: the traced one where the family runs it so, unless `traced` is
+        False or LoRAs are switched on (a trace holds the layers it was made with, so adapters would not run in
+        it), or something hooks the module."""
+        lora_on = self.loras is not None and bool(self.loras.active)
+        if traced and not lora_on and self.traced_unet is not None and not self.traced_unet.hooked():
+            return self.traced_unet
+        return self.components["unet"]
+
     def pipeline_for(self, mode: str, scheduler, *, traced: bool = True, wrap_unet=None, vae=None):
         """A pipeline object for one job: shared weights, the job's own scheduler. The UNet is the
         traced one where the family runs it so, unless `traced` is False or LoRAs are switched on
@@ -116,15 +125,8 @@ class LoadedModel:
         cls = self.pipeline_classes[mode]
         accepted = set(inspect.signature(cls.__init__).parameters)
         parts = {name: module for name, module in self.components.items() if name in accepted}
-        lora_on = self.loras is not None and bool(self.loras.active)
-        if (
-            traced
-            and not lora_on
-            and self.traced_unet is not None
-            and "unet" in parts
-            and not self.traced_unet.hooked()
-        ):
-            parts["unet"] = self.traced_unet
+        if "unet" in parts:
+            parts["unet"] = self.job_unet(traced=traced)
         if wrap_unet is not None and "unet" in parts:
             parts["unet"] = wrap_unet(parts["unet"])
         if vae is not None:
@@ -268,7 +270,7 @@ class ModelRegistry:
         """The same info with its sha256 filled in (computed once, then cached on disk)."""
         if info.sha256 or info.kind == "hub":
             return info
-        target = _hash_target(Path(info.path))
+        target = model_weights_file(Path(info.path))
         if target is None:
             return info
         return replace(info, sha256=self.sha256_of(target))
@@ -300,7 +302,7 @@ class ModelRegistry:
         if kind != "folder":
             name = name.rsplit(".", 1)[0]
         sha256 = None
-        target = _hash_target(path)
+        target = model_weights_file(path)
         if target is not None:
             entry = cache.get(str(target.resolve()))
             if entry and entry.get("stamp") == _file_stamp(target):
@@ -526,7 +528,7 @@ def _load_taesd(folder: Path, device: torch.device, dtype: torch.dtype):
         return None
 
 
-def _hash_target(path: Path) -> Path | None:
+def model_weights_file(path: Path) -> Path | None:
     """The file whose sha256 names a model: the checkpoint itself, or a folder's UNet weights."""
     if path.is_file():
         return path
