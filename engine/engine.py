@@ -37,6 +37,7 @@ from .prompt_list import PromptList
 from .prompt_list import expand as expand_prompt_list
 from .prompt_schedule import composable_parts, is_composed, prompt_schedule
 from .prompts import Conditioning, PromptReading, SDXLEmbeds, describe_prompt, make_prompt_encoders
+from .refiner import Refiner
 from .request import HR_UPSCALERS, PICTURE_UPSCALERS, SEED_MAX, GenerationRequest, Limits, validate_request
 from .styles import PromptStyle, apply_styles, read_styles
 from .tiling import circular_padding
@@ -120,9 +121,9 @@ class Engine:
         # The model unload_model() let go of: what the page and API still name as the checkpoint, and what the
         # next use loads back.
         self._unloaded: ModelInfo | None = None
-        # The hires checkpoint the last job used (A1111's "Hires checkpoint"), kept loaded for the next job that
-        # names it; let go of by a job without one, a model switch and unload_model().
-        self._hires_loaded: LoadedModel | None = None
+        # The hires checkpoint and refiner the last job used (A1111's "Hires checkpoint" and refiner), by path, kept
+        # loaded for the next job that names them; let go of by a job without them, a model switch and unload_model().
+        self._second_models: dict[str, LoadedModel] = {}
         self.upscalers = LoadedUpscalers(self.device)
         self.load_model(model if model is not None else self._default_model())
 
@@ -260,7 +261,7 @@ class Engine:
         if self._loaded is not None and Path(self._loaded.info.path) == Path(info.path):
             return self._loaded.info
         with self._job_lock, self._model_lock:
-            previous, self._loaded, self._hires_loaded = self._loaded, None, None
+            previous, self._loaded, self._second_models = self._loaded, None, {}
             try:
                 self._loaded = load_model(
                     info, registry=self.registry, device=self.device, dtype=self.dtype, trace_unet=self.trace_unet
@@ -283,7 +284,7 @@ class Engine:
         with self._job_lock, self._model_lock:
             if self._loaded is None:
                 return self._unloaded
-            self._unloaded, self._loaded, self._hires_loaded = self._loaded.info, None, None
+            self._unloaded, self._loaded, self._second_models = self._loaded.info, None, {}
         self.upscalers.clear()
         # The pipeline's modules hold reference cycles (hooks, traces): collect them now, not at some later
         # allocation, and hand the device's cached blocks back so other programs see the memory free.
@@ -443,8 +444,15 @@ class Engine:
             checked = dataclasses.replace(checked, prompt=prompt, negative_prompt=negative, styles=None)
         if checked.enable_hr and checked.hr_checkpoint_name:
             checked = dataclasses.replace(
-                checked, hr_checkpoint_name=self._hires_checkpoint(checked.hr_checkpoint_name)
+                checked, hr_checkpoint_name=self._second_title(checked.hr_checkpoint_name, "hr_checkpoint_name")
             )
+        if checked.refiner_checkpoint:
+            refiner = self._second_title(checked.refiner_checkpoint, "refiner_checkpoint")
+            if refiner and checked.prompt_syntax == "a1111" and is_composed(composable_parts(checked.prompt)):
+                raise InvalidRequestError(
+                    "refiner_checkpoint", refiner, "None with a composable prompt (AND), which the refiner does not run"
+                )
+            checked = dataclasses.replace(checked, refiner_checkpoint=refiner)
         # An unknown LoRA, or a weight that is not a number, is refused before the job waits in a queue.
         self.describe_loras(checked.prompt)
         if checked.enable_hr and checked.hr_prompt:
@@ -462,45 +470,61 @@ class Engine:
             self.upscalers.get(upscalers[checked.hr_upscaler])  # a file that is no upscaler is refused now
         return checked
 
-    def _hires_checkpoint(self, name: str) -> str:
-        """The title of the model a hires checkpoint names ("" when it is the loaded one); InvalidRequestError
-        naming hr_checkpoint_name when there is no such model."""
+    def _second_title(self, name: str, field: str) -> str:
+        """The title of the model a hires checkpoint or refiner names ("" when it is the loaded one);
+        InvalidRequestError naming `field` when there is no such model."""
         try:
             info = self.registry.with_hash(self.registry.resolve(name))
         except ModelLoadError as exc:
             titles = ", ".join(info.title for info in self.list_models()) or "none"
-            raise InvalidRequestError(
-                "hr_checkpoint_name", name, f"a checkpoint from the model list ({titles}), or 'Use same checkpoint'"
-            ) from exc
+            none = "'Use same checkpoint'" if field == "hr_checkpoint_name" else "'None'"
+            raise InvalidRequestError(field, name, f"a checkpoint from the model list ({titles}), or {none}") from exc
         return "" if Path(info.path) == Path(self.model.path) else info.title
 
-    def _hires_model_for(self, req: GenerationRequest, model: LoadedModel) -> LoadedModel | None:
-        """The model a job's hires pass runs on when it is not `model` (loaded now, or kept from the last job
-        that named it). Runs under the job lock."""
-        if not (req.mode == "txt2img" and req.enable_hr and req.hr_checkpoint_name):
-            self._hires_loaded = None  # a job without one lets its memory go
-            return None
-        info = self.registry.resolve(req.hr_checkpoint_name)
-        if Path(info.path) == Path(model.info.path):
-            return None
-        if self._hires_loaded is None or Path(self._hires_loaded.info.path) != Path(info.path):
-            self._hires_loaded = None  # one at a time: let the last one go before loading the next
+    def _second_models_for(self, req: GenerationRequest, model: LoadedModel) -> dict[str, LoadedModel]:
+        """The models a job's hires checkpoint and refiner name, by field ("hr_checkpoint_name",
+        "refiner_checkpoint"; absent: none, or `model` itself), loaded now or kept from the last job that named
+        them. Models no longer named are let go of first, so at most the two a job uses stay loaded. Runs under
+        the job lock."""
+        names = {}
+        if req.mode == "txt2img" and req.enable_hr and req.hr_checkpoint_name:
+            names["hr_checkpoint_name"] = req.hr_checkpoint_name
+        if req.refiner_checkpoint:
+            names["refiner_checkpoint"] = req.refiner_checkpoint
+        paths = {}
+        for field, name in names.items():
             try:
-                hires = load_model(
-                    info, registry=self.registry, device=self.device, dtype=self.dtype, trace_unet=self.trace_unet
-                )
-            except ModelLoadError as exc:
-                raise InvalidRequestError("hr_checkpoint_name", req.hr_checkpoint_name, "a model that loads") from exc
-            # Latents and prompt conditioning pass from one model to the other: only the same kind of model fits.
-            if hires.family != model.family:
-                raise InvalidRequestError(
-                    "hr_checkpoint_name",
-                    req.hr_checkpoint_name,
-                    f"a checkpoint of the loaded model's kind ({model.family}; this one is {hires.family})",
-                )
-            log.info("Loaded hires checkpoint %s", hires.info.title)
-            self._hires_loaded = hires
-        return self._hires_loaded
+                path = str(Path(self.registry.resolve(name).path))
+            except ModelLoadError as exc:  # removed from the folder while the job waited
+                raise InvalidRequestError(field, name, "a checkpoint from the model list") from exc
+            if Path(path) != Path(model.info.path):
+                paths[field] = path
+        self._second_models = {path: kept for path, kept in self._second_models.items() if path in paths.values()}
+        for field, path in paths.items():
+            if path not in self._second_models:
+                self._second_models[path] = self._load_second(names[field], field, model)
+        return {field: self._second_models[path] for field, path in paths.items()}
+
+    def _load_second(self, name: str, field: str, model: LoadedModel) -> LoadedModel:
+        try:
+            second = load_model(
+                self.registry.resolve(name),
+                registry=self.registry,
+                device=self.device,
+                dtype=self.dtype,
+                trace_unet=self.trace_unet,
+            )
+        except ModelLoadError as exc:
+            raise InvalidRequestError(field, name, "a model that loads") from exc
+        # Latents and prompt conditioning pass from one model to the other: only the same kind of model fits.
+        if second.family != model.family or second.inpainting_unet != model.inpainting_unet:
+            ours = f"{model.family}{', inpainting' if model.inpainting_unet else ''}"
+            theirs = f"{second.family}{', inpainting' if second.inpainting_unet else ''}"
+            raise InvalidRequestError(
+                field, name, f"a checkpoint of the loaded model's kind ({ours}; this one is {theirs})"
+            )
+        log.info("Loaded %s %s", "refiner" if field == "refiner_checkpoint" else "hires checkpoint", second.info.title)
+        return second
 
     def styles(self) -> dict[str, PromptStyle]:
         """The prompt styles in styles.csv (read on each call: the file may be edited while the app runs)."""
@@ -667,7 +691,8 @@ class Engine:
                     )
                 upscaler = self.upscalers.get(found)
             hires_loras = None  # the hires prompt's request, when its LoRAs differ from the first prompt's
-            hires_model = self._hires_model_for(req, model)  # None: the hires pass runs on `model`
+            second_models = self._second_models_for(req, model)
+            hires_model = second_models.get("hr_checkpoint_name")  # None: the hires pass runs on `model`
             hires_vae = None
             if hires_model is not None:
                 # A1111's hires checkpoint: the second pass's prompts, LoRAs and VAE are that model's own.
@@ -688,13 +713,19 @@ class Engine:
                     self._switch_loras(model, req)
                 else:
                     hires_conditioning = self._encode_prompts(model, hires_request)
+            refiner = self._refiner(req, second_models.get("refiner_checkpoint"))
+            if refiner is not None:
+                lora_hashes = {**lora_hashes, **refiner.lora_hashes}
             with contextlib.ExitStack() as tiled:
                 if req.tiling:
-                    tiled.enter_context(circular_padding(model.components["unet"], vae or model.vae))
-                    if hires_model is not None:
-                        tiled.enter_context(
-                            circular_padding(hires_model.components["unet"], hires_vae or hires_model.vae)
-                        )
+                    padded = [(model, vae), (hires_model, hires_vae)]
+                    if refiner is not None:
+                        padded.append((refiner.model, refiner.vae))
+                    seen = set()
+                    for each, each_vae in padded:
+                        if each is not None and id(each) not in seen:
+                            seen.add(id(each))
+                            tiled.enter_context(circular_padding(each.components["unet"], each_vae or each.vae))
                 for batch_no, batch_indexes in enumerate(batches):
                     if control.interrupted:
                         break
@@ -711,6 +742,7 @@ class Engine:
                         upscaler=upscaler,
                         hires_model=hires_model,
                         hires_vae=hires_vae,
+                        refiner=refiner,
                         before_hires=(
                             functools.partial(self._switch_loras, model, hires_loras) if hires_loras else None
                         ),
@@ -772,6 +804,25 @@ class Engine:
             skipped_batches=skipped,
             preview_seconds=preview_seconds,
             subseeds=image_subseeds,
+        )
+
+    def _refiner(self, req: GenerationRequest, refiner_model: LoadedModel | None) -> Refiner | None:
+        """A job's refiner (None without one): its LoRAs switched on and its prompts encoded for the pass it joins,
+        the hires pass when there is one (A1111's default), and the VAE the job's SD VAE choice means for it."""
+        if refiner_model is None:
+            return None
+        joined = req
+        if req.mode == "txt2img" and req.enable_hr:
+            hr_prompt, hr_negative = req.hires_prompts
+            joined = dataclasses.replace(req, prompt=hr_prompt, negative_prompt=hr_negative)
+        lora_hashes = self._switch_loras(refiner_model, joined)
+        vae_file = self.job_vae(req.sd_vae, model=refiner_model)
+        return Refiner(
+            model=refiner_model,
+            conditioning=self._encode_prompts(refiner_model, joined),
+            vae=refiner_model.vaes.get(vae_file) if vae_file is not None else refiner_model.vae,
+            switch_at=req.refiner_switch_at,
+            lora_hashes=lora_hashes,
         )
 
     def _switch_loras(self, model: LoadedModel, req: GenerationRequest) -> dict[str, str]:

@@ -24,7 +24,8 @@ from .images import LATENT_RESIZE, resize_to
 from .inpaint import inpaint
 from .models import LoadedModel
 from .noise import NoiseVariation, initial_noise, reseed_after_start
-from .prompts import Conditioning, SDXLEmbeds
+from .prompts import Conditioning, SDXLEmbeds, guidance_rows
+from .refiner import Refiner, RefinerSwitch
 from .request import LATENT_UPSCALERS, GenerationRequest
 from .samplers import build_scheduler, diffusers_strength, eta_for, img2img_steps
 from .upscalers import upscale_to
@@ -122,18 +123,24 @@ def run_batch(
     upscaler: torch.nn.Module | None = None,
     hires_model: LoadedModel | None = None,
     hires_vae=None,
+    refiner: Refiner | None = None,
     before_hires: Callable[[], object] | None = None,
 ) -> BatchOutcome:
     """Sample one batch (one image per seed; `subseeds` are their variation seeds) and return its images;
     `vae`, when given, decodes and encodes pictures instead of the model's own; `hires_conditioning` is the
     hires pass's when its prompts differ from the first pass's; `upscaler` is the hires fix's upscaler
     network when it uses a model; `hires_model` (with `hires_vae`, its VAE when not its own) is A1111's hires
-    checkpoint, the model the second pass runs on (`hires_conditioning` is then that model's); `before_hires()`
-    runs just before the second pass (it switches that pass's LoRAs on)."""
+    checkpoint, the model the second pass runs on (`hires_conditioning` is then that model's); `refiner` takes
+    over the last part of the sampling (of the hires pass, when there is one: engine/refiner.py);
+    `before_hires()` runs just before the second pass (it switches that pass's LoRAs on)."""
     scheduler = build_scheduler(model.scheduler_config, req.sampler_name, req.scheduler, seed=seeds[0], eta=req.eta)
     recorder = StepRecorder(scheduler, model.prediction_type)
     composed: list[ComposedGuidance] = []  # the UNet stand-in of each pass, for a prompt with AND
     wrap_unet = _composed_guidance(model, req, conditioning, composed.append) if conditioning.parts else None
+    switches: list[RefinerSwitch] = []  # the refiner's stand-in for the pass it joins
+    hires = req.mode == "txt2img" and req.enable_hr
+    if refiner is not None and not hires:  # Engine.validate refuses a refiner with composable parts
+        wrap_unet = _refiner_switch(refiner, model, req, switches.append)
     # A trace holds the padding its convolutions had when traced: tiling runs the UNet as a module.
     pipe = model.pipeline_for(req.mode, scheduler, traced=not req.tiling, wrap_unet=wrap_unet, vae=vae)
     resize_from = None
@@ -179,6 +186,10 @@ def run_batch(
         changes = {}
         if composed:  # the composable parts' prompt-editing entries for the next step
             composed[-1].step_index = step * sampling_steps // total
+        if switches:
+            switches[-1].step_index = step * sampling_steps // total
+            if switches[-1].switched and pipeline.vae is not refiner.vae:
+                pipeline.vae = refiner.vae  # the refiner's VAE decodes, as the model loaded at the end in A1111
         if conditioning.scheduled and step < total:
             # Prompt editing: the conditioning for the next step, where the schedule says it changes.
             # Second-order samplers run more loop steps than sampling steps; scale to sampling steps. As in
@@ -264,6 +275,8 @@ def run_batch(
             kwargs.update(_conditioning_kwargs(conditioning, len(seeds)))
         if hires_conditioning is not None or hires_model is not None:
             wrap_unet = _composed_guidance(model, req, conditioning, composed.append) if conditioning.parts else None
+        if refiner is not None:
+            wrap_unet = _refiner_switch(refiner, model, req, switches.append)
         current_conditioning = conditioning.at(0)
         scheduler = build_scheduler(model.scheduler_config, hr_sampler, hr_schedule, seed=seeds[0], eta=req.eta)
         recorder = StepRecorder(scheduler, model.prediction_type)
@@ -306,16 +319,30 @@ def run_batch(
     return BatchOutcome(images, stopped, preview_seconds)
 
 
+def _cfg_in_pipeline(model: LoadedModel, req: GenerationRequest) -> bool:
+    """Whether diffusers' pipelines guide themselves (their do_classifier_free_guidance): a batch of negative
+    rows, then prompt rows."""
+    return req.cfg_scale > 1 and getattr(model.components["unet"].config, "time_cond_proj_dim", None) is None
+
+
 def _composed_guidance(model: LoadedModel, req: GenerationRequest, conditioning: Conditioning, made) -> Callable:
     """A wrap_unet for pipeline_for that makes the job's ComposedGuidance and hands it to `made`."""
-    unet_config = model.components["unet"].config
-    # When diffusers' pipelines guide themselves (their do_classifier_free_guidance).
-    cfg_in_pipeline = req.cfg_scale > 1 and getattr(unet_config, "time_cond_proj_dim", None) is None
 
     def wrap(unet):
-        guidance = ComposedGuidance(unet, conditioning, req.cfg_scale, cfg_in_pipeline)
+        guidance = ComposedGuidance(unet, conditioning, req.cfg_scale, _cfg_in_pipeline(model, req))
         made(guidance)
         return guidance
+
+    return wrap
+
+
+def _refiner_switch(refiner: Refiner, model: LoadedModel, req: GenerationRequest, made) -> Callable:
+    """A wrap_unet for pipeline_for that makes the pass's RefinerSwitch and hands it to `made`."""
+
+    def wrap(unet):
+        switch = refiner.stand_in(unet, traced=not req.tiling, cfg_in_pipeline=_cfg_in_pipeline(model, req))
+        made(switch)
+        return switch
 
     return wrap
 
@@ -335,21 +362,9 @@ def _conditioning_kwargs(conditioning: Conditioning, count: int) -> dict:
 
 def _pipeline_prompt_embeds(pipeline, conditioning: tuple, count: int) -> dict[str, torch.Tensor]:
     """New conditioning in the layout the pipeline's denoising loop holds it (what callback_on_step_end may
-    replace): one row per image, negatives first when CFG is on; SDXL's pooled output as add_text_embeds."""
-    positive, negative = conditioning
-
-    def rows(positive_rows: torch.Tensor, negative_rows: torch.Tensor) -> torch.Tensor:
-        positive_rows = positive_rows.repeat(count, *([1] * (positive_rows.dim() - 1)))
-        if not pipeline.do_classifier_free_guidance:
-            return positive_rows
-        return torch.cat([negative_rows.repeat(count, *([1] * (negative_rows.dim() - 1))), positive_rows])
-
-    if isinstance(positive, SDXLEmbeds):
-        return {
-            "prompt_embeds": rows(positive.embeds, negative.embeds),
-            "add_text_embeds": rows(positive.pooled, negative.pooled),
-        }
-    return {"prompt_embeds": rows(positive, negative)}
+    replace); SDXL's pooled output as add_text_embeds."""
+    states, pooled = guidance_rows(conditioning, count, pipeline.do_classifier_free_guidance)
+    return {"prompt_embeds": states} if pooled is None else {"prompt_embeds": states, "add_text_embeds": pooled}
 
 
 def _repaint_all(pipe, width: int, height: int) -> dict:

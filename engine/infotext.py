@@ -88,6 +88,8 @@ _REQUEST_KEYS = frozenset(
         "Hires schedule type",
         "Hires prompt",
         "Hires negative prompt",
+        "Refiner",
+        "Refiner switch at",
     }
 )
 # A "Prompt" item on the parameter line would replace the prompt when read back (A1111 reads it so too).
@@ -172,6 +174,9 @@ def format_infotext(
             params["Hires prompt"] = hr_prompt
         if hr_negative != req.negative_prompt:
             params["Hires negative prompt"] = hr_negative
+    if req.refiner_checkpoint and req.refiner_switch_at < 1:  # at 1 it never takes over: A1111 writes nothing
+        params["Refiner"] = req.refiner_checkpoint
+        params["Refiner switch at"] = _format_number(req.refiner_switch_at)
     if req.mode == "inpaint":
         params["Mask blur"] = int(req.mask_blur)
         if req.inpainting_mask_invert:
@@ -376,6 +381,11 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
         ):
             if key in params:
                 setattr(req, name, params.pop(key))
+
+    if "Refiner" in params:
+        req.refiner_checkpoint = params.pop("Refiner")
+        if "Refiner switch at" in params:
+            req.refiner_switch_at = _parse_float("Refiner switch at", params.pop("Refiner switch at"))
 
     req.extra_params = params
     return req

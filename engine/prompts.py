@@ -527,6 +527,22 @@ class SDXLEmbeds(NamedTuple):
     pooled: torch.Tensor  # (1, projection_dim of encoder 2)
 
 
+def guidance_rows(conditioning: tuple, images: int, cfg: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One (positive, negative) conditioning in the layout a pipeline's denoising loop holds it: one row per image,
+    the negatives' rows first when the pipeline runs CFG; (states, SDXL's pooled output or None)."""
+    positive, negative = conditioning
+
+    def rows(positive_rows: torch.Tensor, negative_rows: torch.Tensor) -> torch.Tensor:
+        repeated = positive_rows.repeat(images, *([1] * (positive_rows.dim() - 1)))
+        if not cfg:
+            return repeated
+        return torch.cat([negative_rows.repeat(images, *([1] * (negative_rows.dim() - 1))), repeated])
+
+    if isinstance(positive, SDXLEmbeds):
+        return rows(positive.embeds, negative.embeds), rows(positive.pooled, negative.pooled)
+    return rows(positive, negative), None
+
+
 def _zeroed(value: SDXLEmbeds) -> SDXLEmbeds:
     return SDXLEmbeds(torch.zeros_like(value.embeds), torch.zeros_like(value.pooled))
 

@@ -119,6 +119,10 @@ class GenerationRequest:
     # A1111's "Hires checkpoint": the hires pass runs on this model (a title or name from the checkpoint list);
     # empty, or "Use same checkpoint", is the loaded one. Engine.validate resolves it to the model's title.
     hr_checkpoint_name: str = ""
+    # A1111's refiner: this model (a title or name; empty or "None" for none) takes over the sampling at
+    # refiner_switch_at of the schedule (engine/refiner.py). Engine.validate resolves it to the model's title.
+    refiner_checkpoint: str = ""
+    refiner_switch_at: float = 0.8
 
     @property
     def hires_sampler(self) -> tuple[str, str]:
@@ -316,6 +320,9 @@ def validate_request(
         mask = _mask_to_l(mask)
 
     hires = _hires_fields(req, limits, width, height, bool(init_images), resolve_sampler, upscalers)
+    refiner = _named_model(req.refiner_checkpoint, "refiner_checkpoint")
+    switch_at = _as_float(req.refiner_switch_at, "refiner_switch_at")
+    _in_range(switch_at, "refiner_switch_at", 0.0, 1.0)
 
     extra = req.extra_params or {}
     if not isinstance(extra, dict):
@@ -354,7 +361,18 @@ def validate_request(
         prompt_syntax=prompt_syntax,
         emphasis=emphasis,
         **hires,
+        refiner_checkpoint=refiner,
+        refiner_switch_at=switch_at,
     )
+
+
+def _named_model(value: Any, name: str) -> str:
+    """A second model's name as given; "" for none (None, empty, or A1111's "None")."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidRequestError(name, value, "a model title or name from the checkpoint list, or empty for none")
+    return "" if value.strip().lower() in ("", "none") else value.strip()
 
 
 def _seed_extras(req: GenerationRequest, limits: Limits) -> dict:

@@ -140,6 +140,8 @@ class _GenerationPayload(BaseModel):
     seed_resize_from_w: Any = Field(-1, description="draw the seed's noise at this size (-1 or 0: off)")
     tiling: Any = None
     eta: Any = Field(None, description="ancestral noise of Euler a (default 1) or DDIM (default 0), 0 to 1")
+    refiner_checkpoint: Any = Field(None, description="a model of the same kind that takes over at refiner_switch_at")
+    refiner_switch_at: Any = Field(None, description="0 to 1: the share of the schedule before the refiner (0.8)")
     # Accepted, not acted on.
     restore_faces: Any = None
     do_not_save_samples: Any = False
@@ -149,8 +151,6 @@ class _GenerationPayload(BaseModel):
     s_tmax: Any = None
     s_tmin: Any = None
     s_noise: Any = None
-    refiner_checkpoint: Any = None
-    refiner_switch_at: Any = None
     disable_extra_networks: Any = False
     firstpass_image: Any = None
     comments: Any = None
@@ -317,7 +317,6 @@ _IGNORED_RULES = {
     "s_tmax": _not_in(0, math.inf),
     "s_tmin": _not_in(0),
     "s_noise": _not_in(1),
-    "refiner_checkpoint": lambda v, p: _set(v),
     "firstpass_image": lambda v, p: _set(v),
     # The one script run here is A1111's "Prompts from file or textbox".
     "script_name": lambda v, p: _set(v) and not _is_prompt_list(p),
@@ -657,6 +656,8 @@ class SdApi:
             eta=self._eta_for(payload, from_text, sampler or defaults.sampler_name),
             eta_noise_seed_delta=self._setting_for("eta_noise_seed_delta", payload, from_text, 0),
             styles=payload.styles or None,
+            refiner_checkpoint=pick("refiner_checkpoint", ""),
+            refiner_switch_at=pick("refiner_switch_at", 0.8),
         )
         if isinstance(payload, Txt2ImgRequest):
             fields.update(

@@ -69,6 +69,7 @@ INPAINT_AREAS = ("Whole picture", "Only masked")
 # A1111's choices for a hires pass that samples as the first pass does.
 SAME_SAMPLER = "Use same sampler"
 SAME_CHECKPOINT = "Use same checkpoint"
+NO_REFINER = "None"
 SAME_SCHEDULE = "Use same scheduler"
 PREVIEW_MODE_LABELS = {
     "approx": "approx (fast linear latent preview)",
@@ -186,6 +187,8 @@ class TabWidgets:
     prompt_list: list[gr.components.Component] | None = None
     # img2img only: several init images, one job each (A1111's Batch).
     batch_images: gr.File | None = None
+    # A1111's refiner: the checkpoint ("None": off) and where it takes over.
+    refiner: list[gr.components.Component] | None = None
 
 
 def build_page(engine, settings=None) -> gr.Blocks:
@@ -651,6 +654,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
                 prompt=prompt, negative_prompt=negative, prompt_tokens=prompt_tokens, negative_tokens=negative_tokens
             )
             panel, extra = _build_settings(mode, engine, defaults, prompts)
+            refiner = _build_refiner(mode, engine)
             prompt_list = _build_prompt_list(mode)
         with gr.Column(scale=5, elem_classes="output-column"):
             progress = gr.HTML(progress_html(0.0, "Idle", state="idle"), label="Progress", elem_id=f"{mode}_progress")
@@ -716,7 +720,37 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
         hires=extra.get("hires"),
         prompt_list=prompt_list,
         batch_images=batch_images,
+        refiner=refiner,
     )
+
+
+def _build_refiner(mode: str, engine) -> list[gr.components.Component]:
+    """A1111's Refiner: (checkpoint, switch at), in the order the generate handlers take them."""
+    with gr.Accordion("Refiner", open=False, elem_id=f"{mode}_refiner_box"):
+        with gr.Row():
+            checkpoint = gr.Dropdown(
+                _refiner_checkpoints(engine),
+                value=NO_REFINER,
+                label="Refiner checkpoint",
+                info="a model of the same kind that finishes the picture"
+                + (" (in the hires pass)" if mode == "txt2img" else ""),
+                elem_id=f"{mode}_refiner_checkpoint",
+            )
+            reread_on_open(checkpoint, functools.partial(_refiner_checkpoints, engine))
+            switch_at = gr.Slider(
+                0.01,
+                1,
+                value=0.8,
+                step=0.01,
+                label="Switch at",
+                info="the share of the noise schedule before it takes over",
+                elem_id=f"{mode}_refiner_switch_at",
+            )
+    return [checkpoint, switch_at]
+
+
+def _refiner_checkpoints(engine) -> list[str]:
+    return [NO_REFINER, *(info.title for info in engine.list_models())]
 
 
 def _build_prompt_list(mode: str) -> list[gr.components.Component]:
@@ -928,6 +962,7 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
     inputs += tab.prompt_list
     if tab.batch_images is not None:
         inputs.append(tab.batch_images)
+    inputs += tab.refiner
     # Showing the preview (and hiding the gallery) around the job is done by separate quick events, so
     # that the streamed endpoint returns plain values to API clients rather than visibility updates.
     # The click registers the job with the session at once, so that Stop also cancels it while it waits
@@ -1103,6 +1138,8 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             same_seed: bool = False,
             prompt_position: str = "start",
             prompt_list_text: str = "",
+            refiner_checkpoint: str = NO_REFINER,
+            refiner_switch_at: float = 0.8,
         ):
             """Text to image. Streams (preview, progress HTML, gallery, infotext) updates; the last has the
             gallery of PNGs (each with its A1111 "parameters" text chunk) and the first image's infotext.
@@ -1111,7 +1148,8 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             subseed_strength and the seed's noise is drawn at seed_resize_from_w x _h (0: off), as in A1111.
             tiling makes a picture whose edges continue each other (A1111's Tiling). With prompt_list, each line of
             prompt_list_text is a job (A1111's "Prompts from file or textbox": a prompt, or --options; iterate_seed,
-            same_seed and prompt_position are its settings), all into one gallery."""
+            same_seed and prompt_position are its settings), all into one gallery. refiner_checkpoint ("None": off)
+            takes over at refiner_switch_at of the noise schedule (A1111's refiner; in the hires pass with hires fix)."""
             variation = _variation(seed_extra, subseed, subseed_strength, seed_resize_from_w, seed_resize_from_h)
             request = build_request(
                 prompt=prompt,
@@ -1144,7 +1182,9 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                 hr_negative_prompt,
                 hr_checkpoint_name,
             )
-            request = dataclasses.replace(request, tiling=bool(tiling))
+            request = dataclasses.replace(
+                request, tiling=bool(tiling), **_refiner_fields(refiner_checkpoint, refiner_switch_at)
+            )
             request = _prompt_list_requests(
                 engine, request, prompt_list, iterate_seed, same_seed, prompt_position, prompt_list_text
             )
@@ -1184,6 +1224,8 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             prompt_position: str = "start",
             prompt_list_text: str = "",
             batch_images: list[str] | None = None,
+            refiner_checkpoint: str = NO_REFINER,
+            refiner_switch_at: float = 0.8,
         ):
             """Image to image: like /txt2img plus the init image and the denoising strength (0..1); resize_mode
             is A1111's (0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale)).
@@ -1216,7 +1258,9 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                 denoising_strength=denoising_strength,
                 resize_mode=resize_mode,
             )
-            request = dataclasses.replace(request, tiling=bool(tiling))
+            request = dataclasses.replace(
+                request, tiling=bool(tiling), **_refiner_fields(refiner_checkpoint, refiner_switch_at)
+            )
             if pictures:
                 batch = [dataclasses.replace(request, init_images=[picture]) for picture in pictures]
                 yield from run_job(session=session, request=batch, ticket=ticket, unit="init image", **common)
@@ -1263,6 +1307,8 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
         same_seed: bool = False,
         prompt_position: str = "start",
         prompt_list_text: str = "",
+        refiner_checkpoint: str = NO_REFINER,
+        refiner_switch_at: float = 0.8,
     ):
         """Inpaint: like /img2img; `image` is an image-editor value whose painted layer is the mask
         (white = repaint), or give `mask` (a white-on-black image of the same size). inpaint_area is
@@ -1305,13 +1351,20 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             if inpainting_fill in MASKED_CONTENT
             else inpainting_fill,
         )
-        request = dataclasses.replace(request, tiling=bool(tiling))
+        request = dataclasses.replace(
+            request, tiling=bool(tiling), **_refiner_fields(refiner_checkpoint, refiner_switch_at)
+        )
         request = _prompt_list_requests(
             engine, request, prompt_list, iterate_seed, same_seed, prompt_position, prompt_list_text
         )
         yield from run_job(session=session, request=request, ticket=ticket, **common)
 
     return inpaint
+
+
+def _refiner_fields(checkpoint: str | None, switch_at: float) -> dict:
+    """The Refiner panel's values as request fields ("None" is no refiner)."""
+    return {"refiner_checkpoint": checkpoint or "", "refiner_switch_at": switch_at}
 
 
 def _variation(seed_extra, subseed, subseed_strength, seed_resize_from_w, seed_resize_from_h) -> dict:
@@ -1357,6 +1410,7 @@ def _wire_png_info(
         outputs += [*target.settings.variation_inputs(), target.settings.tiling]
         if target.inpaint_area is not None:
             outputs += [target.inpaint_area, target.inpaint_padding, target.masked_content]
+        outputs += target.refiner
         button.click(
             functools.partial(_send_png_info, target_mode=mode, engine=engine),
             inputs=[png.image, png.text],
@@ -1698,17 +1752,21 @@ def _send_png_info(path: str | None, text: str, *, target_mode: str, engine):
     read = ReadInfotext.of(text)
     values = _settings_from_infotext(read, with_denoising=target_mode != "txt2img")
     variation = [*_variation_from_infotext(read), read.request.tiling]
+    refiner = [
+        _model_from_infotext(read.request.refiner_checkpoint, engine, none=NO_REFINER, label="Refiner"),
+        read.request.refiner_switch_at,
+    ]
     session_settings = (
         _vae_from_infotext(engine, read),
         *_sampler_parameters_from_infotext(read),
         gr.Tabs(selected=target_mode),
     )
     if target_mode == "txt2img":
-        return (*values, *_hires_settings_from_infotext(read, engine), *variation, *session_settings)
+        return (*values, *_hires_settings_from_infotext(read, engine), *variation, *refiner, *session_settings)
     image = _open_image(path) if path else None
     if target_mode == "inpaint":
         variation = [*variation, *_inpaint_area_from_infotext(read)]
-    return (_image_for(target_mode, image), *values, *variation, *session_settings)
+    return (_image_for(target_mode, image), *values, *variation, *refiner, *session_settings)
 
 
 def _sampler_parameters_from_infotext(read: ReadInfotext) -> list:
@@ -1793,22 +1851,22 @@ def _hires_settings_from_infotext(read: ReadInfotext, engine=None) -> list:
         _listed(request.hr_scheduler, schedule_type_names(), SAME_SCHEDULE),
         request.hr_prompt,
         request.hr_negative_prompt,
-        _hires_checkpoint_from_infotext(request.hr_checkpoint_name, engine),
+        _model_from_infotext(request.hr_checkpoint_name, engine, none=SAME_CHECKPOINT, label="Hires checkpoint"),
     ]
 
 
-def _hires_checkpoint_from_infotext(name: str, engine) -> str:
-    """The Hires checkpoint list's entry for an infotext's (A1111 writes "name [hash]"); one that is not here
-    becomes "Use same checkpoint", with a warning."""
+def _model_from_infotext(name: str, engine, *, none: str, label: str) -> str:
+    """The model list's entry (Hires checkpoint, Refiner) for a model an infotext names (A1111 writes "name [hash]");
+    one that is not here becomes `none` ("Use same checkpoint", "None"), with a warning."""
     if not name:
-        return SAME_CHECKPOINT
+        return none
     try:
         info = engine.registry.resolve(name) if engine is not None else None
     except EngineError:
         info = None
     if info is None or info.kind == "hub":
-        gr.Warning(f"Hires checkpoint {name} is not in the model list; using the same checkpoint.")
-        return SAME_CHECKPOINT
+        gr.Warning(f"{label} {name} is not in the model list; using {none}.")
+        return none
     return engine.registry.with_hash(info).title
 
 
