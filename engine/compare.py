@@ -47,6 +47,9 @@ AXIS_TYPES = (
     "ENSD",
     "Clip skip",
     "Hires upscaler",
+    "Hires checkpoint",
+    "Refiner",
+    "Refiner switch at",
     "Prompt S/R",
     "Model",
 )
@@ -63,9 +66,14 @@ _AXIS_FIELDS = {
     "Eta": "eta",
     "ENSD": "eta_noise_seed_delta",
     "Hires upscaler": "hr_upscaler",
+    "Hires checkpoint": "hr_checkpoint_name",
+    "Refiner": "refiner_checkpoint",
+    "Refiner switch at": "refiner_switch_at",
 }
+# Model-valued axes whose value may also be none (the first pass's model, no refiner), and how that reads.
+_NONE_MODEL = {"Hires checkpoint": ("use same checkpoint", "none"), "Refiner": ("none",)}
 _INT_AXES = {"Steps", "Seed", "Var. seed", "ENSD", "Clip skip"}
-_FLOAT_AXES = {"CFG scale", "Var. strength", "Denoising strength", "Eta"}
+_FLOAT_AXES = {"CFG scale", "Var. strength", "Denoising strength", "Eta", "Refiner switch at"}
 MAX_CELLS = 400
 
 _NUMBER = r"[+-]?\s*(?:\d+(?:\.\d*)?|\.\d+)"
@@ -143,7 +151,9 @@ def parse_axis(kind: str, text: str, engine) -> Axis:
         typed = _expand(kind, values)
         if kind == "Steps" and any(not 1 <= v <= engine.limits.max_steps for v in typed):
             raise InvalidRequestError(f"{kind} axis", text, f"steps from 1 to {engine.limits.max_steps}")
-        if kind in ("Denoising strength", "Var. strength", "Eta") and any(not 0 <= v <= 1 for v in typed):
+        if kind in ("Denoising strength", "Var. strength", "Eta", "Refiner switch at") and any(
+            not 0 <= v <= 1 for v in typed
+        ):
             raise InvalidRequestError(f"{kind} axis", text, "values from 0 to 1")
         if kind == "ENSD" and any(v < 0 for v in typed):
             raise InvalidRequestError(f"{kind} axis", text, "whole numbers, 0 or more")
@@ -161,16 +171,21 @@ def parse_axis(kind: str, text: str, engine) -> Axis:
         labels = tuple(typed)
     elif kind == "Prompt S/R":
         typed, labels = values, tuple(values)
-    else:  # Model
+    else:  # Model, Hires checkpoint, Refiner
         models = engine.list_models()
         typed = []
         for value in values:
+            if value.lower() in _NONE_MODEL.get(kind, ()):
+                typed.append("")  # the request's none: the first pass's model, no refiner
+                continue
             found = [m for m in models if value.lower() in (m.name.lower(), m.title.lower(), Path(m.path).name.lower())]
             if not found:
                 names = ", ".join(m.name for m in models) or "none found in the models folder"
+                if kind in _NONE_MODEL:
+                    names += ", or None"
                 raise InvalidRequestError(f"{kind} axis", value, names)
             typed.append(found[0].name)
-        labels = tuple(typed)
+        labels = tuple(value or "None" for value in typed)
     if len(typed) > MAX_CELLS:
         raise InvalidRequestError(f"{kind} axis", f"{len(typed)} values", f"at most {MAX_CELLS}")
     return Axis(kind, tuple(typed), labels)
@@ -214,8 +229,14 @@ def plan_grid(base: GenerationRequest, axes: list[Axis]) -> list[Cell]:
                 raise InvalidRequestError(
                     "Prompt S/R axis", search, "a first value found in the prompt or negative prompt (it is replaced)"
                 )
-    if not base.enable_hr and "Hires upscaler" in (x_axis.kind, y_axis.kind, z_axis.kind):
-        raise InvalidRequestError("Hires upscaler axis", "Hires. fix off", "Hires. fix on (in the txt2img tab)")
+    kinds = (x_axis.kind, y_axis.kind, z_axis.kind)
+    for needs_hires in ("Hires upscaler", "Hires checkpoint"):
+        if not base.enable_hr and needs_hires in kinds:
+            raise InvalidRequestError(f"{needs_hires} axis", "Hires. fix off", "Hires. fix on (in the txt2img tab)")
+    if not base.refiner_checkpoint and "Refiner switch at" in kinds and "Refiner" not in kinds:
+        raise InvalidRequestError(
+            "Refiner switch at axis", "no refiner", "a refiner (in the txt2img tab's Refiner panel, or a Refiner axis)"
+        )
     total = len(x_axis) * len(y_axis) * len(z_axis)
     if total > MAX_CELLS:
         raise InvalidRequestError("grid", f"{total} cells", f"at most {MAX_CELLS}")

@@ -156,3 +156,31 @@ def test_the_api_and_the_page_take_a_refiner_and_png_info_sends_it_back(pair_eng
     plain = infotext.split(", Refiner:")[0]
     assert list(_send_png_info(None, plain, target_mode="img2img", engine=pair_engine)[-9:-7]) == [NO_REFINER, 0.8]
     assert ReadInfotext.of(infotext).request.refiner_switch_at == 0.2
+
+
+def test_compare_has_refiner_and_switch_axes_whose_cells_match_single_runs(pair_engine):  # noqa: F811
+    from engine.compare import Comparer, parse_axis, plan_grid
+
+    base = GenerationRequest(**PROMPT)
+    refiners = parse_axis("Refiner", "None, micro-purple", pair_engine)
+    assert refiners.labels == ("None", "micro-purple") and refiners.values == ("", "micro-purple")
+    switches = parse_axis("Refiner switch at", "0.2, 0.8", pair_engine)
+    with pytest.raises(InvalidRequestError, match="a refiner"):
+        plan_grid(base, [switches])
+    with pytest.raises(InvalidRequestError, match="Hires. fix on"):
+        plan_grid(base, [parse_axis("Hires checkpoint", "micro-purple", pair_engine)])
+    with pytest.raises(InvalidRequestError, match="or None"):
+        parse_axis("Refiner", "no-such-model", pair_engine)
+
+    result = list(Comparer(pair_engine).run_grid(base, [refiners, switches]))[-1]
+    assert [cell.cell.label for cell in result.cells] == [
+        "Refiner: None, Refiner switch at: 0.2",
+        "Refiner: micro-purple, Refiner switch at: 0.2",
+        "Refiner: None, Refiner switch at: 0.8",
+        "Refiner: micro-purple, Refiner switch at: 0.8",
+    ]
+    for cell in result.cells:
+        alone = list(pair_engine.generate(cell.cell.request))[-1]
+        assert np.array_equal(np.asarray(alone.images[0]), np.asarray(cell.image)), cell.cell.label
+    assert nearer(centre_colour(result.cells[1].image), PURPLE, RED)
+    assert nearer(centre_colour(result.cells[0].image), RED, PURPLE)

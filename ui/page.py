@@ -367,6 +367,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
             variation_inputs=txt2img.variation_inputs(),
             hires_inputs=tab_widgets["txt2img"].hires,
             tiling_input=txt2img.tiling,
+            refiner_inputs=tab_widgets["txt2img"].refiner,
             send_targets=[*txt2img.fill_targets(), *txt2img.variation_inputs(), tabs],
             settings_from_infotext=_txt2img_settings_from_infotext,
         )

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 PRESETS_FOLDER = PRESETS_DIR / "compare"
 MAX_SIDE_BY_SIDE = 4
-_PICKABLE = ("Sampler", "Schedule type", "Hires upscaler", "Model")
+_PICKABLE = ("Sampler", "Schedule type", "Hires upscaler", "Hires checkpoint", "Refiner", "Model")
 
 
 @dataclass
@@ -211,11 +211,12 @@ def wire_compare_tab(
     variation_inputs: list[gr.components.Component] | None = None,
     hires_inputs: list[gr.components.Component] | None = None,
     tiling_input: gr.components.Component | None = None,
+    refiner_inputs: list[gr.components.Component] | None = None,
 ) -> None:
     """Events. `base_inputs` are the txt2img prompt, negative prompt, sampler, schedule type, steps, CFG,
     seed, width and height; `variation_inputs` its seed extras (Extra, variation seed, strength, resize
-    from width, height); `hires_inputs` its Hires. fix panel, and `tiling_input` its Tiling box, in the order
-    _run_grid takes them (each needs the ones before it); `send_targets` the txt2img fields (and the tabs) a
+    from width, height); `hires_inputs` its Hires. fix panel, `tiling_input` its Tiling box and `refiner_inputs` its
+    Refiner panel, in the order _run_grid takes them (each needs the ones before it); `send_targets` the txt2img fields (and the tabs) a
     clicked cell fills."""
     for kind, values, picker in zip(widgets.axis_types, widgets.axis_values, widgets.axis_pickers, strict=True):
         kind.change(
@@ -250,6 +251,7 @@ def wire_compare_tab(
             *(variation_inputs or []),
             *(hires_inputs or []),
             *([tiling_input] if tiling_input is not None else []),
+            *(refiner_inputs or []),
         ],
         outputs=[
             widgets.progress,
@@ -308,8 +310,9 @@ def _pick_choices(engine, kind: str) -> list[str]:
         return engine.schedulers()
     if kind == "Hires upscaler":
         return engine.hires_upscalers()
-    if kind == "Model":
-        return [model.name for model in engine.list_models()]
+    if kind in ("Model", "Hires checkpoint", "Refiner"):
+        models = [model.name for model in engine.list_models()]
+        return models if kind == "Model" else ["None", *models]
     return []
 
 
@@ -376,9 +379,11 @@ def _run_grid(
     hr_negative_prompt: str = "",
     hr_checkpoint_name: str = "",
     tiling: bool = False,
+    refiner_checkpoint: str = "",
+    refiner_switch_at: float = 0.8,
 ):
     """Streams (progress, current cell preview, grid, cells, plot, view, timeline choices, step slider).
-    The seed extras, the Hires. fix settings and Tiling are the txt2img tab's (Var. seed and Var. strength axes
+    The seed extras, the Hires. fix settings, Tiling and the Refiner are the txt2img tab's (Var. seed and Var. strength axes
     change the first per cell; with hires fix on, the Denoising strength axis is its second pass's)."""
     base = build_request(
         prompt=prompt,
@@ -413,7 +418,9 @@ def _run_grid(
         hr_negative_prompt,
         hr_checkpoint_name,
     )
-    base = dataclasses.replace(base, tiling=bool(tiling))
+    base = dataclasses.replace(
+        base, tiling=bool(tiling), refiner_checkpoint=refiner_checkpoint or "", refiner_switch_at=refiner_switch_at
+    )
     try:
         axes = [
             parse_axis(kind, text, engine)
