@@ -39,7 +39,7 @@ from .prompt_schedule import composable_parts, is_composed, prompt_schedule
 from .prompts import Conditioning, PromptReading, SDXLEmbeds, describe_prompt, make_prompt_encoders
 from .refiner import Refiner
 from .request import HR_UPSCALERS, PICTURE_UPSCALERS, SEED_MAX, GenerationRequest, Limits, validate_request
-from .styles import PromptStyle, apply_styles, read_styles
+from .styles import PromptStyle, apply_styles, check_style_name, delete_style, read_styles, save_style
 from .tiling import circular_padding
 from .tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 from .upscalers import LoadedUpscalers, UpscalerFile, scan_upscalers
@@ -114,6 +114,7 @@ class Engine:
             allow_pickle=allow_pickle,
         )
         self._job_lock = threading.Lock()
+        self._styles_lock = threading.Lock()
         self._model_lock = threading.Lock()
         self._current: JobControl | None = None
         self._state = JobState()
@@ -530,6 +531,22 @@ class Engine:
         """The prompt styles in styles.csv (read on each call: the file may be edited while the app runs)."""
         return read_styles(self.registry.styles_file)
 
+    def save_style(self, name: str, prompt: str, negative_prompt: str) -> PromptStyle:
+        """Add a style to styles.csv, or replace the one of that name (A1111's style editor); InvalidRequestError
+        naming the field for a name or text that cannot be saved."""
+        style = PromptStyle(check_style_name(name), _style_text(prompt, "style prompt"), "")
+        style = dataclasses.replace(style, negative_prompt=_style_text(negative_prompt, "style negative prompt"))
+        with self._styles_lock:  # two users saving at once must not lose either's style
+            save_style(self.registry.styles_file, style)
+        log.info("Saved style %r to %s", style.name, self.registry.styles_file)
+        return style
+
+    def delete_style(self, name: str) -> None:
+        """Remove a style from styles.csv; InvalidRequestError naming a style that is not there."""
+        with self._styles_lock:
+            delete_style(self.registry.styles_file, check_style_name(name))
+        log.info("Deleted style %r from %s", name, self.registry.styles_file)
+
     def interrupt(self) -> None:
         """Stop the running job (whoever started it) at its next step."""
         current = self._current
@@ -911,6 +928,14 @@ def _previewer_for(model: LoadedModel, preview: PreviewSettings):
 def _lora_set(model: LoadedModel, prompt: str) -> list[tuple[str, float, float]]:
     """The LoRAs a prompt switches on, with their text-encoder and UNet weights."""
     return [(lora.name, use.text_encoder, use.unet) for use, lora in model.loras.resolve(lora_uses(prompt))]
+
+
+def _style_text(text, field: str) -> str:
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise InvalidRequestError(field, text, "text")
+    return text
 
 
 def _clip_skip(req: GenerationRequest) -> int:

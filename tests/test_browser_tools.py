@@ -58,3 +58,24 @@ def test_compare_runs_a_2x2_grid_and_sends_a_cell_to_txt2img(page, artifacts_dir
         "document.querySelector('#txt2img_sampler input') && "
         "document.querySelector('#txt2img_sampler input').value === 'DDIM'"
     )
+
+
+def test_the_style_editor_saves_a_style_that_styles_then_offers_and_applies(page):
+    page.fill("#txt2img_prompt textarea", "a lighthouse")
+    page.fill("#txt2img_neg_prompt textarea", "fog")
+    page.click("#txt2img_style_editor button")
+    page.fill("#txt2img_style_name input", "Harbour")
+    page.click("#txt2img_style_from_prompts")
+    page.wait_for_function("document.querySelector('#txt2img_style_prompt textarea').value === 'a lighthouse'")
+    page.fill("#txt2img_style_prompt textarea", "{prompt} in a harbour")
+    page.click("#txt2img_style_save")
+    try:
+        _choose(page, "txt2img_styles", "Harbour")
+        page.click("#txt2img_style_apply")
+        page.wait_for_function(
+            "document.querySelector('#txt2img_prompt textarea').value === 'a lighthouse in a harbour'"
+        )
+        assert page.input_value("#txt2img_neg_prompt textarea") == "fog, fog"
+    finally:
+        page.click("#txt2img_style_delete")
+        page.wait_for_function("document.querySelector('#txt2img_style_name input').value === ''")

@@ -87,3 +87,72 @@ def test_styles_file_flag(tmp_path, styles_file):
     from ui.server import parse_args
 
     assert parse_args(["--styles-file", str(styles_file)], environ={}).styles_file == styles_file
+
+
+# The style editor ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def editable(models_dir, tmp_path):
+    """A tiny-model engine on its own copy of the styles file, with a column A1111 does not write."""
+    path = tmp_path / "styles.csv"
+    path.write_text("\ufeff" + STYLES_CSV.replace("negative_prompt\n", "negative_prompt,note\n", 1), encoding="utf-8")
+    return Engine(model="tiny-sd", models_dir=models_dir, styles_file=path), path
+
+
+def test_the_editor_saves_new_and_changed_styles_in_place_and_deletes_them(editable):
+    engine, path = editable
+    engine.save_style("  Dusk ", "{prompt}, at dusk", 'noon, "bright"')
+    engine.save_style("Simple", "simple, plain", "")
+    styles = read_styles(path)
+    assert list(styles) == ["On blue", "Simple", "Empty", "Dusk"]  # a changed style keeps its place
+    assert styles["Dusk"].prompt == "{prompt}, at dusk" and styles["Dusk"].negative_prompt == 'noon, "bright"'
+    assert styles["Simple"].prompt == "simple, plain" and styles["On blue"].negative_prompt == "red, green"
+    assert path.read_text(encoding="utf-8").splitlines()[0] == "name,prompt,negative_prompt,note"
+    assert (path.parent / "styles.csv.bak").is_file()  # the file before, as A1111 keeps it
+    # A saved style runs at once: the file is read on each request.
+    checked = engine.validate(GenerationRequest(prompt="a house", styles=["Dusk"]))
+    assert checked.prompt == "a house, at dusk" and checked.negative_prompt == 'noon, "bright"'
+
+    engine.delete_style("Simple")
+    assert list(read_styles(path)) == ["On blue", "Empty", "Dusk"]
+    with pytest.raises(InvalidRequestError, match="Simple") as missing:
+        engine.delete_style("Simple")
+    assert missing.value.field == "style name"
+
+
+@pytest.mark.parametrize("name", ["", "   ", "two\nlines", "x" * 201, None, 3])
+def test_a_style_without_a_usable_name_is_refused_and_the_file_is_left_alone(editable, name):
+    engine, path = editable
+    before = path.read_bytes()
+    with pytest.raises(InvalidRequestError) as refused:
+        engine.save_style(name, "p", "n")
+    assert refused.value.field == "style name" and path.read_bytes() == before
+
+
+def test_the_page_editor_picks_saves_applies_and_deletes(editable):
+    import gradio as gr
+
+    from ui.page import _apply_styles, _delete_style, _pick_style, _save_style
+
+    engine, path = editable
+    assert _pick_style(engine, "On blue") == ("{prompt} on a blue background", "red, green")
+    assert all(isinstance(value, type(gr.skip())) for value in _pick_style(engine, "a new one"))
+
+    name_list, tab_styles = _save_style(engine, "Night", "{prompt} at night", "day")
+    assert name_list["value"] == "Night" and "Night" in tab_styles["choices"]
+    with pytest.raises(gr.Error, match="style name"):
+        _save_style(engine, " ", "p", "n")
+
+    # Apply: the styles move into the prompts and leave the selection, so they are not added twice.
+    assert _apply_styles(engine, "a house", "blurry", ["Night", "Simple"]) == (
+        "a house at night, simple",
+        "blurry, day",
+        [],
+    )
+    with pytest.raises(gr.Error, match="styles"):
+        _apply_styles(engine, "a house", "", [])
+
+    name_list, prompt, negative, tab_styles = _delete_style(engine, "Night", ["Night", "Simple"])
+    assert "Night" not in read_styles(path) and (prompt, negative) == ("", "")
+    assert tab_styles["value"] == ["Simple"] and "Night" not in tab_styles["choices"]

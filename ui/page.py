@@ -38,6 +38,7 @@ from engine.request import (
     SEED_MAX,
 )
 from engine.samplers import sampler_names, schedule_type_names
+from engine.styles import apply_styles
 from engine.vae import choose as vae_choice
 
 from .page_compare import build_compare_tab, wire_compare_tab
@@ -168,8 +169,9 @@ class TabWidgets:
     prompt_reading: gr.HTML
     # Picks a LoRA from the LoRA folder and adds its tag to the prompt.
     add_lora: gr.Dropdown
-    # A1111's prompt styles for this tab's jobs.
+    # A1111's prompt styles for this tab's jobs, and its style editor.
     styles: gr.Dropdown
+    style_editor: StyleEditor
     # img2img / inpaint only
     image: gr.components.Component | None = None
     mask: gr.Image | None = None
@@ -608,6 +610,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
                 info="from styles.csv, added to the prompts",
                 elem_id=f"{mode}_styles",
             )
+            style_editor = _build_style_editor(mode, engine)
     with gr.Accordion("How the prompt is read", open=False, elem_id=f"{mode}_prompt_reading_box"):
         prompt_reading = gr.HTML("", elem_id=f"{mode}_prompt_reading")
     image = mask = batch_images = None
@@ -709,6 +712,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
         prompt_reading=prompt_reading,
         add_lora=add_lora,
         styles=styles,
+        style_editor=style_editor,
         image=image,
         mask=mask,
         denoising_strength=extra.get("denoising_strength"),
@@ -725,6 +729,123 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
     )
 
 
+@dataclass
+class StyleEditor:
+    """A1111's style editor: a style's name (one to edit, or a new one), its prompt and negative prompt."""
+
+    name: gr.Dropdown
+    prompt: gr.Textbox
+    negative_prompt: gr.Textbox
+    save: gr.Button
+    delete: gr.Button
+    from_prompts: gr.Button
+    apply: gr.Button
+
+
+def _build_style_editor(mode: str, engine) -> StyleEditor:
+    with gr.Accordion("Edit styles", open=False, elem_id=f"{mode}_style_editor"):
+        name = gr.Dropdown(
+            choices=list(engine.styles()),
+            value=None,
+            allow_custom_value=True,
+            label="Style",
+            info="pick one to edit, or type a new name",
+            elem_id=f"{mode}_style_name",
+        )
+        prompt = gr.Textbox(
+            label="Style prompt", lines=2, placeholder="{prompt} stands for the prompt", elem_id=f"{mode}_style_prompt"
+        )
+        negative = gr.Textbox(label="Style negative prompt", lines=2, elem_id=f"{mode}_style_negative")
+        with gr.Row():
+            save = gr.Button("Save", size="sm", elem_id=f"{mode}_style_save", min_width=60)
+            delete = gr.Button("Delete", size="sm", elem_id=f"{mode}_style_delete", min_width=60)
+        with gr.Row():
+            from_prompts = gr.Button("From the prompts", size="sm", elem_id=f"{mode}_style_from_prompts", min_width=60)
+            apply = gr.Button("Apply to the prompts", size="sm", elem_id=f"{mode}_style_apply", min_width=60)
+    return StyleEditor(name, prompt, negative, save, delete, from_prompts, apply)
+
+
+def _wire_style_editor(tab: TabWidgets, engine) -> None:
+    editor, panel = tab.style_editor, tab.settings
+    quick = dict(api_visibility="private", show_progress="hidden")
+    editor.name.focus(lambda: gr.update(choices=list(engine.styles())), outputs=[editor.name], queue=False, **quick)
+    editor.name.input(
+        functools.partial(_pick_style, engine),
+        inputs=[editor.name],
+        outputs=[editor.prompt, editor.negative_prompt],
+        queue=False,
+        **quick,
+    )
+    editor.save.click(
+        functools.partial(_save_style, engine),
+        inputs=[editor.name, editor.prompt, editor.negative_prompt],
+        outputs=[editor.name, tab.styles],
+        **quick,
+    )
+    editor.delete.click(
+        functools.partial(_delete_style, engine),
+        inputs=[editor.name, tab.styles],
+        outputs=[editor.name, editor.prompt, editor.negative_prompt, tab.styles],
+        **quick,
+    )
+    editor.from_prompts.click(
+        lambda prompt, negative: (prompt, negative),
+        inputs=[panel.prompt, panel.negative_prompt],
+        outputs=[editor.prompt, editor.negative_prompt],
+        queue=False,
+        **quick,
+    )
+    editor.apply.click(
+        functools.partial(_apply_styles, engine),
+        inputs=[panel.prompt, panel.negative_prompt, tab.styles],
+        outputs=[panel.prompt, panel.negative_prompt, tab.styles],
+        **quick,
+    )
+
+
+def _pick_style(engine, name: str | None):
+    """The editor's prompts for the style picked; a new name keeps what is typed."""
+    style = engine.styles().get((name or "").strip())
+    if style is None:
+        return gr.skip(), gr.skip()
+    return style.prompt, style.negative_prompt
+
+
+def _save_style(engine, name: str | None, prompt: str, negative_prompt: str):
+    try:
+        style = engine.save_style(name, prompt, negative_prompt)
+    except EngineError as exc:
+        raise engine_error(exc) from exc
+    gr.Info(f"Saved style {style.name} to {engine.registry.styles_file}")
+    names = list(engine.styles())
+    return gr.update(choices=names, value=style.name), gr.update(choices=names)
+
+
+def _delete_style(engine, name: str | None, selected: list[str] | None):
+    try:
+        engine.delete_style(name)
+    except EngineError as exc:
+        raise engine_error(exc) from exc
+    gr.Info(f"Deleted style {name.strip()}")
+    names = list(engine.styles())
+    kept = [each for each in selected or [] if each in names]
+    return gr.update(choices=names, value=None), "", "", gr.update(choices=names, value=kept)
+
+
+def _apply_styles(engine, prompt: str, negative_prompt: str, selected: list[str] | None):
+    """A1111's "apply styles": the selected styles merged into the prompts, and the selection cleared, so the
+    styles are not added a second time when the job runs."""
+    if not selected:
+        raise gr.Error("styles: got none; allowed: pick the styles to apply in Styles first")
+    try:
+        prompt, negative_prompt = apply_styles(
+            prompt or "", negative_prompt or "", selected, engine.styles(), engine.registry.styles_file
+        )
+    except EngineError as exc:
+        raise engine_error(exc) from exc
+    return prompt, negative_prompt, []
+
+
 def _build_refiner(mode: str, engine) -> list[gr.components.Component]:
     """A1111's Refiner: (checkpoint, switch at), in the order the generate handlers take them."""
     with gr.Accordion("Refiner", open=False, elem_id=f"{mode}_refiner_box"):
@@ -734,7 +855,7 @@ def _build_refiner(mode: str, engine) -> list[gr.components.Component]:
                 value=NO_REFINER,
                 label="Refiner checkpoint",
                 info="a model of the same kind that finishes the picture"
-                + (" (in the hires pass)" if mode == "txt2img" else ""),
+                + (" (in the second pass, with Hires. fix on)" if mode == "txt2img" else ""),
                 elem_id=f"{mode}_refiner_checkpoint",
             )
             reread_on_open(checkpoint, functools.partial(_refiner_checkpoints, engine))
@@ -1049,6 +1170,7 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
         api_visibility="private",
         show_progress="hidden",
     )
+    _wire_style_editor(tab, engine)
     tab.add_lora.input(
         _add_lora_tag,
         inputs=[panel.prompt, tab.add_lora],
