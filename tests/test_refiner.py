@@ -184,3 +184,22 @@ def test_compare_has_refiner_and_switch_axes_whose_cells_match_single_runs(pair_
         assert np.array_equal(np.asarray(alone.images[0]), np.asarray(cell.image)), cell.cell.label
     assert nearer(centre_colour(result.cells[1].image), PURPLE, RED)
     assert nearer(centre_colour(result.cells[0].image), RED, PURPLE)
+
+
+def test_send_to_img2img_carries_the_refiner(pair_engine, tmp_path):  # noqa: F811
+    from ui.page import NO_REFINER, _send_result
+    from ui.page_jobs import ResultView
+
+    result = list(
+        pair_engine.generate(GenerationRequest(**PROMPT, refiner_checkpoint="micro-purple", refiner_switch_at=0.3))
+    )[-1]
+    saved = tmp_path / "result.png"
+    result.images[0].save(saved)
+    view = ResultView(seeds=result.seeds, infotexts=result.infotexts)
+    sent = _send_result([(str(saved), "caption")], view, target_mode="img2img")
+    assert list(sent[-3:-1]) == [result.request.refiner_checkpoint, 0.3]
+    assert result.request.refiner_checkpoint.startswith("micro-purple [")
+
+    plain = list(pair_engine.generate(GenerationRequest(**PROMPT)))[-1]
+    view = ResultView(seeds=plain.seeds, infotexts=plain.infotexts)
+    assert list(_send_result([(str(saved), "")], view, target_mode="inpaint")[-3:-1]) == [NO_REFINER, 0.8]

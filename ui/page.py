@@ -339,6 +339,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                         target.denoising_strength,
                         *target.settings.variation_inputs(),
                         target.settings.tiling,
+                        *target.refiner,
                         tabs,
                     ],
                     api_visibility="private",
@@ -2017,7 +2018,9 @@ def _send_result(gallery, view: ResultView | None, *, target_mode: str):
     read = ReadInfotext.of(view.selected_infotext())
     values = _settings_from_infotext(read, with_denoising=True)
     extras = [*_variation_from_infotext(read), read.request.tiling]
-    return (_image_for(target_mode, image), *values, *extras, gr.Tabs(selected=target_mode))
+    # The refiner as the job ran it (its title is one this server listed).
+    refiner = [read.request.refiner_checkpoint or NO_REFINER, read.request.refiner_switch_at]
+    return (_image_for(target_mode, image), *values, *extras, *refiner, gr.Tabs(selected=target_mode))
 
 
 def _send_to_extras(gallery, view: ResultView | None):
