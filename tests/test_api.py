@@ -447,6 +447,20 @@ def test_progress_shows_the_running_job_then_the_state_after(api, server):
     assert after["state"]["job_count"] == 0 and after["state"]["interrupted"] is True
 
 
+def test_a_prompt_lists_progress_runs_once_over_its_lines(api, server):
+    lines = "first\nsecond\nthird"
+    job = BackgroundJob(server, steps=40, script_name="prompts from file or textbox", script_args=[False, False, lines])
+    first = wait_for(api, lambda p: p["state"]["job_count"] == 3 and p["state"]["sampling_step"] >= 2)
+    assert first["state"]["job_no"] == 0 and first["textinfo"].startswith("Line 1/3: Sampling step ")
+    assert 0 < first["progress"] < 1 / 3
+    second = wait_for(api, lambda p: p["state"]["job_no"] == 1 and p["state"]["sampling_step"] >= 2)
+    assert 1 / 3 < second["progress"] < 2 / 3 and second["textinfo"].startswith("Line 2/3: ")
+    assert second["eta_relative"] > 0
+    ok(api.post("interrupt"))
+    _body, info = job.result()
+    assert len(info["all_prompts"]) < 3  # the interrupt ended the list
+
+
 def test_interrupt_stops_a_running_job_early(api, server):
     job = BackgroundJob(server, n_iter=20)
     wait_for(api, lambda p: p["state"]["sampling_step"] >= 3)
@@ -690,3 +704,19 @@ def test_lists_clients_read_at_start_up_answer_rather_than_404(api):
     assert [item["name"] for item in ok(api.get("upscalers"))] == ["None", "Lanczos", "Nearest"]
     latent = [item["name"] for item in ok(api.get("latent-upscale-modes"))]
     assert latent[0] == "Latent" and "Latent (nearest-exact)" in latent and len(latent) == 6
+
+
+def test_routes_that_are_not_here_say_so_in_the_api_error_shape(api):
+    unknown = api.get("no-such-route")
+    assert unknown.status_code == 404
+    body = unknown.json()
+    assert body["error"] == "NotFound" and body["field"] == "route" and body["value"] == "/sdapi/v1/no-such-route"
+    assert "/txt2img" in body["allowed"] and "/progress" in body["allowed"]
+
+    wrong_method = api.get("txt2img")
+    assert wrong_method.status_code == 405 and wrong_method.json()["allowed"] == "POST for /sdapi/v1/txt2img"
+
+    interrogate = api.post("interrogate", json={"image": "", "model": "clip"})
+    assert interrogate.status_code == 501 and interrogate.json()["error"] == "NotImplemented"
+    assert "caption" in interrogate.json()["detail"]
+    generate(api, prompt="still works")

@@ -14,6 +14,7 @@ scripts, other front ends) work unchanged. What differs, on purpose:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import html
 import json
@@ -332,6 +333,30 @@ def _nothing_installed() -> list:
     return []
 
 
+# A1111 routes with nothing behind them here, and what to do instead: answered 501, not 404, so that a client's
+# log says why.
+_NOT_HERE = {
+    ("/interrogate", "POST"): "CLIP and DeepBooru interrogation needs their captioning models, which this program "
+    "does not run; caption the picture elsewhere and paste the text into the prompt",
+    ("/create/embedding", "POST"): "training is not part of this program; train with kohya-ss or A1111 and put the "
+    "file in the embeddings folder",
+    ("/create/hypernetwork", "POST"): "hypernetworks are not supported; use a LoRA (models/Lora)",
+    ("/train/embedding", "POST"): "training is not part of this program; train with kohya-ss or A1111 and put the "
+    "file in the embeddings folder",
+    ("/train/hypernetwork", "POST"): "hypernetworks are not supported; use a LoRA (models/Lora)",
+    ("/server-kill", "POST"): "the server is stopped from where it runs (Ctrl+C, or SIGTERM)",
+    ("/server-restart", "POST"): "the server is restarted from where it runs (Ctrl+C, then start it again)",
+    ("/server-stop", "POST"): "the server is stopped from where it runs (Ctrl+C, or SIGTERM)",
+}
+
+
+def _not_here(route: str, why: str):
+    def answer():
+        raise ApiError(501, "route", f"{API_PREFIX}{route}", why, f"{API_PREFIX}{route} is not available here: {why}.")
+
+    return answer
+
+
 def _upscaler_entries(engine) -> list[dict[str, Any]]:
     """A1111's /upscalers entries: its built-in upscalers, which need no model file, then the model files."""
     built_in = [
@@ -463,7 +488,9 @@ def _error_response(
 
 def _install_error_handlers(app: FastAPI) -> None:
     async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
-        error = "Unauthorized" if exc.status == 401 else "InvalidRequestError"
+        error = {401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed", 501: "NotImplemented"}.get(
+            exc.status, "InvalidRequestError"
+        )
         return _error_response(exc.status, error, exc.field, exc.value, exc.allowed, exc.detail, exc.headers)
 
     async def on_invalid_request(request: Request, exc: InvalidRequestError) -> JSONResponse:
@@ -520,7 +547,7 @@ class SdApi:
             "eta_ddim": 0.0,
             "initial_noise_multiplier": 1.0,
         }
-        self._jobs: dict[int, tuple[str, str]] = {}  # job id -> (kind, timestamp) of jobs started here
+        self._jobs: dict[int, _ApiJob] = {}  # the jobs started here, by job id
         self._last_job_timestamp = "0"
 
     # Generation --------------------------------------------------------------------------------
@@ -544,8 +571,9 @@ class SdApi:
             timestamp = dt.datetime.now().strftime("%Y%m%d%H%M%S")
             self._last_job_timestamp = timestamp
             results = []
-            for request in requests:
-                results.append(self._run(request, timestamp))
+            started = dt.datetime.now().timestamp()
+            for line, request in enumerate(requests):
+                results.append(self._run(request, _ApiJob(req.mode, timestamp, line, len(requests), started)))
                 if results[-1].interrupted:  # /interrupt stops the whole list, as in A1111
                     break
 
@@ -595,9 +623,9 @@ class SdApi:
             if payload.override_settings_restore_afterwards is not False:
                 self.engine.load_model(previous)
 
-    def _run(self, req: GenerationRequest, timestamp: str) -> Result:
+    def _run(self, req: GenerationRequest, job: _ApiJob) -> Result:
         control = JobControl()
-        self._jobs[control.job_id] = (req.mode, timestamp)
+        self._jobs[control.job_id] = job
         result: Result | None = None
         try:
             for event in self.engine.generate(req, control=control):
@@ -837,7 +865,8 @@ class SdApi:
 
     def progress(self, skip_current_image: bool = False) -> dict[str, Any]:
         state = self.engine.progress()
-        job, timestamp = self._jobs.get(state.job_id, ("", None))
+        api_job = self._jobs.get(state.job_id)
+        job, timestamp = (api_job.kind, api_job.timestamp) if api_job is not None else ("", None)
         if not state.running:
             return {
                 "progress": 0.0,
@@ -864,7 +893,7 @@ class SdApi:
             textinfo = f"Sampling step {state.step}/{state.total}"
             if state.batch_count > 1:
                 textinfo += f", batch {state.batch_no + 1}/{state.batch_count}"
-        return {
+        answer = {
             # A1111 reports at least 0.01 while a job runs: clients read 0 as "idle".
             "progress": max(0.01, state.fraction),
             "eta_relative": state.eta,
@@ -872,6 +901,15 @@ class SdApi:
             "current_image": current_image,
             "textinfo": textinfo,
         }
+        if api_job is not None and api_job.lines > 1:
+            # A prompt list is one request: its progress runs once over all its lines, each line a job.
+            overall = (api_job.line + state.fraction) / api_job.lines
+            elapsed = dt.datetime.now().timestamp() - api_job.started
+            answer["progress"] = max(0.01, overall)
+            answer["eta_relative"] = elapsed / overall - elapsed if overall > 0 else state.eta
+            answer["state"].update(job_count=api_job.lines, job_no=api_job.line)
+            answer["textinfo"] = f"Line {api_job.line + 1}/{api_job.lines}: {textinfo}"
+        return answer
 
     def interrupt(self) -> dict[str, Any]:
         self.engine.interrupt()
@@ -1119,6 +1157,28 @@ class SdApi:
             "/face-restorers",
         ):
             router.add_api_route(route, _nothing_installed, methods=["GET"])
+        for (route, method), why in _NOT_HERE.items():
+            router.add_api_route(route, _not_here(route, why), methods=[method], include_in_schema=False)
+        # Last: any other path under the prefix is answered in the API's own error shape, naming the routes there are.
+        known = {}
+        for route in router.routes:
+            path = route.path.removeprefix(API_PREFIX)
+            known.setdefault(path, set()).update(route.methods)
+
+        def unknown_route(request: Request, unknown: str):
+            path = "/" + unknown.strip("/")
+            if path in known:
+                methods = ", ".join(sorted(known[path]))
+                raise ApiError(405, "method", request.method, f"{methods} for {API_PREFIX}{path}")
+            routes = ", ".join(sorted(known))
+            raise ApiError(404, "route", f"{API_PREFIX}{path}", f"one of {routes} under {API_PREFIX}")
+
+        router.add_api_route(
+            "/{unknown:path}",
+            unknown_route,
+            methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            include_in_schema=False,
+        )
         return router
 
 
@@ -1180,6 +1240,18 @@ class _Unauthorized(ApiError):
             "Incorrect or missing username and password",
             headers={"WWW-Authenticate": 'Basic realm="sdapi"'},
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class _ApiJob:
+    """A job this API started: its kind and timestamp, and its place in the request's prompt list (line of lines;
+    one line for a plain request) with when the request began."""
+
+    kind: str
+    timestamp: str
+    line: int = 0
+    lines: int = 1
+    started: float = 0.0
 
 
 def _state_dict(state, *, job: str, job_count: int, timestamp: str) -> dict[str, Any]:
