@@ -143,6 +143,19 @@ def test_a_bad_value_is_refused_with_the_field_and_what_is_allowed(page_url):
     assert client.predict(*txt2img_args(steps=4), api_name="/txt2img")[2]
 
 
+def test_skip_cuts_only_the_running_batch_of_the_callers_job(page_url):
+    user_a, user_b = _client(page_url), _client(page_url)
+    job = user_a.submit(*txt2img_args(steps=150, seed=8, n_iter=3), api_name="/txt2img")
+    _wait_for(lambda: len(_steps_seen(job.outputs())) >= 2, 60, "the job to start")
+    user_b.predict(api_name="/skip")  # another user's Skip does nothing to it
+    time.sleep(0.3)
+    user_a.predict(api_name="/skip")
+    _preview, progress, gallery, infotext = job.result(timeout=120)
+    assert len(gallery) == 3, "the skipped batch keeps its picture as far as it got, and the job goes on"
+    # One batch skipped, the one running at the caller's Skip: the other user's Skip skipped none.
+    assert re.search(r"\(skipped batch \d\)", progress) and "Stopped" not in progress
+
+
 def test_stop_ends_only_the_callers_job_and_keeps_the_partial_result(page_url):
     user_a, user_b = _client(page_url), _client(page_url)
     # Up to 4 x 120 steps: long enough that only Stop can end it while the test looks.

@@ -411,10 +411,9 @@ def test_the_page_extras_tab_upscales(upscaler_engine, tmp_path):
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
     try:
         client = Client(url, verbose=False)
-        result, info = client.predict(
-            handle_file(str(picture_path)), 0, 2, 512, 512, True, "2x-nearest", "None", 0, api_name="/extras"
-        )
-        assert Image.open(result).size == (32, 32)
+        settings = (0, 2, 512, 512, True, "2x-nearest", "None", 0)
+        result, info, batch = client.predict(handle_file(str(picture_path)), *settings, api_name="/extras")
+        assert Image.open(result).size == (32, 32) and batch == []
         assert "Postprocess upscaler: 2x-nearest" in info and "saved as 00000.png" in info
         # Saved as A1111 saves Extras results: outputs/extras-images/<date>/NNNNN.png, with the source's
         # infotext and what was done.
@@ -422,6 +421,21 @@ def test_the_page_extras_tab_upscales(upscaler_engine, tmp_path):
         with Image.open(saved) as kept:
             assert kept.info["postprocessing"] == "Postprocess upscale by: 2, Postprocess upscaler: 2x-nearest"
             assert kept.info["parameters"].startswith("a red circle")
+
+        # A1111's Batch Process: each picture upscaled alike, each one as it is upscaled alone.
+        other_path = tmp_path / "other.png"
+        Image.fromarray(np.full((8, 24, 3), 200, dtype=np.uint8)).save(other_path)
+        files = [handle_file(str(picture_path)), handle_file(str(other_path))]
+        result, info, batch = client.predict(None, *settings, files, api_name="/extras")
+        assert info.startswith("2 pictures: Postprocess upscale by: 2")
+        sizes = [Image.open(item["image"]).size for item in batch]
+        assert sizes == [(32, 32), (48, 16)] and Image.open(result).size == (32, 32)
+        alone = client.predict(handle_file(str(other_path)), *settings, api_name="/extras")[0]
+        assert np.array_equal(np.asarray(Image.open(batch[1]["image"])), np.asarray(Image.open(alone)))
+        assert len(list((outputs / "extras-images").glob("*/*.png"))) == 4
+        (broken := tmp_path / "broken.png").write_text("not a picture")
+        with pytest.raises(Exception, match="batch_files: got 'broken.png'"):
+            client.predict(None, *settings, [handle_file(str(broken))], api_name="/extras")
     finally:
         demo.close()
 

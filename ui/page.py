@@ -47,6 +47,7 @@ from .page_jobs import (
     MASK_MODES,
     PageSession,
     ResultView,
+    batch_pictures,
     build_request,
     editor_image_and_mask,
     engine_error,
@@ -154,6 +155,7 @@ class TabWidgets:
     settings: SettingsWidgets
     generate: gr.Button
     stop: gr.Button
+    skip: gr.Button
     forever: gr.Checkbox
     progress: gr.HTML
     preview: gr.Image
@@ -593,7 +595,10 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
                 )
         with gr.Column(scale=2, min_width=180, elem_classes="generate-column"):
             generate = gr.Button("Generate", variant="primary", elem_id=f"{mode}_generate", size="lg")
-            stop = gr.Button("Stop", variant="stop", elem_id=f"{mode}_stop", size="md")
+            with gr.Row():
+                stop = gr.Button("Stop", variant="stop", elem_id=f"{mode}_stop", size="md", scale=3)
+                # A1111's Skip: the running batch ends as far as it got; the job goes on with the next one.
+                skip = gr.Button("Skip", elem_id=f"{mode}_skip", size="md", scale=1, min_width=60)
             # A1111's "Generate forever" (its Generate button's context menu): Stop ends it.
             forever = gr.Checkbox(False, label="Generate forever", elem_id=f"{mode}_forever")
             add_lora = gr.Dropdown(
@@ -700,6 +705,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
         settings=panel,
         generate=generate,
         stop=stop,
+        skip=skip,
         forever=forever,
         progress=progress,
         preview=preview,
@@ -911,18 +917,6 @@ def _build_prompt_list(mode: str) -> list[gr.components.Component]:
         show_progress="hidden",
     )
     return [on, iterate, same, position, text]
-
-
-def _batch_pictures(paths: list[str] | None) -> list[Image.Image]:
-    """The batch's files as RGB pictures; gr.Error naming a file that is no picture."""
-    pictures = []
-    for path in paths or []:
-        try:
-            pictures.append(_open_image(path))
-        except (OSError, ValueError) as exc:
-            name = Path(path).name
-            raise gr.Error(f"batch_images: got {name!r}; allowed: pictures (PNG, JPEG, WebP) ({exc})") from exc
-    return pictures
 
 
 def _read_prompt_file(data: bytes | None):
@@ -1142,6 +1136,14 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
         concurrency_limit=None,
         show_progress="hidden",
     )
+    tab.skip.click(
+        functools.partial(_skip, engine),
+        inputs=[session],
+        api_name="skip" if tab.mode == "txt2img" else None,
+        api_visibility="public" if tab.mode == "txt2img" else "private",
+        concurrency_limit=None,
+        show_progress="hidden",
+    )
     for box, counter, composable in (
         (panel.prompt, panel.prompt_tokens, True),
         (panel.negative_prompt, panel.negative_tokens, False),
@@ -1354,7 +1356,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             """Image to image: like /txt2img plus the init image and the denoising strength (0..1); resize_mode
             is A1111's (0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale)).
             batch_images (files) run one job each, in place of init_image, into one gallery."""
-            pictures = _batch_pictures(batch_images)
+            pictures = batch_pictures(batch_images, "batch_images")
             if pictures and prompt_list:
                 raise gr.Error(
                     "batch_images: got a batch with a prompt list; allowed: one of the two (clear the batch's files, "
@@ -1571,6 +1573,13 @@ def _stop(session: PageSession) -> None:
     """Stop this session's running job; the job still shows what it made so far."""
     stopped = session.stop()
     log.info("Stop requested for %d job(s) of one session", stopped)
+
+
+def _skip(engine, session: PageSession) -> None:
+    """Cut this session's running batch short (A1111's Skip); the job goes on with its next batch. A job of
+    another user, or one still waiting in the queue, is left alone."""
+    if session.skip(engine.progress().job_id):
+        log.info("Skip requested for one session's running job")
 
 
 def _lora_names(engine) -> list[str]:
@@ -1989,7 +1998,7 @@ def _model_from_infotext(name: str, engine, *, none: str, label: str) -> str:
     except EngineError:
         info = None
     if info is None or info.kind == "hub":
-        gr.Warning(f"{label} {name} is not in the model list; using {none}.")
+        gr.Warning(f"{label} {name} is not in the model list: {none!r} is picked instead.")
         return none
     return engine.registry.with_hash(info).title
 

@@ -14,7 +14,7 @@ from engine.extras import describe as describe_postprocessing
 from engine.infotext import read_infotext
 from engine.request import PICTURE_UPSCALERS
 
-from .page_jobs import engine_error, reread_on_open
+from .page_jobs import batch_pictures, engine_error, reread_on_open
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,9 @@ class ExtrasWidgets:
     run: gr.Button
     result: gr.Image
     info: gr.Textbox
+    # A1111's Batch Process: several pictures, each upscaled with the same settings.
+    batch_files: gr.File
+    batch_results: gr.Gallery
 
     def inputs(self) -> list:
         return [
@@ -45,6 +48,7 @@ class ExtrasWidgets:
             self.upscaler_1,
             self.upscaler_2,
             self.visibility,
+            self.batch_files,
         ]
 
 
@@ -87,10 +91,20 @@ def build_extras_tab(engine) -> ExtrasWidgets:
                 f"Upscaler models (ESRGAN, Real-ESRGAN, 4x-UltraSharp, ...) are read from {engine.upscaler_folders()}.",
                 elem_id="extras_folders",
             )
+            with gr.Accordion("Batch: several pictures", open=False, elem_id="extras_batch_box"):
+                batch_files = gr.File(
+                    file_count="multiple",
+                    file_types=["image"],
+                    label="Pictures (in place of Source), each upscaled with these settings",
+                    elem_id="extras_batch_files",
+                )
             run = gr.Button("Upscale", variant="primary", elem_id="extras_generate")
         with gr.Column():
             result = gr.Image(type="pil", label="Result", interactive=False, format="png", elem_id="extras_result")
             info = gr.Textbox(label="Postprocessing", interactive=False, elem_id="extras_info")
+            batch_results = gr.Gallery(
+                label="Batch results", format="png", columns=4, interactive=False, elem_id="extras_batch_results"
+            )
     resize_mode.change(
         lambda mode: (gr.update(visible=mode == SCALE_BY), gr.update(visible=mode == SCALE_TO)),
         inputs=[resize_mode],
@@ -100,7 +114,20 @@ def build_extras_tab(engine) -> ExtrasWidgets:
         show_progress="hidden",
     )
     return ExtrasWidgets(
-        image, resize_mode, scale, width, height, crop, upscaler_1, upscaler_2, visibility, run, result, info
+        image,
+        resize_mode,
+        scale,
+        width,
+        height,
+        crop,
+        upscaler_1,
+        upscaler_2,
+        visibility,
+        run,
+        result,
+        info,
+        batch_files,
+        batch_results,
     )
 
 
@@ -109,7 +136,7 @@ def wire_extras_tab(widgets: ExtrasWidgets, engine, session: gr.State, *, output
     widgets.run.click(
         functools.partial(run_extras, engine, outputs_dir=outputs_dir, save_image=save_image),
         inputs=[session, *widgets.inputs()],
-        outputs=[widgets.result, widgets.info],
+        outputs=[widgets.result, widgets.info, widgets.batch_results],
         concurrency_limit=1,
         concurrency_id="gpu",
         api_name="extras",
@@ -130,16 +157,19 @@ def run_extras(
     upscaler_1,
     upscaler_2,
     visibility,
+    batch_files=None,
     *,
     outputs_dir=None,
     save_image=None,
 ):
-    """The Extras button (also /extras for gradio_client): the upscaled picture and what was done to it. Saved
-    to outputs/extras-images when this session saves images, with the source's infotext and what was done."""
-    if image is None:
-        raise gr.Error("Upscale: drop a picture into Source first.")
-    request = ExtrasRequest(
-        image=image,
+    """The Extras button (also /extras for gradio_client): the upscaled picture, what was done to it, and with
+    batch_files (several pictures, in place of image) every result as a gallery, the first shown as the picture.
+    Saved to outputs/extras-images when this session saves images, with each source's infotext and what was
+    done."""
+    pictures = batch_pictures(batch_files, "batch_files")
+    if image is None and not pictures:
+        raise gr.Error("Upscale: drop a picture into Source first (or several into Batch).")
+    settings = dict(
         resize_mode=resize_mode,
         upscaling_resize=scale,
         upscaling_resize_w=width,
@@ -149,8 +179,20 @@ def run_extras(
         upscaler_2=upscaler_2,
         extras_upscaler_2_visibility=visibility,
     )
+    done = [
+        _upscale_one(engine, session, source, settings, outputs_dir=outputs_dir, save_image=save_image)
+        for source in pictures or [image]
+    ]
+    result, shown = done[0]
+    if not pictures:
+        return result, shown, []
+    return result, f"{len(done)} pictures: {shown}", [picture for picture, _text in done]
+
+
+def _upscale_one(engine, session, image, settings: dict, *, outputs_dir, save_image):
+    """One picture upscaled, with the text the Postprocessing box shows."""
     try:
-        result, info = engine.upscale(request)
+        result, info = engine.upscale(ExtrasRequest(image=image, **settings))
     except EngineError as exc:
         raise engine_error(exc) from exc
     text = describe_postprocessing(info)

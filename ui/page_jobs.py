@@ -101,6 +101,15 @@ class PageSession:
     def end_job(self, control: JobControl) -> None:
         self.running.pop(control.job_id, None)
 
+    def skip(self, running_job_id: int | None) -> bool:
+        """Cut the running batch of this session's job `running_job_id` short (the job the device runs now);
+        False when that job is not this session's."""
+        control = self.running.get(running_job_id) if running_job_id is not None else None
+        if control is None:
+            return False
+        control.skip()
+        return True
+
     def stop(self) -> int:
         """Interrupt this session's queued and running jobs; returns how many were asked to stop."""
         controls = list(self.running.values())
@@ -232,6 +241,19 @@ def with_hires(request: GenerationRequest, enable_hr, *hires_values) -> Generati
         hr_negative_prompt=negative or "",
         hr_checkpoint_name=checkpoint or "",
     )
+
+
+def batch_pictures(paths: list[str] | None, field: str) -> list[Image.Image]:
+    """A batch's uploaded files as RGB pictures (their PNG text kept); gr.Error naming `field` and a file that is
+    no picture."""
+    pictures = []
+    for path in paths or []:
+        try:
+            with Image.open(path) as opened:
+                pictures.append(opened.convert("RGB"))
+        except (OSError, ValueError) as exc:
+            raise gr.Error(f"{field}: got {Path(path).name!r}; allowed: pictures (PNG, JPEG, WebP) ({exc})") from exc
+    return pictures
 
 
 def editor_image_and_mask(editor_value: dict | None) -> tuple[Image.Image | None, Image.Image | None]:
