@@ -358,6 +358,26 @@ def test_img2img_runs_a_batch_of_init_images_one_job_each(page_url, tmp_path):
         )
 
 
+def test_resize_by_sizes_each_job_from_its_own_init_image(page_url, tmp_path):
+    client = _client(page_url)
+    wide, square = tmp_path / "wide.png", tmp_path / "square.png"
+    Image.new("RGB", (96, 64), "red").save(wide)
+    Image.new("RGB", (64, 64), "blue").save(square)
+    common = ("a square", "", "Euler", "Automatic", 3, 7.0, 30, 256, 256, 1, 1)
+
+    def sizes(gallery) -> list[tuple[int, int]]:
+        return [Image.open(item["image"]).size for item in gallery]
+
+    gallery = client.predict(*common, handle_file(str(wide)), 0.3, resize_by=1.5, api_name="/img2img")[2]
+    assert sizes(gallery) == [(144, 96)]  # not Width x Height (256x256)
+    batch = [handle_file(str(wide)), handle_file(str(square))]
+    gallery = client.predict(*common, None, 0.3, batch_images=batch, resize_by=0.5, api_name="/img2img")[2]
+    assert sizes(gallery) == [(48, 32), (32, 32)]
+    assert sizes(client.predict(*common, handle_file(str(wide)), 0.3, api_name="/img2img")[2]) == [(256, 256)]
+    with pytest.raises(AppError, match="resize_by: got 0.05, which makes the 96x64 picture 0x0"):
+        client.predict(*common, handle_file(str(wide)), 0.3, resize_by=0.05, api_name="/img2img")
+
+
 def test_clip_skip_is_this_sessions_own_and_changes_the_picture(page_url):
     client, other = _client(page_url), _client(page_url)
     client.predict(2, api_name="/set_clip_skip")

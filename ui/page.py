@@ -72,6 +72,7 @@ INPAINT_AREAS = ("Whole picture", "Only masked")
 SAME_SAMPLER = "Use same sampler"
 SAME_CHECKPOINT = "Use same checkpoint"
 NO_REFINER = "None"
+MAX_RESIZE_BY = 4.0
 SAME_SCHEDULE = "Use same scheduler"
 PREVIEW_MODE_LABELS = {
     "approx": "approx (fast linear latent preview)",
@@ -176,6 +177,7 @@ class TabWidgets:
     style_editor: StyleEditor
     # img2img / inpaint only
     image: gr.components.Component | None = None
+    resize_by: gr.Slider | None = None
     mask: gr.Image | None = None
     denoising_strength: gr.Slider | None = None
     mask_blur: gr.Slider | None = None
@@ -489,6 +491,16 @@ def _build_settings(mode: str, engine, defaults, prompts: dict) -> tuple[Setting
             info="for an init image of another size than Width x Height",
             elem_id=f"{mode}_resize_mode",
         )
+        # A1111's "Resize by" tab: the size from the init image rather than from Width and Height.
+        extra["resize_by"] = gr.Slider(
+            0,
+            MAX_RESIZE_BY,
+            value=0,
+            step=0.05,
+            label="Resize by",
+            info="0: Width x Height; otherwise the init image's own size times this (each of a batch its own)",
+            elem_id=f"{mode}_resize_by",
+        )
     if mode == "inpaint":
         with gr.Row(equal_height=True):
             extra["mask_blur"] = gr.Slider(
@@ -726,6 +738,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
         mask_blur=extra.get("mask_blur"),
         mask_mode=extra.get("mask_mode"),
         resize_mode=extra.get("resize_mode"),
+        resize_by=extra.get("resize_by"),
         inpaint_area=extra.get("inpaint_area"),
         inpaint_padding=extra.get("inpaint_padding"),
         masked_content=extra.get("masked_content"),
@@ -1080,6 +1093,8 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
     if tab.batch_images is not None:
         inputs.append(tab.batch_images)
     inputs += tab.refiner
+    if tab.resize_by is not None:
+        inputs.append(tab.resize_by)
     # Showing the preview (and hiding the gallery) around the job is done by separate quick events, so
     # that the streamed endpoint returns plain values to API clients rather than visibility updates.
     # The click registers the job with the session at once, so that Stop also cancels it while it waits
@@ -1352,6 +1367,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             batch_images: list[str] | None = None,
             refiner_checkpoint: str = NO_REFINER,
             refiner_switch_at: float = 0.8,
+            resize_by: float = 0.0,
         ):
             """Image to image: like /txt2img plus the init image and the denoising strength (0..1); resize_mode
             is A1111's (0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale)).
@@ -1388,9 +1404,13 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                 request, tiling=bool(tiling), **_refiner_fields(refiner_checkpoint, refiner_switch_at)
             )
             if pictures:
-                batch = [dataclasses.replace(request, init_images=[picture]) for picture in pictures]
+                batch = [
+                    _resized_by(dataclasses.replace(request, init_images=[picture]), resize_by, engine)
+                    for picture in pictures
+                ]
                 yield from run_job(session=session, request=batch, ticket=ticket, unit="init image", **common)
                 return
+            request = _resized_by(request, resize_by, engine)
             request = _prompt_list_requests(
                 engine, request, prompt_list, iterate_seed, same_seed, prompt_position, prompt_list_text
             )
@@ -1435,6 +1455,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
         prompt_list_text: str = "",
         refiner_checkpoint: str = NO_REFINER,
         refiner_switch_at: float = 0.8,
+        resize_by: float = 0.0,
     ):
         """Inpaint: like /img2img; `image` is an image-editor value whose painted layer is the mask
         (white = repaint), or give `mask` (a white-on-black image of the same size). inpaint_area is
@@ -1480,12 +1501,31 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
         request = dataclasses.replace(
             request, tiling=bool(tiling), **_refiner_fields(refiner_checkpoint, refiner_switch_at)
         )
+        request = _resized_by(request, resize_by, engine)
         request = _prompt_list_requests(
             engine, request, prompt_list, iterate_seed, same_seed, prompt_position, prompt_list_text
         )
         yield from run_job(session=session, request=request, ticket=ticket, **common)
 
     return inpaint
+
+
+def _resized_by(request: GenerationRequest, scale, engine) -> GenerationRequest:
+    """A1111's "Resize by": the request's size is its init image's times `scale`, each side down to a multiple of
+    8 (0: the request keeps Width x Height). gr.Error naming resize_by for a scale that leaves the size allowed."""
+    if not scale:
+        return request
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= MAX_RESIZE_BY:
+        raise gr.Error(f"resize_by: got {scale!r}; allowed: 0 (off) or a scale up to {MAX_RESIZE_BY}")
+    picture = request.init_images[0]
+    width, height = int(picture.width * scale) // 8 * 8, int(picture.height * scale) // 8 * 8
+    limits = engine.limits
+    if min(width, height) < 8 or max(width, height) > limits.max_side or width * height > limits.max_pixels:
+        raise gr.Error(
+            f"resize_by: got {scale:g}, which makes the {picture.width}x{picture.height} picture {width}x{height}; "
+            f"allowed: a scale that keeps each side from 8 to {limits.max_side} and at most {limits.max_pixels} pixels"
+        )
+    return dataclasses.replace(request, width=width, height=height)
 
 
 def _refiner_fields(checkpoint: str | None, switch_at: float) -> dict:
