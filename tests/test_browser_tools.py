@@ -79,3 +79,34 @@ def test_the_style_editor_saves_a_style_that_styles_then_offers_and_applies(page
     finally:
         page.click("#txt2img_style_delete")
         page.wait_for_function("document.querySelector('#txt2img_style_name input').value === ''")
+
+
+def test_each_browser_remembers_its_own_settings_across_a_reload(browser, page_url):  # noqa: F811
+    context, page = open_page(browser, page_url)
+    try:
+        page.get_by_role("tab", name="Settings").click()
+        page.locator("#setting_preview_mode label", has_text="none").click()
+        _set_number(page, "clip_skip", 2)
+        page.locator("#setting_ensd input").fill("31337")
+        page.locator("#setting_ensd input").press("Enter")
+        page.wait_for_timeout(500)  # the remembered settings are written after each change
+        page.reload()
+        page.wait_for_selector("#txt2img_prompt textarea")
+        page.wait_for_function("document.querySelector('#clip_skip input[type=number]').value === '2'")
+        page.get_by_role("tab", name="Settings").click()
+        page.wait_for_function("document.querySelector('#setting_ensd input')?.value === '31337'")
+        assert page.locator("#setting_preview_mode input[value=none]").is_checked()
+        # The session has them too, not only the widgets: the next job's infotext says so.
+        page.get_by_role("tab", name="txt2img").click()
+        _set_number(page, "txt2img_steps", 3)
+        page.click("#txt2img_generate")
+        page.wait_for_function("document.querySelector('#txt2img_infotext textarea').value.includes('Clip skip: 2')")
+    finally:
+        context.close()
+    # Another browser has its own (none remembered: the defaults).
+    other_context, other = open_page(browser, page_url)
+    try:
+        other.wait_for_timeout(500)
+        assert other.input_value("#clip_skip input[type=number]") == "1"
+    finally:
+        other_context.close()

@@ -411,28 +411,81 @@ def build_page(engine, settings=None) -> gr.Blocks:
         demo.load(refresh, outputs=[model, model_note], api_visibility="private", queue=False)
 
         # Per-session settings; public so that gradio_client users can set them for their own session too.
-        for widget, setter, api_name in (
-            (preview_mode, _set_preview_mode, "set_preview_mode"),
-            (preview_every, _set_preview_every, "set_preview_every"),
-            (save_images, _set_save_images, "set_save_images"),
-            (prompt_syntax, _set_prompt_syntax, "set_prompt_syntax"),
-            (emphasis, _set_emphasis, "set_emphasis"),
-            (sd_vae, functools.partial(_set_vae, engine), "set_vae"),
-            (ensd, _set_ensd, "set_ensd"),
-            (eta_ancestral, _set_eta_ancestral, "set_eta_ancestral"),
-            (eta_ddim, _set_eta_ddim, "set_eta_ddim"),
-            (noise_multiplier, _set_noise_multiplier, "set_noise_multiplier"),
-            (clip_skip, _set_clip_skip, "set_clip_skip"),
-        ):
+        settings_widgets = {
+            "preview_mode": (preview_mode, _set_preview_mode),
+            "preview_every": (preview_every, _set_preview_every),
+            "save_images": (save_images, _set_save_images),
+            "prompt_syntax": (prompt_syntax, _set_prompt_syntax),
+            "emphasis": (emphasis, _set_emphasis),
+            "vae": (sd_vae, functools.partial(_set_vae, engine)),
+            "ensd": (ensd, _set_ensd),
+            "eta_ancestral": (eta_ancestral, _set_eta_ancestral),
+            "eta_ddim": (eta_ddim, _set_eta_ddim),
+            "noise_multiplier": (noise_multiplier, _set_noise_multiplier),
+            "clip_skip": (clip_skip, _set_clip_skip),
+        }
+        # Each browser remembers its own settings (as A1111 keeps them in config.json, but per person): they are
+        # stored in the browser's localStorage, and set again when the page opens, through the same setters.
+        remembered = gr.BrowserState({}, storage_key="lantern-settings", secret=_REMEMBERED_SETTINGS_KEY)
+        for key, (widget, setter) in settings_widgets.items():
             widget.change(
                 setter,
                 inputs=[session, widget],
-                api_name=api_name,
+                api_name=f"set_{key}",
                 api_description=getattr(setter, "func", setter).__doc__,
                 concurrency_limit=None,
                 show_progress="hidden",
             )
+            widget.input(
+                functools.partial(_remember, key),
+                inputs=[remembered, widget],
+                outputs=[remembered],
+                queue=False,
+                api_visibility="private",
+                show_progress="hidden",
+            )
+        demo.load(
+            functools.partial(_recalled_settings, engine, list(settings_widgets)),
+            inputs=[remembered],
+            outputs=[widget for widget, _setter in settings_widgets.values()],
+            queue=False,
+            api_visibility="private",
+            show_progress="hidden",
+        )
     return demo
+
+
+# The settings a browser remembers are no secret (they are its own choices, kept in its own localStorage); a fixed
+# key lets them outlive a server restart, which gradio's default of a new random key per start would not.
+_REMEMBERED_SETTINGS_KEY = "lantern-remembered-settings"
+
+
+def _remember(key: str, stored: dict | None, value) -> dict:
+    """The browser's remembered settings with `key` set to what its person chose."""
+    return {**(stored or {}), key: value}
+
+
+def _recalled_settings(engine, keys: list[str], stored: dict | None) -> list:
+    """The remembered settings for the page's widgets, in `keys`' order; one not remembered, or no longer
+    possible (a VAE removed from the folder, a preview mode or syntax renamed), is left as the page has it."""
+    stored = stored if isinstance(stored, dict) else {}
+    possible = {
+        "vae": _vae_choices(engine),
+        "preview_mode": list(PREVIEW_MODES),
+        "prompt_syntax": ["a1111", "compel"],
+        "emphasis": list(EMPHASIS_MODES),
+    }
+    values = []
+    for key in keys:
+        value = stored.get(key)
+        allowed = possible.get(key)
+        usable = value is not None and (allowed is None or value in _choice_values(allowed))
+        values.append(value if usable else gr.skip())
+    return values
+
+
+def _choice_values(choices: list) -> list:
+    return [choice[1] if isinstance(choice, tuple) else choice for choice in choices]
 
 
 # Building ------------------------------------------------------------------------------------------
