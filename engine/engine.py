@@ -534,8 +534,11 @@ class Engine:
     def save_style(self, name: str, prompt: str, negative_prompt: str) -> PromptStyle:
         """Add a style to styles.csv, or replace the one of that name (A1111's style editor); InvalidRequestError
         naming the field for a name or text that cannot be saved."""
-        style = PromptStyle(check_style_name(name), _style_text(prompt, "style prompt"), "")
-        style = dataclasses.replace(style, negative_prompt=_style_text(negative_prompt, "style negative prompt"))
+        style = PromptStyle(
+            check_style_name(name),
+            _style_text(prompt, "style prompt"),
+            _style_text(negative_prompt, "style negative prompt"),
+        )
         with self._styles_lock:  # two users saving at once must not lose either's style
             save_style(self.registry.styles_file, style)
         log.info("Saved style %r to %s", style.name, self.registry.styles_file)
@@ -713,15 +716,13 @@ class Engine:
             hires_vae = None
             if hires_model is not None:
                 # A1111's hires checkpoint: the second pass's prompts, LoRAs and VAE are that model's own.
-                hr_prompt, hr_negative = req.hires_prompts
-                hires_request = dataclasses.replace(req, prompt=hr_prompt, negative_prompt=hr_negative)
+                hires_request = req.hires_pass()
                 lora_hashes = {**lora_hashes, **self._switch_loras(hires_model, hires_request)}
                 hires_conditioning = self._encode_prompts(hires_model, hires_request)
                 hires_vae_file = self.job_vae(req.sd_vae, model=hires_model)
                 hires_vae = hires_model.vaes.get(hires_vae_file) if hires_vae_file is not None else None
             elif req.mode == "txt2img" and req.enable_hr and req.hires_prompts != (req.prompt, req.negative_prompt):
-                hr_prompt, hr_negative = req.hires_prompts
-                hires_request = dataclasses.replace(req, prompt=hr_prompt, negative_prompt=hr_negative)
+                hires_request = req.hires_pass()
                 if _lora_set(model, hires_request.prompt) != _lora_set(model, req.prompt):
                     # As A1111 does: the hires prompt's LoRAs run in the second pass (and encode its prompts).
                     hires_loras = hires_request
@@ -828,10 +829,7 @@ class Engine:
         the hires pass when there is one (A1111's default), and the VAE the job's SD VAE choice means for it."""
         if refiner_model is None:
             return None
-        joined = req
-        if req.mode == "txt2img" and req.enable_hr:
-            hr_prompt, hr_negative = req.hires_prompts
-            joined = dataclasses.replace(req, prompt=hr_prompt, negative_prompt=hr_negative)
+        joined = req.hires_pass() if req.mode == "txt2img" and req.enable_hr else req
         lora_hashes = self._switch_loras(refiner_model, joined)
         vae_file = self.job_vae(req.sd_vae, model=refiner_model)
         return Refiner(

@@ -134,6 +134,11 @@ class GenerationRequest:
         """The hires pass's prompt and negative prompt."""
         return self.hr_prompt or self.prompt, self.hr_negative_prompt or self.negative_prompt
 
+    def hires_pass(self) -> GenerationRequest:
+        """This request with the hires pass's prompts, for what encodes them and switches their LoRAs."""
+        prompt, negative = self.hires_prompts
+        return dataclasses.replace(self, prompt=prompt, negative_prompt=negative)
+
     @property
     def hires_size(self) -> tuple[int, int]:
         """The hires pass's width and height, as A1111 works them out (multiples of 8)."""
