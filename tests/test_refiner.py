@@ -23,7 +23,7 @@ def picture(engine: Engine, **fields) -> np.ndarray:
 
 def test_the_refiner_takes_over_where_the_schedule_says(pair_engine):  # noqa: F811 - the fixture imported above
     purple_alone = Engine(model="micro-purple", models_dir=pair_engine.models_dir)
-    for sampler in ("Euler a", "DPM++ 2M", "DDIM"):
+    for sampler in ("Euler a", "DDIM"):  # a k-diffusion sampler and one that is not
         plain = picture(pair_engine, sampler_name=sampler)
         refined = dict(sampler_name=sampler, refiner_checkpoint="micro-purple")
         assert np.array_equal(picture(pair_engine, **refined, refiner_switch_at=1.0), plain), sampler
@@ -179,7 +179,7 @@ def test_compare_has_refiner_and_switch_axes_whose_cells_match_single_runs(pair_
         "Refiner: None, Refiner switch at: 0.8",
         "Refiner: micro-purple, Refiner switch at: 0.8",
     ]
-    for cell in result.cells:
+    for cell in result.cells[1::2]:  # the refined cells (the others are plain jobs, checked in test_compare.py)
         alone = list(pair_engine.generate(cell.cell.request))[-1]
         assert np.array_equal(np.asarray(alone.images[0]), np.asarray(cell.image)), cell.cell.label
     assert nearer(centre_colour(result.cells[1].image), PURPLE, RED)
