@@ -264,9 +264,7 @@ class Engine:
         with self._job_lock, self._model_lock:
             previous, self._loaded, self._second_models = self._loaded, None, {}
             try:
-                self._loaded = load_model(
-                    info, registry=self.registry, device=self.device, dtype=self.dtype, trace_unet=self.trace_unet
-                )
+                self._loaded = self._load(info)
             except ModelLoadError:
                 self._loaded = previous  # a failed switch keeps the model that worked
                 raise
@@ -277,6 +275,12 @@ class Engine:
             if self.warm_up and self._loaded.traced_unet is not None:
                 self._warm_up_locked()
             return self._loaded.info
+
+    def _load(self, info: ModelInfo) -> LoadedModel:
+        """`info` loaded on this engine's device, dtype and UNet tracing (the caller holds what lock it needs)."""
+        return load_model(
+            info, registry=self.registry, device=self.device, dtype=self.dtype, trace_unet=self.trace_unet
+        )
 
     def unload_model(self) -> ModelInfo | None:
         """A1111's "Unload SD checkpoint": let go of the loaded model's weights (device and host memory), for
@@ -364,9 +368,7 @@ class Engine:
         with self._model_lock:
             if self._loaded is None and self._unloaded is not None:
                 info = self._unloaded
-                self._loaded = load_model(
-                    info, registry=self.registry, device=self.device, dtype=self.dtype, trace_unet=self.trace_unet
-                )
+                self._loaded = self._load(info)
                 self._unloaded = None
                 log.info("Loaded model %s back (%s)", info.title, self._loaded.family)
             return self._loaded
@@ -508,13 +510,7 @@ class Engine:
 
     def _load_second(self, name: str, field: str, model: LoadedModel) -> LoadedModel:
         try:
-            second = load_model(
-                self.registry.resolve(name),
-                registry=self.registry,
-                device=self.device,
-                dtype=self.dtype,
-                trace_unet=self.trace_unet,
-            )
+            second = self._load(self.registry.resolve(name))
         except ModelLoadError as exc:
             raise InvalidRequestError(field, name, "a model that loads") from exc
         # Latents and prompt conditioning pass from one model to the other: only the same kind of model fits.
@@ -719,8 +715,7 @@ class Engine:
                 hires_request = req.hires_pass()
                 lora_hashes = {**lora_hashes, **self._switch_loras(hires_model, hires_request)}
                 hires_conditioning = self._encode_prompts(hires_model, hires_request)
-                hires_vae_file = self.job_vae(req.sd_vae, model=hires_model)
-                hires_vae = hires_model.vaes.get(hires_vae_file) if hires_vae_file is not None else None
+                hires_vae = self._second_vae(req, hires_model)
             elif req.mode == "txt2img" and req.enable_hr and req.hires_prompts != (req.prompt, req.negative_prompt):
                 hires_request = req.hires_pass()
                 if _lora_set(model, hires_request.prompt) != _lora_set(model, req.prompt):
@@ -831,14 +826,18 @@ class Engine:
             return None
         joined = req.hires_pass() if req.mode == "txt2img" and req.enable_hr else req
         lora_hashes = self._switch_loras(refiner_model, joined)
-        vae_file = self.job_vae(req.sd_vae, model=refiner_model)
         return Refiner(
             model=refiner_model,
             conditioning=self._encode_prompts(refiner_model, joined),
-            vae=refiner_model.vaes.get(vae_file) if vae_file is not None else refiner_model.vae,
+            vae=self._second_vae(req, refiner_model) or refiner_model.vae,
             switch_at=req.refiner_switch_at,
             lora_hashes=lora_hashes,
         )
+
+    def _second_vae(self, req: GenerationRequest, second: LoadedModel):
+        """The VAE the job's SD VAE choice means for a hires checkpoint or refiner (None: the model's own)."""
+        vae_file = self.job_vae(req.sd_vae, model=second)
+        return second.vaes.get(vae_file) if vae_file is not None else None
 
     def _switch_loras(self, model: LoadedModel, req: GenerationRequest) -> dict[str, str]:
         """Switch on the LoRAs the prompt's tags name (and off any others); {name: short hash} of them."""

@@ -122,10 +122,12 @@ def test_the_page_takes_a_hires_checkpoint_and_png_info_sends_it_back(pair_engin
     from gradio_client import Client
 
     from tests.test_browser import serve_page
-    from ui.page import SAME_CHECKPOINT, ReadInfotext, _hires_checkpoints, _hires_settings_from_infotext
+    from ui.page import SAME_CHECKPOINT, ReadInfotext, _hires_settings_from_infotext, _second_model_choices
 
-    purple_title = next(title for title in _hires_checkpoints(pair_engine) if title.startswith("micro-purple ["))
-    assert _hires_checkpoints(pair_engine)[0] == SAME_CHECKPOINT
+    purple_title = next(
+        title for title in _second_model_choices(pair_engine, SAME_CHECKPOINT) if title.startswith("micro-purple [")
+    )
+    assert _second_model_choices(pair_engine, SAME_CHECKPOINT)[0] == SAME_CHECKPOINT
     demo, url = serve_page(pair_engine, SimpleNamespace(outputs_dir=tmp_path, save_images=False))
     try:
         client = Client(url, verbose=False)

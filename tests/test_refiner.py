@@ -120,12 +120,15 @@ def test_the_api_and_the_page_take_a_refiner_and_png_info_sends_it_back(pair_eng
     from PIL import Image
 
     from tests.test_browser import serve_page
-    from ui.page import NO_REFINER, ReadInfotext, _refiner_checkpoints, _send_png_info
+    from ui.page import NO_REFINER, ReadInfotext, _second_model_choices, _send_png_info
     from ui.server import ServerSettings, launch
 
     purple = next(info for info in pair_engine.list_models() if info.name == "micro-purple")
     purple_title = pair_engine.registry.with_hash(purple).title
-    assert purple_title in _refiner_checkpoints(pair_engine) and _refiner_checkpoints(pair_engine)[0] == NO_REFINER
+    assert (
+        purple_title in _second_model_choices(pair_engine, NO_REFINER)
+        and _second_model_choices(pair_engine, NO_REFINER)[0] == NO_REFINER
+    )
     refiner = {"refiner_checkpoint": "micro-purple", "refiner_switch_at": 0.2}
     handle = launch(pair_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path))
     try:

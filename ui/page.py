@@ -924,14 +924,14 @@ def _build_refiner(mode: str, engine) -> list[gr.components.Component]:
     with gr.Accordion("Refiner", open=False, elem_id=f"{mode}_refiner_box"):
         with gr.Row():
             checkpoint = gr.Dropdown(
-                _refiner_checkpoints(engine),
+                _second_model_choices(engine, NO_REFINER),
                 value=NO_REFINER,
                 label="Refiner checkpoint",
                 info="a model of the same kind that finishes the picture"
                 + (" (in the second pass, with Hires. fix on)" if mode == "txt2img" else ""),
                 elem_id=f"{mode}_refiner_checkpoint",
             )
-            reread_on_open(checkpoint, functools.partial(_refiner_checkpoints, engine))
+            reread_on_open(checkpoint, functools.partial(_second_model_choices, engine, NO_REFINER))
             switch_at = gr.Slider(
                 0.01,
                 1,
@@ -944,8 +944,9 @@ def _build_refiner(mode: str, engine) -> list[gr.components.Component]:
     return [checkpoint, switch_at]
 
 
-def _refiner_checkpoints(engine) -> list[str]:
-    return [NO_REFINER, *(info.title for info in engine.list_models())]
+def _second_model_choices(engine, none: str) -> list[str]:
+    """The Hires checkpoint and Refiner lists: their choice of none ("Use same checkpoint", "None"), then the models."""
+    return [none, *(info.title for info in engine.list_models())]
 
 
 def _build_prompt_list(mode: str) -> list[gr.components.Component]:
@@ -1095,13 +1096,13 @@ def _build_hires_fix(engine) -> list[gr.components.Component]:
             elem_id="txt2img_hr_negative_prompt",
         )
         checkpoint = gr.Dropdown(
-            _hires_checkpoints(engine),
+            _second_model_choices(engine, SAME_CHECKPOINT),
             value=SAME_CHECKPOINT,
             label="Hires checkpoint",
             info="the model the second pass runs on: one of the same kind as the checkpoint above",
             elem_id="txt2img_hr_checkpoint",
         )
-        reread_on_open(checkpoint, functools.partial(_hires_checkpoints, engine))
+        reread_on_open(checkpoint, functools.partial(_second_model_choices, engine, SAME_CHECKPOINT))
     return [
         enable,
         upscaler,
@@ -1116,10 +1117,6 @@ def _build_hires_fix(engine) -> list[gr.components.Component]:
         hr_negative,
         checkpoint,
     ]
-
-
-def _hires_checkpoints(engine) -> list[str]:
-    return [SAME_CHECKPOINT, *(info.title for info in engine.list_models())]
 
 
 # Wiring --------------------------------------------------------------------------------------------
