@@ -14,6 +14,13 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 ARTIFACTS_DIR = Path(__file__).resolve().parent / "artifacts"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on a 2-core machine: one torch thread each keeps them from
+    # fighting over the cores (the tiny models' jobs already run on one thread; training does not).
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:

@@ -81,15 +81,22 @@ def test_the_style_editor_saves_a_style_that_styles_then_offers_and_applies(page
         page.wait_for_function("document.querySelector('#txt2img_style_name input').value === ''")
 
 
+def _stored_after(page, change) -> None:
+    """Make a change and wait until the browser has stored the remembered settings again (a round trip
+    to the server, which can take a while on a busy machine)."""
+    read = "localStorage.getItem('lantern-settings')"
+    before = page.evaluate(read)
+    change()
+    page.wait_for_function(f"before => {read} !== before", arg=before)
+
+
 def test_each_browser_remembers_its_own_settings_across_a_reload(browser, page_url):  # noqa: F811
     context, page = open_page(browser, page_url)
     try:
         page.get_by_role("tab", name="Settings").click()
-        page.locator("#setting_preview_mode label", has_text="none").click()
-        _set_number(page, "clip_skip", 2)
-        page.locator("#setting_ensd input").fill("31337")
-        page.locator("#setting_ensd input").press("Enter")
-        page.wait_for_timeout(500)  # the remembered settings are written after each change
+        _stored_after(page, lambda: page.locator("#setting_preview_mode label", has_text="none").click())
+        _stored_after(page, lambda: _set_number(page, "clip_skip", 2))
+        _stored_after(page, lambda: page.locator("#setting_ensd input").fill("31337"))
         page.reload()
         page.wait_for_selector("#txt2img_prompt textarea")
         page.wait_for_function("document.querySelector('#clip_skip input[type=number]').value === '2'")

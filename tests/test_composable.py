@@ -60,15 +60,16 @@ def test_a_part_named_twice_guides_twice_as_hard(micro_engine):
 
 
 def test_a_colour_in_its_own_part_colours_the_shape(micro_engine):
-    """Measured: 20 of 24 (6 colours x seeds 0-3); a colour left unnamed would come out about 1 in 8."""
+    """Measured: 20 of 24 (6 colours x seeds 0-3; yellow comes out orange), 10 of 12 on the seeds 0-1
+    kept here; a colour left unnamed would come out about 1 in 8."""
     right = 0
     for colour in ("red", "green", "blue", "yellow", "purple", "orange"):
-        for seed in range(4):
+        for seed in range(2):
             image = picture(micro_engine, prompt=f"a circle on a white background AND {colour}", seed=seed, steps=20)
             reading = classify(image)
             assert reading.background == "white"
             right += reading.colour == colour
-    assert right >= 18, right
+    assert right >= 9, right
 
 
 def test_a_negative_weight_pushes_a_colour_away(micro_engine):

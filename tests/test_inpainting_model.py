@@ -104,9 +104,10 @@ def test_an_sdxl_inpainting_model_draws_what_its_base_model_draws(tmp_path):
     assert inpainting.model.family == "sdxl" and inpainting.loaded.inpainting_unet
     txt2img = dict(prompt="a cat", seed=1, steps=4, width=64, height=64)
     assert np.array_equal(pixels(inpainting, **txt2img), pixels(base, **txt2img))
-    # Its hires pass starts at the top of the schedule (strength 1): from the picture, as img2img does.
+    # Its hires pass starts at the top of the schedule (strength 1): from the picture, as img2img does. Like
+    # img2img it encodes a masked picture the base model does not, which may move a level (on one CPU thread).
     hires = dict(txt2img, enable_hr=True, hr_scale=1.5, hr_upscaler="Lanczos")
-    assert np.array_equal(pixels(inpainting, **hires), pixels(base, **hires))
+    assert np.abs(pixels(inpainting, **hires) - pixels(base, **hires)).max() <= 1
     img2img = dict(txt2img, init_images=[Image.new("RGB", (64, 64), "red")], denoising_strength=0.5)
     assert np.abs(pixels(inpainting, **img2img) - pixels(base, **img2img)).max() <= 1
 

@@ -75,7 +75,8 @@ def test_the_quality_tool_refuses_counts_it_cannot_use_by_name(capsys):
 
 
 def test_negative_prompt_removes_the_colour(micro_engine):
-    effect = quality.negative_prompt_effect(micro_engine, range(40))
+    # 20 seeds (12 red circles); tools/measure_micro_quality.py tries 300.
+    effect = quality.negative_prompt_effect(micro_engine, range(20))
     assert effect.red_without >= 2, "too few red circles to judge: widen the seed range"
     assert effect.share >= NEGATIVE_BAR, effect
 
@@ -249,8 +250,11 @@ def test_the_training_check_draws_what_the_page_draws(micro_engine):
         assert_same(draw("a blue circle", 5, init, strength), on_page, strength)
 
 
-def test_the_training_check_reads_the_shipped_model_as_the_table_does():
+def test_the_training_check_reads_the_shipped_model_as_the_table_does(monkeypatch):
     vae, unet, text_encoder = train_micro.load_exported(train_micro.DEFAULT_OUT)
+    # Emphasis on one seed (8 pictures) where a training run draws three.
+    emphasis_score = train_micro.emphasis_score
+    monkeypatch.setattr(train_micro, "emphasis_score", lambda *args: emphasis_score(*args, seeds=1))
     scores = train_micro.evaluate(
         vae, text_encoder, unet, architecture.build_tokenizer(), seed=12345, count=12, emphasis=True
     )
@@ -375,7 +379,7 @@ def test_training_can_start_from_an_exported_model(tmp_path):
     assert changes["vae"] == 0 and changes["text_encoder"] == 0
 
 
-def test_training_can_reuse_a_finished_vae_and_train_the_rest_from_scratch(tmp_path):
+def test_training_can_reuse_a_finished_vae_and_train_the_rest_from_scratch(tmp_path, monkeypatch):
     work, out = tmp_path / "work", tmp_path / "out"
     flags = ["--images=16", "--batch=4", "--unet-steps=2", "--low-noise-steps=0", "--eval-every=1000"]
     train_micro.main([f"--vae-from={train_micro.DEFAULT_OUT}", *flags, f"--work={work}", f"--out={out}"])
@@ -400,6 +404,10 @@ def test_training_can_reuse_a_finished_vae_and_train_the_rest_from_scratch(tmp_p
     # The checks draw pictures between steps but take nothing from the training's random streams, so a
     # recipe can leave them out to save time and still end on the weights its measured run ended on.
     checked = tmp_path / "checked"
+    # A smaller check (2 prompts, 1 img2img seed) runs the same code at a tenth of the pictures.
+    evaluate, img2img_score = train_micro.evaluate, train_micro.img2img_score
+    monkeypatch.setattr(train_micro, "evaluate", lambda *args, **kwargs: evaluate(*args, **kwargs, count=2))
+    monkeypatch.setattr(train_micro, "img2img_score", lambda *args: img2img_score(*args, seeds=1))
     # The last --eval-every on the command line wins over the one in `flags`.
     train_micro.main(
         [f"--vae-from={train_micro.DEFAULT_OUT}", *flags, "--eval-every=1", f"--work={work}-c", f"--out={checked}"]
