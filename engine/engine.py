@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import samplers
+from . import samplers, sd_upscale
 from .embeddings import EmbeddingsReport, folder_signature, load_embeddings, unload_embeddings
 from .errors import EngineError, InvalidRequestError, ModelLoadError
 from .events import JobControl, JobState, PreviewSettings, Progress, Result, Waiting
@@ -669,6 +669,18 @@ class Engine:
         one_by_one = self.exact_batches or samplers.get_sampler(req.sampler_name).batch_shares_noise
         per_call = 1 if one_by_one else req.batch_size
         batches = [range(i, min(i + per_call, total_images)) for i in range(0, total_images, per_call)]
+        tile_grid = None
+        if req.sd_upscale:  # every tile of every picture is a batch of its own, with A1111's seeds
+            size = sd_upscale.upscaled_size(req.init_images[0].size, req.sd_upscale_scale, req.sd_upscale_upscaler)
+            tile_grid = sd_upscale.plan_tiles(*size, req.width, req.height, req.sd_upscale_overlap)
+            seeds, subseeds = [], []
+            for picture_no in range(req.n_iter):
+                picture_seeds = sd_upscale.tile_seeds(
+                    seed + picture_no, subseed, tile_grid.count, req.batch_size, varying
+                )
+                seeds += picture_seeds[0]
+                subseeds += picture_seeds[1]
+            batches = [range(index, index + 1) for index in range(len(seeds))]
         self._state = JobState(
             running=True, job_id=control.job_id, mode=req.mode, batch_count=len(batches), started_at=time.time()
         )
@@ -729,6 +741,7 @@ class Engine:
             refiner = self._refiner(req, second_models.get("refiner_checkpoint"))
             if refiner is not None:
                 lora_hashes = {**lora_hashes, **refiner.lora_hashes}
+            tiles = self._sd_upscale_tiles(req, tile_grid) if tile_grid is not None else None
             with contextlib.ExitStack() as tiled:
                 if req.tiling:
                     padded = [(model, vae), (hires_model, hires_vae)]
@@ -746,7 +759,7 @@ class Engine:
                         self._switch_loras(model, req)
                     outcome = run_batch(
                         model,
-                        req,
+                        req if tiles is None else _tile_request(req, tiles, batch_no),
                         seeds=[seeds[index] for index in batch_indexes],
                         subseeds=[subseeds[index] for index in batch_indexes],
                         vae=vae,
@@ -784,6 +797,10 @@ class Engine:
                 preview=self._state.preview,
             )
 
+        if tile_grid is not None:
+            images, image_indexes = _joined_tiles(tiles, tile_grid, images, image_indexes)
+            seeds = [seed + picture_no for picture_no in range(req.n_iter)]
+            subseeds = [subseed] * req.n_iter
         infotexts = []
         vae_hash = self.registry.sha256_of(vae_weights_file(vae_file))[:10] if vae_file is not None else None
         embedding_hashes = model.embeddings.hashes_used(
@@ -818,6 +835,21 @@ class Engine:
             preview_seconds=preview_seconds,
             subseeds=image_subseeds,
         )
+
+    def _sd_upscale_tiles(self, req: GenerationRequest, grid: sd_upscale.TileGrid) -> list[Image.Image]:
+        """SD upscale's tiles: the init image upscaled as Extras does it, cut where `grid` says."""
+        name = req.sd_upscale_upscaler
+        networks = {}
+        if name not in PICTURE_UPSCALERS:
+            found = self.list_upscalers().get(name)
+            if found is None:  # removed from the folder while the job waited
+                raise InvalidRequestError("sd_upscale_upscaler", name, f"an upscaler in {self.upscaler_folders()}")
+            networks[name] = self.upscalers.get(found, "sd_upscale_upscaler")
+        picture = req.init_images[0]
+        upscaled, _ = upscale_picture(
+            picture, ExtrasRequest(image=picture, upscaling_resize=req.sd_upscale_scale, upscaler_1=name), networks
+        )
+        return sd_upscale.cut_tiles(upscaled, grid)
 
     def _refiner(self, req: GenerationRequest, refiner_model: LoadedModel | None) -> Refiner | None:
         """A job's refiner (None without one): its LoRAs switched on and its prompts encoded for the pass it joins,
@@ -920,6 +952,25 @@ def cpu_threads_for(model: LoadedModel, pixels: int) -> Iterator[None]:
 
 def _previewer_for(model: LoadedModel, preview: PreviewSettings):
     return make_previewer(preview.mode, vae=model.vae, latent_rgb=model.latent_rgb, taesd=model.taesd)
+
+
+def _tile_request(req: GenerationRequest, tiles: list[Image.Image], batch_no: int) -> GenerationRequest:
+    """SD upscale: the img2img job of one tile (batches run tile by tile, picture after picture)."""
+    return dataclasses.replace(req, init_images=[tiles[batch_no % len(tiles)]], batch_size=1, n_iter=1)
+
+
+def _joined_tiles(
+    tiles: list[Image.Image], grid: sd_upscale.TileGrid, done: list[Image.Image], done_indexes: list[int]
+) -> tuple[list[Image.Image], list[int]]:
+    """SD upscale's pictures, joined from their redrawn tiles, and the number of each (its seed's index). A
+    picture stopped part-way keeps the upscaled picture's own tiles where none were redrawn; one stopped before its
+    first tile is left out."""
+    by_picture: dict[int, list[Image.Image]] = {}
+    for image, index in zip(done, done_indexes, strict=True):
+        picture_no, tile_no = divmod(index, grid.count)
+        by_picture.setdefault(picture_no, list(tiles))[tile_no] = image
+    numbers = sorted(by_picture)
+    return [sd_upscale.join_tiles(grid, by_picture[number]) for number in numbers], numbers
 
 
 def _lora_set(model: LoadedModel, prompt: str) -> list[tuple[str, float, float]]:

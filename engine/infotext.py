@@ -177,6 +177,11 @@ def format_infotext(
     if req.refiner_checkpoint and req.refiner_switch_at < 1:  # at 1 it never takes over: A1111 writes nothing
         params["Refiner"] = req.refiner_checkpoint
         params["Refiner switch at"] = _format_number(req.refiner_switch_at)
+    if req.sd_upscale and req.mode == "img2img":
+        # A1111's script writes overlap and upscaler; the scale too, so that the picture can be made again.
+        params["SD upscale overlap"] = int(req.sd_upscale_overlap)
+        params["SD upscale upscaler"] = req.sd_upscale_upscaler
+        params["SD upscale scale factor"] = _format_number(req.sd_upscale_scale)
     if req.mode == "inpaint":
         params["Mask blur"] = int(req.mask_blur)
         if req.inpainting_mask_invert:
@@ -386,6 +391,14 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
         req.refiner_checkpoint = params.pop("Refiner")
         if "Refiner switch at" in params:
             req.refiner_switch_at = _parse_float("Refiner switch at", params.pop("Refiner switch at"))
+
+    if "SD upscale upscaler" in params:
+        req.sd_upscale = True
+        req.sd_upscale_upscaler = params.pop("SD upscale upscaler")
+        if "SD upscale overlap" in params:
+            req.sd_upscale_overlap = _parse_int("SD upscale overlap", params.pop("SD upscale overlap"))
+        if "SD upscale scale factor" in params:
+            req.sd_upscale_scale = _parse_float("SD upscale scale factor", params.pop("SD upscale scale factor"))
 
     req.extra_params = params
     return req

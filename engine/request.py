@@ -9,6 +9,7 @@ from typing import Any
 
 from PIL import Image
 
+from . import sd_upscale
 from .errors import InvalidRequestError
 from .images import LATENT_RESIZE, RESIZE_MODES, to_pil
 
@@ -123,6 +124,13 @@ class GenerationRequest:
     # refiner_switch_at of the schedule (engine/refiner.py). Engine.validate resolves it to the model's title.
     refiner_checkpoint: str = ""
     refiner_switch_at: float = 0.8
+    # A1111's "SD upscale" script (img2img, engine/sd_upscale.py): the init image upscaled sd_upscale_scale times by
+    # sd_upscale_upscaler, cut into width x height tiles overlapping by sd_upscale_overlap pixels, each tile redrawn
+    # by img2img, and the tiles joined again.
+    sd_upscale: bool = False
+    sd_upscale_overlap: int = 64
+    sd_upscale_upscaler: str = "Lanczos"
+    sd_upscale_scale: float = 2.0
 
     @property
     def hires_sampler(self) -> tuple[str, str]:
@@ -329,6 +337,8 @@ def validate_request(
     switch_at = _as_float(req.refiner_switch_at, "refiner_switch_at")
     _in_range(switch_at, "refiner_switch_at", 0.0, 1.0)
 
+    sd_upscale = _sd_upscale_fields(req, limits, width, height, init_images, mask, upscalers)
+
     extra = req.extra_params or {}
     if not isinstance(extra, dict):
         raise InvalidRequestError("extra_params", extra, "a mapping of infotext keys to text")
@@ -368,7 +378,60 @@ def validate_request(
         **hires,
         refiner_checkpoint=refiner,
         refiner_switch_at=switch_at,
+        **sd_upscale,
     )
+
+
+def _sd_upscale_fields(
+    req: GenerationRequest, limits: Limits, width: int, height: int, init_images, mask, upscalers
+) -> dict:
+    on = req.sd_upscale
+    if not isinstance(on, (bool, int)) or on not in (True, False, 0, 1):
+        raise InvalidRequestError("sd_upscale", on, "true or false")
+    fields = {"sd_upscale": bool(on)}
+    fields["sd_upscale_overlap"] = _as_int(req.sd_upscale_overlap, "sd_upscale_overlap")
+    _in_range(fields["sd_upscale_overlap"], "sd_upscale_overlap", 0, sd_upscale.MAX_OVERLAP)
+    fields["sd_upscale_scale"] = _as_float(req.sd_upscale_scale, "sd_upscale_scale")
+    _in_range(fields["sd_upscale_scale"], "sd_upscale_scale", 1.0, sd_upscale.MAX_SCALE)
+    fields["sd_upscale_upscaler"] = _choice(
+        req.sd_upscale_upscaler, "sd_upscale_upscaler", (*PICTURE_UPSCALERS, *upscalers)
+    )
+    if not fields["sd_upscale"]:
+        return fields
+    if not init_images or mask is not None:
+        raise InvalidRequestError(
+            "sd_upscale", True, "img2img only: an init image and no mask (the tiles are img2img jobs)"
+        )
+    overlap = fields["sd_upscale_overlap"]
+    if overlap >= min(width, height):
+        raise InvalidRequestError(
+            "sd_upscale_overlap", overlap, f"less than the tile size, {width}x{height} (width and height set it)"
+        )
+    picture = init_images[0]
+    upscaled = sd_upscale.upscaled_size(picture.size, fields["sd_upscale_scale"], fields["sd_upscale_upscaler"])
+    if upscaled[0] < width or upscaled[1] < height:
+        raise InvalidRequestError(
+            "sd_upscale_scale",
+            fields["sd_upscale_scale"],
+            f"a scale that makes the {picture.width}x{picture.height} picture at least one tile, {width}x{height} "
+            f"(it would become {upscaled[0]}x{upscaled[1]}; width and height set the tile size)",
+        )
+    if max(upscaled) > limits.max_side:
+        raise InvalidRequestError(
+            "sd_upscale_scale",
+            fields["sd_upscale_scale"],
+            f"a scale that keeps the picture within {limits.max_side} pixels a side "
+            f"(this {picture.width}x{picture.height} picture would become {upscaled[0]}x{upscaled[1]})",
+        )
+    tiles = sd_upscale.plan_tiles(*upscaled, width, height, overlap).count
+    if tiles > sd_upscale.MAX_TILES:
+        raise InvalidRequestError(
+            "sd_upscale_overlap",
+            overlap,
+            f"tiles that number at most {sd_upscale.MAX_TILES} (this would cut {upscaled[0]}x{upscaled[1]} into "
+            f"{tiles} tiles of {width}x{height}: raise width and height, or lower the overlap or the scale)",
+        )
+    return fields
 
 
 def _named_model(value: Any, name: str) -> str:

@@ -114,7 +114,7 @@ def test_the_api_runs_a_list_as_one_answer_and_each_line_as_its_own_request_woul
     assert refused.status_code == 422 and "script_args" in refused.text
     assert ok(api.get("scripts"))["txt2img"] == [SCRIPT]
     info = ok(api.get("script-info"))
-    assert [(entry["name"], entry["is_img2img"]) for entry in info] == [(SCRIPT, False), (SCRIPT, True)]
+    assert [(entry["name"], entry["is_img2img"]) for entry in info][:2] == [(SCRIPT, False), (SCRIPT, True)]
     assert [arg["label"] for arg in info[0]["args"]][-1] == "List of prompt inputs"
     other = ok(api.post("txt2img", json={**SMALL, "script_name": "x/y/z plot", "script_args": [1, 2]}))
     assert json.loads(other["info"])["ignored_fields"] == ["script_args", "script_name"]

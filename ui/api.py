@@ -42,6 +42,10 @@ from engine.prompt_list import PromptList
 from engine.request import EMPHASIS_MODES, LATENT_UPSCALERS, MAX_NOISE_MULTIPLIER, PICTURE_UPSCALERS, SEED_MAX
 from engine.samplers import SamplerSpec, get_sampler
 from engine.samplers import resolve as resolve_sampler
+from engine.sd_upscale import MAX_OVERLAP as SD_UPSCALE_MAX_OVERLAP
+from engine.sd_upscale import MAX_SCALE as SD_UPSCALE_MAX_SCALE
+from engine.sd_upscale import SCRIPT_NAME as SD_UPSCALE_SCRIPT
+from engine.sd_upscale import fields_from_script_args as sd_upscale_fields
 from engine.upscalers import scale_from_name
 from engine.vae import choose as vae_choice
 
@@ -302,8 +306,17 @@ _SETTINGS_READ_BY_JOBS = (
 )
 
 
+def _script(payload: Any) -> str:
+    return str(getattr(payload, "script_name", None) or "").strip().lower()
+
+
 def _is_prompt_list(payload: Any) -> bool:
-    return str(getattr(payload, "script_name", None) or "").strip().lower() == PROMPT_LIST_SCRIPT
+    return _script(payload) == PROMPT_LIST_SCRIPT
+
+
+def _runs_script(payload: Any) -> bool:
+    """A script this server runs: the prompt list, and SD upscale on img2img."""
+    return _is_prompt_list(payload) or (_script(payload) == SD_UPSCALE_SCRIPT and isinstance(payload, Img2ImgRequest))
 
 
 def _with_mask(rule):
@@ -319,9 +332,9 @@ _IGNORED_RULES = {
     "s_tmin": _not_in(0),
     "s_noise": _not_in(1),
     "firstpass_image": lambda v, p: _set(v),
-    # The one script run here is A1111's "Prompts from file or textbox".
-    "script_name": lambda v, p: _set(v) and not _is_prompt_list(p),
-    "script_args": lambda v, p: _set(v) and not _is_prompt_list(p),
+    # The scripts run here are A1111's "Prompts from file or textbox" and (img2img) "SD upscale".
+    "script_name": lambda v, p: _set(v) and not _runs_script(p),
+    "script_args": lambda v, p: _set(v) and not _runs_script(p),
     "alwayson_scripts": lambda v, p: _set(v),
     "firstphase_width": _not_in(0),
     "firstphase_height": _not_in(0),
@@ -385,11 +398,22 @@ def _realesrgan_entries(engine) -> list[dict[str, Any]]:
     ]
 
 
-def _script_info() -> list[dict[str, Any]]:
-    """A1111's /script-info for the one script run here, for txt2img and img2img alike."""
+def _script_info(engine) -> list[dict[str, Any]]:
+    """A1111's /script-info for the scripts run here: the prompt list (txt2img and img2img) and SD upscale
+    (img2img)."""
 
-    def arg(label: str, value: Any, choices: list[str] | None = None) -> dict[str, Any]:
-        return {"label": label, "value": value, "minimum": None, "maximum": None, "step": None, "choices": choices}
+    def arg(
+        label: str | None, value: Any, choices: list[str] | None = None, limits: tuple = (None, None, None)
+    ) -> dict[str, Any]:
+        minimum, maximum, step = limits
+        return {
+            "label": label,
+            "value": value,
+            "minimum": minimum,
+            "maximum": maximum,
+            "step": step,
+            "choices": choices,
+        }
 
     args = [
         arg("Iterate seed every line", False),
@@ -397,10 +421,16 @@ def _script_info() -> list[dict[str, Any]]:
         arg("Insert prompts at the", "start", ["start", "end"]),
         arg("List of prompt inputs", ""),
     ]
+    sd_upscale_args = [
+        arg(None, None),  # the script's explanation (HTML)
+        arg("Tile overlap", 64, limits=(0, SD_UPSCALE_MAX_OVERLAP, 16)),
+        arg("Upscaler", "None", [*PICTURE_UPSCALERS, *engine.list_upscalers()]),
+        arg("Scale Factor", 2.0, limits=(1.0, SD_UPSCALE_MAX_SCALE, 0.05)),
+    ]
     return [
         {"name": PROMPT_LIST_SCRIPT, "is_alwayson": False, "is_img2img": img2img, "args": args}
         for img2img in (False, True)
-    ]
+    ] + [{"name": SD_UPSCALE_SCRIPT, "is_alwayson": False, "is_img2img": True, "args": sd_upscale_args}]
 
 
 # Errors ----------------------------------------------------------------------------------------
@@ -723,6 +753,12 @@ class SdApi:
                     if payload.initial_noise_multiplier is not None
                     else self._setting_for("initial_noise_multiplier", payload, from_text, 1.0)
                 ),
+            )
+            if _script(payload) == SD_UPSCALE_SCRIPT:
+                fields.update(sd_upscale_fields(payload.script_args, list(self.engine.list_upscalers())))
+        elif _script(payload) == SD_UPSCALE_SCRIPT:
+            raise ApiError(
+                422, "script_name", payload.script_name, "SD upscale on /sdapi/v1/img2img (it redraws an init image)"
             )
         return GenerationRequest(**fields), ignored, clip_skip
 
@@ -1135,13 +1171,14 @@ class SdApi:
         router.add_api_route("/png-info", self.png_info, methods=["POST"])
         router.add_api_route("/extra-single-image", self.extra_single_image, methods=["POST"])
         router.add_api_route("/extra-batch-images", self.extra_batch_images, methods=["POST"])
-        # Clients probe these at start-up: the one script (Prompts from file or textbox), and no extensions.
+        # Clients probe these at start-up: the scripts run here (Prompts from file or textbox; SD upscale on img2img),
+        # and no extensions.
         router.add_api_route(
             "/scripts",
-            lambda: {"txt2img": [PROMPT_LIST_SCRIPT], "img2img": [PROMPT_LIST_SCRIPT]},
+            lambda: {"txt2img": [PROMPT_LIST_SCRIPT], "img2img": [PROMPT_LIST_SCRIPT, SD_UPSCALE_SCRIPT]},
             methods=["GET"],
         )
-        router.add_api_route("/script-info", _script_info, methods=["GET"])
+        router.add_api_route("/script-info", lambda: _script_info(self.engine), methods=["GET"])
         router.add_api_route("/extensions", _nothing_installed, methods=["GET"])
         router.add_api_route("/realesrgan-models", lambda: _realesrgan_entries(self.engine), methods=["GET"])
         # The hires fix upscalers, in A1111's two lists: picture upscalers (no models) and latent modes.

@@ -38,11 +38,13 @@ from engine.request import (
     SEED_MAX,
 )
 from engine.samplers import sampler_names, schedule_type_names
+from engine.sd_upscale import MAX_OVERLAP as SD_UPSCALE_MAX_OVERLAP
+from engine.sd_upscale import MAX_SCALE as SD_UPSCALE_MAX_SCALE
 from engine.styles import apply_styles
 from engine.vae import choose as vae_choice
 
 from .page_compare import build_compare_tab, wire_compare_tab
-from .page_extras import build_extras_tab, wire_extras_tab
+from .page_extras import build_extras_tab, upscaler_choices, wire_extras_tab
 from .page_jobs import (
     MASK_MODES,
     PageSession,
@@ -195,6 +197,8 @@ class TabWidgets:
     batch_images: gr.File | None = None
     # A1111's refiner: the checkpoint ("None": off) and where it takes over.
     refiner: list[gr.components.Component] | None = None
+    # img2img only: A1111's SD upscale script (on, tile overlap, upscaler, scale factor).
+    sd_upscale: list[gr.components.Component] | None = None
 
 
 def build_page(engine, settings=None) -> gr.Blocks:
@@ -731,6 +735,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
             panel, extra = _build_settings(mode, engine, defaults, prompts)
             refiner = _build_refiner(mode, engine)
             prompt_list = _build_prompt_list(mode)
+            sd_upscale = _build_sd_upscale(engine) if mode == "img2img" else None
         with gr.Column(scale=5, elem_classes="output-column"):
             progress = gr.HTML(progress_html(0.0, "Idle", state="idle"), label="Progress", elem_id=f"{mode}_progress")
             preview = gr.Image(
@@ -799,6 +804,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
         prompt_list=prompt_list,
         batch_images=batch_images,
         refiner=refiner,
+        sd_upscale=sd_upscale,
     )
 
 
@@ -942,6 +948,29 @@ def _build_refiner(mode: str, engine) -> list[gr.components.Component]:
                 elem_id=f"{mode}_refiner_switch_at",
             )
     return [checkpoint, switch_at]
+
+
+def _build_sd_upscale(engine) -> list[gr.components.Component]:
+    """A1111's SD upscale script: (on, tile overlap, upscaler, scale factor), in the order img2img takes them."""
+    with gr.Accordion("SD upscale", open=False, elem_id="img2img_sd_upscale_box"):
+        on = gr.Checkbox(
+            False,
+            label="Upscale the init image, then redraw it tile by tile",
+            info="Width and Height set the tile size; each tile is an img2img job at the denoising strength",
+            elem_id="img2img_sd_upscale",
+        )
+        with gr.Row():
+            overlap = gr.Slider(
+                0, SD_UPSCALE_MAX_OVERLAP, value=64, step=16, label="Tile overlap", elem_id="img2img_sd_upscale_overlap"
+            )
+            scale = gr.Slider(
+                1, SD_UPSCALE_MAX_SCALE, value=2, step=0.05, label="Scale Factor", elem_id="img2img_sd_upscale_scale"
+            )
+        upscaler = gr.Dropdown(
+            upscaler_choices(engine), value="Lanczos", label="Upscaler", elem_id="img2img_sd_upscale_upscaler"
+        )
+        reread_on_open(upscaler, functools.partial(upscaler_choices, engine))
+    return [on, overlap, upscaler, scale]
 
 
 def _second_model_choices(engine, none: str) -> list[str]:
@@ -1145,6 +1174,8 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
     inputs += tab.refiner
     if tab.resize_by is not None:
         inputs.append(tab.resize_by)
+    if tab.sd_upscale is not None:
+        inputs += tab.sd_upscale
     # Showing the preview (and hiding the gallery) around the job is done by separate quick events, so
     # that the streamed endpoint returns plain values to API clients rather than visibility updates.
     # The click registers the job with the session at once, so that Stop also cancels it while it waits
@@ -1418,10 +1449,16 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             refiner_checkpoint: str = NO_REFINER,
             refiner_switch_at: float = 0.8,
             resize_by: float = 0.0,
+            sd_upscale: bool = False,
+            sd_upscale_overlap: int = 64,
+            sd_upscale_upscaler: str = "Lanczos",
+            sd_upscale_scale: float = 2.0,
         ):
             """Image to image: like /txt2img plus the init image and the denoising strength (0..1); resize_mode
             is A1111's (0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale)).
-            batch_images (files) run one job each, in place of init_image, into one gallery."""
+            batch_images (files) run one job each, in place of init_image, into one gallery. With sd_upscale
+            (A1111's SD upscale script) the init image is upscaled sd_upscale_scale times by sd_upscale_upscaler
+            and redrawn in width x height tiles overlapping by sd_upscale_overlap pixels."""
             pictures = batch_pictures(batch_images, "batch_images")
             if pictures and prompt_list:
                 raise gr.Error(
@@ -1451,7 +1488,13 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                 resize_mode=resize_mode,
             )
             request = dataclasses.replace(
-                request, tiling=bool(tiling), **_refiner_fields(refiner_checkpoint, refiner_switch_at)
+                request,
+                tiling=bool(tiling),
+                **_refiner_fields(refiner_checkpoint, refiner_switch_at),
+                sd_upscale=sd_upscale,
+                sd_upscale_overlap=sd_upscale_overlap,
+                sd_upscale_upscaler=sd_upscale_upscaler,
+                sd_upscale_scale=sd_upscale_scale,
             )
             if pictures:
                 batch = [
