@@ -13,6 +13,7 @@ from .extras import ExtrasRequest
 from .merge import MergeRequest, MergeResult
 from .models import ModelInfo
 from .prompt_list import PromptList
+from .prompt_matrix import PromptMatrix
 from .request import GenerationRequest, Limits
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "ModelLoadError",
     "PreviewSettings",
     "PromptList",
+    "PromptMatrix",
     "Progress",
     "Result",
     "Waiting",

@@ -25,10 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from .errors import InvalidRequestError
 from .events import JobControl, PreviewSettings, Progress, Result, Waiting
+from .labels import centered, text_width, wrap
+from .labels import font as label_font
 from .request import MAX_CLIP_SKIP, GenerationRequest, with_clip_skip
 
 log = logging.getLogger(__name__)
@@ -488,10 +490,6 @@ def convergence_table(result: GridResult) -> list[dict]:
 # Drawing -----------------------------------------------------------------------------------------
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
-
-
 def draw_grids(axes: list[Axis], cells: list[CellResult]) -> list[Image.Image]:
     """One labelled grid per Z value: X values as column headers, Y values as row headers; empty slots
     (stopped grids) stay blank."""
@@ -500,14 +498,14 @@ def draw_grids(axes: list[Axis], cells: list[CellResult]) -> list[Image.Image]:
     x_axis, y_axis, z_axis = (list(axes) + [Axis("Nothing", (None,), ("",))] * 3)[:3]
     width, height = cells[0].image.size
     font_size = max(12, min(28, width // 10))
-    font = _font(font_size)
+    font = label_font(font_size)
     header_h = 0
     if x_axis.kind != "Nothing":
-        most_lines = max(len(_wrap(f"{x_axis.kind}: {label}", font, width)) for label in x_axis.labels)
+        most_lines = max(len(wrap(f"{x_axis.kind}: {label}", font, width)) for label in x_axis.labels)
         header_h = most_lines * (font_size + 2) + 8
     label_w = 0
     if y_axis.kind != "Nothing":
-        label_w = max(_text_width(font, f"{y_axis.kind}: {label}") for label in y_axis.labels) + 16
+        label_w = max(text_width(font, f"{y_axis.kind}: {label}") for label in y_axis.labels) + 16
     by_slot = {(c.cell.x, c.cell.y, c.cell.z): c for c in cells}
     grids = []
     for z in range(len(z_axis)):
@@ -521,43 +519,14 @@ def draw_grids(axes: list[Axis], cells: list[CellResult]) -> list[Image.Image]:
         if title_h:
             draw.text((8, 4), f"{z_axis.kind}: {z_axis.labels[z]}", fill="black", font=font)
         for x, label in enumerate(x_axis.labels if x_axis.kind != "Nothing" else []):
-            _centered(draw, f"{x_axis.kind}: {label}", (label_w + x * width, title_h, width, header_h), font)
+            centered(draw, f"{x_axis.kind}: {label}", (label_w + x * width, title_h, width, header_h), font)
         for y, label in enumerate(y_axis.labels if y_axis.kind != "Nothing" else []):
-            _centered(draw, f"{y_axis.kind}: {label}", (0, title_h + header_h + y * height, label_w, height), font)
+            centered(draw, f"{y_axis.kind}: {label}", (0, title_h + header_h + y * height, label_w, height), font)
         for (x, y, cz), cell in by_slot.items():
             if cz == z:
                 grid.paste(cell.image.convert("RGB"), (label_w + x * width, title_h + header_h + y * height))
         grids.append(grid)
     return grids
-
-
-def _text_width(font, text: str) -> int:
-    left, _top, right, _bottom = font.getbbox(text)
-    return int(right - left)
-
-
-def _wrap(text: str, font, width: int) -> list[str]:
-    """Long labels wrap onto more lines rather than run into the next column."""
-    lines, line = [], ""
-    for word in text.split(" "):
-        candidate = f"{line} {word}".strip()
-        if line and _text_width(font, candidate) > width - 8:
-            lines.append(line)
-            line = word
-        else:
-            line = candidate
-    lines.append(line)
-    return lines
-
-
-def _centered(draw: ImageDraw.ImageDraw, text: str, box: tuple[int, int, int, int], font) -> None:
-    left, top, width, height = box
-    lines = _wrap(text, font, width)
-    line_h = font.size + 2
-    y = top + (height - line_h * len(lines)) / 2
-    for text_line in lines:
-        draw.text((left + (width - _text_width(font, text_line)) / 2, y), text_line, fill="black", font=font)
-        y += line_h
 
 
 def grid_infotext(base: GenerationRequest, axes: list[Axis], cell_count: int, done: int) -> str:

@@ -35,6 +35,8 @@ from .presets import DEFAULT_MODELS_DIR, MICRO_MODEL_NAME, SHIPPED_MICRO_MODEL, 
 from .previews import make_previewer
 from .prompt_list import PromptList
 from .prompt_list import expand as expand_prompt_list
+from .prompt_matrix import MatrixPlan, PromptMatrix
+from .prompt_matrix import plan as plan_prompt_matrix
 from .prompt_schedule import composable_parts, is_composed, prompt_schedule
 from .prompts import Conditioning, PromptReading, SDXLEmbeds, describe_prompt, make_prompt_encoders
 from .refiner import Refiner
@@ -418,6 +420,19 @@ class Engine:
                 raise InvalidRequestError(field, exc.value, exc.allowed) from exc
             requests.append(request)
         return requests
+
+    def prompt_matrix_plan(self, base: GenerationRequest, matrix: PromptMatrix) -> MatrixPlan:
+        """A1111's "Prompt matrix": one request per combination of the prompt's | parts, made from `base`. Every
+        picture's request is checked before any job runs; InvalidRequestError names the picture, then the field."""
+        matrix_plan = plan_prompt_matrix(base, matrix)
+        for number, request in enumerate(matrix_plan.requests, start=1):
+            try:
+                self.validate(request)
+            except InvalidRequestError as exc:
+                raise InvalidRequestError(
+                    f"prompt matrix picture {number}: {exc.field}", exc.value, exc.allowed
+                ) from exc
+        return matrix_plan
 
     def validate(self, req: GenerationRequest) -> GenerationRequest:
         """A checked, normalized copy of `req`; raises InvalidRequestError naming the bad field."""

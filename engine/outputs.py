@@ -2,6 +2,7 @@
 
     outputs/txt2img-images/2024-05-01/00042-1234.png      (img2img and inpaint: img2img-images/)
     outputs/extras-images/2024-05-01/00007.png             (Extras: no seed)
+    outputs/txt2img-grids/2024-05-01/00003-1234.png       (a prompt matrix's grid; img2img-grids/)
 
 Numbers continue from the highest one already in the day's folder. Two saves racing for the same
 number (two server threads, two processes) never overwrite each other: a number is claimed by
@@ -25,6 +26,10 @@ MODE_FOLDERS = {
     "img2img": "img2img-images",
     "inpaint": "img2img-images",
     "extras": "extras-images",
+    # Grids (the prompt matrix's), as A1111 keeps them apart from the pictures.
+    "txt2img-grids": "txt2img-grids",
+    "img2img-grids": "img2img-grids",
+    "inpaint-grids": "img2img-grids",
 }
 FORMATS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
 _NUMBERED = re.compile(r"^(\d+)[-.]")

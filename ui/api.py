@@ -39,6 +39,11 @@ from engine.infotext import parse_infotext, parse_infotext_params, read_infotext
 from engine.outputs import FORMATS, output_folder, save_image
 from engine.prompt_list import SCRIPT_NAME as PROMPT_LIST_SCRIPT
 from engine.prompt_list import PromptList
+from engine.prompt_matrix import DELIMITERS as PROMPT_MATRIX_DELIMITERS
+from engine.prompt_matrix import MAX_MARGIN as PROMPT_MATRIX_MAX_MARGIN
+from engine.prompt_matrix import PROMPT_TYPES as PROMPT_MATRIX_TYPES
+from engine.prompt_matrix import SCRIPT_NAME as PROMPT_MATRIX_SCRIPT
+from engine.prompt_matrix import PromptMatrix, grid_result
 from engine.request import EMPHASIS_MODES, LATENT_UPSCALERS, MAX_NOISE_MULTIPLIER, PICTURE_UPSCALERS, SEED_MAX
 from engine.samplers import SamplerSpec, get_sampler
 from engine.samplers import resolve as resolve_sampler
@@ -315,8 +320,11 @@ def _is_prompt_list(payload: Any) -> bool:
 
 
 def _runs_script(payload: Any) -> bool:
-    """A script this server runs: the prompt list, and SD upscale on img2img."""
-    return _is_prompt_list(payload) or (_script(payload) == SD_UPSCALE_SCRIPT and isinstance(payload, Img2ImgRequest))
+    """A script this server runs: the prompt list, the prompt matrix, and SD upscale on img2img."""
+    script = _script(payload)
+    return script in (PROMPT_LIST_SCRIPT, PROMPT_MATRIX_SCRIPT) or (
+        script == SD_UPSCALE_SCRIPT and isinstance(payload, Img2ImgRequest)
+    )
 
 
 def _with_mask(rule):
@@ -399,8 +407,8 @@ def _realesrgan_entries(engine) -> list[dict[str, Any]]:
 
 
 def _script_info(engine) -> list[dict[str, Any]]:
-    """A1111's /script-info for the scripts run here: the prompt list (txt2img and img2img) and SD upscale
-    (img2img)."""
+    """A1111's /script-info for the scripts run here: the prompt list and the prompt matrix (txt2img and img2img),
+    and SD upscale (img2img)."""
 
     def arg(
         label: str | None, value: Any, choices: list[str] | None = None, limits: tuple = (None, None, None)
@@ -427,8 +435,16 @@ def _script_info(engine) -> list[dict[str, Any]]:
         arg("Upscaler", "None", [*PICTURE_UPSCALERS, *engine.list_upscalers()]),
         arg("Scale Factor", 2.0, limits=(1.0, SD_UPSCALE_MAX_SCALE, 0.05)),
     ]
+    matrix_args = [
+        arg("Set at prompt start", False),
+        arg("Random seeds", False),
+        arg("Prompt type", "positive", list(PROMPT_MATRIX_TYPES)),
+        arg("Joining char", "comma", list(PROMPT_MATRIX_DELIMITERS)),
+        arg("Grid margins", 0, limits=(0, PROMPT_MATRIX_MAX_MARGIN, 2)),
+    ]
     return [
-        {"name": PROMPT_LIST_SCRIPT, "is_alwayson": False, "is_img2img": img2img, "args": args}
+        {"name": name, "is_alwayson": False, "is_img2img": img2img, "args": script_args}
+        for name, script_args in ((PROMPT_LIST_SCRIPT, args), (PROMPT_MATRIX_SCRIPT, matrix_args))
         for img2img in (False, True)
     ] + [{"name": SD_UPSCALE_SCRIPT, "is_alwayson": False, "is_img2img": True, "args": sd_upscale_args}]
 
@@ -595,9 +611,12 @@ class SdApi:
     def _generate(self, payload: _GenerationPayload) -> dict[str, Any]:
         with self._model_for(payload):
             req, ignored, clip_skip = self._to_request(payload)
-            requests = [req]
+            requests, matrix = [req], None
             if _is_prompt_list(payload):  # every line is checked before the first job runs
                 requests = self.engine.prompt_list_requests(req, PromptList.from_script_args(payload.script_args))
+            elif _script(payload) == PROMPT_MATRIX_SCRIPT:  # so is every picture of a prompt matrix
+                matrix = self.engine.prompt_matrix_plan(req, PromptMatrix.from_script_args(payload.script_args))
+                requests = list(matrix.requests)
             timestamp = dt.datetime.now().strftime("%Y%m%d%H%M%S")
             self._last_job_timestamp = timestamp
             results = []
@@ -606,18 +625,23 @@ class SdApi:
                 results.append(self._run(request, _ApiJob(req.mode, timestamp, line, len(requests), started)))
                 if results[-1].interrupted:  # /interrupt stops the whole list, as in A1111
                     break
+        # A prompt matrix's grid comes first, with the first picture's infotext, as A1111 gives it.
+        grid = grid_result(matrix, results) if matrix is not None else None
+        shown = [grid, *results] if grid is not None else results
 
         if payload.save_images:
             if self.settings.save_images:
                 for result in results:
                     self._save(result)
+                if grid is not None:
+                    self._save(grid, grid_of=grid.request.mode)
             else:
                 ignored.append("save_images")  # the server was started with --no-save
         images = []
         if payload.send_images:
             images = [
                 encode_base64_png(image, text)
-                for result in results
+                for result in shown
                 for image, text in zip(result.images, result.infotexts, strict=True)
             ]
 
@@ -628,6 +652,9 @@ class SdApi:
         styles = payload.styles if isinstance(payload.styles, list) else [payload.styles] if payload.styles else []
         # A prompt list's jobs get one answer, as A1111's script gives.
         info = self._info(results, ignored, clip_skip, timestamp, styles=styles)
+        if grid is not None:
+            info["infotexts"] = [*grid.infotexts, *info["infotexts"]]
+            info["index_of_first_image"] = 1
         return {"images": images, "parameters": parameters, "info": json.dumps(info)}
 
     @contextlib.contextmanager
@@ -832,13 +859,14 @@ class SdApi:
             text.split(" [", 1)[0] in (model.name, Path(model.path).name, Path(model.path).stem)
         )
 
-    def _save(self, result: Result) -> None:
+    def _save(self, result: Result, grid_of: str | None = None) -> None:
+        """A result's pictures, into their mode's folder; a grid (`grid_of` a mode) into that mode's grids folder."""
         for image, seed, text in zip(result.images, result.seeds, result.infotexts, strict=True):
             path = save_image(
                 image,
                 text,
                 outputs_dir=self.settings.outputs_dir,
-                mode=result.request.mode,
+                mode=result.request.mode if grid_of is None else f"{grid_of}-grids",
                 seed=seed,
                 fmt=self._samples_format,
             )
@@ -1175,7 +1203,10 @@ class SdApi:
         # and no extensions.
         router.add_api_route(
             "/scripts",
-            lambda: {"txt2img": [PROMPT_LIST_SCRIPT], "img2img": [PROMPT_LIST_SCRIPT, SD_UPSCALE_SCRIPT]},
+            lambda: {
+                "txt2img": [PROMPT_LIST_SCRIPT, PROMPT_MATRIX_SCRIPT],
+                "img2img": [PROMPT_LIST_SCRIPT, PROMPT_MATRIX_SCRIPT, SD_UPSCALE_SCRIPT],
+            },
             methods=["GET"],
         )
         router.add_api_route("/script-info", lambda: _script_info(self.engine), methods=["GET"])

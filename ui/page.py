@@ -22,13 +22,16 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from engine import EngineError, GenerationRequest, PromptList
+from engine import EngineError, GenerationRequest, PromptList, PromptMatrix
 from engine.events import PREVIEW_MODES
 from engine.images import LATENT_RESIZE, RESIZE_MODES
 from engine.inpaint import MASKED_CONTENT
 from engine.lora import lora_uses
 from engine.memory import describe_memory
 from engine.prompt_list import POSITIONS as PROMPT_LIST_POSITIONS
+from engine.prompt_matrix import DELIMITERS as PROMPT_MATRIX_DELIMITERS
+from engine.prompt_matrix import MAX_MARGIN as PROMPT_MATRIX_MAX_MARGIN
+from engine.prompt_matrix import PROMPT_TYPES as PROMPT_MATRIX_TYPES
 from engine.request import (
     EMPHASIS_MODES,
     HR_UPSCALERS,
@@ -193,6 +196,8 @@ class TabWidgets:
     hires: list[gr.components.Component] | None = None
     # A1111's "Prompts from file or textbox": on, iterate seed, same seed, position, the list.
     prompt_list: list[gr.components.Component] | None = None
+    # A1111's "Prompt matrix" script (on, put at start, random seeds, prompt type, joining char, grid margins).
+    prompt_matrix: list[gr.components.Component] | None = None
     # img2img only: several init images, one job each (A1111's Batch).
     batch_images: gr.File | None = None
     # A1111's refiner: the checkpoint ("None": off) and where it takes over.
@@ -735,6 +740,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
             panel, extra = _build_settings(mode, engine, defaults, prompts)
             refiner = _build_refiner(mode, engine)
             prompt_list = _build_prompt_list(mode)
+            prompt_matrix = _build_prompt_matrix(mode)
             sd_upscale = _build_sd_upscale(engine) if mode == "img2img" else None
         with gr.Column(scale=5, elem_classes="output-column"):
             progress = gr.HTML(progress_html(0.0, "Idle", state="idle"), label="Progress", elem_id=f"{mode}_progress")
@@ -802,6 +808,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
         masked_content=extra.get("masked_content"),
         hires=extra.get("hires"),
         prompt_list=prompt_list,
+        prompt_matrix=prompt_matrix,
         batch_images=batch_images,
         refiner=refiner,
         sd_upscale=sd_upscale,
@@ -1015,6 +1022,35 @@ def _build_prompt_list(mode: str) -> list[gr.components.Component]:
     return [on, iterate, same, position, text]
 
 
+def _build_prompt_matrix(mode: str) -> list[gr.components.Component]:
+    """A1111's "Prompt matrix" script: (on, put at start, random seeds, prompt type, joining char, grid margins), in
+    the order the generate handlers take them."""
+    with gr.Accordion("Prompt matrix", open=False, elem_id=f"{mode}_prompt_matrix_box"):
+        on = gr.Checkbox(
+            False,
+            label="Make every combination of the prompt's | parts, and a grid of them",
+            info="'a house | at night | in snow' makes 4 pictures: the first part in each, every later part in half",
+            elem_id=f"{mode}_prompt_matrix_on",
+        )
+        with gr.Row():
+            at_start = gr.Checkbox(False, label="Set at prompt start", elem_id=f"{mode}_prompt_matrix_put_at_start")
+            random_seeds = gr.Checkbox(False, label="Random seeds", elem_id=f"{mode}_prompt_matrix_different_seeds")
+        with gr.Row():
+            prompt_type = gr.Radio(
+                list(PROMPT_MATRIX_TYPES), value="positive", label="Prompt type", elem_id=f"{mode}_prompt_matrix_type"
+            )
+            delimiter = gr.Radio(
+                list(PROMPT_MATRIX_DELIMITERS),
+                value="comma",
+                label="Joining char",
+                elem_id=f"{mode}_prompt_matrix_joiner",
+            )
+        margin = gr.Slider(
+            0, PROMPT_MATRIX_MAX_MARGIN, value=0, step=2, label="Grid margins", elem_id=f"{mode}_prompt_matrix_margin"
+        )
+    return [on, at_start, random_seeds, prompt_type, delimiter, margin]
+
+
 def _read_prompt_file(data: bytes | None):
     """An uploaded list into the textbox (as A1111 reads it: UTF-8, lines stripped), switched on."""
     if not data:
@@ -1023,16 +1059,30 @@ def _read_prompt_file(data: bytes | None):
     return "\n".join(lines), True
 
 
-def _prompt_list_requests(engine, request, on, iterate, same, position, text):
-    """The page's request, or with the list on, one request per line (every line checked first)."""
-    if not on:
-        return request
-    try:
-        return engine.prompt_list_requests(
-            request, PromptList(text=text or "", iterate_seed=bool(iterate), same_seed=bool(same), position=position)
+def _scripted(engine, request, prompt_list: tuple, prompt_matrix: tuple) -> dict:
+    """run_job's request (and matrix) for the page's request: as it is, or with the prompt list on, one request per
+    line, or with the prompt matrix on, one per combination of the prompt's parts (every one checked first). One
+    of the two at a time, as A1111's Script list has it."""
+    list_on, iterate, same, position, text = prompt_list
+    matrix_on, *matrix_settings = prompt_matrix
+    if list_on and matrix_on:
+        raise gr.Error(
+            "matrix_on: got it on with the prompt list; allowed: one of the two (untick Prompts from file or "
+            "textbox, or Prompt matrix)"
         )
+    try:
+        if list_on:
+            prompt_list_settings = PromptList(
+                text=text or "", iterate_seed=bool(iterate), same_seed=bool(same), position=position
+            )
+            return {"request": engine.prompt_list_requests(request, prompt_list_settings)}
+        if matrix_on:
+            at_start, random_seeds, prompt_type, delimiter, margin = matrix_settings
+            matrix = PromptMatrix(bool(at_start), bool(random_seeds), prompt_type, delimiter, margin)
+            return {"request": request, "matrix": engine.prompt_matrix_plan(request, matrix)}
     except EngineError as exc:
         raise engine_error(exc) from exc
+    return {"request": request}
 
 
 @dataclass
@@ -1176,6 +1226,7 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
         inputs.append(tab.resize_by)
     if tab.sd_upscale is not None:
         inputs += tab.sd_upscale
+    inputs += tab.prompt_matrix
     # Showing the preview (and hiding the gallery) around the job is done by separate quick events, so
     # that the streamed endpoint returns plain values to API clients rather than visibility updates.
     # The click registers the job with the session at once, so that Stop also cancels it while it waits
@@ -1362,6 +1413,12 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             prompt_list_text: str = "",
             refiner_checkpoint: str = NO_REFINER,
             refiner_switch_at: float = 0.8,
+            matrix_on: bool = False,
+            matrix_at_start: bool = False,
+            matrix_random_seeds: bool = False,
+            matrix_prompt_type: str = "positive",
+            matrix_joiner: str = "comma",
+            matrix_margin: int = 0,
         ):
             """Text to image. Streams (preview, progress HTML, gallery, infotext) updates; the last has the
             gallery of PNGs (each with its A1111 "parameters" text chunk) and the first image's infotext.
@@ -1407,10 +1464,9 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             request = dataclasses.replace(
                 request, tiling=bool(tiling), **_refiner_fields(refiner_checkpoint, refiner_switch_at)
             )
-            request = _prompt_list_requests(
-                engine, request, prompt_list, iterate_seed, same_seed, prompt_position, prompt_list_text
-            )
-            yield from run_job(session=session, request=request, ticket=ticket, **common)
+            listed = (prompt_list, iterate_seed, same_seed, prompt_position, prompt_list_text)
+            matrix = (matrix_on, matrix_at_start, matrix_random_seeds, matrix_prompt_type, matrix_joiner, matrix_margin)
+            yield from run_job(session=session, ticket=ticket, **_scripted(engine, request, listed, matrix), **common)
 
         return txt2img
 
@@ -1453,6 +1509,12 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             sd_upscale_overlap: int = 64,
             sd_upscale_upscaler: str = "Lanczos",
             sd_upscale_scale: float = 2.0,
+            matrix_on: bool = False,
+            matrix_at_start: bool = False,
+            matrix_random_seeds: bool = False,
+            matrix_prompt_type: str = "positive",
+            matrix_joiner: str = "comma",
+            matrix_margin: int = 0,
         ):
             """Image to image: like /txt2img plus the init image and the denoising strength (0..1); resize_mode
             is A1111's (0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale)).
@@ -1460,10 +1522,11 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             (A1111's SD upscale script) the init image is upscaled sd_upscale_scale times by sd_upscale_upscaler
             and redrawn in width x height tiles overlapping by sd_upscale_overlap pixels."""
             pictures = batch_pictures(batch_images, "batch_images")
-            if pictures and prompt_list:
+            if pictures and (prompt_list or matrix_on):
+                script = "a prompt list" if prompt_list else "the prompt matrix"
                 raise gr.Error(
-                    "batch_images: got a batch with a prompt list; allowed: one of the two (clear the batch's files, "
-                    "or untick the prompt list)"
+                    f"batch_images: got a batch with {script}; allowed: one of the two (clear the batch's files, "
+                    f"or untick {'the prompt list' if prompt_list else 'Prompt matrix'})"
                 )
             init_image = pictures[0] if pictures else init_image
             if init_image is None:
@@ -1504,10 +1567,9 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                 yield from run_job(session=session, request=batch, ticket=ticket, unit="init image", **common)
                 return
             request = _resized_by(request, resize_by, engine)
-            request = _prompt_list_requests(
-                engine, request, prompt_list, iterate_seed, same_seed, prompt_position, prompt_list_text
-            )
-            yield from run_job(session=session, request=request, ticket=ticket, **common)
+            listed = (prompt_list, iterate_seed, same_seed, prompt_position, prompt_list_text)
+            matrix = (matrix_on, matrix_at_start, matrix_random_seeds, matrix_prompt_type, matrix_joiner, matrix_margin)
+            yield from run_job(session=session, ticket=ticket, **_scripted(engine, request, listed, matrix), **common)
 
         return img2img
 
@@ -1549,6 +1611,12 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
         refiner_checkpoint: str = NO_REFINER,
         refiner_switch_at: float = 0.8,
         resize_by: float = 0.0,
+        matrix_on: bool = False,
+        matrix_at_start: bool = False,
+        matrix_random_seeds: bool = False,
+        matrix_prompt_type: str = "positive",
+        matrix_joiner: str = "comma",
+        matrix_margin: int = 0,
     ):
         """Inpaint: like /img2img; `image` is an image-editor value whose painted layer is the mask
         (white = repaint), or give `mask` (a white-on-black image of the same size). inpaint_area is
@@ -1595,10 +1663,9 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             request, tiling=bool(tiling), **_refiner_fields(refiner_checkpoint, refiner_switch_at)
         )
         request = _resized_by(request, resize_by, engine)
-        request = _prompt_list_requests(
-            engine, request, prompt_list, iterate_seed, same_seed, prompt_position, prompt_list_text
-        )
-        yield from run_job(session=session, request=request, ticket=ticket, **common)
+        listed = (prompt_list, iterate_seed, same_seed, prompt_position, prompt_list_text)
+        matrix = (matrix_on, matrix_at_start, matrix_random_seeds, matrix_prompt_type, matrix_joiner, matrix_margin)
+        yield from run_job(session=session, ticket=ticket, **_scripted(engine, request, listed, matrix), **common)
 
     return inpaint
 

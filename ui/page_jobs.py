@@ -22,6 +22,7 @@ from PIL import Image
 from engine import EngineError, GenerationRequest, JobControl, PreviewSettings, Progress, Result, Waiting
 from engine.events import PREVIEW_MODES, Pacer
 from engine.previews import preview_to_display
+from engine.prompt_matrix import MatrixPlan, grid_result
 from engine.request import with_clip_skip
 from engine.samplers import get_sampler
 
@@ -402,6 +403,7 @@ def run_job(
     outputs_dir: Path | None,
     save_image=None,
     unit: str = "prompt",
+    matrix: MatrixPlan | None = None,
 ) -> Iterator[tuple]:
     """Iterate engine.generate and yield page updates: previews and progress, then the results.
 
@@ -410,12 +412,15 @@ def run_job(
     preview holds the latest preview; the last update has the gallery and no preview. `ticket` is the
     job id PageSession.start_job gave when Generate was clicked (None for API calls). A list of requests
     (a prompt list, a batch of pictures: `unit` says which) runs one after another, all checked first, into
-    one gallery; Stop ends the list.
+    one gallery; Stop ends the list. With a prompt `matrix`, `request` is ignored: its pictures run, and their grid
+    comes first in the gallery (and goes to the grids folder).
 
     On the page (a `ticket`), the gallery, infotext and result view are left as they are until results come,
     and a job stopped before it started leaves them as they were: the last pictures stay, as in A1111.
     """
-    requests = request if isinstance(request, list) else [request]
+    requests = list(matrix.requests) if matrix is not None else request if isinstance(request, list) else [request]
+    if matrix is not None:
+        unit = "picture"
     control = session.take_job(ticket)
     results: list[Result] = []
     fraction, shown = 0.0, None
@@ -466,26 +471,38 @@ def run_job(
                         _save_all(event, save_image, outputs_dir=outputs_dir, mode=mode)
     except EngineError as exc:
         if results:  # a list that failed part-way: what it made stays in the gallery under the error
-            yield _final_update(results, len(requests), unit, fraction)
+            yield _final_update(results, len(requests), unit, fraction, _matrix_grid(matrix, results))
         raise engine_error(exc) from exc
     finally:
         session.end_job(control)
     if not results:  # the engine always ends with a Result; this guards the page, not the engine
         raise gr.Error("The job ended without a result.")
-    final = _final_update(results, len(requests), unit, fraction)
+    grid = _matrix_grid(matrix, results)
+    if grid is not None and session.save_images and save_image is not None and outputs_dir is not None:
+        _save_all(grid, save_image, outputs_dir=outputs_dir, mode=f"{mode}-grids")
+    final = _final_update(results, len(requests), unit, fraction, grid)
     if ticket is not None and not any(result.images for result in results):
         final = (*final[:2], gr.skip(), gr.skip(), gr.skip())  # stopped before it started: keep the last pictures
     yield final
 
 
-def _final_update(results: list[Result], asked: int, unit: str, fraction: float) -> tuple:
+def _matrix_grid(matrix: MatrixPlan | None, results: list[Result]) -> Result | None:
+    return grid_result(matrix, results) if matrix is not None else None
+
+
+def _final_update(results: list[Result], asked: int, unit: str, fraction: float, grid: Result | None = None) -> tuple:
+    """The last update: the gallery of every result's pictures (a prompt matrix's `grid` first) and the first one's
+    infotext."""
+    shown = [grid, *results] if grid is not None else results
     view = ResultView(
-        seeds=[seed for result in results for seed in result.seeds],
-        infotexts=[text for result in results for text in result.infotexts],
+        seeds=[seed for result in shown for seed in result.seeds],
+        infotexts=[text for result in shown for text in result.infotexts],
         selected=0,
-        subseeds=[subseed for result in results for subseed in result.subseeds],
+        subseeds=[subseed for result in shown for subseed in result.subseeds],
     )
     gallery = [(image, _caption(result, index)) for result in results for index, image in enumerate(result.images)]
+    if grid is not None:
+        gallery.insert(0, (grid.images[0], "Prompt matrix"))
     interrupted = any(result.interrupted for result in results)
     summary = describe_result(results[-1]) if asked == 1 else _describe_results(results, asked, unit)
     bar = progress_html(fraction if interrupted else 1.0, summary, state="interrupted" if interrupted else "done")
