@@ -18,14 +18,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import samplers, sd_upscale
+from . import loopback, samplers, sd_upscale
 from .embeddings import EmbeddingsReport, folder_signature, load_embeddings, unload_embeddings
 from .errors import EngineError, InvalidRequestError, ModelLoadError
 from .events import JobControl, JobState, PreviewSettings, Progress, Result, Waiting
 from .extras import ExtrasRequest, upscale_picture
 from .extras import check as check_extras
 from .generate import run_batch
+from .images import resize_to
 from .infotext import format_infotext
+from .inpaint import ORIGINAL
 from .lora import LoraFile, LoraUse, lora_uses, scan_loras
 from .memory import memory_report
 from .merge import MergeRequest, MergeResult, run_merge
@@ -628,7 +630,8 @@ class Engine:
                 return
             try:
                 with cpu_threads_for(self._require_model(), req.width * req.height):
-                    result = self._run_locked(req, control, previewer, preview, events.put)
+                    run = self._run_loopback if req.loopback else self._run_locked
+                    result = run(req, control, previewer, preview, events.put)
             finally:
                 self._job_lock.release()
             events.put(result)
@@ -666,7 +669,81 @@ class Engine:
             job_id=control.job_id,
         )
 
-    def _run_locked(self, req, control: JobControl, previewer, preview: PreviewSettings, emit) -> Result:
+    def _run_loopback(self, req, control: JobControl, previewer, preview: PreviewSettings, emit) -> Result:
+        """A1111's Loopback (engine/loopback.py): one img2img job per loop, each from the picture before, all
+        under the one lock, progress counting loops over the whole job."""
+        seed = req.seed if req.seed != -1 else secrets.randbelow(SEED_MAX + 1)
+        subseed = req.subseed if req.subseed != -1 else secrets.randbelow(SEED_MAX + 1)
+        req = dataclasses.replace(req, seed=seed, subseed=subseed)
+        loops, pictures = req.loopback_loops, req.n_iter
+        extra = {
+            **req.extra_params,
+            "Final denoising strength": f"{req.loopback_final_denoising:g}",
+            "Denoising curve": req.loopback_curve,
+        }
+        kept: list[Result] = []  # the loops whose pictures the job gives
+        done: list[Result] = []  # every loop run
+        skipped: list[int] = []
+        next_seed = seed
+        for _picture in range(pictures):
+            loop_req = dataclasses.replace(
+                req, seed=next_seed, n_iter=1, batch_size=1, loopback=False, extra_params=extra
+            )
+            last = None
+            for loop in range(loops):
+                result = self._run_locked(
+                    loop_req, control, previewer, preview, emit, batch_span=(len(done), loops * pictures)
+                )
+                done.append(result)
+                if control.interrupted:  # as in A1111, the loop Stop cut is dropped
+                    break
+                next_seed = (loop_req.seed + 1) % (SEED_MAX + 1)  # on from the loop before, across pictures too
+                if result.skipped_batches:  # Skip ends this picture's loops
+                    skipped.append(len(done) - 1)
+                    break
+                last = result
+                if pictures == 1:
+                    kept.append(result)
+                loop_req = dataclasses.replace(
+                    loop_req,
+                    init_images=result.images[:1],
+                    mask=_mask_for(loop_req.mask, result.images[0], req.resize_mode),
+                    inpainting_fill=ORIGINAL if loop_req.mask is not None else loop_req.inpainting_fill,
+                    seed=next_seed,
+                    denoising_strength=loopback.denoising_strength(
+                        req.denoising_strength, req.loopback_final_denoising, req.loopback_curve, loops, loop + 1
+                    ),
+                )
+            else:  # with a batch count, each picture's last loop
+                if pictures > 1 and last is not None:
+                    kept.append(last)
+            if control.interrupted:
+                break
+        return Result(
+            images=[image for result in kept for image in result.images],
+            seeds=[value for result in kept for value in result.seeds],
+            infotexts=[text for result in kept for text in result.infotexts],
+            request=req,
+            model=done[0].model,
+            interrupted=control.interrupted,
+            elapsed=sum(result.elapsed for result in done),
+            job_id=control.job_id,
+            skipped_batches=skipped,
+            preview_seconds=sum(result.preview_seconds for result in done),
+            subseeds=[value for result in kept for value in result.subseeds],
+        )
+
+    def _run_locked(
+        self,
+        req,
+        control: JobControl,
+        previewer,
+        preview: PreviewSettings,
+        emit,
+        batch_span: tuple[int, int] | None = None,
+    ) -> Result:
+        """One job, the lock held. `batch_span` (first batch's number, batches in all) numbers its batches within a
+        larger job (a loopback's loops); by default they count from 0 to this job's own."""
         model = self._require_model()
         started = time.perf_counter()
         self._current = control
@@ -696,8 +773,14 @@ class Engine:
                 seeds += picture_seeds[0]
                 subseeds += picture_seeds[1]
             batches = [range(index, index + 1) for index in range(len(seeds))]
+        first_batch, batch_total = batch_span or (0, len(batches))
         self._state = JobState(
-            running=True, job_id=control.job_id, mode=req.mode, batch_count=len(batches), started_at=time.time()
+            running=True,
+            job_id=control.job_id,
+            mode=req.mode,
+            batch_no=first_batch,
+            batch_count=batch_total,
+            started_at=time.time(),
         )
 
         def emit_progress(event: Progress) -> None:
@@ -792,8 +875,8 @@ class Engine:
                         preview_every=preview.every,
                         preview_interval_s=preview.min_interval_s,
                         emit=emit_progress,
-                        batch_no=batch_no,
-                        batch_count=len(batches),
+                        batch_no=first_batch + batch_no,
+                        batch_count=batch_total,
                         started=started,
                     )
                     images.extend(outcome.images)
@@ -967,6 +1050,14 @@ def cpu_threads_for(model: LoadedModel, pixels: int) -> Iterator[None]:
 
 def _previewer_for(model: LoadedModel, preview: PreviewSettings):
     return make_previewer(preview.mode, vae=model.vae, latent_rgb=model.latent_rgb, taesd=model.taesd)
+
+
+def _mask_for(mask, picture: Image.Image, resize_mode: int):
+    """A loopback's mask for its next loop, whose init image is the last loop's picture: the mask resized to it,
+    as A1111 resizes a mask to the generation size (None stays None)."""
+    if mask is None or mask.size == picture.size:
+        return mask
+    return resize_to(mask, picture.width, picture.height, resize_mode)
 
 
 def _tile_request(req: GenerationRequest, tiles: list[Image.Image], batch_no: int) -> GenerationRequest:

@@ -22,7 +22,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from .errors import InvalidRequestError
-from .events import Result
+from .events import Result, grid_of
 from .labels import font, text_width, wrap
 from .request import SEED_MAX, GenerationRequest
 
@@ -124,21 +124,11 @@ def plan(base: GenerationRequest, matrix: PromptMatrix) -> MatrixPlan:
 def grid_result(matrix_plan: MatrixPlan, results: list[Result]) -> Result | None:
     """The grid of the pictures made so far (a stopped matrix leaves blank cells), as a Result with the first
     picture's seed and infotext, as A1111 gives its grid; None when no picture was made."""
-    made = [result for result in results if result.images]
-    if not made:
+    if not any(result.images for result in results):
         return None
-    first = made[0]
     pictures = [result.images[0] if result.images else None for result in results]
     pictures += [None] * (len(matrix_plan.requests) - len(pictures))
-    return Result(
-        images=[draw_grid(matrix_plan, pictures)],
-        seeds=first.seeds[:1],
-        infotexts=first.infotexts[:1],
-        request=first.request,
-        model=first.model,
-        interrupted=any(result.interrupted for result in results),
-        subseeds=first.subseeds[:1],
-    )
+    return grid_of(draw_grid(matrix_plan, pictures), results)
 
 
 def draw_grid(matrix_plan: MatrixPlan, pictures: list[Image.Image | None]) -> Image.Image:

@@ -9,7 +9,7 @@ from typing import Any
 
 from PIL import Image
 
-from . import sd_upscale
+from . import loopback, sd_upscale
 from .errors import InvalidRequestError
 from .images import LATENT_RESIZE, RESIZE_MODES, to_pil
 
@@ -131,6 +131,12 @@ class GenerationRequest:
     sd_upscale_overlap: int = 64
     sd_upscale_upscaler: str = "Lanczos"
     sd_upscale_scale: float = 2.0
+    # A1111's "Loopback" script (img2img and inpaint, engine/loopback.py): each picture the init image of the
+    # next, loopback_loops times, the denoising strength moving to loopback_final_denoising along loopback_curve.
+    loopback: bool = False
+    loopback_loops: int = 4
+    loopback_final_denoising: float = 0.5
+    loopback_curve: str = "Linear"
 
     @property
     def hires_sampler(self) -> tuple[str, str]:
@@ -338,6 +344,7 @@ def validate_request(
     _in_range(switch_at, "refiner_switch_at", 0.0, 1.0)
 
     sd_upscale = _sd_upscale_fields(req, limits, width, height, init_images, mask, upscalers)
+    loopback_fields = _loopback_fields(req, init_images, sd_upscale["sd_upscale"])
 
     extra = req.extra_params or {}
     if not isinstance(extra, dict):
@@ -379,7 +386,25 @@ def validate_request(
         refiner_checkpoint=refiner,
         refiner_switch_at=switch_at,
         **sd_upscale,
+        **loopback_fields,
     )
+
+
+def _loopback_fields(req: GenerationRequest, init_images, sd_upscale_on: bool) -> dict:
+    on = req.loopback
+    if not isinstance(on, (bool, int)) or on not in (True, False, 0, 1):
+        raise InvalidRequestError("loopback", on, "true or false")
+    fields = {"loopback": bool(on)}
+    fields["loopback_loops"] = _as_int(req.loopback_loops, "loopback_loops")
+    _in_range(fields["loopback_loops"], "loopback_loops", 1, loopback.MAX_LOOPS)
+    fields["loopback_final_denoising"] = _as_float(req.loopback_final_denoising, "loopback_final_denoising")
+    _in_range(fields["loopback_final_denoising"], "loopback_final_denoising", 0.0, 1.0)
+    fields["loopback_curve"] = _choice(req.loopback_curve, "loopback_curve", loopback.CURVES)
+    if fields["loopback"] and not init_images:
+        raise InvalidRequestError("loopback", True, "img2img or inpaint only: an init image to loop back into")
+    if fields["loopback"] and sd_upscale_on:
+        raise InvalidRequestError("loopback", True, "false with SD upscale on: one script at a time, as in A1111")
+    return fields
 
 
 def _sd_upscale_fields(

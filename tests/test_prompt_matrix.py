@@ -158,5 +158,5 @@ def test_the_page_shows_the_grid_first_and_refuses_it_with_a_prompt_list(page_ur
     assert len(sizes) == 3 and sizes[1:] == [(64, 64)] * 2 and sizes[0][0] == 64 + 4 + 64  # no row headers for one part
     assert infotext.startswith("a kite\n")
     assert list(outputs_dir.glob("txt2img-grids/*/*-8.png"))
-    with pytest.raises(Exception, match="one of the two"):
+    with pytest.raises(Exception, match="one script at a time"):
         client.predict(*args, matrix_on=True, prompt_list=True, prompt_list_text="x", api_name="/txt2img")

@@ -193,8 +193,8 @@ def test_the_api_runs_sd_upscale_as_an_img2img_script(api):  # noqa: F811
     assert info["ignored_fields"] == [] and "SD upscale overlap: 16" in info["infotexts"][0]
     refused = api.post("txt2img", json={key: payload[key] for key in ("prompt", "script_name", "script_args")})
     assert refused.status_code == 422 and "script_name" in refused.text and "img2img" in refused.text
-    assert ok(api.get("scripts"))["img2img"][-1] == "sd upscale"
-    sd_upscale = ok(api.get("script-info"))[-1]
+    assert "sd upscale" in ok(api.get("scripts"))["img2img"]
+    (sd_upscale,) = [script for script in ok(api.get("script-info")) if script["name"] == "sd upscale"]
     assert sd_upscale["is_img2img"] and [arg["label"] for arg in sd_upscale["args"]][1:] == [
         "Tile overlap",
         "Upscaler",

@@ -36,6 +36,11 @@ from engine.extras import ExtrasRequest
 from engine.extras import describe as describe_postprocessing
 from engine.images import encode_base64_png, to_pil
 from engine.infotext import parse_infotext, parse_infotext_params, read_infotext
+from engine.loopback import CURVES as LOOPBACK_CURVES
+from engine.loopback import MAX_LOOPS as LOOPBACK_MAX_LOOPS
+from engine.loopback import SCRIPT_NAME as LOOPBACK_SCRIPT
+from engine.loopback import fields_from_script_args as loopback_fields
+from engine.loopback import grid_result as loopback_grid
 from engine.outputs import FORMATS, output_folder, save_image
 from engine.prompt_list import SCRIPT_NAME as PROMPT_LIST_SCRIPT
 from engine.prompt_list import PromptList
@@ -319,11 +324,14 @@ def _is_prompt_list(payload: Any) -> bool:
     return _script(payload) == PROMPT_LIST_SCRIPT
 
 
+_IMG2IMG_SCRIPTS = (SD_UPSCALE_SCRIPT, LOOPBACK_SCRIPT)
+
+
 def _runs_script(payload: Any) -> bool:
-    """A script this server runs: the prompt list, the prompt matrix, and SD upscale on img2img."""
+    """A script this server runs: the prompt list, the prompt matrix, and on img2img SD upscale and Loopback."""
     script = _script(payload)
     return script in (PROMPT_LIST_SCRIPT, PROMPT_MATRIX_SCRIPT) or (
-        script == SD_UPSCALE_SCRIPT and isinstance(payload, Img2ImgRequest)
+        script in _IMG2IMG_SCRIPTS and isinstance(payload, Img2ImgRequest)
     )
 
 
@@ -408,7 +416,7 @@ def _realesrgan_entries(engine) -> list[dict[str, Any]]:
 
 def _script_info(engine) -> list[dict[str, Any]]:
     """A1111's /script-info for the scripts run here: the prompt list and the prompt matrix (txt2img and img2img),
-    and SD upscale (img2img)."""
+    SD upscale and Loopback (img2img)."""
 
     def arg(
         label: str | None, value: Any, choices: list[str] | None = None, limits: tuple = (None, None, None)
@@ -435,6 +443,12 @@ def _script_info(engine) -> list[dict[str, Any]]:
         arg("Upscaler", "None", [*PICTURE_UPSCALERS, *engine.list_upscalers()]),
         arg("Scale Factor", 2.0, limits=(1.0, SD_UPSCALE_MAX_SCALE, 0.05)),
     ]
+    loopback_args = [
+        arg("Loops", 4, limits=(1, LOOPBACK_MAX_LOOPS, 1)),
+        arg("Final denoising strength", 0.5, limits=(0, 1, 0.01)),
+        arg("Denoising strength curve", "Linear", list(LOOPBACK_CURVES)),
+        arg("Append interrogated prompt at each iteration", "None", ["None"]),
+    ]
     matrix_args = [
         arg("Set at prompt start", False),
         arg("Random seeds", False),
@@ -446,7 +460,10 @@ def _script_info(engine) -> list[dict[str, Any]]:
         {"name": name, "is_alwayson": False, "is_img2img": img2img, "args": script_args}
         for name, script_args in ((PROMPT_LIST_SCRIPT, args), (PROMPT_MATRIX_SCRIPT, matrix_args))
         for img2img in (False, True)
-    ] + [{"name": SD_UPSCALE_SCRIPT, "is_alwayson": False, "is_img2img": True, "args": sd_upscale_args}]
+    ] + [
+        {"name": name, "is_alwayson": False, "is_img2img": True, "args": script_args}
+        for name, script_args in ((SD_UPSCALE_SCRIPT, sd_upscale_args), (LOOPBACK_SCRIPT, loopback_args))
+    ]
 
 
 # Errors ----------------------------------------------------------------------------------------
@@ -625,8 +642,11 @@ class SdApi:
                 results.append(self._run(request, _ApiJob(req.mode, timestamp, line, len(requests), started)))
                 if results[-1].interrupted:  # /interrupt stops the whole list, as in A1111
                     break
-        # A prompt matrix's grid comes first, with the first picture's infotext, as A1111 gives it.
+        # A prompt matrix's grid (a loopback's, of its loops) comes first, with the first picture's infotext, as
+        # A1111 gives it.
         grid = grid_result(matrix, results) if matrix is not None else None
+        if _script(payload) == LOOPBACK_SCRIPT and isinstance(payload, Img2ImgRequest):
+            grid = loopback_grid(results)
         shown = [grid, *results] if grid is not None else results
 
         if payload.save_images:
@@ -783,9 +803,14 @@ class SdApi:
             )
             if _script(payload) == SD_UPSCALE_SCRIPT:
                 fields.update(sd_upscale_fields(payload.script_args, list(self.engine.list_upscalers())))
-        elif _script(payload) == SD_UPSCALE_SCRIPT:
+            elif _script(payload) == LOOPBACK_SCRIPT:
+                fields.update(loopback_fields(payload.script_args))
+        elif _script(payload) in _IMG2IMG_SCRIPTS:
             raise ApiError(
-                422, "script_name", payload.script_name, "SD upscale on /sdapi/v1/img2img (it redraws an init image)"
+                422,
+                "script_name",
+                payload.script_name,
+                f"{payload.script_name.strip()} on /sdapi/v1/img2img (it redraws an init image)",
             )
         return GenerationRequest(**fields), ignored, clip_skip
 
@@ -1205,7 +1230,7 @@ class SdApi:
             "/scripts",
             lambda: {
                 "txt2img": [PROMPT_LIST_SCRIPT, PROMPT_MATRIX_SCRIPT],
-                "img2img": [PROMPT_LIST_SCRIPT, PROMPT_MATRIX_SCRIPT, SD_UPSCALE_SCRIPT],
+                "img2img": [PROMPT_LIST_SCRIPT, PROMPT_MATRIX_SCRIPT, SD_UPSCALE_SCRIPT, LOOPBACK_SCRIPT],
             },
             methods=["GET"],
         )

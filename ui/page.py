@@ -26,12 +26,16 @@ from engine import EngineError, GenerationRequest, PromptList, PromptMatrix
 from engine.events import PREVIEW_MODES
 from engine.images import LATENT_RESIZE, RESIZE_MODES
 from engine.inpaint import MASKED_CONTENT
+from engine.loopback import CURVES as LOOPBACK_CURVES
+from engine.loopback import MAX_LOOPS as LOOPBACK_MAX_LOOPS
+from engine.loopback import grid_result as loopback_grid
 from engine.lora import lora_uses
 from engine.memory import describe_memory
 from engine.prompt_list import POSITIONS as PROMPT_LIST_POSITIONS
 from engine.prompt_matrix import DELIMITERS as PROMPT_MATRIX_DELIMITERS
 from engine.prompt_matrix import MAX_MARGIN as PROMPT_MATRIX_MAX_MARGIN
 from engine.prompt_matrix import PROMPT_TYPES as PROMPT_MATRIX_TYPES
+from engine.prompt_matrix import grid_result as matrix_grid
 from engine.request import (
     EMPHASIS_MODES,
     HR_UPSCALERS,
@@ -198,6 +202,8 @@ class TabWidgets:
     prompt_list: list[gr.components.Component] | None = None
     # A1111's "Prompt matrix" script (on, put at start, random seeds, prompt type, joining char, grid margins).
     prompt_matrix: list[gr.components.Component] | None = None
+    # img2img and inpaint: A1111's "Loopback" script (on, loops, final denoising strength, curve).
+    loopback: list[gr.components.Component] | None = None
     # img2img only: several init images, one job each (A1111's Batch).
     batch_images: gr.File | None = None
     # A1111's refiner: the checkpoint ("None": off) and where it takes over.
@@ -741,6 +747,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
             refiner = _build_refiner(mode, engine)
             prompt_list = _build_prompt_list(mode)
             prompt_matrix = _build_prompt_matrix(mode)
+            loopback_panel = _build_loopback(mode) if mode != "txt2img" else None
             sd_upscale = _build_sd_upscale(engine) if mode == "img2img" else None
         with gr.Column(scale=5, elem_classes="output-column"):
             progress = gr.HTML(progress_html(0.0, "Idle", state="idle"), label="Progress", elem_id=f"{mode}_progress")
@@ -809,6 +816,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
         hires=extra.get("hires"),
         prompt_list=prompt_list,
         prompt_matrix=prompt_matrix,
+        loopback=loopback_panel,
         batch_images=batch_images,
         refiner=refiner,
         sd_upscale=sd_upscale,
@@ -1051,6 +1059,39 @@ def _build_prompt_matrix(mode: str) -> list[gr.components.Component]:
     return [on, at_start, random_seeds, prompt_type, delimiter, margin]
 
 
+def _looping(on, loops, final_denoising, curve) -> dict:
+    """The request fields of the Loopback panel (none while it is off)."""
+    if not on:
+        return {}
+    return {
+        "loopback": True,
+        "loopback_loops": loops,
+        "loopback_final_denoising": final_denoising,
+        "loopback_curve": curve,
+    }
+
+
+def _build_loopback(mode: str) -> list[gr.components.Component]:
+    """A1111's "Loopback" script: (on, loops, final denoising strength, curve), in the order the img2img and inpaint
+    handlers take them."""
+    with gr.Accordion("Loopback", open=False, elem_id=f"{mode}_loopback_box"):
+        on = gr.Checkbox(
+            False,
+            label="Feed each picture back in as the next init image",
+            info="The denoising strength moves from the tab's to the final one; the seed goes up by 1 each loop",
+            elem_id=f"{mode}_loopback_on",
+        )
+        with gr.Row():
+            loops = gr.Slider(1, LOOPBACK_MAX_LOOPS, value=4, step=1, label="Loops", elem_id=f"{mode}_loopback_loops")
+            final = gr.Slider(
+                0, 1, value=0.5, step=0.01, label="Final denoising strength", elem_id=f"{mode}_loopback_final"
+            )
+        curve = gr.Dropdown(
+            list(LOOPBACK_CURVES), value="Linear", label="Denoising strength curve", elem_id=f"{mode}_loopback_curve"
+        )
+    return [on, loops, final, curve]
+
+
 def _read_prompt_file(data: bytes | None):
     """An uploaded list into the textbox (as A1111 reads it: UTF-8, lines stripped), switched on."""
     if not data:
@@ -1059,17 +1100,23 @@ def _read_prompt_file(data: bytes | None):
     return "\n".join(lines), True
 
 
-def _scripted(engine, request, prompt_list: tuple, prompt_matrix: tuple) -> dict:
-    """run_job's request (and matrix) for the page's request: as it is, or with the prompt list on, one request per
-    line, or with the prompt matrix on, one per combination of the prompt's parts (every one checked first). One
-    of the two at a time, as A1111's Script list has it."""
+def _scripted(engine, request, prompt_list: tuple, prompt_matrix: tuple, loopback_settings: tuple = (False,)) -> dict:
+    """run_job's arguments for the page's request: as it is; with the prompt list on, one request per line; with
+    the prompt matrix on, one per combination of the prompt's parts (every one checked first) and their grid; with
+    Loopback on, the looping request and the grid of its loops. One script at a time, as A1111's Script list."""
     list_on, iterate, same, position, text = prompt_list
     matrix_on, *matrix_settings = prompt_matrix
-    if list_on and matrix_on:
+    loopback_on = loopback_settings[0]
+    chosen = [
+        name for name, on in (("prompt list", list_on), ("prompt matrix", matrix_on), ("loopback", loopback_on)) if on
+    ]
+    if len(chosen) > 1:
         raise gr.Error(
-            "matrix_on: got it on with the prompt list; allowed: one of the two (untick Prompts from file or "
-            "textbox, or Prompt matrix)"
+            f"scripts: got {' and '.join(chosen)} on together; allowed: one script at a time, as in A1111 (untick all "
+            "but one of Prompts from file or textbox, Prompt matrix and Loopback)"
         )
+    if loopback_on:
+        return {"request": dataclasses.replace(request, **_looping(*loopback_settings)), "grid": loopback_grid}
     try:
         if list_on:
             prompt_list_settings = PromptList(
@@ -1079,7 +1126,12 @@ def _scripted(engine, request, prompt_list: tuple, prompt_matrix: tuple) -> dict
         if matrix_on:
             at_start, random_seeds, prompt_type, delimiter, margin = matrix_settings
             matrix = PromptMatrix(bool(at_start), bool(random_seeds), prompt_type, delimiter, margin)
-            return {"request": request, "matrix": engine.prompt_matrix_plan(request, matrix)}
+            matrix_plan = engine.prompt_matrix_plan(request, matrix)
+            return {
+                "request": list(matrix_plan.requests),
+                "unit": "picture",
+                "grid": functools.partial(matrix_grid, matrix_plan),
+            }
     except EngineError as exc:
         raise engine_error(exc) from exc
     return {"request": request}
@@ -1227,6 +1279,8 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
     if tab.sd_upscale is not None:
         inputs += tab.sd_upscale
     inputs += tab.prompt_matrix
+    if tab.loopback is not None:
+        inputs += tab.loopback
     # Showing the preview (and hiding the gallery) around the job is done by separate quick events, so
     # that the streamed endpoint returns plain values to API clients rather than visibility updates.
     # The click registers the job with the session at once, so that Stop also cancels it while it waits
@@ -1515,6 +1569,10 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             matrix_prompt_type: str = "positive",
             matrix_joiner: str = "comma",
             matrix_margin: int = 0,
+            loopback_on: bool = False,
+            loopback_loops: int = 4,
+            loopback_final_denoising: float = 0.5,
+            loopback_curve: str = "Linear",
         ):
             """Image to image: like /txt2img plus the init image and the denoising strength (0..1); resize_mode
             is A1111's (0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale)).
@@ -1559,9 +1617,10 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                 sd_upscale_upscaler=sd_upscale_upscaler,
                 sd_upscale_scale=sd_upscale_scale,
             )
-            if pictures:
+            if pictures:  # with Loopback on, each picture of the batch loops back on its own
+                looping = _looping(loopback_on, loopback_loops, loopback_final_denoising, loopback_curve)
                 batch = [
-                    _resized_by(dataclasses.replace(request, init_images=[picture]), resize_by, engine)
+                    _resized_by(dataclasses.replace(request, init_images=[picture], **looping), resize_by, engine)
                     for picture in pictures
                 ]
                 yield from run_job(session=session, request=batch, ticket=ticket, unit="init image", **common)
@@ -1569,7 +1628,10 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             request = _resized_by(request, resize_by, engine)
             listed = (prompt_list, iterate_seed, same_seed, prompt_position, prompt_list_text)
             matrix = (matrix_on, matrix_at_start, matrix_random_seeds, matrix_prompt_type, matrix_joiner, matrix_margin)
-            yield from run_job(session=session, ticket=ticket, **_scripted(engine, request, listed, matrix), **common)
+            looping = (loopback_on, loopback_loops, loopback_final_denoising, loopback_curve)
+            yield from run_job(
+                session=session, ticket=ticket, **_scripted(engine, request, listed, matrix, looping), **common
+            )
 
         return img2img
 
@@ -1617,6 +1679,10 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
         matrix_prompt_type: str = "positive",
         matrix_joiner: str = "comma",
         matrix_margin: int = 0,
+        loopback_on: bool = False,
+        loopback_loops: int = 4,
+        loopback_final_denoising: float = 0.5,
+        loopback_curve: str = "Linear",
     ):
         """Inpaint: like /img2img; `image` is an image-editor value whose painted layer is the mask
         (white = repaint), or give `mask` (a white-on-black image of the same size). inpaint_area is
@@ -1665,7 +1731,10 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
         request = _resized_by(request, resize_by, engine)
         listed = (prompt_list, iterate_seed, same_seed, prompt_position, prompt_list_text)
         matrix = (matrix_on, matrix_at_start, matrix_random_seeds, matrix_prompt_type, matrix_joiner, matrix_margin)
-        yield from run_job(session=session, ticket=ticket, **_scripted(engine, request, listed, matrix), **common)
+        looping = (loopback_on, loopback_loops, loopback_final_denoising, loopback_curve)
+        yield from run_job(
+            session=session, ticket=ticket, **_scripted(engine, request, listed, matrix, looping), **common
+        )
 
     return inpaint
 

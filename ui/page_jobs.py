@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,6 @@ from PIL import Image
 from engine import EngineError, GenerationRequest, JobControl, PreviewSettings, Progress, Result, Waiting
 from engine.events import PREVIEW_MODES, Pacer
 from engine.previews import preview_to_display
-from engine.prompt_matrix import MatrixPlan, grid_result
 from engine.request import with_clip_skip
 from engine.samplers import get_sampler
 
@@ -403,7 +402,7 @@ def run_job(
     outputs_dir: Path | None,
     save_image=None,
     unit: str = "prompt",
-    matrix: MatrixPlan | None = None,
+    grid: Callable[[list[Result]], Result | None] | None = None,
 ) -> Iterator[tuple]:
     """Iterate engine.generate and yield page updates: previews and progress, then the results.
 
@@ -412,15 +411,13 @@ def run_job(
     preview holds the latest preview; the last update has the gallery and no preview. `ticket` is the
     job id PageSession.start_job gave when Generate was clicked (None for API calls). A list of requests
     (a prompt list, a batch of pictures: `unit` says which) runs one after another, all checked first, into
-    one gallery; Stop ends the list. With a prompt `matrix`, `request` is ignored: its pictures run, and their grid
-    comes first in the gallery (and goes to the grids folder).
+    one gallery; Stop ends the list. `grid` makes a grid of the results (a prompt matrix's, a loopback's, or None),
+    shown first in the gallery and saved to the grids folder.
 
     On the page (a `ticket`), the gallery, infotext and result view are left as they are until results come,
     and a job stopped before it started leaves them as they were: the last pictures stay, as in A1111.
     """
-    requests = list(matrix.requests) if matrix is not None else request if isinstance(request, list) else [request]
-    if matrix is not None:
-        unit = "picture"
+    requests = request if isinstance(request, list) else [request]
     control = session.take_job(ticket)
     results: list[Result] = []
     fraction, shown = 0.0, None
@@ -471,27 +468,23 @@ def run_job(
                         _save_all(event, save_image, outputs_dir=outputs_dir, mode=mode)
     except EngineError as exc:
         if results:  # a list that failed part-way: what it made stays in the gallery under the error
-            yield _final_update(results, len(requests), unit, fraction, _matrix_grid(matrix, results))
+            yield _final_update(results, len(requests), unit, fraction, grid(results) if grid else None)
         raise engine_error(exc) from exc
     finally:
         session.end_job(control)
     if not results:  # the engine always ends with a Result; this guards the page, not the engine
         raise gr.Error("The job ended without a result.")
-    grid = _matrix_grid(matrix, results)
-    if grid is not None and session.save_images and save_image is not None and outputs_dir is not None:
-        _save_all(grid, save_image, outputs_dir=outputs_dir, mode=f"{mode}-grids")
-    final = _final_update(results, len(requests), unit, fraction, grid)
+    grid_made = grid(results) if grid else None
+    if grid_made is not None and session.save_images and save_image is not None and outputs_dir is not None:
+        _save_all(grid_made, save_image, outputs_dir=outputs_dir, mode=f"{mode}-grids")
+    final = _final_update(results, len(requests), unit, fraction, grid_made)
     if ticket is not None and not any(result.images for result in results):
         final = (*final[:2], gr.skip(), gr.skip(), gr.skip())  # stopped before it started: keep the last pictures
     yield final
 
 
-def _matrix_grid(matrix: MatrixPlan | None, results: list[Result]) -> Result | None:
-    return grid_result(matrix, results) if matrix is not None else None
-
-
 def _final_update(results: list[Result], asked: int, unit: str, fraction: float, grid: Result | None = None) -> tuple:
-    """The last update: the gallery of every result's pictures (a prompt matrix's `grid` first) and the first one's
+    """The last update: the gallery of every result's pictures (a `grid` of them first) and the first one's
     infotext."""
     shown = [grid, *results] if grid is not None else results
     view = ResultView(
@@ -502,7 +495,7 @@ def _final_update(results: list[Result], asked: int, unit: str, fraction: float,
     )
     gallery = [(image, _caption(result, index)) for result in results for index, image in enumerate(result.images)]
     if grid is not None:
-        gallery.insert(0, (grid.images[0], "Prompt matrix"))
+        gallery.insert(0, (grid.images[0], "Grid"))
     interrupted = any(result.interrupted for result in results)
     summary = describe_result(results[-1]) if asked == 1 else _describe_results(results, asked, unit)
     bar = progress_html(fraction if interrupted else 1.0, summary, state="interrupted" if interrupted else "done")
