@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import loopback, samplers, sd_upscale
+from . import loopback, outpaint, samplers, sd_upscale
 from .embeddings import EmbeddingsReport, folder_signature, load_embeddings, unload_embeddings
 from .errors import EngineError, InvalidRequestError, ModelLoadError
 from .events import JobControl, JobState, PreviewSettings, Progress, Result, Waiting
@@ -44,6 +44,7 @@ from .prompts import Conditioning, PromptReading, SDXLEmbeds, describe_prompt, m
 from .refiner import Refiner
 from .request import HR_UPSCALERS, PICTURE_UPSCALERS, SEED_MAX, GenerationRequest, Limits, validate_request
 from .styles import PromptStyle, apply_styles, check_style_name, delete_style, read_styles, save_style
+from .tiles import TileGrid, TileJob, cut_tiles, plan_tiles
 from .tiling import circular_padding
 from .tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 from .upscalers import LoadedUpscalers, UpscalerFile, scan_upscalers
@@ -761,10 +762,10 @@ class Engine:
         one_by_one = self.exact_batches or samplers.get_sampler(req.sampler_name).batch_shares_noise
         per_call = 1 if one_by_one else req.batch_size
         batches = [range(i, min(i + per_call, total_images)) for i in range(0, total_images, per_call)]
-        tile_grid = None
-        if req.sd_upscale:  # every tile of every picture is a batch of its own, with A1111's seeds
+        tile_grid = None  # SD upscale's and outpainting's: every tile of every picture is a batch of its own
+        if req.sd_upscale:  # with A1111's seeds
             size = sd_upscale.upscaled_size(req.init_images[0].size, req.sd_upscale_scale, req.sd_upscale_upscaler)
-            tile_grid = sd_upscale.plan_tiles(*size, req.width, req.height, req.sd_upscale_overlap)
+            tile_grid = plan_tiles(*size, req.width, req.height, req.sd_upscale_overlap)
             seeds, subseeds = [], []
             for picture_no in range(req.n_iter):
                 picture_seeds = sd_upscale.tile_seeds(
@@ -772,6 +773,14 @@ class Engine:
                 )
                 seeds += picture_seeds[0]
                 subseeds += picture_seeds[1]
+        elif req.outpaint:  # the seed counts up tile after tile, picture after picture, as A1111's script does
+            layout = outpaint.layout(
+                req.init_images[0].size, req.outpaint_pixels, req.outpaint_directions, req.width, req.height
+            )
+            tile_grid = layout.grid
+            seeds = [seed + index for index in range(req.n_iter * len(layout.redrawn))]
+            subseeds = [subseed] * len(seeds)
+        if tile_grid is not None:
             batches = [range(index, index + 1) for index in range(len(seeds))]
         first_batch, batch_total = batch_span or (0, len(batches))
         self._state = JobState(
@@ -799,6 +808,7 @@ class Engine:
             emit(event)
 
         images, image_indexes, skipped = [], [], []
+        tile_job = None
         preview_seconds = 0.0
         try:
             vae_file = self.job_vae(req.sd_vae)
@@ -839,7 +849,10 @@ class Engine:
             refiner = self._refiner(req, second_models.get("refiner_checkpoint"))
             if refiner is not None:
                 lora_hashes = {**lora_hashes, **refiner.lora_hashes}
-            tiles = self._sd_upscale_tiles(req, tile_grid) if tile_grid is not None else None
+            if req.sd_upscale:
+                tile_job = TileJob(tile_grid, self._sd_upscale_tiles(req, tile_grid), tuple(range(tile_grid.count)))
+            elif req.outpaint:
+                tile_job = outpaint.tile_job(req, layout)
             with contextlib.ExitStack() as tiled:
                 if req.tiling:
                     padded = [(model, vae), (hires_model, hires_vae)]
@@ -857,7 +870,7 @@ class Engine:
                         self._switch_loras(model, req)
                     outcome = run_batch(
                         model,
-                        req if tiles is None else _tile_request(req, tiles, batch_no),
+                        req if tile_job is None else tile_job.request(req, batch_no),
                         seeds=[seeds[index] for index in batch_indexes],
                         subseeds=[subseeds[index] for index in batch_indexes],
                         vae=vae,
@@ -895,10 +908,11 @@ class Engine:
                 preview=self._state.preview,
             )
 
-        if tile_grid is not None:
-            images, image_indexes = _joined_tiles(tiles, tile_grid, images, image_indexes)
-            seeds = [seed + picture_no for picture_no in range(req.n_iter)]
-            subseeds = [subseed] * req.n_iter
+        if tile_job is not None:  # each picture has its first tile's seeds
+            images, image_indexes = tile_job.join(images, image_indexes)
+            per_picture = len(tile_job.redrawn)
+            seeds = [seeds[picture_no * per_picture] for picture_no in range(req.n_iter)]
+            subseeds = [subseeds[picture_no * per_picture] for picture_no in range(req.n_iter)]
         infotexts = []
         vae_hash = self.registry.sha256_of(vae_weights_file(vae_file))[:10] if vae_file is not None else None
         embedding_hashes = model.embeddings.hashes_used(
@@ -934,7 +948,7 @@ class Engine:
             subseeds=image_subseeds,
         )
 
-    def _sd_upscale_tiles(self, req: GenerationRequest, grid: sd_upscale.TileGrid) -> list[Image.Image]:
+    def _sd_upscale_tiles(self, req: GenerationRequest, grid: TileGrid) -> list[Image.Image]:
         """SD upscale's tiles: the init image upscaled as Extras does it, cut where `grid` says."""
         name = req.sd_upscale_upscaler
         networks = {}
@@ -947,7 +961,7 @@ class Engine:
         upscaled, _ = upscale_picture(
             picture, ExtrasRequest(image=picture, upscaling_resize=req.sd_upscale_scale, upscaler_1=name), networks
         )
-        return sd_upscale.cut_tiles(upscaled, grid)
+        return cut_tiles(upscaled, grid)
 
     def _refiner(self, req: GenerationRequest, refiner_model: LoadedModel | None) -> Refiner | None:
         """A job's refiner (None without one): its LoRAs switched on and its prompts encoded for the pass it joins,
@@ -1058,25 +1072,6 @@ def _mask_for(mask, picture: Image.Image, resize_mode: int):
     if mask is None or mask.size == picture.size:
         return mask
     return resize_to(mask, picture.width, picture.height, resize_mode)
-
-
-def _tile_request(req: GenerationRequest, tiles: list[Image.Image], batch_no: int) -> GenerationRequest:
-    """SD upscale: the img2img job of one tile (batches run tile by tile, picture after picture)."""
-    return dataclasses.replace(req, init_images=[tiles[batch_no % len(tiles)]], batch_size=1, n_iter=1)
-
-
-def _joined_tiles(
-    tiles: list[Image.Image], grid: sd_upscale.TileGrid, done: list[Image.Image], done_indexes: list[int]
-) -> tuple[list[Image.Image], list[int]]:
-    """SD upscale's pictures, joined from their redrawn tiles, and the number of each (its seed's index). A
-    picture stopped part-way keeps the upscaled picture's own tiles where none were redrawn; one stopped before its
-    first tile is left out."""
-    by_picture: dict[int, list[Image.Image]] = {}
-    for image, index in zip(done, done_indexes, strict=True):
-        picture_no, tile_no = divmod(index, grid.count)
-        by_picture.setdefault(picture_no, list(tiles))[tile_no] = image
-    numbers = sorted(by_picture)
-    return [sd_upscale.join_tiles(grid, by_picture[number]) for number in numbers], numbers
 
 
 def _lora_set(model: LoadedModel, prompt: str) -> list[tuple[str, float, float]]:

@@ -182,6 +182,12 @@ def format_infotext(
         params["SD upscale overlap"] = int(req.sd_upscale_overlap)
         params["SD upscale upscaler"] = req.sd_upscale_upscaler
         params["SD upscale scale factor"] = _format_number(req.sd_upscale_scale)
+    if req.outpaint and req.mode == "img2img":
+        # A1111's script writes nothing of its own; these make the picture again from the infotext and init image.
+        params["Outpaint pixels"] = int(req.outpaint_pixels)
+        params["Outpaint direction"] = " ".join(req.outpaint_directions)
+        params["Mask blur"] = int(req.mask_blur)
+        params["Masked content"] = MASKED_CONTENT[req.inpainting_fill]
     if req.mode == "inpaint":
         params["Mask blur"] = int(req.mask_blur)
         if req.inpainting_mask_invert:
@@ -391,6 +397,12 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
         req.refiner_checkpoint = params.pop("Refiner")
         if "Refiner switch at" in params:
             req.refiner_switch_at = _parse_float("Refiner switch at", params.pop("Refiner switch at"))
+
+    if "Outpaint pixels" in params:
+        req.outpaint = True
+        req.outpaint_pixels = _parse_int("Outpaint pixels", params.pop("Outpaint pixels"))
+        if "Outpaint direction" in params:
+            req.outpaint_directions = tuple(params.pop("Outpaint direction").split())
 
     if "SD upscale upscaler" in params:
         req.sd_upscale = True

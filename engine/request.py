@@ -9,9 +9,11 @@ from typing import Any
 
 from PIL import Image
 
-from . import loopback, sd_upscale
+from . import loopback, outpaint, sd_upscale
 from .errors import InvalidRequestError
 from .images import LATENT_RESIZE, RESIZE_MODES, to_pil
+from .outpaint import DIRECTIONS as OUTPAINT_DIRECTIONS
+from .tiles import plan_tiles
 
 # A1111 draws random seeds from [0, 2**32).
 SEED_MAX = 2**32 - 1
@@ -137,6 +139,11 @@ class GenerationRequest:
     loopback_loops: int = 4
     loopback_final_denoising: float = 0.5
     loopback_curve: str = "Linear"
+    # A1111's "Poor man's outpainting" script (img2img, engine/outpaint.py): the picture grown by outpaint_pixels on
+    # outpaint_directions, the new border inpainted tile by tile (mask_blur and inpainting_fill are the script's).
+    outpaint: bool = False
+    outpaint_pixels: int = 128
+    outpaint_directions: tuple[str, ...] = OUTPAINT_DIRECTIONS
 
     @property
     def hires_sampler(self) -> tuple[str, str]:
@@ -345,6 +352,7 @@ def validate_request(
 
     sd_upscale = _sd_upscale_fields(req, limits, width, height, init_images, mask, upscalers)
     loopback_fields = _loopback_fields(req, init_images, sd_upscale["sd_upscale"])
+    outpaint_fields = _outpaint_fields(req, limits, width, height, init_images, mask, sd_upscale, loopback_fields)
 
     extra = req.extra_params or {}
     if not isinstance(extra, dict):
@@ -387,7 +395,65 @@ def validate_request(
         refiner_switch_at=switch_at,
         **sd_upscale,
         **loopback_fields,
+        **outpaint_fields,
     )
+
+
+def _outpaint_fields(req: GenerationRequest, limits: Limits, width, height, init_images, mask, *others) -> dict:
+    on = req.outpaint
+    if not isinstance(on, (bool, int)) or on not in (True, False, 0, 1):
+        raise InvalidRequestError("outpaint", on, "true or false")
+    fields = {"outpaint": bool(on)}
+    pixels = fields["outpaint_pixels"] = _as_int(req.outpaint_pixels, "outpaint_pixels")
+    _in_range(pixels, "outpaint_pixels", outpaint.MIN_PIXELS, outpaint.MAX_PIXELS)
+    directions = req.outpaint_directions
+    if isinstance(directions, str):
+        directions = directions.replace(",", " ").split()
+    if (
+        not isinstance(directions, (list, tuple))
+        or not directions
+        or any(not isinstance(side, str) or side.strip().lower() not in outpaint.DIRECTIONS for side in directions)
+    ):
+        raise InvalidRequestError("outpaint_directions", directions, "one or more of " + ", ".join(outpaint.DIRECTIONS))
+    chosen = {side.strip().lower() for side in directions}
+    fields["outpaint_directions"] = tuple(side for side in outpaint.DIRECTIONS if side in chosen)
+    if not fields["outpaint"]:
+        return fields
+    if not init_images or mask is not None:
+        raise InvalidRequestError(
+            "outpaint", True, "img2img only: an init image and no mask (the script paints its own)"
+        )
+    if any(other.get("sd_upscale") or other.get("loopback") for other in others):
+        raise InvalidRequestError("outpaint", True, "false with SD upscale or Loopback on: one script at a time")
+    if pixels >= min(width, height):
+        raise InvalidRequestError(
+            "outpaint_pixels", pixels, f"less than the tile size, {width}x{height} (width and height set it)"
+        )
+    picture = init_images[0]
+    canvas = outpaint.canvas_size(picture.size, pixels, fields["outpaint_directions"])[:2]
+    if canvas[0] < width or canvas[1] < height:
+        raise InvalidRequestError(
+            "outpaint_pixels",
+            pixels,
+            f"enough to make the {picture.width}x{picture.height} picture at least one tile, {width}x{height} "
+            f"(it would become {canvas[0]}x{canvas[1]}; lower width and height, which set the tile size)",
+        )
+    if max(canvas) > limits.max_side:
+        raise InvalidRequestError(
+            "outpaint_pixels",
+            pixels,
+            f"few enough to keep the picture within {limits.max_side} pixels a side "
+            f"(this {picture.width}x{picture.height} picture would become {canvas[0]}x{canvas[1]})",
+        )
+    tiles = len(outpaint.layout(picture.size, pixels, fields["outpaint_directions"], width, height).redrawn)
+    if tiles > sd_upscale.MAX_TILES:
+        raise InvalidRequestError(
+            "outpaint_pixels",
+            pixels,
+            f"tiles that number at most {sd_upscale.MAX_TILES} ({tiles} tiles of {width}x{height} would be "
+            "painted: raise width and height, or expand less)",
+        )
+    return fields
 
 
 def _loopback_fields(req: GenerationRequest, init_images, sd_upscale_on: bool) -> dict:
@@ -448,7 +514,7 @@ def _sd_upscale_fields(
             f"a scale that keeps the picture within {limits.max_side} pixels a side "
             f"(this {picture.width}x{picture.height} picture would become {upscaled[0]}x{upscaled[1]})",
         )
-    tiles = sd_upscale.plan_tiles(*upscaled, width, height, overlap).count
+    tiles = plan_tiles(*upscaled, width, height, overlap).count
     if tiles > sd_upscale.MAX_TILES:
         raise InvalidRequestError(
             "sd_upscale_overlap",

@@ -10,12 +10,7 @@ settings cut the same tiles.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
-from PIL import Image
 
 from .errors import InvalidRequestError
 
@@ -26,86 +21,12 @@ MAX_OVERLAP = 256  # A1111's slider
 MAX_TILES = 256
 
 
-@dataclass(frozen=True)
-class TileGrid:
-    """Where the tiles of a `width` x `height` picture lie: `rows` are the tiles' top edges, `columns` their left
-    edges; tiles are `tile_width` x `tile_height` and neighbours overlap by `overlap` pixels (the last row and
-    column are moved in to end at the picture's edge, so they may overlap more)."""
-
-    width: int
-    height: int
-    tile_width: int
-    tile_height: int
-    overlap: int
-    rows: tuple[int, ...]
-    columns: tuple[int, ...]
-
-    @property
-    def count(self) -> int:
-        return len(self.rows) * len(self.columns)
-
-    def boxes(self) -> list[tuple[int, int, int, int]]:
-        """Each tile's (left, top, right, bottom), row by row: the order the tiles run in."""
-        return [(x, y, x + self.tile_width, y + self.tile_height) for y in self.rows for x in self.columns]
-
-
-def _starts(length: int, tile: int, overlap: int) -> tuple[int, ...]:
-    # As A1111's split_grid: as many tiles as cover the side with at least `overlap` between neighbours, spread
-    # evenly, the last one moved in to end at the edge.
-    count = math.ceil((length - overlap) / (tile - overlap))
-    step = (length - tile) / (count - 1) if count > 1 else 0
-    return tuple(min(int(index * step), length - tile) for index in range(count))
-
-
 def upscaled_size(size: tuple[int, int], scale: float, upscaler: str) -> tuple[int, int]:
     """The size the upscaler brings a picture of `size` to, as Extras' "Scale by" does: each side times `scale`,
     rounded down to a multiple of 8; "None" leaves the picture as it is."""
     if upscaler == "None":
         return size
     return int(size[0] * scale) // 8 * 8, int(size[1] * scale) // 8 * 8
-
-
-def plan_tiles(width: int, height: int, tile_width: int, tile_height: int, overlap: int) -> TileGrid:
-    """The tiles of a picture at least as large as one tile; `overlap` is below both tile sides."""
-    return TileGrid(
-        width,
-        height,
-        tile_width,
-        tile_height,
-        overlap,
-        rows=_starts(height, tile_height, overlap),
-        columns=_starts(width, tile_width, overlap),
-    )
-
-
-def cut_tiles(picture: Image.Image, grid: TileGrid) -> list[Image.Image]:
-    return [picture.crop(box) for box in grid.boxes()]
-
-
-def join_tiles(grid: TileGrid, tiles: list[Image.Image]) -> Image.Image:
-    """The tiles put back together, A1111's way: across each row, a tile's first `overlap` columns fade in over
-    the tile before it (the rest of it is pasted over whatever the tile before left there); then down the
-    picture, each row's first `overlap` lines fade in over the row above the same way."""
-    ramp = (np.arange(grid.overlap, dtype=np.float32) * 255 / max(grid.overlap, 1)).astype(np.uint8)
-    across = Image.fromarray(np.repeat(ramp[None, :], grid.tile_height, axis=0), "L")
-    down = Image.fromarray(np.repeat(ramp[:, None], grid.width, axis=1), "L")
-    picture = Image.new("RGB", (grid.width, grid.height))
-    columns = len(grid.columns)
-    for row_no, y in enumerate(grid.rows):
-        row = Image.new("RGB", (grid.width, grid.tile_height))
-        for column_no, x in enumerate(grid.columns):
-            tile = tiles[row_no * columns + column_no].convert("RGB")
-            if column_no == 0 or grid.overlap == 0:
-                row.paste(tile, (x, 0))
-                continue
-            row.paste(tile.crop((0, 0, grid.overlap, grid.tile_height)), (x, 0), mask=across)
-            row.paste(tile.crop((grid.overlap, 0, grid.tile_width, grid.tile_height)), (x + grid.overlap, 0))
-        if row_no == 0 or grid.overlap == 0:
-            picture.paste(row, (0, y))
-            continue
-        picture.paste(row.crop((0, 0, grid.width, grid.overlap)), (0, y), mask=down)
-        picture.paste(row.crop((0, grid.overlap, grid.width, grid.tile_height)), (0, y + grid.overlap))
-    return picture
 
 
 def tile_seeds(seed: int, subseed: int, tiles: int, batch_size: int, varying: bool) -> tuple[list[int], list[int]]:

@@ -12,7 +12,8 @@ from PIL import Image
 from engine import GenerationRequest, InvalidRequestError, Result
 from engine.events import JobControl, Progress
 from engine.infotext import parse_infotext
-from engine.sd_upscale import cut_tiles, fields_from_script_args, join_tiles, plan_tiles, tile_seeds
+from engine.sd_upscale import fields_from_script_args, tile_seeds
+from engine.tiles import cut_tiles, join_tiles, plan_tiles
 from tests.test_api import api, decode, ok, png_b64, server  # noqa: F401 - fixtures
 from tests.test_page_client import _client, outputs_dir, page_url  # noqa: F401 - fixtures
 from training import dataset

@@ -36,11 +36,17 @@ from engine.extras import ExtrasRequest
 from engine.extras import describe as describe_postprocessing
 from engine.images import encode_base64_png, to_pil
 from engine.infotext import parse_infotext, parse_infotext_params, read_infotext
+from engine.inpaint import MASKED_CONTENT
 from engine.loopback import CURVES as LOOPBACK_CURVES
 from engine.loopback import MAX_LOOPS as LOOPBACK_MAX_LOOPS
 from engine.loopback import SCRIPT_NAME as LOOPBACK_SCRIPT
 from engine.loopback import fields_from_script_args as loopback_fields
 from engine.loopback import grid_result as loopback_grid
+from engine.outpaint import DIRECTIONS as OUTPAINT_DIRECTIONS
+from engine.outpaint import MAX_PIXELS as OUTPAINT_MAX_PIXELS
+from engine.outpaint import MIN_PIXELS as OUTPAINT_MIN_PIXELS
+from engine.outpaint import SCRIPT_NAME as OUTPAINT_SCRIPT
+from engine.outpaint import fields_from_script_args as outpaint_fields
 from engine.outputs import FORMATS, output_folder, save_image
 from engine.prompt_list import SCRIPT_NAME as PROMPT_LIST_SCRIPT
 from engine.prompt_list import PromptList
@@ -324,11 +330,12 @@ def _is_prompt_list(payload: Any) -> bool:
     return _script(payload) == PROMPT_LIST_SCRIPT
 
 
-_IMG2IMG_SCRIPTS = (SD_UPSCALE_SCRIPT, LOOPBACK_SCRIPT)
+_IMG2IMG_SCRIPTS = (SD_UPSCALE_SCRIPT, LOOPBACK_SCRIPT, OUTPAINT_SCRIPT)
 
 
 def _runs_script(payload: Any) -> bool:
-    """A script this server runs: the prompt list, the prompt matrix, and on img2img SD upscale and Loopback."""
+    """A script this server runs: the prompt list, the prompt matrix, and on img2img SD upscale, Loopback and poor
+    man's outpainting."""
     script = _script(payload)
     return script in (PROMPT_LIST_SCRIPT, PROMPT_MATRIX_SCRIPT) or (
         script in _IMG2IMG_SCRIPTS and isinstance(payload, Img2ImgRequest)
@@ -348,7 +355,7 @@ _IGNORED_RULES = {
     "s_tmin": _not_in(0),
     "s_noise": _not_in(1),
     "firstpass_image": lambda v, p: _set(v),
-    # The scripts run here are A1111's "Prompts from file or textbox" and (img2img) "SD upscale".
+    # Scripts this server runs (_runs_script) are not ignored; any other is.
     "script_name": lambda v, p: _set(v) and not _runs_script(p),
     "script_args": lambda v, p: _set(v) and not _runs_script(p),
     "alwayson_scripts": lambda v, p: _set(v),
@@ -416,7 +423,7 @@ def _realesrgan_entries(engine) -> list[dict[str, Any]]:
 
 def _script_info(engine) -> list[dict[str, Any]]:
     """A1111's /script-info for the scripts run here: the prompt list and the prompt matrix (txt2img and img2img),
-    SD upscale and Loopback (img2img)."""
+    SD upscale, Loopback and poor man's outpainting (img2img)."""
 
     def arg(
         label: str | None, value: Any, choices: list[str] | None = None, limits: tuple = (None, None, None)
@@ -449,6 +456,12 @@ def _script_info(engine) -> list[dict[str, Any]]:
         arg("Denoising strength curve", "Linear", list(LOOPBACK_CURVES)),
         arg("Append interrogated prompt at each iteration", "None", ["None"]),
     ]
+    outpaint_args = [
+        arg("Pixels to expand", 128, limits=(OUTPAINT_MIN_PIXELS, OUTPAINT_MAX_PIXELS, 8)),
+        arg("Mask blur", 4, limits=(0, 64, 1)),
+        arg("Masked content", "fill", list(MASKED_CONTENT)),
+        arg("Outpainting direction", list(OUTPAINT_DIRECTIONS), list(OUTPAINT_DIRECTIONS)),
+    ]
     matrix_args = [
         arg("Set at prompt start", False),
         arg("Random seeds", False),
@@ -462,7 +475,11 @@ def _script_info(engine) -> list[dict[str, Any]]:
         for img2img in (False, True)
     ] + [
         {"name": name, "is_alwayson": False, "is_img2img": True, "args": script_args}
-        for name, script_args in ((SD_UPSCALE_SCRIPT, sd_upscale_args), (LOOPBACK_SCRIPT, loopback_args))
+        for name, script_args in (
+            (SD_UPSCALE_SCRIPT, sd_upscale_args),
+            (LOOPBACK_SCRIPT, loopback_args),
+            (OUTPAINT_SCRIPT, outpaint_args),
+        )
     ]
 
 
@@ -805,6 +822,8 @@ class SdApi:
                 fields.update(sd_upscale_fields(payload.script_args, list(self.engine.list_upscalers())))
             elif _script(payload) == LOOPBACK_SCRIPT:
                 fields.update(loopback_fields(payload.script_args))
+            elif _script(payload) == OUTPAINT_SCRIPT:
+                fields.update(outpaint_fields(payload.script_args))
         elif _script(payload) in _IMG2IMG_SCRIPTS:
             raise ApiError(
                 422,
@@ -1230,7 +1249,13 @@ class SdApi:
             "/scripts",
             lambda: {
                 "txt2img": [PROMPT_LIST_SCRIPT, PROMPT_MATRIX_SCRIPT],
-                "img2img": [PROMPT_LIST_SCRIPT, PROMPT_MATRIX_SCRIPT, SD_UPSCALE_SCRIPT, LOOPBACK_SCRIPT],
+                "img2img": [
+                    PROMPT_LIST_SCRIPT,
+                    PROMPT_MATRIX_SCRIPT,
+                    SD_UPSCALE_SCRIPT,
+                    LOOPBACK_SCRIPT,
+                    OUTPAINT_SCRIPT,
+                ],
             },
             methods=["GET"],
         )

@@ -31,6 +31,9 @@ from engine.loopback import MAX_LOOPS as LOOPBACK_MAX_LOOPS
 from engine.loopback import grid_result as loopback_grid
 from engine.lora import lora_uses
 from engine.memory import describe_memory
+from engine.outpaint import DIRECTIONS as OUTPAINT_DIRECTIONS
+from engine.outpaint import MAX_PIXELS as OUTPAINT_MAX_PIXELS
+from engine.outpaint import MIN_PIXELS as OUTPAINT_MIN_PIXELS
 from engine.prompt_list import POSITIONS as PROMPT_LIST_POSITIONS
 from engine.prompt_matrix import DELIMITERS as PROMPT_MATRIX_DELIMITERS
 from engine.prompt_matrix import MAX_MARGIN as PROMPT_MATRIX_MAX_MARGIN
@@ -204,6 +207,8 @@ class TabWidgets:
     prompt_matrix: list[gr.components.Component] | None = None
     # img2img and inpaint: A1111's "Loopback" script (on, loops, final denoising strength, curve).
     loopback: list[gr.components.Component] | None = None
+    # img2img only: A1111's "Poor man's outpainting" (on, pixels, mask blur, masked content, directions).
+    outpaint: list[gr.components.Component] | None = None
     # img2img only: several init images, one job each (A1111's Batch).
     batch_images: gr.File | None = None
     # A1111's refiner: the checkpoint ("None": off) and where it takes over.
@@ -748,6 +753,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
             prompt_list = _build_prompt_list(mode)
             prompt_matrix = _build_prompt_matrix(mode)
             loopback_panel = _build_loopback(mode) if mode != "txt2img" else None
+            outpaint_panel = _build_outpaint(engine) if mode == "img2img" else None
             sd_upscale = _build_sd_upscale(engine) if mode == "img2img" else None
         with gr.Column(scale=5, elem_classes="output-column"):
             progress = gr.HTML(progress_html(0.0, "Idle", state="idle"), label="Progress", elem_id=f"{mode}_progress")
@@ -817,6 +823,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
         prompt_list=prompt_list,
         prompt_matrix=prompt_matrix,
         loopback=loopback_panel,
+        outpaint=outpaint_panel,
         batch_images=batch_images,
         refiner=refiner,
         sd_upscale=sd_upscale,
@@ -1059,6 +1066,52 @@ def _build_prompt_matrix(mode: str) -> list[gr.components.Component]:
     return [on, at_start, random_seeds, prompt_type, delimiter, margin]
 
 
+def _build_outpaint(engine) -> list[gr.components.Component]:
+    """A1111's "Poor man's outpainting": (on, pixels to expand, mask blur, masked content, directions), in the order
+    the img2img handler takes them."""
+    with gr.Accordion("Poor man's outpainting", open=False, elem_id="img2img_outpaint_box"):
+        on = gr.Checkbox(
+            False,
+            label="Grow the picture and paint the new border",
+            info="Width and Height set the tile size; each tile that reaches the border is inpainted",
+            elem_id="img2img_outpaint_on",
+        )
+        with gr.Row():
+            pixels = gr.Slider(
+                OUTPAINT_MIN_PIXELS,
+                OUTPAINT_MAX_PIXELS,
+                value=128,
+                step=8,
+                label="Pixels to expand",
+                elem_id="img2img_outpaint_pixels",
+            )
+            blur = gr.Slider(
+                0, engine.limits.max_mask_blur, value=4, step=1, label="Mask blur", elem_id="img2img_outpaint_mask_blur"
+            )
+        content = gr.Radio(list(MASKED_CONTENT), value="fill", label="Masked content", elem_id="img2img_outpaint_fill")
+        directions = gr.CheckboxGroup(
+            list(OUTPAINT_DIRECTIONS),
+            value=list(OUTPAINT_DIRECTIONS),
+            label="Outpainting direction",
+            elem_id="img2img_outpaint_direction",
+        )
+    return [on, pixels, blur, content, directions]
+
+
+def _outpainting(on, pixels, mask_blur, masked_content, directions) -> dict:
+    """The request fields of the outpainting panel (none while it is off)."""
+    if not on:
+        return {}
+    fill = MASKED_CONTENT.index(masked_content) if masked_content in MASKED_CONTENT else masked_content
+    return {
+        "outpaint": True,
+        "outpaint_pixels": pixels,
+        "outpaint_directions": directions,
+        "mask_blur": mask_blur,
+        "inpainting_fill": fill,
+    }
+
+
 def _looping(on, loops, final_denoising, curve) -> dict:
     """The request fields of the Loopback panel (none while it is off)."""
     if not on:
@@ -1281,6 +1334,8 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
     inputs += tab.prompt_matrix
     if tab.loopback is not None:
         inputs += tab.loopback
+    if tab.outpaint is not None:
+        inputs += tab.outpaint
     # Showing the preview (and hiding the gallery) around the job is done by separate quick events, so
     # that the streamed endpoint returns plain values to API clients rather than visibility updates.
     # The click registers the job with the session at once, so that Stop also cancels it while it waits
@@ -1573,12 +1628,19 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             loopback_loops: int = 4,
             loopback_final_denoising: float = 0.5,
             loopback_curve: str = "Linear",
+            outpaint_on: bool = False,
+            outpaint_pixels: int = 128,
+            outpaint_mask_blur: int = 4,
+            outpaint_masked_content: str = "fill",
+            outpaint_directions: list[str] | None = None,
         ):
             """Image to image: like /txt2img plus the init image and the denoising strength (0..1); resize_mode
             is A1111's (0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale)).
             batch_images (files) run one job each, in place of init_image, into one gallery. With sd_upscale
             (A1111's SD upscale script) the init image is upscaled sd_upscale_scale times by sd_upscale_upscaler
-            and redrawn in width x height tiles overlapping by sd_upscale_overlap pixels."""
+            and redrawn in width x height tiles overlapping by sd_upscale_overlap pixels. matrix_* are A1111's Prompt
+            matrix, loopback_* its Loopback (loops, final denoising strength, curve) and outpaint_* its Poor man's
+            outpainting (pixels to expand, mask blur, masked content, directions)."""
             pictures = batch_pictures(batch_images, "batch_images")
             if pictures and (prompt_list or matrix_on):
                 script = "a prompt list" if prompt_list else "the prompt matrix"
@@ -1616,6 +1678,13 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                 sd_upscale_overlap=sd_upscale_overlap,
                 sd_upscale_upscaler=sd_upscale_upscaler,
                 sd_upscale_scale=sd_upscale_scale,
+                **_outpainting(
+                    outpaint_on,
+                    outpaint_pixels,
+                    outpaint_mask_blur,
+                    outpaint_masked_content,
+                    list(OUTPAINT_DIRECTIONS) if outpaint_directions is None else outpaint_directions,
+                ),
             )
             if pictures:  # with Loopback on, each picture of the batch loops back on its own
                 looping = _looping(loopback_on, loopback_loops, loopback_final_denoising, loopback_curve)
