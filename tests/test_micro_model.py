@@ -7,6 +7,7 @@ training/dataset.py (background = most common palette colour, shape colour = sec
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import random
@@ -644,6 +645,8 @@ def test_the_ideal_denoiser_is_the_posterior_mean_over_the_matching_pictures():
     denoiser = ideal.IdealDenoiser(latents, scenes)
     assert denoiser.matching(scenes[0], size_named=False).tolist() == [0, 1]
     assert denoiser.matching(scenes[1], size_named=True).tolist() == [1]
+    with pytest.raises(ValueError, match="no picture of the 3 is a small red square on blue: use more pictures"):
+        denoiser.matching(dataclasses.replace(scenes[2], size="small"), size_named=True)
     near_the_third = latents[2:] + 0.01 * torch.randn((1, 4, 16, 16))
     # At a small sigma the posterior is the nearest picture; at a huge one, every picture alike.
     assert torch.allclose(denoiser.mean(near_the_third, 0.05), latents[2:], atol=1e-4)

@@ -34,14 +34,21 @@ class IdealDenoiser:
         self.scenes = scenes
 
     def matching(self, scene: dataset.ShapeScene, size_named: bool) -> torch.Tensor:
-        """Indices of the pictures a full caption of `scene` describes (its size only if named)."""
+        """Indices of the pictures a full caption of `scene` describes (its size only if named); ValueError when
+        none does, since the posterior mean over no pictures has no value."""
         rows = [
             i
             for i, other in enumerate(self.scenes)
             if (other.shape, other.colour, other.background) == (scene.shape, scene.colour, scene.background)
             and (other.size == scene.size or not size_named)
         ]
-        return torch.tensor(rows)
+        if not rows:
+            size = f"{scene.size} " if size_named else ""
+            raise ValueError(
+                f"no picture of the {len(self.scenes)} is a {size}{scene.colour} {scene.shape} on {scene.background}: "
+                "use more pictures (tools/ideal_denoiser_samplers.py --pictures)"
+            )
+        return torch.tensor(rows, dtype=torch.long)
 
     def mean(self, latent: torch.Tensor, sigma: float, rows: torch.Tensor | None = None) -> torch.Tensor:
         """E[y | latent] over `rows` (all pictures when None)."""
