@@ -12,7 +12,7 @@ run: setup
 test: setup-dev chromium
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 setup: $(VENV)/.installed
 setup-dev: $(VENV)/.installed-dev

@@ -125,13 +125,19 @@ def _generate(page, *, steps: int, size: int = 64, n_iter: int = 1, wait_for_end
     _set_number(page, "txt2img_width", size)
     _set_number(page, "txt2img_height", size)
     page.evaluate(RECORDER_JS)
+    # The last run's bar is marked, so that waiting for this run's end cannot be met by the bar it left behind.
+    page.evaluate(
+        "document.querySelectorAll('#txt2img_progress .job-progress').forEach(bar => bar.classList.add('stale'))"
+    )
     page.click("#txt2img_generate")
     if wait_for_end:
         _wait_until_idle(page)
 
 
 def _wait_until_idle(page) -> None:
-    page.wait_for_selector("#txt2img_progress .job-progress.done, #txt2img_progress .job-progress.interrupted")
+    page.wait_for_selector(
+        "#txt2img_progress .job-progress.done:not(.stale), #txt2img_progress .job-progress.interrupted:not(.stale)"
+    )
     page.wait_for_function("!document.querySelector('#txt2img_generate').disabled")
     page.wait_for_function("document.querySelector('#txt2img_infotext textarea').value.includes('Seed:')")
 
