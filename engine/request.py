@@ -90,7 +90,7 @@ class GenerationRequest:
     emphasis: str = "Original"
     # A1111's "Tiling": pictures whose edges continue each other, so they tile seamlessly.
     tiling: bool = False
-    # A1111's eta: how much fresh noise an ancestral step adds (Euler a: 1 by default) or DDIM's (0 by default);
+    # A1111's eta: how much fresh noise an ancestral step adds (Euler a, DPM2 a: 1 by default) or DDIM's (0 by default);
     # None is the sampler's default. Samplers that take none here ignore it.
     eta: float | None = None
     # A1111's "Eta noise seed delta" (ENSD): after each picture's starting noise is drawn, the noise its steps

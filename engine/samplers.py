@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import diffusers
+import numpy as np
 import torch
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
@@ -109,6 +110,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         "Karras",
         ("k_dpm_2_a",),
         discard_penultimate_sigma=True,
+        eta_default=1.0,
         uses_ensd=True,
     ),
     SamplerSpec(
@@ -227,7 +229,39 @@ class KDPM2DiscardingScheduler(_DiscardPenultimateSigma, diffusers.KDPM2Discrete
 
 
 class KDPM2AncestralDiscardingScheduler(_DiscardPenultimateSigma, diffusers.KDPM2AncestralDiscreteScheduler):
-    pass
+    """DPM2 a with A1111's eta (k-diffusion's sample_dpm_2_ancestral): each step goes down to sigma_down, through
+    the midpoint between sigma and sigma_down, and adds fresh noise of sigma_up, both from get_ancestral_step as in
+    Euler a. diffusers builds these arrays at eta 1 in set_timesteps; another eta rebuilds them (and the midpoints'
+    timesteps) from the same schedule. At eta 0 this is DPM2. The eta is the instance's, as Euler a's is."""
+
+    eta = 1.0
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        if self.eta == 1.0:
+            return
+        # diffusers keeps the first sigma, then each later one twice, then the last (0) once more: one of each.
+        sigmas = torch.cat([self.sigmas[:1], self.sigmas[1:-1:2]])
+        timesteps = torch.cat([self.timesteps[:1], self.timesteps[2::2]])
+        sigmas_next = torch.cat([sigmas[1:], sigmas.new_zeros(1)])
+        sigmas_up = torch.minimum(
+            sigmas_next, self.eta * (sigmas_next**2 * (sigmas**2 - sigmas_next**2) / sigmas**2) ** 0.5
+        )
+        sigmas_down = (sigmas_next**2 - sigmas_up**2) ** 0.5
+        sigmas_down[-1] = 0.0
+        sigmas_interpol = sigmas.log().lerp(sigmas_down.log(), 0.5).exp()
+        sigmas_interpol[-2:] = 0.0
+
+        def twice(values):
+            return torch.cat([values[:1], values[1:].repeat_interleave(2), values[-1:]])
+
+        self.sigmas_interpol, self.sigmas_up, self.sigmas_down = map(twice, (sigmas_interpol, sigmas_up, sigmas_down))
+        log_sigmas = self.log_sigmas.cpu()
+        timesteps_interpol = torch.from_numpy(
+            np.array([self._sigma_to_t(sigma, log_sigmas) for sigma in sigmas_interpol.cpu()])
+        ).to(timesteps.device, dtype=timesteps.dtype)
+        interleaved = torch.stack((timesteps_interpol[:-2, None], timesteps[1:, None]), dim=-1).flatten()
+        self.timesteps = torch.cat([timesteps[:1], interleaved])
 
 
 class DPMSolverMultistepDiscardingScheduler(_DiscardPenultimateSigma, diffusers.DPMSolverMultistepScheduler):
@@ -385,7 +419,7 @@ def build_scheduler(
     base_config: dict[str, Any], sampler_name: str, schedule: str, seed: int | None = None, eta: float | None = None
 ):
     """A new scheduler instance for one job; `base_config` is the model's own scheduler config. `eta` is Euler a's
-    (None: 1); DDIM takes its eta from the pipeline call."""
+    and DPM2 a's (None: 1); DDIM takes its eta from the pipeline call."""
     spec = get_sampler(sampler_name)
     if spec.name in _A1111_CLASSES:
         cls = _A1111_CLASSES[spec.name]
@@ -406,7 +440,7 @@ def build_scheduler(
         overrides["noise_sampler_seed"] = seed
     overrides = {key: value for key, value in overrides.items() if key in params}
     scheduler = cls.from_config(dict(base_config), **overrides)
-    if eta is not None and isinstance(scheduler, EtaEulerAncestralScheduler):
+    if eta is not None and isinstance(scheduler, (EtaEulerAncestralScheduler, KDPM2AncestralDiscardingScheduler)):
         scheduler.eta = float(eta)
     return scheduler
 

@@ -45,6 +45,17 @@ def test_euler_a_at_eta_0_is_euler_and_eta_shows_in_the_infotext(micro_engine):
     assert same(again, half)
 
 
+def test_dpm2_a_at_eta_0_is_dpm2_and_its_eta_reads_back(micro_engine):
+    dpm2 = generate(micro_engine, sampler_name="DPM2")
+    assert same(generate(micro_engine, sampler_name="DPM2 a", eta=0), dpm2)  # no fresh noise: DPM2's steps
+    default = generate(micro_engine, sampler_name="DPM2 a")
+    half = generate(micro_engine, sampler_name="DPM2 a", eta=0.5)
+    assert not same(half, default) and not same(half, dpm2)
+    assert same(generate(micro_engine, sampler_name="DPM2 a", eta=1), default)  # 1 is the default
+    assert parse_infotext_params(half.infotexts[0])["Eta"] == "0.5"
+    assert same(list(micro_engine.generate(parse_infotext(half.infotexts[0])))[-1], half)
+
+
 def test_ddim_eta_adds_noise_and_is_written_as_eta_ddim(micro_engine):
     default = generate(micro_engine, sampler_name="DDIM")
     noisy = generate(micro_engine, sampler_name="DDIM", eta=0.7)

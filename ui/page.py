@@ -314,7 +314,12 @@ def build_page(engine, settings=None) -> gr.Blocks:
                         elem_id="setting_ensd",
                     )
                     eta_ancestral = gr.Slider(
-                        0, 1, value=1, step=0.01, label="Eta for Euler a", elem_id="setting_eta_ancestral"
+                        0,
+                        1,
+                        value=1,
+                        step=0.01,
+                        label="Eta for ancestral samplers (Euler a, DPM2 a)",
+                        elem_id="setting_eta_ancestral",
                     )
                     eta_ddim = gr.Slider(0, 1, value=0, step=0.01, label="Eta for DDIM", elem_id="setting_eta_ddim")
                 noise_multiplier = gr.Slider(

@@ -47,7 +47,7 @@ class PageSession:
     emphasis: str = "Original"
     # A1111's SD VAE for this session's jobs: Automatic, None or a file in the VAE folder.
     sd_vae: str = "Automatic"
-    # A1111's sampler parameters: eta noise seed delta, and the eta of Euler a and of DDIM.
+    # A1111's sampler parameters: eta noise seed delta, and the eta of ancestral samplers and of DDIM.
     ensd: int = 0
     eta_ancestral: float = 1.0
     eta_ddim: float = 0.0
