@@ -1542,7 +1542,9 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             tiling makes a picture whose edges continue each other (A1111's Tiling). With prompt_list, each line of
             prompt_list_text is a job (A1111's "Prompts from file or textbox": a prompt, or --options; iterate_seed,
             same_seed and prompt_position are its settings), all into one gallery. refiner_checkpoint ("None": off)
-            takes over at refiner_switch_at of the noise schedule (A1111's refiner; in the hires pass with hires fix)."""
+            takes over at refiner_switch_at of the noise schedule (A1111's refiner; in the hires pass with hires fix).
+            matrix_* are A1111's Prompt matrix (on, set at start, random seeds, prompt type, joining char, margins):
+            a picture per combination of the prompt's | parts, their grid first."""
             variation = _variation(seed_extra, subseed, subseed_strength, seed_resize_from_w, seed_resize_from_h)
             request = build_request(
                 prompt=prompt,
@@ -1762,7 +1764,8 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
         (white = repaint), or give `mask` (a white-on-black image of the same size). inpaint_area is
         A1111's: "Whole picture", or "Only masked" (the region around the mask, inpaint_full_res_padding
         pixels wider, inpainted at width x height and pasted back); inpainting_fill is A1111's masked content:
-        "fill", "original", "latent noise" or "latent nothing"."""
+        "fill", "original", "latent noise" or "latent nothing". matrix_* are A1111's Prompt matrix and loopback_* its
+        Loopback (loops, final denoising strength, curve), as on /img2img."""
         init_image, painted = editor_image_and_mask(image)
         if init_image is None:
             raise gr.Error("init_images: got nothing; allowed: an image (upload one in inpaint)")

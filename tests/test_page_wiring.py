@@ -1,0 +1,71 @@
+"""The generate buttons hand each script panel's widgets to the handler parameters of the same meaning.
+
+gradio passes a button's inputs to its handler by position, and gradio_client calls map keywords to those
+positions too, so a panel wired in another order than the handler's parameters would go unnoticed by API tests:
+the page would silently send, say, the loop count as the prompt matrix's margin.
+"""
+
+from __future__ import annotations
+
+import inspect
+from types import SimpleNamespace
+
+import pytest
+
+from ui.page import build_page
+
+# Handler parameter -> the widget's elem_id after "<tab>_".
+SCRIPT_WIDGETS = {
+    "prompt_list": "prompt_list_on",
+    "iterate_seed": "prompt_list_iterate",
+    "same_seed": "prompt_list_same",
+    "prompt_position": "prompt_list_position",
+    "prompt_list_text": "prompt_list_text",
+    "matrix_on": "prompt_matrix_on",
+    "matrix_at_start": "prompt_matrix_put_at_start",
+    "matrix_random_seeds": "prompt_matrix_different_seeds",
+    "matrix_prompt_type": "prompt_matrix_type",
+    "matrix_joiner": "prompt_matrix_joiner",
+    "matrix_margin": "prompt_matrix_margin",
+    "loopback_on": "loopback_on",
+    "loopback_loops": "loopback_loops",
+    "loopback_final_denoising": "loopback_final",
+    "loopback_curve": "loopback_curve",
+    "sd_upscale": "sd_upscale",
+    "sd_upscale_overlap": "sd_upscale_overlap",
+    "sd_upscale_upscaler": "sd_upscale_upscaler",
+    "sd_upscale_scale": "sd_upscale_scale",
+    "outpaint_on": "outpaint_on",
+    "outpaint_pixels": "outpaint_pixels",
+    "outpaint_mask_blur": "outpaint_mask_blur",
+    "outpaint_masked_content": "outpaint_fill",
+    "outpaint_directions": "outpaint_direction",
+    "refiner_checkpoint": "refiner_checkpoint",
+    "refiner_switch_at": "refiner_switch_at",
+}
+# The panels each tab has, as A1111 shows its scripts (SD upscale and outpainting: img2img only).
+PANELS = {
+    "txt2img": {"prompt_list", "matrix_on"},
+    "img2img": {"prompt_list", "matrix_on", "loopback_on", "sd_upscale", "outpaint_on"},
+    "inpaint": {"prompt_list", "matrix_on", "loopback_on"},
+}
+
+
+@pytest.fixture(scope="module")
+def handlers(engine):
+    demo = build_page(engine, SimpleNamespace(outputs_dir=None, save_images=False, models_dir=None))
+    return {fn.api_name: fn for fn in demo.fns.values() if fn.api_name in PANELS}
+
+
+@pytest.mark.parametrize("tab", sorted(PANELS))
+def test_each_script_widget_reaches_its_own_parameter(handlers, tab):
+    handler = handlers[tab]
+    parameters = list(inspect.signature(handler.fn).parameters)
+    assert len(parameters) == len(handler.inputs)
+    wired = {
+        name: getattr(component, "elem_id", None)
+        for name, component in zip(parameters, handler.inputs, strict=True)
+        if name in SCRIPT_WIDGETS
+    }
+    assert wired == {name: f"{tab}_{SCRIPT_WIDGETS[name]}" for name in wired}
+    assert PANELS[tab] <= set(wired) and not ({"loopback_on", "sd_upscale", "outpaint_on"} - PANELS[tab]) & set(wired)
