@@ -226,7 +226,7 @@ def run_batch(
         "callback_on_step_end": on_step_end,
         "callback_on_step_end_tensor_inputs": ["latents"],
         "output_type": "pil",
-        # DDIM's eta (its step takes it from the pipeline call); Euler a's and DPM2 a's is set on its scheduler.
+        # DDIM's eta (its step takes it from the pipeline call); the others' is set on their scheduler.
         "eta": eta_for(req.sampler_name, req.eta) or 0.0,
     }
     kwargs.update(_conditioning_kwargs(conditioning, len(seeds)))

@@ -64,6 +64,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
         "Exponential",
         ("k_dpmpp_2m_sde",),
+        eta_default=1.0,
     ),
     SamplerSpec(
         "DPM++ 2M SDE Heun",
@@ -71,6 +72,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "heun"},
         "Exponential",
         ("k_dpmpp_2m_sde_heun",),
+        eta_default=1.0,
     ),
     SamplerSpec(
         "DPM++ 2S a",
@@ -411,15 +413,74 @@ class EtaEulerAncestralScheduler(diffusers.EulerAncestralDiscreteScheduler):
         return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
 
 
+class EtaDPMSolverSDEScheduler(diffusers.DPMSolverMultistepScheduler):
+    """DPM++ 2M SDE (and its Heun variant) with A1111's eta (k-diffusion's sample_dpmpp_2m_sde): with eta_h = eta * h,
+    a step keeps the sample times sigma_t / sigma_s * exp(-eta_h), moves towards the prediction by
+    1 - exp(-h - eta_h) (plus its midpoint or Heun correction) and adds noise of sigma_t * sqrt(1 - exp(-2 eta_h)).
+    diffusers' own updates are these at eta 1; at eta 0 no noise is added and the steps are DPM++ 2M's. The eta is
+    the instance's, as Euler a's is."""
+
+    eta = 1.0
+
+    def _coefficients(self, sigma_next, sigma):
+        alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(sigma_next)
+        alpha_s, sigma_s = self._sigma_to_alpha_sigma_t(sigma)
+        h = (torch.log(alpha_t) - torch.log(sigma_t)) - (torch.log(alpha_s) - torch.log(sigma_s))
+        eta_h = self.eta * h if self.eta else torch.zeros_like(h)  # 0 * inf is nan at the last step
+        return alpha_t, sigma_t, sigma_s, h, eta_h
+
+    def dpm_solver_first_order_update(self, model_output, *args, sample=None, noise=None, **kwargs):
+        if self.eta == 1.0 or self.config.algorithm_type != "sde-dpmsolver++":
+            return super().dpm_solver_first_order_update(model_output, *args, sample=sample, noise=noise, **kwargs)
+        alpha_t, sigma_t, sigma_s, h, eta_h = self._coefficients(
+            self.sigmas[self.step_index + 1], self.sigmas[self.step_index]
+        )
+        return (
+            (sigma_t / sigma_s * torch.exp(-eta_h)) * sample
+            + (alpha_t * -torch.expm1(-h - eta_h)) * model_output
+            + sigma_t * torch.sqrt(-torch.expm1(-2.0 * eta_h)) * noise
+        )
+
+    def multistep_dpm_solver_second_order_update(self, model_output_list, *args, sample=None, noise=None, **kwargs):
+        if self.eta == 1.0 or self.config.algorithm_type != "sde-dpmsolver++":
+            return super().multistep_dpm_solver_second_order_update(
+                model_output_list, *args, sample=sample, noise=noise, **kwargs
+            )
+        alpha_t, sigma_t, sigma_s0, h, eta_h = self._coefficients(
+            self.sigmas[self.step_index + 1], self.sigmas[self.step_index]
+        )
+        alpha_s1, sigma_s1 = self._sigma_to_alpha_sigma_t(self.sigmas[self.step_index - 1])
+        alpha_s0, _ = self._sigma_to_alpha_sigma_t(self.sigmas[self.step_index])
+        h_0 = (torch.log(alpha_s0) - torch.log(sigma_s0)) - (torch.log(alpha_s1) - torch.log(sigma_s1))
+        m0, m1 = model_output_list[-1], model_output_list[-2]
+        D0, D1 = m0, (h / h_0) * (m0 - m1)
+        if self.config.solver_type == "heun":
+            correction = alpha_t * (-torch.expm1(-h - eta_h) / (-h - eta_h) + 1.0)
+        else:
+            correction = 0.5 * alpha_t * -torch.expm1(-h - eta_h)
+        return (
+            (sigma_t / sigma_s0 * torch.exp(-eta_h)) * sample
+            + (alpha_t * -torch.expm1(-h - eta_h)) * D0
+            + correction * D1
+            + sigma_t * torch.sqrt(-torch.expm1(-2.0 * eta_h)) * noise
+        )
+
+
 # Samplers whose A1111 schedule (or eta) diffusers' own class does not make.
-_A1111_CLASSES = {"LCM": A1111LCMScheduler, "Euler a": EtaEulerAncestralScheduler}
+_A1111_CLASSES = {
+    "LCM": A1111LCMScheduler,
+    "Euler a": EtaEulerAncestralScheduler,
+    "DPM++ 2M SDE": EtaDPMSolverSDEScheduler,
+    "DPM++ 2M SDE Heun": EtaDPMSolverSDEScheduler,
+}
+_ETA_CLASSES = (EtaEulerAncestralScheduler, KDPM2AncestralDiscardingScheduler, EtaDPMSolverSDEScheduler)
 
 
 def build_scheduler(
     base_config: dict[str, Any], sampler_name: str, schedule: str, seed: int | None = None, eta: float | None = None
 ):
-    """A new scheduler instance for one job; `base_config` is the model's own scheduler config. `eta` is Euler a's
-    and DPM2 a's (None: 1); DDIM takes its eta from the pipeline call."""
+    """A new scheduler instance for one job; `base_config` is the model's own scheduler config. `eta` is that of
+    Euler a, DPM2 a and DPM++ 2M SDE (None: 1); DDIM takes its eta from the pipeline call."""
     spec = get_sampler(sampler_name)
     if spec.name in _A1111_CLASSES:
         cls = _A1111_CLASSES[spec.name]
@@ -440,7 +501,7 @@ def build_scheduler(
         overrides["noise_sampler_seed"] = seed
     overrides = {key: value for key, value in overrides.items() if key in params}
     scheduler = cls.from_config(dict(base_config), **overrides)
-    if eta is not None and isinstance(scheduler, (EtaEulerAncestralScheduler, KDPM2AncestralDiscardingScheduler)):
+    if eta is not None and isinstance(scheduler, _ETA_CLASSES):
         scheduler.eta = float(eta)
     return scheduler
 

@@ -56,6 +56,21 @@ def test_dpm2_a_at_eta_0_is_dpm2_and_its_eta_reads_back(micro_engine):
     assert same(list(micro_engine.generate(parse_infotext(half.infotexts[0])))[-1], half)
 
 
+@pytest.mark.parametrize("sampler", ["DPM++ 2M SDE", "DPM++ 2M SDE Heun"])
+def test_dpmpp_2m_sde_takes_eta_and_at_0_adds_no_noise(micro_engine, sampler):
+    default = generate(micro_engine, sampler_name=sampler)
+    half = generate(micro_engine, sampler_name=sampler, eta=0.5)
+    assert not same(half, default) and parse_infotext_params(half.infotexts[0])["Eta"] == "0.5"
+    assert same(list(micro_engine.generate(parse_infotext(half.infotexts[0])))[-1], half)
+    # The noise steps add comes from seed + ENSD; at eta 0 none is added: any ENSD, the same picture.
+    assert not same(generate(micro_engine, sampler_name=sampler, eta=0.5, eta_noise_seed_delta=31337), half)
+    still = generate(micro_engine, sampler_name=sampler, eta=0)
+    assert same(generate(micro_engine, sampler_name=sampler, eta=0, eta_noise_seed_delta=31337), still)
+    if sampler == "DPM++ 2M SDE":  # and the steps are DPM++ 2M's
+        plain = generate(micro_engine, sampler_name="DPM++ 2M", scheduler="Exponential")
+        assert same(still, plain)
+
+
 def test_ddim_eta_adds_noise_and_is_written_as_eta_ddim(micro_engine):
     default = generate(micro_engine, sampler_name="DDIM")
     noisy = generate(micro_engine, sampler_name="DDIM", eta=0.7)

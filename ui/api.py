@@ -149,7 +149,7 @@ class _GenerationPayload(BaseModel):
         None,
         description="acted on: sd_model_checkpoint (loaded for the request), CLIP_stop_at_last_layers, emphasis ('Original', 'No norm', 'Ignore'), "
         "sd_vae ('Automatic', 'None' or a file from /sdapi/v1/sd-vae), eta_noise_seed_delta (ENSD, e.g. 31337), "
-        "eta_ancestral (Euler a, DPM2 a), eta_ddim, initial_noise_multiplier (img2img)",
+        "eta_ancestral (Euler a, DPM2 a, DPM++ 2M SDE), eta_ddim, initial_noise_multiplier (img2img)",
     )
     override_settings_restore_afterwards: Any = Field(
         True, description="false: a model chosen by override_settings.sd_model_checkpoint stays loaded"
@@ -160,7 +160,9 @@ class _GenerationPayload(BaseModel):
     seed_resize_from_h: Any = Field(-1, description="draw the seed's noise at this size (-1 or 0: off)")
     seed_resize_from_w: Any = Field(-1, description="draw the seed's noise at this size (-1 or 0: off)")
     tiling: Any = None
-    eta: Any = Field(None, description="ancestral noise of Euler a and DPM2 a (default 1) or DDIM (default 0), 0 to 1")
+    eta: Any = Field(
+        None, description="fresh noise of Euler a, DPM2 a, DPM++ 2M SDE (default 1) or DDIM (default 0), 0 to 1"
+    )
     refiner_checkpoint: Any = Field(None, description="a model of the same kind that takes over at refiner_switch_at")
     refiner_switch_at: Any = Field(None, description="0 to 1: the share of the schedule before the refiner (0.8)")
     # Accepted, not acted on.
@@ -299,7 +301,8 @@ def _sampler_spec(name: Any) -> SamplerSpec | None:
 
 
 def _eta_ignored(value: Any, payload: Any) -> bool:
-    """eta acts on Euler a, DPM2 a and DDIM here; with another sampler a value given is listed as ignored."""
+    """eta acts on Euler a, DPM2 a, DPM++ 2M SDE (and Heun) and DDIM here; with another sampler a value given is
+    listed as ignored."""
     spec = _sampler_spec(payload.sampler_name or payload.sampler_index)
     return value is not None and spec is not None and spec.eta_default is None
 
@@ -872,7 +875,7 @@ class SdApi:
 
     def _eta_for(self, payload: _GenerationPayload, from_text, sampler: str) -> Any:
         """The job's eta: the payload's `eta`, else the infotext's, else A1111's setting for its sampler
-        (`eta_ancestral` for Euler a and DPM2 a, `eta_ddim` for DDIM) from override_settings or /options."""
+        (`eta_ancestral` for Euler a, DPM2 a and DPM++ 2M SDE, `eta_ddim` for DDIM) from override_settings or /options."""
         if payload.eta is not None:
             return payload.eta
         if from_text is not None and from_text.eta is not None:
