@@ -126,21 +126,6 @@ class Result:
     subseeds: list[int] = field(default_factory=list)
 
 
-def grid_of(grid: Image.Image, results: list[Result]) -> Result:
-    """A grid made of `results`' pictures as a Result of its own, with the first picture's seed and infotext, as
-    A1111 gives its grids; `results` hold at least one picture."""
-    first = next(result for result in results if result.images)
-    return Result(
-        images=[grid],
-        seeds=first.seeds[:1],
-        infotexts=first.infotexts[:1],
-        request=first.request,
-        model=first.model,
-        interrupted=any(result.interrupted for result in results),
-        subseeds=first.subseeds[:1],
-    )
-
-
 @dataclass(frozen=True)
 class Waiting:
     """The job has not started: another job holds the device (another user's, a Compare cell, one sent

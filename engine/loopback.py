@@ -15,10 +15,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from PIL import Image
-
 from .errors import InvalidRequestError
-from .events import Result, grid_of
+from .events import Result
+from .grids import grid_of, image_grid
 
 SCRIPT_NAME = "loopback"
 CURVES = ("Aggressive", "Linear", "Lazy")
@@ -64,8 +63,4 @@ def grid_result(results: list[Result]) -> Result | None:
     pictures = [image for result in results for image in result.images]
     if len(pictures) < 2:
         return None
-    width, height = pictures[0].size
-    row = Image.new("RGB", (width * len(pictures), height), "white")
-    for number, picture in enumerate(pictures):
-        row.paste(picture.convert("RGB").resize((width, height)), (number * width, 0))
-    return grid_of(row, results)
+    return grid_of(image_grid(pictures, rows=1), results)

@@ -22,7 +22,8 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from .errors import InvalidRequestError
-from .events import Result, grid_of
+from .events import Result
+from .grids import grid_of
 from .labels import font, text_width, wrap
 from .request import SEED_MAX, GenerationRequest
 

@@ -243,7 +243,8 @@ def test_selecting_an_image_of_a_batch_shows_its_infotext_and_seed(page):
     try:
         _generate(page, steps=4, size=64)
         assert "Seed: 100" in page.input_value("#txt2img_infotext textarea")
-        page.get_by_role("button", name="Thumbnail 2 of 2").first.click()
+        # A1111's batch grid comes first; the pictures follow it.
+        page.get_by_role("button", name="Thumbnail 3 of 3").first.click()
         page.wait_for_function("document.querySelector('#txt2img_infotext textarea').value.includes('Seed: 101')")
         _set_number(page, "txt2img_seed", -1)
         page.click("#txt2img_reuse_seed")

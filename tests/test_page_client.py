@@ -112,11 +112,29 @@ def test_a_fast_run_streams_at_most_ten_updates_a_second_and_ends_on_its_last_st
     assert len({update[0] for update in running if update[0]}) >= 2, "the preview still changes as it runs"
 
 
-def test_batch_gives_one_image_and_caption_per_seed(page_url):
-    result = _client(page_url).predict(*txt2img_args(steps=4, seed=77, n_iter=2, batch_size=2), api_name="/txt2img")
+def _pictures(gallery) -> list[dict]:
+    """The gallery's pictures, without the batch grid that comes first."""
+    return [item for item in gallery if item["caption"] != "Grid"]
+
+
+def test_batch_gives_one_image_and_caption_per_seed_after_a1111s_grid(page_url, outputs_dir):
+    client = _client(page_url)
+    result = client.predict(*txt2img_args(steps=4, seed=77, n_iter=2, batch_size=2), api_name="/txt2img")
     gallery, infotext = result[2], result[3]
-    assert [item["caption"] for item in gallery] == ["Seed 77", "Seed 78", "Seed 79", "Seed 80"]
+    assert [item["caption"] for item in gallery] == ["Grid", "Seed 77", "Seed 78", "Seed 79", "Seed 80"]
     assert "Seed: 77" in infotext
+    # A1111's layout: round(sqrt(4)) = 2 rows of 2; saved beside the pictures' folder, at the first seed.
+    grid = Image.open(gallery[0]["image"])
+    assert grid.size == (128, 128)
+    assert np.array_equal(np.asarray(grid)[64:, :64], np.asarray(Image.open(gallery[3]["image"]).convert("RGB")))
+    assert list(outputs_dir.glob("txt2img-grids/*/*-77.png"))
+    # Off in the Settings, a batch has no grid; one picture never has one.
+    client.predict(False, api_name="/set_batch_grid")
+    plain = client.predict(*txt2img_args(steps=2, seed=77, batch_size=2), api_name="/txt2img")[2]
+    assert [item["caption"] for item in plain] == ["Seed 77", "Seed 78"]
+    client.predict(True, api_name="/set_batch_grid")
+    single = client.predict(*txt2img_args(steps=2, seed=77), api_name="/txt2img")[2]
+    assert [item["caption"] for item in single] == ["Seed 77"]
 
 
 def test_variation_seed_applies_only_with_extra_ticked(page_url):
@@ -124,10 +142,10 @@ def test_variation_seed_applies_only_with_extra_ticked(page_url):
     extras = {"subseed": 500, "subseed_strength": 0.5, "batch_size": 2}
     args = txt2img_args(steps=4, seed=77)[:-1]
     ticked = client.predict(*args, seed_extra=True, **extras, api_name="/txt2img")
-    assert [item["caption"] for item in ticked[2]] == ["Seed 77, variation 500", "Seed 77, variation 501"]
+    assert [item["caption"] for item in _pictures(ticked[2])] == ["Seed 77, variation 500", "Seed 77, variation 501"]
     assert "Variation seed: 500, Variation seed strength: 0.5" in ticked[3]
     unticked = client.predict(*args, seed_extra=False, **extras, api_name="/txt2img")
-    assert [item["caption"] for item in unticked[2]] == ["Seed 77", "Seed 78"]
+    assert [item["caption"] for item in _pictures(unticked[2])] == ["Seed 77", "Seed 78"]
     assert "Variation seed" not in unticked[3]
 
 
@@ -151,7 +169,7 @@ def test_skip_cuts_only_the_running_batch_of_the_callers_job(page_url):
     time.sleep(0.3)
     user_a.predict(api_name="/skip")
     _preview, progress, gallery, infotext = job.result(timeout=120)
-    assert len(gallery) == 3, "the skipped batch keeps its picture as far as it got, and the job goes on"
+    assert len(_pictures(gallery)) == 3, "the skipped batch keeps its picture as far as it got, and the job goes on"
     # One batch skipped, the one running at the caller's Skip: the other user's Skip skipped none.
     assert re.search(r"\(skipped batch \d\)", progress) and "Stopped" not in progress
 
@@ -176,7 +194,7 @@ def test_stop_ends_only_the_callers_job_and_keeps_the_partial_result(page_url):
     preview, progress, gallery, infotext = long_job.result(timeout=60)
     assert _steps_seen(long_job.outputs())[-1] < 4 * 120, "Stop should end the job early"
     assert "Stopped" in progress
-    assert 1 <= len(gallery) < 4, "an interrupted job still shows what it made, and no more batches"
+    assert 1 <= len(_pictures(gallery)) < 4, "an interrupted job still shows what it made, and no more batches"
     assert "Steps: 120" in infotext and "Seed: 5" in infotext
 
     # B's job ran after A's, in full: A's Stop did not reach it.

@@ -339,6 +339,12 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     info=None if save_image is not None else "Saving is not available (engine.outputs missing).",
                     elem_id="setting_save_images",
                 )
+                batch_grid = gr.Checkbox(
+                    value=True,
+                    label="Show a grid of a batch first in the gallery, and save it",
+                    info="A1111's batch grid: for two or more pictures, into outputs/*-grids/ when saving.",
+                    elem_id="setting_batch_grid",
+                )
                 # A1111's Settings > Actions: free the memory for another program; shared by everyone here.
                 with gr.Row(equal_height=True):
                     unload_model = gr.Button(
@@ -440,6 +446,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
             "preview_mode": (preview_mode, _set_preview_mode),
             "preview_every": (preview_every, _set_preview_every),
             "save_images": (save_images, _set_save_images),
+            "batch_grid": (batch_grid, _set_batch_grid),
             "prompt_syntax": (prompt_syntax, _set_prompt_syntax),
             "emphasis": (emphasis, _set_emphasis),
             "vae": (sd_vae, functools.partial(_set_vae, engine)),
@@ -2089,6 +2096,11 @@ def _set_preview_every(session: PageSession, every: float) -> None:
 def _set_save_images(session: PageSession, enabled: bool) -> None:
     """Save this session's results to the outputs folder."""
     session.save_images = bool(enabled)
+
+
+def _set_batch_grid(session: PageSession, enabled: bool) -> None:
+    """Show a grid of a job's pictures first in the gallery (and save it with them), as A1111 does by default."""
+    session.batch_grid = bool(enabled)
 
 
 def _model_titles(engine) -> list[str]:

@@ -21,6 +21,7 @@ from PIL import Image
 
 from engine import EngineError, GenerationRequest, JobControl, PreviewSettings, Progress, Result, Waiting
 from engine.events import PREVIEW_MODES, Pacer
+from engine.grids import batch_grid
 from engine.previews import preview_to_display
 from engine.request import with_clip_skip
 from engine.samplers import get_sampler
@@ -43,6 +44,8 @@ class PageSession:
     preview_mode: str = "approx"
     preview_every: int = 1
     save_images: bool = False
+    # A1111's batch grid (its "Show grid in gallery" and "Always save all generated image grids", both on there).
+    batch_grid: bool = True
     prompt_syntax: str = "a1111"
     emphasis: str = "Original"
     # A1111's SD VAE for this session's jobs: Automatic, None or a file in the VAE folder.
@@ -411,13 +414,15 @@ def run_job(
     preview holds the latest preview; the last update has the gallery and no preview. `ticket` is the
     job id PageSession.start_job gave when Generate was clicked (None for API calls). A list of requests
     (a prompt list, a batch of pictures: `unit` says which) runs one after another, all checked first, into
-    one gallery; Stop ends the list. `grid` makes a grid of the results (a prompt matrix's, a loopback's, or None),
-    shown first in the gallery and saved to the grids folder.
+    one gallery; Stop ends the list. `grid` makes a grid of the results (a prompt matrix's, a loopback's; by
+    default, with the session's batch grid on, a batch's), shown first in the gallery and saved to the grids folder.
 
     On the page (a `ticket`), the gallery, infotext and result view are left as they are until results come,
     and a job stopped before it started leaves them as they were: the last pictures stay, as in A1111.
     """
     requests = request if isinstance(request, list) else [request]
+    if grid is None and session.batch_grid and not isinstance(request, list):  # a list has no grid, as in A1111
+        grid = batch_grid
     control = session.take_job(ticket)
     results: list[Result] = []
     fraction, shown = 0.0, None
@@ -490,7 +495,8 @@ def _final_update(results: list[Result], asked: int, unit: str, fraction: float,
     view = ResultView(
         seeds=[seed for result in shown for seed in result.seeds],
         infotexts=[text for result in shown for text in result.infotexts],
-        selected=0,
+        # Send to and Reuse seed take the first picture, not its grid, until another is picked.
+        selected=1 if grid is not None and len(shown[0].images) < sum(len(r.images) for r in shown) else 0,
         subseeds=[subseed for result in shown for subseed in result.subseeds],
     )
     gallery = [(image, _caption(result, index)) for result in results for index, image in enumerate(result.images)]
