@@ -496,7 +496,7 @@ def _final_update(results: list[Result], asked: int, unit: str, fraction: float,
         seeds=[seed for result in shown for seed in result.seeds],
         infotexts=[text for result in shown for text in result.infotexts],
         # Send to and Reuse seed take the first picture, not its grid, until another is picked.
-        selected=1 if grid is not None and len(shown[0].images) < sum(len(r.images) for r in shown) else 0,
+        selected=1 if grid is not None else 0,
         subseeds=[subseed for result in shown for subseed in result.subseeds],
     )
     gallery = [(image, _caption(result, index)) for result in results for index, image in enumerate(result.images)]
