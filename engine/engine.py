@@ -9,7 +9,6 @@ import gc
 import logging
 import os
 import queue
-import secrets
 import threading
 import time
 from collections.abc import Iterator
@@ -673,9 +672,7 @@ class Engine:
     def _run_loopback(self, req, control: JobControl, previewer, preview: PreviewSettings, emit) -> Result:
         """A1111's Loopback (engine/loopback.py): one img2img job per loop, each from the picture before, all
         under the one lock, progress counting loops over the whole job."""
-        seed = req.seed if req.seed != -1 else secrets.randbelow(SEED_MAX + 1)
-        subseed = req.subseed if req.subseed != -1 else secrets.randbelow(SEED_MAX + 1)
-        req = dataclasses.replace(req, seed=seed, subseed=subseed)
+        req = req.with_seeds_drawn()
         loops, pictures = req.loopback_loops, req.n_iter
         extra = {
             **req.extra_params,
@@ -685,7 +682,7 @@ class Engine:
         kept: list[Result] = []  # the loops whose pictures the job gives
         done: list[Result] = []  # every loop run
         skipped: list[int] = []
-        next_seed = seed
+        next_seed = req.seed
         for _picture in range(pictures):
             loop_req = dataclasses.replace(
                 req, seed=next_seed, n_iter=1, batch_size=1, loopback=False, extra_params=extra
@@ -748,9 +745,8 @@ class Engine:
         model = self._require_model()
         started = time.perf_counter()
         self._current = control
-        seed = req.seed if req.seed != -1 else secrets.randbelow(SEED_MAX + 1)
-        subseed = req.subseed if req.subseed != -1 else secrets.randbelow(SEED_MAX + 1)
-        req = dataclasses.replace(req, seed=seed, subseed=subseed)
+        req = req.with_seeds_drawn()
+        seed, subseed = req.seed, req.subseed
         total_images = req.batch_size * req.n_iter
         # As in A1111: a batch counts up the seed, or, with a variation strength, keeps the seed and counts
         # up the variation seed, so that it shows variations of one picture.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,8 +102,8 @@ def plan(base: GenerationRequest, matrix: PromptMatrix) -> MatrixPlan:
             f"at most {int(math.log2(MAX_PICTURES))} parts after the first for the prompt matrix "
             f"({len(parts) - 1} make {count} pictures; at most {MAX_PICTURES})",
         )
-    seed = base.seed if base.seed != -1 else secrets.randbelow(SEED_MAX + 1)
-    subseed = base.subseed if base.subseed != -1 else secrets.randbelow(SEED_MAX + 1)
+    drawn = base.with_seeds_drawn()
+    seed, subseed = drawn.seed, drawn.subseed
     requests = []
     for number in range(count):
         chosen = [part for bit, part in enumerate(parts[1:]) if number & (1 << bit)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,6 +156,13 @@ class GenerationRequest:
         """The hires pass's prompt and negative prompt."""
         return self.hr_prompt or self.prompt, self.hr_negative_prompt or self.negative_prompt
 
+    def with_seeds_drawn(self) -> GenerationRequest:
+        """This request with a random seed and variation seed drawn where they are -1 (A1111's fix_seed), so that
+        every part of a job made of several (a loopback's loops, a prompt matrix's pictures) shares them."""
+        seed = self.seed if self.seed != -1 else secrets.randbelow(SEED_MAX + 1)
+        subseed = self.subseed if self.subseed != -1 else secrets.randbelow(SEED_MAX + 1)
+        return dataclasses.replace(self, seed=seed, subseed=subseed)
+
     def hires_pass(self) -> GenerationRequest:
         """This request with the hires pass's prompts, for what encodes them and switches their LoRAs."""
         prompt, negative = self.hires_prompts
@@ -204,6 +212,13 @@ def _as_int(req_value: Any, name: str) -> int:
     if not math.isfinite(number) or number != int(number):
         raise InvalidRequestError(name, req_value, "a whole number")
     return int(number)
+
+
+def _as_flag(req_value: Any, name: str) -> bool:
+    """A switch: true or false (1 and 0 too, as JSON clients send them)."""
+    if not isinstance(req_value, (bool, int)) or req_value not in (True, False, 0, 1):
+        raise InvalidRequestError(name, req_value, "true or false")
+    return bool(req_value)
 
 
 def _as_float(req_value: Any, name: str) -> float:
@@ -276,8 +291,7 @@ def validate_request(
     _in_range(mask_blur, "mask_blur", 0, limits.max_mask_blur)
     mask_invert = _as_int(req.inpainting_mask_invert, "inpainting_mask_invert")
     _in_range(mask_invert, "inpainting_mask_invert", 0, 1)
-    if not isinstance(req.tiling, (bool, int)) or req.tiling not in (True, False, 0, 1):
-        raise InvalidRequestError("tiling", req.tiling, "true or false")
+    tiling = _as_flag(req.tiling, "tiling")
     eta = None
     if req.eta is not None:
         eta = _as_float(req.eta, "eta")
@@ -380,7 +394,7 @@ def validate_request(
         mask_blur=mask_blur,
         inpainting_mask_invert=mask_invert,
         resize_mode=resize_mode,
-        tiling=bool(req.tiling),
+        tiling=tiling,
         eta=eta,
         eta_noise_seed_delta=ensd,
         initial_noise_multiplier=noise_multiplier,
@@ -400,10 +414,7 @@ def validate_request(
 
 
 def _outpaint_fields(req: GenerationRequest, limits: Limits, width, height, init_images, mask, *others) -> dict:
-    on = req.outpaint
-    if not isinstance(on, (bool, int)) or on not in (True, False, 0, 1):
-        raise InvalidRequestError("outpaint", on, "true or false")
-    fields = {"outpaint": bool(on)}
+    fields = {"outpaint": _as_flag(req.outpaint, "outpaint")}
     pixels = fields["outpaint_pixels"] = _as_int(req.outpaint_pixels, "outpaint_pixels")
     _in_range(pixels, "outpaint_pixels", outpaint.MIN_PIXELS, outpaint.MAX_PIXELS)
     directions = req.outpaint_directions
@@ -457,10 +468,7 @@ def _outpaint_fields(req: GenerationRequest, limits: Limits, width, height, init
 
 
 def _loopback_fields(req: GenerationRequest, init_images, sd_upscale_on: bool) -> dict:
-    on = req.loopback
-    if not isinstance(on, (bool, int)) or on not in (True, False, 0, 1):
-        raise InvalidRequestError("loopback", on, "true or false")
-    fields = {"loopback": bool(on)}
+    fields = {"loopback": _as_flag(req.loopback, "loopback")}
     fields["loopback_loops"] = _as_int(req.loopback_loops, "loopback_loops")
     _in_range(fields["loopback_loops"], "loopback_loops", 1, loopback.MAX_LOOPS)
     fields["loopback_final_denoising"] = _as_float(req.loopback_final_denoising, "loopback_final_denoising")
@@ -476,10 +484,7 @@ def _loopback_fields(req: GenerationRequest, init_images, sd_upscale_on: bool) -
 def _sd_upscale_fields(
     req: GenerationRequest, limits: Limits, width: int, height: int, init_images, mask, upscalers
 ) -> dict:
-    on = req.sd_upscale
-    if not isinstance(on, (bool, int)) or on not in (True, False, 0, 1):
-        raise InvalidRequestError("sd_upscale", on, "true or false")
-    fields = {"sd_upscale": bool(on)}
+    fields = {"sd_upscale": _as_flag(req.sd_upscale, "sd_upscale")}
     fields["sd_upscale_overlap"] = _as_int(req.sd_upscale_overlap, "sd_upscale_overlap")
     _in_range(fields["sd_upscale_overlap"], "sd_upscale_overlap", 0, sd_upscale.MAX_OVERLAP)
     fields["sd_upscale_scale"] = _as_float(req.sd_upscale_scale, "sd_upscale_scale")
@@ -557,10 +562,7 @@ def _seed_extras(req: GenerationRequest, limits: Limits) -> dict:
 def _hires_fields(
     req: GenerationRequest, limits: Limits, width: int, height: int, has_init: bool, resolve_sampler, upscalers
 ) -> dict:
-    enable_hr = req.enable_hr
-    if not isinstance(enable_hr, (bool, int)) or enable_hr not in (True, False, 0, 1):
-        raise InvalidRequestError("enable_hr", enable_hr, "true or false")
-    fields = {"enable_hr": bool(enable_hr)}
+    fields = {"enable_hr": _as_flag(req.enable_hr, "enable_hr")}
     fields["hr_scale"] = _as_float(req.hr_scale, "hr_scale")
     _in_range(fields["hr_scale"], "hr_scale", 1.0, 4.0)
     fields["hr_upscaler"] = _choice(req.hr_upscaler, "hr_upscaler", (*HR_UPSCALERS, *upscalers))

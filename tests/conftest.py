@@ -51,6 +51,16 @@ def micro_engine(models_dir):
     return Engine(model=str(SHIPPED_MICRO_MODEL), models_dir=models_dir)
 
 
+@pytest.fixture(scope="session")
+def red_circle(micro_engine):
+    """A large red circle on white drawn by the micro model (seed 3, 12 steps): the init image of the img2img
+    scripts' tests."""
+    from engine import GenerationRequest
+
+    request = GenerationRequest(prompt="a large red circle on a white background", seed=3, steps=12)
+    return list(micro_engine.generate(request))[-1].images[0]
+
+
 def add_micro_and_micro_purple(root: Path) -> None:
     """Put the micro model and micro-purple (the micro model with the shipped micro-purple LoRA fused in at full
     strength: the same kind of model, drawing purple shapes) into the models folder `root`."""

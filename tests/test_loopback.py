@@ -42,12 +42,6 @@ def test_script_args_read_as_a1111s_api_sends_them():
     assert refused.value.field == "script_args[3]" and "no CLIP or DeepBooru" in refused.value.allowed
 
 
-@pytest.fixture(scope="module")
-def red_circle(micro_engine) -> Image.Image:
-    request = GenerationRequest(prompt="a large red circle on a white background", seed=3, steps=12)
-    return list(micro_engine.generate(request))[-1].images[0]
-
-
 def _loop_request(init: Image.Image, **fields) -> GenerationRequest:
     settings = dict(
         prompt=PROMPT,

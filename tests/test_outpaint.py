@@ -43,12 +43,6 @@ def test_script_args_read_as_a1111s_api_sends_them():
         fields_from_script_args([1, 2, 3, 4, 5])
 
 
-@pytest.fixture(scope="module")
-def red_circle(micro_engine) -> Image.Image:
-    request = GenerationRequest(prompt="a large red circle on a white background", seed=3, steps=12)
-    return list(micro_engine.generate(request))[-1].images[0]
-
-
 def _outpaint_request(init: Image.Image, **fields) -> GenerationRequest:
     settings = dict(
         prompt="a red circle on a white background",

@@ -53,11 +53,6 @@ def test_tile_seeds_count_up_as_a1111s_script_gives_them():
     assert tile_seeds(10, 500, 4, 2, varying=True) == ([10, 10, 11, 11], [500, 501, 500, 501])
 
 
-def _red_circle(micro_engine) -> Image.Image:
-    request = GenerationRequest(prompt="a large red circle on a white background", seed=3, steps=12)
-    return list(micro_engine.generate(request))[-1].images[0]
-
-
 def _upscale_request(init: Image.Image, **fields) -> GenerationRequest:
     settings = dict(
         prompt="a large red circle on a white background",
@@ -81,8 +76,8 @@ def _run(engine, request: GenerationRequest, control: JobControl | None = None) 
     return result
 
 
-def test_each_tile_is_the_img2img_job_of_its_part_of_the_upscaled_picture(micro_engine):
-    init = _red_circle(micro_engine)
+def test_each_tile_is_the_img2img_job_of_its_part_of_the_upscaled_picture(micro_engine, red_circle):
+    init = red_circle
     result = _run(micro_engine, _upscale_request(init))
     (picture,) = result.images
     assert picture.size == (128, 128) and result.seeds == [40]
@@ -112,8 +107,8 @@ def test_each_tile_is_the_img2img_job_of_its_part_of_the_upscaled_picture(micro_
     assert _run(micro_engine, again).images[0].tobytes() == picture.tobytes()
 
 
-def test_a_batch_count_makes_one_picture_a_seed_and_stop_keeps_the_tiles_done(micro_engine):
-    init = _red_circle(micro_engine)
+def test_a_batch_count_makes_one_picture_a_seed_and_stop_keeps_the_tiles_done(micro_engine, red_circle):
+    init = red_circle
     fields = dict(sd_upscale_overlap=0, steps=4, denoising_strength=0.5)  # 2x2 tiles
     both = _run(micro_engine, _upscale_request(init, n_iter=2, **fields))
     assert both.seeds == [40, 41] and [image.size for image in both.images] == [(128, 128)] * 2
