@@ -333,7 +333,12 @@ def _is_prompt_list(payload: Any) -> bool:
     return _script(payload) == PROMPT_LIST_SCRIPT
 
 
-_IMG2IMG_SCRIPTS = (SD_UPSCALE_SCRIPT, LOOPBACK_SCRIPT, OUTPAINT_SCRIPT)
+# The img2img scripts run here, and how each reads A1111's script_args into request fields.
+_IMG2IMG_SCRIPTS = {
+    SD_UPSCALE_SCRIPT: lambda args, engine: sd_upscale_fields(args, list(engine.list_upscalers())),
+    LOOPBACK_SCRIPT: lambda args, engine: loopback_fields(args),
+    OUTPAINT_SCRIPT: lambda args, engine: outpaint_fields(args),
+}
 
 
 def _runs_script(payload: Any) -> bool:
@@ -461,7 +466,7 @@ def _script_info(engine) -> list[dict[str, Any]]:
     ]
     outpaint_args = [
         arg("Pixels to expand", 128, limits=(OUTPAINT_MIN_PIXELS, OUTPAINT_MAX_PIXELS, 8)),
-        arg("Mask blur", 4, limits=(0, 64, 1)),
+        arg("Mask blur", 4, limits=(0, engine.limits.max_mask_blur, 1)),
         arg("Masked content", "fill", list(MASKED_CONTENT)),
         arg("Outpainting direction", list(OUTPAINT_DIRECTIONS), list(OUTPAINT_DIRECTIONS)),
     ]
@@ -821,12 +826,9 @@ class SdApi:
                     else self._setting_for("initial_noise_multiplier", payload, from_text, 1.0)
                 ),
             )
-            if _script(payload) == SD_UPSCALE_SCRIPT:
-                fields.update(sd_upscale_fields(payload.script_args, list(self.engine.list_upscalers())))
-            elif _script(payload) == LOOPBACK_SCRIPT:
-                fields.update(loopback_fields(payload.script_args))
-            elif _script(payload) == OUTPAINT_SCRIPT:
-                fields.update(outpaint_fields(payload.script_args))
+            script_fields = _IMG2IMG_SCRIPTS.get(_script(payload))
+            if script_fields is not None:
+                fields.update(script_fields(payload.script_args, self.engine))
         elif _script(payload) in _IMG2IMG_SCRIPTS:
             raise ApiError(
                 422,
@@ -1246,19 +1248,12 @@ class SdApi:
         router.add_api_route("/png-info", self.png_info, methods=["POST"])
         router.add_api_route("/extra-single-image", self.extra_single_image, methods=["POST"])
         router.add_api_route("/extra-batch-images", self.extra_batch_images, methods=["POST"])
-        # Clients probe these at start-up: the scripts run here (Prompts from file or textbox; SD upscale on img2img),
-        # and no extensions.
+        # Clients probe these at start-up: the scripts run here (_runs_script), and no extensions.
         router.add_api_route(
             "/scripts",
             lambda: {
                 "txt2img": [PROMPT_LIST_SCRIPT, PROMPT_MATRIX_SCRIPT],
-                "img2img": [
-                    PROMPT_LIST_SCRIPT,
-                    PROMPT_MATRIX_SCRIPT,
-                    SD_UPSCALE_SCRIPT,
-                    LOOPBACK_SCRIPT,
-                    OUTPAINT_SCRIPT,
-                ],
+                "img2img": [PROMPT_LIST_SCRIPT, PROMPT_MATRIX_SCRIPT, *_IMG2IMG_SCRIPTS],
             },
             methods=["GET"],
         )
