@@ -685,7 +685,14 @@ class Engine:
         next_seed = req.seed
         for _picture in range(pictures):
             loop_req = dataclasses.replace(
-                req, seed=next_seed, n_iter=1, batch_size=1, loopback=False, extra_params=extra
+                req,
+                seed=next_seed,
+                n_iter=1,
+                batch_size=1,
+                loopback=False,
+                extra_params=extra,
+                # Every loop is colour-corrected to the first picture, as A1111's loopback does it.
+                color_reference=req.init_images[0] if req.color_correction else None,
             )
             last = None
             for loop in range(loops):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageFilter
 
+from .color_correction import corrected
 from .composable import ComposedGuidance
 from .events import JobControl, Pacer, Progress
 from .images import LATENT_RESIZE, resize_to
@@ -311,7 +312,7 @@ def run_batch(
             _noise_over_the_picture(pipe)
         if req.resize_mode == LATENT_RESIZE:
             kwargs["image"] = _latents_resized(pipe, model, sources, generators, req.width, req.height)
-        images = pipe(**kwargs).images
+        images = corrected(req, pipe(**kwargs).images, init_images)
         return BatchOutcome(images, stopped, preview_seconds)
 
     kwargs.update(height=req.height, width=req.width)

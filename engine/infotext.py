@@ -75,6 +75,7 @@ _REQUEST_KEYS = frozenset(
         "Masked content",
         "Emphasis",
         "Tiling",
+        "Color correction",
         "Eta",
         "Eta DDIM",
         "ENSD",
@@ -206,6 +207,9 @@ def format_infotext(
         params["ENSD"] = int(req.eta_noise_seed_delta)
     if req.mode != "txt2img" and req.initial_noise_multiplier != 1:
         params["Noise multiplier"] = _format_number(req.initial_noise_multiplier)
+    if req.mode != "txt2img" and req.color_correction:
+        # A1111 keeps it a setting and writes nothing; written here so the infotext makes the same picture again.
+        params["Color correction"] = "True"
     # Written only when not the default, as A1111 writes "Emphasis".
     if req.emphasis != "Original":
         params["Emphasis"] = req.emphasis
@@ -367,6 +371,8 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
         req.eta_noise_seed_delta = _parse_int("ENSD", params.pop("ENSD"))
     if "Noise multiplier" in params:
         req.initial_noise_multiplier = _parse_float("Noise multiplier", params.pop("Noise multiplier"))
+    if "Color correction" in params:
+        req.color_correction = params.pop("Color correction").strip().lower() == "true"
     if "Emphasis" in params:
         req.emphasis = params.pop("Emphasis")
     if "Prompt syntax" in params:

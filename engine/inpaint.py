@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
+from .color_correction import corrected
 from .images import resize_to
 from .noise import seed_noise
 from .request import GenerationRequest
@@ -47,12 +48,18 @@ def inpaint(pipe, kwargs: dict, req: GenerationRequest, sources, init_images, ma
 
 def _run(pipe, kwargs: dict, req: GenerationRequest, pictures, mask, seeds) -> list[Image.Image]:
     """The pipeline over `pictures` (at the generation size) with the masked content asked for."""
+    # A1111 fills the masked part for every masked content but "original". The sampling starts from the filled
+    # picture for "fill" (the latent fills replace the masked part after encoding), and colour correction
+    # matches it whichever it is.
+    filled = pictures
+    if req.inpainting_fill == FILL or (req.inpainting_fill != ORIGINAL and req.color_correction):
+        filled = [fill_masked(picture, mask) for picture in pictures]
     if req.inpainting_fill == FILL:
-        pictures = [fill_masked(picture, mask) for picture in pictures]
+        pictures = filled
     elif req.inpainting_fill in (LATENT_NOISE, LATENT_NOTHING):
         _install_latent_fill(pipe, req.inpainting_fill, mask, seeds)
     kwargs.update(image=pictures, mask_image=[mask] * len(pictures))
-    return pipe(**kwargs).images
+    return corrected(req, pipe(**kwargs).images, filled)
 
 
 def painted_mask(req: GenerationRequest) -> Image.Image:

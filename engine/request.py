@@ -99,6 +99,12 @@ class GenerationRequest:
     eta_noise_seed_delta: int = 0
     # A1111's "Noise multiplier for img2img": the noise img2img and inpaint add to the picture, scaled (1 leaves it).
     initial_noise_multiplier: float = 1.0
+    # A1111's "Apply color correction to img2img results to match original colors" (engine/color_correction.py):
+    # img2img and inpaint results get their init image's colour distribution, keeping their own luminosity.
+    color_correction: bool = False
+    # The picture colour correction matches instead of each init image (Loopback's first picture, for every
+    # loop, as A1111 keeps it); set by the engine, not asked for.
+    color_reference: Image.Image | None = None
     # A1111's "SD VAE": "Automatic" (a VAE named after the checkpoint beside it, else the model's own),
     # "None" (the model's own), or a file in the VAE folder. Engine.validate checks it against the folder.
     sd_vae: str = "Automatic"
@@ -300,6 +306,9 @@ def validate_request(
     _in_range(ensd, "eta_noise_seed_delta", 0, SEED_MAX)
     noise_multiplier = _as_float(req.initial_noise_multiplier, "initial_noise_multiplier")
     _in_range(noise_multiplier, "initial_noise_multiplier", 0.0, MAX_NOISE_MULTIPLIER)
+    color_correction = _as_flag(req.color_correction, "color_correction")
+    if req.color_reference is not None and not isinstance(req.color_reference, Image.Image):
+        raise InvalidRequestError("color_reference", type(req.color_reference).__name__, "a picture (PIL image)")
     full_res = req.inpaint_full_res
     if not isinstance(full_res, (bool, int)) or full_res not in (True, False, 0, 1):
         raise InvalidRequestError("inpaint_full_res", full_res, "true (Only masked) or false (Whole picture)")
@@ -398,6 +407,7 @@ def validate_request(
         eta=eta,
         eta_noise_seed_delta=ensd,
         initial_noise_multiplier=noise_multiplier,
+        color_correction=color_correction,
         inpaint_full_res=bool(full_res),
         inpaint_full_res_padding=padding,
         inpainting_fill=fill,

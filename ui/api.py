@@ -149,7 +149,8 @@ class _GenerationPayload(BaseModel):
         None,
         description="acted on: sd_model_checkpoint (loaded for the request), CLIP_stop_at_last_layers, emphasis ('Original', 'No norm', 'Ignore'), "
         "sd_vae ('Automatic', 'None' or a file from /sdapi/v1/sd-vae), eta_noise_seed_delta (ENSD, e.g. 31337), "
-        "eta_ancestral (Euler a, DPM2 a, DPM++ 2M SDE), eta_ddim, initial_noise_multiplier (img2img)",
+        "eta_ancestral (Euler a, DPM2 a, DPM++ 2M SDE), eta_ddim, initial_noise_multiplier and img2img_color_correction "
+        "(img2img)",
     )
     override_settings_restore_afterwards: Any = Field(
         True, description="false: a model chosen by override_settings.sd_model_checkpoint stays loaded"
@@ -322,6 +323,7 @@ _SETTINGS_READ_BY_JOBS = (
     "eta_ancestral",
     "eta_ddim",
     "initial_noise_multiplier",
+    "img2img_color_correction",
 )
 
 
@@ -371,6 +373,13 @@ _IGNORED_RULES = {
     "firstphase_height": _not_in(0),
     "latent_mask": lambda v, p: _set(v),
 }
+
+
+def _switch(value: Any, field: str) -> bool:
+    """An A1111 on/off setting: true or false (1 and 0 too); a 422 naming `field` otherwise."""
+    if not isinstance(value, (bool, int)) or value not in (True, False, 0, 1):
+        raise ApiError(422, field, value, "true or false")
+    return bool(value)
 
 
 def _nothing_installed() -> list:
@@ -634,6 +643,7 @@ class SdApi:
             "eta_ancestral": 1.0,
             "eta_ddim": 0.0,
             "initial_noise_multiplier": 1.0,
+            "img2img_color_correction": False,
         }
         self._jobs: dict[int, _ApiJob] = {}  # the jobs started here, by job id
         self._last_job_timestamp = "0"
@@ -825,6 +835,7 @@ class SdApi:
                     if payload.initial_noise_multiplier is not None
                     else self._setting_for("initial_noise_multiplier", payload, from_text, 1.0)
                 ),
+                color_correction=self._color_correction_for(payload, from_text),
             )
             script_fields = _IMG2IMG_SCRIPTS.get(_script(payload))
             if script_fields is not None:
@@ -874,6 +885,17 @@ class SdApi:
             else:
                 ignored.append(f"override_settings.{key}")
         return clip_skip
+
+    def _color_correction_for(self, payload: _GenerationPayload, from_text: GenerationRequest | None) -> bool:
+        """A1111's img2img_color_correction for an img2img job: override_settings, else on where the infotext says
+        "Color correction: True", else /options."""
+        overrides = payload.override_settings or {}
+        if "img2img_color_correction" in overrides:
+            return _switch(overrides["img2img_color_correction"], "override_settings.img2img_color_correction")
+        if from_text is not None and from_text.color_correction:
+            return True
+        with self._lock:
+            return bool(self._stored_options["img2img_color_correction"])
 
     def _eta_for(self, payload: _GenerationPayload, from_text, sampler: str) -> Any:
         """The job's eta: the payload's `eta`, else the infotext's, else A1111's setting for its sampler
@@ -1136,6 +1158,8 @@ class SdApi:
             value = options.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= highest:
                 raise ApiError(422, key, value, f"a number from 0 to {highest}")
+        if "img2img_color_correction" in options:
+            _switch(options["img2img_color_correction"], "img2img_color_correction")
         if "eta_noise_seed_delta" in options:
             ensd = options["eta_noise_seed_delta"]
             if isinstance(ensd, bool) or not isinstance(ensd, int) or not 0 <= ensd <= SEED_MAX:

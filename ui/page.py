@@ -331,6 +331,13 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     info="Scales the noise img2img and inpaint add to the picture (A1111's; 1: off).",
                     elem_id="setting_noise_multiplier",
                 )
+                color_correction = gr.Checkbox(
+                    value=False,
+                    label="Apply color correction to img2img results to match original colors",
+                    info="A1111's: each result gets its init image's hue and saturation back, keeping its own "
+                    "light and dark (Loopback: every loop the first picture's).",
+                    elem_id="setting_color_correction",
+                )
                 save_images = gr.Checkbox(
                     value=save_default,
                     label="Save generated images"
@@ -391,7 +398,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
             png,
             tab_widgets,
             tabs,
-            session_settings=[sd_vae, ensd, eta_ancestral, eta_ddim, noise_multiplier, clip_skip],
+            session_settings=[sd_vae, ensd, eta_ancestral, eta_ddim, noise_multiplier, clip_skip, color_correction],
             engine=engine,
         )
         wire_extras_tab(extras, engine, session, outputs_dir=outputs_dir, save_image=save_image)
@@ -454,6 +461,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
             "eta_ancestral": (eta_ancestral, _set_eta_ancestral),
             "eta_ddim": (eta_ddim, _set_eta_ddim),
             "noise_multiplier": (noise_multiplier, _set_noise_multiplier),
+            "color_correction": (color_correction, _set_color_correction),
             "clip_skip": (clip_skip, _set_clip_skip),
         }
         # Each browser remembers its own settings (as A1111 keeps them in config.json, but per person): they are
@@ -1865,8 +1873,8 @@ def _wire_png_info(
     session_settings: list,
     engine,
 ) -> None:
-    """`session_settings`: the SD VAE list, ENSD, the two etas, the noise multiplier and clip skip, which Send
-    sets from the infotext."""
+    """`session_settings`: the SD VAE list, ENSD, the two etas, the noise multiplier, clip skip and colour
+    correction, which Send sets from the infotext."""
     png.image.change(
         _read_png_info,
         inputs=[png.image],
@@ -2098,6 +2106,12 @@ def _set_save_images(session: PageSession, enabled: bool) -> None:
     session.save_images = bool(enabled)
 
 
+def _set_color_correction(session: PageSession, enabled: bool) -> None:
+    """A1111's img2img colour correction for this session's img2img and inpaint jobs: results get their init
+    image's hue and saturation back, keeping their own luminosity."""
+    session.color_correction = bool(enabled)
+
+
 def _set_batch_grid(session: PageSession, enabled: bool) -> None:
     """Show a grid of a job's pictures first in the gallery (and save it with them), as A1111 does by default."""
     session.batch_grid = bool(enabled)
@@ -2263,7 +2277,8 @@ def _send_png_info(path: str | None, text: str, *, target_mode: str, engine):
 def _sampler_parameters_from_infotext(read: ReadInfotext) -> list:
     """The Settings tab's ENSD, Eta for Euler a, Eta for DDIM and noise multiplier from an infotext: each set where
     the infotext names it (A1111 pastes them as overrides), else left as it is; then Clip skip, 1 where the
-    infotext names none (A1111 writes it only when it is not 1, and pastes 1 then)."""
+    infotext names none (A1111 writes it only when it is not 1, and pastes 1 then); then colour correction, on
+    where the infotext says so, else left as it is."""
     params = read.params
     values = []
     for key in ("ENSD", "Eta", "Eta DDIM", "Noise multiplier"):
@@ -2275,7 +2290,8 @@ def _sampler_parameters_from_infotext(read: ReadInfotext) -> list:
         clip_skip = int(params.get("Clip skip", 1))
     except ValueError:
         clip_skip = 0
-    return [*values, clip_skip if 1 <= clip_skip <= MAX_CLIP_SKIP else gr.skip()]
+    color_correction = True if read.request.color_correction else gr.skip()
+    return [*values, clip_skip if 1 <= clip_skip <= MAX_CLIP_SKIP else gr.skip(), color_correction]
 
 
 def _inpaint_area_from_infotext(read: ReadInfotext) -> list:

@@ -56,6 +56,8 @@ class PageSession:
     eta_ddim: float = 0.0
     # A1111's "Noise multiplier for img2img" (img2img and inpaint jobs).
     noise_multiplier: float = 1.0
+    # A1111's "Apply color correction to img2img results to match original colors" (img2img and inpaint jobs).
+    color_correction: bool = False
     # A1111's "Clip skip" (CLIP_stop_at_last_layers): 1 is the text encoder's last layer.
     clip_skip: int = 1
     # Jobs this session queued or started and that have not ended, by job id: Stop interrupts these only.
@@ -69,7 +71,7 @@ class PageSession:
 
     def settings_for(self, request: GenerationRequest) -> GenerationRequest:
         """`request` with this session's prompt syntax, emphasis mode, SD VAE, ENSD, its sampler's eta, the
-        img2img noise multiplier and clip skip."""
+        img2img noise multiplier and colour correction, and clip skip."""
         try:
             spec = get_sampler(request.sampler_name)
         except EngineError:
@@ -87,6 +89,7 @@ class PageSession:
             eta=eta,
             eta_noise_seed_delta=self.ensd,
             initial_noise_multiplier=self.noise_multiplier,
+            color_correction=self.color_correction,
             extra_params=with_clip_skip(request.extra_params, self.clip_skip),
         )
 
