@@ -120,7 +120,13 @@ def test_the_api_and_the_page_take_a_refiner_and_png_info_sends_it_back(pair_eng
     from PIL import Image
 
     from tests.test_browser import serve_page
-    from ui.page import NO_REFINER, ReadInfotext, _second_model_choices, _send_png_info
+    from ui.page import (
+        NO_REFINER,
+        ReadInfotext,
+        _sampler_parameters_from_infotext,
+        _second_model_choices,
+        _send_png_info,
+    )
     from ui.server import ServerSettings, launch
 
     purple = next(info for info in pair_engine.list_models() if info.name == "micro-purple")
@@ -154,10 +160,15 @@ def test_the_api_and_the_page_take_a_refiner_and_png_info_sends_it_back(pair_eng
     assert nearer(centre_colour(Image.open(gallery[0]["image"]).convert("RGB")), PURPLE, RED)
     assert f"Refiner: {purple_title}, Refiner switch at: 0.2" in infotext
 
-    # PNG Info's Send picks it in the Refiner panel (the two values before the session settings and the tab).
-    assert list(_send_png_info(None, infotext, target_mode="txt2img", engine=pair_engine)[-9:-7]) == [purple_title, 0.2]
-    plain = infotext.split(", Refiner:")[0]
-    assert list(_send_png_info(None, plain, target_mode="img2img", engine=pair_engine)[-9:-7]) == [NO_REFINER, 0.8]
+    # PNG Info's Send picks it in the Refiner panel: the two values before the session settings (the SD VAE and the
+    # sampler parameters) and the tab.
+    after = 1 + len(_sampler_parameters_from_infotext(ReadInfotext.of(infotext))) + 1
+
+    def refiner_sent(text: str, mode: str) -> list:
+        return list(_send_png_info(None, text, target_mode=mode, engine=pair_engine)[-after - 2 : -after])
+
+    assert refiner_sent(infotext, "txt2img") == [purple_title, 0.2]
+    assert refiner_sent(infotext.split(", Refiner:")[0], "img2img") == [NO_REFINER, 0.8]
     assert ReadInfotext.of(infotext).request.refiner_switch_at == 0.2
 
 
