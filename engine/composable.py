@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+from .negative_guidance import NegativeGuidanceSkip
 from .prompts import Conditioning, SDXLEmbeds
 from .traced_unet import UNetStandIn
 
@@ -29,18 +30,29 @@ class ComposedGuidance(UNetStandIn):
     `cfg_in_pipeline` says whether the pipeline does classifier-free guidance itself (a batch of negative
     rows then prompt rows); without it (CFG scale 1 or less, or a guidance-embedding model) this module
     computes the negative's prediction and applies `guidance_scale` itself. `step_index` is the sampling
-    step whose prompt-editing entries apply; the job's step callback moves it on."""
+    step whose prompt-editing entries apply; the job's step callback moves it on. `skip` (NGMS, with the
+    pipeline guiding) leaves the negative out of some calls: the first part's prediction stands in for it
+    then, as in A1111."""
 
-    def __init__(self, unet: torch.nn.Module, conditioning: Conditioning, guidance_scale: float, cfg_in_pipeline: bool):
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        conditioning: Conditioning,
+        guidance_scale: float,
+        cfg_in_pipeline: bool,
+        skip: NegativeGuidanceSkip | None = None,
+    ):
         super().__init__(unet)
         self.conditioning = conditioning
         self.guidance_scale = float(guidance_scale)
         self.cfg_in_pipeline = cfg_in_pipeline
+        self.skip = skip if cfg_in_pipeline else None
         self.step_index = 0
 
     def forward(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
         parts = self.conditioning.parts_at(self.step_index)
-        count = len(parts) + 1  # the negative, then each part
+        skip_negative = self.skip is not None and self.skip.skips(timestep)
+        count = len(parts) + (0 if skip_negative else 1)  # the negative (unless skipped), then each part
         images = sample.shape[0] // 2 if self.cfg_in_pipeline else sample.shape[0]
         added = dict(kwargs.pop("added_cond_kwargs", None) or {})
 
@@ -50,8 +62,8 @@ class ComposedGuidance(UNetStandIn):
         else:
             negative = self.conditioning.at(self.step_index)[1]
             negative_states, negative_pooled = _states_and_pooled(negative, images, encoder_hidden_states)
-        states = [negative_states]
-        pooled = [negative_pooled]
+        states = [] if skip_negative else [negative_states]
+        pooled = [] if skip_negative else [negative_pooled]
         for embeds, _weight in parts:
             part_states, part_pooled = _states_and_pooled(embeds, images, encoder_hidden_states)
             states.append(part_states)
@@ -81,10 +93,11 @@ class ComposedGuidance(UNetStandIn):
             **kwargs,
         )[0]
 
-        negative_prediction = output[:images]
+        predictions = output.split(images)
+        negative_prediction = predictions[0]  # the negative's, or where it was skipped the first part's
         guidance = torch.zeros_like(negative_prediction)
-        for index, (_embeds, weight) in enumerate(parts, start=1):
-            guidance += weight * (output[index * images : (index + 1) * images] - negative_prediction)
+        for prediction, (_embeds, weight) in zip(predictions[0 if skip_negative else 1 :], parts, strict=True):
+            guidance += weight * (prediction - negative_prediction)
         if self.cfg_in_pipeline:
             # The pipeline makes negative + scale * (this - negative): the sum above.
             result = torch.cat([negative_prediction, negative_prediction + guidance])

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from diffusers import DDPMScheduler
 from PIL import Image, ImageFilter
 
 from .color_correction import corrected
@@ -24,6 +25,7 @@ from .events import JobControl, Pacer, Progress
 from .images import LATENT_RESIZE, resize_to
 from .inpaint import inpaint
 from .models import LoadedModel
+from .negative_guidance import NegativeGuidanceSkip, SkipNegativeUNet
 from .noise import NoiseVariation, initial_noise, reseed_after_start
 from .prompts import Conditioning, SDXLEmbeds, guidance_rows
 from .refiner import Refiner, RefinerSwitch
@@ -137,11 +139,10 @@ def run_batch(
     scheduler = build_scheduler(model.scheduler_config, req.sampler_name, req.scheduler, seed=seeds[0], eta=req.eta)
     recorder = StepRecorder(scheduler, model.prediction_type)
     composed: list[ComposedGuidance] = []  # the UNet stand-in of each pass, for a prompt with AND
-    wrap_unet = _composed_guidance(model, req, conditioning, composed.append) if conditioning.parts else None
     switches: list[RefinerSwitch] = []  # the refiner's stand-in for the pass it joins
+    stand_ins = _StandIns(req, composed, switches)
     hires = req.mode == "txt2img" and req.enable_hr
-    if refiner is not None and not hires:  # Engine.validate refuses a refiner with composable parts
-        wrap_unet = _refiner_switch(refiner, model, req, switches.append)
+    wrap_unet = stand_ins.for_pass(model, conditioning, refiner if not hires else None)
     # A trace holds the padding its convolutions had when traced: tiling runs the UNet as a module.
     pipe = model.pipeline_for(req.mode, scheduler, traced=not req.tiling, wrap_unet=wrap_unet, vae=vae)
     resize_from = None
@@ -274,10 +275,7 @@ def run_batch(
         if hires_conditioning is not None:
             conditioning = hires_conditioning
             kwargs.update(_conditioning_kwargs(conditioning, len(seeds)))
-        if hires_conditioning is not None or hires_model is not None:
-            wrap_unet = _composed_guidance(model, req, conditioning, composed.append) if conditioning.parts else None
-        if refiner is not None:
-            wrap_unet = _refiner_switch(refiner, model, req, switches.append)
+        wrap_unet = stand_ins.for_pass(model, conditioning, refiner)
         current_conditioning = conditioning.at(0)
         scheduler = build_scheduler(model.scheduler_config, hr_sampler, hr_schedule, seed=seeds[0], eta=req.eta)
         recorder = StepRecorder(scheduler, model.prediction_type)
@@ -326,26 +324,43 @@ def _cfg_in_pipeline(model: LoadedModel, req: GenerationRequest) -> bool:
     return req.cfg_scale > 1 and getattr(model.components["unet"].config, "time_cond_proj_dim", None) is None
 
 
-def _composed_guidance(model: LoadedModel, req: GenerationRequest, conditioning: Conditioning, made) -> Callable:
-    """A wrap_unet for pipeline_for that makes the job's ComposedGuidance and hands it to `made`."""
+@dataclass
+class _StandIns:
+    """What stands in for the UNet in each pass of a job: the refiner's switch (which Engine.validate never pairs
+    with composable parts), the composable parts' guidance, or NGMS's skipping UNet. Each skips the negative
+    prompt where NGMS says, counting each pass's calls afresh. The refiner's and the parts' stand-ins are handed
+    to `switches` and `composed`, whose prompt-editing step the step callback moves on."""
 
-    def wrap(unet):
-        guidance = ComposedGuidance(unet, conditioning, req.cfg_scale, _cfg_in_pipeline(model, req))
-        made(guidance)
-        return guidance
+    req: GenerationRequest
+    composed: list[ComposedGuidance]
+    switches: list[RefinerSwitch]
 
-    return wrap
+    def for_pass(self, model: LoadedModel, conditioning: Conditioning, refiner: Refiner | None) -> Callable | None:
+        """A wrap_unet for pipeline_for, or None where the UNet runs as it is."""
+        req, cfg_in_pipeline = self.req, _cfg_in_pipeline(model, self.req)
+        ngms = req.s_min_uncond > 0 and cfg_in_pipeline  # without the pipeline's guidance there is no negative
+        if refiner is None and not conditioning.parts and not ngms:
+            return None
 
+        def wrap(unet):
+            skip = None
+            if ngms:
+                alphas = DDPMScheduler.from_config(model.scheduler_config).alphas_cumprod
+                skip = NegativeGuidanceSkip(req.s_min_uncond, req.s_min_uncond_all, alphas)
+            if refiner is not None:
+                switch = refiner.stand_in(unet, traced=not req.tiling, cfg_in_pipeline=cfg_in_pipeline)
+                if skip is not None:  # one count over both UNets: each call goes to one of them
+                    switch.unet = SkipNegativeUNet(switch.unet, skip)
+                    switch.refiner_unet = SkipNegativeUNet(switch.refiner_unet, skip)
+                self.switches.append(switch)
+                return switch
+            if conditioning.parts:
+                guidance = ComposedGuidance(unet, conditioning, req.cfg_scale, cfg_in_pipeline, skip)
+                self.composed.append(guidance)
+                return guidance
+            return SkipNegativeUNet(unet, skip)
 
-def _refiner_switch(refiner: Refiner, model: LoadedModel, req: GenerationRequest, made) -> Callable:
-    """A wrap_unet for pipeline_for that makes the pass's RefinerSwitch and hands it to `made`."""
-
-    def wrap(unet):
-        switch = refiner.stand_in(unet, traced=not req.tiling, cfg_in_pipeline=_cfg_in_pipeline(model, req))
-        made(switch)
-        return switch
-
-    return wrap
+        return wrap
 
 
 def _conditioning_kwargs(conditioning: Conditioning, count: int) -> dict:

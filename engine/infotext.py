@@ -76,6 +76,8 @@ _REQUEST_KEYS = frozenset(
         "Emphasis",
         "Tiling",
         "Color correction",
+        "NGMS",
+        "NGMS all steps",
         "Eta",
         "Eta DDIM",
         "ENSD",
@@ -207,6 +209,10 @@ def format_infotext(
         params["ENSD"] = int(req.eta_noise_seed_delta)
     if req.mode != "txt2img" and req.initial_noise_multiplier != 1:
         params["Noise multiplier"] = _format_number(req.initial_noise_multiplier)
+    if req.s_min_uncond > 0:
+        params["NGMS"] = _format_number(req.s_min_uncond)
+        if req.s_min_uncond_all:
+            params["NGMS all steps"] = "True"
     if req.mode != "txt2img" and req.color_correction:
         # A1111 keeps it a setting and writes nothing; written here so the infotext makes the same picture again.
         params["Color correction"] = "True"
@@ -371,6 +377,10 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
         req.eta_noise_seed_delta = _parse_int("ENSD", params.pop("ENSD"))
     if "Noise multiplier" in params:
         req.initial_noise_multiplier = _parse_float("Noise multiplier", params.pop("Noise multiplier"))
+    if "NGMS" in params:
+        req.s_min_uncond = _parse_float("NGMS", params.pop("NGMS"))
+    if "NGMS all steps" in params:
+        req.s_min_uncond_all = params.pop("NGMS all steps").strip().lower() == "true"
     if "Color correction" in params:
         req.color_correction = params.pop("Color correction").strip().lower() == "true"
     if "Emphasis" in params:

@@ -13,6 +13,7 @@ from PIL import Image
 from . import loopback, outpaint, sd_upscale
 from .errors import InvalidRequestError
 from .images import LATENT_RESIZE, RESIZE_MODES, to_pil
+from .negative_guidance import MAX_NGMS
 from .outpaint import DIRECTIONS as OUTPAINT_DIRECTIONS
 from .tiles import plan_tiles
 
@@ -99,6 +100,10 @@ class GenerationRequest:
     eta_noise_seed_delta: int = 0
     # A1111's "Noise multiplier for img2img": the noise img2img and inpaint add to the picture, scaled (1 leaves it).
     initial_noise_multiplier: float = 1.0
+    # A1111's "Negative Guidance minimum sigma" (NGMS, engine/negative_guidance.py): every other UNet call below this
+    # noise level leaves the negative prompt out, or every such call with `s_min_uncond_all`. 0 is off.
+    s_min_uncond: float = 0.0
+    s_min_uncond_all: bool = False
     # A1111's "Apply color correction to img2img results to match original colors" (engine/color_correction.py):
     # img2img and inpaint results get their init image's colour distribution, keeping their own luminosity.
     color_correction: bool = False
@@ -307,6 +312,9 @@ def validate_request(
     noise_multiplier = _as_float(req.initial_noise_multiplier, "initial_noise_multiplier")
     _in_range(noise_multiplier, "initial_noise_multiplier", 0.0, MAX_NOISE_MULTIPLIER)
     color_correction = _as_flag(req.color_correction, "color_correction")
+    s_min_uncond = _as_float(req.s_min_uncond, "s_min_uncond")
+    _in_range(s_min_uncond, "s_min_uncond", 0.0, MAX_NGMS)
+    s_min_uncond_all = _as_flag(req.s_min_uncond_all, "s_min_uncond_all")
     if req.color_reference is not None and not isinstance(req.color_reference, Image.Image):
         raise InvalidRequestError("color_reference", type(req.color_reference).__name__, "a picture (PIL image)")
     full_res = req.inpaint_full_res
@@ -408,6 +416,8 @@ def validate_request(
         eta_noise_seed_delta=ensd,
         initial_noise_multiplier=noise_multiplier,
         color_correction=color_correction,
+        s_min_uncond=s_min_uncond,
+        s_min_uncond_all=s_min_uncond_all,
         inpaint_full_res=bool(full_res),
         inpaint_full_res_padding=padding,
         inpainting_fill=fill,

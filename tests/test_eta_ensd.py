@@ -189,29 +189,18 @@ def test_png_info_send_sets_the_sessions_ensd_and_eta_from_the_infotext():
 
     from ui.page import ReadInfotext, _sampler_parameters_from_infotext
 
+    def sent(text: str) -> list:
+        return _sampler_parameters_from_infotext(ReadInfotext.of(text))
+
+    keep = gr.skip()
+    # ENSD, Eta, Eta DDIM, Noise multiplier, Clip skip, then colour correction, NGMS and NGMS all steps.
     text = "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64, Eta: 0.5, ENSD: 31337"
-    assert _sampler_parameters_from_infotext(ReadInfotext.of(text)) == [31337, 0.5, gr.skip(), gr.skip(), 1, gr.skip()]
+    assert sent(text) == [31337, 0.5, keep, keep, 1, keep, keep, keep]
     ddim = "a cat\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, Eta DDIM: 0.3"
-    assert _sampler_parameters_from_infotext(ReadInfotext.of(ddim)) == [
-        gr.skip(),
-        gr.skip(),
-        0.3,
-        gr.skip(),
-        1,
-        gr.skip(),
-    ]
+    assert sent(ddim) == [keep, keep, 0.3, keep, 1, keep, keep, keep]
     img2img = "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Denoising strength: 0.5, Noise multiplier: 0.8"
-    assert _sampler_parameters_from_infotext(ReadInfotext.of(img2img)) == [
-        gr.skip(),
-        gr.skip(),
-        gr.skip(),
-        0.8,
-        1,
-        gr.skip(),
-    ]
+    assert sent(img2img) == [keep, keep, keep, 0.8, 1, keep, keep, keep]
     # A1111 writes Clip skip only when it is not 1, and pastes 1 when the text has none.
-    skipped = ReadInfotext.of(text + ", Clip skip: 2")
-    assert _sampler_parameters_from_infotext(skipped)[-2] == 2
-    # Colour correction is turned on where the infotext says so, and otherwise left as it is.
-    corrected = ReadInfotext.of(img2img + ", Color correction: True")
-    assert _sampler_parameters_from_infotext(corrected)[-1] is True
+    assert sent(text + ", Clip skip: 2")[4] == 2
+    # Colour correction and NGMS are set where the infotext names them, and otherwise left as they are.
+    assert sent(img2img + ", Color correction: True, NGMS: 2.5, NGMS all steps: True")[5:] == [True, 2.5, True]

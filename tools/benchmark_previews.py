@@ -11,7 +11,6 @@ median time as a ratio to the baseline, all measured in this one run.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 import sys
@@ -25,19 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine import Engine, GenerationRequest, PreviewSettings  # noqa: E402
 from engine.engine import cpu_threads_for  # noqa: E402
 from engine.samplers import build_scheduler  # noqa: E402
-from tools.benchmark_timing import log_ratio_table, log_to_console, time_interleaved  # noqa: E402
+from tools.benchmark_timing import log_ratio_table, log_to_console, model_arguments, time_interleaved  # noqa: E402
 
 log = logging.getLogger("benchmark")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model name/path (default: the default model, micro-shapes)")
-    parser.add_argument("--models-dir", default=None)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--sampler", default="Euler")
+    parser = model_arguments(__doc__, size=512, rounds=5, sampler="Euler")
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
     log_to_console()

@@ -12,7 +12,6 @@ as ratios measured in this one run; and checks that both draw byte-identical ima
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -20,21 +19,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import Engine, GenerationRequest  # noqa: E402
-from tools.benchmark_timing import log_ratio_table, log_to_console, time_interleaved  # noqa: E402
+from engine import Engine  # noqa: E402
+from tools.benchmark_timing import (  # noqa: E402
+    log_ratio_table,
+    log_setup,
+    log_to_console,
+    model_arguments,
+    shapes_request,
+    time_interleaved,
+)
 
 log = logging.getLogger("benchmark")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model name/path (default: the default model, micro-shapes)")
-    parser.add_argument("--models-dir", default=None)
-    parser.add_argument("--size", type=int, default=None, help="width and height (default: the model's native size)")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--sampler", default="Euler a")
-    args = parser.parse_args()
+    args = model_arguments(__doc__).parse_args()
     log_to_console()
 
     def load(**options) -> tuple[Engine, float]:
@@ -52,16 +51,7 @@ def main() -> None:
     if engines["traced UNet"].loaded.traced_unet is None:
         log.info("This model's family does not trace its UNet on this device: both variants are the same.")
     size = args.size or engines["traced UNet"].loaded.defaults.width
-    request = GenerationRequest(
-        prompt="a red circle on a blue background",
-        negative_prompt="blurry",
-        sampler_name=args.sampler,
-        steps=args.steps,
-        cfg_scale=7.0,
-        seed=1234,
-        width=size,
-        height=size,
-    )
+    request = shapes_request(args, size)
 
     def generate(engine: Engine):
         return list(engine.generate(request))[-1].images[0]
@@ -78,15 +68,7 @@ def main() -> None:
         {name: lambda engine=engine: generate(engine) for name, engine in engines.items()}, args.rounds
     )
 
-    log.info(
-        "model %s, %dx%d, %s, %d steps, CFG 7, median and fastest of %d rounds",
-        engines["traced UNet"].model.title,
-        size,
-        size,
-        args.sampler,
-        args.steps,
-        args.rounds,
-    )
+    log_setup(engines["traced UNet"].model.title, size, args)
     log_ratio_table(times, "UNet as a Python module")
     log.info("byte-identical images: %s", "yes" if identical else "NO")
 

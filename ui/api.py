@@ -42,6 +42,7 @@ from engine.loopback import MAX_LOOPS as LOOPBACK_MAX_LOOPS
 from engine.loopback import SCRIPT_NAME as LOOPBACK_SCRIPT
 from engine.loopback import fields_from_script_args as loopback_fields
 from engine.loopback import grid_result as loopback_grid
+from engine.negative_guidance import MAX_NGMS
 from engine.outpaint import DIRECTIONS as OUTPAINT_DIRECTIONS
 from engine.outpaint import MAX_PIXELS as OUTPAINT_MAX_PIXELS
 from engine.outpaint import MIN_PIXELS as OUTPAINT_MIN_PIXELS
@@ -150,7 +151,7 @@ class _GenerationPayload(BaseModel):
         description="acted on: sd_model_checkpoint (loaded for the request), CLIP_stop_at_last_layers, emphasis ('Original', 'No norm', 'Ignore'), "
         "sd_vae ('Automatic', 'None' or a file from /sdapi/v1/sd-vae), eta_noise_seed_delta (ENSD, e.g. 31337), "
         "eta_ancestral (Euler a, DPM2 a, DPM++ 2M SDE), eta_ddim, initial_noise_multiplier and img2img_color_correction "
-        "(img2img)",
+        "(img2img), s_min_uncond and s_min_uncond_all (NGMS)",
     )
     override_settings_restore_afterwards: Any = Field(
         True, description="false: a model chosen by override_settings.sd_model_checkpoint stays loaded"
@@ -324,6 +325,8 @@ _SETTINGS_READ_BY_JOBS = (
     "eta_ddim",
     "initial_noise_multiplier",
     "img2img_color_correction",
+    "s_min_uncond",
+    "s_min_uncond_all",
 )
 
 
@@ -359,7 +362,6 @@ def _with_mask(rule):
 _IGNORED_RULES = {
     "restore_faces": lambda v, p: _set(v),
     "eta": _eta_ignored,
-    "s_min_uncond": _not_in(0),
     "s_churn": _not_in(0),
     "s_tmax": _not_in(0, math.inf),
     "s_tmin": _not_in(0),
@@ -644,6 +646,8 @@ class SdApi:
             "eta_ddim": 0.0,
             "initial_noise_multiplier": 1.0,
             "img2img_color_correction": False,
+            "s_min_uncond": 0.0,
+            "s_min_uncond_all": False,
         }
         self._jobs: dict[int, _ApiJob] = {}  # the jobs started here, by job id
         self._last_job_timestamp = "0"
@@ -795,6 +799,14 @@ class SdApi:
             tiling=pick("tiling", False),
             eta=self._eta_for(payload, from_text, sampler or defaults.sampler_name),
             eta_noise_seed_delta=self._setting_for("eta_noise_seed_delta", payload, from_text, 0),
+            s_min_uncond=(
+                payload.s_min_uncond
+                if payload.s_min_uncond is not None
+                else self._setting_for("s_min_uncond", payload, from_text, 0.0)
+            ),
+            s_min_uncond_all=_switch(
+                self._setting_for("s_min_uncond_all", payload, from_text, False), "s_min_uncond_all"
+            ),
             styles=payload.styles or None,
             refiner_checkpoint=pick("refiner_checkpoint", ""),
             refiner_switch_at=pick("refiner_switch_at", 0.8),
@@ -1154,12 +1166,18 @@ class SdApi:
             clip_skip = _clip_skip_value(options["CLIP_stop_at_last_layers"], "CLIP_stop_at_last_layers")
         if "emphasis" in options and options["emphasis"] not in EMPHASIS_MODES:
             raise ApiError(422, "emphasis", options["emphasis"], ", ".join(EMPHASIS_MODES))
-        for key, highest in (("eta_ancestral", 1), ("eta_ddim", 1), ("initial_noise_multiplier", MAX_NOISE_MULTIPLIER)):
+        for key, highest in (
+            ("eta_ancestral", 1),
+            ("eta_ddim", 1),
+            ("initial_noise_multiplier", MAX_NOISE_MULTIPLIER),
+            ("s_min_uncond", MAX_NGMS),
+        ):
             value = options.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= highest:
                 raise ApiError(422, key, value, f"a number from 0 to {highest}")
-        if "img2img_color_correction" in options:
-            _switch(options["img2img_color_correction"], "img2img_color_correction")
+        for key in ("img2img_color_correction", "s_min_uncond_all"):
+            if key in options:
+                _switch(options[key], key)
         if "eta_noise_seed_delta" in options:
             ensd = options["eta_noise_seed_delta"]
             if isinstance(ensd, bool) or not isinstance(ensd, int) or not 0 <= ensd <= SEED_MAX:

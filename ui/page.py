@@ -31,6 +31,7 @@ from engine.loopback import MAX_LOOPS as LOOPBACK_MAX_LOOPS
 from engine.loopback import grid_result as loopback_grid
 from engine.lora import lora_uses
 from engine.memory import describe_memory
+from engine.negative_guidance import MAX_NGMS
 from engine.outpaint import DIRECTIONS as OUTPAINT_DIRECTIONS
 from engine.outpaint import MAX_PIXELS as OUTPAINT_MAX_PIXELS
 from engine.outpaint import MIN_PIXELS as OUTPAINT_MIN_PIXELS
@@ -338,6 +339,23 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     "light and dark (Loopback: every loop the first picture's).",
                     elem_id="setting_color_correction",
                 )
+                with gr.Row():
+                    ngms = gr.Slider(
+                        0,
+                        MAX_NGMS,
+                        value=0,
+                        step=0.01,
+                        label="Negative Guidance minimum sigma (NGMS)",
+                        info="A1111's speed-up: below this noise level every other step leaves the negative prompt "
+                        "out, at half the cost. 0: off.",
+                        elem_id="setting_ngms",
+                    )
+                    ngms_all = gr.Checkbox(
+                        value=False,
+                        label="NGMS on all steps",
+                        info="Every step below it, not every other one.",
+                        elem_id="setting_ngms_all",
+                    )
                 save_images = gr.Checkbox(
                     value=save_default,
                     label="Save generated images"
@@ -398,7 +416,17 @@ def build_page(engine, settings=None) -> gr.Blocks:
             png,
             tab_widgets,
             tabs,
-            session_settings=[sd_vae, ensd, eta_ancestral, eta_ddim, noise_multiplier, clip_skip, color_correction],
+            session_settings=[
+                sd_vae,
+                ensd,
+                eta_ancestral,
+                eta_ddim,
+                noise_multiplier,
+                clip_skip,
+                color_correction,
+                ngms,
+                ngms_all,
+            ],
             engine=engine,
         )
         wire_extras_tab(extras, engine, session, outputs_dir=outputs_dir, save_image=save_image)
@@ -462,6 +490,8 @@ def build_page(engine, settings=None) -> gr.Blocks:
             "eta_ddim": (eta_ddim, _set_eta_ddim),
             "noise_multiplier": (noise_multiplier, _set_noise_multiplier),
             "color_correction": (color_correction, _set_color_correction),
+            "ngms": (ngms, _set_ngms),
+            "ngms_all": (ngms_all, _set_ngms_all),
             "clip_skip": (clip_skip, _set_clip_skip),
         }
         # Each browser remembers its own settings (as A1111 keeps them in config.json, but per person): they are
@@ -1873,8 +1903,8 @@ def _wire_png_info(
     session_settings: list,
     engine,
 ) -> None:
-    """`session_settings`: the SD VAE list, ENSD, the two etas, the noise multiplier, clip skip and colour
-    correction, which Send sets from the infotext."""
+    """`session_settings`: the SD VAE list, ENSD, the two etas, the noise multiplier, clip skip, colour
+    correction and NGMS (and its all steps), which Send sets from the infotext."""
     png.image.change(
         _read_png_info,
         inputs=[png.image],
@@ -2112,6 +2142,17 @@ def _set_color_correction(session: PageSession, enabled: bool) -> None:
     session.color_correction = bool(enabled)
 
 
+def _set_ngms(session: PageSession, sigma: float) -> None:
+    """A1111's Negative Guidance minimum sigma for this session's jobs: 0 (off) to 15. Below it, every other UNet
+    call leaves the negative prompt out, at half the cost."""
+    session.s_min_uncond = _number_setting(sigma, "s_min_uncond", 0, MAX_NGMS)
+
+
+def _set_ngms_all(session: PageSession, enabled: bool) -> None:
+    """A1111's "Negative Guidance minimum sigma all steps": every call below the sigma, not every other one."""
+    session.s_min_uncond_all = bool(enabled)
+
+
 def _set_batch_grid(session: PageSession, enabled: bool) -> None:
     """Show a grid of a job's pictures first in the gallery (and save it with them), as A1111 does by default."""
     session.batch_grid = bool(enabled)
@@ -2277,8 +2318,8 @@ def _send_png_info(path: str | None, text: str, *, target_mode: str, engine):
 def _sampler_parameters_from_infotext(read: ReadInfotext) -> list:
     """The Settings tab's ENSD, Eta for Euler a, Eta for DDIM and noise multiplier from an infotext: each set where
     the infotext names it (A1111 pastes them as overrides), else left as it is; then Clip skip, 1 where the
-    infotext names none (A1111 writes it only when it is not 1, and pastes 1 then); then colour correction, on
-    where the infotext says so, else left as it is."""
+    infotext names none (A1111 writes it only when it is not 1, and pastes 1 then); then colour correction, NGMS
+    and NGMS all steps, each set where the infotext says so, else left as it is."""
     params = read.params
     values = []
     for key in ("ENSD", "Eta", "Eta DDIM", "Noise multiplier"):
@@ -2290,8 +2331,13 @@ def _sampler_parameters_from_infotext(read: ReadInfotext) -> list:
         clip_skip = int(params.get("Clip skip", 1))
     except ValueError:
         clip_skip = 0
-    color_correction = True if read.request.color_correction else gr.skip()
-    return [*values, clip_skip if 1 <= clip_skip <= MAX_CLIP_SKIP else gr.skip(), color_correction]
+    request = read.request
+    turned_on = [
+        True if request.color_correction else gr.skip(),
+        request.s_min_uncond if "NGMS" in params else gr.skip(),
+        True if request.s_min_uncond_all else gr.skip(),
+    ]
+    return [*values, clip_skip if 1 <= clip_skip <= MAX_CLIP_SKIP else gr.skip(), *turned_on]
 
 
 def _inpaint_area_from_infotext(read: ReadInfotext) -> list:

@@ -58,6 +58,9 @@ class PageSession:
     noise_multiplier: float = 1.0
     # A1111's "Apply color correction to img2img results to match original colors" (img2img and inpaint jobs).
     color_correction: bool = False
+    # A1111's "Negative Guidance minimum sigma" (NGMS) and its "all steps": 0 is off.
+    s_min_uncond: float = 0.0
+    s_min_uncond_all: bool = False
     # A1111's "Clip skip" (CLIP_stop_at_last_layers): 1 is the text encoder's last layer.
     clip_skip: int = 1
     # Jobs this session queued or started and that have not ended, by job id: Stop interrupts these only.
@@ -71,7 +74,7 @@ class PageSession:
 
     def settings_for(self, request: GenerationRequest) -> GenerationRequest:
         """`request` with this session's prompt syntax, emphasis mode, SD VAE, ENSD, its sampler's eta, the
-        img2img noise multiplier and colour correction, and clip skip."""
+        img2img noise multiplier and colour correction, NGMS, and clip skip."""
         try:
             spec = get_sampler(request.sampler_name)
         except EngineError:
@@ -90,6 +93,8 @@ class PageSession:
             eta_noise_seed_delta=self.ensd,
             initial_noise_multiplier=self.noise_multiplier,
             color_correction=self.color_correction,
+            s_min_uncond=self.s_min_uncond,
+            s_min_uncond_all=self.s_min_uncond_all,
             extra_params=with_clip_skip(request.extra_params, self.clip_skip),
         )
 
