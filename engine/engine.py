@@ -934,6 +934,7 @@ class Engine:
                 vae_hash=vae_hash,
                 embedding_hashes=embedding_hashes,
                 lora_hashes=lora_hashes,
+                inpainting_model=model.inpainting_unet,
             )
             image.info["parameters"] = text
             infotexts.append(text)

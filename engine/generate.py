@@ -293,7 +293,9 @@ def run_batch(
         for first_pass_only in ("height", "width", "latents", "mask_image", "masked_image_latents"):
             kwargs.pop(first_pass_only, None)
         if model.inpainting_unet:
-            kwargs.update(_repaint_all(hires_pipe, hr_width, hr_height))
+            # A1111 conditions the hires pass on the upscaled picture, at the mask weight.
+            upscaled = _decode(hires_pipe, start) if latent_upscale else start
+            kwargs.update(_repaint_all(hires_pipe, hr_width, hr_height, upscaled, weight=req.inpainting_mask_weight))
             _noise_over_the_picture(hires_pipe)
         images = hires_pipe(**kwargs).images
         return BatchOutcome(images, stopped, preview_seconds)
@@ -306,7 +308,7 @@ def run_batch(
     kwargs.update(image=init_images, strength=diffusers_strength(sampling_steps, req.steps))
     if req.mode == "img2img":
         if model.inpainting_unet:
-            kwargs.update(_repaint_all(pipe, req.width, req.height))
+            kwargs.update(_repaint_all(pipe, req.width, req.height, init_images, weight=req.inpainting_mask_weight))
             _noise_over_the_picture(pipe)
         if req.resize_mode == LATENT_RESIZE:
             kwargs["image"] = _latents_resized(pipe, model, sources, generators, req.width, req.height)
@@ -383,14 +385,19 @@ def _pipeline_prompt_embeds(pipeline, conditioning: tuple, count: int) -> dict[s
     return {"prompt_embeds": states} if pooled is None else {"prompt_embeds": states, "add_text_embeds": pooled}
 
 
-def _repaint_all(pipe, width: int, height: int) -> dict:
+def _repaint_all(pipe, width: int, height: int, pictures=None, *, weight: float = 1.0) -> dict:
     """What an inpainting model's UNet is given besides the latents when the whole picture is made anew (txt2img,
     img2img, a hires pass): a mask over everything and, as the masked picture, mid-grey, as A1111 conditions
-    these models there. The grey is encoded to its mean latents once, so no random draw shifts the job's noise."""
+    these models there; with img2img's or the hires pass's `pictures` and a mask weight below 1, A1111's
+    lerp(picture, grey, weight) instead (0: the picture itself). It is encoded to its mean latents, so no random
+    draw shifts the job's noise."""
     vae = pipe.vae
-    grey = torch.zeros(1, 3, height, width, device=vae.device, dtype=vae.dtype)  # mid-grey in the VAE's -1..1
+    if pictures is None or weight == 1:
+        pixels = torch.zeros(1, 3, height, width)  # mid-grey in the VAE's -1..1
+    else:
+        pixels = pipe.image_processor.preprocess(pictures, height=height, width=width) * (1 - weight)
     with torch.no_grad():
-        masked = vae.encode(grey).latent_dist.mode() * vae.config.scaling_factor
+        masked = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
     # The inpaint pipeline's size defaults to the model's native one, not the picture's: it is given.
     mask = Image.new("L", (width, height), 255)
     return {"mask_image": mask, "masked_image_latents": masked, "width": width, "height": height}

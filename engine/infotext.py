@@ -77,6 +77,7 @@ _REQUEST_KEYS = frozenset(
         "Tiling",
         "Color correction",
         "NGMS",
+        "Conditional mask weight",
         "NGMS all steps",
         "Eta",
         "Eta DDIM",
@@ -122,11 +123,12 @@ def format_infotext(
     vae_hash: str | None = None,
     embedding_hashes: dict[str, str] | None = None,
     lora_hashes: dict[str, str] | None = None,
+    inpainting_model: bool = False,
 ) -> str:
     """A1111's "parameters" text for one image of a validated request, made with `seed` (and variation seed
     `subseed`, the request's when not given); `vae_name` and `vae_hash` the VAE file that decoded it, when
     not the model's own; `embedding_hashes` and `lora_hashes` the textual inversion embeddings and LoRAs it
-    used, by name."""
+    used, by name; `inpainting_model` whether the model was an inpainting model (its mask weight is written then)."""
     if req.width is None or req.height is None:
         raise InvalidRequestError(
             "width x height", f"{req.width}x{req.height}", "a validated request (Engine.validate fills in the size)"
@@ -209,6 +211,9 @@ def format_infotext(
         params["ENSD"] = int(req.eta_noise_seed_delta)
     if req.mode != "txt2img" and req.initial_noise_multiplier != 1:
         params["Noise multiplier"] = _format_number(req.initial_noise_multiplier)
+    if inpainting_model and (req.mode != "txt2img" or req.enable_hr):
+        # As A1111 writes it wherever an inpainting model was conditioned on a picture (not txt2img's first pass).
+        params["Conditional mask weight"] = _format_number(req.inpainting_mask_weight)
     if req.s_min_uncond > 0:
         params["NGMS"] = _format_number(req.s_min_uncond)
         if req.s_min_uncond_all:
@@ -377,6 +382,8 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
         req.eta_noise_seed_delta = _parse_int("ENSD", params.pop("ENSD"))
     if "Noise multiplier" in params:
         req.initial_noise_multiplier = _parse_float("Noise multiplier", params.pop("Noise multiplier"))
+    if "Conditional mask weight" in params:
+        req.inpainting_mask_weight = _parse_float("Conditional mask weight", params.pop("Conditional mask weight"))
     if "NGMS" in params:
         req.s_min_uncond = _parse_float("NGMS", params.pop("NGMS"))
     if "NGMS all steps" in params:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
+from .checkpoint import INPAINTING_CHANNELS
 from .color_correction import corrected
 from .images import resize_to
 from .noise import seed_noise
@@ -59,7 +60,18 @@ def _run(pipe, kwargs: dict, req: GenerationRequest, pictures, mask, seeds) -> l
     elif req.inpainting_fill in (LATENT_NOISE, LATENT_NOTHING):
         _install_latent_fill(pipe, req.inpainting_fill, mask, seeds)
     kwargs.update(image=pictures, mask_image=[mask] * len(pictures))
+    if req.inpainting_mask_weight != 1 and pipe.unet.config.in_channels == INPAINTING_CHANNELS:
+        kwargs["masked_image_latents"] = _partly_masked(pipe, pictures, mask, req.inpainting_mask_weight)
     return corrected(req, pipe(**kwargs).images, filled)
+
+
+def _partly_masked(pipe, pictures, mask: Image.Image, weight: float) -> torch.Tensor:
+    """An inpainting model's masked picture at A1111's mask weight below 1: lerp(picture, picture with the masked part
+    blanked, weight), the mask rounded, as pixels that the pipeline then encodes as it encodes its own (weight 1)."""
+    width, height = pictures[0].size
+    pixels = pipe.image_processor.preprocess(pictures, height=height, width=width)
+    rounded = pipe.mask_processor.preprocess(mask, height=height, width=width)  # 0 or 1, as the pipeline's
+    return pixels * (1 - weight * rounded)
 
 
 def painted_mask(req: GenerationRequest) -> Image.Image:

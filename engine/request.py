@@ -100,6 +100,10 @@ class GenerationRequest:
     eta_noise_seed_delta: int = 0
     # A1111's "Noise multiplier for img2img": the noise img2img and inpaint add to the picture, scaled (1 leaves it).
     initial_noise_multiplier: float = 1.0
+    # A1111's "Inpainting conditioning mask strength" (inpainting_mask_weight), for inpainting models only: how much
+    # of the masked part their masked-picture input blanks, 1 all of it (the default), 0 none (the whole picture,
+    # which keeps img2img's composition on such a model). txt2img is unaffected, as in A1111.
+    inpainting_mask_weight: float = 1.0
     # A1111's "Negative Guidance minimum sigma" (NGMS, engine/negative_guidance.py): every other UNet call below this
     # noise level leaves the negative prompt out, or every such call with `s_min_uncond_all`. 0 is off.
     s_min_uncond: float = 0.0
@@ -312,6 +316,8 @@ def validate_request(
     noise_multiplier = _as_float(req.initial_noise_multiplier, "initial_noise_multiplier")
     _in_range(noise_multiplier, "initial_noise_multiplier", 0.0, MAX_NOISE_MULTIPLIER)
     color_correction = _as_flag(req.color_correction, "color_correction")
+    mask_weight = _as_float(req.inpainting_mask_weight, "inpainting_mask_weight")
+    _in_range(mask_weight, "inpainting_mask_weight", 0.0, 1.0)
     s_min_uncond = _as_float(req.s_min_uncond, "s_min_uncond")
     _in_range(s_min_uncond, "s_min_uncond", 0.0, MAX_NGMS)
     s_min_uncond_all = _as_flag(req.s_min_uncond_all, "s_min_uncond_all")
@@ -416,6 +422,7 @@ def validate_request(
         eta_noise_seed_delta=ensd,
         initial_noise_multiplier=noise_multiplier,
         color_correction=color_correction,
+        inpainting_mask_weight=mask_weight,
         s_min_uncond=s_min_uncond,
         s_min_uncond_all=s_min_uncond_all,
         inpaint_full_res=bool(full_res),

@@ -7,6 +7,7 @@ reach it as they should; hooks on the UNet show what the other 5 carry."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -14,8 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import Engine, GenerationRequest, ModelLoadError, Result
+from engine import Engine, GenerationRequest, InvalidRequestError, ModelLoadError, Result
+from engine.infotext import parse_infotext
 from engine.presets import SHIPPED_MICRO_MODEL
+from tests.test_api import api, ok, png_b64, server  # noqa: F401 - fixtures
+from tests.test_page_client import _client, outputs_dir, page_url  # noqa: F401 - fixtures
 
 PROMPT = "a red circle on a blue background"
 
@@ -218,3 +222,83 @@ def test_the_merger_writes_an_inpainting_merge_as_one_a1111_file(inpainting_dir)
     assert np.array_equal(
         pixels(engine, **request), pixels(Engine(model="tiny-sd", models_dir=inpainting_dir), **request)
     )
+
+
+def test_the_mask_weight_blanks_less_of_the_picture_the_unet_is_given(pair):
+    """A1111's inpainting conditioning mask strength: the masked picture is lerp(picture, blanked, weight)."""
+    base, inpainting = pair
+    vae = inpainting.loaded.components["vae"]
+    picture = Image.new("RGB", (64, 64), "blue")
+    picture.paste((255, 0, 0), (0, 0, 32, 64))
+    pixels_11 = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    img2img = dict(prompt=PROMPT, seed=1, steps=2, init_images=[picture], denoising_strength=0.5)
+    for weight in (1.0, 0.5, 0.0):  # 1: mid-grey, as before; 0: the picture itself
+        given = unet_inputs(inpainting, **img2img, inpainting_mask_weight=weight)[0][0, 5:]
+        with torch.no_grad():
+            expected = vae.encode(pixels_11 * (1 - weight)).latent_dist.mode()[0] * vae.config.scaling_factor
+        assert torch.allclose(given, expected, atol=1e-4), weight
+
+    # Inpaint: at weight 0 nothing of the masked left half is blanked, so both halves of a blue picture encode
+    # alike (each channel's mean; the pipeline samples the encoding, so single latents differ by its noise).
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    inpaint = dict(img2img, init_images=[Image.new("RGB", (64, 64), "blue")], mask=mask, mask_blur=0)
+    inpaint.update(inpaint_full_res=False, denoising_strength=1.0)
+
+    def halves_apart(weight: float) -> float:
+        masked = unet_inputs(inpainting, **inpaint, inpainting_mask_weight=weight)[0][0, 5:]
+        return float((masked[:, :, :6].mean((1, 2)) - masked[:, :, 10:].mean((1, 2))).abs().max())
+
+    assert halves_apart(1.0) > 1 and halves_apart(0.0) < 0.2  # measured: 1.55 and 0.07
+
+    # The hires pass is conditioned on the upscaled picture; txt2img's first pass on grey whatever the weight.
+    hires = dict(prompt=PROMPT, seed=1, steps=2, enable_hr=True, hr_scale=1.5, hr_upscaler="Lanczos")
+    calls = unet_inputs(inpainting, **hires, inpainting_mask_weight=0.0)
+    first, second = calls[0][0, 5:], calls[-1][0, 5:]
+    grey = unet_inputs(inpainting, **{**hires, "enable_hr": False})[0][0, 5:]
+    assert torch.equal(first, grey) and second.shape[-1] == 24 and second.std() > 2 * grey.std()  # 96 px / 4
+
+    # The infotext names it for an inpainting model's picture-conditioned jobs, as A1111 does, and reads back.
+    made = list(inpainting.generate(GenerationRequest(**img2img, inpainting_mask_weight=0.5)))[-1]
+    assert "Conditional mask weight: 0.5" in made.infotexts[0]
+    assert parse_infotext(made.infotexts[0]).inpainting_mask_weight == 0.5
+    assert "Conditional mask weight: 1" in list(inpainting.generate(GenerationRequest(**img2img)))[-1].infotexts[0]
+    for engine, fields in ((base, img2img), (inpainting, dict(prompt=PROMPT, seed=1, steps=2))):
+        assert "Conditional mask weight" not in list(engine.generate(GenerationRequest(**fields)))[-1].infotexts[0]
+
+
+@pytest.mark.parametrize("weight", [-0.1, 1.5, "half"])
+def test_a_mask_weight_outside_0_to_1_is_refused_by_name(pair, weight):
+    with pytest.raises(InvalidRequestError) as refused:
+        pair[1].validate(GenerationRequest(prompt=PROMPT, inpainting_mask_weight=weight))
+    assert refused.value.field == "inpainting_mask_weight"
+
+
+def test_the_api_and_the_page_take_the_mask_weight(api, page_url):  # noqa: F811 - fixtures imported above
+    from ui.page_jobs import PageSession
+
+    payload = {
+        "prompt": "x",
+        "steps": 2,
+        "width": 64,
+        "height": 64,
+        "init_images": [png_b64(Image.new("RGB", (64, 64)))],
+    }
+    body = ok(api.post("img2img", json={**payload, "override_settings": {"inpainting_mask_weight": 0.3}}))
+    assert json.loads(body["info"])["ignored_fields"] == []
+    ok(api.post("options", json={"inpainting_mask_weight": 0.5}))
+    try:
+        assert ok(api.get("options"))["inpainting_mask_weight"] == 0.5
+    finally:
+        ok(api.post("options", json={"inpainting_mask_weight": 1}))
+    refused = api.post("img2img", json={**payload, "override_settings": {"inpainting_mask_weight": 2}})
+    assert refused.status_code == 422 and refused.json()["field"] == "inpainting_mask_weight"
+    assert api.post("options", json={"inpainting_mask_weight": -1}).status_code == 422
+
+    # The page: a Settings value of this session's own, which its jobs carry.
+    session = PageSession(inpainting_mask_weight=0.25)
+    assert session.settings_for(GenerationRequest(prompt="x")).inpainting_mask_weight == 0.25
+    client = _client(page_url)
+    client.predict(0.4, api_name="/set_inpainting_mask_weight")
+    with pytest.raises(Exception, match="greater than maximum value 1"):  # the slider's own check
+        client.predict(2, api_name="/set_inpainting_mask_weight")

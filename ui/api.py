@@ -151,7 +151,7 @@ class _GenerationPayload(BaseModel):
         description="acted on: sd_model_checkpoint (loaded for the request), CLIP_stop_at_last_layers, emphasis ('Original', 'No norm', 'Ignore'), "
         "sd_vae ('Automatic', 'None' or a file from /sdapi/v1/sd-vae), eta_noise_seed_delta (ENSD, e.g. 31337), "
         "eta_ancestral (Euler a, DPM2 a, DPM++ 2M SDE), eta_ddim, initial_noise_multiplier and img2img_color_correction "
-        "(img2img), s_min_uncond and s_min_uncond_all (NGMS)",
+        "(img2img), s_min_uncond and s_min_uncond_all (NGMS), inpainting_mask_weight (inpainting models)",
     )
     override_settings_restore_afterwards: Any = Field(
         True, description="false: a model chosen by override_settings.sd_model_checkpoint stays loaded"
@@ -327,6 +327,7 @@ _SETTINGS_READ_BY_JOBS = (
     "img2img_color_correction",
     "s_min_uncond",
     "s_min_uncond_all",
+    "inpainting_mask_weight",
 )
 
 
@@ -648,6 +649,7 @@ class SdApi:
             "img2img_color_correction": False,
             "s_min_uncond": 0.0,
             "s_min_uncond_all": False,
+            "inpainting_mask_weight": 1.0,
         }
         self._jobs: dict[int, _ApiJob] = {}  # the jobs started here, by job id
         self._last_job_timestamp = "0"
@@ -799,6 +801,7 @@ class SdApi:
             tiling=pick("tiling", False),
             eta=self._eta_for(payload, from_text, sampler or defaults.sampler_name),
             eta_noise_seed_delta=self._setting_for("eta_noise_seed_delta", payload, from_text, 0),
+            inpainting_mask_weight=self._setting_for("inpainting_mask_weight", payload, from_text, 1.0),
             s_min_uncond=(
                 payload.s_min_uncond
                 if payload.s_min_uncond is not None
@@ -1171,6 +1174,7 @@ class SdApi:
             ("eta_ddim", 1),
             ("initial_noise_multiplier", MAX_NOISE_MULTIPLIER),
             ("s_min_uncond", MAX_NGMS),
+            ("inpainting_mask_weight", 1),
         ):
             value = options.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= highest:

@@ -339,6 +339,16 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     "light and dark (Loopback: every loop the first picture's).",
                     elem_id="setting_color_correction",
                 )
+                mask_weight = gr.Slider(
+                    0,
+                    1,
+                    value=1,
+                    step=0.01,
+                    label="Inpainting conditioning mask strength",
+                    info="Inpainting models only (A1111's): how much of the masked part their picture input blanks. "
+                    "1: all of it; 0: none, so img2img keeps the picture's composition.",
+                    elem_id="setting_inpainting_mask_weight",
+                )
                 with gr.Row():
                     ngms = gr.Slider(
                         0,
@@ -426,6 +436,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                 color_correction,
                 ngms,
                 ngms_all,
+                mask_weight,
             ],
             engine=engine,
         )
@@ -492,6 +503,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
             "color_correction": (color_correction, _set_color_correction),
             "ngms": (ngms, _set_ngms),
             "ngms_all": (ngms_all, _set_ngms_all),
+            "inpainting_mask_weight": (mask_weight, _set_inpainting_mask_weight),
             "clip_skip": (clip_skip, _set_clip_skip),
         }
         # Each browser remembers its own settings (as A1111 keeps them in config.json, but per person): they are
@@ -1904,7 +1916,7 @@ def _wire_png_info(
     engine,
 ) -> None:
     """`session_settings`: the SD VAE list, ENSD, the two etas, the noise multiplier, clip skip, colour
-    correction and NGMS (and its all steps), which Send sets from the infotext."""
+    correction, NGMS (and its all steps) and the inpainting mask weight, which Send sets from the infotext."""
     png.image.change(
         _read_png_info,
         inputs=[png.image],
@@ -2153,6 +2165,12 @@ def _set_ngms_all(session: PageSession, enabled: bool) -> None:
     session.s_min_uncond_all = bool(enabled)
 
 
+def _set_inpainting_mask_weight(session: PageSession, weight: float) -> None:
+    """A1111's inpainting conditioning mask strength for this session's jobs on inpainting models: 0 to 1 (how much
+    of the masked part their masked-picture input blanks)."""
+    session.inpainting_mask_weight = _number_setting(weight, "inpainting_mask_weight", 0, 1)
+
+
 def _set_batch_grid(session: PageSession, enabled: bool) -> None:
     """Show a grid of a job's pictures first in the gallery (and save it with them), as A1111 does by default."""
     session.batch_grid = bool(enabled)
@@ -2318,8 +2336,8 @@ def _send_png_info(path: str | None, text: str, *, target_mode: str, engine):
 def _sampler_parameters_from_infotext(read: ReadInfotext) -> list:
     """The Settings tab's ENSD, Eta for Euler a, Eta for DDIM and noise multiplier from an infotext: each set where
     the infotext names it (A1111 pastes them as overrides), else left as it is; then Clip skip, 1 where the
-    infotext names none (A1111 writes it only when it is not 1, and pastes 1 then); then colour correction, NGMS
-    and NGMS all steps, each set where the infotext says so, else left as it is."""
+    infotext names none (A1111 writes it only when it is not 1, and pastes 1 then); then colour correction, NGMS,
+    NGMS all steps and the inpainting mask weight, each set where the infotext says so, else left as it is."""
     params = read.params
     values = []
     for key in ("ENSD", "Eta", "Eta DDIM", "Noise multiplier"):
@@ -2336,6 +2354,7 @@ def _sampler_parameters_from_infotext(read: ReadInfotext) -> list:
         True if request.color_correction else gr.skip(),
         request.s_min_uncond if "NGMS" in params else gr.skip(),
         True if request.s_min_uncond_all else gr.skip(),
+        request.inpainting_mask_weight if "Conditional mask weight" in params else gr.skip(),
     ]
     return [*values, clip_skip if 1 <= clip_skip <= MAX_CLIP_SKIP else gr.skip(), *turned_on]
 
