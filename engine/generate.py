@@ -25,7 +25,7 @@ from .events import JobControl, Pacer, Progress
 from .images import LATENT_RESIZE, resize_to
 from .inpaint import inpaint
 from .models import LoadedModel
-from .negative_guidance import NegativeGuidanceSkip, SkipNegativeUNet
+from .negative_guidance import NegativeGuidanceSkip, SkipNegativeUNet, model_calls
 from .noise import NoiseVariation, initial_noise, reseed_after_start
 from .prompts import Conditioning, SDXLEmbeds, guidance_rows
 from .refiner import Refiner, RefinerSwitch
@@ -142,7 +142,13 @@ def run_batch(
     switches: list[RefinerSwitch] = []  # the refiner's stand-in for the pass it joins
     stand_ins = _StandIns(req, composed, switches)
     hires = req.mode == "txt2img" and req.enable_hr
-    wrap_unet = stand_ins.for_pass(model, conditioning, refiner if not hires else None)
+    # Sampling steps that run: all of them in txt2img, fewer in img2img and inpaint.
+    sampling_steps = (
+        req.steps if req.mode == "txt2img" else img2img_steps(req.sampler_name, req.steps, req.denoising_strength)
+    )
+    wrap_unet = stand_ins.for_pass(
+        model, conditioning, refiner if not hires else None, req.sampler_name, sampling_steps
+    )
     # A trace holds the padding its convolutions had when traced: tiling runs the UNet as a module.
     pipe = model.pipeline_for(req.mode, scheduler, traced=not req.tiling, wrap_unet=wrap_unet, vae=vae)
     resize_from = None
@@ -161,10 +167,6 @@ def run_batch(
     preview_seconds = 0.0
     preview_pacer = Pacer(preview_interval_s)
     current_conditioning = conditioning.at(0)
-    # Sampling steps that run: all of them in txt2img, fewer in img2img and inpaint.
-    sampling_steps = (
-        req.steps if req.mode == "txt2img" else img2img_steps(req.sampler_name, req.steps, req.denoising_strength)
-    )
     # With hires fix, the steps of a pass before this one (shown as done) and the loop steps of the
     # passes after it (counted into the total), so progress runs once from 0 to 100% over both passes.
     steps_before = 0
@@ -275,7 +277,7 @@ def run_batch(
         if hires_conditioning is not None:
             conditioning = hires_conditioning
             kwargs.update(_conditioning_kwargs(conditioning, len(seeds)))
-        wrap_unet = stand_ins.for_pass(model, conditioning, refiner)
+        wrap_unet = stand_ins.for_pass(model, conditioning, refiner, hr_sampler, hires_sampling_steps)
         current_conditioning = conditioning.at(0)
         scheduler = build_scheduler(model.scheduler_config, hr_sampler, hr_schedule, seed=seeds[0], eta=req.eta)
         recorder = StepRecorder(scheduler, model.prediction_type)
@@ -330,25 +332,40 @@ def _cfg_in_pipeline(model: LoadedModel, req: GenerationRequest) -> bool:
 class _StandIns:
     """What stands in for the UNet in each pass of a job: the refiner's switch (which Engine.validate never pairs
     with composable parts), the composable parts' guidance, or NGMS's skipping UNet. Each skips the negative
-    prompt where NGMS says, counting each pass's calls afresh. The refiner's and the parts' stand-ins are handed
+    prompt where NGMS or Skip Early CFG says, counting each pass's calls afresh. The refiner's and the parts' stand-ins are handed
     to `switches` and `composed`, whose prompt-editing step the step callback moves on."""
 
     req: GenerationRequest
     composed: list[ComposedGuidance]
     switches: list[RefinerSwitch]
 
-    def for_pass(self, model: LoadedModel, conditioning: Conditioning, refiner: Refiner | None) -> Callable | None:
-        """A wrap_unet for pipeline_for, or None where the UNet runs as it is."""
+    def for_pass(
+        self,
+        model: LoadedModel,
+        conditioning: Conditioning,
+        refiner: Refiner | None,
+        sampler_name: str,
+        sampling_steps: int,
+    ) -> Callable | None:
+        """A wrap_unet for pipeline_for, or None where the UNet runs as it is; `sampler_name` and `sampling_steps`
+        are the pass's."""
         req, cfg_in_pipeline = self.req, _cfg_in_pipeline(model, self.req)
-        ngms = req.s_min_uncond > 0 and cfg_in_pipeline  # without the pipeline's guidance there is no negative
-        if refiner is None and not conditioning.parts and not ngms:
+        # Without the pipeline's guidance there is no negative to skip.
+        skipping = (req.s_min_uncond > 0 or req.skip_early_cond > 0) and cfg_in_pipeline
+        if refiner is None and not conditioning.parts and not skipping:
             return None
 
         def wrap(unet):
             skip = None
-            if ngms:
+            if skipping:
                 alphas = DDPMScheduler.from_config(model.scheduler_config).alphas_cumprod
-                skip = NegativeGuidanceSkip(req.s_min_uncond, req.s_min_uncond_all, alphas)
+                skip = NegativeGuidanceSkip(
+                    req.s_min_uncond,
+                    req.s_min_uncond_all,
+                    alphas,
+                    early=req.skip_early_cond,
+                    total_calls=model_calls(sampler_name, sampling_steps),
+                )
             if refiner is not None:
                 switch = refiner.stand_in(unet, traced=not req.tiling, cfg_in_pipeline=cfg_in_pipeline)
                 if skip is not None:  # one count over both UNets: each call goes to one of them

@@ -77,6 +77,7 @@ _REQUEST_KEYS = frozenset(
         "Tiling",
         "Color correction",
         "NGMS",
+        "Skip Early CFG",
         "Conditional mask weight",
         "NGMS all steps",
         "Eta",
@@ -214,6 +215,8 @@ def format_infotext(
     if inpainting_model and (req.mode != "txt2img" or req.enable_hr):
         # As A1111 writes it wherever an inpainting model was conditioned on a picture (not txt2img's first pass).
         params["Conditional mask weight"] = _format_number(req.inpainting_mask_weight)
+    if req.skip_early_cond > 0:
+        params["Skip Early CFG"] = _format_number(req.skip_early_cond)
     if req.s_min_uncond > 0:
         params["NGMS"] = _format_number(req.s_min_uncond)
         if req.s_min_uncond_all:
@@ -384,6 +387,8 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
         req.initial_noise_multiplier = _parse_float("Noise multiplier", params.pop("Noise multiplier"))
     if "Conditional mask weight" in params:
         req.inpainting_mask_weight = _parse_float("Conditional mask weight", params.pop("Conditional mask weight"))
+    if "Skip Early CFG" in params:
+        req.skip_early_cond = _parse_float("Skip Early CFG", params.pop("Skip Early CFG"))
     if "NGMS" in params:
         req.s_min_uncond = _parse_float("NGMS", params.pop("NGMS"))
     if "NGMS all steps" in params:

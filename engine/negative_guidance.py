@@ -1,5 +1,6 @@
 """A1111's "Negative Guidance minimum sigma" (NGMS, `s_min_uncond`): a speed-up that skips the negative prompt's
-UNet evaluation late in sampling.
+UNet evaluation late in sampling; and its "Ignore negative prompt during early sampling" (Skip Early CFG,
+`skip_early_cond`), which skips it on the first share of the calls.
 
 Late steps, at small noise levels, change fine detail only, and classifier-free guidance matters least there. A1111
 leaves out the negative prompt's half of the batch on every other UNet call (the odd ones, counting from 0 in each
@@ -9,7 +10,9 @@ skipped call costs half as much.
 
 diffusers' pipelines batch the negative rows before the prompt rows and guide themselves, so `SkipNegativeUNet`
 stands in for their UNet: on a skipped call it runs the prompt rows only and hands both halves the prompt's
-prediction, which the pipeline's guidance turns into that prediction exactly. Prompts with AND and the refiner
+prediction, which the pipeline's guidance turns into that prediction exactly. Skip Early CFG leaves the negative out
+of every call whose index over the pass's total (A1111's count: two a step for its second-order samplers) is at
+most the given share; the first call always, when it is above 0. Prompts with AND and the refiner
 have stand-ins of their own, which ask the same `NegativeGuidanceSkip`.
 """
 
@@ -20,6 +23,7 @@ import math
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
+from .samplers import get_sampler
 from .traced_unet import UNetStandIn
 
 # A1111's slider goes to 15: above SD's largest sigma (14.6), every call qualifies.
@@ -30,9 +34,19 @@ class NegativeGuidanceSkip:
     """Which UNet calls of one sampling pass leave the negative prompt out. `alphas_cumprod` is the model's noise
     schedule, which turns the timestep a pipeline passes into the sigma A1111 compares."""
 
-    def __init__(self, min_sigma: float, all_steps: bool, alphas_cumprod: torch.Tensor):
+    def __init__(
+        self,
+        min_sigma: float,
+        all_steps: bool,
+        alphas_cumprod: torch.Tensor,
+        *,
+        early: float = 0.0,
+        total_calls: int = 1,
+    ):
         self.min_sigma = float(min_sigma)
         self.all_steps = bool(all_steps)
+        self.early = float(early)
+        self.total_calls = max(1, int(total_calls))
         alphas = alphas_cumprod.double()
         self._log_sigmas = (((1 - alphas) / alphas) ** 0.5).log()
         self.calls = 0  # UNet calls so far in this pass
@@ -51,9 +65,15 @@ class NegativeGuidanceSkip:
         """Whether this call (the next one of the pass) leaves the negative prompt out; counts it."""
         call = self.calls
         self.calls += 1
-        skip = (call % 2 == 1 or self.all_steps) and self.sigma(timestep) < self.min_sigma
+        early = self.early > 0 and call / self.total_calls <= self.early
+        skip = early or ((call % 2 == 1 or self.all_steps) and self.sigma(timestep) < self.min_sigma)
         self.skipped += skip
         return skip
+
+
+def model_calls(sampler_name: str, sampling_steps: int) -> int:
+    """The UNet calls A1111 counts for a pass (its total_steps): two a step for its second-order samplers."""
+    return sampling_steps * (2 if get_sampler(sampler_name).second_order else 1)
 
 
 def prompt_rows(value, rows: int):

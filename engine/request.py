@@ -108,6 +108,9 @@ class GenerationRequest:
     # noise level leaves the negative prompt out, or every such call with `s_min_uncond_all`. 0 is off.
     s_min_uncond: float = 0.0
     s_min_uncond_all: bool = False
+    # A1111's "Ignore negative prompt during early sampling" (Skip Early CFG): the share of each pass's UNet calls,
+    # from the first, that leave the negative prompt out. 0 is off.
+    skip_early_cond: float = 0.0
     # A1111's "Apply color correction to img2img results to match original colors" (engine/color_correction.py):
     # img2img and inpaint results get their init image's colour distribution, keeping their own luminosity.
     color_correction: bool = False
@@ -321,6 +324,8 @@ def validate_request(
     s_min_uncond = _as_float(req.s_min_uncond, "s_min_uncond")
     _in_range(s_min_uncond, "s_min_uncond", 0.0, MAX_NGMS)
     s_min_uncond_all = _as_flag(req.s_min_uncond_all, "s_min_uncond_all")
+    skip_early_cond = _as_float(req.skip_early_cond, "skip_early_cond")
+    _in_range(skip_early_cond, "skip_early_cond", 0.0, 1.0)
     if req.color_reference is not None and not isinstance(req.color_reference, Image.Image):
         raise InvalidRequestError("color_reference", type(req.color_reference).__name__, "a picture (PIL image)")
     full_res = req.inpaint_full_res
@@ -425,6 +430,7 @@ def validate_request(
         inpainting_mask_weight=mask_weight,
         s_min_uncond=s_min_uncond,
         s_min_uncond_all=s_min_uncond_all,
+        skip_early_cond=skip_early_cond,
         inpaint_full_res=bool(full_res),
         inpaint_full_res_padding=padding,
         inpainting_fill=fill,

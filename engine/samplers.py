@@ -46,6 +46,8 @@ class SamplerSpec:
     eta_option: str = "eta_ancestral"
     # A1111 writes "ENSD" in infotext for this sampler (its uses_ensd samplers), when eta is not 0.
     uses_ensd: bool = False
+    # A1111's second_order samplers, which it counts as two model calls a step (its total_steps).
+    second_order: bool = False
 
 
 # Order as in A1111's sampler dropdown.
@@ -57,7 +59,15 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         "Karras",
         ("k_dpmpp_2m",),
     ),
-    SamplerSpec("DPM++ SDE", "DPMSolverSDEScheduler", {}, "Karras", ("k_dpmpp_sde",), batch_shares_noise=True),
+    SamplerSpec(
+        "DPM++ SDE",
+        "DPMSolverSDEScheduler",
+        {},
+        "Karras",
+        ("k_dpmpp_sde",),
+        batch_shares_noise=True,
+        second_order=True,
+    ),
     SamplerSpec(
         "DPM++ 2M SDE",
         "DPMSolverMultistepScheduler",
@@ -83,6 +93,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         ("k_dpmpp_2s_a",),
         note="diffusers has no ancestral 2S solver; this is its deterministic single-step DPM++ 2S",
         uses_ensd=True,
+        second_order=True,
     ),
     SamplerSpec(
         "DPM++ 3M SDE",
@@ -103,8 +114,16 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     ),
     SamplerSpec("Euler", "EulerDiscreteScheduler", {}, "Uniform", ("k_euler",)),
     SamplerSpec("LMS", "LMSDiscreteScheduler", {}, "Uniform", ("k_lms",)),
-    SamplerSpec("Heun", "HeunDiscreteScheduler", {}, "Uniform", ("k_heun",)),
-    SamplerSpec("DPM2", "KDPM2DiscreteScheduler", {}, "Karras", ("k_dpm_2",), discard_penultimate_sigma=True),
+    SamplerSpec("Heun", "HeunDiscreteScheduler", {}, "Uniform", ("k_heun",), second_order=True),
+    SamplerSpec(
+        "DPM2",
+        "KDPM2DiscreteScheduler",
+        {},
+        "Karras",
+        ("k_dpm_2",),
+        discard_penultimate_sigma=True,
+        second_order=True,
+    ),
     SamplerSpec(
         "DPM2 a",
         "KDPM2AncestralDiscreteScheduler",
@@ -114,6 +133,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         discard_penultimate_sigma=True,
         eta_default=1.0,
         uses_ensd=True,
+        second_order=True,
     ),
     SamplerSpec(
         "DDIM",

@@ -1,6 +1,8 @@
 """A1111's "Negative Guidance minimum sigma" (NGMS, s_min_uncond): below that noise level, every other UNet call
 (or every one, with "all steps") runs the prompt's rows only and the prompt's prediction stands in for the
-negative's. Checked by the rows each UNet call gets, and against CFG 1 where every call skips."""
+negative's; and its "Ignore negative prompt during early sampling" (Skip Early CFG, skip_early_cond), which does
+so on the first share of the calls. Checked by the rows each UNet call gets, and against CFG 1 where every call
+skips."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from diffusers import DDPMScheduler
 
 from engine import Engine, GenerationRequest, InvalidRequestError, Result
 from engine.infotext import parse_infotext, parse_infotext_params
-from engine.negative_guidance import NegativeGuidanceSkip
+from engine.negative_guidance import NegativeGuidanceSkip, model_calls
 from engine.presets import SHIPPED_MICRO_MODEL
 from tests.test_api import api, ok, server  # noqa: F401 - fixtures
 from tests.test_hires_checkpoint import pair_engine  # noqa: F401 - fixture
@@ -184,3 +186,49 @@ def test_the_page_setting_is_this_sessions_own(page_url):  # noqa: F811
     assert "NGMS" not in other.predict(*args, api_name="/txt2img")[3]
     with pytest.raises(Exception, match="15"):
         client.predict(40, api_name="/set_ngms")
+
+
+def test_skip_early_cfg_leaves_the_negative_out_of_the_first_share_of_the_calls(micro_engine):
+    # A1111's count: a call skips while its index over the pass's total is at most the share; second-order
+    # samplers count two calls a step.
+    rule = NegativeGuidanceSkip(0, False, sd_alphas(), early=0.2, total_calls=10)
+    assert [rule.skips(999) for _ in range(10)] == [True] * 3 + [False] * 7
+    assert model_calls("Euler", 10) == 10 and model_calls("Heun", 10) == 20 and model_calls("DPM2 a", 3) == 6
+
+    unet = micro_engine.loaded.components["unet"]
+    with RowsPerCall(unet, sd_schedule()) as seen:
+        early = run(micro_engine, sampler_name="Euler", skip_early_cond=0.25)
+    assert [count for count, _ in seen.calls] == [1, 1, 1, 1] + [2] * 8  # 3/12 is the last at most 0.25
+    with RowsPerCall(unet, sd_schedule()) as seen:
+        run(micro_engine, sampler_name="Heun", steps=6, skip_early_cond=0.25)
+    assert [count for count, _ in seen.calls] == [1, 1, 1, 1] + [2] * 7  # 11 calls, counted as 12
+
+    plain = run(micro_engine, sampler_name="Euler")
+    apart = np.abs(np.asarray(early.images[0]).astype(int) - np.asarray(plain.images[0]).astype(int)).mean()
+    assert apart > 0.5, apart
+    params = parse_infotext_params(early.infotexts[0])
+    assert params["Skip Early CFG"] == "0.25" and "Skip Early CFG" not in plain.infotexts[0]
+    again = parse_infotext(early.infotexts[0])
+    assert again.skip_early_cond == 0.25
+    assert list(micro_engine.generate(again))[-1].images[0].tobytes() == early.images[0].tobytes()
+    # All of them: the prompt alone, as at CFG 1.
+    assert (
+        run(micro_engine, skip_early_cond=1).images[0].tobytes() == run(micro_engine, cfg_scale=1).images[0].tobytes()
+    )
+
+
+def test_skip_early_cfg_through_the_api_and_the_page(api, page_url):  # noqa: F811
+    payload = {"prompt": "x", "steps": 4, "width": 64, "height": 64, "seed": 5}
+    body = ok(api.post("txt2img", json={**payload, "override_settings": {"skip_early_cond": 0.5}}))
+    info = json.loads(body["info"])
+    assert info["ignored_fields"] == [] and "Skip Early CFG: 0.5" in info["infotexts"][0]
+    refused = api.post("txt2img", json={**payload, "override_settings": {"skip_early_cond": 1.5}})
+    assert refused.status_code == 422 and refused.json()["field"] == "skip_early_cond"
+    assert api.post("options", json={"skip_early_cond": 2}).status_code == 422
+
+    client = _client(page_url)
+    client.predict(0.3, api_name="/set_skip_early_cond")
+    assert (
+        "Skip Early CFG: 0.3"
+        in client.predict("x", "", "Euler", "Automatic", 4, 7.0, 9, 64, 64, 1, 1, api_name="/txt2img")[3]
+    )

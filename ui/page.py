@@ -366,6 +366,16 @@ def build_page(engine, settings=None) -> gr.Blocks:
                         info="Every step below it, not every other one.",
                         elem_id="setting_ngms_all",
                     )
+                skip_early = gr.Slider(
+                    0,
+                    1,
+                    value=0,
+                    step=0.01,
+                    label="Ignore negative prompt during early sampling (Skip Early CFG)",
+                    info="A1111's: this share of the steps, from the first, runs without the negative prompt (and "
+                    "without guidance), at half the cost. 0: off.",
+                    elem_id="setting_skip_early_cond",
+                )
                 save_images = gr.Checkbox(
                     value=save_default,
                     label="Save generated images"
@@ -436,6 +446,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                 color_correction,
                 ngms,
                 ngms_all,
+                skip_early,
                 mask_weight,
             ],
             engine=engine,
@@ -503,6 +514,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
             "color_correction": (color_correction, _set_color_correction),
             "ngms": (ngms, _set_ngms),
             "ngms_all": (ngms_all, _set_ngms_all),
+            "skip_early_cond": (skip_early, _set_skip_early_cond),
             "inpainting_mask_weight": (mask_weight, _set_inpainting_mask_weight),
             "clip_skip": (clip_skip, _set_clip_skip),
         }
@@ -1916,7 +1928,8 @@ def _wire_png_info(
     engine,
 ) -> None:
     """`session_settings`: the SD VAE list, ENSD, the two etas, the noise multiplier, clip skip, colour
-    correction, NGMS (and its all steps) and the inpainting mask weight, which Send sets from the infotext."""
+    correction, NGMS (and its all steps), Skip Early CFG and the inpainting mask weight, which Send sets from the
+    infotext."""
     png.image.change(
         _read_png_info,
         inputs=[png.image],
@@ -2165,6 +2178,12 @@ def _set_ngms_all(session: PageSession, enabled: bool) -> None:
     session.s_min_uncond_all = bool(enabled)
 
 
+def _set_skip_early_cond(session: PageSession, share: float) -> None:
+    """A1111's "Ignore negative prompt during early sampling" for this session's jobs: the share (0 to 1) of each
+    pass's UNet calls, from the first, that leave the negative prompt out."""
+    session.skip_early_cond = _number_setting(share, "skip_early_cond", 0, 1)
+
+
 def _set_inpainting_mask_weight(session: PageSession, weight: float) -> None:
     """A1111's inpainting conditioning mask strength for this session's jobs on inpainting models: 0 to 1 (how much
     of the masked part their masked-picture input blanks)."""
@@ -2337,7 +2356,8 @@ def _sampler_parameters_from_infotext(read: ReadInfotext) -> list:
     """The Settings tab's ENSD, Eta for Euler a, Eta for DDIM and noise multiplier from an infotext: each set where
     the infotext names it (A1111 pastes them as overrides), else left as it is; then Clip skip, 1 where the
     infotext names none (A1111 writes it only when it is not 1, and pastes 1 then); then colour correction, NGMS,
-    NGMS all steps and the inpainting mask weight, each set where the infotext says so, else left as it is."""
+    NGMS all steps, Skip Early CFG and the inpainting mask weight, each set where the infotext says so, else left as
+    it is."""
     params = read.params
     values = []
     for key in ("ENSD", "Eta", "Eta DDIM", "Noise multiplier"):
@@ -2354,6 +2374,7 @@ def _sampler_parameters_from_infotext(read: ReadInfotext) -> list:
         True if request.color_correction else gr.skip(),
         request.s_min_uncond if "NGMS" in params else gr.skip(),
         True if request.s_min_uncond_all else gr.skip(),
+        request.skip_early_cond if "Skip Early CFG" in params else gr.skip(),
         request.inpainting_mask_weight if "Conditional mask weight" in params else gr.skip(),
     ]
     return [*values, clip_skip if 1 <= clip_skip <= MAX_CLIP_SKIP else gr.skip(), *turned_on]

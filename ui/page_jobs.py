@@ -61,6 +61,8 @@ class PageSession:
     # A1111's "Negative Guidance minimum sigma" (NGMS) and its "all steps": 0 is off.
     s_min_uncond: float = 0.0
     s_min_uncond_all: bool = False
+    # A1111's "Ignore negative prompt during early sampling" (Skip Early CFG): 0 is off.
+    skip_early_cond: float = 0.0
     # A1111's "Inpainting conditioning mask strength" (inpainting models).
     inpainting_mask_weight: float = 1.0
     # A1111's "Clip skip" (CLIP_stop_at_last_layers): 1 is the text encoder's last layer.
@@ -76,7 +78,8 @@ class PageSession:
 
     def settings_for(self, request: GenerationRequest) -> GenerationRequest:
         """`request` with this session's prompt syntax, emphasis mode, SD VAE, ENSD, its sampler's eta, the
-        img2img noise multiplier and colour correction, NGMS, the inpainting mask weight, and clip skip."""
+        img2img noise multiplier and colour correction, NGMS, Skip Early CFG, the inpainting mask weight, and clip
+        skip."""
         try:
             spec = get_sampler(request.sampler_name)
         except EngineError:
@@ -97,6 +100,7 @@ class PageSession:
             color_correction=self.color_correction,
             s_min_uncond=self.s_min_uncond,
             s_min_uncond_all=self.s_min_uncond_all,
+            skip_early_cond=self.skip_early_cond,
             inpainting_mask_weight=self.inpainting_mask_weight,
             extra_params=with_clip_skip(request.extra_params, self.clip_skip),
         )
