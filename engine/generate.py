@@ -156,7 +156,9 @@ def run_batch(
         resize_from = model.latent_shape(req.seed_resize_from_w, req.seed_resize_from_h)[2:]
     # A1111 scales the noise of img2img and inpaint only, never a hires pass's.
     multiplier = req.initial_noise_multiplier if req.mode != "txt2img" else 1.0
-    variation = NoiseVariation(seeds, subseeds or seeds, req.subseed_strength, resize_from, multiplier)
+    variation = NoiseVariation(
+        seeds, subseeds or seeds, req.subseed_strength, resize_from, multiplier, extra=req.img2img_extra_noise
+    )
     if req.mode != "txt2img":
         variation.install(pipe, scheduler)
     reseed_after_start(pipe, seeds, req.eta_noise_seed_delta)

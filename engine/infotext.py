@@ -76,6 +76,7 @@ _REQUEST_KEYS = frozenset(
         "Emphasis",
         "Tiling",
         "Color correction",
+        "Extra noise",
         "NGMS",
         "Skip Early CFG",
         "Conditional mask weight",
@@ -221,6 +222,8 @@ def format_infotext(
         params["NGMS"] = _format_number(req.s_min_uncond)
         if req.s_min_uncond_all:
             params["NGMS all steps"] = "True"
+    if req.img2img_extra_noise > 0 and (req.mode != "txt2img" or req.enable_hr):
+        params["Extra noise"] = _format_number(req.img2img_extra_noise)
     if req.mode != "txt2img" and req.color_correction:
         # A1111 keeps it a setting and writes nothing; written here so the infotext makes the same picture again.
         params["Color correction"] = "True"
@@ -393,6 +396,8 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
         req.s_min_uncond = _parse_float("NGMS", params.pop("NGMS"))
     if "NGMS all steps" in params:
         req.s_min_uncond_all = params.pop("NGMS all steps").strip().lower() == "true"
+    if "Extra noise" in params:
+        req.img2img_extra_noise = _parse_float("Extra noise", params.pop("Extra noise"))
     if "Color correction" in params:
         req.color_correction = params.pop("Color correction").strip().lower() == "true"
     if "Emphasis" in params:

@@ -71,7 +71,10 @@ class NoiseVariation:
     """A1111's variation seed and seed resize for one batch: image i has seed `seeds[i]` and variation
     seed `subseeds[i]`. `resize_from_latent` is the latent (height, width) of the size the seed's noise
     is drawn at, or None. `multiplier` is A1111's noise multiplier for img2img: the noise added to the
-    picture is scaled by it once varied, as A1111 scales the noise it drew."""
+    picture is scaled by it once varied, as A1111 scales the noise it drew. `extra` is A1111's extra noise
+    multiplier for img2img and hires fix: the pass's starting latents get that noise once more, times `extra`
+    (in k-diffusion's space, where the picture gets it times sigma; diffusers' variance-preserving schedulers
+    scale both by their alpha, as A1111's DDIM does)."""
 
     def __init__(
         self,
@@ -80,12 +83,15 @@ class NoiseVariation:
         strength: float,
         resize_from_latent: tuple[int, int] | None = None,
         multiplier: float = 1.0,
+        extra: float = 0.0,
     ):
         self.seeds = list(seeds)
         self.subseeds = list(subseeds)
         self.strength = float(strength)
         self.resize_from_latent = resize_from_latent
         self.multiplier = float(multiplier)
+        self.extra = float(extra)
+        self._starting = False  # in the pipeline's prepare_latents: the add_noise that makes the start
         # The noise last varied and what it became: a pipeline hands the same noise tensor to add_noise
         # on every step of an inpaint, and must get the same varied noise back each time.
         self._source: torch.Tensor | None = None
@@ -97,7 +103,7 @@ class NoiseVariation:
 
     @property
     def active(self) -> bool:
-        return self.varies or self.multiplier != 1
+        return self.varies or self.multiplier != 1 or self.extra != 0
 
     def vary(self, noise: torch.Tensor) -> torch.Tensor:
         """The batch's noise (N, C, H, W), each image's changed by its variation seed and seed resize."""
@@ -135,19 +141,40 @@ class NoiseVariation:
         if "is_strength_max" in inspect.signature(pipe.prepare_latents).parameters:
             # An inpaint pipeline at strength 1 starts from pure noise without calling add_noise.
             pipe.prepare_latents = self._wrap_inpaint_latents(pipe.prepare_latents, scheduler)
+        if self.extra:
+            pipe.prepare_latents = self._marking_the_start(pipe.prepare_latents)
 
     def _varied_add_noise(self, add_noise: Callable) -> Callable:
-        """add_noise(original_samples, noise, timesteps) with `noise` varied, passed by position or name."""
+        """add_noise(original_samples, noise, timesteps) with `noise` varied, passed by position or name; at the
+        start of a pass, with the extra noise added."""
+        signature = inspect.signature(add_noise)
 
         @functools.wraps(add_noise)
         def varied_add_noise(*args, **kwargs):
-            if "noise" in kwargs:
-                kwargs["noise"] = self._scaled(kwargs["noise"])
-            else:
-                args = (args[0], self._scaled(args[1]), *args[2:])
-            return add_noise(*args, **kwargs)
+            original, noise, timesteps = signature.bind(*args, **kwargs).args[:3]
+            noise = self._scaled(noise)
+            noisy = add_noise(original, noise, timesteps)
+            if self.extra and self._starting:
+                # 1 for a variance-exploding scheduler, the alpha of `timesteps` for a variance-preserving one.
+                unit = add_noise(torch.ones_like(original), torch.zeros_like(noise), timesteps)
+                noisy = noisy + noise * self.extra * unit
+            return noisy
 
         return varied_add_noise
+
+    def _marking_the_start(self, prepare_latents: Callable) -> Callable:
+        """prepare_latents, during which add_noise makes the pass's start (an inpaint pipeline calls add_noise
+        on every step too, to blend the picture back in; those get no extra noise)."""
+
+        @functools.wraps(prepare_latents)
+        def marked_prepare_latents(*args, **kwargs):
+            self._starting = True
+            try:
+                return prepare_latents(*args, **kwargs)
+            finally:
+                self._starting = False
+
+        return marked_prepare_latents
 
     def _wrap_inpaint_latents(self, prepare_latents: Callable, scheduler) -> Callable:
         @functools.wraps(prepare_latents)

@@ -111,6 +111,9 @@ class GenerationRequest:
     # A1111's "Ignore negative prompt during early sampling" (Skip Early CFG): the share of each pass's UNet calls,
     # from the first, that leave the negative prompt out. 0 is off.
     skip_early_cond: float = 0.0
+    # A1111's "Extra noise multiplier for img2img and hires fix" (img2img_extra_noise): a pass that starts from a
+    # picture gets its noise once more, times this, on top of what its denoising strength adds. 0 is off.
+    img2img_extra_noise: float = 0.0
     # A1111's "Apply color correction to img2img results to match original colors" (engine/color_correction.py):
     # img2img and inpaint results get their init image's colour distribution, keeping their own luminosity.
     color_correction: bool = False
@@ -319,6 +322,8 @@ def validate_request(
     noise_multiplier = _as_float(req.initial_noise_multiplier, "initial_noise_multiplier")
     _in_range(noise_multiplier, "initial_noise_multiplier", 0.0, MAX_NOISE_MULTIPLIER)
     color_correction = _as_flag(req.color_correction, "color_correction")
+    extra_noise = _as_float(req.img2img_extra_noise, "img2img_extra_noise")
+    _in_range(extra_noise, "img2img_extra_noise", 0.0, 1.0)
     mask_weight = _as_float(req.inpainting_mask_weight, "inpainting_mask_weight")
     _in_range(mask_weight, "inpainting_mask_weight", 0.0, 1.0)
     s_min_uncond = _as_float(req.s_min_uncond, "s_min_uncond")
@@ -427,6 +432,7 @@ def validate_request(
         eta_noise_seed_delta=ensd,
         initial_noise_multiplier=noise_multiplier,
         color_correction=color_correction,
+        img2img_extra_noise=extra_noise,
         inpainting_mask_weight=mask_weight,
         s_min_uncond=s_min_uncond,
         s_min_uncond_all=s_min_uncond_all,

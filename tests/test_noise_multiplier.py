@@ -81,11 +81,21 @@ def test_txt2img_and_its_hires_pass_ignore_it(micro_engine):
     assert "Noise multiplier" not in parse_infotext_params(scaled.infotexts[0])
 
 
-@pytest.mark.parametrize("value", [-0.1, 1.6, "lots", float("nan")])
-def test_values_outside_a1111s_range_are_refused_by_name(micro_engine, init_picture, value):
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("initial_noise_multiplier", -0.1),
+        ("initial_noise_multiplier", 1.6),
+        ("initial_noise_multiplier", "lots"),
+        ("initial_noise_multiplier", float("nan")),
+        ("img2img_extra_noise", -0.1),
+        ("img2img_extra_noise", 1.1),
+    ],
+)
+def test_values_outside_a1111s_range_are_refused_by_name(micro_engine, init_picture, field, value):
     with pytest.raises(InvalidRequestError) as refused:
-        micro_engine.validate(img2img(init_picture, initial_noise_multiplier=value))
-    assert refused.value.field == "initial_noise_multiplier"
+        micro_engine.validate(img2img(init_picture, **{field: value}))
+    assert refused.value.field == field
 
 
 def test_the_api_takes_the_field_the_override_and_the_option(api):  # noqa: F811
@@ -129,3 +139,80 @@ def test_the_page_setting_is_this_sessions_own(page_url, tmp_path):  # noqa: F81
     with pytest.raises(Exception, match="1.5"):  # the slider's own check names its maximum
         client.predict(3, api_name="/set_noise_multiplier")
     assert "Noise multiplier: 0.8" in client.predict(*args, api_name="/img2img")[3]  # the setting stands
+
+
+def first_sigma(engine, request: GenerationRequest) -> tuple[Result, float]:
+    """The job's result and the noise level sigma of its first UNet call (the level its start was noised to)."""
+    from tests.test_ngms import sd_schedule
+
+    timesteps = []
+    handle = engine.loaded.components["unet"].register_forward_pre_hook(
+        lambda _m, args, kwargs: timesteps.append(args[1] if len(args) > 1 else kwargs["timestep"]), with_kwargs=True
+    )
+    try:
+        result = run(engine, request)
+    finally:
+        handle.remove()
+    return result, sd_schedule().sigma(timesteps[0])
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM", "DPM++ 2M"])
+def test_extra_noise_is_the_starting_noise_once_more(micro_engine, init_picture, sampler):
+    """A1111's extra noise e adds e times the start's noise to the start, as a sigma-s0 start gets s0 times it: so
+    it draws what a noise multiplier of 1 + e/s0 draws, in variance-exploding (Euler) and -preserving (DDIM, DPM++)
+    schedulers alike, to a level."""
+    plain = run(micro_engine, img2img(init_picture, sampler_name=sampler))
+    assert np.array_equal(
+        pixels(run(micro_engine, img2img(init_picture, sampler_name=sampler, img2img_extra_noise=0))), pixels(plain)
+    )
+    extra, sigma = first_sigma(micro_engine, img2img(init_picture, sampler_name=sampler, img2img_extra_noise=0.5))
+    assert np.abs(pixels(extra) - pixels(plain)).mean() > 1
+    same = run(micro_engine, img2img(init_picture, sampler_name=sampler, initial_noise_multiplier=1 + 0.5 / sigma))
+    assert np.abs(pixels(extra) - pixels(same)).max() <= 1, sigma
+    assert parse_infotext_params(extra.infotexts[0])["Extra noise"] == "0.5"
+    again = dataclasses.replace(parse_infotext(extra.infotexts[0]), init_images=[init_picture])
+    assert again.img2img_extra_noise == 0.5 and np.array_equal(pixels(run(micro_engine, again)), pixels(extra))
+
+
+def test_extra_noise_reaches_the_hires_pass_and_inpaints_start_only(micro_engine, init_picture):
+    request = GenerationRequest(prompt=PROMPT, seed=4, steps=8, enable_hr=True, hr_scale=1.5, hr_second_pass_steps=4)
+    plain, extra = run(micro_engine, request), run(micro_engine, dataclasses.replace(request, img2img_extra_noise=0.8))
+    assert np.abs(pixels(extra) - pixels(plain)).mean() > 0.5
+    assert parse_infotext_params(extra.infotexts[0])["Extra noise"] == "0.8"
+    # txt2img alone starts from noise, not a picture: nothing changes, nothing is written.
+    first_pass = dataclasses.replace(request, enable_hr=False)
+    alone = run(micro_engine, dataclasses.replace(first_pass, img2img_extra_noise=0.8))
+    assert np.array_equal(pixels(alone), pixels(run(micro_engine, first_pass)))
+    assert "Extra noise" not in alone.infotexts[0]
+
+    mask = Image.new("L", init_picture.size, 0)
+    mask.paste(255, (16, 16, 48, 48))
+    inside = np.asarray(mask) > 0
+    fields = dict(mask=mask, mask_blur=0, inpaint_full_res=False)
+    painted = pixels(run(micro_engine, img2img(init_picture, **fields)))
+    more = pixels(run(micro_engine, img2img(init_picture, **fields, img2img_extra_noise=0.8)))
+    assert np.abs(more - painted)[inside].mean() > 1 and np.array_equal(more[~inside], painted[~inside])
+
+
+def test_extra_noise_through_the_api_and_the_page(api, page_url, tmp_path):  # noqa: F811
+    from gradio_client import handle_file
+
+    picture = png_b64(Image.new("RGB", (64, 64), "orange"))
+    payload = {"prompt": "x", "steps": 3, "width": 64, "height": 64, "init_images": [picture], "seed": 5}
+    body = ok(api.post("img2img", json={**payload, "override_settings": {"img2img_extra_noise": 0.4}}))
+    info = json.loads(body["info"])
+    assert info["ignored_fields"] == [] and "Extra noise: 0.4" in info["infotexts"][0]
+    ok(api.post("options", json={"img2img_extra_noise": 0.2}))
+    try:
+        assert "Extra noise: 0.2" in json.loads(ok(api.post("img2img", json=payload))["info"])["infotexts"][0]
+    finally:
+        ok(api.post("options", json={"img2img_extra_noise": 0}))
+    refused = api.post("img2img", json={**payload, "override_settings": {"img2img_extra_noise": 3}})
+    assert refused.status_code == 422 and refused.json()["field"] == "img2img_extra_noise"
+
+    init_path = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), "teal").save(init_path)
+    client = _client(page_url)
+    client.predict(0.25, api_name="/set_extra_noise")
+    args = ("x", "", "Euler", "Automatic", 3, 7.0, 9, 64, 64, 1, 1, handle_file(str(init_path)), 0.5)
+    assert "Extra noise: 0.25" in client.predict(*args, api_name="/img2img")[3]

@@ -151,7 +151,7 @@ class _GenerationPayload(BaseModel):
         description="acted on: sd_model_checkpoint (loaded for the request), CLIP_stop_at_last_layers, emphasis ('Original', 'No norm', 'Ignore'), "
         "sd_vae ('Automatic', 'None' or a file from /sdapi/v1/sd-vae), eta_noise_seed_delta (ENSD, e.g. 31337), "
         "eta_ancestral (Euler a, DPM2 a, DPM++ 2M SDE), eta_ddim, initial_noise_multiplier and img2img_color_correction "
-        "(img2img), s_min_uncond and s_min_uncond_all (NGMS), skip_early_cond, inpainting_mask_weight (inpainting models)",
+        "(img2img), img2img_extra_noise (img2img and hires fix), s_min_uncond and s_min_uncond_all (NGMS), skip_early_cond, inpainting_mask_weight (inpainting models)",
     )
     override_settings_restore_afterwards: Any = Field(
         True, description="false: a model chosen by override_settings.sd_model_checkpoint stays loaded"
@@ -329,6 +329,7 @@ _SETTINGS_READ_BY_JOBS = (
     "s_min_uncond_all",
     "inpainting_mask_weight",
     "skip_early_cond",
+    "img2img_extra_noise",
 )
 
 
@@ -652,6 +653,7 @@ class SdApi:
             "s_min_uncond_all": False,
             "inpainting_mask_weight": 1.0,
             "skip_early_cond": 0.0,
+            "img2img_extra_noise": 0.0,
         }
         self._jobs: dict[int, _ApiJob] = {}  # the jobs started here, by job id
         self._last_job_timestamp = "0"
@@ -805,6 +807,7 @@ class SdApi:
             eta_noise_seed_delta=self._setting_for("eta_noise_seed_delta", payload, from_text, 0),
             inpainting_mask_weight=self._setting_for("inpainting_mask_weight", payload, from_text, 1.0),
             skip_early_cond=self._setting_for("skip_early_cond", payload, from_text, 0.0),
+            img2img_extra_noise=self._setting_for("img2img_extra_noise", payload, from_text, 0.0),
             s_min_uncond=(
                 payload.s_min_uncond
                 if payload.s_min_uncond is not None
@@ -1179,6 +1182,7 @@ class SdApi:
             ("s_min_uncond", MAX_NGMS),
             ("inpainting_mask_weight", 1),
             ("skip_early_cond", 1),
+            ("img2img_extra_noise", 1),
         ):
             value = options.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= highest:

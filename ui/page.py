@@ -332,6 +332,16 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     info="Scales the noise img2img and inpaint add to the picture (A1111's; 1: off).",
                     elem_id="setting_noise_multiplier",
                 )
+                extra_noise = gr.Slider(
+                    0,
+                    1,
+                    value=0,
+                    step=0.01,
+                    label="Extra noise multiplier for img2img and hires fix",
+                    info="A1111's: the starting noise once more, times this, on top of what the denoising strength "
+                    "adds. More detail at a low strength. 0: off.",
+                    elem_id="setting_extra_noise",
+                )
                 color_correction = gr.Checkbox(
                     value=False,
                     label="Apply color correction to img2img results to match original colors",
@@ -444,6 +454,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                 noise_multiplier,
                 clip_skip,
                 color_correction,
+                extra_noise,
                 ngms,
                 ngms_all,
                 skip_early,
@@ -512,6 +523,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
             "eta_ddim": (eta_ddim, _set_eta_ddim),
             "noise_multiplier": (noise_multiplier, _set_noise_multiplier),
             "color_correction": (color_correction, _set_color_correction),
+            "extra_noise": (extra_noise, _set_extra_noise),
             "ngms": (ngms, _set_ngms),
             "ngms_all": (ngms_all, _set_ngms_all),
             "skip_early_cond": (skip_early, _set_skip_early_cond),
@@ -1928,7 +1940,7 @@ def _wire_png_info(
     engine,
 ) -> None:
     """`session_settings`: the SD VAE list, ENSD, the two etas, the noise multiplier, clip skip, colour
-    correction, NGMS (and its all steps), Skip Early CFG and the inpainting mask weight, which Send sets from the
+    correction, extra noise, NGMS (and its all steps), Skip Early CFG and the inpainting mask weight, which Send sets from the
     infotext."""
     png.image.change(
         _read_png_info,
@@ -2167,6 +2179,11 @@ def _set_color_correction(session: PageSession, enabled: bool) -> None:
     session.color_correction = bool(enabled)
 
 
+def _set_extra_noise(session: PageSession, extra: float) -> None:
+    """A1111's extra noise multiplier for this session's img2img, inpaint and hires passes: 0 (off) to 1."""
+    session.extra_noise = _number_setting(extra, "img2img_extra_noise", 0, 1)
+
+
 def _set_ngms(session: PageSession, sigma: float) -> None:
     """A1111's Negative Guidance minimum sigma for this session's jobs: 0 (off) to 15. Below it, every other UNet
     call leaves the negative prompt out, at half the cost."""
@@ -2355,7 +2372,8 @@ def _send_png_info(path: str | None, text: str, *, target_mode: str, engine):
 def _sampler_parameters_from_infotext(read: ReadInfotext) -> list:
     """The Settings tab's ENSD, Eta for Euler a, Eta for DDIM and noise multiplier from an infotext: each set where
     the infotext names it (A1111 pastes them as overrides), else left as it is; then Clip skip, 1 where the
-    infotext names none (A1111 writes it only when it is not 1, and pastes 1 then); then colour correction, NGMS,
+    infotext names none (A1111 writes it only when it is not 1, and pastes 1 then); then colour correction, extra
+    noise, NGMS,
     NGMS all steps, Skip Early CFG and the inpainting mask weight, each set where the infotext says so, else left as
     it is."""
     params = read.params
@@ -2372,6 +2390,7 @@ def _sampler_parameters_from_infotext(read: ReadInfotext) -> list:
     request = read.request
     turned_on = [
         True if request.color_correction else gr.skip(),
+        request.img2img_extra_noise if "Extra noise" in params else gr.skip(),
         request.s_min_uncond if "NGMS" in params else gr.skip(),
         True if request.s_min_uncond_all else gr.skip(),
         request.skip_early_cond if "Skip Early CFG" in params else gr.skip(),

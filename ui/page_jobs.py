@@ -56,6 +56,8 @@ class PageSession:
     eta_ddim: float = 0.0
     # A1111's "Noise multiplier for img2img" (img2img and inpaint jobs).
     noise_multiplier: float = 1.0
+    # A1111's "Extra noise multiplier for img2img and hires fix".
+    extra_noise: float = 0.0
     # A1111's "Apply color correction to img2img results to match original colors" (img2img and inpaint jobs).
     color_correction: bool = False
     # A1111's "Negative Guidance minimum sigma" (NGMS) and its "all steps": 0 is off.
@@ -78,7 +80,7 @@ class PageSession:
 
     def settings_for(self, request: GenerationRequest) -> GenerationRequest:
         """`request` with this session's prompt syntax, emphasis mode, SD VAE, ENSD, its sampler's eta, the
-        img2img noise multiplier and colour correction, NGMS, Skip Early CFG, the inpainting mask weight, and clip
+        img2img noise multiplier, extra noise and colour correction, NGMS, Skip Early CFG, the inpainting mask weight, and clip
         skip."""
         try:
             spec = get_sampler(request.sampler_name)
@@ -98,6 +100,7 @@ class PageSession:
             eta_noise_seed_delta=self.ensd,
             initial_noise_multiplier=self.noise_multiplier,
             color_correction=self.color_correction,
+            img2img_extra_noise=self.extra_noise,
             s_min_uncond=self.s_min_uncond,
             s_min_uncond_all=self.s_min_uncond_all,
             skip_early_cond=self.skip_early_cond,
