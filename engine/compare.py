@@ -31,6 +31,7 @@ from .errors import InvalidRequestError
 from .events import JobControl, PreviewSettings, Progress, Result, Waiting
 from .labels import centered, text_width, wrap
 from .labels import font as label_font
+from .negative_guidance import MAX_NGMS
 from .request import MAX_CLIP_SKIP, GenerationRequest, with_clip_skip
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,9 @@ AXIS_TYPES = (
     "Denoising strength",
     "Eta",
     "ENSD",
+    "NGMS",
+    "SkipEarly",
+    "Extra noise",
     "Clip skip",
     "Hires upscaler",
     "Hires checkpoint",
@@ -67,6 +71,9 @@ _AXIS_FIELDS = {
     "Denoising strength": "denoising_strength",
     "Eta": "eta",
     "ENSD": "eta_noise_seed_delta",
+    "NGMS": "s_min_uncond",
+    "SkipEarly": "skip_early_cond",
+    "Extra noise": "img2img_extra_noise",
     "Hires upscaler": "hr_upscaler",
     "Hires checkpoint": "hr_checkpoint_name",
     "Refiner": "refiner_checkpoint",
@@ -75,7 +82,18 @@ _AXIS_FIELDS = {
 # Model-valued axes whose value may also be none (the first pass's model, no refiner), and how that reads.
 _NONE_MODEL = {"Hires checkpoint": ("use same checkpoint", "none"), "Refiner": ("none",)}
 _INT_AXES = {"Steps", "Seed", "Var. seed", "ENSD", "Clip skip"}
-_FLOAT_AXES = {"CFG scale", "Var. strength", "Denoising strength", "Eta", "Refiner switch at"}
+_FLOAT_AXES = {
+    "CFG scale",
+    "Var. strength",
+    "Denoising strength",
+    "Eta",
+    "Refiner switch at",
+    "NGMS",
+    "SkipEarly",
+    "Extra noise",
+}
+# Axes whose values are shares or strengths, from 0 to 1.
+_UNIT_AXES = ("Denoising strength", "Var. strength", "Eta", "Refiner switch at", "SkipEarly", "Extra noise")
 MAX_CELLS = 400
 
 _NUMBER = r"[+-]?\s*(?:\d+(?:\.\d*)?|\.\d+)"
@@ -153,10 +171,10 @@ def parse_axis(kind: str, text: str, engine) -> Axis:
         typed = _expand(kind, values)
         if kind == "Steps" and any(not 1 <= v <= engine.limits.max_steps for v in typed):
             raise InvalidRequestError(f"{kind} axis", text, f"steps from 1 to {engine.limits.max_steps}")
-        if kind in ("Denoising strength", "Var. strength", "Eta", "Refiner switch at") and any(
-            not 0 <= v <= 1 for v in typed
-        ):
+        if kind in _UNIT_AXES and any(not 0 <= v <= 1 for v in typed):
             raise InvalidRequestError(f"{kind} axis", text, "values from 0 to 1")
+        if kind == "NGMS" and any(not 0 <= v <= MAX_NGMS for v in typed):
+            raise InvalidRequestError(f"{kind} axis", text, f"sigmas from 0 to {MAX_NGMS:g}")
         if kind == "ENSD" and any(v < 0 for v in typed):
             raise InvalidRequestError(f"{kind} axis", text, "whole numbers, 0 or more")
         if kind == "Clip skip" and any(not 1 <= v <= MAX_CLIP_SKIP for v in typed):
@@ -232,7 +250,8 @@ def plan_grid(base: GenerationRequest, axes: list[Axis]) -> list[Cell]:
                     "Prompt S/R axis", search, "a first value found in the prompt or negative prompt (it is replaced)"
                 )
     kinds = (x_axis.kind, y_axis.kind, z_axis.kind)
-    for needs_hires in ("Hires upscaler", "Hires checkpoint"):
+    # Extra noise reaches a txt2img grid through its hires pass only.
+    for needs_hires in ("Hires upscaler", "Hires checkpoint", "Extra noise"):
         if not base.enable_hr and needs_hires in kinds:
             raise InvalidRequestError(f"{needs_hires} axis", "Hires. fix off", "Hires. fix on (in the txt2img tab)")
     if not base.refiner_checkpoint and "Refiner switch at" in kinds and "Refiner" not in kinds:

@@ -57,6 +57,9 @@ def run(comparer, axes, **kwargs) -> tuple[list[GridProgress], GridResult]:
         ("Prompt S/R", 'red, "blue, bright", green', ("red", "blue, bright", "green")),
         ("Eta", "0-1 [3]", (0.0, 0.5, 1.0)),
         ("ENSD", "0, 31337", (0, 31337)),
+        ("NGMS", "0-3 [4]", (0.0, 1.0, 2.0, 3.0)),
+        ("SkipEarly", "0, 0.25", (0.0, 0.25)),
+        ("Extra noise", "0-0.5 (+0.25)", (0.0, 0.25, 0.5)),
         ("Hires upscaler", "latent, LANCZOS", ("Latent", "Lanczos")),
         ("Clip skip", "1-3", (1, 2, 3)),
     ],
@@ -78,6 +81,8 @@ def test_axis_values_parse_like_a1111(engine, kind, text, values):
         ("Steps", "", "at least one value"),
         ("Eta", "0.5, 2", "values from 0 to 1"),
         ("ENSD", "-1", "0 or more"),
+        ("NGMS", "1, 16", "sigmas from 0 to 15"),
+        ("SkipEarly", "1.5", "values from 0 to 1"),
         ("Hires upscaler", "R-ESRGAN 4x+", "Lanczos"),
         ("Clip skip", "0, 2", "from 1 to 12"),
     ],
@@ -130,6 +135,31 @@ def test_eta_ensd_and_hires_upscaler_axes_set_their_fields(engine):
         plan_grid(BASE, upscalers)
     cells = plan_grid(dataclasses.replace(BASE, enable_hr=True), upscalers)
     assert [c.request.hr_upscaler for c in cells] == ["Latent", "Nearest"]
+
+
+def test_negative_guidance_axes_and_extra_noise_set_their_fields_and_cells_match_single_runs(engine, comparer):
+    axes = [parse_axis("NGMS", "0, 15", engine), parse_axis("SkipEarly", "0, 0.5", engine)]
+    cells = plan_grid(BASE, axes)
+    assert [(c.request.s_min_uncond, c.request.skip_early_cond) for c in cells] == [
+        (0.0, 0.0),
+        (15.0, 0.0),
+        (0.0, 0.5),
+        (15.0, 0.5),
+    ]
+    assert cells[3].label == "NGMS: 15, SkipEarly: 0.5"
+    _progress, result = run(comparer, axes)
+    for cell in result.cells:
+        single = list(engine.generate(cell.cell.request))[-1]
+        assert np.array_equal(np.asarray(single.images[0]), np.asarray(cell.image)), cell.cell.label
+    assert "NGMS: 15" in result.cells[1].infotext and "Skip Early CFG: 0.5" in result.cells[2].infotext
+    assert len({np.asarray(cell.image).tobytes() for cell in result.cells}) == 4  # each setting draws its own
+    extra = [parse_axis("Extra noise", "0, 0.5", engine)]
+    with pytest.raises(InvalidRequestError, match="Hires. fix on"):
+        plan_grid(BASE, extra)
+    assert [c.request.img2img_extra_noise for c in plan_grid(dataclasses.replace(BASE, enable_hr=True), extra)] == [
+        0.0,
+        0.5,
+    ]
 
 
 def test_the_clip_skip_axis_sets_what_the_infotext_writes(engine):
