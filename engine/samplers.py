@@ -13,6 +13,7 @@ from typing import Any
 import diffusers
 import numpy as np
 import torch
+from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler, DPMSolverSDESchedulerOutput
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -67,6 +68,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         ("k_dpmpp_sde",),
         batch_shares_noise=True,
         second_order=True,
+        eta_default=1.0,
     ),
     SamplerSpec(
         "DPM++ 2M SDE",
@@ -486,21 +488,85 @@ class EtaDPMSolverSDEScheduler(diffusers.DPMSolverMultistepScheduler):
         )
 
 
+class EtaDPMppSDEScheduler(diffusers.DPMSolverSDEScheduler):
+    """DPM++ SDE with A1111's eta (k-diffusion's sample_dpmpp_sde, r = 1/2). A step from sigma to sigma_next first goes
+    to the midpoint s in log sigma, then from sigma to sigma_next on the midpoint's prediction; each half goes down to
+    get_ancestral_step's sigma_down in log-sigma space (the sample times sigma_down / sigma, plus the prediction
+    times 1 - sigma_down / sigma) and adds the Brownian tree's noise times its sigma_up, which eta scales. diffusers'
+    own step is this at eta 1; at eta 0 no noise is added. The last step (to sigma 0) is an Euler step. The eta is
+    the instance's, as Euler a's is."""
+
+    eta = 1.0
+
+    def step(self, model_output, timestep, sample, return_dict=True, s_noise=1.0):
+        if self.eta == 1.0:
+            return super().step(model_output, timestep, sample, return_dict=return_dict, s_noise=s_noise)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        if self.noise_sampler is None:
+            positive = self.sigmas[self.sigmas > 0]
+            self.noise_sampler = BrownianTreeNoiseSampler(
+                sample, positive.min().item(), self.sigmas.max().item(), self.noise_sampler_seed
+            )
+        first_half = self.state_in_first_order
+        if first_half:
+            sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
+        else:
+            sigma, sigma_next = self.sigmas[self.step_index - 1], self.sigmas[self.step_index]
+
+        # In k-diffusion's t = -log(sigma), as it computes them (so the Brownian tree is asked at its sigmas).
+        def sigma_of(t):
+            return t.neg().exp()
+
+        def t_of(sigma):
+            return sigma.log().neg()
+
+        t, t_next = t_of(sigma), t_of(sigma_next)
+        t_mid = t + (t_next - t) * 0.5
+        sigma_in = sigma if first_half else sigma_of(t_mid)  # the noise level the model saw
+        if self.config.prediction_type == "v_prediction":
+            denoised = model_output * (-sigma_in / (sigma_in**2 + 1) ** 0.5) + sample / (sigma_in**2 + 1)
+        else:
+            denoised = sample - sigma_in * model_output
+        if sigma_next == 0:
+            prev_sample = sample + (sample - denoised) / sigma * (sigma_next - sigma)
+        else:
+            start = sample if first_half else self.sample  # both halves start from the step's own sample
+            t_target = t_mid if first_half else t_next
+            sigma_from, sigma_to = sigma_of(t), sigma_of(t_target)
+            up = self.eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+            sigma_up = torch.minimum(sigma_to, up)
+            t_down = t_of((sigma_to**2 - sigma_up**2) ** 0.5)
+            prev_sample = (sigma_of(t_down) / sigma_from) * start - (t - t_down).expm1() * denoised
+            prev_sample = prev_sample + self.noise_sampler(sigma_from, sigma_to) * s_noise * sigma_up
+            self.sample, self.mid_point_sigma = (start, sigma_of(t_mid)) if first_half else (None, None)
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample, denoised)
+        return DPMSolverSDESchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
+
+
 # Samplers whose A1111 schedule (or eta) diffusers' own class does not make.
 _A1111_CLASSES = {
     "LCM": A1111LCMScheduler,
     "Euler a": EtaEulerAncestralScheduler,
     "DPM++ 2M SDE": EtaDPMSolverSDEScheduler,
     "DPM++ 2M SDE Heun": EtaDPMSolverSDEScheduler,
+    "DPM++ SDE": EtaDPMppSDEScheduler,
 }
-_ETA_CLASSES = (EtaEulerAncestralScheduler, KDPM2AncestralDiscardingScheduler, EtaDPMSolverSDEScheduler)
+_ETA_CLASSES = (
+    EtaEulerAncestralScheduler,
+    KDPM2AncestralDiscardingScheduler,
+    EtaDPMSolverSDEScheduler,
+    EtaDPMppSDEScheduler,
+)
 
 
 def build_scheduler(
     base_config: dict[str, Any], sampler_name: str, schedule: str, seed: int | None = None, eta: float | None = None
 ):
     """A new scheduler instance for one job; `base_config` is the model's own scheduler config. `eta` is that of
-    Euler a, DPM2 a and DPM++ 2M SDE (None: 1); DDIM takes its eta from the pipeline call."""
+    Euler a, DPM2 a, DPM++ SDE and DPM++ 2M SDE (None: 1); DDIM takes its eta from the pipeline call."""
     spec = get_sampler(sampler_name)
     if spec.name in _A1111_CLASSES:
         cls = _A1111_CLASSES[spec.name]

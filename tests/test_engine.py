@@ -405,6 +405,66 @@ def test_euler_a_takes_a1111s_eta(eta):
     assert torch.allclose(latent, expected, atol=1e-4)
 
 
+def a1111_dpmpp_sde(eps_model, x, sigmas, timesteps, eta, noise_sampler):
+    """k-diffusion's sample_dpmpp_sde (r = 1/2, s_noise 1) with get_ancestral_step's eta, as A1111 runs DPM++ SDE, in
+    its t = -log(sigma); `timesteps` are those the model is called with, two a step but the last."""
+    calls = iter(timesteps)
+
+    def sigma_fn(t):
+        return t.neg().exp()
+
+    def t_fn(sigma):
+        return sigma.log().neg()
+
+    def denoise(x, sigma):
+        return x - sigma * eps_model((x / (sigma**2 + 1).sqrt()).float(), next(calls)).double()
+
+    def ancestral(sigma_from, sigma_to):
+        up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+        return (sigma_to**2 - up**2) ** 0.5, up
+
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        denoised = denoise(x, sigma)
+        if sigma_next == 0:
+            x = x + (x - denoised) / sigma * (sigma_next - sigma)
+            continue
+        t, t_next = t_fn(sigma), t_fn(sigma_next)
+        s = t + (t_next - t) * 0.5
+        down, up = ancestral(sigma_fn(t), sigma_fn(s))
+        s_ = t_fn(down)
+        x_2 = (sigma_fn(s_) / sigma_fn(t)) * x - (t - s_).expm1() * denoised
+        x_2 = x_2 + noise_sampler(sigma_fn(t), sigma_fn(s)).double() * up
+        denoised_2 = denoise(x_2, sigma_fn(s))
+        down, up = ancestral(sigma_fn(t), sigma_fn(t_next))
+        t_next_ = t_fn(down)
+        x = (sigma_fn(t_next_) / sigma_fn(t)) * x - (t - t_next_).expm1() * denoised_2
+        x = x + noise_sampler(sigma_fn(t), sigma_fn(t_next)).double() * up
+    return x.float()
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_dpmpp_sde_takes_a1111s_eta(eta):
+    from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+
+    def eps_model(latent, timestep):
+        return 0.3 * latent * (1 + float(timestep) / 1000) + 0.1 * torch.sin(3 * latent)
+
+    shape, steps = (1, 4, 8, 8), 6
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "DPM++ SDE", "Automatic", seed=9, eta=eta)
+    scheduler.set_timesteps(steps)
+    start = torch.randn(shape, generator=torch.Generator().manual_seed(5)) * scheduler.init_noise_sigma
+    latent = start
+    for timestep in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(latent, timestep)
+        latent = scheduler.step(eps_model(model_input, timestep), timestep, latent).prev_sample
+    # A1111 keeps its sigmas in float32 and works out t from them.
+    step_sigmas = torch.cat([scheduler.sigmas[:1], scheduler.sigmas[1:-1:2], scheduler.sigmas[-1:]])
+    positive = scheduler.sigmas[scheduler.sigmas > 0]
+    brownian = BrownianTreeNoiseSampler(start, positive.min().item(), scheduler.sigmas.max().item(), 9)
+    expected = a1111_dpmpp_sde(eps_model, start, step_sigmas, scheduler.timesteps, eta, brownian)
+    assert torch.allclose(latent, expected, atol=1e-4), (latent - expected).abs().max()
+
+
 @pytest.mark.parametrize("sampler", ["DDIM", "PLMS"])
 def test_timestep_samplers_keep_the_models_spacing(sampler):
     # A1111's DDIM and PLMS step on range(1, 1000, 1000 // steps), as the config's "leading" spacing does.

@@ -31,6 +31,10 @@ def same(a: Result, b: Result) -> bool:
     return np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
 
 
+def pixels(result: Result) -> np.ndarray:
+    return np.asarray(result.images[0]).astype(int)
+
+
 def test_euler_a_at_eta_0_is_euler_and_eta_shows_in_the_infotext(micro_engine):
     euler = generate(micro_engine, sampler_name="Euler")
     no_noise = generate(micro_engine, sampler_name="Euler a", eta=0)
@@ -69,6 +73,19 @@ def test_dpmpp_2m_sde_takes_eta_and_at_0_adds_no_noise(micro_engine, sampler):
     if sampler == "DPM++ 2M SDE":  # and the steps are DPM++ 2M's
         plain = generate(micro_engine, sampler_name="DPM++ 2M", scheduler="Exponential")
         assert same(still, plain)
+
+
+def test_dpmpp_sde_takes_eta_and_its_eta_1_is_diffusers_own_step(micro_engine):
+    """DPM++ SDE's eta runs k-diffusion's sample_dpmpp_sde (checked step by step in test_engine.py); just below 1 it
+    draws what diffusers' own step (eta 1) draws, to a level."""
+    default = generate(micro_engine, sampler_name="DPM++ SDE")
+    nearly = generate(micro_engine, sampler_name="DPM++ SDE", eta=0.9999999)
+    assert np.abs(pixels(nearly) - pixels(default)).max() <= 1
+    half = generate(micro_engine, sampler_name="DPM++ SDE", eta=0.5)
+    assert (
+        np.abs(pixels(half) - pixels(default)).mean() > 1 and parse_infotext_params(half.infotexts[0])["Eta"] == "0.5"
+    )
+    assert same(list(micro_engine.generate(parse_infotext(half.infotexts[0])))[-1], half)
 
 
 def test_ddim_eta_adds_noise_and_is_written_as_eta_ddim(micro_engine):
