@@ -297,8 +297,10 @@ def run_batch(
         for first_pass_only in ("height", "width", "latents", "mask_image", "masked_image_latents"):
             kwargs.pop(first_pass_only, None)
         if model.inpainting_unet:
-            # A1111 conditions the hires pass on the upscaled picture, at the mask weight.
-            upscaled = _decode(hires_pipe, start) if latent_upscale else start
+            # A1111 conditions the hires pass on the upscaled picture, at the mask weight (at 1: grey alone).
+            upscaled = None
+            if req.inpainting_mask_weight != 1:
+                upscaled = _decode(hires_pipe, start) if latent_upscale else start
             kwargs.update(_repaint_all(hires_pipe, hr_width, hr_height, upscaled, weight=req.inpainting_mask_weight))
             _noise_over_the_picture(hires_pipe)
         images = hires_pipe(**kwargs).images
@@ -333,9 +335,9 @@ def _cfg_in_pipeline(model: LoadedModel, req: GenerationRequest) -> bool:
 @dataclass
 class _StandIns:
     """What stands in for the UNet in each pass of a job: the refiner's switch (which Engine.validate never pairs
-    with composable parts), the composable parts' guidance, or NGMS's skipping UNet. Each skips the negative
-    prompt where NGMS or Skip Early CFG says, counting each pass's calls afresh. The refiner's and the parts' stand-ins are handed
-    to `switches` and `composed`, whose prompt-editing step the step callback moves on."""
+    with composable parts), the composable parts' guidance, or the negative-skipping UNet. Each skips the negative
+    prompt where NGMS or Skip Early CFG says, counting each pass's calls afresh. The refiner's and the parts'
+    stand-ins are handed to `switches` and `composed`, whose prompt-editing step the step callback moves on."""
 
     req: GenerationRequest
     composed: list[ComposedGuidance]

@@ -148,10 +148,11 @@ class _GenerationPayload(BaseModel):
     prompt_syntax: str | None = Field(None, description="'a1111' (default) or 'compel'")
     override_settings: dict[str, Any] | None = Field(
         None,
-        description="acted on: sd_model_checkpoint (loaded for the request), CLIP_stop_at_last_layers, emphasis ('Original', 'No norm', 'Ignore'), "
-        "sd_vae ('Automatic', 'None' or a file from /sdapi/v1/sd-vae), eta_noise_seed_delta (ENSD, e.g. 31337), "
-        "eta_ancestral (Euler a, DPM2 a, DPM++ SDE, DPM++ 2M SDE), eta_ddim, initial_noise_multiplier and img2img_color_correction "
-        "(img2img), img2img_extra_noise (img2img and hires fix), s_min_uncond and s_min_uncond_all (NGMS), skip_early_cond, inpainting_mask_weight (inpainting models)",
+        description="acted on: sd_model_checkpoint (loaded for the request), CLIP_stop_at_last_layers, emphasis "
+        "('Original', 'No norm', 'Ignore'), sd_vae ('Automatic', 'None' or a file from /sdapi/v1/sd-vae), "
+        "eta_noise_seed_delta (ENSD, e.g. 31337), eta_ancestral (Euler a, DPM2 a, DPM++ SDE, DPM++ 2M SDE), eta_ddim, "
+        "initial_noise_multiplier and img2img_color_correction (img2img), img2img_extra_noise (img2img and hires "
+        "fix), s_min_uncond and s_min_uncond_all (NGMS), skip_early_cond, inpainting_mask_weight (inpainting models)",
     )
     override_settings_restore_afterwards: Any = Field(
         True, description="false: a model chosen by override_settings.sd_model_checkpoint stays loaded"
@@ -304,8 +305,8 @@ def _sampler_spec(name: Any) -> SamplerSpec | None:
 
 
 def _eta_ignored(value: Any, payload: Any) -> bool:
-    """eta acts on Euler a, DPM2 a, DPM++ SDE, DPM++ 2M SDE (and Heun) and DDIM here; with another sampler a value given is
-    listed as ignored."""
+    """eta acts on Euler a, DPM2 a, DPM++ SDE, DPM++ 2M SDE (and Heun) and DDIM here; with another sampler a value
+    given is listed as ignored."""
     spec = _sampler_spec(payload.sampler_name or payload.sampler_index)
     return value is not None and spec is not None and spec.eta_default is None
 

@@ -1940,8 +1940,8 @@ def _wire_png_info(
     engine,
 ) -> None:
     """`session_settings`: the SD VAE list, ENSD, the two etas, the noise multiplier, clip skip, colour
-    correction, extra noise, NGMS (and its all steps), Skip Early CFG and the inpainting mask weight, which Send sets from the
-    infotext."""
+    correction, extra noise, NGMS (and its all steps), Skip Early CFG and the inpainting mask weight, which Send
+    sets from the infotext."""
     png.image.change(
         _read_png_info,
         inputs=[png.image],

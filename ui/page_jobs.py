@@ -80,8 +80,8 @@ class PageSession:
 
     def settings_for(self, request: GenerationRequest) -> GenerationRequest:
         """`request` with this session's prompt syntax, emphasis mode, SD VAE, ENSD, its sampler's eta, the
-        img2img noise multiplier, extra noise and colour correction, NGMS, Skip Early CFG, the inpainting mask weight, and clip
-        skip."""
+        img2img noise multiplier, extra noise and colour correction, NGMS, Skip Early CFG, the inpainting mask
+        weight, and clip skip."""
         try:
             spec = get_sampler(request.sampler_name)
         except EngineError:
