@@ -136,7 +136,9 @@ def run_batch(
     checkpoint, the model the second pass runs on (`hires_conditioning` is then that model's); `refiner` takes
     over the last part of the sampling (of the hires pass, when there is one: engine/refiner.py);
     `before_hires()` runs just before the second pass (it switches that pass's LoRAs on)."""
-    scheduler = build_scheduler(model.scheduler_config, req.sampler_name, req.scheduler, seed=seeds[0], eta=req.eta)
+    scheduler = build_scheduler(
+        model.scheduler_config, req.sampler_name, req.scheduler, seed=seeds[0], eta=req.eta, s_noise=req.s_noise
+    )
     recorder = StepRecorder(scheduler, model.prediction_type)
     composed: list[ComposedGuidance] = []  # the UNet stand-in of each pass, for a prompt with AND
     switches: list[RefinerSwitch] = []  # the refiner's stand-in for the pass it joins
@@ -281,7 +283,9 @@ def run_batch(
             kwargs.update(_conditioning_kwargs(conditioning, len(seeds)))
         wrap_unet = stand_ins.for_pass(model, conditioning, refiner, hr_sampler, hires_sampling_steps)
         current_conditioning = conditioning.at(0)
-        scheduler = build_scheduler(model.scheduler_config, hr_sampler, hr_schedule, seed=seeds[0], eta=req.eta)
+        scheduler = build_scheduler(
+            model.scheduler_config, hr_sampler, hr_schedule, seed=seeds[0], eta=req.eta, s_noise=req.s_noise
+        )
         recorder = StepRecorder(scheduler, model.prediction_type)
         hires_pipe = model.pipeline_for("img2img", scheduler, traced=not req.tiling, wrap_unet=wrap_unet, vae=vae)
         variation.install(hires_pipe, scheduler)  # A1111 varies the hires pass's noise too

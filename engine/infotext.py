@@ -84,6 +84,7 @@ _REQUEST_KEYS = frozenset(
         "Eta",
         "Eta DDIM",
         "ENSD",
+        "Sigma noise",
         "Prompt syntax",
         "Hires upscale",
         "Hires resize",
@@ -209,6 +210,8 @@ def format_infotext(
     spec, eta = get_sampler(req.sampler_name), eta_for(req.sampler_name, req.eta)
     if eta is not None and eta != spec.eta_default:
         params[spec.eta_key] = _format_number(eta)
+    if spec.takes_s_noise and req.s_noise != 1:
+        params["Sigma noise"] = _format_number(req.s_noise)
     if req.eta_noise_seed_delta and spec.uses_ensd and (eta is None or eta != 0):
         params["ENSD"] = int(req.eta_noise_seed_delta)
     if req.mode != "txt2img" and req.initial_noise_multiplier != 1:
@@ -384,6 +387,8 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
     for key in ("Eta", "Eta DDIM"):
         if key in params:
             req.eta = _parse_float(key, params.pop(key))
+    if "Sigma noise" in params:
+        req.s_noise = _parse_float("Sigma noise", params.pop("Sigma noise"))
     if "ENSD" in params:
         req.eta_noise_seed_delta = _parse_int("ENSD", params.pop("ENSD"))
     if "Noise multiplier" in params:

@@ -21,6 +21,8 @@ from .tiles import plan_tiles
 SEED_MAX = 2**32 - 1
 # A1111's setting slider for the img2img noise multiplier goes to 1.5.
 MAX_NOISE_MULTIPLIER = 1.5
+# A1111's sigma noise slider goes to 1.1.
+MAX_SIGMA_NOISE = 1.1
 # A1111's Clip skip setting goes to 12 (a model's text encoder may have fewer layers: it refuses more).
 MAX_CLIP_SKIP = 12
 
@@ -95,6 +97,9 @@ class GenerationRequest:
     # A1111's eta: how much fresh noise an ancestral step adds (Euler a, DPM2 a: 1 by default) or DDIM's (0 by default);
     # None is the sampler's default. Samplers that take none here ignore it.
     eta: float | None = None
+    # A1111's "sigma noise" (s_noise): scales the fresh noise the steps of its stochastic samplers add (DPM2 a,
+    # DPM++ SDE, DPM++ 2M SDE and its Heun variant, DPM++ 3M SDE); 1 is as drawn.
+    s_noise: float = 1.0
     # A1111's "Eta noise seed delta" (ENSD): after each picture's starting noise is drawn, the noise its steps
     # draw comes from seed + this, as A1111 does it (31337 in NovelAI-era infotexts); 0 leaves it.
     eta_noise_seed_delta: int = 0
@@ -317,6 +322,8 @@ def validate_request(
     if req.eta is not None:
         eta = _as_float(req.eta, "eta")
         _in_range(eta, "eta", 0.0, 1.0)
+    s_noise = _as_float(req.s_noise, "s_noise")
+    _in_range(s_noise, "s_noise", 0.0, MAX_SIGMA_NOISE)
     ensd = _as_int(req.eta_noise_seed_delta, "eta_noise_seed_delta")
     _in_range(ensd, "eta_noise_seed_delta", 0, SEED_MAX)
     noise_multiplier = _as_float(req.initial_noise_multiplier, "initial_noise_multiplier")
@@ -430,6 +437,7 @@ def validate_request(
         tiling=tiling,
         eta=eta,
         eta_noise_seed_delta=ensd,
+        s_noise=s_noise,
         initial_noise_multiplier=noise_multiplier,
         color_correction=color_correction,
         img2img_extra_noise=extra_noise,

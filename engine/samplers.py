@@ -49,6 +49,9 @@ class SamplerSpec:
     uses_ensd: bool = False
     # A1111's second_order samplers, which it counts as two model calls a step (its total_steps).
     second_order: bool = False
+    # A1111's sigma noise (s_noise) scales the fresh noise this sampler's steps add (its stochastic k-diffusion
+    # samplers; Euler, Heun and DPM2 take it only with sigma churn, which this engine does not run).
+    takes_s_noise: bool = False
 
 
 # Order as in A1111's sampler dropdown.
@@ -69,6 +72,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         batch_shares_noise=True,
         second_order=True,
         eta_default=1.0,
+        takes_s_noise=True,
     ),
     SamplerSpec(
         "DPM++ 2M SDE",
@@ -77,6 +81,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         "Exponential",
         ("k_dpmpp_2m_sde",),
         eta_default=1.0,
+        takes_s_noise=True,
     ),
     SamplerSpec(
         "DPM++ 2M SDE Heun",
@@ -85,6 +90,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         "Exponential",
         ("k_dpmpp_2m_sde_heun",),
         eta_default=1.0,
+        takes_s_noise=True,
     ),
     SamplerSpec(
         "DPM++ 2S a",
@@ -104,6 +110,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         "Exponential",
         ("k_dpmpp_3m_sde",),
         discard_penultimate_sigma=True,
+        takes_s_noise=True,
     ),
     SamplerSpec(
         "Euler a",
@@ -136,6 +143,7 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         eta_default=1.0,
         uses_ensd=True,
         second_order=True,
+        takes_s_noise=True,
     ),
     SamplerSpec(
         "DDIM",
@@ -256,11 +264,18 @@ class KDPM2AncestralDiscardingScheduler(_DiscardPenultimateSigma, diffusers.KDPM
     """DPM2 a with A1111's eta (k-diffusion's sample_dpm_2_ancestral): each step goes down to sigma_down, through
     the midpoint between sigma and sigma_down, and adds fresh noise of sigma_up, both from get_ancestral_step as in
     Euler a. diffusers builds these arrays at eta 1 in set_timesteps; another eta rebuilds them (and the midpoints'
-    timesteps) from the same schedule. At eta 0 this is DPM2. The eta is the instance's, as Euler a's is."""
+    timesteps) from the same schedule. At eta 0 this is DPM2. The eta is the instance's, as Euler a's is, and so is
+    A1111's sigma noise, which scales the fresh noise (sigma_up here is used for nothing else)."""
 
     eta = 1.0
+    s_noise = 1.0
 
     def set_timesteps(self, *args, **kwargs):
+        self._set_timesteps_at_eta(*args, **kwargs)
+        if self.s_noise != 1.0:
+            self.sigmas_up = self.sigmas_up * self.s_noise
+
+    def _set_timesteps_at_eta(self, *args, **kwargs):
         super().set_timesteps(*args, **kwargs)
         if self.eta == 1.0:
             return
@@ -288,7 +303,28 @@ class KDPM2AncestralDiscardingScheduler(_DiscardPenultimateSigma, diffusers.KDPM
         self.timesteps = torch.cat([timesteps[:1], interleaved])
 
 
-class DPMSolverMultistepDiscardingScheduler(_DiscardPenultimateSigma, diffusers.DPMSolverMultistepScheduler):
+class _SigmaNoise:
+    """A1111's sigma noise (s_noise) on diffusers' multistep DPM-Solver: the fresh noise its SDE updates add, scaled
+    (1: as drawn). The ODE updates get no noise, and none is scaled."""
+
+    s_noise = 1.0
+
+    def _sigma_noise(self, noise):
+        return noise if noise is None or self.s_noise == 1.0 else noise * self.s_noise
+
+    def dpm_solver_first_order_update(self, *args, noise=None, **kwargs):
+        return super().dpm_solver_first_order_update(*args, noise=self._sigma_noise(noise), **kwargs)
+
+    def multistep_dpm_solver_second_order_update(self, *args, noise=None, **kwargs):
+        return super().multistep_dpm_solver_second_order_update(*args, noise=self._sigma_noise(noise), **kwargs)
+
+    def multistep_dpm_solver_third_order_update(self, *args, noise=None, **kwargs):
+        return super().multistep_dpm_solver_third_order_update(*args, noise=self._sigma_noise(noise), **kwargs)
+
+
+class DPMSolverMultistepDiscardingScheduler(
+    _DiscardPenultimateSigma, _SigmaNoise, diffusers.DPMSolverMultistepScheduler
+):
     pass
 
 
@@ -435,12 +471,12 @@ class EtaEulerAncestralScheduler(diffusers.EulerAncestralDiscreteScheduler):
         return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
 
 
-class EtaDPMSolverSDEScheduler(diffusers.DPMSolverMultistepScheduler):
+class EtaDPMSolverSDEScheduler(_SigmaNoise, diffusers.DPMSolverMultistepScheduler):
     """DPM++ 2M SDE (and its Heun variant) with A1111's eta (k-diffusion's sample_dpmpp_2m_sde): with eta_h = eta * h,
     a step keeps the sample times sigma_t / sigma_s * exp(-eta_h), moves towards the prediction by
     1 - exp(-h - eta_h) (plus its midpoint or Heun correction) and adds noise of sigma_t * sqrt(1 - exp(-2 eta_h)).
     diffusers' own updates are these at eta 1; at eta 0 no noise is added and the steps are DPM++ 2M's. The eta is
-    the instance's, as Euler a's is."""
+    the instance's, as Euler a's is; the noise is scaled by A1111's sigma noise."""
 
     eta = 1.0
 
@@ -454,6 +490,7 @@ class EtaDPMSolverSDEScheduler(diffusers.DPMSolverMultistepScheduler):
     def dpm_solver_first_order_update(self, model_output, *args, sample=None, noise=None, **kwargs):
         if self.eta == 1.0 or self.config.algorithm_type != "sde-dpmsolver++":
             return super().dpm_solver_first_order_update(model_output, *args, sample=sample, noise=noise, **kwargs)
+        noise = self._sigma_noise(noise)
         alpha_t, sigma_t, sigma_s, h, eta_h = self._coefficients(
             self.sigmas[self.step_index + 1], self.sigmas[self.step_index]
         )
@@ -468,6 +505,7 @@ class EtaDPMSolverSDEScheduler(diffusers.DPMSolverMultistepScheduler):
             return super().multistep_dpm_solver_second_order_update(
                 model_output_list, *args, sample=sample, noise=noise, **kwargs
             )
+        noise = self._sigma_noise(noise)
         alpha_t, sigma_t, sigma_s0, h, eta_h = self._coefficients(
             self.sigmas[self.step_index + 1], self.sigmas[self.step_index]
         )
@@ -494,11 +532,13 @@ class EtaDPMppSDEScheduler(diffusers.DPMSolverSDEScheduler):
     get_ancestral_step's sigma_down in log-sigma space (the sample times sigma_down / sigma, plus the prediction
     times 1 - sigma_down / sigma) and adds the Brownian tree's noise times its sigma_up, which eta scales. diffusers'
     own step is this at eta 1; at eta 0 no noise is added. The last step (to sigma 0) is an Euler step. The eta is
-    the instance's, as Euler a's is."""
+    the instance's, as Euler a's is, and so is A1111's sigma noise, which scales the Brownian noise."""
 
     eta = 1.0
+    s_noise = 1.0
 
-    def step(self, model_output, timestep, sample, return_dict=True, s_noise=1.0):
+    def step(self, model_output, timestep, sample, return_dict=True, s_noise=None):
+        s_noise = self.s_noise if s_noise is None else s_noise
         if self.eta == 1.0:
             return super().step(model_output, timestep, sample, return_dict=return_dict, s_noise=s_noise)
         if self.step_index is None:
@@ -560,13 +600,20 @@ _ETA_CLASSES = (
     EtaDPMSolverSDEScheduler,
     EtaDPMppSDEScheduler,
 )
+_SIGMA_NOISE_CLASSES = (KDPM2AncestralDiscardingScheduler, _SigmaNoise, EtaDPMppSDEScheduler)
 
 
 def build_scheduler(
-    base_config: dict[str, Any], sampler_name: str, schedule: str, seed: int | None = None, eta: float | None = None
+    base_config: dict[str, Any],
+    sampler_name: str,
+    schedule: str,
+    seed: int | None = None,
+    eta: float | None = None,
+    s_noise: float = 1.0,
 ):
     """A new scheduler instance for one job; `base_config` is the model's own scheduler config. `eta` is that of
-    Euler a, DPM2 a, DPM++ SDE and DPM++ 2M SDE (None: 1); DDIM takes its eta from the pipeline call."""
+    Euler a, DPM2 a, DPM++ SDE and DPM++ 2M SDE (None: 1); DDIM takes its eta from the pipeline call. `s_noise` is
+    A1111's sigma noise, for the samplers that take it (SamplerSpec.takes_s_noise)."""
     spec = get_sampler(sampler_name)
     if spec.name in _A1111_CLASSES:
         cls = _A1111_CLASSES[spec.name]
@@ -589,6 +636,8 @@ def build_scheduler(
     scheduler = cls.from_config(dict(base_config), **overrides)
     if eta is not None and isinstance(scheduler, _ETA_CLASSES):
         scheduler.eta = float(eta)
+    if spec.takes_s_noise and isinstance(scheduler, _SIGMA_NOISE_CLASSES):
+        scheduler.s_noise = float(s_noise)
     return scheduler
 
 

@@ -405,8 +405,8 @@ def test_euler_a_takes_a1111s_eta(eta):
     assert torch.allclose(latent, expected, atol=1e-4)
 
 
-def a1111_dpmpp_sde(eps_model, x, sigmas, timesteps, eta, noise_sampler):
-    """k-diffusion's sample_dpmpp_sde (r = 1/2, s_noise 1) with get_ancestral_step's eta, as A1111 runs DPM++ SDE, in
+def a1111_dpmpp_sde(eps_model, x, sigmas, timesteps, eta, noise_sampler, s_noise=1.0):
+    """k-diffusion's sample_dpmpp_sde (r = 1/2) with get_ancestral_step's eta, as A1111 runs DPM++ SDE, in
     its t = -log(sigma); `timesteps` are those the model is called with, two a step but the last."""
     calls = iter(timesteps)
 
@@ -433,24 +433,24 @@ def a1111_dpmpp_sde(eps_model, x, sigmas, timesteps, eta, noise_sampler):
         down, up = ancestral(sigma_fn(t), sigma_fn(s))
         s_ = t_fn(down)
         x_2 = (sigma_fn(s_) / sigma_fn(t)) * x - (t - s_).expm1() * denoised
-        x_2 = x_2 + noise_sampler(sigma_fn(t), sigma_fn(s)).double() * up
+        x_2 = x_2 + noise_sampler(sigma_fn(t), sigma_fn(s)).double() * s_noise * up
         denoised_2 = denoise(x_2, sigma_fn(s))
         down, up = ancestral(sigma_fn(t), sigma_fn(t_next))
         t_next_ = t_fn(down)
         x = (sigma_fn(t_next_) / sigma_fn(t)) * x - (t - t_next_).expm1() * denoised_2
-        x = x + noise_sampler(sigma_fn(t), sigma_fn(t_next)).double() * up
+        x = x + noise_sampler(sigma_fn(t), sigma_fn(t_next)).double() * s_noise * up
     return x.float()
 
 
-@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
-def test_dpmpp_sde_takes_a1111s_eta(eta):
+@pytest.mark.parametrize(("eta", "s_noise"), [(0.0, 1.0), (0.5, 1.0), (1.0, 1.0), (1.0, 0.6), (0.5, 1.1)])
+def test_dpmpp_sde_takes_a1111s_eta_and_sigma_noise(eta, s_noise):
     from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
 
     def eps_model(latent, timestep):
         return 0.3 * latent * (1 + float(timestep) / 1000) + 0.1 * torch.sin(3 * latent)
 
     shape, steps = (1, 4, 8, 8), 6
-    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "DPM++ SDE", "Automatic", seed=9, eta=eta)
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "DPM++ SDE", "Automatic", seed=9, eta=eta, s_noise=s_noise)
     scheduler.set_timesteps(steps)
     start = torch.randn(shape, generator=torch.Generator().manual_seed(5)) * scheduler.init_noise_sigma
     latent = start
@@ -461,7 +461,7 @@ def test_dpmpp_sde_takes_a1111s_eta(eta):
     step_sigmas = torch.cat([scheduler.sigmas[:1], scheduler.sigmas[1:-1:2], scheduler.sigmas[-1:]])
     positive = scheduler.sigmas[scheduler.sigmas > 0]
     brownian = BrownianTreeNoiseSampler(start, positive.min().item(), scheduler.sigmas.max().item(), 9)
-    expected = a1111_dpmpp_sde(eps_model, start, step_sigmas, scheduler.timesteps, eta, brownian)
+    expected = a1111_dpmpp_sde(eps_model, start, step_sigmas, scheduler.timesteps, eta, brownian, s_noise)
     assert torch.allclose(latent, expected, atol=1e-4), (latent - expected).abs().max()
 
 

@@ -88,6 +88,26 @@ def test_dpmpp_sde_takes_eta_and_its_eta_1_is_diffusers_own_step(micro_engine):
     assert same(list(micro_engine.generate(parse_infotext(half.infotexts[0])))[-1], half)
 
 
+@pytest.mark.parametrize("sampler", ["DPM2 a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE"])
+def test_sigma_noise_scales_the_fresh_noise_of_the_samplers_that_add_it(micro_engine, sampler):
+    default = generate(micro_engine, sampler_name=sampler)
+    assert same(generate(micro_engine, sampler_name=sampler, s_noise=1.0), default)
+    scaled = generate(micro_engine, sampler_name=sampler, s_noise=0.5)
+    assert np.abs(pixels(scaled) - pixels(default)).mean() > 1
+    assert parse_infotext_params(scaled.infotexts[0])["Sigma noise"] == "0.5"
+    assert same(list(micro_engine.generate(parse_infotext(scaled.infotexts[0])))[-1], scaled)
+    # None of it: nothing is added after the start, so the noise seed the steps draw from no longer matters.
+    silent = generate(micro_engine, sampler_name=sampler, s_noise=0)
+    assert same(generate(micro_engine, sampler_name=sampler, s_noise=0, eta_noise_seed_delta=31337), silent)
+
+
+def test_sigma_noise_leaves_the_other_samplers_alone(micro_engine):
+    for sampler in ("Euler a", "Euler", "DPM++ 2M"):
+        plain = generate(micro_engine, sampler_name=sampler)
+        other = generate(micro_engine, sampler_name=sampler, s_noise=0.5)
+        assert same(other, plain) and "Sigma noise" not in other.infotexts[0], sampler
+
+
 def test_ddim_eta_adds_noise_and_is_written_as_eta_ddim(micro_engine):
     default = generate(micro_engine, sampler_name="DDIM")
     noisy = generate(micro_engine, sampler_name="DDIM", eta=0.7)
@@ -172,6 +192,19 @@ def test_the_api_takes_eta_and_ensd_as_a1111_does(micro_engine, tmp_path):
                 api.post("txt2img", json={**REQUEST, "sampler_name": "DPM++ 2M", "eta": 0.5}).json()["info"]
             )
             assert "eta" in info["ignored_fields"]
+            # Sigma noise: the payload's, else the option's; listed as ignored where the sampler adds no noise.
+            info = json.loads(
+                api.post("txt2img", json={**REQUEST, "sampler_name": "DPM2 a", "s_noise": 0.5}).json()["info"]
+            )
+            assert "Sigma noise: 0.5" in info["infotexts"][0] and not info["ignored_fields"]
+            overridden = {**REQUEST, "sampler_name": "DPM++ SDE", "override_settings": {"s_noise": 0.8}}
+            info = json.loads(api.post("txt2img", json=overridden).json()["info"])
+            assert "Sigma noise: 0.8" in info["infotexts"][0] and not info["ignored_fields"]
+            info = json.loads(
+                api.post("txt2img", json={**REQUEST, "sampler_name": "DPM++ 2M", "s_noise": 0.5}).json()["info"]
+            )
+            assert info["ignored_fields"] == ["s_noise"]
+            assert api.post("options", json={"s_noise": 1.2}).json()["field"] == "s_noise"
     finally:
         handle.close()
 
@@ -194,7 +227,11 @@ def test_the_page_ensd_and_eta_belong_to_one_session(micro_engine):
         assert "Eta: 0.5" in infotext and "ENSD: 31337" in infotext
         other = user_b.predict(*args, api_name="/txt2img")[3]
         assert "Eta" not in other and "ENSD" not in other
-        for api_name, bad in (("/set_ensd", -1), ("/set_eta_ancestral", 2)):
+        user_a.predict(0.7, api_name="/set_s_noise")
+        dpm2_a = ("a red circle on a blue background", "", "DPM2 a", "Automatic", 4, 7.0, 21, 64, 64, 1, 1)
+        assert "Sigma noise: 0.7" in user_a.predict(*dpm2_a, api_name="/txt2img")[3]
+        assert "Sigma noise" not in user_b.predict(*dpm2_a, api_name="/txt2img")[3]
+        for api_name, bad in (("/set_ensd", -1), ("/set_eta_ancestral", 2), ("/set_s_noise", 1.5)):
             with pytest.raises(AppError, match="allowed|minimum|maximum"):
                 user_a.predict(bad, api_name=api_name)
     finally:
@@ -211,18 +248,18 @@ def test_png_info_send_sets_the_sessions_ensd_and_eta_from_the_infotext():
 
     keep = gr.skip()
     # ENSD, Eta, Eta DDIM, Noise multiplier, Clip skip, then colour correction, extra noise, NGMS, NGMS all steps, Skip
-    # Early CFG and the inpainting mask weight.
+    # Early CFG, the inpainting mask weight and sigma noise.
     text = "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64, Eta: 0.5, ENSD: 31337"
-    assert sent(text) == [31337, 0.5, keep, keep, 1, keep, keep, keep, keep, keep, keep]
+    assert sent(text) == [31337, 0.5, keep, keep, 1, keep, keep, keep, keep, keep, keep, keep]
     ddim = "a cat\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, Eta DDIM: 0.3"
-    assert sent(ddim) == [keep, keep, 0.3, keep, 1, keep, keep, keep, keep, keep, keep]
+    assert sent(ddim) == [keep, keep, 0.3, keep, 1, keep, keep, keep, keep, keep, keep, keep]
     img2img = "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Denoising strength: 0.5, Noise multiplier: 0.8"
-    assert sent(img2img) == [keep, keep, keep, 0.8, 1, keep, keep, keep, keep, keep, keep]
+    assert sent(img2img) == [keep, keep, keep, 0.8, 1, keep, keep, keep, keep, keep, keep, keep]
     # A1111 writes Clip skip only when it is not 1, and pastes 1 when the text has none.
     assert sent(text + ", Clip skip: 2")[4] == 2
     # Colour correction, NGMS and the mask weight are set where the infotext names them, and otherwise left as they are.
     both = (
         ", Color correction: True, Extra noise: 0.3, NGMS: 2.5, NGMS all steps: True, Skip Early CFG: 0.2, "
-        "Conditional mask weight: 0.4"
+        "Conditional mask weight: 0.4, Sigma noise: 0.9"
     )
-    assert sent(img2img + both)[5:] == [True, 0.3, 2.5, True, 0.2, 0.4]
+    assert sent(img2img + both)[5:] == [True, 0.3, 2.5, True, 0.2, 0.4, 0.9]

@@ -56,7 +56,14 @@ from engine.prompt_matrix import MAX_MARGIN as PROMPT_MATRIX_MAX_MARGIN
 from engine.prompt_matrix import PROMPT_TYPES as PROMPT_MATRIX_TYPES
 from engine.prompt_matrix import SCRIPT_NAME as PROMPT_MATRIX_SCRIPT
 from engine.prompt_matrix import PromptMatrix, grid_result
-from engine.request import EMPHASIS_MODES, LATENT_UPSCALERS, MAX_NOISE_MULTIPLIER, PICTURE_UPSCALERS, SEED_MAX
+from engine.request import (
+    EMPHASIS_MODES,
+    LATENT_UPSCALERS,
+    MAX_NOISE_MULTIPLIER,
+    MAX_SIGMA_NOISE,
+    PICTURE_UPSCALERS,
+    SEED_MAX,
+)
 from engine.samplers import SamplerSpec, get_sampler
 from engine.samplers import resolve as resolve_sampler
 from engine.sd_upscale import MAX_OVERLAP as SD_UPSCALE_MAX_OVERLAP
@@ -152,7 +159,8 @@ class _GenerationPayload(BaseModel):
         "('Original', 'No norm', 'Ignore'), sd_vae ('Automatic', 'None' or a file from /sdapi/v1/sd-vae), "
         "eta_noise_seed_delta (ENSD, e.g. 31337), eta_ancestral (Euler a, DPM2 a, DPM++ SDE, DPM++ 2M SDE), eta_ddim, "
         "initial_noise_multiplier and img2img_color_correction (img2img), img2img_extra_noise (img2img and hires "
-        "fix), s_min_uncond and s_min_uncond_all (NGMS), skip_early_cond, inpainting_mask_weight (inpainting models)",
+        "fix), s_min_uncond and s_min_uncond_all (NGMS), skip_early_cond, inpainting_mask_weight (inpainting models), "
+        "s_noise",
     )
     override_settings_restore_afterwards: Any = Field(
         True, description="false: a model chosen by override_settings.sd_model_checkpoint stays loaded"
@@ -177,7 +185,7 @@ class _GenerationPayload(BaseModel):
     s_churn: Any = None
     s_tmax: Any = None
     s_tmin: Any = None
-    s_noise: Any = None
+    s_noise: Any = Field(None, description="sigma noise: the fresh noise of DPM2 a and the SDE samplers, 0 to 1.1")
     disable_extra_networks: Any = False
     firstpass_image: Any = None
     comments: Any = None
@@ -311,6 +319,12 @@ def _eta_ignored(value: Any, payload: Any) -> bool:
     return value is not None and spec is not None and spec.eta_default is None
 
 
+def _takes_s_noise(payload: Any) -> bool:
+    """Whether the payload's sampler scales its fresh noise by sigma noise here."""
+    spec = _sampler_spec(payload.sampler_name or payload.sampler_index)
+    return spec is not None and spec.takes_s_noise
+
+
 def _same(value: Any, other: Any) -> bool:
     # True == 1 in Python; a flag and a number are not the same setting here.
     if isinstance(value, bool) or isinstance(other, bool):
@@ -332,6 +346,7 @@ _SETTINGS_READ_BY_JOBS = (
     "inpainting_mask_weight",
     "skip_early_cond",
     "img2img_extra_noise",
+    "s_noise",
 )
 
 
@@ -370,7 +385,7 @@ _IGNORED_RULES = {
     "s_churn": _not_in(0),
     "s_tmax": _not_in(0, math.inf),
     "s_tmin": _not_in(0),
-    "s_noise": _not_in(1),
+    "s_noise": lambda v, p: _not_in(1)(v, p) and not _takes_s_noise(p),
     "firstpass_image": lambda v, p: _set(v),
     # Scripts this server runs (_runs_script) are not ignored; any other is.
     "script_name": lambda v, p: _set(v) and not _runs_script(p),
@@ -656,6 +671,7 @@ class SdApi:
             "inpainting_mask_weight": 1.0,
             "skip_early_cond": 0.0,
             "img2img_extra_noise": 0.0,
+            "s_noise": 1.0,
         }
         self._jobs: dict[int, _ApiJob] = {}  # the jobs started here, by job id
         self._last_job_timestamp = "0"
@@ -810,6 +826,9 @@ class SdApi:
             inpainting_mask_weight=self._setting_for("inpainting_mask_weight", payload, from_text, 1.0),
             skip_early_cond=self._setting_for("skip_early_cond", payload, from_text, 0.0),
             img2img_extra_noise=self._setting_for("img2img_extra_noise", payload, from_text, 0.0),
+            s_noise=payload.s_noise
+            if payload.s_noise is not None
+            else self._setting_for("s_noise", payload, from_text, 1.0),
             s_min_uncond=(
                 payload.s_min_uncond
                 if payload.s_min_uncond is not None
@@ -1185,6 +1204,7 @@ class SdApi:
             ("inpainting_mask_weight", 1),
             ("skip_early_cond", 1),
             ("img2img_extra_noise", 1),
+            ("s_noise", MAX_SIGMA_NOISE),
         ):
             value = options.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= highest:

@@ -45,6 +45,7 @@ from engine.request import (
     HR_UPSCALERS,
     MAX_CLIP_SKIP,
     MAX_NOISE_MULTIPLIER,
+    MAX_SIGMA_NOISE,
     PROMPT_SYNTAXES,
     SEED_MAX,
 )
@@ -323,6 +324,15 @@ def build_page(engine, settings=None) -> gr.Blocks:
                         elem_id="setting_eta_ancestral",
                     )
                     eta_ddim = gr.Slider(0, 1, value=0, step=0.01, label="Eta for DDIM", elem_id="setting_eta_ddim")
+                    sigma_noise = gr.Slider(
+                        0,
+                        MAX_SIGMA_NOISE,
+                        value=1,
+                        step=0.001,
+                        label="Sigma noise (DPM2 a, DPM++ SDE, 2M SDE, 3M SDE)",
+                        info="A1111's s_noise: scales the fresh noise their steps add. 1: as drawn.",
+                        elem_id="setting_s_noise",
+                    )
                 noise_multiplier = gr.Slider(
                     0,
                     MAX_NOISE_MULTIPLIER,
@@ -459,6 +469,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                 ngms_all,
                 skip_early,
                 mask_weight,
+                sigma_noise,
             ],
             engine=engine,
         )
@@ -521,6 +532,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
             "ensd": (ensd, _set_ensd),
             "eta_ancestral": (eta_ancestral, _set_eta_ancestral),
             "eta_ddim": (eta_ddim, _set_eta_ddim),
+            "s_noise": (sigma_noise, _set_sigma_noise),
             "noise_multiplier": (noise_multiplier, _set_noise_multiplier),
             "color_correction": (color_correction, _set_color_correction),
             "extra_noise": (extra_noise, _set_extra_noise),
@@ -1940,8 +1952,8 @@ def _wire_png_info(
     engine,
 ) -> None:
     """`session_settings`: the SD VAE list, ENSD, the two etas, the noise multiplier, clip skip, colour
-    correction, extra noise, NGMS (and its all steps), Skip Early CFG and the inpainting mask weight, which Send
-    sets from the infotext."""
+    correction, extra noise, NGMS (and its all steps), Skip Early CFG, the inpainting mask weight and sigma noise,
+    which Send sets from the infotext."""
     png.image.change(
         _read_png_info,
         inputs=[png.image],
@@ -2179,6 +2191,12 @@ def _set_color_correction(session: PageSession, enabled: bool) -> None:
     session.color_correction = bool(enabled)
 
 
+def _set_sigma_noise(session: PageSession, s_noise: float) -> None:
+    """A1111's sigma noise for this session's jobs: 0 to 1.1, scaling the fresh noise of DPM2 a and the SDE samplers
+    (1: as drawn)."""
+    session.s_noise = _number_setting(s_noise, "s_noise", 0, MAX_SIGMA_NOISE)
+
+
 def _set_extra_noise(session: PageSession, extra: float) -> None:
     """A1111's extra noise multiplier for this session's img2img, inpaint and hires passes: 0 (off) to 1."""
     session.extra_noise = _number_setting(extra, "img2img_extra_noise", 0, 1)
@@ -2374,8 +2392,8 @@ def _sampler_parameters_from_infotext(read: ReadInfotext) -> list:
     the infotext names it (A1111 pastes them as overrides), else left as it is; then Clip skip, 1 where the
     infotext names none (A1111 writes it only when it is not 1, and pastes 1 then); then colour correction, extra
     noise, NGMS,
-    NGMS all steps, Skip Early CFG and the inpainting mask weight, each set where the infotext says so, else left as
-    it is."""
+    NGMS all steps, Skip Early CFG, the inpainting mask weight and sigma noise, each set where the infotext says so,
+    else left as it is."""
     params = read.params
     values = []
     for key in ("ENSD", "Eta", "Eta DDIM", "Noise multiplier"):
@@ -2395,6 +2413,7 @@ def _sampler_parameters_from_infotext(read: ReadInfotext) -> list:
         True if request.s_min_uncond_all else gr.skip(),
         request.skip_early_cond if "Skip Early CFG" in params else gr.skip(),
         request.inpainting_mask_weight if "Conditional mask weight" in params else gr.skip(),
+        request.s_noise if "Sigma noise" in params else gr.skip(),
     ]
     return [*values, clip_skip if 1 <= clip_skip <= MAX_CLIP_SKIP else gr.skip(), *turned_on]
 

@@ -54,6 +54,8 @@ class PageSession:
     ensd: int = 0
     eta_ancestral: float = 1.0
     eta_ddim: float = 0.0
+    # A1111's sigma noise (s_noise): 1 leaves the samplers' fresh noise as drawn.
+    s_noise: float = 1.0
     # A1111's "Noise multiplier for img2img" (img2img and inpaint jobs).
     noise_multiplier: float = 1.0
     # A1111's "Extra noise multiplier for img2img and hires fix".
@@ -79,7 +81,7 @@ class PageSession:
         return PreviewSettings(mode=self.preview_mode, every=self.preview_every, min_interval_s=interval)
 
     def settings_for(self, request: GenerationRequest) -> GenerationRequest:
-        """`request` with this session's prompt syntax, emphasis mode, SD VAE, ENSD, its sampler's eta, the
+        """`request` with this session's prompt syntax, emphasis mode, SD VAE, ENSD, its sampler's eta, sigma noise, the
         img2img noise multiplier, extra noise and colour correction, NGMS, Skip Early CFG, the inpainting mask
         weight, and clip skip."""
         try:
@@ -98,6 +100,7 @@ class PageSession:
             sd_vae=self.sd_vae,
             eta=eta,
             eta_noise_seed_delta=self.ensd,
+            s_noise=self.s_noise,
             initial_noise_multiplier=self.noise_multiplier,
             color_correction=self.color_correction,
             img2img_extra_noise=self.extra_noise,
