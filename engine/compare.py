@@ -32,7 +32,7 @@ from .events import JobControl, PreviewSettings, Progress, Result, Waiting
 from .labels import centered, text_width, wrap
 from .labels import font as label_font
 from .negative_guidance import MAX_NGMS
-from .request import MAX_CLIP_SKIP, GenerationRequest, with_clip_skip
+from .request import MAX_CLIP_SKIP, MAX_SIGMA_NOISE, GenerationRequest, with_clip_skip
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ AXIS_TYPES = (
     "Var. strength",
     "Denoising strength",
     "Eta",
+    "Sigma noise",
     "ENSD",
     "NGMS",
     "SkipEarly",
@@ -70,6 +71,7 @@ _AXIS_FIELDS = {
     "Var. strength": "subseed_strength",
     "Denoising strength": "denoising_strength",
     "Eta": "eta",
+    "Sigma noise": "s_noise",
     "ENSD": "eta_noise_seed_delta",
     "NGMS": "s_min_uncond",
     "SkipEarly": "skip_early_cond",
@@ -87,6 +89,7 @@ _FLOAT_AXES = {
     "Var. strength",
     "Denoising strength",
     "Eta",
+    "Sigma noise",
     "Refiner switch at",
     "NGMS",
     "SkipEarly",
@@ -173,6 +176,8 @@ def parse_axis(kind: str, text: str, engine) -> Axis:
             raise InvalidRequestError(f"{kind} axis", text, f"steps from 1 to {engine.limits.max_steps}")
         if kind in _UNIT_AXES and any(not 0 <= v <= 1 for v in typed):
             raise InvalidRequestError(f"{kind} axis", text, "values from 0 to 1")
+        if kind == "Sigma noise" and any(not 0 <= v <= MAX_SIGMA_NOISE for v in typed):
+            raise InvalidRequestError(f"{kind} axis", text, f"values from 0 to {MAX_SIGMA_NOISE:g}")
         if kind == "NGMS" and any(not 0 <= v <= MAX_NGMS for v in typed):
             raise InvalidRequestError(f"{kind} axis", text, f"sigmas from 0 to {MAX_NGMS:g}")
         if kind == "ENSD" and any(v < 0 for v in typed):

@@ -56,6 +56,7 @@ def run(comparer, axes, **kwargs) -> tuple[list[GridProgress], GridResult]:
         ("Schedule type", "automatic, KARRAS", ("Automatic", "Karras")),
         ("Prompt S/R", 'red, "blue, bright", green', ("red", "blue, bright", "green")),
         ("Eta", "0-1 [3]", (0.0, 0.5, 1.0)),
+        ("Sigma noise", "0.9, 1.1", (0.9, 1.1)),
         ("ENSD", "0, 31337", (0, 31337)),
         ("NGMS", "0-3 [4]", (0.0, 1.0, 2.0, 3.0)),
         ("SkipEarly", "0, 0.25", (0.0, 0.25)),
@@ -80,6 +81,7 @@ def test_axis_values_parse_like_a1111(engine, kind, text, values):
         ("Model", "no-such-model", "tiny-sd"),
         ("Steps", "", "at least one value"),
         ("Eta", "0.5, 2", "values from 0 to 1"),
+        ("Sigma noise", "1.2", "values from 0 to 1.1"),
         ("ENSD", "-1", "0 or more"),
         ("NGMS", "1, 16", "sigmas from 0 to 15"),
         ("SkipEarly", "1.5", "values from 0 to 1"),
@@ -121,6 +123,8 @@ def test_plan_shares_everything_but_the_axes(engine):
 
 
 def test_eta_ensd_and_hires_upscaler_axes_set_their_fields(engine):
+    noise = plan_grid(BASE, [parse_axis("Sigma noise", "0.5, 1", engine)])
+    assert [c.request.s_noise for c in noise] == [0.5, 1.0]
     axes = [parse_axis("Eta", "0, 1", engine), parse_axis("ENSD", "0, 31337", engine)]
     cells = plan_grid(BASE, axes)
     assert [(c.request.eta, c.request.eta_noise_seed_delta) for c in cells] == [
