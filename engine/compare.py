@@ -362,6 +362,9 @@ class Comparer:
             steps=min(REFERENCE_STEPS, self.engine.limits.max_steps),
             batch_size=1,
             n_iter=1,
+            # Guided on every step: the converged picture that NGMS and SkipEarly cells are measured against.
+            s_min_uncond=0.0,
+            skip_early_cond=0.0,
         )
         key = (
             self.engine.model.sha256 or self.engine.model.path,

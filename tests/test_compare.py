@@ -323,6 +323,22 @@ def test_convergence_measures_distance_to_a_cached_reference(engine, monkeypatch
     assert runs.count(12) == first + 1
 
 
+def test_the_reference_is_guided_on_every_step_whatever_ngms_and_skip_early_say(engine, monkeypatch):
+    monkeypatch.setattr("engine.compare.REFERENCE_STEPS", 6)
+    seen = []
+    original = engine.generate
+
+    def recording(request, **kwargs):
+        seen.append(request)
+        return original(request, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", recording)
+    skipping = dataclasses.replace(BASE, s_min_uncond=15.0, skip_early_cond=0.5)
+    Comparer(engine).reference_image(skipping)
+    (reference,) = seen
+    assert (reference.s_min_uncond, reference.skip_early_cond) == (0.0, 0.0) and reference.steps == 6
+
+
 def test_image_distance_bounds():
     image = Image.new("RGB", (32, 32), (200, 10, 10))
     assert image_distance(image, image) == (pytest.approx(1.0, abs=1e-4), pytest.approx(0.0))
