@@ -281,6 +281,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 png = _build_png_info_tab()
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
+                gr.Markdown("### Previews and prompts", elem_classes="settings-heading")
                 preview_mode = gr.Radio(
                     choices=[(PREVIEW_MODE_LABELS.get(m, m), m) for m in PREVIEW_MODES],
                     value=_default_preview_mode(engine),
@@ -305,6 +306,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     info="Original: weights, then the mean restored. No norm: weights only. Ignore: no weights.",
                     elem_id="setting_emphasis",
                 )
+                gr.Markdown("### Sampler parameters (A1111's)", elem_classes="settings-heading")
                 with gr.Row():
                     ensd = gr.Number(
                         0,
@@ -333,6 +335,34 @@ def build_page(engine, settings=None) -> gr.Blocks:
                         info="A1111's s_noise: scales the fresh noise their steps add. 1: as drawn.",
                         elem_id="setting_s_noise",
                     )
+                with gr.Row():
+                    ngms = gr.Slider(
+                        0,
+                        MAX_NGMS,
+                        value=0,
+                        step=0.01,
+                        label="Negative Guidance minimum sigma (NGMS)",
+                        info="A1111's speed-up: below this noise level every other step leaves the negative prompt "
+                        "out, at half the cost. 0: off.",
+                        elem_id="setting_ngms",
+                    )
+                    ngms_all = gr.Checkbox(
+                        value=False,
+                        label="NGMS on all steps",
+                        info="Every step below it, not every other one.",
+                        elem_id="setting_ngms_all",
+                    )
+                skip_early = gr.Slider(
+                    0,
+                    1,
+                    value=0,
+                    step=0.01,
+                    label="Ignore negative prompt during early sampling (Skip Early CFG)",
+                    info="A1111's: this share of the steps, from the first, runs without the negative prompt (and "
+                    "without guidance), at half the cost. 0: off.",
+                    elem_id="setting_skip_early_cond",
+                )
+                gr.Markdown("### img2img (A1111's)", elem_classes="settings-heading")
                 noise_multiplier = gr.Slider(
                     0,
                     MAX_NOISE_MULTIPLIER,
@@ -369,33 +399,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     "1: all of it; 0: none, so img2img keeps the picture's composition.",
                     elem_id="setting_inpainting_mask_weight",
                 )
-                with gr.Row():
-                    ngms = gr.Slider(
-                        0,
-                        MAX_NGMS,
-                        value=0,
-                        step=0.01,
-                        label="Negative Guidance minimum sigma (NGMS)",
-                        info="A1111's speed-up: below this noise level every other step leaves the negative prompt "
-                        "out, at half the cost. 0: off.",
-                        elem_id="setting_ngms",
-                    )
-                    ngms_all = gr.Checkbox(
-                        value=False,
-                        label="NGMS on all steps",
-                        info="Every step below it, not every other one.",
-                        elem_id="setting_ngms_all",
-                    )
-                skip_early = gr.Slider(
-                    0,
-                    1,
-                    value=0,
-                    step=0.01,
-                    label="Ignore negative prompt during early sampling (Skip Early CFG)",
-                    info="A1111's: this share of the steps, from the first, runs without the negative prompt (and "
-                    "without guidance), at half the cost. 0: off.",
-                    elem_id="setting_skip_early_cond",
-                )
+                gr.Markdown("### Saving and the gallery", elem_classes="settings-heading")
                 save_images = gr.Checkbox(
                     value=save_default,
                     label="Save generated images"
