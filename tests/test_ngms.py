@@ -232,3 +232,18 @@ def test_skip_early_cfg_through_the_api_and_the_page(api, page_url):  # noqa: F8
         "Skip Early CFG: 0.3"
         in client.predict("x", "", "Euler", "Automatic", 4, 7.0, 9, 64, 64, 1, 1, api_name="/txt2img")[3]
     )
+
+
+def test_sdxls_added_conditions_are_cut_to_the_prompt_rows_too(tmp_path):
+    """SDXL's UNet also takes pooled text embeddings and size ids per row: skipping every call is the CFG 1 picture."""
+    from tests.test_prompts_sdxl import build_tiny_sdxl_pipeline
+
+    build_tiny_sdxl_pipeline().save_pretrained(tmp_path / "Stable-diffusion" / "xl", safe_serialization=True)
+    engine = Engine(model="xl", models_dir=tmp_path)
+    request = GenerationRequest(prompt="a cat", negative_prompt="a dog", seed=1, steps=4, width=64, height=64)
+
+    def pixels(**fields) -> bytes:
+        return list(engine.generate(dataclasses.replace(request, **fields)))[-1].images[0].tobytes()
+
+    assert pixels(s_min_uncond=15, s_min_uncond_all=True) == pixels(cfg_scale=1)
+    assert pixels(skip_early_cond=0.5) != pixels()
