@@ -106,10 +106,13 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec(
         "DPM++ 3M SDE",
         "DPMSolverMultistepScheduler",
-        {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
+        # k-diffusion's sampler runs third order up to its last step (diffusers would drop to second order on the
+        # step before the last under 15 steps).
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "lower_order_final": False},
         "Exponential",
         ("k_dpmpp_3m_sde",),
         discard_penultimate_sigma=True,
+        eta_default=1.0,
         takes_s_noise=True,
     ),
     SamplerSpec(
@@ -586,6 +589,56 @@ class EtaDPMppSDEScheduler(diffusers.DPMSolverSDEScheduler):
         return DPMSolverSDESchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
 
 
+class KDiffusion3MSDEScheduler(_DiscardPenultimateSigma, _SigmaNoise, diffusers.DPMSolverMultistepScheduler):
+    """DPM++ 3M SDE as k-diffusion's sample_dpmpp_3m_sde, which A1111 runs, with its eta, in diffusers' variance-
+    preserving latents. With h the step in log(alpha / sigma) and h_eta = (1 + eta) h, a step keeps the sample
+    times sigma_t / sigma_s * exp(-eta h), moves towards the prediction D0 by 1 - exp(-h_eta), adds
+    phi_2 d (second step) or phi_2 d1 - phi_3 d2 (from the third: first and second differences of the last three
+    predictions over the earlier steps' sizes), with phi_2 = 1 + expm1(-h_eta) / h_eta and phi_3 = phi_2 / h_eta -
+    1/2, and noise of sigma_t * sqrt(1 - exp(-2 eta h)). diffusers' own third-order SDE update has the sign of its
+    second-difference term the other way round, and its second step is DPM++ 2M's; this class follows k-diffusion
+    at every eta. The eta and the sigma noise are the instance's."""
+
+    eta = 1.0
+
+    def _update(self, predictions, sample, noise):
+        """One step from the last `len(predictions)` (at most 3) data predictions, newest last."""
+        order = len(predictions)
+        sigmas = [self.sigmas[self.step_index + 1 - k] for k in range(order + 1)]  # t, then s0, s1, s2
+        alphas_sigmas = [self._sigma_to_alpha_sigma_t(sigma) for sigma in sigmas]
+        lambdas = [torch.log(alpha) - torch.log(sigma) for alpha, sigma in alphas_sigmas]
+        steps = [lambdas[k] - lambdas[k + 1] for k in range(order)]  # h, then the step before, and before that
+        (alpha_t, sigma_t), (_, sigma_s) = alphas_sigmas[0], alphas_sigmas[1]
+        h = steps[0]
+        eta_h = self.eta * h if self.eta else torch.zeros_like(h)  # 0 * inf is nan at the last step
+        h_eta = h + eta_h
+        x = (sigma_t / sigma_s * torch.exp(-eta_h)) * sample + (alpha_t * -torch.expm1(-h_eta)) * predictions[-1]
+        phi_2 = torch.expm1(-h_eta) / h_eta + 1
+        if order == 2:
+            d = (predictions[-1] - predictions[-2]) / (steps[1] / h)
+            x = x + alpha_t * phi_2 * d
+        elif order == 3:
+            r0, r1 = steps[1] / h, steps[2] / h
+            d1_0 = (predictions[-1] - predictions[-2]) / r0
+            d1_1 = (predictions[-2] - predictions[-3]) / r1
+            d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            phi_3 = phi_2 / h_eta - 0.5
+            x = x + alpha_t * (phi_2 * d1 - phi_3 * d2)
+        if self.eta and noise is not None:
+            x = x + sigma_t * torch.sqrt(-torch.expm1(-2.0 * eta_h)) * self._sigma_noise(noise)
+        return x
+
+    def dpm_solver_first_order_update(self, model_output, *args, sample=None, noise=None, **kwargs):
+        return self._update([model_output], sample, noise)
+
+    def multistep_dpm_solver_second_order_update(self, model_output_list, *args, sample=None, noise=None, **kwargs):
+        return self._update(list(model_output_list[-2:]), sample, noise)
+
+    def multistep_dpm_solver_third_order_update(self, model_output_list, *args, sample=None, noise=None, **kwargs):
+        return self._update(list(model_output_list[-3:]), sample, noise)
+
+
 # Samplers whose A1111 schedule (or eta) diffusers' own class does not make.
 _A1111_CLASSES = {
     "LCM": A1111LCMScheduler,
@@ -593,12 +646,14 @@ _A1111_CLASSES = {
     "DPM++ 2M SDE": EtaDPMSolverSDEScheduler,
     "DPM++ 2M SDE Heun": EtaDPMSolverSDEScheduler,
     "DPM++ SDE": EtaDPMppSDEScheduler,
+    "DPM++ 3M SDE": KDiffusion3MSDEScheduler,
 }
 _ETA_CLASSES = (
     EtaEulerAncestralScheduler,
     KDPM2AncestralDiscardingScheduler,
     EtaDPMSolverSDEScheduler,
     EtaDPMppSDEScheduler,
+    KDiffusion3MSDEScheduler,
 )
 _SIGMA_NOISE_CLASSES = (KDPM2AncestralDiscardingScheduler, _SigmaNoise, EtaDPMppSDEScheduler)
 
@@ -612,7 +667,7 @@ def build_scheduler(
     s_noise: float = 1.0,
 ):
     """A new scheduler instance for one job; `base_config` is the model's own scheduler config. `eta` is that of
-    Euler a, DPM2 a, DPM++ SDE and DPM++ 2M SDE (None: 1); DDIM takes its eta from the pipeline call. `s_noise` is
+    Euler a, DPM2 a and the DPM++ SDE samplers (None: 1); DDIM takes its eta from the pipeline call. `s_noise` is
     A1111's sigma noise, for the samplers that take it (SamplerSpec.takes_s_noise)."""
     spec = get_sampler(sampler_name)
     if spec.name in _A1111_CLASSES:

@@ -465,6 +465,62 @@ def test_dpmpp_sde_takes_a1111s_eta_and_sigma_noise(eta, s_noise):
     assert torch.allclose(latent, expected, atol=1e-4), (latent - expected).abs().max()
 
 
+def a1111_dpmpp_3m_sde(eps_model, x, sigmas, timesteps, eta, noises, s_noise=1.0):
+    """k-diffusion's sample_dpmpp_3m_sde, as A1111 runs DPM++ 3M SDE, with `noises[i]` as step i's noise."""
+    denoised_1 = denoised_2 = h_1 = h_2 = None
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:], strict=True)):
+        denoised = x - sigma * eps_model((x / (sigma**2 + 1).sqrt()).float(), timesteps[i]).double()
+        h = None
+        if sigma_next == 0:
+            x = denoised
+        else:
+            t, s = -sigma.log(), -sigma_next.log()
+            h = s - t
+            h_eta = h * (eta + 1)
+            x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (denoised - denoised_1) / r0
+                d1_1 = (denoised_1 - denoised_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + phi_2 * d1 - phi_3 * d2
+            elif h_1 is not None:
+                d = (denoised - denoised_1) / (h_1 / h)
+                x = x + (h_eta.neg().expm1() / h_eta + 1) * d
+            if eta:
+                x = x + noises[i].double() * sigma_next * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+        denoised_1, denoised_2 = denoised, denoised_1
+        h_1, h_2 = h, h_1
+    return x.float()
+
+
+@pytest.mark.parametrize(("eta", "s_noise", "steps"), [(0.0, 1.0, 8), (0.5, 1.0, 8), (1.0, 1.0, 8), (1.0, 0.6, 20)])
+def test_dpmpp_3m_sde_is_k_diffusions_at_every_eta(eta, s_noise, steps):
+    def eps_model(latent, timestep):
+        return 0.3 * latent * (1 + float(timestep) / 1000) + 0.1 * torch.sin(3 * latent)
+
+    shape = (1, 4, 8, 8)
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "DPM++ 3M SDE", "Automatic", eta=eta, s_noise=s_noise)
+    scheduler.set_timesteps(steps)
+    start = torch.randn(shape, generator=torch.Generator().manual_seed(5))  # variance-preserving: alpha x + sigma n
+    generator = torch.Generator().manual_seed(7)
+    noises = [torch.randn(shape, generator=generator) for _ in scheduler.timesteps]
+    generator = torch.Generator().manual_seed(7)
+    latent = start * scheduler.init_noise_sigma
+    for timestep in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(latent, timestep)
+        latent = scheduler.step(eps_model(model_input, timestep), timestep, latent, generator=generator).prev_sample
+    sigmas = scheduler.sigmas.double()
+    # k-diffusion's x is the variance-exploding x / alpha: the start times sqrt(sigma^2 + 1).
+    expected = a1111_dpmpp_3m_sde(
+        eps_model, start.double() * (sigmas[0] ** 2 + 1).sqrt(), sigmas, scheduler.timesteps, eta, noises, s_noise
+    )
+    assert torch.allclose(latent, expected, atol=1e-4), (latent - expected).abs().max()
+
+
 @pytest.mark.parametrize("sampler", ["DDIM", "PLMS"])
 def test_timestep_samplers_keep_the_models_spacing(sampler):
     # A1111's DDIM and PLMS step on range(1, 1000, 1000 // steps), as the config's "leading" spacing does.

@@ -88,6 +88,18 @@ def test_dpmpp_sde_takes_eta_and_its_eta_1_is_diffusers_own_step(micro_engine):
     assert same(list(micro_engine.generate(parse_infotext(half.infotexts[0])))[-1], half)
 
 
+def test_dpmpp_3m_sde_takes_eta_and_at_0_adds_no_noise(micro_engine):
+    """DPM++ 3M SDE is k-diffusion's at every eta (checked step by step in test_engine.py)."""
+    default = generate(micro_engine, sampler_name="DPM++ 3M SDE")
+    half = generate(micro_engine, sampler_name="DPM++ 3M SDE", eta=0.5)
+    assert (
+        np.abs(pixels(half) - pixels(default)).mean() > 1 and parse_infotext_params(half.infotexts[0])["Eta"] == "0.5"
+    )
+    assert same(list(micro_engine.generate(parse_infotext(half.infotexts[0])))[-1], half)
+    still = generate(micro_engine, sampler_name="DPM++ 3M SDE", eta=0)
+    assert same(generate(micro_engine, sampler_name="DPM++ 3M SDE", eta=0, eta_noise_seed_delta=31337), still)
+
+
 @pytest.mark.parametrize("sampler", ["DPM2 a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE"])
 def test_sigma_noise_scales_the_fresh_noise_of_the_samplers_that_add_it(micro_engine, sampler):
     default = generate(micro_engine, sampler_name=sampler)

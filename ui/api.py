@@ -157,7 +157,7 @@ class _GenerationPayload(BaseModel):
         None,
         description="acted on: sd_model_checkpoint (loaded for the request), CLIP_stop_at_last_layers, emphasis "
         "('Original', 'No norm', 'Ignore'), sd_vae ('Automatic', 'None' or a file from /sdapi/v1/sd-vae), "
-        "eta_noise_seed_delta (ENSD, e.g. 31337), eta_ancestral (Euler a, DPM2 a, DPM++ SDE, DPM++ 2M SDE), eta_ddim, "
+        "eta_noise_seed_delta (ENSD, e.g. 31337), eta_ancestral (Euler a, DPM2 a, DPM++ SDE, 2M SDE, 3M SDE), eta_ddim, "
         "initial_noise_multiplier and img2img_color_correction (img2img), img2img_extra_noise (img2img and hires "
         "fix), s_min_uncond and s_min_uncond_all (NGMS), skip_early_cond, inpainting_mask_weight (inpainting models), "
         "s_noise",
@@ -173,7 +173,7 @@ class _GenerationPayload(BaseModel):
     tiling: Any = None
     eta: Any = Field(
         None,
-        description="fresh noise of Euler a, DPM2 a, DPM++ SDE, DPM++ 2M SDE (default 1) or DDIM (default 0), 0 to 1",
+        description="fresh noise of Euler a, DPM2 a, the DPM++ SDE samplers (default 1) or DDIM (default 0), 0 to 1",
     )
     refiner_checkpoint: Any = Field(None, description="a model of the same kind that takes over at refiner_switch_at")
     refiner_switch_at: Any = Field(None, description="0 to 1: the share of the schedule before the refiner (0.8)")
@@ -313,8 +313,8 @@ def _sampler_spec(name: Any) -> SamplerSpec | None:
 
 
 def _eta_ignored(value: Any, payload: Any) -> bool:
-    """eta acts on Euler a, DPM2 a, DPM++ SDE, DPM++ 2M SDE (and Heun) and DDIM here; with another sampler a value
-    given is listed as ignored."""
+    """eta acts on Euler a, DPM2 a, DPM++ SDE, DPM++ 2M SDE (and Heun), DPM++ 3M SDE and DDIM here; with another
+    sampler a value given is listed as ignored."""
     spec = _sampler_spec(payload.sampler_name or payload.sampler_index)
     return value is not None and spec is not None and spec.eta_default is None
 

@@ -322,7 +322,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                         1,
                         value=1,
                         step=0.01,
-                        label="Eta for ancestral and SDE samplers (Euler a, DPM2 a, DPM++ SDE, DPM++ 2M SDE)",
+                        label="Eta for ancestral and SDE samplers (Euler a, DPM2 a, DPM++ SDE, 2M SDE, 3M SDE)",
                         elem_id="setting_eta_ancestral",
                     )
                     eta_ddim = gr.Slider(0, 1, value=0, step=0.01, label="Eta for DDIM", elem_id="setting_eta_ddim")
