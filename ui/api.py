@@ -63,6 +63,7 @@ from engine.request import (
     MAX_SIGMA_NOISE,
     PICTURE_UPSCALERS,
     SEED_MAX,
+    _as_flag,
 )
 from engine.samplers import SamplerSpec, get_sampler
 from engine.samplers import resolve as resolve_sampler
@@ -395,13 +396,6 @@ _IGNORED_RULES = {
     "firstphase_height": _not_in(0),
     "latent_mask": lambda v, p: _set(v),
 }
-
-
-def _switch(value: Any, field: str) -> bool:
-    """An A1111 on/off setting: true or false (1 and 0 too); a 422 naming `field` otherwise."""
-    if not isinstance(value, (bool, int)) or value not in (True, False, 0, 1):
-        raise ApiError(422, field, value, "true or false")
-    return bool(value)
 
 
 def _nothing_installed() -> list:
@@ -834,9 +828,7 @@ class SdApi:
                 if payload.s_min_uncond is not None
                 else self._setting_for("s_min_uncond", payload, from_text, 0.0)
             ),
-            s_min_uncond_all=_switch(
-                self._setting_for("s_min_uncond_all", payload, from_text, False), "s_min_uncond_all"
-            ),
+            s_min_uncond_all=self._setting_for("s_min_uncond_all", payload, from_text, False),
             styles=payload.styles or None,
             refiner_checkpoint=pick("refiner_checkpoint", ""),
             refiner_switch_at=pick("refiner_switch_at", 0.8),
@@ -933,7 +925,7 @@ class SdApi:
         "Color correction: True", else /options."""
         overrides = payload.override_settings or {}
         if "img2img_color_correction" in overrides:
-            return _switch(overrides["img2img_color_correction"], "override_settings.img2img_color_correction")
+            return _as_flag(overrides["img2img_color_correction"], "override_settings.img2img_color_correction")
         if from_text is not None and from_text.color_correction:
             return True
         with self._lock:
@@ -1211,7 +1203,7 @@ class SdApi:
                 raise ApiError(422, key, value, f"a number from 0 to {highest}")
         for key in ("img2img_color_correction", "s_min_uncond_all"):
             if key in options:
-                _switch(options[key], key)
+                _as_flag(options[key], key)
         if "eta_noise_seed_delta" in options:
             ensd = options["eta_noise_seed_delta"]
             if isinstance(ensd, bool) or not isinstance(ensd, int) or not 0 <= ensd <= SEED_MAX:
