@@ -382,29 +382,15 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
         req.inpaint_full_res = params.pop("Inpaint area") == "Only masked"
     if "Masked area padding" in params:
         req.inpaint_full_res_padding = _parse_int("Masked area padding", params.pop("Masked area padding"))
-    if "Tiling" in params:
-        req.tiling = params.pop("Tiling").strip().lower() == "true"
     for key in ("Eta", "Eta DDIM"):
         if key in params:
             req.eta = _parse_float(key, params.pop(key))
-    if "Sigma noise" in params:
-        req.s_noise = _parse_float("Sigma noise", params.pop("Sigma noise"))
-    if "ENSD" in params:
-        req.eta_noise_seed_delta = _parse_int("ENSD", params.pop("ENSD"))
-    if "Noise multiplier" in params:
-        req.initial_noise_multiplier = _parse_float("Noise multiplier", params.pop("Noise multiplier"))
-    if "Conditional mask weight" in params:
-        req.inpainting_mask_weight = _parse_float("Conditional mask weight", params.pop("Conditional mask weight"))
-    if "Skip Early CFG" in params:
-        req.skip_early_cond = _parse_float("Skip Early CFG", params.pop("Skip Early CFG"))
-    if "NGMS" in params:
-        req.s_min_uncond = _parse_float("NGMS", params.pop("NGMS"))
-    if "NGMS all steps" in params:
-        req.s_min_uncond_all = params.pop("NGMS all steps").strip().lower() == "true"
-    if "Extra noise" in params:
-        req.img2img_extra_noise = _parse_float("Extra noise", params.pop("Extra noise"))
-    if "Color correction" in params:
-        req.color_correction = params.pop("Color correction").strip().lower() == "true"
+    for key, (field, parse) in _NUMBER_KEYS.items():
+        if key in params:
+            setattr(req, field, parse(key, params.pop(key)))
+    for key, field in _SWITCH_KEYS.items():
+        if key in params:
+            setattr(req, field, params.pop(key).strip().lower() == "true")
     if "Emphasis" in params:
         req.emphasis = params.pop("Emphasis")
     if "Prompt syntax" in params:
@@ -488,6 +474,20 @@ def _parse_float(key: str, value: str) -> float:
     if not math.isfinite(number):
         raise InvalidRequestError(key, value, "a number, e.g. 7 or 0.75")
     return number
+
+
+# Infotext keys read back into the request field of the same meaning: a number (with how it is read), or a switch
+# ("True").
+_NUMBER_KEYS = {
+    "Sigma noise": ("s_noise", _parse_float),
+    "ENSD": ("eta_noise_seed_delta", _parse_int),
+    "Noise multiplier": ("initial_noise_multiplier", _parse_float),
+    "Conditional mask weight": ("inpainting_mask_weight", _parse_float),
+    "Skip Early CFG": ("skip_early_cond", _parse_float),
+    "NGMS": ("s_min_uncond", _parse_float),
+    "Extra noise": ("img2img_extra_noise", _parse_float),
+}
+_SWITCH_KEYS = {"Tiling": "tiling", "NGMS all steps": "s_min_uncond_all", "Color correction": "color_correction"}
 
 
 def _parse_size(value: str, *, key: str = "Size") -> tuple[int, int]:
