@@ -24,7 +24,7 @@ from PIL import Image
 from .errors import InvalidRequestError
 from .images import to_pil
 from .inpaint import MASKED_CONTENT
-from .request import GenerationRequest
+from .request import JOB_SETTINGS, GenerationRequest
 from .samplers import eta_for, get_sampler, resolve
 
 log = logging.getLogger(__name__)
@@ -476,18 +476,16 @@ def _parse_float(key: str, value: str) -> float:
     return number
 
 
-# Infotext keys read back into the request field of the same meaning: a number (with how it is read), or a switch
-# ("True").
+# Infotext keys read back into the request field of the same meaning: the job settings' numbers (with how each is
+# read), and switches ("True").
 _NUMBER_KEYS = {
-    "Sigma noise": ("s_noise", _parse_float),
-    "ENSD": ("eta_noise_seed_delta", _parse_int),
-    "Noise multiplier": ("initial_noise_multiplier", _parse_float),
-    "Conditional mask weight": ("inpainting_mask_weight", _parse_float),
-    "Skip Early CFG": ("skip_early_cond", _parse_float),
-    "NGMS": ("s_min_uncond", _parse_float),
-    "Extra noise": ("img2img_extra_noise", _parse_float),
+    setting.infotext_key: (setting.field, _parse_int if setting.is_whole else _parse_float)
+    for setting in JOB_SETTINGS
+    if not setting.is_switch
 }
-_SWITCH_KEYS = {"Tiling": "tiling", "NGMS all steps": "s_min_uncond_all", "Color correction": "color_correction"}
+_SWITCH_KEYS = {"Tiling": "tiling"} | {
+    setting.infotext_key: setting.field for setting in JOB_SETTINGS if setting.is_switch
+}
 
 
 def _parse_size(value: str, *, key: str = "Size") -> tuple[int, int]:

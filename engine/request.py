@@ -273,6 +273,135 @@ def _in_range(value: int | float, name: str, low: float, high: float) -> None:
         raise InvalidRequestError(name, value, f"{low} to {high}")
 
 
+@dataclass(frozen=True)
+class JobSetting:
+    """One of A1111's Settings that a job reads (from its Settings page, /sdapi/v1/options or override_settings)
+    rather than from its own payload, and the request field it fills. The engine's check, the infotext's keys, the
+    API's options and the page's per-session Settings are all made from these."""
+
+    # The GenerationRequest field.
+    field: str
+    # A1111's name for it in /sdapi/v1/options and override_settings.
+    option: str
+    # The key the infotext writes it under; reading that key back sets the field.
+    infotext_key: str
+    # What it is and does, for the API's and the page's descriptions.
+    summary: str
+    default: float | int | bool
+    # A number from 0 to this (a whole number when `default` is an int); None for a switch (on or off).
+    highest: float | None = None
+
+    @property
+    def is_switch(self) -> bool:
+        return self.highest is None
+
+    @property
+    def is_whole(self) -> bool:
+        return isinstance(self.default, int) and not isinstance(self.default, bool)
+
+    def allowed(self) -> str:
+        if self.is_switch:
+            return "true or false"
+        return f"{'a whole number' if self.is_whole else 'a number'} from 0 to {self.highest}"
+
+    def checked(self, value: Any, name: str | None = None) -> float | int | bool:
+        """`value` as this setting takes it; InvalidRequestError naming `name` (default: the field) otherwise."""
+        name = name or self.field
+        if self.is_switch:
+            return _as_flag(value, name)
+        number = _as_int(value, name) if self.is_whole else _as_float(value, name)
+        if not 0 <= number <= self.highest:
+            raise InvalidRequestError(name, value, self.allowed())
+        return number
+
+
+# Each GenerationRequest field below is one of these, with the same default.
+JOB_SETTINGS = (
+    JobSetting(
+        "eta_noise_seed_delta",
+        "eta_noise_seed_delta",
+        "ENSD",
+        "eta noise seed delta (ENSD): the steps draw their noise from seed + this (31337 in many shared infotexts); "
+        "0 is off",
+        0,
+        SEED_MAX,
+    ),
+    JobSetting(
+        "s_noise",
+        "s_noise",
+        "Sigma noise",
+        "sigma noise: scales the fresh noise the steps of DPM2 a and the SDE samplers add; 1 is as drawn",
+        1.0,
+        MAX_SIGMA_NOISE,
+    ),
+    JobSetting(
+        "initial_noise_multiplier",
+        "initial_noise_multiplier",
+        "Noise multiplier",
+        "noise multiplier for img2img: scales the noise img2img and inpaint add to the picture; 1 leaves it",
+        1.0,
+        MAX_NOISE_MULTIPLIER,
+    ),
+    JobSetting(
+        "img2img_extra_noise",
+        "img2img_extra_noise",
+        "Extra noise",
+        "extra noise multiplier for img2img and hires fix: the starting noise once more, times this, on top of what "
+        "the denoising strength adds; 0 is off",
+        0.0,
+        1.0,
+    ),
+    JobSetting(
+        "color_correction",
+        "img2img_color_correction",
+        "Color correction",
+        "img2img colour correction: img2img and inpaint results get their init image's hue and saturation back, "
+        "keeping their own luminosity",
+        False,
+    ),
+    JobSetting(
+        "s_min_uncond",
+        "s_min_uncond",
+        "NGMS",
+        "Negative Guidance minimum sigma (NGMS): below this noise level every other UNet call leaves the negative "
+        "prompt out, at half the cost; 0 is off",
+        0.0,
+        MAX_NGMS,
+    ),
+    JobSetting(
+        "s_min_uncond_all",
+        "s_min_uncond_all",
+        "NGMS all steps",
+        "NGMS on all steps: every UNet call below the NGMS sigma leaves the negative prompt out, not every other one",
+        False,
+    ),
+    JobSetting(
+        "skip_early_cond",
+        "skip_early_cond",
+        "Skip Early CFG",
+        "ignore the negative prompt during early sampling (Skip Early CFG): the share of each pass's UNet calls, "
+        "from the first, that leave the negative prompt out; 0 is off",
+        0.0,
+        1.0,
+    ),
+    JobSetting(
+        "inpainting_mask_weight",
+        "inpainting_mask_weight",
+        "Conditional mask weight",
+        "inpainting conditioning mask strength (inpainting models): how much of the masked part their "
+        "masked-picture input blanks; 1 is all of it, 0 none",
+        1.0,
+        1.0,
+    ),
+)
+JOB_SETTING_BY_FIELD = {setting.field: setting for setting in JOB_SETTINGS}
+
+
+def default_job_settings() -> dict[str, float | int | bool]:
+    """Each job setting's default, by request field."""
+    return {setting.field: setting.default for setting in JOB_SETTINGS}
+
+
 def validate_request(
     req: GenerationRequest,
     *,
@@ -322,22 +451,7 @@ def validate_request(
     if req.eta is not None:
         eta = _as_float(req.eta, "eta")
         _in_range(eta, "eta", 0.0, 1.0)
-    s_noise = _as_float(req.s_noise, "s_noise")
-    _in_range(s_noise, "s_noise", 0.0, MAX_SIGMA_NOISE)
-    ensd = _as_int(req.eta_noise_seed_delta, "eta_noise_seed_delta")
-    _in_range(ensd, "eta_noise_seed_delta", 0, SEED_MAX)
-    noise_multiplier = _as_float(req.initial_noise_multiplier, "initial_noise_multiplier")
-    _in_range(noise_multiplier, "initial_noise_multiplier", 0.0, MAX_NOISE_MULTIPLIER)
-    color_correction = _as_flag(req.color_correction, "color_correction")
-    extra_noise = _as_float(req.img2img_extra_noise, "img2img_extra_noise")
-    _in_range(extra_noise, "img2img_extra_noise", 0.0, 1.0)
-    mask_weight = _as_float(req.inpainting_mask_weight, "inpainting_mask_weight")
-    _in_range(mask_weight, "inpainting_mask_weight", 0.0, 1.0)
-    s_min_uncond = _as_float(req.s_min_uncond, "s_min_uncond")
-    _in_range(s_min_uncond, "s_min_uncond", 0.0, MAX_NGMS)
-    s_min_uncond_all = _as_flag(req.s_min_uncond_all, "s_min_uncond_all")
-    skip_early_cond = _as_float(req.skip_early_cond, "skip_early_cond")
-    _in_range(skip_early_cond, "skip_early_cond", 0.0, 1.0)
+    job_settings = {setting.field: setting.checked(getattr(req, setting.field)) for setting in JOB_SETTINGS}
     if req.color_reference is not None and not isinstance(req.color_reference, Image.Image):
         raise InvalidRequestError("color_reference", type(req.color_reference).__name__, "a picture (PIL image)")
     full_res = req.inpaint_full_res
@@ -436,15 +550,7 @@ def validate_request(
         resize_mode=resize_mode,
         tiling=tiling,
         eta=eta,
-        eta_noise_seed_delta=ensd,
-        s_noise=s_noise,
-        initial_noise_multiplier=noise_multiplier,
-        color_correction=color_correction,
-        img2img_extra_noise=extra_noise,
-        inpainting_mask_weight=mask_weight,
-        s_min_uncond=s_min_uncond,
-        s_min_uncond_all=s_min_uncond_all,
-        skip_early_cond=skip_early_cond,
+        **job_settings,
         inpaint_full_res=bool(full_res),
         inpaint_full_res_padding=padding,
         inpainting_fill=fill,

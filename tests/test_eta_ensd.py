@@ -259,19 +259,19 @@ def test_png_info_send_sets_the_sessions_ensd_and_eta_from_the_infotext():
         return _sampler_parameters_from_infotext(ReadInfotext.of(text))
 
     keep = gr.skip()
-    # ENSD, Eta, Eta DDIM, Noise multiplier, Clip skip, then colour correction, extra noise, NGMS, NGMS all steps, Skip
-    # Early CFG, the inpainting mask weight and sigma noise.
+    # Eta, Eta DDIM, Clip skip, then the job settings: ENSD, sigma noise, the noise multiplier, extra noise, colour
+    # correction, NGMS, NGMS all steps, Skip Early CFG and the inpainting mask weight.
     text = "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64, Eta: 0.5, ENSD: 31337"
-    assert sent(text) == [31337, 0.5, keep, keep, 1, keep, keep, keep, keep, keep, keep, keep]
+    assert sent(text) == [0.5, keep, 1, 31337, keep, keep, keep, keep, keep, keep, keep, keep]
     ddim = "a cat\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, Eta DDIM: 0.3"
-    assert sent(ddim) == [keep, keep, 0.3, keep, 1, keep, keep, keep, keep, keep, keep, keep]
+    assert sent(ddim) == [keep, 0.3, 1, keep, keep, keep, keep, keep, keep, keep, keep, keep]
     img2img = "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Denoising strength: 0.5, Noise multiplier: 0.8"
-    assert sent(img2img) == [keep, keep, keep, 0.8, 1, keep, keep, keep, keep, keep, keep, keep]
+    assert sent(img2img) == [keep, keep, 1, keep, keep, 0.8, keep, keep, keep, keep, keep, keep]
     # A1111 writes Clip skip only when it is not 1, and pastes 1 when the text has none.
-    assert sent(text + ", Clip skip: 2")[4] == 2
-    # Colour correction, NGMS and the mask weight are set where the infotext names them, and otherwise left as they are.
-    both = (
+    assert sent(text + ", Clip skip: 2")[2] == 2
+    # Every job setting is set where the infotext names it, and otherwise left as it is.
+    every = (
         ", Color correction: True, Extra noise: 0.3, NGMS: 2.5, NGMS all steps: True, Skip Early CFG: 0.2, "
         "Conditional mask weight: 0.4, Sigma noise: 0.9"
     )
-    assert sent(img2img + both)[5:] == [True, 0.3, 2.5, True, 0.2, 0.4, 0.9]
+    assert sent(img2img + every)[3:] == [keep, 0.9, 0.8, 0.3, True, 2.5, True, 0.2, 0.4]

@@ -453,3 +453,29 @@ def test_hires_fix_round_trips_as_a1111_writes_it(fields, written):
         assert getattr(back, name) == getattr(req, name), name
     assert back.denoising_strength == 0.6 and not back.extra_params
     assert "Hires" not in format_infotext(_request(denoising_strength=0.6), 5)  # txt2img without it: no keys
+
+
+def test_every_job_setting_has_its_request_default_reads_back_from_its_key_and_is_checked():
+    import dataclasses
+
+    from engine.request import JOB_SETTINGS
+
+    request_defaults = {field.name: field.default for field in dataclasses.fields(GenerationRequest)}
+
+    def checked_request(**fields) -> GenerationRequest:
+        request = GenerationRequest(prompt="x", **fields)
+        return validate_request(request, limits=Limits(), native_size=(64, 64), resolve_sampler=resolve)
+
+    base = "a cat\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, Denoising strength: 0.5"
+    for setting in JOB_SETTINGS:
+        default = request_defaults[setting.field]
+        assert default == setting.default and type(default) is type(setting.default), setting.field
+        # Not the default, so reading it back is seen: "on", or the highest value (0 where that is the default).
+        value = True if setting.is_switch else (0 if setting.highest == setting.default else setting.highest)
+        assert value != setting.default
+        assert getattr(parse_infotext(f"{base}, {setting.infotext_key}: {value}"), setting.field) == value
+        checked = checked_request(**{setting.field: value})
+        assert getattr(checked, setting.field) == value
+        too_much = "often" if setting.is_switch else setting.highest * 2
+        with pytest.raises(InvalidRequestError, match=f"^{setting.field}: got .*; allowed: {setting.allowed()}"):
+            checked_request(**{setting.field: too_much})

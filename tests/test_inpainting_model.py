@@ -275,6 +275,7 @@ def test_a_mask_weight_outside_0_to_1_is_refused_by_name(pair, weight):
 
 
 def test_the_api_and_the_page_take_the_mask_weight(api, page_url):  # noqa: F811 - fixtures imported above
+    from engine.request import default_job_settings
     from ui.page_jobs import PageSession
 
     payload = {
@@ -292,11 +293,11 @@ def test_the_api_and_the_page_take_the_mask_weight(api, page_url):  # noqa: F811
     finally:
         ok(api.post("options", json={"inpainting_mask_weight": 1}))
     refused = api.post("img2img", json={**payload, "override_settings": {"inpainting_mask_weight": 2}})
-    assert refused.status_code == 422 and refused.json()["field"] == "inpainting_mask_weight"
+    assert refused.status_code == 422 and refused.json()["field"] == "override_settings.inpainting_mask_weight"
     assert api.post("options", json={"inpainting_mask_weight": -1}).status_code == 422
 
     # The page: a Settings value of this session's own, which its jobs carry.
-    session = PageSession(inpainting_mask_weight=0.25)
+    session = PageSession(job_settings={**default_job_settings(), "inpainting_mask_weight": 0.25})
     assert session.settings_for(GenerationRequest(prompt="x")).inpainting_mask_weight == 0.25
     client = _client(page_url)
     client.predict(0.4, api_name="/set_inpainting_mask_weight")

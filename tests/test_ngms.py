@@ -223,7 +223,7 @@ def test_skip_early_cfg_through_the_api_and_the_page(api, page_url):  # noqa: F8
     info = json.loads(body["info"])
     assert info["ignored_fields"] == [] and "Skip Early CFG: 0.5" in info["infotexts"][0]
     refused = api.post("txt2img", json={**payload, "override_settings": {"skip_early_cond": 1.5}})
-    assert refused.status_code == 422 and refused.json()["field"] == "skip_early_cond"
+    assert refused.status_code == 422 and refused.json()["field"] == "override_settings.skip_early_cond"
     assert api.post("options", json={"skip_early_cond": 2}).status_code == 422
 
     client = _client(page_url)

@@ -208,7 +208,7 @@ def test_extra_noise_through_the_api_and_the_page(api, page_url, tmp_path):  # n
     finally:
         ok(api.post("options", json={"img2img_extra_noise": 0}))
     refused = api.post("img2img", json={**payload, "override_settings": {"img2img_extra_noise": 3}})
-    assert refused.status_code == 422 and refused.json()["field"] == "img2img_extra_noise"
+    assert refused.status_code == 422 and refused.json()["field"] == "override_settings.img2img_extra_noise"
 
     init_path = tmp_path / "init.png"
     Image.new("RGB", (64, 64), "teal").save(init_path)

@@ -42,7 +42,6 @@ from engine.loopback import MAX_LOOPS as LOOPBACK_MAX_LOOPS
 from engine.loopback import SCRIPT_NAME as LOOPBACK_SCRIPT
 from engine.loopback import fields_from_script_args as loopback_fields
 from engine.loopback import grid_result as loopback_grid
-from engine.negative_guidance import MAX_NGMS
 from engine.outpaint import DIRECTIONS as OUTPAINT_DIRECTIONS
 from engine.outpaint import MAX_PIXELS as OUTPAINT_MAX_PIXELS
 from engine.outpaint import MIN_PIXELS as OUTPAINT_MIN_PIXELS
@@ -58,12 +57,10 @@ from engine.prompt_matrix import SCRIPT_NAME as PROMPT_MATRIX_SCRIPT
 from engine.prompt_matrix import PromptMatrix, grid_result
 from engine.request import (
     EMPHASIS_MODES,
+    JOB_SETTINGS,
     LATENT_UPSCALERS,
-    MAX_NOISE_MULTIPLIER,
-    MAX_SIGMA_NOISE,
     PICTURE_UPSCALERS,
-    SEED_MAX,
-    _as_flag,
+    JobSetting,
 )
 from engine.samplers import SamplerSpec, get_sampler
 from engine.samplers import resolve as resolve_sampler
@@ -158,10 +155,9 @@ class _GenerationPayload(BaseModel):
         None,
         description="acted on: sd_model_checkpoint (loaded for the request), CLIP_stop_at_last_layers, emphasis "
         "('Original', 'No norm', 'Ignore'), sd_vae ('Automatic', 'None' or a file from /sdapi/v1/sd-vae), "
-        "eta_noise_seed_delta (ENSD, e.g. 31337), eta_ancestral (Euler a, DPM2 a, DPM++ SDE, 2M SDE, 3M SDE), eta_ddim, "
-        "initial_noise_multiplier and img2img_color_correction (img2img), img2img_extra_noise (img2img and hires "
-        "fix), s_min_uncond and s_min_uncond_all (NGMS), skip_early_cond, inpainting_mask_weight (inpainting models), "
-        "s_noise",
+        "eta_ancestral (Euler a, DPM2 a, DPM++ SDE, 2M SDE, 3M SDE), eta_ddim, "
+        + ", ".join(setting.option for setting in JOB_SETTINGS)
+        + " (see /sdapi/v1/options)",
     )
     override_settings_restore_afterwards: Any = Field(
         True, description="false: a model chosen by override_settings.sd_model_checkpoint stays loaded"
@@ -178,15 +174,15 @@ class _GenerationPayload(BaseModel):
     )
     refiner_checkpoint: Any = Field(None, description="a model of the same kind that takes over at refiner_switch_at")
     refiner_switch_at: Any = Field(None, description="0 to 1: the share of the schedule before the refiner (0.8)")
+    s_min_uncond: Any = Field(None, description="NGMS: below this sigma every other step leaves the negative out")
+    s_noise: Any = Field(None, description="sigma noise: the fresh noise of DPM2 a and the SDE samplers, 0 to 1.1")
     # Accepted, not acted on.
     restore_faces: Any = None
     do_not_save_samples: Any = False
     do_not_save_grid: Any = False
-    s_min_uncond: Any = None
     s_churn: Any = None
     s_tmax: Any = None
     s_tmin: Any = None
-    s_noise: Any = Field(None, description="sigma noise: the fresh noise of DPM2 a and the SDE samplers, 0 to 1.1")
     disable_extra_networks: Any = False
     firstpass_image: Any = None
     comments: Any = None
@@ -333,21 +329,13 @@ def _same(value: Any, other: Any) -> bool:
     return value == other
 
 
-# A1111 settings a job reads from override_settings (or /options): see _setting_for and _eta_for.
+# A1111 settings a job reads from override_settings (or /options): see _setting_for, _eta_for and _job_setting_for.
 _SETTINGS_READ_BY_JOBS = (
     "emphasis",
     "sd_vae",
-    "eta_noise_seed_delta",
     "eta_ancestral",
     "eta_ddim",
-    "initial_noise_multiplier",
-    "img2img_color_correction",
-    "s_min_uncond",
-    "s_min_uncond_all",
-    "inpainting_mask_weight",
-    "skip_early_cond",
-    "img2img_extra_noise",
-    "s_noise",
+    *(setting.option for setting in JOB_SETTINGS),
 )
 
 
@@ -655,17 +643,9 @@ class SdApi:
             "samples_save": settings.save_images,
             "emphasis": "Original",
             "sd_vae": "Automatic",
-            "eta_noise_seed_delta": 0,
             "eta_ancestral": 1.0,
             "eta_ddim": 0.0,
-            "initial_noise_multiplier": 1.0,
-            "img2img_color_correction": False,
-            "s_min_uncond": 0.0,
-            "s_min_uncond_all": False,
-            "inpainting_mask_weight": 1.0,
-            "skip_early_cond": 0.0,
-            "img2img_extra_noise": 0.0,
-            "s_noise": 1.0,
+            **{setting.option: setting.default for setting in JOB_SETTINGS},
         }
         self._jobs: dict[int, _ApiJob] = {}  # the jobs started here, by job id
         self._last_job_timestamp = "0"
@@ -816,19 +796,7 @@ class SdApi:
             sd_vae=self._setting_for("sd_vae", payload, from_text, "Automatic"),
             tiling=pick("tiling", False),
             eta=self._eta_for(payload, from_text, sampler or defaults.sampler_name),
-            eta_noise_seed_delta=self._setting_for("eta_noise_seed_delta", payload, from_text, 0),
-            inpainting_mask_weight=self._setting_for("inpainting_mask_weight", payload, from_text, 1.0),
-            skip_early_cond=self._setting_for("skip_early_cond", payload, from_text, 0.0),
-            img2img_extra_noise=self._setting_for("img2img_extra_noise", payload, from_text, 0.0),
-            s_noise=payload.s_noise
-            if payload.s_noise is not None
-            else self._setting_for("s_noise", payload, from_text, 1.0),
-            s_min_uncond=(
-                payload.s_min_uncond
-                if payload.s_min_uncond is not None
-                else self._setting_for("s_min_uncond", payload, from_text, 0.0)
-            ),
-            s_min_uncond_all=self._setting_for("s_min_uncond_all", payload, from_text, False),
+            **{setting.field: self._job_setting_for(setting, payload, from_text) for setting in JOB_SETTINGS},
             styles=payload.styles or None,
             refiner_checkpoint=pick("refiner_checkpoint", ""),
             refiner_switch_at=pick("refiner_switch_at", 0.8),
@@ -864,12 +832,6 @@ class SdApi:
                 inpaint_full_res_padding=pick("inpaint_full_res_padding", 0),
                 # A1111's API default is fill (0); its page starts on original (1).
                 inpainting_fill=pick("inpainting_fill", 0),
-                initial_noise_multiplier=(
-                    payload.initial_noise_multiplier
-                    if payload.initial_noise_multiplier is not None
-                    else self._setting_for("initial_noise_multiplier", payload, from_text, 1.0)
-                ),
-                color_correction=self._color_correction_for(payload, from_text),
             )
             script_fields = _IMG2IMG_SCRIPTS.get(_script(payload))
             if script_fields is not None:
@@ -920,17 +882,6 @@ class SdApi:
                 ignored.append(f"override_settings.{key}")
         return clip_skip
 
-    def _color_correction_for(self, payload: _GenerationPayload, from_text: GenerationRequest | None) -> bool:
-        """A1111's img2img_color_correction for an img2img job: override_settings, else on where the infotext says
-        "Color correction: True", else /options."""
-        overrides = payload.override_settings or {}
-        if "img2img_color_correction" in overrides:
-            return _as_flag(overrides["img2img_color_correction"], "override_settings.img2img_color_correction")
-        if from_text is not None and from_text.color_correction:
-            return True
-        with self._lock:
-            return bool(self._stored_options["img2img_color_correction"])
-
     def _eta_for(self, payload: _GenerationPayload, from_text, sampler: str) -> Any:
         """The job's eta: the payload's `eta`, else the infotext's, else A1111's setting for its sampler
         (`eta_ancestral` for Euler a, DPM2 a and DPM++ 2M SDE, `eta_ddim` for DDIM) from override_settings or /options."""
@@ -945,6 +896,20 @@ class SdApi:
         with self._lock:
             value = overrides.get(spec.eta_option, self._stored_options.get(spec.eta_option))
         return None if value is None or _same(value, spec.eta_default) else value
+
+    def _job_setting_for(self, setting: JobSetting, payload: _GenerationPayload, from_text) -> Any:
+        """A job setting's value: the payload's field of that name where A1111's payload has one (s_noise,
+        s_min_uncond, img2img's initial_noise_multiplier), else override_settings, else the infotext where it names
+        the setting, else /options. The engine checks the payload's value and the infotext's, naming the field."""
+        if setting.field in type(payload).model_fields and getattr(payload, setting.field) is not None:
+            return getattr(payload, setting.field)
+        overrides = payload.override_settings or {}
+        if setting.option in overrides:
+            return setting.checked(overrides[setting.option], f"override_settings.{setting.option}")
+        if from_text is not None and getattr(from_text, setting.field) != setting.default:
+            return getattr(from_text, setting.field)
+        with self._lock:
+            return self._stored_options[setting.option]
 
     def _setting_for(self, name: str, payload: _GenerationPayload, from_text, default: str) -> Any:
         """An A1111 setting a job uses: override_settings, else the infotext, else /options, else `default`.
@@ -1188,26 +1153,14 @@ class SdApi:
             clip_skip = _clip_skip_value(options["CLIP_stop_at_last_layers"], "CLIP_stop_at_last_layers")
         if "emphasis" in options and options["emphasis"] not in EMPHASIS_MODES:
             raise ApiError(422, "emphasis", options["emphasis"], ", ".join(EMPHASIS_MODES))
-        for key, highest in (
-            ("eta_ancestral", 1),
-            ("eta_ddim", 1),
-            ("initial_noise_multiplier", MAX_NOISE_MULTIPLIER),
-            ("s_min_uncond", MAX_NGMS),
-            ("inpainting_mask_weight", 1),
-            ("skip_early_cond", 1),
-            ("img2img_extra_noise", 1),
-            ("s_noise", MAX_SIGMA_NOISE),
-        ):
+        for key in ("eta_ancestral", "eta_ddim"):
             value = options.get(key, 0)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= highest:
-                raise ApiError(422, key, value, f"a number from 0 to {highest}")
-        for key in ("img2img_color_correction", "s_min_uncond_all"):
-            if key in options:
-                _as_flag(options[key], key)
-        if "eta_noise_seed_delta" in options:
-            ensd = options["eta_noise_seed_delta"]
-            if isinstance(ensd, bool) or not isinstance(ensd, int) or not 0 <= ensd <= SEED_MAX:
-                raise ApiError(422, "eta_noise_seed_delta", ensd, f"a whole number from 0 to {SEED_MAX}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ApiError(422, key, value, "a number from 0 to 1")
+        options = {
+            **options,
+            **{s.option: s.checked(options[s.option], s.option) for s in JOB_SETTINGS if s.option in options},
+        }
         if "sd_vae" in options:
             options = {**options, "sd_vae": vae_choice(options["sd_vae"], self.engine.list_vaes(), self._vae_dir)}
         checkpoint = options.get("sd_model_checkpoint")

@@ -31,7 +31,6 @@ from engine.loopback import MAX_LOOPS as LOOPBACK_MAX_LOOPS
 from engine.loopback import grid_result as loopback_grid
 from engine.lora import lora_uses
 from engine.memory import describe_memory
-from engine.negative_guidance import MAX_NGMS
 from engine.outpaint import DIRECTIONS as OUTPAINT_DIRECTIONS
 from engine.outpaint import MAX_PIXELS as OUTPAINT_MAX_PIXELS
 from engine.outpaint import MIN_PIXELS as OUTPAINT_MIN_PIXELS
@@ -43,11 +42,11 @@ from engine.prompt_matrix import grid_result as matrix_grid
 from engine.request import (
     EMPHASIS_MODES,
     HR_UPSCALERS,
+    JOB_SETTING_BY_FIELD,
+    JOB_SETTINGS,
     MAX_CLIP_SKIP,
-    MAX_NOISE_MULTIPLIER,
-    MAX_SIGMA_NOISE,
     PROMPT_SYNTAXES,
-    SEED_MAX,
+    JobSetting,
 )
 from engine.samplers import sampler_names, schedule_type_names
 from engine.sd_upscale import MAX_OVERLAP as SD_UPSCALE_MAX_OVERLAP
@@ -281,6 +280,8 @@ def build_page(engine, settings=None) -> gr.Blocks:
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 png = _build_png_info_tab()
             with gr.Tab("Settings", id="settings", elem_id="tab_settings"):
+                # A1111's job settings (engine.request.JOB_SETTINGS), by request field.
+                job_widgets: dict[str, gr.components.Component] = {}
                 gr.Markdown("### Previews and prompts", elem_classes="settings-heading")
                 preview_mode = gr.Radio(
                     choices=[(PREVIEW_MODE_LABELS.get(m, m), m) for m in PREVIEW_MODES],
@@ -308,14 +309,11 @@ def build_page(engine, settings=None) -> gr.Blocks:
                 )
                 gr.Markdown("### Sampler parameters (A1111's)", elem_classes="settings-heading")
                 with gr.Row():
-                    ensd = gr.Number(
-                        0,
-                        precision=0,
-                        minimum=0,
-                        label="Eta noise seed delta (ENSD)",
+                    job_widgets["eta_noise_seed_delta"] = _job_setting_widget(
+                        "eta_noise_seed_delta",
+                        "Eta noise seed delta (ENSD)",
                         info="After the starting noise, steps draw their noise from seed + this (A1111's; 31337 "
                         "in many shared infotexts). 0: off.",
-                        elem_id="setting_ensd",
                     )
                     eta_ancestral = gr.Slider(
                         0,
@@ -326,78 +324,51 @@ def build_page(engine, settings=None) -> gr.Blocks:
                         elem_id="setting_eta_ancestral",
                     )
                     eta_ddim = gr.Slider(0, 1, value=0, step=0.01, label="Eta for DDIM", elem_id="setting_eta_ddim")
-                    sigma_noise = gr.Slider(
-                        0,
-                        MAX_SIGMA_NOISE,
-                        value=1,
-                        step=0.001,
-                        label="Sigma noise (DPM2 a, DPM++ SDE, 2M SDE, 3M SDE)",
+                    job_widgets["s_noise"] = _job_setting_widget(
+                        "s_noise",
+                        "Sigma noise (DPM2 a, DPM++ SDE, 2M SDE, 3M SDE)",
                         info="A1111's s_noise: scales the fresh noise their steps add. 1: as drawn.",
-                        elem_id="setting_s_noise",
+                        step=0.001,
                     )
                 with gr.Row():
-                    ngms = gr.Slider(
-                        0,
-                        MAX_NGMS,
-                        value=0,
-                        step=0.01,
-                        label="Negative Guidance minimum sigma (NGMS)",
+                    job_widgets["s_min_uncond"] = _job_setting_widget(
+                        "s_min_uncond",
+                        "Negative Guidance minimum sigma (NGMS)",
                         info="A1111's speed-up: below this noise level every other step leaves the negative prompt "
                         "out, at half the cost. 0: off.",
-                        elem_id="setting_ngms",
                     )
-                    ngms_all = gr.Checkbox(
-                        value=False,
-                        label="NGMS on all steps",
-                        info="Every step below it, not every other one.",
-                        elem_id="setting_ngms_all",
+                    job_widgets["s_min_uncond_all"] = _job_setting_widget(
+                        "s_min_uncond_all", "NGMS on all steps", info="Every step below it, not every other one."
                     )
-                skip_early = gr.Slider(
-                    0,
-                    1,
-                    value=0,
-                    step=0.01,
-                    label="Ignore negative prompt during early sampling (Skip Early CFG)",
+                job_widgets["skip_early_cond"] = _job_setting_widget(
+                    "skip_early_cond",
+                    "Ignore negative prompt during early sampling (Skip Early CFG)",
                     info="A1111's: this share of the steps, from the first, runs without the negative prompt (and "
                     "without guidance), at half the cost. 0: off.",
-                    elem_id="setting_skip_early_cond",
                 )
                 gr.Markdown("### img2img (A1111's)", elem_classes="settings-heading")
-                noise_multiplier = gr.Slider(
-                    0,
-                    MAX_NOISE_MULTIPLIER,
-                    value=1,
-                    step=0.01,
-                    label="Noise multiplier for img2img",
+                job_widgets["initial_noise_multiplier"] = _job_setting_widget(
+                    "initial_noise_multiplier",
+                    "Noise multiplier for img2img",
                     info="Scales the noise img2img and inpaint add to the picture (A1111's; 1: off).",
-                    elem_id="setting_noise_multiplier",
                 )
-                extra_noise = gr.Slider(
-                    0,
-                    1,
-                    value=0,
-                    step=0.01,
-                    label="Extra noise multiplier for img2img and hires fix",
+                job_widgets["img2img_extra_noise"] = _job_setting_widget(
+                    "img2img_extra_noise",
+                    "Extra noise multiplier for img2img and hires fix",
                     info="A1111's: the starting noise once more, times this, on top of what the denoising strength "
                     "adds. More detail at a low strength. 0: off.",
-                    elem_id="setting_extra_noise",
                 )
-                color_correction = gr.Checkbox(
-                    value=False,
-                    label="Apply color correction to img2img results to match original colors",
+                job_widgets["color_correction"] = _job_setting_widget(
+                    "color_correction",
+                    "Apply color correction to img2img results to match original colors",
                     info="A1111's: each result gets its init image's hue and saturation back, keeping its own "
                     "light and dark (Loopback: every loop the first picture's).",
-                    elem_id="setting_color_correction",
                 )
-                mask_weight = gr.Slider(
-                    0,
-                    1,
-                    value=1,
-                    step=0.01,
-                    label="Inpainting conditioning mask strength",
+                job_widgets["inpainting_mask_weight"] = _job_setting_widget(
+                    "inpainting_mask_weight",
+                    "Inpainting conditioning mask strength",
                     info="Inpainting models only (A1111's): how much of the masked part their picture input blanks. "
                     "1: all of it; 0: none, so img2img keeps the picture's composition.",
-                    elem_id="setting_inpainting_mask_weight",
                 )
                 gr.Markdown("### Saving and the gallery", elem_classes="settings-heading")
                 save_images = gr.Checkbox(
@@ -462,18 +433,10 @@ def build_page(engine, settings=None) -> gr.Blocks:
             tabs,
             session_settings=[
                 sd_vae,
-                ensd,
                 eta_ancestral,
                 eta_ddim,
-                noise_multiplier,
                 clip_skip,
-                color_correction,
-                extra_noise,
-                ngms,
-                ngms_all,
-                skip_early,
-                mask_weight,
-                sigma_noise,
+                *(job_widgets[setting.field] for setting in JOB_SETTINGS),
             ],
             engine=engine,
         )
@@ -533,18 +496,13 @@ def build_page(engine, settings=None) -> gr.Blocks:
             "prompt_syntax": (prompt_syntax, _set_prompt_syntax),
             "emphasis": (emphasis, _set_emphasis),
             "vae": (sd_vae, functools.partial(_set_vae, engine)),
-            "ensd": (ensd, _set_ensd),
             "eta_ancestral": (eta_ancestral, _set_eta_ancestral),
             "eta_ddim": (eta_ddim, _set_eta_ddim),
-            "s_noise": (sigma_noise, _set_sigma_noise),
-            "noise_multiplier": (noise_multiplier, _set_noise_multiplier),
-            "color_correction": (color_correction, _set_color_correction),
-            "extra_noise": (extra_noise, _set_extra_noise),
-            "ngms": (ngms, _set_ngms),
-            "ngms_all": (ngms_all, _set_ngms_all),
-            "skip_early_cond": (skip_early, _set_skip_early_cond),
-            "inpainting_mask_weight": (mask_weight, _set_inpainting_mask_weight),
             "clip_skip": (clip_skip, _set_clip_skip),
+            **{
+                _job_setting_name(setting): (job_widgets[setting.field], _job_setting_setter(setting))
+                for setting in JOB_SETTINGS
+            },
         }
         # Each browser remembers its own settings (as A1111 keeps them in config.json, but per person): they are
         # stored in the browser's localStorage, and set again when the page opens, through the same setters.
@@ -1955,8 +1913,7 @@ def _wire_png_info(
     session_settings: list,
     engine,
 ) -> None:
-    """`session_settings`: the SD VAE list, ENSD, the two etas, the noise multiplier, clip skip, colour
-    correction, extra noise, NGMS (and its all steps), Skip Early CFG, the inpainting mask weight and sigma noise,
+    """`session_settings`: the SD VAE list, the two etas, clip skip and the job settings (JOB_SETTINGS' order),
     which Send sets from the infotext."""
     png.image.change(
         _read_png_info,
@@ -2110,11 +2067,6 @@ def _set_emphasis(session: PageSession, emphasis: str) -> None:
     session.emphasis = emphasis
 
 
-def _set_ensd(session: PageSession, ensd) -> None:
-    """A1111's eta noise seed delta (ENSD) for this session's jobs: a whole number, 0 (off) or more."""
-    session.ensd = _whole_setting(ensd, "eta_noise_seed_delta", 0, SEED_MAX)
-
-
 def _set_eta_ancestral(session: PageSession, eta: float) -> None:
     """Eta for Euler a in this session's jobs: 0 (no fresh noise: Euler) to 1 (A1111's default)."""
     session.eta_ancestral = _eta_value(eta)
@@ -2131,9 +2083,44 @@ def _set_clip_skip(session: PageSession, clip_skip) -> None:
     session.clip_skip = _whole_setting(clip_skip, "Clip skip", 1, MAX_CLIP_SKIP)
 
 
-def _set_noise_multiplier(session: PageSession, multiplier: float) -> None:
-    """A1111's noise multiplier for this session's img2img and inpaint jobs: 0 to 1.5, 1 leaves the noise."""
-    session.noise_multiplier = _number_setting(multiplier, "initial_noise_multiplier", 0, MAX_NOISE_MULTIPLIER)
+# The page's short names of the job settings, in its /set_<name> endpoints, its remembered settings and its
+# `setting_<name>` elements; the others go by their request field.
+_JOB_SETTING_NAMES = {
+    "eta_noise_seed_delta": "ensd",
+    "initial_noise_multiplier": "noise_multiplier",
+    "img2img_extra_noise": "extra_noise",
+    "s_min_uncond": "ngms",
+    "s_min_uncond_all": "ngms_all",
+}
+
+
+def _job_setting_name(setting: JobSetting) -> str:
+    return _JOB_SETTING_NAMES.get(setting.field, setting.field)
+
+
+def _job_setting_widget(field: str, label: str, *, info: str, step: float = 0.01) -> gr.components.Component:
+    """The Settings tab's widget for a job setting, with its range and default: a checkbox for a switch, a whole
+    number box, or a slider."""
+    setting = JOB_SETTING_BY_FIELD[field]
+    elem_id = f"setting_{_job_setting_name(setting)}"
+    if setting.is_switch:
+        return gr.Checkbox(value=setting.default, label=label, info=info, elem_id=elem_id)
+    if setting.is_whole:
+        return gr.Number(setting.default, precision=0, minimum=0, label=label, info=info, elem_id=elem_id)
+    return gr.Slider(0, setting.highest, value=setting.default, step=step, label=label, info=info, elem_id=elem_id)
+
+
+def _job_setting_setter(setting: JobSetting):
+    """The page's setter of a job setting for one session, described for gradio_client users."""
+
+    def set_job_setting(session: PageSession, value) -> None:
+        try:
+            session.job_settings[setting.field] = setting.checked(value)
+        except EngineError as exc:
+            raise engine_error(exc) from exc
+
+    set_job_setting.__doc__ = f"A1111's {setting.summary}. For this session's jobs: {setting.allowed()}."
+    return set_job_setting
 
 
 def _eta_value(eta) -> float:
@@ -2187,46 +2174,6 @@ def _set_preview_every(session: PageSession, every: float) -> None:
 def _set_save_images(session: PageSession, enabled: bool) -> None:
     """Save this session's results to the outputs folder."""
     session.save_images = bool(enabled)
-
-
-def _set_color_correction(session: PageSession, enabled: bool) -> None:
-    """A1111's img2img colour correction for this session's img2img and inpaint jobs: results get their init
-    image's hue and saturation back, keeping their own luminosity."""
-    session.color_correction = bool(enabled)
-
-
-def _set_sigma_noise(session: PageSession, s_noise: float) -> None:
-    """A1111's sigma noise for this session's jobs: 0 to 1.1, scaling the fresh noise of DPM2 a and the SDE samplers
-    (1: as drawn)."""
-    session.s_noise = _number_setting(s_noise, "s_noise", 0, MAX_SIGMA_NOISE)
-
-
-def _set_extra_noise(session: PageSession, extra: float) -> None:
-    """A1111's extra noise multiplier for this session's img2img, inpaint and hires passes: 0 (off) to 1."""
-    session.extra_noise = _number_setting(extra, "img2img_extra_noise", 0, 1)
-
-
-def _set_ngms(session: PageSession, sigma: float) -> None:
-    """A1111's Negative Guidance minimum sigma for this session's jobs: 0 (off) to 15. Below it, every other UNet
-    call leaves the negative prompt out, at half the cost."""
-    session.s_min_uncond = _number_setting(sigma, "s_min_uncond", 0, MAX_NGMS)
-
-
-def _set_ngms_all(session: PageSession, enabled: bool) -> None:
-    """A1111's "Negative Guidance minimum sigma all steps": every call below the sigma, not every other one."""
-    session.s_min_uncond_all = bool(enabled)
-
-
-def _set_skip_early_cond(session: PageSession, share: float) -> None:
-    """A1111's "Ignore negative prompt during early sampling" for this session's jobs: the share (0 to 1) of each
-    pass's UNet calls, from the first, that leave the negative prompt out."""
-    session.skip_early_cond = _number_setting(share, "skip_early_cond", 0, 1)
-
-
-def _set_inpainting_mask_weight(session: PageSession, weight: float) -> None:
-    """A1111's inpainting conditioning mask strength for this session's jobs on inpainting models: 0 to 1 (how much
-    of the masked part their masked-picture input blanks)."""
-    session.inpainting_mask_weight = _number_setting(weight, "inpainting_mask_weight", 0, 1)
 
 
 def _set_batch_grid(session: PageSession, enabled: bool) -> None:
@@ -2392,34 +2339,26 @@ def _send_png_info(path: str | None, text: str, *, target_mode: str, engine):
 
 
 def _sampler_parameters_from_infotext(read: ReadInfotext) -> list:
-    """The Settings tab's ENSD, Eta for Euler a, Eta for DDIM and noise multiplier from an infotext: each set where
-    the infotext names it (A1111 pastes them as overrides), else left as it is; then Clip skip, 1 where the
-    infotext names none (A1111 writes it only when it is not 1, and pastes 1 then); then colour correction, extra
-    noise, NGMS,
-    NGMS all steps, Skip Early CFG, the inpainting mask weight and sigma noise, each set where the infotext says so,
-    else left as it is."""
+    """The Settings tab's Eta for Euler a and Eta for DDIM from an infotext, each set where the infotext names it
+    (A1111 pastes them as overrides), else left as it is; then Clip skip, 1 where the infotext names none (A1111
+    writes it only when it is not 1, and pastes 1 then); then the job settings (JOB_SETTINGS' order), each set where
+    the infotext names it, else left as it is."""
     params = read.params
     values = []
-    for key in ("ENSD", "Eta", "Eta DDIM", "Noise multiplier"):
+    for key in ("Eta", "Eta DDIM"):
         try:
-            values.append(int(params[key]) if key == "ENSD" else float(params[key]))
+            values.append(float(params[key]))
         except (KeyError, ValueError):
             values.append(gr.skip())
     try:
         clip_skip = int(params.get("Clip skip", 1))
     except ValueError:
         clip_skip = 0
-    request = read.request
-    turned_on = [
-        True if request.color_correction else gr.skip(),
-        request.img2img_extra_noise if "Extra noise" in params else gr.skip(),
-        request.s_min_uncond if "NGMS" in params else gr.skip(),
-        True if request.s_min_uncond_all else gr.skip(),
-        request.skip_early_cond if "Skip Early CFG" in params else gr.skip(),
-        request.inpainting_mask_weight if "Conditional mask weight" in params else gr.skip(),
-        request.s_noise if "Sigma noise" in params else gr.skip(),
+    job_settings = [
+        getattr(read.request, setting.field) if setting.infotext_key in params else gr.skip()
+        for setting in JOB_SETTINGS
     ]
-    return [*values, clip_skip if 1 <= clip_skip <= MAX_CLIP_SKIP else gr.skip(), *turned_on]
+    return [*values, clip_skip if 1 <= clip_skip <= MAX_CLIP_SKIP else gr.skip(), *job_settings]
 
 
 def _inpaint_area_from_infotext(read: ReadInfotext) -> list:

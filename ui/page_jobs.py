@@ -23,7 +23,7 @@ from engine import EngineError, GenerationRequest, JobControl, PreviewSettings, 
 from engine.events import PREVIEW_MODES, Pacer
 from engine.grids import batch_grid
 from engine.previews import preview_to_display
-from engine.request import with_clip_skip
+from engine.request import default_job_settings, with_clip_skip
 from engine.samplers import get_sampler
 
 log = logging.getLogger(__name__)
@@ -50,25 +50,12 @@ class PageSession:
     emphasis: str = "Original"
     # A1111's SD VAE for this session's jobs: Automatic, None or a file in the VAE folder.
     sd_vae: str = "Automatic"
-    # A1111's sampler parameters: eta noise seed delta, and the eta of ancestral samplers and of DDIM.
-    ensd: int = 0
+    # A1111's eta of ancestral and SDE samplers and of DDIM.
     eta_ancestral: float = 1.0
     eta_ddim: float = 0.0
-    # A1111's sigma noise (s_noise): 1 leaves the samplers' fresh noise as drawn.
-    s_noise: float = 1.0
-    # A1111's "Noise multiplier for img2img" (img2img and inpaint jobs).
-    noise_multiplier: float = 1.0
-    # A1111's "Extra noise multiplier for img2img and hires fix".
-    extra_noise: float = 0.0
-    # A1111's "Apply color correction to img2img results to match original colors" (img2img and inpaint jobs).
-    color_correction: bool = False
-    # A1111's "Negative Guidance minimum sigma" (NGMS) and its "all steps": 0 is off.
-    s_min_uncond: float = 0.0
-    s_min_uncond_all: bool = False
-    # A1111's "Ignore negative prompt during early sampling" (Skip Early CFG): 0 is off.
-    skip_early_cond: float = 0.0
-    # A1111's "Inpainting conditioning mask strength" (inpainting models).
-    inpainting_mask_weight: float = 1.0
+    # A1111's other job settings (ENSD, sigma noise, the img2img noise multipliers, colour correction, NGMS, Skip
+    # Early CFG, the inpainting mask weight), by request field: see engine.request.JOB_SETTINGS.
+    job_settings: dict[str, Any] = field(default_factory=default_job_settings)
     # A1111's "Clip skip" (CLIP_stop_at_last_layers): 1 is the text encoder's last layer.
     clip_skip: int = 1
     # Jobs this session queued or started and that have not ended, by job id: Stop interrupts these only.
@@ -81,9 +68,8 @@ class PageSession:
         return PreviewSettings(mode=self.preview_mode, every=self.preview_every, min_interval_s=interval)
 
     def settings_for(self, request: GenerationRequest) -> GenerationRequest:
-        """`request` with this session's prompt syntax, emphasis mode, SD VAE, ENSD, its sampler's eta, sigma noise, the
-        img2img noise multiplier, extra noise and colour correction, NGMS, Skip Early CFG, the inpainting mask
-        weight, and clip skip."""
+        """`request` with this session's prompt syntax, emphasis mode, SD VAE, its sampler's eta, the job settings
+        and clip skip."""
         try:
             spec = get_sampler(request.sampler_name)
         except EngineError:
@@ -99,15 +85,7 @@ class PageSession:
             emphasis=self.emphasis,
             sd_vae=self.sd_vae,
             eta=eta,
-            eta_noise_seed_delta=self.ensd,
-            s_noise=self.s_noise,
-            initial_noise_multiplier=self.noise_multiplier,
-            color_correction=self.color_correction,
-            img2img_extra_noise=self.extra_noise,
-            s_min_uncond=self.s_min_uncond,
-            s_min_uncond_all=self.s_min_uncond_all,
-            skip_early_cond=self.skip_early_cond,
-            inpainting_mask_weight=self.inpainting_mask_weight,
+            **self.job_settings,
             extra_params=with_clip_skip(request.extra_params, self.clip_skip),
         )
 
