@@ -31,8 +31,7 @@ from .errors import InvalidRequestError
 from .events import JobControl, PreviewSettings, Progress, Result, Waiting
 from .labels import centered, text_width, wrap
 from .labels import font as label_font
-from .negative_guidance import MAX_NGMS
-from .request import MAX_CLIP_SKIP, MAX_SIGMA_NOISE, GenerationRequest, with_clip_skip
+from .request import JOB_SETTING_BY_FIELD, MAX_CLIP_SKIP, GenerationRequest, with_clip_skip
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +47,9 @@ AXIS_TYPES = (
     "Denoising strength",
     "Eta",
     "Sigma noise",
+    "Schedule min sigma",
+    "Schedule max sigma",
+    "Schedule rho",
     "ENSD",
     "NGMS",
     "SkipEarly",
@@ -72,6 +74,9 @@ _AXIS_FIELDS = {
     "Denoising strength": "denoising_strength",
     "Eta": "eta",
     "Sigma noise": "s_noise",
+    "Schedule min sigma": "sigma_min",
+    "Schedule max sigma": "sigma_max",
+    "Schedule rho": "rho",
     "ENSD": "eta_noise_seed_delta",
     "NGMS": "s_min_uncond",
     "SkipEarly": "skip_early_cond",
@@ -90,6 +95,9 @@ _FLOAT_AXES = {
     "Denoising strength",
     "Eta",
     "Sigma noise",
+    "Schedule min sigma",
+    "Schedule max sigma",
+    "Schedule rho",
     "Refiner switch at",
     "NGMS",
     "SkipEarly",
@@ -176,12 +184,9 @@ def parse_axis(kind: str, text: str, engine) -> Axis:
             raise InvalidRequestError(f"{kind} axis", text, f"steps from 1 to {engine.limits.max_steps}")
         if kind in _UNIT_AXES and any(not 0 <= v <= 1 for v in typed):
             raise InvalidRequestError(f"{kind} axis", text, "values from 0 to 1")
-        if kind == "Sigma noise" and any(not 0 <= v <= MAX_SIGMA_NOISE for v in typed):
-            raise InvalidRequestError(f"{kind} axis", text, f"values from 0 to {MAX_SIGMA_NOISE:g}")
-        if kind == "NGMS" and any(not 0 <= v <= MAX_NGMS for v in typed):
-            raise InvalidRequestError(f"{kind} axis", text, f"sigmas from 0 to {MAX_NGMS:g}")
-        if kind == "ENSD" and any(v < 0 for v in typed):
-            raise InvalidRequestError(f"{kind} axis", text, "whole numbers, 0 or more")
+        setting = JOB_SETTING_BY_FIELD.get(_AXIS_FIELDS.get(kind, ""))
+        if setting is not None and any(not 0 <= v <= setting.highest for v in typed):
+            raise InvalidRequestError(f"{kind} axis", text, setting.allowed(several=True))
         if kind == "Clip skip" and any(not 1 <= v <= MAX_CLIP_SKIP for v in typed):
             raise InvalidRequestError(f"{kind} axis", text, f"whole numbers from 1 to {MAX_CLIP_SKIP}")
         labels = tuple(_format_number(v) for v in typed)
@@ -365,6 +370,10 @@ class Comparer:
             # Guided on every step: the converged picture that NGMS and SkipEarly cells are measured against.
             s_min_uncond=0.0,
             skip_early_cond=0.0,
+            # On the model's own schedule, whatever the cells' schedule min/max sigma and rho.
+            sigma_min=0.0,
+            sigma_max=0.0,
+            rho=0.0,
         )
         key = (
             self.engine.model.sha256 or self.engine.model.path,

@@ -106,6 +106,19 @@ class BatchOutcome:
     preview_seconds: float = 0.0  # time spent making previews, to show what they cost
 
 
+def _scheduler_for(req: GenerationRequest, model, sampler_name: str, schedule: str, seed: int):
+    """A pass's scheduler, with the job's eta, sigma noise and schedule min/max sigma and rho."""
+    return build_scheduler(
+        model.scheduler_config,
+        sampler_name,
+        schedule,
+        seed=seed,
+        eta=req.eta,
+        s_noise=req.s_noise,
+        schedule_range=(req.sigma_min, req.sigma_max, req.rho),
+    )
+
+
 def run_batch(
     model: LoadedModel,
     req: GenerationRequest,
@@ -136,9 +149,7 @@ def run_batch(
     checkpoint, the model the second pass runs on (`hires_conditioning` is then that model's); `refiner` takes
     over the last part of the sampling (of the hires pass, when there is one: engine/refiner.py);
     `before_hires()` runs just before the second pass (it switches that pass's LoRAs on)."""
-    scheduler = build_scheduler(
-        model.scheduler_config, req.sampler_name, req.scheduler, seed=seeds[0], eta=req.eta, s_noise=req.s_noise
-    )
+    scheduler = _scheduler_for(req, model, req.sampler_name, req.scheduler, seeds[0])
     recorder = StepRecorder(scheduler, model.prediction_type)
     composed: list[ComposedGuidance] = []  # the UNet stand-in of each pass, for a prompt with AND
     switches: list[RefinerSwitch] = []  # the refiner's stand-in for the pass it joins
@@ -283,9 +294,7 @@ def run_batch(
             kwargs.update(_conditioning_kwargs(conditioning, len(seeds)))
         wrap_unet = stand_ins.for_pass(model, conditioning, refiner, hr_sampler, hires_sampling_steps)
         current_conditioning = conditioning.at(0)
-        scheduler = build_scheduler(
-            model.scheduler_config, hr_sampler, hr_schedule, seed=seeds[0], eta=req.eta, s_noise=req.s_noise
-        )
+        scheduler = _scheduler_for(req, model, hr_sampler, hr_schedule, seeds[0])
         recorder = StepRecorder(scheduler, model.prediction_type)
         hires_pipe = model.pipeline_for("img2img", scheduler, traced=not req.tiling, wrap_unet=wrap_unet, vae=vae)
         variation.install(hires_pipe, scheduler)  # A1111 varies the hires pass's noise too

@@ -25,7 +25,7 @@ from .errors import InvalidRequestError
 from .images import to_pil
 from .inpaint import MASKED_CONTENT
 from .request import JOB_SETTINGS, GenerationRequest
-from .samplers import eta_for, get_sampler, resolve
+from .samplers import eta_for, get_sampler, resolve, takes_schedule_range, takes_schedule_rho
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +212,16 @@ def format_infotext(
         params[spec.eta_key] = _format_number(eta)
     if spec.takes_s_noise and req.s_noise != 1:
         params["Sigma noise"] = _format_number(req.s_noise)
+    # A pass's schedule min/max sigma and rho, where its schedule takes them (the hires pass's may differ).
+    passes = [(req.sampler_name, req.scheduler)] + (
+        [req.hires_sampler] if req.mode == "txt2img" and req.enable_hr else []
+    )
+    if any(takes_schedule_range(*chosen) for chosen in passes):
+        for key, value in (("Schedule min sigma", req.sigma_min), ("Schedule max sigma", req.sigma_max)):
+            if value:
+                params[key] = _format_number(value)
+    if req.rho and any(takes_schedule_rho(*chosen) for chosen in passes):
+        params["Schedule rho"] = _format_number(req.rho)
     if req.eta_noise_seed_delta and spec.uses_ensd and (eta is None or eta != 0):
         params["ENSD"] = int(req.eta_noise_seed_delta)
     if req.mode != "txt2img" and req.initial_noise_multiplier != 1:

@@ -23,6 +23,10 @@ SEED_MAX = 2**32 - 1
 MAX_NOISE_MULTIPLIER = 1.5
 # A1111's sigma noise slider goes to 1.1.
 MAX_SIGMA_NOISE = 1.1
+# A1111's schedule min and max sigma sliders go to 2 and 60; its rho box has no end, and 100 is far past any use.
+MAX_SCHEDULE_SIGMA_MIN = 2.0
+MAX_SCHEDULE_SIGMA_MAX = 60.0
+MAX_SCHEDULE_RHO = 100.0
 # A1111's Clip skip setting goes to 12 (a model's text encoder may have fewer layers: it refuses more).
 MAX_CLIP_SKIP = 12
 
@@ -100,6 +104,12 @@ class GenerationRequest:
     # A1111's "sigma noise" (s_noise): scales the fresh noise the steps of its stochastic samplers add (DPM2 a,
     # DPM++ SDE, DPM++ 2M SDE and its Heun variant, DPM++ 3M SDE); 1 is as drawn.
     s_noise: float = 1.0
+    # A1111's schedule min sigma, max sigma and rho (its sigma_min, sigma_max and rho settings): the ends of the
+    # Karras, Exponential and Beta schedules, and the Karras curve's rho. 0 is the schedule's own (the model's
+    # sigma range; rho 7).
+    sigma_min: float = 0.0
+    sigma_max: float = 0.0
+    rho: float = 0.0
     # A1111's "Eta noise seed delta" (ENSD): after each picture's starting noise is drawn, the noise its steps
     # draw comes from seed + this, as A1111 does it (31337 in NovelAI-era infotexts); 0 leaves it.
     eta_noise_seed_delta: int = 0
@@ -299,10 +309,13 @@ class JobSetting:
     def is_whole(self) -> bool:
         return isinstance(self.default, int) and not isinstance(self.default, bool)
 
-    def allowed(self) -> str:
+    def allowed(self, *, several: bool = False) -> str:
+        """What the setting takes, said of one value or (`several`) of a list of them."""
         if self.is_switch:
             return "true or false"
-        return f"{'a whole number' if self.is_whole else 'a number'} from 0 to {self.highest}"
+        kind = "whole number" if self.is_whole else "number"
+        highest = f"{self.highest:g}" if isinstance(self.highest, float) else str(self.highest)
+        return f"{kind}s from 0 to {highest}" if several else f"a {kind} from 0 to {highest}"
 
     def checked(self, value: Any, name: str | None = None) -> float | int | bool:
         """`value` as this setting takes it; InvalidRequestError naming `name` (default: the field) otherwise."""
@@ -333,6 +346,30 @@ JOB_SETTINGS = (
         "sigma noise: scales the fresh noise the steps of DPM2 a and the SDE samplers add; 1 is as drawn",
         1.0,
         MAX_SIGMA_NOISE,
+    ),
+    JobSetting(
+        "sigma_min",
+        "sigma_min",
+        "Schedule min sigma",
+        "schedule min sigma: where the Karras, Exponential and Beta schedules end; 0 is the model's own (about 0.03)",
+        0.0,
+        MAX_SCHEDULE_SIGMA_MIN,
+    ),
+    JobSetting(
+        "sigma_max",
+        "sigma_max",
+        "Schedule max sigma",
+        "schedule max sigma: where the Karras, Exponential and Beta schedules start; 0 is the model's own (about 14.6)",
+        0.0,
+        MAX_SCHEDULE_SIGMA_MAX,
+    ),
+    JobSetting(
+        "rho",
+        "rho",
+        "Schedule rho",
+        "schedule rho: the Karras schedule's curve, higher spending more steps at low noise; 0 is its own (7)",
+        0.0,
+        MAX_SCHEDULE_RHO,
     ),
     JobSetting(
         "initial_noise_multiplier",
@@ -452,6 +489,10 @@ def validate_request(
         eta = _as_float(req.eta, "eta")
         _in_range(eta, "eta", 0.0, 1.0)
     job_settings = {setting.field: setting.checked(getattr(req, setting.field)) for setting in JOB_SETTINGS}
+    if 0 < job_settings["sigma_max"] <= job_settings["sigma_min"]:
+        raise InvalidRequestError(
+            "sigma_max", req.sigma_max, f"0 (the model's own) or more than sigma_min ({job_settings['sigma_min']})"
+        )
     if req.color_reference is not None and not isinstance(req.color_reference, Image.Image):
         raise InvalidRequestError("color_reference", type(req.color_reference).__name__, "a picture (PIL image)")
     full_res = req.inpaint_full_res

@@ -6,6 +6,7 @@ another job (or the shared pipeline) sees.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -239,7 +240,77 @@ def effective_schedule(spec: SamplerSpec, schedule: str) -> str:
     return spec.default_schedule if schedule == "Automatic" else schedule
 
 
-class _DiscardPenultimateSigma:
+# The schedule types whose ends A1111's schedule min and max sigma set; rho shapes Karras alone.
+RANGED_SCHEDULES = ("Karras", "Exponential", "Beta")
+
+
+def takes_schedule_range(sampler_name: str, schedule: str) -> bool:
+    """Whether the sampler's schedule (Automatic: its default) starts and ends where schedule min/max sigma say."""
+    return effective_schedule(get_sampler(sampler_name), schedule) in RANGED_SCHEDULES
+
+
+def takes_schedule_rho(sampler_name: str, schedule: str) -> bool:
+    return effective_schedule(get_sampler(sampler_name), schedule) == "Karras"
+
+
+class _ScheduleRange:
+    """A1111's schedule min sigma, max sigma and rho (0: the schedule's own), for the Karras, Exponential and Beta
+    schedules. diffusers makes those from the ends of the model's sigmas (or its config's sigma_min and
+    sigma_max), and Karras with rho 7; here the ends are replaced where asked, and Karras is made with the rho
+    asked for, by k-diffusion's formula. The values are the instance's (build_scheduler sets them)."""
+
+    schedule_sigma_min = 0.0
+    schedule_sigma_max = 0.0
+    schedule_rho = 0.0
+
+    def _schedule_ends(self, in_sigmas) -> tuple[float, float]:
+        lowest = self.schedule_sigma_min or getattr(self.config, "sigma_min", None) or float(in_sigmas[-1])
+        highest = self.schedule_sigma_max or getattr(self.config, "sigma_max", None) or float(in_sigmas[0])
+        if highest <= lowest:
+            field, value = ("sigma_max", highest) if self.schedule_sigma_max else ("sigma_min", lowest)
+            raise InvalidRequestError(
+                field, value, f"a max sigma above the min sigma (here {lowest:.4g} to {highest:.4g})"
+            )
+        return lowest, highest
+
+    def _with_ends(self, in_sigmas):
+        """`in_sigmas` with the asked-for ends, where diffusers reads them."""
+        lowest, highest = self._schedule_ends(in_sigmas)
+        sigmas = np.array(in_sigmas, dtype=np.float64)
+        sigmas[0], sigmas[-1] = highest, lowest
+        return sigmas
+
+    def _convert_to_karras(self, in_sigmas, num_inference_steps=None):
+        # LMS and DPM++ SDE take no step count here: diffusers reads their own.
+        steps = num_inference_steps if num_inference_steps is not None else self.num_inference_steps
+        if not self.schedule_rho:
+            given = {} if num_inference_steps is None else {"num_inference_steps": num_inference_steps}
+            return super()._convert_to_karras(in_sigmas=self._with_ends(in_sigmas), **given)
+        lowest, highest = self._schedule_ends(in_sigmas)
+        ramp = np.linspace(0, 1, steps)
+        inv_rho = 1 / self.schedule_rho
+        return (highest**inv_rho + ramp * (lowest**inv_rho - highest**inv_rho)) ** self.schedule_rho
+
+    def _convert_to_exponential(self, in_sigmas, num_inference_steps):
+        return super()._convert_to_exponential(
+            in_sigmas=self._with_ends(in_sigmas), num_inference_steps=num_inference_steps
+        )
+
+    def _convert_to_beta(self, in_sigmas, num_inference_steps, **shape):
+        return super()._convert_to_beta(
+            in_sigmas=self._with_ends(in_sigmas), num_inference_steps=num_inference_steps, **shape
+        )
+
+
+@functools.cache
+def _with_schedule_range(cls: type) -> type:
+    """`cls` taking A1111's schedule min/max sigma and rho (discarding classes already do, inside the discard)."""
+    if issubclass(cls, _ScheduleRange):
+        return cls
+    return type(cls.__name__, (_ScheduleRange, cls), {"__doc__": cls.__doc__})
+
+
+class _DiscardPenultimateSigma(_ScheduleRange):
     """A1111's discard_next_to_last_sigma, as its DPM2, DPM2 a and DPM++ 3M SDE sample: the sigma schedule is built
     for one step more and its smallest non-zero sigma dropped, so the step count stays and the last
     step goes to 0 from a larger sigma (a second-order step at the very smallest sigma is wasted).
@@ -665,10 +736,12 @@ def build_scheduler(
     seed: int | None = None,
     eta: float | None = None,
     s_noise: float = 1.0,
+    schedule_range: tuple[float, float, float] = (0.0, 0.0, 0.0),
 ):
     """A new scheduler instance for one job; `base_config` is the model's own scheduler config. `eta` is that of
     Euler a, DPM2 a and the DPM++ SDE samplers (None: 1); DDIM takes its eta from the pipeline call. `s_noise` is
-    A1111's sigma noise, for the samplers that take it (SamplerSpec.takes_s_noise)."""
+    A1111's sigma noise, for the samplers that take it (SamplerSpec.takes_s_noise). `schedule_range` is A1111's
+    schedule min sigma, max sigma and rho (0: the schedule's own; RANGED_SCHEDULES take them)."""
     spec = get_sampler(sampler_name)
     if spec.name in _A1111_CLASSES:
         cls = _A1111_CLASSES[spec.name]
@@ -687,8 +760,15 @@ def build_scheduler(
     overrides.update(SCHEDULE_TYPES[effective_schedule(spec, schedule)])
     if "noise_sampler_seed" in params and seed is not None:
         overrides["noise_sampler_seed"] = seed
+    # Where the config has its own ends, diffusers reads them there first.
+    sigma_min, sigma_max, _rho = schedule_range
+    overrides.update({key: value for key, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)) if value})
     overrides = {key: value for key, value in overrides.items() if key in params}
+    if any(schedule_range):
+        cls = _with_schedule_range(cls)
     scheduler = cls.from_config(dict(base_config), **overrides)
+    if any(schedule_range):
+        scheduler.schedule_sigma_min, scheduler.schedule_sigma_max, scheduler.schedule_rho = map(float, schedule_range)
     if eta is not None and isinstance(scheduler, _ETA_CLASSES):
         scheduler.eta = float(eta)
     if spec.takes_s_noise and isinstance(scheduler, _SIGMA_NOISE_CLASSES):

@@ -253,25 +253,42 @@ def test_the_page_ensd_and_eta_belong_to_one_session(micro_engine):
 def test_png_info_send_sets_the_sessions_ensd_and_eta_from_the_infotext():
     import gradio as gr
 
+    from engine.request import JOB_SETTINGS
     from ui.page import ReadInfotext, _sampler_parameters_from_infotext
 
     def sent(text: str) -> list:
         return _sampler_parameters_from_infotext(ReadInfotext.of(text))
 
     keep = gr.skip()
-    # Eta, Eta DDIM, Clip skip, then the job settings: ENSD, sigma noise, the noise multiplier, extra noise, colour
-    # correction, NGMS, NGMS all steps, Skip Early CFG and the inpainting mask weight.
+
+    def job_settings(**values) -> list:
+        return [values.get(setting.field, keep) for setting in JOB_SETTINGS]
+
+    # Eta, Eta DDIM, Clip skip, then the job settings in JOB_SETTINGS' order.
     text = "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64, Eta: 0.5, ENSD: 31337"
-    assert sent(text) == [0.5, keep, 1, 31337, keep, keep, keep, keep, keep, keep, keep, keep]
+    assert sent(text) == [0.5, keep, 1, *job_settings(eta_noise_seed_delta=31337)]
     ddim = "a cat\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, Eta DDIM: 0.3"
-    assert sent(ddim) == [keep, 0.3, 1, keep, keep, keep, keep, keep, keep, keep, keep, keep]
+    assert sent(ddim) == [keep, 0.3, 1, *job_settings()]
     img2img = "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Denoising strength: 0.5, Noise multiplier: 0.8"
-    assert sent(img2img) == [keep, keep, 1, keep, keep, 0.8, keep, keep, keep, keep, keep, keep]
+    assert sent(img2img) == [keep, keep, 1, *job_settings(initial_noise_multiplier=0.8)]
     # A1111 writes Clip skip only when it is not 1, and pastes 1 when the text has none.
     assert sent(text + ", Clip skip: 2")[2] == 2
     # Every job setting is set where the infotext names it, and otherwise left as it is.
     every = (
         ", Color correction: True, Extra noise: 0.3, NGMS: 2.5, NGMS all steps: True, Skip Early CFG: 0.2, "
-        "Conditional mask weight: 0.4, Sigma noise: 0.9"
+        "Conditional mask weight: 0.4, Sigma noise: 0.9, Schedule min sigma: 0.1, Schedule max sigma: 9, "
+        "Schedule rho: 3"
     )
-    assert sent(img2img + every)[3:] == [keep, 0.9, 0.8, 0.3, True, 2.5, True, 0.2, 0.4]
+    assert sent(img2img + every)[3:] == job_settings(
+        s_noise=0.9,
+        sigma_min=0.1,
+        sigma_max=9,
+        rho=3,
+        initial_noise_multiplier=0.8,
+        img2img_extra_noise=0.3,
+        color_correction=True,
+        s_min_uncond=2.5,
+        s_min_uncond_all=True,
+        skip_early_cond=0.2,
+        inpainting_mask_weight=0.4,
+    )

@@ -406,3 +406,14 @@ def test_clip_skip_is_this_sessions_own_and_changes_the_picture(page_url):
         assert not np.array_equal(np.asarray(a), np.asarray(b))  # the penultimate layer's states
     client.predict(1, api_name="/set_clip_skip")
     assert "Clip skip" not in client.predict(*txt2img_args(steps=4), api_name="/txt2img")[3]
+
+
+def test_the_readme_lists_every_settings_endpoint(page_url):
+    import re
+    from pathlib import Path
+
+    endpoints = _client(page_url).view_api(return_format="dict", print_info=False)["named_endpoints"]
+    setters = {name for name in endpoints if name.startswith("/set_")}
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"`(/set_[a-z_]+)`", readme))
+    assert setters and listed == setters

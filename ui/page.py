@@ -331,6 +331,25 @@ def build_page(engine, settings=None) -> gr.Blocks:
                         step=0.001,
                     )
                 with gr.Row():
+                    job_widgets["sigma_min"] = _job_setting_widget(
+                        "sigma_min",
+                        "Schedule min sigma",
+                        info="Where the Karras, Exponential and Beta schedules end. 0: the model's own (about 0.03).",
+                        step=0.001,
+                    )
+                    job_widgets["sigma_max"] = _job_setting_widget(
+                        "sigma_max",
+                        "Schedule max sigma",
+                        info="Where they start. 0: the model's own (about 14.6).",
+                        step=0.001,
+                    )
+                    job_widgets["rho"] = _job_setting_widget(
+                        "rho",
+                        "Schedule rho (Karras)",
+                        info="Higher spends more of the steps at low noise, on detail. 0: its own (7).",
+                        step=0.1,
+                    )
+                with gr.Row():
                     job_widgets["s_min_uncond"] = _job_setting_widget(
                         "s_min_uncond",
                         "Negative Guidance minimum sigma (NGMS)",

@@ -1,0 +1,196 @@
+"""A1111's schedule min sigma, max sigma and rho (its sigma_min, sigma_max and rho settings): where the Karras,
+Exponential and Beta schedules start and end, and the Karras curve. Checked on the schedules against k-diffusion's
+formulas, on the UNet's first call, and through the infotext, the API, the page and Compare."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from engine import GenerationRequest, InvalidRequestError, Result
+from engine.compare import parse_axis, plan_grid
+from engine.infotext import parse_infotext, parse_infotext_params
+from engine.samplers import build_scheduler
+from tests.test_api import api, ok, server  # noqa: F401 - fixtures
+from tests.test_engine import SD_SCHEDULER_CONFIG
+from tests.test_ngms import RowsPerCall, sd_schedule
+from tests.test_page_client import _client, outputs_dir, page_url  # noqa: F401 - fixtures
+
+PROMPT = dict(prompt="a red circle on a blue background", seed=5, steps=8)
+# SD's own sigma range, which the schedules span unless told otherwise.
+SD_SIGMA_MIN, SD_SIGMA_MAX = 0.029168, 14.6146
+
+
+def karras(steps: int, lowest: float, highest: float, rho: float = 7.0) -> list[float]:
+    """k-diffusion's get_sigmas_karras, without its final 0."""
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    return ((highest ** (1 / rho) + ramp * (lowest ** (1 / rho) - highest ** (1 / rho))) ** rho).tolist()
+
+
+def exponential(steps: int, lowest: float, highest: float) -> list[float]:
+    """k-diffusion's get_sigmas_exponential, without its final 0."""
+    return torch.linspace(math.log(highest), math.log(lowest), steps, dtype=torch.float64).exp().tolist()
+
+
+def distinct_sigmas(sampler: str, schedule: str, schedule_range=(0.0, 0.0, 0.0), steps: int = 10) -> list[float]:
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, sampler, schedule, seed=0, schedule_range=schedule_range)
+    scheduler.set_timesteps(steps)
+    # Second-order schedulers list a sigma twice; DEIS and DPM++ SDE end on the smallest one twice.
+    return list(dict.fromkeys(round(sigma, 5) for sigma in scheduler.sigmas.tolist() if sigma > 0))
+
+
+@pytest.mark.parametrize(
+    ("sampler", "schedule"),
+    [
+        ("DPM++ 2M", "Karras"),
+        ("Euler", "Karras"),
+        ("LMS", "Karras"),  # diffusers reads its step count itself
+        ("DPM++ SDE", "Karras"),
+        ("Heun", "Exponential"),
+        ("UniPC", "Exponential"),
+        ("DPM++ 2M SDE", "Karras"),
+    ],
+)
+def test_the_schedule_spans_the_sigmas_asked_for_with_the_rho_asked_for(sampler, schedule):
+    made = exponential if schedule == "Exponential" else karras
+    assert distinct_sigmas(sampler, schedule) == pytest.approx(made(10, SD_SIGMA_MIN, SD_SIGMA_MAX), abs=2e-4)
+    assert distinct_sigmas(sampler, schedule, (0.1, 10, 0)) == pytest.approx(made(10, 0.1, 10), abs=2e-4)
+    # One end alone leaves the other the model's.
+    assert distinct_sigmas(sampler, schedule, (0, 5, 0)) == pytest.approx(made(10, SD_SIGMA_MIN, 5), abs=2e-4)
+    if schedule == "Karras":
+        expected = karras(10, 0.2, SD_SIGMA_MAX, rho=3)
+        assert distinct_sigmas(sampler, schedule, (0.2, 0, 3)) == pytest.approx(expected, abs=2e-4)
+
+
+def test_dpm2_still_drops_the_next_to_last_sigma_of_the_schedule_asked_for():
+    # A1111 makes DPM2's schedule for one step more with the asked-for ends and rho, then drops the smallest sigma.
+    expected = karras(11, 0.1, 10, rho=5)[:-1]
+    assert distinct_sigmas("DPM2", "Karras", (0.1, 10, 5)) == pytest.approx(expected, abs=2e-4)
+
+
+def test_beta_takes_the_ends_and_uniform_schedules_take_nothing():
+    beta = distinct_sigmas("Euler", "Beta", (0.1, 10, 0))
+    assert beta[0] == pytest.approx(10) and beta[-1] == pytest.approx(0.1)
+    # rho shapes Karras only, as in A1111.
+    assert distinct_sigmas("Euler", "Beta", (0, 0, 3)) == distinct_sigmas("Euler", "Beta")
+    assert distinct_sigmas("Euler", "Exponential", (0, 0, 3)) == distinct_sigmas("Euler", "Exponential")
+    # Uniform and SGM Uniform are the model's own timesteps, as A1111's are.
+    for schedule in ("Uniform", "SGM Uniform"):
+        assert distinct_sigmas("Euler", schedule, (0.1, 10, 3)) == distinct_sigmas("Euler", schedule)
+
+
+def test_ends_the_wrong_way_round_are_refused_naming_the_setting(micro_engine):
+    with pytest.raises(InvalidRequestError) as refused:
+        micro_engine.validate(GenerationRequest(**PROMPT, sigma_min=1, sigma_max=0.5))
+    assert refused.value.field == "sigma_max" and "more than sigma_min" in refused.value.allowed
+    # A max below the model's own min (0.029) is found where the schedule is made.
+    with pytest.raises(InvalidRequestError) as refused:
+        distinct_sigmas("Euler", "Karras", (0, 0.01, 0))
+    assert refused.value.field == "sigma_max" and "0.02917" in refused.value.allowed
+    for field, value in (("sigma_min", 3), ("sigma_max", 61), ("rho", -1), ("rho", "steep")):
+        with pytest.raises(InvalidRequestError) as refused:
+            micro_engine.validate(GenerationRequest(**PROMPT, **{field: value}))
+        assert refused.value.field == field
+
+
+def run(engine, **fields) -> Result:
+    result = list(engine.generate(GenerationRequest(**{**PROMPT, **fields})))[-1]
+    assert isinstance(result, Result), result
+    return result
+
+
+def test_sampling_starts_at_the_max_sigma_and_the_infotext_makes_the_picture_again(micro_engine):
+    unet = micro_engine.loaded.components["unet"]
+    with RowsPerCall(unet, sd_schedule()) as seen:
+        plain = run(micro_engine, sampler_name="DPM++ 2M", scheduler="Karras")
+    assert seen.calls[0][1] == pytest.approx(SD_SIGMA_MAX, rel=1e-3)
+    with RowsPerCall(unet, sd_schedule()) as seen:
+        ranged = run(micro_engine, sampler_name="DPM++ 2M", scheduler="Karras", sigma_max=5, sigma_min=0.1, rho=4)
+    # The UNet is told the timestep of sigma 5: sampling starts from that much noise.
+    assert seen.calls[0][1] == pytest.approx(5, rel=1e-2)
+    assert ranged.images[0].tobytes() != plain.images[0].tobytes()
+    params = parse_infotext_params(ranged.infotexts[0])
+    assert (params["Schedule min sigma"], params["Schedule max sigma"], params["Schedule rho"]) == ("0.1", "5", "4")
+    again = parse_infotext(ranged.infotexts[0])
+    assert (again.sigma_min, again.sigma_max, again.rho) == (0.1, 5, 4)
+    assert list(micro_engine.generate(again))[-1].images[0].tobytes() == ranged.images[0].tobytes()
+
+    # Uniform takes none of them: the same picture, and the infotext says nothing of them.
+    uniform = run(micro_engine, sampler_name="Euler", scheduler="Uniform")
+    with_range = run(micro_engine, sampler_name="Euler", scheduler="Uniform", sigma_max=5, rho=4)
+    assert with_range.images[0].tobytes() == uniform.images[0].tobytes()
+    written = parse_infotext_params(with_range.infotexts[0])
+    assert written["Schedule type"] == "Uniform" and not {"Schedule max sigma", "Schedule rho"} & set(written)
+    # Exponential takes the ends but not rho.
+    exponential_params = parse_infotext_params(
+        run(micro_engine, sampler_name="Euler", scheduler="Exponential", sigma_max=5, rho=4).infotexts[0]
+    )
+    assert exponential_params["Schedule max sigma"] == "5" and "Schedule rho" not in exponential_params
+
+
+def test_a_hires_pass_on_karras_writes_them_when_the_first_pass_is_uniform(micro_engine):
+    hires = dict(enable_hr=True, hr_scale=1.5, denoising_strength=0.5, sampler_name="Euler", scheduler="Uniform")
+    params = parse_infotext_params(run(micro_engine, **hires, hr_scheduler="Karras", rho=3).infotexts[0])
+    assert params["Schedule rho"] == "3" and params["Hires schedule type"] == "Karras"
+    assert "Schedule rho" not in parse_infotext_params(run(micro_engine, **hires, rho=3).infotexts[0])
+
+
+def test_the_api_takes_the_options_and_overrides(api):  # noqa: F811
+    payload = {
+        "prompt": "x",
+        "steps": 4,
+        "width": 64,
+        "height": 64,
+        "seed": 5,
+        "sampler_name": "Euler",
+        "scheduler": "Karras",
+    }
+
+    def infotext(body: dict) -> dict:
+        info = json.loads(body["info"])
+        assert info["ignored_fields"] == []
+        return parse_infotext_params(info["infotexts"][0])
+
+    options = ok(api.get("options"))
+    assert (options["sigma_min"], options["sigma_max"], options["rho"]) == (0, 0, 0)
+    overridden = {**payload, "override_settings": {"sigma_max": 8, "rho": 5}}
+    params = infotext(ok(api.post("txt2img", json=overridden)))
+    assert params["Schedule max sigma"] == "8" and params["Schedule rho"] == "5"
+    ok(api.post("options", json={"sigma_min": 0.2}))
+    try:
+        assert ok(api.get("options"))["sigma_min"] == 0.2
+        assert infotext(ok(api.post("txt2img", json=payload)))["Schedule min sigma"] == "0.2"
+    finally:
+        ok(api.post("options", json={"sigma_min": 0}))
+    refused = api.post("txt2img", json={**payload, "override_settings": {"rho": 200}})
+    assert refused.status_code == 422 and refused.json()["field"] == "override_settings.rho"
+    assert "0 to 100" in refused.json()["detail"]
+    refused = api.post("options", json={"sigma_max": "high"})
+    assert refused.status_code == 422 and refused.json()["field"] == "sigma_max"
+    # An infotext pasted into the API sets them too.
+    text = "x\nSteps: 4, Sampler: Euler, Schedule type: Karras, CFG scale: 7, Seed: 5, Size: 64x64, Schedule rho: 2"
+    assert infotext(ok(api.post("txt2img", json={"infotext": text})))["Schedule rho"] == "2"
+    assert "Schedule rho" not in infotext(ok(api.post("txt2img", json=payload)))  # it set this job's alone
+
+
+def test_the_page_setting_is_this_sessions_own(page_url):  # noqa: F811
+    args = ("x", "", "Euler", "Karras", 4, 7.0, 9, 64, 64, 1, 1)
+    client, other = _client(page_url), _client(page_url)
+    client.predict(6, api_name="/set_sigma_max")
+    client.predict(2.5, api_name="/set_rho")
+    infotext = client.predict(*args, api_name="/txt2img")[3]
+    assert "Schedule max sigma: 6" in infotext and "Schedule rho: 2.5" in infotext
+    assert "Schedule max sigma" not in other.predict(*args, api_name="/txt2img")[3]
+    with pytest.raises(Exception, match="60"):
+        client.predict(70, api_name="/set_sigma_max")
+
+
+def test_compare_has_schedule_axes_whose_cells_carry_the_values(micro_engine):
+    base = GenerationRequest(**PROMPT, sampler_name="Euler", scheduler="Karras")
+    cells = plan_grid(base, [parse_axis("Schedule max sigma", "0, 5", micro_engine)])
+    assert [cell.request.sigma_max for cell in cells] == [0, 5] and cells[1].label == "Schedule max sigma: 5"
+    cells = plan_grid(base, [parse_axis("Schedule rho", "3-5", micro_engine)])
+    assert [cell.request.rho for cell in cells] == [3, 4, 5]
