@@ -116,6 +116,7 @@ def _scheduler_for(req: GenerationRequest, model, sampler_name: str, schedule: s
         eta=req.eta,
         s_noise=req.s_noise,
         schedule_range=(req.sigma_min, req.sigma_max, req.rho),
+        model_family=model.family,
     )
 
 

@@ -166,15 +166,21 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec("LCM", "LCMScheduler", {}, "Uniform", ("lcm",)),
 )
 
-# Schedule types (A1111 >= 1.9) and the scheduler config keys that express them in diffusers.
-# A type only applies where the scheduler's constructor takes those keys.
+# Schedule types (A1111 >= 1.9, in its order) and the scheduler config keys that express them in diffusers.
+# A type only applies where the scheduler's constructor takes those keys. Polyexponential, KL Optimal, Align Your
+# Steps, Simple and Normal are made here, where diffusers makes Karras sigmas (_SigmaSchedule).
 SCHEDULE_TYPES: dict[str, dict[str, Any]] = {
     "Automatic": {},
     "Uniform": {},
     "Karras": {"use_karras_sigmas": True},
     "Exponential": {"use_exponential_sigmas": True},
-    "Beta": {"use_beta_sigmas": True},
+    "Polyexponential": {"use_karras_sigmas": True},
     "SGM Uniform": {"timestep_spacing": "trailing"},
+    "KL Optimal": {"use_karras_sigmas": True},
+    "Align Your Steps": {"use_karras_sigmas": True},
+    "Simple": {"use_karras_sigmas": True},
+    "Normal": {"use_karras_sigmas": True},
+    "Beta": {"use_beta_sigmas": True},
 }
 _SIGMA_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 
@@ -240,8 +246,21 @@ def effective_schedule(spec: SamplerSpec, schedule: str) -> str:
     return spec.default_schedule if schedule == "Automatic" else schedule
 
 
-# The schedule types whose ends A1111's schedule min and max sigma set; rho shapes Karras alone.
-RANGED_SCHEDULES = ("Karras", "Exponential", "Beta")
+# The schedule types whose ends A1111's schedule min and max sigma set, and those rho shapes (with its default).
+RANGED_SCHEDULES = ("Karras", "Exponential", "Polyexponential", "KL Optimal", "Normal", "Beta")
+SCHEDULE_RHO = {"Karras": 7.0, "Polyexponential": 1.0}
+
+# NVIDIA's Align Your Steps sigmas for 10 steps (research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html), as
+# A1111 takes them: SDXL's for SDXL models, SD 1.5's for every other.
+ALIGN_YOUR_STEPS = {
+    "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
+    "sd1": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
+}
+
+
+# diffusers' DPM-Solver classes space steps + 1 timesteps from 999 and drop the last (A1111's SGM Uniform); A1111's
+# Uniform for its DPM++ samplers is k-diffusion's, evenly spaced from 999 to 0, which _SigmaSchedule makes.
+_SPACED_ONE_OVER = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler")
 
 
 def takes_schedule_range(sampler_name: str, schedule: str) -> bool:
@@ -250,15 +269,70 @@ def takes_schedule_range(sampler_name: str, schedule: str) -> bool:
 
 
 def takes_schedule_rho(sampler_name: str, schedule: str) -> bool:
-    return effective_schedule(get_sampler(sampler_name), schedule) == "Karras"
+    return effective_schedule(get_sampler(sampler_name), schedule) in SCHEDULE_RHO
 
 
-class _ScheduleRange:
-    """A1111's schedule min sigma, max sigma and rho (0: the schedule's own), for the Karras, Exponential and Beta
-    schedules. diffusers makes those from the ends of the model's sigmas (or its config's sigma_min and
-    sigma_max), and Karras with rho 7; here the ends are replaced where asked, and Karras is made with the rho
-    asked for, by k-diffusion's formula. The values are the instance's (build_scheduler sets them)."""
+def _t_to_sigma(timesteps: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """k-diffusion's t_to_sigma: the model's log sigmas interpolated at fractional timesteps."""
+    low = np.floor(timesteps).astype(int)
+    high = np.ceil(timesteps).astype(int)
+    weight = timesteps - low
+    return np.exp((1 - weight) * log_sigmas[low] + weight * log_sigmas[high])
 
+
+def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
+    """k-diffusion's sigma_to_t (unquantized): where `sigma` falls between the model's log sigmas."""
+    log_sigma = np.log(sigma)
+    low = int(np.clip(np.sum(log_sigma >= log_sigmas) - 1, 0, len(log_sigmas) - 2))
+    weight = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return (1 - weight) * low + weight * (low + 1)
+
+
+def schedule_sigmas(
+    kind: str, steps: int, lowest: float, highest: float, *, rho: float, model_sigmas: np.ndarray, family: str
+) -> np.ndarray:
+    """The `steps` sigmas of A1111's schedule type `kind` (without the final 0), from `highest` down towards
+    `lowest`; `model_sigmas` are the model's own, by timestep (ascending)."""
+    ramp = np.linspace(0, 1, steps)
+    if kind == "Uniform":  # k-diffusion's get_sigmas: evenly spaced timesteps from the last to 0
+        return _t_to_sigma(np.linspace(len(model_sigmas) - 1, 0, steps), np.log(model_sigmas))
+    if kind == "Karras":
+        inv_rho = 1 / rho
+        return (highest**inv_rho + ramp * (lowest**inv_rho - highest**inv_rho)) ** rho
+    if kind == "Polyexponential":
+        return np.exp((1 - ramp) ** rho * (np.log(highest) - np.log(lowest)) + np.log(lowest))
+    if kind == "KL Optimal":
+        # A1111 spaces n + 1 points to the min sigma and steps to it last; here the last step goes to 0, as every
+        # schedule's does in diffusers (and as ComfyUI's KL Optimal does).
+        shares = np.arange(steps) / steps
+        return np.tan(shares * np.arctan(lowest) + (1 - shares) * np.arctan(highest))
+    if kind == "Align Your Steps":
+        table = np.array(ALIGN_YOUR_STEPS["sdxl" if family == "sdxl" else "sd1"], dtype=np.float64)
+        if steps == len(table):
+            return table
+        # Log-linear interpolation over the table's positions, as NVIDIA's how-to does it.
+        log_ascending = np.log(table[::-1])
+        return np.exp(np.interp(ramp, np.linspace(0, 1, len(table)), log_ascending))[::-1].copy()
+    if kind == "Simple":
+        stride = len(model_sigmas) / steps
+        return np.array([model_sigmas[-(1 + int(index * stride))] for index in range(steps)])
+    if kind == "Normal":
+        log_sigmas = np.log(model_sigmas)
+        start, end = _sigma_to_t(highest, log_sigmas), _sigma_to_t(lowest, log_sigmas)
+        return _t_to_sigma(np.linspace(start, end, steps), log_sigmas)
+    raise ValueError(f"no sigma schedule {kind!r}")
+
+
+class _SigmaSchedule:
+    """A1111's schedule types that diffusers has no flag for (Polyexponential, KL Optimal, Align Your Steps, Simple,
+    Normal), made where diffusers makes Karras sigmas, and A1111's schedule min sigma, max sigma and rho (0: the
+    schedule's own) for the schedule types that take them. diffusers makes Karras, Exponential and Beta from the
+    ends of the model's sigmas (or its config's sigma_min and sigma_max), and Karras with rho 7; here the ends are
+    replaced where asked, and Karras with another rho is made by k-diffusion's formula. The schedule type and the
+    values are the instance's (build_scheduler sets them); diffusers turns the sigmas into timesteps."""
+
+    schedule_kind = "Karras"
+    model_family = ""
     schedule_sigma_min = 0.0
     schedule_sigma_max = 0.0
     schedule_rho = 0.0
@@ -283,13 +357,20 @@ class _ScheduleRange:
     def _convert_to_karras(self, in_sigmas, num_inference_steps=None):
         # LMS and DPM++ SDE take no step count here: diffusers reads their own.
         steps = num_inference_steps if num_inference_steps is not None else self.num_inference_steps
-        if not self.schedule_rho:
+        if self.schedule_kind == "Karras" and not self.schedule_rho:
             given = {} if num_inference_steps is None else {"num_inference_steps": num_inference_steps}
             return super()._convert_to_karras(in_sigmas=self._with_ends(in_sigmas), **given)
         lowest, highest = self._schedule_ends(in_sigmas)
-        ramp = np.linspace(0, 1, steps)
-        inv_rho = 1 / self.schedule_rho
-        return (highest**inv_rho + ramp * (lowest**inv_rho - highest**inv_rho)) ** self.schedule_rho
+        model_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).double().sqrt().numpy()
+        return schedule_sigmas(
+            self.schedule_kind,
+            steps,
+            lowest,
+            highest,
+            rho=self.schedule_rho or SCHEDULE_RHO.get(self.schedule_kind, 0.0),
+            model_sigmas=model_sigmas,
+            family=self.model_family,
+        )
 
     def _convert_to_exponential(self, in_sigmas, num_inference_steps):
         return super()._convert_to_exponential(
@@ -303,22 +384,23 @@ class _ScheduleRange:
 
 
 @functools.cache
-def _with_schedule_range(cls: type) -> type:
-    """`cls` taking A1111's schedule min/max sigma and rho (discarding classes already do, inside the discard)."""
-    if issubclass(cls, _ScheduleRange):
+def _with_sigma_schedule(cls: type) -> type:
+    """`cls` making A1111's further schedule types and taking its schedule min/max sigma and rho (discarding
+    classes already do, inside the discard)."""
+    if issubclass(cls, _SigmaSchedule):
         return cls
-    return type(cls.__name__, (_ScheduleRange, cls), {"__doc__": cls.__doc__})
+    return type(cls.__name__, (_SigmaSchedule, cls), {"__doc__": cls.__doc__})
 
 
-class _DiscardPenultimateSigma(_ScheduleRange):
+class _DiscardPenultimateSigma(_SigmaSchedule):
     """A1111's discard_next_to_last_sigma, as its DPM2, DPM2 a and DPM++ 3M SDE sample: the sigma schedule is built
     for one step more and its smallest non-zero sigma dropped, so the step count stays and the last
     step goes to 0 from a larger sigma (a second-order step at the very smallest sigma is wasted).
 
     diffusers' KDPM2 schedulers take no custom sigmas and derive their interleaved midpoint arrays
     from the schedule inside set_timesteps, so the drop happens where the schedule is made. A1111
-    drops it on every schedule type; diffusers has a hook for Karras, Exponential and Beta only, so
-    Uniform and SGM Uniform keep their smallest sigma."""
+    drops it on every schedule type; here on every one made where diffusers makes Karras, Exponential and Beta
+    sigmas (Uniform too, made there for these samplers), so SGM Uniform alone keeps its smallest sigma."""
 
     def _convert_to_karras(self, in_sigmas, num_inference_steps):
         return super()._convert_to_karras(in_sigmas=in_sigmas, num_inference_steps=num_inference_steps + 1)[:-1]
@@ -737,11 +819,13 @@ def build_scheduler(
     eta: float | None = None,
     s_noise: float = 1.0,
     schedule_range: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    model_family: str = "",
 ):
     """A new scheduler instance for one job; `base_config` is the model's own scheduler config. `eta` is that of
     Euler a, DPM2 a and the DPM++ SDE samplers (None: 1); DDIM takes its eta from the pipeline call. `s_noise` is
     A1111's sigma noise, for the samplers that take it (SamplerSpec.takes_s_noise). `schedule_range` is A1111's
-    schedule min sigma, max sigma and rho (0: the schedule's own; RANGED_SCHEDULES take them)."""
+    schedule min sigma, max sigma and rho (0: the schedule's own; RANGED_SCHEDULES take them). `model_family`
+    picks Align Your Steps' table (SDXL's or SD 1.5's)."""
     spec = get_sampler(sampler_name)
     if spec.name in _A1111_CLASSES:
         cls = _A1111_CLASSES[spec.name]
@@ -757,17 +841,22 @@ def build_scheduler(
         # Also where the Karras/Exponential sigmas are derived from the spaced ones (Euler, LMS, Heun,
         # DPM2, DPM++ SDE in diffusers): the range is then A1111's, sigma(999) down to sigma(0).
         overrides["timestep_spacing"] = "linspace"
-    overrides.update(SCHEDULE_TYPES[effective_schedule(spec, schedule)])
+    kind = effective_schedule(spec, schedule)
+    overrides.update(SCHEDULE_TYPES[kind])
+    if kind == "Uniform" and (spec.scheduler_class in _SPACED_ONE_OVER or spec.discard_penultimate_sigma):
+        overrides["use_karras_sigmas"] = True  # made by _SigmaSchedule, where the discard can drop a sigma of it
     if "noise_sampler_seed" in params and seed is not None:
         overrides["noise_sampler_seed"] = seed
     # Where the config has its own ends, diffusers reads them there first.
     sigma_min, sigma_max, _rho = schedule_range
     overrides.update({key: value for key, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)) if value})
     overrides = {key: value for key, value in overrides.items() if key in params}
-    if any(schedule_range):
-        cls = _with_schedule_range(cls)
+    made_here = bool(overrides.get("use_karras_sigmas")) and kind != "Karras"
+    if made_here or any(schedule_range):
+        cls = _with_sigma_schedule(cls)
     scheduler = cls.from_config(dict(base_config), **overrides)
-    if any(schedule_range):
+    if made_here or any(schedule_range):
+        scheduler.schedule_kind, scheduler.model_family = kind, model_family
         scheduler.schedule_sigma_min, scheduler.schedule_sigma_max, scheduler.schedule_rho = map(float, schedule_range)
     if eta is not None and isinstance(scheduler, _ETA_CLASSES):
         scheduler.eta = float(eta)

@@ -251,6 +251,8 @@ SD_SCHEDULER_CONFIG = {
     ("sampler", "schedule", "second_sigma"),
     [
         ("Euler a", "Uniform", 10.747),  # k-diffusion's uniform: t = linspace(999, 0, steps)
+        ("DPM++ 2M", "Uniform", 10.747),  # diffusers' own spaces 21 timesteps and drops the last (10.904)
+        ("DPM++ 2S a", "Uniform", 10.747),
         ("LMS", "Uniform", 10.747),
         ("Heun", "Karras", 11.725),
         ("DPM++ SDE", "Karras", 11.725),

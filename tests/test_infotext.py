@@ -361,9 +361,9 @@ def test_unknown_sampler_names_the_sampler_key():
 
 def test_unsupported_schedule_type_names_the_schedule_key():
     with pytest.raises(InvalidRequestError) as caught:
-        parse_infotext("a cat\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Align Your Steps, CFG scale: 7")
+        parse_infotext("a cat\nSteps: 20, Sampler: DPM++ 2M, Schedule type: DDIM, CFG scale: 7")
     assert caught.value.field == "Schedule type"
-    assert caught.value.value == "Align Your Steps"
+    assert caught.value.value == "DDIM"
 
 
 def test_parse_rejects_non_text():

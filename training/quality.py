@@ -80,16 +80,26 @@ def attribute_accuracy(
     sampler: str | None = None,
     steps: int = DEFAULT_STEPS,
     cfg_scale: float = DEFAULT_CFG,
+    scheduler: str = "Automatic",
 ) -> Accuracy:
     """Shares of `count` prompts whose background, shape colour and shape are read right; the
-    sampler is the model's default (what the page opens with) unless named."""
+    sampler is the model's default (what the page opens with) unless named, on its own schedule type unless
+    `scheduler` names one."""
     sampler = sampler or engine.defaults().sampler_name
     hits = np.zeros(3)
     by_kind = {shape: [0, 0] for shape in dataset.SHAPES}
     outlines: dict[str, list[float]] = {}
     prompts = prompt_set(count)
     for i, (prompt, scene) in enumerate(prompts):
-        image = generate(engine, prompt=prompt, seed=1000 + i, sampler_name=sampler, steps=steps, cfg_scale=cfg_scale)
+        image = generate(
+            engine,
+            prompt=prompt,
+            seed=1000 + i,
+            sampler_name=sampler,
+            scheduler=scheduler,
+            steps=steps,
+            cfg_scale=cfg_scale,
+        )
         reading = dataset.classify(image)
         hits += [reading.background == scene.background, reading.colour == scene.colour, reading.shape == scene.shape]
         by_kind[scene.shape][0] += reading.shape == scene.shape

@@ -1,22 +1,25 @@
-"""A1111's schedule min sigma, max sigma and rho (its sigma_min, sigma_max and rho settings): where the Karras,
-Exponential and Beta schedules start and end, and the Karras curve. Checked on the schedules against k-diffusion's
-formulas, on the UNet's first call, and through the infotext, the API, the page and Compare."""
+"""A1111's schedule types that diffusers has no flag for (Polyexponential, KL Optimal, Align Your Steps, Simple,
+Normal), and its schedule min sigma, max sigma and rho (its sigma_min, sigma_max and rho settings): where the
+schedules start and end, and the Karras and Polyexponential curves. Checked on the schedules against k-diffusion's
+and A1111's formulas, on the UNet's first call, on the micro model's pictures, and through the infotext, the API,
+the page and Compare."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from engine import GenerationRequest, InvalidRequestError, Result
 from engine.compare import parse_axis, plan_grid
 from engine.infotext import parse_infotext, parse_infotext_params
-from engine.samplers import build_scheduler
+from engine.samplers import ALIGN_YOUR_STEPS, build_scheduler
 from tests.test_api import api, ok, server  # noqa: F401 - fixtures
 from tests.test_engine import SD_SCHEDULER_CONFIG
-from tests.test_ngms import RowsPerCall, sd_schedule
+from tests.test_ngms import RowsPerCall, sd_alphas, sd_schedule
 from tests.test_page_client import _client, outputs_dir, page_url  # noqa: F401 - fixtures
 
 PROMPT = dict(prompt="a red circle on a blue background", seed=5, steps=8)
@@ -35,8 +38,12 @@ def exponential(steps: int, lowest: float, highest: float) -> list[float]:
     return torch.linspace(math.log(highest), math.log(lowest), steps, dtype=torch.float64).exp().tolist()
 
 
-def distinct_sigmas(sampler: str, schedule: str, schedule_range=(0.0, 0.0, 0.0), steps: int = 10) -> list[float]:
-    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, sampler, schedule, seed=0, schedule_range=schedule_range)
+def distinct_sigmas(
+    sampler: str, schedule: str, schedule_range=(0.0, 0.0, 0.0), steps: int = 10, family: str = ""
+) -> list[float]:
+    scheduler = build_scheduler(
+        SD_SCHEDULER_CONFIG, sampler, schedule, seed=0, schedule_range=schedule_range, model_family=family
+    )
     scheduler.set_timesteps(steps)
     # Second-order schedulers list a sigma twice; DEIS and DPM++ SDE end on the smallest one twice.
     return list(dict.fromkeys(round(sigma, 5) for sigma in scheduler.sigmas.tolist() if sigma > 0))
@@ -82,6 +89,68 @@ def test_beta_takes_the_ends_and_uniform_schedules_take_nothing():
         assert distinct_sigmas("Euler", schedule, (0.1, 10, 3)) == distinct_sigmas("Euler", schedule)
 
 
+def model_sigmas() -> torch.Tensor:
+    """SD's sigma at each timestep, ascending (k-diffusion's DiscreteSchedule.sigmas)."""
+    alphas = sd_alphas().double()
+    return ((1 - alphas) / alphas).sqrt()
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "LMS", "Heun"])
+def test_a1111s_further_schedule_types_are_its_formulas(sampler):
+    steps, lowest, highest = 10, SD_SIGMA_MIN, SD_SIGMA_MAX
+    # Polyexponential: k-diffusion's get_sigmas_polyexponential; at its own rho (1) it is Exponential.
+    assert distinct_sigmas(sampler, "Polyexponential") == pytest.approx(exponential(steps, lowest, highest), abs=2e-4)
+    ramp = torch.linspace(1, 0, steps, dtype=torch.float64) ** 2.5
+    expected = torch.exp(ramp * (math.log(highest) - math.log(lowest)) + math.log(lowest)).tolist()
+    assert distinct_sigmas(sampler, "Polyexponential", (0, 0, 2.5)) == pytest.approx(expected, abs=2e-4)
+    # KL Optimal: tan of evenly spaced angles between atan(max) and atan(min), the first n of A1111's n + 1.
+    shares = torch.arange(steps, dtype=torch.float64) / steps
+    expected = torch.tan(shares * math.atan(lowest) + (1 - shares) * math.atan(highest)).tolist()
+    assert distinct_sigmas(sampler, "KL Optimal") == pytest.approx(expected, abs=2e-4)
+    # Simple: every (1000 / n)th of the model's own sigmas, from the top.
+    sigmas = model_sigmas()
+    expected = [float(sigmas[-(1 + int(index * len(sigmas) / steps))]) for index in range(steps)]
+    assert distinct_sigmas(sampler, "Simple") == pytest.approx(expected, abs=2e-4)
+    # Normal: evenly spaced timesteps between the max's and the min's; at the model's own ends, Uniform's.
+    assert distinct_sigmas(sampler, "Normal") == pytest.approx(distinct_sigmas(sampler, "Uniform"), abs=2e-4)
+    ranged = distinct_sigmas(sampler, "Normal", (0.1, 10, 0))
+    timesteps = np.interp(np.log(ranged)[::-1], sigmas.log().numpy(), np.arange(len(sigmas)))[::-1]
+    assert ranged[0] == pytest.approx(10, abs=2e-4) and ranged[-1] == pytest.approx(0.1, abs=2e-4)
+    assert np.diff(timesteps) == pytest.approx([np.diff(timesteps)[0]] * (steps - 1), abs=1e-2)
+
+
+def test_align_your_steps_is_nvidias_table_for_the_models_family():
+    # At 10 steps (11 sigmas) the table itself; SDXL's for SDXL models, SD 1.5's for the others, as in A1111.
+    for family, table in (("sd1", "sd1"), ("sdxl", "sdxl"), ("micro", "sd1")):
+        made = distinct_sigmas("Euler", "Align Your Steps", steps=11, family=family)
+        assert made == pytest.approx(ALIGN_YOUR_STEPS[table], abs=1e-4)
+    # Other step counts: log-linear interpolation over the table's positions (NVIDIA's how-to).
+    table = np.array(ALIGN_YOUR_STEPS["sd1"])
+    expected = np.exp(np.interp(np.linspace(0, 1, 20), np.linspace(0, 1, 11), np.log(table[::-1])))[::-1]
+    assert distinct_sigmas("Euler", "Align Your Steps", steps=20, family="sd1") == pytest.approx(expected, abs=1e-4)
+    # It ignores the schedule's ends, as A1111's does.
+    assert distinct_sigmas("Euler", "Align Your Steps", (0.1, 10, 3)) == distinct_sigmas("Euler", "Align Your Steps")
+
+
+def test_dpm2_drops_the_next_to_last_sigma_of_every_schedule_type():
+    sigmas = model_sigmas()
+    expected = [float(sigmas[-(1 + int(index * len(sigmas) / 11))]) for index in range(11)][:-1]
+    assert distinct_sigmas("DPM2", "Simple") == pytest.approx(expected, abs=2e-4)
+    # Uniform: k-diffusion's evenly spaced timesteps for 11 steps, the smallest sigma dropped.
+    timesteps = np.linspace(len(sigmas) - 1, 0, 11)
+    uniform = np.exp(np.interp(timesteps, np.arange(len(sigmas)), sigmas.log().numpy()))
+    for sampler in ("DPM2", "DPM2 a"):
+        assert distinct_sigmas(sampler, "Uniform") == pytest.approx(uniform[:-1].tolist(), abs=2e-4)
+
+
+@pytest.mark.parametrize("schedule", ["Polyexponential", "KL Optimal", "Align Your Steps", "Simple", "Normal"])
+def test_the_micro_model_draws_the_backgrounds_on_each_schedule_type(micro_engine, schedule):
+    from training import quality
+
+    accuracy = quality.attribute_accuracy(micro_engine, 8, sampler="Euler", scheduler=schedule)
+    assert accuracy.background >= 0.9, accuracy
+
+
 def test_ends_the_wrong_way_round_are_refused_naming_the_setting(micro_engine):
     with pytest.raises(InvalidRequestError) as refused:
         micro_engine.validate(GenerationRequest(**PROMPT, sigma_min=1, sigma_max=0.5))
@@ -124,6 +193,13 @@ def test_sampling_starts_at_the_max_sigma_and_the_infotext_makes_the_picture_aga
     assert with_range.images[0].tobytes() == uniform.images[0].tobytes()
     written = parse_infotext_params(with_range.infotexts[0])
     assert written["Schedule type"] == "Uniform" and not {"Schedule max sigma", "Schedule rho"} & set(written)
+    # A1111's Normal at the model's own ends is its Uniform: the same picture.
+    normal = run(micro_engine, sampler_name="Euler", scheduler="Normal")
+    assert normal.images[0].tobytes() == uniform.images[0].tobytes() and "Schedule type: Normal" in normal.infotexts[0]
+    steps = run(micro_engine, sampler_name="DPM++ 2M", scheduler="Align Your Steps")
+    again = parse_infotext(steps.infotexts[0])
+    assert again.scheduler == "Align Your Steps"
+    assert list(micro_engine.generate(again))[-1].images[0].tobytes() == steps.images[0].tobytes()
     # Exponential takes the ends but not rho.
     exponential_params = parse_infotext_params(
         run(micro_engine, sampler_name="Euler", scheduler="Exponential", sigma_max=5, rho=4).infotexts[0]
