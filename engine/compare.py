@@ -185,7 +185,7 @@ def parse_axis(kind: str, text: str, engine) -> Axis:
         if kind in _UNIT_AXES and any(not 0 <= v <= 1 for v in typed):
             raise InvalidRequestError(f"{kind} axis", text, "values from 0 to 1")
         setting = JOB_SETTING_BY_FIELD.get(_AXIS_FIELDS.get(kind, ""))
-        if setting is not None and any(not 0 <= v <= setting.highest for v in typed):
+        if setting is not None and any(not setting.lowest <= v <= setting.highest for v in typed):
             raise InvalidRequestError(f"{kind} axis", text, setting.allowed(several=True))
         if kind == "Clip skip" and any(not 1 <= v <= MAX_CLIP_SKIP for v in typed):
             raise InvalidRequestError(f"{kind} axis", text, f"whole numbers from 1 to {MAX_CLIP_SKIP}")

@@ -30,7 +30,7 @@ from .noise import NoiseVariation, initial_noise, reseed_after_start
 from .prompts import Conditioning, SDXLEmbeds, guidance_rows
 from .refiner import Refiner, RefinerSwitch
 from .request import LATENT_UPSCALERS, GenerationRequest
-from .samplers import build_scheduler, diffusers_strength, eta_for, img2img_steps
+from .samplers import ScheduleShape, build_scheduler, diffusers_strength, eta_for, img2img_steps
 from .upscalers import upscale_to
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def _scheduler_for(req: GenerationRequest, model, sampler_name: str, schedule: s
         seed=seed,
         eta=req.eta,
         s_noise=req.s_noise,
-        schedule_range=(req.sigma_min, req.sigma_max, req.rho),
+        schedule_shape=ScheduleShape(req.sigma_min, req.sigma_max, req.rho, req.beta_dist_alpha, req.beta_dist_beta),
         model_family=model.family,
     )
 

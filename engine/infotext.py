@@ -25,7 +25,7 @@ from .errors import InvalidRequestError
 from .images import to_pil
 from .inpaint import MASKED_CONTENT
 from .request import JOB_SETTINGS, GenerationRequest
-from .samplers import eta_for, get_sampler, resolve, takes_schedule_range, takes_schedule_rho
+from .samplers import effective_schedule, eta_for, get_sampler, resolve, takes_schedule_range, takes_schedule_rho
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,10 @@ def format_infotext(
                 params[key] = _format_number(value)
     if req.rho and any(takes_schedule_rho(*chosen) for chosen in passes):
         params["Schedule rho"] = _format_number(req.rho)
+    if any(effective_schedule(get_sampler(sampler), schedule) == "Beta" for sampler, schedule in passes):
+        # As A1111 writes them whenever the Beta schedule is used.
+        params["Beta schedule alpha"] = _format_number(req.beta_dist_alpha)
+        params["Beta schedule beta"] = _format_number(req.beta_dist_beta)
     if req.eta_noise_seed_delta and spec.uses_ensd and (eta is None or eta != 0):
         params["ENSD"] = int(req.eta_noise_seed_delta)
     if req.mode != "txt2img" and req.initial_noise_multiplier != 1:

@@ -27,6 +27,8 @@ MAX_SIGMA_NOISE = 1.1
 MAX_SCHEDULE_SIGMA_MIN = 2.0
 MAX_SCHEDULE_SIGMA_MAX = 60.0
 MAX_SCHEDULE_RHO = 100.0
+# A1111's Beta schedule sliders go from 0.01 to 1 (Forge's to 2, which is taken too).
+MIN_BETA_SHAPE, MAX_BETA_SHAPE = 0.01, 2.0
 # A1111's Clip skip setting goes to 12 (a model's text encoder may have fewer layers: it refuses more).
 MAX_CLIP_SKIP = 12
 
@@ -110,6 +112,10 @@ class GenerationRequest:
     sigma_min: float = 0.0
     sigma_max: float = 0.0
     rho: float = 0.0
+    # A1111's Beta schedule's alpha and beta (its beta_dist_alpha and beta_dist_beta): the shape of the beta
+    # distribution whose quantiles space the Beta schedule's sigmas.
+    beta_dist_alpha: float = 0.6
+    beta_dist_beta: float = 0.6
     # A1111's "Eta noise seed delta" (ENSD): after each picture's starting noise is drawn, the noise its steps
     # draw comes from seed + this, as A1111 does it (31337 in NovelAI-era infotexts); 0 leaves it.
     eta_noise_seed_delta: int = 0
@@ -298,8 +304,9 @@ class JobSetting:
     # What it is and does, for the API's and the page's descriptions.
     summary: str
     default: float | int | bool
-    # A number from 0 to this (a whole number when `default` is an int); None for a switch (on or off).
+    # A number from `lowest` to this (a whole number when `default` is an int); None for a switch (on or off).
     highest: float | None = None
+    lowest: float = 0
 
     @property
     def is_switch(self) -> bool:
@@ -314,8 +321,8 @@ class JobSetting:
         if self.is_switch:
             return "true or false"
         kind = "whole number" if self.is_whole else "number"
-        highest = f"{self.highest:g}" if isinstance(self.highest, float) else str(self.highest)
-        return f"{kind}s from 0 to {highest}" if several else f"a {kind} from 0 to {highest}"
+        lowest, highest = (f"{end:g}" if isinstance(end, float) else str(end) for end in (self.lowest, self.highest))
+        return f"{kind}s from {lowest} to {highest}" if several else f"a {kind} from {lowest} to {highest}"
 
     def checked(self, value: Any, name: str | None = None) -> float | int | bool:
         """`value` as this setting takes it; InvalidRequestError naming `name` (default: the field) otherwise."""
@@ -323,7 +330,7 @@ class JobSetting:
         if self.is_switch:
             return _as_flag(value, name)
         number = _as_int(value, name) if self.is_whole else _as_float(value, name)
-        if not 0 <= number <= self.highest:
+        if not self.lowest <= number <= self.highest:
             raise InvalidRequestError(name, value, self.allowed())
         return number
 
@@ -351,7 +358,8 @@ JOB_SETTINGS = (
         "sigma_min",
         "sigma_min",
         "Schedule min sigma",
-        "schedule min sigma: where the Karras, Exponential and Beta schedules end; 0 is the model's own (about 0.03)",
+        "schedule min sigma: where the Karras, Exponential, Beta and other schedules end; 0 is the model's own "
+        "(about 0.03)",
         0.0,
         MAX_SCHEDULE_SIGMA_MIN,
     ),
@@ -370,6 +378,24 @@ JOB_SETTINGS = (
         "schedule rho: the Karras schedule's curve, higher spending more steps at low noise; 0 is its own (7)",
         0.0,
         MAX_SCHEDULE_RHO,
+    ),
+    JobSetting(
+        "beta_dist_alpha",
+        "beta_dist_alpha",
+        "Beta schedule alpha",
+        "Beta schedule alpha: the alpha of the beta distribution that spaces the Beta schedule's sigmas; 0.6 its own",
+        0.6,
+        MAX_BETA_SHAPE,
+        MIN_BETA_SHAPE,
+    ),
+    JobSetting(
+        "beta_dist_beta",
+        "beta_dist_beta",
+        "Beta schedule beta",
+        "Beta schedule beta: the beta of the beta distribution that spaces the Beta schedule's sigmas; 0.6 its own",
+        0.6,
+        MAX_BETA_SHAPE,
+        MIN_BETA_SHAPE,
     ),
     JobSetting(
         "initial_noise_multiplier",

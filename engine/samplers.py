@@ -263,6 +263,18 @@ ALIGN_YOUR_STEPS = {
 _SPACED_ONE_OVER = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler")
 
 
+@dataclass(frozen=True)
+class ScheduleShape:
+    """A1111's settings that shape a schedule: its min and max sigma and rho (0: the schedule's own), and the Beta
+    schedule's alpha and beta (0.6 each)."""
+
+    sigma_min: float = 0.0
+    sigma_max: float = 0.0
+    rho: float = 0.0
+    beta_alpha: float = 0.6
+    beta_beta: float = 0.6
+
+
 def takes_schedule_range(sampler_name: str, schedule: str) -> bool:
     """Whether the sampler's schedule (Automatic: its default) starts and ends where schedule min/max sigma say."""
     return effective_schedule(get_sampler(sampler_name), schedule) in RANGED_SCHEDULES
@@ -333,15 +345,14 @@ class _SigmaSchedule:
 
     schedule_kind = "Karras"
     model_family = ""
-    schedule_sigma_min = 0.0
-    schedule_sigma_max = 0.0
-    schedule_rho = 0.0
+    schedule_shape = ScheduleShape()
 
     def _schedule_ends(self, in_sigmas) -> tuple[float, float]:
-        lowest = self.schedule_sigma_min or getattr(self.config, "sigma_min", None) or float(in_sigmas[-1])
-        highest = self.schedule_sigma_max or getattr(self.config, "sigma_max", None) or float(in_sigmas[0])
+        shape = self.schedule_shape
+        lowest = shape.sigma_min or getattr(self.config, "sigma_min", None) or float(in_sigmas[-1])
+        highest = shape.sigma_max or getattr(self.config, "sigma_max", None) or float(in_sigmas[0])
         if highest <= lowest:
-            field, value = ("sigma_max", highest) if self.schedule_sigma_max else ("sigma_min", lowest)
+            field, value = ("sigma_max", highest) if shape.sigma_max else ("sigma_min", lowest)
             raise InvalidRequestError(
                 field, value, f"a max sigma above the min sigma (here {lowest:.4g} to {highest:.4g})"
             )
@@ -357,7 +368,7 @@ class _SigmaSchedule:
     def _convert_to_karras(self, in_sigmas, num_inference_steps=None):
         # LMS and DPM++ SDE take no step count here: diffusers reads their own.
         steps = num_inference_steps if num_inference_steps is not None else self.num_inference_steps
-        if self.schedule_kind == "Karras" and not self.schedule_rho:
+        if self.schedule_kind == "Karras" and not self.schedule_shape.rho:
             given = {} if num_inference_steps is None else {"num_inference_steps": num_inference_steps}
             return super()._convert_to_karras(in_sigmas=self._with_ends(in_sigmas), **given)
         lowest, highest = self._schedule_ends(in_sigmas)
@@ -367,7 +378,7 @@ class _SigmaSchedule:
             steps,
             lowest,
             highest,
-            rho=self.schedule_rho or SCHEDULE_RHO.get(self.schedule_kind, 0.0),
+            rho=self.schedule_shape.rho or SCHEDULE_RHO.get(self.schedule_kind, 0.0),
             model_sigmas=model_sigmas,
             family=self.model_family,
         )
@@ -377,9 +388,12 @@ class _SigmaSchedule:
             in_sigmas=self._with_ends(in_sigmas), num_inference_steps=num_inference_steps
         )
 
-    def _convert_to_beta(self, in_sigmas, num_inference_steps, **shape):
+    def _convert_to_beta(self, in_sigmas, num_inference_steps, alpha=0.6, beta=0.6):
         return super()._convert_to_beta(
-            in_sigmas=self._with_ends(in_sigmas), num_inference_steps=num_inference_steps, **shape
+            in_sigmas=self._with_ends(in_sigmas),
+            num_inference_steps=num_inference_steps,
+            alpha=self.schedule_shape.beta_alpha,
+            beta=self.schedule_shape.beta_beta,
         )
 
 
@@ -818,13 +832,14 @@ def build_scheduler(
     seed: int | None = None,
     eta: float | None = None,
     s_noise: float = 1.0,
-    schedule_range: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    schedule_shape: ScheduleShape = ScheduleShape(),
     model_family: str = "",
 ):
     """A new scheduler instance for one job; `base_config` is the model's own scheduler config. `eta` is that of
     Euler a, DPM2 a and the DPM++ SDE samplers (None: 1); DDIM takes its eta from the pipeline call. `s_noise` is
-    A1111's sigma noise, for the samplers that take it (SamplerSpec.takes_s_noise). `schedule_range` is A1111's
-    schedule min sigma, max sigma and rho (0: the schedule's own; RANGED_SCHEDULES take them). `model_family`
+    A1111's sigma noise, for the samplers that take it (SamplerSpec.takes_s_noise). `schedule_shape` is A1111's
+    schedule min sigma, max sigma and rho (0: the schedule's own; RANGED_SCHEDULES take them) and Beta's alpha and
+    beta. `model_family`
     picks Align Your Steps' table (SDXL's or SD 1.5's)."""
     spec = get_sampler(sampler_name)
     if spec.name in _A1111_CLASSES:
@@ -848,16 +863,16 @@ def build_scheduler(
     if "noise_sampler_seed" in params and seed is not None:
         overrides["noise_sampler_seed"] = seed
     # Where the config has its own ends, diffusers reads them there first.
-    sigma_min, sigma_max, _rho = schedule_range
-    overrides.update({key: value for key, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max)) if value})
+    ends = (("sigma_min", schedule_shape.sigma_min), ("sigma_max", schedule_shape.sigma_max))
+    overrides.update({key: value for key, value in ends if value})
     overrides = {key: value for key, value in overrides.items() if key in params}
     made_here = bool(overrides.get("use_karras_sigmas")) and kind != "Karras"
-    if made_here or any(schedule_range):
+    shaped = schedule_shape != ScheduleShape()
+    if made_here or shaped:
         cls = _with_sigma_schedule(cls)
     scheduler = cls.from_config(dict(base_config), **overrides)
-    if made_here or any(schedule_range):
-        scheduler.schedule_kind, scheduler.model_family = kind, model_family
-        scheduler.schedule_sigma_min, scheduler.schedule_sigma_max, scheduler.schedule_rho = map(float, schedule_range)
+    if made_here or shaped:
+        scheduler.schedule_kind, scheduler.model_family, scheduler.schedule_shape = kind, model_family, schedule_shape
     if eta is not None and isinstance(scheduler, _ETA_CLASSES):
         scheduler.eta = float(eta)
     if spec.takes_s_noise and isinstance(scheduler, _SIGMA_NOISE_CLASSES):

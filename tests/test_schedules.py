@@ -16,7 +16,7 @@ import torch
 from engine import GenerationRequest, InvalidRequestError, Result
 from engine.compare import parse_axis, plan_grid
 from engine.infotext import parse_infotext, parse_infotext_params
-from engine.samplers import ALIGN_YOUR_STEPS, build_scheduler
+from engine.samplers import ALIGN_YOUR_STEPS, ScheduleShape, build_scheduler
 from tests.test_api import api, ok, server  # noqa: F401 - fixtures
 from tests.test_engine import SD_SCHEDULER_CONFIG
 from tests.test_ngms import RowsPerCall, sd_alphas, sd_schedule
@@ -41,8 +41,9 @@ def exponential(steps: int, lowest: float, highest: float) -> list[float]:
 def distinct_sigmas(
     sampler: str, schedule: str, schedule_range=(0.0, 0.0, 0.0), steps: int = 10, family: str = ""
 ) -> list[float]:
+    shape = ScheduleShape(*schedule_range)
     scheduler = build_scheduler(
-        SD_SCHEDULER_CONFIG, sampler, schedule, seed=0, schedule_range=schedule_range, model_family=family
+        SD_SCHEDULER_CONFIG, sampler, schedule, seed=0, schedule_shape=shape, model_family=family
     )
     scheduler.set_timesteps(steps)
     # Second-order schedulers list a sigma twice; DEIS and DPM++ SDE end on the smallest one twice.
@@ -151,6 +152,24 @@ def test_the_micro_model_draws_the_backgrounds_on_each_schedule_type(micro_engin
     assert accuracy.background >= 0.9, accuracy
 
 
+def test_the_beta_schedule_takes_its_alpha_and_beta():
+    from scipy import stats
+
+    def beta_sigmas(alpha: float, beta: float, lowest: float, highest: float) -> list[float]:
+        quantiles = stats.beta.ppf(1 - np.linspace(0, 1, 10), alpha, beta)
+        return (lowest + quantiles * (highest - lowest)).tolist()
+
+    def made(alpha: float, beta: float, lowest: float = 0.0, highest: float = 0.0) -> list[float]:
+        shape = ScheduleShape(lowest, highest, 0.0, alpha, beta)
+        scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "Euler", "Beta", seed=0, schedule_shape=shape)
+        scheduler.set_timesteps(10)
+        return [sigma for sigma in scheduler.sigmas.tolist() if sigma > 0]
+
+    assert made(0.6, 0.6) == pytest.approx(beta_sigmas(0.6, 0.6, SD_SIGMA_MIN, SD_SIGMA_MAX), abs=2e-4)
+    assert made(0.3, 0.9) == pytest.approx(beta_sigmas(0.3, 0.9, SD_SIGMA_MIN, SD_SIGMA_MAX), abs=2e-4)
+    assert made(0.3, 0.9, 0.1, 10) == pytest.approx(beta_sigmas(0.3, 0.9, 0.1, 10), abs=2e-4)
+
+
 def test_ends_the_wrong_way_round_are_refused_naming_the_setting(micro_engine):
     with pytest.raises(InvalidRequestError) as refused:
         micro_engine.validate(GenerationRequest(**PROMPT, sigma_min=1, sigma_max=0.5))
@@ -159,7 +178,7 @@ def test_ends_the_wrong_way_round_are_refused_naming_the_setting(micro_engine):
     with pytest.raises(InvalidRequestError) as refused:
         distinct_sigmas("Euler", "Karras", (0, 0.01, 0))
     assert refused.value.field == "sigma_max" and "0.02917" in refused.value.allowed
-    for field, value in (("sigma_min", 3), ("sigma_max", 61), ("rho", -1), ("rho", "steep")):
+    for field, value in (("sigma_min", 3), ("sigma_max", 61), ("rho", -1), ("rho", "steep"), ("beta_dist_alpha", 0)):
         with pytest.raises(InvalidRequestError) as refused:
             micro_engine.validate(GenerationRequest(**PROMPT, **{field: value}))
         assert refused.value.field == field
@@ -200,6 +219,14 @@ def test_sampling_starts_at_the_max_sigma_and_the_infotext_makes_the_picture_aga
     again = parse_infotext(steps.infotexts[0])
     assert again.scheduler == "Align Your Steps"
     assert list(micro_engine.generate(again))[-1].images[0].tobytes() == steps.images[0].tobytes()
+    # The Beta schedule's alpha and beta are written whenever it is used, as A1111 writes them, and read back.
+    beta = run(micro_engine, sampler_name="Euler", scheduler="Beta", beta_dist_alpha=0.4)
+    params = parse_infotext_params(beta.infotexts[0])
+    assert (params["Beta schedule alpha"], params["Beta schedule beta"]) == ("0.4", "0.6")
+    assert "Beta schedule alpha" not in parse_infotext_params(plain.infotexts[0])
+    again = parse_infotext(beta.infotexts[0])
+    assert list(micro_engine.generate(again))[-1].images[0].tobytes() == beta.images[0].tobytes()
+    assert beta.images[0].tobytes() != run(micro_engine, sampler_name="Euler", scheduler="Beta").images[0].tobytes()
     # Exponential takes the ends but not rho.
     exponential_params = parse_infotext_params(
         run(micro_engine, sampler_name="Euler", scheduler="Exponential", sigma_max=5, rho=4).infotexts[0]

@@ -349,6 +349,12 @@ def build_page(engine, settings=None) -> gr.Blocks:
                         info="Higher spends more of the steps at low noise, on detail. 0: its own (7).",
                         step=0.1,
                     )
+                    job_widgets["beta_dist_alpha"] = _job_setting_widget(
+                        "beta_dist_alpha", "Beta schedule alpha", info="The Beta schedule's shape (0.6: its own)."
+                    )
+                    job_widgets["beta_dist_beta"] = _job_setting_widget(
+                        "beta_dist_beta", "Beta schedule beta", info="Lower alpha and beta: more steps at both ends."
+                    )
                 with gr.Row():
                     job_widgets["s_min_uncond"] = _job_setting_widget(
                         "s_min_uncond",
@@ -2126,7 +2132,9 @@ def _job_setting_widget(field: str, label: str, *, info: str, step: float = 0.01
         return gr.Checkbox(value=setting.default, label=label, info=info, elem_id=elem_id)
     if setting.is_whole:
         return gr.Number(setting.default, precision=0, minimum=0, label=label, info=info, elem_id=elem_id)
-    return gr.Slider(0, setting.highest, value=setting.default, step=step, label=label, info=info, elem_id=elem_id)
+    return gr.Slider(
+        setting.lowest, setting.highest, value=setting.default, step=step, label=label, info=info, elem_id=elem_id
+    )
 
 
 def _job_setting_setter(setting: JobSetting):
