@@ -247,7 +247,7 @@ def effective_schedule(spec: SamplerSpec, schedule: str) -> str:
 
 
 # The schedule types whose ends A1111's schedule min and max sigma set, and those rho shapes (with its default).
-RANGED_SCHEDULES = ("Karras", "Exponential", "Polyexponential", "KL Optimal", "Normal", "Beta")
+RANGED_SCHEDULES = ("Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal", "Normal", "Beta")
 SCHEDULE_RHO = {"Karras": 7.0, "Polyexponential": 1.0}
 
 # NVIDIA's Align Your Steps sigmas for 10 steps (research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html), as
@@ -277,7 +277,11 @@ class ScheduleShape:
 
 def takes_schedule_range(sampler_name: str, schedule: str) -> bool:
     """Whether the sampler's schedule (Automatic: its default) starts and ends where schedule min/max sigma say."""
-    return effective_schedule(get_sampler(sampler_name), schedule) in RANGED_SCHEDULES
+    spec = get_sampler(sampler_name)
+    kind = effective_schedule(spec, schedule)
+    if kind == "SGM Uniform":  # made here where the scheduler makes Karras sigmas, else diffusers' own spacing
+        return "use_karras_sigmas" in _init_params(spec.scheduler_class)
+    return kind in RANGED_SCHEDULES
 
 
 def takes_schedule_rho(sampler_name: str, schedule: str) -> bool:
@@ -308,6 +312,14 @@ def schedule_sigmas(
     ramp = np.linspace(0, 1, steps)
     if kind == "Uniform":  # k-diffusion's get_sigmas: evenly spaced timesteps from the last to 0
         return _t_to_sigma(np.linspace(len(model_sigmas) - 1, 0, steps), np.log(model_sigmas))
+    if kind in ("Normal", "SGM Uniform"):
+        # Evenly spaced timesteps between the max sigma's and the min sigma's; SGM Uniform spaces one more and
+        # drops the last, as A1111's sgm_uniform does.
+        log_sigmas = np.log(model_sigmas)
+        start, end = _sigma_to_t(highest, log_sigmas), _sigma_to_t(lowest, log_sigmas)
+        if kind == "SGM Uniform":
+            return _t_to_sigma(np.linspace(start, end, steps + 1)[:-1], log_sigmas)
+        return _t_to_sigma(np.linspace(start, end, steps), log_sigmas)
     if kind == "Karras":
         inv_rho = 1 / rho
         return (highest**inv_rho + ramp * (lowest**inv_rho - highest**inv_rho)) ** rho
@@ -328,10 +340,6 @@ def schedule_sigmas(
     if kind == "Simple":
         stride = len(model_sigmas) / steps
         return np.array([model_sigmas[-(1 + int(index * stride))] for index in range(steps)])
-    if kind == "Normal":
-        log_sigmas = np.log(model_sigmas)
-        start, end = _sigma_to_t(highest, log_sigmas), _sigma_to_t(lowest, log_sigmas)
-        return _t_to_sigma(np.linspace(start, end, steps), log_sigmas)
     raise ValueError(f"no sigma schedule {kind!r}")
 
 
@@ -860,6 +868,10 @@ def build_scheduler(
     overrides.update(SCHEDULE_TYPES[kind])
     if kind == "Uniform" and (spec.scheduler_class in _SPACED_ONE_OVER or spec.discard_penultimate_sigma):
         overrides["use_karras_sigmas"] = True  # made by _SigmaSchedule, where the discard can drop a sigma of it
+    if kind == "SGM Uniform" and "use_karras_sigmas" in params:
+        # A1111's fractional timesteps, between its ends, and dropping DPM2's next-to-last sigma; diffusers'
+        # trailing spacing (999, 949, ...) stays for the samplers that make no Karras sigmas (LCM's own).
+        overrides.update(timestep_spacing="linspace", use_karras_sigmas=True)
     if "noise_sampler_seed" in params and seed is not None:
         overrides["noise_sampler_seed"] = seed
     # Where the config has its own ends, diffusers reads them there first.

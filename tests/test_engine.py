@@ -531,8 +531,13 @@ def test_timestep_samplers_keep_the_models_spacing(sampler):
     assert scheduler.timesteps[0] == 951 and scheduler.timesteps[-1] == 1
 
 
-def test_sgm_uniform_is_trailing_spacing():
+def test_sgm_uniform_is_a1111s_evenly_spaced_timesteps_one_over():
+    # A1111's sgm_uniform: t = linspace(999, 0, steps + 1) without its last, at fractional timesteps.
     scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "Euler", "SGM Uniform", seed=0)
+    scheduler.set_timesteps(20)
+    assert scheduler.timesteps.tolist() == pytest.approx(torch.linspace(999, 0, 21)[:-1].tolist(), abs=1e-3)
+    # Samplers that make no Karras sigmas keep diffusers' trailing spacing, its rounded neighbour.
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "Euler a", "SGM Uniform", seed=0)
     scheduler.set_timesteps(20)
     assert scheduler.timesteps[:2].tolist() == [999, 949]
 

@@ -16,7 +16,7 @@ import torch
 from engine import GenerationRequest, InvalidRequestError, Result
 from engine.compare import parse_axis, plan_grid
 from engine.infotext import parse_infotext, parse_infotext_params
-from engine.samplers import ALIGN_YOUR_STEPS, ScheduleShape, build_scheduler
+from engine.samplers import ALIGN_YOUR_STEPS, ScheduleShape, build_scheduler, takes_schedule_range
 from tests.test_api import api, ok, server  # noqa: F401 - fixtures
 from tests.test_engine import SD_SCHEDULER_CONFIG
 from tests.test_ngms import RowsPerCall, sd_alphas, sd_schedule
@@ -79,15 +79,23 @@ def test_dpm2_still_drops_the_next_to_last_sigma_of_the_schedule_asked_for():
     assert distinct_sigmas("DPM2", "Karras", (0.1, 10, 5)) == pytest.approx(expected, abs=2e-4)
 
 
-def test_beta_takes_the_ends_and_uniform_schedules_take_nothing():
+def test_beta_and_sgm_uniform_take_the_ends_and_uniform_takes_nothing():
     beta = distinct_sigmas("Euler", "Beta", (0.1, 10, 0))
     assert beta[0] == pytest.approx(10) and beta[-1] == pytest.approx(0.1)
-    # rho shapes Karras only, as in A1111.
+    # rho shapes Karras and Polyexponential only, as in A1111.
     assert distinct_sigmas("Euler", "Beta", (0, 0, 3)) == distinct_sigmas("Euler", "Beta")
     assert distinct_sigmas("Euler", "Exponential", (0, 0, 3)) == distinct_sigmas("Euler", "Exponential")
-    # Uniform and SGM Uniform are the model's own timesteps, as A1111's are.
-    for schedule in ("Uniform", "SGM Uniform"):
-        assert distinct_sigmas("Euler", schedule, (0.1, 10, 3)) == distinct_sigmas("Euler", schedule)
+    # SGM Uniform: A1111's evenly spaced timesteps from the max sigma's, one over, the last dropped.
+    sigmas = model_sigmas()
+    log_sigmas, positions = sigmas.log().numpy(), np.arange(len(sigmas))
+    start, end = (float(np.interp(math.log(sigma), log_sigmas, positions)) for sigma in (10, 0.1))
+    timesteps = np.linspace(start, end, 11)[:-1]
+    expected = np.exp(np.interp(timesteps, positions, log_sigmas)).tolist()
+    assert distinct_sigmas("Euler", "SGM Uniform", (0.1, 10, 0)) == pytest.approx(expected, abs=2e-4)
+    # Samplers that make no Karras sigmas keep diffusers' SGM Uniform, whose ends are the model's.
+    assert takes_schedule_range("Euler", "SGM Uniform") and not takes_schedule_range("Euler a", "SGM Uniform")
+    # Uniform is the model's own timesteps, as A1111's is.
+    assert distinct_sigmas("Euler", "Uniform", (0.1, 10, 3)) == distinct_sigmas("Euler", "Uniform")
 
 
 def model_sigmas() -> torch.Tensor:
