@@ -424,7 +424,7 @@ def run_job(
         grid = batch_grid
     control = session.take_job(ticket)
     results: list[Result] = []
-    fraction, shown = 0.0, None
+    fraction, shown, sent = 0.0, None, None
     pacer, stop_shown = Pacer(LIVE_UPDATE_INTERVAL_S), False
     # The page hides its gallery while a job runs and shows it again after; API callers get plain values.
     running_gallery, running_infotext = (gr.skip(), gr.skip()) if ticket is not None else ([], "")
@@ -464,7 +464,11 @@ def run_job(
                     if pacer.ready(force=force):
                         stop_shown = control.interrupted
                         bar = progress_html(fraction, text, job_id=control.job_id)
-                        yield shown, bar, running_gallery, running_infotext, gr.skip()
+                        # A preview already on the page is not sent again: it would cost its bytes once more,
+                        # and gradio rewrites its cached file while a browser may still be reading it.
+                        preview_update = gr.skip() if shown is not None and shown is sent else shown
+                        sent = shown
+                        yield preview_update, bar, running_gallery, running_infotext, gr.skip()
                 elif isinstance(event, Result):
                     results.append(event)
                     # Saved as each job ends, so a later line's failure loses nothing made before it.
