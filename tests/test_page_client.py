@@ -417,3 +417,17 @@ def test_the_readme_lists_every_settings_endpoint(page_url):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     listed = set(re.findall(r"`(/set_[a-z_]+)`", readme))
     assert setters and listed == setters
+
+
+def test_a_preview_already_on_the_page_is_not_sent_again(micro_engine):
+    from engine import GenerationRequest
+    from ui.page_jobs import PageSession, run_job
+
+    # Previews every 20 steps; progress goes out up to ten times a second in between, without the picture again.
+    session = PageSession(preview_every=20)
+    request = GenerationRequest(prompt="a red circle on a blue background", steps=60, seed=3)
+    *running, _final = run_job(micro_engine, session, request, mode="txt2img", outputs_dir=None)
+    skipped = [isinstance(update[0], dict) and update[0].get("__type__") == "update" for update in running]
+    sent = [update[0] for update, skip in zip(running, skipped, strict=True) if not skip and update[0] is not None]
+    assert len(sent) == 3 and len({id(picture) for picture in sent}) == 3, "each preview goes out once"
+    assert any(skipped), "progress between previews leaves the picture as it is"
