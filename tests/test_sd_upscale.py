@@ -207,3 +207,21 @@ def test_the_page_runs_sd_upscale_from_the_img2img_tab(page_url, tmp_path):  # n
     _, _, gallery, infotext = client.predict(*common, handle_file(str(init)), 0.3, **upscale, api_name="/img2img")
     assert [Image.open(item["image"]).size for item in gallery] == [(128, 128)]
     assert "SD upscale upscaler: Nearest" in infotext
+
+
+def test_the_pages_tile_overlap_starts_below_the_models_tile(micro_engine):
+    from types import SimpleNamespace
+
+    from ui.page import _default_tile_overlap
+
+    # A1111's 64 for SD's 512-pixel tiles and larger; a quarter of a smaller model's tile, so SD upscale works as the
+    # page opens on the micro model (64-pixel tiles, where 64 is refused).
+    assert _default_tile_overlap(SimpleNamespace(width=512, height=768)) == 64
+    defaults = micro_engine.defaults()
+    overlap = _default_tile_overlap(defaults)
+    assert overlap == 16
+    picture = Image.new("RGB", (defaults.width, defaults.height), "teal")
+    request = GenerationRequest(prompt="x", init_images=[picture], sd_upscale=True, sd_upscale_overlap=overlap)
+    assert micro_engine.validate(request).sd_upscale_overlap == 16
+    with pytest.raises(InvalidRequestError, match="less than the tile size"):
+        micro_engine.validate(GenerationRequest(prompt="x", init_images=[picture], sd_upscale=True))  # 64

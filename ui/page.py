@@ -1057,6 +1057,12 @@ def _build_refiner(mode: str, engine) -> list[gr.components.Component]:
     return [checkpoint, switch_at]
 
 
+def _default_tile_overlap(defaults) -> int:
+    """A1111's 64 pixels, or a quarter of a smaller model's tile (its native size, where Width and Height start),
+    so that turning SD upscale on works as it opens: the overlap must stay below the tile."""
+    return min(64, min(defaults.width, defaults.height) // 4 // 16 * 16)
+
+
 def _build_sd_upscale(engine) -> list[gr.components.Component]:
     """A1111's SD upscale script: (on, tile overlap, upscaler, scale factor), in the order img2img takes them."""
     with gr.Accordion("SD upscale", open=False, elem_id="img2img_sd_upscale_box"):
@@ -1068,7 +1074,12 @@ def _build_sd_upscale(engine) -> list[gr.components.Component]:
         )
         with gr.Row():
             overlap = gr.Slider(
-                0, SD_UPSCALE_MAX_OVERLAP, value=64, step=16, label="Tile overlap", elem_id="img2img_sd_upscale_overlap"
+                0,
+                SD_UPSCALE_MAX_OVERLAP,
+                value=_default_tile_overlap(engine.defaults()),
+                step=16,
+                label="Tile overlap",
+                elem_id="img2img_sd_upscale_overlap",
             )
             scale = gr.Slider(
                 1, SD_UPSCALE_MAX_SCALE, value=2, step=0.05, label="Scale Factor", elem_id="img2img_sd_upscale_scale"
