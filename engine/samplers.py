@@ -168,7 +168,8 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
 
 # Schedule types (A1111 >= 1.9, in its order) and the scheduler config keys that express them in diffusers.
 # A type only applies where the scheduler's constructor takes those keys. Polyexponential, KL Optimal, Align Your
-# Steps, Simple and Normal are made here, where diffusers makes Karras sigmas (_SigmaSchedule).
+# Steps, Simple and Normal are made here, where diffusers makes Karras sigmas (_SigmaSchedule); so are Uniform and
+# SGM Uniform for some samplers (build_scheduler says which).
 SCHEDULE_TYPES: dict[str, dict[str, Any]] = {
     "Automatic": {},
     "Uniform": {},
@@ -421,8 +422,8 @@ class _DiscardPenultimateSigma(_SigmaSchedule):
 
     diffusers' KDPM2 schedulers take no custom sigmas and derive their interleaved midpoint arrays
     from the schedule inside set_timesteps, so the drop happens where the schedule is made. A1111
-    drops it on every schedule type; here on every one made where diffusers makes Karras, Exponential and Beta
-    sigmas (Uniform too, made there for these samplers), so SGM Uniform alone keeps its smallest sigma."""
+    drops it on every schedule type, and so does this class: every type is made where diffusers makes Karras,
+    Exponential and Beta sigmas (Uniform and SGM Uniform too, for these samplers: see build_scheduler)."""
 
     def _convert_to_karras(self, in_sigmas, num_inference_steps):
         return super()._convert_to_karras(in_sigmas=in_sigmas, num_inference_steps=num_inference_steps + 1)[:-1]
@@ -847,8 +848,7 @@ def build_scheduler(
     Euler a, DPM2 a and the DPM++ SDE samplers (None: 1); DDIM takes its eta from the pipeline call. `s_noise` is
     A1111's sigma noise, for the samplers that take it (SamplerSpec.takes_s_noise). `schedule_shape` is A1111's
     schedule min sigma, max sigma and rho (0: the schedule's own; RANGED_SCHEDULES take them) and Beta's alpha and
-    beta. `model_family`
-    picks Align Your Steps' table (SDXL's or SD 1.5's)."""
+    beta. `model_family` picks Align Your Steps' table (SDXL's or SD 1.5's)."""
     spec = get_sampler(sampler_name)
     if spec.name in _A1111_CLASSES:
         cls = _A1111_CLASSES[spec.name]
