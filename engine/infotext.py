@@ -454,6 +454,23 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
     return req
 
 
+# Keys that parse_infotext leaves in extra_params and that say nothing of how the picture is drawn (or, Clip skip,
+# are read from there): every other key it leaves names a setting it did not read (an extension's, sigma churn).
+_RECORD_KEYS = frozenset({"Clip skip", "Model", "Model hash", "Version", "Lora hashes", "TI hashes", "Hashes"})
+
+
+def unread_settings(request: GenerationRequest) -> dict[str, str]:
+    """The settings an infotext read into `request` (parse_infotext) named that the request does not carry, by key:
+    an extension's (ADetailer, ControlNet), A1111's that this engine does not run (Sigma churn, Face restoration,
+    Token merging ratio, a GPU or NV RNG) and a script's (Loopback's final denoising strength). A picture made
+    from the request may come out differently."""
+    return {
+        key: str(value)
+        for key, value in (request.extra_params or {}).items()
+        if key not in _RECORD_KEYS and not (key == "RNG" and str(value).strip() == "CPU")
+    }
+
+
 def _resolve_sampler(sampler: str | None, schedule: str | None, *, default_sampler: str) -> tuple[str, str]:
     """Canonical sampler and schedule type; old infotexts say "DPM++ 2M Karras" with no Schedule type."""
     try:

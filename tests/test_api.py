@@ -306,6 +306,10 @@ def test_infotext_field_fills_what_the_request_leaves_out(api):
 
     _, info = generate(api, infotext=text, prompt="given", seed=5)
     assert (info["prompt"], info["seed"], info["steps"]) == ("given", 5, SMALL["steps"])
+    assert info["ignored_fields"] == []
+    # Settings the infotext names that no request field carries are listed as ignored, by key.
+    _, info = generate(api, infotext=text + ", Sigma churn: 0.5, ADetailer model: face_yolov8n.pt")
+    assert info["ignored_fields"] == ["infotext.ADetailer model", "infotext.Sigma churn"]
 
 
 def test_send_images_false_returns_no_images_but_the_info(api):

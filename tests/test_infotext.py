@@ -479,3 +479,73 @@ def test_every_job_setting_has_its_request_default_reads_back_from_its_key_and_i
         too_much = "often" if setting.is_switch else setting.highest * 2
         with pytest.raises(InvalidRequestError, match=f"^{setting.field}: got .*; allowed: {setting.allowed()}"):
             checked_request(**{setting.field: too_much})
+
+
+def test_settings_an_infotext_names_and_the_request_does_not_carry_are_listed():
+    from engine.infotext import unread_settings
+
+    text = (
+        A1111_HIRES_LORA.replace(", Version: v1.10.1", "")
+        + ", Sigma churn: 0.5, Token merging ratio: 0.3, ADetailer model: face_yolov8n.pt, RNG: NV, Version: v1.10.1"
+    )
+    assert unread_settings(parse_infotext(text)) == {
+        "Sigma churn": "0.5",
+        "Token merging ratio": "0.3",
+        "ADetailer model": "face_yolov8n.pt",
+        "RNG": "NV",
+    }
+    # A1111's records (model, hashes, version) and its CPU RNG, which this engine's noise is, are not settings missed.
+    assert unread_settings(parse_infotext(A1111_HIRES_LORA + ", RNG: CPU")) == {}
+
+
+def test_every_key_this_engine_writes_is_read_back():
+    from engine.infotext import unread_settings
+
+    requests = [
+        GenerationRequest(
+            prompt="a cat",
+            negative_prompt="blurry",
+            sampler_name="DPM++ 2M",
+            scheduler="Beta",
+            steps=9,
+            seed=5,
+            subseed=6,
+            subseed_strength=0.3,
+            seed_resize_from_w=32,
+            seed_resize_from_h=32,
+            tiling=True,
+            enable_hr=True,
+            hr_scale=1.5,
+            hr_sampler_name="Euler",
+            hr_scheduler="Karras",
+            hr_prompt="a cat, detailed",
+            denoising_strength=0.4,
+            sigma_max=9,
+            rho=3,
+            s_min_uncond=1.5,
+            s_min_uncond_all=True,
+            skip_early_cond=0.1,
+            eta_noise_seed_delta=31337,
+            emphasis="No norm",
+            refiner_checkpoint="other",
+            refiner_switch_at=0.6,
+            extra_params={"Clip skip": "2"},
+        ),
+        GenerationRequest(
+            prompt="a dog",
+            sampler_name="DPM++ SDE",
+            s_noise=0.8,
+            init_images=[Image.new("RGB", (64, 64))],
+            mask=Image.new("L", (64, 64), 255),
+            inpaint_full_res=True,
+            inpaint_full_res_padding=8,
+            initial_noise_multiplier=0.9,
+            img2img_extra_noise=0.2,
+            color_correction=True,
+            prompt_syntax="compel",
+        ),
+    ]
+    for request in requests:
+        checked = validate_request(request, limits=Limits(), native_size=(64, 64), resolve_sampler=resolve)
+        text = format_infotext(checked, checked.seed, model_name="micro", model_hash="abc", lora_hashes={"x": "1"})
+        assert unread_settings(parse_infotext(text)) == {}, text

@@ -35,7 +35,7 @@ from engine import EngineError, GenerationRequest, InvalidRequestError, JobContr
 from engine.extras import ExtrasRequest
 from engine.extras import describe as describe_postprocessing
 from engine.images import encode_base64_png, to_pil
-from engine.infotext import parse_infotext, parse_infotext_params, read_infotext
+from engine.infotext import parse_infotext, parse_infotext_params, read_infotext, unread_settings
 from engine.inpaint import MASKED_CONTENT
 from engine.loopback import CURVES as LOOPBACK_CURVES
 from engine.loopback import MAX_LOOPS as LOOPBACK_MAX_LOOPS
@@ -769,6 +769,8 @@ class SdApi:
             sampler = from_text.sampler_name
             scheduler = scheduler or from_text.scheduler
         ignored = self._ignored_fields(payload)
+        if from_text is not None:  # the infotext's settings no request field carries
+            ignored += [f"infotext.{key}" for key in unread_settings(from_text)]
         clip_skip = self._clip_skip_for(payload, ignored, from_text)
         # An infotext's other keys (Hires prompt, Lora hashes, Version, ...) are not copied: the engine
         # writes its own for what it does (a LoRA's hash from its tag), and a copy could claim work not done.

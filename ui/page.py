@@ -25,6 +25,7 @@ from PIL import Image
 from engine import EngineError, GenerationRequest, PromptList, PromptMatrix
 from engine.events import PREVIEW_MODES
 from engine.images import LATENT_RESIZE, RESIZE_MODES
+from engine.infotext import unread_settings
 from engine.inpaint import MASKED_CONTENT
 from engine.loopback import CURVES as LOOPBACK_CURVES
 from engine.loopback import MAX_LOOPS as LOOPBACK_MAX_LOOPS
@@ -2357,6 +2358,10 @@ def _send_png_info(path: str | None, text: str, *, target_mode: str, engine):
     if not text:
         raise gr.Error("No generation parameters to send: drop a PNG made by this app (or A1111) first.")
     read = ReadInfotext.of(text)
+    unread = unread_settings(read.request)
+    if unread:
+        listed = ", ".join(f"{key}: {value}" for key, value in unread.items())
+        gr.Warning(f"Not set from the text (not run here, or an extension's), so the picture may differ: {listed}")
     values = _settings_from_infotext(read, with_denoising=target_mode != "txt2img")
     variation = [*_variation_from_infotext(read), read.request.tiling]
     refiner = [
