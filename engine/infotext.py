@@ -462,7 +462,7 @@ _RECORD_KEYS = frozenset({"Clip skip", "Model", "Model hash", "Version", "Lora h
 def unread_settings(request: GenerationRequest) -> dict[str, str]:
     """The settings an infotext read into `request` (parse_infotext) named that the request does not carry, by key:
     an extension's (ADetailer, ControlNet), A1111's that this engine does not run (Sigma churn, Face restoration,
-    Token merging ratio, a GPU or NV RNG) and a script's (Loopback's final denoising strength). A picture made
+    Token merging ratio, the NV RNG) and a script's (Loopback's final denoising strength). A picture made
     from the request may come out differently."""
     return {
         key: str(value)
