@@ -465,8 +465,10 @@ def run_job(
                         stop_shown = control.interrupted
                         bar = progress_html(fraction, text, job_id=control.job_id)
                         # A preview already on the page is not sent again: it would cost its bytes once more,
-                        # and gradio rewrites its cached file while a browser may still be reading it.
-                        preview_update = gr.skip() if shown is not None and shown is sent else shown
+                        # and gradio rewrites its cached file while the browser may still be reading it. API
+                        # callers get the latest preview in every update, as a value (a skip reaches them as a dict).
+                        unchanged = ticket is not None and shown is not None and shown is sent
+                        preview_update = gr.skip() if unchanged else shown
                         sent = shown
                         yield preview_update, bar, running_gallery, running_infotext, gr.skip()
                 elif isinstance(event, Result):
