@@ -88,20 +88,15 @@ _AXIS_FIELDS = {
 }
 # Model-valued axes whose value may also be none (the first pass's model, no refiner), and how that reads.
 _NONE_MODEL = {"Hires checkpoint": ("use same checkpoint", "none"), "Refiner": ("none",)}
-_INT_AXES = {"Steps", "Seed", "Var. seed", "ENSD", "Clip skip"}
-_FLOAT_AXES = {
-    "CFG scale",
-    "Var. strength",
-    "Denoising strength",
-    "Eta",
-    "Sigma noise",
-    "Schedule min sigma",
-    "Schedule max sigma",
-    "Schedule rho",
-    "Refiner switch at",
-    "NGMS",
-    "SkipEarly",
-    "Extra noise",
+# Axes of A1111's job settings (ENSD, sigma noise, NGMS, ...), whose kind of number and range come from the setting.
+_JOB_SETTING_AXES = {
+    kind: JOB_SETTING_BY_FIELD[field] for kind, field in _AXIS_FIELDS.items() if field in JOB_SETTING_BY_FIELD
+}
+_INT_AXES = {"Steps", "Seed", "Var. seed", "Clip skip"} | {
+    kind for kind, setting in _JOB_SETTING_AXES.items() if setting.is_whole
+}
+_FLOAT_AXES = {"CFG scale", "Var. strength", "Denoising strength", "Eta", "Refiner switch at"} | {
+    kind for kind, setting in _JOB_SETTING_AXES.items() if not setting.is_whole and not setting.is_switch
 }
 # Axes whose values are shares or strengths, from 0 to 1.
 _UNIT_AXES = ("Denoising strength", "Var. strength", "Eta", "Refiner switch at", "SkipEarly", "Extra noise")
@@ -184,7 +179,7 @@ def parse_axis(kind: str, text: str, engine) -> Axis:
             raise InvalidRequestError(f"{kind} axis", text, f"steps from 1 to {engine.limits.max_steps}")
         if kind in _UNIT_AXES and any(not 0 <= v <= 1 for v in typed):
             raise InvalidRequestError(f"{kind} axis", text, "values from 0 to 1")
-        setting = JOB_SETTING_BY_FIELD.get(_AXIS_FIELDS.get(kind, ""))
+        setting = _JOB_SETTING_AXES.get(kind)
         if setting is not None and any(not setting.lowest <= v <= setting.highest for v in typed):
             raise InvalidRequestError(f"{kind} axis", text, setting.allowed(several=True))
         if kind == "Clip skip" and any(not 1 <= v <= MAX_CLIP_SKIP for v in typed):

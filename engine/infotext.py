@@ -75,16 +75,8 @@ _REQUEST_KEYS = frozenset(
         "Masked content",
         "Emphasis",
         "Tiling",
-        "Color correction",
-        "Extra noise",
-        "NGMS",
-        "Skip Early CFG",
-        "Conditional mask weight",
-        "NGMS all steps",
         "Eta",
         "Eta DDIM",
-        "ENSD",
-        "Sigma noise",
         "Prompt syntax",
         "Hires upscale",
         "Hires resize",
@@ -97,6 +89,7 @@ _REQUEST_KEYS = frozenset(
         "Hires negative prompt",
         "Refiner",
         "Refiner switch at",
+        *(setting.infotext_key for setting in JOB_SETTINGS),
     }
 )
 # A "Prompt" item on the parameter line would replace the prompt when read back (A1111 reads it so too).

@@ -367,7 +367,8 @@ JOB_SETTINGS = (
         "sigma_max",
         "sigma_max",
         "Schedule max sigma",
-        "schedule max sigma: where the Karras, Exponential and Beta schedules start; 0 is the model's own (about 14.6)",
+        "schedule max sigma: where the Karras, Exponential, Beta and other schedules start; 0 is the model's own "
+        "(about 14.6)",
         0.0,
         MAX_SCHEDULE_SIGMA_MAX,
     ),
@@ -375,7 +376,8 @@ JOB_SETTINGS = (
         "rho",
         "rho",
         "Schedule rho",
-        "schedule rho: the Karras schedule's curve, higher spending more steps at low noise; 0 is its own (7)",
+        "schedule rho: the Karras and Polyexponential schedules' curve, higher spending more steps at low noise; 0 "
+        "is the schedule's own (7; Polyexponential's 1)",
         0.0,
         MAX_SCHEDULE_RHO,
     ),

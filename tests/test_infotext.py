@@ -136,6 +136,9 @@ def test_extra_params_never_repeat_keys_already_written():
     assert last_line.count("Model hash:") == 1 and "Model hash: 2222222222" in last_line
     assert "Steps: 20" in last_line and "99" not in last_line
     assert last_line.endswith("Clip skip: 2")
+    # Nor does a stale copy of a job setting the request does not use (Euler's Uniform takes no rho).
+    stale = {"Schedule rho": "3", "Noise multiplier": "0.5", "Beta schedule alpha": "0.2"}
+    assert not set(stale) & set(parse_infotext_params(format_infotext(_request(extra_params=stale), 5)))
 
 
 def test_multiline_prompt_and_negative_survive_round_trip():

@@ -335,7 +335,8 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     job_widgets["sigma_min"] = _job_setting_widget(
                         "sigma_min",
                         "Schedule min sigma",
-                        info="Where schedules end (Uniform, Simple and Align Your Steps keep theirs). 0: the model's own (0.03).",
+                        info="Where schedules end (Uniform, Simple and Align Your Steps keep theirs). "
+                        "0: the model's own (0.03).",
                         step=0.001,
                     )
                     job_widgets["sigma_max"] = _job_setting_widget(
