@@ -16,13 +16,13 @@ import logging
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from .checkpoint import INPAINTING_CHANNELS
 from .color_correction import corrected
 from .images import resize_to
 from .noise import seed_noise
-from .request import GenerationRequest
+from .request import GenerationRequest, Limits, _as_float, _as_int, _in_range
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,39 @@ def _partly_masked(pipe, pictures, mask: Image.Image, weight: float) -> torch.Te
     pixels = pipe.image_processor.preprocess(pictures, height=height, width=width)
     rounded = pipe.mask_processor.preprocess(mask, height=height, width=width)  # 0 or 1, as the pipeline's
     return pixels * (1 - weight * rounded)
+
+
+def sketched_inpaint(
+    original: Image.Image,
+    sketched: Image.Image,
+    strokes: Image.Image,
+    *,
+    mask_blur: int,
+    mask_transparency: float,
+    limits: Limits | None = None,
+) -> tuple[Image.Image, Image.Image]:
+    """A1111's Inpaint sketch: strokes painted in colour over `original` (`sketched` is the picture with them,
+    `strokes` where they cover it, as an L image) are both what is repainted and what the repainted part starts
+    from. Returns (init image, mask): the mask is every painted pixel at full strength dimmed by
+    `mask_transparency` (0 to 100 %), and the init image is the sketch, blurred by `mask_blur`, laid over the
+    original through that mask blurred alike. The request's mask blur then softens the mask again, as in A1111."""
+    limits = limits or Limits()
+    mask_blur = _as_int(mask_blur, "mask_blur")
+    _in_range(mask_blur, "mask_blur", 0, limits.max_mask_blur)
+    mask_transparency = _as_float(mask_transparency, "mask_transparency")
+    _in_range(mask_transparency, "mask_transparency", 0, 100)
+    original = original.convert("RGB")
+    sketched = sketched.convert("RGB")
+    if sketched.size != original.size:
+        sketched = sketched.resize(original.size, Image.Resampling.LANCZOS)
+    strokes = strokes.convert("L")
+    if strokes.size != original.size:
+        strokes = strokes.resize(original.size, Image.Resampling.NEAREST)
+    # A1111 takes every pixel the sketch changed at full strength, the soft edges of a stroke included.
+    mask = strokes.point(lambda value: 255 if value else 0)
+    mask = ImageEnhance.Brightness(mask).enhance(1 - mask_transparency / 100)
+    blur = ImageFilter.GaussianBlur(mask_blur)
+    return Image.composite(sketched.filter(blur), original, mask.filter(blur)), mask
 
 
 def painted_mask(req: GenerationRequest) -> Image.Image:

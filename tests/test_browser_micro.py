@@ -1,20 +1,24 @@
 """The page on the micro model, in a real browser, where pictures mean something: LoRAs (the picker
 adds the tag, the prompt panel reads it, the picture is made with it; the shipped micro-purple LoRA),
-hires fix, prompt styles, and Extras with the shipped micro-shapes-2x upscaler."""
+hires fix, prompt styles, Extras with the shipped micro-shapes-2x upscaler, and sketching (img2img's Sketch,
+Inpaint sketch)."""
 
 from __future__ import annotations
 
+import io
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from engine import Engine
 from engine.presets import DEFAULT_MODELS_DIR, SHIPPED_MICRO_LORA, SHIPPED_MICRO_MODEL
-from tests.test_browser import browser, open_page, serve_page  # noqa: F401 - fixture
+from tests.test_browser import _set_number, browser, open_page, serve_page  # noqa: F401 - fixture
 
 
 @pytest.fixture(scope="module")
-def page(browser, models_dir, tmp_path_factory):  # noqa: F811 - the fixture imported above
+def micro_url(models_dir, tmp_path_factory):
     styles_file = tmp_path_factory.mktemp("webui") / "styles.csv"
     styles_file.write_text('name,prompt,negative_prompt\n"On green","{prompt} on a green background",\n')
     engine = Engine(
@@ -26,10 +30,15 @@ def page(browser, models_dir, tmp_path_factory):  # noqa: F811 - the fixture imp
     )
     settings = SimpleNamespace(outputs_dir=tmp_path_factory.mktemp("lora-outputs"), save_images=False)
     demo, url = serve_page(engine, settings)
-    context, page = open_page(browser, url)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, micro_url):  # noqa: F811 - the fixture imported above
+    context, page = open_page(browser, micro_url)
     yield page
     context.close()
-    demo.close()
 
 
 def shown_size(page, selector: str) -> list[int]:
@@ -161,3 +170,119 @@ def test_variation_seed_from_the_extra_row_and_back_through_png_info(page, tmp_p
     assert page.input_value("#txt2img_subseed input") == "9"
     assert page.input_value("#txt2img_subseed_strength input[type=number]") == "0.3"
     page.uncheck("#txt2img_subseed_show input")
+
+
+def result_picture(page, mode: str) -> Image.Image:
+    src = page.get_attribute(f"#{mode}_gallery img", "src")
+    return Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB")
+
+
+def mean_colour(picture: Image.Image, box) -> np.ndarray:
+    return np.asarray(picture.crop(box), dtype=float).reshape(-1, 3).mean(0)
+
+
+def paint(page, editor_id: str, box: tuple[float, float, float, float]) -> None:
+    """Brush strokes filling `box` (fractions of the editor's canvas: left, top, right, bottom), once the editor
+    has its brush (strokes before that are lost); waits until they are recorded."""
+    editor = page.locator(f"#{editor_id}")
+    editor.get_by_role("button", name="Brush").and_(page.locator(".highlight")).wait_for()
+    canvas = editor.locator("canvas").first.bounding_box()
+    left, top, right, bottom = (
+        canvas["x"] + box[0] * canvas["width"],
+        canvas["y"] + box[1] * canvas["height"],
+        canvas["x"] + box[2] * canvas["width"],
+        canvas["y"] + box[3] * canvas["height"],
+    )
+    y = top
+    while y <= bottom:
+        page.mouse.move(left, y)
+        page.mouse.down()
+        page.mouse.move(right, y, steps=6)
+        page.mouse.up()
+        y += 6
+    page.wait_for_function(
+        f"[...document.querySelectorAll('#{editor_id} button')].some("
+        "b => b.getAttribute('aria-label') === 'Undo' && !b.disabled)"
+    )
+
+
+def test_img2img_draws_from_the_sketch_tab_and_from_the_image_tab_when_that_is_shown(
+    browser,  # noqa: F811 - the fixture imported above
+    micro_url,
+    tmp_path,
+    artifacts_dir,
+):
+    # A page of its own: an image editor with a picture keeps drawing (in software) while its page is open.
+    context, page = open_page(browser, micro_url)
+    try:
+        page.get_by_role("tab", name="img2img").click()
+        page.locator("#img2img_init_tabs").get_by_role("tab", name="Sketch").click()
+        # The blank canvas takes strokes at once, in the first colour (black) of the brush.
+        paint(page, "img2img_sketch", (0.38, 0.38, 0.62, 0.62))
+        page.fill("#img2img_prompt textarea", "a square on a white background")
+        _set_number(page, "img2img_seed", 1)
+        _set_number(page, "img2img_steps", 12)
+        _set_number(page, "img2img_denoising_strength", 0.5)
+        page.click("#img2img_generate")
+        page.wait_for_function(
+            "document.querySelector('#img2img_infotext textarea').value.includes('Denoising strength: 0.5')"
+        )
+        picture = result_picture(page, "img2img")
+        page.screenshot(path=str(artifacts_dir / "page_sketch.png"), full_page=True)
+        # A shape where the strokes are, on the canvas's white.
+        assert (255 - mean_colour(picture, (28, 28, 36, 36))).sum() > 250
+        assert mean_colour(picture, (0, 0, 8, 8)).min() > 200
+
+        # With the Image tab shown, the job takes its picture, not the sketch: from a white picture, at
+        # denoising 0.5 (seed 3), the centre stays white.
+        init_tabs = page.locator("#img2img_init_tabs")
+        # Send to img2img shows the Image tab, where the picture sent goes.
+        page.click("#img2img_send_to_img2img")
+        init_tabs.get_by_role("tab", name="Image", selected=True).wait_for()
+        white = tmp_path / "white.png"
+        Image.new("RGB", (64, 64), "white").save(white)
+        page.set_input_files("#img2img_image input[type=file]", str(white))
+        page.wait_for_selector("#img2img_image img")
+        _set_number(page, "img2img_seed", 3)
+        page.click("#img2img_generate")
+        page.wait_for_function("document.querySelector('#img2img_infotext textarea').value.includes('Seed: 3,')")
+        assert (255 - mean_colour(result_picture(page, "img2img"), (28, 28, 36, 36))).sum() < 30
+
+        # "Sketch on this picture" copies it to the canvas and shows the Sketch tab.
+        page.click("#img2img_copy_to_sketch")
+        init_tabs.get_by_role("tab", name="Sketch", selected=True).wait_for()
+    finally:
+        context.close()
+
+
+def test_inpaint_sketch_paints_its_colour_into_the_picture(browser, micro_url, artifacts_dir):  # noqa: F811
+    context, page = open_page(browser, micro_url)
+    try:
+        # Inpaint sketch on first: the editor takes its new brush while it is empty (strokes made while it
+        # changes brushes are lost).
+        page.get_by_role("tab", name="inpaint").click()
+        assert not page.is_visible("#inpaint_mask_transparency")
+        page.check("#inpaint_sketch input")
+        page.wait_for_selector("#inpaint_mask_transparency", state="visible")
+        page.get_by_role("tab", name="txt2img").click()
+        page.fill("#txt2img_prompt textarea", "a large red circle on a white background")
+        _set_number(page, "txt2img_seed", 3)
+        _set_number(page, "txt2img_steps", 12)
+        page.click("#txt2img_generate")
+        page.wait_for_function("document.querySelector('#txt2img_infotext textarea').value.includes('Seed: 3,')")
+        assert mean_colour(result_picture(page, "txt2img"), (20, 20, 30, 30))[0] > 200  # red
+        page.click("#txt2img_send_to_inpaint")
+        page.wait_for_function("document.querySelector('#inpaint_prompt textarea')?.value.includes('red circle')")
+        paint(page, "inpaint_image", (0.3, 0.1, 0.6, 0.6))  # over the circle (upper left)
+        page.fill("#inpaint_prompt textarea", "a circle on a white background")
+        _set_number(page, "inpaint_seed", 1)
+        _set_number(page, "inpaint_denoising_strength", 0.5)
+        page.click("#inpaint_generate")
+        page.wait_for_function(
+            "document.querySelector('#inpaint_infotext textarea').value.includes('Denoising strength: 0.5')"
+        )
+        page.screenshot(path=str(artifacts_dir / "page_inpaint_sketch.png"), full_page=True)
+        # The circle starts from the strokes' black, not from its red: at 0.5 it is no longer red.
+        assert mean_colour(result_picture(page, "inpaint"), (20, 20, 30, 30))[0] < 100
+    finally:
+        context.close()

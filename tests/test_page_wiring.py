@@ -42,12 +42,15 @@ SCRIPT_WIDGETS = {
     "outpaint_directions": "outpaint_direction",
     "refiner_checkpoint": "refiner_checkpoint",
     "refiner_switch_at": "refiner_switch_at",
+    "sketch": "sketch",
+    "inpaint_sketch": "sketch",
+    "mask_transparency": "mask_transparency",
 }
 # The panels each tab has, as A1111 shows its scripts (SD upscale and outpainting: img2img only).
 PANELS = {
     "txt2img": {"prompt_list", "matrix_on"},
-    "img2img": {"prompt_list", "matrix_on", "loopback_on", "sd_upscale", "outpaint_on"},
-    "inpaint": {"prompt_list", "matrix_on", "loopback_on"},
+    "img2img": {"prompt_list", "matrix_on", "loopback_on", "sd_upscale", "outpaint_on", "sketch"},
+    "inpaint": {"prompt_list", "matrix_on", "loopback_on", "inpaint_sketch", "mask_transparency"},
 }
 
 

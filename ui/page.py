@@ -26,7 +26,7 @@ from engine import EngineError, GenerationRequest, PromptList, PromptMatrix
 from engine.events import PREVIEW_MODES
 from engine.images import LATENT_RESIZE, RESIZE_MODES
 from engine.infotext import unread_settings
-from engine.inpaint import MASKED_CONTENT
+from engine.inpaint import MASKED_CONTENT, sketched_inpaint
 from engine.loopback import CURVES as LOOPBACK_CURVES
 from engine.loopback import MAX_LOOPS as LOOPBACK_MAX_LOOPS
 from engine.loopback import grid_result as loopback_grid
@@ -63,6 +63,7 @@ from .page_jobs import (
     ResultView,
     batch_pictures,
     build_request,
+    editor_composite,
     editor_image_and_mask,
     engine_error,
     lora_reading_html,
@@ -217,6 +218,12 @@ class TabWidgets:
     refiner: list[gr.components.Component] | None = None
     # img2img only: A1111's SD upscale script (on, tile overlap, upscaler, scale factor).
     sd_upscale: list[gr.components.Component] | None = None
+    # img2img only: A1111's Sketch, the tabs of Image and Sketch, and which of them is shown ("image" or "sketch").
+    sketch: gr.ImageEditor | None = None
+    init_tabs: gr.Tabs | None = None
+    init_source: gr.State | None = None
+    # inpaint only: A1111's Inpaint sketch (on, mask transparency).
+    inpaint_sketch: list[gr.components.Component] | None = None
 
 
 def build_page(engine, settings=None) -> gr.Blocks:
@@ -432,7 +439,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
         for source in tab_widgets.values():
             for target_mode, button in (("img2img", source.send_img2img), ("inpaint", source.send_inpaint)):
                 target = tab_widgets[target_mode]
-                button.click(
+                sent = button.click(
                     functools.partial(_send_result, target_mode=target_mode),
                     inputs=[source.gallery, source.results],
                     outputs=[
@@ -447,6 +454,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     api_visibility="private",
                     show_progress="hidden",
                 )
+                _show_init_image_after(sent, target)
             source.send_extras.click(
                 _send_to_extras,
                 inputs=[source.gallery, source.results],
@@ -791,17 +799,11 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
             style_editor = _build_style_editor(mode, engine)
     with gr.Accordion("How the prompt is read", open=False, elem_id=f"{mode}_prompt_reading_box"):
         prompt_reading = gr.HTML("", elem_id=f"{mode}_prompt_reading")
-    image = mask = batch_images = None
+    image = mask = batch_images = sketch = init_tabs = init_source = inpaint_sketch = None
     with gr.Row(equal_height=False):
         with gr.Column(scale=5, elem_classes="settings-column"):
             if mode == "img2img":
-                image = gr.Image(
-                    type="pil",
-                    label="Init image",
-                    sources=["upload", "clipboard"],
-                    elem_id="img2img_image",
-                    height=320,
-                )
+                image, sketch, init_tabs, init_source = _build_init_image_and_sketch()
                 # A1111's Batch tab without server folders: the pictures come from the browser.
                 with gr.Accordion("Batch: several init images", open=False, elem_id="img2img_batch_box"):
                     batch_images = gr.File(
@@ -814,15 +816,16 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
             elif mode == "inpaint":
                 image = gr.ImageEditor(
                     type="pil",
-                    label="Image (paint the area to repaint; white = repaint)",
+                    label=INPAINT_EDITOR_LABELS[False],
                     sources=["upload", "clipboard"],
-                    brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed", default_size=24),
+                    brush=_mask_brush(),
                     eraser=gr.Eraser(default_size=24),
                     layers=False,
                     transforms=(),
                     elem_id="inpaint_image",
                     height=360,
                 )
+                inpaint_sketch = _build_inpaint_sketch(image)
                 with gr.Accordion("Upload a mask instead (white = repaint)", open=False):
                     mask = gr.Image(
                         type="pil",
@@ -914,7 +917,131 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
         batch_images=batch_images,
         refiner=refiner,
         sd_upscale=sd_upscale,
+        sketch=sketch,
+        init_tabs=init_tabs,
+        init_source=init_source,
+        inpaint_sketch=inpaint_sketch,
     )
+
+
+# The sketch brushes' colours to start from (the micro model's palette; the picker offers any other).
+SKETCH_COLOURS = ["#000000", "#ffffff", "#ff0000", "#008000", "#0000ff", "#ffff00", "#800080", "#ffa500"]
+INIT_SOURCES = ("image", "sketch")
+INPAINT_EDITOR_LABELS = {
+    False: "Image (paint the area to repaint; white = repaint)",
+    True: "Image (paint in colour: the strokes are repainted, starting from their colours)",
+}
+SKETCH_CANVAS = (512, 512)
+
+
+def _mask_brush() -> gr.Brush:
+    return gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed", default_size=24)
+
+
+def _sketch_brush() -> gr.Brush:
+    return gr.Brush(colors=SKETCH_COLOURS, default_color=SKETCH_COLOURS[0], color_mode="defaults", default_size=12)
+
+
+def _build_init_image_and_sketch() -> tuple[gr.Image, gr.ImageEditor, gr.Tabs, gr.State]:
+    """img2img's init image as A1111 offers it: an uploaded picture (Image), or one drawn on in colour (Sketch: a
+    blank white canvas, or a picture to paint over). The job takes the one whose tab is shown."""
+    init_source = gr.State(INIT_SOURCES[0])
+    with gr.Tabs(elem_id="img2img_init_tabs") as init_tabs:
+        with gr.Tab("Image", id="image", elem_id="img2img_init_tab_image") as image_tab:
+            image = gr.Image(
+                type="pil",
+                label="Init image",
+                sources=["upload", "clipboard"],
+                elem_id="img2img_image",
+                height=320,
+            )
+            copy_to_sketch = gr.Button("Sketch on this picture", size="sm", elem_id="img2img_copy_to_sketch")
+        with gr.Tab("Sketch", id="sketch", elem_id="img2img_init_tab_sketch") as sketch_tab:
+            sketch = gr.ImageEditor(
+                # A white canvas to draw on at once (an empty editor waits for its brush to be picked).
+                value=_image_for("inpaint", Image.new("RGB", SKETCH_CANVAS, "white")),
+                type="pil",
+                label="Sketch (the picture with the strokes is the init image)",
+                sources=["upload", "clipboard"],
+                brush=_sketch_brush(),
+                eraser=gr.Eraser(default_size=12),
+                layers=False,
+                transforms=(),
+                canvas_size=SKETCH_CANVAS,
+                elem_id="img2img_sketch",
+                height=320,
+            )
+    for tab, source in ((image_tab, "image"), (sketch_tab, "sketch")):
+        tab.select(
+            functools.partial(lambda chosen: chosen, source),
+            outputs=[init_source],
+            queue=False,
+            api_visibility="private",
+            show_progress="hidden",
+        )
+    copy_to_sketch.click(
+        _copy_to_sketch,
+        inputs=[image],
+        outputs=[sketch, init_tabs, init_source],
+        api_visibility="private",
+        show_progress="hidden",
+    )
+    return image, sketch, init_tabs, init_source
+
+
+def _show_init_image_after(sent, target: TabWidgets) -> None:
+    """After a picture is sent to img2img, its Image tab is shown, so that the job takes the picture sent."""
+    if target.init_tabs is not None:
+        sent.then(
+            lambda: (gr.Tabs(selected="image"), "image"),
+            outputs=[target.init_tabs, target.init_source],
+            queue=False,
+            api_visibility="private",
+            show_progress="hidden",
+        )
+
+
+def _copy_to_sketch(image: Image.Image | None):
+    if image is None:
+        raise gr.Error("Sketch on this picture: upload a picture into Image first (or draw on the blank Sketch).")
+    return _image_for("inpaint", image), gr.Tabs(selected="sketch"), "sketch"
+
+
+def _build_inpaint_sketch(editor: gr.ImageEditor) -> list[gr.components.Component]:
+    """A1111's Inpaint sketch, as a switch on the inpaint editor: its brush paints colours, the strokes are the
+    mask, and their colours go into the picture the masked part starts from (Mask transparency dims the mask)."""
+    with gr.Row():
+        on = gr.Checkbox(
+            False,
+            label="Inpaint sketch: the brush paints colours into the picture",
+            info="the strokes are the mask and what it starts from (keep masked content: original)",
+            elem_id="inpaint_sketch",
+        )
+        transparency = gr.Slider(
+            0,
+            100,
+            value=0,
+            step=1,
+            label="Mask transparency",
+            info="% (A1111's): dims the mask, so the original shows through",
+            visible=False,
+            elem_id="inpaint_mask_transparency",
+        )
+    on.change(
+        _inpaint_sketch_switched,
+        inputs=[on],
+        outputs=[editor, transparency],
+        queue=False,
+        api_visibility="private",
+        show_progress="hidden",
+    )
+    return [on, transparency]
+
+
+def _inpaint_sketch_switched(sketching: bool):
+    """The editor's brush (colours, or the mask's white) and whether Mask transparency shows."""
+    brush = _sketch_brush() if sketching else _mask_brush()
+    return gr.update(brush=brush, label=INPAINT_EDITOR_LABELS[sketching]), gr.update(visible=sketching)
 
 
 @dataclass
@@ -1434,6 +1561,10 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
         inputs += tab.loopback
     if tab.outpaint is not None:
         inputs += tab.outpaint
+    if tab.sketch is not None:
+        inputs += [tab.sketch, tab.init_source]
+    if tab.inpaint_sketch is not None:
+        inputs += tab.inpaint_sketch
     # Showing the preview (and hiding the gallery) around the job is done by separate quick events, so
     # that the streamed endpoint returns plain values to API clients rather than visibility updates.
     # The click registers the job with the session at once, so that Stop also cancels it while it waits
@@ -1733,6 +1864,8 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             outpaint_mask_blur: int = 4,
             outpaint_masked_content: str = "fill",
             outpaint_directions: list[str] | None = None,
+            sketch: dict | None = None,
+            init_source: str = INIT_SOURCES[0],
         ):
             """Image to image: like /txt2img plus the init image and the denoising strength (0..1); resize_mode
             is A1111's (0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale)).
@@ -1740,7 +1873,9 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             (A1111's SD upscale script) the init image is upscaled sd_upscale_scale times by sd_upscale_upscaler
             and redrawn in width x height tiles overlapping by sd_upscale_overlap pixels. matrix_* are A1111's Prompt
             matrix, loopback_* its Loopback (loops, final denoising strength, curve) and outpaint_* its Poor man's
-            outpainting (pixels to expand, mask blur, masked content, directions)."""
+            outpainting (pixels to expand, mask blur, masked content, directions). `sketch` is A1111's Sketch, an
+            image-editor value (a picture, or a blank canvas, with strokes in colour): the picture with its strokes
+            is the init image when init_image is None (on the page: when the Sketch tab is shown)."""
             pictures = batch_pictures(batch_images, "batch_images")
             if pictures and (prompt_list or matrix_on):
                 script = "a prompt list" if prompt_list else "the prompt matrix"
@@ -1748,9 +1883,9 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                     f"batch_images: got a batch with {script}; allowed: one of the two (clear the batch's files, "
                     f"or untick {'the prompt list' if prompt_list else 'Prompt matrix'})"
                 )
-            init_image = pictures[0] if pictures else init_image
+            init_image = pictures[0] if pictures else _init_picture(init_image, sketch, init_source)
             if init_image is None:
-                raise gr.Error("init_images: got nothing; allowed: an image (upload one in img2img)")
+                raise gr.Error("init_images: got nothing; allowed: an image (upload one in img2img, or draw a Sketch)")
             variation = _variation(seed_extra, subseed, subseed_strength, seed_resize_from_w, seed_resize_from_h)
             request = build_request(
                 prompt=prompt,
@@ -1852,19 +1987,27 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
         loopback_loops: int = 4,
         loopback_final_denoising: float = 0.5,
         loopback_curve: str = "Linear",
+        inpaint_sketch: bool = False,
+        mask_transparency: float = 0,
     ):
         """Inpaint: like /img2img; `image` is an image-editor value whose painted layer is the mask
         (white = repaint), or give `mask` (a white-on-black image of the same size). inpaint_area is
         A1111's: "Whole picture", or "Only masked" (the region around the mask, inpaint_full_res_padding
         pixels wider, inpainted at width x height and pasted back); inpainting_fill is A1111's masked content:
         "fill", "original", "latent noise" or "latent nothing". matrix_* are A1111's Prompt matrix and loopback_* its
-        Loopback (loops, final denoising strength, curve), as on /img2img."""
+        Loopback (loops, final denoising strength, curve), as on /img2img. With inpaint_sketch (A1111's Inpaint
+        sketch) the strokes on `image` are painted in colour: they are the mask, dimmed by mask_transparency (0 to
+        100 %), and their colours go into the picture the masked part starts from."""
         init_image, painted = editor_image_and_mask(image)
         if init_image is None:
             raise gr.Error("init_images: got nothing; allowed: an image (upload one in inpaint)")
-        chosen_mask = mask if mask is not None else painted
-        if chosen_mask is None:
-            raise gr.Error("mask: got nothing; allowed: paint over the image, or upload a mask (white = repaint)")
+        if inpaint_sketch:
+            sketched = (init_image, painted, mask, mask_blur, mask_transparency)
+            init_image, chosen_mask = _inpaint_sketched(image, *sketched, limits=engine.limits)
+        else:
+            chosen_mask = mask if mask is not None else painted
+            if chosen_mask is None:
+                raise gr.Error("mask: got nothing; allowed: paint over the image, or upload a mask (white = repaint)")
         variation = _variation(seed_extra, subseed, subseed_strength, seed_resize_from_w, seed_resize_from_h)
         request = build_request(
             prompt=prompt,
@@ -1907,6 +2050,41 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
         )
 
     return inpaint
+
+
+def _init_picture(image: Image.Image | None, sketch: dict | None, init_source: str) -> Image.Image | None:
+    """img2img's init image: the uploaded picture, or the sketch (its picture with the strokes) when the Sketch
+    tab is shown. Without an uploaded picture, a sketch with strokes is taken from either tab (an API call)."""
+    drawn = editor_composite(sketch)
+    if init_source == "sketch":
+        return drawn if drawn is not None else image
+    if image is None and editor_image_and_mask(sketch)[1] is not None:
+        return drawn
+    return image
+
+
+def _inpaint_sketched(
+    editor: dict, picture: Image.Image, strokes, uploaded_mask, mask_blur, mask_transparency, *, limits
+):
+    """Inpaint sketch's (init image, mask) from the editor's strokes; gr.Error naming the field that is wrong."""
+    if uploaded_mask is not None:
+        raise gr.Error(
+            "mask: got an uploaded mask with Inpaint sketch on; allowed: one of the two (the sketch's strokes are its "
+            "mask: remove the uploaded mask, or untick Inpaint sketch)"
+        )
+    if strokes is None:
+        raise gr.Error("image: got no strokes; allowed: paint over the picture in colour (Inpaint sketch is on)")
+    try:
+        return sketched_inpaint(
+            picture,
+            editor_composite(editor),
+            strokes,
+            mask_blur=mask_blur,
+            mask_transparency=mask_transparency,
+            limits=limits,
+        )
+    except EngineError as exc:
+        raise gr.Error(str(exc)) from exc
 
 
 def _resized_by(request: GenerationRequest, scale, engine) -> GenerationRequest:
@@ -1976,13 +2154,14 @@ def _wire_png_info(
         if target.inpaint_area is not None:
             outputs += [target.inpaint_area, target.inpaint_padding, target.masked_content]
         outputs += target.refiner
-        button.click(
+        sent = button.click(
             functools.partial(_send_png_info, target_mode=mode, engine=engine),
             inputs=[png.image, png.text],
             outputs=[*outputs, *session_settings, tabs],
             api_visibility="private",
             show_progress="hidden",
         )
+        _show_init_image_after(sent, target)
 
 
 # Handlers ------------------------------------------------------------------------------------------

@@ -281,6 +281,20 @@ def editor_image_and_mask(editor_value: dict | None) -> tuple[Image.Image | None
     return background, mask
 
 
+def editor_composite(editor_value: dict | None) -> Image.Image | None:
+    """The picture an image editor shows, strokes and all, on white where nothing is (a blank canvas); None when
+    it holds neither a picture nor a stroke."""
+    if not editor_value:
+        return None
+    composite = editor_value.get("composite")
+    if composite is None:
+        background, _ = editor_image_and_mask(editor_value)
+        return background
+    flat = Image.new("RGBA", composite.size, (255, 255, 255, 255))
+    flat.alpha_composite(composite.convert("RGBA"))
+    return flat.convert("RGB")
+
+
 # Display ---------------------------------------------------------------------------------------
 
 
