@@ -18,6 +18,7 @@ import itertools
 import json
 import logging
 import re
+import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from .errors import InvalidRequestError
 from .events import JobControl, PreviewSettings, Progress, Result, Waiting
 from .labels import centered, text_width, wrap
 from .labels import font as label_font
-from .request import JOB_SETTING_BY_FIELD, MAX_CLIP_SKIP, GenerationRequest, with_clip_skip
+from .request import JOB_SETTING_BY_FIELD, MAX_CLIP_SKIP, SEED_MAX, GenerationRequest, with_clip_skip
 
 log = logging.getLogger(__name__)
 
@@ -410,9 +411,9 @@ class Comparer:
         control = control or JobControl()
         preview = preview or PreviewSettings(mode="approx", every=1)
         if base.seed in (-1, None):
-            base = dataclasses.replace(base, seed=int(torch.randint(0, 2**32 - 1, (1,)).item()))
+            base = dataclasses.replace(base, seed=secrets.randbelow(SEED_MAX + 1))
         if base.subseed in (-1, None):
-            base = dataclasses.replace(base, subseed=int(torch.randint(0, 2**32 - 1, (1,)).item()))
+            base = dataclasses.replace(base, subseed=secrets.randbelow(SEED_MAX + 1))
         cells = plan_grid(base, axes)
         for cell in cells:  # every cell is checked before the first one runs
             self.engine.validate(cell.request)

@@ -210,6 +210,25 @@ def two_by_two(engine, comparer):
     return run(comparer, axes)
 
 
+def test_a_random_seed_is_drawn_once_and_leaves_torch_s_global_generator_alone(engine, comparer):
+    """Like a single job's -1, a grid's random seed and variation seed come from the system's randomness: drawing them
+    from torch's global generator would make them follow a user's torch.manual_seed, and move that generator under
+    every other user of the process."""
+    import torch
+
+    base = dataclasses.replace(BASE, seed=-1, subseed=-1, steps=2)
+    axes = [parse_axis("CFG scale", "3, 7", engine)]
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    result = list(comparer.run_grid(base, axes))[-1]
+    assert torch.equal(torch.get_rng_state(), state)
+    seeds = {(cell.cell.request.seed, cell.cell.request.subseed) for cell in result.cells}
+    assert len(seeds) == 1 and -1 not in next(iter(seeds))
+    torch.manual_seed(0)
+    again = list(comparer.run_grid(base, axes))[-1]
+    assert {(cell.cell.request.seed, cell.cell.request.subseed) for cell in again.cells} != seeds
+
+
 def test_each_cell_is_identical_to_a_single_run(engine, two_by_two):
     _progress, result = two_by_two
     assert len(result.cells) == 4 and not result.interrupted
