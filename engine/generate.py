@@ -30,7 +30,7 @@ from .noise import NoiseVariation, initial_noise, reseed_after_start
 from .prompts import Conditioning, SDXLEmbeds, guidance_rows
 from .refiner import Refiner, RefinerSwitch
 from .request import LATENT_UPSCALERS, GenerationRequest
-from .samplers import ScheduleShape, build_scheduler, diffusers_strength, eta_for, img2img_steps
+from .samplers import ScheduleShape, SigmaChurn, build_scheduler, diffusers_strength, eta_for, img2img_steps
 from .upscalers import upscale_to
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class BatchOutcome:
 
 
 def _scheduler_for(req: GenerationRequest, model, sampler_name: str, schedule: str, seed: int):
-    """A pass's scheduler, with the job's eta, sigma noise and schedule min/max sigma and rho."""
+    """A pass's scheduler, with the job's eta, sigma noise, schedule min/max sigma and rho, and sigma churn."""
     return build_scheduler(
         model.scheduler_config,
         sampler_name,
@@ -117,6 +117,7 @@ def _scheduler_for(req: GenerationRequest, model, sampler_name: str, schedule: s
         s_noise=req.s_noise,
         schedule_shape=ScheduleShape(req.sigma_min, req.sigma_max, req.rho, req.beta_dist_alpha, req.beta_dist_beta),
         model_family=model.family,
+        churn=SigmaChurn(req.s_churn, req.s_tmin, req.s_tmax),
     )
 
 

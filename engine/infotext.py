@@ -209,6 +209,11 @@ def format_infotext(
     passes = [(req.sampler_name, req.scheduler)] + (
         [req.hires_sampler] if req.mode == "txt2img" and req.enable_hr else []
     )
+    # Sigma churn, tmin and tmax where a pass's sampler takes them, as A1111 writes them (when not 0).
+    if any(get_sampler(sampler).takes_sigma_churn for sampler, _ in passes):
+        for key, value in (("Sigma churn", req.s_churn), ("Sigma tmin", req.s_tmin), ("Sigma tmax", req.s_tmax)):
+            if value:
+                params[key] = _format_number(value)
     if any(takes_schedule_range(*chosen) for chosen in passes):
         for key, value in (("Schedule min sigma", req.sigma_min), ("Schedule max sigma", req.sigma_max)):
             if value:
@@ -219,7 +224,10 @@ def format_infotext(
         # As A1111 writes them whenever the Beta schedule is used.
         params["Beta schedule alpha"] = _format_number(req.beta_dist_alpha)
         params["Beta schedule beta"] = _format_number(req.beta_dist_beta)
-    if req.eta_noise_seed_delta and spec.uses_ensd and (eta is None or eta != 0):
+    # Also where Euler's sigma churn draws from the ENSD's noise: A1111 draws it so but does not write it, so its
+    # infotext cannot make the picture again.
+    churned = spec.takes_sigma_churn and req.s_churn
+    if req.eta_noise_seed_delta and ((spec.uses_ensd and (eta is None or eta != 0)) or churned):
         params["ENSD"] = int(req.eta_noise_seed_delta)
     if req.mode != "txt2img" and req.initial_noise_multiplier != 1:
         params["Noise multiplier"] = _format_number(req.initial_noise_multiplier)
@@ -448,13 +456,13 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
 
 
 # Keys that parse_infotext leaves in extra_params and that say nothing of how the picture is drawn (or, Clip skip,
-# are read from there): every other key it leaves names a setting it did not read (an extension's, sigma churn).
+# are read from there): every other key it leaves names a setting it did not read (an extension's, face restoration).
 _RECORD_KEYS = frozenset({"Clip skip", "Model", "Model hash", "Version", "Lora hashes", "TI hashes", "Hashes"})
 
 
 def unread_settings(request: GenerationRequest) -> dict[str, str]:
     """The settings an infotext read into `request` (parse_infotext) named that the request does not carry, by key:
-    an extension's (ADetailer, ControlNet), A1111's that this engine does not run (Sigma churn, Face restoration,
+    an extension's (ADetailer, ControlNet), A1111's that this engine does not run (Face restoration,
     Token merging ratio, the NV RNG) and a script's (Loopback's final denoising strength). A picture made
     from the request may come out differently."""
     return {

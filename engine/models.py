@@ -25,6 +25,7 @@ from .errors import ModelLoadError
 from .lora import LoraAdapters
 from .presets import FamilyDefaults, family_defaults, family_names, latent_rgb_tables
 from .previews import fit_latent_rgb, load_latent_rgb_table
+from .samplers import install_step_noise
 from .tiny_model import TINY_MODEL_NAME
 from .traced_unet import TracedUNet
 from .vae import LoadedVaes
@@ -139,6 +140,7 @@ class LoadedModel:
                 parts.setdefault(optional, None)
         pipe = cls(**parts)
         pipe.set_progress_bar_config(disable=True)
+        install_step_noise(pipe, scheduler)
         return pipe
 
 

@@ -23,6 +23,8 @@ SEED_MAX = 2**32 - 1
 MAX_NOISE_MULTIPLIER = 1.5
 # A1111's sigma noise slider goes to 1.1.
 MAX_SIGMA_NOISE = 1.1
+# A1111's sigma churn, tmin and tmax sliders go to 100, 10 and 999.
+MAX_SIGMA_CHURN, MAX_SIGMA_TMIN, MAX_SIGMA_TMAX = 100.0, 10.0, 999.0
 # A1111's schedule min and max sigma sliders go to 2 and 60; its rho box has no end, and 100 is far past any use.
 MAX_SCHEDULE_SIGMA_MIN = 2.0
 MAX_SCHEDULE_SIGMA_MAX = 60.0
@@ -104,8 +106,13 @@ class GenerationRequest:
     # None is the sampler's default. Samplers that take none here ignore it.
     eta: float | None = None
     # A1111's "sigma noise" (s_noise): scales the fresh noise the steps of its stochastic samplers add (DPM2 a,
-    # DPM++ SDE, DPM++ 2M SDE and its Heun variant, DPM++ 3M SDE); 1 is as drawn.
+    # DPM++ SDE, DPM++ 2M SDE and its Heun variant, DPM++ 3M SDE, Euler's sigma churn); 1 is as drawn.
     s_noise: float = 1.0
+    # A1111's sigma churn (s_churn; Euler here): noise added back before each step whose sigma is from s_tmin to
+    # s_tmax (0: no upper end), raising it by up to sqrt(2) times; 0 is off.
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = 0.0
     # A1111's schedule min sigma, max sigma and rho (its sigma_min, sigma_max and rho settings): the ends of the
     # Karras, Exponential and Beta schedules, and the Karras curve's rho. 0 is the schedule's own (the model's
     # sigma range; rho 7).
@@ -350,9 +357,34 @@ JOB_SETTINGS = (
         "s_noise",
         "s_noise",
         "Sigma noise",
-        "sigma noise: scales the fresh noise the steps of DPM2 a and the SDE samplers add; 1 is as drawn",
+        "sigma noise: scales the fresh noise the steps of DPM2 a, the SDE samplers and Euler's sigma churn add; 1 is as "
+        "drawn",
         1.0,
         MAX_SIGMA_NOISE,
+    ),
+    JobSetting(
+        "s_churn",
+        "s_churn",
+        "Sigma churn",
+        "sigma churn (Euler): noise added back before each step, raising its sigma by up to sqrt(2) times; 0 is off",
+        0.0,
+        MAX_SIGMA_CHURN,
+    ),
+    JobSetting(
+        "s_tmin",
+        "s_tmin",
+        "Sigma tmin",
+        "sigma tmin (Euler): sigma churn acts on steps whose sigma is at least this",
+        0.0,
+        MAX_SIGMA_TMIN,
+    ),
+    JobSetting(
+        "s_tmax",
+        "s_tmax",
+        "Sigma tmax",
+        "sigma tmax (Euler): sigma churn acts on steps whose sigma is at most this; 0 is no end",
+        0.0,
+        MAX_SIGMA_TMAX,
     ),
     JobSetting(
         "sigma_min",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler, DPMSolverSDESchedulerOutput
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
+from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -51,8 +53,10 @@ class SamplerSpec:
     # A1111's second_order samplers, which it counts as two model calls a step (its total_steps).
     second_order: bool = False
     # A1111's sigma noise (s_noise) scales the fresh noise this sampler's steps add (its stochastic k-diffusion
-    # samplers; Euler, Heun and DPM2 take it only with sigma churn, which this engine does not run).
+    # samplers, and Euler's sigma churn).
     takes_s_noise: bool = False
+    # A1111's sigma churn, tmin and tmax (its Euler, Heun and DPM2; this engine runs them on Euler).
+    takes_sigma_churn: bool = False
 
 
 # Order as in A1111's sampler dropdown.
@@ -125,7 +129,9 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         eta_default=1.0,
         uses_ensd=True,
     ),
-    SamplerSpec("Euler", "EulerDiscreteScheduler", {}, "Uniform", ("k_euler",)),
+    SamplerSpec(
+        "Euler", "EulerDiscreteScheduler", {}, "Uniform", ("k_euler",), takes_s_noise=True, takes_sigma_churn=True
+    ),
     SamplerSpec("LMS", "LMSDiscreteScheduler", {}, "Uniform", ("k_lms",)),
     SamplerSpec("Heun", "HeunDiscreteScheduler", {}, "Uniform", ("k_heun",), second_order=True),
     SamplerSpec(
@@ -650,6 +656,115 @@ class EtaEulerAncestralScheduler(diffusers.EulerAncestralDiscreteScheduler):
         return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
 
 
+@dataclass(frozen=True)
+class SigmaChurn:
+    """A1111's sigma churn (s_churn: how much noise Euler adds back before a step, 0 off) on the steps whose sigma is
+    from s_tmin to s_tmax (0: no upper end)."""
+
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = 0.0
+
+
+class ChurnEulerScheduler(diffusers.EulerDiscreteScheduler):
+    """Euler with A1111's sigma churn: k-diffusion's sample_euler with s_churn, s_tmin, s_tmax and s_noise. Before
+    each step whose sigma is from s_tmin to s_tmax, gamma = min(s_churn / steps, sqrt(2) - 1) raises it to
+    sigma_hat = sigma (1 + gamma), adding fresh noise of sqrt(sigma_hat^2 - sigma^2) times s_noise; the model sees
+    that sample at sigma_hat, and the Euler step goes from sigma_hat to the next sigma. `steps` counts the steps
+    the pass runs (an img2img pass's fewer), as k-diffusion counts the sigmas it is given.
+
+    diffusers' Euler takes s_churn too, but adds the noise after the model has seen the sample, so its prediction is
+    of another sample than the one it steps from. Here the noise goes in first: scale_model_input adds it (drawing
+    from the pass's per-image generators, after the starting noise, as A1111 draws it), the timesteps the pipeline
+    hands the UNet are those of the raised sigmas (k-diffusion's sigma_to_t), and step goes on from the raised
+    sample. `noise_generators` are set by install_step_noise."""
+
+    churn = SigmaChurn()
+    s_noise = 1.0
+    noise_generators = None
+    _churned = None  # (step index, the raised sample) once scale_model_input has raised it
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        self._churned = None
+        # Steps are counted from the start, not found by timestep: raised sigmas above the model's largest all get
+        # its last timestep, so several steps may share one. img2img pipelines set their own start.
+        self._begin_index = 0
+        self._churn_from(0)
+
+    def set_begin_index(self, begin_index: int = 0):
+        super().set_begin_index(begin_index)
+        self._churn_from(begin_index)
+
+    def _churn_from(self, begin: int) -> None:
+        """Each step's raised sigma for a pass that starts at step `begin`, and the timesteps the UNet gets. The
+        timesteps change in place: an img2img pipeline takes its slice of them before it names the first step."""
+        sigmas = self.sigmas[:-1].double()
+        churn = self.churn
+        gamma = min(churn.s_churn / max(1, len(sigmas) - begin), 2**0.5 - 1)
+        top = churn.s_tmax or math.inf
+        gammas = torch.where((sigmas >= churn.s_tmin) & (sigmas <= top), gamma, 0.0)
+        gammas[:begin] = 0.0
+        self.sigma_hats = sigmas * (1 + gammas)
+        log_sigmas = np.log((((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).double().numpy())
+        raised = [_sigma_to_t(float(sigma), log_sigmas) for sigma in self.sigma_hats]
+        self.timesteps[:] = torch.tensor(raised, dtype=self.timesteps.dtype)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        index = self.step_index
+        sigma, sigma_hat = self.sigmas[index].double(), self.sigma_hats[index]
+        if sigma_hat == sigma:
+            return super().scale_model_input(sample, timestep)
+        self.is_scale_input_called = True
+        generators = self.noise_generators
+        images = len(generators) if isinstance(generators, list) else sample.shape[0]
+        if self._churned is None or self._churned[0] != index:
+            # The pipeline may hand over copies of the batch side by side (classifier-free guidance): one draw each.
+            latents = sample[:images]
+            noise = randn_tensor(latents.shape, generator=generators, device=latents.device, dtype=torch.float32)
+            raised = latents.double() + noise.double() * self.s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+            self._churned = (index, raised.to(sample.dtype))
+        raised = self._churned[1]
+        return torch.cat([raised] * (sample.shape[0] // images)) / ((sigma_hat**2 + 1) ** 0.5).to(sample.dtype)
+
+    def step(self, model_output, timestep, sample, *args, generator=None, return_dict=True, **kwargs):
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        index = self.step_index
+        if self._churned is None or self._churned[0] != index:
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        sample, sigma_hat = self._churned[1].double(), self.sigma_hats[index]
+        output = model_output.double()
+        if self.config.prediction_type == "v_prediction":
+            denoised = output * (-sigma_hat / (sigma_hat**2 + 1) ** 0.5) + sample / (sigma_hat**2 + 1)
+        else:
+            denoised = sample - sigma_hat * output
+        prev_sample = sample + (sample - denoised) / sigma_hat * (self.sigmas[index + 1].double() - sigma_hat)
+        self._step_index += 1
+        prev_sample, denoised = prev_sample.to(model_output.dtype), denoised.to(model_output.dtype)
+        if not return_dict:
+            return (prev_sample, denoised)
+        return EulerDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
+
+
+def install_step_noise(pipe, scheduler) -> None:
+    """Hand a scheduler that draws noise outside its step (ChurnEulerScheduler) the generators its pass draws the
+    starting noise from, as the pass begins. The pipeline object is the job's own."""
+    if not isinstance(scheduler, ChurnEulerScheduler):
+        return
+    prepare = pipe.prepare_latents
+    position = list(inspect.signature(prepare).parameters).index("generator")
+
+    @functools.wraps(prepare)
+    def prepare_latents_handing_over(*args, **kwargs):
+        scheduler.noise_generators = kwargs["generator"] if "generator" in kwargs else args[position]
+        return prepare(*args, **kwargs)
+
+    pipe.prepare_latents = prepare_latents_handing_over
+
+
 class EtaDPMSolverSDEScheduler(_SigmaNoise, diffusers.DPMSolverMultistepScheduler):
     """DPM++ 2M SDE (and its Heun variant) with A1111's eta (k-diffusion's sample_dpmpp_2m_sde): with eta_h = eta * h,
     a step keeps the sample times sigma_t / sigma_s * exp(-eta_h), moves towards the prediction by
@@ -831,7 +946,7 @@ _ETA_CLASSES = (
     EtaDPMppSDEScheduler,
     KDiffusion3MSDEScheduler,
 )
-_SIGMA_NOISE_CLASSES = (KDPM2AncestralDiscardingScheduler, _SigmaNoise, EtaDPMppSDEScheduler)
+_SIGMA_NOISE_CLASSES = (KDPM2AncestralDiscardingScheduler, _SigmaNoise, EtaDPMppSDEScheduler, ChurnEulerScheduler)
 
 
 def build_scheduler(
@@ -843,17 +958,21 @@ def build_scheduler(
     s_noise: float = 1.0,
     schedule_shape: ScheduleShape = ScheduleShape(),
     model_family: str = "",
+    churn: SigmaChurn = SigmaChurn(),
 ):
     """A new scheduler instance for one job; `base_config` is the model's own scheduler config. `eta` is that of
     Euler a, DPM2 a and the DPM++ SDE samplers (None: 1); DDIM takes its eta from the pipeline call. `s_noise` is
     A1111's sigma noise, for the samplers that take it (SamplerSpec.takes_s_noise). `schedule_shape` is A1111's
     schedule min sigma, max sigma and rho (0: the schedule's own; RANGED_SCHEDULES take them) and Beta's alpha and
-    beta. `model_family` picks Align Your Steps' table (SDXL's or SD 1.5's)."""
+    beta. `model_family` picks Align Your Steps' table (SDXL's or SD 1.5's). `churn` is A1111's sigma churn, for the
+    samplers that take it (SamplerSpec.takes_sigma_churn; pipelines hand it their generators: install_step_noise)."""
     spec = get_sampler(sampler_name)
     if spec.name in _A1111_CLASSES:
         cls = _A1111_CLASSES[spec.name]
     elif spec.discard_penultimate_sigma:
         cls = _DISCARDING[spec.scheduler_class]
+    elif spec.takes_sigma_churn and churn.s_churn > 0:
+        cls = ChurnEulerScheduler
     else:
         cls = getattr(diffusers, spec.scheduler_class)
     params = _init_params(spec.scheduler_class)
@@ -889,6 +1008,8 @@ def build_scheduler(
         scheduler.eta = float(eta)
     if spec.takes_s_noise and isinstance(scheduler, _SIGMA_NOISE_CLASSES):
         scheduler.s_noise = float(s_noise)
+    if isinstance(scheduler, ChurnEulerScheduler):
+        scheduler.churn = churn
     return scheduler
 
 

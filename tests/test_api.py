@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 import io
 import json
+import math
 import threading
 import time
 
@@ -308,8 +309,8 @@ def test_infotext_field_fills_what_the_request_leaves_out(api):
     assert (info["prompt"], info["seed"], info["steps"]) == ("given", 5, SMALL["steps"])
     assert info["ignored_fields"] == []
     # Settings the infotext names that no request field carries are listed as ignored, by key.
-    _, info = generate(api, infotext=text + ", Sigma churn: 0.5, ADetailer model: face_yolov8n.pt")
-    assert info["ignored_fields"] == ["infotext.ADetailer model", "infotext.Sigma churn"]
+    _, info = generate(api, infotext=text + ", Face restoration: CodeFormer, ADetailer model: face_yolov8n.pt")
+    assert info["ignored_fields"] == ["infotext.ADetailer model", "infotext.Face restoration"]
 
 
 def test_send_images_false_returns_no_images_but_the_info(api):
@@ -724,3 +725,21 @@ def test_routes_that_are_not_here_say_so_in_the_api_error_shape(api):
     assert interrogate.status_code == 501 and interrogate.json()["error"] == "NotImplemented"
     assert "caption" in interrogate.json()["detail"]
     generate(api, prompt="still works")
+
+
+def test_sigma_churn_runs_on_euler_and_is_listed_as_ignored_for_other_samplers(api):
+    plain, _ = generate(api, sampler_name="Euler", seed=3)
+    churned, info = generate(api, sampler_name="Euler", seed=3, s_churn=2, s_tmin=0, s_tmax=0, s_noise=1)
+    assert churned["images"][0] != plain["images"][0]
+    assert "Sigma churn: 2" in info["infotexts"][0] and "s_churn" not in info["ignored_fields"]
+    # A1111's processing objects hold "no upper end" as infinity, which Python clients send as JSON's Infinity.
+    payload = json.dumps({**SMALL, "sampler_name": "Euler", "seed": 3, "s_churn": 2, "s_tmax": math.inf})
+    body = ok(api.post("txt2img", content=payload, headers={"content-type": "application/json"}))
+    info = json.loads(body["info"])
+    assert "Sigma churn: 2" in info["infotexts"][0] and "Sigma tmax" not in info["infotexts"][0]
+    _, info = generate(api, sampler_name="Euler a", seed=3, s_churn=2, s_tmin=0.5)
+    assert {"s_churn", "s_tmin"} <= set(info["ignored_fields"]) and "Sigma churn" not in info["infotexts"][0]
+    bad = api.post("txt2img", json={**SMALL, "sampler_name": "Euler", "s_churn": 101})
+    assert bad.status_code == 422 and "s_churn" in bad.text
+    _, info = generate(api, sampler_name="Euler", seed=3, override_settings={"s_churn": 2})
+    assert "Sigma churn: 2" in info["infotexts"][0]

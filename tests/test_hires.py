@@ -71,8 +71,8 @@ def test_hires_fields_are_checked_by_name(micro_engine):
 def test_png_info_send_says_which_settings_of_the_text_it_does_not_set(engine):
     from ui.page import _send_png_info
 
-    text = "a cat\nSteps: 4, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Sigma churn: 0.5, Version: v1.10.1"
-    with pytest.warns(UserWarning, match=r"Not set from the text .* the picture may differ: Sigma churn: 0\.5$"):
+    text = "a cat\nSteps: 4, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Token merging ratio: 0.5, Version: v1"
+    with pytest.warns(UserWarning, match=r"Not set from the text .* picture may differ: Token merging ratio: 0\.5$"):
         _send_png_info(None, text, target_mode="txt2img", engine=engine)
 
 

@@ -489,10 +489,11 @@ def test_settings_an_infotext_names_and_the_request_does_not_carry_are_listed():
 
     text = (
         A1111_HIRES_LORA.replace(", Version: v1.10.1", "")
-        + ", Sigma churn: 0.5, Token merging ratio: 0.3, ADetailer model: face_yolov8n.pt, RNG: NV, Version: v1.10.1"
+        + ", Face restoration: CodeFormer, Token merging ratio: 0.3, ADetailer model: face_yolov8n.pt, RNG: NV"
+        + ", Version: v1.10.1"
     )
     assert unread_settings(parse_infotext(text)) == {
-        "Sigma churn": "0.5",
+        "Face restoration": "CodeFormer",
         "Token merging ratio": "0.3",
         "ADetailer model": "face_yolov8n.pt",
         "RNG": "NV",

@@ -2,7 +2,7 @@
 
 Request and response shapes follow A1111's modules/api/models.py, so existing clients (webuiapi,
 scripts, other front ends) work unchanged. What differs, on purpose:
-- A field A1111 knows but this engine does not act on (restore_faces, s_churn, ...) is
+- A field A1111 knows but this engine does not act on (restore_faces, firstphase_width, ...) is
   accepted, ignored, and named in the response's info under "ignored_fields" whenever its value
   would have changed A1111's result. Unknown fields are accepted and listed the same way.
 - A bad value is an HTTP 422 whose JSON body names the field, the value and what is allowed,
@@ -322,6 +322,14 @@ def _takes_s_noise(payload: Any) -> bool:
     return spec is not None and spec.takes_s_noise
 
 
+def _takes_sigma_churn(payload: Any) -> bool:
+    """Whether the payload's sampler, or its hires pass's, runs sigma churn (and its tmin and tmax) here."""
+    names = [payload.sampler_name or payload.sampler_index]
+    if getattr(payload, "enable_hr", False):
+        names.append(getattr(payload, "hr_sampler_name", None))
+    return any((spec := _sampler_spec(name)) is not None and spec.takes_sigma_churn for name in names)
+
+
 def _same(value: Any, other: Any) -> bool:
     # True == 1 in Python; a flag and a number are not the same setting here.
     if isinstance(value, bool) or isinstance(other, bool):
@@ -371,9 +379,9 @@ def _with_mask(rule):
 _IGNORED_RULES = {
     "restore_faces": lambda v, p: _set(v),
     "eta": _eta_ignored,
-    "s_churn": _not_in(0),
-    "s_tmax": _not_in(0, math.inf),
-    "s_tmin": _not_in(0),
+    "s_churn": lambda v, p: _not_in(0)(v, p) and not _takes_sigma_churn(p),
+    "s_tmax": lambda v, p: _not_in(0, math.inf)(v, p) and not _takes_sigma_churn(p),
+    "s_tmin": lambda v, p: _not_in(0)(v, p) and not _takes_sigma_churn(p),
     "s_noise": lambda v, p: _not_in(1)(v, p) and not _takes_s_noise(p),
     "firstpass_image": lambda v, p: _set(v),
     # Scripts this server runs (_runs_script) are not ignored; any other is.
@@ -904,7 +912,9 @@ class SdApi:
         s_min_uncond, img2img's initial_noise_multiplier), else override_settings, else the infotext where it names
         the setting, else /options. The engine checks the payload's value and the infotext's, naming the field."""
         if setting.field in type(payload).model_fields and getattr(payload, setting.field) is not None:
-            return getattr(payload, setting.field)
+            value = getattr(payload, setting.field)
+            # A1111's processing objects hold "no upper end" as infinity, which some clients send back.
+            return 0.0 if setting.field == "s_tmax" and _same(value, math.inf) else value
         overrides = payload.override_settings or {}
         if setting.option in overrides:
             return setting.checked(overrides[setting.option], f"override_settings.{setting.option}")
