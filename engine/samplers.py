@@ -719,6 +719,8 @@ class ChurnEulerScheduler(diffusers.EulerDiscreteScheduler):
             return super().scale_model_input(sample, timestep)
         self.is_scale_input_called = True
         generators = self.noise_generators
+        if generators is None:  # never torch's global generator: it is every user's, and no seed's
+            raise RuntimeError("sigma churn needs the pass's generators (install_step_noise hands them over)")
         images = len(generators) if isinstance(generators, list) else sample.shape[0]
         if self._churned is None or self._churned[0] != index:
             # The pipeline may hand over copies of the batch side by side (classifier-free guidance): one draw each.
