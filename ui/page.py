@@ -786,11 +786,17 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
                     token_counter_html([0]), elem_id=f"{mode}_negative_token_counter", elem_classes="token-counter"
                 )
         with gr.Column(scale=2, min_width=180, elem_classes="generate-column"):
-            generate = gr.Button("Generate", variant="primary", elem_id=f"{mode}_generate", size="lg")
+            generate = gr.Button(
+                "Generate", variant="primary", elem_id=f"{mode}_generate", size="lg", elem_classes="job-button"
+            )
             with gr.Row():
-                stop = gr.Button("Stop", variant="stop", elem_id=f"{mode}_stop", size="md", scale=3)
+                stop = gr.Button(
+                    "Stop", variant="stop", elem_id=f"{mode}_stop", size="md", scale=3, elem_classes="job-button"
+                )
                 # A1111's Skip: the running batch ends as far as it got; the job goes on with the next one.
-                skip = gr.Button("Skip", elem_id=f"{mode}_skip", size="md", scale=1, min_width=60)
+                skip = gr.Button(
+                    "Skip", elem_id=f"{mode}_skip", size="md", scale=1, min_width=60, elem_classes="job-button"
+                )
             # A1111's "Generate forever" (its Generate button's context menu): Stop ends it.
             forever = gr.Checkbox(False, label="Generate forever", elem_id=f"{mode}_forever")
             add_lora = gr.Dropdown(

@@ -13,7 +13,8 @@ PAGE_CSS = """
 }
 .token-count.error { color: var(--error-text-color, #c00); }
 .generate-column { justify-content: flex-start; gap: 8px; }
-.generate-column button { min-height: 48px; }
+/* Generate, Stop and Skip only: the accordions below them keep their own height. */
+.generate-column .job-button { min-height: 48px; }
 .tool-button { align-self: center; max-width: 44px; font-size: 1.2em; padding: 4px !important; }
 /* Previews of small jobs are small: show them as large as the gallery shows results. */
 .live-preview img { width: 100% !important; height: 100% !important; object-fit: contain !important; }
