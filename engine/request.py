@@ -106,7 +106,7 @@ class GenerationRequest:
     # None is the sampler's default. Samplers that take none here ignore it.
     eta: float | None = None
     # A1111's "sigma noise" (s_noise): scales the fresh noise the steps of its stochastic samplers add (DPM2 a,
-    # DPM++ SDE, DPM++ 2M SDE and its Heun variant, DPM++ 3M SDE, Euler's sigma churn); 1 is as drawn.
+    # DPM++ SDE, DPM++ 2M SDE and its Heun variant, DPM++ 3M SDE, the sigma churn of Euler and Heun); 1 is as drawn.
     s_noise: float = 1.0
     # A1111's sigma churn (s_churn; Euler here): noise added back before each step whose sigma is from s_tmin to
     # s_tmax (0: no upper end), raising it by up to sqrt(2) times; 0 is off.
@@ -357,8 +357,7 @@ JOB_SETTINGS = (
         "s_noise",
         "s_noise",
         "Sigma noise",
-        "sigma noise: scales the fresh noise the steps of DPM2 a, the SDE samplers and Euler's sigma churn add; 1 is as "
-        "drawn",
+        "sigma noise: scales the fresh noise the steps of DPM2 a, the SDE samplers and sigma churn add; 1 is as drawn",
         1.0,
         MAX_SIGMA_NOISE,
     ),
@@ -366,7 +365,7 @@ JOB_SETTINGS = (
         "s_churn",
         "s_churn",
         "Sigma churn",
-        "sigma churn (Euler): noise added back before each step, raising its sigma by up to sqrt(2) times; 0 is off",
+        "sigma churn (Euler, Heun): noise added back before each step, raising its sigma by up to sqrt(2) times; 0 is off",
         0.0,
         MAX_SIGMA_CHURN,
     ),
@@ -374,7 +373,7 @@ JOB_SETTINGS = (
         "s_tmin",
         "s_tmin",
         "Sigma tmin",
-        "sigma tmin (Euler): sigma churn acts on steps whose sigma is at least this",
+        "sigma tmin (Euler, Heun): sigma churn acts on steps whose sigma is at least this",
         0.0,
         MAX_SIGMA_TMIN,
     ),
@@ -382,7 +381,7 @@ JOB_SETTINGS = (
         "s_tmax",
         "s_tmax",
         "Sigma tmax",
-        "sigma tmax (Euler): sigma churn acts on steps whose sigma is at most this; 0 is no end",
+        "sigma tmax (Euler, Heun): sigma churn acts on steps whose sigma is at most this; 0 is no end",
         0.0,
         MAX_SIGMA_TMAX,
     ),

@@ -53,9 +53,9 @@ class SamplerSpec:
     # A1111's second_order samplers, which it counts as two model calls a step (its total_steps).
     second_order: bool = False
     # A1111's sigma noise (s_noise) scales the fresh noise this sampler's steps add (its stochastic k-diffusion
-    # samplers, and Euler's sigma churn).
+    # samplers, and the sigma churn of Euler and Heun).
     takes_s_noise: bool = False
-    # A1111's sigma churn, tmin and tmax (its Euler, Heun and DPM2; this engine runs them on Euler).
+    # A1111's sigma churn, tmin and tmax (its Euler, Heun and DPM2; this engine runs them on Euler and Heun).
     takes_sigma_churn: bool = False
 
 
@@ -133,7 +133,16 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         "Euler", "EulerDiscreteScheduler", {}, "Uniform", ("k_euler",), takes_s_noise=True, takes_sigma_churn=True
     ),
     SamplerSpec("LMS", "LMSDiscreteScheduler", {}, "Uniform", ("k_lms",)),
-    SamplerSpec("Heun", "HeunDiscreteScheduler", {}, "Uniform", ("k_heun",), second_order=True),
+    SamplerSpec(
+        "Heun",
+        "HeunDiscreteScheduler",
+        {},
+        "Uniform",
+        ("k_heun",),
+        second_order=True,
+        takes_s_noise=True,
+        takes_sigma_churn=True,
+    ),
     SamplerSpec(
         "DPM2",
         "KDPM2DiscreteScheduler",
@@ -666,27 +675,44 @@ class SigmaChurn:
     s_tmax: float = 0.0
 
 
-class ChurnEulerScheduler(diffusers.EulerDiscreteScheduler):
-    """Euler with A1111's sigma churn: k-diffusion's sample_euler with s_churn, s_tmin, s_tmax and s_noise. Before
-    each step whose sigma is from s_tmin to s_tmax, gamma = min(s_churn / steps, sqrt(2) - 1) raises it to
-    sigma_hat = sigma (1 + gamma), adding fresh noise of sqrt(sigma_hat^2 - sigma^2) times s_noise; the model sees
-    that sample at sigma_hat, and the Euler step goes from sigma_hat to the next sigma. `steps` counts the steps
-    the pass runs (an img2img pass's fewer), as k-diffusion counts the sigmas it is given.
+class _SigmaChurn:
+    """A1111's sigma churn, as k-diffusion's sample_euler and sample_heun run it (s_churn, s_tmin, s_tmax, and
+    s_noise on the churn's noise). Before each step whose sigma is from s_tmin to s_tmax, gamma = min(s_churn / steps,
+    sqrt(2) - 1) raises it to sigma_hat = sigma (1 + gamma), adding fresh noise of sqrt(sigma_hat^2 - sigma^2) times
+    s_noise; the model sees that sample at sigma_hat, and the step goes from sigma_hat to the next sigma. `steps`
+    counts the steps the pass runs (an img2img pass's fewer), as k-diffusion counts the sigmas it is given. As in the
+    k-diffusion A1111 runs (its pinned commit), every step draws the noise, also one outside s_tmin to s_tmax that
+    does not use it, so each step's noise is the same whichever steps churn.
 
     diffusers' Euler takes s_churn too, but adds the noise after the model has seen the sample, so its prediction is
-    of another sample than the one it steps from. Here the noise goes in first: scale_model_input adds it (drawing
-    from the pass's per-image generators, after the starting noise, as A1111 draws it), the timesteps the pipeline
-    hands the UNet are those of the raised sigmas (k-diffusion's sigma_to_t), and step goes on from the raised
-    sample. `noise_generators` are set by install_step_noise."""
+    of another sample than the one it steps from (its Heun takes none). Here the noise goes in first:
+    scale_model_input adds it (drawing from the pass's per-image generators, after the starting noise, as A1111 draws
+    it), the timesteps the pipeline hands the UNet are those of the raised sigmas (k-diffusion's sigma_to_t), and the
+    step goes on from the raised sample. `noise_generators` are set by install_step_noise."""
 
     churn = SigmaChurn()
     s_noise = 1.0
     noise_generators = None
-    _churned = None  # (step index, the raised sample) once scale_model_input has raised it
+    sigma_hats = None  # per index of self.sigmas: the raised sigma where a step churns, else the sigma
+    _churned = None  # (index, the raised sample) once scale_model_input has raised it
+    _plain_timesteps = None
+    _starts = frozenset()  # the indices where the pass's steps start, each drawing the churn's noise
+    _drawn_at = None
+    # Whether the sampler's own step takes a generator (the pipeline hands this one's step a generator).
+    step_takes_generator = True
+
+    def _step_starts(self) -> range:
+        """The indices of self.sigmas where a step (its first model call) starts."""
+        raise NotImplementedError
+
+    def _step_from(self, model_output, sample, sigma_hat, index):
+        """The step of the sampler at `index` from the raised sample: (prev_sample, denoised), as doubles."""
+        raise NotImplementedError
 
     def set_timesteps(self, *args, **kwargs):
         super().set_timesteps(*args, **kwargs)
         self._churned = None
+        self._plain_timesteps = self.timesteps.clone()
         # Steps are counted from the start, not found by timestep: raised sigmas above the model's largest all get
         # its last timestep, so several steps may share one. img2img pipelines set their own start.
         self._begin_index = 0
@@ -697,37 +723,44 @@ class ChurnEulerScheduler(diffusers.EulerDiscreteScheduler):
         self._churn_from(begin_index)
 
     def _churn_from(self, begin: int) -> None:
-        """Each step's raised sigma for a pass that starts at step `begin`, and the timesteps the UNet gets. The
+        """Each step's raised sigma for a pass that starts at index `begin`, and the timesteps the UNet gets. The
         timesteps change in place: an img2img pipeline takes its slice of them before it names the first step."""
-        sigmas = self.sigmas[:-1].double()
-        churn = self.churn
-        gamma = min(churn.s_churn / max(1, len(sigmas) - begin), 2**0.5 - 1)
+        churn, sigmas = self.churn, self.sigmas.double()
+        starts = [index for index in self._step_starts() if index >= begin]
+        self._starts, self._drawn_at = frozenset(starts), None
+        gamma = min(churn.s_churn / max(1, len(starts)), 2**0.5 - 1)
         top = churn.s_tmax or math.inf
-        gammas = torch.where((sigmas >= churn.s_tmin) & (sigmas <= top), gamma, 0.0)
-        gammas[:begin] = 0.0
-        self.sigma_hats = sigmas * (1 + gammas)
         log_sigmas = np.log((((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).double().numpy())
-        raised = [_sigma_to_t(float(sigma), log_sigmas) for sigma in self.sigma_hats]
-        self.timesteps[:] = torch.tensor(raised, dtype=self.timesteps.dtype)
+        self.sigma_hats = sigmas.clone()
+        timesteps = self._plain_timesteps.clone()
+        for index in starts:
+            if gamma > 0 and churn.s_tmin <= sigmas[index] <= top:
+                self.sigma_hats[index] = sigmas[index] * (1 + gamma)
+                timesteps[index] = _sigma_to_t(float(self.sigma_hats[index]), log_sigmas)
+        self.timesteps[:] = timesteps
 
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         if self.step_index is None:
             self._init_step_index(timestep)
         index = self.step_index
-        sigma, sigma_hat = self.sigmas[index].double(), self.sigma_hats[index]
-        if sigma_hat == sigma:
+        if index not in self._starts:
             return super().scale_model_input(sample, timestep)
-        self.is_scale_input_called = True
         generators = self.noise_generators
         if generators is None:  # never torch's global generator: it is every user's, and no seed's
             raise RuntimeError("sigma churn needs the pass's generators (install_step_noise hands them over)")
+        # The pipeline may hand over copies of the batch side by side (classifier-free guidance): one draw each.
         images = len(generators) if isinstance(generators, list) else sample.shape[0]
-        if self._churned is None or self._churned[0] != index:
-            # The pipeline may hand over copies of the batch side by side (classifier-free guidance): one draw each.
+        sigma, sigma_hat = self.sigmas[index].double(), self.sigma_hats[index]
+        if self._drawn_at != index:
+            self._drawn_at = index
             latents = sample[:images]
             noise = randn_tensor(latents.shape, generator=generators, device=latents.device, dtype=torch.float32)
-            raised = latents.double() + noise.double() * self.s_noise * (sigma_hat**2 - sigma**2) ** 0.5
-            self._churned = (index, raised.to(sample.dtype))
+            if sigma_hat != sigma:
+                raised = latents.double() + noise.double() * self.s_noise * (sigma_hat**2 - sigma**2) ** 0.5
+                self._churned = (index, raised.to(sample.dtype))
+        if sigma_hat == sigma:
+            return super().scale_model_input(sample, timestep)
+        self.is_scale_input_called = True
         raised = self._churned[1]
         return torch.cat([raised] * (sample.shape[0] // images)) / ((sigma_hat**2 + 1) ** 0.5).to(sample.dtype)
 
@@ -736,25 +769,57 @@ class ChurnEulerScheduler(diffusers.EulerDiscreteScheduler):
             self._init_step_index(timestep)
         index = self.step_index
         if self._churned is None or self._churned[0] != index:
-            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
-        sample, sigma_hat = self._churned[1].double(), self.sigma_hats[index]
-        output = model_output.double()
-        if self.config.prediction_type == "v_prediction":
-            denoised = output * (-sigma_hat / (sigma_hat**2 + 1) ** 0.5) + sample / (sigma_hat**2 + 1)
-        else:
-            denoised = sample - sigma_hat * output
-        prev_sample = sample + (sample - denoised) / sigma_hat * (self.sigmas[index + 1].double() - sigma_hat)
+            own = {"generator": generator} if self.step_takes_generator else {}
+            return super().step(model_output, timestep, sample, return_dict=return_dict, **own)
+        prev_sample, denoised = self._step_from(model_output, self._churned[1].double(), self.sigma_hats[index], index)
         self._step_index += 1
         prev_sample, denoised = prev_sample.to(model_output.dtype), denoised.to(model_output.dtype)
         if not return_dict:
             return (prev_sample, denoised)
         return EulerDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
 
+    def _denoised(self, model_output, sample, sigma):
+        output = model_output.double()
+        if self.config.prediction_type == "v_prediction":
+            return output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+        return sample - sigma * output
+
+
+class ChurnEulerScheduler(_SigmaChurn, diffusers.EulerDiscreteScheduler):
+    """Euler with A1111's sigma churn (_SigmaChurn): k-diffusion's sample_euler."""
+
+    def _step_starts(self) -> range:
+        return range(len(self.sigmas) - 1)
+
+    def _step_from(self, model_output, sample, sigma_hat, index):
+        denoised = self._denoised(model_output, sample, sigma_hat)
+        return sample + (sample - denoised) / sigma_hat * (self.sigmas[index + 1].double() - sigma_hat), denoised
+
+
+class ChurnHeunScheduler(_SigmaChurn, diffusers.HeunDiscreteScheduler):
+    """Heun with A1111's sigma churn (_SigmaChurn): k-diffusion's sample_heun. diffusers' Heun interleaves its two
+    model calls a step (sigmas s0, s1, s1, s2, s2, ...): the first call of each step, at the even indices, churns; its
+    Euler half-step is taken from the raised sample and sigma, and the second call (at the next sigma) corrects it
+    from there, as diffusers' own second stage does."""
+
+    step_takes_generator = False
+
+    def _step_starts(self) -> range:
+        return range(0, len(self.sigmas) - 1, 2)
+
+    def _step_from(self, model_output, sample, sigma_hat, index):
+        denoised = self._denoised(model_output, sample, sigma_hat)
+        derivative = (sample - denoised) / sigma_hat
+        dt = self.sigmas[index + 1].double() - sigma_hat
+        # What diffusers' second stage takes up (the last step, to sigma 0, is this Euler step alone).
+        self.prev_derivative, self.dt, self.sample = derivative.float(), dt.float(), sample.float()
+        return sample + derivative * dt, denoised
+
 
 def install_step_noise(pipe, scheduler) -> None:
     """Hand a scheduler that draws noise outside its step (ChurnEulerScheduler) the generators its pass draws the
     starting noise from, as the pass begins. The pipeline object is the job's own."""
-    if not isinstance(scheduler, ChurnEulerScheduler):
+    if not isinstance(scheduler, _SigmaChurn):
         return
     prepare = pipe.prepare_latents
     position = list(inspect.signature(prepare).parameters).index("generator")
@@ -948,7 +1013,9 @@ _ETA_CLASSES = (
     EtaDPMppSDEScheduler,
     KDiffusion3MSDEScheduler,
 )
-_SIGMA_NOISE_CLASSES = (KDPM2AncestralDiscardingScheduler, _SigmaNoise, EtaDPMppSDEScheduler, ChurnEulerScheduler)
+_SIGMA_NOISE_CLASSES = (KDPM2AncestralDiscardingScheduler, _SigmaNoise, EtaDPMppSDEScheduler, _SigmaChurn)
+# The samplers A1111's sigma churn runs on here, by diffusers' scheduler class.
+_CHURNING = {"EulerDiscreteScheduler": ChurnEulerScheduler, "HeunDiscreteScheduler": ChurnHeunScheduler}
 
 
 def build_scheduler(
@@ -974,7 +1041,7 @@ def build_scheduler(
     elif spec.discard_penultimate_sigma:
         cls = _DISCARDING[spec.scheduler_class]
     elif spec.takes_sigma_churn and churn.s_churn > 0:
-        cls = ChurnEulerScheduler
+        cls = _CHURNING[spec.scheduler_class]
     else:
         cls = getattr(diffusers, spec.scheduler_class)
     params = _init_params(spec.scheduler_class)
@@ -1010,7 +1077,7 @@ def build_scheduler(
         scheduler.eta = float(eta)
     if spec.takes_s_noise and isinstance(scheduler, _SIGMA_NOISE_CLASSES):
         scheduler.s_noise = float(s_noise)
-    if isinstance(scheduler, ChurnEulerScheduler):
+    if isinstance(scheduler, _SigmaChurn):
         scheduler.churn = churn
     return scheduler
 

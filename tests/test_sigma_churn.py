@@ -1,5 +1,5 @@
-"""A1111's sigma churn on Euler (s_churn, s_tmin, s_tmax, and s_noise on the churn's noise): the scheduler step by
-step against k-diffusion's sample_euler, and the engine's jobs, infotext, API and page settings."""
+"""A1111's sigma churn on Euler and Heun (s_churn, s_tmin, s_tmax, and s_noise on the churn's noise): the schedulers
+step by step against k-diffusion's sample_euler and sample_heun, and the engine's jobs and infotext."""
 
 from __future__ import annotations
 
@@ -27,18 +27,29 @@ def k_sigma_to_t(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
     return ((1 - w) * low_idx + w * (low_idx + 1)).view(sigma.shape)
 
 
-def a1111_euler(eps_model, x, sigmas, noises, log_sigmas, *, s_churn, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
-    """k-diffusion's sample_euler (a CompVis eps model: input scaled by 1/sqrt(sigma^2 + 1), timestep sigma_to_t),
-    with `noises` as the churn's fresh noise, drawn only on the steps that churn."""
-    x, noises = x.double(), iter(noises)
+def a1111_sampler(heun, eps_model, x, sigmas, noises, log_sigmas, *, s_churn, s_tmin, s_tmax, s_noise):
+    """k-diffusion's sample_euler or sample_heun at the commit A1111 pins (ab527a9: each step draws its noise, used
+    where it churns), with a CompVis eps model: input scaled by 1/sqrt(sigma^2 + 1), timestep sigma_to_t."""
+    x = x.double()
+
+    def denoise(x, sigma):
+        t = k_sigma_to_t(sigma.reshape(1), log_sigmas)
+        return x - sigma * eps_model((x / (sigma**2 + 1) ** 0.5).float(), t).double()
+
     for i in range(len(sigmas) - 1):
         gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.0
+        eps = noises[i].double() * s_noise
         sigma_hat = sigmas[i] * (gamma + 1)
         if gamma > 0:
-            x = x + next(noises).double() * s_noise * (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
-        t = k_sigma_to_t(sigma_hat.reshape(1), log_sigmas)
-        denoised = x - sigma_hat * eps_model((x / (sigma_hat**2 + 1) ** 0.5).float(), t).double()
-        x = x + (x - denoised) / sigma_hat * (sigmas[i + 1] - sigma_hat)
+            x = x + eps * (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
+        d = (x - denoise(x, sigma_hat)) / sigma_hat
+        dt = sigmas[i + 1] - sigma_hat
+        if not heun or sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = (x_2 - denoise(x_2, sigmas[i + 1])) / sigmas[i + 1]
+            x = x + (d + d_2) / 2 * dt
     return x.float()
 
 
@@ -60,58 +71,59 @@ def run_scheduler(scheduler, x, generators, *, begin: int = 0, copies: int = 2):
     return x
 
 
+@pytest.mark.parametrize("sampler", ["Euler", "Heun"])
 @pytest.mark.parametrize(
     ("churn", "s_noise", "begin", "steps"),
     [
         (SigmaChurn(2.0), 1.0, 0, 10),
         # gamma capped at sqrt(2) - 1; the first steps' raised sigmas are above SD's largest: their timesteps are 999
         (SigmaChurn(40.0), 0.8, 0, 20),
-        (SigmaChurn(5.0, s_tmin=0.5, s_tmax=3.0), 1.0, 0, 10),  # only the steps with sigma from 0.5 to 3
+        # Only the steps with sigma from 0.5 to 3 churn; the others still draw their noise.
+        (SigmaChurn(5.0, s_tmin=0.5, s_tmax=3.0), 1.0, 0, 10),
         (SigmaChurn(2.0), 1.0, 4, 10),  # img2img: gamma counts the 6 steps run (2 / 6, not 2 / 10)
     ],
 )
-def test_euler_with_sigma_churn_is_k_diffusions(churn, s_noise, begin, steps):
+def test_sigma_churn_is_k_diffusions(sampler, churn, s_noise, begin, steps):
     shape = (2, 4, 8, 8)
-    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "Euler", "Automatic", s_noise=s_noise, churn=churn)
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, sampler, "Automatic", s_noise=s_noise, churn=churn)
     scheduler.set_timesteps(steps)
     sigmas = scheduler.sigmas.double()
+    if sampler == "Heun":  # diffusers interleaves its two calls a step: s0, s1, s1, s2, s2, ..., 0
+        sigmas = torch.cat([sigmas[0:1], sigmas[1:-1:2], sigmas[-1:]])
     start = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * sigmas[begin]
     generators = [torch.Generator().manual_seed(seed) for seed in (11, 12)]
-    got = run_scheduler(scheduler, start.clone(), generators, begin=begin)
+    got = run_scheduler(scheduler, start.clone(), generators, begin=begin * scheduler.order)
 
-    # The churn's noise: each image's own generator, one draw per churning step, in order.
-    churning = [i for i in range(begin, steps) if (churn.s_tmin <= sigmas[i] <= (churn.s_tmax or math.inf))]
+    # The churn's noise: each image's own generator, one draw per step run, in order.
     generators = [torch.Generator().manual_seed(seed) for seed in (11, 12)]
-    noises = [torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators]) for _ in churning]
+    noises = [torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generators]) for _ in range(begin, steps)]
     alphas = torch.tensor(np.asarray(scheduler.alphas_cumprod), dtype=torch.float64)
     log_sigmas = (((1 - alphas) / alphas) ** 0.5).log()
-    tmax = churn.s_tmax or math.inf
-    expected = a1111_euler(
+    ranges = dict(s_tmin=churn.s_tmin, s_tmax=churn.s_tmax or math.inf)
+    expected = a1111_sampler(
+        sampler == "Heun",
         eps_model,
         start,
         sigmas[begin:],
         noises,
         log_sigmas,
         s_churn=churn.s_churn,
-        s_tmin=churn.s_tmin,
-        s_tmax=tmax,
         s_noise=s_noise,
+        **ranges,
     )
-    assert 0 < len(churning) and torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
-    if churn.s_tmin:
-        assert len(churning) < steps  # the range left some steps out
-    # Without churn, the steps are diffusers' Euler's.
-    plain = build_scheduler(SD_SCHEDULER_CONFIG, "Euler", "Automatic")
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+    # Without churn, the steps are diffusers' own.
+    plain = build_scheduler(SD_SCHEDULER_CONFIG, sampler, "Automatic")
     plain.set_timesteps(steps)
-    assert not torch.allclose(run_scheduler(plain, start.clone(), None, begin=begin), got, atol=1e-2)
+    assert not torch.allclose(run_scheduler(plain, start.clone(), None, begin=begin * plain.order), got, atol=1e-2)
 
 
 def test_churn_off_is_plain_euler():
     off = build_scheduler(SD_SCHEDULER_CONFIG, "Euler", "Automatic", churn=SigmaChurn(0.0, 0.5, 3.0))
     assert type(off).__name__ == "EulerDiscreteScheduler"
     # Samplers that take no churn here keep their own scheduler.
-    other = build_scheduler(SD_SCHEDULER_CONFIG, "Heun", "Automatic", churn=SigmaChurn(1.0))
-    assert type(other).__name__ == "HeunDiscreteScheduler"
+    other = build_scheduler(SD_SCHEDULER_CONFIG, "DPM2", "Automatic", churn=SigmaChurn(1.0))
+    assert type(other).__name__ == "KDPM2DiscardingScheduler"
 
 
 # Jobs ------------------------------------------------------------------------------------------------------------
@@ -156,6 +168,13 @@ def _fields(request: GenerationRequest) -> dict:
         "eta_noise_seed_delta",
     )
     return {name: getattr(request, name) for name in names}
+
+
+def test_a_churned_heun_job_reads_back_from_its_infotext(micro_engine):
+    plain, _ = picture(micro_engine, sampler_name="Heun")
+    churned, text = picture(micro_engine, sampler_name="Heun", s_churn=2, s_tmin=0.1)
+    assert not np.array_equal(churned, plain) and "Sigma churn: 2, Sigma tmin: 0.1" in text
+    assert np.array_equal(picture(micro_engine, **_fields(parse_infotext(text)))[0], churned)
 
 
 def test_churn_runs_in_img2img_and_the_hires_pass(micro_engine, red_circle):

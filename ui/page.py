@@ -334,21 +334,21 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     eta_ddim = gr.Slider(0, 1, value=0, step=0.01, label="Eta for DDIM", elem_id="setting_eta_ddim")
                     job_widgets["s_noise"] = _job_setting_widget(
                         "s_noise",
-                        "Sigma noise (DPM2 a, DPM++ SDE, 2M SDE, 3M SDE; Euler's churn)",
+                        "Sigma noise (DPM2 a, DPM++ SDE, 2M SDE, 3M SDE; sigma churn)",
                         info="A1111's s_noise: scales the fresh noise their steps add. 1: as drawn.",
                         step=0.001,
                     )
                 with gr.Row():
                     job_widgets["s_churn"] = _job_setting_widget(
                         "s_churn",
-                        "Sigma churn (Euler)",
+                        "Sigma churn (Euler, Heun)",
                         info="A1111's s_churn: noise added back before each step, raising its sigma. 0: off.",
                     )
                     job_widgets["s_tmin"] = _job_setting_widget(
-                        "s_tmin", "Sigma tmin (Euler)", info="Churn acts on steps whose sigma is at least this."
+                        "s_tmin", "Sigma tmin (Euler, Heun)", info="Churn acts on steps whose sigma is at least this."
                     )
                     job_widgets["s_tmax"] = _job_setting_widget(
-                        "s_tmax", "Sigma tmax (Euler)", info="... and at most this. 0: no end."
+                        "s_tmax", "Sigma tmax (Euler, Heun)", info="... and at most this. 0: no end."
                     )
                 with gr.Row():
                     job_widgets["sigma_min"] = _job_setting_widget(
