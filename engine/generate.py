@@ -106,8 +106,9 @@ class BatchOutcome:
     preview_seconds: float = 0.0  # time spent making previews, to show what they cost
 
 
-def _scheduler_for(req: GenerationRequest, model, sampler_name: str, schedule: str, seed: int):
-    """A pass's scheduler, with the job's eta, sigma noise, schedule min/max sigma and rho, and sigma churn."""
+def _scheduler_for(req: GenerationRequest, model, sampler_name: str, schedule: str, seed: int, *, first_pass=True):
+    """A pass's scheduler, with the job's eta, sigma noise, schedule min/max sigma and rho, and sigma churn; the SGM
+    noise multiplier where A1111 applies it, to txt2img's first pass (a pass from a picture adds its noise to it)."""
     return build_scheduler(
         model.scheduler_config,
         sampler_name,
@@ -118,6 +119,7 @@ def _scheduler_for(req: GenerationRequest, model, sampler_name: str, schedule: s
         schedule_shape=ScheduleShape(req.sigma_min, req.sigma_max, req.rho, req.beta_dist_alpha, req.beta_dist_beta),
         model_family=model.family,
         churn=SigmaChurn(req.s_churn, req.s_tmin, req.s_tmax),
+        sgm_noise_multiplier=req.sgm_noise_multiplier and first_pass and req.mode == "txt2img",
     )
 
 
@@ -296,7 +298,7 @@ def run_batch(
             kwargs.update(_conditioning_kwargs(conditioning, len(seeds)))
         wrap_unet = stand_ins.for_pass(model, conditioning, refiner, hr_sampler, hires_sampling_steps)
         current_conditioning = conditioning.at(0)
-        scheduler = _scheduler_for(req, model, hr_sampler, hr_schedule, seeds[0])
+        scheduler = _scheduler_for(req, model, hr_sampler, hr_schedule, seeds[0], first_pass=False)
         recorder = StepRecorder(scheduler, model.prediction_type)
         hires_pipe = model.pipeline_for("img2img", scheduler, traced=not req.tiling, wrap_unet=wrap_unet, vae=vae)
         variation.install(hires_pipe, scheduler)  # A1111 varies the hires pass's noise too

@@ -209,6 +209,9 @@ def format_infotext(
     passes = [(req.sampler_name, req.scheduler)] + (
         [req.hires_sampler] if req.mode == "txt2img" and req.enable_hr else []
     )
+    # As A1111 writes it: where txt2img's first pass ran a k-diffusion sampler (LCM's start here is its own).
+    if req.sgm_noise_multiplier and req.mode == "txt2img" and spec.k_diffusion and spec.name != "LCM":
+        params["SGM noise multiplier"] = "True"
     # Sigma churn, tmin and tmax where a pass's sampler takes them, as A1111 writes them (when not 0).
     if any(get_sampler(sampler).takes_sigma_churn for sampler, _ in passes):
         for key, value in (("Sigma churn", req.s_churn), ("Sigma tmin", req.s_tmin), ("Sigma tmax", req.s_tmax)):

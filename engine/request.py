@@ -113,6 +113,9 @@ class GenerationRequest:
     s_churn: float = 0.0
     s_tmin: float = 0.0
     s_tmax: float = 0.0
+    # A1111's "SGM noise multiplier": txt2img's k-diffusion samplers start from noise x sqrt(1 + sigma^2) rather than
+    # noise x sigma, as SDXL's own code does.
+    sgm_noise_multiplier: bool = False
     # A1111's schedule min sigma, max sigma and rho (its sigma_min, sigma_max and rho settings): the ends of the
     # Karras, Exponential and Beta schedules, and the Karras curve's rho. 0 is the schedule's own (the model's
     # sigma range; rho 7).
@@ -384,6 +387,14 @@ JOB_SETTINGS = (
         "sigma tmax (Euler, Heun): sigma churn acts on steps whose sigma is at most this; 0 is no end",
         0.0,
         MAX_SIGMA_TMAX,
+    ),
+    JobSetting(
+        "sgm_noise_multiplier",
+        "sgm_noise_multiplier",
+        "SGM noise multiplier",
+        "SGM noise multiplier: txt2img starts from noise x sqrt(1 + sigma^2), as SDXL's own code does, rather than "
+        "noise x sigma (k-diffusion samplers; only for making such pictures again)",
+        False,
     ),
     JobSetting(
         "sigma_min",

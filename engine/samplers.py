@@ -816,6 +816,33 @@ class ChurnHeunScheduler(_SigmaChurn, diffusers.HeunDiscreteScheduler):
         return sample + derivative * dt, denoised
 
 
+class _A1111Start:
+    """A1111's starting noise for txt2img, in the scheduler's own space: k-diffusion's x = noise x sigma_max, or with
+    its SGM noise multiplier noise x sqrt(1 + sigma_max^2). diffusers' variance-exploding schedulers (Euler, Heun,
+    ...) start from the former already; its DPM-Solvers, whose latents are variance-preserving (x / sqrt(1 +
+    sigma^2)), start from pure noise, which is the latter: without the multiplier they are brought down to
+    sigma_max / sqrt(1 + sigma_max^2) of it (0.9977 for SD's 14.6)."""
+
+    sgm_noise_multiplier = False
+
+    @property
+    def init_noise_sigma(self) -> float:
+        sigma = float(self.sigmas.max())
+        start = (1 + sigma**2) ** 0.5 if self.sgm_noise_multiplier else sigma
+        return start / (1 + sigma**2) ** 0.5 if isinstance(self, _VARIANCE_PRESERVING) else start
+
+    @init_noise_sigma.setter
+    def init_noise_sigma(self, value) -> None:
+        pass  # diffusers' own constructors set theirs; this one follows the schedule
+
+
+_VARIANCE_PRESERVING = (diffusers.DPMSolverMultistepScheduler, diffusers.DPMSolverSinglestepScheduler)
+
+
+def _starting_as_a1111(cls: type) -> type:
+    return type(cls.__name__, (_A1111Start, cls), {"__doc__": cls.__doc__})
+
+
 def install_step_noise(pipe, scheduler) -> None:
     """Hand a scheduler that draws noise outside its step (ChurnEulerScheduler) the generators its pass draws the
     starting noise from, as the pass begins. The pipeline object is the job's own."""
@@ -1028,13 +1055,15 @@ def build_scheduler(
     schedule_shape: ScheduleShape = ScheduleShape(),
     model_family: str = "",
     churn: SigmaChurn = SigmaChurn(),
+    sgm_noise_multiplier: bool = False,
 ):
     """A new scheduler instance for one job; `base_config` is the model's own scheduler config. `eta` is that of
     Euler a, DPM2 a and the DPM++ SDE samplers (None: 1); DDIM takes its eta from the pipeline call. `s_noise` is
     A1111's sigma noise, for the samplers that take it (SamplerSpec.takes_s_noise). `schedule_shape` is A1111's
     schedule min sigma, max sigma and rho (0: the schedule's own; RANGED_SCHEDULES take them) and Beta's alpha and
     beta. `model_family` picks Align Your Steps' table (SDXL's or SD 1.5's). `churn` is A1111's sigma churn, for the
-    samplers that take it (SamplerSpec.takes_sigma_churn; pipelines hand it their generators: install_step_noise)."""
+    samplers that take it (SamplerSpec.takes_sigma_churn; pipelines hand it their generators: install_step_noise).
+    k-diffusion samplers start txt2img as A1111 does (_A1111Start), with its `sgm_noise_multiplier` or without."""
     spec = get_sampler(sampler_name)
     if spec.name in _A1111_CLASSES:
         cls = _A1111_CLASSES[spec.name]
@@ -1070,6 +1099,8 @@ def build_scheduler(
     shaped = schedule_shape != ScheduleShape()
     if made_here or shaped:
         cls = _with_sigma_schedule(cls)
+    if spec.k_diffusion and spec.name != "LCM":  # A1111's LCM start is its own (A1111LCMScheduler)
+        cls = _starting_as_a1111(cls)
     scheduler = cls.from_config(dict(base_config), **overrides)
     if made_here or shaped:
         scheduler.schedule_kind, scheduler.model_family, scheduler.schedule_shape = kind, model_family, schedule_shape
@@ -1079,6 +1110,8 @@ def build_scheduler(
         scheduler.s_noise = float(s_noise)
     if isinstance(scheduler, _SigmaChurn):
         scheduler.churn = churn
+    if isinstance(scheduler, _A1111Start):
+        scheduler.sgm_noise_multiplier = bool(sgm_noise_multiplier)
     return scheduler
 
 

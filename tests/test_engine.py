@@ -507,7 +507,7 @@ def test_dpmpp_3m_sde_is_k_diffusions_at_every_eta(eta, s_noise, steps):
     shape = (1, 4, 8, 8)
     scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "DPM++ 3M SDE", "Automatic", eta=eta, s_noise=s_noise)
     scheduler.set_timesteps(steps)
-    start = torch.randn(shape, generator=torch.Generator().manual_seed(5))  # variance-preserving: alpha x + sigma n
+    start = torch.randn(shape, generator=torch.Generator().manual_seed(5))
     generator = torch.Generator().manual_seed(7)
     noises = [torch.randn(shape, generator=generator) for _ in scheduler.timesteps]
     generator = torch.Generator().manual_seed(7)
@@ -516,9 +516,9 @@ def test_dpmpp_3m_sde_is_k_diffusions_at_every_eta(eta, s_noise, steps):
         model_input = scheduler.scale_model_input(latent, timestep)
         latent = scheduler.step(eps_model(model_input, timestep), timestep, latent, generator=generator).prev_sample
     sigmas = scheduler.sigmas.double()
-    # k-diffusion's x is the variance-exploding x / alpha: the start times sqrt(sigma^2 + 1).
+    # A1111's start, noise x sigma_max (k-diffusion's variance-exploding x, which is diffusers' latent / alpha).
     expected = a1111_dpmpp_3m_sde(
-        eps_model, start.double() * (sigmas[0] ** 2 + 1).sqrt(), sigmas, scheduler.timesteps, eta, noises, s_noise
+        eps_model, start.double() * sigmas[0], sigmas, scheduler.timesteps, eta, noises, s_noise
     )
     assert torch.allclose(latent, expected, atol=1e-4), (latent - expected).abs().max()
 

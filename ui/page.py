@@ -350,6 +350,12 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     job_widgets["s_tmax"] = _job_setting_widget(
                         "s_tmax", "Sigma tmax (Euler, Heun)", info="... and at most this. 0: no end."
                     )
+                    job_widgets["sgm_noise_multiplier"] = _job_setting_widget(
+                        "sgm_noise_multiplier",
+                        "SGM noise multiplier",
+                        info="txt2img starts from noise x sqrt(1 + sigma^2), as SDXL's code does: only to make such "
+                        "pictures again.",
+                    )
                 with gr.Row():
                     job_widgets["sigma_min"] = _job_setting_widget(
                         "sigma_min",
