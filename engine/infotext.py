@@ -227,7 +227,7 @@ def format_infotext(
         # As A1111 writes them whenever the Beta schedule is used.
         params["Beta schedule alpha"] = _format_number(req.beta_dist_alpha)
         params["Beta schedule beta"] = _format_number(req.beta_dist_beta)
-    # Also where sigma churn (Euler, Heun) draws from the ENSD's noise: A1111 draws it so but does not write it, so its
+    # Also where sigma churn (Euler, Heun, DPM2) draws from the ENSD's noise: A1111 draws it so but does not write it, so its
     # infotext cannot make the picture again.
     churned = spec.takes_sigma_churn and req.s_churn
     if req.eta_noise_seed_delta and ((spec.uses_ensd and (eta is None or eta != 0)) or churned):

@@ -106,9 +106,9 @@ class GenerationRequest:
     # None is the sampler's default. Samplers that take none here ignore it.
     eta: float | None = None
     # A1111's "sigma noise" (s_noise): scales the fresh noise the steps of its stochastic samplers add (DPM2 a,
-    # DPM++ SDE, DPM++ 2M SDE and its Heun variant, DPM++ 3M SDE, the sigma churn of Euler and Heun); 1 is as drawn.
+    # DPM++ SDE, DPM++ 2M SDE and its Heun variant, DPM++ 3M SDE, the sigma churn of Euler, Heun and DPM2); 1 is as drawn.
     s_noise: float = 1.0
-    # A1111's sigma churn (s_churn; Euler here): noise added back before each step whose sigma is from s_tmin to
+    # A1111's sigma churn (s_churn; Euler, Heun and DPM2): noise added back before each step whose sigma is from s_tmin to
     # s_tmax (0: no upper end), raising it by up to sqrt(2) times; 0 is off.
     s_churn: float = 0.0
     s_tmin: float = 0.0
@@ -368,7 +368,7 @@ JOB_SETTINGS = (
         "s_churn",
         "s_churn",
         "Sigma churn",
-        "sigma churn (Euler, Heun): noise added back before each step, raising its sigma by up to sqrt(2) times; 0 is off",
+        "sigma churn (Euler, Heun, DPM2): noise added back before each step, raising its sigma by up to sqrt(2) times; 0 is off",
         0.0,
         MAX_SIGMA_CHURN,
     ),
@@ -376,7 +376,7 @@ JOB_SETTINGS = (
         "s_tmin",
         "s_tmin",
         "Sigma tmin",
-        "sigma tmin (Euler, Heun): sigma churn acts on steps whose sigma is at least this",
+        "sigma tmin (Euler, Heun, DPM2): sigma churn acts on steps whose sigma is at least this",
         0.0,
         MAX_SIGMA_TMIN,
     ),
@@ -384,7 +384,7 @@ JOB_SETTINGS = (
         "s_tmax",
         "s_tmax",
         "Sigma tmax",
-        "sigma tmax (Euler, Heun): sigma churn acts on steps whose sigma is at most this; 0 is no end",
+        "sigma tmax (Euler, Heun, DPM2): sigma churn acts on steps whose sigma is at most this; 0 is no end",
         0.0,
         MAX_SIGMA_TMAX,
     ),

@@ -53,9 +53,9 @@ class SamplerSpec:
     # A1111's second_order samplers, which it counts as two model calls a step (its total_steps).
     second_order: bool = False
     # A1111's sigma noise (s_noise) scales the fresh noise this sampler's steps add (its stochastic k-diffusion
-    # samplers, and the sigma churn of Euler and Heun).
+    # samplers, and the sigma churn of Euler, Heun and DPM2).
     takes_s_noise: bool = False
-    # A1111's sigma churn, tmin and tmax (its Euler, Heun and DPM2; this engine runs them on Euler and Heun).
+    # A1111's sigma churn, tmin and tmax (its Euler, Heun and DPM2).
     takes_sigma_churn: bool = False
 
 
@@ -151,6 +151,8 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         ("k_dpm_2",),
         discard_penultimate_sigma=True,
         second_order=True,
+        takes_s_noise=True,
+        takes_sigma_churn=True,
     ),
     SamplerSpec(
         "DPM2 a",
@@ -676,7 +678,7 @@ class SigmaChurn:
 
 
 class _SigmaChurn:
-    """A1111's sigma churn, as k-diffusion's sample_euler and sample_heun run it (s_churn, s_tmin, s_tmax, and
+    """A1111's sigma churn, as k-diffusion's sample_euler, sample_heun and sample_dpm_2 run it (s_churn, s_tmin, s_tmax, and
     s_noise on the churn's noise). Before each step whose sigma is from s_tmin to s_tmax, gamma = min(s_churn / steps,
     sqrt(2) - 1) raises it to sigma_hat = sigma (1 + gamma), adding fresh noise of sqrt(sigma_hat^2 - sigma^2) times
     s_noise; the model sees that sample at sigma_hat, and the step goes from sigma_hat to the next sigma. `steps`
@@ -685,7 +687,7 @@ class _SigmaChurn:
     does not use it, so each step's noise is the same whichever steps churn.
 
     diffusers' Euler takes s_churn too, but adds the noise after the model has seen the sample, so its prediction is
-    of another sample than the one it steps from (its Heun takes none). Here the noise goes in first:
+    of another sample than the one it steps from (its Heun and DPM2 take none). Here the noise goes in first:
     scale_model_input adds it (drawing from the pass's per-image generators, after the starting noise, as A1111 draws
     it), the timesteps the pipeline hands the UNet are those of the raised sigmas (k-diffusion's sigma_to_t), and the
     step goes on from the raised sample. `noise_generators` are set by install_step_noise."""
@@ -702,8 +704,16 @@ class _SigmaChurn:
     step_takes_generator = True
 
     def _step_starts(self) -> range:
-        """The indices of self.sigmas where a step (its first model call) starts."""
-        raise NotImplementedError
+        """The indices of self.timesteps where a step (its first model call) starts: every one for a single-call
+        sampler, every other one where diffusers interleaves a step's two calls (Heun, DPM2)."""
+        return range(0, len(self.timesteps), self.order)
+
+    def _churned_at(self, index: int, sigma_hat: torch.Tensor) -> None:
+        """Anything else the sampler makes of a step's raised sigma (DPM2: its midpoint)."""
+
+    def _second_call(self, model_output, sample, index: int):
+        """The second model call's step of a churned step (prev_sample, denoised), or None for diffusers' own."""
+        return None
 
     def _step_from(self, model_output, sample, sigma_hat, index):
         """The step of the sampler at `index` from the raised sample: (prev_sample, denoised), as doubles."""
@@ -713,6 +723,7 @@ class _SigmaChurn:
         super().set_timesteps(*args, **kwargs)
         self._churned = None
         self._plain_timesteps = self.timesteps.clone()
+        self._keep_plain()
         # Steps are counted from the start, not found by timestep: raised sigmas above the model's largest all get
         # its last timestep, so several steps may share one. img2img pipelines set their own start.
         self._begin_index = 0
@@ -732,12 +743,26 @@ class _SigmaChurn:
         top = churn.s_tmax or math.inf
         log_sigmas = np.log((((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).double().numpy())
         self.sigma_hats = sigmas.clone()
+        self._restore_plain()
         timesteps = self._plain_timesteps.clone()
         for index in starts:
             if gamma > 0 and churn.s_tmin <= sigmas[index] <= top:
                 self.sigma_hats[index] = sigmas[index] * (1 + gamma)
                 timesteps[index] = _sigma_to_t(float(self.sigma_hats[index]), log_sigmas)
+                self._churned_at(index, self.sigma_hats[index])
+        for index, timestep in self._moved_timesteps(log_sigmas):
+            timesteps[index] = timestep
         self.timesteps[:] = timesteps
+
+    def _keep_plain(self) -> None:
+        """Keep what _churned_at changes, as diffusers made it (set_timesteps)."""
+
+    def _restore_plain(self) -> None:
+        """Undo what _churned_at made of an earlier start (set_begin_index after set_timesteps)."""
+
+    def _moved_timesteps(self, log_sigmas) -> list[tuple[int, float]]:
+        """Other calls' timesteps that the raised sigmas move (DPM2's midpoints)."""
+        return []
 
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         if self.step_index is None:
@@ -768,10 +793,18 @@ class _SigmaChurn:
         if self.step_index is None:
             self._init_step_index(timestep)
         index = self.step_index
-        if self._churned is None or self._churned[0] != index:
+        second = None
+        if self._churned is not None and self._churned[0] == index - 1 and self.order == 2:
+            second = self._second_call(model_output, sample.double(), index)
+        if second is None and (self._churned is None or self._churned[0] != index):
             own = {"generator": generator} if self.step_takes_generator else {}
             return super().step(model_output, timestep, sample, return_dict=return_dict, **own)
-        prev_sample, denoised = self._step_from(model_output, self._churned[1].double(), self.sigma_hats[index], index)
+        if second is not None:
+            prev_sample, denoised = second
+        else:
+            prev_sample, denoised = self._step_from(
+                model_output, self._churned[1].double(), self.sigma_hats[index], index
+            )
         self._step_index += 1
         prev_sample, denoised = prev_sample.to(model_output.dtype), denoised.to(model_output.dtype)
         if not return_dict:
@@ -785,27 +818,21 @@ class _SigmaChurn:
         return sample - sigma * output
 
 
-class ChurnEulerScheduler(_SigmaChurn, diffusers.EulerDiscreteScheduler):
+class _EulerChurn(_SigmaChurn):
     """Euler with A1111's sigma churn (_SigmaChurn): k-diffusion's sample_euler."""
-
-    def _step_starts(self) -> range:
-        return range(len(self.sigmas) - 1)
 
     def _step_from(self, model_output, sample, sigma_hat, index):
         denoised = self._denoised(model_output, sample, sigma_hat)
         return sample + (sample - denoised) / sigma_hat * (self.sigmas[index + 1].double() - sigma_hat), denoised
 
 
-class ChurnHeunScheduler(_SigmaChurn, diffusers.HeunDiscreteScheduler):
+class _HeunChurn(_SigmaChurn):
     """Heun with A1111's sigma churn (_SigmaChurn): k-diffusion's sample_heun. diffusers' Heun interleaves its two
     model calls a step (sigmas s0, s1, s1, s2, s2, ...): the first call of each step, at the even indices, churns; its
     Euler half-step is taken from the raised sample and sigma, and the second call (at the next sigma) corrects it
     from there, as diffusers' own second stage does."""
 
     step_takes_generator = False
-
-    def _step_starts(self) -> range:
-        return range(0, len(self.sigmas) - 1, 2)
 
     def _step_from(self, model_output, sample, sigma_hat, index):
         denoised = self._denoised(model_output, sample, sigma_hat)
@@ -814,6 +841,49 @@ class ChurnHeunScheduler(_SigmaChurn, diffusers.HeunDiscreteScheduler):
         # What diffusers' second stage takes up (the last step, to sigma 0, is this Euler step alone).
         self.prev_derivative, self.dt, self.sample = derivative.float(), dt.float(), sample.float()
         return sample + derivative * dt, denoised
+
+
+class _DPM2Churn(_SigmaChurn):
+    """DPM2 with A1111's sigma churn (_SigmaChurn): k-diffusion's sample_dpm_2. diffusers' DPM2 interleaves its two
+    calls a step too, the second at the midpoint sigma_mid = sqrt(sigma sigma_next); churned, the midpoint is
+    sqrt(sigma_hat sigma_next), so the second call's sigma and timestep move with it, and the step to the next sigma
+    goes from the raised sample over sigma_next - sigma_hat."""
+
+    step_takes_generator = False
+    _plain_interpol = None
+    _moved_midpoints: tuple[int, ...] | list[int] = ()  # where _churned_at moved a step's midpoint (its second call)
+
+    def _keep_plain(self) -> None:
+        self._plain_interpol = self.sigmas_interpol.clone()
+
+    def _restore_plain(self) -> None:
+        self.sigmas_interpol[:] = self._plain_interpol
+        self._moved_midpoints = []
+
+    def _churned_at(self, index: int, sigma_hat: torch.Tensor) -> None:
+        sigma_next = self.sigmas[index + 1].double()
+        if sigma_next > 0:
+            self.sigmas_interpol[index + 1] = (sigma_hat.log() + sigma_next.log()).div(2).exp()
+            self._moved_midpoints.append(index + 1)
+
+    def _moved_timesteps(self, log_sigmas) -> list[tuple[int, float]]:
+        return [(index, _sigma_to_t(float(self.sigmas_interpol[index]), log_sigmas)) for index in self._moved_midpoints]
+
+    def _step_from(self, model_output, sample, sigma_hat, index):
+        denoised = self._denoised(model_output, sample, sigma_hat)
+        derivative = (sample - denoised) / sigma_hat
+        sigma_next = self.sigmas[index + 1].double()
+        if sigma_next == 0:  # the last step: Euler
+            return sample + derivative * (sigma_next - sigma_hat), denoised
+        self.sample = sample.float()  # what the second call steps from
+        return sample + derivative * (self.sigmas_interpol[index + 1].double() - sigma_hat), denoised
+
+    def _second_call(self, model_output, sample, index: int):
+        sigma_mid, sigma_hat = self.sigmas_interpol[index].double(), self.sigma_hats[index - 1]
+        denoised = self._denoised(model_output, sample, sigma_mid)
+        derivative = (sample - denoised) / sigma_mid
+        start, self.sample = self.sample.double(), None
+        return start + derivative * (self.sigmas[index].double() - sigma_hat), denoised
 
 
 class _A1111Start:
@@ -844,7 +914,7 @@ def _starting_as_a1111(cls: type) -> type:
 
 
 def install_step_noise(pipe, scheduler) -> None:
-    """Hand a scheduler that draws noise outside its step (ChurnEulerScheduler) the generators its pass draws the
+    """Hand a scheduler that draws noise outside its step (sigma churn) the generators its pass draws the
     starting noise from, as the pass begins. The pipeline object is the job's own."""
     if not isinstance(scheduler, _SigmaChurn):
         return
@@ -1042,7 +1112,11 @@ _ETA_CLASSES = (
 )
 _SIGMA_NOISE_CLASSES = (KDPM2AncestralDiscardingScheduler, _SigmaNoise, EtaDPMppSDEScheduler, _SigmaChurn)
 # The samplers A1111's sigma churn runs on here, by diffusers' scheduler class.
-_CHURNING = {"EulerDiscreteScheduler": ChurnEulerScheduler, "HeunDiscreteScheduler": ChurnHeunScheduler}
+_CHURNING = {
+    "EulerDiscreteScheduler": _EulerChurn,
+    "HeunDiscreteScheduler": _HeunChurn,
+    "KDPM2DiscreteScheduler": _DPM2Churn,
+}
 
 
 def build_scheduler(
@@ -1069,10 +1143,10 @@ def build_scheduler(
         cls = _A1111_CLASSES[spec.name]
     elif spec.discard_penultimate_sigma:
         cls = _DISCARDING[spec.scheduler_class]
-    elif spec.takes_sigma_churn and churn.s_churn > 0:
-        cls = _CHURNING[spec.scheduler_class]
     else:
         cls = getattr(diffusers, spec.scheduler_class)
+    if spec.takes_sigma_churn and churn.s_churn > 0:
+        cls = type(cls.__name__, (_CHURNING[spec.scheduler_class], cls), {"__doc__": cls.__doc__})
     params = _init_params(spec.scheduler_class)
     overrides: dict[str, Any] = dict(spec.options)
     # Start from a clean sigma schedule: a model's config may itself ask for Karras sigmas.

@@ -1,5 +1,6 @@
-"""A1111's sigma churn on Euler and Heun (s_churn, s_tmin, s_tmax, and s_noise on the churn's noise): the schedulers
-step by step against k-diffusion's sample_euler and sample_heun, and the engine's jobs and infotext."""
+"""A1111's sigma churn on Euler, Heun and DPM2 (s_churn, s_tmin, s_tmax, and s_noise on the churn's noise): the
+schedulers step by step against k-diffusion's sample_euler, sample_heun and sample_dpm_2, and the engine's jobs and
+infotext."""
 
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ def k_sigma_to_t(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
     return ((1 - w) * low_idx + w * (low_idx + 1)).view(sigma.shape)
 
 
-def a1111_sampler(heun, eps_model, x, sigmas, noises, log_sigmas, *, s_churn, s_tmin, s_tmax, s_noise):
-    """k-diffusion's sample_euler or sample_heun at the commit A1111 pins (ab527a9: each step draws its noise, used
-    where it churns), with a CompVis eps model: input scaled by 1/sqrt(sigma^2 + 1), timestep sigma_to_t."""
+def a1111_sampler(sampler, eps_model, x, sigmas, noises, log_sigmas, *, s_churn, s_tmin, s_tmax, s_noise):
+    """k-diffusion's sample_euler, sample_heun or sample_dpm_2 at the commit A1111 pins (ab527a9: each step draws its
+    noise, used where it churns), with a CompVis eps model: input scaled by 1/sqrt(sigma^2 + 1), timestep
+    sigma_to_t."""
     x = x.double()
 
     def denoise(x, sigma):
@@ -44,12 +46,17 @@ def a1111_sampler(heun, eps_model, x, sigmas, noises, log_sigmas, *, s_churn, s_
             x = x + eps * (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
         d = (x - denoise(x, sigma_hat)) / sigma_hat
         dt = sigmas[i + 1] - sigma_hat
-        if not heun or sigmas[i + 1] == 0:
+        if sampler == "Euler" or sigmas[i + 1] == 0:
             x = x + d * dt
-        else:
+        elif sampler == "Heun":
             x_2 = x + d * dt
             d_2 = (x_2 - denoise(x_2, sigmas[i + 1])) / sigmas[i + 1]
             x = x + (d + d_2) / 2 * dt
+        else:  # DPM2
+            sigma_mid = sigma_hat.log().lerp(sigmas[i + 1].log(), 0.5).exp()
+            x_2 = x + d * (sigma_mid - sigma_hat)
+            d_2 = (x_2 - denoise(x_2, sigma_mid)) / sigma_mid
+            x = x + d_2 * dt
     return x.float()
 
 
@@ -71,7 +78,7 @@ def run_scheduler(scheduler, x, generators, *, begin: int = 0, copies: int = 2):
     return x
 
 
-@pytest.mark.parametrize("sampler", ["Euler", "Heun"])
+@pytest.mark.parametrize("sampler", ["Euler", "Heun", "DPM2"])
 @pytest.mark.parametrize(
     ("churn", "s_noise", "begin", "steps"),
     [
@@ -88,8 +95,8 @@ def test_sigma_churn_is_k_diffusions(sampler, churn, s_noise, begin, steps):
     scheduler = build_scheduler(SD_SCHEDULER_CONFIG, sampler, "Automatic", s_noise=s_noise, churn=churn)
     scheduler.set_timesteps(steps)
     sigmas = scheduler.sigmas.double()
-    if sampler == "Heun":  # diffusers interleaves its two calls a step: s0, s1, s1, s2, s2, ..., 0
-        sigmas = torch.cat([sigmas[0:1], sigmas[1:-1:2], sigmas[-1:]])
+    if sampler != "Euler":  # diffusers interleaves the two calls of a step: s0, s1, s1, s2, s2, ..., 0
+        sigmas = torch.cat([sigmas[0 : len(scheduler.timesteps) : 2], sigmas.new_zeros(1)])
     start = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * sigmas[begin]
     generators = [torch.Generator().manual_seed(seed) for seed in (11, 12)]
     got = run_scheduler(scheduler, start.clone(), generators, begin=begin * scheduler.order)
@@ -101,7 +108,7 @@ def test_sigma_churn_is_k_diffusions(sampler, churn, s_noise, begin, steps):
     log_sigmas = (((1 - alphas) / alphas) ** 0.5).log()
     ranges = dict(s_tmin=churn.s_tmin, s_tmax=churn.s_tmax or math.inf)
     expected = a1111_sampler(
-        sampler == "Heun",
+        sampler,
         eps_model,
         start,
         sigmas[begin:],
@@ -122,8 +129,8 @@ def test_churn_off_is_plain_euler():
     off = build_scheduler(SD_SCHEDULER_CONFIG, "Euler", "Automatic", churn=SigmaChurn(0.0, 0.5, 3.0))
     assert type(off).__name__ == "EulerDiscreteScheduler"
     # Samplers that take no churn here keep their own scheduler.
-    other = build_scheduler(SD_SCHEDULER_CONFIG, "DPM2", "Automatic", churn=SigmaChurn(1.0))
-    assert type(other).__name__ == "KDPM2DiscardingScheduler"
+    other = build_scheduler(SD_SCHEDULER_CONFIG, "LMS", "Automatic", churn=SigmaChurn(1.0))
+    assert type(other).__name__ == "LMSDiscreteScheduler"
 
 
 # Jobs ------------------------------------------------------------------------------------------------------------
@@ -170,9 +177,10 @@ def _fields(request: GenerationRequest) -> dict:
     return {name: getattr(request, name) for name in names}
 
 
-def test_a_churned_heun_job_reads_back_from_its_infotext(micro_engine):
-    plain, _ = picture(micro_engine, sampler_name="Heun")
-    churned, text = picture(micro_engine, sampler_name="Heun", s_churn=2, s_tmin=0.1)
+@pytest.mark.parametrize("sampler", ["Heun", "DPM2"])
+def test_churned_heun_and_dpm2_jobs_read_back_from_their_infotext(micro_engine, sampler):
+    plain, _ = picture(micro_engine, sampler_name=sampler)
+    churned, text = picture(micro_engine, sampler_name=sampler, s_churn=2, s_tmin=0.1)
     assert not np.array_equal(churned, plain) and "Sigma churn: 2, Sigma tmin: 0.1" in text
     assert np.array_equal(picture(micro_engine, **_fields(parse_infotext(text)))[0], churned)
 

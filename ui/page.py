@@ -341,14 +341,16 @@ def build_page(engine, settings=None) -> gr.Blocks:
                 with gr.Row():
                     job_widgets["s_churn"] = _job_setting_widget(
                         "s_churn",
-                        "Sigma churn (Euler, Heun)",
+                        "Sigma churn (Euler, Heun, DPM2)",
                         info="A1111's s_churn: noise added back before each step, raising its sigma. 0: off.",
                     )
                     job_widgets["s_tmin"] = _job_setting_widget(
-                        "s_tmin", "Sigma tmin (Euler, Heun)", info="Churn acts on steps whose sigma is at least this."
+                        "s_tmin",
+                        "Sigma tmin (Euler, Heun, DPM2)",
+                        info="Churn acts on steps whose sigma is at least this.",
                     )
                     job_widgets["s_tmax"] = _job_setting_widget(
-                        "s_tmax", "Sigma tmax (Euler, Heun)", info="... and at most this. 0: no end."
+                        "s_tmax", "Sigma tmax (Euler, Heun, DPM2)", info="... and at most this. 0: no end."
                     )
                     job_widgets["sgm_noise_multiplier"] = _job_setting_widget(
                         "sgm_noise_multiplier",
