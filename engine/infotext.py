@@ -25,7 +25,15 @@ from .errors import InvalidRequestError
 from .images import to_pil
 from .inpaint import MASKED_CONTENT
 from .request import JOB_SETTINGS, GenerationRequest
-from .samplers import effective_schedule, eta_for, get_sampler, resolve, takes_schedule_range, takes_schedule_rho
+from .samplers import (
+    effective_schedule,
+    eta_for,
+    get_sampler,
+    resolve,
+    starts_as_a1111,
+    takes_schedule_range,
+    takes_schedule_rho,
+)
 
 log = logging.getLogger(__name__)
 
@@ -205,18 +213,18 @@ def format_infotext(
         params[spec.eta_key] = _format_number(eta)
     if spec.takes_s_noise and req.s_noise != 1:
         params["Sigma noise"] = _format_number(req.s_noise)
-    # A pass's schedule min/max sigma and rho, where its schedule takes them (the hires pass's may differ).
     passes = [(req.sampler_name, req.scheduler)] + (
         [req.hires_sampler] if req.mode == "txt2img" and req.enable_hr else []
     )
-    # As A1111 writes it: where txt2img's first pass ran a k-diffusion sampler (LCM's start here is its own).
-    if req.sgm_noise_multiplier and req.mode == "txt2img" and spec.k_diffusion and spec.name != "LCM":
+    # As A1111 writes it: where txt2img's first pass ran a k-diffusion sampler.
+    if req.sgm_noise_multiplier and req.mode == "txt2img" and starts_as_a1111(req.sampler_name):
         params["SGM noise multiplier"] = "True"
     # Sigma churn, tmin and tmax where a pass's sampler takes them, as A1111 writes them (when not 0).
     if any(get_sampler(sampler).takes_sigma_churn for sampler, _ in passes):
         for key, value in (("Sigma churn", req.s_churn), ("Sigma tmin", req.s_tmin), ("Sigma tmax", req.s_tmax)):
             if value:
                 params[key] = _format_number(value)
+    # A pass's schedule min/max sigma and rho, where its schedule takes them (the hires pass's may differ).
     if any(takes_schedule_range(*chosen) for chosen in passes):
         for key, value in (("Schedule min sigma", req.sigma_min), ("Schedule max sigma", req.sigma_max)):
             if value:
@@ -227,8 +235,8 @@ def format_infotext(
         # As A1111 writes them whenever the Beta schedule is used.
         params["Beta schedule alpha"] = _format_number(req.beta_dist_alpha)
         params["Beta schedule beta"] = _format_number(req.beta_dist_beta)
-    # Also where sigma churn (Euler, Heun, DPM2) draws from the ENSD's noise: A1111 draws it so but does not write it, so its
-    # infotext cannot make the picture again.
+    # Also where sigma churn (Euler, Heun, DPM2) draws from the ENSD's noise: A1111 draws it so but does not write
+    # it, so its infotext cannot make the picture again.
     churned = spec.takes_sigma_churn and req.s_churn
     if req.eta_noise_seed_delta and ((spec.uses_ensd and (eta is None or eta != 0)) or churned):
         params["ENSD"] = int(req.eta_noise_seed_delta)

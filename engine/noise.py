@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -196,19 +197,28 @@ def reseed_after_start(pipe, seeds: Sequence[int], delta: int) -> None:
     so the noise its steps add comes from there, as in A1111's ImageRNG. The pipeline object is the job's own."""
     if not delta:
         return
+
+    def reseed(generators) -> None:
+        generators = generators if isinstance(generators, list) else [generators]
+        for index, generator in enumerate(generators):
+            generator.manual_seed(int(seeds[index % len(seeds)]) + int(delta))
+
+    after_starting_noise(pipe, reseed)
+
+
+def after_starting_noise(pipe, hook: Callable[[Any], None]) -> None:
+    """Call `hook` with the generator(s) a pass draws from, each time the job's pipeline has drawn its starting noise
+    (prepare_latents; txt2img's was drawn before it). The pipeline object is the job's own."""
     prepare = pipe.prepare_latents
     position = list(inspect.signature(prepare).parameters).index("generator")
 
     @functools.wraps(prepare)
-    def reseeding_prepare_latents(*args, **kwargs):
+    def prepare_latents_then(*args, **kwargs):
         outputs = prepare(*args, **kwargs)
-        generators = kwargs["generator"] if "generator" in kwargs else args[position]
-        generators = generators if isinstance(generators, list) else [generators]
-        for index, generator in enumerate(generators):
-            generator.manual_seed(int(seeds[index % len(seeds)]) + int(delta))
+        hook(kwargs["generator"] if "generator" in kwargs else args[position])
         return outputs
 
-    pipe.prepare_latents = reseeding_prepare_latents
+    pipe.prepare_latents = prepare_latents_then
 
 
 def initial_noise(generators: Sequence[torch.Generator], shape: Sequence[int]) -> torch.Tensor:

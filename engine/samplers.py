@@ -22,6 +22,7 @@ from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .errors import InvalidRequestError
+from .noise import after_starting_noise
 
 
 @dataclass(frozen=True)
@@ -909,6 +910,13 @@ class _A1111Start:
 _VARIANCE_PRESERVING = (diffusers.DPMSolverMultistepScheduler, diffusers.DPMSolverSinglestepScheduler)
 
 
+def starts_as_a1111(sampler_name: str) -> bool:
+    """Whether this sampler's txt2img starts as A1111's k-diffusion samplers do (_A1111Start), and so takes its SGM
+    noise multiplier; A1111's LCM start is its own (A1111LCMScheduler)."""
+    spec = get_sampler(sampler_name)
+    return spec.k_diffusion and spec.name != "LCM"
+
+
 def _starting_as_a1111(cls: type) -> type:
     return type(cls.__name__, (_A1111Start, cls), {"__doc__": cls.__doc__})
 
@@ -916,17 +924,8 @@ def _starting_as_a1111(cls: type) -> type:
 def install_step_noise(pipe, scheduler) -> None:
     """Hand a scheduler that draws noise outside its step (sigma churn) the generators its pass draws the
     starting noise from, as the pass begins. The pipeline object is the job's own."""
-    if not isinstance(scheduler, _SigmaChurn):
-        return
-    prepare = pipe.prepare_latents
-    position = list(inspect.signature(prepare).parameters).index("generator")
-
-    @functools.wraps(prepare)
-    def prepare_latents_handing_over(*args, **kwargs):
-        scheduler.noise_generators = kwargs["generator"] if "generator" in kwargs else args[position]
-        return prepare(*args, **kwargs)
-
-    pipe.prepare_latents = prepare_latents_handing_over
+    if isinstance(scheduler, _SigmaChurn):
+        after_starting_noise(pipe, functools.partial(setattr, scheduler, "noise_generators"))
 
 
 class EtaDPMSolverSDEScheduler(_SigmaNoise, diffusers.DPMSolverMultistepScheduler):
@@ -1173,7 +1172,7 @@ def build_scheduler(
     shaped = schedule_shape != ScheduleShape()
     if made_here or shaped:
         cls = _with_sigma_schedule(cls)
-    if spec.k_diffusion and spec.name != "LCM":  # A1111's LCM start is its own (A1111LCMScheduler)
+    if starts_as_a1111(spec.name):
         cls = _starting_as_a1111(cls)
     scheduler = cls.from_config(dict(base_config), **overrides)
     if made_here or shaped:
