@@ -985,7 +985,7 @@ def _build_init_image_and_sketch() -> tuple[gr.Image, gr.ImageEditor, gr.Tabs, g
         with gr.Tab("Sketch", id="sketch", elem_id="img2img_init_tab_sketch") as sketch_tab:
             sketch = gr.ImageEditor(
                 # A white canvas to draw on at once (an empty editor waits for its brush to be picked).
-                value=_image_for("inpaint", Image.new("RGB", SKETCH_CANVAS, "white")),
+                value=_editor_value(Image.new("RGB", SKETCH_CANVAS, "white")),
                 type="pil",
                 label="Sketch (the picture with the strokes is the init image)",
                 sources=["upload", "clipboard"],
@@ -1030,7 +1030,7 @@ def _show_init_image_after(sent, target: TabWidgets) -> None:
 def _copy_to_sketch(image: Image.Image | None):
     if image is None:
         raise gr.Error("Sketch on this picture: upload a picture into Image first (or draw on the blank Sketch).")
-    return _image_for("inpaint", image), gr.Tabs(selected="sketch"), "sketch"
+    return _editor_value(image), gr.Tabs(selected="sketch"), "sketch"
 
 
 def _build_inpaint_sketch(editor: gr.ImageEditor) -> list[gr.components.Component]:
@@ -2737,9 +2737,12 @@ def _open_image(path) -> Image.Image:
 def _image_for(target_mode: str, image: Image.Image | None):
     if image is None:
         return gr.skip()
-    if target_mode == "inpaint":
-        return {"background": image, "layers": [], "composite": image}
-    return image
+    return _editor_value(image) if target_mode == "inpaint" else image
+
+
+def _editor_value(image: Image.Image) -> dict:
+    """An image editor's value holding `image` with nothing painted on it."""
+    return {"background": image, "layers": [], "composite": image}
 
 
 def _default_preview_mode(engine) -> str:
