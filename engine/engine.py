@@ -935,6 +935,7 @@ class Engine:
                 embedding_hashes=embedding_hashes,
                 lora_hashes=lora_hashes,
                 inpainting_model=model.inpainting_unet,
+                zero_terminal_snr_model=bool(model.scheduler_config.get("rescale_betas_zero_snr")),
             )
             image.info["parameters"] = text
             infotexts.append(text)

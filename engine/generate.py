@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDPMScheduler
 from PIL import Image, ImageFilter
 
 from .color_correction import corrected
@@ -30,7 +29,15 @@ from .noise import NoiseVariation, initial_noise, reseed_after_start
 from .prompts import Conditioning, SDXLEmbeds, guidance_rows
 from .refiner import Refiner, RefinerSwitch
 from .request import LATENT_UPSCALERS, GenerationRequest
-from .samplers import ScheduleShape, SigmaChurn, build_scheduler, diffusers_strength, eta_for, img2img_steps
+from .samplers import (
+    NoiseLevels,
+    ScheduleShape,
+    SigmaChurn,
+    build_scheduler,
+    diffusers_strength,
+    eta_for,
+    img2img_steps,
+)
 from .upscalers import upscale_to
 
 log = logging.getLogger(__name__)
@@ -107,8 +114,9 @@ class BatchOutcome:
 
 
 def _scheduler_for(req: GenerationRequest, model, sampler_name: str, schedule: str, seed: int, *, first_pass=True):
-    """A pass's scheduler, with the job's eta, sigma noise, schedule min/max sigma and rho, and sigma churn; the SGM
-    noise multiplier where A1111 applies it, to txt2img's first pass (a pass from a picture adds its noise to it)."""
+    """A pass's scheduler, with the job's eta, sigma noise, schedule min/max sigma and rho, sigma churn, discarding of
+    the next-to-last sigma and noise levels; the SGM noise multiplier where A1111 applies it, to txt2img's first pass
+    (a pass from a picture adds its noise to it)."""
     return build_scheduler(
         model.scheduler_config,
         sampler_name,
@@ -120,7 +128,14 @@ def _scheduler_for(req: GenerationRequest, model, sampler_name: str, schedule: s
         model_family=model.family,
         churn=SigmaChurn(req.s_churn, req.s_tmin, req.s_tmax),
         sgm_noise_multiplier=req.sgm_noise_multiplier and first_pass and req.mode == "txt2img",
+        always_discard_penultimate_sigma=req.always_discard_penultimate_sigma,
+        noise_levels=noise_levels(req),
     )
+
+
+def noise_levels(req: GenerationRequest) -> NoiseLevels:
+    """How the job changes the model's noise levels (A1111's Zero Terminal SNR and Downcast alphas_cumprod)."""
+    return NoiseLevels(req.noise_schedule == "Zero Terminal SNR", req.downcast_alphas_cumprod)
 
 
 def run_batch(
@@ -379,7 +394,7 @@ class _StandIns:
         def wrap(unet):
             skip = None
             if skipping:
-                alphas = DDPMScheduler.from_config(model.scheduler_config).alphas_cumprod
+                alphas = noise_levels(req).alphas_cumprod(model.scheduler_config)
                 skip = NegativeGuidanceSkip(
                     req.s_min_uncond,
                     req.s_min_uncond_all,

@@ -26,6 +26,7 @@ from .images import to_pil
 from .inpaint import MASKED_CONTENT
 from .request import JOB_SETTINGS, GenerationRequest
 from .samplers import (
+    discards_penultimate_sigma,
     effective_schedule,
     eta_for,
     get_sampler,
@@ -128,11 +129,14 @@ def format_infotext(
     embedding_hashes: dict[str, str] | None = None,
     lora_hashes: dict[str, str] | None = None,
     inpainting_model: bool = False,
+    zero_terminal_snr_model: bool = False,
 ) -> str:
     """A1111's "parameters" text for one image of a validated request, made with `seed` (and variation seed
     `subseed`, the request's when not given); `vae_name` and `vae_hash` the VAE file that decoded it, when
     not the model's own; `embedding_hashes` and `lora_hashes` the textual inversion embeddings and LoRAs it
-    used, by name; `inpainting_model` whether the model was an inpainting model (its mask weight is written then)."""
+    used, by name; `inpainting_model` whether the model was an inpainting model (its mask weight is written then);
+    `zero_terminal_snr_model` whether the model's own scheduler config rescales its noise levels to zero terminal SNR
+    (written as the Noise Schedule, which the job then had, whatever it asked for)."""
     if req.width is None or req.height is None:
         raise InvalidRequestError(
             "width x height", f"{req.width}x{req.height}", "a validated request (Engine.validate fills in the size)"
@@ -219,6 +223,18 @@ def format_infotext(
     # As A1111 writes it: where txt2img's first pass ran a k-diffusion sampler.
     if req.sgm_noise_multiplier and req.mode == "txt2img" and starts_as_a1111(req.sampler_name):
         params["SGM noise multiplier"] = "True"
+    # As A1111 writes it: where a pass's sampler drops the next-to-last sigma for it (DDIM, PLMS and UniPC too in
+    # A1111, which respaces their timesteps: not done here, nor written).
+    if req.always_discard_penultimate_sigma and any(
+        discards_penultimate_sigma(sampler, always=True) and not discards_penultimate_sigma(sampler)
+        for sampler, _ in passes
+    ):
+        params["Discard penultimate sigma"] = "True"
+    if req.downcast_alphas_cumprod:
+        params["Downcast alphas_cumprod"] = "True"
+    noise_schedule = "Zero Terminal SNR" if zero_terminal_snr_model else req.noise_schedule
+    if noise_schedule != "Default":
+        params["Noise Schedule"] = noise_schedule
     # Sigma churn, tmin and tmax where a pass's sampler takes them, as A1111 writes them (when not 0).
     if any(get_sampler(sampler).takes_sigma_churn for sampler, _ in passes):
         for key, value in (("Sigma churn", req.s_churn), ("Sigma tmin", req.s_tmin), ("Sigma tmax", req.s_tmax)):
@@ -417,6 +433,9 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
     for key, field in _SWITCH_KEYS.items():
         if key in params:
             setattr(req, field, params.pop(key).strip().lower() == "true")
+    for key, setting in _CHOICE_KEYS.items():
+        if key in params:
+            setattr(req, setting.field, setting.checked(params.pop(key), key))
     if "Emphasis" in params:
         req.emphasis = params.pop("Emphasis")
     if "Prompt syntax" in params:
@@ -520,12 +539,13 @@ def _parse_float(key: str, value: str) -> float:
 
 
 # Infotext keys read back into the request field of the same meaning: the job settings' numbers (with how each is
-# read), and switches ("True").
+# read), choices (checked by name), and switches ("True").
 _NUMBER_KEYS = {
     setting.infotext_key: (setting.field, _parse_int if setting.is_whole else _parse_float)
     for setting in JOB_SETTINGS
-    if not setting.is_switch
+    if not setting.is_switch and not setting.is_choice
 }
+_CHOICE_KEYS = {setting.infotext_key: setting for setting in JOB_SETTINGS if setting.is_choice}
 _SWITCH_KEYS = {"Tiling": "tiling"} | {
     setting.infotext_key: setting.field for setting in JOB_SETTINGS if setting.is_switch
 }

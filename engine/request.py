@@ -34,6 +34,9 @@ MIN_BETA_SHAPE, MAX_BETA_SHAPE = 0.01, 2.0
 # A1111's Clip skip setting goes to 12 (a model's text encoder may have fewer layers: it refuses more).
 MAX_CLIP_SKIP = 12
 
+# A1111's noise schedules for sampling: the model's own, or rescaled to zero terminal SNR.
+NOISE_SCHEDULES = ("Default", "Zero Terminal SNR")
+
 PROMPT_SYNTAXES = ("a1111", "compel")
 # A1111's hires fix upscalers that need no extra model: latent ones (F.interpolate mode, antialias) and
 # picture ones (decode, resize with PIL, encode again).
@@ -116,6 +119,15 @@ class GenerationRequest:
     # A1111's "SGM noise multiplier": txt2img's k-diffusion samplers start from noise x sqrt(1 + sigma^2) rather than
     # noise x sigma, as SDXL's own code does.
     sgm_noise_multiplier: bool = False
+    # A1111's "Always discard next-to-last sigma": every k-diffusion sampler makes its schedule one step longer and
+    # drops the sigma before the last, as DPM2, DPM2 a and DPM++ 3M SDE always do.
+    always_discard_penultimate_sigma: bool = False
+    # A1111's "Noise schedule for sampling" (NOISE_SCHEDULES): "Zero Terminal SNR" rescales the model's noise levels so
+    # the last one is (almost) pure noise, for models trained so; "Default" is the model's own.
+    noise_schedule: str = "Default"
+    # A1111's "Downcast model alphas_cumprod to fp16 before sampling": the noise levels rounded as half precision
+    # rounds them, to make pictures of older versions again.
+    downcast_alphas_cumprod: bool = False
     # A1111's schedule min sigma, max sigma and rho (its sigma_min, sigma_max and rho settings): the ends of the
     # Karras, Exponential and Beta schedules, and the Karras curve's rho. 0 is the schedule's own (the model's
     # sigma range; rho 7).
@@ -313,14 +325,21 @@ class JobSetting:
     infotext_key: str
     # What it is and does, for the API's and the page's descriptions.
     summary: str
-    default: float | int | bool
-    # A number from `lowest` to this (a whole number when `default` is an int); None for a switch (on or off).
+    default: float | int | bool | str
+    # A number from `lowest` to this (a whole number when `default` is an int); None for a switch (on or off) or a
+    # choice.
     highest: float | None = None
     lowest: float = 0
+    # The names a choice takes (`default` one of them); empty for a number or a switch.
+    choices: tuple[str, ...] = ()
 
     @property
     def is_switch(self) -> bool:
-        return self.highest is None
+        return self.highest is None and not self.choices
+
+    @property
+    def is_choice(self) -> bool:
+        return bool(self.choices)
 
     @property
     def is_whole(self) -> bool:
@@ -330,6 +349,8 @@ class JobSetting:
         """What the setting takes, said of one value or (`several`) of a list of them."""
         if self.is_switch:
             return "true or false"
+        if self.is_choice:
+            return "one of " + ", ".join(self.choices)
         kind = "whole number" if self.is_whole else "number"
         lowest, highest = (f"{end:g}" if isinstance(end, float) else str(end) for end in (self.lowest, self.highest))
         return f"{kind}s from {lowest} to {highest}" if several else f"a {kind} from {lowest} to {highest}"
@@ -339,6 +360,11 @@ class JobSetting:
         name = name or self.field
         if self.is_switch:
             return _as_flag(value, name)
+        if self.is_choice:
+            chosen = {choice.lower(): choice for choice in self.choices}.get(str(value).strip().lower())
+            if not isinstance(value, str) or chosen is None:
+                raise InvalidRequestError(name, value, self.allowed())
+            return chosen
         number = _as_int(value, name) if self.is_whole else _as_float(value, name)
         if not self.lowest <= number <= self.highest:
             raise InvalidRequestError(name, value, self.allowed())
@@ -394,6 +420,31 @@ JOB_SETTINGS = (
         "SGM noise multiplier",
         "SGM noise multiplier: txt2img starts from noise x sqrt(1 + sigma^2), as SDXL's own code does, rather than "
         "noise x sigma (k-diffusion samplers; only for making such pictures again)",
+        False,
+    ),
+    JobSetting(
+        "always_discard_penultimate_sigma",
+        "always_discard_next_to_last_sigma",
+        "Discard penultimate sigma",
+        "always discard next-to-last sigma: k-diffusion samplers make their schedule a step longer and drop the sigma "
+        "before the last, as DPM2 and DPM++ 3M SDE always do",
+        False,
+    ),
+    JobSetting(
+        "noise_schedule",
+        "sd_noise_schedule",
+        "Noise Schedule",
+        "noise schedule for sampling: Zero Terminal SNR rescales the model's noise levels so the last is pure noise "
+        "(for models trained so, mostly v-prediction ones); Default is the model's own",
+        "Default",
+        choices=NOISE_SCHEDULES,
+    ),
+    JobSetting(
+        "downcast_alphas_cumprod",
+        "use_downcasted_alpha_bar",
+        "Downcast alphas_cumprod",
+        "downcast alphas_cumprod: the model's noise levels rounded to half precision before sampling, as older "
+        "versions of A1111 ran them (to make their pictures again)",
         False,
     ),
     JobSetting(

@@ -395,9 +395,16 @@ class _SigmaSchedule:
     def _convert_to_karras(self, in_sigmas, num_inference_steps=None):
         # LMS and DPM++ SDE take no step count here: diffusers reads their own.
         steps = num_inference_steps if num_inference_steps is not None else self.num_inference_steps
-        if self.schedule_kind == "Karras" and not self.schedule_shape.rho:
-            given = {} if num_inference_steps is None else {"num_inference_steps": num_inference_steps}
-            return super()._convert_to_karras(in_sigmas=self._with_ends(in_sigmas), **given)
+        diffusers_karras = super()._convert_to_karras
+        # diffusers' LMS and DPM++ SDE read their own step count: another (a discarding schedule's) is made here.
+        takes_steps = "num_inference_steps" in inspect.signature(diffusers_karras).parameters
+        if (
+            self.schedule_kind == "Karras"
+            and not self.schedule_shape.rho
+            and (takes_steps or steps == self.num_inference_steps)
+        ):
+            given = {"num_inference_steps": steps} if takes_steps else {}
+            return diffusers_karras(in_sigmas=self._with_ends(in_sigmas), **given)
         lowest, highest = self._schedule_ends(in_sigmas)
         model_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).double().sqrt().numpy()
         return schedule_sigmas(
@@ -424,6 +431,51 @@ class _SigmaSchedule:
         )
 
 
+# The last noise level A1111's Zero Terminal SNR leaves: not 0, whose sigma would be infinite (sigma 4518.8).
+ZERO_TERMINAL_ALPHA_BAR = 4.8973451890853435e-08
+
+
+@dataclass(frozen=True)
+class NoiseLevels:
+    """How a job changes the model's noise levels (alphas_cumprod) before sampling, as A1111's settings do:
+    `downcast` rounds them to half precision (its "Downcast alphas_cumprod"), then `zero_terminal_snr` rescales them
+    (its "Zero Terminal SNR" noise schedule, also what a model whose scheduler config sets rescale_betas_zero_snr
+    gets, for every sampler)."""
+
+    zero_terminal_snr: bool = False
+    downcast: bool = False
+
+    def alphas_cumprod(self, base_config: dict[str, Any]) -> torch.Tensor:
+        """The model's noise levels by timestep, changed as asked (float64)."""
+        plain = {**dict(base_config), "rescale_betas_zero_snr": False}
+        alphas_cumprod = diffusers.DDPMScheduler.from_config(plain).alphas_cumprod
+        if self.downcast:
+            alphas_cumprod = alphas_cumprod.half()
+        alphas_cumprod = alphas_cumprod.double()
+        if self.zero_terminal_snr or base_config.get("rescale_betas_zero_snr"):
+            alphas_cumprod = zero_terminal_snr(alphas_cumprod)
+        return alphas_cumprod
+
+    def trained_betas(self, base_config: dict[str, Any]) -> list[float] | None:
+        """The betas a scheduler rebuilds these noise levels from, or None where they are the model's own."""
+        if not (self.zero_terminal_snr or self.downcast or base_config.get("rescale_betas_zero_snr")):
+            return None
+        alphas_cumprod = self.alphas_cumprod(base_config)
+        previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        return (1 - alphas_cumprod / previous).tolist()
+
+
+def zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """A1111's rescale_zero_terminal_snr_abar (Lin et al., "Common Diffusion Noise Schedules and Sample Steps are
+    Flawed"): sqrt(alphas_cumprod) shifted so the last is 0 and scaled so the first stays, squared; the last then
+    set to ZERO_TERMINAL_ALPHA_BAR."""
+    root = alphas_cumprod.sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    rescaled = ((root - last) * (first / (first - last))) ** 2
+    rescaled[-1] = ZERO_TERMINAL_ALPHA_BAR
+    return rescaled
+
+
 @functools.cache
 def _with_sigma_schedule(cls: type) -> type:
     """`cls` making A1111's further schedule types and taking its schedule min/max sigma and rho (discarding
@@ -441,16 +493,47 @@ class _DiscardPenultimateSigma(_SigmaSchedule):
     diffusers' KDPM2 schedulers take no custom sigmas and derive their interleaved midpoint arrays
     from the schedule inside set_timesteps, so the drop happens where the schedule is made. A1111
     drops it on every schedule type, and so does this class: every type is made where diffusers makes Karras,
-    Exponential and Beta sigmas (Uniform and SGM Uniform too, for these samplers: see build_scheduler)."""
+    Exponential and Beta sigmas (Uniform and SGM Uniform too, for these samplers: see build_scheduler). With A1111's
+    "Always discard next-to-last sigma" every k-diffusion sampler here drops it (_discarding)."""
 
-    def _convert_to_karras(self, in_sigmas, num_inference_steps):
-        return super()._convert_to_karras(in_sigmas=in_sigmas, num_inference_steps=num_inference_steps + 1)[:-1]
+    def _convert_to_karras(self, in_sigmas, num_inference_steps=None):
+        # LMS and DPM++ SDE take no step count here: diffusers reads their own.
+        steps = num_inference_steps if num_inference_steps is not None else self.num_inference_steps
+        return super()._convert_to_karras(in_sigmas=in_sigmas, num_inference_steps=steps + 1)[:-1]
 
     def _convert_to_exponential(self, in_sigmas, num_inference_steps):
         return super()._convert_to_exponential(in_sigmas=in_sigmas, num_inference_steps=num_inference_steps + 1)[:-1]
 
     def _convert_to_beta(self, in_sigmas, num_inference_steps, **shape):
         return super()._convert_to_beta(in_sigmas=in_sigmas, num_inference_steps=num_inference_steps + 1, **shape)[:-1]
+
+
+class _DiscardPenultimateStep:
+    """The same discard for a scheduler that makes no Karras sigmas and keeps one sigma a step (Euler a): its schedule
+    made a step longer, then the sigma before the final 0 and the last step's timestep dropped."""
+
+    def set_timesteps(self, num_inference_steps, *args, **kwargs):
+        super().set_timesteps(num_inference_steps + 1, *args, **kwargs)
+        self.sigmas = torch.cat([self.sigmas[:-2], self.sigmas[-1:]])
+        self.timesteps = self.timesteps[:-1]
+        self.num_inference_steps = num_inference_steps
+
+
+@functools.cache
+def _discarding(cls: type) -> type:
+    """`cls` dropping the next-to-last sigma of its schedule (classes that already do stay as they are)."""
+    if issubclass(cls, (_DiscardPenultimateSigma, _DiscardPenultimateStep)):
+        return cls
+    mixin = _DiscardPenultimateSigma if hasattr(cls, "_convert_to_karras") else _DiscardPenultimateStep
+    return type(cls.__name__, (mixin, cls), {"__doc__": cls.__doc__})
+
+
+def discards_penultimate_sigma(sampler_name: str, always: bool = False) -> bool:
+    """Whether the sampler drops the next-to-last sigma: DPM2, DPM2 a and DPM++ 3M SDE do, and with A1111's "Always
+    discard next-to-last sigma" (`always`) every k-diffusion sampler but LCM, whose schedule is its own. A1111 also
+    respaces DDIM, PLMS and UniPC's timesteps for it; they keep theirs here."""
+    spec = get_sampler(sampler_name)
+    return spec.discard_penultimate_sigma or (always and spec.k_diffusion and spec.name != "LCM")
 
 
 class KDPM2DiscardingScheduler(_DiscardPenultimateSigma, diffusers.KDPM2DiscreteScheduler):
@@ -921,6 +1004,23 @@ def _starting_as_a1111(cls: type) -> type:
     return type(cls.__name__, (_A1111Start, cls), {"__doc__": cls.__doc__})
 
 
+class _CountedFromStart:
+    """A pass's steps counted from the first, not found by timestep. diffusers finds a txt2img pass's first step by
+    its timestep and, where the first timesteps repeat, takes the second: sigmas above the model's largest (a
+    schedule max sigma above it, Zero Terminal SNR's Karras schedule) all get its last timestep, so a pass would
+    start a step late and run past its end. img2img pipelines set their own start after this."""
+
+    def set_timesteps(self, *args, **kwargs):
+        super().set_timesteps(*args, **kwargs)
+        if hasattr(self, "_begin_index"):
+            self._begin_index = 0
+
+
+@functools.cache
+def _counted_from_start(cls: type) -> type:
+    return type(cls.__name__, (_CountedFromStart, cls), {"__doc__": cls.__doc__})
+
+
 def install_step_noise(pipe, scheduler) -> None:
     """Hand a scheduler that draws noise outside its step (sigma churn) the generators its pass draws the
     starting noise from, as the pass begins. The pipeline object is the job's own."""
@@ -1129,6 +1229,8 @@ def build_scheduler(
     model_family: str = "",
     churn: SigmaChurn = SigmaChurn(),
     sgm_noise_multiplier: bool = False,
+    always_discard_penultimate_sigma: bool = False,
+    noise_levels: NoiseLevels = NoiseLevels(),
 ):
     """A new scheduler instance for one job; `base_config` is the model's own scheduler config. `eta` is that of
     Euler a, DPM2 a and the DPM++ SDE samplers (None: 1); DDIM takes its eta from the pipeline call. `s_noise` is
@@ -1136,14 +1238,19 @@ def build_scheduler(
     schedule min sigma, max sigma and rho (0: the schedule's own; RANGED_SCHEDULES take them) and Beta's alpha and
     beta. `model_family` picks Align Your Steps' table (SDXL's or SD 1.5's). `churn` is A1111's sigma churn, for the
     samplers that take it (SamplerSpec.takes_sigma_churn; pipelines hand it their generators: install_step_noise).
-    k-diffusion samplers start txt2img as A1111 does (_A1111Start), with its `sgm_noise_multiplier` or without."""
+    k-diffusion samplers start txt2img as A1111 does (_A1111Start), with its `sgm_noise_multiplier` or without. With
+    `always_discard_penultimate_sigma` every k-diffusion sampler drops its schedule's next-to-last sigma
+    (discards_penultimate_sigma). `noise_levels` may rescale or round the model's noise levels (NoiseLevels)."""
     spec = get_sampler(sampler_name)
+    discards = discards_penultimate_sigma(spec.name, always_discard_penultimate_sigma)
     if spec.name in _A1111_CLASSES:
         cls = _A1111_CLASSES[spec.name]
     elif spec.discard_penultimate_sigma:
         cls = _DISCARDING[spec.scheduler_class]
     else:
         cls = getattr(diffusers, spec.scheduler_class)
+    if discards:
+        cls = _discarding(cls)
     if spec.takes_sigma_churn and churn.s_churn > 0:
         cls = type(cls.__name__, (_CHURNING[spec.scheduler_class], cls), {"__doc__": cls.__doc__})
     params = _init_params(spec.scheduler_class)
@@ -1156,7 +1263,7 @@ def build_scheduler(
         overrides["timestep_spacing"] = "linspace"
     kind = effective_schedule(spec, schedule)
     overrides.update(SCHEDULE_TYPES[kind])
-    if kind == "Uniform" and (spec.scheduler_class in _SPACED_ONE_OVER or spec.discard_penultimate_sigma):
+    if kind == "Uniform" and (spec.scheduler_class in _SPACED_ONE_OVER or discards):
         overrides["use_karras_sigmas"] = True  # made by _SigmaSchedule, where the discard can drop a sigma of it
     if kind == "SGM Uniform" and "use_karras_sigmas" in params:
         # A1111's fractional timesteps, between its ends, and dropping DPM2's next-to-last sigma; diffusers'
@@ -1167,6 +1274,10 @@ def build_scheduler(
     # Where the config has its own ends, diffusers reads them there first.
     ends = (("sigma_min", schedule_shape.sigma_min), ("sigma_max", schedule_shape.sigma_max))
     overrides.update({key: value for key, value in ends if value})
+    betas = noise_levels.trained_betas(base_config)
+    if betas is not None:
+        # Every scheduler class takes its noise levels as betas; its own rescale would be applied on top of them.
+        overrides.update(trained_betas=betas, rescale_betas_zero_snr=False)
     overrides = {key: value for key, value in overrides.items() if key in params}
     made_here = bool(overrides.get("use_karras_sigmas")) and kind != "Karras"
     shaped = schedule_shape != ScheduleShape()
@@ -1174,6 +1285,7 @@ def build_scheduler(
         cls = _with_sigma_schedule(cls)
     if starts_as_a1111(spec.name):
         cls = _starting_as_a1111(cls)
+    cls = _counted_from_start(cls)
     scheduler = cls.from_config(dict(base_config), **overrides)
     if made_here or shaped:
         scheduler.schedule_kind, scheduler.model_family, scheduler.schedule_shape = kind, model_family, schedule_shape

@@ -743,3 +743,34 @@ def test_sigma_churn_runs_on_euler_and_is_listed_as_ignored_for_other_samplers(a
     assert bad.status_code == 422 and "s_churn" in bad.text
     _, info = generate(api, sampler_name="Euler", seed=3, override_settings={"s_churn": 2})
     assert "Sigma churn: 2" in info["infotexts"][0]
+
+
+def test_the_noise_schedule_settings_are_a1111_options(api):
+    plain, _ = generate(api, sampler_name="Euler", seed=3)
+    rescaled, info = generate(
+        api,
+        sampler_name="Euler",
+        seed=3,
+        override_settings={"sd_noise_schedule": "Zero Terminal SNR", "always_discard_next_to_last_sigma": True},
+    )
+    assert rescaled["images"][0] != plain["images"][0]
+    assert "Noise Schedule: Zero Terminal SNR" in info["infotexts"][0]
+    assert "Discard penultimate sigma: True" in info["infotexts"][0]
+    bad = api.post("txt2img", json={**SMALL, "override_settings": {"sd_noise_schedule": "Cosine"}})
+    assert bad.status_code == 422
+    body = bad.json()
+    assert body["field"] == "override_settings.sd_noise_schedule" and body["value"] == "Cosine"
+    assert body["allowed"] == "one of Default, Zero Terminal SNR"
+    # Set on the server, every later job takes them until set back.
+    try:
+        ok(api.post("options", json={"sd_noise_schedule": "zero terminal snr", "use_downcasted_alpha_bar": True}))
+        options = ok(api.get("options"))
+        assert options["sd_noise_schedule"] == "Zero Terminal SNR" and options["use_downcasted_alpha_bar"] is True
+        again, info = generate(api, sampler_name="Euler", seed=3)
+        assert "Noise Schedule: Zero Terminal SNR" in info["infotexts"][0]
+        assert "Downcast alphas_cumprod: True" in info["infotexts"][0]
+        assert api.post("options", json={"sd_noise_schedule": 1}).status_code == 422
+    finally:
+        ok(api.post("options", json={"sd_noise_schedule": "Default", "use_downcasted_alpha_bar": False}))
+    _, info = generate(api, sampler_name="Euler", seed=3)
+    assert "Noise Schedule" not in info["infotexts"][0]

@@ -473,13 +473,19 @@ def test_every_job_setting_has_its_request_default_reads_back_from_its_key_and_i
     for setting in JOB_SETTINGS:
         default = request_defaults[setting.field]
         assert default == setting.default and type(default) is type(setting.default), setting.field
-        # Not the default, so reading it back is seen: "on", or the highest value (0 where that is the default).
-        value = True if setting.is_switch else (0 if setting.highest == setting.default else setting.highest)
+        # Not the default, so reading it back is seen: "on", the last choice, or the highest value (0 where that is the
+        # default).
+        if setting.is_switch or setting.is_choice:
+            value = True if setting.is_switch else setting.choices[-1]
+        else:
+            value = 0 if setting.highest == setting.default else setting.highest
         assert value != setting.default
         assert getattr(parse_infotext(f"{base}, {setting.infotext_key}: {value}"), setting.field) == value
         checked = checked_request(**{setting.field: value})
         assert getattr(checked, setting.field) == value
-        too_much = "often" if setting.is_switch else setting.highest * 2
+        if setting.is_choice:  # any case, as A1111's radio names it
+            assert getattr(checked_request(**{setting.field: value.upper()}), setting.field) == value
+        too_much = "often" if setting.is_switch or setting.is_choice else setting.highest * 2
         with pytest.raises(InvalidRequestError, match=f"^{setting.field}: got .*; allowed: {setting.allowed()}"):
             checked_request(**{setting.field: too_much})
 

@@ -359,6 +359,23 @@ def build_page(engine, settings=None) -> gr.Blocks:
                         "pictures again.",
                     )
                 with gr.Row():
+                    job_widgets["noise_schedule"] = _job_setting_widget(
+                        "noise_schedule",
+                        "Noise schedule for sampling",
+                        info="Zero Terminal SNR: for models trained with it (mostly v-prediction ones). A model whose "
+                        "scheduler config asks for it gets it either way.",
+                    )
+                    job_widgets["always_discard_penultimate_sigma"] = _job_setting_widget(
+                        "always_discard_penultimate_sigma",
+                        "Always discard next-to-last sigma",
+                        info="Every k-diffusion sampler drops it, as DPM2 and DPM++ 3M SDE do.",
+                    )
+                    job_widgets["downcast_alphas_cumprod"] = _job_setting_widget(
+                        "downcast_alphas_cumprod",
+                        "Downcast alphas_cumprod to fp16",
+                        info="Noise levels rounded as older versions rounded them: only to make such pictures again.",
+                    )
+                with gr.Row():
                     job_widgets["sigma_min"] = _job_setting_widget(
                         "sigma_min",
                         "Schedule min sigma",
@@ -609,6 +626,7 @@ def _recalled_settings(engine, keys: list[str], stored: dict | None) -> list:
         "preview_mode": list(PREVIEW_MODES),
         "prompt_syntax": ["a1111", "compel"],
         "emphasis": list(EMPHASIS_MODES),
+        **{_job_setting_name(setting): list(setting.choices) for setting in JOB_SETTINGS if setting.is_choice},
     }
     values = []
     for key in keys:
@@ -2342,12 +2360,14 @@ def _job_setting_name(setting: JobSetting) -> str:
 
 
 def _job_setting_widget(field: str, label: str, *, info: str, step: float = 0.01) -> gr.components.Component:
-    """The Settings tab's widget for a job setting, with its range and default: a checkbox for a switch, a whole
-    number box, or a slider."""
+    """The Settings tab's widget for a job setting, with its range and default: a checkbox for a switch, radio
+    buttons for a choice, a whole number box, or a slider."""
     setting = JOB_SETTING_BY_FIELD[field]
     elem_id = f"setting_{_job_setting_name(setting)}"
     if setting.is_switch:
         return gr.Checkbox(value=setting.default, label=label, info=info, elem_id=elem_id)
+    if setting.is_choice:
+        return gr.Radio(list(setting.choices), value=setting.default, label=label, info=info, elem_id=elem_id)
     if setting.is_whole:
         return gr.Number(setting.default, precision=0, minimum=0, label=label, info=info, elem_id=elem_id)
     return gr.Slider(
