@@ -37,6 +37,7 @@ from .samplers import (
     diffusers_strength,
     eta_for,
     img2img_steps,
+    pass_steps,
 )
 from .upscalers import upscale_to
 
@@ -130,7 +131,14 @@ def _scheduler_for(req: GenerationRequest, model, sampler_name: str, schedule: s
         sgm_noise_multiplier=req.sgm_noise_multiplier and first_pass and req.mode == "txt2img",
         always_discard_penultimate_sigma=req.always_discard_penultimate_sigma,
         noise_levels=noise_levels(req),
+        from_picture=not (first_pass and req.mode == "txt2img"),
     )
+
+
+def _picture_strength(req: GenerationRequest, sampler_name: str, schedule: str, sampling_steps: int, steps: int):
+    """The diffusers pipeline's strength for a pass from a picture that runs the last `sampling_steps` of `steps`."""
+    whole = pass_steps(sampler_name, schedule, steps, req.always_discard_penultimate_sigma, from_picture=True)
+    return diffusers_strength(sampling_steps, steps, whole)
 
 
 def noise_levels(req: GenerationRequest) -> NoiseLevels:
@@ -176,7 +184,9 @@ def run_batch(
     hires = req.mode == "txt2img" and req.enable_hr
     # Sampling steps that run: all of them in txt2img, fewer in img2img and inpaint.
     sampling_steps = (
-        req.steps if req.mode == "txt2img" else img2img_steps(req.sampler_name, req.steps, req.denoising_strength)
+        pass_steps(req.sampler_name, req.scheduler, req.steps, req.always_discard_penultimate_sigma)
+        if req.mode == "txt2img"
+        else img2img_steps(req.sampler_name, req.steps, req.denoising_strength, req.scheduler)
     )
     wrap_unet = stand_ins.for_pass(
         model, conditioning, refiner if not hires else None, req.sampler_name, sampling_steps
@@ -206,7 +216,7 @@ def run_batch(
     steps_before = 0
     hr_sampler, hr_schedule = req.hires_sampler
     hires_sampling_steps = (
-        img2img_steps(hr_sampler, req.hr_second_pass_steps or req.steps, req.denoising_strength)
+        img2img_steps(hr_sampler, req.hr_second_pass_steps or req.steps, req.denoising_strength, hr_schedule)
         if req.mode == "txt2img" and req.enable_hr
         else 0
     )
@@ -323,7 +333,7 @@ def run_batch(
             generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
             output_type="pil",
             image=start,
-            strength=diffusers_strength(hires_sampling_steps, hr_steps),
+            strength=_picture_strength(req, hr_sampler, hr_schedule, hires_sampling_steps, hr_steps),
             eta=eta_for(hr_sampler, req.eta) or 0.0,
         )
         for first_pass_only in ("height", "width", "latents", "mask_image", "masked_image_latents"):
@@ -343,7 +353,10 @@ def run_batch(
     if sampling_steps < 1:
         # Nothing to denoise: the init image is the answer (diffusers refuses zero steps).
         return BatchOutcome([image.copy() for image in init_images], stopped)
-    kwargs.update(image=init_images, strength=diffusers_strength(sampling_steps, req.steps))
+    kwargs.update(
+        image=init_images,
+        strength=_picture_strength(req, req.sampler_name, req.scheduler, sampling_steps, req.steps),
+    )
     if req.mode == "img2img":
         if model.inpainting_unet:
             kwargs.update(_repaint_all(pipe, req.width, req.height, init_images, weight=req.inpainting_mask_weight))

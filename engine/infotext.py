@@ -26,7 +26,7 @@ from .images import to_pil
 from .inpaint import MASKED_CONTENT
 from .request import JOB_SETTINGS, GenerationRequest
 from .samplers import (
-    discards_penultimate_sigma,
+    always_discarding_changes,
     effective_schedule,
     eta_for,
     get_sampler,
@@ -223,12 +223,8 @@ def format_infotext(
     # As A1111 writes it: where txt2img's first pass ran a k-diffusion sampler.
     if req.sgm_noise_multiplier and req.mode == "txt2img" and starts_as_a1111(req.sampler_name):
         params["SGM noise multiplier"] = "True"
-    # As A1111 writes it: where a pass's sampler drops the next-to-last sigma for it (DDIM, PLMS and UniPC too in
-    # A1111, which respaces their timesteps: not done here, nor written).
-    if req.always_discard_penultimate_sigma and any(
-        discards_penultimate_sigma(sampler, always=True) and not discards_penultimate_sigma(sampler)
-        for sampler, _ in passes
-    ):
+    # As A1111 writes it: where it changed a pass (A1111 respaces PLMS and UniPC too: not done here, nor written).
+    if req.always_discard_penultimate_sigma and any(always_discarding_changes(*chosen) for chosen in passes):
         params["Discard penultimate sigma"] = "True"
     if req.downcast_alphas_cumprod:
         params["Downcast alphas_cumprod"] = "True"

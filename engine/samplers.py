@@ -15,6 +15,7 @@ from typing import Any
 import diffusers
 import numpy as np
 import torch
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler, DPMSolverSDESchedulerOutput
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
@@ -530,10 +531,26 @@ def _discarding(cls: type) -> type:
 
 def discards_penultimate_sigma(sampler_name: str, always: bool = False) -> bool:
     """Whether the sampler drops the next-to-last sigma: DPM2, DPM2 a and DPM++ 3M SDE do, and with A1111's "Always
-    discard next-to-last sigma" (`always`) every k-diffusion sampler but LCM, whose schedule is its own. A1111 also
-    respaces DDIM, PLMS and UniPC's timesteps for it; they keep theirs here."""
+    discard next-to-last sigma" (`always`) every k-diffusion sampler but LCM, whose schedule is its own."""
     spec = get_sampler(sampler_name)
     return spec.discard_penultimate_sigma or (always and spec.k_diffusion and spec.name != "LCM")
+
+
+def always_discarding_changes(sampler_name: str, schedule: str) -> bool:
+    """Whether A1111's "Always discard next-to-last sigma" changes this sampler's pass: the k-diffusion samplers
+    that do not drop it anyway, and DDIM on A1111's timesteps, which it respaces (A1111 respaces PLMS and UniPC too;
+    they keep diffusers' timesteps here)."""
+    spec = get_sampler(sampler_name)
+    return (discards_penultimate_sigma(spec.name, always=True) and not spec.discard_penultimate_sigma) or (
+        runs_a1111_ddim(spec.name, schedule)
+    )
+
+
+def runs_a1111_ddim(sampler_name: str, schedule: str) -> bool:
+    """Whether the pass runs A1111's DDIM (A1111DDIMScheduler): DDIM on its own timesteps (Automatic, Uniform), not
+    on diffusers' trailing ones (SGM Uniform)."""
+    spec = get_sampler(sampler_name)
+    return spec.name == "DDIM" and effective_schedule(spec, schedule) == "Uniform"
 
 
 class KDPM2DiscardingScheduler(_DiscardPenultimateSigma, diffusers.KDPM2DiscreteScheduler):
@@ -613,6 +630,80 @@ _DISCARDING = {
     "KDPM2AncestralDiscreteScheduler": KDPM2AncestralDiscardingScheduler,
     "DPMSolverMultistepScheduler": DPMSolverMultistepDiscardingScheduler,
 }
+
+
+def a1111_timesteps(steps: int, train_timesteps: int = 1000) -> np.ndarray:
+    """A1111's timesteps for its DDIM, PLMS and UniPC (CompVisSampler.get_timesteps): range(0, T, T // steps) + 1,
+    clipped to the last; 31 of them at 30 steps."""
+    return np.clip(np.arange(0, train_timesteps, train_timesteps // steps) + 1, 0, train_timesteps - 1)
+
+
+class A1111DDIMScheduler(diffusers.DDIMScheduler):
+    """DDIM as A1111 samples it (sd_samplers_timesteps_impl.ddim). Over A1111's timesteps t_0 = 1, t_1, ... t_L-1
+    (a1111_timesteps) it asks the model at t_L-1 down to t_1, each step going to the level of the timestep below,
+    so the last ends at timestep 1: at 20 steps 19 model calls, 951 to 51; at 30 steps 30, 991 to 34. diffusers'
+    DDIM asks at 951 to 1 and ends at timestep 0's level. A1111's img2img starts t_enc = int(strength x steps)
+    timesteps up and asks the model from the one below: its picture is noised to the level above its first step
+    (add_noise before the first step does that here). With A1111's "Always discard next-to-last sigma"
+    (`respaced`) the timesteps are spaced for one step more, as A1111 spaces them.
+
+    A pass `from_picture` keeps at most `num_inference_steps` of its model calls, the last ones: a diffusers img2img
+    pipeline skips a number of `num_inference_steps` from the front, and A1111 spaces more timesteps than steps at
+    some step counts (62 at 60 steps); img2img never reaches the ones dropped (see pass_steps)."""
+
+    respaced = False
+    from_picture = False
+
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        points = a1111_timesteps(num_inference_steps + int(self.respaced), self.config.num_train_timesteps).tolist()
+        self.num_inference_steps = num_inference_steps
+        self._below = dict(zip(points[1:], points[:-1], strict=True))
+        self._above = dict(zip(points[:-1], points[1:], strict=True))
+        self._stepped = False
+        calls = points[:0:-1]
+        if self.from_picture:
+            calls = calls[-num_inference_steps:]
+        self.timesteps = torch.tensor(calls, dtype=torch.int64, device=device)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        if not self._stepped:  # the start of an img2img pass: the level above its first step, as A1111 noises it
+            timesteps = torch.tensor([self._above.get(int(t), int(t)) for t in timesteps.reshape(-1)])
+        return super().add_noise(original_samples, noise, timesteps)
+
+    def step(
+        self,
+        model_output,
+        timestep,
+        sample,
+        eta=0.0,
+        use_clipped_model_output=False,
+        generator=None,
+        variance_noise=None,
+        return_dict=True,
+    ):
+        self._stepped = True
+        alpha = self.alphas_cumprod[int(timestep)]
+        alpha_prev = self.alphas_cumprod[self._below[int(timestep)]]
+        if self.config.prediction_type == "epsilon":
+            eps = model_output
+            denoised = (sample - (1 - alpha) ** 0.5 * eps) / alpha**0.5
+        elif self.config.prediction_type == "v_prediction":
+            denoised = alpha**0.5 * sample - (1 - alpha) ** 0.5 * model_output
+            eps = alpha**0.5 * model_output + (1 - alpha) ** 0.5 * sample
+        else:  # "sample"
+            denoised = model_output
+            eps = (sample - alpha**0.5 * denoised) / (1 - alpha) ** 0.5
+        sigma = eta * ((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)) ** 0.5
+        prev_sample = alpha_prev**0.5 * denoised + (1 - alpha_prev - sigma**2) ** 0.5 * eps
+        if eta > 0:
+            if variance_noise is None:
+                variance_noise = randn_tensor(
+                    model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+                )
+            prev_sample = prev_sample + sigma * variance_noise
+        if not return_dict:
+            return (prev_sample, denoised)
+        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
 
 
 class A1111LCMScheduler(diffusers.LCMScheduler):
@@ -1231,6 +1322,7 @@ def build_scheduler(
     sgm_noise_multiplier: bool = False,
     always_discard_penultimate_sigma: bool = False,
     noise_levels: NoiseLevels = NoiseLevels(),
+    from_picture: bool = False,
 ):
     """A new scheduler instance for one job; `base_config` is the model's own scheduler config. `eta` is that of
     Euler a, DPM2 a and the DPM++ SDE samplers (None: 1); DDIM takes its eta from the pipeline call. `s_noise` is
@@ -1240,10 +1332,14 @@ def build_scheduler(
     samplers that take it (SamplerSpec.takes_sigma_churn; pipelines hand it their generators: install_step_noise).
     k-diffusion samplers start txt2img as A1111 does (_A1111Start), with its `sgm_noise_multiplier` or without. With
     `always_discard_penultimate_sigma` every k-diffusion sampler drops its schedule's next-to-last sigma
-    (discards_penultimate_sigma). `noise_levels` may rescale or round the model's noise levels (NoiseLevels)."""
+    (discards_penultimate_sigma). `noise_levels` may rescale or round the model's noise levels (NoiseLevels).
+    `from_picture`: the pass starts from a picture (img2img, inpaint, a hires pass), which A1111's DDIM counts
+    otherwise."""
     spec = get_sampler(sampler_name)
     discards = discards_penultimate_sigma(spec.name, always_discard_penultimate_sigma)
-    if spec.name in _A1111_CLASSES:
+    if runs_a1111_ddim(spec.name, schedule):
+        cls = A1111DDIMScheduler
+    elif spec.name in _A1111_CLASSES:
         cls = _A1111_CLASSES[spec.name]
     elif spec.discard_penultimate_sigma:
         cls = _DISCARDING[spec.scheduler_class]
@@ -1297,6 +1393,9 @@ def build_scheduler(
         scheduler.churn = churn
     if isinstance(scheduler, _A1111Start):
         scheduler.sgm_noise_multiplier = bool(sgm_noise_multiplier)
+    if isinstance(scheduler, A1111DDIMScheduler):
+        scheduler.respaced = bool(always_discard_penultimate_sigma)
+        scheduler.from_picture = bool(from_picture)
     return scheduler
 
 
@@ -1306,26 +1405,42 @@ def eta_for(sampler_name: str, eta: float | None) -> float | None:
     return None if default is None else (default if eta is None else float(eta))
 
 
-def img2img_steps(sampler_name: str, steps: int, strength: float) -> int:
+def pass_steps(
+    sampler_name: str, schedule: str, steps: int, always_discard: bool = False, *, from_picture: bool = False
+) -> int:
+    """How many sampling steps a pass over the whole schedule runs: `steps`, but for A1111's DDIM one fewer than
+    its timesteps (19 at 20 steps, 30 at 30, 62 at 60; `always_discard` spaces them for one more step), at most
+    `steps` for a pass `from_picture` (A1111DDIMScheduler)."""
+    if runs_a1111_ddim(sampler_name, schedule):
+        calls = len(a1111_timesteps(steps + int(always_discard))) - 1
+        return min(calls, steps) if from_picture else calls
+    return steps
+
+
+def img2img_steps(sampler_name: str, steps: int, strength: float, schedule: str = "Automatic") -> int:
     """How many sampling steps img2img and inpaint run at `strength`, as A1111 counts them.
 
     A1111 takes t_enc = int(min(strength, 0.999) * steps); its k-diffusion samplers start at
     sigmas[steps - t_enc - 1] and run t_enc + 1 steps, one more than diffusers' int(strength * steps).
-    Its DDIM, PLMS and UniPC run t_enc steps on a picture noised one timestep further; here they run
-    diffusers' int(strength * steps) from their first step's own noise level, a count that differs
-    from A1111's only at strength 1 (A1111: 19 of 20). Strength 0 runs none.
+    Its DDIM asks the model at t_enc - 1 of its timesteps (A1111DDIMScheduler). PLMS and UniPC run diffusers'
+    int(strength * steps) here, from their first step's own noise level (A1111 runs t_enc - 1 on a picture
+    noised one timestep further). Strength 0 runs none.
     """
     if strength <= 0:
         return 0
     if get_sampler(sampler_name).k_diffusion:
         return int(min(strength, 0.999) * steps) + 1
+    if runs_a1111_ddim(sampler_name, schedule):
+        return max(int(min(strength, 0.999) * steps) - 1, 0)
     return min(int(strength * steps), steps)
 
 
-def diffusers_strength(sampling_steps: int, steps: int) -> float:
-    """The `strength` at which a diffusers img2img or inpaint pipeline runs exactly `sampling_steps` of
-    `steps`, from the matching noise level: it runs int(strength * steps), so aim half a step over."""
-    return 1.0 if sampling_steps >= steps else (sampling_steps + 0.5) / steps
+def diffusers_strength(sampling_steps: int, steps: int, whole_pass: int | None = None) -> float:
+    """The `strength` at which a diffusers img2img or inpaint pipeline runs exactly the last `sampling_steps` of a
+    schedule of `whole_pass` steps (pass_steps; `steps` where None) made for `steps`, from the matching noise
+    level: it skips the first steps - int(strength * steps), so aim half a step over."""
+    kept = sampling_steps + steps - (steps if whole_pass is None else whole_pass)
+    return 1.0 if kept >= steps else (kept + 0.5) / steps
 
 
 def _init_params(class_name: str) -> set[str]:

@@ -29,6 +29,7 @@ from engine.compare import (
     split_values,
 )
 from engine.presets import PRESETS_DIR
+from engine.samplers import pass_steps
 
 BASE = GenerationRequest(prompt="a red lighthouse at dusk", seed=11, steps=4, width=64, height=64, sampler_name="Euler")
 
@@ -266,7 +267,8 @@ def test_progress_counts_cells_and_carries_previews(two_by_two):
 def test_timeline_keeps_one_frame_per_step_and_exports(two_by_two, tmp_path):
     _progress, result = two_by_two
     for cell in result.cells:
-        assert len(cell.timeline) == cell.cell.request.steps
+        request = cell.cell.request  # one frame per step: A1111's DDIM runs 4 at 5 steps
+        assert len(cell.timeline) == pass_steps(request.sampler_name, request.scheduler, request.steps)
         assert all(frame.size == cell.image.size for frame in cell.timeline)
     frames = result.cells[-1].timeline
     for name in ("timeline.gif", "timeline.webp"):

@@ -523,10 +523,9 @@ def test_dpmpp_3m_sde_is_k_diffusions_at_every_eta(eta, s_noise, steps):
     assert torch.allclose(latent, expected, atol=1e-4), (latent - expected).abs().max()
 
 
-@pytest.mark.parametrize("sampler", ["DDIM", "PLMS"])
-def test_timestep_samplers_keep_the_models_spacing(sampler):
-    # A1111's DDIM and PLMS step on range(1, 1000, 1000 // steps), as the config's "leading" spacing does.
-    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, sampler, "Uniform", seed=0)
+def test_plms_keeps_the_models_spacing():
+    # A1111's PLMS steps on range(1, 1000, 1000 // steps), as the config's "leading" spacing does.
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "PLMS", "Uniform", seed=0)
     scheduler.set_timesteps(20)
     assert scheduler.timesteps[0] == 951 and scheduler.timesteps[-1] == 1
 
@@ -810,8 +809,9 @@ def test_img2img_strength_controls_how_far_from_the_init_image(engine):
         ("DPM++ 2M", 20, 1.0, 20),  # strength is capped at 0.999: t_enc = 19, the whole schedule
         ("Euler", 20, 0.04, 1),  # t_enc = 0 still runs the last step
         ("Euler", 100, 0.29, 29),  # Python's int(0.29 * 100) is 28, in A1111 too
-        ("DDIM", 20, 0.75, 15),  # A1111's timestep samplers run t_enc
-        ("DDIM", 20, 1.0, 20),
+        ("DDIM", 20, 0.75, 14),  # A1111's DDIM asks the model at t_enc - 1 timesteps
+        ("DDIM", 20, 1.0, 18),
+        ("PLMS", 20, 0.75, 15),  # diffusers' int(strength x steps)
         ("Euler a", 20, 0.0, 0),
         ("LCM", 8, 0.5, 5),  # A1111 runs LCM through k-diffusion too
     ],
@@ -822,7 +822,8 @@ def test_img2img_runs_as_many_steps_as_a1111(sampler, steps, strength, expected)
 
 def test_img2img_starts_where_a1111_starts(engine):
     # Euler on 8 steps samples timesteps 999, 856.3, 713.6, 570.9, 428.1, 285.4, 142.7, 0; at strength
-    # 0.5 A1111 starts at sigmas[8 - 4 - 1] and runs 5 steps. DDIM keeps its leading timesteps.
+    # 0.5 A1111 starts at sigmas[8 - 4 - 1] and runs 5 steps. DDIM asks the model at A1111's timesteps 4 - 1 to 1
+    # (1, 126, 251, 376, ...), its picture noised to timestep 4's level.
     timesteps = []
     unet = engine.loaded.components["unet"]
     handle = unet.register_forward_pre_hook(
@@ -836,7 +837,7 @@ def test_img2img_starts_where_a1111_starts(engine):
     finally:
         handle.remove()
     assert timesteps[:5] == pytest.approx([570.86, 428.14, 285.43, 142.71, 0.0], abs=0.01)
-    assert timesteps[5:] == [376, 251, 126, 1]
+    assert timesteps[5:] == [376, 251, 126]
 
 
 def test_img2img_init_image_is_resized_to_the_requested_size(engine):

@@ -1,0 +1,183 @@
+"""DDIM as A1111 samples it: its timesteps, its count of model calls, and its img2img start, checked step by step
+against A1111's algorithm (sd_samplers_timesteps.py and sd_samplers_timesteps_impl.ddim) written out."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+from engine import GenerationRequest
+from engine.infotext import parse_infotext
+from engine.samplers import (
+    A1111DDIMScheduler,
+    build_scheduler,
+    diffusers_strength,
+    img2img_steps,
+    pass_steps,
+)
+from tests.test_engine import SD_SCHEDULER_CONFIG
+
+SHAPE = (1, 4, 8, 8)
+
+
+def a1111_timesteps(steps: int) -> torch.Tensor:
+    # CompVisSampler.get_timesteps
+    return torch.clip(torch.asarray(list(range(0, 1000, 1000 // steps))) + 1, 0, 999)
+
+
+def a1111_ddim(eps_model, x, timesteps, alphas_cumprod, eta=0.0, noises=None):
+    """sd_samplers_timesteps_impl.ddim, with the noise it draws handed in."""
+    alphas = alphas_cumprod[timesteps]
+    alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].double()
+    sigmas = eta * np.sqrt(
+        (1 - alphas_prev.numpy()) / (1 - alphas.double().numpy()) * (1 - alphas.numpy() / alphas_prev.numpy())
+    )
+    noises = iter(noises or [])
+    for i in range(len(timesteps) - 1):
+        index = len(timesteps) - 1 - i
+        e_t = eps_model(x, int(timesteps[index]))
+        a_t, a_prev, sigma_t = alphas[index].item(), alphas_prev[index].item(), float(sigmas[index])
+        pred_x0 = (x - math.sqrt(1 - a_t) * e_t) / math.sqrt(a_t)
+        dir_xt = math.sqrt(1.0 - a_prev - sigma_t**2) * e_t
+        x = math.sqrt(a_prev) * pred_x0 + dir_xt + (sigma_t * next(noises) if sigma_t else 0)
+    return x
+
+
+def eps_model(x, t):
+    """A smooth stand-in for a UNet's noise prediction."""
+    return 0.9 * x * math.cos(t / 700) + 0.1 * math.sin(t / 90)
+
+
+def alphas_cumprod() -> torch.Tensor:
+    return diffusers.DDPMScheduler.from_config(SD_SCHEDULER_CONFIG).alphas_cumprod
+
+
+def draws(count: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    return [torch.randn(SHAPE, generator=generator) for _ in range(count)]
+
+
+def run(scheduler, x, timesteps, model, eta=0.0, noises=None):
+    noises = iter(noises or [])
+    for timestep in timesteps:
+        noise = next(noises) if eta else None
+        x = scheduler.step(model(x, int(timestep)), timestep, x, eta=eta, variance_noise=noise).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("steps", [20, 30, 7, 60])
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_txt2img_is_a1111s_ddim(steps, eta):
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "DDIM", "Automatic", seed=0)
+    assert isinstance(scheduler, A1111DDIMScheduler)
+    scheduler.set_timesteps(steps)
+    timesteps = a1111_timesteps(steps)
+    # The model is asked at every timestep but the first (timestep 1): at 20 steps 951 to 51, at 60 steps 62 times.
+    assert scheduler.timesteps.tolist() == timesteps[1:].flip(0).tolist()
+    assert len(scheduler.timesteps) == pass_steps("DDIM", "Automatic", steps)
+    start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    noises = draws(len(timesteps))
+    ours = run(scheduler, start.clone(), scheduler.timesteps, eps_model, eta, noises)
+    expected = a1111_ddim(eps_model, start.clone(), timesteps, alphas_cumprod(), eta, noises)
+    assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
+
+
+@pytest.mark.parametrize(("steps", "strength"), [(20, 0.75), (20, 1.0), (30, 0.4), (60, 0.5), (60, 0.04), (8, 0.5)])
+def test_img2img_is_a1111s_ddim(steps, strength):
+    # A1111: t_enc = int(min(strength, 0.999) x steps); the picture noised to timestep t_enc's level, then the model
+    # asked at timesteps t_enc - 1 down to 1.
+    timesteps = a1111_timesteps(steps)
+    t_enc = int(min(strength, 0.999) * steps)
+    abar = alphas_cumprod()
+    picture = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2)) * 0.5
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    noised = math.sqrt(abar[timesteps[t_enc]]) * picture + math.sqrt(1 - abar[timesteps[t_enc]]) * noise
+    expected = a1111_ddim(eps_model, noised, timesteps[:t_enc], abar)
+
+    # As a diffusers img2img pipeline runs it: the strength this engine hands it, the steps it then skips.
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "DDIM", "Automatic", seed=0, from_picture=True)
+    scheduler.set_timesteps(steps)
+    calls = img2img_steps("DDIM", steps, strength)
+    assert calls == t_enc - 1
+    pipeline_strength = diffusers_strength(calls, steps, pass_steps("DDIM", "Automatic", steps, from_picture=True))
+    skipped = steps - min(int(steps * pipeline_strength), steps)
+    ours_timesteps = scheduler.timesteps[skipped:]
+    assert ours_timesteps.tolist() == timesteps[1:t_enc].flip(0).tolist()
+    start = scheduler.add_noise(picture, noise, ours_timesteps[:1])
+    assert torch.allclose(start, noised, atol=1e-6)
+    ours = run(scheduler, start, ours_timesteps, eps_model)
+    assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
+
+
+def test_a_v_prediction_model_is_a1111s_ddim_on_its_noise_prediction():
+    # A1111's CompVisTimestepsVDenoiser turns the model's v into a noise prediction: sqrt(abar) v + sqrt(1 - abar) x.
+    abar = alphas_cumprod()
+
+    def v_model(x, t):
+        return 0.3 * x * math.sin(t / 500) - 0.2
+
+    def as_eps(x, t):
+        return math.sqrt(abar[t]) * v_model(x, t) + math.sqrt(1 - abar[t]) * x
+
+    config = {**SD_SCHEDULER_CONFIG, "prediction_type": "v_prediction"}
+    scheduler = build_scheduler(config, "DDIM", "Automatic", seed=0)
+    scheduler.set_timesteps(20)
+    start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
+    ours = run(scheduler, start.clone(), scheduler.timesteps, v_model)
+    expected = a1111_ddim(as_eps, start.clone(), a1111_timesteps(20), abar)
+    assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
+
+
+def test_always_discarding_spaces_the_timesteps_for_one_step_more():
+    # A1111 spaces DDIM's timesteps for steps + 1 (at 20 steps 22 of them, 21 model calls, 988 to 48).
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "DDIM", "Automatic", seed=0, always_discard_penultimate_sigma=True)
+    scheduler.set_timesteps(20)
+    assert scheduler.timesteps.tolist() == a1111_timesteps(21)[1:].flip(0).tolist()
+    assert len(scheduler.timesteps) == pass_steps("DDIM", "Automatic", 20, always_discard=True) == 21
+
+
+def test_sgm_uniform_keeps_diffusers_trailing_ddim():
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "DDIM", "SGM Uniform", seed=0)
+    assert not isinstance(scheduler, A1111DDIMScheduler)
+    scheduler.set_timesteps(20)
+    assert scheduler.timesteps[:2].tolist() == [999, 949]
+    assert pass_steps("DDIM", "SGM Uniform", 20) == 20 and img2img_steps("DDIM", 20, 0.75, "SGM Uniform") == 15
+
+
+REQUEST = GenerationRequest(prompt="a red circle on a blue background", steps=20, seed=7, sampler_name="DDIM")
+
+
+def unet_timesteps(engine, request: GenerationRequest):
+    timesteps = []
+    handle = engine.loaded.components["unet"].register_forward_pre_hook(
+        lambda _m, args, kwargs: timesteps.append(int(kwargs.get("timestep", args[1] if len(args) > 1 else 0))),
+        with_kwargs=True,
+    )
+    try:
+        result = list(engine.generate(request))[-1]
+    finally:
+        handle.remove()
+    return result, timesteps
+
+
+def test_a_ddim_job_asks_the_unet_at_a1111s_timesteps(micro_engine):
+    result, timesteps = unet_timesteps(micro_engine, REQUEST)
+    assert timesteps == list(range(951, 50, -50))  # 19 calls
+    # The hires pass runs A1111's img2img count: denoising 0.5 of 20 steps asks at 451 down to 51.
+    hires = dataclasses.replace(REQUEST, enable_hr=True, hr_scale=1.5, hr_sampler_name="DDIM", denoising_strength=0.5)
+    _, timesteps = unet_timesteps(micro_engine, hires)
+    assert timesteps[19:] == list(range(451, 50, -50))
+    # Always discarding respaces them, writes it and reads it back to the same picture.
+    discarded, timesteps = unet_timesteps(
+        micro_engine, dataclasses.replace(REQUEST, always_discard_penultimate_sigma=True)
+    )
+    assert len(timesteps) == 21 and timesteps[0] == 988
+    assert "Discard penultimate sigma: True" in discarded.infotexts[0]
+    again, _ = unet_timesteps(micro_engine, parse_infotext(discarded.infotexts[0]))
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(discarded.images[0]))
+    assert not np.array_equal(np.asarray(discarded.images[0]), np.asarray(result.images[0]))
