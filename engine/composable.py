@@ -20,6 +20,7 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from .negative_guidance import NegativeGuidanceSkip
+from .pad_conds import stacked_parts
 from .prompts import Conditioning, SDXLEmbeds
 from .traced_unet import UNetStandIn
 
@@ -64,10 +65,14 @@ class ComposedGuidance(UNetStandIn):
             negative_states, negative_pooled = _states_and_pooled(negative, images, encoder_hidden_states)
         states = [] if skip_negative else [negative_states]
         pooled = [] if skip_negative else [negative_pooled]
+        parts_states = []
         for embeds, _weight in parts:
             part_states, part_pooled = _states_and_pooled(embeds, images, encoder_hidden_states)
-            states.append(part_states)
+            parts_states.append(part_states)
             pooled.append(part_pooled)
+        if self.conditioning.padding is not None:  # A1111's syntax: the parts stacked to one length as A1111 does
+            parts_states = stacked_parts(parts_states, self.conditioning.padding)
+        states += parts_states
 
         # The prompt rows' inputs (the last `images` rows), once for the negative and once for each part.
         def repeated(value):

@@ -1002,6 +1002,7 @@ class Engine:
         steps = req.steps
         clip_skip = _clip_skip(req)
         composed: list = []
+        padding = None
         try:
             if req.prompt_syntax == "compel":
                 positive, negative = model.compel_encoder.encode(req.prompt, req.negative_prompt, clip_skip=clip_skip)
@@ -1018,6 +1019,7 @@ class Engine:
                     clip_skip=clip_skip,
                     emphasis=req.emphasis,
                 )
+                padding = model.prompt_encoder.padding(clip_skip=clip_skip, emphasis=req.emphasis)
                 encoded = iter(positives)
                 part_schedules = [[(end, next(encoded)) for end, _ in texts] for texts in part_texts]
                 positive_schedule = part_schedules[0]
@@ -1044,6 +1046,7 @@ class Engine:
             to_model(negative_schedule),
             steps,
             parts=[(to_model(schedule), weight) for schedule, weight in composed],
+            padding=None if padding is None else padding.to(model.device, model.dtype),
         )
 
 

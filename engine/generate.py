@@ -26,6 +26,7 @@ from .inpaint import inpaint
 from .models import LoadedModel
 from .negative_guidance import NegativeGuidanceSkip, SkipNegativeUNet, model_calls
 from .noise import NoiseVariation, initial_noise, reseed_after_start
+from .pad_conds import NaturalLengthUNet
 from .prompts import Conditioning, SDXLEmbeds, guidance_rows
 from .refiner import Refiner, RefinerSwitch
 from .request import LATENT_UPSCALERS, GenerationRequest
@@ -401,10 +402,13 @@ class _StandIns:
         req, cfg_in_pipeline = self.req, _cfg_in_pipeline(model, self.req)
         # Without the pipeline's guidance there is no negative to skip.
         skipping = (req.s_min_uncond > 0 or req.skip_early_cond > 0) and cfg_in_pipeline
-        if refiner is None and not conditioning.parts and not skipping:
+        lengths = conditioning.padding is not None  # A1111's syntax: each conditioning at its own length
+        if refiner is None and not conditioning.parts and not skipping and not lengths:
             return None
 
         def wrap(unet):
+            if lengths:
+                unet = NaturalLengthUNet(unet, conditioning.padding, pad=req.pad_cond_uncond)
             skip = None
             if skipping:
                 alphas = noise_levels(req).alphas_cumprod(model.scheduler_config)
@@ -426,7 +430,7 @@ class _StandIns:
                 guidance = ComposedGuidance(unet, conditioning, req.cfg_scale, cfg_in_pipeline, skip)
                 self.composed.append(guidance)
                 return guidance
-            return SkipNegativeUNet(unet, skip)
+            return unet if skip is None else SkipNegativeUNet(unet, skip)
 
         return wrap
 

@@ -259,6 +259,9 @@ def format_infotext(
         params["Conditional mask weight"] = _format_number(req.inpainting_mask_weight)
     if req.skip_early_cond > 0:
         params["Skip Early CFG"] = _format_number(req.skip_early_cond)
+    if req.pad_cond_uncond and req.prompt_syntax == "a1111":
+        # A1111 writes it where the lengths differed; here whenever it is on (it changes nothing where they do not).
+        params["Pad conds"] = "True"
     if req.s_min_uncond > 0:
         params["NGMS"] = _format_number(req.s_min_uncond)
         if req.s_min_uncond_all:

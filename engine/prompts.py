@@ -14,7 +14,8 @@ Behaviour follows AUTOMATIC1111's prompt handling so that prompts written for it
 - clip_skip counts like A1111's "Clip skip": 1 = last layer, 2 = penultimate hidden state passed through
   the final layer norm;
 - positive and negative encodings are brought to the same number of chunks by appending the encoding of an
-  empty prompt, as A1111 does with "pad prompt/negative prompt to be same length".
+  empty prompt, so a pipeline can batch them; the UNet is then asked at each one's own length, as A1111 asks it
+  (engine/pad_conds.py), or at the longer one's with A1111's "pad prompt/negative prompt to be same length".
 
 SDXL (`SDXLPromptEncoder`, `SDXLCompelEncoder`) follows A1111's SDXL conditioning; see its docstring. Prompt
 editing ``[a:b:n]`` and alternation ``[a|b]`` are resolved into plain texts per step by `prompt_schedule` before
@@ -411,6 +412,12 @@ class PromptEncoder:
             padded = [self._pad_to(embeds, length, empty) for embeds in encoded]
             return padded[: len(prompts)], padded[len(prompts) :]
 
+    def padding(self, clip_skip: int = 1, emphasis: str = DEFAULT_EMPHASIS) -> torch.Tensor:
+        """The chunk encode_many pads with: the empty prompt's encoding (1, 77, hidden)."""
+        clip_skip = self._check_clip_skip(clip_skip)
+        with self._lock:
+            return self._encode_prompts([""], clip_skip, emphasis)[0].clone()
+
     @staticmethod
     def _pad_to(embeds: torch.Tensor, length: int, empty: torch.Tensor) -> torch.Tensor:
         missing_chunks = (length - embeds.shape[1]) // empty.shape[1]
@@ -449,6 +456,9 @@ class Conditioning:
     # A1111's composable diffusion ("a AND b :0.5"): each part's schedule and its weight; empty for a plain
     # prompt. `positive` then holds the first part's schedule, which keeps the pipeline's shapes.
     parts: list[tuple[list[tuple[int, object]], float]] = field(default_factory=list)
+    # The chunk the encodings are padded with to one length (the empty prompt's token states, (1, 77, hidden)),
+    # by which the UNet's stand-in finds each one's own length (engine/pad_conds.py); None with compel's syntax.
+    padding: torch.Tensor | None = None
 
     @property
     def scheduled(self) -> bool:
@@ -641,6 +651,11 @@ class SDXLPromptEncoder:
                 for value in encoded
             ]
             return padded[: len(prompts)], padded[len(prompts) :]
+
+    def padding(self, clip_skip: int = 1, emphasis: str = DEFAULT_EMPHASIS) -> torch.Tensor:
+        """The chunk encode_many pads with: the empty prompt's token states (1, 77, hidden)."""
+        with self._lock:
+            return self._encode("", emphasis).embeds.clone()
 
     def clear_cache(self) -> None:
         with self._lock:

@@ -151,6 +151,10 @@ class GenerationRequest:
     # noise level leaves the negative prompt out, or every such call with `s_min_uncond_all`. 0 is off.
     s_min_uncond: float = 0.0
     s_min_uncond_all: bool = False
+    # A1111's "Pad prompt/negative prompt to be same length" (Pad conds): a prompt and a negative prompt of different
+    # chunk counts are padded to one length with empty-prompt chunks and batched; off, the UNet is asked at each one's
+    # own length, separately (A1111's default; engine/pad_conds.py). A1111's prompt syntax only.
+    pad_cond_uncond: bool = False
     # A1111's "Ignore negative prompt during early sampling" (Skip Early CFG): the share of each pass's UNet calls,
     # from the first, that leave the negative prompt out. 0 is off.
     skip_early_cond: float = 0.0
@@ -541,6 +545,14 @@ JOB_SETTINGS = (
         "from the first, that leave the negative prompt out; 0 is off",
         0.0,
         1.0,
+    ),
+    JobSetting(
+        "pad_cond_uncond",
+        "pad_cond_uncond",
+        "Pad conds",
+        "pad prompt/negative prompt to be same length: the shorter padded with empty-prompt chunks and both asked in "
+        "one UNet call (A1111's option); off, each is asked at its own length, as A1111 does by default",
+        False,
     ),
     JobSetting(
         "inpainting_mask_weight",

@@ -774,3 +774,13 @@ def test_the_noise_schedule_settings_are_a1111_options(api):
         ok(api.post("options", json={"sd_noise_schedule": "Default", "use_downcasted_alpha_bar": False}))
     _, info = generate(api, sampler_name="Euler", seed=3)
     assert "Noise Schedule" not in info["infotexts"][0]
+
+
+def test_pad_conds_is_an_a1111_option(api):
+    long_prompt = "a lighthouse, " + ", ".join(["detailed"] * 60)
+    _, info = generate(api, prompt=long_prompt, seed=3, override_settings={"pad_cond_uncond": True})
+    assert "Pad conds: True" in info["infotexts"][0]
+    _, info = generate(api, prompt=long_prompt, seed=3)
+    assert "Pad conds" not in info["infotexts"][0]
+    bad = api.post("txt2img", json={**SMALL, "override_settings": {"pad_cond_uncond": "often"}})
+    assert bad.status_code == 422 and bad.json()["field"] == "override_settings.pad_cond_uncond"

@@ -21,6 +21,7 @@ from engine.samplers import (
     pass_steps,
 )
 from tests.test_engine import SD_SCHEDULER_CONFIG
+from tests.test_pad_conds import unet_calls
 
 SHAPE = (1, 4, 8, 8)
 
@@ -153,16 +154,9 @@ REQUEST = GenerationRequest(prompt="a red circle on a blue background", steps=20
 
 
 def unet_timesteps(engine, request: GenerationRequest):
-    timesteps = []
-    handle = engine.loaded.components["unet"].register_forward_pre_hook(
-        lambda _m, args, kwargs: timesteps.append(int(kwargs.get("timestep", args[1] if len(args) > 1 else 0))),
-        with_kwargs=True,
+    return unet_calls(
+        engine, request, lambda args, kwargs: int(kwargs.get("timestep", args[1] if len(args) > 1 else 0))
     )
-    try:
-        result = list(engine.generate(request))[-1]
-    finally:
-        handle.remove()
-    return result, timesteps
 
 
 def test_a_ddim_job_asks_the_unet_at_a1111s_timesteps(micro_engine):

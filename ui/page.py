@@ -417,6 +417,12 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     info="A1111's: this share of the steps, from the first, runs without the negative prompt (and "
                     "without guidance), at half the cost. 0: off.",
                 )
+                job_widgets["pad_cond_uncond"] = _job_setting_widget(
+                    "pad_cond_uncond",
+                    "Pad prompt/negative prompt to be same length",
+                    info="A1111's Pad conds: a longer prompt and its negative in one UNet call, the shorter padded "
+                    "with empty chunks. Off (A1111's default): each is asked at its own length.",
+                )
                 gr.Markdown("### img2img (A1111's)", elem_classes="settings-heading")
                 job_widgets["initial_noise_multiplier"] = _job_setting_widget(
                     "initial_noise_multiplier",
