@@ -420,7 +420,9 @@ class _StandIns:
                     total_calls=model_calls(sampler_name, sampling_steps),
                 )
             if refiner is not None:
-                switch = refiner.stand_in(unet, traced=not req.tiling, cfg_in_pipeline=cfg_in_pipeline)
+                switch = refiner.stand_in(
+                    unet, traced=not req.tiling, cfg_in_pipeline=cfg_in_pipeline, pad_conds=req.pad_cond_uncond
+                )
                 if skip is not None:  # one count over both UNets: each call goes to one of them
                     switch.unet = SkipNegativeUNet(switch.unet, skip)
                     switch.refiner_unet = SkipNegativeUNet(switch.refiner_unet, skip)

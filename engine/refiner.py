@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .pad_conds import NaturalLengthUNet
 from .prompts import guidance_rows
 from .traced_unet import UNetStandIn
 
@@ -37,10 +38,15 @@ class Refiner:
     switch_at: float
     lora_hashes: dict[str, str] = field(default_factory=dict)  # the LoRAs it runs, for the infotext
 
-    def stand_in(self, unet: torch.nn.Module, *, traced: bool, cfg_in_pipeline: bool) -> RefinerSwitch:
+    def stand_in(
+        self, unet: torch.nn.Module, *, traced: bool, cfg_in_pipeline: bool, pad_conds: bool = False
+    ) -> RefinerSwitch:
         """The UNet one pass's pipeline calls: `unet` until the switch, the refiner's from there on.
-        `cfg_in_pipeline` says whether the pipeline batches negative rows before the prompt rows."""
+        `cfg_in_pipeline` says whether the pipeline batches negative rows before the prompt rows. The refiner's UNet
+        is asked at each conditioning's own length, or with `pad_conds` at one (engine/pad_conds.py)."""
         refiner_unet = self.model.job_unet(traced=traced)
+        if self.conditioning.padding is not None:
+            refiner_unet = NaturalLengthUNet(refiner_unet, self.conditioning.padding, pad=pad_conds)
         return RefinerSwitch(unet, refiner_unet, self.conditioning, switch_timestep(self.switch_at), cfg_in_pipeline)
 
 

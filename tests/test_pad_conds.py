@@ -12,6 +12,7 @@ import torch
 from engine import GenerationRequest
 from engine.infotext import parse_infotext
 from engine.pad_conds import CHUNK_TOKENS, NaturalLengthUNet, own_chunks, stacked_parts
+from tests.test_hires_checkpoint import pair_engine  # noqa: F401 - a fixture
 
 HIDDEN = 8
 PADDING = torch.linspace(-1, 1, CHUNK_TOKENS * HIDDEN).reshape(CHUNK_TOKENS, HIDDEN)
@@ -151,3 +152,16 @@ def test_composable_parts_and_ngms_keep_each_length(micro_engine):
     # NGMS leaves the negative out of every other call: the prompt's rows alone, at their length.
     _, calls = unet_calls(micro_engine, dataclasses.replace(request, prompt=LONG_PROMPT, s_min_uncond=15))
     assert calls == [(1, 77), (1, 154), (1, 154), (1, 77), (1, 154)]
+
+
+def test_the_refiner_asks_at_each_length_too(pair_engine):  # noqa: F811 - the fixture imported above
+    from engine import Engine
+
+    # From the start the refiner draws what it draws alone, long prompt and short negative asked apart by both.
+    request = GenerationRequest(prompt=LONG_PROMPT, negative_prompt="green", steps=4, seed=3)
+    alone = Engine(model="micro-purple", models_dir=pair_engine.models_dir)
+    refined = dataclasses.replace(request, refiner_checkpoint="micro-purple", refiner_switch_at=0.0)
+    for pad in (False, True):
+        expected = list(alone.generate(dataclasses.replace(request, pad_cond_uncond=pad)))[-1].images[0]
+        made = list(pair_engine.generate(dataclasses.replace(refined, pad_cond_uncond=pad)))[-1].images[0]
+        assert np.array_equal(np.asarray(made), np.asarray(expected)), pad
