@@ -72,3 +72,24 @@ def test_each_script_widget_reaches_its_own_parameter(handlers, tab):
     }
     assert wired == {name: f"{tab}_{SCRIPT_WIDGETS[name]}" for name in wired}
     assert PANELS[tab] <= set(wired) and not ({"loopback_on", "sd_upscale", "outpaint_on"} - PANELS[tab]) & set(wired)
+
+
+def test_every_range_on_the_page_names_itself_when_a_value_is_out_of_it(engine):
+    import gradio as gr
+
+    from ui.fields import FieldNumber, FieldSlider
+
+    demo = build_page(engine)
+    ranged = [block for block in demo.blocks.values() if isinstance(block, (gr.Slider, gr.Number))]
+    assert len(ranged) > 30
+    # gradio checks these ranges before any handler runs; these subclasses name the field in what it answers.
+    assert all(isinstance(block, (FieldSlider, FieldNumber)) for block in ranged), [
+        block.label for block in ranged if not isinstance(block, (FieldSlider, FieldNumber))
+    ]
+    # ... and the page draws them as gradio's own.
+    assert {block.get_block_name() for block in ranged} == {"slider", "number"}
+    steps = next(block for block in ranged if block.elem_id == "txt2img_steps")
+    with pytest.raises(gr.Error, match="Sampling steps: got 500; allowed: a number from 1 to 150"):
+        steps.preprocess(500)
+    seed = next(block for block in ranged if block.elem_id == "txt2img_seed")
+    assert seed.preprocess(-1) == -1

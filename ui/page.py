@@ -55,6 +55,7 @@ from engine.sd_upscale import MAX_SCALE as SD_UPSCALE_MAX_SCALE
 from engine.styles import apply_styles
 from engine.vae import choose as vae_choice
 
+from .fields import FieldNumber, FieldSlider
 from .page_compare import build_compare_tab, wire_compare_tab
 from .page_extras import build_extras_tab, upscaler_choices, wire_extras_tab
 from .page_jobs import (
@@ -261,7 +262,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                 min_width=200,
             )
             # A1111 users keep Clip skip beside the checkpoint (quicksettings): many checkpoints want 2.
-            clip_skip = gr.Slider(
+            clip_skip = FieldSlider(
                 1,
                 MAX_CLIP_SKIP,
                 value=1,
@@ -298,7 +299,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     info="How previews are drawn while a job runs (this browser session only).",
                     elem_id="setting_preview_mode",
                 )
-                preview_every = gr.Slider(
+                preview_every = FieldSlider(
                     1, 50, value=1, step=1, label="Preview every N steps", elem_id="setting_preview_every"
                 )
                 prompt_syntax = gr.Radio(
@@ -323,7 +324,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                         info="After the starting noise, steps draw their noise from seed + this (A1111's; 31337 "
                         "in many shared infotexts). 0: off.",
                     )
-                    eta_ancestral = gr.Slider(
+                    eta_ancestral = FieldSlider(
                         0,
                         1,
                         value=1,
@@ -331,7 +332,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                         label="Eta for ancestral and SDE samplers (Euler a, DPM2 a, DPM++ SDE, 2M SDE, 3M SDE)",
                         elem_id="setting_eta_ancestral",
                     )
-                    eta_ddim = gr.Slider(0, 1, value=0, step=0.01, label="Eta for DDIM", elem_id="setting_eta_ddim")
+                    eta_ddim = FieldSlider(0, 1, value=0, step=0.01, label="Eta for DDIM", elem_id="setting_eta_ddim")
                     job_widgets["s_noise"] = _job_setting_widget(
                         "s_noise",
                         "Sigma noise (DPM2 a, DPM++ SDE, 2M SDE, 3M SDE; sigma churn)",
@@ -669,29 +670,29 @@ def _build_settings(mode: str, engine, defaults, prompts: dict) -> tuple[Setting
             label="Schedule type",
             elem_id=f"{mode}_scheduler",
         )
-    steps = gr.Slider(
+    steps = FieldSlider(
         1, limits.max_steps, value=defaults.steps, step=1, label="Sampling steps", elem_id=f"{mode}_steps"
     )
     with gr.Row(equal_height=True):
         with gr.Column(scale=6, min_width=200):
-            width = gr.Slider(64, max_side, value=defaults.width, step=8, label="Width", elem_id=f"{mode}_width")
-            height = gr.Slider(64, max_side, value=defaults.height, step=8, label="Height", elem_id=f"{mode}_height")
+            width = FieldSlider(64, max_side, value=defaults.width, step=8, label="Width", elem_id=f"{mode}_width")
+            height = FieldSlider(64, max_side, value=defaults.height, step=8, label="Height", elem_id=f"{mode}_height")
         swap_size = gr.Button(
             "⇅", elem_id=f"{mode}_swap_size", scale=0, min_width=44, elem_classes="tool-button", size="sm"
         )
         with gr.Column(scale=4, min_width=160):
-            n_iter = gr.Slider(
+            n_iter = FieldSlider(
                 1, min(limits.max_n_iter, 100), value=1, step=1, label="Batch count", elem_id=f"{mode}_batch_count"
             )
-            batch_size = gr.Slider(
+            batch_size = FieldSlider(
                 1, limits.max_batch_size, value=1, step=1, label="Batch size", elem_id=f"{mode}_batch_size"
             )
-    cfg_scale = gr.Slider(1, 30, value=defaults.cfg_scale, step=0.5, label="CFG Scale", elem_id=f"{mode}_cfg_scale")
+    cfg_scale = FieldSlider(1, 30, value=defaults.cfg_scale, step=0.5, label="CFG Scale", elem_id=f"{mode}_cfg_scale")
     extra: dict = {}
     if mode == "txt2img":
         extra["hires"] = _build_hires_fix(engine)
     if mode != "txt2img":
-        extra["denoising_strength"] = gr.Slider(
+        extra["denoising_strength"] = FieldSlider(
             0, 1, value=0.75, step=0.01, label="Denoising strength", elem_id=f"{mode}_denoising_strength"
         )
         # A1111's resize modes; inpaint resizes pictures only (no latent upscale).
@@ -704,7 +705,7 @@ def _build_settings(mode: str, engine, defaults, prompts: dict) -> tuple[Setting
             elem_id=f"{mode}_resize_mode",
         )
         # A1111's "Resize by" tab: the size from the init image rather than from Width and Height.
-        extra["resize_by"] = gr.Slider(
+        extra["resize_by"] = FieldSlider(
             0,
             MAX_RESIZE_BY,
             value=0,
@@ -715,7 +716,7 @@ def _build_settings(mode: str, engine, defaults, prompts: dict) -> tuple[Setting
         )
     if mode == "inpaint":
         with gr.Row(equal_height=True):
-            extra["mask_blur"] = gr.Slider(
+            extra["mask_blur"] = FieldSlider(
                 0, engine.limits.max_mask_blur, value=4, step=1, label="Mask blur", elem_id="inpaint_mask_blur"
             )
             extra["mask_mode"] = gr.Radio(
@@ -729,7 +730,7 @@ def _build_settings(mode: str, engine, defaults, prompts: dict) -> tuple[Setting
                 info="Only masked: the region around the mask is inpainted at Width x Height and pasted back",
                 elem_id="inpaint_full_res",
             )
-            extra["inpaint_padding"] = gr.Slider(
+            extra["inpaint_padding"] = FieldSlider(
                 0, 256, value=32, step=4, label="Only masked padding, pixels", elem_id="inpaint_full_res_padding"
             )
         extra["masked_content"] = gr.Radio(
@@ -740,14 +741,16 @@ def _build_settings(mode: str, engine, defaults, prompts: dict) -> tuple[Setting
             elem_id="inpaint_inpainting_fill",
         )
     with gr.Row(equal_height=True):
-        seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{mode}_seed", scale=6, minimum=-1)
+        seed = FieldNumber(
+            value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{mode}_seed", scale=6, minimum=-1
+        )
         random_seed = gr.Button("⚄", elem_id=f"{mode}_random_seed", scale=0, min_width=44, elem_classes="tool-button")
         reuse_seed = gr.Button("♻", elem_id=f"{mode}_reuse_seed", scale=0, min_width=44, elem_classes="tool-button")
         seed_extra = gr.Checkbox(False, label="Extra", elem_id=f"{mode}_subseed_show", scale=1, min_width=80)
         tiling = gr.Checkbox(False, label="Tiling", elem_id=f"{mode}_tiling", scale=1, min_width=80)
     with gr.Column(visible=False, elem_id=f"{mode}_seed_extras") as seed_extra_row:
         with gr.Row(equal_height=True):
-            subseed = gr.Number(
+            subseed = FieldNumber(
                 value=-1, precision=0, label="Variation seed", elem_id=f"{mode}_subseed", scale=4, minimum=-1
             )
             random_subseed = gr.Button(
@@ -756,14 +759,14 @@ def _build_settings(mode: str, engine, defaults, prompts: dict) -> tuple[Setting
             reuse_subseed = gr.Button(
                 "♻", elem_id=f"{mode}_reuse_subseed", scale=0, min_width=44, elem_classes="tool-button"
             )
-            subseed_strength = gr.Slider(
+            subseed_strength = FieldSlider(
                 0, 1, value=0, step=0.01, label="Variation strength", elem_id=f"{mode}_subseed_strength", scale=4
             )
         with gr.Row(equal_height=True):
-            seed_resize_from_w = gr.Slider(
+            seed_resize_from_w = FieldSlider(
                 0, max_side, value=0, step=8, label="Resize seed from width", elem_id=f"{mode}_seed_resize_from_w"
             )
-            seed_resize_from_h = gr.Slider(
+            seed_resize_from_h = FieldSlider(
                 0, max_side, value=0, step=8, label="Resize seed from height", elem_id=f"{mode}_seed_resize_from_h"
             )
     return (
@@ -1067,7 +1070,7 @@ def _build_inpaint_sketch(editor: gr.ImageEditor) -> list[gr.components.Componen
             info="the strokes are the mask and what it starts from (keep masked content: original)",
             elem_id="inpaint_sketch",
         )
-        transparency = gr.Slider(
+        transparency = FieldSlider(
             0,
             100,
             value=0,
@@ -1224,7 +1227,7 @@ def _build_refiner(mode: str, engine) -> list[gr.components.Component]:
                 elem_id=f"{mode}_refiner_checkpoint",
             )
             reread_on_open(checkpoint, functools.partial(_second_model_choices, engine, NO_REFINER))
-            switch_at = gr.Slider(
+            switch_at = FieldSlider(
                 0.01,
                 1,
                 value=0.8,
@@ -1252,7 +1255,7 @@ def _build_sd_upscale(engine) -> list[gr.components.Component]:
             elem_id="img2img_sd_upscale",
         )
         with gr.Row():
-            overlap = gr.Slider(
+            overlap = FieldSlider(
                 0,
                 SD_UPSCALE_MAX_OVERLAP,
                 value=_default_tile_overlap(engine.defaults()),
@@ -1260,7 +1263,7 @@ def _build_sd_upscale(engine) -> list[gr.components.Component]:
                 label="Tile overlap",
                 elem_id="img2img_sd_upscale_overlap",
             )
-            scale = gr.Slider(
+            scale = FieldSlider(
                 1, SD_UPSCALE_MAX_SCALE, value=2, step=0.05, label="Scale Factor", elem_id="img2img_sd_upscale_scale"
             )
         upscaler = gr.Dropdown(
@@ -1335,7 +1338,7 @@ def _build_prompt_matrix(mode: str) -> list[gr.components.Component]:
                 label="Joining char",
                 elem_id=f"{mode}_prompt_matrix_joiner",
             )
-        margin = gr.Slider(
+        margin = FieldSlider(
             0, PROMPT_MATRIX_MAX_MARGIN, value=0, step=2, label="Grid margins", elem_id=f"{mode}_prompt_matrix_margin"
         )
     return [on, at_start, random_seeds, prompt_type, delimiter, margin]
@@ -1352,7 +1355,7 @@ def _build_outpaint(engine) -> list[gr.components.Component]:
             elem_id="img2img_outpaint_on",
         )
         with gr.Row():
-            pixels = gr.Slider(
+            pixels = FieldSlider(
                 OUTPAINT_MIN_PIXELS,
                 OUTPAINT_MAX_PIXELS,
                 value=128,
@@ -1360,7 +1363,7 @@ def _build_outpaint(engine) -> list[gr.components.Component]:
                 label="Pixels to expand",
                 elem_id="img2img_outpaint_pixels",
             )
-            blur = gr.Slider(
+            blur = FieldSlider(
                 0, engine.limits.max_mask_blur, value=4, step=1, label="Mask blur", elem_id="img2img_outpaint_mask_blur"
             )
         content = gr.Radio(list(MASKED_CONTENT), value="fill", label="Masked content", elem_id="img2img_outpaint_fill")
@@ -1410,8 +1413,8 @@ def _build_loopback(mode: str) -> list[gr.components.Component]:
             elem_id=f"{mode}_loopback_on",
         )
         with gr.Row():
-            loops = gr.Slider(1, LOOPBACK_MAX_LOOPS, value=4, step=1, label="Loops", elem_id=f"{mode}_loopback_loops")
-            final = gr.Slider(
+            loops = FieldSlider(1, LOOPBACK_MAX_LOOPS, value=4, step=1, label="Loops", elem_id=f"{mode}_loopback_loops")
+            final = FieldSlider(
                 0, 1, value=0.5, step=0.01, label="Final denoising strength", elem_id=f"{mode}_loopback_final"
             )
         curve = gr.Dropdown(
@@ -1509,7 +1512,7 @@ def _build_hires_fix(engine) -> list[gr.components.Component]:
                 engine.hires_upscalers(), value="Latent", label="Upscaler", elem_id="txt2img_hr_upscaler"
             )
             reread_on_open(upscaler, engine.hires_upscalers)
-            steps = gr.Slider(
+            steps = FieldSlider(
                 0,
                 limits.max_steps,
                 value=0,
@@ -1518,10 +1521,12 @@ def _build_hires_fix(engine) -> list[gr.components.Component]:
                 info="0: as many as Sampling steps",
                 elem_id="txt2img_hr_second_pass_steps",
             )
-            strength = gr.Slider(0, 1, value=0.7, step=0.01, label="Denoising strength", elem_id="txt2img_hr_denoising")
+            strength = FieldSlider(
+                0, 1, value=0.7, step=0.01, label="Denoising strength", elem_id="txt2img_hr_denoising"
+            )
         with gr.Row():
-            scale = gr.Slider(1, 4, value=2, step=0.05, label="Upscale by", elem_id="txt2img_hr_scale")
-            resize_x = gr.Slider(
+            scale = FieldSlider(1, 4, value=2, step=0.05, label="Upscale by", elem_id="txt2img_hr_scale")
+            resize_x = FieldSlider(
                 0,
                 2048,
                 value=0,
@@ -1530,7 +1535,7 @@ def _build_hires_fix(engine) -> list[gr.components.Component]:
                 info="0: by Upscale by",
                 elem_id="txt2img_hr_resize_x",
             )
-            resize_y = gr.Slider(0, 2048, value=0, step=8, label="Resize height to", elem_id="txt2img_hr_resize_y")
+            resize_y = FieldSlider(0, 2048, value=0, step=8, label="Resize height to", elem_id="txt2img_hr_resize_y")
         with gr.Row():
             sampler = gr.Dropdown(
                 [SAME_SAMPLER, *engine.samplers()],
@@ -2375,8 +2380,8 @@ def _job_setting_widget(field: str, label: str, *, info: str, step: float = 0.01
     if setting.is_choice:
         return gr.Radio(list(setting.choices), value=setting.default, label=label, info=info, elem_id=elem_id)
     if setting.is_whole:
-        return gr.Number(setting.default, precision=0, minimum=0, label=label, info=info, elem_id=elem_id)
-    return gr.Slider(
+        return FieldNumber(setting.default, precision=0, minimum=0, label=label, info=info, elem_id=elem_id)
+    return FieldSlider(
         setting.lowest, setting.highest, value=setting.default, step=step, label=label, info=info, elem_id=elem_id
     )
 

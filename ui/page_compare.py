@@ -36,6 +36,7 @@ from engine.events import Pacer
 from engine.images import encode_png
 from engine.presets import PRESETS_DIR
 
+from .fields import FieldSlider
 from .page_jobs import (
     LIVE_UPDATE_INTERVAL_S,
     PageSession,
@@ -172,7 +173,7 @@ def build_compare_tab(engine) -> CompareWidgets:
                 scale=3,
                 elem_id="compare_timeline_cells",
             )
-            timeline_step = gr.Slider(1, 2, value=1, step=1, label="Step", scale=3, elem_id="compare_timeline_step")
+            timeline_step = FieldSlider(1, 2, value=1, step=1, label="Step", scale=3, elem_id="compare_timeline_step")
             export = gr.Button("Export GIF", size="sm", scale=1, elem_id="compare_export")
         timeline = gr.Gallery(label="Predicted image at this step", columns=4, height=220, elem_id="compare_timeline")
         export_file = gr.File(label="Timeline", interactive=False, elem_id="compare_export_file")

@@ -14,6 +14,7 @@ from engine.extras import describe as describe_postprocessing
 from engine.infotext import read_infotext
 from engine.request import PICTURE_UPSCALERS
 
+from .fields import FieldSlider
 from .page_jobs import batch_pictures, engine_error, reread_on_open
 
 log = logging.getLogger(__name__)
@@ -75,16 +76,16 @@ def build_extras_tab(engine) -> ExtrasWidgets:
                 label="Resize",
                 elem_id="extras_resize_mode",
             )
-            scale = gr.Slider(1, 8, value=2, step=0.05, label="Scale by", elem_id="extras_upscaling_resize")
+            scale = FieldSlider(1, 8, value=2, step=0.05, label="Scale by", elem_id="extras_upscaling_resize")
             # Shown for "Scale to" only, as A1111 shows one mode's settings at a time.
             with gr.Row(visible=False) as size_row:
-                width = gr.Slider(64, engine.limits.max_side, value=512, step=8, label="Width", elem_id="extras_w")
-                height = gr.Slider(64, engine.limits.max_side, value=512, step=8, label="Height", elem_id="extras_h")
+                width = FieldSlider(64, engine.limits.max_side, value=512, step=8, label="Width", elem_id="extras_w")
+                height = FieldSlider(64, engine.limits.max_side, value=512, step=8, label="Height", elem_id="extras_h")
                 crop = gr.Checkbox(True, label="Crop to fit", elem_id="extras_crop")
             with gr.Row():
                 upscaler_1 = gr.Dropdown(choices, value="Lanczos", label="Upscaler 1", elem_id="extras_upscaler_1")
                 upscaler_2 = gr.Dropdown(choices, value="None", label="Upscaler 2", elem_id="extras_upscaler_2")
-                visibility = gr.Slider(
+                visibility = FieldSlider(
                     0, 1, value=0, step=0.01, label="Upscaler 2 visibility", elem_id="extras_upscaler_2_visibility"
                 )
             gr.Markdown(

@@ -11,6 +11,7 @@ import gradio as gr
 from engine import EngineError, MergeRequest
 from engine.merge import CHECKPOINT_FORMATS, INTERP_METHODS, NO_VAE, WEIGHTED_SUM
 
+from .fields import FieldSlider
 from .page_jobs import engine_error, reread_on_open
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def build_merge_tab(engine) -> MergeWidgets:
                 placeholder="A1111's name: 0.7(A) + 0.3(B), A + 0.3(B - C)",
                 elem_id="merge_custom_name",
             )
-            multiplier = gr.Slider(0, 1, value=0.3, step=0.05, label="Multiplier (M)", elem_id="merge_multiplier")
+            multiplier = FieldSlider(0, 1, value=0.3, step=0.05, label="Multiplier (M)", elem_id="merge_multiplier")
             interp_method = gr.Radio(
                 list(INTERP_METHODS), value=WEIGHTED_SUM, label="Interpolation method", elem_id="merge_method"
             )
