@@ -165,3 +165,27 @@ def test_the_refiner_asks_at_each_length_too(pair_engine):  # noqa: F811 - the f
         expected = list(alone.generate(dataclasses.replace(request, pad_cond_uncond=pad)))[-1].images[0]
         made = list(pair_engine.generate(dataclasses.replace(refined, pad_cond_uncond=pad)))[-1].images[0]
         assert np.array_equal(np.asarray(made), np.asarray(expected)), pad
+
+
+def test_sdxl_rows_carry_their_own_pooled_output_and_time_ids(engine):
+    from tests.test_prompts_sdxl import TinySDXLModel, _sample, build_tiny_sdxl_pipeline
+
+    pipe = build_tiny_sdxl_pipeline()
+    model = TinySDXLModel(pipe)
+    calls = []
+
+    def record(_module, args, kwargs):
+        added = kwargs["added_cond_kwargs"]
+        calls.append((args[0].shape[0], kwargs["encoder_hidden_states"].shape[1], added["text_embeds"].shape[0]))
+
+    handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        for pad in (False, True):
+            request = GenerationRequest(
+                prompt=LONG_PROMPT, negative_prompt="blurry", steps=2, width=64, height=64, pad_cond_uncond=pad
+            )
+            outcome = _sample(model, request, engine._encode_prompts(model, request), seed=2)
+            assert outcome.images[0].size == (64, 64)
+    finally:
+        handle.remove()
+    assert calls == [(1, 77, 1), (1, 154, 1)] * 2 + [(2, 154, 2)] * 2
