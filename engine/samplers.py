@@ -20,6 +20,7 @@ from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampl
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .errors import InvalidRequestError
@@ -536,13 +537,15 @@ def discards_penultimate_sigma(sampler_name: str, always: bool = False) -> bool:
     return spec.discard_penultimate_sigma or (always and spec.k_diffusion and spec.name != "LCM")
 
 
-def always_discarding_changes(sampler_name: str, schedule: str) -> bool:
+def always_discarding_changes(sampler_name: str, schedule: str, *, from_picture: bool = False) -> bool:
     """Whether A1111's "Always discard next-to-last sigma" changes this sampler's pass: the k-diffusion samplers
-    that do not drop it anyway, and DDIM on A1111's timesteps, which it respaces (A1111 respaces PLMS and UniPC too;
-    they keep diffusers' timesteps here)."""
+    that do not drop it anyway, and DDIM and txt2img's PLMS on A1111's timesteps, which it respaces (A1111 respaces
+    UniPC and img2img's PLMS too; they keep diffusers' timesteps here)."""
     spec = get_sampler(sampler_name)
-    return (discards_penultimate_sigma(spec.name, always=True) and not spec.discard_penultimate_sigma) or (
-        runs_a1111_ddim(spec.name, schedule)
+    return (
+        (discards_penultimate_sigma(spec.name, always=True) and not spec.discard_penultimate_sigma)
+        or runs_a1111_ddim(spec.name, schedule)
+        or runs_a1111_plms(spec.name, schedule, from_picture=from_picture)
     )
 
 
@@ -551,6 +554,12 @@ def runs_a1111_ddim(sampler_name: str, schedule: str) -> bool:
     on diffusers' trailing ones (SGM Uniform)."""
     spec = get_sampler(sampler_name)
     return spec.name == "DDIM" and effective_schedule(spec, schedule) == "Uniform"
+
+
+def runs_a1111_plms(sampler_name: str, schedule: str, *, from_picture: bool = False) -> bool:
+    """Whether the pass runs A1111's PLMS (A1111PLMSScheduler): txt2img's PLMS on its own timesteps."""
+    spec = get_sampler(sampler_name)
+    return spec.name == "PLMS" and effective_schedule(spec, schedule) == "Uniform" and not from_picture
 
 
 class KDPM2DiscardingScheduler(_DiscardPenultimateSigma, diffusers.KDPM2DiscreteScheduler):
@@ -704,6 +713,69 @@ class A1111DDIMScheduler(diffusers.DDIMScheduler):
         if not return_dict:
             return (prev_sample, denoised)
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
+
+
+class A1111PLMSScheduler(diffusers.PNDMScheduler):
+    """PLMS as A1111 samples txt2img with it (sd_samplers_timesteps_impl.plms), on A1111's timesteps t_0 = 1, ...
+    t_L-1 (a1111_timesteps): from t_L-1 down to t_1, each step goes to the level of the timestep below on a noise
+    prediction of Adams-Bashforth order 2, 3, then 4 over the model's last predictions; the first step is a pseudo
+    improved Euler, which asks the model once more, at the timestep below, on that step's own result. At 20 steps 20
+    model calls (951, 901, 901, 851, ... 51), ending at timestep 1; diffusers' PNDM makes 21, ending at 0. A pass
+    from a picture keeps diffusers' PNDM (build_scheduler): a pipeline gives no way to start the warm-up call where
+    such a pass starts. `respaced`: A1111's "Always discard next-to-last sigma", timesteps spaced for one step more."""
+
+    respaced = False
+
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        points = a1111_timesteps(num_inference_steps + int(self.respaced), self.config.num_train_timesteps).tolist()
+        self.num_inference_steps = num_inference_steps
+        self._below = dict(zip(points[1:], points[:-1], strict=True))
+        calls = points[:0:-1]
+        if calls:  # the warm-up's second call, at the timestep below the first (timestep 1 when there is no other)
+            calls.insert(1, points[-2] if len(points) > 2 else points[0])
+        self._calls = 0
+        self._start = self._first_prediction = None
+        self._predictions: list[torch.Tensor] = []
+        self.timesteps = torch.tensor(calls, dtype=torch.int64, device=device)
+
+    def _noise_prediction(self, model_output, timestep: int, sample):
+        alpha = self.alphas_cumprod[timestep]
+        if self.config.prediction_type == "v_prediction":
+            return alpha**0.5 * model_output + (1 - alpha) ** 0.5 * sample
+        if self.config.prediction_type == "sample":
+            return (sample - alpha**0.5 * model_output) / (1 - alpha) ** 0.5
+        return model_output
+
+    def _step_down(self, sample, eps, timestep: int):
+        """From `sample` at `timestep` to the timestep below, along noise prediction `eps` (A1111's x_prev)."""
+        alpha, alpha_prev = self.alphas_cumprod[timestep], self.alphas_cumprod[self._below[timestep]]
+        denoised = (sample - (1 - alpha) ** 0.5 * eps) / alpha**0.5
+        return alpha_prev**0.5 * denoised + (1 - alpha_prev) ** 0.5 * eps
+
+    def step(self, model_output, timestep, sample, return_dict=True):
+        call, timestep = self._calls, int(timestep)
+        self._calls += 1
+        eps = self._noise_prediction(model_output, timestep, sample)
+        if call == 0:  # the warm-up: a first guess, which the model is asked about once more
+            self._start, self._first_prediction, self._first_timestep = sample, eps, timestep
+            prev_sample = self._step_down(sample, eps, timestep)
+        elif call == 1:
+            prediction = (self._first_prediction + eps) / 2
+            prev_sample = self._step_down(self._start, prediction, self._first_timestep)
+            self._predictions = [self._first_prediction]
+        else:
+            earlier = self._predictions
+            if len(earlier) == 1:
+                prediction = (3 * eps - earlier[-1]) / 2
+            elif len(earlier) == 2:
+                prediction = (23 * eps - 16 * earlier[-1] + 5 * earlier[-2]) / 12
+            else:
+                prediction = (55 * eps - 59 * earlier[-1] + 37 * earlier[-2] - 9 * earlier[-3]) / 24
+            prev_sample = self._step_down(sample, prediction, timestep)
+            self._predictions = [*earlier, eps][-3:]
+        if not return_dict:
+            return (prev_sample,)
+        return SchedulerOutput(prev_sample=prev_sample)
 
 
 class A1111LCMScheduler(diffusers.LCMScheduler):
@@ -1339,6 +1411,8 @@ def build_scheduler(
     discards = discards_penultimate_sigma(spec.name, always_discard_penultimate_sigma)
     if runs_a1111_ddim(spec.name, schedule):
         cls = A1111DDIMScheduler
+    elif runs_a1111_plms(spec.name, schedule, from_picture=from_picture):
+        cls = A1111PLMSScheduler
     elif spec.name in _A1111_CLASSES:
         cls = _A1111_CLASSES[spec.name]
     elif spec.discard_penultimate_sigma:
@@ -1396,6 +1470,8 @@ def build_scheduler(
     if isinstance(scheduler, A1111DDIMScheduler):
         scheduler.respaced = bool(always_discard_penultimate_sigma)
         scheduler.from_picture = bool(from_picture)
+    if isinstance(scheduler, A1111PLMSScheduler):
+        scheduler.respaced = bool(always_discard_penultimate_sigma)
     return scheduler
 
 
@@ -1414,6 +1490,8 @@ def pass_steps(
     if runs_a1111_ddim(sampler_name, schedule):
         calls = len(a1111_timesteps(steps + int(always_discard))) - 1
         return min(calls, steps) if from_picture else calls
+    if runs_a1111_plms(sampler_name, schedule, from_picture=from_picture):
+        return len(a1111_timesteps(steps + int(always_discard)))  # one more: the warm-up's second call
     return steps
 
 

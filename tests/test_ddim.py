@@ -15,6 +15,7 @@ from engine import GenerationRequest
 from engine.infotext import parse_infotext
 from engine.samplers import (
     A1111DDIMScheduler,
+    A1111PLMSScheduler,
     build_scheduler,
     diffusers_strength,
     img2img_steps,
@@ -66,8 +67,8 @@ def draws(count: int) -> list[torch.Tensor]:
 def run(scheduler, x, timesteps, model, eta=0.0, noises=None):
     noises = iter(noises or [])
     for timestep in timesteps:
-        noise = next(noises) if eta else None
-        x = scheduler.step(model(x, int(timestep)), timestep, x, eta=eta, variance_noise=noise).prev_sample
+        drawn = {"eta": eta, "variance_noise": next(noises)} if eta else {}
+        x = scheduler.step(model(x, int(timestep)), timestep, x, **drawn).prev_sample
     return x
 
 
@@ -175,3 +176,93 @@ def test_a_ddim_job_asks_the_unet_at_a1111s_timesteps(micro_engine):
     again, _ = unet_timesteps(micro_engine, parse_infotext(discarded.infotexts[0]))
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(discarded.images[0]))
     assert not np.array_equal(np.asarray(discarded.images[0]), np.asarray(result.images[0]))
+
+
+# PLMS ---------------------------------------------------------------------------------------------------------
+
+
+def a1111_plms(eps_model, x, timesteps, alphas_cumprod):
+    """sd_samplers_timesteps_impl.plms."""
+    alphas = alphas_cumprod[timesteps]
+    alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].double()
+    old_eps = []
+
+    def get_x_prev(e_t, index):
+        a_t, a_prev = alphas[index].item(), alphas_prev[index].item()
+        pred_x0 = (x - math.sqrt(1 - a_t) * e_t) / math.sqrt(a_t)
+        return math.sqrt(a_prev) * pred_x0 + math.sqrt(1.0 - a_prev) * e_t
+
+    for i in range(len(timesteps) - 1):
+        index = len(timesteps) - 1 - i
+        t_next = int(timesteps[max(index - 1, 0)])
+        e_t = eps_model(x, int(timesteps[index]))
+        if len(old_eps) == 0:
+            e_t_next = eps_model(get_x_prev(e_t, index), t_next)
+            e_t_prime = (e_t + e_t_next) / 2
+        elif len(old_eps) == 1:
+            e_t_prime = (3 * e_t - old_eps[-1]) / 2
+        elif len(old_eps) == 2:
+            e_t_prime = (23 * e_t - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+        else:
+            e_t_prime = (55 * e_t - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+        x_prev = get_x_prev(e_t_prime, index)
+        old_eps.append(e_t)
+        if len(old_eps) >= 4:
+            old_eps.pop(0)
+        x = x_prev
+    return x
+
+
+@pytest.mark.parametrize("steps", [20, 30, 7, 2])
+def test_txt2img_is_a1111s_plms(steps):
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "PLMS", "Automatic", seed=0)
+    assert isinstance(scheduler, A1111PLMSScheduler)
+    scheduler.set_timesteps(steps)
+    timesteps = a1111_timesteps(steps)
+    # The model at t_L-1, at the timestep below twice (the warm-up's second call, then its own step), and so on.
+    below = timesteps[-2].item() if len(timesteps) > 2 else timesteps[0].item()
+    assert scheduler.timesteps.tolist() == [timesteps[-1].item(), below, *timesteps[1:-1].flip(0).tolist()]
+    assert len(scheduler.timesteps) == pass_steps("PLMS", "Automatic", steps) == len(timesteps)
+    start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    ours = run(scheduler, start.clone(), scheduler.timesteps, eps_model)
+    expected = a1111_plms(eps_model, start.clone(), timesteps, alphas_cumprod())
+    assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
+
+
+def test_a_v_prediction_model_is_a1111s_plms_on_its_noise_prediction():
+    abar = alphas_cumprod()
+
+    def v_model(x, t):
+        return 0.3 * x * math.sin(t / 500) - 0.2
+
+    def as_eps(x, t):
+        return math.sqrt(abar[t]) * v_model(x, t) + math.sqrt(1 - abar[t]) * x
+
+    scheduler = build_scheduler({**SD_SCHEDULER_CONFIG, "prediction_type": "v_prediction"}, "PLMS", "Automatic")
+    scheduler.set_timesteps(20)
+    start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
+    ours = run(scheduler, start.clone(), scheduler.timesteps, v_model)
+    expected = a1111_plms(as_eps, start.clone(), a1111_timesteps(20), abar)
+    assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
+
+
+def test_plms_from_a_picture_keeps_diffusers_pndm():
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "PLMS", "Automatic", seed=0, from_picture=True)
+    assert not isinstance(scheduler, A1111PLMSScheduler)
+    assert img2img_steps("PLMS", 20, 0.75) == 15
+
+
+def test_a_plms_job_asks_the_unet_at_a1111s_timesteps(micro_engine):
+    request = dataclasses.replace(REQUEST, sampler_name="PLMS")
+    result, timesteps = unet_timesteps(micro_engine, request)
+    assert timesteps == [951, 901, *range(901, 50, -50)]  # 20 calls
+    discarded, timesteps = unet_timesteps(
+        micro_engine, dataclasses.replace(request, always_discard_penultimate_sigma=True)
+    )
+    assert len(timesteps) == 22 and timesteps[:3] == [988, 941, 941]
+    assert "Discard penultimate sigma: True" in discarded.infotexts[0]
+    # img2img keeps diffusers' PNDM, which Always discard does not change: nothing is written.
+    picture = dataclasses.replace(
+        request, init_images=[result.images[0]], denoising_strength=0.5, always_discard_penultimate_sigma=True
+    )
+    assert "Discard penultimate sigma" not in unet_timesteps(micro_engine, picture)[0].infotexts[0]

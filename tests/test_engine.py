@@ -523,13 +523,6 @@ def test_dpmpp_3m_sde_is_k_diffusions_at_every_eta(eta, s_noise, steps):
     assert torch.allclose(latent, expected, atol=1e-4), (latent - expected).abs().max()
 
 
-def test_plms_keeps_the_models_spacing():
-    # A1111's PLMS steps on range(1, 1000, 1000 // steps), as the config's "leading" spacing does.
-    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "PLMS", "Uniform", seed=0)
-    scheduler.set_timesteps(20)
-    assert scheduler.timesteps[0] == 951 and scheduler.timesteps[-1] == 1
-
-
 def test_sgm_uniform_is_a1111s_evenly_spaced_timesteps_one_over():
     # A1111's sgm_uniform: t = linspace(999, 0, steps + 1) without its last, at fractional timesteps.
     scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "Euler", "SGM Uniform", seed=0)
