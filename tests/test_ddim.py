@@ -116,25 +116,6 @@ def test_img2img_is_a1111s_ddim(steps, strength):
     assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
 
 
-def test_a_v_prediction_model_is_a1111s_ddim_on_its_noise_prediction():
-    # A1111's CompVisTimestepsVDenoiser turns the model's v into a noise prediction: sqrt(abar) v + sqrt(1 - abar) x.
-    abar = alphas_cumprod()
-
-    def v_model(x, t):
-        return 0.3 * x * math.sin(t / 500) - 0.2
-
-    def as_eps(x, t):
-        return math.sqrt(abar[t]) * v_model(x, t) + math.sqrt(1 - abar[t]) * x
-
-    config = {**SD_SCHEDULER_CONFIG, "prediction_type": "v_prediction"}
-    scheduler = build_scheduler(config, "DDIM", "Automatic", seed=0)
-    scheduler.set_timesteps(20)
-    start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
-    ours = run(scheduler, start.clone(), scheduler.timesteps, v_model)
-    expected = a1111_ddim(as_eps, start.clone(), a1111_timesteps(20), abar)
-    assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
-
-
 def test_always_discarding_spaces_the_timesteps_for_one_step_more():
     # A1111 spaces DDIM's timesteps for steps + 1 (at 20 steps 22 of them, 21 model calls, 988 to 48).
     scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "DDIM", "Automatic", seed=0, always_discard_penultimate_sigma=True)
@@ -229,23 +210,6 @@ def test_txt2img_is_a1111s_plms(steps):
     assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
 
 
-def test_a_v_prediction_model_is_a1111s_plms_on_its_noise_prediction():
-    abar = alphas_cumprod()
-
-    def v_model(x, t):
-        return 0.3 * x * math.sin(t / 500) - 0.2
-
-    def as_eps(x, t):
-        return math.sqrt(abar[t]) * v_model(x, t) + math.sqrt(1 - abar[t]) * x
-
-    scheduler = build_scheduler({**SD_SCHEDULER_CONFIG, "prediction_type": "v_prediction"}, "PLMS", "Automatic")
-    scheduler.set_timesteps(20)
-    start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
-    ours = run(scheduler, start.clone(), scheduler.timesteps, v_model)
-    expected = a1111_plms(as_eps, start.clone(), a1111_timesteps(20), abar)
-    assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
-
-
 def test_plms_from_a_picture_keeps_diffusers_pndm():
     scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "PLMS", "Automatic", seed=0, from_picture=True)
     assert not isinstance(scheduler, A1111PLMSScheduler)
@@ -266,3 +230,22 @@ def test_a_plms_job_asks_the_unet_at_a1111s_timesteps(micro_engine):
         request, init_images=[result.images[0]], denoising_strength=0.5, always_discard_penultimate_sigma=True
     )
     assert "Discard penultimate sigma" not in unet_timesteps(micro_engine, picture)[0].infotexts[0]
+
+
+@pytest.mark.parametrize(("sampler", "a1111_sampler"), [("DDIM", a1111_ddim), ("PLMS", a1111_plms)])
+def test_a_v_prediction_model_is_a1111s_sampler_on_its_noise_prediction(sampler, a1111_sampler):
+    # A1111's CompVisTimestepsVDenoiser turns the model's v into a noise prediction: sqrt(abar) v + sqrt(1 - abar) x.
+    abar = alphas_cumprod()
+
+    def v_model(x, t):
+        return 0.3 * x * math.sin(t / 500) - 0.2
+
+    def as_eps(x, t):
+        return math.sqrt(abar[t]) * v_model(x, t) + math.sqrt(1 - abar[t]) * x
+
+    scheduler = build_scheduler({**SD_SCHEDULER_CONFIG, "prediction_type": "v_prediction"}, sampler, "Automatic")
+    scheduler.set_timesteps(20)
+    start = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
+    ours = run(scheduler, start.clone(), scheduler.timesteps, v_model)
+    expected = a1111_sampler(as_eps, start.clone(), a1111_timesteps(20), abar)
+    assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
