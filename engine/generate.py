@@ -183,7 +183,8 @@ def run_batch(
     switches: list[RefinerSwitch] = []  # the refiner's stand-in for the pass it joins
     stand_ins = _StandIns(req, composed, switches)
     hires = req.mode == "txt2img" and req.enable_hr
-    # Sampling steps that run: all of them in txt2img, fewer in img2img and inpaint.
+    # Sampling steps that run: the whole pass in txt2img (A1111's DDIM and PLMS count their own), fewer in img2img and
+    # inpaint.
     sampling_steps = (
         pass_steps(req.sampler_name, req.scheduler, req.steps, req.always_discard_penultimate_sigma)
         if req.mode == "txt2img"
