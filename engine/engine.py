@@ -32,6 +32,7 @@ from .memory import memory_report
 from .merge import MergeRequest, MergeResult, run_merge
 from .merge import check as check_merge
 from .models import LoadedModel, ModelInfo, ModelRegistry, default_dtype, load_model, pick_device
+from .pad_conds import lengths_differ
 from .presets import DEFAULT_MODELS_DIR, MICRO_MODEL_NAME, SHIPPED_MICRO_MODEL, FamilyDefaults
 from .previews import make_previewer
 from .prompt_list import PromptList
@@ -917,6 +918,7 @@ class Engine:
             seeds = [seeds[picture_no * per_picture] for picture_no in range(req.n_iter)]
             subseeds = [subseeds[picture_no * per_picture] for picture_no in range(req.n_iter)]
         infotexts = []
+        padded_lengths = any(lengths_differ(each) for each in (conditioning, hires_conditioning) if each is not None)
         vae_hash = self.registry.sha256_of(vae_weights_file(vae_file))[:10] if vae_file is not None else None
         embedding_hashes = model.embeddings.hashes_used(
             [req.prompt, req.negative_prompt], model.components["tokenizer"]
@@ -936,6 +938,7 @@ class Engine:
                 lora_hashes=lora_hashes,
                 inpainting_model=model.inpainting_unet,
                 zero_terminal_snr_model=bool(model.scheduler_config.get("rescale_betas_zero_snr")),
+                lengths_differ=padded_lengths,
             )
             image.info["parameters"] = text
             infotexts.append(text)

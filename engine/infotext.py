@@ -130,13 +130,15 @@ def format_infotext(
     lora_hashes: dict[str, str] | None = None,
     inpainting_model: bool = False,
     zero_terminal_snr_model: bool = False,
+    lengths_differ: bool = False,
 ) -> str:
     """A1111's "parameters" text for one image of a validated request, made with `seed` (and variation seed
     `subseed`, the request's when not given); `vae_name` and `vae_hash` the VAE file that decoded it, when
     not the model's own; `embedding_hashes` and `lora_hashes` the textual inversion embeddings and LoRAs it
     used, by name; `inpainting_model` whether the model was an inpainting model (its mask weight is written then);
     `zero_terminal_snr_model` whether the model's own scheduler config rescales its noise levels to zero terminal SNR
-    (written as the Noise Schedule, which the job then had, whatever it asked for)."""
+    (written as the Noise Schedule, which the job then had, whatever it asked for); `lengths_differ` whether the
+    prompt's and the negative prompt's states differed in length at some step (Pad conds is written then)."""
     if req.width is None or req.height is None:
         raise InvalidRequestError(
             "width x height", f"{req.width}x{req.height}", "a validated request (Engine.validate fills in the size)"
@@ -262,8 +264,7 @@ def format_infotext(
         params["Conditional mask weight"] = _format_number(req.inpainting_mask_weight)
     if req.skip_early_cond > 0:
         params["Skip Early CFG"] = _format_number(req.skip_early_cond)
-    if req.pad_cond_uncond and req.prompt_syntax == "a1111":
-        # A1111 writes it where the lengths differed; here whenever it is on (it changes nothing where they do not).
+    if req.pad_cond_uncond and lengths_differ:  # as A1111 writes it: where it padded
         params["Pad conds"] = "True"
     if req.s_min_uncond > 0:
         params["NGMS"] = _format_number(req.s_min_uncond)

@@ -33,6 +33,24 @@ def own_chunks(states: torch.Tensor, padding: torch.Tensor) -> int:
     return chunks
 
 
+def lengths_differ(conditioning) -> bool:
+    """Whether at some step of a job the prompt's states (its longest AND part's, as A1111 stacks them) and the
+    negative prompt's differ in length: where A1111's Pad conds pads, and writes so."""
+    if conditioning.padding is None:
+        return False
+    padding = conditioning.padding.reshape(CHUNK_TOKENS, -1)
+
+    def own(embeds) -> int:
+        return own_chunks(getattr(embeds, "embeds", embeds)[0], padding)
+
+    for step in range(conditioning.steps):
+        positive, negative = conditioning.at(step)
+        positives = [embeds for embeds, _weight in conditioning.parts_at(step)] or [positive]
+        if max(own(embeds) for embeds in positives) != own(negative):
+            return True
+    return False
+
+
 def stacked_parts(parts: list[torch.Tensor], padding: torch.Tensor) -> list[torch.Tensor]:
     """Composable parts' token states (rows, tokens, hidden), padded to one length, as A1111 stacks them: each
     trimmed to its own chunks and lengthened to the longest part's by repeating its last token state, then to the

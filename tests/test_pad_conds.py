@@ -143,6 +143,19 @@ def test_prompts_of_one_length_make_the_same_picture_either_way(micro_engine, ne
     assert calls == [(2, 77)] * 4
     padded, _ = unet_calls(micro_engine, dataclasses.replace(request, pad_cond_uncond=True))
     assert np.array_equal(np.asarray(plain.images[0]), np.asarray(padded.images[0]))
+    # As A1111 writes it: only where it padded.
+    assert "Pad conds" not in padded.infotexts[0]
+
+
+def test_pad_conds_is_written_where_the_lengths_differ_at_some_step(micro_engine):
+    request = GenerationRequest(prompt="a red circle", negative_prompt="green", steps=4, seed=3, pad_cond_uncond=True)
+    # Long from the third step on (prompt editing): padded from there, so written.
+    edited = dataclasses.replace(request, prompt=f"[a red circle:{LONG_PROMPT}:2]")
+    assert "Pad conds: True" in unet_calls(micro_engine, edited)[0].infotexts[0]
+    # Both long: one length, nothing padded, nothing written.
+    both = dataclasses.replace(request, prompt=LONG_PROMPT, negative_prompt=LONG_PROMPT.replace("red", "green"))
+    result, calls = unet_calls(micro_engine, both)
+    assert calls == [(2, 154)] * 4 and "Pad conds" not in result.infotexts[0]
 
 
 def test_composable_parts_and_ngms_keep_each_length(micro_engine):
