@@ -479,12 +479,18 @@ def zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
+def _mixed(mixin: type, cls: type) -> type:
+    """`cls` with `mixin` before it (a scheduler class that also does what the mixin adds), under `cls`'s name; `cls`
+    itself where it already is one. Made once per pair: every job builds its scheduler from these."""
+    if issubclass(cls, mixin):
+        return cls
+    return type(cls.__name__, (mixin, cls), {"__doc__": cls.__doc__})
+
+
 def _with_sigma_schedule(cls: type) -> type:
     """`cls` making A1111's further schedule types and taking its schedule min/max sigma and rho (discarding
     classes already do, inside the discard)."""
-    if issubclass(cls, _SigmaSchedule):
-        return cls
-    return type(cls.__name__, (_SigmaSchedule, cls), {"__doc__": cls.__doc__})
+    return _mixed(_SigmaSchedule, cls)
 
 
 class _DiscardPenultimateSigma(_SigmaSchedule):
@@ -521,13 +527,9 @@ class _DiscardPenultimateStep:
         self.num_inference_steps = num_inference_steps
 
 
-@functools.cache
 def _discarding(cls: type) -> type:
     """`cls` dropping the next-to-last sigma of its schedule (classes that already do stay as they are)."""
-    if issubclass(cls, (_DiscardPenultimateSigma, _DiscardPenultimateStep)):
-        return cls
-    mixin = _DiscardPenultimateSigma if hasattr(cls, "_convert_to_karras") else _DiscardPenultimateStep
-    return type(cls.__name__, (mixin, cls), {"__doc__": cls.__doc__})
+    return _mixed(_DiscardPenultimateSigma if hasattr(cls, "_convert_to_karras") else _DiscardPenultimateStep, cls)
 
 
 def discards_penultimate_sigma(sampler_name: str, always: bool = False) -> bool:
@@ -1163,10 +1165,6 @@ def starts_as_a1111(sampler_name: str) -> bool:
     return spec.k_diffusion and spec.name != "LCM"
 
 
-def _starting_as_a1111(cls: type) -> type:
-    return type(cls.__name__, (_A1111Start, cls), {"__doc__": cls.__doc__})
-
-
 class _CountedFromStart:
     """A pass's steps counted from the first, not found by timestep. diffusers finds a txt2img pass's first step by
     its timestep and, where the first timesteps repeat, takes the second: sigmas above the model's largest (a
@@ -1177,11 +1175,6 @@ class _CountedFromStart:
         super().set_timesteps(*args, **kwargs)
         if hasattr(self, "_begin_index"):
             self._begin_index = 0
-
-
-@functools.cache
-def _counted_from_start(cls: type) -> type:
-    return type(cls.__name__, (_CountedFromStart, cls), {"__doc__": cls.__doc__})
 
 
 def install_step_noise(pipe, scheduler) -> None:
@@ -1422,7 +1415,7 @@ def build_scheduler(
     if discards:
         cls = _discarding(cls)
     if spec.takes_sigma_churn and churn.s_churn > 0:
-        cls = type(cls.__name__, (_CHURNING[spec.scheduler_class], cls), {"__doc__": cls.__doc__})
+        cls = _mixed(_CHURNING[spec.scheduler_class], cls)
     params = _init_params(spec.scheduler_class)
     overrides: dict[str, Any] = dict(spec.options)
     # Start from a clean sigma schedule: a model's config may itself ask for Karras sigmas.
@@ -1454,8 +1447,8 @@ def build_scheduler(
     if made_here or shaped:
         cls = _with_sigma_schedule(cls)
     if starts_as_a1111(spec.name):
-        cls = _starting_as_a1111(cls)
-    cls = _counted_from_start(cls)
+        cls = _mixed(_A1111Start, cls)
+    cls = _mixed(_CountedFromStart, cls)
     scheduler = cls.from_config(dict(base_config), **overrides)
     if made_here or shaped:
         scheduler.schedule_kind, scheduler.model_family, scheduler.schedule_shape = kind, model_family, schedule_shape
