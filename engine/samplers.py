@@ -649,7 +649,37 @@ def a1111_timesteps(steps: int, train_timesteps: int = 1000) -> np.ndarray:
     return np.clip(np.arange(0, train_timesteps, train_timesteps // steps) + 1, 0, train_timesteps - 1)
 
 
-class A1111DDIMScheduler(diffusers.DDIMScheduler):
+class _A1111Timesteps:
+    """What A1111's timestep samplers (its CompVisSampler: DDIM, PLMS) share: its timesteps (a1111_timesteps, spaced
+    for one step more with its "Always discard next-to-last sigma": `respaced`), steps from each timestep to the one
+    below it, and the model's output read as a noise prediction (its CompVisTimestepsVDenoiser turns v into one)."""
+
+    respaced = False
+
+    def _space(self, num_inference_steps: int) -> list[int]:
+        """A1111's timesteps for `num_inference_steps`, ascending; each one's timestep below is kept for the steps."""
+        points = a1111_timesteps(num_inference_steps + int(self.respaced), self.config.num_train_timesteps).tolist()
+        self.num_inference_steps = num_inference_steps
+        self._below = dict(zip(points[1:], points[:-1], strict=True))
+        return points
+
+    def _noise_prediction(self, model_output, timestep: int, sample):
+        alpha = self.alphas_cumprod[timestep]
+        if self.config.prediction_type == "v_prediction":
+            return alpha**0.5 * model_output + (1 - alpha) ** 0.5 * sample
+        if self.config.prediction_type == "sample":
+            return (sample - alpha**0.5 * model_output) / (1 - alpha) ** 0.5
+        return model_output
+
+    def _step_down(self, sample, eps, timestep: int, sigma=0.0):
+        """From `sample` at `timestep` to the timestep below along noise prediction `eps`, keeping `sigma` of it for
+        fresh noise (DDIM's eta): (A1111's x_prev before that noise, its pred_x0)."""
+        alpha, alpha_prev = self.alphas_cumprod[timestep], self.alphas_cumprod[self._below[timestep]]
+        denoised = (sample - (1 - alpha) ** 0.5 * eps) / alpha**0.5
+        return alpha_prev**0.5 * denoised + (1 - alpha_prev - sigma**2) ** 0.5 * eps, denoised
+
+
+class A1111DDIMScheduler(_A1111Timesteps, diffusers.DDIMScheduler):
     """DDIM as A1111 samples it (sd_samplers_timesteps_impl.ddim). Over A1111's timesteps t_0 = 1, t_1, ... t_L-1
     (a1111_timesteps) it asks the model at t_L-1 down to t_1, each step going to the level of the timestep below,
     so the last ends at timestep 1: at 20 steps 19 model calls, 951 to 51; at 30 steps 30, 991 to 34. diffusers'
@@ -662,13 +692,10 @@ class A1111DDIMScheduler(diffusers.DDIMScheduler):
     pipeline skips a number of `num_inference_steps` from the front, and A1111 spaces more timesteps than steps at
     some step counts (62 at 60 steps); img2img never reaches the ones dropped (see pass_steps)."""
 
-    respaced = False
     from_picture = False
 
     def set_timesteps(self, num_inference_steps: int, device=None):
-        points = a1111_timesteps(num_inference_steps + int(self.respaced), self.config.num_train_timesteps).tolist()
-        self.num_inference_steps = num_inference_steps
-        self._below = dict(zip(points[1:], points[:-1], strict=True))
+        points = self._space(num_inference_steps)
         self._above = dict(zip(points[:-1], points[1:], strict=True))
         self._stepped = False
         calls = points[:0:-1]
@@ -693,19 +720,11 @@ class A1111DDIMScheduler(diffusers.DDIMScheduler):
         return_dict=True,
     ):
         self._stepped = True
-        alpha = self.alphas_cumprod[int(timestep)]
-        alpha_prev = self.alphas_cumprod[self._below[int(timestep)]]
-        if self.config.prediction_type == "epsilon":
-            eps = model_output
-            denoised = (sample - (1 - alpha) ** 0.5 * eps) / alpha**0.5
-        elif self.config.prediction_type == "v_prediction":
-            denoised = alpha**0.5 * sample - (1 - alpha) ** 0.5 * model_output
-            eps = alpha**0.5 * model_output + (1 - alpha) ** 0.5 * sample
-        else:  # "sample"
-            denoised = model_output
-            eps = (sample - alpha**0.5 * denoised) / (1 - alpha) ** 0.5
+        timestep = int(timestep)
+        alpha, alpha_prev = self.alphas_cumprod[timestep], self.alphas_cumprod[self._below[timestep]]
         sigma = eta * ((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)) ** 0.5
-        prev_sample = alpha_prev**0.5 * denoised + (1 - alpha_prev - sigma**2) ** 0.5 * eps
+        eps = self._noise_prediction(model_output, timestep, sample)
+        prev_sample, denoised = self._step_down(sample, eps, timestep, sigma)
         if eta > 0:
             if variance_noise is None:
                 variance_noise = randn_tensor(
@@ -717,7 +736,7 @@ class A1111DDIMScheduler(diffusers.DDIMScheduler):
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
 
 
-class A1111PLMSScheduler(diffusers.PNDMScheduler):
+class A1111PLMSScheduler(_A1111Timesteps, diffusers.PNDMScheduler):
     """PLMS as A1111 samples txt2img with it (sd_samplers_timesteps_impl.plms), on A1111's timesteps t_0 = 1, ...
     t_L-1 (a1111_timesteps): from t_L-1 down to t_1, each step goes to the level of the timestep below on a noise
     prediction of Adams-Bashforth order 2, 3, then 4 over the model's last predictions; the first step is a pseudo
@@ -726,12 +745,8 @@ class A1111PLMSScheduler(diffusers.PNDMScheduler):
     from a picture keeps diffusers' PNDM (build_scheduler): a pipeline gives no way to start the warm-up call where
     such a pass starts. `respaced`: A1111's "Always discard next-to-last sigma", timesteps spaced for one step more."""
 
-    respaced = False
-
     def set_timesteps(self, num_inference_steps: int, device=None):
-        points = a1111_timesteps(num_inference_steps + int(self.respaced), self.config.num_train_timesteps).tolist()
-        self.num_inference_steps = num_inference_steps
-        self._below = dict(zip(points[1:], points[:-1], strict=True))
+        points = self._space(num_inference_steps)
         calls = points[:0:-1]
         if calls:  # the warm-up's second call, at the timestep below the first (timestep 1 when there is no other)
             calls.insert(1, points[-2] if len(points) > 2 else points[0])
@@ -740,30 +755,16 @@ class A1111PLMSScheduler(diffusers.PNDMScheduler):
         self._predictions: list[torch.Tensor] = []
         self.timesteps = torch.tensor(calls, dtype=torch.int64, device=device)
 
-    def _noise_prediction(self, model_output, timestep: int, sample):
-        alpha = self.alphas_cumprod[timestep]
-        if self.config.prediction_type == "v_prediction":
-            return alpha**0.5 * model_output + (1 - alpha) ** 0.5 * sample
-        if self.config.prediction_type == "sample":
-            return (sample - alpha**0.5 * model_output) / (1 - alpha) ** 0.5
-        return model_output
-
-    def _step_down(self, sample, eps, timestep: int):
-        """From `sample` at `timestep` to the timestep below, along noise prediction `eps` (A1111's x_prev)."""
-        alpha, alpha_prev = self.alphas_cumprod[timestep], self.alphas_cumprod[self._below[timestep]]
-        denoised = (sample - (1 - alpha) ** 0.5 * eps) / alpha**0.5
-        return alpha_prev**0.5 * denoised + (1 - alpha_prev) ** 0.5 * eps
-
     def step(self, model_output, timestep, sample, return_dict=True):
         call, timestep = self._calls, int(timestep)
         self._calls += 1
         eps = self._noise_prediction(model_output, timestep, sample)
         if call == 0:  # the warm-up: a first guess, which the model is asked about once more
             self._start, self._first_prediction, self._first_timestep = sample, eps, timestep
-            prev_sample = self._step_down(sample, eps, timestep)
+            prev_sample, _ = self._step_down(sample, eps, timestep)
         elif call == 1:
             prediction = (self._first_prediction + eps) / 2
-            prev_sample = self._step_down(self._start, prediction, self._first_timestep)
+            prev_sample, _ = self._step_down(self._start, prediction, self._first_timestep)
             self._predictions = [self._first_prediction]
         else:
             earlier = self._predictions
@@ -773,7 +774,7 @@ class A1111PLMSScheduler(diffusers.PNDMScheduler):
                 prediction = (23 * eps - 16 * earlier[-1] + 5 * earlier[-2]) / 12
             else:
                 prediction = (55 * eps - 59 * earlier[-1] + 37 * earlier[-2] - 9 * earlier[-3]) / 24
-            prev_sample = self._step_down(sample, prediction, timestep)
+            prev_sample, _ = self._step_down(sample, prediction, timestep)
             self._predictions = [*earlier, eps][-3:]
         if not return_dict:
             return (prev_sample,)
@@ -1460,11 +1461,10 @@ def build_scheduler(
         scheduler.churn = churn
     if isinstance(scheduler, _A1111Start):
         scheduler.sgm_noise_multiplier = bool(sgm_noise_multiplier)
+    if isinstance(scheduler, _A1111Timesteps):
+        scheduler.respaced = bool(always_discard_penultimate_sigma)
     if isinstance(scheduler, A1111DDIMScheduler):
-        scheduler.respaced = bool(always_discard_penultimate_sigma)
         scheduler.from_picture = bool(from_picture)
-    if isinstance(scheduler, A1111PLMSScheduler):
-        scheduler.respaced = bool(always_discard_penultimate_sigma)
     return scheduler
 
 
