@@ -24,7 +24,7 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from .samplers import get_sampler
-from .traced_unet import UNetStandIn
+from .traced_unet import UNetStandIn, unet_rows
 
 # A1111's slider goes to 15: above SD's largest sigma (14.6), every call qualifies.
 MAX_NGMS = 15.0
@@ -78,11 +78,7 @@ def model_calls(sampler_name: str, sampling_steps: int) -> int:
 
 def prompt_rows(value, rows: int):
     """The prompt's rows of a batched UNet input (the last `rows`), or the value as it is when it is not batched."""
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 2 * rows:
-        return value[rows:]
-    if isinstance(value, dict):
-        return {key: prompt_rows(item, rows) for key, item in value.items()}
-    return value
+    return unet_rows(value, slice(rows, None), 2 * rows)
 
 
 class SkipNegativeUNet(UNetStandIn):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from .traced_unet import UNetStandIn
+from .traced_unet import UNetStandIn, unet_rows
 
 CHUNK_TOKENS = 77
 
@@ -67,16 +67,6 @@ def stacked_parts(parts: list[torch.Tensor], padding: torch.Tensor) -> list[torc
     return stacked
 
 
-def _rows_of(value, index: torch.Tensor, total: int):
-    """The rows `index` of a batched UNet input (a tensor with `total` rows, or a dict of them); other values as
-    they are."""
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == total:
-        return value[index.to(value.device)]
-    if isinstance(value, dict):
-        return {key: _rows_of(item, index, total) for key, item in value.items()}
-    return value
-
-
 class NaturalLengthUNet(UNetStandIn):
     """The UNet asked at each row's own length (A1111's default): rows of one length in one call, each length in a
     call of its own; with `pad` (A1111's Pad conds) every row at the longest row's length, in one call. A batch
@@ -111,13 +101,13 @@ class NaturalLengthUNet(UNetStandIn):
             index = torch.tensor(rows)
             outputs.append(
                 self.unet(
-                    _rows_of(sample, index, total),
-                    _rows_of(timestep, index, total),
+                    unet_rows(sample, index, total),
+                    unet_rows(timestep, index, total),
                     encoder_hidden_states=encoder_hidden_states[
                         index.to(encoder_hidden_states.device), : chunks * CHUNK_TOKENS
                     ],
                     return_dict=False,
-                    **{key: _rows_of(value, index, total) for key, value in kwargs.items()},
+                    **{key: unet_rows(value, index, total) for key, value in kwargs.items()},
                 )[0]
             )
             order.extend(rows)

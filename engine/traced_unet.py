@@ -39,6 +39,16 @@ class _PositionalUNet(torch.nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
 
+def unet_rows(value, rows, total: int):
+    """The rows `rows` (a slice or an index tensor) of a batched UNet input: a tensor of `total` rows, or a dict of
+    them (SDXL's added conditions); any other value (a scalar timestep, None) as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == total:
+        return value[rows.to(value.device) if isinstance(rows, torch.Tensor) else rows]
+    if isinstance(value, dict):
+        return {key: unet_rows(item, rows, total) for key, item in value.items()}
+    return value
+
+
 class UNetStandIn(torch.nn.Module):
     """Stands in for a UNet2DConditionModel inside a pipeline: subclasses change how it is called, and
     anything else a pipeline asks for (config, dtype, device, add_embedding) comes from the UNet it wraps."""
