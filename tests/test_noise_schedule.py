@@ -219,11 +219,9 @@ def test_the_page_settings_belong_to_one_session(micro_engine):
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    from ui.page import build_page
+    from tests.test_browser import serve_page
 
-    demo = build_page(micro_engine)
-    demo.queue()
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    demo, url = serve_page(micro_engine, None)
     try:
         user_a, user_b = Client(url, verbose=False), Client(url, verbose=False)
         user_a.predict("Zero Terminal SNR", api_name="/set_noise_schedule")
