@@ -34,11 +34,12 @@ from .samplers import (
     NoiseLevels,
     ScheduleShape,
     SigmaChurn,
+    UniPCSettings,
     build_scheduler,
     diffusers_strength,
     eta_for,
-    img2img_steps,
     pass_steps,
+    picture_steps,
 )
 from .upscalers import upscale_to
 
@@ -115,10 +116,12 @@ class BatchOutcome:
     preview_seconds: float = 0.0  # time spent making previews, to show what they cost
 
 
-def _scheduler_for(req: GenerationRequest, model, sampler_name: str, schedule: str, seed: int, *, first_pass=True):
+def _scheduler_for(
+    req: GenerationRequest, model, sampler_name: str, schedule: str, seed: int, *, first_pass=True, picture_calls=0
+):
     """A pass's scheduler, with the job's eta, sigma noise, schedule min/max sigma and rho, sigma churn, discarding of
     the next-to-last sigma and noise levels; the SGM noise multiplier where A1111 applies it, to txt2img's first pass
-    (a pass from a picture adds its noise to it)."""
+    (a pass from a picture adds its noise to it). `picture_calls`: the sampling steps of a pass from a picture."""
     return build_scheduler(
         model.scheduler_config,
         sampler_name,
@@ -133,6 +136,8 @@ def _scheduler_for(req: GenerationRequest, model, sampler_name: str, schedule: s
         always_discard_penultimate_sigma=req.always_discard_penultimate_sigma,
         noise_levels=noise_levels(req),
         from_picture=not (first_pass and req.mode == "txt2img"),
+        picture_calls=picture_calls,
+        unipc=UniPCSettings(req.unipc_variant, req.unipc_skip_type, req.unipc_order, req.unipc_lower_order_final),
     )
 
 
@@ -177,19 +182,23 @@ def run_batch(
     checkpoint, the model the second pass runs on (`hires_conditioning` is then that model's); `refiner` takes
     over the last part of the sampling (of the hires pass, when there is one: engine/refiner.py);
     `before_hires()` runs just before the second pass (it switches that pass's LoRAs on)."""
-    scheduler = _scheduler_for(req, model, req.sampler_name, req.scheduler, seeds[0])
+    # Sampling steps that run: the whole pass in txt2img (A1111's DDIM, PLMS and UniPC count their own), the last of a
+    # schedule in img2img and inpaint (fewer than it has, or with A1111's "exact steps" option its Sampling steps of a
+    # longer one).
+    picture = picture_steps(
+        req.sampler_name, req.steps, req.denoising_strength, req.scheduler, exact=req.img2img_fix_steps
+    )
+    sampling_steps = (
+        pass_steps(req.sampler_name, req.scheduler, req.steps, req.always_discard_penultimate_sigma)
+        if req.mode == "txt2img"
+        else picture.sampling
+    )
+    scheduler = _scheduler_for(req, model, req.sampler_name, req.scheduler, seeds[0], picture_calls=sampling_steps)
     recorder = StepRecorder(scheduler, model.prediction_type)
     composed: list[ComposedGuidance] = []  # the UNet stand-in of each pass, for a prompt with AND
     switches: list[RefinerSwitch] = []  # the refiner's stand-in for the pass it joins
     stand_ins = _StandIns(req, composed, switches)
     hires = req.mode == "txt2img" and req.enable_hr
-    # Sampling steps that run: the whole pass in txt2img (A1111's DDIM and PLMS count their own), fewer in img2img and
-    # inpaint.
-    sampling_steps = (
-        pass_steps(req.sampler_name, req.scheduler, req.steps, req.always_discard_penultimate_sigma)
-        if req.mode == "txt2img"
-        else img2img_steps(req.sampler_name, req.steps, req.denoising_strength, req.scheduler)
-    )
     wrap_unet = stand_ins.for_pass(
         model, conditioning, refiner if not hires else None, req.sampler_name, sampling_steps
     )
@@ -217,11 +226,11 @@ def run_batch(
     # passes after it (counted into the total), so progress runs once from 0 to 100% over both passes.
     steps_before = 0
     hr_sampler, hr_schedule = req.hires_sampler
-    hires_sampling_steps = (
-        img2img_steps(hr_sampler, req.hr_second_pass_steps or req.steps, req.denoising_strength, hr_schedule)
-        if req.mode == "txt2img" and req.enable_hr
-        else 0
+    # A1111's hires pass runs its Hires steps (Sampling steps where 0) on a longer schedule (picture_steps).
+    hires_steps = picture_steps(
+        hr_sampler, req.hr_second_pass_steps or req.steps, req.denoising_strength, hr_schedule, exact=True
     )
+    hires_sampling_steps = hires_steps.sampling if req.mode == "txt2img" and req.enable_hr else 0
 
     def on_step_end(pipeline, index, timestep, tensors):
         nonlocal stopped, preview_seconds, current_conditioning
@@ -270,7 +279,7 @@ def run_batch(
         return changes
 
     kwargs = {
-        "num_inference_steps": req.steps,
+        "num_inference_steps": req.steps if req.mode == "txt2img" else picture.schedule,
         "guidance_scale": req.cfg_scale,
         "generator": generators,
         "callback_on_step_end": on_step_end,
@@ -299,7 +308,6 @@ def run_batch(
             return BatchOutcome(_decode(pipe, first) if latent_upscale else first, stopped, preview_seconds)
 
         hr_width, hr_height = req.hires_size
-        hr_steps = req.hr_second_pass_steps or req.steps
         if latent_upscale:
             mode, antialias = LATENT_UPSCALERS[req.hr_upscaler]
             size = model.latent_shape(hr_width, hr_height)[2:]
@@ -325,17 +333,19 @@ def run_batch(
             kwargs.update(_conditioning_kwargs(conditioning, len(seeds)))
         wrap_unet = stand_ins.for_pass(model, conditioning, refiner, hr_sampler, hires_sampling_steps)
         current_conditioning = conditioning.at(0)
-        scheduler = _scheduler_for(req, model, hr_sampler, hr_schedule, seeds[0], first_pass=False)
+        scheduler = _scheduler_for(
+            req, model, hr_sampler, hr_schedule, seeds[0], first_pass=False, picture_calls=hires_sampling_steps
+        )
         recorder = StepRecorder(scheduler, model.prediction_type)
         hires_pipe = model.pipeline_for("img2img", scheduler, traced=not req.tiling, wrap_unet=wrap_unet, vae=vae)
         variation.install(hires_pipe, scheduler)  # A1111 varies the hires pass's noise too
         reseed_after_start(hires_pipe, seeds, req.eta_noise_seed_delta)
         kwargs.update(
-            num_inference_steps=hr_steps,
+            num_inference_steps=hires_steps.schedule,
             generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
             output_type="pil",
             image=start,
-            strength=_picture_strength(req, hr_sampler, hr_schedule, hires_sampling_steps, hr_steps),
+            strength=_picture_strength(req, hr_sampler, hr_schedule, hires_sampling_steps, hires_steps.schedule),
             eta=eta_for(hr_sampler, req.eta) or 0.0,
         )
         for first_pass_only in ("height", "width", "latents", "mask_image", "masked_image_latents"):
@@ -357,7 +367,7 @@ def run_batch(
         return BatchOutcome([image.copy() for image in init_images], stopped)
     kwargs.update(
         image=init_images,
-        strength=_picture_strength(req, req.sampler_name, req.scheduler, sampling_steps, req.steps),
+        strength=_picture_strength(req, req.sampler_name, req.scheduler, sampling_steps, picture.schedule),
     )
     if req.mode == "img2img":
         if model.inpainting_unet:

@@ -24,13 +24,14 @@ from PIL import Image
 from .errors import InvalidRequestError
 from .images import to_pil
 from .inpaint import MASKED_CONTENT
-from .request import JOB_SETTINGS, GenerationRequest
+from .request import JOB_SETTING_BY_FIELD, JOB_SETTINGS, GenerationRequest
 from .samplers import (
     always_discarding_changes,
     effective_schedule,
     eta_for,
     get_sampler,
     resolve,
+    runs_a1111_unipc,
     starts_as_a1111,
     takes_schedule_range,
     takes_schedule_rho,
@@ -217,15 +218,16 @@ def format_infotext(
     spec, eta = get_sampler(req.sampler_name), eta_for(req.sampler_name, req.eta)
     if eta is not None and eta != spec.eta_default:
         params[spec.eta_key] = _format_number(eta)
-    if spec.takes_s_noise and req.s_noise != 1:
-        params["Sigma noise"] = _format_number(req.s_noise)
     passes = [(req.sampler_name, req.scheduler)] + (
         [req.hires_sampler] if req.mode == "txt2img" and req.enable_hr else []
     )
+    # Where a pass's sampler takes it (the hires pass's may).
+    if req.s_noise != 1 and any(get_sampler(sampler).takes_s_noise for sampler, _ in passes):
+        params["Sigma noise"] = _format_number(req.s_noise)
     # As A1111 writes it: where txt2img's first pass ran a k-diffusion sampler.
     if req.sgm_noise_multiplier and req.mode == "txt2img" and starts_as_a1111(req.sampler_name):
         params["SGM noise multiplier"] = "True"
-    # As A1111 writes it: where it changed a pass (A1111 respaces PLMS and UniPC too: not done here, nor written).
+    # As A1111 writes it: where it changed a pass (A1111 respaces img2img's PLMS too: not done here, nor written).
     if req.always_discard_penultimate_sigma and any(
         always_discarding_changes(*chosen, from_picture=index > 0 or req.mode != "txt2img")
         for index, chosen in enumerate(passes)
@@ -233,6 +235,13 @@ def format_infotext(
         params["Discard penultimate sigma"] = "True"
     if req.downcast_alphas_cumprod:
         params["Downcast alphas_cumprod"] = "True"
+    # A1111's UniPC settings where a pass ran its UniPC and they are not its defaults. A1111 writes none of them; they
+    # are written here so that the infotext makes the picture again.
+    if any(runs_a1111_unipc(*chosen) for chosen in passes):
+        for field in _UNIPC_FIELDS:
+            setting, value = JOB_SETTING_BY_FIELD[field], getattr(req, field)
+            if value != setting.default:
+                params[setting.infotext_key] = str(value)
     noise_schedule = "Zero Terminal SNR" if zero_terminal_snr_model else req.noise_schedule
     if noise_schedule != "Default":
         params["Noise Schedule"] = noise_schedule
@@ -259,6 +268,9 @@ def format_infotext(
         params["ENSD"] = int(req.eta_noise_seed_delta)
     if req.mode != "txt2img" and req.initial_noise_multiplier != 1:
         params["Noise multiplier"] = _format_number(req.initial_noise_multiplier)
+    if req.mode != "txt2img" and req.img2img_fix_steps:
+        # A1111 does not write it; written here so that the infotext makes the picture again.
+        params["Img2img fix steps"] = "True"
     if inpainting_model and (req.mode != "txt2img" or req.enable_hr):
         # As A1111 writes it wherever an inpainting model was conditioned on a picture (not txt2img's first pass).
         params["Conditional mask weight"] = _format_number(req.inpainting_mask_weight)
@@ -540,6 +552,8 @@ def _parse_float(key: str, value: str) -> float:
         raise InvalidRequestError(key, value, "a number, e.g. 7 or 0.75")
     return number
 
+
+_UNIPC_FIELDS = ("unipc_variant", "unipc_skip_type", "unipc_order", "unipc_lower_order_final")
 
 # Infotext keys read back into the request field of the same meaning: the job settings' numbers (with how each is
 # read), choices (checked by name), and switches ("True").

@@ -31,11 +31,16 @@ MAX_SCHEDULE_SIGMA_MAX = 60.0
 MAX_SCHEDULE_RHO = 100.0
 # A1111's Beta schedule sliders go from 0.01 to 1 (Forge's to 2, which is taken too).
 MIN_BETA_SHAPE, MAX_BETA_SHAPE = 0.01, 2.0
+# A1111's UniPC order slider goes to 50.
+MAX_UNIPC_ORDER = 50
 # A1111's Clip skip setting goes to 12 (a model's text encoder may have fewer layers: it refuses more).
 MAX_CLIP_SKIP = 12
 
 # A1111's noise schedules for sampling: the model's own, or rescaled to zero terminal SNR.
 NOISE_SCHEDULES = ("Default", "Zero Terminal SNR")
+# A1111's UniPC settings' choices (its "vary_coeff" variant is not offered).
+UNIPC_VARIANTS = ("bh1", "bh2")
+UNIPC_SKIP_TYPES = ("time_uniform", "time_quadratic", "logSNR")
 
 PROMPT_SYNTAXES = ("a1111", "compel")
 # A1111's hires fix upscalers that need no extra model: latent ones (F.interpolate mode, antialias) and
@@ -155,6 +160,16 @@ class GenerationRequest:
     # chunk counts are padded to one length with empty-prompt chunks and batched; off, the UNet is asked at each one's
     # own length, separately (A1111's default; engine/pad_conds.py). A1111's prompt syntax only.
     pad_cond_uncond: bool = False
+    # A1111's "With img2img, do exactly the amount of steps the slider specifies" (img2img_fix_steps): img2img and
+    # inpaint run their Sampling steps, the last of a schedule made steps / strength long, as the hires pass always
+    # does (engine.samplers.picture_steps); off, they run about strength x steps of a schedule of steps.
+    img2img_fix_steps: bool = False
+    # A1111's UniPC settings (engine.samplers.A1111UniPCScheduler): its variant (UNIPC_VARIANTS), skip type
+    # (UNIPC_SKIP_TYPES), order (at most the steps) and lower order final.
+    unipc_variant: str = "bh1"
+    unipc_skip_type: str = "time_uniform"
+    unipc_order: int = 3
+    unipc_lower_order_final: bool = True
     # A1111's "Ignore negative prompt during early sampling" (Skip Early CFG): the share of each pass's UNet calls,
     # from the first, that leave the negative prompt out. 0 is off.
     skip_early_cond: float = 0.0
@@ -514,6 +529,14 @@ JOB_SETTINGS = (
         1.0,
     ),
     JobSetting(
+        "img2img_fix_steps",
+        "img2img_fix_steps",
+        "Img2img fix steps",
+        "with img2img, do exactly the amount of steps the slider specifies: img2img and inpaint run all their "
+        "sampling steps, the last of a schedule made steps / strength long (off: about strength x steps)",
+        False,
+    ),
+    JobSetting(
         "color_correction",
         "img2img_color_correction",
         "Color correction",
@@ -553,6 +576,40 @@ JOB_SETTINGS = (
         "pad prompt/negative prompt to be same length: the shorter padded with empty-prompt chunks and both asked in "
         "one UNet call (A1111's option); off, each is asked at its own length, as A1111 does by default",
         False,
+    ),
+    JobSetting(
+        "unipc_variant",
+        "uni_pc_variant",
+        "UniPC variant",
+        "UniPC variant: bh1 (A1111's default) or bh2, the B(h) of UniPC's predictor and corrector",
+        "bh1",
+        choices=UNIPC_VARIANTS,
+    ),
+    JobSetting(
+        "unipc_skip_type",
+        "uni_pc_skip_type",
+        "UniPC skip type",
+        "UniPC skip type: how UniPC spaces its steps in time: time_uniform (A1111's default), time_quadratic (more "
+        "at low noise) or logSNR",
+        "time_uniform",
+        choices=UNIPC_SKIP_TYPES,
+    ),
+    JobSetting(
+        "unipc_order",
+        "uni_pc_order",
+        "UniPC order",
+        "UniPC order: how many of the model's last predictions each UniPC step uses (A1111's default 3; at most the "
+        "steps)",
+        3,
+        MAX_UNIPC_ORDER,
+        1,
+    ),
+    JobSetting(
+        "unipc_lower_order_final",
+        "uni_pc_lower_order_final",
+        "UniPC lower order final",
+        "UniPC lower order final: UniPC's last steps use fewer predictions (A1111's default: on)",
+        True,
     ),
     JobSetting(
         "inpainting_mask_weight",

@@ -62,6 +62,9 @@ class SamplerSpec:
     takes_sigma_churn: bool = False
 
 
+# The training timesteps of SD models (and of every model A1111 samples), the most steps a pass from a picture spaces.
+TRAIN_TIMESTEPS = 1000
+
 # Order as in A1111's sampler dropdown.
 SAMPLERS: tuple[SamplerSpec, ...] = (
     SamplerSpec(
@@ -541,12 +544,13 @@ def discards_penultimate_sigma(sampler_name: str, always: bool = False) -> bool:
 
 def always_discarding_changes(sampler_name: str, schedule: str, *, from_picture: bool = False) -> bool:
     """Whether A1111's "Always discard next-to-last sigma" changes this sampler's pass: the k-diffusion samplers
-    that do not drop it anyway, and DDIM and txt2img's PLMS on A1111's timesteps, which it respaces (A1111 respaces
-    UniPC and img2img's PLMS too; they keep diffusers' timesteps here)."""
+    that do not drop it anyway, and DDIM, UniPC and txt2img's PLMS on A1111's timesteps, which it respaces (A1111
+    respaces img2img's PLMS too; it keeps diffusers' timesteps here)."""
     spec = get_sampler(sampler_name)
     return (
         (discards_penultimate_sigma(spec.name, always=True) and not spec.discard_penultimate_sigma)
         or runs_a1111_ddim(spec.name, schedule)
+        or runs_a1111_unipc(spec.name, schedule)
         or runs_a1111_plms(spec.name, schedule, from_picture=from_picture)
     )
 
@@ -556,6 +560,12 @@ def runs_a1111_ddim(sampler_name: str, schedule: str) -> bool:
     on diffusers' trailing ones (SGM Uniform)."""
     spec = get_sampler(sampler_name)
     return spec.name == "DDIM" and effective_schedule(spec, schedule) == "Uniform"
+
+
+def runs_a1111_unipc(sampler_name: str, schedule: str) -> bool:
+    """Whether the pass runs A1111's UniPC (A1111UniPCScheduler): UniPC on A1111's timesteps (Automatic, Uniform)."""
+    spec = get_sampler(sampler_name)
+    return spec.name == "UniPC" and effective_schedule(spec, schedule) == "Uniform"
 
 
 def runs_a1111_plms(sampler_name: str, schedule: str, *, from_picture: bool = False) -> bool:
@@ -643,7 +653,7 @@ _DISCARDING = {
 }
 
 
-def a1111_timesteps(steps: int, train_timesteps: int = 1000) -> np.ndarray:
+def a1111_timesteps(steps: int, train_timesteps: int = TRAIN_TIMESTEPS) -> np.ndarray:
     """A1111's timesteps for its DDIM, PLMS and UniPC (CompVisSampler.get_timesteps): range(0, T, T // steps) + 1,
     clipped to the last; 31 of them at 30 steps."""
     return np.clip(np.arange(0, train_timesteps, train_timesteps // steps) + 1, 0, train_timesteps - 1)
@@ -779,6 +789,146 @@ class A1111PLMSScheduler(_A1111Timesteps, diffusers.PNDMScheduler):
         if not return_dict:
             return (prev_sample,)
         return SchedulerOutput(prev_sample=prev_sample)
+
+
+@dataclass(frozen=True)
+class UniPCSettings:
+    """A1111's UniPC settings (its uni_pc_variant, uni_pc_skip_type, uni_pc_order, uni_pc_lower_order_final)."""
+
+    variant: str = "bh1"
+    skip_type: str = "time_uniform"
+    order: int = 3
+    lower_order_final: bool = True
+
+
+class A1111UniPCScheduler(_A1111Timesteps, diffusers.UniPCMultistepScheduler):
+    """UniPC as A1111 samples it (its own UniPC: sd_samplers_timesteps_impl.unipc), with its settings
+    (UniPCSettings; by default variant bh1, order 3, lower order final, time-uniform skip). It solves in continuous
+    time: SD's noise levels at t_i = (i + 1) / 1000, log alpha interpolated linearly between them. txt2img goes from
+    t = 1 to t = 1/1000 in as many steps as A1111 has timesteps (a1111_timesteps: 20 at 20 steps, 31 at 30), asking
+    the model at each step's start at model time (t - 1/1000) x 1000: 999, 949.05, ... 49.95 at 20 steps. diffusers'
+    UniPC (bh2 by default) asks at its own spacing (941, 894, ... 48) and ends at timestep 0.
+
+    Each step predicts the next point from the model's last `unipc_order` data predictions (lower orders at the
+    start and, with `lower_order_final`, at the end). Once the model has been asked at the point reached, the
+    point is corrected with that prediction, as A1111 does; the last step is not corrected. A pass from a picture
+    (`picture_calls` = A1111's t_enc) starts where A1111's starts, at A1111's timestep t_enc - 1 plus one, and
+    solves down in t_enc steps. Its picture is noised to A1111's timestep t_enc. A1111 refuses fewer steps than
+    the order; here such a pass runs at the orders its steps allow. `respaced` is A1111's "Always discard
+    next-to-last sigma": its timesteps are spaced for one step more."""
+
+    unipc_order = 3
+    variant = "bh1"
+    lower_order_final = True
+    skip_type = "time_uniform"
+    picture_calls = 0
+
+    def set_timesteps(self, num_inference_steps: int, device=None):
+        points = self._space(num_inference_steps)
+        train = self.config.num_train_timesteps
+        self._log_alphas = 0.5 * np.log(self.alphas_cumprod.double().numpy())
+        self._grid = np.arange(1, train + 1, dtype=np.float64) / train
+        if self.picture_calls:
+            steps = min(self.picture_calls, len(points) - 1)
+            self._noised_at = points[steps]
+            start = (points[steps - 1] + 1) / train
+        else:
+            steps, start = len(points), 1.0
+        self._times = self._skip(start, 1 / train, steps)
+        self._orders = [
+            min(j, self.unipc_order, *([steps + 1 - j] if self.lower_order_final else [])) for j in range(steps + 1)
+        ]
+        model_times = (self._times[:-1] - 1 / train) * train
+        if self.picture_calls:  # the schedule keeps its length: a pipeline runs the last `steps` of it
+            model_times = np.concatenate([np.full(num_inference_steps - steps, model_times[0]), model_times])
+        self.timesteps = torch.from_numpy(model_times).to(device=device, dtype=torch.float32)
+        # Each call's noise level as diffusers' variance-preserving schedulers keep it (sigma / alpha), by the calls
+        # made so far (step_index), for what reads a step's noise level.
+        alphas = np.exp(np.interp(self._times, self._grid, self._log_alphas))
+        self.sigmas = torch.from_numpy((1 - alphas**2) ** 0.5 / alphas).float()
+        self._step_index = None
+        self._calls = 0
+        self._history: list[torch.Tensor] = []
+        self._start = None
+
+    def _log_alpha(self, t: float) -> float:
+        return float(np.interp(t, self._grid, self._log_alphas))
+
+    def _lambda(self, t: float) -> float:
+        """Half the log signal-to-noise ratio at time t."""
+        log_alpha = self._log_alpha(t)
+        return log_alpha - 0.5 * math.log(-math.expm1(2 * log_alpha))
+
+    def _skip(self, start: float, end: float, steps: int) -> np.ndarray:
+        """A1111's UniPC times from `start` down to `end` in `steps` steps, by its skip type."""
+        if self.skip_type == "time_quadratic":
+            return np.linspace(start**0.5, end**0.5, steps + 1) ** 2
+        if self.skip_type == "logSNR":
+            log_alphas = -0.5 * np.logaddexp(0, -2 * np.linspace(self._lambda(start), self._lambda(end), steps + 1))
+            return np.interp(log_alphas, self._log_alphas[::-1], self._grid[::-1])
+        return np.linspace(start, end, steps + 1)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        if self._calls == 0 and self.picture_calls:  # the start of a pass from a picture, as A1111 noises it
+            alpha_bar = float(self.alphas_cumprod[self._noised_at])
+            return alpha_bar**0.5 * original_samples + (1 - alpha_bar) ** 0.5 * noise
+        train = self.config.num_train_timesteps
+        alpha = math.exp(self._log_alpha(float(timesteps.reshape(-1)[0]) / train + 1 / train))
+        return alpha * original_samples + (1 - alpha**2) ** 0.5 * noise
+
+    def step(self, model_output, timestep, sample, return_dict=True, **kwargs):
+        index = self._calls
+        self._calls = self._step_index = index + 1
+        log_alpha = self._log_alpha(self._times[index])
+        # A1111 reads a v-prediction as noise at the model time's whole timestep (its CompVisTimestepsVDenoiser).
+        eps = self._noise_prediction(model_output, int(float(timestep)), sample)
+        denoised = (sample - (-math.expm1(2 * log_alpha)) ** 0.5 * eps) / math.exp(log_alpha)
+        # The point this call was asked at, corrected with its prediction (the first is where the pass starts).
+        start = sample if index == 0 else self._update(self._start, index - 1, denoised)
+        self._history = [*self._history, denoised][-self.unipc_order :]
+        self._start = start
+        prev_sample = self._update(start, index)
+        if not return_dict:
+            return (prev_sample, denoised)
+        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
+
+    def _update(self, start, index: int, denoised_there: torch.Tensor | None = None):
+        """A1111's multistep_uni_pc_bh_update: from `start` at time `index` to the next, over the data predictions
+        of the history (the last one at `index`), at that step's order. Without `denoised_there` the predicted
+        point; with it (the model's prediction at the point predicted), the corrected one."""
+        order = self._orders[index + 1]
+        times = self._times
+        log_alpha_from, log_alpha_to = self._log_alpha(times[index]), self._log_alpha(times[index + 1])
+        alpha_to = math.exp(log_alpha_to)
+        sigma_from, sigma_to = ((-math.expm1(2 * value)) ** 0.5 for value in (log_alpha_from, log_alpha_to))
+        lambda_from = self._lambda(times[index])
+        h = self._lambda(times[index + 1]) - lambda_from
+        last = self._history[-1]
+        ratios = [(self._lambda(times[index - i]) - lambda_from) / h for i in range(1, order)]
+        differences = [(self._history[-(i + 1)] - last) / ratio for i, ratio in enumerate(ratios, 1)]
+        hh = -h
+        h_phi_1 = math.expm1(hh)
+        scale = hh if self.variant == "bh1" else h_phi_1
+        powers, targets = [], []
+        h_phi_k, factorial = h_phi_1 / hh - 1, 1
+        for i in range(1, order + 1):
+            powers.append([ratio ** (i - 1) for ratio in [*ratios, 1.0]])
+            targets.append(h_phi_k * factorial / scale)
+            factorial *= i + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial
+        powers, targets = np.array(powers), np.array(targets)
+        base = sigma_to / sigma_from * start - alpha_to * h_phi_1 * last
+        if denoised_there is None:
+            if not differences:
+                return base
+            rhos = [0.5] if order == 2 else np.linalg.solve(powers[:-1, :-1], targets[:-1])
+            residual = sum(float(rho) * difference for rho, difference in zip(rhos, differences, strict=True))
+        else:
+            rhos = [0.5] if order == 1 else np.linalg.solve(powers, targets)
+            residual = float(rhos[-1]) * (denoised_there - last)
+            for rho, difference in zip(rhos[:-1], differences, strict=True):
+                residual = residual + float(rho) * difference
+        return base - alpha_to * scale * residual
 
 
 class A1111LCMScheduler(diffusers.LCMScheduler):
@@ -1389,6 +1539,8 @@ def build_scheduler(
     always_discard_penultimate_sigma: bool = False,
     noise_levels: NoiseLevels = NoiseLevels(),
     from_picture: bool = False,
+    picture_calls: int = 0,
+    unipc: UniPCSettings = UniPCSettings(),
 ):
     """A new scheduler instance for one job; `base_config` is the model's own scheduler config. `eta` is that of
     Euler a, DPM2 a and the DPM++ SDE samplers (None: 1); DDIM takes its eta from the pipeline call. `s_noise` is
@@ -1400,13 +1552,16 @@ def build_scheduler(
     `always_discard_penultimate_sigma` every k-diffusion sampler drops its schedule's next-to-last sigma
     (discards_penultimate_sigma). `noise_levels` may rescale or round the model's noise levels (NoiseLevels).
     `from_picture`: the pass starts from a picture (img2img, inpaint, a hires pass), which A1111's DDIM counts
-    otherwise."""
+    otherwise; `picture_calls` such a pass's sampling steps, from which A1111's UniPC spaces its own. `unipc`: A1111's
+    UniPC settings."""
     spec = get_sampler(sampler_name)
     discards = discards_penultimate_sigma(spec.name, always_discard_penultimate_sigma)
     if runs_a1111_ddim(spec.name, schedule):
         cls = A1111DDIMScheduler
     elif runs_a1111_plms(spec.name, schedule, from_picture=from_picture):
         cls = A1111PLMSScheduler
+    elif runs_a1111_unipc(spec.name, schedule):
+        cls = A1111UniPCScheduler
     elif spec.name in _A1111_CLASSES:
         cls = _A1111_CLASSES[spec.name]
     elif spec.discard_penultimate_sigma:
@@ -1465,6 +1620,10 @@ def build_scheduler(
         scheduler.respaced = bool(always_discard_penultimate_sigma)
     if isinstance(scheduler, A1111DDIMScheduler):
         scheduler.from_picture = bool(from_picture)
+    if isinstance(scheduler, A1111UniPCScheduler):
+        scheduler.picture_calls = int(picture_calls) if from_picture else 0
+        scheduler.variant, scheduler.skip_type = unipc.variant, unipc.skip_type
+        scheduler.unipc_order, scheduler.lower_order_final = int(unipc.order), bool(unipc.lower_order_final)
     return scheduler
 
 
@@ -1479,31 +1638,59 @@ def pass_steps(
 ) -> int:
     """How many sampling steps a pass over the whole schedule runs: `steps`, but for A1111's DDIM one fewer than
     its timesteps (19 at 20 steps, 30 at 30, 62 at 60; `always_discard` spaces them for one more step), at most
-    `steps` for a pass `from_picture` (A1111DDIMScheduler)."""
+    `steps` for a pass `from_picture` (A1111DDIMScheduler); for its txt2img PLMS one more, and UniPC as many."""
     if runs_a1111_ddim(sampler_name, schedule):
         calls = len(a1111_timesteps(steps + int(always_discard))) - 1
         return min(calls, steps) if from_picture else calls
     if runs_a1111_plms(sampler_name, schedule, from_picture=from_picture):
         return len(a1111_timesteps(steps + int(always_discard)))  # one more: the warm-up's second call
+    if runs_a1111_unipc(sampler_name, schedule) and not from_picture:
+        return len(a1111_timesteps(steps + int(always_discard)))
     return steps
 
 
-def img2img_steps(sampler_name: str, steps: int, strength: float, schedule: str = "Automatic") -> int:
-    """How many sampling steps img2img and inpaint run at `strength`, as A1111 counts them.
+@dataclass(frozen=True)
+class PictureSteps:
+    """A pass from a picture as A1111 counts it (its setup_img2img_steps): the steps its schedule is made for, and how
+    many of them, the last ones, run."""
 
-    A1111 takes t_enc = int(min(strength, 0.999) * steps); its k-diffusion samplers start at
-    sigmas[steps - t_enc - 1] and run t_enc + 1 steps, one more than diffusers' int(strength * steps).
-    Its DDIM asks the model at t_enc - 1 of its timesteps (A1111DDIMScheduler). PLMS and UniPC run diffusers'
-    int(strength * steps) here, from their first step's own noise level (A1111 runs t_enc - 1 on a picture
-    noised one timestep further). Strength 0 runs none.
-    """
+    schedule: int
+    sampling: int
+
+
+def picture_steps(
+    sampler_name: str, steps: int, strength: float, schedule: str = "Automatic", *, exact: bool = False
+) -> PictureSteps:
+    """A pass from a picture at `strength`, asked for `steps`, as A1111 counts it.
+
+    img2img and inpaint: a schedule of `steps`, and t_enc = int(min(strength, 0.999) * steps). The hires pass
+    (`exact`: A1111 hands it its Hires steps, which takes its "exact steps" branch): a schedule of
+    int(steps / min(strength, 0.999)) steps, at most one per training timestep, and t_enc = steps - 1. The
+    k-diffusion samplers start at sigmas[schedule - t_enc - 1] and run t_enc + 1 steps (`steps` in the hires pass),
+    one more than diffusers' int(strength * steps). A1111's DDIM asks the model at t_enc - 1 of its timesteps
+    (A1111DDIMScheduler), its UniPC at t_enc (A1111UniPCScheduler). PLMS runs diffusers' int(strength * steps)
+    here (t_enc in the hires pass), from its first step's own noise level (A1111 runs t_enc - 1 on a picture noised
+    one timestep further). Strength 0 runs none."""
     if strength <= 0:
-        return 0
+        return PictureSteps(steps, 0)
+    capped = min(strength, 0.999)
+    if exact:
+        whole, t_enc = min(int(steps / capped), TRAIN_TIMESTEPS), steps - 1
+    else:
+        whole, t_enc = steps, int(capped * steps)
     if get_sampler(sampler_name).k_diffusion:
-        return int(min(strength, 0.999) * steps) + 1
+        return PictureSteps(whole, t_enc + 1)
     if runs_a1111_ddim(sampler_name, schedule):
-        return max(int(min(strength, 0.999) * steps) - 1, 0)
-    return min(int(strength * steps), steps)
+        return PictureSteps(whole, max(t_enc - 1, 0))
+    if runs_a1111_unipc(sampler_name, schedule):
+        return PictureSteps(whole, t_enc)
+    return PictureSteps(whole, t_enc if exact else min(int(strength * steps), steps))
+
+
+def img2img_steps(sampler_name: str, steps: int, strength: float, schedule: str = "Automatic") -> int:
+    """How many sampling steps img2img and inpaint run at `strength` of `steps`, as A1111 counts them
+    (picture_steps)."""
+    return picture_steps(sampler_name, steps, strength, schedule).sampling
 
 
 def diffusers_strength(sampling_steps: int, steps: int, whole_pass: int | None = None) -> float:

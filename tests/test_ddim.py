@@ -144,10 +144,11 @@ def unet_timesteps(engine, request: GenerationRequest):
 def test_a_ddim_job_asks_the_unet_at_a1111s_timesteps(micro_engine):
     result, timesteps = unet_timesteps(micro_engine, REQUEST)
     assert timesteps == list(range(951, 50, -50))  # 19 calls
-    # The hires pass runs A1111's img2img count: denoising 0.5 of 20 steps asks at 451 down to 51.
+    # The hires pass runs A1111's count: its 20 steps at denoising 0.5 make a schedule of 40 (timesteps 1, 26, ...
+    # 976), of which it asks at t_enc - 1 = 18, from 451 down to 26.
     hires = dataclasses.replace(REQUEST, enable_hr=True, hr_scale=1.5, hr_sampler_name="DDIM", denoising_strength=0.5)
     _, timesteps = unet_timesteps(micro_engine, hires)
-    assert timesteps[19:] == list(range(451, 50, -50))
+    assert timesteps[19:] == list(range(451, 25, -25))
     # Always discarding respaces them, writes it and reads it back to the same picture.
     discarded, timesteps = unet_timesteps(
         micro_engine, dataclasses.replace(REQUEST, always_discard_penultimate_sigma=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import threading
@@ -813,6 +814,21 @@ def test_img2img_runs_as_many_steps_as_a1111(sampler, steps, strength, expected)
     assert samplers.img2img_steps(sampler, steps, strength) == expected
 
 
+@pytest.mark.parametrize(
+    ("sampler", "steps", "strength", "expected"),
+    [
+        ("Euler a", 20, 0.7, (28, 20)),  # A1111: steps int(20 / 0.7) = 28, t_enc = 19, sigmas[8:] -> 20 steps
+        ("DPM++ 2M", 20, 1.0, (20, 20)),  # int(20 / 0.999): the whole schedule
+        ("Euler", 10, 0.001, (1000, 10)),  # at most one step per training timestep
+        ("DDIM", 20, 0.7, (28, 18)),  # t_enc - 1
+        ("UniPC", 20, 0.5, (40, 19)),
+        ("Euler a", 20, 0.0, (20, 0)),
+    ],
+)
+def test_the_hires_pass_runs_as_many_steps_as_a1111(sampler, steps, strength, expected):
+    assert samplers.picture_steps(sampler, steps, strength, exact=True) == samplers.PictureSteps(*expected)
+
+
 def test_img2img_starts_where_a1111_starts(engine):
     # Euler on 8 steps samples timesteps 999, 856.3, 713.6, 570.9, 428.1, 285.4, 142.7, 0; at strength
     # 0.5 A1111 starts at sigmas[8 - 4 - 1] and runs 5 steps. DDIM asks the model at A1111's timesteps 4 - 1 to 1
@@ -831,6 +847,26 @@ def test_img2img_starts_where_a1111_starts(engine):
         handle.remove()
     assert timesteps[:5] == pytest.approx([570.86, 428.14, 285.43, 142.71, 0.0], abs=0.01)
     assert timesteps[5:] == [376, 251, 126]
+
+
+def test_img2img_with_exact_steps_runs_them_all_on_a_longer_schedule(engine):
+    # A1111's img2img_fix_steps: 8 steps at strength 0.5 make a schedule of 16 and run its last 8 (Euler: linspace(999,
+    # 0, 16) from 7 / 15 of 999); off, 5 of a schedule of 8. Written in the infotext, and read back.
+    from engine.infotext import parse_infotext
+    from tests.test_pad_conds import unet_calls
+
+    def timestep(args, kwargs):
+        return float(kwargs.get("timestep", args[1] if len(args) > 1 else 0))
+
+    request = GenerationRequest(
+        prompt="x", seed=3, steps=8, sampler_name="Euler", denoising_strength=0.5, init_images=[make_init_image()]
+    )
+    exact, timesteps = unet_calls(engine, dataclasses.replace(request, img2img_fix_steps=True), timestep)
+    assert timesteps == pytest.approx([999 * k / 15 for k in range(7, -1, -1)], abs=0.01)
+    assert "Img2img fix steps: True" in exact.infotexts[0]
+    assert parse_infotext(exact.infotexts[0]).img2img_fix_steps
+    plain, timesteps = unet_calls(engine, request, timestep)
+    assert len(timesteps) == 5 and "Img2img fix steps" not in plain.infotexts[0]
 
 
 def test_img2img_init_image_is_resized_to_the_requested_size(engine):

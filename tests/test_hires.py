@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from engine import GenerationRequest, InvalidRequestError, JobControl, Progress, Result
+from tests.test_pad_conds import unet_calls
 from training import dataset
 
 PROMPT = "a yellow square on a purple background"
@@ -29,16 +30,16 @@ def test_hires_fix_draws_the_same_scene_bigger_with_one_progress_over_both_passe
     assert isinstance(result, Result) and result.images[0].size == (128, 128)
     reading = dataset.classify(result.images[0])
     assert (reading.colour, reading.background) == ("yellow", "purple")
-    # Euler a: 10 first-pass steps, then A1111's img2img count at 0.5 of 10, int(0.5 * 10) + 1 = 6.
-    assert [event.step for event in progress] == list(range(1, 17))
-    assert {event.total for event in progress} == {16}
+    # Euler a: 10 first-pass steps, then A1111's hires pass: its 10 steps (the last of a schedule of 10 / 0.5).
+    assert [event.step for event in progress] == list(range(1, 21))
+    assert {event.total for event in progress} == {20}
     assert "Size: 64x64" in result.infotexts[0] and f"Hires upscaler: {upscaler}," in result.infotexts[0] + ","
 
 
 def test_hires_size_steps_and_a_zero_strength(micro_engine):
     progress, result = events_of(micro_engine, hr_resize_x=96, hr_second_pass_steps=4, denoising_strength=0.75)
     assert result.images[0].size == (96, 96)  # one side given: the other keeps the aspect ratio
-    assert progress[-1].step == progress[-1].total == 10 + 4  # 0.75 of 4 steps: int(3) + 1
+    assert progress[-1].step == progress[-1].total == 10 + 4  # the hires steps, of a schedule of int(4 / 0.75)
     assert "Hires resize: 96x0, Hires steps: 4" in result.infotexts[0]
     # Strength 0: the upscaled first pass is the picture, with no second pass.
     progress, result = events_of(micro_engine, hr_upscaler="Nearest", denoising_strength=0)
@@ -50,7 +51,7 @@ def test_hires_size_steps_and_a_zero_strength(micro_engine):
 def test_stop_in_either_pass_keeps_the_picture_as_far_as_it_got(micro_engine):
     _, result = events_of(micro_engine, stop_at=4, denoising_strength=0.5)
     assert result.interrupted and result.images[0].size == (64, 64)  # in the first pass: its picture
-    _, result = events_of(micro_engine, stop_at=13, denoising_strength=0.5)
+    _, result = events_of(micro_engine, stop_at=15, denoising_strength=0.5)
     assert result.interrupted and result.images[0].size == (128, 128)  # in the hires pass: the big one
 
 
@@ -128,8 +129,8 @@ def test_the_hires_pass_has_its_own_sampler_schedule_and_prompts(micro_engine):
 
     progress, resampled = events_of(micro_engine, hr_scale=1.5, denoising_strength=0.5, hr_sampler_name="DDIM")
     assert "Hires sampler: DDIM" in resampled.infotexts[0] and "Hires schedule type" not in resampled.infotexts[0]
-    # Euler a's first pass runs 10 steps; A1111's DDIM in img2img at 0.5 of 10 runs int(0.5 * 10) - 1 = 4 (Euler a: 6).
-    assert progress[-1].step == progress[-1].total == 14
+    # Euler a's first pass runs 10 steps; A1111's DDIM hires pass at 0.5 of 10 runs t_enc - 1 = 10 - 1 - 1 = 8.
+    assert progress[-1].step == progress[-1].total == 18
     plain_hires = events_of(micro_engine, hr_scale=1.5, denoising_strength=0.5)[1]
     assert resampled.images[0].tobytes() != plain_hires.images[0].tobytes()
     _, karras = events_of(
@@ -150,3 +151,27 @@ def test_hires_sampler_and_prompt_read_back_from_the_infotext(micro_engine):
     assert again.images[0].tobytes() == first.images[0].tobytes()
     with pytest.raises(InvalidRequestError, match="hr_sampler_name: got 'Euler b'"):
         micro_engine.validate(GenerationRequest(prompt="x", enable_hr=True, hr_sampler_name="Euler b"))
+
+
+def test_the_hires_pass_runs_its_steps_at_a1111s_noise_levels(micro_engine):
+    # A1111 hands its hires pass the Hires steps (here Sampling steps, 10), which makes the schedule 10 / 0.5 = 20
+    # steps long and runs the last of it: Euler the last 10 of linspace(999, 0, 20); DDIM, on A1111's timesteps 1,
+    # 51, ... 951, the 8 below t_enc = 9 (401 down to 51).
+    for hires_sampler, expected in (
+        ("Euler", pytest.approx([999 * k / 19 for k in range(9, -1, -1)], abs=0.01)),
+        ("DDIM", list(range(401, 50, -50))),
+    ):
+        request = GenerationRequest(
+            prompt=PROMPT,
+            seed=11,
+            steps=10,
+            sampler_name="Euler",
+            enable_hr=True,
+            hr_scale=1.25,
+            denoising_strength=0.5,
+            hr_sampler_name=hires_sampler,
+        )
+        _, timesteps = unet_calls(
+            micro_engine, request, lambda args, kwargs: float(kwargs.get("timestep", args[1] if len(args) > 1 else 0))
+        )
+        assert timesteps[10:] == expected

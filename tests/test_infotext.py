@@ -473,10 +473,10 @@ def test_every_job_setting_has_its_request_default_reads_back_from_its_key_and_i
     for setting in JOB_SETTINGS:
         default = request_defaults[setting.field]
         assert default == setting.default and type(default) is type(setting.default), setting.field
-        # Not the default, so reading it back is seen: "on", the last choice, or the highest value (0 where that is the
-        # default).
+        # Not the default, so reading it back is seen: the other side of a switch, the last choice, or the highest
+        # value (0 where that is the default).
         if setting.is_switch or setting.is_choice:
-            value = True if setting.is_switch else setting.choices[-1]
+            value = (not setting.default) if setting.is_switch else setting.choices[-1]
         else:
             value = 0 if setting.highest == setting.default else setting.highest
         assert value != setting.default

@@ -26,7 +26,7 @@ from engine.samplers import (
 from tests.test_engine import SD_SCHEDULER_CONFIG
 from tests.test_start_noise import K_DIFFUSION
 
-NOT_K_DIFFUSION = ["UniPC", "DEIS", "LCM"]
+NOT_K_DIFFUSION = ["DEIS", "LCM"]
 SCHEDULES = ["Uniform", "Karras", "Exponential", "SGM Uniform", "Beta"]
 
 
@@ -95,8 +95,8 @@ def test_a_job_always_discarding_writes_it_and_reads_it_back(micro_engine):
     again = parse_infotext(text)
     assert again.always_discard_penultimate_sigma
     assert np.array_equal(draw(micro_engine, sampler_name="Euler", always_discard_penultimate_sigma=True)[0], discarded)
-    # As A1111 writes it: only where it changed a sampler (DPM2 always discards; UniPC keeps its timesteps here).
-    for sampler in ("DPM2", "UniPC"):
+    # As A1111 writes it: only where it changed a sampler (DPM2 always discards; DEIS keeps its timesteps).
+    for sampler in ("DPM2", "DEIS"):
         same, text = draw(micro_engine, sampler_name=sampler, always_discard_penultimate_sigma=True)
         assert np.array_equal(same, draw(micro_engine, sampler_name=sampler)[0])
         assert "Discard penultimate sigma" not in text
@@ -105,7 +105,7 @@ def test_a_job_always_discarding_writes_it_and_reads_it_back(micro_engine):
 def test_the_hires_pass_counts_for_writing_the_discard():
     request = GenerationRequest(
         prompt="a cat",
-        sampler_name="UniPC",
+        sampler_name="DEIS",
         enable_hr=True,
         hr_sampler_name="Euler",
         width=64,

@@ -1,9 +1,10 @@
 """Measure the hires fix on the micro model with each upscaler: does the scene hold, and how crisp is it?
 
-    .venv/bin/python tools/measure_hires_upscalers.py [--prompts 12] [--strengths 0.3 0.5]
+    .venv/bin/python tools/measure_hires_upscalers.py [--prompts 12] [--strengths 0.3 0.5] [--hires-steps 0]
     .venv/bin/python tools/measure_hires_upscalers.py --extras-grid docs/micro-upscaler.png   # the README's picture
 
-For prompts of the quality set (seeds 200 on), Euler a, 20 steps, CFG 7, 64x64 doubled to 128x128: the
+For prompts of the quality set (seeds 200 on), Euler a, 20 steps, CFG 7, 64x64 doubled to 128x128 (Hires steps
+`--hires-steps`, 0: as many as the first pass's): the
 share of pictures whose background and shape colour read right (training.dataset.classify), and how
 crisp the picture is, as the share of its pixels within 24 levels of a palette colour (flat areas and
 sharp edges are; a blurred edge's in-between colours are not). Also the seconds per picture. Prints a
@@ -45,6 +46,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=12)
     parser.add_argument("--strengths", type=float, nargs="+", default=[0.3, 0.5])
+    parser.add_argument("--hires-steps", type=int, default=0)
     parser.add_argument("--extras-grid", type=Path, help="write the Extras comparison picture here and stop")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -69,6 +71,7 @@ def main(argv=None) -> None:
                     hr_scale=2,
                     hr_upscaler=upscaler,
                     denoising_strength=strength,
+                    hr_second_pass_steps=args.hires_steps,
                 )
                 started = time.perf_counter()
                 picture = list(engine.generate(request))[-1].images[0]

@@ -418,6 +418,23 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     info="A1111's: this share of the steps, from the first, runs without the negative prompt (and "
                     "without guidance), at half the cost. 0: off.",
                 )
+                with gr.Row():
+                    job_widgets["unipc_variant"] = _job_setting_widget(
+                        "unipc_variant", "UniPC variant", info="B(h) of its predictor and corrector (A1111's: bh1)."
+                    )
+                    job_widgets["unipc_skip_type"] = _job_setting_widget(
+                        "unipc_skip_type",
+                        "UniPC skip type",
+                        info="How UniPC spaces its steps: evenly in time, quadratically or in log SNR.",
+                    )
+                    job_widgets["unipc_order"] = _job_setting_widget(
+                        "unipc_order",
+                        "UniPC order",
+                        info="How many of the model's last predictions a step uses (3; at most the steps).",
+                    )
+                    job_widgets["unipc_lower_order_final"] = _job_setting_widget(
+                        "unipc_lower_order_final", "UniPC lower order final", info="Fewer of them in the last steps."
+                    )
                 job_widgets["pad_cond_uncond"] = _job_setting_widget(
                     "pad_cond_uncond",
                     "Pad prompt/negative prompt to be same length",
@@ -435,6 +452,12 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     "Extra noise multiplier for img2img and hires fix",
                     info="A1111's: the starting noise once more, times this, on top of what the denoising strength "
                     "adds. More detail at a low strength. 0: off.",
+                )
+                job_widgets["img2img_fix_steps"] = _job_setting_widget(
+                    "img2img_fix_steps",
+                    "With img2img, do exactly the amount of steps the slider specifies",
+                    info="A1111's: img2img and inpaint run all their steps, on a schedule made steps / strength long, "
+                    "as the hires pass does. Off: fewer at a lower strength.",
                 )
                 job_widgets["color_correction"] = _job_setting_widget(
                     "color_correction",
@@ -2380,7 +2403,15 @@ def _job_setting_widget(field: str, label: str, *, info: str, step: float = 0.01
     if setting.is_choice:
         return gr.Radio(list(setting.choices), value=setting.default, label=label, info=info, elem_id=elem_id)
     if setting.is_whole:
-        return FieldNumber(setting.default, precision=0, minimum=0, label=label, info=info, elem_id=elem_id)
+        return FieldNumber(
+            setting.default,
+            precision=0,
+            minimum=setting.lowest,
+            maximum=setting.highest,
+            label=label,
+            info=info,
+            elem_id=elem_id,
+        )
     return FieldSlider(
         setting.lowest, setting.highest, value=setting.default, step=step, label=label, info=info, elem_id=elem_id
     )
