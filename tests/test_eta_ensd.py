@@ -218,6 +218,14 @@ def test_the_api_takes_eta_and_ensd_as_a1111_does(micro_engine, tmp_path):
                 api.post("txt2img", json={**REQUEST, "sampler_name": "DPM++ 2M", "s_noise": 0.5}).json()["info"]
             )
             assert info["ignored_fields"] == ["s_noise"]
+            # A hires pass whose sampler takes it: used there, written, and not listed.
+            hires = {"enable_hr": True, "hr_scale": 1.25, "denoising_strength": 0.5, "hr_sampler_name": "DPM2 a"}
+            info = json.loads(
+                api.post(
+                    "txt2img", json={**REQUEST, **hires, "steps": 4, "sampler_name": "DPM++ 2M", "s_noise": 0.5}
+                ).json()["info"]
+            )
+            assert "Sigma noise: 0.5" in info["infotexts"][0] and not info["ignored_fields"]
             assert api.post("options", json={"s_noise": 1.2}).json()["field"] == "s_noise"
     finally:
         handle.close()

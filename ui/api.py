@@ -316,18 +316,22 @@ def _eta_ignored(value: Any, payload: Any) -> bool:
     return value is not None and spec is not None and spec.eta_default is None
 
 
+def _pass_samplers(payload: Any) -> list:
+    """The samplers of the payload's passes that name one here: its own, and its hires pass's."""
+    names = [payload.sampler_name or payload.sampler_index]
+    if getattr(payload, "enable_hr", False):
+        names.append(getattr(payload, "hr_sampler_name", None))
+    return [spec for spec in map(_sampler_spec, names) if spec is not None]
+
+
 def _takes_s_noise(payload: Any) -> bool:
-    """Whether the payload's sampler scales its fresh noise by sigma noise here."""
-    spec = _sampler_spec(payload.sampler_name or payload.sampler_index)
-    return spec is not None and spec.takes_s_noise
+    """Whether the payload's sampler, or its hires pass's, scales its fresh noise by sigma noise here."""
+    return any(spec.takes_s_noise for spec in _pass_samplers(payload))
 
 
 def _takes_sigma_churn(payload: Any) -> bool:
     """Whether the payload's sampler, or its hires pass's, runs sigma churn (and its tmin and tmax) here."""
-    names = [payload.sampler_name or payload.sampler_index]
-    if getattr(payload, "enable_hr", False):
-        names.append(getattr(payload, "hr_sampler_name", None))
-    return any((spec := _sampler_spec(name)) is not None and spec.takes_sigma_churn for name in names)
+    return any(spec.takes_sigma_churn for spec in _pass_samplers(payload))
 
 
 def _same(value: Any, other: Any) -> bool:
