@@ -301,8 +301,10 @@ def test_prompt_syntax_and_emphasis_are_session_settings(page_url):
     text_b = user_b.predict(*txt2img_args("a (red:1.2) lighthouse", steps=3), api_name="/txt2img")[3]
     assert "Emphasis: Ignore" in text_a and "Prompt syntax: compel" in text_a
     assert "Emphasis" not in text_b and "Prompt syntax" not in text_b
-    with pytest.raises(AppError, match="loud"):
+    with pytest.raises(AppError, match="Emphasis mode \\(A1111 syntax\\): got 'loud'; allowed: one of Original, "):
         user_a.predict("loud", api_name="/set_emphasis")
+    with pytest.raises(AppError, match="Sampling method: got 'Euler b'; allowed: one of DPM\\+\\+ 2M, "):
+        user_a.predict(*txt2img_args()[:2], "Euler b", *txt2img_args()[3:], api_name="/txt2img")
 
 
 def test_compare_grids_use_the_hires_panel_and_the_seed_extras(page_url):

@@ -93,3 +93,24 @@ def test_every_range_on_the_page_names_itself_when_a_value_is_out_of_it(engine):
         steps.preprocess(500)
     seed = next(block for block in ranged if block.elem_id == "txt2img_seed")
     assert seed.preprocess(-1) == -1
+
+
+def test_every_choice_on_the_page_names_itself_when_a_value_is_not_one_of_them(engine):
+    import gradio as gr
+
+    from ui.fields import FieldDropdown, FieldRadio
+
+    demo = build_page(engine)
+    chosen = [block for block in demo.blocks.values() if isinstance(block, (gr.Radio, gr.Dropdown))]
+    assert len(chosen) > 30
+    assert all(isinstance(block, (FieldRadio, FieldDropdown)) for block in chosen), [
+        block.label for block in chosen if not isinstance(block, (FieldRadio, FieldDropdown))
+    ]
+    assert {block.get_block_name() for block in chosen} == {"radio", "dropdown"}
+    variant = next(block for block in chosen if block.elem_id == "setting_unipc_variant")
+    with pytest.raises(gr.Error, match="UniPC variant: got 'bh3'; allowed: one of bh1, bh2"):
+        variant.preprocess("bh3")
+    assert variant.preprocess("bh2") == "bh2"
+    sampler = next(block for block in chosen if block.elem_id == "txt2img_sampler")
+    with pytest.raises(gr.Error, match="Sampling method: got 'Euler b'; allowed: one of DPM\\+\\+ 2M, "):
+        sampler.preprocess("Euler b")

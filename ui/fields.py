@@ -1,9 +1,11 @@
-"""gradio's Slider and Number, whose out-of-range message names the field, as every other message here does.
+"""gradio's Slider, Number, Radio and Dropdown, whose message for a value they refuse names the field, as every
+other message here does.
 
-gradio checks a slider's or a number box's range itself, before any handler runs, and answers a gradio_client call
-that is out of range with "Value 150 is greater than maximum value 100.", which does not say which of a handler's
-many inputs it was. These subclasses say it the engine's way: "<label>: got 150; allowed: a number from 0 to 100".
-They are gradio templates (`is_template`), so the page draws them as gradio's own Slider and Number.
+gradio checks a slider's or a number box's range and a radio's or a dropdown's choices itself, before any handler
+runs, and answers a gradio_client call outside them with "Value 150 is greater than maximum value 100." or "Value:
+'x' is not in the list of choices: [...]", which does not say which of a handler's many inputs it was. These
+subclasses say it the engine's way: "<label>: got 150; allowed: a number from 0 to 100". They are gradio templates
+(`is_template`), so the page draws them as gradio's own.
 """
 
 from __future__ import annotations
@@ -19,12 +21,22 @@ def _allowed(minimum, maximum) -> str:
     return f"a number of at most {maximum:g}"
 
 
-def _named(component, payload, check):
+def _named(component, payload, check, allowed):
     try:
         return check(payload)
     except gr.Error:
         name = component.label or component.elem_id or "value"
-        raise gr.Error(f"{name}: got {payload!r}; allowed: {_allowed(component.minimum, component.maximum)}") from None
+        raise gr.Error(f"{name}: got {payload!r}; allowed: {allowed()}") from None
+
+
+def _in_range(component, payload, check):
+    return _named(component, payload, check, lambda: _allowed(component.minimum, component.maximum))
+
+
+def _among_choices(component, payload, check):
+    values = [str(value) for _, value in component.choices]
+    several = "any of " if getattr(component, "multiselect", False) else "one of "
+    return _named(component, payload, check, lambda: several + ", ".join(values) if values else "none yet")
 
 
 class FieldSlider(gr.Slider):
@@ -33,7 +45,7 @@ class FieldSlider(gr.Slider):
     is_template = True
 
     def preprocess(self, payload: float) -> float:
-        return _named(self, payload, super().preprocess)
+        return _in_range(self, payload, super().preprocess)
 
 
 class FieldNumber(gr.Number):
@@ -42,4 +54,22 @@ class FieldNumber(gr.Number):
     is_template = True
 
     def preprocess(self, payload: float | None) -> float | int | None:
-        return _named(self, payload, super().preprocess)
+        return _in_range(self, payload, super().preprocess)
+
+
+class FieldRadio(gr.Radio):
+    """gr.Radio naming itself when a value is not one of its choices."""
+
+    is_template = True
+
+    def preprocess(self, payload: str | int | float | None) -> str | int | float | None:
+        return _among_choices(self, payload, super().preprocess)
+
+
+class FieldDropdown(gr.Dropdown):
+    """gr.Dropdown naming itself when a value is not one of its choices (and it takes no other)."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        return _among_choices(self, payload, super().preprocess)

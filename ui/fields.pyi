@@ -34,7 +34,7 @@ class FieldSlider(gr.Slider):
     is_template = True
 
     def preprocess(self, payload: float) -> float:
-        return _named(self, payload, super().preprocess)
+        return _in_range(self, payload, super().preprocess)
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:
@@ -48,9 +48,37 @@ class FieldNumber(gr.Number):
     is_template = True
 
     def preprocess(self, payload: float | None) -> float | int | None:
-        return _named(self, payload, super().preprocess)
+        return _in_range(self, payload, super().preprocess)
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:
         from gradio.components import Timer
         from gradio.components.base import Component
+class FieldRadio(gr.Radio):
+    """gr.Radio naming itself when a value is not one of its choices."""
+
+    is_template = True
+
+    def preprocess(self, payload: str | int | float | None) -> str | int | float | None:
+        return _among_choices(self, payload, super().preprocess)
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+    
+class FieldDropdown(gr.Dropdown):
+    """gr.Dropdown naming itself when a value is not one of its choices (and it takes no other)."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        return _among_choices(self, payload, super().preprocess)
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+    

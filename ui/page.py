@@ -55,7 +55,7 @@ from engine.sd_upscale import MAX_SCALE as SD_UPSCALE_MAX_SCALE
 from engine.styles import apply_styles
 from engine.vae import choose as vae_choice
 
-from .fields import FieldNumber, FieldSlider
+from .fields import FieldDropdown, FieldNumber, FieldRadio, FieldSlider
 from .page_compare import build_compare_tab, wire_compare_tab
 from .page_extras import build_extras_tab, upscaler_choices, wire_extras_tab
 from .page_jobs import (
@@ -243,7 +243,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
         session = gr.State(PageSession(preview_mode=_default_preview_mode(engine), save_images=save_default))
 
         with gr.Row(elem_id="top_row", equal_height=True):
-            model = gr.Dropdown(
+            model = FieldDropdown(
                 choices=_model_titles(engine),
                 value=engine.model.title,
                 label="Stable Diffusion checkpoint",
@@ -252,7 +252,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                 min_width=320,
             )
             refresh_models = gr.Button("↻", elem_id="model_refresh", scale=0, min_width=48, elem_classes="tool-button")
-            sd_vae = gr.Dropdown(
+            sd_vae = FieldDropdown(
                 choices=_vae_choices(engine),
                 value="Automatic",
                 label="SD VAE",
@@ -292,7 +292,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                 # A1111's job settings (engine.request.JOB_SETTINGS), by request field.
                 job_widgets: dict[str, gr.components.Component] = {}
                 gr.Markdown("### Previews and prompts", elem_classes="settings-heading")
-                preview_mode = gr.Radio(
+                preview_mode = FieldRadio(
                     choices=[(PREVIEW_MODE_LABELS.get(m, m), m) for m in PREVIEW_MODES],
                     value=_default_preview_mode(engine),
                     label="Live preview",
@@ -302,14 +302,14 @@ def build_page(engine, settings=None) -> gr.Blocks:
                 preview_every = FieldSlider(
                     1, 50, value=1, step=1, label="Preview every N steps", elem_id="setting_preview_every"
                 )
-                prompt_syntax = gr.Radio(
+                prompt_syntax = FieldRadio(
                     choices=[("A1111: (word:1.2), [a:b:10], BREAK", "a1111"), ("compel: word++, .blend()", "compel")],
                     value="a1111",
                     label="Prompt syntax",
                     info="How prompts are read (this browser session only).",
                     elem_id="setting_prompt_syntax",
                 )
-                emphasis = gr.Radio(
+                emphasis = FieldRadio(
                     choices=list(EMPHASIS_MODES),
                     value="Original",
                     label="Emphasis mode (A1111 syntax)",
@@ -681,13 +681,13 @@ def _build_settings(mode: str, engine, defaults, prompts: dict) -> tuple[Setting
     schedulers = engine.schedulers()
     max_side = min(2048, limits.max_side)
     with gr.Row(equal_height=True):
-        sampler_name = gr.Dropdown(
+        sampler_name = FieldDropdown(
             samplers,
             value=defaults.sampler_name if defaults.sampler_name in samplers else samplers[0],
             label="Sampling method",
             elem_id=f"{mode}_sampler",
         )
-        scheduler = gr.Dropdown(
+        scheduler = FieldDropdown(
             schedulers,
             value=defaults.scheduler if defaults.scheduler in schedulers else schedulers[0],
             label="Schedule type",
@@ -720,7 +720,7 @@ def _build_settings(mode: str, engine, defaults, prompts: dict) -> tuple[Setting
         )
         # A1111's resize modes; inpaint resizes pictures only (no latent upscale).
         modes = RESIZE_MODES if mode == "img2img" else RESIZE_MODES[:LATENT_RESIZE]
-        extra["resize_mode"] = gr.Radio(
+        extra["resize_mode"] = FieldRadio(
             [(label, index) for index, label in enumerate(modes)],
             value=0,
             label="Resize mode",
@@ -742,11 +742,11 @@ def _build_settings(mode: str, engine, defaults, prompts: dict) -> tuple[Setting
             extra["mask_blur"] = FieldSlider(
                 0, engine.limits.max_mask_blur, value=4, step=1, label="Mask blur", elem_id="inpaint_mask_blur"
             )
-            extra["mask_mode"] = gr.Radio(
+            extra["mask_mode"] = FieldRadio(
                 list(MASK_MODES), value=MASK_MODES[0], label="Mask mode", elem_id="inpaint_mask_mode"
             )
         with gr.Row(equal_height=True):
-            extra["inpaint_area"] = gr.Radio(
+            extra["inpaint_area"] = FieldRadio(
                 list(INPAINT_AREAS),
                 value=INPAINT_AREAS[0],
                 label="Inpaint area",
@@ -756,7 +756,7 @@ def _build_settings(mode: str, engine, defaults, prompts: dict) -> tuple[Setting
             extra["inpaint_padding"] = FieldSlider(
                 0, 256, value=32, step=4, label="Only masked padding, pixels", elem_id="inpaint_full_res_padding"
             )
-        extra["masked_content"] = gr.Radio(
+        extra["masked_content"] = FieldRadio(
             list(MASKED_CONTENT),
             value=MASKED_CONTENT[1],
             label="Masked content",
@@ -857,14 +857,14 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
                 )
             # A1111's "Generate forever" (its Generate button's context menu): Stop ends it.
             forever = gr.Checkbox(False, label="Generate forever", elem_id=f"{mode}_forever")
-            add_lora = gr.Dropdown(
+            add_lora = FieldDropdown(
                 choices=_lora_names(engine),
                 value=None,
                 label="Add a LoRA",
                 info="adds <lora:name:1> to the prompt",
                 elem_id=f"{mode}_add_lora",
             )
-            styles = gr.Dropdown(
+            styles = FieldDropdown(
                 choices=list(engine.styles()),
                 value=[],
                 multiselect=True,
@@ -1135,7 +1135,7 @@ class StyleEditor:
 
 def _build_style_editor(mode: str, engine) -> StyleEditor:
     with gr.Accordion("Edit styles", open=False, elem_id=f"{mode}_style_editor"):
-        name = gr.Dropdown(
+        name = FieldDropdown(
             choices=list(engine.styles()),
             value=None,
             allow_custom_value=True,
@@ -1241,7 +1241,7 @@ def _build_refiner(mode: str, engine) -> list[gr.components.Component]:
     """A1111's Refiner: (checkpoint, switch at), in the order the generate handlers take them."""
     with gr.Accordion("Refiner", open=False, elem_id=f"{mode}_refiner_box"):
         with gr.Row():
-            checkpoint = gr.Dropdown(
+            checkpoint = FieldDropdown(
                 _second_model_choices(engine, NO_REFINER),
                 value=NO_REFINER,
                 label="Refiner checkpoint",
@@ -1289,7 +1289,7 @@ def _build_sd_upscale(engine) -> list[gr.components.Component]:
             scale = FieldSlider(
                 1, SD_UPSCALE_MAX_SCALE, value=2, step=0.05, label="Scale Factor", elem_id="img2img_sd_upscale_scale"
             )
-        upscaler = gr.Dropdown(
+        upscaler = FieldDropdown(
             upscaler_choices(engine), value="Lanczos", label="Upscaler", elem_id="img2img_sd_upscale_upscaler"
         )
         reread_on_open(upscaler, functools.partial(upscaler_choices, engine))
@@ -1309,7 +1309,7 @@ def _build_prompt_list(mode: str) -> list[gr.components.Component]:
         with gr.Row():
             iterate = gr.Checkbox(False, label="Iterate seed every line", elem_id=f"{mode}_prompt_list_iterate")
             same = gr.Checkbox(False, label="Use same random seed for all lines", elem_id=f"{mode}_prompt_list_same")
-            position = gr.Radio(
+            position = FieldRadio(
                 list(PROMPT_LIST_POSITIONS),
                 value="start",
                 label="Insert prompts at the",
@@ -1352,10 +1352,10 @@ def _build_prompt_matrix(mode: str) -> list[gr.components.Component]:
             at_start = gr.Checkbox(False, label="Set at prompt start", elem_id=f"{mode}_prompt_matrix_put_at_start")
             random_seeds = gr.Checkbox(False, label="Random seeds", elem_id=f"{mode}_prompt_matrix_different_seeds")
         with gr.Row():
-            prompt_type = gr.Radio(
+            prompt_type = FieldRadio(
                 list(PROMPT_MATRIX_TYPES), value="positive", label="Prompt type", elem_id=f"{mode}_prompt_matrix_type"
             )
-            delimiter = gr.Radio(
+            delimiter = FieldRadio(
                 list(PROMPT_MATRIX_DELIMITERS),
                 value="comma",
                 label="Joining char",
@@ -1389,7 +1389,9 @@ def _build_outpaint(engine) -> list[gr.components.Component]:
             blur = FieldSlider(
                 0, engine.limits.max_mask_blur, value=4, step=1, label="Mask blur", elem_id="img2img_outpaint_mask_blur"
             )
-        content = gr.Radio(list(MASKED_CONTENT), value="fill", label="Masked content", elem_id="img2img_outpaint_fill")
+        content = FieldRadio(
+            list(MASKED_CONTENT), value="fill", label="Masked content", elem_id="img2img_outpaint_fill"
+        )
         directions = gr.CheckboxGroup(
             list(OUTPAINT_DIRECTIONS),
             value=list(OUTPAINT_DIRECTIONS),
@@ -1440,7 +1442,7 @@ def _build_loopback(mode: str) -> list[gr.components.Component]:
             final = FieldSlider(
                 0, 1, value=0.5, step=0.01, label="Final denoising strength", elem_id=f"{mode}_loopback_final"
             )
-        curve = gr.Dropdown(
+        curve = FieldDropdown(
             list(LOOPBACK_CURVES), value="Linear", label="Denoising strength curve", elem_id=f"{mode}_loopback_curve"
         )
     return [on, loops, final, curve]
@@ -1531,7 +1533,7 @@ def _build_hires_fix(engine) -> list[gr.components.Component]:
             False, label="Hires. fix: upscale the picture and denoise it again", elem_id="txt2img_enable_hr"
         )
         with gr.Row():
-            upscaler = gr.Dropdown(
+            upscaler = FieldDropdown(
                 engine.hires_upscalers(), value="Latent", label="Upscaler", elem_id="txt2img_hr_upscaler"
             )
             reread_on_open(upscaler, engine.hires_upscalers)
@@ -1560,13 +1562,13 @@ def _build_hires_fix(engine) -> list[gr.components.Component]:
             )
             resize_y = FieldSlider(0, 2048, value=0, step=8, label="Resize height to", elem_id="txt2img_hr_resize_y")
         with gr.Row():
-            sampler = gr.Dropdown(
+            sampler = FieldDropdown(
                 [SAME_SAMPLER, *engine.samplers()],
                 value=SAME_SAMPLER,
                 label="Hires sampling method",
                 elem_id="txt2img_hr_sampler",
             )
-            schedule = gr.Dropdown(
+            schedule = FieldDropdown(
                 [SAME_SCHEDULE, *engine.schedulers()],
                 value=SAME_SCHEDULE,
                 label="Hires schedule type",
@@ -1582,7 +1584,7 @@ def _build_hires_fix(engine) -> list[gr.components.Component]:
             lines=2,
             elem_id="txt2img_hr_negative_prompt",
         )
-        checkpoint = gr.Dropdown(
+        checkpoint = FieldDropdown(
             _second_model_choices(engine, SAME_CHECKPOINT),
             value=SAME_CHECKPOINT,
             label="Hires checkpoint",
@@ -2401,7 +2403,7 @@ def _job_setting_widget(field: str, label: str, *, info: str, step: float = 0.01
     if setting.is_switch:
         return gr.Checkbox(value=setting.default, label=label, info=info, elem_id=elem_id)
     if setting.is_choice:
-        return gr.Radio(list(setting.choices), value=setting.default, label=label, info=info, elem_id=elem_id)
+        return FieldRadio(list(setting.choices), value=setting.default, label=label, info=info, elem_id=elem_id)
     if setting.is_whole:
         return FieldNumber(
             setting.default,

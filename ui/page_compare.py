@@ -36,7 +36,7 @@ from engine.events import Pacer
 from engine.images import encode_png
 from engine.presets import PRESETS_DIR
 
-from .fields import FieldSlider
+from .fields import FieldDropdown, FieldSlider
 from .page_jobs import (
     LIVE_UPDATE_INTERVAL_S,
     PageSession,
@@ -97,7 +97,7 @@ def build_compare_tab(engine) -> CompareWidgets:
         "the axes. Values: `Euler a, DPM++ 2M`, ranges `10-40 (+10)`, or `5-30 [4]` (4 evenly spaced)."
     )
     with gr.Row():
-        preset = gr.Dropdown(
+        preset = FieldDropdown(
             choices=list_presets(PRESETS_FOLDER), label="Preset", value=None, elem_id="compare_preset", scale=3
         )
         load = gr.Button("Load preset", size="sm", elem_id="compare_load_preset", scale=1)
@@ -110,7 +110,7 @@ def build_compare_tab(engine) -> CompareWidgets:
     for axis_name, (kind, text) in zip("XYZ", defaults, strict=True):
         with gr.Row(equal_height=True):
             types.append(
-                gr.Dropdown(
+                FieldDropdown(
                     choices=list(AXIS_TYPES),
                     value=kind,
                     label=f"{axis_name} type",
@@ -122,7 +122,7 @@ def build_compare_tab(engine) -> CompareWidgets:
                 gr.Textbox(value=text, label=f"{axis_name} values", elem_id=f"compare_{axis_name}_values", scale=5)
             )
             pickers.append(
-                gr.Dropdown(
+                FieldDropdown(
                     choices=_pick_choices(engine, kind),
                     multiselect=True,
                     label="Pick",
@@ -165,7 +165,7 @@ def build_compare_tab(engine) -> CompareWidgets:
     )
     with gr.Accordion("Denoising timeline", open=True):
         with gr.Row():
-            timeline_cells = gr.Dropdown(
+            timeline_cells = FieldDropdown(
                 choices=[],
                 multiselect=True,
                 max_choices=MAX_SIDE_BY_SIDE,

@@ -14,7 +14,7 @@ from engine.extras import describe as describe_postprocessing
 from engine.infotext import read_infotext
 from engine.request import PICTURE_UPSCALERS
 
-from .fields import FieldSlider
+from .fields import FieldDropdown, FieldRadio, FieldSlider
 from .page_jobs import batch_pictures, engine_error, reread_on_open
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def build_extras_tab(engine) -> ExtrasWidgets:
                 elem_id="extras_image",
                 height=360,
             )
-            resize_mode = gr.Radio(
+            resize_mode = FieldRadio(
                 [("Scale by", SCALE_BY), ("Scale to", SCALE_TO)],
                 value=SCALE_BY,
                 label="Resize",
@@ -83,8 +83,8 @@ def build_extras_tab(engine) -> ExtrasWidgets:
                 height = FieldSlider(64, engine.limits.max_side, value=512, step=8, label="Height", elem_id="extras_h")
                 crop = gr.Checkbox(True, label="Crop to fit", elem_id="extras_crop")
             with gr.Row():
-                upscaler_1 = gr.Dropdown(choices, value="Lanczos", label="Upscaler 1", elem_id="extras_upscaler_1")
-                upscaler_2 = gr.Dropdown(choices, value="None", label="Upscaler 2", elem_id="extras_upscaler_2")
+                upscaler_1 = FieldDropdown(choices, value="Lanczos", label="Upscaler 1", elem_id="extras_upscaler_1")
+                upscaler_2 = FieldDropdown(choices, value="None", label="Upscaler 2", elem_id="extras_upscaler_2")
                 visibility = FieldSlider(
                     0, 1, value=0, step=0.01, label="Upscaler 2 visibility", elem_id="extras_upscaler_2_visibility"
                 )

@@ -11,7 +11,7 @@ import gradio as gr
 from engine import EngineError, MergeRequest
 from engine.merge import CHECKPOINT_FORMATS, INTERP_METHODS, NO_VAE, WEIGHTED_SUM
 
-from .fields import FieldSlider
+from .fields import FieldDropdown, FieldRadio, FieldSlider
 from .page_jobs import engine_error, reread_on_open
 
 log = logging.getLogger(__name__)
@@ -69,20 +69,20 @@ def build_merge_tab(engine) -> MergeWidgets:
             # (the engine refuses what it cannot find, by field).
             picker = dict(value=None, allow_custom_value=True)
             with gr.Row():
-                primary = gr.Dropdown(models, label="Primary model (A)", elem_id="merge_primary", **picker)
-                secondary = gr.Dropdown(models, label="Secondary model (B)", elem_id="merge_secondary", **picker)
-                tertiary = gr.Dropdown(models, label="Tertiary model (C)", elem_id="merge_tertiary", **picker)
+                primary = FieldDropdown(models, label="Primary model (A)", elem_id="merge_primary", **picker)
+                secondary = FieldDropdown(models, label="Secondary model (B)", elem_id="merge_secondary", **picker)
+                tertiary = FieldDropdown(models, label="Tertiary model (C)", elem_id="merge_tertiary", **picker)
             custom_name = gr.Textbox(
                 label="Custom name (optional)",
                 placeholder="A1111's name: 0.7(A) + 0.3(B), A + 0.3(B - C)",
                 elem_id="merge_custom_name",
             )
             multiplier = FieldSlider(0, 1, value=0.3, step=0.05, label="Multiplier (M)", elem_id="merge_multiplier")
-            interp_method = gr.Radio(
+            interp_method = FieldRadio(
                 list(INTERP_METHODS), value=WEIGHTED_SUM, label="Interpolation method", elem_id="merge_method"
             )
             with gr.Row():
-                checkpoint_format = gr.Radio(
+                checkpoint_format = FieldRadio(
                     list(CHECKPOINT_FORMATS),
                     value=CHECKPOINT_FORMATS[0],
                     label="Checkpoint format",
@@ -92,7 +92,7 @@ def build_merge_tab(engine) -> MergeWidgets:
                 )
                 save_as_half = gr.Checkbox(False, label="Save as float16", elem_id="merge_half")
             with gr.Row():
-                bake_in_vae = gr.Dropdown(
+                bake_in_vae = FieldDropdown(
                     vae_choices(engine), value=NO_VAE, label="Bake in VAE", elem_id="merge_bake_in_vae"
                 )
                 save_metadata = gr.Checkbox(True, label="Save the merge recipe", elem_id="merge_metadata")
