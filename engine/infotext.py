@@ -227,11 +227,8 @@ def format_infotext(
     # As A1111 writes it: where txt2img's first pass ran a k-diffusion sampler.
     if req.sgm_noise_multiplier and req.mode == "txt2img" and starts_as_a1111(req.sampler_name):
         params["SGM noise multiplier"] = "True"
-    # As A1111 writes it: where it changed a pass (A1111 respaces img2img's PLMS too: not done here, nor written).
-    if req.always_discard_penultimate_sigma and any(
-        always_discarding_changes(*chosen, from_picture=index > 0 or req.mode != "txt2img")
-        for index, chosen in enumerate(passes)
-    ):
+    # As A1111 writes it: where it changed a pass.
+    if req.always_discard_penultimate_sigma and any(always_discarding_changes(*chosen) for chosen in passes):
         params["Discard penultimate sigma"] = "True"
     if req.downcast_alphas_cumprod:
         params["Downcast alphas_cumprod"] = "True"

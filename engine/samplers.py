@@ -542,16 +542,15 @@ def discards_penultimate_sigma(sampler_name: str, always: bool = False) -> bool:
     return spec.discard_penultimate_sigma or (always and spec.k_diffusion and spec.name != "LCM")
 
 
-def always_discarding_changes(sampler_name: str, schedule: str, *, from_picture: bool = False) -> bool:
+def always_discarding_changes(sampler_name: str, schedule: str) -> bool:
     """Whether A1111's "Always discard next-to-last sigma" changes this sampler's pass: the k-diffusion samplers
-    that do not drop it anyway, and DDIM, UniPC and txt2img's PLMS on A1111's timesteps, which it respaces (A1111
-    respaces img2img's PLMS too; it keeps diffusers' timesteps here)."""
+    that do not drop it anyway, and DDIM, PLMS and UniPC on A1111's timesteps, which it respaces."""
     spec = get_sampler(sampler_name)
     return (
         (discards_penultimate_sigma(spec.name, always=True) and not spec.discard_penultimate_sigma)
         or runs_a1111_ddim(spec.name, schedule)
         or runs_a1111_unipc(spec.name, schedule)
-        or runs_a1111_plms(spec.name, schedule, from_picture=from_picture)
+        or runs_a1111_plms(spec.name, schedule)
     )
 
 
@@ -568,10 +567,10 @@ def runs_a1111_unipc(sampler_name: str, schedule: str) -> bool:
     return spec.name == "UniPC" and effective_schedule(spec, schedule) == "Uniform"
 
 
-def runs_a1111_plms(sampler_name: str, schedule: str, *, from_picture: bool = False) -> bool:
-    """Whether the pass runs A1111's PLMS (A1111PLMSScheduler): txt2img's PLMS on its own timesteps."""
+def runs_a1111_plms(sampler_name: str, schedule: str) -> bool:
+    """Whether the pass runs A1111's PLMS (A1111PLMSScheduler): PLMS on A1111's timesteps (Automatic, Uniform)."""
     spec = get_sampler(sampler_name)
-    return spec.name == "PLMS" and effective_schedule(spec, schedule) == "Uniform" and not from_picture
+    return spec.name == "PLMS" and effective_schedule(spec, schedule) == "Uniform"
 
 
 class KDPM2DiscardingScheduler(_DiscardPenultimateSigma, diffusers.KDPM2DiscreteScheduler):
@@ -747,23 +746,36 @@ class A1111DDIMScheduler(_A1111Timesteps, diffusers.DDIMScheduler):
 
 
 class A1111PLMSScheduler(_A1111Timesteps, diffusers.PNDMScheduler):
-    """PLMS as A1111 samples txt2img with it (sd_samplers_timesteps_impl.plms), on A1111's timesteps t_0 = 1, ...
-    t_L-1 (a1111_timesteps): from t_L-1 down to t_1, each step goes to the level of the timestep below on a noise
+    """PLMS as A1111 samples it (sd_samplers_timesteps_impl.plms), on A1111's timesteps t_0 = 1, ... t_L-1
+    (a1111_timesteps): from t_L-1 down to t_1, each step goes to the level of the timestep below on a noise
     prediction of Adams-Bashforth order 2, 3, then 4 over the model's last predictions; the first step is a pseudo
     improved Euler, which asks the model once more, at the timestep below, on that step's own result. At 20 steps 20
     model calls (951, 901, 901, 851, ... 51), ending at timestep 1; diffusers' PNDM makes 21, ending at 0. A pass
-    from a picture keeps diffusers' PNDM (build_scheduler): a pipeline gives no way to start the warm-up call where
-    such a pass starts. `respaced`: A1111's "Always discard next-to-last sigma", timesteps spaced for one step more."""
+    from a picture (`picture_calls` = A1111's t_enc) runs the same over t_0 ... t_enc-1, on its picture noised to
+    t_enc, as A1111's does: t_enc model calls (the schedule keeps its length; a pipeline runs the last of it).
+    `respaced`: A1111's "Always discard next-to-last sigma", timesteps spaced for one step more."""
+
+    picture_calls = 0
 
     def set_timesteps(self, num_inference_steps: int, device=None):
         points = self._space(num_inference_steps)
+        if self.picture_calls:
+            self._noised_at = points[self.picture_calls]
+            points = points[: self.picture_calls]
         calls = points[:0:-1]
         if calls:  # the warm-up's second call, at the timestep below the first (timestep 1 when there is no other)
             calls.insert(1, points[-2] if len(points) > 2 else points[0])
+        if self.picture_calls and calls:
+            calls = [calls[0]] * (num_inference_steps - len(calls)) + calls
         self._calls = 0
         self._start = self._first_prediction = None
         self._predictions: list[torch.Tensor] = []
         self.timesteps = torch.tensor(calls, dtype=torch.int64, device=device)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        if self._calls == 0 and self.picture_calls:  # the start of a pass from a picture, as A1111 noises it
+            timesteps = torch.full_like(timesteps, self._noised_at)
+        return super().add_noise(original_samples, noise, timesteps)
 
     def step(self, model_output, timestep, sample, return_dict=True):
         call, timestep = self._calls, int(timestep)
@@ -1558,7 +1570,7 @@ def build_scheduler(
     discards = discards_penultimate_sigma(spec.name, always_discard_penultimate_sigma)
     if runs_a1111_ddim(spec.name, schedule):
         cls = A1111DDIMScheduler
-    elif runs_a1111_plms(spec.name, schedule, from_picture=from_picture):
+    elif runs_a1111_plms(spec.name, schedule):
         cls = A1111PLMSScheduler
     elif runs_a1111_unipc(spec.name, schedule):
         cls = A1111UniPCScheduler
@@ -1620,7 +1632,7 @@ def build_scheduler(
         scheduler.respaced = bool(always_discard_penultimate_sigma)
     if isinstance(scheduler, A1111DDIMScheduler):
         scheduler.from_picture = bool(from_picture)
-    if isinstance(scheduler, A1111UniPCScheduler):
+    if isinstance(scheduler, (A1111UniPCScheduler, A1111PLMSScheduler)):
         scheduler.picture_calls = int(picture_calls) if from_picture else 0
         scheduler.variant, scheduler.skip_type = unipc.variant, unipc.skip_type
         scheduler.unipc_order, scheduler.lower_order_final = int(unipc.order), bool(unipc.lower_order_final)
@@ -1642,9 +1654,8 @@ def pass_steps(
     if runs_a1111_ddim(sampler_name, schedule):
         calls = len(a1111_timesteps(steps + int(always_discard))) - 1
         return min(calls, steps) if from_picture else calls
-    if runs_a1111_plms(sampler_name, schedule, from_picture=from_picture):
-        return len(a1111_timesteps(steps + int(always_discard)))  # one more: the warm-up's second call
-    if runs_a1111_unipc(sampler_name, schedule) and not from_picture:
+    if (runs_a1111_plms(sampler_name, schedule) or runs_a1111_unipc(sampler_name, schedule)) and not from_picture:
+        # PLMS one more than DDIM: the warm-up's second call.
         return len(a1111_timesteps(steps + int(always_discard)))
     return steps
 
@@ -1668,9 +1679,9 @@ def picture_steps(
     int(steps / min(strength, 0.999)) steps, at most one per training timestep, and t_enc = steps - 1. The
     k-diffusion samplers start at sigmas[schedule - t_enc - 1] and run t_enc + 1 steps (`steps` in the hires pass),
     one more than diffusers' int(strength * steps). A1111's DDIM asks the model at t_enc - 1 of its timesteps
-    (A1111DDIMScheduler), its UniPC at t_enc (A1111UniPCScheduler). PLMS runs diffusers' int(strength * steps)
-    here (t_enc in the hires pass), from its first step's own noise level (A1111 runs t_enc - 1 on a picture noised
-    one timestep further). Strength 0 runs none."""
+    (A1111DDIMScheduler), its UniPC and PLMS at t_enc (PLMS: t_enc - 1 steps and the warm-up's second call; none
+    where t_enc is 1). Samplers A1111 lacks (DEIS) and those on schedule types A1111 does not give them run
+    diffusers' int(strength * steps) (t_enc in the hires pass). Strength 0 runs none."""
     if strength <= 0:
         return PictureSteps(steps, 0)
     capped = min(strength, 0.999)
@@ -1684,6 +1695,8 @@ def picture_steps(
         return PictureSteps(whole, max(t_enc - 1, 0))
     if runs_a1111_unipc(sampler_name, schedule):
         return PictureSteps(whole, t_enc)
+    if runs_a1111_plms(sampler_name, schedule):
+        return PictureSteps(whole, t_enc if t_enc > 1 else 0)
     return PictureSteps(whole, t_enc if exact else min(int(strength * steps), steps))
 
 

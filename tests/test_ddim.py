@@ -20,6 +20,7 @@ from engine.samplers import (
     diffusers_strength,
     img2img_steps,
     pass_steps,
+    picture_steps,
 )
 from tests.test_engine import SD_SCHEDULER_CONFIG
 from tests.test_pad_conds import unet_calls
@@ -64,6 +65,28 @@ def draws(count: int) -> list[torch.Tensor]:
     return [torch.randn(SHAPE, generator=generator) for _ in range(count)]
 
 
+def picture_pass(sampler: str, steps: int, strength: float, *, exact: bool = False):
+    """A pass from a picture as this engine hands it to a diffusers img2img pipeline: (its scheduler, the timesteps
+    the pipeline then runs, its PictureSteps). `exact`: counted as the hires pass counts."""
+    counted = picture_steps(sampler, steps, strength, exact=exact)
+    scheduler = build_scheduler(
+        SD_SCHEDULER_CONFIG, sampler, "Automatic", seed=0, from_picture=True, picture_calls=counted.sampling
+    )
+    scheduler.set_timesteps(counted.schedule)
+    whole = pass_steps(sampler, "Automatic", counted.schedule, from_picture=True)
+    pipeline_strength = diffusers_strength(counted.sampling, counted.schedule, whole)
+    skipped = counted.schedule - min(int(counted.schedule * pipeline_strength), counted.schedule)
+    return scheduler, scheduler.timesteps[skipped:], counted
+
+
+def noised_picture(timestep: int):
+    """(a picture, noise, the picture noised to `timestep`'s level)."""
+    abar = alphas_cumprod()
+    picture = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2)) * 0.5
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    return picture, noise, math.sqrt(abar[timestep]) * picture + math.sqrt(1 - abar[timestep]) * noise
+
+
 def run(scheduler, x, timesteps, model, eta=0.0, noises=None):
     noises = iter(noises or [])
     for timestep in timesteps:
@@ -95,20 +118,12 @@ def test_img2img_is_a1111s_ddim(steps, strength):
     # asked at timesteps t_enc - 1 down to 1.
     timesteps = a1111_timesteps(steps)
     t_enc = int(min(strength, 0.999) * steps)
-    abar = alphas_cumprod()
-    picture = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2)) * 0.5
-    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
-    noised = math.sqrt(abar[timesteps[t_enc]]) * picture + math.sqrt(1 - abar[timesteps[t_enc]]) * noise
-    expected = a1111_ddim(eps_model, noised, timesteps[:t_enc], abar)
+    picture, noise, noised = noised_picture(timesteps[t_enc])
+    expected = a1111_ddim(eps_model, noised, timesteps[:t_enc], alphas_cumprod())
 
     # As a diffusers img2img pipeline runs it: the strength this engine hands it, the steps it then skips.
-    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "DDIM", "Automatic", seed=0, from_picture=True)
-    scheduler.set_timesteps(steps)
-    calls = img2img_steps("DDIM", steps, strength)
-    assert calls == t_enc - 1
-    pipeline_strength = diffusers_strength(calls, steps, pass_steps("DDIM", "Automatic", steps, from_picture=True))
-    skipped = steps - min(int(steps * pipeline_strength), steps)
-    ours_timesteps = scheduler.timesteps[skipped:]
+    scheduler, ours_timesteps, counted = picture_pass("DDIM", steps, strength)
+    assert counted.sampling == img2img_steps("DDIM", steps, strength) == t_enc - 1
     assert ours_timesteps.tolist() == timesteps[1:t_enc].flip(0).tolist()
     start = scheduler.add_noise(picture, noise, ours_timesteps[:1])
     assert torch.allclose(start, noised, atol=1e-6)
@@ -211,10 +226,29 @@ def test_txt2img_is_a1111s_plms(steps):
     assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
 
 
-def test_plms_from_a_picture_keeps_diffusers_pndm():
-    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "PLMS", "Automatic", seed=0, from_picture=True)
-    assert not isinstance(scheduler, A1111PLMSScheduler)
-    assert img2img_steps("PLMS", 20, 0.75) == 15
+@pytest.mark.parametrize(
+    ("steps", "strength", "exact"),
+    [(20, 0.75, False), (30, 0.4, False), (20, 1.0, False), (8, 0.25, False), (10, 0.5, True)],
+)
+def test_img2img_and_the_hires_pass_are_a1111s_plms(steps, strength, exact):
+    # A1111: PLMS over its timesteps 0 to t_enc - 1, on the picture noised to timestep t_enc: t_enc model calls (the
+    # warm-up's two, then one a step); in the hires pass (exact) t_enc = steps - 1 on a schedule of steps / strength.
+    scheduler, ours_timesteps, counted = picture_pass("PLMS", steps, strength, exact=exact)
+    assert isinstance(scheduler, A1111PLMSScheduler)
+    t_enc = steps - 1 if exact else int(min(strength, 0.999) * steps)
+    timesteps = a1111_timesteps(counted.schedule)
+    picture, noise, noised = noised_picture(timesteps[t_enc])
+    expected = a1111_plms(eps_model, noised, timesteps[:t_enc], alphas_cumprod())
+    assert counted.sampling == len(ours_timesteps) == t_enc
+    start = scheduler.add_noise(picture, noise, ours_timesteps[:1])
+    assert torch.allclose(start, noised, atol=1e-6)
+    ours = run(scheduler, start, ours_timesteps, eps_model)
+    assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
+
+
+def test_plms_runs_no_step_where_a1111s_runs_none():
+    # t_enc = int(0.05 x 20) = 1: A1111's loop over timesteps[:1] has nothing to do.
+    assert img2img_steps("PLMS", 20, 0.05) == 0 and img2img_steps("PLMS", 20, 0.1) == 2
 
 
 def test_a_plms_job_asks_the_unet_at_a1111s_timesteps(micro_engine):
@@ -226,11 +260,15 @@ def test_a_plms_job_asks_the_unet_at_a1111s_timesteps(micro_engine):
     )
     assert len(timesteps) == 22 and timesteps[:3] == [988, 941, 941]
     assert "Discard penultimate sigma: True" in discarded.infotexts[0]
-    # img2img keeps diffusers' PNDM, which Always discard does not change: nothing is written.
-    picture = dataclasses.replace(
-        request, init_images=[result.images[0]], denoising_strength=0.5, always_discard_penultimate_sigma=True
+    # img2img: A1111's PLMS from timestep t_enc - 1 = 451 down (10 calls at 0.5 of 20 steps); Always discard
+    # respaces it (for 21 steps: 47 apart) and is written.
+    picture = dataclasses.replace(request, init_images=[result.images[0]], denoising_strength=0.5)
+    assert unet_timesteps(micro_engine, picture)[1] == [451, 401, *range(401, 50, -50)]
+    discarded, timesteps = unet_timesteps(
+        micro_engine, dataclasses.replace(picture, always_discard_penultimate_sigma=True)
     )
-    assert "Discard penultimate sigma" not in unet_timesteps(micro_engine, picture)[0].infotexts[0]
+    assert timesteps[:2] == [424, 377] and len(timesteps) == 10
+    assert "Discard penultimate sigma: True" in discarded.infotexts[0]
 
 
 @pytest.mark.parametrize(("sampler", "a1111_sampler"), [("DDIM", a1111_ddim), ("PLMS", a1111_plms)])

@@ -16,12 +16,18 @@ from engine.infotext import parse_infotext
 from engine.samplers import (
     A1111UniPCScheduler,
     build_scheduler,
-    diffusers_strength,
     img2img_steps,
     pass_steps,
-    picture_steps,
 )
-from tests.test_ddim import REQUEST, SHAPE, a1111_timesteps, alphas_cumprod, eps_model
+from tests.test_ddim import (
+    REQUEST,
+    SHAPE,
+    a1111_timesteps,
+    alphas_cumprod,
+    eps_model,
+    noised_picture,
+    picture_pass,
+)
 from tests.test_engine import SD_SCHEDULER_CONFIG
 from tests.test_pad_conds import unet_calls
 
@@ -181,27 +187,13 @@ def test_a1111s_other_unipc_settings(settings):
 def test_img2img_and_the_hires_pass_are_a1111s_unipc(steps, strength, exact):
     # A1111: t_enc model calls from t = (timestep t_enc - 1 + 1) / 1000 down, on the picture noised to timestep
     # t_enc; in the hires pass (exact) t_enc = steps - 1 on a schedule of steps / strength.
-    counted = picture_steps("UniPC", steps, strength, exact=exact)
+    scheduler, ours_timesteps, counted = picture_pass("UniPC", steps, strength, exact=exact)
     t_enc = steps - 1 if exact else int(min(strength, 0.999) * steps)
     timesteps = a1111_timesteps(counted.schedule)
-    abar = alphas_cumprod()
-    picture = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2)) * 0.5
-    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
-    noised = math.sqrt(abar[timesteps[t_enc]]) * picture + math.sqrt(1 - abar[timesteps[t_enc]]) * noise
+    picture, noise, noised = noised_picture(timesteps[t_enc])
     t_start = float(timesteps[t_enc - 1]) / 1000 + 1 / 1000
-    expected = A1111UniPC(abar).sample(eps_model, noised.double(), t_enc, t_start=t_start)
-
-    # As a diffusers img2img pipeline runs it: the strength this engine hands it, the steps it then skips.
-    calls = counted.sampling
-    assert calls == t_enc and (exact or calls == img2img_steps("UniPC", steps, strength))
-    scheduler = build_scheduler(
-        SD_SCHEDULER_CONFIG, "UniPC", "Automatic", seed=0, from_picture=True, picture_calls=calls
-    )
-    scheduler.set_timesteps(counted.schedule)
-    whole = pass_steps("UniPC", "Automatic", counted.schedule, from_picture=True)
-    pipeline_strength = diffusers_strength(calls, counted.schedule, whole)
-    skipped = counted.schedule - min(int(counted.schedule * pipeline_strength), counted.schedule)
-    ours_timesteps = scheduler.timesteps[skipped:]
+    expected = A1111UniPC(alphas_cumprod()).sample(eps_model, noised.double(), t_enc, t_start=t_start)
+    assert counted.sampling == t_enc and (exact or t_enc == img2img_steps("UniPC", steps, strength))
     assert len(ours_timesteps) == t_enc and float(ours_timesteps[0]) == pytest.approx(float(timesteps[t_enc - 1]))
     start = scheduler.add_noise(picture, noise, ours_timesteps[:1])
     assert torch.allclose(start, noised, atol=1e-6)
