@@ -295,13 +295,20 @@ def format_infotext(
 
     for key, value in (req.extra_params or {}).items():
         key = str(key)
-        if value is None or key in params or key in _REQUEST_KEYS or key in _PROMPT_KEYS:
+        if value is None or key in params or key in _REQUEST_KEYS or key in _PROMPT_KEYS or key == "RNG":
             continue
         if not _KEY.fullmatch(key):
             # It could not be read back (and might break the line apart); say so rather than corrupt the text.
             log.warning("infotext: leaving out extra parameter %r: not a key A1111 can read back", key)
             continue
         params[key] = value
+    # The noise came from CPU generators (engine/noise.py): A1111's "CPU" random source, which it writes so, before
+    # the version, and reads back as its setting, so that in A1111 this text draws the same noise. What a pasted
+    # text said (NV, GPU) is not what this picture was made with.
+    version = params.pop("Version", None)
+    params["RNG"] = "CPU"
+    if version is not None:
+        params["Version"] = version
 
     param_line = ", ".join(f"{key}: {_quote(str(value))}" for key, value in params.items())
     prompt = req.prompt or ""
@@ -479,6 +486,8 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
         if "Refiner switch at" in params:
             req.refiner_switch_at = _parse_float("Refiner switch at", params.pop("Refiner switch at"))
 
+    if str(params.get("RNG", "")).strip() == "CPU":
+        del params["RNG"]  # the noise this engine draws; another source (NV, GPU) stays, as a setting not read
     if "Outpaint pixels" in params:
         req.outpaint = True
         req.outpaint_pixels = _parse_int("Outpaint pixels", params.pop("Outpaint pixels"))
@@ -507,11 +516,7 @@ def unread_settings(request: GenerationRequest) -> dict[str, str]:
     an extension's (ADetailer, ControlNet), A1111's that this engine does not run (Face restoration,
     Token merging ratio, the NV RNG) and a script's (Loopback's final denoising strength). A picture made
     from the request may come out differently."""
-    return {
-        key: str(value)
-        for key, value in (request.extra_params or {}).items()
-        if key not in _RECORD_KEYS and not (key == "RNG" and str(value).strip() == "CPU")
-    }
+    return {key: str(value) for key, value in (request.extra_params or {}).items() if key not in _RECORD_KEYS}
 
 
 def _resolve_sampler(sampler: str | None, schedule: str | None, *, default_sampler: str) -> tuple[str, str]:

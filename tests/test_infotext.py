@@ -94,7 +94,7 @@ def test_format_writes_a1111_layout_for_txt2img():
         "a lighthouse at dusk\n"
         "Negative prompt: blurry, lowres\n"
         "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1234, Size: 512x768, "
-        "Model hash: abcdef0123, Model: tiny-sd, Clip skip: 2, Version: v1.10.1"
+        "Model hash: abcdef0123, Model: tiny-sd, Clip skip: 2, RNG: CPU, Version: v1.10.1"
     )
 
 
@@ -103,7 +103,7 @@ def test_format_writes_fractional_cfg_and_img2img_fields():
     img2img = _request(cfg_scale=7.5, init_images=[init], denoising_strength=0.6)
     assert format_infotext(img2img, 7).splitlines()[-1] == (
         "Steps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7.5, Seed: 7, Size: 512x512, "
-        "Denoising strength: 0.6"
+        "Denoising strength: 0.6, RNG: CPU"
     )
 
     mask = Image.new("L", (64, 64), 255)
@@ -111,7 +111,7 @@ def test_format_writes_fractional_cfg_and_img2img_fields():
     assert format_infotext(inpaint, 7, model_name="m", model_hash="0123456789").splitlines()[-1] == (
         "Steps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 7, Size: 512x512, "
         "Model hash: 0123456789, Model: m, Denoising strength: 1, Mask blur: 8, Mask mode: Inpaint not masked, "
-        "Masked content: original"
+        "Masked content: original, RNG: CPU"
     )
 
     txt2img = format_infotext(_request(denoising_strength=0.3, mask_blur=9), 7)
@@ -135,7 +135,7 @@ def test_extra_params_never_repeat_keys_already_written():
     assert last_line.count("Model:") == 1 and "Model: new-model" in last_line
     assert last_line.count("Model hash:") == 1 and "Model hash: 2222222222" in last_line
     assert "Steps: 20" in last_line and "99" not in last_line
-    assert last_line.endswith("Clip skip: 2")
+    assert last_line.endswith("Clip skip: 2, RNG: CPU")
     # Nor does a stale copy of a job setting the request does not use (Euler's Uniform takes no rho).
     stale = {"Schedule rho": "3", "Noise multiplier": "0.5", "Beta schedule alpha": "0.2"}
     assert not set(stale) & set(parse_infotext_params(format_infotext(_request(extra_params=stale), 5)))
@@ -179,7 +179,7 @@ def test_values_with_commas_colons_quotes_survive_round_trip(value):
 
 def test_values_are_json_quoted_like_a1111():
     text = format_infotext(_request(extra_params={"Lora hashes": "a: 1, b: 2", "Version": "v1.10.1"}), 1)
-    assert text.endswith('Lora hashes: "a: 1, b: 2", Version: v1.10.1')
+    assert text.endswith('Lora hashes: "a: 1, b: 2", RNG: CPU, Version: v1.10.1')
 
 
 @pytest.mark.parametrize(
@@ -559,3 +559,14 @@ def test_every_key_this_engine_writes_is_read_back():
         checked = validate_request(request, limits=Limits(), native_size=(64, 64), resolve_sampler=resolve)
         text = format_infotext(checked, checked.seed, model_name="micro", model_hash="abc", lora_hashes={"x": "1"})
         assert unread_settings(parse_infotext(text)) == {}, text
+
+
+def test_the_noise_source_is_written_as_a1111_writes_its_cpu_one_and_read_back():
+    from engine.infotext import unread_settings
+
+    # This engine's noise is A1111's "CPU" random source; A1111 writes it before the version and pastes it back as
+    # its randn_source setting. A pasted text's other source is not what a picture made here used.
+    text = format_infotext(_request(extra_params={"RNG": "NV", "Version": "v1.10.1"}), 3)
+    assert text.endswith("RNG: CPU, Version: v1.10.1") and text.count("RNG") == 1
+    assert "RNG" not in parse_infotext(text).extra_params
+    assert unread_settings(parse_infotext(A1111_HIRES_LORA + ", RNG: NV")) == {"RNG": "NV"}
