@@ -141,12 +141,6 @@ def _scheduler_for(
     )
 
 
-def _picture_strength(req: GenerationRequest, sampler_name: str, schedule: str, sampling_steps: int, steps: int):
-    """The diffusers pipeline's strength for a pass from a picture that runs the last `sampling_steps` of `steps`."""
-    whole = pass_steps(sampler_name, schedule, steps, req.always_discard_penultimate_sigma, from_picture=True)
-    return diffusers_strength(sampling_steps, steps, whole)
-
-
 def noise_levels(req: GenerationRequest) -> NoiseLevels:
     """How the job changes the model's noise levels (A1111's Zero Terminal SNR and Downcast alphas_cumprod)."""
     return NoiseLevels(req.noise_schedule == "Zero Terminal SNR", req.downcast_alphas_cumprod)
@@ -345,7 +339,7 @@ def run_batch(
             generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
             output_type="pil",
             image=start,
-            strength=_picture_strength(req, hr_sampler, hr_schedule, hires_sampling_steps, hires_steps.schedule),
+            strength=diffusers_strength(hires_sampling_steps, hires_steps.schedule),
             eta=eta_for(hr_sampler, req.eta) or 0.0,
         )
         for first_pass_only in ("height", "width", "latents", "mask_image", "masked_image_latents"):
@@ -367,7 +361,7 @@ def run_batch(
         return BatchOutcome([image.copy() for image in init_images], stopped)
     kwargs.update(
         image=init_images,
-        strength=_picture_strength(req, req.sampler_name, req.scheduler, sampling_steps, picture.schedule),
+        strength=diffusers_strength(sampling_steps, picture.schedule),
     )
     if req.mode == "img2img":
         if model.inpainting_unet:

@@ -659,18 +659,45 @@ def a1111_timesteps(steps: int, train_timesteps: int = TRAIN_TIMESTEPS) -> np.nd
 
 
 class _A1111Timesteps:
-    """What A1111's timestep samplers (its CompVisSampler: DDIM, PLMS) share: its timesteps (a1111_timesteps, spaced
-    for one step more with its "Always discard next-to-last sigma": `respaced`), steps from each timestep to the one
-    below it, and the model's output read as a noise prediction (its CompVisTimestepsVDenoiser turns v into one)."""
+    """What A1111's timestep samplers (its CompVisSampler: DDIM, PLMS, UniPC) share: its timesteps (a1111_timesteps,
+    spaced for one step more with its "Always discard next-to-last sigma": `respaced`), steps from each timestep to
+    the one below it, the model's output read as a noise prediction (its CompVisTimestepsVDenoiser turns v into one),
+    and a pass from a picture: A1111 runs it over its timesteps below t_enc = int(strength x steps), on the picture
+    noised to timestep t_enc. A pipeline cannot be told where such a pass starts: the scheduler is built knowing its
+    model calls (`picture_calls`; 0 for txt2img) and keeps the schedule's length, of which a pipeline runs the last."""
 
     respaced = False
+    picture_calls = 0
 
     def _space(self, num_inference_steps: int) -> list[int]:
-        """A1111's timesteps for `num_inference_steps`, ascending; each one's timestep below is kept for the steps."""
+        """A1111's timesteps for `num_inference_steps`, ascending; each one's timestep below is kept for the steps.
+        A new pass: no call made yet."""
         points = a1111_timesteps(num_inference_steps + int(self.respaced), self.config.num_train_timesteps).tolist()
         self.num_inference_steps = num_inference_steps
         self._below = dict(zip(points[1:], points[:-1], strict=True))
+        self._calls = 0
         return points
+
+    def _below_picture(self, points: list[int], t_enc: int) -> list[int]:
+        """A pass from a picture: the timesteps below t_enc, the picture noised to timestep t_enc (add_noise)."""
+        t_enc = min(t_enc, len(points) - 1)
+        self._noised_at = points[t_enc]
+        return points[:t_enc]
+
+    def _kept_length(self, calls: list, num_inference_steps: int) -> list:
+        """A pass from a picture's `calls`, led by copies of the first to the schedule's length, which a pipeline
+        skips; txt2img's as they are."""
+        if not self.picture_calls or not calls:
+            return calls
+        return [calls[0]] * (num_inference_steps - len(calls)) + calls
+
+    def _starts_from_picture(self) -> bool:
+        return bool(self.picture_calls) and self._calls == 0
+
+    def add_noise(self, original_samples, noise, timesteps):
+        if self._starts_from_picture():  # the start of a pass from a picture, as A1111 noises it
+            timesteps = torch.full_like(timesteps, self._noised_at)
+        return super().add_noise(original_samples, noise, timesteps)
 
     def _noise_prediction(self, model_output, timestep: int, sample):
         alpha = self.alphas_cumprod[timestep]
@@ -697,25 +724,14 @@ class A1111DDIMScheduler(_A1111Timesteps, diffusers.DDIMScheduler):
     (add_noise before the first step does that here). With A1111's "Always discard next-to-last sigma"
     (`respaced`) the timesteps are spaced for one step more, as A1111 spaces them.
 
-    A pass `from_picture` keeps at most `num_inference_steps` of its model calls, the last ones: a diffusers img2img
-    pipeline skips a number of `num_inference_steps` from the front, and A1111 spaces more timesteps than steps at
-    some step counts (62 at 60 steps); img2img never reaches the ones dropped (see pass_steps)."""
-
-    from_picture = False
+    A pass from a picture (`picture_calls` = t_enc - 1) asks at t_enc - 1 down to t_1 (_A1111Timesteps)."""
 
     def set_timesteps(self, num_inference_steps: int, device=None):
         points = self._space(num_inference_steps)
-        self._above = dict(zip(points[:-1], points[1:], strict=True))
-        self._stepped = False
-        calls = points[:0:-1]
-        if self.from_picture:
-            calls = calls[-num_inference_steps:]
+        if self.picture_calls:
+            points = self._below_picture(points, self.picture_calls + 1)
+        calls = self._kept_length(points[:0:-1], num_inference_steps)
         self.timesteps = torch.tensor(calls, dtype=torch.int64, device=device)
-
-    def add_noise(self, original_samples, noise, timesteps):
-        if not self._stepped:  # the start of an img2img pass: the level above its first step, as A1111 noises it
-            timesteps = torch.tensor([self._above.get(int(t), int(t)) for t in timesteps.reshape(-1)])
-        return super().add_noise(original_samples, noise, timesteps)
 
     def step(
         self,
@@ -728,7 +744,7 @@ class A1111DDIMScheduler(_A1111Timesteps, diffusers.DDIMScheduler):
         variance_noise=None,
         return_dict=True,
     ):
-        self._stepped = True
+        self._calls += 1
         timestep = int(timestep)
         alpha, alpha_prev = self.alphas_cumprod[timestep], self.alphas_cumprod[self._below[timestep]]
         sigma = eta * ((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)) ** 0.5
@@ -752,30 +768,20 @@ class A1111PLMSScheduler(_A1111Timesteps, diffusers.PNDMScheduler):
     improved Euler, which asks the model once more, at the timestep below, on that step's own result. At 20 steps 20
     model calls (951, 901, 901, 851, ... 51), ending at timestep 1; diffusers' PNDM makes 21, ending at 0. A pass
     from a picture (`picture_calls` = A1111's t_enc) runs the same over t_0 ... t_enc-1, on its picture noised to
-    t_enc, as A1111's does: t_enc model calls (the schedule keeps its length; a pipeline runs the last of it).
+    t_enc, as A1111's does: t_enc model calls (_A1111Timesteps).
     `respaced`: A1111's "Always discard next-to-last sigma", timesteps spaced for one step more."""
-
-    picture_calls = 0
 
     def set_timesteps(self, num_inference_steps: int, device=None):
         points = self._space(num_inference_steps)
         if self.picture_calls:
-            self._noised_at = points[self.picture_calls]
-            points = points[: self.picture_calls]
+            points = self._below_picture(points, self.picture_calls)
         calls = points[:0:-1]
         if calls:  # the warm-up's second call, at the timestep below the first (timestep 1 when there is no other)
             calls.insert(1, points[-2] if len(points) > 2 else points[0])
-        if self.picture_calls and calls:
-            calls = [calls[0]] * (num_inference_steps - len(calls)) + calls
-        self._calls = 0
+        calls = self._kept_length(calls, num_inference_steps)
         self._start = self._first_prediction = None
         self._predictions: list[torch.Tensor] = []
         self.timesteps = torch.tensor(calls, dtype=torch.int64, device=device)
-
-    def add_noise(self, original_samples, noise, timesteps):
-        if self._calls == 0 and self.picture_calls:  # the start of a pass from a picture, as A1111 noises it
-            timesteps = torch.full_like(timesteps, self._noised_at)
-        return super().add_noise(original_samples, noise, timesteps)
 
     def step(self, model_output, timestep, sample, return_dict=True):
         call, timestep = self._calls, int(timestep)
@@ -833,7 +839,6 @@ class A1111UniPCScheduler(_A1111Timesteps, diffusers.UniPCMultistepScheduler):
     variant = "bh1"
     lower_order_final = True
     skip_type = "time_uniform"
-    picture_calls = 0
 
     def set_timesteps(self, num_inference_steps: int, device=None):
         points = self._space(num_inference_steps)
@@ -841,35 +846,37 @@ class A1111UniPCScheduler(_A1111Timesteps, diffusers.UniPCMultistepScheduler):
         self._log_alphas = 0.5 * np.log(self.alphas_cumprod.double().numpy())
         self._grid = np.arange(1, train + 1, dtype=np.float64) / train
         if self.picture_calls:
-            steps = min(self.picture_calls, len(points) - 1)
-            self._noised_at = points[steps]
-            start = (points[steps - 1] + 1) / train
+            below = self._below_picture(points, self.picture_calls)
+            steps, start = len(below), (below[-1] + 1) / train
         else:
             steps, start = len(points), 1.0
         self._times = self._skip(start, 1 / train, steps)
         self._orders = [
             min(j, self.unipc_order, *([steps + 1 - j] if self.lower_order_final else [])) for j in range(steps + 1)
         ]
-        model_times = (self._times[:-1] - 1 / train) * train
-        if self.picture_calls:  # the schedule keeps its length: a pipeline runs the last `steps` of it
-            model_times = np.concatenate([np.full(num_inference_steps - steps, model_times[0]), model_times])
-        self.timesteps = torch.from_numpy(model_times).to(device=device, dtype=torch.float32)
+        model_times = self._kept_length(((self._times[:-1] - 1 / train) * train).tolist(), num_inference_steps)
+        self.timesteps = torch.tensor(model_times, dtype=torch.float32, device=device)
         # Each call's noise level as diffusers' variance-preserving schedulers keep it (sigma / alpha), by the calls
         # made so far (step_index), for what reads a step's noise level.
-        alphas = np.exp(np.interp(self._times, self._grid, self._log_alphas))
-        self.sigmas = torch.from_numpy((1 - alphas**2) ** 0.5 / alphas).float()
+        alphas, sigmas = self._alpha_sigma(self._times)
+        self.sigmas = torch.from_numpy(sigmas / alphas).float()
         self._step_index = None
-        self._calls = 0
         self._history: list[torch.Tensor] = []
         self._start = None
 
-    def _log_alpha(self, t: float) -> float:
-        return float(np.interp(t, self._grid, self._log_alphas))
+    def _log_alpha(self, t):
+        """log alpha at time(s) t: SD's levels interpolated linearly."""
+        return np.interp(t, self._grid, self._log_alphas)
+
+    def _alpha_sigma(self, t):
+        """alpha and sigma (variance-preserving: alpha^2 + sigma^2 = 1) at time(s) t."""
+        log_alpha = self._log_alpha(t)
+        return np.exp(log_alpha), np.sqrt(-np.expm1(2 * log_alpha))
 
     def _lambda(self, t: float) -> float:
         """Half the log signal-to-noise ratio at time t."""
         log_alpha = self._log_alpha(t)
-        return log_alpha - 0.5 * math.log(-math.expm1(2 * log_alpha))
+        return float(log_alpha - 0.5 * np.log(-np.expm1(2 * log_alpha)))
 
     def _skip(self, start: float, end: float, steps: int) -> np.ndarray:
         """A1111's UniPC times from `start` down to `end` in `steps` steps, by its skip type."""
@@ -881,20 +888,20 @@ class A1111UniPCScheduler(_A1111Timesteps, diffusers.UniPCMultistepScheduler):
         return np.linspace(start, end, steps + 1)
 
     def add_noise(self, original_samples, noise, timesteps):
-        if self._calls == 0 and self.picture_calls:  # the start of a pass from a picture, as A1111 noises it
+        if self._starts_from_picture():  # the start of a pass from a picture, as A1111 noises it
             alpha_bar = float(self.alphas_cumprod[self._noised_at])
             return alpha_bar**0.5 * original_samples + (1 - alpha_bar) ** 0.5 * noise
         train = self.config.num_train_timesteps
-        alpha = math.exp(self._log_alpha(float(timesteps.reshape(-1)[0]) / train + 1 / train))
-        return alpha * original_samples + (1 - alpha**2) ** 0.5 * noise
+        alpha, sigma = self._alpha_sigma(float(timesteps.reshape(-1)[0]) / train + 1 / train)
+        return float(alpha) * original_samples + float(sigma) * noise
 
     def step(self, model_output, timestep, sample, return_dict=True, **kwargs):
         index = self._calls
         self._calls = self._step_index = index + 1
-        log_alpha = self._log_alpha(self._times[index])
+        alpha, sigma = self._alpha_sigma(self._times[index])
         # A1111 reads a v-prediction as noise at the model time's whole timestep (its CompVisTimestepsVDenoiser).
         eps = self._noise_prediction(model_output, int(float(timestep)), sample)
-        denoised = (sample - (-math.expm1(2 * log_alpha)) ** 0.5 * eps) / math.exp(log_alpha)
+        denoised = (sample - float(sigma) * eps) / float(alpha)
         # The point this call was asked at, corrected with its prediction (the first is where the pass starts).
         start = sample if index == 0 else self._update(self._start, index - 1, denoised)
         self._history = [*self._history, denoised][-self.unipc_order :]
@@ -910,9 +917,8 @@ class A1111UniPCScheduler(_A1111Timesteps, diffusers.UniPCMultistepScheduler):
         point; with it (the model's prediction at the point predicted), the corrected one."""
         order = self._orders[index + 1]
         times = self._times
-        log_alpha_from, log_alpha_to = self._log_alpha(times[index]), self._log_alpha(times[index + 1])
-        alpha_to = math.exp(log_alpha_to)
-        sigma_from, sigma_to = ((-math.expm1(2 * value)) ** 0.5 for value in (log_alpha_from, log_alpha_to))
+        sigma_from = float(self._alpha_sigma(times[index])[1])
+        alpha_to, sigma_to = map(float, self._alpha_sigma(times[index + 1]))
         lambda_from = self._lambda(times[index])
         h = self._lambda(times[index + 1]) - lambda_from
         last = self._history[-1]
@@ -1563,9 +1569,9 @@ def build_scheduler(
     k-diffusion samplers start txt2img as A1111 does (_A1111Start), with its `sgm_noise_multiplier` or without. With
     `always_discard_penultimate_sigma` every k-diffusion sampler drops its schedule's next-to-last sigma
     (discards_penultimate_sigma). `noise_levels` may rescale or round the model's noise levels (NoiseLevels).
-    `from_picture`: the pass starts from a picture (img2img, inpaint, a hires pass), which A1111's DDIM counts
-    otherwise; `picture_calls` such a pass's sampling steps, from which A1111's UniPC spaces its own. `unipc`: A1111's
-    UniPC settings."""
+    `from_picture`: the pass starts from a picture (img2img, inpaint, a hires pass); `picture_calls` such a pass's
+    sampling steps, from which A1111's DDIM, PLMS and UniPC place it (_A1111Timesteps). `unipc`: A1111's UniPC
+    settings."""
     spec = get_sampler(sampler_name)
     discards = discards_penultimate_sigma(spec.name, always_discard_penultimate_sigma)
     if runs_a1111_ddim(spec.name, schedule):
@@ -1630,10 +1636,8 @@ def build_scheduler(
         scheduler.sgm_noise_multiplier = bool(sgm_noise_multiplier)
     if isinstance(scheduler, _A1111Timesteps):
         scheduler.respaced = bool(always_discard_penultimate_sigma)
-    if isinstance(scheduler, A1111DDIMScheduler):
-        scheduler.from_picture = bool(from_picture)
-    if isinstance(scheduler, (A1111UniPCScheduler, A1111PLMSScheduler)):
         scheduler.picture_calls = int(picture_calls) if from_picture else 0
+    if isinstance(scheduler, A1111UniPCScheduler):
         scheduler.variant, scheduler.skip_type = unipc.variant, unipc.skip_type
         scheduler.unipc_order, scheduler.lower_order_final = int(unipc.order), bool(unipc.lower_order_final)
     return scheduler
@@ -1645,18 +1649,14 @@ def eta_for(sampler_name: str, eta: float | None) -> float | None:
     return None if default is None else (default if eta is None else float(eta))
 
 
-def pass_steps(
-    sampler_name: str, schedule: str, steps: int, always_discard: bool = False, *, from_picture: bool = False
-) -> int:
-    """How many sampling steps a pass over the whole schedule runs: `steps`, but for A1111's DDIM one fewer than
-    its timesteps (19 at 20 steps, 30 at 30, 62 at 60; `always_discard` spaces them for one more step), at most
-    `steps` for a pass `from_picture` (A1111DDIMScheduler); for its txt2img PLMS one more, and UniPC as many."""
+def pass_steps(sampler_name: str, schedule: str, steps: int, always_discard: bool = False) -> int:
+    """How many sampling steps txt2img's pass over the whole schedule runs: `steps`, but A1111's DDIM runs one fewer
+    than its timesteps (19 at 20 steps, 30 at 30, 62 at 60; `always_discard` spaces them for one more step), its
+    PLMS and UniPC as many. (A pass from a picture keeps the schedule's length: _A1111Timesteps.)"""
     if runs_a1111_ddim(sampler_name, schedule):
-        calls = len(a1111_timesteps(steps + int(always_discard))) - 1
-        return min(calls, steps) if from_picture else calls
-    if (runs_a1111_plms(sampler_name, schedule) or runs_a1111_unipc(sampler_name, schedule)) and not from_picture:
-        # PLMS one more than DDIM: the warm-up's second call.
-        return len(a1111_timesteps(steps + int(always_discard)))
+        return len(a1111_timesteps(steps + int(always_discard))) - 1
+    if runs_a1111_plms(sampler_name, schedule) or runs_a1111_unipc(sampler_name, schedule):
+        return len(a1111_timesteps(steps + int(always_discard)))  # PLMS: the warm-up's second call
     return steps
 
 
@@ -1706,12 +1706,11 @@ def img2img_steps(sampler_name: str, steps: int, strength: float, schedule: str 
     return picture_steps(sampler_name, steps, strength, schedule).sampling
 
 
-def diffusers_strength(sampling_steps: int, steps: int, whole_pass: int | None = None) -> float:
+def diffusers_strength(sampling_steps: int, steps: int) -> float:
     """The `strength` at which a diffusers img2img or inpaint pipeline runs exactly the last `sampling_steps` of a
-    schedule of `whole_pass` steps (pass_steps; `steps` where None) made for `steps`, from the matching noise
+    schedule made for `steps` (every scheduler keeps that length for a pass from a picture), from the matching noise
     level: it skips the first steps - int(strength * steps), so aim half a step over."""
-    kept = sampling_steps + steps - (steps if whole_pass is None else whole_pass)
-    return 1.0 if kept >= steps else (kept + 0.5) / steps
+    return 1.0 if sampling_steps >= steps else (sampling_steps + 0.5) / steps
 
 
 def _init_params(class_name: str) -> set[str]:

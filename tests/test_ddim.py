@@ -73,8 +73,7 @@ def picture_pass(sampler: str, steps: int, strength: float, *, exact: bool = Fal
         SD_SCHEDULER_CONFIG, sampler, "Automatic", seed=0, from_picture=True, picture_calls=counted.sampling
     )
     scheduler.set_timesteps(counted.schedule)
-    whole = pass_steps(sampler, "Automatic", counted.schedule, from_picture=True)
-    pipeline_strength = diffusers_strength(counted.sampling, counted.schedule, whole)
+    pipeline_strength = diffusers_strength(counted.sampling, counted.schedule)
     skipped = counted.schedule - min(int(counted.schedule * pipeline_strength), counted.schedule)
     return scheduler, scheduler.timesteps[skipped:], counted
 
@@ -88,10 +87,11 @@ def noised_picture(timestep: int):
 
 
 def run(scheduler, x, timesteps, model, eta=0.0, noises=None):
+    """`scheduler` stepped over `timesteps` with `model(x, t)` (UniPC's model times are fractional)."""
     noises = iter(noises or [])
     for timestep in timesteps:
         drawn = {"eta": eta, "variance_noise": next(noises)} if eta else {}
-        x = scheduler.step(model(x, int(timestep)), timestep, x, **drawn).prev_sample
+        x = scheduler.step(model(x, float(timestep)), timestep, x, **drawn).prev_sample
     return x
 
 

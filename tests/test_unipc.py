@@ -27,6 +27,7 @@ from tests.test_ddim import (
     eps_model,
     noised_picture,
     picture_pass,
+    run,
 )
 from tests.test_engine import SD_SCHEDULER_CONFIG
 from tests.test_pad_conds import unet_calls
@@ -127,12 +128,6 @@ class A1111UniPC:
             x, model_x = self.update(model, x, models, times, ts[step], step_order, step != steps)
             models, times = models[1:] + [model_x], times[1:] + [ts[step]]
         return x
-
-
-def run(scheduler, x, timesteps, model):
-    for timestep in timesteps:
-        x = scheduler.step(model(x, float(timestep)), timestep, x).prev_sample
-    return x
 
 
 @pytest.mark.parametrize("steps", [20, 30, 7, 3])
