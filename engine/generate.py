@@ -42,6 +42,7 @@ from .samplers import (
     picture_steps,
 )
 from .upscalers import upscale_to
+from .vae import mean_latents
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +369,7 @@ def run_batch(
             kwargs.update(_repaint_all(pipe, req.width, req.height, init_images, weight=req.inpainting_mask_weight))
             _noise_over_the_picture(pipe)
         if req.resize_mode == LATENT_RESIZE:
-            kwargs["image"] = _latents_resized(pipe, model, sources, generators, req.width, req.height)
+            kwargs["image"] = _latents_resized(pipe, model, sources, req.width, req.height)
         images = corrected(req, pipe(**kwargs).images, init_images)
         return BatchOutcome(images, stopped, preview_seconds)
 
@@ -468,13 +469,11 @@ def _repaint_all(pipe, width: int, height: int, pictures=None, *, weight: float 
     these models there; with img2img's or the hires pass's `pictures` and a mask weight below 1, A1111's
     lerp(picture, grey, weight) instead (0: the picture itself). It is encoded to its mean latents, so no random
     draw shifts the job's noise."""
-    vae = pipe.vae
     if pictures is None or weight == 1:
         pixels = torch.zeros(1, 3, height, width)  # mid-grey in the VAE's -1..1
     else:
         pixels = pipe.image_processor.preprocess(pictures, height=height, width=width) * (1 - weight)
-    with torch.no_grad():
-        masked = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+    masked = mean_latents(pipe.vae, pixels)
     # The inpaint pipeline's size defaults to the model's native one, not the picture's: it is given.
     mask = Image.new("L", (width, height), 255)
     return {"mask_image": mask, "masked_image_latents": masked, "width": width, "height": height}
@@ -501,21 +500,16 @@ def _decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
     return pipe.image_processor.postprocess(pixels, output_type="pil", do_denormalize=[True] * len(pixels))
 
 
-def _latents_resized(pipe, model: LoadedModel, images, generators, width: int, height: int) -> torch.Tensor:
+def _latents_resized(pipe, model: LoadedModel, images, width: int, height: int) -> torch.Tensor:
     """A1111's "Just resize (latent upscale)": each init image encoded at its own size (to a multiple of 8)
-    and its latents resized to the generation size, bilinear. Encoding samples the latent distribution with
-    the image's generator, as the pipeline does for a picture, so the noise drawn after it is the same."""
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
-
-    vae = pipe.vae
+    and its latents resized to the generation size, bilinear. Encoded to its mean latents, as the pipeline
+    encodes a picture (engine.vae.encode_to_means)."""
     size = model.latent_shape(width, height)[2:]
     latents = []
-    with torch.no_grad():
-        for image, generator in zip(images, generators, strict=True):
-            fitted = image.resize((max(8, image.width // 8 * 8), max(8, image.height // 8 * 8)))
-            pixels = pipe.image_processor.preprocess(fitted).to(vae.device, vae.dtype)
-            encoded = retrieve_latents(vae.encode(pixels), generator=generator) * vae.config.scaling_factor
-            latents.append(torch.nn.functional.interpolate(encoded, size=size, mode="bilinear"))
+    for image in images:
+        fitted = image.resize((max(8, image.width // 8 * 8), max(8, image.height // 8 * 8)))
+        encoded = mean_latents(pipe.vae, pipe.image_processor.preprocess(fitted))
+        latents.append(torch.nn.functional.interpolate(encoded, size=size, mode="bilinear"))
     return torch.cat(latents)
 
 

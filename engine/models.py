@@ -28,7 +28,7 @@ from .previews import fit_latent_rgb, load_latent_rgb_table
 from .samplers import install_step_noise
 from .tiny_model import TINY_MODEL_NAME
 from .traced_unet import TracedUNet
-from .vae import LoadedVaes
+from .vae import LoadedVaes, encode_to_means
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,7 @@ class LoadedModel:
         pipe = cls(**parts)
         pipe.set_progress_bar_config(disable=True)
         install_step_noise(pipe, scheduler)
+        encode_to_means(pipe)
         return pipe
 
 

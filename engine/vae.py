@@ -17,6 +17,8 @@ one user's choice never changes another's pictures.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import threading
 from collections import OrderedDict
@@ -203,3 +205,47 @@ def _to_diffusers_names(tensors: dict, expected: dict, config, name: str) -> dic
             tensor = tensor.reshape(target.shape)
         renamed[key] = tensor.to(target.dtype)
     return renamed
+
+
+def mean_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """The latents of `pixels` (N, 3, H, W in -1..1) as the pipelines scale them: the mean of the VAE's posterior,
+    not a draw from it. A1111 samples that posterior with torch's global generator, which no seed controls; its mean
+    is what every draw scatters around (closely, for SD's VAEs), and taking it draws nothing from a job's generators,
+    so a pass's starting noise is its seed's first draw, as A1111's is."""
+    # The SDXL pipelines encode a float16 VAE that asks for it in float32 (it overflows in float16), and so does this.
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(dtype=torch.float32)
+    try:
+        with torch.no_grad():
+            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+    finally:
+        if upcast:
+            vae.to(dtype=torch.float16)
+    shift, spread = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if shift is not None and spread is not None:  # a VAE whose latents the pipelines normalise channel by channel
+        shift = torch.tensor(shift, dtype=latents.dtype, device=latents.device).view(1, -1, 1, 1)
+        spread = torch.tensor(spread, dtype=latents.dtype, device=latents.device).view(1, -1, 1, 1)
+        return (latents - shift) * vae.config.scaling_factor / spread
+    return latents * vae.config.scaling_factor
+
+
+def encode_to_means(pipe) -> None:
+    """Make this job's img2img or inpaint pipeline (a txt2img one has nothing to encode) encode the pictures it starts from (and an inpainting model's
+    masked picture) to their mean latents (mean_latents) instead of drawing them from the job's generators. The
+    pipeline object is the job's own, so nothing is shared."""
+    if hasattr(pipe, "_encode_vae_image"):  # the inpaint pipelines encode through it
+        pipe._encode_vae_image = lambda image, generator=None: mean_latents(pipe.vae, image)
+        return
+    prepare_latents = pipe.prepare_latents
+    if "image" not in inspect.signature(prepare_latents).parameters:
+        return  # a txt2img pipeline: no picture to encode
+
+    @functools.wraps(prepare_latents)
+    def prepare_from_means(image, *args, **kwargs):
+        # Latents (4 channels) are taken as they are; pixels are encoded here, and handed on as latents.
+        if image.shape[1] == 3:
+            image = mean_latents(pipe.vae, image).to(image.device)
+        return prepare_latents(image, *args, **kwargs)
+
+    pipe.prepare_latents = prepare_from_means

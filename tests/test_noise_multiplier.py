@@ -45,11 +45,10 @@ def test_the_multiplier_scales_img2imgs_noise(micro_engine, init_picture):
     assert np.array_equal(pixels(run(micro_engine, img2img(init_picture, initial_noise_multiplier=1.0))), pixels(plain))
     assert "Noise multiplier" not in parse_infotext_params(plain.infotexts[0])
     other_seed = run(micro_engine, img2img(init_picture, seed=2))
-    assert np.abs(pixels(other_seed) - pixels(plain)).mean() > 20
-    # No noise: the picture only denoises, so the seed has almost no say (what is left comes from sampling the
-    # VAE's encoding of the init picture, which A1111 does with the seed too).
+    assert np.abs(pixels(other_seed) - pixels(plain)).mean() > 5
+    # No noise: the picture only denoises, so the seed has no say (the picture is encoded to its mean latents).
     silent = [run(micro_engine, img2img(init_picture, seed=seed, initial_noise_multiplier=0)) for seed in (1, 2)]
-    assert np.abs(pixels(silent[0]) - pixels(silent[1])).mean() < 1.5
+    assert np.array_equal(pixels(silent[0]), pixels(silent[1]))
     half = run(micro_engine, img2img(init_picture, initial_noise_multiplier=0.5))
     assert np.abs(pixels(half) - pixels(plain)).mean() > 1
     assert parse_infotext_params(half.infotexts[0])["Noise multiplier"] == "0.5"

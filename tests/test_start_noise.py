@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from engine import GenerationRequest
 from engine.infotext import parse_infotext
@@ -59,3 +60,41 @@ def test_the_sgm_noise_multiplier_starts_txt2img_louder_and_reads_back(micro_eng
     plain, _ = draw(micro_engine, **img2img)
     with_it, text = draw(micro_engine, sgm_noise_multiplier=True, **img2img)
     assert np.array_equal(with_it, plain) and "SGM noise multiplier" not in text
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint", "hires"])
+def test_a_pass_from_a_picture_starts_from_its_mean_latents_and_the_seeds_first_draw(micro_engine, red_circle, mode):
+    """As A1111 starts one: the picture's latents plus sigma x the first draw of the seed's generator (A1111's
+    ImageRNG.first). Encoding the picture draws nothing from that generator: it is the VAE's mean."""
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    from engine.noise import seed_noise
+    from engine.samplers import picture_steps
+    from engine.vae import mean_latents
+    from tests.test_pad_conds import unet_calls
+
+    steps, strength, seed = 10, 0.5, 11
+    fields = dict(sampler_name="Euler", steps=steps, seed=seed, denoising_strength=strength, width=64, height=64)
+    if mode == "hires":  # a Lanczos upscale of the first pass's picture, encoded, as the hires pass starts from it
+        fields.update(enable_hr=True, hr_scale=1.0, hr_upscaler="Lanczos")
+    else:
+        fields.update(init_images=[red_circle])
+        if mode == "inpaint":
+            fields.update(mask=Image.new("L", red_circle.size, 255))
+    request = dataclasses.replace(REQUEST, **fields)
+    result, samples = unet_calls(micro_engine, request, record=lambda args, kwargs: args[0][:1].clone())
+    if mode == "hires":
+        first_pass = list(micro_engine.generate(dataclasses.replace(request, enable_hr=False)))[-1].images[0]
+        picture, samples = first_pass, samples[steps:]
+    else:
+        picture = red_circle
+    vae = micro_engine.loaded.components["vae"]
+    latents = mean_latents(vae, VaeImageProcessor(vae_scale_factor=8).preprocess(picture))
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "Euler", "Automatic")
+    counted = picture_steps("Euler", steps, strength, "Automatic", exact=mode == "hires")
+    scheduler.set_timesteps(counted.schedule)
+    sigma = float(scheduler.sigmas[counted.schedule - counted.sampling])
+    start = (latents + sigma * seed_noise(seed, latents.shape[1:])) / (1 + sigma**2) ** 0.5
+    assert len(samples) == counted.sampling
+    assert torch.allclose(samples[0], start, atol=1e-4)

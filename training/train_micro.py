@@ -43,6 +43,7 @@ from torch import nn
 from engine.presets import family_defaults
 from engine.prompts import apply_emphasis, encode_prompt_a1111
 from engine.samplers import build_scheduler, diffusers_strength, img2img_steps
+from engine.vae import encode_to_means
 
 from . import architecture, dataset, quality
 
@@ -698,6 +699,7 @@ def check_drawer(pipe, steps: int = MICRO_DEFAULTS.steps) -> Callable[..., Image
 
     img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
     img2img.set_progress_bar_config(disable=True)
+    encode_to_means(img2img)  # the picture's mean latents, as the engine encodes it
 
     def draw(prompt: str, seed: int, init: Image.Image | None = None, strength: float = 0.0) -> Image.Image:
         if init is None:
