@@ -25,7 +25,7 @@ from .images import LATENT_RESIZE, resize_to
 from .inpaint import inpaint
 from .models import LoadedModel
 from .negative_guidance import NegativeGuidanceSkip, SkipNegativeUNet, model_calls
-from .noise import NoiseVariation, initial_noise, reseed_after_start
+from .noise import NoiseVariation, RandomSource, initial_noise, reseed_after_start
 from .pad_conds import NaturalLengthUNet
 from .prompts import Conditioning, SDXLEmbeds, guidance_rows
 from .refiner import Refiner, RefinerSwitch
@@ -147,10 +147,19 @@ def noise_levels(req: GenerationRequest) -> NoiseLevels:
     return NoiseLevels(req.noise_schedule == "Zero Terminal SNR", req.downcast_alphas_cumprod)
 
 
-def run_batch(
+def run_batch(model: LoadedModel, req: GenerationRequest, **batch) -> BatchOutcome:
+    """One batch of `req` (_sample_batch), its noise drawn from the request's random source: every draw from the
+    batch's generators, by this engine or diffusers, on this thread, while it runs."""
+    source = RandomSource(req.randn_source)
+    with source.drawing():
+        return _sample_batch(model, req, source=source, **batch)
+
+
+def _sample_batch(
     model: LoadedModel,
     req: GenerationRequest,
     *,
+    source: RandomSource,
     seeds: list[int],
     subseeds: list[int] | None = None,
     vae=None,
@@ -205,14 +214,18 @@ def run_batch(
     # A1111 scales the noise of img2img and inpaint only, never a hires pass's.
     multiplier = req.initial_noise_multiplier if req.mode != "txt2img" else 1.0
     variation = NoiseVariation(
-        seeds, subseeds or seeds, req.subseed_strength, resize_from, multiplier, extra=req.img2img_extra_noise
+        seeds,
+        subseeds or seeds,
+        req.subseed_strength,
+        resize_from,
+        multiplier,
+        extra=req.img2img_extra_noise,
+        source=source.name,
     )
     if req.mode != "txt2img":
         variation.install(pipe, scheduler)
     reseed_after_start(pipe, seeds, req.eta_noise_seed_delta)
-    # One CPU generator per image: image i depends only on its own seed, whatever the batch,
-    # and CPU noise is the same on every device.
-    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    generators = source.generators(seeds)
     stopped = False
     preview_seconds = 0.0
     preview_pacer = Pacer(preview_interval_s)
@@ -337,7 +350,7 @@ def run_batch(
         reseed_after_start(hires_pipe, seeds, req.eta_noise_seed_delta)
         kwargs.update(
             num_inference_steps=hires_steps.schedule,
-            generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+            generator=source.generators(seeds),  # A1111's hires pass draws from fresh generators
             output_type="pil",
             image=start,
             strength=diffusers_strength(hires_sampling_steps, hires_steps.schedule),

@@ -302,11 +302,11 @@ def format_infotext(
             log.warning("infotext: leaving out extra parameter %r: not a key A1111 can read back", key)
             continue
         params[key] = value
-    # The noise came from CPU generators (engine/noise.py): A1111's "CPU" random source, which it writes so, before
-    # the version, and reads back as its setting, so that in A1111 this text draws the same noise. What a pasted
-    # text said (NV, GPU) is not what this picture was made with.
+    # The random source the noise came from (engine/noise.py), where A1111 writes it: before the version. A1111 reads
+    # it back as its setting, so that there this text draws the same noise. Written for both sources: A1111 writes
+    # nothing for its default GPU source, which without a key this engine reads as NV only from A1111's own texts.
     version = params.pop("Version", None)
-    params["RNG"] = "CPU"
+    params["RNG"] = req.randn_source
     if version is not None:
         params["Version"] = version
 
@@ -452,6 +452,10 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
     for key, field in _SWITCH_KEYS.items():
         if key in params:
             setattr(req, field, params.pop(key).strip().lower() == "true")
+    if "RNG" not in params and _from_a1111(params):
+        # A1111 writes no RNG for its default GPU source: such a text's noise is an NVIDIA card's (other cards' GPU
+        # noise differs, and cannot be drawn here). This engine's texts write their RNG.
+        req.randn_source = "NV"
     for key, setting in _CHOICE_KEYS.items():
         if key in params:
             setattr(req, setting.field, setting.checked(params.pop(key), key))
@@ -486,8 +490,6 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
         if "Refiner switch at" in params:
             req.refiner_switch_at = _parse_float("Refiner switch at", params.pop("Refiner switch at"))
 
-    if str(params.get("RNG", "")).strip() == "CPU":
-        del params["RNG"]  # the noise this engine draws; another source (NV, GPU) stays, as a setting not read
     if "Outpaint pixels" in params:
         req.outpaint = True
         req.outpaint_pixels = _parse_int("Outpaint pixels", params.pop("Outpaint pixels"))
@@ -511,10 +513,22 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
 _RECORD_KEYS = frozenset({"Clip skip", "Model", "Model hash", "Version", "Lora hashes", "TI hashes", "Hashes"})
 
 
+def _from_a1111(params: dict) -> bool:
+    """Whether an infotext's parameters are A1111's: it always writes its version, this engine only a pasted one."""
+    return "Version" in params
+
+
+def named_job_settings(params: dict) -> set[str]:
+    """The job settings (request fields) an infotext's parameters (parse_infotext_params) set when read: those it
+    names, and the random source of every A1111 text (its default GPU source goes unnamed)."""
+    named = {setting.field for setting in JOB_SETTINGS if setting.infotext_key in params}
+    return named | {"randn_source"} if _from_a1111(params) else named
+
+
 def unread_settings(request: GenerationRequest) -> dict[str, str]:
     """The settings an infotext read into `request` (parse_infotext) named that the request does not carry, by key:
     an extension's (ADetailer, ControlNet), A1111's that this engine does not run (Face restoration,
-    Token merging ratio, the NV RNG) and a script's (Loopback's final denoising strength). A picture made
+    Token merging ratio) and a script's (Loopback's final denoising strength). A picture made
     from the request may come out differently."""
     return {key: str(value) for key, value in (request.extra_params or {}).items() if key not in _RECORD_KEYS}
 

@@ -1,7 +1,14 @@
-"""Starting noise from seeds, with A1111's variation seeds and "resize seed from".
+"""Starting noise from seeds, with A1111's random sources, variation seeds and "resize seed from".
 
-An image's noise is the first draw of a CPU generator seeded with its seed (what A1111 draws with its
-CPU random source). A1111's two seed extras change that noise, and are rebuilt here to the same numbers:
+An image's noise is the first draw of a generator seeded with its seed, and the noise its steps add (ancestral
+samplers, DDIM's eta) the draws after it, as in A1111's ImageRNG. The generator is one of A1111's random sources
+(`randn_source`):
+
+- CPU: torch's CPU generator, the same numbers on every machine (this engine's default);
+- NV: the numbers torch draws on an NVIDIA GPU (engine/philox.py), which A1111 uses by default there: a picture
+  made on an NVIDIA card with A1111's default "GPU" source, or its "NV" one, comes out the same here.
+
+A1111's two seed extras change the starting noise, and are rebuilt here to the same numbers:
 
 - Variation seed (`subseed`, `subseed_strength`): the noise of a second seed is blended in by spherical
   interpolation; strength 0 is the seed's own noise, strength 1 the variation seed's.
@@ -11,26 +18,85 @@ CPU random source). A1111's two seed extras change that noise, and are rebuilt h
 
 txt2img starts from this noise. img2img, inpaint and the hires fix pass add noise to a picture through
 the scheduler's add_noise; `NoiseVariation.install` makes the job's scheduler vary that noise the same
-way, so variation seeds work in every mode. Those modes draw their noise where diffusers draws it, so
-their pictures match this engine's, not A1111's, as without variation seeds.
+way, so variation seeds work in every mode. Their noise is the first draw of each image's generator too: the
+picture is encoded to its mean latents (engine.vae.encode_to_means), which draws nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
+from .philox import PhiloxNoise
+
+# A1111's random sources this engine draws from (its "GPU" source is NV's numbers on an NVIDIA card).
+RANDOM_SOURCES = ("CPU", "NV")
 # Above this mean cosine the two noises count as one direction, and are mixed linearly (A1111's threshold).
 _PARALLEL = 0.9995
 
 
-def seed_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
-    """The first draw of a fresh CPU generator seeded with `seed`, float32."""
+def seed_noise(seed: int, shape: Sequence[int], source: str = "CPU") -> torch.Tensor:
+    """The first draw of a fresh generator of `source` (RANDOM_SOURCES) seeded with `seed`, float32."""
+    if source == "NV":
+        return PhiloxNoise(seed).randn(tuple(shape))
     return torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
+
+
+class RandomSource:
+    """One batch's generators, of one of A1111's random sources (RANDOM_SOURCES). They are torch CPU generators
+    whatever the source, as diffusers' pipelines and schedulers take them; with NV, what torch.randn draws from
+    them while `drawing()` is entered comes from NVIDIA's generator for the seed each was last seeded with."""
+
+    def __init__(self, name: str = "CPU"):
+        if name not in RANDOM_SOURCES:
+            raise ValueError(f"random source: got {name!r}; allowed: one of {', '.join(RANDOM_SOURCES)}")
+        self.name = name
+        self._nvidia: dict[torch.Generator, PhiloxNoise] = {}
+
+    def generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
+        """One generator per image, seeded with its seed: an image depends on its own seed alone, whatever the batch."""
+        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+        if self.name == "NV":
+            self._nvidia.update((generator, PhiloxNoise(generator.initial_seed())) for generator in generators)
+        return generators
+
+    def seed_noise(self, seed: int, shape: Sequence[int]) -> torch.Tensor:
+        return seed_noise(seed, shape, self.name)
+
+    def drawing(self) -> contextlib.AbstractContextManager:
+        """Entered on the thread that runs the batch, around all of it: with NV, its generators draw NVIDIA's noise
+        there (and on no other thread: torch keeps these modes per thread)."""
+        return _NvidiaDraws(self._nvidia) if self.name == "NV" else contextlib.nullcontext()
+
+
+class _NvidiaDraws(TorchFunctionMode):
+    """torch.randn(..., generator=g) for a generator of `noise` draws g's NVIDIA noise instead: the next draw of
+    PhiloxNoise for the seed g was last seeded with (A1111's ENSD seeds the generators anew after the start, and
+    their noise starts anew with it). Every other call runs as it is."""
+
+    def __init__(self, noise: dict[torch.Generator, PhiloxNoise]):
+        super().__init__()
+        self._noise = noise
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        generator = kwargs.get("generator")
+        if not isinstance(generator, torch.Generator) or generator not in self._noise:
+            return func(*args, **kwargs)
+        if func is not torch.randn:  # nothing in the pipelines does; drawing CPU numbers would hide it
+            raise RuntimeError(f"NV noise: {getattr(func, '__name__', func)} drew from an image's generator")
+        noise = self._noise[generator]
+        if noise.seed != generator.initial_seed():
+            noise = self._noise[generator] = PhiloxNoise(generator.initial_seed())
+        size = kwargs.get("size", args[0] if len(args) == 1 and not isinstance(args[0], int) else args)
+        drawn = noise.randn(tuple(size))
+        return drawn.to(device=kwargs.get("device") or "cpu", dtype=kwargs.get("dtype") or torch.get_default_dtype())
 
 
 def slerp(strength: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -75,7 +141,7 @@ class NoiseVariation:
     picture is scaled by it once varied, as A1111 scales the noise it drew. `extra` is A1111's extra noise
     multiplier for img2img and hires fix: the pass's starting latents get that noise once more, times `extra`
     (in k-diffusion's space, where the picture gets it times sigma; diffusers' variance-preserving schedulers
-    scale both by their alpha, as A1111's DDIM does)."""
+    scale both by their alpha, as A1111's DDIM does). `source` is the random source of the seeds' noise."""
 
     def __init__(
         self,
@@ -85,8 +151,10 @@ class NoiseVariation:
         resize_from_latent: tuple[int, int] | None = None,
         multiplier: float = 1.0,
         extra: float = 0.0,
+        source: str = "CPU",
     ):
         self.seeds = list(seeds)
+        self.source = source  # the random source the seeds' noise comes from (RANDOM_SOURCES)
         self.subseeds = list(subseeds)
         self.strength = float(strength)
         self.resize_from_latent = resize_from_latent
@@ -124,9 +192,9 @@ class NoiseVariation:
         channels = base.shape[0]
         resized = self.resize_from_latent is not None and tuple(self.resize_from_latent) != tuple(base.shape[1:])
         # With a seed resize the seed's noise is drawn afresh at the other size; otherwise it is `base`.
-        noise = seed_noise(seed, (channels, *self.resize_from_latent)) if resized else base
+        noise = seed_noise(seed, (channels, *self.resize_from_latent), self.source) if resized else base
         if self.strength != 0:
-            noise = slerp(self.strength, noise, seed_noise(subseed, noise.shape))
+            noise = slerp(self.strength, noise, seed_noise(subseed, noise.shape, self.source))
         return paste_centred(base, noise) if resized else noise
 
     def _scaled(self, noise: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from . import loopback, outpaint, sd_upscale
 from .errors import InvalidRequestError
 from .images import LATENT_RESIZE, RESIZE_MODES, to_pil
 from .negative_guidance import MAX_NGMS
+from .noise import RANDOM_SOURCES
 from .outpaint import DIRECTIONS as OUTPAINT_DIRECTIONS
 from .tiles import plan_tiles
 
@@ -170,6 +171,9 @@ class GenerationRequest:
     unipc_skip_type: str = "time_uniform"
     unipc_order: int = 3
     unipc_lower_order_final: bool = True
+    # A1111's "Random number generator source" (engine/noise.py): CPU (torch's CPU generator, the same on every
+    # machine) or NV (the numbers an NVIDIA GPU draws, A1111's default there).
+    randn_source: str = "CPU"
     # A1111's "Ignore negative prompt during early sampling" (Skip Early CFG): the share of each pass's UNet calls,
     # from the first, that leave the negative prompt out. 0 is off.
     skip_early_cond: float = 0.0
@@ -351,6 +355,8 @@ class JobSetting:
     lowest: float = 0
     # The names a choice takes (`default` one of them); empty for a number or a switch.
     choices: tuple[str, ...] = ()
+    # Other names a choice is given by (A1111's), each with the choice it means.
+    aliases: tuple[tuple[str, str], ...] = ()
 
     @property
     def is_switch(self) -> bool:
@@ -369,7 +375,8 @@ class JobSetting:
         if self.is_switch:
             return "true or false"
         if self.is_choice:
-            return "one of " + ", ".join(self.choices)
+            also = "".join(f" ({alias} means {choice})" for alias, choice in self.aliases)
+            return "one of " + ", ".join(self.choices) + also
         kind = "whole number" if self.is_whole else "number"
         lowest, highest = (f"{end:g}" if isinstance(end, float) else str(end) for end in (self.lowest, self.highest))
         return f"{kind}s from {lowest} to {highest}" if several else f"a {kind} from {lowest} to {highest}"
@@ -380,7 +387,8 @@ class JobSetting:
         if self.is_switch:
             return _as_flag(value, name)
         if self.is_choice:
-            chosen = {choice.lower(): choice for choice in self.choices}.get(str(value).strip().lower())
+            names = {choice.lower(): choice for choice in self.choices} | {a.lower(): c for a, c in self.aliases}
+            chosen = names.get(str(value).strip().lower())
             if not isinstance(value, str) or chosen is None:
                 raise InvalidRequestError(name, value, self.allowed())
             return chosen
@@ -576,6 +584,17 @@ JOB_SETTINGS = (
         "pad prompt/negative prompt to be same length: the shorter padded with empty-prompt chunks and both asked in "
         "one UNet call (A1111's option); off, each is asked at its own length, as A1111 does by default",
         False,
+    ),
+    JobSetting(
+        "randn_source",
+        "randn_source",
+        "RNG",
+        "random number generator source: CPU draws torch's CPU numbers, the same on every machine; NV draws the "
+        "numbers an NVIDIA GPU draws (A1111's GPU source on such a card, its default), so its pictures come out the "
+        "same here",
+        "CPU",
+        choices=RANDOM_SOURCES,
+        aliases=(("GPU", "NV"),),
     ),
     JobSetting(
         "unipc_variant",

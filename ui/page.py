@@ -25,7 +25,7 @@ from PIL import Image
 from engine import EngineError, GenerationRequest, PromptList, PromptMatrix
 from engine.events import PREVIEW_MODES
 from engine.images import LATENT_RESIZE, RESIZE_MODES
-from engine.infotext import unread_settings
+from engine.infotext import named_job_settings, unread_settings
 from engine.inpaint import MASKED_CONTENT, sketched_inpaint
 from engine.loopback import CURVES as LOOPBACK_CURVES
 from engine.loopback import MAX_LOOPS as LOOPBACK_MAX_LOOPS
@@ -317,6 +317,12 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     elem_id="setting_emphasis",
                 )
                 gr.Markdown("### Sampler parameters (A1111's)", elem_classes="settings-heading")
+                job_widgets["randn_source"] = _job_setting_widget(
+                    "randn_source",
+                    "Random number generator source",
+                    info="CPU: the same pictures on every machine. NV: an NVIDIA GPU's numbers, which A1111 draws by "
+                    "default there, so its pictures come out the same here.",
+                )
                 with gr.Row():
                     job_widgets["eta_noise_seed_delta"] = _job_setting_widget(
                         "eta_noise_seed_delta",
@@ -2655,7 +2661,8 @@ def _sampler_parameters_from_infotext(read: ReadInfotext) -> list:
     """The Settings tab's Eta for Euler a and Eta for DDIM from an infotext, each set where the infotext names it
     (A1111 pastes them as overrides), else left as it is; then Clip skip, 1 where the infotext names none (A1111
     writes it only when it is not 1, and pastes 1 then); then the job settings (JOB_SETTINGS' order), each set where
-    the infotext names it, else left as it is."""
+    the infotext names it (an A1111 text always sets the random source: engine.infotext.named_job_settings), else
+    left as it is."""
     params = read.params
     values = []
     for key in ("Eta", "Eta DDIM"):
@@ -2667,9 +2674,9 @@ def _sampler_parameters_from_infotext(read: ReadInfotext) -> list:
         clip_skip = int(params.get("Clip skip", 1))
     except ValueError:
         clip_skip = 0
+    named = named_job_settings(params)
     job_settings = [
-        getattr(read.request, setting.field) if setting.infotext_key in params else gr.skip()
-        for setting in JOB_SETTINGS
+        getattr(read.request, setting.field) if setting.field in named else gr.skip() for setting in JOB_SETTINGS
     ]
     return [*values, clip_skip if 1 <= clip_skip <= MAX_CLIP_SKIP else gr.skip(), *job_settings]
 
