@@ -49,50 +49,46 @@ def seed_noise(seed: int, shape: Sequence[int], source: str = "CPU") -> torch.Te
 
 
 class RandomSource:
-    """One batch's generators, of one of A1111's random sources (RANDOM_SOURCES). They are torch CPU generators
-    whatever the source, as diffusers' pipelines and schedulers take them; with NV, what torch.randn draws from
-    them while `drawing()` is entered comes from NVIDIA's generator for the seed each was last seeded with."""
+    """Where one batch's noise comes from: one of A1111's random sources (RANDOM_SOURCES). Its generators are torch
+    generators whatever the source, as diffusers' pipelines and schedulers take them. With NV, while `drawing()` is
+    entered every torch generator draws as a CUDA one on an NVIDIA card (PhiloxNoise, for the seed it was last
+    seeded with): the batch's own, and those the SDE samplers' Brownian tree makes (torchsde seeds a fresh one
+    for each draw; A1111's tree draws on the card)."""
 
     def __init__(self, name: str = "CPU"):
         if name not in RANDOM_SOURCES:
             raise ValueError(f"random source: got {name!r}; allowed: one of {', '.join(RANDOM_SOURCES)}")
         self.name = name
-        self._nvidia: dict[torch.Generator, PhiloxNoise] = {}
 
     def generators(self, seeds: Sequence[int]) -> list[torch.Generator]:
         """One generator per image, seeded with its seed: an image depends on its own seed alone, whatever the batch."""
-        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
-        if self.name == "NV":
-            self._nvidia.update((generator, PhiloxNoise(generator.initial_seed())) for generator in generators)
-        return generators
-
-    def seed_noise(self, seed: int, shape: Sequence[int]) -> torch.Tensor:
-        return seed_noise(seed, shape, self.name)
+        return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
 
     def drawing(self) -> contextlib.AbstractContextManager:
-        """Entered on the thread that runs the batch, around all of it: with NV, its generators draw NVIDIA's noise
-        there (and on no other thread: torch keeps these modes per thread)."""
-        return _NvidiaDraws(self._nvidia) if self.name == "NV" else contextlib.nullcontext()
+        """Entered on the thread that runs the batch, around all of it: with NV, generators draw NVIDIA's noise there
+        (and on no other thread: torch keeps these modes per thread)."""
+        return _NvidiaDraws() if self.name == "NV" else contextlib.nullcontext()
 
 
 class _NvidiaDraws(TorchFunctionMode):
-    """torch.randn(..., generator=g) for a generator of `noise` draws g's NVIDIA noise instead: the next draw of
-    PhiloxNoise for the seed g was last seeded with (A1111's ENSD seeds the generators anew after the start, and
-    their noise starts anew with it). Every other call runs as it is."""
+    """torch.randn(..., generator=g) draws g's NVIDIA noise instead: the next draw of PhiloxNoise for the seed g was
+    last seeded with (A1111's ENSD seeds the batch's generators anew after the start, and their noise starts anew
+    with it). Every other call runs as it is."""
 
-    def __init__(self, noise: dict[torch.Generator, PhiloxNoise]):
+    def __init__(self):
         super().__init__()
-        self._noise = noise
+        # Each generator drawn from, with its noise; kept for the batch, so that no other generator takes its place.
+        self._noise: dict[torch.Generator, PhiloxNoise] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         generator = kwargs.get("generator")
-        if not isinstance(generator, torch.Generator) or generator not in self._noise:
+        if not isinstance(generator, torch.Generator):
             return func(*args, **kwargs)
         if func is not torch.randn:  # nothing in the pipelines does; drawing CPU numbers would hide it
-            raise RuntimeError(f"NV noise: {getattr(func, '__name__', func)} drew from an image's generator")
-        noise = self._noise[generator]
-        if noise.seed != generator.initial_seed():
+            raise RuntimeError(f"NV noise: {getattr(func, '__name__', func)} drew from a generator")
+        noise = self._noise.get(generator)
+        if noise is None or noise.seed != generator.initial_seed():
             noise = self._noise[generator] = PhiloxNoise(generator.initial_seed())
         size = kwargs.get("size", args[0] if len(args) == 1 and not isinstance(args[0], int) else args)
         drawn = noise.randn(tuple(size))

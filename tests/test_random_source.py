@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.utils.torch_utils import randn_tensor
+from torchsde._brownian.brownian_interval import _randn as torchsde_randn
 
 from engine import GenerationRequest, InvalidRequestError
 from engine.infotext import parse_infotext, parse_infotext_params
@@ -57,6 +58,7 @@ def test_nv_noise_matches_a1111s_nv_source_bit_for_bit():
 
 
 def test_nv_generators_draw_nvidia_noise_in_the_batch_thread_and_start_anew_when_reseeded():
+    """Every generator drawn from in the batch's thread draws as a CUDA generator would."""
     source = RandomSource("NV")
     generators = source.generators([5, 9])
     with source.drawing():
@@ -71,12 +73,15 @@ def test_nv_generators_draw_nvidia_noise_in_the_batch_thread_and_start_anew_when
         reseeded = torch.randn((4, 3, 3), generator=generators[1], dtype=torch.float64)
         with pytest.raises(RuntimeError, match="NV noise: rand drew"):
             torch.rand(3, generator=generators[0])
+        # The SDE samplers' Brownian tree (torchsde) seeds a fresh generator for each draw, on the GPU in A1111.
+        brownian = torchsde_randn((2, 4, 3, 3), torch.float32, torch.device("cpu"), 777)
     five, nine = PhiloxNoise(5), PhiloxNoise(9)
     assert torch.equal(first, torch.stack([five.randn((4, 3, 3)), nine.randn((4, 3, 3))]))
     assert torch.equal(second, torch.stack([five.randn((4, 3, 3)), nine.randn((4, 3, 3))]))
     # Another thread (another user's job) is not drawn for: torch keeps the mode per thread.
     assert torch.equal(elsewhere[0], torch.randn(3, generator=torch.Generator().manual_seed(5)))
     assert reseeded.dtype == torch.float64 and torch.equal(reseeded, PhiloxNoise(109).randn((4, 3, 3)).double())
+    assert torch.equal(brownian, PhiloxNoise(777).randn((2, 4, 3, 3)))
     # The CPU source draws torch's own numbers.
     cpu = RandomSource("CPU")
     with cpu.drawing():
