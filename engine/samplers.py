@@ -639,6 +639,37 @@ class _SigmaNoise:
         return super().multistep_dpm_solver_third_order_update(*args, noise=self._sigma_noise(noise), **kwargs)
 
 
+class _BrownianStepNoise:
+    """A1111's step noise for DPM++ 2M SDE, its Heun variant and 3M SDE (its brownian_noise samplers): the increment of
+    a Brownian tree seeded with the image's seed between the step's two sigmas (k-diffusion's BrownianTreeNoiseSampler,
+    over the pass's whole schedule, as A1111's create_noise_sampler makes it), not a draw from the pass's generator.
+    So the step noise depends on the seed alone (not on ENSD, which A1111 does not apply to these samplers either).
+    Without a seed (`brownian_seed` None) the steps draw from the generator, as diffusers' own."""
+
+    brownian_seed: int | None = None
+    _brownian = None
+
+    def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
+        if (
+            variance_noise is None
+            and self.brownian_seed is not None
+            and self.config.algorithm_type == "sde-dpmsolver++"
+        ):
+            if self.step_index is None:
+                self._init_step_index(timestep)
+            sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
+            if self._brownian is None:
+                positive = self.sigmas[self.sigmas > 0]
+                self._brownian = BrownianTreeNoiseSampler(
+                    sample, positive.min().item(), self.sigmas.max().item(), self.brownian_seed
+                )
+            # The last step (to sigma 0) adds none.
+            variance_noise = self._brownian(sigma, sigma_next) if sigma_next > 0 else torch.zeros_like(sample)
+        return super().step(
+            model_output, timestep, sample, generator=generator, variance_noise=variance_noise, return_dict=return_dict
+        )
+
+
 class DPMSolverMultistepDiscardingScheduler(
     _DiscardPenultimateSigma, _SigmaNoise, diffusers.DPMSolverMultistepScheduler
 ):
@@ -1353,7 +1384,7 @@ def install_step_noise(pipe, scheduler) -> None:
         after_starting_noise(pipe, functools.partial(setattr, scheduler, "noise_generators"))
 
 
-class EtaDPMSolverSDEScheduler(_SigmaNoise, diffusers.DPMSolverMultistepScheduler):
+class EtaDPMSolverSDEScheduler(_BrownianStepNoise, _SigmaNoise, diffusers.DPMSolverMultistepScheduler):
     """DPM++ 2M SDE (and its Heun variant) with A1111's eta (k-diffusion's sample_dpmpp_2m_sde): with eta_h = eta * h,
     a step keeps the sample times sigma_t / sigma_s * exp(-eta_h), moves towards the prediction by
     1 - exp(-h - eta_h) (plus its midpoint or Heun correction) and adds noise of sigma_t * sqrt(1 - exp(-2 eta_h)).
@@ -1468,7 +1499,9 @@ class EtaDPMppSDEScheduler(diffusers.DPMSolverSDEScheduler):
         return DPMSolverSDESchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
 
 
-class KDiffusion3MSDEScheduler(_DiscardPenultimateSigma, _SigmaNoise, diffusers.DPMSolverMultistepScheduler):
+class KDiffusion3MSDEScheduler(
+    _BrownianStepNoise, _DiscardPenultimateSigma, _SigmaNoise, diffusers.DPMSolverMultistepScheduler
+):
     """DPM++ 3M SDE as k-diffusion's sample_dpmpp_3m_sde, which A1111 runs, with its eta, in diffusers' variance-
     preserving latents. With h the step in log(alpha / sigma) and h_eta = (1 + eta) h, a step keeps the sample
     times sigma_t / sigma_s * exp(-eta h), moves towards the prediction D0 by 1 - exp(-h_eta), adds
@@ -1632,6 +1665,8 @@ def build_scheduler(
         scheduler.s_noise = float(s_noise)
     if isinstance(scheduler, _SigmaChurn):
         scheduler.churn = churn
+    if isinstance(scheduler, _BrownianStepNoise):
+        scheduler.brownian_seed = seed
     if isinstance(scheduler, _A1111Start):
         scheduler.sgm_noise_multiplier = bool(sgm_noise_multiplier)
     if isinstance(scheduler, _A1111Timesteps):

@@ -468,8 +468,9 @@ def test_dpmpp_sde_takes_a1111s_eta_and_sigma_noise(eta, s_noise):
     assert torch.allclose(latent, expected, atol=1e-4), (latent - expected).abs().max()
 
 
-def a1111_dpmpp_3m_sde(eps_model, x, sigmas, timesteps, eta, noises, s_noise=1.0):
-    """k-diffusion's sample_dpmpp_3m_sde, as A1111 runs DPM++ 3M SDE, with `noises[i]` as step i's noise."""
+def a1111_dpmpp_3m_sde(eps_model, x, sigmas, timesteps, eta, noise_sampler, s_noise=1.0):
+    """k-diffusion's sample_dpmpp_3m_sde, as A1111 runs DPM++ 3M SDE, with `noise_sampler(sigma, sigma_next)` as a
+    step's noise."""
     denoised_1 = denoised_2 = h_1 = h_2 = None
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:], strict=True)):
         denoised = x - sigma * eps_model((x / (sigma**2 + 1).sqrt()).float(), timesteps[i]).double()
@@ -494,7 +495,8 @@ def a1111_dpmpp_3m_sde(eps_model, x, sigmas, timesteps, eta, noises, s_noise=1.0
                 d = (denoised - denoised_1) / (h_1 / h)
                 x = x + (h_eta.neg().expm1() / h_eta + 1) * d
             if eta:
-                x = x + noises[i].double() * sigma_next * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+                noise = noise_sampler(sigma, sigma_next).double()
+                x = x + noise * sigma_next * (-2 * h * eta).expm1().neg().sqrt() * s_noise
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
     return x.float()
@@ -506,20 +508,76 @@ def test_dpmpp_3m_sde_is_k_diffusions_at_every_eta(eta, s_noise, steps):
         return 0.3 * latent * (1 + float(timestep) / 1000) + 0.1 * torch.sin(3 * latent)
 
     shape = (1, 4, 8, 8)
-    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "DPM++ 3M SDE", "Automatic", eta=eta, s_noise=s_noise)
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "DPM++ 3M SDE", "Automatic", seed=9, eta=eta, s_noise=s_noise)
+    latent, expected = _sde_pass_and_k_diffusions(scheduler, shape, steps, a1111_dpmpp_3m_sde, eta, s_noise)
+    assert torch.allclose(latent, expected, atol=1e-4), (latent - expected).abs().max()
+
+
+def _sde_pass_and_k_diffusions(scheduler, shape, steps, reference, eta, s_noise, **options):
+    """A pass of `scheduler` (one of A1111's Brownian-noise samplers, built with seed 9) over a stand-in UNet, and what
+    k-diffusion's `reference` sampler makes from the same start with A1111's noise sampler: a Brownian tree seeded
+    with the image's seed over the schedule's sigmas (held in float32, as A1111 holds them)."""
+    from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+
+    def eps_model(latent, timestep):
+        return 0.3 * latent * (1 + float(timestep) / 1000) + 0.1 * torch.sin(3 * latent)
+
     scheduler.set_timesteps(steps)
     start = torch.randn(shape, generator=torch.Generator().manual_seed(5))
-    generator = torch.Generator().manual_seed(7)
-    noises = [torch.randn(shape, generator=generator) for _ in scheduler.timesteps]
-    generator = torch.Generator().manual_seed(7)
     latent = start * scheduler.init_noise_sigma
+    generator = torch.Generator().manual_seed(7)  # handed over as a pipeline does; the noise does not come from it
     for timestep in scheduler.timesteps:
         model_input = scheduler.scale_model_input(latent, timestep)
         latent = scheduler.step(eps_model(model_input, timestep), timestep, latent, generator=generator).prev_sample
+    positive = scheduler.sigmas[scheduler.sigmas > 0]
+    # The tree is made on the first step's sample: the start in diffusers' (variance-preserving) latents.
+    tree = BrownianTreeNoiseSampler(
+        start * scheduler.init_noise_sigma, positive.min().item(), scheduler.sigmas.max().item(), 9
+    )
+
+    def noise_sampler(sigma, sigma_next):
+        return tree(sigma.float(), sigma_next.float())
+
     sigmas = scheduler.sigmas.double()
     # A1111's start, noise x sigma_max (k-diffusion's variance-exploding x, which is diffusers' latent / alpha).
-    expected = a1111_dpmpp_3m_sde(
-        eps_model, start.double() * sigmas[0], sigmas, scheduler.timesteps, eta, noises, s_noise
+    x = start.double() * sigmas[0]
+    return latent, reference(eps_model, x, sigmas, scheduler.timesteps, eta, noise_sampler, s_noise, **options)
+
+
+def a1111_dpmpp_2m_sde(eps_model, x, sigmas, timesteps, eta, noise_sampler, s_noise=1.0, solver_type="midpoint"):
+    """k-diffusion's sample_dpmpp_2m_sde, as A1111 runs DPM++ 2M SDE (midpoint) and DPM++ 2M SDE Heun."""
+    old_denoised = h_last = None
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:], strict=True)):
+        denoised = x - sigma * eps_model((x / (sigma**2 + 1).sqrt()).float(), timesteps[i]).double()
+        h = None
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = sigma.log() - sigma_next.log()
+            eta_h = eta * h
+            x = sigma_next / sigma * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * denoised
+            if old_denoised is not None:
+                r = h_last / h
+                if solver_type == "heun":
+                    weight = (-h - eta_h).expm1().neg() / (-h - eta_h) + 1
+                else:
+                    weight = 0.5 * (-h - eta_h).expm1().neg()
+                x = x + weight * (1 / r) * (denoised - old_denoised)
+            if eta:
+                noise = noise_sampler(sigma, sigma_next).double()
+                x = x + noise * sigma_next * (-2 * eta_h).expm1().neg().sqrt() * s_noise
+        old_denoised, h_last = denoised, h
+    return x.float()
+
+
+@pytest.mark.parametrize("sampler", ["DPM++ 2M SDE", "DPM++ 2M SDE Heun"])
+@pytest.mark.parametrize(("eta", "s_noise"), [(1.0, 1.0), (0.5, 1.0), (1.0, 0.6)])
+def test_dpmpp_2m_sde_is_k_diffusions_with_a1111s_brownian_noise(sampler, eta, s_noise):
+    shape, steps = (1, 4, 8, 8), 20
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, sampler, "Automatic", seed=9, eta=eta, s_noise=s_noise)
+    solver_type = "heun" if sampler.endswith("Heun") else "midpoint"
+    latent, expected = _sde_pass_and_k_diffusions(
+        scheduler, shape, steps, a1111_dpmpp_2m_sde, eta, s_noise, solver_type=solver_type
     )
     assert torch.allclose(latent, expected, atol=1e-4), (latent - expected).abs().max()
 
