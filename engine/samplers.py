@@ -19,6 +19,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler, DPMSolverSDESchedulerOutput
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
+from diffusers.schedulers.scheduling_k_dpm_2_ancestral_discrete import KDPM2AncestralDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -105,14 +106,14 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
     ),
     SamplerSpec(
         "DPM++ 2S a",
-        "DPMSolverSinglestepScheduler",
-        # lower_order_final as diffusers would switch it on at set_timesteps (with a warning each job).
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "lower_order_final": True},
+        "KDPM2AncestralDiscreteScheduler",  # its two calls a step, with A1111DPMpp2SAncestralScheduler's updates
+        {},
         "Karras",
         ("k_dpmpp_2s_a",),
-        note="diffusers has no ancestral 2S solver; this is its deterministic single-step DPM++ 2S",
+        eta_default=1.0,
         uses_ensd=True,
         second_order=True,
+        takes_s_noise=True,
     ),
     SamplerSpec(
         "DPM++ 3M SDE",
@@ -577,12 +578,12 @@ class KDPM2DiscardingScheduler(_DiscardPenultimateSigma, diffusers.KDPM2Discrete
     pass
 
 
-class KDPM2AncestralDiscardingScheduler(_DiscardPenultimateSigma, diffusers.KDPM2AncestralDiscreteScheduler):
-    """DPM2 a with A1111's eta (k-diffusion's sample_dpm_2_ancestral): each step goes down to sigma_down, through
-    the midpoint between sigma and sigma_down, and adds fresh noise of sigma_up, both from get_ancestral_step as in
-    Euler a. diffusers builds these arrays at eta 1 in set_timesteps; another eta rebuilds them (and the midpoints'
-    timesteps) from the same schedule. At eta 0 this is DPM2. The eta is the instance's, as Euler a's is, and so is
-    A1111's sigma noise, which scales the fresh noise (sigma_up here is used for nothing else)."""
+class _AncestralMidpoints:
+    """Ancestral steps through a midpoint, with A1111's eta, on diffusers' KDPM2AncestralDiscreteScheduler: each step
+    goes down to sigma_down, through the midpoint between sigma and sigma_down (in log sigma), and adds fresh noise
+    of sigma_up, both from get_ancestral_step as in Euler a. diffusers builds these arrays at eta 1 in set_timesteps;
+    another eta rebuilds them (and the midpoints' timesteps) from the same schedule. The eta is the instance's, as
+    Euler a's is, and so is A1111's sigma noise, which scales the fresh noise (sigma_up is used for nothing else)."""
 
     eta = 1.0
     s_noise = 1.0
@@ -618,6 +619,50 @@ class KDPM2AncestralDiscardingScheduler(_DiscardPenultimateSigma, diffusers.KDPM
         ).to(timesteps.device, dtype=timesteps.dtype)
         interleaved = torch.stack((timesteps_interpol[:-2, None], timesteps[1:, None]), dim=-1).flatten()
         self.timesteps = torch.cat([timesteps[:1], interleaved])
+
+
+class KDPM2AncestralDiscardingScheduler(
+    _AncestralMidpoints, _DiscardPenultimateSigma, diffusers.KDPM2AncestralDiscreteScheduler
+):
+    """DPM2 a with A1111's eta (k-diffusion's sample_dpm_2_ancestral): an Euler step to the midpoint, and from the step's
+    start to sigma_down on the midpoint's slope (_AncestralMidpoints). At eta 0 this is DPM2."""
+
+
+class A1111DPMpp2SAncestralScheduler(_AncestralMidpoints, diffusers.KDPM2AncestralDiscreteScheduler):
+    """DPM++ 2S a as A1111 runs it (k-diffusion's sample_dpmpp_2s_ancestral; diffusers has no ancestral 2S solver): the
+    steps of DPM2 a (_AncestralMidpoints: the model asked at sigma and at the midpoint between sigma and sigma_down,
+    then the step's noise of sigma_up, drawn from the pass's generator as A1111 draws it), with DPM-Solver++'s
+    exponential-integrator updates: x_mid = (s_mid / s) x + (1 - s_mid / s) D(x, s), then x = (s_down / s) x +
+    (1 - s_down / s) D(x_mid, s_mid). The last step (to 0) is an Euler step, with one model call."""
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        first_half = self.state_in_first_order
+        index = self.step_index if first_half else self.step_index - 1  # diffusers' arrays hold each step twice
+        sigma, sigma_mid = self.sigmas[index], self.sigmas_interpol[index]
+        sigma_in = sigma if first_half else sigma_mid  # the noise level the model saw
+        if self.config.prediction_type == "v_prediction":
+            denoised = model_output * (-sigma_in / (sigma_in**2 + 1) ** 0.5) + sample / (sigma_in**2 + 1)
+        else:
+            denoised = sample - sigma_in * model_output
+        if first_half:
+            # To the midpoint (to 0 on the last step, where the midpoint is 0: an Euler step gives the prediction).
+            ratio = sigma_mid / sigma
+            self.sample = sample
+            prev_sample = ratio * sample + (1 - ratio) * denoised
+        else:
+            ratio = self.sigmas_down[index] / sigma
+            prev_sample = ratio * self.sample + (1 - ratio) * denoised
+            self.sample = None
+            noise = randn_tensor(
+                model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
+            )
+            prev_sample = prev_sample + noise * self.sigmas_up[index]
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample, denoised)
+        return KDPM2AncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
 
 
 class _SigmaNoise:
@@ -1555,6 +1600,7 @@ class KDiffusion3MSDEScheduler(
 _A1111_CLASSES = {
     "LCM": A1111LCMScheduler,
     "Euler a": EtaEulerAncestralScheduler,
+    "DPM++ 2S a": A1111DPMpp2SAncestralScheduler,
     "DPM++ 2M SDE": EtaDPMSolverSDEScheduler,
     "DPM++ 2M SDE Heun": EtaDPMSolverSDEScheduler,
     "DPM++ SDE": EtaDPMppSDEScheduler,
@@ -1562,12 +1608,12 @@ _A1111_CLASSES = {
 }
 _ETA_CLASSES = (
     EtaEulerAncestralScheduler,
-    KDPM2AncestralDiscardingScheduler,
+    _AncestralMidpoints,
     EtaDPMSolverSDEScheduler,
     EtaDPMppSDEScheduler,
     KDiffusion3MSDEScheduler,
 )
-_SIGMA_NOISE_CLASSES = (KDPM2AncestralDiscardingScheduler, _SigmaNoise, EtaDPMppSDEScheduler, _SigmaChurn)
+_SIGMA_NOISE_CLASSES = (_AncestralMidpoints, _SigmaNoise, EtaDPMppSDEScheduler, _SigmaChurn)
 # The samplers A1111's sigma churn runs on here, by diffusers' scheduler class.
 _CHURNING = {
     "EulerDiscreteScheduler": _EulerChurn,

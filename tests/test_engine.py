@@ -387,25 +387,77 @@ def a1111_euler_ancestral(eps_model, noise, noises, sigmas, timesteps, eta):
     return x.float()
 
 
-@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
-def test_euler_a_takes_a1111s_eta(eta):
-    def eps_model(latent, timestep):
-        return 0.3 * latent * (1 + float(timestep) / 1000) + 0.1 * torch.sin(3 * latent)
+def stand_in_eps(latent, timestep):
+    """A fixed stand-in for the UNet: the samplers must agree step by step on what they ask it and do with it."""
+    return 0.3 * latent * (1 + float(timestep) / 1000) + 0.1 * torch.sin(3 * latent)
 
-    shape, steps = (1, 4, 8, 8), 10
+
+def pass_drawing_step_noise(scheduler, steps: int, shape=(1, 4, 8, 8)):
+    """A pass of `scheduler` over stand_in_eps whose starting noise and steps' noise come from one generator (seed 5),
+    as a pipeline draws them; the result, the starting noise, and the draws after it, one a step."""
     generator = torch.Generator().manual_seed(5)
     noise = torch.randn(shape, generator=generator)
     noises = [torch.randn(shape, generator=generator) for _ in range(steps)]
-    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "Euler a", "Automatic", eta=eta)
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(5)
     latent = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
     for timestep in scheduler.timesteps:
         model_input = scheduler.scale_model_input(latent, timestep)
-        latent = scheduler.step(eps_model(model_input, timestep), timestep, latent, generator=generator).prev_sample
+        latent = scheduler.step(stand_in_eps(model_input, timestep), timestep, latent, generator=generator).prev_sample
+    return latent, noise, noises
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_euler_a_takes_a1111s_eta(eta):
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "Euler a", "Automatic", eta=eta)
+    latent, noise, noises = pass_drawing_step_noise(scheduler, 10)
     sigmas = scheduler.sigmas.double()
-    expected = a1111_euler_ancestral(eps_model, noise, noises, sigmas, scheduler.timesteps, eta)
+    expected = a1111_euler_ancestral(stand_in_eps, noise, noises, sigmas, scheduler.timesteps, eta)
     assert torch.allclose(latent, expected, atol=1e-4)
+
+
+def a1111_dpmpp_2s_ancestral(eps_model, x, sigmas, timesteps, eta, noises, s_noise=1.0):
+    """k-diffusion's sample_dpmpp_2s_ancestral, as A1111 runs DPM++ 2S a, in its t = -log(sigma); `timesteps` are those
+    the model is called with (two a step but the last), `noises[i]` step i's noise."""
+    calls = iter(timesteps)
+
+    def denoise(x, sigma):
+        return x - sigma * eps_model((x / (sigma**2 + 1).sqrt()).float(), next(calls)).double()
+
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:], strict=True)):
+        denoised = denoise(x, sigma)
+        up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+        down = (sigma_next**2 - up**2) ** 0.5
+        if down == 0:
+            x = x + (x - denoised) / sigma * (down - sigma)
+        else:
+            t, t_next = -sigma.log(), -down.log()
+            h = t_next - t
+            s = t + h / 2
+            x_2 = ((-s).exp() / (-t).exp()) * x - (-h / 2).expm1() * denoised
+            denoised_2 = denoise(x_2, (-s).exp())
+            x = ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * denoised_2
+        if sigma_next > 0:
+            x = x + noises[i].double() * s_noise * up
+    return x.float()
+
+
+@pytest.mark.parametrize(
+    ("eta", "s_noise", "schedule"), [(1.0, 1.0, "Automatic"), (0.5, 0.8, "Karras"), (0.0, 1.0, "Exponential")]
+)
+def test_dpmpp_2s_a_is_k_diffusions_ancestral_sampler(eta, s_noise, schedule):
+    """A1111's DPM++ 2S a: two model calls a step (at sigma and at the midpoint towards sigma_down), DPM-Solver++'s
+    updates, and each step's noise drawn from the pass's generator after the starting noise."""
+
+    steps = 8
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "DPM++ 2S a", schedule, eta=eta, s_noise=s_noise)
+    latent, noise, noises = pass_drawing_step_noise(scheduler, steps)
+    sigmas = torch.cat([scheduler.sigmas[:1], scheduler.sigmas[1:-1:2]]).double()  # each step's, held twice there
+    assert len(sigmas) == steps + 1 and len(scheduler.timesteps) == 2 * steps - 1
+    expected = a1111_dpmpp_2s_ancestral(
+        stand_in_eps, noise.double() * sigmas[0], sigmas, scheduler.timesteps, eta, noises, s_noise
+    )
+    assert torch.allclose(latent, expected, atol=1e-4), (latent - expected).abs().max()
 
 
 def a1111_dpmpp_sde(eps_model, x, sigmas, timesteps, eta, noise_sampler, s_noise=1.0):

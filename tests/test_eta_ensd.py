@@ -60,6 +60,18 @@ def test_dpm2_a_at_eta_0_is_dpm2_and_its_eta_reads_back(micro_engine):
     assert same(list(micro_engine.generate(parse_infotext(half.infotexts[0])))[-1], half)
 
 
+def test_dpmpp_2s_a_adds_noise_from_the_ensd_seed_and_its_eta_reads_back(micro_engine):
+    """A1111's DPM++ 2S a is ancestral (checked step by step in test_engine.py): its steps' noise comes from seed + ENSD,
+    and A1111 writes ENSD for it; at eta 0 it adds none."""
+    default = generate(micro_engine, sampler_name="DPM++ 2S a")
+    delta = generate(micro_engine, sampler_name="DPM++ 2S a", eta_noise_seed_delta=31337)
+    assert not same(delta, default) and parse_infotext_params(delta.infotexts[0])["ENSD"] == "31337"
+    assert same(list(micro_engine.generate(parse_infotext(delta.infotexts[0])))[-1], delta)
+    still = generate(micro_engine, sampler_name="DPM++ 2S a", eta=0)
+    assert not same(still, default) and parse_infotext_params(still.infotexts[0])["Eta"] == "0"
+    assert same(generate(micro_engine, sampler_name="DPM++ 2S a", eta=0, eta_noise_seed_delta=31337), still)
+
+
 @pytest.mark.parametrize("sampler", ["DPM++ 2M SDE", "DPM++ 2M SDE Heun"])
 def test_dpmpp_2m_sde_takes_eta_and_at_0_adds_no_noise(micro_engine, sampler):
     default = generate(micro_engine, sampler_name=sampler)

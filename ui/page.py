@@ -335,13 +335,13 @@ def build_page(engine, settings=None) -> gr.Blocks:
                         1,
                         value=1,
                         step=0.01,
-                        label="Eta for ancestral and SDE samplers (Euler a, DPM2 a, DPM++ SDE, 2M SDE, 3M SDE)",
+                        label="Eta for ancestral and SDE samplers (Euler a, DPM2 a, DPM++ 2S a, SDE, 2M SDE, 3M SDE)",
                         elem_id="setting_eta_ancestral",
                     )
                     eta_ddim = FieldSlider(0, 1, value=0, step=0.01, label="Eta for DDIM", elem_id="setting_eta_ddim")
                     job_widgets["s_noise"] = _job_setting_widget(
                         "s_noise",
-                        "Sigma noise (DPM2 a, DPM++ SDE, 2M SDE, 3M SDE; sigma churn)",
+                        "Sigma noise (DPM2 a, DPM++ 2S a, SDE, 2M SDE, 3M SDE; sigma churn)",
                         info="A1111's s_noise: scales the fresh noise their steps add. 1: as drawn.",
                         step=0.001,
                     )
