@@ -407,6 +407,35 @@ def pass_drawing_step_noise(scheduler, steps: int, shape=(1, 4, 8, 8)):
     return latent, noise, noises
 
 
+def a1111_dpmpp_2m(eps_model, x, sigmas, timesteps):
+    """k-diffusion's sample_dpmpp_2m, as A1111 runs DPM++ 2M: second order from the second step on, first order to 0."""
+    old_denoised = None
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:], strict=True)):
+        denoised = x - sigma * eps_model((x / (sigma**2 + 1).sqrt()).float(), timesteps[i]).double()
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = sigma.log() - sigma_next.log()
+            if old_denoised is None:
+                blended = denoised
+            else:
+                r = (sigmas[i - 1].log() - sigma.log()) / h
+                blended = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (sigma_next / sigma) * x - (-h).expm1() * blended
+        old_denoised = denoised
+    return x.float()
+
+
+@pytest.mark.parametrize(("steps", "schedule"), [(6, "Karras"), (10, "Exponential"), (20, "Karras"), (20, "Uniform")])
+def test_dpmpp_2m_is_k_diffusions(steps, schedule):
+    # Few steps too: diffusers' lower_order_final makes only the last step (to 0) first order, as k-diffusion does.
+    scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "DPM++ 2M", schedule)
+    latent, noise, _ = pass_drawing_step_noise(scheduler, steps)
+    sigmas = scheduler.sigmas.double()
+    expected = a1111_dpmpp_2m(stand_in_eps, noise.double() * sigmas[0], sigmas, scheduler.timesteps)
+    assert torch.allclose(latent, expected, atol=1e-4), (latent - expected).abs().max()
+
+
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 def test_euler_a_takes_a1111s_eta(eta):
     scheduler = build_scheduler(SD_SCHEDULER_CONFIG, "Euler a", "Automatic", eta=eta)
