@@ -118,16 +118,24 @@ class BatchOutcome:
 
 
 def _scheduler_for(
-    req: GenerationRequest, model, sampler_name: str, schedule: str, seed: int, *, first_pass=True, picture_calls=0
+    req: GenerationRequest,
+    model,
+    sampler_name: str,
+    schedule: str,
+    seeds: list[int],
+    *,
+    first_pass=True,
+    picture_calls=0,
 ):
     """A pass's scheduler, with the job's eta, sigma noise, schedule min/max sigma and rho, sigma churn, discarding of
     the next-to-last sigma and noise levels; the SGM noise multiplier where A1111 applies it, to txt2img's first pass
-    (a pass from a picture adds its noise to it). `picture_calls`: the sampling steps of a pass from a picture."""
+    (a pass from a picture adds its noise to it). `seeds`: the batch's, one Brownian tree each (the SDE samplers).
+    `picture_calls`: the sampling steps of a pass from a picture."""
     return build_scheduler(
         model.scheduler_config,
         sampler_name,
         schedule,
-        seed=seed,
+        seed=list(seeds),
         eta=req.eta,
         s_noise=req.s_noise,
         schedule_shape=ScheduleShape(req.sigma_min, req.sigma_max, req.rho, req.beta_dist_alpha, req.beta_dist_beta),
@@ -197,7 +205,7 @@ def _sample_batch(
         if req.mode == "txt2img"
         else picture.sampling
     )
-    scheduler = _scheduler_for(req, model, req.sampler_name, req.scheduler, seeds[0], picture_calls=sampling_steps)
+    scheduler = _scheduler_for(req, model, req.sampler_name, req.scheduler, seeds, picture_calls=sampling_steps)
     recorder = StepRecorder(scheduler, model.prediction_type)
     composed: list[ComposedGuidance] = []  # the UNet stand-in of each pass, for a prompt with AND
     switches: list[RefinerSwitch] = []  # the refiner's stand-in for the pass it joins
@@ -342,7 +350,7 @@ def _sample_batch(
         wrap_unet = stand_ins.for_pass(model, conditioning, refiner, hr_sampler, hires_sampling_steps)
         current_conditioning = conditioning.at(0)
         scheduler = _scheduler_for(
-            req, model, hr_sampler, hr_schedule, seeds[0], first_pass=False, picture_calls=hires_sampling_steps
+            req, model, hr_sampler, hr_schedule, seeds, first_pass=False, picture_calls=hires_sampling_steps
         )
         recorder = StepRecorder(scheduler, model.prediction_type)
         hires_pipe = model.pipeline_for("img2img", scheduler, traced=not req.tiling, wrap_unet=wrap_unet, vae=vae)

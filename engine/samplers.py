@@ -689,9 +689,10 @@ class _BrownianStepNoise:
     a Brownian tree seeded with the image's seed between the step's two sigmas (k-diffusion's BrownianTreeNoiseSampler,
     over the pass's whole schedule, as A1111's create_noise_sampler makes it), not a draw from the pass's generator.
     So the step noise depends on the seed alone (not on ENSD, which A1111 does not apply to these samplers either).
-    Without a seed (`brownian_seed` None) the steps draw from the generator, as diffusers' own."""
+    `brownian_seed` is the batch's seeds (one tree each, as A1111's BatchedBrownianTree) or one seed for the whole
+    sample; without it (None) the steps draw from the generator, as diffusers' own."""
 
-    brownian_seed: int | None = None
+    brownian_seed: int | list[int] | None = None
     _brownian = None
 
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
@@ -1626,7 +1627,7 @@ def build_scheduler(
     base_config: dict[str, Any],
     sampler_name: str,
     schedule: str,
-    seed: int | None = None,
+    seed: int | list[int] | None = None,
     eta: float | None = None,
     s_noise: float = 1.0,
     schedule_shape: ScheduleShape = ScheduleShape(),
@@ -1639,7 +1640,8 @@ def build_scheduler(
     picture_calls: int = 0,
     unipc: UniPCSettings = UniPCSettings(),
 ):
-    """A new scheduler instance for one job; `base_config` is the model's own scheduler config. `eta` is that of
+    """A new scheduler instance for one job; `base_config` is the model's own scheduler config. `seed` is the pass's
+    image seeds (or one seed), from which the SDE samplers grow their Brownian trees, one an image. `eta` is that of
     Euler a, DPM2 a and the DPM++ SDE samplers (None: 1); DDIM takes its eta from the pipeline call. `s_noise` is
     A1111's sigma noise, for the samplers that take it (SamplerSpec.takes_s_noise). `schedule_shape` is A1111's
     schedule min sigma, max sigma and rho (0: the schedule's own; RANGED_SCHEDULES take them) and Beta's alpha and

@@ -625,6 +625,27 @@ def _sde_pass_and_k_diffusions(scheduler, shape, steps, reference, eta, s_noise,
     return latent, reference(eps_model, x, sigmas, scheduler.timesteps, eta, noise_sampler, s_noise, **options)
 
 
+@pytest.mark.parametrize("sampler", ["DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE"])
+def test_a_batched_sde_pass_gives_each_image_its_own_seeds_brownian_tree(sampler):
+    """A1111 grows one Brownian tree per image seed (BatchedBrownianTree), so an image comes out the same whatever
+    batch it is sampled in (as on a GPU, where a batch runs in one pass)."""
+
+    def run(starts, seeds):
+        scheduler = build_scheduler(SD_SCHEDULER_CONFIG, sampler, "Automatic", seed=seeds)
+        scheduler.set_timesteps(6)
+        latent = starts * scheduler.init_noise_sigma
+        for timestep in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(latent, timestep)
+            latent = scheduler.step(stand_in_eps(model_input, timestep), timestep, latent).prev_sample
+        return latent
+
+    starts = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+    batched = run(starts, [9, 10])
+    assert torch.allclose(batched[1:], run(starts[1:], [10]), atol=1e-5)
+    assert torch.allclose(batched[:1], run(starts[:1], [9]), atol=1e-5)
+    assert not torch.allclose(run(starts[1:], [9]), batched[1:], atol=1e-3)  # the seed, not the place, decides
+
+
 def a1111_dpmpp_2m_sde(eps_model, x, sigmas, timesteps, eta, noise_sampler, s_noise=1.0, solver_type="midpoint"):
     """k-diffusion's sample_dpmpp_2m_sde, as A1111 runs DPM++ 2M SDE (midpoint) and DPM++ 2M SDE Heun."""
     old_denoised = h_last = None
