@@ -313,3 +313,18 @@ def test_png_info_send_sets_the_sessions_ensd_and_eta_from_the_infotext():
         skip_early_cond=0.2,
         inpainting_mask_weight=0.4,
     )
+    # The random source: the text's RNG; an A1111 text naming none (its default GPU source) sets NV.
+    assert sent(text + ", RNG: CPU")[3:] == job_settings(eta_noise_seed_delta=31337, randn_source="CPU")
+    assert sent(text + ", Version: v1.10.1")[3:] == job_settings(eta_noise_seed_delta=31337, randn_source="NV")
+
+
+def test_png_info_send_says_which_of_the_sessions_settings_the_text_sets(engine, capsys):
+    from ui.page import _send_png_info
+
+    text = "a cat\nSteps: 4, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 64x64, ENSD: 31337, Version: v1.10.1"
+    # Outside a page event gradio prints its info; on the page it is a toast.
+    _send_png_info(None, text, target_mode="txt2img", engine=engine)
+    said = capsys.readouterr().out
+    assert "Set from the text as this session's settings (Settings tab): ENSD: 31337, RNG: NV" in said
+    _send_png_info(None, text.replace(", ENSD: 31337, Version: v1.10.1", ""), target_mode="txt2img", engine=engine)
+    assert "Set from the text" not in capsys.readouterr().out

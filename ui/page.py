@@ -2638,6 +2638,15 @@ def _send_png_info(path: str | None, text: str, *, target_mode: str, engine):
     if unread:
         listed = ", ".join(f"{key}: {value}" for key, value in unread.items())
         gr.Warning(f"Not set from the text (not run here, or an extension's), so the picture may differ: {listed}")
+    named = named_job_settings(read.params)
+    if named:
+        # They stay the session's (and this browser's) for the jobs after this one too: say which.
+        listed = ", ".join(
+            f"{setting.infotext_key}: {getattr(read.request, setting.field)}"
+            for setting in JOB_SETTINGS
+            if setting.field in named
+        )
+        gr.Info(f"Set from the text as this session's settings (Settings tab): {listed}")
     values = _settings_from_infotext(read, with_denoising=target_mode != "txt2img")
     variation = [*_variation_from_infotext(read), read.request.tiling]
     refiner = [
