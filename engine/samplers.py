@@ -19,6 +19,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler, DPMSolverSDESchedulerOutput
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
+from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_k_dpm_2_ancestral_discrete import KDPM2AncestralDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
@@ -52,7 +53,7 @@ class SamplerSpec:
     eta_key: str = "Eta"
     # A1111's setting (and this engine's page setting) that holds it: eta_ancestral or eta_ddim.
     eta_option: str = "eta_ancestral"
-    # A1111 writes "ENSD" in infotext for this sampler (its uses_ensd samplers), when eta is not 0.
+    # The infotext writes "ENSD" for this sampler, when eta is not 0: A1111's uses_ensd samplers, and Restart.
     uses_ensd: bool = False
     # A1111's second_order samplers, which it counts as two model calls a step (its total_steps).
     second_order: bool = False
@@ -172,6 +173,15 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         uses_ensd=True,
         second_order=True,
         takes_s_noise=True,
+    ),
+    SamplerSpec(
+        "Restart",
+        "HeunDiscreteScheduler",  # its schedule; A1111RestartScheduler takes the steps
+        {},
+        "Karras",
+        ("restart",),
+        uses_ensd=True,  # its restarts draw from seed + ENSD; A1111 does not write it, so its texts cannot say so
+        second_order=True,
     ),
     SamplerSpec(
         "DDIM",
@@ -1381,6 +1391,114 @@ class _DPM2Churn(_SigmaChurn):
         return start + derivative * (self.sigmas[index].double() - sigma_hat), denoised
 
 
+# A1111's Restart (sd_samplers_extra.restart_sampler): from this many steps on, a pass restarts once; from the second,
+# twice, with a quarter of its steps each time.
+RESTART_FROM_STEPS, RESTART_TWICE_FROM_STEPS = 20, 36
+# Where it goes back up from and to (the schedule's sigmas nearest these), and its steps down again below twice.
+RESTART_LOW_SIGMA, RESTART_HIGH_SIGMA, RESTART_STEPS = 0.1, 2.0, 9
+
+
+def _karras_float32(count: int, lowest: float, highest: float) -> torch.Tensor:
+    """k-diffusion's get_sigmas_karras (rho 7) in float32 as A1111 runs it: `count` sigmas from `highest` to `lowest`,
+    then 0."""
+    ramp = torch.linspace(0, 1, count)
+    low, high = lowest ** (1 / 7.0), highest ** (1 / 7.0)
+    return torch.cat([(high + ramp * (low - high)) ** 7.0, torch.zeros(1)])
+
+
+def restart_pairs(sigmas: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (from, to) sigma of each Heun step A1111's Restart takes over a pass's `sigmas` (float32, ending in 0): with
+    fewer than RESTART_FROM_STEPS steps the sigmas as they are; from there the sigmas are made anew by Karras's formula
+    between the pass's ends for the steps not spent restarting, and once the pass reaches the sigma nearest 0.1 it
+    goes back to the one nearest 2 and down again in RESTART_STEPS steps (steps // 4 each, twice, from 36 steps).
+    The step count stays the pass's."""
+    steps = len(sigmas) - 1
+    restarts, restart_steps = 0, 0
+    if steps >= RESTART_FROM_STEPS:
+        restarts, restart_steps = (2, steps // 4) if steps >= RESTART_TWICE_FROM_STEPS else (1, RESTART_STEPS)
+        sigmas = _karras_float32(steps - restart_steps * restarts, sigmas[-2].item(), sigmas[0].item())
+    low = int(torch.argmin(abs(sigmas - RESTART_LOW_SIGMA)))
+    high = int(torch.argmin(abs(sigmas - RESTART_HIGH_SIGMA)))
+    pairs = []
+    for index in range(len(sigmas) - 1):
+        pairs.append((sigmas[index], sigmas[index + 1]))
+        if restarts and index + 1 == low and high < low:
+            again = _karras_float32(restart_steps + 1, sigmas[low].item(), sigmas[high].item())[:-1]
+            pairs.extend(list(zip(again[:-1], again[1:], strict=True)) * restarts)
+    return pairs
+
+
+class A1111RestartScheduler(diffusers.HeunDiscreteScheduler):
+    """Restart as A1111 samples it (its sd_samplers_extra.restart_sampler, after "Restart Sampling for Improving
+    Generative Processes", 2023): Heun steps (an Euler step to 0) over the pass's sigmas (restart_pairs); where a step
+    starts above the sigma the last one ended at, fresh noise of sqrt(high^2 - low^2) is added first, drawn from the
+    pass's generator as A1111 draws it. diffusers makes the schedule (any schedule type); the steps and model calls are
+    made here. A pass from a picture runs restart_pairs over the last `picture_calls` steps of the schedule, as A1111
+    runs its sigma_sched, and keeps the schedule's length, of which a pipeline runs the last."""
+
+    picture_calls = 0
+    s_noise = 1.0
+
+    def set_timesteps(self, num_inference_steps, device=None, *args, **kwargs):
+        super().set_timesteps(num_inference_steps, device, *args, **kwargs)
+        # Heun holds each step's sigma twice, after the first; A1111 holds them in float32.
+        sigmas = torch.cat([self.sigmas[:1], self.sigmas[1::2]]).float().cpu()
+        if self.picture_calls:
+            sigmas = sigmas[-(self.picture_calls + 1) :]
+        self._pairs = restart_pairs(sigmas)
+        # Each model call: its sigma, its step, and whether it is the step's second (Heun's) call.
+        self._calls = []
+        for index, (high, low) in enumerate(self._pairs):
+            self._calls.append((high, index, False))
+            if low > 0:
+                self._calls.append((low, index, True))
+        # The model is asked at each sigma's timestep, interpolated in log sigma (k-diffusion's sigma_to_t).
+        log_sigmas = np.log((((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).double().numpy())
+        timesteps = [float(self._sigma_to_t(np.array(sigma.item()), log_sigmas)) for sigma, _, _ in self._calls]
+        if self.picture_calls:
+            timesteps = [timesteps[0]] * ((num_inference_steps - len(self._pairs)) * self.order) + timesteps
+        self.timesteps = torch.tensor(timesteps, dtype=torch.float32, device=device)
+        self.sigmas = torch.stack([sigma for sigma, _, _ in self._calls] + [torch.zeros(())])
+        self._call, self._first = 0, None
+        self._step_index = 0  # the calls made: this pass's own count, wherever a pipeline says it begins
+
+    def scale_model_input(self, sample, timestep):
+        sigma = self._calls[self._call][0]
+        self.is_scale_input_called = True
+        return sample / ((sigma**2 + 1) ** 0.5).to(sample.dtype)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        # At the pass's start, or (an inpaint pipeline's blend) at the next call's level: x0 + noise x sigma.
+        sigma = self._calls[min(self._call, len(self._calls) - 1)][0]
+        return original_samples + noise * sigma.to(original_samples.device, original_samples.dtype)
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        sigma, index, second = self._calls[self._call]
+        high, low = self._pairs[index]
+        if self.config.prediction_type == "v_prediction":
+            denoised = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+        else:
+            denoised = sample - sigma * model_output
+        slope = (sample - denoised) / sigma
+        if not second:
+            prev_sample = sample + slope * (low - high)
+            self._first = (sample, slope) if low > 0 else None
+        else:
+            start, first_slope = self._first
+            prev_sample = start + (first_slope + slope) / 2 * (low - high)
+            self._first = None
+        self._call += 1
+        self._step_index = self._call
+        upcoming = self._calls[self._call][0] if self._call < len(self._calls) else None
+        if self._first is None and upcoming is not None and upcoming > low:
+            # A restart: back up to the next step's sigma with fresh noise, as A1111 adds it before that step.
+            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+            prev_sample = prev_sample + noise * self.s_noise * (upcoming**2 - low**2) ** 0.5
+        if not return_dict:
+            return (prev_sample, denoised)
+        return HeunDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
+
+
 class _A1111Start:
     """A1111's starting noise for txt2img, in the scheduler's own space: k-diffusion's x = noise x sigma_max, or with
     its SGM noise multiplier noise x sqrt(1 + sigma_max^2). diffusers' variance-exploding schedulers (Euler, Heun,
@@ -1602,6 +1720,7 @@ _A1111_CLASSES = {
     "LCM": A1111LCMScheduler,
     "Euler a": EtaEulerAncestralScheduler,
     "DPM++ 2S a": A1111DPMpp2SAncestralScheduler,
+    "Restart": A1111RestartScheduler,
     "DPM++ 2M SDE": EtaDPMSolverSDEScheduler,
     "DPM++ 2M SDE Heun": EtaDPMSolverSDEScheduler,
     "DPM++ SDE": EtaDPMppSDEScheduler,
@@ -1719,6 +1838,7 @@ def build_scheduler(
         scheduler.sgm_noise_multiplier = bool(sgm_noise_multiplier)
     if isinstance(scheduler, _A1111Timesteps):
         scheduler.respaced = bool(always_discard_penultimate_sigma)
+    if isinstance(scheduler, (_A1111Timesteps, A1111RestartScheduler)):
         scheduler.picture_calls = int(picture_calls) if from_picture else 0
     if isinstance(scheduler, A1111UniPCScheduler):
         scheduler.variant, scheduler.skip_type = unipc.variant, unipc.skip_type

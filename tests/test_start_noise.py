@@ -16,7 +16,18 @@ from tests.test_engine import SD_SCHEDULER_CONFIG
 
 # diffusers keeps DPM-Solver latents variance-preserving (the variance-exploding x / sqrt(1 + sigma^2)).
 PRESERVING = {"DPM++ 2M", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"}
-K_DIFFUSION = ["Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ SDE", "DPM++ 2S a", *sorted(PRESERVING)]
+K_DIFFUSION = [
+    "Euler a",
+    "Euler",
+    "LMS",
+    "Heun",
+    "DPM2",
+    "DPM2 a",
+    "DPM++ SDE",
+    "DPM++ 2S a",
+    "Restart",
+    *sorted(PRESERVING),
+]
 
 
 @pytest.mark.parametrize("sampler", K_DIFFUSION)
