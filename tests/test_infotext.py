@@ -357,9 +357,9 @@ def test_malformed_values_name_the_infotext_key(item, key):
 
 def test_unknown_sampler_names_the_sampler_key():
     with pytest.raises(InvalidRequestError) as caught:
-        parse_infotext("a cat\nSteps: 20, Sampler: Restart, CFG scale: 7, Seed: 1")
+        parse_infotext("a cat\nSteps: 20, Sampler: DPM adaptive, CFG scale: 7, Seed: 1")
     assert caught.value.field == "Sampler"
-    assert caught.value.value == "Restart"
+    assert caught.value.value == "DPM adaptive"
     assert "DPM++ 2M" in caught.value.allowed
 
 
