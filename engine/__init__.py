@@ -7,7 +7,7 @@ for event in engine.generate(GenerationRequest(prompt="a lighthouse at dusk")):
 """
 
 from .engine import Engine
-from .errors import EngineError, InvalidRequestError, ModelLoadError
+from .errors import EngineError, InvalidRequestError, ModelLoadError, TaskStopped
 from .events import JobControl, JobState, PreviewSettings, Progress, Result, Waiting
 from .extras import ExtrasRequest
 from .merge import MergeRequest, MergeResult
@@ -34,5 +34,6 @@ __all__ = [
     "PromptMatrix",
     "Progress",
     "Result",
+    "TaskStopped",
     "Waiting",
 ]

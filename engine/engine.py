@@ -19,7 +19,7 @@ from PIL import Image
 
 from . import loopback, outpaint, samplers, sd_upscale
 from .embeddings import EmbeddingsReport, folder_signature, load_embeddings, unload_embeddings
-from .errors import EngineError, InvalidRequestError, ModelLoadError
+from .errors import EngineError, InvalidRequestError, ModelLoadError, TaskStopped
 from .events import JobControl, JobState, PreviewSettings, Progress, Result, Waiting
 from .extras import ExtrasRequest, upscale_picture
 from .extras import check as check_extras
@@ -192,20 +192,30 @@ class Engine:
                 checked.image, checked, networks, on_tile=lambda number, done, total: report(done, total, number)
             )
 
-    def merge_checkpoints(self, req: MergeRequest) -> MergeResult:
+    def merge_checkpoints(self, req: MergeRequest, *, control: JobControl | None = None) -> MergeResult:
         """A1111's Checkpoint Merger: a new checkpoint in the checkpoints folder from two or three models.
         Refused (InvalidRequestError naming the field) before anything is written; holds the device, as a
-        job does, and shows in progress() as mode "merge", one step a tensor."""
+        job does, and shows in progress() as mode "merge", one step a tensor. Interrupting `control` (or the
+        running job: interrupt()) stops it at its next tensor with TaskStopped, before anything is written."""
         inputs = check_merge(req, self.registry, self.list_vaes())
-        with self._device_task("merge") as report:
-            return run_merge(inputs, self.registry, on_tensor=report)
+        control = control if control is not None else JobControl()
+        with self._device_task("merge", control=control) as report:
+
+            def on_tensor(done: int, total: int) -> None:
+                if control.interrupted:
+                    raise TaskStopped(f"Merge stopped after {done - 1} of {total} tensors; nothing was written.")
+                report(done, total)
+
+            return run_merge(inputs, self.registry, on_tensor=on_tensor)
 
     @contextlib.contextmanager
-    def _device_task(self, mode: str, batch_count: int = 1):
+    def _device_task(self, mode: str, batch_count: int = 1, control: JobControl | None = None):
         """Hold the device for work that is no generation (an upscale, a merge), shown in progress() and to jobs
-        waiting for the device as `mode`, as a generation is; yields report(step, total, batch_no=0)."""
+        waiting for the device as `mode`, as a generation is; yields report(step, total, batch_no=0). `control` is
+        the running job's while it runs: interrupt() reaches it (the work decides whether it stops)."""
         with self._job_lock:
-            started, control = time.perf_counter(), JobControl()
+            started, control = time.perf_counter(), control if control is not None else JobControl()
+            self._current = control
             self._state = JobState(
                 running=True, job_id=control.job_id, mode=mode, batch_count=batch_count, started_at=time.time()
             )
@@ -222,6 +232,7 @@ class Engine:
             try:
                 yield report
             finally:
+                self._current = None
                 self._state = JobState(running=False, job_id=control.job_id, mode=mode)
 
     def job_vae(

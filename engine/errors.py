@@ -24,6 +24,10 @@ class InvalidRequestError(EngineError, ValueError):
         super().__init__(f"{field}: got {shown}; allowed: {allowed}")
 
 
+class TaskStopped(EngineError):
+    """Work that is no generation (a merge) was stopped before it finished; nothing of it was kept."""
+
+
 class ModelLoadError(EngineError):
     """A model could not be found or loaded; the message says what to do instead."""
 

@@ -246,6 +246,39 @@ def test_the_merger_tab_writes_a_model_the_checkpoint_list_then_offers(merge_pag
     page.get_by_text("custom_name: got 'from-the-page'").first.wait_for()
 
 
+def test_a_merge_stops_at_its_next_tensor_and_writes_nothing(merge_engine, monkeypatch):
+    """A1111's Interrupt (engine.interrupt(), the API's /interrupt) and the Merger tab's Stop (the session's jobs)
+    stop a running merge; nothing is written, and the next merge runs."""
+    from engine import TaskStopped
+    from engine import merge as merge_module
+    from ui.page_jobs import PageSession
+    from ui.page_merge import run_merge
+
+    merged = []
+    real_merge = merge_module.merge_tensor
+
+    def merging(*args, stop):
+        merged.append(1)
+        if len(merged) == 5:
+            stop()
+        return real_merge(*args)
+
+    request = MergeRequest(primary_model_name="micro-shapes", secondary_model_name="micro-purple", custom_name="halt")
+    monkeypatch.setattr(merge_module, "merge_tensor", lambda *args: merging(*args, stop=merge_engine.interrupt))
+    with pytest.raises(TaskStopped, match=r"Merge stopped after 5 of \d+ tensors; nothing was written"):
+        merge_engine.merge_checkpoints(request)
+    assert not (merge_engine.registry.checkpoints_dir / "halt").exists() and not merge_engine.progress().running
+    # The page's Stop reaches the merge its session started.
+    session, merged[:] = PageSession(), []
+    monkeypatch.setattr(merge_module, "merge_tensor", lambda *args: merging(*args, stop=session.stop))
+    args = ("micro-shapes", "micro-purple", None, "Weighted sum", 0.5, False, "halt", "Automatic", "None", True)
+    text, *_ = run_merge(merge_engine, session, *args, model_titles=list)
+    assert text.startswith("Merge stopped after 5 of") and not session.running
+    assert not (merge_engine.registry.checkpoints_dir / "halt").exists()
+    monkeypatch.setattr(merge_module, "merge_tensor", real_merge)
+    assert merge_engine.merge_checkpoints(request).info.name == "halt"
+
+
 def test_gradio_client_merges_by_model_name(merge_url, merge_engine):
     from gradio_client import Client
 

@@ -549,7 +549,9 @@ def build_page(engine, settings=None) -> gr.Blocks:
             engine=engine,
         )
         wire_extras_tab(extras, engine, session, outputs_dir=outputs_dir, save_image=save_image)
-        wire_merge_tab(merge, engine, model_dropdown=model, model_titles=functools.partial(_model_titles, engine))
+        wire_merge_tab(
+            merge, engine, session, model_dropdown=model, model_titles=functools.partial(_model_titles, engine)
+        )
         txt2img = tab_widgets["txt2img"].settings
         wire_compare_tab(
             compare,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from engine import EngineError, MergeRequest
+from engine import EngineError, MergeRequest, TaskStopped
 from engine.merge import CHECKPOINT_FORMATS, INTERP_METHODS, NO_VAE, WEIGHTED_SUM
 
 from .fields import FieldDropdown, FieldRadio, FieldSlider
@@ -31,6 +31,7 @@ class MergeWidgets:
     save_metadata: gr.Checkbox
     run: gr.Button
     result: gr.Markdown
+    stop: gr.Button
 
     def inputs(self) -> list:
         return [
@@ -96,7 +97,9 @@ def build_merge_tab(engine) -> MergeWidgets:
                     vae_choices(engine), value=NO_VAE, label="Bake in VAE", elem_id="merge_bake_in_vae"
                 )
                 save_metadata = gr.Checkbox(True, label="Save the merge recipe", elem_id="merge_metadata")
-            run = gr.Button("Merge", variant="primary", elem_id="merge_run")
+            with gr.Row():
+                run = gr.Button("Merge", variant="primary", elem_id="merge_run")
+                stop = gr.Button("Stop", variant="stop", elem_id="merge_stop")
         with gr.Column():
             result = gr.Markdown("", elem_id="merge_result")
     return MergeWidgets(
@@ -112,26 +115,35 @@ def build_merge_tab(engine) -> MergeWidgets:
         save_metadata,
         run,
         result,
+        stop,
     )
 
 
-def wire_merge_tab(widgets: MergeWidgets, engine, *, model_dropdown: gr.Dropdown, model_titles) -> None:
-    """`model_titles()` is the checkpoint dropdown's list, refreshed with the new model in it."""
+def wire_merge_tab(widgets: MergeWidgets, engine, session, *, model_dropdown: gr.Dropdown, model_titles) -> None:
+    """`model_titles()` is the checkpoint dropdown's list, refreshed with the new model in it; `session` the page's
+    session state, whose Stop (this tab's, or a generation tab's) reaches the merge it started."""
     widgets.run.click(
         functools.partial(run_merge, engine, model_titles=model_titles),
-        inputs=widgets.inputs(),
+        inputs=[session, *widgets.inputs()],
         outputs=[widgets.result, model_dropdown, widgets.primary, widgets.secondary, widgets.tertiary],
         concurrency_limit=1,
         concurrency_id="gpu",
         api_name="merge",
     )
+    widgets.stop.click(_stop_merge, inputs=[session], concurrency_limit=None, api_name="merge_stop")
     for dropdown in (widgets.primary, widgets.secondary, widgets.tertiary):
         reread_on_open(dropdown, functools.partial(model_choices, engine))
     reread_on_open(widgets.bake_in_vae, functools.partial(vae_choices, engine))
 
 
+def _stop_merge(session) -> None:
+    """Stop this session's merge (and any job of it) at its next tensor; nothing of it is written."""
+    session.stop()
+
+
 def run_merge(
     engine,
+    session,
     primary,
     secondary,
     tertiary,
@@ -158,10 +170,15 @@ def run_merge(
         bake_in_vae=bake_in_vae or NO_VAE,
         save_metadata=bool(save_metadata),
     )
+    control = session.start_job()
     try:
-        merged = engine.merge_checkpoints(request)
+        merged = engine.merge_checkpoints(request, control=control)
+    except TaskStopped as exc:
+        return str(exc), gr.skip(), gr.skip(), gr.skip(), gr.skip()
     except EngineError as exc:
         raise engine_error(exc) from exc
+    finally:
+        session.end_job(control)
     what = "file" if merged.info.kind == "single_file" else "diffusers folder"
     text = (
         f"Checkpoint saved to `{merged.info.path}` ({what}): **{merged.info.title}**, {merged.merged_tensors} "
