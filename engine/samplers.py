@@ -694,6 +694,14 @@ class _SigmaNoise:
         return super().multistep_dpm_solver_third_order_update(*args, noise=self._sigma_noise(noise), **kwargs)
 
 
+def a1111_noise_sampler(sample, sigmas, seed):
+    """A1111's create_noise_sampler for its Brownian-noise samplers: k-diffusion's BrownianTreeNoiseSampler over the
+    pass's whole schedule, from its smallest non-zero sigma to its largest, one tree per image seed (`seed` a list,
+    as A1111 hands it its batch's seeds) or one for the whole `sample`."""
+    positive = sigmas[sigmas > 0]
+    return BrownianTreeNoiseSampler(sample, positive.min().item(), sigmas.max().item(), seed)
+
+
 class _BrownianStepNoise:
     """A1111's step noise for DPM++ 2M SDE, its Heun variant and 3M SDE (its brownian_noise samplers): the increment of
     a Brownian tree seeded with the image's seed between the step's two sigmas (k-diffusion's BrownianTreeNoiseSampler,
@@ -715,10 +723,7 @@ class _BrownianStepNoise:
                 self._init_step_index(timestep)
             sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
             if self._brownian is None:
-                positive = self.sigmas[self.sigmas > 0]
-                self._brownian = BrownianTreeNoiseSampler(
-                    sample, positive.min().item(), self.sigmas.max().item(), self.brownian_seed
-                )
+                self._brownian = a1111_noise_sampler(sample, self.sigmas, self.brownian_seed)
             # The last step (to sigma 0) adds none.
             variance_noise = self._brownian(sigma, sigma_next) if sigma_next > 0 else torch.zeros_like(sample)
         return super().step(
@@ -1621,10 +1626,7 @@ class EtaDPMppSDEScheduler(diffusers.DPMSolverSDEScheduler):
         if self.step_index is None:
             self._init_step_index(timestep)
         if self.noise_sampler is None:
-            positive = self.sigmas[self.sigmas > 0]
-            self.noise_sampler = BrownianTreeNoiseSampler(
-                sample, positive.min().item(), self.sigmas.max().item(), self.noise_sampler_seed
-            )
+            self.noise_sampler = a1111_noise_sampler(sample, self.sigmas, self.noise_sampler_seed)
         first_half = self.state_in_first_order
         if first_half:
             sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
