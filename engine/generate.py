@@ -228,7 +228,6 @@ def _sample_batch(
         resize_from,
         multiplier,
         extra=req.img2img_extra_noise,
-        source=source.name,
     )
     if req.mode != "txt2img":
         variation.install(pipe, scheduler)

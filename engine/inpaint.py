@@ -58,7 +58,7 @@ def _run(pipe, kwargs: dict, req: GenerationRequest, pictures, mask, seeds) -> l
     if req.inpainting_fill == FILL:
         pictures = filled
     elif req.inpainting_fill in (LATENT_NOISE, LATENT_NOTHING):
-        _install_latent_fill(pipe, req.inpainting_fill, mask, seeds, req.randn_source)
+        _install_latent_fill(pipe, req.inpainting_fill, mask, seeds)
     kwargs.update(image=pictures, mask_image=[mask] * len(pictures))
     if req.inpainting_mask_weight != 1 and pipe.unet.config.in_channels == INPAINTING_CHANNELS:
         kwargs["masked_image_latents"] = _partly_masked(pipe, pictures, mask, req.inpainting_mask_weight)
@@ -178,10 +178,10 @@ def fill_masked(picture: Image.Image, mask: Image.Image) -> Image.Image:
     return filled.convert("RGB")
 
 
-def _install_latent_fill(pipe, content: int, mask: Image.Image, seeds, source: str) -> None:
+def _install_latent_fill(pipe, content: int, mask: Image.Image, seeds) -> None:
     """Make this job's pipeline replace the masked part of the encoded picture by the seed's noise (latent
-    noise, from the random source `source`) or zeros (latent nothing), where the pipeline encodes the picture it
-    starts from. The pipeline object is the job's own, so nothing is shared."""
+    noise) or zeros (latent nothing), where the pipeline encodes the picture it starts from. The pipeline
+    object is the job's own, so nothing is shared."""
     prepare_latents, encode = pipe.prepare_latents, pipe._encode_vae_image
 
     def filled_encode(image, generator):
@@ -193,7 +193,7 @@ def _install_latent_fill(pipe, content: int, mask: Image.Image, seeds, source: s
         if content == LATENT_NOTHING:
             replacement = torch.zeros_like(latents)
         else:
-            noise = [seed_noise(seeds[i % len(seeds)], latents.shape[1:], source) for i in range(latents.shape[0])]
+            noise = [seed_noise(seeds[i % len(seeds)], latents.shape[1:]) for i in range(latents.shape[0])]
             replacement = torch.stack(noise).to(latents.device, latents.dtype)
         return latents * (1 - masked) + replacement * masked
 

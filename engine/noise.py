@@ -41,10 +41,9 @@ RANDOM_SOURCES = ("CPU", "NV")
 _PARALLEL = 0.9995
 
 
-def seed_noise(seed: int, shape: Sequence[int], source: str = "CPU") -> torch.Tensor:
-    """The first draw of a fresh generator of `source` (RANDOM_SOURCES) seeded with `seed`, float32."""
-    if source == "NV":
-        return PhiloxNoise(seed).randn(tuple(shape))
+def seed_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
+    """The first draw of a fresh generator seeded with `seed`, float32: torch's CPU numbers, or NVIDIA's inside a
+    batch drawing from the NV source (RandomSource.drawing), as every generator there draws."""
     return torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(int(seed)), dtype=torch.float32)
 
 
@@ -137,7 +136,7 @@ class NoiseVariation:
     picture is scaled by it once varied, as A1111 scales the noise it drew. `extra` is A1111's extra noise
     multiplier for img2img and hires fix: the pass's starting latents get that noise once more, times `extra`
     (in k-diffusion's space, where the picture gets it times sigma; diffusers' variance-preserving schedulers
-    scale both by their alpha, as A1111's DDIM does). `source` is the random source of the seeds' noise."""
+    scale both by their alpha, as A1111's DDIM does)."""
 
     def __init__(
         self,
@@ -147,10 +146,8 @@ class NoiseVariation:
         resize_from_latent: tuple[int, int] | None = None,
         multiplier: float = 1.0,
         extra: float = 0.0,
-        source: str = "CPU",
     ):
         self.seeds = list(seeds)
-        self.source = source  # the random source the seeds' noise comes from (RANDOM_SOURCES)
         self.subseeds = list(subseeds)
         self.strength = float(strength)
         self.resize_from_latent = resize_from_latent
@@ -188,9 +185,9 @@ class NoiseVariation:
         channels = base.shape[0]
         resized = self.resize_from_latent is not None and tuple(self.resize_from_latent) != tuple(base.shape[1:])
         # With a seed resize the seed's noise is drawn afresh at the other size; otherwise it is `base`.
-        noise = seed_noise(seed, (channels, *self.resize_from_latent), self.source) if resized else base
+        noise = seed_noise(seed, (channels, *self.resize_from_latent)) if resized else base
         if self.strength != 0:
-            noise = slerp(self.strength, noise, seed_noise(subseed, noise.shape, self.source))
+            noise = slerp(self.strength, noise, seed_noise(subseed, noise.shape))
         return paste_centred(base, noise) if resized else noise
 
     def _scaled(self, noise: torch.Tensor) -> torch.Tensor:

@@ -91,9 +91,11 @@ def test_nv_generators_draw_nvidia_noise_in_the_batch_thread_and_start_anew_when
 
 def test_variation_seeds_draw_both_seeds_from_the_source():
     base = PhiloxNoise(7).randn((4, 8, 8))
-    varied = NoiseVariation([7], [99], 0.3, source="NV").vary(base[None])[0]
+    with RandomSource("NV").drawing():  # as in a batch: the variation seed's fresh generator draws NVIDIA's numbers
+        varied = NoiseVariation([7], [99], 0.3).vary(base[None])[0]
+        fresh = seed_noise(99, (4, 8, 8))
     assert torch.equal(varied, slerp(0.3, base, PhiloxNoise(99).randn((4, 8, 8))))
-    assert torch.equal(seed_noise(99, (4, 8, 8), "NV"), PhiloxNoise(99).randn((4, 8, 8)))
+    assert torch.equal(fresh, PhiloxNoise(99).randn((4, 8, 8)))
 
 
 def test_the_noise_is_drawn_in_a1111s_order(micro_engine, monkeypatch):
