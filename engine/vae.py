@@ -231,9 +231,9 @@ def mean_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def encode_to_means(pipe) -> None:
-    """Make this job's img2img or inpaint pipeline (a txt2img one has nothing to encode) encode the pictures it starts from (and an inpainting model's
-    masked picture) to their mean latents (mean_latents) instead of drawing them from the job's generators. The
-    pipeline object is the job's own, so nothing is shared."""
+    """Make this job's img2img or inpaint pipeline encode the pictures it starts from (and an inpainting model's
+    masked picture) to their mean latents (mean_latents) instead of drawing them from the job's generators; a txt2img
+    pipeline has nothing to encode. The pipeline object is the job's own, so nothing is shared."""
     if hasattr(pipe, "_encode_vae_image"):  # the inpaint pipelines encode through it
         pipe._encode_vae_image = lambda image, generator=None: mean_latents(pipe.vae, image)
         return
