@@ -378,6 +378,15 @@ def schedule_sigmas(
     raise ValueError(f"no sigma schedule {kind!r}")
 
 
+def ve_denoised(prediction_type: str, model_output, sample, sigma):
+    """The model's clean-picture prediction from its output at noise level `sigma`, in k-diffusion's variance-
+    exploding latents (x = x0 + sigma x noise; the model is given x / sqrt(1 + sigma^2)): from a v prediction, or
+    from a noise prediction."""
+    if prediction_type == "v_prediction":
+        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+    return sample - sigma * model_output
+
+
 class _SigmaSchedule:
     """A1111's schedule types that diffusers has no flag for (Polyexponential, KL Optimal, Align Your Steps, Simple,
     Normal), made where diffusers makes Karras sigmas, and A1111's schedule min sigma, max sigma and rho (0: the
@@ -652,10 +661,7 @@ class A1111DPMpp2SAncestralScheduler(_AncestralMidpoints, diffusers.KDPM2Ancestr
         index = self.step_index if first_half else self.step_index - 1  # diffusers' arrays hold each step twice
         sigma, sigma_mid = self.sigmas[index], self.sigmas_interpol[index]
         sigma_in = sigma if first_half else sigma_mid  # the noise level the model saw
-        if self.config.prediction_type == "v_prediction":
-            denoised = model_output * (-sigma_in / (sigma_in**2 + 1) ** 0.5) + sample / (sigma_in**2 + 1)
-        else:
-            denoised = sample - sigma_in * model_output
+        denoised = ve_denoised(self.config.prediction_type, model_output, sample, sigma_in)
         if first_half:
             # To the midpoint (to 0 on the last step, where the midpoint is 0: an Euler step gives the prediction).
             ratio = sigma_mid / sigma
@@ -1160,10 +1166,7 @@ class EtaEulerAncestralScheduler(diffusers.EulerAncestralDiscreteScheduler):
         sigma = self.sigmas[self.step_index]
         sigma_next = self.sigmas[self.step_index + 1]
         sample = sample.to(torch.float32)
-        if self.config.prediction_type == "v_prediction":
-            denoised = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-        else:
-            denoised = sample - sigma * model_output
+        denoised = ve_denoised(self.config.prediction_type, model_output, sample, sigma)
         sigma_up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
         prev_sample = sample + (sample - denoised) / sigma * (sigma_down - sigma)
@@ -1322,10 +1325,7 @@ class _SigmaChurn:
         return EulerDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
 
     def _denoised(self, model_output, sample, sigma):
-        output = model_output.double()
-        if self.config.prediction_type == "v_prediction":
-            return output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-        return sample - sigma * output
+        return ve_denoised(self.config.prediction_type, model_output.double(), sample, sigma)
 
 
 class _EulerChurn(_SigmaChurn):
@@ -1442,7 +1442,6 @@ class A1111RestartScheduler(diffusers.HeunDiscreteScheduler):
     runs its sigma_sched, and keeps the schedule's length, of which a pipeline runs the last."""
 
     picture_calls = 0
-    s_noise = 1.0
 
     def set_timesteps(self, num_inference_steps, device=None, *args, **kwargs):
         super().set_timesteps(num_inference_steps, device, *args, **kwargs)
@@ -1464,26 +1463,23 @@ class A1111RestartScheduler(diffusers.HeunDiscreteScheduler):
             timesteps = [timesteps[0]] * ((num_inference_steps - len(self._pairs)) * self.order) + timesteps
         self.timesteps = torch.tensor(timesteps, dtype=torch.float32, device=device)
         self.sigmas = torch.stack([sigma for sigma, _, _ in self._calls] + [torch.zeros(())])
-        self._call, self._first = 0, None
-        self._step_index = 0  # the calls made: this pass's own count, wherever a pipeline says it begins
+        # The model calls made: this pass's own count, wherever a pipeline says it begins.
+        self._step_index, self._first = 0, None
 
     def scale_model_input(self, sample, timestep):
-        sigma = self._calls[self._call][0]
+        sigma = self._calls[self._step_index][0]
         self.is_scale_input_called = True
         return sample / ((sigma**2 + 1) ** 0.5).to(sample.dtype)
 
     def add_noise(self, original_samples, noise, timesteps):
         # At the pass's start, or (an inpaint pipeline's blend) at the next call's level: x0 + noise x sigma.
-        sigma = self._calls[min(self._call, len(self._calls) - 1)][0]
+        sigma = self._calls[min(self._step_index, len(self._calls) - 1)][0]
         return original_samples + noise * sigma.to(original_samples.device, original_samples.dtype)
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
-        sigma, index, second = self._calls[self._call]
+        sigma, index, second = self._calls[self._step_index]
         high, low = self._pairs[index]
-        if self.config.prediction_type == "v_prediction":
-            denoised = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-        else:
-            denoised = sample - sigma * model_output
+        denoised = ve_denoised(self.config.prediction_type, model_output, sample, sigma)
         slope = (sample - denoised) / sigma
         if not second:
             prev_sample = sample + slope * (low - high)
@@ -1492,13 +1488,12 @@ class A1111RestartScheduler(diffusers.HeunDiscreteScheduler):
             start, first_slope = self._first
             prev_sample = start + (first_slope + slope) / 2 * (low - high)
             self._first = None
-        self._call += 1
-        self._step_index = self._call
-        upcoming = self._calls[self._call][0] if self._call < len(self._calls) else None
+        self._step_index += 1
+        upcoming = self._calls[self._step_index][0] if self._step_index < len(self._calls) else None
         if self._first is None and upcoming is not None and upcoming > low:
             # A restart: back up to the next step's sigma with fresh noise, as A1111 adds it before that step.
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-            prev_sample = prev_sample + noise * self.s_noise * (upcoming**2 - low**2) ** 0.5
+            prev_sample = prev_sample + noise * (upcoming**2 - low**2) ** 0.5
         if not return_dict:
             return (prev_sample, denoised)
         return HeunDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
@@ -1643,10 +1638,7 @@ class EtaDPMppSDEScheduler(diffusers.DPMSolverSDEScheduler):
         t, t_next = t_of(sigma), t_of(sigma_next)
         t_mid = t + (t_next - t) * 0.5
         sigma_in = sigma if first_half else sigma_of(t_mid)  # the noise level the model saw
-        if self.config.prediction_type == "v_prediction":
-            denoised = model_output * (-sigma_in / (sigma_in**2 + 1) ** 0.5) + sample / (sigma_in**2 + 1)
-        else:
-            denoised = sample - sigma_in * model_output
+        denoised = ve_denoised(self.config.prediction_type, model_output, sample, sigma_in)
         if sigma_next == 0:
             prev_sample = sample + (sample - denoised) / sigma * (sigma_next - sigma)
         else:
