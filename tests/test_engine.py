@@ -600,16 +600,8 @@ def _sde_pass_and_k_diffusions(scheduler, shape, steps, reference, eta, s_noise,
     with the image's seed over the schedule's sigmas (held in float32, as A1111 holds them)."""
     from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
 
-    def eps_model(latent, timestep):
-        return 0.3 * latent * (1 + float(timestep) / 1000) + 0.1 * torch.sin(3 * latent)
-
-    scheduler.set_timesteps(steps)
-    start = torch.randn(shape, generator=torch.Generator().manual_seed(5))
-    latent = start * scheduler.init_noise_sigma
-    generator = torch.Generator().manual_seed(7)  # handed over as a pipeline does; the noise does not come from it
-    for timestep in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(latent, timestep)
-        latent = scheduler.step(eps_model(model_input, timestep), timestep, latent, generator=generator).prev_sample
+    # The generator is handed over as a pipeline does; the steps' noise does not come from it.
+    latent, start, _ = pass_drawing_step_noise(scheduler, steps, shape)
     positive = scheduler.sigmas[scheduler.sigmas > 0]
     # The tree is made on the first step's sample: the start in diffusers' (variance-preserving) latents.
     tree = BrownianTreeNoiseSampler(
@@ -622,7 +614,7 @@ def _sde_pass_and_k_diffusions(scheduler, shape, steps, reference, eta, s_noise,
     sigmas = scheduler.sigmas.double()
     # A1111's start, noise x sigma_max (k-diffusion's variance-exploding x, which is diffusers' latent / alpha).
     x = start.double() * sigmas[0]
-    return latent, reference(eps_model, x, sigmas, scheduler.timesteps, eta, noise_sampler, s_noise, **options)
+    return latent, reference(stand_in_eps, x, sigmas, scheduler.timesteps, eta, noise_sampler, s_noise, **options)
 
 
 @pytest.mark.parametrize("sampler", ["DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE"])
