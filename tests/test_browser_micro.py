@@ -193,13 +193,15 @@ def paint(page, editor_id: str, box: tuple[float, float, float, float]) -> None:
         canvas["x"] + box[2] * canvas["width"],
         canvas["y"] + box[3] * canvas["height"],
     )
+    # One straight stroke a row, rows a brush width apart less some overlap: each mouse event costs the editor a
+    # redraw (about 0.15 s in software rendering), so strokes of many small moves made these tests slow.
     y = top
     while y <= bottom:
         page.mouse.move(left, y)
         page.mouse.down()
-        page.mouse.move(right, y, steps=6)
+        page.mouse.move(right, y)
         page.mouse.up()
-        y += 6
+        y += 8
     page.wait_for_function(
         f"[...document.querySelectorAll('#{editor_id} button')].some("
         "b => b.getAttribute('aria-label') === 'Undo' && !b.disabled)"

@@ -104,12 +104,14 @@ def test_inpaint_repaints_the_mask_and_keeps_the_rest(micro_engine):
     assert effect.outside_change <= effect.vae_round_trip
 
 
-# LCM at its own usual settings (8 steps, CFG 1.5): at CFG 7 it misses a quarter of the backgrounds.
+# Euler a, the default sampler, is held to the bar by test_prompts_get_the_named_colours_and_shapes (the same
+# prompts, seeds and settings). LCM at its own usual settings (8 steps, CFG 1.5): at CFG 7 it misses a quarter of
+# the backgrounds.
 # DPM2 a overshot into neighbouring colours at CFG 7 until the empty-prompt fine-tunes (lab notes, Samplers);
 # it still misses one prompt in 24, among the first 8, so it is held to the README's whole sample.
 @pytest.mark.parametrize(
     ("sampler", "prompts"),
-    [("Euler a", 8), ("DDIM", 8), ("UniPC", 8), ("DPM++ SDE", 8), ("DPM2 a", 24), ("LCM", 8)],
+    [("DDIM", 8), ("UniPC", 8), ("DPM++ SDE", 8), ("DPM2 a", 24), ("LCM", 8)],
 )
 def test_other_samplers_get_the_background(micro_engine, sampler, prompts):
     assert quality.sampler_background_accuracy(micro_engine, sampler, prompts) >= BACKGROUND_BAR
@@ -378,6 +380,9 @@ def test_training_can_start_from_an_exported_model(tmp_path):
     # frozen text encoder come back as they were (half precision both ways).
     assert 0 < changes["unet"] < 0.01
     assert changes["vae"] == 0 and changes["text_encoder"] == 0
+    # The same VAE, so the folder's preview table comes along instead of being fit again.
+    shipped_table = json.loads((train_micro.DEFAULT_OUT / "latent_rgb.json").read_text())
+    assert json.loads((out / "latent_rgb.json").read_text()) == shipped_table
 
 
 def test_training_can_reuse_a_finished_vae_and_train_the_rest_from_scratch(tmp_path, monkeypatch):
@@ -450,6 +455,10 @@ def test_training_from_scratch_keeps_the_main_phase_and_reruns_the_low_noise_pha
         torch.equal(at_step2["text_encoder"][key], at_end["text_encoder"][key]) for key in at_end["text_encoder"]
     )
     assert not all(torch.equal(at_step2["unet"][key], at_end["unet"][key]) for key in at_end["unet"])
+    # Its own VAE gets a preview table fit to it: a row of latent->RGB factors per latent channel.
+    table = json.loads((tmp_path / "out" / "latent_rgb.json").read_text())
+    assert len(table["factors"]) == 4 and len(table["bias"]) == 3
+    assert table != json.loads((train_micro.DEFAULT_OUT / "latent_rgb.json").read_text())
     # The tokenizer is exported in SD's layout, the files it was built from.
     assert {path.name for path in (tmp_path / "out" / "tokenizer").iterdir()} == {
         path.name for path in architecture.TOKENIZER_DIR.iterdir()

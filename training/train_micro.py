@@ -1039,7 +1039,9 @@ def held_prediction_gap(
     return F.mse_loss(unet(noisy, timesteps, mixed).sample, target)
 
 
-def export(vae, unet, text_encoder, tokenizer, out: Path) -> None:
+def export(vae, unet, text_encoder, tokenizer, out: Path, latent_rgb: dict | None = None) -> None:
+    """Write the model folder; `latent_rgb` is the VAE's preview table where one was fit to it before (else it is
+    fit now, about 2.5 s)."""
     from engine.previews import fit_latent_rgb, save_latent_rgb_table
 
     pipe = build_pipeline(copy.deepcopy(vae), copy.deepcopy(text_encoder), copy.deepcopy(unet), tokenizer)
@@ -1062,7 +1064,7 @@ def export(vae, unet, text_encoder, tokenizer, out: Path) -> None:
     index = json.loads(index_path.read_text())
     index.update(FAMILY_MARKER)
     index_path.write_text(json.dumps(index, indent=2) + "\n")
-    save_latent_rgb_table(out / "latent_rgb.json", fit_latent_rgb(vae.float()))
+    save_latent_rgb_table(out / "latent_rgb.json", latent_rgb or fit_latent_rgb(vae.float()))
     log.info("Exported to %s", out)
 
 
@@ -1116,7 +1118,12 @@ def main(argv=None) -> None:
         # models folder); --export-only writes it from the checkpoint for a look.
         log.info("Stopped at --max-minutes, checkpoint in %s, nothing exported: the same command carries on", args.work)
         raise SystemExit(STOPPED_FOR_TIME)
-    export(vae, unet, text_encoder, tokenizer, args.out)
+    from engine.previews import load_latent_rgb_table
+
+    # A VAE taken from another folder is never trained here, so that folder's preview table still fits it.
+    vae_source = args.init_from or args.vae_from
+    latent_rgb = load_latent_rgb_table(vae_source / "latent_rgb.json") if vae_source else None
+    export(vae, unet, text_encoder, tokenizer, args.out, latent_rgb)
 
 
 if __name__ == "__main__":
