@@ -169,9 +169,11 @@ class Engine:
         """Where upscaler models are looked for, for messages."""
         return f"{self.registry.esrgan_dir} and {self.registry.realesrgan_dir}"
 
-    def upscale(self, req: ExtrasRequest) -> tuple[Image.Image, dict[str, str]]:
+    def upscale(self, req: ExtrasRequest, *, control: JobControl | None = None) -> tuple[Image.Image, dict[str, str]]:
         """A1111's Extras upscale of one picture: the result and its "Postprocess ..." parameters. Refused
-        (InvalidRequestError) before any work; runs when no job holds the device."""
+        (InvalidRequestError) before any work; runs when no job holds the device. Interrupting `control` (or the
+        running job: interrupt()) stops it at its next tile with TaskStopped; a stop asked for while it waited
+        for the device stops it before it starts."""
         available = self.list_upscalers()
         folders = self.upscaler_folders()
         checked = check_extras(
@@ -186,11 +188,19 @@ class Engine:
             checked.upscaler_1 in networks,
             checked.extras_upscaler_2_visibility > 0 and checked.upscaler_2 in networks,
         ].count(True)
+        control = control if control is not None else JobControl()
         # Tiles count as steps, and each upscaler model as a batch.
-        with self._device_task("extras", batch_count=model_runs) as report:
-            return upscale_picture(
-                checked.image, checked, networks, on_tile=lambda number, done, total: report(done, total, number)
-            )
+        with self._device_task("extras", batch_count=model_runs, control=control) as report:
+            if control.interrupted:
+                raise TaskStopped("Upscale stopped before it started.")
+
+            def on_tile(number: int, done: int, total: int) -> None:
+                # A finished pass is kept: the stop is seen at the next pass's first tile, or the next picture.
+                if control.interrupted and done < total:
+                    raise TaskStopped(f"Upscale stopped after {done} of {total} tiles; its picture was not kept.")
+                report(done, total, number)
+
+            return upscale_picture(checked.image, checked, networks, on_tile=on_tile)
 
     def merge_checkpoints(self, req: MergeRequest, *, control: JobControl | None = None) -> MergeResult:
         """A1111's Checkpoint Merger: a new checkpoint in the checkpoints folder from two or three models.

@@ -25,7 +25,7 @@ class InvalidRequestError(EngineError, ValueError):
 
 
 class TaskStopped(EngineError):
-    """Work that is no generation (a merge) was stopped before it finished; nothing of it was kept."""
+    """Work that is no generation (a merge, an upscale) was stopped before it finished; nothing of it was kept."""
 
 
 class ModelLoadError(EngineError):

@@ -15,6 +15,7 @@ import dataclasses
 import io
 import json
 import re
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -23,7 +24,15 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from engine import Engine, ExtrasRequest, GenerationRequest, InvalidRequestError, ModelLoadError, Result
+from engine import (
+    Engine,
+    ExtrasRequest,
+    GenerationRequest,
+    InvalidRequestError,
+    JobControl,
+    ModelLoadError,
+    Result,
+)
 from engine.infotext import parse_infotext
 from engine.presets import SHIPPED_MICRO_MODEL
 from engine.upscalers import CompactNet, RRDBNet, UpscalerFile, build_network, read_tensors, run_tiled
@@ -251,6 +260,54 @@ def test_extras_shows_in_progress_while_it_runs(upscaler_engine, tmp_path):
     assert describe_waiting(waiting).startswith("Waiting for an upscale to finish (upscaler 2/2, tile 3/4, ETA ")
 
 
+def test_an_upscale_stops_at_its_next_tile_and_keeps_the_pictures_finished_before(upscaler_engine, monkeypatch):
+    """Interrupt (engine.interrupt(), the API's /interrupt) and the Extras tab's Stop (the session's jobs) end a
+    running upscale at its next tile; a batch keeps the pictures finished before, and the next upscale runs."""
+    from engine import TaskStopped
+    from ui.page_extras import run_extras
+    from ui.page_jobs import PageSession
+
+    network = upscaler_engine.upscalers.get(upscaler_engine.list_upscalers()["2x-nearest"])
+    tiles, stop = [], [upscaler_engine.interrupt]
+
+    def on_tile(*args):
+        tiles.append(1)
+        if len(tiles) == 2:
+            stop[0]()
+
+    hook = network.register_forward_hook(on_tile)
+    purple, grey = Image.new("RGB", (200, 200), "purple"), Image.new("RGB", (24, 16), "grey")  # 4 tiles, 1 tile
+    request = ExtrasRequest(image=purple, upscaler_1="2x-nearest")
+    try:
+        with pytest.raises(TaskStopped, match="Upscale stopped after 2 of 4 tiles"):
+            upscaler_engine.upscale(request)
+        assert not upscaler_engine.progress().running
+        # The page: the first picture of a batch finished (one tile), the second stopped at its second tile.
+        session, tiles[:] = PageSession(), []
+        stop[0] = session.stop
+        batch = [SimpleNamespace(name="grey.png"), SimpleNamespace(name="purple.png")]
+        monkeypatch.setattr("ui.page_extras.batch_pictures", lambda files, field: [grey, purple] if files else [])
+        settings = (0, 2, 512, 512, True, "2x-nearest", "None", 0)
+        result, info, gallery = run_extras(upscaler_engine, session, None, *settings, batch)
+        assert info.startswith("Upscale stopped after 1 of 4 tiles; its picture was not kept. Finished before the ")
+        assert "stop: 1 of 2 pictures: Postprocess upscale by: 2" in info
+        assert result.size == (48, 32) and [picture.size for picture in gallery] == [(48, 32)]
+        assert not session.running
+        # A single picture stopped shows why and leaves the result as it was.
+        tiles[:] = [1]
+        _, info, _ = run_extras(upscaler_engine, session, purple, *settings)
+        assert info == "Upscale stopped after 1 of 4 tiles; its picture was not kept."
+    finally:
+        hook.remove()
+    # A stop asked for while it waited for the device: it does not start.
+    control = JobControl()
+    control.interrupt()
+    with pytest.raises(TaskStopped, match="stopped before it started"):
+        upscaler_engine.upscale(request, control=control)
+    done, _ = upscaler_engine.upscale(request)
+    assert done.size == (400, 400)
+
+
 def test_the_folders_list_files_by_a1111s_names(upscaler_engine, upscaler_models_dir):
     listed = upscaler_engine.list_upscalers()
     assert set(listed) == {"2x-nearest", "4x-nearest", "broken", "R-ESRGAN 4x+", "R-ESRGAN General 4xV3"}
@@ -384,6 +441,18 @@ def test_the_api_lists_upscalers_and_runs_extras(upscaler_engine, tmp_path):
                 json={"imageList": [{"data": encoded, "name": "a.png"}] * 2, "upscaler_1": "Lanczos"},
             )
             assert batch.status_code == 200 and len(batch.json()["images"]) == 2
+            # /interrupt during a batch: the pictures finished before come back; with none finished, a 409.
+            network = upscaler_engine.upscalers.get(upscaler_engine.list_upscalers()["2x-nearest"])
+            hook = network.register_forward_hook(lambda *args: upscaler_engine.interrupt())
+            try:
+                batch = {"imageList": [{"data": encoded, "name": "a.png"}] * 3, "upscaler_1": "2x-nearest"}
+                assert len(api.post("extra-batch-images", json=batch).json()["images"]) == 1
+                big = encode_base64_png(Image.new("RGB", (200, 200), "purple"))
+                stopped = api.post("extra-single-image", json={"image": big, "upscaler_1": "2x-nearest"})
+                assert stopped.status_code == 409 and stopped.json()["error"] == "TaskStopped"
+                assert stopped.json()["detail"] == "Upscale stopped after 1 of 4 tiles; its picture was not kept."
+            finally:
+                hook.remove()
 
             refused = api.post("extra-single-image", json={"image": encoded, "upscaler_1": "R-ESRGAN 2x+"})
             assert refused.status_code == 422 and refused.json()["field"] == "upscaler_1"

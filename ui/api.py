@@ -31,7 +31,15 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine import EngineError, GenerationRequest, InvalidRequestError, JobControl, ModelLoadError, Result
+from engine import (
+    EngineError,
+    GenerationRequest,
+    InvalidRequestError,
+    JobControl,
+    ModelLoadError,
+    Result,
+    TaskStopped,
+)
 from engine.extras import ExtrasRequest
 from engine.extras import describe as describe_postprocessing
 from engine.images import encode_base64_png, to_pil
@@ -625,6 +633,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         detail = str(exc)
         return JSONResponse(status_code=500, content={"error": type(exc).__name__, "detail": detail, "errors": detail})
 
+    async def on_stopped(request: Request, exc: TaskStopped) -> JSONResponse:
+        # Asked for (/interrupt), not a failure: 409, as the request ended without its result.
+        log.info("%s %s: %s", request.method, request.url.path, exc)
+        detail = str(exc)
+        return JSONResponse(status_code=409, content={"error": "TaskStopped", "detail": detail, "errors": detail})
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         # A bug, not a bad request: log it whole, answer in JSON like every other error.
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
@@ -636,6 +650,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InvalidRequestError, on_invalid_request)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(EngineError, on_engine_error)
+    app.add_exception_handler(TaskStopped, on_stopped)
 
 
 # The API ---------------------------------------------------------------------------------------
@@ -1234,22 +1249,31 @@ class SdApi:
         return {"info": text, "items": items, "parameters": parameters}
 
     def extra_single_image(self, payload: ExtrasSingleImageRequest) -> dict[str, Any]:
-        image, html_info = self._extras(payload, payload.image or None, "image")
+        image, html_info = self._extras(payload, payload.image or None, "image", JobControl())
         return {"html_info": html_info, "image": image}
 
     def extra_batch_images(self, payload: ExtrasBatchImagesRequest) -> dict[str, Any]:
         if not payload.imageList:
             raise InvalidRequestError("imageList", [], "at least one {data, name} image")
-        results = [
-            self._extras(payload, entry.data, f"imageList[{index}]") for index, entry in enumerate(payload.imageList)
-        ]
+        control = JobControl()  # one for the batch: /interrupt ends it, not only its running picture
+        results = []
+        for index, entry in enumerate(payload.imageList):
+            try:
+                results.append(self._extras(payload, entry.data, f"imageList[{index}]", control))
+            except TaskStopped:
+                if not results:
+                    raise
+                # As an interrupted txt2img answers with the pictures it made: those finished before the stop.
+                log.info("Extras batch stopped after %d of %d pictures", len(results), len(payload.imageList))
+                break
         return {"html_info": results[-1][1], "images": [image for image, _ in results]}
 
-    def _extras(self, payload: _ExtrasPayload, data: str | None, field: str) -> tuple[str, str]:
+    def _extras(self, payload: _ExtrasPayload, data: str | None, field: str, control: JobControl) -> tuple[str, str]:
         """One picture through Extras: (base64 PNG, A1111's html_info). The PNG keeps the source's infotext
-        and records what was done in a `postprocessing` chunk, as A1111's does."""
+        and records what was done in a `postprocessing` chunk, as A1111's does. /interrupt stops it (TaskStopped,
+        answered 409)."""
         source = to_pil(data.strip(), field) if data else None
-        result, info = self.engine.upscale(payload.extras_request(source))
+        result, info = self.engine.upscale(payload.extras_request(source), control=control)
         text = describe_postprocessing(info)
         encoded = encode_base64_png(result, read_infotext(source) if source is not None else None, text)
         return encoded, f"<p>{html.escape(text)}</p>"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from engine import EngineError, ExtrasRequest
+from engine import EngineError, ExtrasRequest, TaskStopped
 from engine.extras import SCALE_BY, SCALE_TO
 from engine.extras import describe as describe_postprocessing
 from engine.infotext import read_infotext
@@ -32,6 +32,7 @@ class ExtrasWidgets:
     upscaler_2: gr.Dropdown
     visibility: gr.Slider
     run: gr.Button
+    stop: gr.Button
     result: gr.Image
     info: gr.Textbox
     # A1111's Batch Process: several pictures, each upscaled with the same settings.
@@ -99,7 +100,9 @@ def build_extras_tab(engine) -> ExtrasWidgets:
                     label="Pictures (in place of Source), each upscaled with these settings",
                     elem_id="extras_batch_files",
                 )
-            run = gr.Button("Upscale", variant="primary", elem_id="extras_generate")
+            with gr.Row():
+                run = gr.Button("Upscale", variant="primary", elem_id="extras_generate")
+                stop = gr.Button("Stop", variant="stop", elem_id="extras_stop")
         with gr.Column():
             result = gr.Image(type="pil", label="Result", interactive=False, format="png", elem_id="extras_result")
             info = gr.Textbox(label="Postprocessing", interactive=False, elem_id="extras_info")
@@ -125,6 +128,7 @@ def build_extras_tab(engine) -> ExtrasWidgets:
         upscaler_2,
         visibility,
         run,
+        stop,
         result,
         info,
         batch_files,
@@ -142,6 +146,8 @@ def wire_extras_tab(widgets: ExtrasWidgets, engine, session: gr.State, *, output
         concurrency_id="gpu",
         api_name="extras",
     )
+    # Also reaches this session's generations, as their own Stop buttons reach its upscales.
+    widgets.stop.click(lambda session: session.stop(), inputs=[session], concurrency_limit=None, api_name="extras_stop")
     for dropdown in (widgets.upscaler_1, widgets.upscaler_2):
         reread_on_open(dropdown, functools.partial(upscaler_choices, engine))
 
@@ -166,7 +172,8 @@ def run_extras(
     """The Extras button (also /extras for gradio_client): the upscaled picture, what was done to it, and with
     batch_files (several pictures, in place of image) every result as a gallery, the first shown as the picture.
     Saved to outputs/extras-images when this session saves images, with each source's infotext and what was
-    done."""
+    done. Stop (the session's) ends it at the running upscale's next tile: the pictures finished before are
+    kept and shown."""
     pictures = batch_pictures(batch_files, "batch_files")
     if image is None and not pictures:
         raise gr.Error("Upscale: drop a picture into Source first (or several into Batch).")
@@ -180,20 +187,37 @@ def run_extras(
         upscaler_2=upscaler_2,
         extras_upscaler_2_visibility=visibility,
     )
-    done = [
-        _upscale_one(engine, session, source, settings, outputs_dir=outputs_dir, save_image=save_image)
-        for source in pictures or [image]
-    ]
-    result, shown = done[0]
-    if not pictures:
-        return result, shown, []
-    return result, f"{len(done)} pictures: {shown}", [picture for picture, _text in done]
-
-
-def _upscale_one(engine, session, image, settings: dict, *, outputs_dir, save_image):
-    """One picture upscaled, with the text the Postprocessing box shows."""
+    sources, done, stopped = pictures or [image], [], ""
+    control = session.start_job()
     try:
-        result, info = engine.upscale(ExtrasRequest(image=image, **settings))
+        for source in sources:
+            try:
+                done.append(
+                    _upscale_one(
+                        engine, session, source, settings, control, outputs_dir=outputs_dir, save_image=save_image
+                    )
+                )
+            except TaskStopped as exc:
+                stopped = str(exc)
+                break
+    finally:
+        session.end_job(control)
+    if not done:
+        return gr.skip(), stopped, gr.skip()
+    result, shown = done[0]
+    if stopped:
+        shown = f"{stopped} Finished before the stop: {len(done)} of {len(sources)} pictures: {shown}"
+    elif pictures:
+        shown = f"{len(done)} pictures: {shown}"
+    return result, shown, [picture for picture, _text in done] if pictures else []
+
+
+def _upscale_one(engine, session, image, settings: dict, control, *, outputs_dir, save_image):
+    """One picture upscaled, with the text the Postprocessing box shows; TaskStopped where `control` stopped it."""
+    try:
+        result, info = engine.upscale(ExtrasRequest(image=image, **settings), control=control)
+    except TaskStopped:
+        raise
     except EngineError as exc:
         raise engine_error(exc) from exc
     text = describe_postprocessing(info)
