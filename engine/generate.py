@@ -42,7 +42,7 @@ from .samplers import (
     picture_steps,
 )
 from .upscalers import upscale_to
-from .vae import mean_latents
+from .vae import decode_pictures, mean_latents
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ def _sample_batch(
         kwargs["output_type"] = "latent" if latent_upscale else "pil"
         first = pipe(**kwargs).images
         if stopped:  # Stop or Skip in the first pass: its picture is the answer, as far as it got
-            return BatchOutcome(_decode(pipe, first) if latent_upscale else first, stopped, preview_seconds)
+            return BatchOutcome(decode_pictures(pipe, first) if latent_upscale else first, stopped, preview_seconds)
 
         hr_width, hr_height = req.hires_size
         if latent_upscale:
@@ -333,7 +333,7 @@ def _sample_batch(
             resample = Image.Resampling.NEAREST if req.hr_upscaler == "Nearest" else Image.Resampling.LANCZOS
             start = [picture.resize((hr_width, hr_height), resample) for picture in first]
         if hires_sampling_steps < 1:  # denoising strength 0: the upscaled picture is the answer
-            return BatchOutcome(_decode(pipe, start) if latent_upscale else start, stopped, preview_seconds)
+            return BatchOutcome(decode_pictures(pipe, start) if latent_upscale else start, stopped, preview_seconds)
 
         # Second pass: img2img over the upscaled picture, with its own scheduler (the hires sampler's) and
         # the same seeds' noise. The callback reads `conditioning` and `recorder` afresh: this pass's.
@@ -369,7 +369,7 @@ def _sample_batch(
             # A1111 conditions the hires pass on the upscaled picture, at the mask weight (at 1: grey alone).
             upscaled = None
             if req.inpainting_mask_weight != 1:
-                upscaled = _decode(hires_pipe, start) if latent_upscale else start
+                upscaled = decode_pictures(hires_pipe, start) if latent_upscale else start
             kwargs.update(_repaint_all(hires_pipe, hr_width, hr_height, upscaled, weight=req.inpainting_mask_weight))
             _noise_over_the_picture(hires_pipe)
         images = hires_pipe(**kwargs).images
@@ -510,14 +510,6 @@ def _noise_over_the_picture(pipe) -> None:
         return prepare(*args, **{**kwargs, "is_strength_max": False})
 
     pipe.prepare_latents = prepare_over_the_picture
-
-
-def _decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
-    """Pictures of latents, as the pipeline's own last step makes them."""
-    vae = pipe.vae
-    with torch.no_grad():
-        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-    return pipe.image_processor.postprocess(pixels, output_type="pil", do_denormalize=[True] * len(pixels))
 
 
 def _latents_resized(pipe, model: LoadedModel, images, width: int, height: int) -> torch.Tensor:

@@ -7,6 +7,12 @@ Masked content (`inpainting_fill`):
 - 2 latent noise: the masked part of the encoded picture is replaced by the seed's noise;
 - 3 latent nothing: ... by zeros.
 Only what the pipeline starts from changes: outside the mask, the result is the original picture's pixels.
+
+While it samples, the picture is held outside the mask as A1111 holds it (InpaintBlend), for every model, an
+inpainting one too: its k-diffusion samplers take the picture's latents there as the denoised prediction, its DDIM,
+PLMS and UniPC show them to the model in place of the noisy latents; and the sampled latents are the picture's
+there before they are decoded. (diffusers' inpaint pipeline instead lays the picture, noised to the next step's
+level with the starting noise, over the latents after each step, and only for models without a mask input.)
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import logging
 
 import numpy as np
 import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from .checkpoint import INPAINTING_CHANNELS
@@ -23,6 +30,9 @@ from .color_correction import corrected
 from .images import resize_to
 from .noise import seed_noise
 from .request import GenerationRequest, Limits, _as_float, _as_int, _in_range
+from .samplers import runs_a1111_ddim, runs_a1111_plms, runs_a1111_unipc
+from .traced_unet import UNetStandIn
+from .vae import decode_pictures, mean_latents
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +69,91 @@ def _run(pipe, kwargs: dict, req: GenerationRequest, pictures, mask, seeds) -> l
         pictures = filled
     elif req.inpainting_fill in (LATENT_NOISE, LATENT_NOTHING):
         _install_latent_fill(pipe, req.inpainting_fill, mask, seeds)
-    kwargs.update(image=pictures, mask_image=[mask] * len(pictures))
-    if req.inpainting_mask_weight != 1 and pipe.unet.config.in_channels == INPAINTING_CHANNELS:
+    width, height = pictures[0].size
+    inpainting_unet = pipe.unet.config.in_channels == INPAINTING_CHANNELS
+    # A model without a mask input is given none: diffusers' pipeline would blend the picture in its own way.
+    pipeline_mask = mask if inpainting_unet else Image.new("L", mask.size, 255)
+    kwargs.update(image=pictures, mask_image=[pipeline_mask] * len(pictures), output_type="latent")
+    if req.inpainting_mask_weight != 1 and inpainting_unet:
         kwargs["masked_image_latents"] = _partly_masked(pipe, pictures, mask, req.inpainting_mask_weight)
-    return corrected(req, pipe(**kwargs).images, filled)
+    picture_latents = mean_latents(pipe.vae, pipe.image_processor.preprocess(pictures, height=height, width=width))
+    keep = 1 - latent_mask(mask, (picture_latents.shape[3], picture_latents.shape[2]))
+    timesteps = any(
+        runs(req.sampler_name, req.scheduler) for runs in (runs_a1111_ddim, runs_a1111_plms, runs_a1111_unipc)
+    )
+    pipe.unet = InpaintBlend(
+        pipe.unet,
+        picture_latents,
+        keep,
+        pipe.scheduler.alphas_cumprod,
+        pipe.scheduler.config.prediction_type,
+        before=timesteps,
+    )
+    sampled = pipe(**kwargs).images
+    # A1111 lays the picture's latents over the sampled ones outside the mask before decoding, as the samplers
+    # that blend the model's input leave them elsewhere there.
+    keep = keep.to(sampled)
+    sampled = sampled * (1 - keep) + picture_latents.to(sampled) * keep
+    return corrected(req, decode_pictures(pipe, sampled), filled)
+
+
+def latent_mask(mask: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """A1111's latent mask (1 × 1 × height × width, 1 where the picture is repainted): the mask resized to the latent
+    `size` (bicubic) and rounded, so each latent pixel is either kept or repainted."""
+    resized = np.around(np.asarray(mask.convert("L").resize(size), dtype=np.float32) / 255.0)
+    return torch.from_numpy(resized)[None, None]
+
+
+class InpaintBlend(UNetStandIn):
+    """A1111's hold on the picture outside the mask while inpainting (its CFGDenoiser's mask blend), standing in
+    for a pipeline's UNet. `picture` holds the picture's latents (one row per picture), `keep` is 1 where they are
+    kept. With `before` (A1111's DDIM, PLMS and UniPC) the model is shown them there in place of the noisy latents;
+    otherwise (its k-diffusion samplers) the model's answer is changed there to the one whose denoised prediction
+    is the picture's latents. Guidance combines its rows with weights that sum to 1, so blending each row blends
+    the guided answer alike."""
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        picture: torch.Tensor,
+        keep: torch.Tensor,
+        alphas_cumprod: torch.Tensor,
+        prediction_type: str,
+        *,
+        before: bool,
+    ):
+        super().__init__(unet)
+        self.picture, self.keep, self.before = picture, keep, before
+        self.prediction_type = prediction_type
+        alphas = alphas_cumprod.double()
+        self._log_sigmas = ((1 - alphas) / alphas).sqrt().log()
+
+    def forward(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
+        picture = self.picture.to(sample).repeat(sample.shape[0] // self.picture.shape[0], 1, 1, 1)
+        keep, channels = self.keep.to(sample), picture.shape[1]
+        latents = sample[:, :channels]
+        if self.before:
+            held = latents * (1 - keep) + picture * keep
+            sample = torch.cat([held, sample[:, channels:]], dim=1)
+            return self.unet(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
+        answer = self.unet(sample, timestep, encoder_hidden_states, *args, return_dict=False, **kwargs)[0]
+        alpha = self._alpha(timestep).to(sample)
+        # The model's input is sqrt(alpha) x0 + sqrt(1 - alpha) noise: the noise (or v) that makes x0 the picture.
+        noise = (latents - alpha.sqrt() * picture) / (1 - alpha).sqrt()
+        held = noise if self.prediction_type == "epsilon" else alpha.sqrt() * noise - (1 - alpha).sqrt() * picture
+        blended = answer * (1 - keep) + held.to(answer) * keep
+        return UNet2DConditionOutput(sample=blended) if return_dict else (blended,)
+
+    def _alpha(self, timestep) -> torch.Tensor:
+        """The noise level the model reads from `timestep`, fractional too (k-diffusion's t_to_sigma)."""
+        t = torch.as_tensor(timestep, dtype=torch.float64).flatten()[0].clamp(0, len(self._log_sigmas) - 1)
+        low = int(t.floor())
+        high = min(low + 1, len(self._log_sigmas) - 1)
+        weight = t - low
+        log_sigma = (
+            self._log_sigmas[low] if weight == 0 else torch.lerp(self._log_sigmas[low], self._log_sigmas[high], weight)
+        )
+        return 1 / (1 + log_sigma.exp() ** 2)
 
 
 def _partly_masked(pipe, pictures, mask: Image.Image, weight: float) -> torch.Tensor:
@@ -186,10 +277,7 @@ def _install_latent_fill(pipe, content: int, mask: Image.Image, seeds) -> None:
 
     def filled_encode(image, generator):
         latents = encode(image, generator)
-        # A1111 resizes the mask to the latent size and rounds it: each latent pixel is kept or replaced.
-        size = (latents.shape[3], latents.shape[2])
-        masked = np.around(np.asarray(mask.convert("L").resize(size), dtype=np.float32) / 255.0)
-        masked = torch.from_numpy(masked).to(latents.device, latents.dtype)[None, None]
+        masked = latent_mask(mask, (latents.shape[3], latents.shape[2])).to(latents.device, latents.dtype)
         if content == LATENT_NOTHING:
             replacement = torch.zeros_like(latents)
         else:

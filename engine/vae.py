@@ -17,6 +17,7 @@ one user's choice never changes another's pictures.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from .checkpoint import VAE_PREFIX, vae_to_ldm
 from .errors import InvalidRequestError, ModelLoadError
@@ -212,16 +214,8 @@ def mean_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
     not a draw from it. A1111 samples that posterior with torch's global generator, which no seed controls; its mean
     is what every draw scatters around (closely, for SD's VAEs), and taking it draws nothing from a job's generators,
     so a pass's starting noise is its seed's first draw, as A1111's is."""
-    # The SDXL pipelines encode a float16 VAE that asks for it in float32 (it overflows in float16), and so does this.
-    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-    if upcast:
-        vae.to(dtype=torch.float32)
-    try:
-        with torch.no_grad():
-            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
-    finally:
-        if upcast:
-            vae.to(dtype=torch.float16)
+    with _upcast(vae), torch.no_grad():
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
     shift, spread = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
     if shift is not None and spread is not None:  # a VAE whose latents the pipelines normalise channel by channel
         shift = torch.tensor(shift, dtype=latents.dtype, device=latents.device).view(1, -1, 1, 1)
@@ -249,3 +243,24 @@ def encode_to_means(pipe) -> None:
         return prepare_latents(image, *args, **kwargs)
 
     pipe.prepare_latents = prepare_from_means
+
+
+def decode_pictures(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """Pictures of latents (as the pipelines scale them), as a pipeline's own last step makes them."""
+    vae = pipe.vae
+    with _upcast(vae), torch.no_grad():
+        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(pixels, output_type="pil", do_denormalize=[True] * len(pixels))
+
+
+@contextlib.contextmanager
+def _upcast(vae):
+    """Float32 for a float16 VAE that asks for it (it overflows in float16), as the SDXL pipelines run one."""
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(dtype=torch.float32)
+    try:
+        yield
+    finally:
+        if upcast:
+            vae.to(dtype=torch.float16)

@@ -407,11 +407,14 @@ def pass_drawing_step_noise(scheduler, steps: int, shape=(1, 4, 8, 8)):
     return latent, noise, noises
 
 
-def a1111_dpmpp_2m(eps_model, x, sigmas, timesteps):
-    """k-diffusion's sample_dpmpp_2m, as A1111 runs DPM++ 2M: second order from the second step on, first order to 0."""
+def a1111_dpmpp_2m(eps_model, x, sigmas, timesteps, hold=None):
+    """k-diffusion's sample_dpmpp_2m, as A1111 runs DPM++ 2M: second order from the second step on, first order to 0.
+    `hold(denoised)`, when given, changes each denoised prediction, as A1111's inpainting blend does."""
     old_denoised = None
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:], strict=True)):
         denoised = x - sigma * eps_model((x / (sigma**2 + 1).sqrt()).float(), timesteps[i]).double()
+        if hold is not None:
+            denoised = hold(denoised)
         if sigma_next == 0:
             x = denoised
         else:
