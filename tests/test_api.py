@@ -776,6 +776,21 @@ def test_the_noise_schedule_settings_are_a1111_options(api):
     assert "Noise Schedule" not in info["infotexts"][0]
 
 
+def test_an_infotext_that_names_a_setting_at_its_default_overrides_the_servers_option(api):
+    """A picture made with RNG: CPU is made again from its infotext on a server set to NV; a text that does not
+    name the setting leaves the server's, as A1111's paste does."""
+    text = "a red door\nSteps: 2, Sampler: Euler a, CFG scale: 5, Seed: 99, Size: 64x64"
+    cpu, cpu_info = generate(api, infotext=text + ", RNG: CPU", width=None, height=None, steps=None)
+    try:
+        ok(api.post("options", json={"randn_source": "NV"}))
+        again, info = generate(api, infotext=text + ", RNG: CPU", width=None, height=None, steps=None)
+        assert "RNG: CPU" in info["infotexts"][0] and again["images"] == cpu["images"]
+        unnamed, info = generate(api, infotext=text, width=None, height=None, steps=None)
+        assert "RNG: NV" in info["infotexts"][0] and unnamed["images"] != cpu["images"]
+    finally:
+        ok(api.post("options", json={"randn_source": "CPU"}))
+
+
 def test_pad_conds_is_an_a1111_option(api):
     long_prompt = "a lighthouse, " + ", ".join(["detailed"] * 60)
     _, info = generate(api, prompt=long_prompt, seed=3, override_settings={"pad_cond_uncond": True})

@@ -782,6 +782,8 @@ class SdApi:
         given = payload.model_fields_set
         defaults = self.engine.defaults()
         from_text = self._from_infotext(payload.infotext) if payload.infotext else None
+        # The keys the infotext names: one written at its default value (RNG: CPU) still says what made the picture.
+        named = set(parse_infotext_params(payload.infotext)) if payload.infotext else set()
 
         def pick(name: str, fallback: Any) -> Any:
             if name in given and getattr(payload, name) is not None:
@@ -825,7 +827,7 @@ class SdApi:
             sd_vae=self._setting_for("sd_vae", payload, from_text, "Automatic"),
             tiling=pick("tiling", False),
             eta=self._eta_for(payload, from_text, sampler or defaults.sampler_name),
-            **{setting.field: self._job_setting_for(setting, payload, from_text) for setting in JOB_SETTINGS},
+            **{setting.field: self._job_setting_for(setting, payload, from_text, named) for setting in JOB_SETTINGS},
             styles=payload.styles or None,
             refiner_checkpoint=pick("refiner_checkpoint", ""),
             refiner_switch_at=pick("refiner_switch_at", 0.8),
@@ -926,10 +928,11 @@ class SdApi:
             value = overrides.get(spec.eta_option, self._stored_options.get(spec.eta_option))
         return None if value is None or _same(value, spec.eta_default) else value
 
-    def _job_setting_for(self, setting: JobSetting, payload: _GenerationPayload, from_text) -> Any:
+    def _job_setting_for(self, setting: JobSetting, payload: _GenerationPayload, from_text, named: set[str]) -> Any:
         """A job setting's value: the payload's field of that name where A1111's payload has one (s_noise,
         s_min_uncond, img2img's initial_noise_multiplier), else override_settings, else the infotext where it names
-        the setting, else /options. The engine checks the payload's value and the infotext's, naming the field."""
+        the setting (its key among `named`, or a value it implies, as A1111's Version without RNG implies NV), else
+        /options. The engine checks the payload's value and the infotext's, naming the field."""
         if setting.field in type(payload).model_fields and getattr(payload, setting.field) is not None:
             value = getattr(payload, setting.field)
             # A1111's processing objects hold "no upper end" as infinity, which some clients send back.
@@ -937,7 +940,9 @@ class SdApi:
         overrides = payload.override_settings or {}
         if setting.option in overrides:
             return setting.checked(overrides[setting.option], f"override_settings.{setting.option}")
-        if from_text is not None and getattr(from_text, setting.field) != setting.default:
+        if from_text is not None and (
+            setting.infotext_key in named or getattr(from_text, setting.field) != setting.default
+        ):
             return getattr(from_text, setting.field)
         with self._lock:
             return self._stored_options[setting.option]
