@@ -175,10 +175,21 @@ def test_a_training_run_stopped_by_its_time_budget_carries_on_to_the_weights_of_
     assert refused.value.code == 2
 
 
+def test_a_stage_train_micro_would_refuse_stops_the_recipe_before_anything_runs(tmp_path, capsys):
+    recipe = tmp_path / "late-mistake.json"
+    stages = [{"name": "fine", "flags": ["--unet-steps=2"]}, {"name": "broken", "flags": ["--shape-balance=2"]}]
+    recipe.write_text(json.dumps({"stages": stages}))
+    with pytest.raises(SystemExit, match=r"Stage 2 \(broken\): train_micro refuses its command line .*nothing was run"):
+        run_recipe.main([str(recipe), f"--work={tmp_path / 'work'}", f"--out={tmp_path / 'out'}", "--dry-run"])
+    assert "--shape-balance must be between 0 and 1, not 2.0" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
+
+
 def test_a_failing_stage_stops_the_recipe_and_says_where_its_log_is(tmp_path):
     recipe = tmp_path / "failing.json"
-    recipe.write_text(json.dumps({"stages": [{"name": "broken", "flags": ["--shape-balance=2"]}]}))
-    with pytest.raises(SystemExit, match=r"Stage 1 \(broken\) failed with exit status 2; its log is .*train.log"):
+    missing = tmp_path / "no-such-model"
+    recipe.write_text(json.dumps({"stages": [{"name": "broken", "flags": [f"--vae-from={missing}"]}]}))
+    with pytest.raises(SystemExit, match=r"Stage 1 \(broken\) failed with exit status 1; its log is .*train.log"):
         run_recipe.main([str(recipe), f"--work={tmp_path / 'work'}", f"--out={tmp_path / 'out'}"])
     assert not (tmp_path / "work" / "1-broken" / "done").exists()
 

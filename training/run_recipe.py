@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .train_micro import DEFAULT_OUT, REPO, STOPPED_FOR_TIME
+from .train_micro import DEFAULT_OUT, REPO, STOPPED_FOR_TIME, parse_args
 
 log = logging.getLogger("run_recipe")
 
@@ -102,6 +102,20 @@ def stage_command(stages: list[Stage], number: int, work: Path, out: Path) -> li
         command.append(f"--init-from={stage_folder(work, number - 1, stages[number - 2]) / 'model'}")
     command.append(f"--out={out if number == len(stages) else folder / 'model'}")
     return command
+
+
+def check_commands(stages: list[Stage], work: Path, out: Path) -> None:
+    """Refuse the recipe, before any stage runs, where train_micro would refuse a stage's command line: a mistake in
+    a late stage would otherwise surface only after the hours the stages before it take."""
+    for number, stage in enumerate(stages, 1):
+        try:
+            parse_args(stage_command(stages, number, work, out)[3:])
+        except SystemExit as refused:
+            # argparse has written its message (the usage and the error) to stderr.
+            raise SystemExit(
+                f"Stage {number} ({stage.name}): train_micro refuses its command line (the error above); "
+                "nothing was run."
+            ) from refused
 
 
 def run(stages: list[Stage], work: Path, out: Path, max_minutes: float | None = None) -> None:
@@ -205,6 +219,7 @@ def main(argv=None) -> None:
     work = (args.work or REPO / "training" / "runs" / path.stem).resolve()
     out = args.out.resolve()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    check_commands(stages, work, out)
     if args.dry_run:
         for number in range(1, len(stages) + 1):
             sys.stdout.write(shlex.join(stage_command(stages, number, work, out)) + "\n")
