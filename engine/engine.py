@@ -210,6 +210,8 @@ class Engine:
         inputs = check_merge(req, self.registry, self.list_vaes())
         control = control if control is not None else JobControl()
         with self._device_task("merge", control=control) as report:
+            if control.interrupted:
+                raise TaskStopped("Merge stopped before it started; nothing was written.")
 
             def on_tensor(done: int, total: int) -> None:
                 if control.interrupted:

@@ -276,6 +276,11 @@ def test_a_merge_stops_at_its_next_tensor_and_writes_nothing(merge_engine, monke
     assert text.startswith("Merge stopped after 5 of") and not session.running
     assert not (merge_engine.registry.checkpoints_dir / "halt").exists()
     monkeypatch.setattr(merge_module, "merge_tensor", real_merge)
+    # Stop while the click waits in the queue reaches it through its ticket: it does not start.
+    ticket = session.register()
+    session.stop()
+    text, *_ = run_merge(merge_engine, session, *args, ticket, model_titles=list)
+    assert text == "Merge stopped before it started; nothing was written." and not session.running
     assert merge_engine.merge_checkpoints(request).info.name == "halt"
 
 

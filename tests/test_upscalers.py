@@ -299,6 +299,11 @@ def test_an_upscale_stops_at_its_next_tile_and_keeps_the_pictures_finished_befor
         assert info == "Upscale stopped after 1 of 4 tiles; its picture was not kept."
     finally:
         hook.remove()
+    # The page's Stop while the click waits in the queue reaches it through its ticket: it does not start.
+    ticket = session.register()
+    session.stop()
+    _, info, _ = run_extras(upscaler_engine, session, purple, *settings, None, ticket)
+    assert info == "Upscale stopped before it started." and not session.running
     # A stop asked for while it waited for the device: it does not start.
     control = JobControl()
     control.interrupt()

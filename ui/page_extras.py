@@ -15,7 +15,7 @@ from engine.infotext import read_infotext
 from engine.request import PICTURE_UPSCALERS
 
 from .fields import FieldDropdown, FieldRadio, FieldSlider
-from .page_jobs import batch_pictures, engine_error, reread_on_open
+from .page_jobs import batch_pictures, click_with_ticket, engine_error, reread_on_open
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ class ExtrasWidgets:
     # A1111's Batch Process: several pictures, each upscaled with the same settings.
     batch_files: gr.File
     batch_results: gr.Gallery
+    # The session's ticket for a click waiting in the queue (Stop reaches it there).
+    ticket: gr.State
 
     def inputs(self) -> list:
         return [
@@ -133,14 +135,18 @@ def build_extras_tab(engine) -> ExtrasWidgets:
         info,
         batch_files,
         batch_results,
+        gr.State(None),
     )
 
 
 def wire_extras_tab(widgets: ExtrasWidgets, engine, session: gr.State, *, outputs_dir=None, save_image=None) -> None:
     """`save_image` and `outputs_dir` save results (outputs/extras-images) when the session saves images."""
-    widgets.run.click(
+    click_with_ticket(
+        widgets.run,
+        session,
+        widgets.ticket,
         functools.partial(run_extras, engine, outputs_dir=outputs_dir, save_image=save_image),
-        inputs=[session, *widgets.inputs()],
+        inputs=[session, *widgets.inputs(), widgets.ticket],
         outputs=[widgets.result, widgets.info, widgets.batch_results],
         concurrency_limit=1,
         concurrency_id="gpu",
@@ -165,6 +171,7 @@ def run_extras(
     upscaler_2,
     visibility,
     batch_files=None,
+    ticket=None,
     *,
     outputs_dir=None,
     save_image=None,
@@ -173,23 +180,23 @@ def run_extras(
     batch_files (several pictures, in place of image) every result as a gallery, the first shown as the picture.
     Saved to outputs/extras-images when this session saves images, with each source's infotext and what was
     done. Stop (the session's) ends it at the running upscale's next tile: the pictures finished before are
-    kept and shown."""
-    pictures = batch_pictures(batch_files, "batch_files")
-    if image is None and not pictures:
-        raise gr.Error("Upscale: drop a picture into Source first (or several into Batch).")
-    settings = dict(
-        resize_mode=resize_mode,
-        upscaling_resize=scale,
-        upscaling_resize_w=width,
-        upscaling_resize_h=height,
-        upscaling_crop=crop,
-        upscaler_1=upscaler_1,
-        upscaler_2=upscaler_2,
-        extras_upscaler_2_visibility=visibility,
-    )
-    sources, done, stopped = pictures or [image], [], ""
-    control = session.start_job()
+    kept and shown; it reaches a click still waiting in the queue through its `ticket`."""
+    control = session.take_job(ticket)
     try:
+        pictures = batch_pictures(batch_files, "batch_files")
+        if image is None and not pictures:
+            raise gr.Error("Upscale: drop a picture into Source first (or several into Batch).")
+        settings = dict(
+            resize_mode=resize_mode,
+            upscaling_resize=scale,
+            upscaling_resize_w=width,
+            upscaling_resize_h=height,
+            upscaling_crop=crop,
+            upscaler_1=upscaler_1,
+            upscaler_2=upscaler_2,
+            extras_upscaler_2_visibility=visibility,
+        )
+        sources, done, stopped = pictures or [image], [], ""
         for source in sources:
             try:
                 done.append(

@@ -95,6 +95,11 @@ class PageSession:
         self.running[control.job_id] = control
         return control
 
+    def register(self) -> int:
+        """A ticket for a click about to be queued (its first, unqueued event): Stop reaches the job from now on,
+        also while it waits in the queue; the queued event takes it with take_job."""
+        return self.start_job().job_id
+
     def take_job(self, ticket: int | None) -> JobControl:
         """The control registered when Generate was clicked (so Stop works while queued), else a new one."""
         control = self.running.get(ticket) if ticket is not None else None
@@ -151,6 +156,21 @@ ERROR_TITLES = {"InvalidRequestError": "Invalid setting", "ModelLoadError": "Mod
 def engine_error(exc: EngineError) -> gr.Error:
     """The engine's message names the field, the value and what is allowed: show it as it is."""
     return gr.Error(str(exc), title=ERROR_TITLES.get(type(exc).__name__, "Error"))
+
+
+def click_with_ticket(button: gr.Button, session: gr.State, ticket: gr.State, handler, **queued):
+    """Wire `button` to `handler` as a job in the device's queue whose Stop reaches it while it waits there: a quick
+    unqueued event registers a ticket with the session, and the queued one (`queued` its event settings; its
+    inputs end with `ticket`) takes it."""
+    registered = button.click(
+        lambda session: session.register(),
+        inputs=[session],
+        outputs=[ticket],
+        queue=False,
+        api_visibility="private",
+        show_progress="hidden",
+    )
+    return registered.then(handler, **queued)
 
 
 def reread_on_open(dropdown: gr.Dropdown, choices) -> None:

@@ -12,7 +12,7 @@ from engine import EngineError, MergeRequest, TaskStopped
 from engine.merge import CHECKPOINT_FORMATS, INTERP_METHODS, NO_VAE, WEIGHTED_SUM
 
 from .fields import FieldDropdown, FieldRadio, FieldSlider
-from .page_jobs import engine_error, reread_on_open
+from .page_jobs import click_with_ticket, engine_error, reread_on_open
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ class MergeWidgets:
     run: gr.Button
     result: gr.Markdown
     stop: gr.Button
+    # The session's ticket for a click waiting in the queue (Stop reaches it there).
+    ticket: gr.State
 
     def inputs(self) -> list:
         return [
@@ -116,15 +118,19 @@ def build_merge_tab(engine) -> MergeWidgets:
         run,
         result,
         stop,
+        gr.State(None),
     )
 
 
 def wire_merge_tab(widgets: MergeWidgets, engine, session, *, model_dropdown: gr.Dropdown, model_titles) -> None:
     """`model_titles()` is the checkpoint dropdown's list, refreshed with the new model in it; `session` the page's
     session state, whose Stop (this tab's, or a generation tab's) reaches the merge it started."""
-    widgets.run.click(
+    click_with_ticket(
+        widgets.run,
+        session,
+        widgets.ticket,
         functools.partial(run_merge, engine, model_titles=model_titles),
-        inputs=[session, *widgets.inputs()],
+        inputs=[session, *widgets.inputs(), widgets.ticket],
         outputs=[widgets.result, model_dropdown, widgets.primary, widgets.secondary, widgets.tertiary],
         concurrency_limit=1,
         concurrency_id="gpu",
@@ -154,24 +160,26 @@ def run_merge(
     checkpoint_format,
     bake_in_vae,
     save_metadata,
+    ticket=None,
     *,
     model_titles,
 ):
-    """The Merge button (also /merge for gradio_client): what was written, and the model lists with it."""
-    request = MergeRequest(
-        primary_model_name=primary or "",
-        secondary_model_name=secondary or "",
-        tertiary_model_name=tertiary or "",
-        interp_method=interp_method,
-        multiplier=multiplier,
-        save_as_half=bool(save_as_half),
-        custom_name=custom_name or "",
-        checkpoint_format=checkpoint_format,
-        bake_in_vae=bake_in_vae or NO_VAE,
-        save_metadata=bool(save_metadata),
-    )
-    control = session.start_job()
+    """The Merge button (also /merge for gradio_client): what was written, and the model lists with it. Stop (the
+    session's) reaches a click still waiting in the queue through its `ticket`."""
+    control = session.take_job(ticket)
     try:
+        request = MergeRequest(
+            primary_model_name=primary or "",
+            secondary_model_name=secondary or "",
+            tertiary_model_name=tertiary or "",
+            interp_method=interp_method,
+            multiplier=multiplier,
+            save_as_half=bool(save_as_half),
+            custom_name=custom_name or "",
+            checkpoint_format=checkpoint_format,
+            bake_in_vae=bake_in_vae or NO_VAE,
+            save_metadata=bool(save_metadata),
+        )
         merged = engine.merge_checkpoints(request, control=control)
     except TaskStopped as exc:
         return str(exc), gr.skip(), gr.skip(), gr.skip(), gr.skip()
