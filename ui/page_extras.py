@@ -15,7 +15,7 @@ from engine.infotext import read_infotext
 from engine.request import PICTURE_UPSCALERS
 
 from .fields import FieldDropdown, FieldRadio, FieldSlider
-from .page_jobs import batch_pictures, click_with_ticket, engine_error, reread_on_open
+from .page_jobs import batch_pictures, click_with_ticket, engine_error, reread_on_open, stop_session
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,7 @@ def wire_extras_tab(widgets: ExtrasWidgets, engine, session: gr.State, *, output
         concurrency_id="gpu",
         api_name="extras",
     )
-    # Also reaches this session's generations, as their own Stop buttons reach its upscales.
-    widgets.stop.click(lambda session: session.stop(), inputs=[session], concurrency_limit=None, api_name="extras_stop")
+    widgets.stop.click(stop_session, inputs=[session], concurrency_limit=None, api_name="extras_stop")
     for dropdown in (widgets.upscaler_1, widgets.upscaler_2):
         reread_on_open(dropdown, functools.partial(upscaler_choices, engine))
 

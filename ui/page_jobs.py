@@ -158,6 +158,13 @@ def engine_error(exc: EngineError) -> gr.Error:
     return gr.Error(str(exc), title=ERROR_TITLES.get(type(exc).__name__, "Error"))
 
 
+def stop_session(session: PageSession) -> None:
+    """A tab's Stop (Extras, Checkpoint Merger): this session's queued and running work stops, its generations too;
+    each stops where it can (a generation at its next step, an upscale at its next tile, a merge at its next tensor,
+    a queued one before it starts)."""
+    session.stop()
+
+
 def click_with_ticket(button: gr.Button, session: gr.State, ticket: gr.State, handler, **queued):
     """Wire `button` to `handler` as a job in the device's queue whose Stop reaches it while it waits there: a quick
     unqueued event registers a ticket with the session, and the queued one (`queued` its event settings; its

@@ -12,7 +12,7 @@ from engine import EngineError, MergeRequest, TaskStopped
 from engine.merge import CHECKPOINT_FORMATS, INTERP_METHODS, NO_VAE, WEIGHTED_SUM
 
 from .fields import FieldDropdown, FieldRadio, FieldSlider
-from .page_jobs import click_with_ticket, engine_error, reread_on_open
+from .page_jobs import click_with_ticket, engine_error, reread_on_open, stop_session
 
 log = logging.getLogger(__name__)
 
@@ -136,15 +136,10 @@ def wire_merge_tab(widgets: MergeWidgets, engine, session, *, model_dropdown: gr
         concurrency_id="gpu",
         api_name="merge",
     )
-    widgets.stop.click(_stop_merge, inputs=[session], concurrency_limit=None, api_name="merge_stop")
+    widgets.stop.click(stop_session, inputs=[session], concurrency_limit=None, api_name="merge_stop")
     for dropdown in (widgets.primary, widgets.secondary, widgets.tertiary):
         reread_on_open(dropdown, functools.partial(model_choices, engine))
     reread_on_open(widgets.bake_in_vae, functools.partial(vae_choices, engine))
-
-
-def _stop_merge(session) -> None:
-    """Stop this session's merge (and any job of it) at its next tensor; nothing of it is written."""
-    session.stop()
 
 
 def run_merge(
