@@ -30,7 +30,7 @@ from .color_correction import corrected
 from .images import resize_to
 from .noise import seed_noise
 from .request import GenerationRequest, Limits, _as_float, _as_int, _in_range
-from .samplers import runs_a1111_ddim, runs_a1111_plms, runs_a1111_unipc
+from .samplers import runs_a1111_ddim, runs_a1111_plms, runs_a1111_unipc, t_to_sigma
 from .traced_unet import UNetStandIn
 from .vae import decode_pictures, mean_latents
 
@@ -126,7 +126,7 @@ class InpaintBlend(UNetStandIn):
         self.picture, self.keep, self.before = picture, keep, before
         self.prediction_type = prediction_type
         alphas = alphas_cumprod.double()
-        self._log_sigmas = ((1 - alphas) / alphas).sqrt().log()
+        self._log_sigmas = ((1 - alphas) / alphas).sqrt().log().cpu().numpy()
 
     def forward(self, sample, timestep, encoder_hidden_states, *args, return_dict: bool = True, **kwargs):
         picture = self.picture.to(sample).repeat(sample.shape[0] // self.picture.shape[0], 1, 1, 1)
@@ -146,14 +146,9 @@ class InpaintBlend(UNetStandIn):
 
     def _alpha(self, timestep) -> torch.Tensor:
         """The noise level the model reads from `timestep`, fractional too (k-diffusion's t_to_sigma)."""
-        t = torch.as_tensor(timestep, dtype=torch.float64).flatten()[0].clamp(0, len(self._log_sigmas) - 1)
-        low = int(t.floor())
-        high = min(low + 1, len(self._log_sigmas) - 1)
-        weight = t - low
-        log_sigma = (
-            self._log_sigmas[low] if weight == 0 else torch.lerp(self._log_sigmas[low], self._log_sigmas[high], weight)
-        )
-        return 1 / (1 + log_sigma.exp() ** 2)
+        t = torch.as_tensor(timestep, dtype=torch.float64).flatten()[:1].cpu().numpy()
+        sigma = t_to_sigma(t.clip(0, len(self._log_sigmas) - 1), self._log_sigmas)[0]
+        return torch.tensor(1 / (1 + sigma**2), dtype=torch.float64)
 
 
 def _partly_masked(pipe, pictures, mask: Image.Image, weight: float) -> torch.Tensor:

@@ -323,7 +323,7 @@ def takes_schedule_rho(sampler_name: str, schedule: str) -> bool:
     return effective_schedule(get_sampler(sampler_name), schedule) in SCHEDULE_RHO
 
 
-def _t_to_sigma(timesteps: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+def t_to_sigma(timesteps: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """k-diffusion's t_to_sigma: the model's log sigmas interpolated at fractional timesteps."""
     low = np.floor(timesteps).astype(int)
     high = np.ceil(timesteps).astype(int)
@@ -346,15 +346,15 @@ def schedule_sigmas(
     `lowest`; `model_sigmas` are the model's own, by timestep (ascending)."""
     ramp = np.linspace(0, 1, steps)
     if kind == "Uniform":  # k-diffusion's get_sigmas: evenly spaced timesteps from the last to 0
-        return _t_to_sigma(np.linspace(len(model_sigmas) - 1, 0, steps), np.log(model_sigmas))
+        return t_to_sigma(np.linspace(len(model_sigmas) - 1, 0, steps), np.log(model_sigmas))
     if kind in ("Normal", "SGM Uniform"):
         # Evenly spaced timesteps between the max sigma's and the min sigma's; SGM Uniform spaces one more and
         # drops the last, as A1111's sgm_uniform does.
         log_sigmas = np.log(model_sigmas)
         start, end = _sigma_to_t(highest, log_sigmas), _sigma_to_t(lowest, log_sigmas)
         if kind == "SGM Uniform":
-            return _t_to_sigma(np.linspace(start, end, steps + 1)[:-1], log_sigmas)
-        return _t_to_sigma(np.linspace(start, end, steps), log_sigmas)
+            return t_to_sigma(np.linspace(start, end, steps + 1)[:-1], log_sigmas)
+        return t_to_sigma(np.linspace(start, end, steps), log_sigmas)
     if kind == "Karras":
         inv_rho = 1 / rho
         return (highest**inv_rho + ramp * (lowest**inv_rho - highest**inv_rho)) ** rho
