@@ -45,18 +45,33 @@ SCRIPT_WIDGETS = {
     "sketch": "sketch",
     "inpaint_sketch": "sketch",
     "mask_transparency": "mask_transparency",
+    "batch_input_dir": "batch_input_dir",
+    "batch_mask_dir": "batch_mask_dir",
+    "batch_output_dir": "batch_output_dir",
+    "batch_skip_done": "batch_skip_done",
 }
+FOLDERS = {"batch_input_dir", "batch_output_dir", "batch_skip_done"}
 # The panels each tab has, as A1111 shows its scripts (SD upscale and outpainting: img2img only).
 PANELS = {
     "txt2img": {"prompt_list", "matrix_on"},
-    "img2img": {"prompt_list", "matrix_on", "loopback_on", "sd_upscale", "outpaint_on", "sketch"},
-    "inpaint": {"prompt_list", "matrix_on", "loopback_on", "inpaint_sketch", "mask_transparency"},
+    "img2img": {"prompt_list", "matrix_on", "loopback_on", "sd_upscale", "outpaint_on", "sketch", *FOLDERS},
+    "inpaint": {
+        "prompt_list",
+        "matrix_on",
+        "loopback_on",
+        "inpaint_sketch",
+        "mask_transparency",
+        *FOLDERS,
+        "batch_mask_dir",
+    },
 }
 
 
 @pytest.fixture(scope="module")
 def handlers(engine):
-    demo = build_page(engine, SimpleNamespace(outputs_dir=None, save_images=False, models_dir=None))
+    # With Batch from folders allowed, so that its fields are on the page too.
+    settings = SimpleNamespace(outputs_dir=None, save_images=False, models_dir=None, server_folders=True)
+    demo = build_page(engine, settings)
     return {fn.api_name: fn for fn in demo.fns.values() if fn.api_name in PANELS}
 
 

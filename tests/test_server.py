@@ -162,6 +162,18 @@ def test_exposed_without_login_warns_loudly(caplog):
     assert caplog.text == ""
 
 
+def test_folders_of_this_machine_are_named_on_the_page_only_by_those_who_may(caplog):
+    # img2img's Batch from folders reads and writes this machine's files for whoever reaches the page.
+    assert parse().server_folders and parse("--host", "localhost").server_folders
+    assert not parse("--listen").server_folders and not parse("--share").server_folders
+    assert parse("--listen", "--auth", "ann:pw").server_folders
+    assert not parse("--hide-ui-dir-config").server_folders
+    assert not parse("--listen", "--auth", "ann:pw", "--hide-ui-dir-config").server_folders
+    caplog.set_level(logging.WARNING, logger="ui.server")
+    assert warn_if_exposed(parse("--listen"))
+    assert "Batch from folders is off until a login is asked" in caplog.text
+
+
 def test_launch_with_listen_and_no_login_logs_the_warning(engine, caplog):
     caplog.set_level(logging.INFO, logger="ui.server")
     handle = launch(engine, ServerSettings(host="0.0.0.0", port=0))

@@ -58,6 +58,7 @@ from engine.vae import choose as vae_choice
 from .fields import FieldDropdown, FieldNumber, FieldRadio, FieldSlider
 from .page_compare import build_compare_tab, wire_compare_tab
 from .page_extras import build_extras_tab, upscaler_choices, wire_extras_tab
+from .page_folders import build_batch_folders, folder_plan
 from .page_jobs import (
     MASK_MODES,
     PageSession,
@@ -72,6 +73,7 @@ from .page_jobs import (
     progress_html,
     prompt_reading_html,
     reread_on_open,
+    run_folder_batch,
     run_job,
     token_counter_html,
     valid_preview_mode,
@@ -225,6 +227,9 @@ class TabWidgets:
     init_source: gr.State | None = None
     # inpaint only: A1111's Inpaint sketch (on, mask transparency).
     inpaint_sketch: list[gr.components.Component] | None = None
+    # img2img and inpaint, where the server allows it: A1111's Batch from folders (input, inpaint: masks, output,
+    # skip pictures already done).
+    batch_folders: list[gr.components.Component] | None = None
 
 
 def build_page(engine, settings=None) -> gr.Blocks:
@@ -233,6 +238,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
     outputs_dir = Path(outputs_dir) if outputs_dir is not None else None
     save_default = bool(getattr(settings, "save_images", False))
     save_image = _find_save_image()
+    server_folders = bool(getattr(settings, "server_folders", False))
 
     defaults = engine.defaults()
 
@@ -279,7 +285,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
             tab_widgets: dict[str, TabWidgets] = {}
             for mode in ("txt2img", "img2img", "inpaint"):
                 with gr.Tab(mode, id=mode, elem_id=f"tab_{mode}"):
-                    tab_widgets[mode] = _build_generation_tab(mode, engine, defaults)
+                    tab_widgets[mode] = _build_generation_tab(mode, engine, defaults, server_folders)
             with gr.Tab("Compare", id="compare", elem_id="tab_compare"):
                 compare = build_compare_tab(engine)
             with gr.Tab("Extras", id="extras", elem_id="tab_extras"):
@@ -508,7 +514,9 @@ def build_page(engine, settings=None) -> gr.Blocks:
 
         # Events ---------------------------------------------------------------------------------
         for tab in tab_widgets.values():
-            _wire_generation_tab(tab, engine, session, outputs_dir=outputs_dir, save_image=save_image)
+            _wire_generation_tab(
+                tab, engine, session, outputs_dir=outputs_dir, save_image=save_image, server_folders=server_folders
+            )
         for source in tab_widgets.values():
             for target_mode, button in (("img2img", source.send_img2img), ("inpaint", source.send_inpaint)):
                 target = tab_widgets[target_mode]
@@ -829,7 +837,7 @@ def _build_settings(mode: str, engine, defaults, prompts: dict) -> tuple[Setting
     )
 
 
-def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
+def _build_generation_tab(mode: str, engine, defaults, server_folders: bool = False) -> TabWidgets:
     with gr.Row(elem_classes="prompt-row"):
         with gr.Column(scale=8):
             # Each counter sits over the top-right corner of its box (see .prompt-box in page_style).
@@ -883,7 +891,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
             style_editor = _build_style_editor(mode, engine)
     with gr.Accordion("How the prompt is read", open=False, elem_id=f"{mode}_prompt_reading_box"):
         prompt_reading = gr.HTML("", elem_id=f"{mode}_prompt_reading")
-    image = mask = batch_images = sketch = init_tabs = init_source = inpaint_sketch = None
+    image = mask = batch_images = sketch = init_tabs = init_source = inpaint_sketch = batch_folders = None
     with gr.Row(equal_height=False):
         with gr.Column(scale=5, elem_classes="settings-column"):
             if mode == "img2img":
@@ -897,6 +905,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
                         label="Init images: with files here, Generate runs one job per picture (not the one above)",
                         elem_id="img2img_batch_images",
                     )
+                    batch_folders = build_batch_folders(mode, server_folders)
             elif mode == "inpaint":
                 image = gr.ImageEditor(
                     type="pil",
@@ -919,6 +928,8 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
                         elem_id="inpaint_mask",
                         height=200,
                     )
+                with gr.Accordion("Batch: pictures and masks from folders", open=False, elem_id="inpaint_batch_box"):
+                    batch_folders = build_batch_folders(mode, server_folders)
             prompts = dict(
                 prompt=prompt, negative_prompt=negative, prompt_tokens=prompt_tokens, negative_tokens=negative_tokens
             )
@@ -1005,6 +1016,7 @@ def _build_generation_tab(mode: str, engine, defaults) -> TabWidgets:
         init_tabs=init_tabs,
         init_source=init_source,
         inpaint_sketch=inpaint_sketch,
+        batch_folders=batch_folders,
     )
 
 
@@ -1619,10 +1631,14 @@ def _build_hires_fix(engine) -> list[gr.components.Component]:
 # Wiring --------------------------------------------------------------------------------------------
 
 
-def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_dir, save_image) -> None:
+def _wire_generation_tab(
+    tab: TabWidgets, engine, session: gr.State, *, outputs_dir, save_image, server_folders: bool = False
+) -> None:
     panel = tab.settings
     outputs = [tab.preview, tab.progress, tab.gallery, tab.infotext, tab.results]
-    handler = _make_generate_handler(tab.mode, engine, outputs_dir=outputs_dir, save_image=save_image)
+    handler = _make_generate_handler(
+        tab.mode, engine, outputs_dir=outputs_dir, save_image=save_image, server_folders=server_folders
+    )
     inputs = [session, tab.ticket, *panel.request_inputs()]
     if tab.mode == "txt2img":
         inputs += tab.hires
@@ -1653,6 +1669,8 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
         inputs += [tab.sketch, tab.init_source]
     if tab.inpaint_sketch is not None:
         inputs += tab.inpaint_sketch
+    if tab.batch_folders is not None:
+        inputs += tab.batch_folders
     # Showing the preview (and hiding the gallery) around the job is done by separate quick events, so
     # that the streamed endpoint returns plain values to API clients rather than visibility updates.
     # The click registers the job with the session at once, so that Stop also cancels it while it waits
@@ -1793,8 +1811,9 @@ def _wire_generation_tab(tab: TabWidgets, engine, session: gr.State, *, outputs_
     tab.gallery.select(_select_result, inputs=[tab.results], outputs=[tab.infotext], api_visibility="private")
 
 
-def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
-    """A generator function per mode, with the endpoint's parameters named and documented."""
+def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image, server_folders: bool = False):
+    """A generator function per mode, with the endpoint's parameters named and documented. `server_folders`:
+    whether a batch may name folders of this machine (ServerSettings.server_folders)."""
     common = dict(engine=engine, mode=mode, outputs_dir=outputs_dir, save_image=save_image)
 
     if mode == "txt2img":
@@ -1954,6 +1973,9 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             outpaint_directions: list[str] | None = None,
             sketch: dict | None = None,
             init_source: str = INIT_SOURCES[0],
+            batch_input_dir: str = "",
+            batch_output_dir: str = "",
+            batch_skip_done: bool = False,
         ):
             """Image to image: like /txt2img plus the init image and the denoising strength (0..1); resize_mode
             is A1111's (0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale)).
@@ -1963,7 +1985,23 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
             matrix, loopback_* its Loopback (loops, final denoising strength, curve) and outpaint_* its Poor man's
             outpainting (pixels to expand, mask blur, masked content, directions). `sketch` is A1111's Sketch, an
             image-editor value (a picture, or a blank canvas, with strokes in colour): the picture with its strokes
-            is the init image when init_image is None (on the page: when the Sketch tab is shown)."""
+            is the init image when init_image is None (on the page: when the Sketch tab is shown).
+            batch_input_dir (A1111's Batch from folders, where the server allows it) runs one job per picture in
+            that folder of the server and its subfolders, writing the results under the pictures' names into
+            batch_output_dir (empty: the outputs folder); batch_skip_done leaves out those already there."""
+            looping = _looping(loopback_on, loopback_loops, loopback_final_denoising, loopback_curve)
+            plan = folder_plan(
+                server_folders,
+                batch_input_dir,
+                batch_output_dir,
+                skip_done=batch_skip_done,
+                counts=(n_iter, batch_size, looping),
+                refused_with={
+                    "uploaded batch files": bool(batch_images),
+                    "a prompt list": prompt_list,
+                    "the prompt matrix": matrix_on,
+                },
+            )
             pictures = batch_pictures(batch_images, "batch_images")
             if pictures and (prompt_list or matrix_on):
                 script = "a prompt list" if prompt_list else "the prompt matrix"
@@ -1972,7 +2010,9 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                     f"or untick {'the prompt list' if prompt_list else 'Prompt matrix'})"
                 )
             init_image = pictures[0] if pictures else _init_picture(init_image, sketch, init_source)
-            if init_image is None:
+            if plan is not None:
+                init_image = None  # each picture of the folder in turn
+            elif init_image is None:
                 raise gr.Error("init_images: got nothing; allowed: an image (upload one in img2img, or draw a Sketch)")
             variation = _variation(seed_extra, subseed, subseed_strength, seed_resize_from_w, seed_resize_from_h)
             request = build_request(
@@ -2009,11 +2049,15 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
                     list(OUTPAINT_DIRECTIONS) if outpaint_directions is None else outpaint_directions,
                 ),
             )
-            if pictures:  # with Loopback on, each picture of the batch loops back on its own
-                looping = _looping(loopback_on, loopback_loops, loopback_final_denoising, loopback_curve)
+            # A batch's pictures share one seed, drawn once where it is -1 (A1111's fix_seed), and with Loopback
+            # on, each picture loops back on its own.
+            if plan is not None:
+                yield from _folder_job(plan, request, looping, resize_by, session=session, ticket=ticket, **common)
+                return
+            if pictures:
+                request = dataclasses.replace(request, **looping).with_seeds_drawn()
                 batch = [
-                    _resized_by(dataclasses.replace(request, init_images=[picture], **looping), resize_by, engine)
-                    for picture in pictures
+                    _folder_request(request, picture, None, resize_by=resize_by, engine=engine) for picture in pictures
                 ]
                 yield from run_job(session=session, request=batch, ticket=ticket, unit="init image", **common)
                 return
@@ -2077,6 +2121,10 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
         loopback_curve: str = "Linear",
         inpaint_sketch: bool = False,
         mask_transparency: float = 0,
+        batch_input_dir: str = "",
+        batch_mask_dir: str = "",
+        batch_output_dir: str = "",
+        batch_skip_done: bool = False,
     ):
         """Inpaint: like /img2img; `image` is an image-editor value whose painted layer is the mask
         (white = repaint), or give `mask` (a white-on-black image of the same size). inpaint_area is
@@ -2085,11 +2133,32 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
         "fill", "original", "latent noise" or "latent nothing". matrix_* are A1111's Prompt matrix and loopback_* its
         Loopback (loops, final denoising strength, curve), as on /img2img. With inpaint_sketch (A1111's Inpaint
         sketch) the strokes on `image` are painted in colour: they are the mask, dimmed by mask_transparency (0 to
-        100 %), and their colours go into the picture the masked part starts from."""
+        100 %), and their colours go into the picture the masked part starts from. batch_input_dir and
+        batch_mask_dir (A1111's Batch from folders, where the server allows it) inpaint every picture in that folder
+        of the server with its mask (the mask folder's only picture, or the one named as the picture), writing the
+        results under the pictures' names into batch_output_dir (empty: the outputs folder); batch_skip_done leaves
+        out those already there."""
+        looping = _looping(loopback_on, loopback_loops, loopback_final_denoising, loopback_curve)
+        plan = folder_plan(
+            server_folders,
+            batch_input_dir,
+            batch_output_dir,
+            mask_dir=batch_mask_dir,
+            skip_done=batch_skip_done,
+            counts=(n_iter, batch_size, looping),
+            refused_with={
+                "Inpaint sketch": inpaint_sketch,
+                "a prompt list": prompt_list,
+                "the prompt matrix": matrix_on,
+            },
+            mask_needed=True,
+        )
         init_image, painted = editor_image_and_mask(image)
-        if init_image is None:
+        if plan is not None:
+            init_image = chosen_mask = None  # each picture's, and its mask, from the folders in turn
+        elif init_image is None:
             raise gr.Error("init_images: got nothing; allowed: an image (upload one in inpaint)")
-        if inpaint_sketch:
+        elif inpaint_sketch:
             sketched = (init_image, painted, mask, mask_blur, mask_transparency)
             init_image, chosen_mask = _inpaint_sketched(image, *sketched, limits=engine.limits)
         else:
@@ -2129,6 +2198,9 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image):
         request = dataclasses.replace(
             request, tiling=bool(tiling), **_refiner_fields(refiner_checkpoint, refiner_switch_at)
         )
+        if plan is not None:
+            yield from _folder_job(plan, request, looping, resize_by, session=session, ticket=ticket, **common)
+            return
         request = _resized_by(request, resize_by, engine)
         listed = (prompt_list, iterate_seed, same_seed, prompt_position, prompt_list_text)
         matrix = (matrix_on, matrix_at_start, matrix_random_seeds, matrix_prompt_type, matrix_joiner, matrix_margin)
@@ -2173,6 +2245,22 @@ def _inpaint_sketched(
         )
     except EngineError as exc:
         raise gr.Error(str(exc)) from exc
+
+
+def _folder_job(plan, request: GenerationRequest, looping: dict, resize_by, *, engine, **run):
+    """A folder batch's run (page_jobs.run_folder_batch): every picture with one seed, drawn once where it is -1
+    (A1111's fix_seed), and with Loopback on, each picture looping on its own."""
+    request = dataclasses.replace(request, **looping).with_seeds_drawn()
+    made = functools.partial(_folder_request, request, resize_by=resize_by, engine=engine)
+    return run_folder_batch(engine=engine, plan=plan, make_request=made, **run)
+
+
+def _folder_request(
+    request: GenerationRequest, picture: Image.Image, mask: Image.Image | None, *, resize_by, engine
+) -> GenerationRequest:
+    """A batch's request for one of its pictures (and its mask), sized by Resize by from that picture."""
+    with_picture = dataclasses.replace(request, init_images=[picture], mask=mask if mask is not None else request.mask)
+    return _resized_by(with_picture, resize_by, engine)
 
 
 def _resized_by(request: GenerationRequest, scale, engine) -> GenerationRequest:

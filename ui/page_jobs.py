@@ -21,6 +21,7 @@ from PIL import Image
 
 from engine import EngineError, GenerationRequest, JobControl, PreviewSettings, Progress, Result, Waiting
 from engine.events import PREVIEW_MODES, Pacer
+from engine.folder_batch import FolderBatchError, FolderPlan, write_outputs
 from engine.grids import batch_grid
 from engine.previews import preview_to_display
 from engine.request import default_job_settings, with_clip_skip
@@ -35,6 +36,8 @@ MASK_MODES = ("Inpaint masked", "Inpaint not masked")
 # Page updates while a job runs, at most one per this many seconds (10 a second): smooth to watch, and
 # a fast model (50+ steps a second) does not flood the browser and a shared link with an image per step.
 LIVE_UPDATE_INTERVAL_S = 0.1
+# A folder batch's gallery shows its first pictures only (A1111's img2img_batch_show_results_limit).
+FOLDER_BATCH_SHOWN = 32
 
 
 @dataclass
@@ -464,62 +467,22 @@ def run_job(
     if grid is None and session.batch_grid and not isinstance(request, list):  # a list has no grid, as in A1111
         grid = batch_grid
     control = session.take_job(ticket)
+    feed = _LiveFeed(engine, session, control, on_page=ticket is not None)
     results: list[Result] = []
-    fraction, shown, sent = 0.0, None, None
-    pacer, stop_shown = Pacer(LIVE_UPDATE_INTERVAL_S), False
-    # The page hides its gallery while a job runs and shows it again after; API callers get plain values.
-    running_gallery, running_infotext = (gr.skip(), gr.skip()) if ticket is not None else ([], "")
     try:
         validated_all = [engine.validate(session.settings_for(each)) for each in requests]
-        yield (
-            None,
-            progress_html(0.0, "Starting...", job_id=control.job_id),
-            running_gallery,
-            running_infotext,
-            gr.skip(),
-        )
+        yield feed.update("Starting...")
         for number, validated in enumerate(validated_all, start=1):
             if control.interrupted and results:
                 break
-            prefix = f"{unit.capitalize()} {number}/{len(validated_all)}: " if len(validated_all) > 1 else ""
-            width, height = validated.width, validated.height
-            for event in engine.generate(validated, control=control, preview=session.preview_settings()):
-                if isinstance(event, Waiting):
-                    text = "Stopping..." if control.interrupted else prefix + describe_waiting(event)
-                    yield (
-                        None,
-                        progress_html(0.0, text, job_id=control.job_id),
-                        running_gallery,
-                        running_infotext,
-                        gr.skip(),
-                    )
-                elif isinstance(event, Progress):
-                    fraction = (number - 1 + event.fraction) / len(validated_all)
-                    text = prefix + describe_progress(event)
-                    if control.interrupted:
-                        text = f"Stopping... {text}"
-                    if event.preview is not None:
-                        shown = preview_to_display(event.preview, width, height, PREVIEW_DISPLAY_SIDE)
-                    # Previews come paced by the engine; progress-only steps in between are dropped.
-                    force = event.preview is not None or event.step == event.total or control.interrupted != stop_shown
-                    if pacer.ready(force=force):
-                        stop_shown = control.interrupted
-                        bar = progress_html(fraction, text, job_id=control.job_id)
-                        # A preview already on the page is not sent again: it would cost its bytes once more,
-                        # and gradio rewrites its cached file while the browser may still be reading it. API
-                        # callers get the latest preview in every update, as a value (a skip reaches them as a dict).
-                        unchanged = ticket is not None and shown is not None and shown is sent
-                        preview_update = gr.skip() if unchanged else shown
-                        sent = shown
-                        yield preview_update, bar, running_gallery, running_infotext, gr.skip()
-                elif isinstance(event, Result):
-                    results.append(event)
-                    # Saved as each job ends, so a later line's failure loses nothing made before it.
-                    if session.save_images and save_image is not None and outputs_dir is not None:
-                        _save_all(event, save_image, outputs_dir=outputs_dir, mode=mode)
+            result = yield from feed.generate(validated, number, len(validated_all), unit)
+            results.append(result)
+            # Saved as each job ends, so a later line's failure loses nothing made before it.
+            if session.save_images and save_image is not None and outputs_dir is not None:
+                _save_all(result, save_image, outputs_dir=outputs_dir, mode=mode)
     except EngineError as exc:
         if results:  # a list that failed part-way: what it made stays in the gallery under the error
-            yield _final_update(results, len(requests), unit, fraction, grid(results) if grid else None)
+            yield _final_update(results, len(requests), unit, feed.fraction, grid(results) if grid else None)
         raise engine_error(exc) from exc
     finally:
         session.end_job(control)
@@ -528,10 +491,172 @@ def run_job(
     grid_made = grid(results) if grid else None
     if grid_made is not None and session.save_images and save_image is not None and outputs_dir is not None:
         _save_all(grid_made, save_image, outputs_dir=outputs_dir, mode=f"{mode}-grids")
-    final = _final_update(results, len(requests), unit, fraction, grid_made)
+    final = _final_update(results, len(requests), unit, feed.fraction, grid_made)
     if ticket is not None and not any(result.images for result in results):
         final = (*final[:2], gr.skip(), gr.skip(), gr.skip())  # stopped before it started: keep the last pictures
     yield final
+
+
+@dataclass
+class _LiveFeed:
+    """The page updates of a job's generations: its progress bar and live preview, paced to
+    LIVE_UPDATE_INTERVAL_S. On the page (a ticket) the gallery and infotext are left alone while it runs;
+    API callers get empty values for them."""
+
+    engine: Any
+    session: PageSession
+    control: JobControl
+    on_page: bool
+    fraction: float = 0.0
+    shown: Image.Image | None = None
+    sent: Image.Image | None = None
+    stop_shown: bool = False
+    pacer: Pacer = field(default_factory=lambda: Pacer(LIVE_UPDATE_INTERVAL_S))
+
+    def update(self, text: str, preview: Any = None, fraction: float | None = None) -> tuple:
+        gallery, infotext = (gr.skip(), gr.skip()) if self.on_page else ([], "")
+        bar = progress_html(self.fraction if fraction is None else fraction, text, job_id=self.control.job_id)
+        return preview, bar, gallery, infotext, gr.skip()
+
+    def generate(
+        self, validated: GenerationRequest, number: int, count: int, unit: str, name: str | None = None
+    ) -> Iterator[tuple]:
+        """Run one validated request, yielding page updates; returns its Result (`number` of `count` units,
+        shown by `name` when it has one)."""
+        control = self.control
+        if name is not None:
+            prefix = f"{name} ({number}/{count}): "
+        else:
+            prefix = f"{unit.capitalize()} {number}/{count}: " if count > 1 else ""
+        width, height = validated.width, validated.height
+        result = None
+        for event in self.engine.generate(validated, control=control, preview=self.session.preview_settings()):
+            if isinstance(event, Waiting):
+                text = "Stopping..." if control.interrupted else prefix + describe_waiting(event)
+                yield self.update(text, fraction=0.0)
+            elif isinstance(event, Progress):
+                self.fraction = (number - 1 + event.fraction) / count
+                text = prefix + describe_progress(event)
+                if control.interrupted:
+                    text = f"Stopping... {text}"
+                if event.preview is not None:
+                    self.shown = preview_to_display(event.preview, width, height, PREVIEW_DISPLAY_SIDE)
+                # Previews come paced by the engine; progress-only steps in between are dropped.
+                force = event.preview is not None or event.step == event.total or control.interrupted != self.stop_shown
+                if self.pacer.ready(force=force):
+                    self.stop_shown = control.interrupted
+                    # A preview already on the page is not sent again: it would cost its bytes once more,
+                    # and gradio rewrites its cached file while the browser may still be reading it. API
+                    # callers get the latest preview in every update, as a value (a skip reaches them as a dict).
+                    unchanged = self.on_page and self.shown is not None and self.shown is self.sent
+                    preview_update = gr.skip() if unchanged else self.shown
+                    self.sent = self.shown
+                    yield self.update(text, preview_update)
+            elif isinstance(event, Result):
+                result = event
+        if result is None:  # the engine always ends with a Result; this guards the page, not the engine
+            raise gr.Error("The job ended without a result.")
+        return result
+
+
+def run_folder_batch(
+    engine,
+    session: PageSession,
+    plan: FolderPlan,
+    make_request: Callable[[Image.Image, Image.Image | None], GenerationRequest],
+    *,
+    ticket: int | None = None,
+    mode: str,
+    outputs_dir: Path | None,
+    save_image=None,
+    shown_limit: int = FOLDER_BATCH_SHOWN,
+) -> Iterator[tuple]:
+    """A1111's img2img Batch from folders: one job per picture of `plan` (make_request turns a picture and its
+    mask into the request), each picture read only when its turn comes, so a folder of thousands of frames is
+    never all in memory. Results go to the plan's output folder under the picture's name (or, without one, where
+    pictures are saved normally); the gallery shows the first `shown_limit` pictures (A1111 shows 32).
+
+    A picture that cannot be read is left out and named at the end, as A1111 goes on past it. Stop ends the
+    batch; the picture it stopped is not written, nor one cut short by Skip, so a rerun with "skip pictures
+    already done" makes exactly those."""
+    control = session.take_job(ticket)
+    feed = _LiveFeed(engine, session, control, on_page=ticket is not None)
+    shown: list[Result] = []
+    report = _FolderReport(plan, asked=len(plan.items))
+    try:
+        yield feed.update("Starting...")
+        for number, item in enumerate(plan.items, start=1):
+            if control.interrupted and report.ran:
+                break
+            try:
+                picture, mask = item.open()
+            except FolderBatchError as exc:
+                log.warning("Folder batch: %s", exc)
+                report.unreadable.append(item.relative)
+                continue
+            validated = engine.validate(session.settings_for(make_request(picture, mask)))
+            result = yield from feed.generate(validated, number, len(plan.items), "picture", item.relative.as_posix())
+            report.ran += 1
+            report.seconds += result.elapsed
+            if len(shown) < shown_limit:
+                shown.append(result)
+            if result.interrupted or result.skipped_batches:
+                report.not_written.append(item.relative)
+            elif plan.output_dir is not None:
+                report.written += len(write_outputs(item, plan.output_dir, result.images, result.infotexts))
+            elif session.save_images and save_image is not None and outputs_dir is not None:
+                _save_all(result, save_image, outputs_dir=outputs_dir, mode=mode)
+                report.written += len(result.images)
+    except (EngineError, FolderBatchError) as exc:
+        if shown:
+            yield _folder_update(shown, report.describe(), feed.fraction, stopped=True)
+        raise engine_error(exc) if isinstance(exc, EngineError) else gr.Error(f"{exc}. {report.describe()}") from exc
+    finally:
+        session.end_job(control)
+    if not report.ran:
+        raise gr.Error(f"Nothing was made. {report.describe()}")
+    stopped = control.interrupted or bool(report.not_written)
+    yield _folder_update(shown, report.describe(), 1.0 if not stopped else feed.fraction, stopped)
+
+
+@dataclass
+class _FolderReport:
+    """What a folder batch did, for its last progress line."""
+
+    plan: FolderPlan
+    asked: int
+    ran: int = 0
+    written: int = 0
+    seconds: float = 0.0
+    unreadable: list[Path] = field(default_factory=list)
+    not_written: list[Path] = field(default_factory=list)
+
+    def describe(self) -> str:
+        plan = self.plan
+        where = f" to {plan.output_dir}" if plan.output_dir is not None else ""
+        text = f"{self.ran} of {self.asked} pictures in {self.seconds:.1f} s; {self.written} images written{where}"
+        notes = [
+            (len(self.not_written), "stopped or skipped, not written", self.not_written),
+            (len(self.unreadable), "unreadable", self.unreadable),
+            (len(plan.without_mask), "without a mask, left out", plan.without_mask),
+            (len(plan.done_before), "already done, left out", plan.done_before),
+        ]
+        for count, what, names in notes:
+            if count:
+                listed = ", ".join(name.as_posix() for name in names[:3]) + (", ..." if count > 3 else "")
+                text += f"; {count} {what} ({listed})"
+        return text
+
+
+def _folder_update(shown: list[Result], summary: str, fraction: float, stopped: bool) -> tuple:
+    gallery = [(image, _caption(result, index)) for result in shown for index, image in enumerate(result.images)]
+    view = ResultView(
+        seeds=[seed for result in shown for seed in result.seeds],
+        infotexts=[text for result in shown for text in result.infotexts],
+        subseeds=[subseed for result in shown for subseed in result.subseeds],
+    )
+    bar = progress_html(fraction, summary, state="interrupted" if stopped else "done")
+    return None, bar, gallery, view.selected_infotext(), view
 
 
 def _final_update(results: list[Result], asked: int, unit: str, fraction: float, grid: Result | None = None) -> tuple:

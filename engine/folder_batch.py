@@ -1,0 +1,202 @@
+"""A1111's img2img Batch from folders on the server: every picture under an input folder, one job each, each
+result written to an output folder under the picture's own name.
+
+    plan = plan_folder_batch("frames/", "styled/", mask_dir="masks/")
+    for item in plan.items:               # naturally sorted: frame2 before frame10
+        picture, mask = item.open()       # EXIF-rotated RGB picture, its mask (or None)
+        ...                               # generate, then:
+        write_outputs(item, plan.output_dir, images, infotexts)
+
+Subfolders of the input folder are walked too, and kept in the output folder (A1111 flattens them, so two
+`0001.png` in different subfolders would write one name twice). Outputs are never overwritten: a plan whose
+output names are taken is refused before anything runs, naming the first one, and each file is created
+exclusively, so a picture that appeared meanwhile is not replaced either.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import EngineError, InvalidRequestError
+from .outputs import encode_image
+
+# The extensions A1111's batch reads.
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
+_DIGITS = re.compile(r"(\d+)")
+
+
+class FolderBatchError(EngineError):
+    """A picture of a folder batch that cannot be read, or an output that cannot be written."""
+
+
+@dataclass(frozen=True)
+class FolderItem:
+    """One picture of the batch: its path, its path relative to the input folder, and its mask file (or None)."""
+
+    path: Path
+    relative: Path
+    mask: Path | None = None
+
+    def open(self) -> tuple[Image.Image, Image.Image | None]:
+        """The picture (RGB, turned upright by its EXIF orientation as A1111 does) and its mask (L)."""
+        return _open_picture(self.path, "RGB"), (_open_picture(self.mask, "L") if self.mask else None)
+
+    def output_names(self, count: int) -> list[Path]:
+        """Where its `count` results go, relative to the output folder: `<name>.png`, or `<name>-1.png`,
+        `<name>-2.png`, ... for several (batch count x batch size), as A1111 numbers them."""
+        stem = self.relative.with_suffix("")
+        if count == 1:
+            return [stem.with_name(stem.name + ".png")]
+        return [stem.with_name(f"{stem.name}-{number}.png") for number in range(1, count + 1)]
+
+
+@dataclass(frozen=True)
+class FolderPlan:
+    items: tuple[FolderItem, ...]
+    # Pictures left out because the mask folder holds no mask for them (A1111 skips them too).
+    without_mask: tuple[Path, ...]
+    # None: the results go where generated pictures are saved normally.
+    output_dir: Path | None
+    # Pictures left out because every result of theirs is in the output folder already (skip_done).
+    done_before: tuple[Path, ...] = ()
+
+
+def natural_key(path: Path) -> list:
+    """Sort key that puts frame2 before frame10, as A1111's batch orders its pictures."""
+    return [int(part) if part.isdigit() else part.lower() for part in _DIGITS.split(path.as_posix())]
+
+
+def list_pictures(folder: Path) -> list[Path]:
+    """Every picture under `folder`, subfolders included, relative to it, in natural order (hidden ones left out)."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [name for name in dirs if not name.startswith(".")]
+        for name in files:
+            if not name.startswith(".") and name.lower().endswith(PICTURE_SUFFIXES):
+                found.append((Path(root) / name).relative_to(folder))
+    return sorted(found, key=natural_key)
+
+
+def plan_folder_batch(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
+    *,
+    mask_dir: str | os.PathLike | None = None,
+    outputs_per_picture: int = 1,
+    skip_done: bool = False,
+) -> FolderPlan:
+    """The batch's pictures, masks and output names, checked before anything runs. InvalidRequestError naming
+    input_dir, output_dir or mask_dir for a folder that is missing, empty or in the way. With skip_done, a
+    picture whose results are all in the output folder already is left out (to go on with a stopped batch), and
+    one with only some of them is refused as any taken name is.
+
+    With a mask folder of one picture, that mask is every picture's; otherwise each picture takes the mask with
+    its own name (any picture extension, in the same subfolder), and pictures without one are left out."""
+    source = _folder(input_dir, "input_dir")
+    relatives = list_pictures(source)
+    if not relatives:
+        raise InvalidRequestError(
+            "input_dir", str(input_dir), f"a folder holding pictures ({', '.join(PICTURE_SUFFIXES)}); it has none"
+        )
+    items = [FolderItem(source / relative, relative) for relative in relatives]
+    without_mask: list[Path] = []
+    if mask_dir not in (None, ""):
+        items, without_mask = _with_masks(items, _folder(mask_dir, "mask_dir"), str(mask_dir))
+        if not items:
+            raise InvalidRequestError(
+                "mask_dir",
+                str(mask_dir),
+                "one mask for every picture, or masks named as the pictures are; none of the "
+                f"{len(without_mask)} pictures has one",
+            )
+    target, done_before = None, []
+    if output_dir not in (None, ""):
+        target = Path(output_dir).expanduser()
+        if target.exists() and not target.is_dir():
+            raise InvalidRequestError("output_dir", str(output_dir), "a folder (this is a file)")
+        resolved = target.resolve()
+        if resolved == source.resolve() or source.resolve() in resolved.parents:
+            raise InvalidRequestError(
+                "output_dir",
+                str(output_dir),
+                f"a folder outside input_dir {str(input_dir)!r} (its results would be read as pictures next time)",
+            )
+        if skip_done:
+            done = [
+                item
+                for item in items
+                if all((target / name).exists() for name in item.output_names(outputs_per_picture))
+            ]
+            done_before = [item.relative for item in done]
+            items = [item for item in items if item not in done]
+        taken = [name for item in items for name in item.output_names(outputs_per_picture) if (target / name).exists()]
+        if taken:
+            more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
+            raise InvalidRequestError(
+                "output_dir",
+                str(output_dir),
+                f"a folder where the results' names are free; {taken[0].as_posix()!r}{more} already there would "
+                "be overwritten (pick another folder, or move them)",
+            )
+    return FolderPlan(tuple(items), tuple(without_mask), target, tuple(done_before))
+
+
+def write_outputs(
+    item: FolderItem, output_dir: Path, images: list[Image.Image], infotexts: list[str | None]
+) -> list[Path]:
+    """Write `item`'s results as PNGs with their infotexts under output_dir; never replaces a file."""
+    written = []
+    for name, image, infotext in zip(item.output_names(len(images)), images, infotexts, strict=True):
+        path = output_dir / name
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "xb") as handle:
+                handle.write(encode_image(image, infotext, "png"))
+        except FileExistsError:
+            raise FolderBatchError(f"{path}: a file of that name appeared while the batch ran; it was kept") from None
+        except OSError as exc:
+            raise FolderBatchError(f"{path}: could not write it ({exc.strerror or exc})") from exc
+        written.append(path)
+    return written
+
+
+def _folder(value: str | os.PathLike, field: str) -> Path:
+    if value in (None, "") or not str(value).strip():
+        raise InvalidRequestError(field, value, "the path of a folder on the server")
+    folder = Path(str(value).strip()).expanduser()
+    if not folder.is_dir():
+        raise InvalidRequestError(field, str(value), "an existing folder on the server (there is none at that path)")
+    return folder
+
+
+def _with_masks(items: list[FolderItem], masks_folder: Path, shown: str) -> tuple[list[FolderItem], list[Path]]:
+    masks = list_pictures(masks_folder)
+    if not masks:
+        raise InvalidRequestError("mask_dir", shown, "a folder holding masks (white = repaint); it has none")
+    if len(masks) == 1:
+        return [FolderItem(item.path, item.relative, masks_folder / masks[0]) for item in items], []
+    by_name = {}
+    for mask in masks:
+        by_name.setdefault(mask.with_suffix(""), mask)  # the first in natural order when names differ in extension
+    kept, missing = [], []
+    for item in items:
+        mask = by_name.get(item.relative.with_suffix(""))
+        if mask is None:
+            missing.append(item.relative)
+        else:
+            kept.append(FolderItem(item.path, item.relative, masks_folder / mask))
+    return kept, missing
+
+
+def _open_picture(path: Path, mode: str) -> Image.Image:
+    try:
+        with Image.open(path) as opened:
+            picture = ImageOps.exif_transpose(opened)
+            return picture.convert(mode)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise FolderBatchError(f"{path}: not a picture that can be read ({exc})") from exc
