@@ -15,19 +15,26 @@ exclusively, so a picture that appeared meanwhile is not replaced either.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import EngineError, InvalidRequestError
+from .infotext import parse_infotext, parse_infotext_params, read_infotext
 from .outputs import encode_image
+from .request import GenerationRequest
 
 # The extensions A1111's batch reads.
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
 _DIGITS = re.compile(r"(\d+)")
+# What A1111's batch can take from each picture's PNG info. Its "Model hash" is not offered: a checkpoint of each
+# picture's own would reload the model between pictures.
+PNG_INFO_PARAMETERS = ("Prompt", "Negative prompt", "Seed", "CFG scale", "Sampler", "Steps")
 
 
 class FolderBatchError(EngineError):
@@ -41,10 +48,21 @@ class FolderItem:
     path: Path
     relative: Path
     mask: Path | None = None
+    # The picture whose PNG info (infotext) goes with this one: itself, or its namesake in a PNG info folder.
+    info: Path | None = None
 
     def open(self) -> tuple[Image.Image, Image.Image | None]:
         """The picture (RGB, turned upright by its EXIF orientation as A1111 does) and its mask (L)."""
         return _open_picture(self.path, "RGB"), (_open_picture(self.mask, "L") if self.mask else None)
+
+    def infotext(self) -> str | None:
+        """The infotext of its PNG info picture; None where there is none (or no such picture)."""
+        path = self.info or self.path
+        try:
+            with Image.open(path) as opened:
+                return read_infotext(opened)
+        except (OSError, UnidentifiedImageError, ValueError, EngineError):
+            return None
 
     def output_names(self, count: int) -> list[Path]:
         """Where its `count` results go, relative to the output folder: `<name>.png`, or `<name>-1.png`,
@@ -87,6 +105,7 @@ def plan_folder_batch(
     output_dir: str | os.PathLike | None = None,
     *,
     mask_dir: str | os.PathLike | None = None,
+    info_dir: str | os.PathLike | None = None,
     outputs_per_picture: int = 1,
     skip_done: bool = False,
 ) -> FolderPlan:
@@ -96,14 +115,19 @@ def plan_folder_batch(
     one with only some of them is refused as any taken name is.
 
     With a mask folder of one picture, that mask is every picture's; otherwise each picture takes the mask with
-    its own name (any picture extension, in the same subfolder), and pictures without one are left out."""
+    its own name (any picture extension, in the same subfolder), and pictures without one are left out. With an
+    info_dir, each picture's PNG info is read from the picture of its name there (A1111's PNG info directory)."""
     source = _folder(input_dir, "input_dir")
     relatives = list_pictures(source)
     if not relatives:
         raise InvalidRequestError(
             "input_dir", str(input_dir), f"a folder holding pictures ({', '.join(PICTURE_SUFFIXES)}); it has none"
         )
-    items = [FolderItem(source / relative, relative) for relative in relatives]
+    info_folder = _folder(info_dir, "png_info_dir") if info_dir not in (None, "") else None
+    items = [
+        FolderItem(source / relative, relative, info=info_folder / relative if info_folder else None)
+        for relative in relatives
+    ]
     without_mask: list[Path] = []
     if mask_dir not in (None, ""):
         items, without_mask = _with_masks(items, _folder(mask_dir, "mask_dir"), str(mask_dir))
@@ -165,6 +189,31 @@ def write_outputs(
     return written
 
 
+def with_png_info(request: GenerationRequest, text: str, parameters: Sequence[str]) -> GenerationRequest:
+    """`request` with the `parameters` (of PNG_INFO_PARAMETERS) that infotext `text` holds, as A1111's batch takes
+    them: its prompts appended to the request's, its seed, CFG scale, sampler (and schedule type) and steps in place
+    of the request's. What the text does not hold stays the request's. InvalidRequestError naming the infotext key
+    of a value that cannot be read."""
+    unknown = [name for name in parameters if name not in PNG_INFO_PARAMETERS]
+    if unknown:
+        raise InvalidRequestError("png_info", unknown[0], f"any of {', '.join(PNG_INFO_PARAMETERS)}")
+    held = parse_infotext_params(text)
+    parsed = parse_infotext(text, unsupported_schedule="automatic")
+    changes = {}
+    if "Prompt" in parameters and parsed.prompt:
+        changes["prompt"] = " ".join(part for part in (request.prompt, parsed.prompt) if part)
+    if "Negative prompt" in parameters and parsed.negative_prompt:
+        changes["negative_prompt"] = " ".join(
+            part for part in (request.negative_prompt, parsed.negative_prompt) if part
+        )
+    for name, field in (("Seed", "seed"), ("CFG scale", "cfg_scale"), ("Steps", "steps")):
+        if name in parameters and name in held:
+            changes[field] = getattr(parsed, field)
+    if "Sampler" in parameters and "Sampler" in held:
+        changes.update(sampler_name=parsed.sampler_name, scheduler=parsed.scheduler)
+    return dataclasses.replace(request, **changes)
+
+
 def _folder(value: str | os.PathLike, field: str) -> Path:
     if value in (None, "") or not str(value).strip():
         raise InvalidRequestError(field, value, "the path of a folder on the server")
@@ -179,7 +228,7 @@ def _with_masks(items: list[FolderItem], masks_folder: Path, shown: str) -> tupl
     if not masks:
         raise InvalidRequestError("mask_dir", shown, "a folder holding masks (white = repaint); it has none")
     if len(masks) == 1:
-        return [FolderItem(item.path, item.relative, masks_folder / masks[0]) for item in items], []
+        return [dataclasses.replace(item, mask=masks_folder / masks[0]) for item in items], []
     by_name = {}
     for mask in masks:
         by_name.setdefault(mask.with_suffix(""), mask)  # the first in natural order when names differ in extension
@@ -189,7 +238,7 @@ def _with_masks(items: list[FolderItem], masks_folder: Path, shown: str) -> tupl
         if mask is None:
             missing.append(item.relative)
         else:
-            kept.append(FolderItem(item.path, item.relative, masks_folder / mask))
+            kept.append(dataclasses.replace(item, mask=masks_folder / mask))
     return kept, missing
 
 

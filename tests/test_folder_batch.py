@@ -3,6 +3,7 @@ a folder gives, where the results go, and the page's endpoints run on them (tiny
 
 from __future__ import annotations
 
+import html
 import inspect
 import socket
 from pathlib import Path
@@ -120,6 +121,30 @@ def test_outputs_are_named_as_the_pictures_and_never_overwrite(tmp_path):
     assert [path.as_posix() for path in resumed.done_before] == ["a.png"]
 
 
+def test_png_info_parameters_are_taken_as_a1111s_batch_takes_them():
+    from engine import GenerationRequest
+    from engine.folder_batch import with_png_info
+
+    tab = GenerationRequest(prompt="a square", negative_prompt="blurry", seed=1, cfg_scale=7.0, steps=20)
+    text = "red circle\nNegative prompt: green\nSteps: 12, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 4, Seed: 99"
+    every = ("Prompt", "Negative prompt", "Seed", "CFG scale", "Sampler", "Steps")
+    taken = with_png_info(tab, text, every)
+    assert (taken.prompt, taken.negative_prompt) == ("a square red circle", "blurry green")  # appended
+    assert (taken.seed, taken.cfg_scale, taken.steps) == (99, 4.0, 12)
+    assert (taken.sampler_name, taken.scheduler) == ("DPM++ 2M", "Karras")
+    only_seed = with_png_info(tab, text, ("Seed",))
+    assert (only_seed.prompt, only_seed.seed, only_seed.steps, only_seed.sampler_name) == (
+        "a square",
+        99,
+        20,
+        "Euler a",
+    )
+    # What the text does not say stays the tab's.
+    assert with_png_info(tab, "red circle\nSteps: 12", every).seed == 1
+    with pytest.raises(InvalidRequestError, match="CFG scale: got 'big'"):
+        with_png_info(tab, "red circle\nSteps: 12, CFG scale: big, Seed: 3", every)
+
+
 # The page's endpoints ------------------------------------------------------------------------------------------
 
 
@@ -181,6 +206,34 @@ def test_folder_batch_without_an_output_folder_saves_where_pictures_go(folder_pa
     assert [path.parent.parent.name for path in saved] == ["img2img-images"]
 
 
+def test_a_folder_batch_takes_each_pictures_own_png_info_when_asked(folder_page, engine, tmp_path):
+    from engine import GenerationRequest
+    from engine.outputs import encode_image
+
+    source, infos, out = tmp_path / "in", tmp_path / "infos", tmp_path / "out"
+    source.mkdir()
+    for name, prompt, seed in (("a.png", "red", 5), ("b.png", "blue", 9)):
+        made = list(engine.generate(GenerationRequest(prompt=prompt, steps=2, seed=seed, width=64, height=64)))[-1]
+        (source / name).write_bytes(encode_image(made.images[0], made.infotexts[0], "png"))
+    _picture(source / "plain.png", "yellow")  # no PNG info: the tab's settings
+    folders = dict(batch_input_dir=str(source), batch_output_dir=str(out), batch_png_info=["Prompt", "Seed"])
+    progress = folder_page.client.predict(*COMMON[:6], 3, *COMMON[7:], None, 0.3, **folders, api_name="/img2img")[1]
+    assert "1 without PNG info, the tab's settings used (plain.png)" in html.unescape(progress)
+    texts = {name: read_infotext(Image.open(out / name)) for name in ("a.png", "b.png", "plain.png")}
+    assert texts["a.png"].startswith("a square red\n") and "Seed: 5," in texts["a.png"]
+    assert texts["b.png"].startswith("a square blue\n") and "Seed: 9," in texts["b.png"]
+    assert texts["plain.png"].startswith("a square\n") and "Seed: 3," in texts["plain.png"]
+    assert "Steps: 3," in texts["a.png"]  # Steps was not ticked
+
+    # From a PNG info directory: the picture of the same name there.
+    _picture(tmp_path / "in2" / "b.png", "green")
+    infos.mkdir()
+    (infos / "b.png").write_bytes((source / "b.png").read_bytes())
+    folders = dict(batch_input_dir=str(tmp_path / "in2"), batch_png_info=["Seed"], batch_png_info_dir=str(infos))
+    gallery = folder_page.client.predict(*COMMON, None, 0.3, **folders, api_name="/img2img")[2]
+    assert gallery[0]["caption"] == "Seed 9"
+
+
 def test_a_looping_folder_batch_writes_every_loops_picture(folder_page, tmp_path):
     _picture(tmp_path / "frames" / "a.png", "red")
     folders = dict(batch_input_dir=str(tmp_path / "frames"), batch_output_dir=str(tmp_path / "out"))
@@ -231,6 +284,8 @@ def test_a_folder_batch_with_uploaded_files_or_a_script_is_refused(folder_page, 
         folder_page.client.predict(*COMMON, None, 0.3, **folders, batch_images=upload, api_name="/img2img")
     with pytest.raises(AppError, match="batch_input_dir: got a folder batch with the prompt matrix"):
         folder_page.client.predict(*COMMON, None, 0.3, **folders, matrix_on=True, api_name="/img2img")
+    with pytest.raises(AppError, match="batch_png_info: got none with batch_png_info_dir '.*'; allowed: the param"):
+        folder_page.client.predict(*COMMON, None, 0.3, **folders, batch_png_info_dir=str(tmp_path), api_name="/img2img")
     with pytest.raises(AppError, match="batch_output_dir: got nothing with|batch_input_dir: got nothing with"):
         folder_page.client.predict(*COMMON, None, 0.3, batch_output_dir=str(tmp_path), api_name="/img2img")
 
@@ -279,9 +334,10 @@ def test_folders_are_off_where_the_server_does_not_allow_them(engine, models_dir
     # Without those fields the page's inputs still reach the handlers' first parameters, in order.
     for fn in (fn for fn in demo.fns.values() if fn.api_name in ("img2img", "inpaint")):
         parameters = list(inspect.signature(fn.fn).parameters)
-        assert parameters[len(fn.inputs) :] == ["batch_input_dir", "batch_output_dir", "batch_skip_done"] or (
-            parameters[len(fn.inputs) :] == ["batch_input_dir", "batch_mask_dir", "batch_output_dir", "batch_skip_done"]
-        )
+        folders = ["batch_input_dir", "batch_output_dir", "batch_skip_done", "batch_png_info", "batch_png_info_dir"]
+        if fn.api_name == "inpaint":
+            folders.insert(1, "batch_mask_dir")
+        assert parameters[len(fn.inputs) :] == folders
     handler = _make_generate_handler("img2img", engine, outputs_dir=None, save_image=None, server_folders=False)
     with pytest.raises(gr.Error, match="batch_input_dir: got '.*in'; allowed: nothing here: folders of this machine"):
         next(handler(PageSession(), None, *COMMON, None, 0.3, batch_input_dir=str(tmp_path / "in")))

@@ -49,8 +49,10 @@ SCRIPT_WIDGETS = {
     "batch_mask_dir": "batch_mask_dir",
     "batch_output_dir": "batch_output_dir",
     "batch_skip_done": "batch_skip_done",
+    "batch_png_info": "batch_png_info",
+    "batch_png_info_dir": "batch_png_info_dir",
 }
-FOLDERS = {"batch_input_dir", "batch_output_dir", "batch_skip_done"}
+FOLDERS = {"batch_input_dir", "batch_output_dir", "batch_skip_done", "batch_png_info", "batch_png_info_dir"}
 # The panels each tab has, as A1111 shows its scripts (SD upscale and outpainting: img2img only).
 PANELS = {
     "txt2img": {"prompt_list", "matrix_on"},
@@ -113,15 +115,20 @@ def test_every_range_on_the_page_names_itself_when_a_value_is_out_of_it(engine):
 def test_every_choice_on_the_page_names_itself_when_a_value_is_not_one_of_them(engine):
     import gradio as gr
 
-    from ui.fields import FieldDropdown, FieldRadio
+    from ui.fields import FieldCheckboxGroup, FieldDropdown, FieldRadio
 
-    demo = build_page(engine)
-    chosen = [block for block in demo.blocks.values() if isinstance(block, (gr.Radio, gr.Dropdown))]
+    demo = build_page(engine, SimpleNamespace(outputs_dir=None, save_images=False, server_folders=True))
+    kinds = (gr.Radio, gr.Dropdown, gr.CheckboxGroup)
+    chosen = [block for block in demo.blocks.values() if isinstance(block, kinds)]
     assert len(chosen) > 30
-    assert all(isinstance(block, (FieldRadio, FieldDropdown)) for block in chosen), [
-        block.label for block in chosen if not isinstance(block, (FieldRadio, FieldDropdown))
+    fields = (FieldRadio, FieldDropdown, FieldCheckboxGroup)
+    assert all(isinstance(block, fields) for block in chosen), [
+        block.label for block in chosen if not isinstance(block, fields)
     ]
-    assert {block.get_block_name() for block in chosen} == {"radio", "dropdown"}
+    assert {block.get_block_name() for block in chosen} == {"radio", "dropdown", "checkboxgroup"}
+    directions = next(block for block in chosen if block.elem_id == "img2img_outpaint_direction")
+    with pytest.raises(gr.Error, match="Outpainting direction: got \\['sideways'\\]; allowed: any of left, right"):
+        directions.preprocess(["sideways"])
     variant = next(block for block in chosen if block.elem_id == "setting_unipc_variant")
     with pytest.raises(gr.Error, match="UniPC variant: got 'bh3'; allowed: one of bh1, bh2"):
         variant.preprocess("bh3")

@@ -1,4 +1,4 @@
-"""gradio's Slider, Number, Radio and Dropdown, whose message for a value they refuse names the field, as every
+"""gradio's Slider, Number, Radio, Dropdown and CheckboxGroup, whose message for a value they refuse names the field, as every
 other message here does.
 
 gradio checks a slider's or a number box's range and a radio's or a dropdown's choices itself, before any handler
@@ -35,7 +35,9 @@ def _in_range(component, payload, check):
 
 def _among_choices(component, payload, check):
     values = [str(value) for _, value in component.choices]
-    several = "any of " if getattr(component, "multiselect", False) else "one of "
+    several = (
+        "any of " if getattr(component, "multiselect", False) or isinstance(component, gr.CheckboxGroup) else "one of "
+    )
     return _named(component, payload, check, lambda: several + ", ".join(values) if values else "none yet")
 
 
@@ -68,6 +70,15 @@ class FieldRadio(gr.Radio):
 
 class FieldDropdown(gr.Dropdown):
     """gr.Dropdown naming itself when a value is not one of its choices (and it takes no other)."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        return _among_choices(self, payload, super().preprocess)
+
+
+class FieldCheckboxGroup(gr.CheckboxGroup):
+    """gr.CheckboxGroup naming itself when a value is not one of its choices."""
 
     is_template = True
 

@@ -82,3 +82,17 @@ class FieldDropdown(gr.Dropdown):
         from gradio.components.base import Component
 
     
+class FieldCheckboxGroup(gr.CheckboxGroup):
+    """gr.CheckboxGroup naming itself when a value is not one of its choices."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        return _among_choices(self, payload, super().preprocess)
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+    

@@ -55,7 +55,7 @@ from engine.sd_upscale import MAX_SCALE as SD_UPSCALE_MAX_SCALE
 from engine.styles import apply_styles
 from engine.vae import choose as vae_choice
 
-from .fields import FieldDropdown, FieldNumber, FieldRadio, FieldSlider
+from .fields import FieldCheckboxGroup, FieldDropdown, FieldNumber, FieldRadio, FieldSlider
 from .page_compare import build_compare_tab, wire_compare_tab
 from .page_extras import build_extras_tab, upscaler_choices, wire_extras_tab
 from .page_folders import build_batch_folders, folder_plan
@@ -1412,7 +1412,7 @@ def _build_outpaint(engine) -> list[gr.components.Component]:
         content = FieldRadio(
             list(MASKED_CONTENT), value="fill", label="Masked content", elem_id="img2img_outpaint_fill"
         )
-        directions = gr.CheckboxGroup(
+        directions = FieldCheckboxGroup(
             list(OUTPAINT_DIRECTIONS),
             value=list(OUTPAINT_DIRECTIONS),
             label="Outpainting direction",
@@ -1976,6 +1976,8 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image, server
             batch_input_dir: str = "",
             batch_output_dir: str = "",
             batch_skip_done: bool = False,
+            batch_png_info: list[str] | None = None,
+            batch_png_info_dir: str = "",
         ):
             """Image to image: like /txt2img plus the init image and the denoising strength (0..1); resize_mode
             is A1111's (0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale)).
@@ -1988,13 +1990,17 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image, server
             is the init image when init_image is None (on the page: when the Sketch tab is shown).
             batch_input_dir (A1111's Batch from folders, where the server allows it) runs one job per picture in
             that folder of the server and its subfolders, writing the results under the pictures' names into
-            batch_output_dir (empty: the outputs folder); batch_skip_done leaves out those already there."""
+            batch_output_dir (empty: the outputs folder); batch_skip_done leaves out those already there;
+            batch_png_info names what to take from each picture's own infotext (Prompt, Negative prompt, Seed, CFG
+            scale, Sampler, Steps), or from its namesake's in batch_png_info_dir."""
             looping = _looping(loopback_on, loopback_loops, loopback_final_denoising, loopback_curve)
             plan = folder_plan(
                 server_folders,
                 batch_input_dir,
                 batch_output_dir,
                 skip_done=batch_skip_done,
+                png_info=batch_png_info,
+                png_info_dir=batch_png_info_dir,
                 counts=(n_iter, batch_size, looping),
                 refused_with={
                     "uploaded batch files": bool(batch_images),
@@ -2052,7 +2058,9 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image, server
             # A batch's pictures share one seed, drawn once where it is -1 (A1111's fix_seed), and with Loopback
             # on, each picture loops back on its own.
             if plan is not None:
-                yield from _folder_job(plan, request, looping, resize_by, session=session, ticket=ticket, **common)
+                yield from _folder_job(
+                    plan, request, looping, resize_by, batch_png_info, session=session, ticket=ticket, **common
+                )
                 return
             if pictures:
                 request = dataclasses.replace(request, **looping).with_seeds_drawn()
@@ -2125,6 +2133,8 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image, server
         batch_mask_dir: str = "",
         batch_output_dir: str = "",
         batch_skip_done: bool = False,
+        batch_png_info: list[str] | None = None,
+        batch_png_info_dir: str = "",
     ):
         """Inpaint: like /img2img; `image` is an image-editor value whose painted layer is the mask
         (white = repaint), or give `mask` (a white-on-black image of the same size). inpaint_area is
@@ -2137,7 +2147,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image, server
         batch_mask_dir (A1111's Batch from folders, where the server allows it) inpaint every picture in that folder
         of the server with its mask (the mask folder's only picture, or the one named as the picture), writing the
         results under the pictures' names into batch_output_dir (empty: the outputs folder); batch_skip_done leaves
-        out those already there."""
+        out those already there; batch_png_info and batch_png_info_dir as on /img2img."""
         looping = _looping(loopback_on, loopback_loops, loopback_final_denoising, loopback_curve)
         plan = folder_plan(
             server_folders,
@@ -2145,6 +2155,8 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image, server
             batch_output_dir,
             mask_dir=batch_mask_dir,
             skip_done=batch_skip_done,
+            png_info=batch_png_info,
+            png_info_dir=batch_png_info_dir,
             counts=(n_iter, batch_size, looping),
             refused_with={
                 "Inpaint sketch": inpaint_sketch,
@@ -2199,7 +2211,9 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image, server
             request, tiling=bool(tiling), **_refiner_fields(refiner_checkpoint, refiner_switch_at)
         )
         if plan is not None:
-            yield from _folder_job(plan, request, looping, resize_by, session=session, ticket=ticket, **common)
+            yield from _folder_job(
+                plan, request, looping, resize_by, batch_png_info, session=session, ticket=ticket, **common
+            )
             return
         request = _resized_by(request, resize_by, engine)
         listed = (prompt_list, iterate_seed, same_seed, prompt_position, prompt_list_text)
@@ -2247,12 +2261,12 @@ def _inpaint_sketched(
         raise gr.Error(str(exc)) from exc
 
 
-def _folder_job(plan, request: GenerationRequest, looping: dict, resize_by, *, engine, **run):
+def _folder_job(plan, request: GenerationRequest, looping: dict, resize_by, png_info, *, engine, **run):
     """A folder batch's run (page_jobs.run_folder_batch): every picture with one seed, drawn once where it is -1
     (A1111's fix_seed), and with Loopback on, each picture looping on its own."""
     request = dataclasses.replace(request, **looping).with_seeds_drawn()
     made = functools.partial(_folder_request, request, resize_by=resize_by, engine=engine)
-    return run_folder_batch(engine=engine, plan=plan, make_request=made, **run)
+    return run_folder_batch(engine=engine, plan=plan, make_request=made, png_info=tuple(png_info or ()), **run)
 
 
 def _folder_request(

@@ -10,7 +10,9 @@ from __future__ import annotations
 import gradio as gr
 
 from engine import InvalidRequestError
-from engine.folder_batch import FolderPlan, plan_folder_batch
+from engine.folder_batch import PNG_INFO_PARAMETERS, FolderPlan, plan_folder_batch
+
+from .fields import FieldCheckboxGroup
 
 FOLDERS_OFF = (
     "folders of this machine are off on this server (started with --hide-ui-dir-config, or others reach it "
@@ -19,8 +21,8 @@ FOLDERS_OFF = (
 
 
 def build_batch_folders(mode: str, enabled: bool) -> list[gr.components.Component] | None:
-    """The folder fields in the order the handler takes them: input, (inpaint: masks,) output, skip done.
-    None where folders are off: a line then says why."""
+    """The folder fields in the order the handler takes them: input, (inpaint: masks,) output, skip done, the PNG
+    info parameters and folder. None where folders are off: a line then says why."""
     if not enabled:
         gr.Markdown(f"*From folders:* {FOLDERS_OFF}.", elem_id=f"{mode}_batch_folders_off")
         return None
@@ -58,6 +60,24 @@ def build_batch_folders(mode: str, enabled: bool) -> list[gr.components.Componen
                 elem_id=f"{mode}_batch_skip_done",
             )
         )
+        # A1111's "PNG info" of its Batch tab (its "Append png info to prompts" is: any parameter ticked).
+        fields.append(
+            FieldCheckboxGroup(
+                list(PNG_INFO_PARAMETERS),
+                value=[],
+                label="Parameters to take from each picture's PNG info",
+                info="its prompts are added after the tab's; a picture without PNG info keeps the tab's settings",
+                elem_id=f"{mode}_batch_png_info",
+            )
+        )
+        fields.append(
+            gr.Textbox(
+                "",
+                label="PNG info directory",
+                placeholder="empty: each picture's own; else the picture of the same name in this folder",
+                elem_id=f"{mode}_batch_png_info_dir",
+            )
+        )
     return fields
 
 
@@ -68,6 +88,8 @@ def folder_plan(
     *,
     mask_dir: str | None = None,
     skip_done: bool = False,
+    png_info: list[str] | None = None,
+    png_info_dir: str | None = None,
     counts: tuple = (1, 1, {}),
     refused_with: dict[str, bool] | None = None,
     mask_needed: bool = False,
@@ -80,6 +102,7 @@ def folder_plan(
         "batch_input_dir": (input_dir or "").strip(),
         "batch_mask_dir": (mask_dir or "").strip(),
         "batch_output_dir": (output_dir or "").strip(),
+        "batch_png_info_dir": (png_info_dir or "").strip(),
     }
     if not any(named.values()):
         return None
@@ -93,6 +116,11 @@ def folder_plan(
             "batch_mask_dir: got nothing; allowed: a folder of masks, one for every picture or one per picture "
             "by name (for a batch without masks, use img2img's Batch)"
         )
+    if named["batch_png_info_dir"] and not png_info:
+        raise gr.Error(
+            f"batch_png_info: got none with batch_png_info_dir {named['batch_png_info_dir']!r}; allowed: the "
+            f"parameters to take from the PNG info there (any of {', '.join(PNG_INFO_PARAMETERS)})"
+        )
     for what, on in (refused_with or {}).items():
         if on:
             raise gr.Error(
@@ -104,6 +132,7 @@ def folder_plan(
             named["batch_input_dir"],
             named["batch_output_dir"] or None,
             mask_dir=named["batch_mask_dir"] or None,
+            info_dir=named["batch_png_info_dir"] or None,
             outputs_per_picture=outputs_per_picture(*counts),
             skip_done=bool(skip_done),
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +19,18 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from engine import EngineError, GenerationRequest, JobControl, PreviewSettings, Progress, Result, Waiting
+from engine import (
+    EngineError,
+    GenerationRequest,
+    InvalidRequestError,
+    JobControl,
+    PreviewSettings,
+    Progress,
+    Result,
+    Waiting,
+)
 from engine.events import PREVIEW_MODES, Pacer
-from engine.folder_batch import FolderBatchError, FolderPlan, write_outputs
+from engine.folder_batch import FolderBatchError, FolderPlan, with_png_info, write_outputs
 from engine.grids import batch_grid
 from engine.previews import preview_to_display
 from engine.request import default_job_settings, with_clip_skip
@@ -569,12 +578,15 @@ def run_folder_batch(
     mode: str,
     outputs_dir: Path | None,
     save_image=None,
+    png_info: Sequence[str] = (),
     shown_limit: int = FOLDER_BATCH_SHOWN,
 ) -> Iterator[tuple]:
     """A1111's img2img Batch from folders: one job per picture of `plan` (make_request turns a picture and its
     mask into the request), each picture read only when its turn comes, so a folder of thousands of frames is
     never all in memory. Results go to the plan's output folder under the picture's name (or, without one, where
-    pictures are saved normally); the gallery shows the first `shown_limit` pictures (A1111 shows 32).
+    pictures are saved normally); the gallery shows the first `shown_limit` pictures (A1111 shows 32). `png_info`
+    names what to take from each picture's own infotext (engine.folder_batch.with_png_info); a picture without a
+    readable one keeps the tab's settings, and is named at the end.
 
     A picture that cannot be read is left out and named at the end, as A1111 goes on past it. Stop ends the
     batch; the picture it stopped is not written, nor one cut short by Skip, so a rerun with "skip pictures
@@ -594,7 +606,10 @@ def run_folder_batch(
                 log.warning("Folder batch: %s", exc)
                 report.unreadable.append(item.relative)
                 continue
-            validated = engine.validate(session.settings_for(make_request(picture, mask)))
+            request = make_request(picture, mask)
+            if png_info:
+                request = _with_png_info(request, item, png_info, report)
+            validated = engine.validate(session.settings_for(request))
             result = yield from feed.generate(validated, number, len(plan.items), "picture", item.relative.as_posix())
             report.ran += 1
             report.seconds += result.elapsed
@@ -630,6 +645,7 @@ class _FolderReport:
     seconds: float = 0.0
     unreadable: list[Path] = field(default_factory=list)
     not_written: list[Path] = field(default_factory=list)
+    without_info: list[Path] = field(default_factory=list)
 
     def describe(self) -> str:
         plan = self.plan
@@ -638,6 +654,7 @@ class _FolderReport:
         notes = [
             (len(self.not_written), "stopped or skipped, not written", self.not_written),
             (len(self.unreadable), "unreadable", self.unreadable),
+            (len(self.without_info), "without PNG info, the tab's settings used", self.without_info),
             (len(plan.without_mask), "without a mask, left out", plan.without_mask),
             (len(plan.done_before), "already done, left out", plan.done_before),
         ]
@@ -646,6 +663,17 @@ class _FolderReport:
                 listed = ", ".join(name.as_posix() for name in names[:3]) + (", ..." if count > 3 else "")
                 text += f"; {count} {what} ({listed})"
         return text
+
+
+def _with_png_info(request: GenerationRequest, item, parameters: Sequence[str], report: _FolderReport):
+    text = item.infotext()
+    try:
+        if text:
+            return with_png_info(request, text, parameters)
+    except InvalidRequestError as exc:
+        log.warning("Folder batch: the PNG info of %s cannot be read (%s); the tab's settings are used", item.path, exc)
+    report.without_info.append(item.relative)
+    return request
 
 
 def _folder_update(shown: list[Result], summary: str, fraction: float, stopped: bool) -> tuple:
