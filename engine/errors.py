@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 
@@ -33,6 +34,8 @@ class ModelLoadError(EngineError):
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:
+    if isinstance(value, os.PathLike):
+        return repr(os.fspath(value))  # a folder or file named in full: cut short it would say nothing
     text = repr(value)
     if hasattr(value, "size") and hasattr(value, "mode") and not isinstance(value, (str, bytes)):
         # PIL images: their repr includes a memory address, which helps nobody.

@@ -121,7 +121,7 @@ def plan_folder_batch(
     relatives = list_pictures(source)
     if not relatives:
         raise InvalidRequestError(
-            "input_dir", str(input_dir), f"a folder holding pictures ({', '.join(PICTURE_SUFFIXES)}); it has none"
+            "input_dir", Path(input_dir), f"a folder holding pictures ({', '.join(PICTURE_SUFFIXES)}); it has none"
         )
     info_folder = _folder(info_dir, "png_info_dir") if info_dir not in (None, "") else None
     items = [
@@ -134,7 +134,7 @@ def plan_folder_batch(
         if not items:
             raise InvalidRequestError(
                 "mask_dir",
-                str(mask_dir),
+                Path(mask_dir),
                 "one mask for every picture, or masks named as the pictures are; none of the "
                 f"{len(without_mask)} pictures has one",
             )
@@ -142,12 +142,12 @@ def plan_folder_batch(
     if output_dir not in (None, ""):
         target = Path(output_dir).expanduser()
         if target.exists() and not target.is_dir():
-            raise InvalidRequestError("output_dir", str(output_dir), "a folder (this is a file)")
+            raise InvalidRequestError("output_dir", Path(output_dir), "a folder (this is a file)")
         resolved = target.resolve()
         if resolved == source.resolve() or source.resolve() in resolved.parents:
             raise InvalidRequestError(
                 "output_dir",
-                str(output_dir),
+                Path(output_dir),
                 f"a folder outside input_dir {str(input_dir)!r} (its results would be read as pictures next time)",
             )
         if skip_done:
@@ -163,7 +163,7 @@ def plan_folder_batch(
             more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
             raise InvalidRequestError(
                 "output_dir",
-                str(output_dir),
+                Path(output_dir),
                 f"a folder where the results' names are free; {taken[0].as_posix()!r}{more} already there would "
                 "be overwritten (pick another folder, or move them)",
             )
@@ -171,16 +171,21 @@ def plan_folder_batch(
 
 
 def write_outputs(
-    item: FolderItem, output_dir: Path, images: list[Image.Image], infotexts: list[str | None]
+    item: FolderItem,
+    output_dir: Path,
+    images: list[Image.Image],
+    infotexts: list[str | None],
+    postprocessing: str | None = None,
 ) -> list[Path]:
-    """Write `item`'s results as PNGs with their infotexts under output_dir; never replaces a file."""
+    """Write `item`'s results as PNGs with their infotexts (and what Extras did, `postprocessing`) under
+    output_dir; never replaces a file."""
     written = []
     for name, image, infotext in zip(item.output_names(len(images)), images, infotexts, strict=True):
         path = output_dir / name
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "xb") as handle:
-                handle.write(encode_image(image, infotext, "png"))
+                handle.write(encode_image(image, infotext, "png", postprocessing))
         except FileExistsError:
             raise FolderBatchError(f"{path}: a file of that name appeared while the batch ran; it was kept") from None
         except OSError as exc:
@@ -219,14 +224,14 @@ def _folder(value: str | os.PathLike, field: str) -> Path:
         raise InvalidRequestError(field, value, "the path of a folder on the server")
     folder = Path(str(value).strip()).expanduser()
     if not folder.is_dir():
-        raise InvalidRequestError(field, str(value), "an existing folder on the server (there is none at that path)")
+        raise InvalidRequestError(field, Path(value), "an existing folder on the server (there is none at that path)")
     return folder
 
 
 def _with_masks(items: list[FolderItem], masks_folder: Path, shown: str) -> tuple[list[FolderItem], list[Path]]:
     masks = list_pictures(masks_folder)
     if not masks:
-        raise InvalidRequestError("mask_dir", shown, "a folder holding masks (white = repaint); it has none")
+        raise InvalidRequestError("mask_dir", Path(shown), "a folder holding masks (white = repaint); it has none")
     if len(masks) == 1:
         return [dataclasses.replace(item, mask=masks_folder / masks[0]) for item in items], []
     by_name = {}
@@ -245,7 +250,8 @@ def _with_masks(items: list[FolderItem], masks_folder: Path, shown: str) -> tupl
 def _open_picture(path: Path, mode: str) -> Image.Image:
     try:
         with Image.open(path) as opened:
-            picture = ImageOps.exif_transpose(opened)
-            return picture.convert(mode)
+            picture = ImageOps.exif_transpose(opened).convert(mode)
+            picture.info = dict(opened.info)  # its infotext goes with it (Extras keeps it in the result)
+            return picture
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise FolderBatchError(f"{path}: not a picture that can be read ({exc})") from exc

@@ -341,3 +341,38 @@ def test_folders_are_off_where_the_server_does_not_allow_them(engine, models_dir
     handler = _make_generate_handler("img2img", engine, outputs_dir=None, save_image=None, server_folders=False)
     with pytest.raises(gr.Error, match="batch_input_dir: got '.*in'; allowed: nothing here: folders of this machine"):
         next(handler(PageSession(), None, *COMMON, None, 0.3, batch_input_dir=str(tmp_path / "in")))
+
+
+def test_extras_upscales_a_folder_into_pictures_of_the_same_names(folder_page, tmp_path):
+    from engine.images import encode_png
+
+    source, out = tmp_path / "in", tmp_path / "out"
+    (source / "sub").mkdir(parents=True)
+    (source / "a.png").write_bytes(encode_png(Image.new("RGB", (16, 16), "red"), "a red square\nSteps: 3, Seed: 4"))
+    _picture(source / "sub" / "b.jpg", "blue", size=(8, 24))
+    settings = (0, 2, 512, 512, True, "Lanczos", "None", 0)
+    folders = dict(batch_input_dir=str(source), batch_output_dir=str(out))
+    result, info, gallery = folder_page.client.predict(None, *settings, **folders, api_name="/extras")
+    assert "2 of 2 pictures" in info and f"2 images written to {out}" in info and len(gallery) == 2
+    with Image.open(out / "a.png") as kept:
+        # The source's infotext and what was done, as A1111's Extras writes them.
+        assert kept.size == (32, 32) and kept.info["parameters"].startswith("a red square")
+        assert kept.info["postprocessing"] == "Postprocess upscale by: 2, Postprocess upscaler: Lanczos"
+    assert Image.open(out / "sub" / "b.png").size == (16, 48)
+
+    with pytest.raises(AppError, match="batch_output_dir: .*'a.png' and 1 more already there"):
+        folder_page.client.predict(None, *settings, **folders, api_name="/extras")
+    with pytest.raises(AppError, match="Nothing was upscaled.*2 already done"):
+        folder_page.client.predict(None, *settings, **folders, batch_skip_done=True, api_name="/extras")
+    with pytest.raises(AppError, match="batch_input_dir: got a folder batch with uploaded batch files"):
+        upload = [handle_file(str(source / "a.png"))]
+        folder_page.client.predict(None, *settings, upload, **folders, api_name="/extras")
+
+
+def test_extras_folders_are_off_where_the_server_does_not_allow_them(engine, tmp_path):
+    from ui.page_extras import run_extras
+
+    _picture(tmp_path / "in" / "a.png", "red")
+    settings = (0, 2, 512, 512, True, "Lanczos", "None", 0)
+    with pytest.raises(gr.Error, match="batch_input_dir: got '.*in'; allowed: nothing here: folders of this machine"):
+        run_extras(engine, PageSession(), None, *settings, batch_input_dir=str(tmp_path / "in"))

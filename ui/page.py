@@ -289,7 +289,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
             with gr.Tab("Compare", id="compare", elem_id="tab_compare"):
                 compare = build_compare_tab(engine)
             with gr.Tab("Extras", id="extras", elem_id="tab_extras"):
-                extras = build_extras_tab(engine)
+                extras = build_extras_tab(engine, server_folders)
             with gr.Tab("Checkpoint Merger", id="merge", elem_id="tab_merge"):
                 merge = build_merge_tab(engine)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
@@ -556,7 +556,9 @@ def build_page(engine, settings=None) -> gr.Blocks:
             ],
             engine=engine,
         )
-        wire_extras_tab(extras, engine, session, outputs_dir=outputs_dir, save_image=save_image)
+        wire_extras_tab(
+            extras, engine, session, outputs_dir=outputs_dir, save_image=save_image, server_folders=server_folders
+        )
         wire_merge_tab(
             merge, engine, session, model_dropdown=model, model_titles=functools.partial(_model_titles, engine)
         )

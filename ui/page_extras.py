@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import dataclass
 
 import gradio as gr
@@ -11,11 +12,21 @@ import gradio as gr
 from engine import EngineError, ExtrasRequest, TaskStopped
 from engine.extras import SCALE_BY, SCALE_TO
 from engine.extras import describe as describe_postprocessing
+from engine.folder_batch import FolderBatchError, FolderPlan, write_outputs
 from engine.infotext import read_infotext
 from engine.request import PICTURE_UPSCALERS
 
 from .fields import FieldDropdown, FieldRadio, FieldSlider
-from .page_jobs import batch_pictures, click_with_ticket, engine_error, reread_on_open, stop_session
+from .page_folders import build_batch_folders, folder_plan
+from .page_jobs import (
+    FOLDER_BATCH_SHOWN,
+    FolderReport,
+    batch_pictures,
+    click_with_ticket,
+    engine_error,
+    reread_on_open,
+    stop_session,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +51,8 @@ class ExtrasWidgets:
     batch_results: gr.Gallery
     # The session's ticket for a click waiting in the queue (Stop reaches it there).
     ticket: gr.State
+    # A1111's Batch from Directory, where the server allows it: input, output, skip pictures already done.
+    batch_folders: list[gr.components.Component] | None = None
 
     def inputs(self) -> list:
         return [
@@ -60,7 +73,7 @@ def upscaler_choices(engine) -> list[str]:
     return [*PICTURE_UPSCALERS, *engine.list_upscalers()]
 
 
-def build_extras_tab(engine) -> ExtrasWidgets:
+def build_extras_tab(engine, server_folders: bool = False) -> ExtrasWidgets:
     choices = upscaler_choices(engine)
     with gr.Row(equal_height=False):
         with gr.Column():
@@ -102,6 +115,7 @@ def build_extras_tab(engine) -> ExtrasWidgets:
                     label="Pictures (in place of Source), each upscaled with these settings",
                     elem_id="extras_batch_files",
                 )
+                batch_folders = build_batch_folders("extras", server_folders)
             with gr.Row():
                 run = gr.Button("Upscale", variant="primary", elem_id="extras_generate")
                 stop = gr.Button("Stop", variant="stop", elem_id="extras_stop")
@@ -136,17 +150,25 @@ def build_extras_tab(engine) -> ExtrasWidgets:
         batch_files,
         batch_results,
         gr.State(None),
+        batch_folders,
     )
 
 
-def wire_extras_tab(widgets: ExtrasWidgets, engine, session: gr.State, *, outputs_dir=None, save_image=None) -> None:
-    """`save_image` and `outputs_dir` save results (outputs/extras-images) when the session saves images."""
+def wire_extras_tab(
+    widgets: ExtrasWidgets, engine, session: gr.State, *, outputs_dir=None, save_image=None, server_folders=False
+) -> None:
+    """`save_image` and `outputs_dir` save results (outputs/extras-images) when the session saves images;
+    `server_folders`: whether a batch may name folders of this machine (ServerSettings.server_folders)."""
+    run = functools.partial(
+        run_extras, engine, outputs_dir=outputs_dir, save_image=save_image, server_folders=server_folders
+    )
     click_with_ticket(
         widgets.run,
         session,
         widgets.ticket,
-        functools.partial(run_extras, engine, outputs_dir=outputs_dir, save_image=save_image),
-        inputs=[session, *widgets.inputs(), widgets.ticket],
+        run,
+        # The folders come after the ticket, so that a page without them still hands the ticket its place.
+        inputs=[session, *widgets.inputs(), widgets.ticket, *(widgets.batch_folders or [])],
         outputs=[widgets.result, widgets.info, widgets.batch_results],
         concurrency_limit=1,
         concurrency_id="gpu",
@@ -171,19 +193,33 @@ def run_extras(
     visibility,
     batch_files=None,
     ticket=None,
+    batch_input_dir="",
+    batch_output_dir="",
+    batch_skip_done=False,
     *,
     outputs_dir=None,
     save_image=None,
+    server_folders=False,
 ):
     """The Extras button (also /extras for gradio_client): the upscaled picture, what was done to it, and with
     batch_files (several pictures, in place of image) every result as a gallery, the first shown as the picture.
     Saved to outputs/extras-images when this session saves images, with each source's infotext and what was
     done. Stop (the session's) ends it at the running upscale's next tile: the pictures finished before are
-    kept and shown; it reaches a click still waiting in the queue through its `ticket`."""
+    kept and shown; it reaches a click still waiting in the queue through its `ticket`. batch_input_dir (A1111's
+    Batch from Directory, where the server allows it) upscales every picture in that folder of the server and its
+    subfolders, writing each under its own name into batch_output_dir (empty: the outputs folder);
+    batch_skip_done leaves out those already there."""
     control = session.take_job(ticket)
     try:
+        plan = folder_plan(
+            server_folders,
+            batch_input_dir,
+            batch_output_dir,
+            skip_done=batch_skip_done,
+            refused_with={"uploaded batch files": bool(batch_files)},
+        )
         pictures = batch_pictures(batch_files, "batch_files")
-        if image is None and not pictures:
+        if image is None and not pictures and plan is None:
             raise gr.Error("Upscale: drop a picture into Source first (or several into Batch).")
         settings = dict(
             resize_mode=resize_mode,
@@ -195,6 +231,10 @@ def run_extras(
             upscaler_2=upscaler_2,
             extras_upscaler_2_visibility=visibility,
         )
+        if plan is not None:
+            return _upscale_folder(
+                engine, session, plan, settings, control, outputs_dir=outputs_dir, save_image=save_image
+            )
         sources, done, stopped = pictures or [image], [], ""
         for source in sources:
             try:
@@ -218,7 +258,42 @@ def run_extras(
     return result, shown, [picture for picture, _text in done] if pictures else []
 
 
-def _upscale_one(engine, session, image, settings: dict, control, *, outputs_dir, save_image):
+def _upscale_folder(engine, session, plan: FolderPlan, settings: dict, control, *, outputs_dir, save_image):
+    """Batch from Directory: each picture of `plan` read in its turn, upscaled, and written under its own name to
+    the plan's output folder (or saved where Extras saves); the first FOLDER_BATCH_SHOWN shown. A picture that
+    cannot be read is left out; Stop ends the batch and the picture it cut is not written."""
+    report, shown, stopped, started = FolderReport(plan, asked=len(plan.items)), [], "", time.monotonic()
+    saver = dict(outputs_dir=outputs_dir, save_image=save_image) if plan.output_dir is None else {}
+    for item in plan.items:
+        if (opened := report.open(item)) is None:
+            continue
+        source = opened[0]
+        try:
+            result, _ = _upscale_one(engine, session, source, settings, control, **saver)
+        except TaskStopped as exc:
+            report.not_written.append(item.relative)
+            stopped = f"{exc} "
+            break
+        report.ran += 1
+        if plan.output_dir is not None:
+            texts = (result.info.get("parameters"), result.info.get("postprocessing"))
+            try:
+                report.written += len(write_outputs(item, plan.output_dir, [result], [texts[0]], texts[1]))
+            except FolderBatchError as exc:
+                raise gr.Error(f"{exc}. {report.describe()}") from exc
+        elif saver.get("save_image") is not None and session.save_images and outputs_dir is not None:
+            report.written += 1
+        if len(shown) < FOLDER_BATCH_SHOWN:
+            shown.append(result)
+    report.seconds = time.monotonic() - started
+    if not shown:
+        if stopped:
+            return gr.skip(), stopped + report.describe(), gr.skip()
+        raise gr.Error(f"Nothing was upscaled. {report.describe()}")
+    return shown[0], stopped + report.describe(), shown
+
+
+def _upscale_one(engine, session, image, settings: dict, control, *, outputs_dir=None, save_image=None):
     """One picture upscaled, with the text the Postprocessing box shows; TaskStopped where `control` stopped it."""
     try:
         result, info = engine.upscale(ExtrasRequest(image=image, **settings), control=control)

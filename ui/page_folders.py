@@ -21,8 +21,8 @@ FOLDERS_OFF = (
 
 
 def build_batch_folders(mode: str, enabled: bool) -> list[gr.components.Component] | None:
-    """The folder fields in the order the handler takes them: input, (inpaint: masks,) output, skip done, the PNG
-    info parameters and folder. None where folders are off: a line then says why."""
+    """The folder fields in the order the handler takes them: input, (inpaint: masks,) output, skip done, and for
+    a generation the PNG info parameters and folder. None where folders are off: a line then says why."""
     if not enabled:
         gr.Markdown(f"*From folders:* {FOLDERS_OFF}.", elem_id=f"{mode}_batch_folders_off")
         return None
@@ -60,6 +60,8 @@ def build_batch_folders(mode: str, enabled: bool) -> list[gr.components.Componen
                 elem_id=f"{mode}_batch_skip_done",
             )
         )
+        if mode == "extras":
+            return fields
         # A1111's "PNG info" of its Batch tab (its "Append png info to prompts" is: any parameter ticked).
         fields.append(
             FieldCheckboxGroup(

@@ -30,7 +30,7 @@ from engine import (
     Waiting,
 )
 from engine.events import PREVIEW_MODES, Pacer
-from engine.folder_batch import FolderBatchError, FolderPlan, with_png_info, write_outputs
+from engine.folder_batch import FolderBatchError, FolderItem, FolderPlan, with_png_info, write_outputs
 from engine.grids import batch_grid
 from engine.previews import preview_to_display
 from engine.request import default_job_settings, with_clip_skip
@@ -180,7 +180,7 @@ def stop_session(session: PageSession) -> None:
 def click_with_ticket(button: gr.Button, session: gr.State, ticket: gr.State, handler, **queued):
     """Wire `button` to `handler` as a job in the device's queue whose Stop reaches it while it waits there: a quick
     unqueued event registers a ticket with the session, and the queued one (`queued` its event settings; its
-    inputs end with `ticket`) takes it."""
+    inputs hold `ticket`) takes it."""
     registered = button.click(
         lambda session: session.register(),
         inputs=[session],
@@ -594,19 +594,15 @@ def run_folder_batch(
     control = session.take_job(ticket)
     feed = _LiveFeed(engine, session, control, on_page=ticket is not None)
     shown: list[Result] = []
-    report = _FolderReport(plan, asked=len(plan.items))
+    report = FolderReport(plan, asked=len(plan.items))
     try:
         yield feed.update("Starting...")
         for number, item in enumerate(plan.items, start=1):
             if control.interrupted and report.ran:
                 break
-            try:
-                picture, mask = item.open()
-            except FolderBatchError as exc:
-                log.warning("Folder batch: %s", exc)
-                report.unreadable.append(item.relative)
+            if (opened := report.open(item)) is None:
                 continue
-            request = make_request(picture, mask)
+            request = make_request(*opened)
             if png_info:
                 request = _with_png_info(request, item, png_info, report)
             validated = engine.validate(session.settings_for(request))
@@ -635,7 +631,7 @@ def run_folder_batch(
 
 
 @dataclass
-class _FolderReport:
+class FolderReport:
     """What a folder batch did, for its last progress line."""
 
     plan: FolderPlan
@@ -646,6 +642,15 @@ class _FolderReport:
     unreadable: list[Path] = field(default_factory=list)
     not_written: list[Path] = field(default_factory=list)
     without_info: list[Path] = field(default_factory=list)
+
+    def open(self, item: FolderItem) -> tuple[Image.Image, Image.Image | None] | None:
+        """`item`'s picture and mask; None where it cannot be read, which is named at the end (A1111 goes on)."""
+        try:
+            return item.open()
+        except FolderBatchError as exc:
+            log.warning("Folder batch: %s", exc)
+            self.unreadable.append(item.relative)
+            return None
 
     def describe(self) -> str:
         plan = self.plan
@@ -665,7 +670,7 @@ class _FolderReport:
         return text
 
 
-def _with_png_info(request: GenerationRequest, item, parameters: Sequence[str], report: _FolderReport):
+def _with_png_info(request: GenerationRequest, item, parameters: Sequence[str], report: FolderReport):
     text = item.infotext()
     try:
         if text:

@@ -87,7 +87,7 @@ class ServerSettings:
     save_images: bool = True
     allow_pickle: bool = False
     device: str | None = None
-    # A1111's --hide-ui-dir-config: no folder of the server can be named on the page (img2img's Batch from folders).
+    # A1111's --hide-ui-dir-config: no folder of the server can be named on the page (the Batch from folders).
     hide_ui_dir_config: bool = False
 
     @property
@@ -97,8 +97,8 @@ class ServerSettings:
 
     @property
     def server_folders(self) -> bool:
-        """Whether the page may read and write folders of this machine that a user names (img2img's Batch from
-        folders): not with --hide-ui-dir-config, and not where others reach the page without a login, since
+        """Whether the page may read and write folders of this machine that a user names (the Batch from folders
+        of img2img, inpaint and Extras): not with --hide-ui-dir-config, and not where others reach the page without a login, since
         whoever reaches it could then read any picture on this machine and write files anywhere it may."""
         return not self.hide_ui_dir_config and (not self.exposed or bool(self.auth))
 
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--hide-ui-dir-config",
         action="store_true",
-        help="no folder of this machine can be named on the page (img2img's Batch from folders), as in A1111; "
+        help="no folder of this machine can be named on the page (the Batch from folders), as in A1111; "
         "that is also so, without this flag, when others reach the page without a login",
     )
     models.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1, mps (default: the best available)")
@@ -520,9 +520,7 @@ def warn_if_exposed(settings: ServerSettings) -> bool:
     if settings.api and not settings.api_credentials:
         lines.append("The REST API (--api) is open too; --auth or --api-auth protects it.")
     if not settings.hide_ui_dir_config:
-        lines.append(
-            "img2img's Batch from folders is off until a login is asked: it reads and writes this machine's folders."
-        )
+        lines.append("Batch from folders is off until a login is asked: it reads and writes this machine's folders.")
     lines.append("!" * 78)
     log.warning("\n".join(lines))
     return True
