@@ -175,6 +175,16 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         takes_s_noise=True,
     ),
     SamplerSpec(
+        "DPM fast",
+        "EulerDiscreteScheduler",  # its schedule's two ends; A1111DPMFastScheduler takes the steps
+        {},
+        "Uniform",
+        ("k_dpm_fast",),
+        eta_default=1.0,
+        uses_ensd=True,
+        takes_s_noise=True,
+    ),
+    SamplerSpec(
         "Restart",
         "HeunDiscreteScheduler",  # its schedule; A1111RestartScheduler takes the steps
         {},
@@ -1499,6 +1509,138 @@ class A1111RestartScheduler(diffusers.HeunDiscreteScheduler):
         return HeunDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
 
 
+def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-diffusion's get_ancestral_step: the sigma an ancestral step aims down to, and the noise it adds back up to
+    `sigma_to` (eta 1: as much as a DDPM step; 0: none)."""
+    if not eta:
+        return sigma_to, torch.zeros_like(sigma_to)
+    up = torch.minimum(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    return (sigma_to**2 - up**2) ** 0.5, up
+
+
+@dataclass(frozen=True)
+class _FastStep:
+    """One step of DPM fast, in DPM-Solver's time t = -log(sigma): from t to `aim` (below t_next by the ancestral
+    step, or t_next itself), `order` model calls, then fresh noise of `up` back to t_next."""
+
+    t: torch.Tensor
+    aim: torch.Tensor
+    order: int
+    up: torch.Tensor
+
+    @property
+    def h(self) -> torch.Tensor:
+        return self.aim - self.t
+
+    def call_times(self) -> list[torch.Tensor]:
+        """Where its model calls are: t, then t + h/2 (second order), or t + h/3 and t + 2h/3 (third)."""
+        fractions = {1: (), 2: (1 / 2,), 3: (1 / 3, 2 / 3)}[self.order]
+        return [self.t, *(self.t + fraction * self.h for fraction in fractions)]
+
+
+def dpm_fast_steps(sigma_max: torch.Tensor, sigma_min: torch.Tensor, calls: int, eta: float) -> list[_FastStep]:
+    """k-diffusion's dpm_solver_fast plan for `calls` model calls between two sigmas (float32 tensors): m = calls // 3
+    + 1 equal steps in t, third order but for the last two (second and first order) or the last one (calls % 3)."""
+    t_start, t_end = -sigma_max.log(), -sigma_min.log()
+    count = calls // 3 + 1
+    ts = torch.linspace(t_start, t_end, count + 1)
+    orders = [3] * (count - 2) + [2, 1] if calls % 3 == 0 else [3] * (count - 1) + [calls % 3]
+    steps = []
+    for index, order in enumerate(orders):
+        t, t_next = ts[index], ts[index + 1]
+        aim, up = t_next, torch.zeros(())
+        if eta:
+            down, _ = ancestral_step((-t).exp(), (-t_next).exp(), eta)
+            aim = torch.minimum(t_end, -down.log())
+            up = ((-t_next).exp() ** 2 - (-aim).exp() ** 2) ** 0.5
+        steps.append(_FastStep(t, aim, order, up))
+    return steps
+
+
+class A1111DPMFastScheduler(diffusers.EulerDiscreteScheduler):
+    """DPM fast as A1111 samples it (k-diffusion's sample_dpm_fast: DPM-Solver-fast, from "DPM-Solver: A Fast ODE
+    Solver for Diffusion Probabilistic Model Sampling", 2022). The pass's model calls (its steps) are spread over
+    dpm_fast_steps between the schedule's first sigma and its last above 0 (the schedule type sets only those two
+    ends, as in A1111); each third-order step calls the model at its start and a third and two thirds of the way.
+    With A1111's eta (1 by default, its eta for ancestral samplers) each step aims below its end and fresh noise,
+    scaled by sigma noise, brings it back up, drawn from the pass's generator at every step as A1111 draws it. The
+    pass ends at the lowest sigma, not at 0, as k-diffusion's does. A pass from a picture runs over the last
+    `picture_calls` steps of the schedule, as A1111 hands it its sigma_sched."""
+
+    picture_calls = 0
+    eta = 1.0
+    s_noise = 1.0
+
+    def set_timesteps(self, num_inference_steps, device=None, *args, **kwargs):
+        super().set_timesteps(num_inference_steps, device, *args, **kwargs)
+        sigmas = self.sigmas.float().cpu()
+        if self.picture_calls:
+            sigmas = sigmas[-(self.picture_calls + 1) :]
+        calls = len(sigmas) - 1
+        self._steps = dpm_fast_steps(sigmas[0], sigmas[-2], calls, self.eta)
+        # Each model call: its time t and its step (and which of the step's calls it is).
+        self._calls = [(time, index) for index, step in enumerate(self._steps) for time in step.call_times()]
+        log_sigmas = np.log((((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).double().numpy())
+        timesteps = [float(_sigma_to_t(float((-time).exp()), log_sigmas)) for time, _ in self._calls]
+        timesteps = [timesteps[0]] * (num_inference_steps - len(timesteps)) + timesteps
+        self.timesteps = torch.tensor(timesteps, dtype=torch.float32, device=device)
+        self.sigmas = torch.stack([(-time).exp() for time, _ in self._calls] + [torch.zeros(())])
+        self._call_index, self._start, self._eps = 0, None, []
+
+    def _sigma(self) -> torch.Tensor:
+        return (-self._calls[min(self._call_index, len(self._calls) - 1)][0]).exp()
+
+    def scale_model_input(self, sample, timestep):
+        self.is_scale_input_called = True
+        return sample / ((self._sigma() ** 2 + 1) ** 0.5).to(sample.dtype)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        # At the pass's start, or (an inpaint pipeline's blend) at the next call's level: x0 + noise x sigma.
+        return original_samples + noise * self._sigma().to(original_samples.device, original_samples.dtype)
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        time, index = self._calls[self._call_index]
+        step, sigma = self._steps[index], (-time).exp()
+        denoised = ve_denoised(self.config.prediction_type, model_output, sample, sigma)
+        if not self._eps:
+            self._start = sample
+        self._eps.append((sample - denoised) / sigma)
+        self._call_index += 1
+        if len(self._eps) < step.order:
+            prev_sample = self._towards_next_call(step)
+        else:
+            prev_sample = self._step_end(step)
+            self._eps = []
+            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+            prev_sample = prev_sample + step.up * self.s_noise * noise
+        if not return_dict:
+            return (prev_sample, denoised)
+        return EulerDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
+
+    def _towards_next_call(self, step: _FastStep) -> torch.Tensor:
+        """DPM-Solver's intermediate points: u1 at t + r1 h, u2 at t + r2 h (third order only)."""
+        x, eps, h = self._start, self._eps, step.h
+        r1, r2 = (1 / 2, None) if step.order == 2 else (1 / 3, 2 / 3)
+        if len(eps) == 1:
+            return x - (-(step.t + r1 * h)).exp() * (r1 * h).expm1() * eps[0]
+        sigma = (-(step.t + r2 * h)).exp()
+        return (
+            x
+            - sigma * (r2 * h).expm1() * eps[0]
+            - sigma * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps[1] - eps[0])
+        )
+
+    def _step_end(self, step: _FastStep) -> torch.Tensor:
+        x, eps, h = self._start, self._eps, step.h
+        sigma_next = (-step.aim).exp()
+        first = x - sigma_next * h.expm1() * eps[0]
+        if step.order == 1:
+            return first
+        if step.order == 2:
+            return first - sigma_next / (2 * (1 / 2)) * h.expm1() * (eps[1] - eps[0])
+        return first - sigma_next / (2 / 3) * (h.expm1() / h - 1) * (eps[2] - eps[0])
+
+
 class _A1111Start:
     """A1111's starting noise for txt2img, in the scheduler's own space: k-diffusion's x = noise x sigma_max, or with
     its SGM noise multiplier noise x sqrt(1 + sigma_max^2). diffusers' variance-exploding schedulers (Euler, Heun,
@@ -1715,6 +1857,7 @@ _A1111_CLASSES = {
     "Euler a": EtaEulerAncestralScheduler,
     "DPM++ 2S a": A1111DPMpp2SAncestralScheduler,
     "Restart": A1111RestartScheduler,
+    "DPM fast": A1111DPMFastScheduler,
     "DPM++ 2M SDE": EtaDPMSolverSDEScheduler,
     "DPM++ 2M SDE Heun": EtaDPMSolverSDEScheduler,
     "DPM++ SDE": EtaDPMppSDEScheduler,
@@ -1722,12 +1865,13 @@ _A1111_CLASSES = {
 }
 _ETA_CLASSES = (
     EtaEulerAncestralScheduler,
+    A1111DPMFastScheduler,
     _AncestralMidpoints,
     EtaDPMSolverSDEScheduler,
     EtaDPMppSDEScheduler,
     KDiffusion3MSDEScheduler,
 )
-_SIGMA_NOISE_CLASSES = (_AncestralMidpoints, _SigmaNoise, EtaDPMppSDEScheduler, _SigmaChurn)
+_SIGMA_NOISE_CLASSES = (_AncestralMidpoints, _SigmaNoise, EtaDPMppSDEScheduler, _SigmaChurn, A1111DPMFastScheduler)
 # The samplers A1111's sigma churn runs on here, by diffusers' scheduler class.
 _CHURNING = {
     "EulerDiscreteScheduler": _EulerChurn,
@@ -1832,7 +1976,7 @@ def build_scheduler(
         scheduler.sgm_noise_multiplier = bool(sgm_noise_multiplier)
     if isinstance(scheduler, _A1111Timesteps):
         scheduler.respaced = bool(always_discard_penultimate_sigma)
-    if isinstance(scheduler, (_A1111Timesteps, A1111RestartScheduler)):
+    if isinstance(scheduler, (_A1111Timesteps, A1111RestartScheduler, A1111DPMFastScheduler)):
         scheduler.picture_calls = int(picture_calls) if from_picture else 0
     if isinstance(scheduler, A1111UniPCScheduler):
         scheduler.variant, scheduler.skip_type = unipc.variant, unipc.skip_type

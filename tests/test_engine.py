@@ -407,6 +407,22 @@ def pass_drawing_step_noise(scheduler, steps: int, shape=(1, 4, 8, 8)):
     return latent, noise, noises
 
 
+def picture_pass_drawing_step_noise(scheduler, calls, shape=(1, 4, 8, 8), draws: int = 8):
+    """A pass of `scheduler` from a picture (seed 3) noised at the first of `calls` with seed 4's noise, over
+    stand_in_eps, its steps' noise from a generator seeded 5; the result, the picture, that noise, and the
+    generator's first `draws` draws."""
+    picture = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    replay = torch.Generator().manual_seed(5)
+    noises = [torch.randn(shape, generator=replay) for _ in range(draws)]
+    generator = torch.Generator().manual_seed(5)
+    latent = scheduler.add_noise(picture, noise, calls[:1])
+    for timestep in calls:
+        model_input = scheduler.scale_model_input(latent, timestep)
+        latent = scheduler.step(stand_in_eps(model_input, timestep), timestep, latent, generator=generator).prev_sample
+    return latent, picture, noise, noises
+
+
 def a1111_dpmpp_2m(eps_model, x, sigmas, timesteps, hold=None):
     """k-diffusion's sample_dpmpp_2m, as A1111 runs DPM++ 2M: second order from the second step on, first order to 0.
     `hold(denoised)`, when given, changes each denoised prediction, as A1111's inpainting blend does."""

@@ -12,7 +12,12 @@ import torch
 from engine import GenerationRequest
 from engine.infotext import parse_infotext, parse_infotext_params
 from engine.samplers import build_scheduler, picture_steps
-from tests.test_engine import SD_SCHEDULER_CONFIG, pass_drawing_step_noise, stand_in_eps
+from tests.test_engine import (
+    SD_SCHEDULER_CONFIG,
+    pass_drawing_step_noise,
+    picture_pass_drawing_step_noise,
+    stand_in_eps,
+)
 
 
 def karras(count: int, lowest: float, highest: float) -> torch.Tensor:
@@ -77,7 +82,7 @@ def test_restart_samples_as_a1111s(steps, schedule):
 def test_restart_from_a_picture_restarts_over_the_pass_as_a1111s_img2img():
     """A1111 hands Restart the last t_enc + 1 steps' sigmas (its sigma_sched) and starts from the picture plus noise x
     the first of them; from 20 such steps the pass restarts."""
-    steps, strength, shape = 30, 0.8, (1, 4, 8, 8)
+    steps, strength = 30, 0.8
     counted = picture_steps("Restart", steps, strength)
     assert counted.sampling == int(strength * steps) + 1 == 25
     scheduler = build_scheduler(
@@ -85,15 +90,7 @@ def test_restart_from_a_picture_restarts_over_the_pass_as_a1111s_img2img():
     )
     scheduler.set_timesteps(steps)
     calls = scheduler.timesteps[(steps - counted.sampling) * scheduler.order :]  # a pipeline skips the rest
-    picture = torch.randn(shape, generator=torch.Generator().manual_seed(3))
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(4))
-    replay = torch.Generator().manual_seed(5)
-    noises = [torch.randn(shape, generator=replay) for _ in range(2)]
-    generator = torch.Generator().manual_seed(5)
-    latent = scheduler.add_noise(picture, noise, calls[:1])
-    for timestep in calls:
-        model_input = scheduler.scale_model_input(latent, timestep)
-        latent = scheduler.step(stand_in_eps(model_input, timestep), timestep, latent, generator=generator).prev_sample
+    latent, picture, noise, noises = picture_pass_drawing_step_noise(scheduler, calls, draws=2)
     made = build_scheduler(SD_SCHEDULER_CONFIG, "Heun", "Karras")  # Restart's Automatic
     made.set_timesteps(steps)
     sigmas = torch.cat([made.sigmas[:1], made.sigmas[1::2]]).float()[steps - counted.sampling :]
