@@ -1098,14 +1098,17 @@ def main(argv=None) -> None:
         handlers=[logging.StreamHandler(), logging.FileHandler(args.work / "train.log")],
     )
     log.info("Arguments: %s", vars(args))
-    scenes, images = training_pictures(args.images, args.seed)
+    # A model to start from is loaded before the pictures are made, so a wrong folder fails at once.
     start_from = None
     if args.init_from:
         vae, unet, text_encoder = load_exported(args.init_from)
         start_from = (unet, text_encoder)
-        latents = encode_latents(vae, images, args.work)
     elif args.vae_from:
         vae = load_vae(args.vae_from)
+    scenes, images = training_pictures(args.images, args.seed)
+    if args.init_from:
+        latents = encode_latents(vae, images, args.work)
+    elif args.vae_from:
         report_colour_errors(f"VAE from {args.vae_from}", vae, images, final=True)
         latents = encode_latents(vae, images, args.work)
     else:
