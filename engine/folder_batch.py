@@ -1,5 +1,5 @@
-"""A1111's img2img Batch from folders on the server: every picture under an input folder, one job each, each
-result written to an output folder under the picture's own name.
+"""A1111's batches from folders on the server (img2img's Batch tab, Extras' Batch from Directory): every picture
+under an input folder, one job each, each result written to an output folder under the picture's own name.
 
     plan = plan_folder_batch("frames/", "styled/", mask_dir="masks/")
     for item in plan.items:               # naturally sorted: frame2 before frame10

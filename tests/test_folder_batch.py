@@ -370,7 +370,14 @@ def test_extras_upscales_a_folder_into_pictures_of_the_same_names(folder_page, t
 
 
 def test_extras_folders_are_off_where_the_server_does_not_allow_them(engine, tmp_path):
+    from ui.api import SdApi
     from ui.page_extras import run_extras
+    from ui.server import ServerSettings
+
+    # Clients read A1111's flag from /sdapi/v1/cmd-flags.
+    for hidden in (True, False):
+        settings = ServerSettings(api=True, outputs_dir=tmp_path, hide_ui_dir_config=hidden)
+        assert SdApi(engine, settings).cmd_flags()["hide_ui_dir_config"] is hidden
 
     _picture(tmp_path / "in" / "a.png", "red")
     settings = (0, 2, 512, 512, True, "Lanczos", "None", 0)

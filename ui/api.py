@@ -1232,6 +1232,7 @@ class SdApi:
             "outputs_dir": str(s.outputs_dir),
             "no_save": not s.save_images,
             "allow_pickle": s.allow_pickle,
+            "hide_ui_dir_config": s.hide_ui_dir_config,
             "device": str(self.engine.device),
         }
 

@@ -14,6 +14,8 @@ from engine.folder_batch import PNG_INFO_PARAMETERS, FolderPlan, plan_folder_bat
 
 from .fields import FieldCheckboxGroup
 
+# What Generate (or Upscale) does with each picture of the input folder, by tab.
+FOLDER_JOBS = {"img2img": "one job each", "inpaint": "one job each", "extras": "each upscaled"}
 FOLDERS_OFF = (
     "folders of this machine are off on this server (started with --hide-ui-dir-config, or others reach it "
     "without a login); upload the pictures instead"
@@ -31,7 +33,7 @@ def build_batch_folders(mode: str, enabled: bool) -> list[gr.components.Componen
             gr.Textbox(
                 "",
                 label="Input directory (on this machine)",
-                placeholder="e.g. /home/me/frames: every picture in it and its subfolders, one job each",
+                placeholder=f"e.g. /home/me/frames: every picture in it and its subfolders, {FOLDER_JOBS[mode]}",
                 elem_id=f"{mode}_batch_input_dir",
             )
         ]
