@@ -124,13 +124,17 @@ def plan_folder_batch(
             "input_dir", Path(input_dir), f"a folder holding pictures ({', '.join(PICTURE_SUFFIXES)}); it has none"
         )
     info_folder = _folder(info_dir, "png_info_dir") if info_dir not in (None, "") else None
+    if info_folder is not None:
+        _outside(source, info_folder, "png_info_dir", "its pictures would be read as pictures to make")
     items = [
         FolderItem(source / relative, relative, info=info_folder / relative if info_folder else None)
         for relative in relatives
     ]
     without_mask: list[Path] = []
     if mask_dir not in (None, ""):
-        items, without_mask = _with_masks(items, _folder(mask_dir, "mask_dir"), str(mask_dir))
+        masks_folder = _folder(mask_dir, "mask_dir")
+        _outside(source, masks_folder, "mask_dir", "its masks would be read as pictures to make")
+        items, without_mask = _with_masks(items, masks_folder, str(mask_dir))
         if not items:
             raise InvalidRequestError(
                 "mask_dir",
@@ -143,13 +147,7 @@ def plan_folder_batch(
         target = Path(output_dir).expanduser()
         if target.exists() and not target.is_dir():
             raise InvalidRequestError("output_dir", Path(output_dir), "a folder (this is a file)")
-        resolved = target.resolve()
-        if resolved == source.resolve() or source.resolve() in resolved.parents:
-            raise InvalidRequestError(
-                "output_dir",
-                Path(output_dir),
-                f"a folder outside input_dir {str(input_dir)!r} (its results would be read as pictures next time)",
-            )
+        _outside(source, target, "output_dir", "its results would be read as pictures next time")
         if skip_done:
             done = [
                 item
@@ -226,6 +224,14 @@ def _folder(value: str | os.PathLike, field: str) -> Path:
     if not folder.is_dir():
         raise InvalidRequestError(field, Path(value), "an existing folder on the server (there is none at that path)")
     return folder
+
+
+def _outside(source: Path, folder: Path, field: str, why: str) -> None:
+    """InvalidRequestError naming `field` where `folder` is the input folder or inside it: the walk through the
+    input folder would take its pictures too."""
+    resolved, inside = folder.resolve(), source.resolve()
+    if resolved == inside or inside in resolved.parents:
+        raise InvalidRequestError(field, folder, f"a folder outside input_dir {str(source)!r} ({why})")
 
 
 def _with_masks(items: list[FolderItem], masks_folder: Path, shown: str) -> tuple[list[FolderItem], list[Path]]:

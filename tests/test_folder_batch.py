@@ -94,6 +94,8 @@ def test_bad_folders_are_refused_naming_the_field_and_the_path(tmp_path):
         (dict(input_dir=tmp_path / "in", output_dir=tmp_path / "file.png"), "output_dir: .*a folder \\(this is a file"),
         (dict(input_dir=tmp_path / "in", output_dir=tmp_path / "in"), "output_dir: .*a folder outside input_dir"),
         (dict(input_dir=tmp_path / "in", output_dir=tmp_path / "in" / "out"), "output_dir: .*outside input_dir"),
+        (dict(input_dir=tmp_path, mask_dir=tmp_path / "in"), "mask_dir: .*outside input_dir .*masks would be read"),
+        (dict(input_dir=tmp_path / "in", info_dir=tmp_path / "in"), "png_info_dir: .*outside input_dir"),
     ]
     for kwargs, message in cases:
         with pytest.raises(InvalidRequestError, match=message):
