@@ -204,7 +204,7 @@ def test_folder_batch_without_an_output_folder_saves_where_pictures_go(folder_pa
         *COMMON, None, 0.3, batch_input_dir=str(tmp_path / "frames"), api_name="/img2img"
     )
     saved = set(folder_page.outputs.rglob("*.png")) - before
-    assert "1 of 1 pictures" in progress and len(gallery) == 1
+    assert "1 of 1 picture in" in progress and "1 image written" in progress and len(gallery) == 1
     assert [path.parent.parent.name for path in saved] == ["img2img-images"]
 
 
@@ -301,7 +301,7 @@ def test_uploaded_batches_share_one_seed_too(folder_page, tmp_path):
 
 
 def test_stop_ends_a_folder_batch_and_the_picture_it_cut_is_not_written(engine, tmp_path):
-    from engine import GenerationRequest
+    from engine import GenerationRequest, Progress
 
     for index in range(3):
         _picture(tmp_path / "in" / f"{index}.png", "red")
@@ -319,10 +319,44 @@ def test_stop_ends_a_folder_batch_and_the_picture_it_cut_is_not_written(engine, 
     updates = list(
         run_folder_batch(engine, session, plan, make_request, ticket=ticket, mode="img2img", outputs_dir=None)
     )
-    assert "2 of 3 pictures" in updates[-1][1] and "1 stopped or skipped, not written (1.png)" in updates[-1][1]
+    # The second picture never began: nothing of it is counted.
+    assert "Stopped: 1 of 3 pictures in" in updates[-1][1] and "1 image written" in updates[-1][1]
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["0.png"]
     resumed = plan_folder_batch(tmp_path / "in", tmp_path / "out", skip_done=True)
     assert [item.relative.name for item in resumed.items] == ["1.png", "2.png"]
+
+    # Stopped at its first step, the second picture ends as far as it got, and that is not written.
+    class StoppingAtTheSecondPicture:
+        def __init__(self):
+            self.generations = 0
+
+        def validate(self, request):
+            return engine.validate(request)
+
+        def generate(self, request, **kwargs):
+            self.generations += 1
+            for event in engine.generate(request, **kwargs):
+                if isinstance(event, Progress) and self.generations == 2:
+                    session.stop()
+                yield event
+
+    def plain_request(picture, mask):
+        return GenerationRequest(prompt="a square", steps=3, seed=5, width=64, height=64, init_images=[picture])
+
+    session, plan = PageSession(), plan_folder_batch(tmp_path / "in", tmp_path / "out", skip_done=True)
+    stopping = StoppingAtTheSecondPicture()
+    last = list(run_folder_batch(stopping, session, plan, plain_request, mode="img2img", outputs_dir=None))[-1]
+    assert "Stopped: 2 of 2 pictures" in last[1] and "1 stopped or skipped, not written (2.png)" in last[1]
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["0.png", "1.png"]
+
+    # Stopped before its first picture began: nothing is made, and the page keeps its last pictures.
+    session = PageSession()
+    ticket = session.register()
+    session.stop()
+    plan = plan_folder_batch(tmp_path / "in", tmp_path / "out", skip_done=True)
+    run = run_folder_batch(engine, session, plan, plain_request, ticket=ticket, mode="img2img", outputs_dir=None)
+    last = list(run)[-1]
+    assert "Stopped before it started" in last[1] and last[2:] == (gr.skip(),) * 3
 
 
 def test_folders_are_off_where_the_server_does_not_allow_them(engine, models_dir, tmp_path):

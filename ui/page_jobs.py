@@ -607,6 +607,8 @@ def run_folder_batch(
                 request = _with_png_info(request, item, png_info, report)
             validated = engine.validate(session.settings_for(request))
             result = yield from feed.generate(validated, number, len(plan.items), "picture", item.relative.as_posix())
+            if result.interrupted and not result.images:
+                break  # stopped before this picture began
             report.ran += 1
             report.seconds += result.elapsed
             if len(shown) < shown_limit:
@@ -624,10 +626,16 @@ def run_folder_batch(
         raise engine_error(exc) if isinstance(exc, EngineError) else gr.Error(f"{exc}. {report.describe()}") from exc
     finally:
         session.end_job(control)
+    if not report.ran and control.interrupted:
+        # Stopped before its first picture began: the last pictures stay on the page, as run_job leaves them.
+        bar = progress_html(0.0, f"Stopped before it started. {report.describe()}", state="interrupted")
+        yield (None, bar, *((gr.skip(),) * 3 if ticket is not None else ([], "", gr.skip())))
+        return
     if not report.ran:
         raise gr.Error(f"Nothing was made. {report.describe()}")
     stopped = control.interrupted or bool(report.not_written)
-    yield _folder_update(shown, report.describe(), 1.0 if not stopped else feed.fraction, stopped)
+    summary = f"Stopped: {report.describe()}" if control.interrupted else report.describe()
+    yield _folder_update(shown, summary, 1.0 if not stopped else feed.fraction, stopped)
 
 
 @dataclass
@@ -655,7 +663,10 @@ class FolderReport:
     def describe(self) -> str:
         plan = self.plan
         where = f" to {plan.output_dir}" if plan.output_dir is not None else ""
-        text = f"{self.ran} of {self.asked} pictures in {self.seconds:.1f} s; {self.written} images written{where}"
+        text = (
+            f"{self.ran} of {self.asked} picture{'s' if self.asked != 1 else ''} in {self.seconds:.1f} s; "
+            f"{self.written} image{'s' if self.written != 1 else ''} written{where}"
+        )
         notes = [
             (len(self.not_written), "stopped or skipped, not written", self.not_written),
             (len(self.unreadable), "unreadable", self.unreadable),
