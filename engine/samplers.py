@@ -607,6 +607,20 @@ class KDPM2DiscardingScheduler(_DiscardPenultimateSigma, diffusers.KDPM2Discrete
     pass
 
 
+def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-diffusion's get_ancestral_step: the sigma an ancestral step aims down to, and the noise it adds back up to
+    `sigma_to` (eta 1: as much as a DDPM step; 0: none)."""
+    if not eta:
+        return sigma_to, torch.zeros_like(sigma_to)
+    up = torch.minimum(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    return (sigma_to**2 - up**2) ** 0.5, up
+
+
+def model_log_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
+    """The model's log sigmas by training timestep (float64), where k-diffusion's sigma_to_t looks a sigma up."""
+    return np.log((((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).double().numpy())
+
+
 class _AncestralMidpoints:
     """Ancestral steps through a midpoint, with A1111's eta, on diffusers' KDPM2AncestralDiscreteScheduler: each step
     goes down to sigma_down, through the midpoint between sigma and sigma_down (in log sigma), and adds fresh noise
@@ -630,10 +644,7 @@ class _AncestralMidpoints:
         sigmas = torch.cat([self.sigmas[:1], self.sigmas[1:-1:2]])
         timesteps = torch.cat([self.timesteps[:1], self.timesteps[2::2]])
         sigmas_next = torch.cat([sigmas[1:], sigmas.new_zeros(1)])
-        sigmas_up = torch.minimum(
-            sigmas_next, self.eta * (sigmas_next**2 * (sigmas**2 - sigmas_next**2) / sigmas**2) ** 0.5
-        )
-        sigmas_down = (sigmas_next**2 - sigmas_up**2) ** 0.5
+        sigmas_down, sigmas_up = ancestral_step(sigmas, sigmas_next, self.eta)
         sigmas_down[-1] = 0.0
         sigmas_interpol = sigmas.log().lerp(sigmas_down.log(), 0.5).exp()
         sigmas_interpol[-2:] = 0.0
@@ -1177,8 +1188,7 @@ class EtaEulerAncestralScheduler(diffusers.EulerAncestralDiscreteScheduler):
         sigma_next = self.sigmas[self.step_index + 1]
         sample = sample.to(torch.float32)
         denoised = ve_denoised(self.config.prediction_type, model_output, sample, sigma)
-        sigma_up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
-        sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         prev_sample = sample + (sample - denoised) / sigma * (sigma_down - sigma)
         noise = randn_tensor(
             model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
@@ -1264,7 +1274,7 @@ class _SigmaChurn:
         self._starts, self._drawn_at = frozenset(starts), None
         gamma = min(churn.s_churn / max(1, len(starts)), 2**0.5 - 1)
         top = churn.s_tmax or math.inf
-        log_sigmas = np.log((((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).double().numpy())
+        log_sigmas = model_log_sigmas(self.alphas_cumprod)
         self.sigma_hats = sigmas.clone()
         self._restore_plain()
         timesteps = self._plain_timesteps.clone()
@@ -1443,7 +1453,24 @@ def restart_pairs(sigmas: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor
     return pairs
 
 
-class A1111RestartScheduler(diffusers.HeunDiscreteScheduler):
+class _OwnModelCalls:
+    """A scheduler that makes its own model calls (Restart, DPM fast): `sigmas` holds each call's sigma, then 0, and
+    `_step_index` counts the calls made, this pass's own count wherever a pipeline says it begins. The model's input
+    is scaled, and a picture noised (at the pass's start, or an inpaint pipeline's blend), at the next call's sigma:
+    x0 + noise x sigma."""
+
+    def _next_call_sigma(self) -> torch.Tensor:
+        return self.sigmas[min(self._step_index, len(self.sigmas) - 2)]
+
+    def scale_model_input(self, sample, timestep):
+        self.is_scale_input_called = True
+        return sample / ((self._next_call_sigma() ** 2 + 1) ** 0.5).to(sample.dtype)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return original_samples + noise * self._next_call_sigma().to(original_samples.device, original_samples.dtype)
+
+
+class A1111RestartScheduler(_OwnModelCalls, diffusers.HeunDiscreteScheduler):
     """Restart as A1111 samples it (its sd_samplers_extra.restart_sampler, after "Restart Sampling for Improving
     Generative Processes", 2023): Heun steps (an Euler step to 0) over the pass's sigmas (restart_pairs); where a step
     starts above the sigma the last one ended at, fresh noise of sqrt(high^2 - low^2) is added first, drawn from the
@@ -1467,24 +1494,13 @@ class A1111RestartScheduler(diffusers.HeunDiscreteScheduler):
             if low > 0:
                 self._calls.append((low, index, True))
         # The model is asked at each sigma's timestep, interpolated in log sigma (k-diffusion's sigma_to_t).
-        log_sigmas = np.log((((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).double().numpy())
+        log_sigmas = model_log_sigmas(self.alphas_cumprod)
         timesteps = [float(self._sigma_to_t(np.array(sigma.item()), log_sigmas)) for sigma, _, _ in self._calls]
         if self.picture_calls:
             timesteps = [timesteps[0]] * ((num_inference_steps - len(self._pairs)) * self.order) + timesteps
         self.timesteps = torch.tensor(timesteps, dtype=torch.float32, device=device)
         self.sigmas = torch.stack([sigma for sigma, _, _ in self._calls] + [torch.zeros(())])
-        # The model calls made: this pass's own count, wherever a pipeline says it begins.
         self._step_index, self._first = 0, None
-
-    def scale_model_input(self, sample, timestep):
-        sigma = self._calls[self._step_index][0]
-        self.is_scale_input_called = True
-        return sample / ((sigma**2 + 1) ** 0.5).to(sample.dtype)
-
-    def add_noise(self, original_samples, noise, timesteps):
-        # At the pass's start, or (an inpaint pipeline's blend) at the next call's level: x0 + noise x sigma.
-        sigma = self._calls[min(self._step_index, len(self._calls) - 1)][0]
-        return original_samples + noise * sigma.to(original_samples.device, original_samples.dtype)
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         sigma, index, second = self._calls[self._step_index]
@@ -1507,15 +1523,6 @@ class A1111RestartScheduler(diffusers.HeunDiscreteScheduler):
         if not return_dict:
             return (prev_sample, denoised)
         return HeunDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
-
-
-def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """k-diffusion's get_ancestral_step: the sigma an ancestral step aims down to, and the noise it adds back up to
-    `sigma_to` (eta 1: as much as a DDPM step; 0: none)."""
-    if not eta:
-        return sigma_to, torch.zeros_like(sigma_to)
-    up = torch.minimum(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
-    return (sigma_to**2 - up**2) ** 0.5, up
 
 
 @dataclass(frozen=True)
@@ -1557,7 +1564,7 @@ def dpm_fast_steps(sigma_max: torch.Tensor, sigma_min: torch.Tensor, calls: int,
     return steps
 
 
-class A1111DPMFastScheduler(diffusers.EulerDiscreteScheduler):
+class A1111DPMFastScheduler(_OwnModelCalls, diffusers.EulerDiscreteScheduler):
     """DPM fast as A1111 samples it (k-diffusion's sample_dpm_fast: DPM-Solver-fast, from "DPM-Solver: A Fast ODE
     Solver for Diffusion Probabilistic Model Sampling", 2022). The pass's model calls (its steps) are spread over
     dpm_fast_steps between the schedule's first sigma and its last above 0 (the schedule type sets only those two
@@ -1580,32 +1587,21 @@ class A1111DPMFastScheduler(diffusers.EulerDiscreteScheduler):
         self._steps = dpm_fast_steps(sigmas[0], sigmas[-2], calls, self.eta)
         # Each model call: its time t and its step (and which of the step's calls it is).
         self._calls = [(time, index) for index, step in enumerate(self._steps) for time in step.call_times()]
-        log_sigmas = np.log((((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).double().numpy())
+        log_sigmas = model_log_sigmas(self.alphas_cumprod)
         timesteps = [float(_sigma_to_t(float((-time).exp()), log_sigmas)) for time, _ in self._calls]
         timesteps = [timesteps[0]] * (num_inference_steps - len(timesteps)) + timesteps
         self.timesteps = torch.tensor(timesteps, dtype=torch.float32, device=device)
         self.sigmas = torch.stack([(-time).exp() for time, _ in self._calls] + [torch.zeros(())])
-        self._call_index, self._start, self._eps = 0, None, []
-
-    def _sigma(self) -> torch.Tensor:
-        return (-self._calls[min(self._call_index, len(self._calls) - 1)][0]).exp()
-
-    def scale_model_input(self, sample, timestep):
-        self.is_scale_input_called = True
-        return sample / ((self._sigma() ** 2 + 1) ** 0.5).to(sample.dtype)
-
-    def add_noise(self, original_samples, noise, timesteps):
-        # At the pass's start, or (an inpaint pipeline's blend) at the next call's level: x0 + noise x sigma.
-        return original_samples + noise * self._sigma().to(original_samples.device, original_samples.dtype)
+        self._step_index, self._start, self._eps = 0, None, []
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
-        time, index = self._calls[self._call_index]
+        time, index = self._calls[self._step_index]
         step, sigma = self._steps[index], (-time).exp()
         denoised = ve_denoised(self.config.prediction_type, model_output, sample, sigma)
         if not self._eps:
             self._start = sample
         self._eps.append((sample - denoised) / sigma)
-        self._call_index += 1
+        self._step_index += 1
         if len(self._eps) < step.order:
             prev_sample = self._towards_next_call(step)
         else:
@@ -1787,9 +1783,8 @@ class EtaDPMppSDEScheduler(diffusers.DPMSolverSDEScheduler):
             start = sample if first_half else self.sample  # both halves start from the step's own sample
             t_target = t_mid if first_half else t_next
             sigma_from, sigma_to = sigma_of(t), sigma_of(t_target)
-            up = self.eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-            sigma_up = torch.minimum(sigma_to, up)
-            t_down = t_of((sigma_to**2 - sigma_up**2) ** 0.5)
+            sigma_down, sigma_up = ancestral_step(sigma_from, sigma_to, self.eta)
+            t_down = t_of(sigma_down)
             prev_sample = (sigma_of(t_down) / sigma_from) * start - (t - t_down).expm1() * denoised
             prev_sample = prev_sample + self.noise_sampler(sigma_from, sigma_to) * s_noise * sigma_up
             self.sample, self.mid_point_sigma = (start, sigma_of(t_mid)) if first_half else (None, None)
