@@ -622,7 +622,7 @@ def run_folder_batch(
                 report.written += len(result.images)
     except (EngineError, FolderBatchError) as exc:
         if shown:
-            yield _folder_update(shown, report.describe(), feed.fraction, stopped=True)
+            yield _results_update(shown, report.describe(), feed.fraction, stopped=True)
         raise engine_error(exc) if isinstance(exc, EngineError) else gr.Error(f"{exc}. {report.describe()}") from exc
     finally:
         session.end_job(control)
@@ -635,7 +635,7 @@ def run_folder_batch(
         raise gr.Error(f"Nothing was made. {report.describe()}")
     stopped = control.interrupted or bool(report.not_written)
     summary = f"Stopped: {report.describe()}" if control.interrupted else report.describe()
-    yield _folder_update(shown, summary, 1.0 if not stopped else feed.fraction, stopped)
+    yield _results_update(shown, summary, 1.0 if not stopped else feed.fraction, stopped)
 
 
 @dataclass
@@ -692,20 +692,18 @@ def _with_png_info(request: GenerationRequest, item, parameters: Sequence[str], 
     return request
 
 
-def _folder_update(shown: list[Result], summary: str, fraction: float, stopped: bool) -> tuple:
-    gallery = [(image, _caption(result, index)) for result in shown for index, image in enumerate(result.images)]
-    view = ResultView(
-        seeds=[seed for result in shown for seed in result.seeds],
-        infotexts=[text for result in shown for text in result.infotexts],
-        subseeds=[subseed for result in shown for subseed in result.subseeds],
-    )
-    bar = progress_html(fraction, summary, state="interrupted" if stopped else "done")
-    return None, bar, gallery, view.selected_infotext(), view
-
-
 def _final_update(results: list[Result], asked: int, unit: str, fraction: float, grid: Result | None = None) -> tuple:
-    """The last update: the gallery of every result's pictures (a `grid` of them first) and the first one's
-    infotext."""
+    """The last update of a job (run_job): its results, said in a line, as far as it got when stopped."""
+    interrupted = any(result.interrupted for result in results)
+    summary = describe_result(results[-1]) if asked == 1 else _describe_results(results, asked, unit)
+    return _results_update(results, summary, fraction if interrupted else 1.0, interrupted, grid)
+
+
+def _results_update(
+    results: list[Result], summary: str, fraction: float, stopped: bool, grid: Result | None = None
+) -> tuple:
+    """An update showing `results`: the gallery of their pictures (a `grid` of them first), the first one's infotext
+    and the progress bar at `fraction` with `summary`."""
     shown = [grid, *results] if grid is not None else results
     view = ResultView(
         seeds=[seed for result in shown for seed in result.seeds],
@@ -717,9 +715,7 @@ def _final_update(results: list[Result], asked: int, unit: str, fraction: float,
     gallery = [(image, _caption(result, index)) for result in results for index, image in enumerate(result.images)]
     if grid is not None:
         gallery.insert(0, (grid.images[0], "Grid"))
-    interrupted = any(result.interrupted for result in results)
-    summary = describe_result(results[-1]) if asked == 1 else _describe_results(results, asked, unit)
-    bar = progress_html(fraction if interrupted else 1.0, summary, state="interrupted" if interrupted else "done")
+    bar = progress_html(fraction, summary, state="interrupted" if stopped else "done")
     return None, bar, gallery, view.selected_infotext(), view
 
 
