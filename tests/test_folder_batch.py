@@ -419,3 +419,26 @@ def test_extras_folders_are_off_where_the_server_does_not_allow_them(engine, tmp
     settings = (0, 2, 512, 512, True, "Lanczos", "None", 0)
     with pytest.raises(gr.Error, match="batch_input_dir: got '.*in'; allowed: nothing here: folders of this machine"):
         run_extras(engine, PageSession(), None, *settings, batch_input_dir=str(tmp_path / "in"))
+
+
+def test_an_extras_folder_batch_counts_the_pictures_it_saved(engine, tmp_path):
+    from engine.outputs import save_image
+    from ui.page_extras import run_extras
+
+    _picture(tmp_path / "in" / "a.png", "red")
+    session, outputs = PageSession(save_images=True), tmp_path / "outputs"
+    for upscaler, written in (("Lanczos", "1 image written"), ("None", "0 images written")):
+        settings = (0, 2, 512, 512, True, upscaler, "None", 0)
+        _, info, _ = run_extras(
+            engine,
+            session,
+            None,
+            *settings,
+            batch_input_dir=str(tmp_path / "in"),
+            outputs_dir=outputs,
+            save_image=save_image,
+            server_folders=True,
+        )
+        assert written in info
+    # Upscaler 1 None leaves the picture as it was, and Extras saves nothing then, as a single upscale does.
+    assert len(list(outputs.rglob("*.png"))) == 1

@@ -250,12 +250,12 @@ def run_extras(
         session.end_job(control)
     if not done:
         return gr.skip(), stopped, gr.skip()
-    result, shown = done[0]
+    result, shown, _ = done[0]
     if stopped:
         shown = f"{stopped} Finished before the stop: {len(done)} of {len(sources)} pictures: {shown}"
     elif pictures:
         shown = f"{len(done)} pictures: {shown}"
-    return result, shown, [picture for picture, _text in done] if pictures else []
+    return result, shown, [picture for picture, *_ in done] if pictures else []
 
 
 def _upscale_folder(engine, session, plan: FolderPlan, settings: dict, control, *, outputs_dir, save_image):
@@ -269,19 +269,19 @@ def _upscale_folder(engine, session, plan: FolderPlan, settings: dict, control, 
             continue
         source = opened[0]
         try:
-            result, _ = _upscale_one(engine, session, source, settings, control, **saver)
+            result, _, saved = _upscale_one(engine, session, source, settings, control, **saver)
         except TaskStopped as exc:
             report.not_written.append(item.relative)
             stopped = f"{exc} "
             break
         report.ran += 1
         if plan.output_dir is not None:
-            texts = (result.info.get("parameters"), result.info.get("postprocessing"))
+            infotext, postprocessing = result.info.get("parameters"), result.info.get("postprocessing")
             try:
-                report.written += len(write_outputs(item, plan.output_dir, [result], [texts[0]], texts[1]))
+                report.written += len(write_outputs(item, plan.output_dir, [result], [infotext], postprocessing))
             except FolderBatchError as exc:
                 raise gr.Error(f"{exc}. {report.describe()}") from exc
-        elif saver.get("save_image") is not None and session.save_images and outputs_dir is not None:
+        elif saved is not None:
             report.written += 1
         if len(shown) < FOLDER_BATCH_SHOWN:
             shown.append(result)
@@ -294,7 +294,8 @@ def _upscale_folder(engine, session, plan: FolderPlan, settings: dict, control, 
 
 
 def _upscale_one(engine, session, image, settings: dict, control, *, outputs_dir=None, save_image=None):
-    """One picture upscaled, with the text the Postprocessing box shows; TaskStopped where `control` stopped it."""
+    """One picture upscaled, with the text the Postprocessing box shows and where it was saved (None: not saved);
+    TaskStopped where `control` stopped it."""
     try:
         result, info = engine.upscale(ExtrasRequest(image=image, **settings), control=control)
     except TaskStopped:
@@ -308,12 +309,12 @@ def _upscale_one(engine, session, image, settings: dict, control, *, outputs_dir
         result.info["parameters"] = source_infotext
     if text:
         result.info["postprocessing"] = text
-    saved = ""
+    path = None
     if info and session.save_images and save_image is not None and outputs_dir is not None:
         path = save_image(
             result, source_infotext, outputs_dir=outputs_dir, mode="extras", seed=None, postprocessing=text
         )
         log.info("Saved %s", path)
-        saved = f", saved as {path.name}"
     shown = text or "Upscaler 1 is None: the picture is unchanged."
-    return result, f"{shown} ({result.width}x{result.height}{saved})"
+    saved = f", saved as {path.name}" if path is not None else ""
+    return result, f"{shown} ({result.width}x{result.height}{saved})", path
