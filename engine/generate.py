@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageFilter
 
+from .cfgpp import CFGppUNet, pipeline_guidance_scale
 from .color_correction import corrected
 from .composable import ComposedGuidance
+from .errors import InvalidRequestError
 from .events import JobControl, Pacer, Progress
 from .images import LATENT_RESIZE, resize_to
 from .inpaint import inpaint
@@ -38,6 +40,7 @@ from .samplers import (
     build_scheduler,
     diffusers_strength,
     eta_for,
+    get_sampler,
     pass_steps,
     picture_steps,
 )
@@ -212,7 +215,7 @@ def _sample_batch(
     stand_ins = _StandIns(req, composed, switches)
     hires = req.mode == "txt2img" and req.enable_hr
     wrap_unet = stand_ins.for_pass(
-        model, conditioning, refiner if not hires else None, req.sampler_name, sampling_steps
+        model, conditioning, refiner if not hires else None, req.sampler_name, sampling_steps, scheduler
     )
     # A trace holds the padding its convolutions had when traced: tiling runs the UNet as a module.
     pipe = model.pipeline_for(req.mode, scheduler, traced=not req.tiling, wrap_unet=wrap_unet, vae=vae)
@@ -295,7 +298,7 @@ def _sample_batch(
 
     kwargs = {
         "num_inference_steps": req.steps if req.mode == "txt2img" else picture.schedule,
-        "guidance_scale": req.cfg_scale,
+        "guidance_scale": pipeline_guidance_scale(req.sampler_name, req.cfg_scale),
         "generator": generators,
         "callback_on_step_end": on_step_end,
         "callback_on_step_end_tensor_inputs": ["latents"],
@@ -346,11 +349,11 @@ def _sample_batch(
         if hires_conditioning is not None:
             conditioning = hires_conditioning
             kwargs.update(_conditioning_kwargs(conditioning, len(seeds)))
-        wrap_unet = stand_ins.for_pass(model, conditioning, refiner, hr_sampler, hires_sampling_steps)
         current_conditioning = conditioning.at(0)
         scheduler = _scheduler_for(
             req, model, hr_sampler, hr_schedule, seeds, first_pass=False, picture_calls=hires_sampling_steps
         )
+        wrap_unet = stand_ins.for_pass(model, conditioning, refiner, hr_sampler, hires_sampling_steps, scheduler)
         recorder = StepRecorder(scheduler, model.prediction_type)
         hires_pipe = model.pipeline_for("img2img", scheduler, traced=not req.tiling, wrap_unet=wrap_unet, vae=vae)
         variation.install(hires_pipe, scheduler)  # A1111 varies the hires pass's noise too
@@ -362,6 +365,7 @@ def _sample_batch(
             image=start,
             strength=diffusers_strength(hires_sampling_steps, hires_steps.schedule),
             eta=eta_for(hr_sampler, req.eta) or 0.0,
+            guidance_scale=pipeline_guidance_scale(hr_sampler, req.cfg_scale),
         )
         for first_pass_only in ("height", "width", "latents", "mask_image", "masked_image_latents"):
             kwargs.pop(first_pass_only, None)
@@ -398,10 +402,16 @@ def _sample_batch(
     return BatchOutcome(images, stopped, preview_seconds)
 
 
-def _cfg_in_pipeline(model: LoadedModel, req: GenerationRequest) -> bool:
-    """Whether diffusers' pipelines guide themselves (their do_classifier_free_guidance): a batch of negative
+def _embeds_guidance(model: LoadedModel) -> bool:
+    """Whether the model's UNet takes its guidance scale as an input (LCM-distilled ones), so that no pipeline asks it
+    for a negative prediction."""
+    return getattr(model.components["unet"].config, "time_cond_proj_dim", None) is not None
+
+
+def _cfg_in_pipeline(model: LoadedModel, req: GenerationRequest, sampler_name: str) -> bool:
+    """Whether diffusers' pipelines guide a pass themselves (their do_classifier_free_guidance): a batch of negative
     rows, then prompt rows."""
-    return req.cfg_scale > 1 and getattr(model.components["unet"].config, "time_cond_proj_dim", None) is None
+    return pipeline_guidance_scale(sampler_name, req.cfg_scale) > 1 and not _embeds_guidance(model)
 
 
 @dataclass
@@ -422,17 +432,32 @@ class _StandIns:
         refiner: Refiner | None,
         sampler_name: str,
         sampling_steps: int,
+        scheduler,
     ) -> Callable | None:
-        """A wrap_unet for pipeline_for, or None where the UNet runs as it is; `sampler_name` and `sampling_steps`
-        are the pass's."""
-        req, cfg_in_pipeline = self.req, _cfg_in_pipeline(model, self.req)
+        """A wrap_unet for pipeline_for, or None where the UNet runs as it is; `sampler_name`, `sampling_steps` and
+        `scheduler` are the pass's."""
+        req, cfg_in_pipeline = self.req, _cfg_in_pipeline(model, self.req, sampler_name)
         # Without the pipeline's guidance there is no negative to skip.
         skipping = (req.s_min_uncond > 0 or req.skip_early_cond > 0) and cfg_in_pipeline
         lengths = conditioning.padding is not None  # A1111's syntax: each conditioning at its own length
-        if refiner is None and not conditioning.parts and not skipping and not lengths:
+        cfgpp = get_sampler(sampler_name).cfgpp
+        if cfgpp and _embeds_guidance(model):
+            raise InvalidRequestError(
+                "sampler_name",
+                sampler_name,
+                "another sampler for this model: it embeds its guidance, so it makes no negative prediction for "
+                "DDIM CFG++ to step along",
+            )
+        if refiner is None and not conditioning.parts and not skipping and not lengths and not cfgpp:
             return None
 
         def wrap(unet):
+            unet = wrap_inner(unet)
+            if cfgpp:  # outermost: it sees the rows the pipeline mixes
+                unet = CFGppUNet(unet, scheduler, req.cfg_scale, pipeline_guidance_scale(sampler_name, req.cfg_scale))
+            return unet
+
+        def wrap_inner(unet):
             if lengths:
                 unet = NaturalLengthUNet(unet, conditioning.padding, pad=req.pad_cond_uncond)
             skip = None

@@ -6,6 +6,7 @@ another job (or the shared pipeline) sees.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -62,10 +63,25 @@ class SamplerSpec:
     takes_s_noise: bool = False
     # A1111's sigma churn, tmin and tmax (its Euler, Heun and DPM2).
     takes_sigma_churn: bool = False
+    # CFG++ (A1111's DDIM CFG++): guidance at cfg_scale / CFGPP_DIVISOR, and each step heads on along the negative
+    # prompt's noise prediction instead of the guided one (engine/cfgpp.py).
+    cfgpp: bool = False
 
 
 # The training timesteps of SD models (and of every model A1111 samples), the most steps a pass from a picture spaces.
 TRAIN_TIMESTEPS = 1000
+
+_DDIM = SamplerSpec(
+    "DDIM",
+    "DDIMScheduler",
+    {"set_alpha_to_one": False},
+    "Uniform",
+    ("ddim",),
+    k_diffusion=False,
+    eta_default=0.0,
+    eta_key="Eta DDIM",
+    eta_option="eta_ddim",
+)
 
 # Order as in A1111's sampler dropdown.
 SAMPLERS: tuple[SamplerSpec, ...] = (
@@ -193,17 +209,8 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         uses_ensd=True,  # its restarts draw from seed + ENSD; A1111 does not write it, so its texts cannot say so
         second_order=True,
     ),
-    SamplerSpec(
-        "DDIM",
-        "DDIMScheduler",
-        {"set_alpha_to_one": False},
-        "Uniform",
-        ("ddim",),
-        k_diffusion=False,
-        eta_default=0.0,
-        eta_key="Eta DDIM",
-        eta_option="eta_ddim",
-    ),
+    _DDIM,
+    dataclasses.replace(_DDIM, name="DDIM CFG++", aliases=("ddim_cfgpp",), cfgpp=True),
     SamplerSpec("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, "Uniform", ("plms",), k_diffusion=False),
     SamplerSpec("UniPC", "UniPCMultistepScheduler", {}, "Uniform", ("unipc",), k_diffusion=False),
     SamplerSpec("DEIS", "DEISMultistepScheduler", {}, "Uniform", ("deis",), k_diffusion=False),
@@ -255,6 +262,8 @@ def get_sampler(name: str) -> SamplerSpec:
 
 
 def supported_schedules(spec: SamplerSpec) -> list[str]:
+    if spec.cfgpp:  # A1111's own timesteps only, as A1111 runs it
+        return ["Automatic", spec.default_schedule]
     params = _init_params(spec.scheduler_class)
     return [name for name, keys in SCHEDULE_TYPES.items() if all(key in params for key in keys)]
 
@@ -281,8 +290,9 @@ def resolve(sampler_name: Any, scheduler: Any) -> tuple[str, str]:
         raise InvalidRequestError("scheduler", scheduler, "one of " + ", ".join(SCHEDULE_TYPES))
     allowed = supported_schedules(spec)
     if schedule not in allowed:
+        why = "it steps on A1111's own timesteps" if spec.cfgpp else "diffusers supports no other"
         raise InvalidRequestError(
-            "scheduler", scheduler, f"for sampler {spec.name}: " + ", ".join(allowed) + " (diffusers supports no other)"
+            "scheduler", scheduler, f"for sampler {spec.name}: " + ", ".join(allowed) + f" ({why})"
         )
     return spec.name, schedule
 
@@ -585,10 +595,10 @@ def always_discarding_changes(sampler_name: str, schedule: str) -> bool:
 
 
 def runs_a1111_ddim(sampler_name: str, schedule: str) -> bool:
-    """Whether the pass runs A1111's DDIM (A1111DDIMScheduler): DDIM on its own timesteps (Automatic, Uniform), not
-    on diffusers' trailing ones (SGM Uniform)."""
+    """Whether the pass runs A1111's DDIM (A1111DDIMScheduler) or its DDIM CFG++: DDIM on its own timesteps
+    (Automatic, Uniform), not on diffusers' trailing ones (SGM Uniform)."""
     spec = get_sampler(sampler_name)
-    return spec.name == "DDIM" and effective_schedule(spec, schedule) == "Uniform"
+    return spec.name in ("DDIM", "DDIM CFG++") and effective_schedule(spec, schedule) == "Uniform"
 
 
 def runs_a1111_unipc(sampler_name: str, schedule: str) -> bool:
@@ -826,12 +836,14 @@ class _A1111Timesteps:
             return (sample - alpha**0.5 * model_output) / (1 - alpha) ** 0.5
         return model_output
 
-    def _step_down(self, sample, eps, timestep: int, sigma=0.0):
+    def _step_down(self, sample, eps, timestep: int, sigma=0.0, direction=None):
         """From `sample` at `timestep` to the timestep below along noise prediction `eps`, keeping `sigma` of it for
-        fresh noise (DDIM's eta): (A1111's x_prev before that noise, its pred_x0)."""
+        fresh noise (DDIM's eta): (A1111's x_prev before that noise, its pred_x0). `direction`, when given, is the
+        noise the step heads on along instead of `eps` (CFG++)."""
         alpha, alpha_prev = self.alphas_cumprod[timestep], self.alphas_cumprod[self._below[timestep]]
         denoised = (sample - (1 - alpha) ** 0.5 * eps) / alpha**0.5
-        return alpha_prev**0.5 * denoised + (1 - alpha_prev - sigma**2) ** 0.5 * eps, denoised
+        direction = eps if direction is None else direction
+        return alpha_prev**0.5 * denoised + (1 - alpha_prev - sigma**2) ** 0.5 * direction, denoised
 
 
 class A1111DDIMScheduler(_A1111Timesteps, diffusers.DDIMScheduler):
@@ -868,7 +880,7 @@ class A1111DDIMScheduler(_A1111Timesteps, diffusers.DDIMScheduler):
         alpha, alpha_prev = self.alphas_cumprod[timestep], self.alphas_cumprod[self._below[timestep]]
         sigma = eta * ((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)) ** 0.5
         eps = self._noise_prediction(model_output, timestep, sample)
-        prev_sample, denoised = self._step_down(sample, eps, timestep, sigma)
+        prev_sample, denoised = self._step_down(sample, eps, timestep, sigma, self._direction(timestep, sample))
         if eta > 0:
             if variance_noise is None:
                 variance_noise = randn_tensor(
@@ -878,6 +890,26 @@ class A1111DDIMScheduler(_A1111Timesteps, diffusers.DDIMScheduler):
         if not return_dict:
             return (prev_sample, denoised)
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
+
+    def _direction(self, timestep: int, sample):
+        """The noise a step heads on along, where it is not the guided prediction's (None)."""
+        return None
+
+
+class A1111DDIMCFGppScheduler(A1111DDIMScheduler):
+    """A1111's DDIM CFG++ (sd_samplers_timesteps_impl.ddim_cfgpp, after Chung et al., "CFG++: Manifold-constrained
+    Classifier Free Guidance for Diffusion Models", 2024): A1111's DDIM, but each step's pred_x0 comes from the
+    prediction guided at cfg_scale / 12.5, and the step heads on along the negative prompt's noise prediction, which
+    `negative_prediction` holds for the call just made (CFGppUNet, engine/cfgpp.py, puts it there and scales the
+    guidance)."""
+
+    negative_prediction: torch.Tensor | None = None
+
+    def _direction(self, timestep: int, sample):
+        if self.negative_prediction is None:
+            raise RuntimeError("DDIM CFG++ steps need the negative prompt's prediction: run the UNet as a CFGppUNet")
+        negative, self.negative_prediction = self.negative_prediction, None  # each call's own, used once
+        return self._noise_prediction(negative.to(sample.dtype), timestep, sample)
 
 
 class A1111PLMSScheduler(_A1111Timesteps, diffusers.PNDMScheduler):
@@ -1908,7 +1940,7 @@ def build_scheduler(
     spec = get_sampler(sampler_name)
     discards = discards_penultimate_sigma(spec.name, always_discard_penultimate_sigma)
     if runs_a1111_ddim(spec.name, schedule):
-        cls = A1111DDIMScheduler
+        cls = A1111DDIMCFGppScheduler if spec.cfgpp else A1111DDIMScheduler
     elif runs_a1111_plms(spec.name, schedule):
         cls = A1111PLMSScheduler
     elif runs_a1111_unipc(spec.name, schedule):

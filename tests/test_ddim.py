@@ -33,13 +33,19 @@ def a1111_timesteps(steps: int) -> torch.Tensor:
     return torch.clip(torch.asarray(list(range(0, 1000, 1000 // steps))) + 1, 0, 999)
 
 
-def a1111_ddim(eps_model, x, timesteps, alphas_cumprod, eta=0.0, noises=None):
-    """sd_samplers_timesteps_impl.ddim, with the noise it draws handed in."""
+def ddim_parameters(timesteps, alphas_cumprod, eta):
+    """A1111's DDIM samplers' alphas, alphas_prev and (eta's) sigmas over `timesteps`."""
     alphas = alphas_cumprod[timesteps]
     alphas_prev = alphas_cumprod[torch.nn.functional.pad(timesteps[:-1], pad=(1, 0))].double()
     sigmas = eta * np.sqrt(
         (1 - alphas_prev.numpy()) / (1 - alphas.double().numpy()) * (1 - alphas.numpy() / alphas_prev.numpy())
     )
+    return alphas, alphas_prev, sigmas
+
+
+def a1111_ddim(eps_model, x, timesteps, alphas_cumprod, eta=0.0, noises=None):
+    """sd_samplers_timesteps_impl.ddim, with the noise it draws handed in."""
+    alphas, alphas_prev, sigmas = ddim_parameters(timesteps, alphas_cumprod, eta)
     noises = iter(noises or [])
     for i in range(len(timesteps) - 1):
         index = len(timesteps) - 1 - i

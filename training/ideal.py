@@ -15,8 +15,9 @@ from collections.abc import Callable
 
 import torch
 
+from engine.cfgpp import CFGPP_DIVISOR
 from engine.previews import DecoderPreviewer
-from engine.samplers import build_scheduler
+from engine.samplers import build_scheduler, get_sampler
 
 from . import dataset, quality
 from .train_micro import encode_pictures, training_pictures
@@ -79,6 +80,9 @@ def sample(
     their sample), the others keep variance-preserving samples, x * sqrt(alpha)."""
     scheduler = build_scheduler(scheduler_config, sampler, "Automatic", seed=seed)
     scheduler.set_timesteps(steps)
+    cfgpp = get_sampler(sampler).cfgpp
+    if cfgpp:  # A1111's CFG++ guides at CFG scale / 12.5 (engine/cfgpp.py)
+        cfg_scale = cfg_scale / CFGPP_DIVISOR
     takes_generator = "generator" in inspect.signature(scheduler.step).parameters
     generator = torch.Generator().manual_seed(seed)
     latent = torch.randn(latent_shape, generator=generator) * scheduler.init_noise_sigma
@@ -97,6 +101,8 @@ def sample(
         unconditional, conditional = denoiser(spread, sigma)
         guided = unconditional + cfg_scale * (conditional - unconditional)
         noise_prediction = (spread - guided) / sigma
+        if cfgpp:  # what CFGppUNet hands the scheduler in a pipeline
+            scheduler.negative_prediction = (spread - unconditional) / sigma
         extra = {"generator": generator} if takes_generator else {}
         latent = scheduler.step(noise_prediction, timestep, latent, **extra).prev_sample
     return latent

@@ -178,7 +178,7 @@ class _GenerationPayload(BaseModel):
     tiling: Any = None
     eta: Any = Field(
         None,
-        description="fresh noise of Euler a, DPM2 a, the DPM++ SDE samplers (default 1) or DDIM (default 0), 0 to 1",
+        description="fresh noise of Euler a, DPM2 a, the DPM++ SDE samplers (default 1) or DDIM and DDIM CFG++ (default 0), 0 to 1",
     )
     refiner_checkpoint: Any = Field(None, description="a model of the same kind that takes over at refiner_switch_at")
     refiner_switch_at: Any = Field(None, description="0 to 1: the share of the schedule before the refiner (0.8)")
@@ -318,7 +318,7 @@ def _sampler_spec(name: Any) -> SamplerSpec | None:
 
 
 def _eta_ignored(value: Any, payload: Any) -> bool:
-    """eta acts on Euler a, DPM2 a, DPM++ 2S a, DPM++ SDE, DPM++ 2M SDE (and Heun), DPM++ 3M SDE and DDIM here; with another
+    """eta acts on Euler a, DPM2 a, DPM++ 2S a, DPM++ SDE, DPM++ 2M SDE (and Heun), DPM++ 3M SDE, DDIM and DDIM CFG++ here; with another
     sampler a value given is listed as ignored."""
     spec = _sampler_spec(payload.sampler_name or payload.sampler_index)
     return value is not None and spec is not None and spec.eta_default is None
@@ -915,7 +915,7 @@ class SdApi:
 
     def _eta_for(self, payload: _GenerationPayload, from_text, sampler: str) -> Any:
         """The job's eta: the payload's `eta`, else the infotext's, else A1111's setting for its sampler
-        (`eta_ancestral` for Euler a, DPM2 a and DPM++ 2M SDE, `eta_ddim` for DDIM) from override_settings or /options."""
+        (`eta_ancestral` for Euler a, DPM2 a and DPM++ 2M SDE, `eta_ddim` for DDIM and DDIM CFG++) from override_settings or /options."""
         if payload.eta is not None:
             return payload.eta
         if from_text is not None and from_text.eta is not None:
