@@ -39,6 +39,7 @@ def create_engine(settings: ServerSettings):
         models_dir=settings.models_dir,
         checkpoints_dir=settings.ckpt_dir,
         lora_dir=settings.lora_dir,
+        hypernetwork_dir=settings.hypernetwork_dir,
         vae_dir=settings.vae_dir,
         esrgan_dir=settings.esrgan_dir,
         realesrgan_dir=settings.realesrgan_dir,

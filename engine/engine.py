@@ -24,6 +24,7 @@ from .events import JobControl, JobState, PreviewSettings, Progress, Result, Wai
 from .extras import ExtrasRequest, upscale_picture
 from .extras import check as check_extras
 from .generate import run_batch
+from .hypernet import HypernetFile, HypernetUse, hypernet_uses, scan_hypernets
 from .images import resize_to
 from .infotext import format_infotext
 from .inpaint import ORIGINAL
@@ -80,6 +81,7 @@ class Engine:
         checkpoints_dir: str | os.PathLike | None = None,
         embeddings_dir: str | os.PathLike | None = None,
         lora_dir: str | os.PathLike | None = None,
+        hypernetwork_dir: str | os.PathLike | None = None,
         vae_dir: str | os.PathLike | None = None,
         esrgan_dir: str | os.PathLike | None = None,
         realesrgan_dir: str | os.PathLike | None = None,
@@ -112,6 +114,7 @@ class Engine:
             checkpoints_dir=checkpoints_dir,
             embeddings_dir=embeddings_dir,
             lora_dir=lora_dir,
+            hypernetwork_dir=hypernetwork_dir,
             vae_dir=vae_dir,
             esrgan_dir=esrgan_dir,
             realesrgan_dir=realesrgan_dir,
@@ -283,6 +286,18 @@ class Engine:
         uses = lora_uses(prompt or "")
         self._require_model().loras.resolve(uses)
         return uses
+
+    def describe_hypernets(self, prompt: str) -> list[HypernetUse]:
+        """The hypernetworks a prompt's tags switch on, with their strengths, each file read; raises
+        InvalidRequestError as a job would."""
+        uses = hypernet_uses(prompt or "")
+        model = self._require_model()
+        model.hypernets.resolve(uses, model.components["unet"])
+        return uses
+
+    def list_hypernets(self) -> list[HypernetFile]:
+        """The hypernetworks in the hypernetwork folder (models/hypernetworks, or --hypernetwork-dir)."""
+        return list(scan_hypernets(self.registry.hypernetwork_dir).values())
 
     def load_model(self, model: str | os.PathLike) -> ModelInfo:
         """Switch to `model`; waits for a running job to finish. Raises ModelLoadError."""
@@ -499,9 +514,11 @@ class Engine:
             checked = dataclasses.replace(checked, refiner_checkpoint=refiner)
         # An unknown LoRA, or a weight that is not a number, is refused before the job waits in a queue.
         self.describe_loras(checked.prompt)
+        self.describe_hypernets(checked.prompt)
         if checked.enable_hr and checked.hr_prompt:
             try:
                 self.describe_loras(checked.hr_prompt)
+                self.describe_hypernets(checked.hr_prompt)
             except InvalidRequestError as exc:
                 raise InvalidRequestError("hr_prompt", exc.value, exc.allowed) from exc
         available = self.list_vaes()
@@ -842,7 +859,7 @@ class Engine:
             vae = model.vaes.get(vae_file) if vae_file is not None else None
             if vae is not None and preview.mode == "vae":  # previews decode with the job's VAE too
                 previewer = make_previewer("vae", vae=vae, latent_rgb=model.latent_rgb, taesd=model.taesd)
-            lora_hashes = self._switch_loras(model, req)
+            lora_hashes = self._switch_networks(model, req)
             conditioning = self._encode_prompts(model, req)
             hires_conditioning = None
             upscaler = None
@@ -860,17 +877,18 @@ class Engine:
             if hires_model is not None:
                 # A1111's hires checkpoint: the second pass's prompts, LoRAs and VAE are that model's own.
                 hires_request = req.hires_pass()
-                lora_hashes = {**lora_hashes, **self._switch_loras(hires_model, hires_request)}
+                lora_hashes = {**lora_hashes, **self._switch_networks(hires_model, hires_request)}
                 hires_conditioning = self._encode_prompts(hires_model, hires_request)
                 hires_vae = self._second_vae(req, hires_model)
             elif req.mode == "txt2img" and req.enable_hr and req.hires_prompts != (req.prompt, req.negative_prompt):
                 hires_request = req.hires_pass()
-                if _lora_set(model, hires_request.prompt) != _lora_set(model, req.prompt):
-                    # As A1111 does: the hires prompt's LoRAs run in the second pass (and encode its prompts).
+                if _network_set(model, hires_request.prompt) != _network_set(model, req.prompt):
+                    # As A1111 does: the hires prompt's LoRAs and hypernetworks run in the second pass (and its
+                    # LoRAs encode its prompts).
                     hires_loras = hires_request
-                    lora_hashes = {**lora_hashes, **self._switch_loras(model, hires_request)}
+                    lora_hashes = {**lora_hashes, **self._switch_networks(model, hires_request)}
                     hires_conditioning = self._encode_prompts(model, hires_request)
-                    self._switch_loras(model, req)
+                    self._switch_networks(model, req)
                 else:
                     hires_conditioning = self._encode_prompts(model, hires_request)
             refiner = self._refiner(req, second_models.get("refiner_checkpoint"))
@@ -894,7 +912,7 @@ class Engine:
                     if control.interrupted:
                         break
                     if hires_loras is not None and batch_no > 0:  # the last batch's hires pass switched them
-                        self._switch_loras(model, req)
+                        self._switch_networks(model, req)
                     outcome = run_batch(
                         model,
                         req if tile_job is None else tile_job.request(req, batch_no),
@@ -908,7 +926,7 @@ class Engine:
                         hires_vae=hires_vae,
                         refiner=refiner,
                         before_hires=(
-                            functools.partial(self._switch_loras, model, hires_loras) if hires_loras else None
+                            functools.partial(self._switch_networks, model, hires_loras) if hires_loras else None
                         ),
                         control=control,
                         previewer=previewer,
@@ -925,6 +943,9 @@ class Engine:
                     if outcome.stopped and not control.interrupted:
                         skipped.append(batch_no)
         finally:
+            # Hypernetworks hook the UNet for this job only: the next one runs it as it is (and traced).
+            for each in (model, *self._second_models.values()):
+                each.hypernets.off()
             self._current = None
             self._state = JobState(
                 running=False,
@@ -1000,7 +1021,7 @@ class Engine:
         if refiner_model is None:
             return None
         joined = req.hires_pass() if req.mode == "txt2img" and req.enable_hr else req
-        lora_hashes = self._switch_loras(refiner_model, joined)
+        lora_hashes = self._switch_networks(refiner_model, joined)
         return Refiner(
             model=refiner_model,
             conditioning=self._encode_prompts(refiner_model, joined),
@@ -1014,8 +1035,11 @@ class Engine:
         vae_file = self.job_vae(req.sd_vae, model=second)
         return second.vaes.get(vae_file) if vae_file is not None else None
 
-    def _switch_loras(self, model: LoadedModel, req: GenerationRequest) -> dict[str, str]:
-        """Switch on the LoRAs the prompt's tags name (and off any others); {name: short hash} of them."""
+    def _switch_networks(self, model: LoadedModel, req: GenerationRequest) -> dict[str, str]:
+        """Switch on the LoRAs and hypernetworks the prompt's tags name (and off any others); {name: short hash} of
+        the LoRAs (A1111's "Lora hashes")."""
+        unet = model.components["unet"]
+        model.hypernets.switch(unet, model.hypernets.resolve(hypernet_uses(req.prompt), unet))
         found = model.loras.resolve(lora_uses(req.prompt))
         if model.loras.activate(model.loader_pipeline, found, model.family):
             # A LoRA on the text encoder changes what a prompt encodes to.
@@ -1108,9 +1132,10 @@ def _mask_for(mask, picture: Image.Image, resize_mode: int):
     return resize_to(mask, picture.width, picture.height, resize_mode)
 
 
-def _lora_set(model: LoadedModel, prompt: str) -> list[tuple[str, float, float]]:
-    """The LoRAs a prompt switches on, with their text-encoder and UNet weights."""
-    return [(lora.name, use.text_encoder, use.unet) for use, lora in model.loras.resolve(lora_uses(prompt))]
+def _network_set(model: LoadedModel, prompt: str) -> list[tuple]:
+    """The LoRAs a prompt switches on, with their text-encoder and UNet weights, and its hypernetworks with theirs."""
+    loras = [(lora.name, use.text_encoder, use.unet) for use, lora in model.loras.resolve(lora_uses(prompt))]
+    return loras + [(use.name.lower(), use.strength) for use in hypernet_uses(prompt)]
 
 
 def _style_text(text, field: str) -> str:

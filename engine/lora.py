@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InvalidRequestError
-from .prompts import split_extra_networks
+from .prompts import network_tags
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,7 @@ def lora_uses(prompt: str) -> list[LoraUse]:
     """The LoRAs a prompt's tags ask for, in order (a name given twice: the last tag wins).
     Raises InvalidRequestError naming the tag when a weight is not a number."""
     uses: dict[str, LoraUse] = {}
-    for tag in split_extra_networks(prompt or "")[1]:
-        if tag.kind != "lora":
-            continue
-        text = f"<{tag.kind}:{':'.join(tag.args)}>"
-        name, *rest = tag.args
+    for name, rest, text in network_tags(prompt, "lora"):
         weights: dict[str, float] = {}
         positional = ["te", "unet"]
         for arg in rest:
@@ -69,7 +65,7 @@ def lora_uses(prompt: str) -> list[LoraUse]:
                 part = {"te": "text encoder", "unet": "UNet"}[key]
                 raise InvalidRequestError("prompt", text, f"a number for the LoRA's {part} weight") from None
         te = weights.get("te", 1.0)
-        uses[name.strip()] = LoraUse(name.strip(), te, weights.get("unet", te), text)
+        uses[name] = LoraUse(name, te, weights.get("unet", te), text)
     return list(uses.values())
 
 
@@ -88,15 +84,21 @@ class LoraFile:
             return {}
 
 
-def scan_loras(folder: Path) -> dict[str, LoraFile]:
-    """Every LoRA under `folder` (subfolders too, as A1111 reads them), by name (the file's stem)."""
+def files_by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    """Every file under `folder` (subfolders too, as A1111 reads its extra networks) with one of `suffixes`, by its
+    stem; where two share a stem, the one whose path sorts last."""
     if not folder.is_dir():
         return {}
     files = sorted(
-        (path for path in folder.rglob("*") if path.suffix in LORA_SUFFIXES and path.is_file()),
+        (path for path in folder.rglob("*") if path.suffix in suffixes and path.is_file()),
         key=lambda path: (path.stem.lower(), str(path)),
     )
-    return {path.stem: LoraFile(path.stem, path) for path in files}
+    return {path.stem: path for path in files}
+
+
+def scan_loras(folder: Path) -> dict[str, LoraFile]:
+    """Every LoRA under `folder`, by name (the file's stem)."""
+    return {name: LoraFile(name, path) for name, path in files_by_stem(folder, LORA_SUFFIXES).items()}
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 from .checkpoint import INPAINTING_CHANNELS
 from .embeddings import EmbeddingsReport, load_embeddings
 from .errors import ModelLoadError
+from .hypernet import Hypernetworks
 from .lora import LoraAdapters
 from .presets import FamilyDefaults, family_defaults, family_names, latent_rgb_tables
 from .previews import fit_latent_rgb, load_latent_rgb_table
@@ -79,6 +80,8 @@ class LoadedModel:
     embeddings: EmbeddingsReport = field(default_factory=EmbeddingsReport)
     # The LoRAs loaded into this model as adapters, and those the current job runs (engine/lora.py).
     loras: LoraAdapters | None = None
+    # The hypernetworks read for this model, and the hooks of those the current job runs (engine/hypernet.py).
+    hypernets: Hypernetworks | None = None
     # What jobs' pipelines call as their UNet when the family runs it traced (engine/traced_unet.py).
     traced_unet: TracedUNet | None = None
     # VAEs from the VAE folder, loaded on this model's VAE config for the jobs that choose them (engine/vae.py).
@@ -155,6 +158,7 @@ class ModelRegistry:
         checkpoints_dir: Path | None = None,
         embeddings_dir: Path | None = None,
         lora_dir: Path | None = None,
+        hypernetwork_dir: Path | None = None,
         vae_dir: Path | None = None,
         esrgan_dir: Path | None = None,
         realesrgan_dir: Path | None = None,
@@ -173,6 +177,8 @@ class ModelRegistry:
         self._embeddings_dir = Path(embeddings_dir) if embeddings_dir is not None else None
         # A1111's --lora-dir: LoRAs from here instead of <models_dir>/Lora.
         self._lora_dir = Path(lora_dir) if lora_dir is not None else None
+        # A1111's --hypernetwork-dir: hypernetworks from here instead of <models_dir>/hypernetworks.
+        self._hypernetwork_dir = Path(hypernetwork_dir) if hypernetwork_dir is not None else None
         # A1111's --styles-file: prompt styles from here instead of styles.csv beside models/.
         self._styles_file = Path(styles_file) if styles_file is not None else None
         self.allow_pickle = allow_pickle
@@ -190,6 +196,10 @@ class ModelRegistry:
     @property
     def lora_dir(self) -> Path:
         return self._lora_dir or self.models_dir / "Lora"
+
+    @property
+    def hypernetwork_dir(self) -> Path:
+        return self._hypernetwork_dir or self.models_dir / "hypernetworks"
 
     @property
     def vae_dir(self) -> Path:
@@ -361,6 +371,7 @@ def load_model(
         pipeline_classes=_pipeline_classes(family, inpainting=in_channels == INPAINTING_CHANNELS),
         embeddings=embeddings,
         loras=LoraAdapters(registry.lora_dir),
+        hypernets=Hypernetworks(registry.hypernetwork_dir),
         vaes=LoadedVaes(components["vae"], device, dtype),
     )
     if trace_unet and defaults.cpu_traced_unet and device.type == "cpu" and "unet" in components:

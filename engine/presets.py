@@ -17,6 +17,7 @@ MICRO_MODEL_NAME = "micro-shapes"
 SHIPPED_MICRO_MODEL = DEFAULT_MODELS_DIR / "Stable-diffusion" / MICRO_MODEL_NAME
 # A LoRA for the micro model that draws the shape purple (training/train_lora.py; 53 of 60 prompts).
 SHIPPED_MICRO_LORA = DEFAULT_MODELS_DIR / "Lora" / "micro-purple.safetensors"
+SHIPPED_MICRO_HYPERNET = DEFAULT_MODELS_DIR / "hypernetworks" / "micro-squares.pt"
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,15 @@ def split_extra_networks(text: str) -> tuple[str, list[ExtraNetworkTag]]:
     return _EXTRA_NETWORK_TAG.sub(take, text), tags
 
 
+def network_tags(text: str, kind: str) -> list[tuple[str, list[str], str]]:
+    """The `<kind:name:...>` tags of `text`, in order: (name, the arguments after it, the tag as written)."""
+    return [
+        (tag.args[0].strip(), tag.args[1:], f"<{tag.kind}:{':'.join(tag.args)}>")
+        for tag in split_extra_networks(text or "")[1]
+        if tag.kind == kind
+    ]
+
+
 def parse_prompt_attention(text: str) -> list[list]:
     """Split A1111 prompt text into [text, weight] runs, as A1111's function of the same name does.
 

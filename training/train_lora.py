@@ -17,16 +17,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import random
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from engine.presets import SHIPPED_MICRO_LORA, SHIPPED_MICRO_MODEL
 from training import dataset
+from training.finetune import altered_scenes, fit
 
 log = logging.getLogger("train_lora")
 
@@ -47,17 +44,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=7)
     return parser.parse_args(argv)
-
-
-def recoloured_scenes(count: int, seed: int) -> list[tuple[dataset.ShapeScene, dataset.ShapeScene]]:
-    """(scene as captioned, scene as drawn) pairs: the drawn one's shape is purple."""
-    rng = random.Random(seed)
-    pairs = []
-    while len(pairs) < count:
-        scene = dataset.random_scene(rng)
-        if scene.background != LORA_COLOUR:
-            pairs.append((scene, dataclasses.replace(scene, colour=LORA_COLOUR)))
-    return pairs
 
 
 def kohya_state_dict(peft_state: dict[str, torch.Tensor], prefix: str, alpha: float) -> dict[str, torch.Tensor]:
@@ -82,41 +68,18 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.manual_seed(args.seed)
     pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=torch.float32, safety_checker=None)
-    vae, unet, text_encoder, tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
+    vae, unet, text_encoder = pipe.vae, pipe.unet, pipe.text_encoder
     for module in (vae, unet, text_encoder):
         module.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=UNET_TARGETS))
     text_encoder.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=TEXT_TARGETS))
     trainable = [p for module in (unet, text_encoder) for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
 
-    pairs = recoloured_scenes(args.images, args.seed)
-    pictures = torch.from_numpy(np.stack([np.asarray(dataset.draw_scene(drawn)) for _caption, drawn in pairs]))
-    with torch.no_grad():
-        images = pictures.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        latents = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
-        latents = latents * vae.config.scaling_factor
-    alphas_cumprod = pipe.scheduler.alphas_cumprod
-    rng, generator = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
-    unet.train()
-    text_encoder.train()
-    started = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        picks = [rng.randrange(len(pairs)) for _ in range(args.batch)]
-        captions = [dataset.random_caption(pairs[i][0], rng)[0] for i in picks]
-        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        clean = latents[picks]
-        noise = torch.randn(clean.shape, generator=generator)
-        timesteps = torch.randint(0, len(alphas_cumprod), (args.batch,), generator=generator)
-        scale = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-        noisy = scale.sqrt() * clean + (1 - scale).sqrt() * noise
-        predicted = unet(noisy, timesteps, encoder_hidden_states=text_encoder(ids)[0]).sample
-        loss = F.mse_loss(predicted, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 50 == 0 or step == args.steps:
-            log.info("step %d/%d loss %.4f (%.0f s)", step, args.steps, loss.item(), time.perf_counter() - started)
+    def purple(scene: dataset.ShapeScene) -> dataset.ShapeScene | None:
+        return None if scene.background == LORA_COLOUR else dataclasses.replace(scene, colour=LORA_COLOUR)
+
+    pairs = altered_scenes(args.images, args.seed, purple)
+    fit(pipe, pairs, trainable, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
 
     state = {
         **kohya_state_dict(get_peft_model_state_dict(unet), "lora_unet", args.rank),

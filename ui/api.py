@@ -417,10 +417,12 @@ _NOT_HERE = {
     "does not run; caption the picture elsewhere and paste the text into the prompt",
     ("/create/embedding", "POST"): "training is not part of this program; train with kohya-ss or A1111 and put the "
     "file in the embeddings folder",
-    ("/create/hypernetwork", "POST"): "hypernetworks are not supported; use a LoRA (models/Lora)",
+    ("/create/hypernetwork", "POST"): "training is not part of this program; train with A1111 and put the file in "
+    "the hypernetworks folder",
     ("/train/embedding", "POST"): "training is not part of this program; train with kohya-ss or A1111 and put the "
     "file in the embeddings folder",
-    ("/train/hypernetwork", "POST"): "hypernetworks are not supported; use a LoRA (models/Lora)",
+    ("/train/hypernetwork", "POST"): "training is not part of this program; train with A1111 and put the file in "
+    "the hypernetworks folder",
     ("/server-kill", "POST"): "the server is stopped from where it runs (Ctrl+C, or SIGTERM)",
     ("/server-restart", "POST"): "the server is restarted from where it runs (Ctrl+C, then start it again)",
     ("/server-stop", "POST"): "the server is stopped from where it runs (Ctrl+C, or SIGTERM)",
@@ -1134,6 +1136,10 @@ class SdApi:
             "skipped": {name: embedding.api_entry() for name, embedding in report.skipped.items()},
         }
 
+    def hypernetworks(self) -> list[dict[str, str]]:
+        """A1111's listing: each hypernetwork's name (for <hypernet:name:strength>) and file."""
+        return [{"name": found.name, "path": str(found.path)} for found in self.engine.list_hypernets()]
+
     def samplers(self) -> list[dict[str, Any]]:
         from engine.samplers import get_sampler
 
@@ -1228,6 +1234,7 @@ class SdApi:
             "models_dir": str(s.models_dir) if s.models_dir else str(self.engine.models_dir),
             "embeddings_dir": str(self.engine.registry.embeddings_dir),
             "lora_dir": str(self.engine.registry.lora_dir),
+            "hypernetwork_dir": str(self.engine.registry.hypernetwork_dir),
             "vae_dir": str(self.engine.registry.vae_dir),
             "outputs_dir": str(s.outputs_dir),
             "no_save": not s.save_images,
@@ -1333,13 +1340,10 @@ class SdApi:
             "/latent-upscale-modes", lambda: [{"name": name} for name in LATENT_UPSCALERS], methods=["GET"]
         )
         router.add_api_route("/prompt-styles", self.prompt_styles, methods=["GET"])
-        # Lists clients read at start-up of things this engine has none of (no hypernetworks or face
-        # restorers yet): empty, as A1111 answers with none installed.
-        for route in (
-            "/hypernetworks",
-            "/face-restorers",
-        ):
-            router.add_api_route(route, _nothing_installed, methods=["GET"])
+        router.add_api_route("/hypernetworks", self.hypernetworks, methods=["GET"])
+        # A list clients read at start-up of what this engine has none of (no face restorers): empty, as A1111
+        # answers with none installed.
+        router.add_api_route("/face-restorers", _nothing_installed, methods=["GET"])
         for (route, method), why in _NOT_HERE.items():
             router.add_api_route(route, _not_here(route, why), methods=[method], include_in_schema=False)
         # Last: any other path under the prefix is answered in the API's own error shape, naming the routes there are.

@@ -24,6 +24,7 @@ from PIL import Image
 
 from engine import EngineError, GenerationRequest, PromptList, PromptMatrix
 from engine.events import PREVIEW_MODES
+from engine.hypernet import hypernet_uses
 from engine.images import LATENT_RESIZE, RESIZE_MODES
 from engine.infotext import named_job_settings, unread_settings
 from engine.inpaint import MASKED_CONTENT, sketched_inpaint
@@ -68,6 +69,7 @@ from .page_jobs import (
     editor_composite,
     editor_image_and_mask,
     engine_error,
+    hypernet_reading_html,
     lora_reading_html,
     params_table_html,
     progress_html,
@@ -876,10 +878,10 @@ def _build_generation_tab(mode: str, engine, defaults, server_folders: bool = Fa
             # A1111's "Generate forever" (its Generate button's context menu): Stop ends it.
             forever = gr.Checkbox(False, label="Generate forever", elem_id=f"{mode}_forever")
             add_lora = FieldDropdown(
-                choices=_lora_names(engine),
+                choices=_network_choices(engine),
                 value=None,
-                label="Add a LoRA",
-                info="adds <lora:name:1> to the prompt",
+                label="Add a LoRA or hypernetwork",
+                info="adds <lora:name:1> or <hypernet:name:1> to the prompt",
                 elem_id=f"{mode}_add_lora",
             )
             styles = FieldDropdown(
@@ -1753,7 +1755,7 @@ def _wire_generation_tab(
         )
     # The folder is read again whenever the list is opened, so a LoRA added meanwhile is there.
     tab.add_lora.focus(
-        lambda: gr.update(choices=_lora_names(engine)),
+        lambda: gr.update(choices=_network_choices(engine)),
         outputs=[tab.add_lora],
         queue=False,
         api_visibility="private",
@@ -2392,23 +2394,31 @@ def _skip(engine, session: PageSession) -> None:
         log.info("Skip requested for one session's running job")
 
 
-def _lora_names(engine) -> list[str]:
-    return [lora.name for lora in engine.list_loras()]
+# A hypernetwork's entry in the network picker: its name after this (a tag's name never holds a colon).
+_HYPERNET_CHOICE = "hypernet:"
+
+
+def _network_choices(engine) -> list[tuple[str, str]]:
+    """The network picker's (label, value) entries: the LoRAs by name, then the hypernetworks."""
+    loras = [(lora.name, lora.name) for lora in engine.list_loras()]
+    return loras + [(f"{net.name} (hypernetwork)", _HYPERNET_CHOICE + net.name) for net in engine.list_hypernets()]
 
 
 def _add_lora_tag(prompt: str, name: str | None):
-    """The prompt with `<lora:name:1>` added at the end (unless it already names that LoRA), and the
-    picker cleared for the next pick."""
+    """The prompt with `<lora:name:1>` (or, for a hypernetwork's entry, `<hypernet:name:1>`) added at the end
+    (unless it already names that network), and the picker cleared for the next pick."""
     if not name:
         return gr.skip(), gr.skip()
     prompt = prompt or ""
+    kind, uses = ("hypernet", hypernet_uses) if name.startswith(_HYPERNET_CHOICE) else ("lora", lora_uses)
+    name = name.removeprefix(_HYPERNET_CHOICE)
     try:
-        present = {use.name.lower() for use in lora_uses(prompt)}
+        present = {use.name.lower() for use in uses(prompt)}
     except EngineError:  # a malformed tag already there: the prompt panel says what is wrong with it
         present = set()
     if name.lower() in present:
         return prompt, None
-    return f"{prompt.rstrip()} <lora:{name}:1>".strip(), None
+    return f"{prompt.rstrip()} <{kind}:{name}:1>".strip(), None
 
 
 def _count_tokens(engine, text: str, *, composable: bool = False) -> str:
@@ -2438,6 +2448,7 @@ def _read_prompts(engine, prompt: str, negative_prompt: str, steps) -> str:
             readings
             + prompt_reading_html(engine.describe_prompt(negative_prompt, steps), label="Negative prompt")
             + lora_reading_html(engine.describe_loras(prompt))
+            + hypernet_reading_html(engine.describe_hypernets(prompt))
         )
     except (EngineError, ValueError, TypeError) as exc:
         return f'<span class="token-count error">{html.escape(str(exc))}</span>'
@@ -2626,6 +2637,9 @@ def _model_note(engine) -> str:
     loras = [lora.name for lora in engine.list_loras()]
     if loras:
         lines.append(f"LoRAs (&lt;lora:name:1&gt; in the prompt): {html.escape(_first_names(loras))}")
+    hypernets = [net.name for net in engine.list_hypernets()]
+    if hypernets:
+        lines.append(f"Hypernetworks (&lt;hypernet:name:1&gt;): {html.escape(_first_names(hypernets))}")
     return f'<div class="model-note">{"<br>".join(lines)}</div>'
 
 

@@ -384,6 +384,17 @@ def lora_reading_html(uses) -> str:
     return f'<div class="prompt-reading"><div class="prompt-reading-label">LoRAs</div>{items}</div>'
 
 
+def hypernet_reading_html(uses) -> str:
+    """The hypernetworks the prompt switches on, each with its strength."""
+    if not uses:
+        return ""
+    items = ", ".join(
+        f'<span class="prompt-fragment plain">{html.escape(use.name)}</span>: strength {use.strength:.3g}'
+        for use in uses
+    )
+    return f'<div class="prompt-reading"><div class="prompt-reading-label">Hypernetworks</div>{items}</div>'
+
+
 def progress_html(fraction: float, text: str, *, state: str = "running", job_id: int | None = None) -> str:
     """A bar and one line of text; `state` is running, done, interrupted or idle (a CSS class)."""
     percent = max(0.0, min(1.0, fraction)) * 100

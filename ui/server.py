@@ -72,6 +72,8 @@ class ServerSettings:
     ckpt_dir: Path | None = None
     # A1111's --lora-dir: LoRAs from here instead of <models_dir>/Lora.
     lora_dir: Path | None = None
+    # A1111's --hypernetwork-dir: hypernetworks from here instead of <models_dir>/hypernetworks.
+    hypernetwork_dir: Path | None = None
     # A1111's --vae-dir: VAE files from here instead of <models_dir>/VAE.
     vae_dir: Path | None = None
     # A1111's --esrgan-models-path and --realesrgan-models-path: upscaler models from here instead of
@@ -183,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="LoRA folder for <lora:name:weight> tags, as in A1111 (default: <models-dir>/Lora)",
     )
     models.add_argument(
+        "--hypernetwork-dir",
+        type=Path,
+        help="hypernetwork folder for <hypernet:name:strength> tags, as in A1111 (default: <models-dir>/hypernetworks)",
+    )
+    models.add_argument(
         "--vae-dir",
         type=Path,
         help="VAE folder for the SD VAE choice, as in A1111 (default: <models-dir>/VAE)",
@@ -260,6 +267,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     for flag, folder in (
         ("--ckpt-dir", args.ckpt_dir),
         ("--lora-dir", args.lora_dir),
+        ("--hypernetwork-dir", args.hypernetwork_dir),
         ("--vae-dir", args.vae_dir),
         ("--esrgan-models-path", args.esrgan_dir),
         ("--realesrgan-models-path", args.realesrgan_dir),
@@ -280,6 +288,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         models_dir=args.models_dir,
         ckpt_dir=_expanded(args.ckpt_dir),
         lora_dir=_expanded(args.lora_dir),
+        hypernetwork_dir=_expanded(args.hypernetwork_dir),
         vae_dir=_expanded(args.vae_dir),
         esrgan_dir=_expanded(args.esrgan_dir),
         realesrgan_dir=_expanded(args.realesrgan_dir),
