@@ -237,6 +237,37 @@ def test_png_info_round_trip_fills_txt2img(page, tmp_path, artifacts_dir):
     assert page.input_value("#txt2img_seed input") == "4242"
 
 
+def test_read_parameters_fills_the_tab_from_the_prompt_box_or_the_last_generation(page):
+    """A1111's ↙: an infotext pasted into the prompt fills the tab as PNG Info's Send does; with the prompt empty,
+    the last generation's; a prompt without parameters gets an error saying what to paste."""
+    page.fill("#txt2img_prompt textarea", "a blue circle")
+    _set_number(page, "txt2img_seed", 31)
+    _generate(page, steps=3, size=64)
+    last = page.input_value("#txt2img_infotext textarea")
+    assert "Steps: 3," in last and "Seed: 31," in last
+    pasted = (
+        "a green square on a red background\nNegative prompt: blue\nSteps: 9, Sampler: DDIM, CFG scale: 5.5, Seed: 777"
+    )
+    page.fill("#txt2img_prompt textarea", pasted)
+    page.click("#txt2img_paste")
+    page.wait_for_function(
+        "document.querySelector('#txt2img_prompt textarea').value === 'a green square on a red background'"
+    )
+    assert page.input_value("#txt2img_neg_prompt textarea") == "blue"
+    assert page.input_value("#txt2img_steps input[type=number]") == "9"
+    assert page.input_value("#txt2img_seed input") == "777"
+    page.fill("#txt2img_prompt textarea", "")
+    page.click("#txt2img_paste")
+    page.wait_for_function("document.querySelector('#txt2img_prompt textarea').value === 'a blue circle'")
+    assert page.input_value("#txt2img_steps input[type=number]") == "3"
+    assert page.input_value("#txt2img_seed input") == "31"
+    assert page.input_value("#txt2img_neg_prompt textarea") == ""
+    page.fill("#txt2img_prompt textarea", "a red circle")
+    page.click("#txt2img_paste")
+    page.get_by_text("holds no generation parameters").first.wait_for()
+    assert page.input_value("#txt2img_prompt textarea") == "a red circle"
+
+
 def test_selecting_an_image_of_a_batch_shows_its_infotext_and_seed(page):
     _set_number(page, "txt2img_batch_size", 2)
     _set_number(page, "txt2img_seed", 100)

@@ -136,3 +136,27 @@ def test_every_choice_on_the_page_names_itself_when_a_value_is_not_one_of_them(e
     sampler = next(block for block in chosen if block.elem_id == "txt2img_sampler")
     with pytest.raises(gr.Error, match="Sampling method: got 'Euler b'; allowed: one of DPM\\+\\+ 2M, "):
         sampler.preprocess("Euler b")
+
+
+def test_read_parameters_in_img2img_fills_the_settings_and_keeps_the_picture(engine):
+    import gradio as gr
+
+    from ui.page import _paste_parameters, _send_png_info
+
+    text = "a cat\nNegative prompt: dog\nSteps: 9, Sampler: DDIM, CFG scale: 5.5, Seed: 777, Denoising strength: 0.4"
+    filled = _paste_parameters(text, "", target_mode="img2img", engine=engine)
+    assert isinstance(filled[0], type(gr.skip()))  # the init picture stays as it is
+    assert list(filled[1:10]) == ["a cat", "dog", "DDIM", "Automatic", 9, 5.5, 777, gr.skip(), gr.skip()]
+    assert filled[10] == 0.4
+
+    # The same values PNG Info's Send gives, and from the last generation when the prompt is empty.
+    def plain(values) -> list:  # components and updates by kind: their ids differ between calls
+        return [value if isinstance(value, (str, int, float, bool, type(None))) else type(value) for value in values]
+
+    sent = plain(_send_png_info(None, text, target_mode="img2img", engine=engine))
+    assert plain(filled) == sent
+    assert plain(_paste_parameters("  ", text, target_mode="img2img", engine=engine)) == sent
+    with pytest.raises(gr.Error, match="Nothing to read: paste generation parameters"):
+        _paste_parameters("", "", target_mode="img2img", engine=engine)
+    with pytest.raises(gr.Error, match="prompt: holds no generation parameters"):
+        _paste_parameters("a cat, dog", "", target_mode="img2img", engine=engine)

@@ -192,6 +192,8 @@ class TabWidgets:
     prompt_reading: gr.HTML
     # Picks a LoRA from the LoRA folder and adds its tag to the prompt.
     add_lora: gr.Dropdown
+    # A1111's ↙: fills the tab from generation parameters pasted into the prompt, or from the last generation's.
+    paste: gr.Button
     # A1111's prompt styles for this tab's jobs, and its style editor.
     styles: gr.Dropdown
     style_editor: StyleEditor
@@ -877,6 +879,11 @@ def _build_generation_tab(mode: str, engine, defaults, server_folders: bool = Fa
                 )
             # A1111's "Generate forever" (its Generate button's context menu): Stop ends it.
             forever = gr.Checkbox(False, label="Generate forever", elem_id=f"{mode}_forever")
+            paste = gr.Button("↙ Read parameters", elem_id=f"{mode}_paste", size="sm")
+            gr.Markdown(
+                "from an A1111 infotext pasted into the prompt, or from the last generation when the prompt is empty",
+                elem_classes="paste-note",
+            )
             add_lora = FieldDropdown(
                 choices=_network_choices(engine),
                 value=None,
@@ -996,6 +1003,7 @@ def _build_generation_tab(mode: str, engine, defaults, server_folders: bool = Fa
         send_extras=send_extras,
         prompt_reading=prompt_reading,
         add_lora=add_lora,
+        paste=paste,
         styles=styles,
         style_editor=style_editor,
         image=image,
@@ -2356,6 +2364,14 @@ def _wire_png_info(
             show_progress="hidden",
         )
         _show_init_image_after(sent, target)
+        # The same filling from the tab's own prompt box (or its last generation), its picture left as it is.
+        target.paste.click(
+            functools.partial(_paste_parameters, target_mode=mode, engine=engine),
+            inputs=[target.settings.prompt, target.infotext],
+            outputs=[*outputs, *session_settings, tabs],
+            api_visibility="private",
+            show_progress="hidden",
+        )
 
 
 # Handlers ------------------------------------------------------------------------------------------
@@ -2784,6 +2800,25 @@ def _send_png_info(path: str | None, text: str, *, target_mode: str, engine):
     if target_mode == "inpaint":
         variation = [*variation, *_inpaint_area_from_infotext(read)]
     return (_image_for(target_mode, image), *values, *variation, *refiner, *session_settings)
+
+
+def _paste_parameters(prompt: str | None, last_infotext: str | None, *, target_mode: str, engine):
+    """A1111's ↙ (its paste button): the tab's fields from the generation parameters pasted into the prompt box, or,
+    when it is empty, from the tab's last generation, as PNG Info's Send sets them; the init picture stays."""
+    from engine.infotext import parse_infotext_params
+
+    text = (prompt or "").strip() or (last_infotext or "").strip()
+    if not text:
+        raise gr.Error(
+            "Nothing to read: paste generation parameters (an A1111 infotext, as PNG Info shows one) into the prompt, "
+            "or generate once and press it with the prompt empty."
+        )
+    if "Steps" not in parse_infotext_params(text):
+        raise gr.Error(
+            "prompt: holds no generation parameters (no line like 'Steps: 20, Sampler: Euler a, ...'); paste a whole "
+            "infotext, as PNG Info shows one, or empty the prompt to read the last generation's."
+        )
+    return _send_png_info(None, text, target_mode=target_mode, engine=engine)
 
 
 def _sampler_parameters_from_infotext(read: ReadInfotext) -> list:

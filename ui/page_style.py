@@ -27,6 +27,8 @@ PAGE_CSS = """
 .job-progress.interrupted .job-progress-fill { background: #dc2626; }
 .job-progress.idle .job-progress-track { opacity: 0.5; }
 .job-progress-text { font-size: 0.85em; font-family: ui-monospace, monospace; color: var(--body-text-color-subdued); }
+.paste-note { margin-top: -2px; }
+.paste-note p { font-size: 0.8em !important; color: var(--body-text-color-subdued) !important; margin: 0 !important; }
 .model-note { font-size: 0.85em; color: var(--body-text-color-subdued); padding: 6px 0; }
 .prompt-reading { font-size: 0.85em; margin-bottom: 6px; }
 .prompt-reading-label, .prompt-reading-steps { color: var(--body-text-color-subdued); font-size: 0.9em; }
