@@ -156,6 +156,9 @@ def test_a_hypernetwork_draws_squares_and_a_job_without_it_runs_the_model_untouc
     assert np.array_equal(pixels(draw(hypernet_engine, scene_prompt(*SCENES[0]), seed=0)), pixels(plain[0]))
     zero = draw(hypernet_engine, scene_prompt(*SCENES[0]) + " <hypernet:micro-squares:0>", seed=0)
     assert np.array_equal(pixels(zero), pixels(plain[0]))
+    # A tag in the negative prompt is removed from its text and switches nothing on, as A1111 does.
+    negative = draw(hypernet_engine, scene_prompt(*SCENES[0]), seed=0, negative_prompt="<hypernet:micro-squares:1>")
+    assert np.array_equal(pixels(negative), pixels(plain[0]))
     # Half strength: between the two.
     half = draw(hypernet_engine, scene_prompt(*SCENES[0]) + " <hypernet:MICRO-SQUARES:0.5>", seed=0)
     full = draw(hypernet_engine, scene_prompt(*SCENES[0]) + " <hypernet:micro-squares>", seed=0)
