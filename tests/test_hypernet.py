@@ -6,6 +6,9 @@ pictures."""
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import shutil
 
 import numpy as np
@@ -227,8 +230,35 @@ def test_the_api_and_the_page_list_them(hypernet_engine, hypernet_dir, tmp_path)
         refused = httpx.post(api + "txt2img", json={"prompt": "<hypernet:nope:1>", "steps": 2}, timeout=60)
         made = httpx.post(api + "txt2img", json={"prompt": "a red circle <hypernet:micro-squares:1>"}, timeout=60)
         flags = httpx.get(api + "cmd-flags", timeout=60).json()
+        # A1111's "Add hypernetwork to prompt" setting, and its multiplier.
+        options = httpx.get(api + "options", timeout=60).json()
+        prompt = "a red circle on a white background"
+        added = httpx.post(
+            api + "txt2img",
+            json={"prompt": prompt, "steps": 12, "seed": 0, "override_settings": {"sd_hypernetwork": "micro-squares"}},
+            timeout=60,
+        ).json()
+        halved = httpx.post(
+            api + "txt2img",
+            json={
+                "prompt": prompt + " <hypernet:micro-squares:0.3>",
+                "steps": 2,
+                "override_settings": {"sd_hypernetwork": "micro-squares", "extra_networks_default_multiplier": 0.5},
+            },
+            timeout=60,
+        ).json()
+        unknown = httpx.post(
+            api + "txt2img", json={"prompt": "x", "override_settings": {"sd_hypernetwork": "nope"}}, timeout=60
+        )
     finally:
         handle.close()
+    assert (options["sd_hypernetwork"], options["extra_networks_default_multiplier"]) == ("None", 1.0)
+    info = json.loads(added["info"])
+    assert info["prompt"] == prompt + "<hypernet:micro-squares:1.0>" and info["ignored_fields"] == []
+    assert dataset.classify(Image.open(io.BytesIO(base64.b64decode(added["images"][0])))).shape == "square"
+    assert json.loads(halved["info"])["prompt"] == prompt + " <hypernet:micro-squares:0.3>"  # named already: kept
+    assert unknown.status_code == 422 and unknown.json()["field"] == "override_settings.sd_hypernetwork"
+    assert "None or a hypernetwork (micro-squares, sd15-style)" in unknown.json()["detail"]
     assert listing == [
         {"name": "micro-squares", "path": str(hypernet_dir / "shapes" / SHIPPED_MICRO_HYPERNET.name)},
         {"name": "sd15-style", "path": str(hypernet_dir / "sd15-style.pt")},

@@ -42,6 +42,7 @@ from engine import (
 )
 from engine.extras import ExtrasRequest
 from engine.extras import describe as describe_postprocessing
+from engine.hypernet import hypernet_uses
 from engine.images import encode_base64_png, to_pil
 from engine.infotext import parse_infotext, parse_infotext_params, read_infotext, unread_settings
 from engine.inpaint import MASKED_CONTENT
@@ -353,6 +354,8 @@ def _same(value: Any, other: Any) -> bool:
 _SETTINGS_READ_BY_JOBS = (
     "emphasis",
     "sd_vae",
+    "sd_hypernetwork",
+    "extra_networks_default_multiplier",
     "eta_ancestral",
     "eta_ddim",
     *(setting.option for setting in JOB_SETTINGS),
@@ -672,6 +675,8 @@ class SdApi:
             "samples_save": settings.save_images,
             "emphasis": "Original",
             "sd_vae": "Automatic",
+            "sd_hypernetwork": "None",
+            "extra_networks_default_multiplier": 1.0,
             "eta_ancestral": 1.0,
             "eta_ddim": 0.0,
             **{setting.option: setting.default for setting in JOB_SETTINGS},
@@ -834,6 +839,7 @@ class SdApi:
             refiner_checkpoint=pick("refiner_checkpoint", ""),
             refiner_switch_at=pick("refiner_switch_at", 0.8),
         )
+        fields["prompt"] = self._with_added_hypernet(fields["prompt"], payload)
         if isinstance(payload, Txt2ImgRequest):
             fields.update(
                 enable_hr=pick("enable_hr", False),
@@ -948,6 +954,23 @@ class SdApi:
             return getattr(from_text, setting.field)
         with self._lock:
             return self._stored_options[setting.option]
+
+    def _with_added_hypernet(self, prompt: str, payload: _GenerationPayload) -> str:
+        """A1111's "Add hypernetwork to prompt" (sd_hypernetwork, from override_settings or /options): that
+        hypernetwork's tag, at extra_networks_default_multiplier, at the prompt's end, unless the prompt names it."""
+        name = self._setting_for("sd_hypernetwork", payload, None, "None")
+        if name in (None, "", "None"):
+            return prompt
+        names = [found.name for found in self.engine.list_hypernets()]
+        if name not in names:
+            listed = ", ".join(names) or "none in the hypernetwork folder"
+            raise ApiError(422, "override_settings.sd_hypernetwork", name, f"None or a hypernetwork ({listed})")
+        multiplier = self._setting_for("extra_networks_default_multiplier", payload, None, 1.0)
+        if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)):
+            raise ApiError(422, "override_settings.extra_networks_default_multiplier", multiplier, "a number")
+        if any(use.name.lower() == name.lower() for use in hypernet_uses(prompt)):
+            return prompt
+        return f"{prompt}<hypernet:{name}:{float(multiplier)}>"  # as A1111 adds it: no space, the float as Python writes it
 
     def _setting_for(self, name: str, payload: _GenerationPayload, from_text, default: str) -> Any:
         """An A1111 setting a job uses: override_settings, else the infotext, else /options, else `default`.
