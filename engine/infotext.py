@@ -397,6 +397,10 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
     """
     params = parse_infotext_params(text)
     req = GenerationRequest(prompt=params.pop("Prompt"), negative_prompt=params.pop("Negative prompt"))
+    # A1111's first texts named a hypernetwork beside the prompt; A1111 reads that as its tag at the prompt's end.
+    hypernet = params.pop("Hypernet", None)
+    if hypernet is not None:
+        req.prompt += f"<hypernet:{hypernet}:{params.pop('Hypernet strength', '1.0')}>"
 
     if "Steps" in params:
         req.steps = _parse_int("Steps", params.pop("Steps"))
@@ -510,7 +514,9 @@ def parse_infotext(text: str, *, unsupported_schedule: str = "error") -> Generat
 
 # Keys that parse_infotext leaves in extra_params and that say nothing of how the picture is drawn (or, Clip skip,
 # are read from there): every other key it leaves names a setting it did not read (an extension's, face restoration).
-_RECORD_KEYS = frozenset({"Clip skip", "Model", "Model hash", "Version", "Lora hashes", "TI hashes", "Hashes"})
+_RECORD_KEYS = frozenset(
+    {"Clip skip", "Model", "Model hash", "Version", "Lora hashes", "TI hashes", "Hashes", "Hypernet hash"}
+)
 
 
 def _from_a1111(params: dict) -> bool:

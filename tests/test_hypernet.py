@@ -87,6 +87,19 @@ def test_tags_read_as_a1111_reads_them():
         hypernet_uses("<hypernet:a:1:2>")
 
 
+def test_an_old_infotexts_hypernet_is_read_as_a1111_reads_it():
+    """A1111's texts from before its extra networks name the hypernetwork beside the prompt."""
+    from engine.infotext import parse_infotext, unread_settings
+
+    text = (
+        "a cat\nSteps: 20, Sampler: Euler a, Hypernet: micro-squares, Hypernet strength: 0.8, Hypernet hash: 1a2b3c4d"
+    )
+    request = parse_infotext(text)
+    assert request.prompt == "a cat<hypernet:micro-squares:0.8>"
+    assert unread_settings(request) == {}
+    assert parse_infotext("a cat\nSteps: 20, Seed: 1, Hypernet: anime").prompt == "a cat<hypernet:anime:1.0>"
+
+
 @pytest.mark.parametrize("old_names", [False, True])
 def test_a_file_in_a1111s_layout_runs_as_a1111_runs_it(tmp_path, old_names):
     """Dropout and layer norm take places in A1111's Sequential (its state dict's keys count them); each projection
