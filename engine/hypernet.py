@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,14 +180,19 @@ def read_hypernetwork(path: Path) -> Hypernetwork:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise ValueError(f"it holds Python objects other than tensors, which are not read ({exc})") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found:  # torch's weights-only unpickler met something that would be built by running code
+            raise ValueError(
+                f"it holds Python objects other than tensors ({found.group(1)}), which are not read"
+            ) from None
+        raise ValueError("it cannot be read as a PyTorch file") from None
     except (OSError, RuntimeError, EOFError) as exc:
         raise ValueError(f"it cannot be read as a PyTorch file ({exc})") from None
     if not isinstance(state, dict):
         raise ValueError("it is not a hypernetwork's dict")
     try:
         return build_hypernetwork(path.stem, state)
-    except (RuntimeError, KeyError, TypeError) as exc:  # load_state_dict's mismatches
+    except (RuntimeError, KeyError, TypeError, AttributeError) as exc:  # load_state_dict's mismatches, odd values
         detail = " ".join(str(exc).split()).removeprefix("Error(s) in loading state_dict for HypernetworkModule: ")
         raise ValueError(f"its layers do not fit its own structure ({detail[:300]})") from None
 
