@@ -245,6 +245,7 @@ def test_read_parameters_fills_the_tab_from_the_prompt_box_or_the_last_generatio
     _generate(page, steps=3, size=64)
     last = page.input_value("#txt2img_infotext textarea")
     assert "Steps: 3," in last and "Seed: 31," in last
+    assert "pasted into the prompt, or from the last generation" in page.get_attribute("#txt2img_paste", "title")
     pasted = (
         "a green square on a red background\nNegative prompt: blue\nSteps: 9, Sampler: DDIM, CFG scale: 5.5, Seed: 777"
     )

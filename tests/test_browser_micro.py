@@ -186,6 +186,8 @@ def paint(page, editor_id: str, box: tuple[float, float, float, float]) -> None:
     has its brush (strokes before that are lost); waits until they are recorded."""
     editor = page.locator(f"#{editor_id}")
     editor.get_by_role("button", name="Brush").and_(page.locator(".highlight")).wait_for()
+    # Mouse events land only inside the window: the whole canvas must be in view, wherever the page's layout puts it.
+    editor.locator("canvas").first.scroll_into_view_if_needed()
     canvas = editor.locator("canvas").first.bounding_box()
     left, top, right, bottom = (
         canvas["x"] + box[0] * canvas["width"],

@@ -82,7 +82,7 @@ from .page_jobs import (
     with_hires,
 )
 from .page_merge import build_merge_tab, wire_merge_tab
-from .page_style import PAGE_CSS
+from .page_style import PAGE_CSS, PAGE_JS
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
 
     with gr.Blocks(title="Stable Diffusion", analytics_enabled=False) as demo:
         # Page-wide style without depending on launch(css=...): gr.HTML injects `head` into the document.
-        gr.HTML("", head=f"<style>{PAGE_CSS}</style>", elem_id="page_style", padding=False)
+        gr.HTML("", head=f"<style>{PAGE_CSS}</style><script>{PAGE_JS}</script>", elem_id="page_style", padding=False)
         # Deep-copied for each browser session (and each gradio_client Client).
         session = gr.State(PageSession(preview_mode=_default_preview_mode(engine), save_images=save_default))
 
@@ -878,17 +878,16 @@ def _build_generation_tab(mode: str, engine, defaults, server_folders: bool = Fa
                     "Skip", elem_id=f"{mode}_skip", size="md", scale=1, min_width=60, elem_classes="job-button"
                 )
             # A1111's "Generate forever" (its Generate button's context menu): Stop ends it.
-            forever = gr.Checkbox(False, label="Generate forever", elem_id=f"{mode}_forever")
-            paste = gr.Button("↙ Read parameters", elem_id=f"{mode}_paste", size="sm")
-            gr.Markdown(
-                "from an A1111 infotext pasted into the prompt, or from the last generation when the prompt is empty",
-                elem_classes="paste-note",
-            )
+            with gr.Row(equal_height=True):
+                forever = gr.Checkbox(False, label="Generate forever", elem_id=f"{mode}_forever", scale=3)
+                # A1111's ↙: an infotext pasted into the prompt, or the last generation's when the prompt is empty
+                # (an error says so when the prompt holds no parameters).
+                paste = gr.Button("↙", elem_id=f"{mode}_paste", scale=1, min_width=44, elem_classes="tool-button")
             add_lora = FieldDropdown(
                 choices=_network_choices(engine),
                 value=None,
                 label="Add a LoRA or hypernetwork",
-                info="adds <lora:name:1> or <hypernet:name:1> to the prompt",
+                info="adds its tag to the prompt",
                 elem_id=f"{mode}_add_lora",
             )
             styles = FieldDropdown(

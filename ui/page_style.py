@@ -27,8 +27,6 @@ PAGE_CSS = """
 .job-progress.interrupted .job-progress-fill { background: #dc2626; }
 .job-progress.idle .job-progress-track { opacity: 0.5; }
 .job-progress-text { font-size: 0.85em; font-family: ui-monospace, monospace; color: var(--body-text-color-subdued); }
-.paste-note { margin-top: -2px; }
-.paste-note p { font-size: 0.8em !important; color: var(--body-text-color-subdued) !important; margin: 0 !important; }
 .model-note { font-size: 0.85em; color: var(--body-text-color-subdued); padding: 6px 0; }
 .prompt-reading { font-size: 0.85em; margin-bottom: 6px; }
 .prompt-reading-label, .prompt-reading-steps { color: var(--body-text-color-subdued); font-size: 0.9em; }
@@ -41,4 +39,20 @@ table.png-params { border-collapse: collapse; width: 100%; font-size: 0.9em; }
 table.png-params th { text-align: left; white-space: nowrap; width: 1%; padding: 3px 16px 3px 0; vertical-align: top; }
 table.png-params td { padding: 3px 0; word-break: break-word; }
 table.png-params tr + tr { border-top: 1px solid var(--border-color-primary); }
+"""
+
+# Hover texts gradio's buttons take no argument for, set on each as it appears.
+PAGE_JS = """
+(() => {
+  const titles = {
+    "_paste": "Read generation parameters from an A1111 infotext pasted into the prompt, "
+      + "or from the last generation when the prompt is empty (A1111's ↙)",
+  };
+  const label = () => {
+    for (const [suffix, title] of Object.entries(titles)) {
+      document.querySelectorAll(`button[id$="${suffix}"]:not([title])`).forEach((button) => { button.title = title; });
+    }
+  };
+  new MutationObserver(label).observe(document.documentElement, { childList: true, subtree: true });
+})();
 """
