@@ -55,11 +55,13 @@ class FolderItem:
         """The picture (RGB, turned upright by its EXIF orientation as A1111 does) and its mask (L)."""
         return _open_picture(self.path, "RGB"), (_open_picture(self.mask, "L") if self.mask else None)
 
-    def infotext(self) -> str | None:
-        """The infotext of its PNG info picture; None where there is none (or no such picture)."""
-        path = self.info or self.path
+    def infotext(self, picture: Image.Image) -> str | None:
+        """The infotext of its PNG info picture: `picture` (its own, as open() gave it, info kept) or its namesake in
+        the PNG info folder; None where there is none (or no such picture)."""
         try:
-            with Image.open(path) as opened:
+            if self.info is None:
+                return read_infotext(picture)
+            with Image.open(self.info) as opened:
                 return read_infotext(opened)
         except (OSError, UnidentifiedImageError, ValueError, EngineError):
             return None

@@ -123,6 +123,24 @@ def test_outputs_are_named_as_the_pictures_and_never_overwrite(tmp_path):
     assert [path.as_posix() for path in resumed.done_before] == ["a.png"]
 
 
+def test_a_pictures_png_info_is_read_from_the_picture_opened_or_from_its_namesake(tmp_path):
+    from engine.outputs import encode_image
+
+    text = "red circle\nSteps: 12, Sampler: Euler, Seed: 99"
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(encode_image(Image.new("RGB", (8, 8), "red"), text, "png"))
+    (tmp_path / "in" / "b.jpg").write_bytes(encode_image(Image.new("RGB", (8, 8), "red"), text, "jpg"))  # EXIF
+    _picture(tmp_path / "in" / "c.png", "red")
+    for item in plan_folder_batch(tmp_path / "in").items:
+        picture, _mask = item.open()
+        assert item.infotext(picture) == (None if item.relative.name == "c.png" else text), item.relative
+    (tmp_path / "info").mkdir()
+    (tmp_path / "info" / "c.png").write_bytes(encode_image(Image.new("RGB", (8, 8), "red"), "blue square", "png"))
+    plan = plan_folder_batch(tmp_path / "in", info_dir=tmp_path / "info")
+    by_name = {item.relative.name: item.infotext(item.open()[0]) for item in plan.items}
+    assert by_name == {"a.png": None, "b.jpg": None, "c.png": "blue square"}  # the folder's, where it has one
+
+
 def test_png_info_parameters_are_taken_as_a1111s_batch_takes_them():
     from engine import GenerationRequest
     from engine.folder_batch import with_png_info

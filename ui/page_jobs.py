@@ -615,7 +615,7 @@ def run_folder_batch(
                 continue
             request = make_request(*opened)
             if png_info:
-                request = _with_png_info(request, item, png_info, report)
+                request = _with_png_info(request, item, opened[0], png_info, report)
             validated = engine.validate(session.settings_for(request))
             result = yield from feed.generate(validated, number, len(plan.items), "picture", item.relative.as_posix())
             if result.interrupted and not result.images:
@@ -692,8 +692,10 @@ class FolderReport:
         return text
 
 
-def _with_png_info(request: GenerationRequest, item, parameters: Sequence[str], report: FolderReport):
-    text = item.infotext()
+def _with_png_info(
+    request: GenerationRequest, item: FolderItem, picture: Image.Image, parameters: Sequence[str], report: FolderReport
+):
+    text = item.infotext(picture)
     try:
         if text:
             return with_png_info(request, text, parameters)
