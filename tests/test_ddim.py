@@ -81,7 +81,7 @@ def picture_pass(sampler: str, steps: int, strength: float, *, exact: bool = Fal
     scheduler.set_timesteps(counted.schedule)
     pipeline_strength = diffusers_strength(counted.sampling, counted.schedule)
     skipped = counted.schedule - min(int(counted.schedule * pipeline_strength), counted.schedule)
-    return scheduler, scheduler.timesteps[skipped:], counted
+    return scheduler, scheduler.timesteps[skipped * scheduler.order :], counted
 
 
 def noised_picture(timestep: int):

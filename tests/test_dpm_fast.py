@@ -12,7 +12,8 @@ import torch
 
 from engine import GenerationRequest
 from engine.infotext import parse_infotext, parse_infotext_params
-from engine.samplers import build_scheduler, get_sampler, picture_steps
+from engine.samplers import build_scheduler, get_sampler
+from tests.test_ddim import picture_pass
 from tests.test_engine import (
     SD_SCHEDULER_CONFIG,
     pass_drawing_step_noise,
@@ -116,13 +117,8 @@ def test_dpm_fast_samples_as_a1111s(steps, schedule, eta):
 def test_dpm_fast_from_a_picture_runs_over_a1111s_sigma_sched():
     """A1111 hands DPM fast sigma_sched's first sigma and its last above 0, and its length less one calls."""
     steps, strength = 20, 0.6
-    counted = picture_steps("DPM fast", steps, strength)
+    scheduler, calls, counted = picture_pass("DPM fast", steps, strength)
     assert counted.sampling == int(strength * steps) + 1 == 13
-    scheduler = build_scheduler(
-        SD_SCHEDULER_CONFIG, "DPM fast", "Automatic", from_picture=True, picture_calls=counted.sampling
-    )
-    scheduler.set_timesteps(steps)
-    calls = scheduler.timesteps[steps - counted.sampling :]  # a pipeline skips the rest
     latent, picture, noise, noises = picture_pass_drawing_step_noise(scheduler, calls, draws=5)
     made = build_scheduler(SD_SCHEDULER_CONFIG, "Euler", "Automatic")
     made.set_timesteps(steps)

@@ -146,7 +146,10 @@ def test_png_info_parameters_are_taken_as_a1111s_batch_takes_them():
     from engine.folder_batch import with_png_info
 
     tab = GenerationRequest(prompt="a square", negative_prompt="blurry", seed=1, cfg_scale=7.0, steps=20)
-    text = "red circle\nNegative prompt: green\nSteps: 12, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 4, Seed: 99"
+    text = (
+        "red circle\nNegative prompt: green\nSteps: 12, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 4, "
+        "Seed: 99"
+    )
     every = ("Prompt", "Negative prompt", "Seed", "CFG scale", "Sampler", "Steps")
     taken = with_png_info(tab, text, every)
     assert (taken.prompt, taken.negative_prompt) == ("a square red circle", "blurry green")  # appended

@@ -11,7 +11,8 @@ import torch
 
 from engine import GenerationRequest
 from engine.infotext import parse_infotext, parse_infotext_params
-from engine.samplers import build_scheduler, picture_steps
+from engine.samplers import build_scheduler
+from tests.test_ddim import picture_pass
 from tests.test_engine import (
     SD_SCHEDULER_CONFIG,
     pass_drawing_step_noise,
@@ -83,13 +84,8 @@ def test_restart_from_a_picture_restarts_over_the_pass_as_a1111s_img2img():
     """A1111 hands Restart the last t_enc + 1 steps' sigmas (its sigma_sched) and starts from the picture plus noise x
     the first of them; from 20 such steps the pass restarts."""
     steps, strength = 30, 0.8
-    counted = picture_steps("Restart", steps, strength)
+    scheduler, calls, counted = picture_pass("Restart", steps, strength)
     assert counted.sampling == int(strength * steps) + 1 == 25
-    scheduler = build_scheduler(
-        SD_SCHEDULER_CONFIG, "Restart", "Automatic", from_picture=True, picture_calls=counted.sampling
-    )
-    scheduler.set_timesteps(steps)
-    calls = scheduler.timesteps[(steps - counted.sampling) * scheduler.order :]  # a pipeline skips the rest
     latent, picture, noise, noises = picture_pass_drawing_step_noise(scheduler, calls, draws=2)
     made = build_scheduler(SD_SCHEDULER_CONFIG, "Heun", "Karras")  # Restart's Automatic
     made.set_timesteps(steps)

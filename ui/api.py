@@ -179,7 +179,10 @@ class _GenerationPayload(BaseModel):
     tiling: Any = None
     eta: Any = Field(
         None,
-        description="fresh noise of Euler a, DPM2 a, the DPM++ SDE samplers (default 1) or DDIM and DDIM CFG++ (default 0), 0 to 1",
+        description=(
+            "fresh noise of Euler a, DPM2 a, the DPM++ SDE samplers (default 1) or DDIM and DDIM CFG++ (default 0), "
+            "0 to 1"
+        ),
     )
     refiner_checkpoint: Any = Field(None, description="a model of the same kind that takes over at refiner_switch_at")
     refiner_switch_at: Any = Field(None, description="0 to 1: the share of the schedule before the refiner (0.8)")
@@ -319,8 +322,8 @@ def _sampler_spec(name: Any) -> SamplerSpec | None:
 
 
 def _eta_ignored(value: Any, payload: Any) -> bool:
-    """eta acts on Euler a, DPM2 a, DPM++ 2S a, DPM++ SDE, DPM++ 2M SDE (and Heun), DPM++ 3M SDE, DDIM and DDIM CFG++ here; with another
-    sampler a value given is listed as ignored."""
+    """eta acts on Euler a, DPM2 a, DPM++ 2S a, DPM++ SDE, DPM++ 2M SDE (and Heun), DPM++ 3M SDE, DDIM and DDIM CFG++
+    here; with another sampler a value given is listed as ignored."""
     spec = _sampler_spec(payload.sampler_name or payload.sampler_index)
     return value is not None and spec is not None and spec.eta_default is None
 
@@ -923,7 +926,8 @@ class SdApi:
 
     def _eta_for(self, payload: _GenerationPayload, from_text, sampler: str) -> Any:
         """The job's eta: the payload's `eta`, else the infotext's, else A1111's setting for its sampler
-        (`eta_ancestral` for Euler a, DPM2 a and DPM++ 2M SDE, `eta_ddim` for DDIM and DDIM CFG++) from override_settings or /options."""
+        (`eta_ancestral` for Euler a, DPM2 a and DPM++ 2M SDE, `eta_ddim` for DDIM and DDIM CFG++) from
+        override_settings or /options."""
         if payload.eta is not None:
             return payload.eta
         if from_text is not None and from_text.eta is not None:
@@ -970,7 +974,8 @@ class SdApi:
             raise ApiError(422, "override_settings.extra_networks_default_multiplier", multiplier, "a number")
         if any(use.name.lower() == name.lower() for use in hypernet_uses(prompt)):
             return prompt
-        return f"{prompt}<hypernet:{name}:{float(multiplier)}>"  # as A1111 adds it: no space, the float as Python writes it
+        # As A1111 adds it: no space before it, the multiplier as Python writes a float.
+        return f"{prompt}<hypernet:{name}:{float(multiplier)}>"
 
     def _setting_for(self, name: str, payload: _GenerationPayload, from_text, default: str) -> Any:
         """An A1111 setting a job uses: override_settings, else the infotext, else /options, else `default`.

@@ -1,5 +1,5 @@
-"""gradio's Slider, Number, Radio, Dropdown and CheckboxGroup, whose message for a value they refuse names the field, as every
-other message here does.
+"""gradio's Slider, Number, Radio, Dropdown and CheckboxGroup, whose message for a value they refuse names the field,
+as every other message here does.
 
 gradio checks a slider's or a number box's range and a radio's or a dropdown's choices itself, before any handler
 runs, and answers a gradio_client call outside them with "Value 150 is greater than maximum value 100." or "Value:

@@ -100,8 +100,9 @@ class ServerSettings:
     @property
     def server_folders(self) -> bool:
         """Whether the page may read and write folders of this machine that a user names (the Batch from folders
-        of img2img, inpaint and Extras): not with --hide-ui-dir-config, and not where others reach the page without a login, since
-        whoever reaches it could then read any picture on this machine and write files anywhere it may."""
+        of img2img, inpaint and Extras): not with --hide-ui-dir-config, and not where others reach the page without
+        a login, since whoever reaches it could then read any picture on this machine and write files anywhere it
+        may."""
         return not self.hide_ui_dir_config and (not self.exposed or bool(self.auth))
 
     @property
