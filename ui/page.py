@@ -26,7 +26,7 @@ from engine import EngineError, GenerationRequest, PromptList, PromptMatrix
 from engine.events import PREVIEW_MODES
 from engine.hypernet import hypernet_uses
 from engine.images import LATENT_RESIZE, RESIZE_MODES
-from engine.infotext import named_job_settings, unread_settings
+from engine.infotext import named_job_settings, parse_infotext, parse_infotext_params, read_infotext, unread_settings
 from engine.inpaint import MASKED_CONTENT, sketched_inpaint
 from engine.loopback import CURVES as LOOPBACK_CURVES
 from engine.loopback import MAX_LOOPS as LOOPBACK_MAX_LOOPS
@@ -2708,8 +2708,6 @@ def _load_model(engine, title: str):
 
 
 def _read_png_info(path: str | None):
-    from engine.infotext import parse_infotext_params, read_infotext
-
     if not path:
         return "", ""
     try:
@@ -2731,8 +2729,6 @@ class ReadInfotext:
     @classmethod
     def of(cls, text: str) -> ReadInfotext:
         """gr.Error naming the field when the text cannot be read."""
-        from engine.infotext import parse_infotext, parse_infotext_params
-
         try:
             return cls(parse_infotext(text, unsupported_schedule="automatic"), parse_infotext_params(text))
         except EngineError as exc:
@@ -2804,15 +2800,13 @@ def _send_png_info(path: str | None, text: str, *, target_mode: str, engine):
 def _paste_parameters(prompt: str | None, last_infotext: str | None, *, target_mode: str, engine):
     """A1111's ↙ (its paste button): the tab's fields from the generation parameters pasted into the prompt box, or,
     when it is empty, from the tab's last generation, as PNG Info's Send sets them; the init picture stays."""
-    from engine.infotext import parse_infotext_params
-
     text = (prompt or "").strip() or (last_infotext or "").strip()
     if not text:
         raise gr.Error(
             "Nothing to read: paste generation parameters (an A1111 infotext, as PNG Info shows one) into the prompt, "
             "or generate once and press it with the prompt empty."
         )
-    if "Steps" not in parse_infotext_params(text):
+    if not parse_infotext_params(text).keys() - {"Prompt", "Negative prompt"}:
         raise gr.Error(
             "prompt: holds no generation parameters (no line like 'Steps: 20, Sampler: Euler a, ...'); paste a whole "
             "infotext, as PNG Info shows one, or empty the prompt to read the last generation's."
