@@ -2806,7 +2806,7 @@ def _paste_parameters(prompt: str | None, last_infotext: str | None, *, target_m
             "Nothing to read: paste generation parameters (an A1111 infotext, as PNG Info shows one) into the prompt, "
             "or generate once and press it with the prompt empty."
         )
-    if not parse_infotext_params(text).keys() - {"Prompt", "Negative prompt"}:
+    if "Steps" not in parse_infotext_params(text):
         raise gr.Error(
             "prompt: holds no generation parameters (no line like 'Steps: 20, Sampler: Euler a, ...'); paste a whole "
             "infotext, as PNG Info shows one, or empty the prompt to read the last generation's."
