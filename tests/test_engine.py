@@ -401,10 +401,15 @@ def pass_drawing_step_noise(scheduler, steps: int, shape=(1, 4, 8, 8)):
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(5)
     latent = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
-    for timestep in scheduler.timesteps:
+    return stepped_over_stand_in(scheduler, latent, scheduler.timesteps, generator), noise, noises
+
+
+def stepped_over_stand_in(scheduler, latent, timesteps, generator):
+    """`latent` stepped by `scheduler` over `timesteps` with stand_in_eps as the model, as a pipeline steps it."""
+    for timestep in timesteps:
         model_input = scheduler.scale_model_input(latent, timestep)
         latent = scheduler.step(stand_in_eps(model_input, timestep), timestep, latent, generator=generator).prev_sample
-    return latent, noise, noises
+    return latent
 
 
 def picture_pass_drawing_step_noise(scheduler, calls, shape=(1, 4, 8, 8), draws: int = 8):
@@ -416,10 +421,7 @@ def picture_pass_drawing_step_noise(scheduler, calls, shape=(1, 4, 8, 8), draws:
     replay = torch.Generator().manual_seed(5)
     noises = [torch.randn(shape, generator=replay) for _ in range(draws)]
     generator = torch.Generator().manual_seed(5)
-    latent = scheduler.add_noise(picture, noise, calls[:1])
-    for timestep in calls:
-        model_input = scheduler.scale_model_input(latent, timestep)
-        latent = scheduler.step(stand_in_eps(model_input, timestep), timestep, latent, generator=generator).prev_sample
+    latent = stepped_over_stand_in(scheduler, scheduler.add_noise(picture, noise, calls[:1]), calls, generator)
     return latent, picture, noise, noises
 
 
