@@ -15,7 +15,6 @@ unpickler, which refuses a file that would run code.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 import re
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import InvalidRequestError
-from .lora import files_by_stem
+from .lora import files_by_stem, named
 from .prompts import network_tags
 
 log = logging.getLogger(__name__)
@@ -240,7 +239,6 @@ class Hypernetworks:
 
     folder: Path
     loaded: dict[tuple, Hypernetwork] = field(default_factory=dict)  # (path, size, mtime) -> the network
-    hashes: dict[tuple, str] = field(default_factory=dict)
     handles: list = field(default_factory=list)
     active: tuple = ()
 
@@ -253,10 +251,9 @@ class Hypernetworks:
             return []
         widths = {_context_width(key) for key, _value in attention_projections(unet)}
         available = scan_hypernets(self.folder)
-        by_lower = {name.lower(): found for name, found in available.items()}
         resolved = []
         for use in uses:
-            found = available.get(use.name) or by_lower.get(use.name.lower())
+            found = named(available, use.name)
             if found is None:
                 names = ", ".join(sorted(available)) or "none"
                 raise InvalidRequestError(
@@ -284,14 +281,6 @@ class Hypernetworks:
                 ) from None
             log.info("Loaded hypernetwork %s from %s", found.name, found.path)
         return self.loaded[key]
-
-    def short_hash(self, found: HypernetFile) -> str:
-        """The first 10 hex digits of the file's sha256, as A1111 names hypernetworks in its lists."""
-        key = _file_key(found.path)
-        if key not in self.hashes:
-            with open(found.path, "rb") as handle:
-                self.hashes[key] = hashlib.file_digest(handle, "sha256").hexdigest()
-        return self.hashes[key][:10]
 
     def switch(self, unet: torch.nn.Module, resolved: list[tuple[HypernetUse, Hypernetwork, HypernetFile]]) -> None:
         """Hook exactly `resolved` into `unet` (none: unhook all)."""

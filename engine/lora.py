@@ -96,6 +96,14 @@ def files_by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
     return {path.stem: path for path in files}
 
 
+def named(available: dict, name: str):
+    """The entry of `available` (by file stem) that `name` names: exactly, else in any case; None where none does."""
+    found = available.get(name)
+    if found is None:
+        found = {stem.lower(): entry for stem, entry in available.items()}.get(name.lower())
+    return found
+
+
 def scan_loras(folder: Path) -> dict[str, LoraFile]:
     """Every LoRA under `folder`, by name (the file's stem)."""
     return {name: LoraFile(name, path) for name, path in files_by_stem(folder, LORA_SUFFIXES).items()}
@@ -125,10 +133,9 @@ class LoraAdapters:
         if not uses:
             return []  # most prompts: no need to read the folder
         available = scan_loras(self.folder)
-        by_lower = {name.lower(): lora for name, lora in available.items()}
         found = []
         for use in uses:
-            lora = available.get(use.name) or by_lower.get(use.name.lower())
+            lora = named(available, use.name)
             if lora is None:
                 pickled = [p for p in self.folder.rglob(f"{use.name}.*") if p.suffix in PICKLE_SUFFIXES]
                 if pickled:
