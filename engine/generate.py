@@ -33,6 +33,7 @@ from .prompts import Conditioning, SDXLEmbeds, guidance_rows
 from .refiner import Refiner, RefinerSwitch
 from .request import LATENT_UPSCALERS, GenerationRequest
 from .samplers import (
+    A1111DPMAdaptiveScheduler,
     NoiseLevels,
     ScheduleShape,
     SigmaChurn,
@@ -253,25 +254,38 @@ def _sample_batch(
     def on_step_end(pipeline, index, timestep, tensors):
         nonlocal stopped, preview_seconds, current_conditioning
         step, total = index + 1, pipeline.num_timesteps
-        # Loop steps per sampling step (2 for Heun, DPM2, ...), for the pass still to come.
-        steps_after = round(hires_sampling_steps * total / sampling_steps) if steps_before == 0 else 0
+        adaptive = isinstance(pipeline.scheduler, A1111DPMAdaptiveScheduler)
+        if adaptive:  # its loop is longer than its calls: end it once the pass is done, and estimate the rest
+            total = _adaptive_calls(pipeline, step, sampling_steps)
+        # Loop steps per sampling step (2 for Heun, DPM2, ...), for the pass still to come (after DPM adaptive, whose
+        # calls are no guide, the model calls A1111 counts for that pass).
+        steps_after = 0
+        if steps_before == 0:
+            steps_after = (
+                model_calls(hr_sampler, hires_sampling_steps)
+                if adaptive
+                else round(hires_sampling_steps * total / sampling_steps)
+            )
         if control.interrupted or control.take_skip():
             stopped = True
             pipeline._interrupt = True
             x0 = recorder.x0()
             return {"latents": x0} if x0 is not None else {}
         changes = {}
+        # The sampling step whose prompt-editing entries the next call takes. DPM adaptive's is its call's index, as
+        # A1111 counts it.
+        sampling_step = step if adaptive else step * sampling_steps // total
         if composed:  # the composable parts' prompt-editing entries for the next step
-            composed[-1].step_index = step * sampling_steps // total
+            composed[-1].step_index = sampling_step
         if switches:
-            switches[-1].step_index = step * sampling_steps // total
+            switches[-1].step_index = sampling_step
             if switches[-1].switched and pipeline.vae is not refiner.vae:
                 pipeline.vae = refiner.vae  # the refiner's VAE decodes, as the model loaded at the end in A1111
         if conditioning.scheduled and step < total:
             # Prompt editing: the conditioning for the next step, where the schedule says it changes.
             # Second-order samplers run more loop steps than sampling steps; scale to sampling steps. As in
             # A1111, the schedule counts all the job's steps and img2img starts at its index 0.
-            upcoming = conditioning.at(step * sampling_steps // total)
+            upcoming = conditioning.at(sampling_step)
             if any(new is not old for new, old in zip(upcoming, current_conditioning, strict=True)):
                 current_conditioning = upcoming
                 changes.update(_pipeline_prompt_embeds(pipeline, upcoming, len(seeds)))
@@ -342,7 +356,7 @@ def _sample_batch(
         # the same seeds' noise. The callback reads `conditioning` and `recorder` afresh: this pass's.
         if before_hires is not None:
             before_hires()
-        steps_before = pipe.num_timesteps
+        steps_before = _loop_steps_run(pipe)
         sampling_steps = hires_sampling_steps
         if hires_model is not None:
             model, vae = hires_model, hires_vae
@@ -400,6 +414,22 @@ def _sample_batch(
     kwargs.update(height=req.height, width=req.width)
     images = inpaint(pipe, kwargs, req, sources, init_images, _prepare_mask(req), seeds)
     return BatchOutcome(images, stopped, preview_seconds)
+
+
+def _adaptive_calls(pipeline, calls: int, sampling_steps: int) -> int:
+    """DPM adaptive's model calls for the pass, as far as they are known after `calls` of them (its estimate, or the
+    pass's sampling steps before it has one); once it is done, the pipeline's loop is ended there."""
+    scheduler = pipeline.scheduler
+    if scheduler.finished:
+        pipeline._interrupt = True
+    estimate = scheduler.estimated_calls()
+    return max(calls + 1, sampling_steps) if estimate is None else estimate
+
+
+def _loop_steps_run(pipe) -> int:
+    """The steps a pass's pipeline loop ran: its length, or DPM adaptive's calls."""
+    scheduler = pipe.scheduler
+    return scheduler.calls_made if isinstance(scheduler, A1111DPMAdaptiveScheduler) else pipe.num_timesteps
 
 
 def _embeds_guidance(model: LoadedModel) -> bool:

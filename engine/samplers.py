@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .errors import InvalidRequestError
 from .noise import after_starting_noise
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,15 @@ SAMPLERS: tuple[SamplerSpec, ...] = (
         eta_default=1.0,
         uses_ensd=True,
         takes_s_noise=True,
+    ),
+    SamplerSpec(
+        "DPM adaptive",
+        "EulerDiscreteScheduler",  # its schedule's two ends; A1111DPMAdaptiveScheduler sizes its own steps
+        {},
+        "Uniform",
+        ("k_dpm_ad",),
+        eta_default=1.0,
+        uses_ensd=True,
     ),
     SamplerSpec(
         "Restart",
@@ -1596,7 +1608,23 @@ def dpm_fast_steps(sigma_max: torch.Tensor, sigma_min: torch.Tensor, calls: int,
     return steps
 
 
-class A1111DPMFastScheduler(_OwnModelCalls, diffusers.EulerDiscreteScheduler):
+class _BetweenTwoSigmas(_OwnModelCalls):
+    """k-diffusion's DPM-Solver samplers (DPM fast, DPM adaptive), to which A1111 hands two sigmas, not a schedule: the
+    schedule's first and its last above 0, of its last `picture_calls` steps in a pass from a picture (sigma_sched).
+    Their eta is A1111's for ancestral samplers."""
+
+    picture_calls = 0
+    eta = 1.0
+    s_noise = 1.0
+
+    def _pass_sigmas(self, num_inference_steps, device, *args, **kwargs) -> torch.Tensor:
+        """The schedule the pass runs over (float32, ending in 0), from diffusers' own."""
+        super().set_timesteps(num_inference_steps, device, *args, **kwargs)
+        sigmas = self.sigmas.float().cpu()
+        return sigmas[-(self.picture_calls + 1) :] if self.picture_calls else sigmas
+
+
+class A1111DPMFastScheduler(_BetweenTwoSigmas, diffusers.EulerDiscreteScheduler):
     """DPM fast as A1111 samples it (k-diffusion's sample_dpm_fast: DPM-Solver-fast, from "DPM-Solver: A Fast ODE
     Solver for Diffusion Probabilistic Model Sampling", 2022). The pass's model calls (its steps) are spread over
     dpm_fast_steps between the schedule's first sigma and its last above 0 (the schedule type sets only those two
@@ -1606,15 +1634,8 @@ class A1111DPMFastScheduler(_OwnModelCalls, diffusers.EulerDiscreteScheduler):
     pass ends at the lowest sigma, not at 0, as k-diffusion's does. A pass from a picture runs over the last
     `picture_calls` steps of the schedule, as A1111 hands it its sigma_sched."""
 
-    picture_calls = 0
-    eta = 1.0
-    s_noise = 1.0
-
     def set_timesteps(self, num_inference_steps, device=None, *args, **kwargs):
-        super().set_timesteps(num_inference_steps, device, *args, **kwargs)
-        sigmas = self.sigmas.float().cpu()
-        if self.picture_calls:
-            sigmas = sigmas[-(self.picture_calls + 1) :]
+        sigmas = self._pass_sigmas(num_inference_steps, device, *args, **kwargs)
         calls = len(sigmas) - 1
         self._steps = dpm_fast_steps(sigmas[0], sigmas[-2], calls, self.eta)
         # Each model call: its time t and its step (and which of the step's calls it is).
@@ -1647,26 +1668,195 @@ class A1111DPMFastScheduler(_OwnModelCalls, diffusers.EulerDiscreteScheduler):
 
     def _towards_next_call(self, step: _FastStep) -> torch.Tensor:
         """DPM-Solver's intermediate points: u1 at t + r1 h, u2 at t + r2 h (third order only)."""
-        x, eps, h = self._start, self._eps, step.h
         r1, r2 = (1 / 2, None) if step.order == 2 else (1 / 3, 2 / 3)
-        if len(eps) == 1:
-            return x - (-(step.t + r1 * h)).exp() * (r1 * h).expm1() * eps[0]
-        sigma = (-(step.t + r2 * h)).exp()
-        return (
-            x
-            - sigma * (r2 * h).expm1() * eps[0]
-            - sigma * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps[1] - eps[0])
-        )
+        return dpm_solver_point(self._start, step.t, step.h, self._eps, r1, r2)
 
     def _step_end(self, step: _FastStep) -> torch.Tensor:
         x, eps, h = self._start, self._eps, step.h
-        sigma_next = (-step.aim).exp()
-        first = x - sigma_next * h.expm1() * eps[0]
         if step.order == 1:
-            return first
+            return dpm_solver_first(x, step.aim, h, eps[0])
         if step.order == 2:
-            return first - sigma_next / (2 * (1 / 2)) * h.expm1() * (eps[1] - eps[0])
-        return first - sigma_next / (2 / 3) * (h.expm1() / h - 1) * (eps[2] - eps[0])
+            return dpm_solver_second(x, step.aim, h, 1 / 2, eps[0], eps[1])
+        return dpm_solver_third(x, step.aim, h, 2 / 3, eps[0], eps[2])
+
+
+# DPM-Solver's updates (k-diffusion's DPMSolver, in its time t = -log(sigma)): from x at t over h to t_next = t + h,
+# with eps the noise predicted at t and eps_r at t + r h.
+def dpm_solver_first(x, t_next, h, eps):
+    return x - (-t_next).exp() * h.expm1() * eps
+
+
+def dpm_solver_second(x, t_next, h, r1, eps, eps_r1):
+    return dpm_solver_first(x, t_next, h, eps) - (-t_next).exp() / (2 * r1) * h.expm1() * (eps_r1 - eps)
+
+
+def dpm_solver_third(x, t_next, h, r2, eps, eps_r2):
+    return dpm_solver_first(x, t_next, h, eps) - (-t_next).exp() / r2 * (h.expm1() / h - 1) * (eps_r2 - eps)
+
+
+def dpm_solver_point(x, t, h, eps: list, r1: float, r2: float | None):
+    """Where a second- or third-order step (r1; r2 for the third) calls the model next, given the `eps` it has: u1 at
+    t + r1 h after the first call, u2 at t + r2 h after the second."""
+    if len(eps) == 1:
+        return dpm_solver_first(x, t + r1 * h, r1 * h, eps[0])
+    return dpm_solver_third(x, t + r2 * h, r2 * h, r1 / r2, eps[0], eps[1])
+
+
+# k-diffusion's sample_dpm_adaptive settings, which A1111 leaves at their defaults (it hands the sampler only its eta
+# and its two sigmas): the tolerances, the first step (in t), and the least step-size factor at which a step is taken.
+ADAPTIVE_RTOL, ADAPTIVE_ATOL, ADAPTIVE_H_INIT, ADAPTIVE_ACCEPT_SAFETY = 0.05, 0.0078, 0.05, 0.81
+# The most model calls a DPM adaptive pass makes, so that no setting makes it run on without end (k-diffusion has no
+# limit); the pipeline's loop is this long, and the job ends it once the pass is done. The micro model's passes make
+# 39 to 111.
+ADAPTIVE_MAX_CALLS = 1000
+
+
+def adaptive_step_factor(error: float, order: float) -> float:
+    """What k-diffusion's PIDStepSizeController multiplies the step size by after a step of scaled `error`, with the
+    gains A1111 leaves at their defaults (integral only): (1 / error)^(1 / order), through its limiter 1 + atan(f - 1).
+    A step is taken where the factor is at least ADAPTIVE_ACCEPT_SAFETY."""
+    factor = (1 / (error + 1e-8)) ** (1 / order)
+    return 1 + math.atan(factor - 1)
+
+
+class A1111DPMAdaptiveScheduler(_BetweenTwoSigmas, diffusers.EulerDiscreteScheduler):
+    """DPM adaptive as A1111 samples it (k-diffusion's sample_dpm_adaptive: DPM-Solver-23 with an adaptive step size,
+    from "DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling", 2022), between the schedule's
+    first sigma and its last above 0, as DPM fast. Each step it tries calls the model three times (at its start, a
+    third and two thirds of the way in t = -log(sigma)) and compares its third-order end with the second-order one;
+    it is taken where they differ within the tolerances, and the difference sizes the next step. The step count
+    asked for sets only the schedule's two ends and where prompt editing switches (at the model call of that index,
+    as A1111 counts its steps). With A1111's eta (1 by default) each step taken aims below its end and fresh noise
+    brings it back up, drawn from the pass's generator as A1111 draws it.
+
+    How many calls a pass makes is known only as it goes, and a pipeline loops over timesteps set before it starts:
+    the pipeline is given a loop of ADAPTIVE_MAX_CALLS timesteps, and each step writes the next call's timestep into
+    it (the loop's timestep tensors are views of `timesteps`; a step asked at any other timestep is refused). Once the
+    pass has reached its lowest sigma it is `finished`; the job's step callback then ends the loop, and a step after
+    that changes nothing. A pass from a picture runs between the ends of the last `picture_calls` steps of the
+    schedule, as A1111 hands it its sigma_sched."""
+
+    def set_timesteps(self, num_inference_steps, device=None, *args, **kwargs):
+        sigmas = self._pass_sigmas(num_inference_steps, device, *args, **kwargs)
+        self._t_start, self._t_end = -sigmas[0].log(), -sigmas[-2].log()
+        self._log_sigmas = model_log_sigmas(self.alphas_cumprod)
+        # The controller's order: 1.5 where steps add noise, else the solver's 3.
+        self._controller_order = 1.5 if self.eta else 3
+        self._h, self._s = ADAPTIVE_H_INIT, self._t_start
+        self._start = self._x_prev = None
+        self._eps: list[torch.Tensor] = []
+        self.finished, self.calls_made, self.steps_taken, self.steps_refused = False, 0, 0, 0
+        self._plan()
+        # A pass from a picture: the pipeline skips the schedule's first steps and runs the rest of the loop.
+        self._first_slot = num_inference_steps - self.picture_calls if self.picture_calls else 0
+        # NaN where no call has been placed yet: a model asked there gives nothing a step would take.
+        self.timesteps = torch.full((self._first_slot + ADAPTIVE_MAX_CALLS,), float("nan"), device=device)
+        self.timesteps[: self._first_slot + 1] = self._call_timestep()
+        # Its ends: the starting noise is the first sigma's (init_noise_sigma).
+        self.sigmas = torch.stack([sigmas[0], sigmas[-2], torch.zeros(())])
+        self._step_index = 0
+
+    def estimated_calls(self) -> int | None:
+        """The pass's model calls as far as they can be told: all of them once it is done, else those made and three
+        for each step of the present size still to go (None before the first step is tried)."""
+        if self.finished:
+            return self.calls_made
+        if not self.steps_taken + self.steps_refused:
+            return None
+        to_go = math.ceil(float(self._t_end - self._s) / self._h) * 3 - len(self._eps)
+        return min(self.calls_made + max(to_go, 1), ADAPTIVE_MAX_CALLS)
+
+    def _plan(self) -> None:
+        """The next step to try, from s: to t = s + h (at most the end), aiming below t by the ancestral step (with
+        eta), and the noise that brings it back up."""
+        t = torch.minimum(self._t_end, self._s + self._h)
+        aim, up = t, torch.zeros(())
+        if self.eta:
+            down, _ = ancestral_step((-self._s).exp(), (-t).exp(), self.eta)
+            aim = torch.minimum(self._t_end, -down.log())
+            up = ((-t).exp() ** 2 - (-aim).exp() ** 2) ** 0.5
+        self._t, self._aim, self._up = t, aim, up
+
+    def _call_time(self) -> torch.Tensor:
+        """The time t of the next model call: the step's start, then a third and two thirds of the way."""
+        h = self._aim - self._s
+        if self.finished:
+            return self._s
+        return [self._s, self._s + 1 / 3 * h, self._s + 2 / 3 * h][len(self._eps)]
+
+    def _call_timestep(self) -> float:
+        return float(_sigma_to_t(float((-self._call_time()).exp()), self._log_sigmas))
+
+    def _next_call_sigma(self) -> torch.Tensor:
+        return (-self._call_time()).exp()
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        if self.finished:
+            return self._output(sample, sample, return_dict)
+        slot = self._first_slot + self.calls_made
+        if float(timestep) != float(self.timesteps[slot]):
+            raise RuntimeError(
+                f"DPM adaptive placed its model call {self.calls_made} at timestep {float(self.timesteps[slot])}, "
+                f"but the pipeline asked at {float(timestep)}: it must loop over views of the scheduler's timesteps"
+            )
+        sigma = self._next_call_sigma()
+        denoised = ve_denoised(self.config.prediction_type, model_output, sample, sigma)
+        if not self._eps:
+            self._start = sample
+            if self._x_prev is None:
+                self._x_prev = sample
+        self._eps.append((sample - denoised) / sigma)
+        self.calls_made += 1
+        self._step_index += 1
+        if len(self._eps) < 3:
+            prev_sample = dpm_solver_point(self._start, self._s, self._aim - self._s, self._eps, 1 / 3, 2 / 3)
+        else:
+            prev_sample = self._tried(sample, generator)
+        if not self.finished and self.calls_made >= ADAPTIVE_MAX_CALLS:
+            log.warning(
+                "DPM adaptive stopped after %d model calls at sigma %.4g, above its last %.4g",
+                self.calls_made,
+                float((-self._s).exp()),
+                float((-self._t_end).exp()),
+            )
+            self.finished, self._eps, prev_sample = True, [], self._start
+        if not self.finished:
+            self.timesteps[slot + 1] = self._call_timestep()
+        return self._output(prev_sample, denoised, return_dict)
+
+    def _tried(self, sample, generator) -> torch.Tensor:
+        """The step tried from s, after its third call: taken (the third-order end, with its noise) or refused (the
+        start again), and the next one planned."""
+        x, (eps, eps_r1, eps_r2), h = self._start, self._eps, self._aim - self._s
+        self._eps = []
+        low = dpm_solver_second(x, self._aim, h, 1 / 3, eps, eps_r1)
+        high = dpm_solver_third(x, self._aim, h, 2 / 3, eps, eps_r2)
+        delta = torch.maximum(
+            torch.tensor(ADAPTIVE_ATOL), torch.tensor(ADAPTIVE_RTOL) * torch.maximum(low.abs(), self._x_prev.abs())
+        )
+        error = torch.linalg.norm((low - high) / delta) / x.numel() ** 0.5
+        factor = adaptive_step_factor(float(error), self._controller_order)
+        self._h *= factor
+        if factor >= ADAPTIVE_ACCEPT_SAFETY:
+            self._x_prev, x, self._s = low, high, self._t
+            if self.eta:
+                noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+                x = x + self._up * self.s_noise * noise
+            self.steps_taken += 1
+        else:
+            self.steps_refused += 1
+        self._start = x
+        if self._s >= self._t_end - 1e-5:
+            self.finished = True
+        else:
+            self._plan()
+        return x
+
+    @staticmethod
+    def _output(prev_sample, denoised, return_dict):
+        if not return_dict:
+            return (prev_sample, denoised)
+        return EulerDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
 
 
 class _A1111Start:
@@ -1885,6 +2075,7 @@ _A1111_CLASSES = {
     "DPM++ 2S a": A1111DPMpp2SAncestralScheduler,
     "Restart": A1111RestartScheduler,
     "DPM fast": A1111DPMFastScheduler,
+    "DPM adaptive": A1111DPMAdaptiveScheduler,
     "DPM++ 2M SDE": EtaDPMSolverSDEScheduler,
     "DPM++ 2M SDE Heun": EtaDPMSolverSDEScheduler,
     "DPM++ SDE": EtaDPMppSDEScheduler,
@@ -1892,7 +2083,7 @@ _A1111_CLASSES = {
 }
 _ETA_CLASSES = (
     EtaEulerAncestralScheduler,
-    A1111DPMFastScheduler,
+    _BetweenTwoSigmas,
     _AncestralMidpoints,
     EtaDPMSolverSDEScheduler,
     EtaDPMppSDEScheduler,
@@ -2003,7 +2194,7 @@ def build_scheduler(
         scheduler.sgm_noise_multiplier = bool(sgm_noise_multiplier)
     if isinstance(scheduler, _A1111Timesteps):
         scheduler.respaced = bool(always_discard_penultimate_sigma)
-    if isinstance(scheduler, (_A1111Timesteps, A1111RestartScheduler, A1111DPMFastScheduler)):
+    if isinstance(scheduler, (_A1111Timesteps, A1111RestartScheduler, _BetweenTwoSigmas)):
         scheduler.picture_calls = int(picture_calls) if from_picture else 0
     if isinstance(scheduler, A1111UniPCScheduler):
         scheduler.variant, scheduler.skip_type = unipc.variant, unipc.skip_type

@@ -507,6 +507,7 @@ def test_samplers_have_a1111_names_and_aliases(api):
     assert {"Euler a", "Euler", "DPM++ 2M", "DDIM", "UniPC"} <= set(samplers)
     assert "k_euler_a" in samplers["Euler a"]["aliases"]
     assert samplers["DDIM CFG++"] == {"name": "DDIM CFG++", "aliases": ["ddim_cfgpp"], "options": {}}
+    assert samplers["DPM adaptive"] == {"name": "DPM adaptive", "aliases": ["k_dpm_ad"], "options": {}}
     assert samplers["DPM++ 2M"]["options"] == {"scheduler": "karras"}
     assert all(set(item) == {"name", "aliases", "options"} for item in samplers.values())
 

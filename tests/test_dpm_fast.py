@@ -37,18 +37,27 @@ def sigma_to_t(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
     return (1 - weight) * low + weight * (low + 1)
 
 
-def a1111_dpm_fast(eps_model, x, sigma_min, sigma_max, n, eta, noises, s_noise=1.0):
-    """k-diffusion's sample_dpm_fast as A1111 calls it (eta from its ancestral eta, noise from its generator): n model
-    calls over floor(n / 3) + 1 equal steps in t = -log(sigma), with third-order steps but the last ones."""
-    log_sigmas = compvis_log_sigmas()
-    fresh, calls = iter(noises), []
+def sigma(t):
+    """DPM-Solver's sigma at time t = -log(sigma)."""
+    return (-t).exp()
 
-    def sigma(t):
-        return (-t).exp()
+
+def counted_eps(eps_model, calls: list):
+    """DPMSolver.eps over `eps_model` (scaled input, fractional timestep), appending each call's sigma to `calls`."""
+    log_sigmas = compvis_log_sigmas()
 
     def eps(x, t):
         calls.append(sigma(t))
         return eps_model((x / (sigma(t) ** 2 + 1).sqrt()).float(), sigma_to_t(sigma(t), log_sigmas))
+
+    return eps
+
+
+def a1111_dpm_fast(eps_model, x, sigma_min, sigma_max, n, eta, noises, s_noise=1.0):
+    """k-diffusion's sample_dpm_fast as A1111 calls it (eta from its ancestral eta, noise from its generator): n model
+    calls over floor(n / 3) + 1 equal steps in t = -log(sigma), with third-order steps but the last ones."""
+    fresh, calls = iter(noises), []
+    eps = counted_eps(eps_model, calls)
 
     t_start, t_end = -sigma_max.log(), -sigma_min.log()
     m = math.floor(n / 3) + 1

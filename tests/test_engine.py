@@ -407,6 +407,8 @@ def pass_drawing_step_noise(scheduler, steps: int, shape=(1, 4, 8, 8)):
 def stepped_over_stand_in(scheduler, latent, timesteps, generator):
     """`latent` stepped by `scheduler` over `timesteps` with stand_in_eps as the model, as a pipeline steps it."""
     for timestep in timesteps:
+        if getattr(scheduler, "finished", False):  # DPM adaptive's pass is done: the job ends its loop there
+            break
         model_input = scheduler.scale_model_input(latent, timestep)
         latent = scheduler.step(stand_in_eps(model_input, timestep), timestep, latent, generator=generator).prev_sample
     return latent

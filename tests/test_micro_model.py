@@ -111,7 +111,7 @@ def test_inpaint_repaints_the_mask_and_keeps_the_rest(micro_engine):
 # it still misses one prompt in 24, among the first 8, so it is held to the README's whole sample.
 @pytest.mark.parametrize(
     ("sampler", "prompts"),
-    [("DDIM", 8), ("DDIM CFG++", 8), ("UniPC", 8), ("DPM++ SDE", 8), ("DPM2 a", 24), ("LCM", 8)],
+    [("DDIM", 8), ("DDIM CFG++", 8), ("UniPC", 8), ("DPM++ SDE", 8), ("DPM2 a", 24), ("LCM", 8), ("DPM adaptive", 8)],
 )
 def test_other_samplers_get_the_background(micro_engine, sampler, prompts):
     assert quality.sampler_background_accuracy(micro_engine, sampler, prompts) >= BACKGROUND_BAR

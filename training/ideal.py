@@ -87,6 +87,8 @@ def sample(
     generator = torch.Generator().manual_seed(seed)
     latent = torch.randn(latent_shape, generator=generator) * scheduler.init_noise_sigma
     for timestep in scheduler.timesteps:
+        if getattr(scheduler, "finished", False):  # DPM adaptive's pass is done: a job's step callback ends it there
+            break
         scaled = scheduler.scale_model_input(latent, timestep)
         if not torch.equal(scaled, latent):  # scaled by 1 / sqrt(sigma^2 + 1)
             sigma = float(((latent.norm() / scaled.norm()) ** 2 - 1).clamp(min=1e-12).sqrt())

@@ -164,7 +164,7 @@ class _GenerationPayload(BaseModel):
         None,
         description="acted on: sd_model_checkpoint (loaded for the request), CLIP_stop_at_last_layers, emphasis "
         "('Original', 'No norm', 'Ignore'), sd_vae ('Automatic', 'None' or a file from /sdapi/v1/sd-vae), "
-        "eta_ancestral (Euler a, DPM2 a, DPM++ 2S a, SDE, 2M SDE, 3M SDE), eta_ddim, "
+        "eta_ancestral (Euler a, DPM2 a, DPM++ 2S a, SDE, 2M SDE, 3M SDE, DPM fast, DPM adaptive), eta_ddim, "
         + ", ".join(setting.option for setting in JOB_SETTINGS)
         + " (see /sdapi/v1/options)",
     )
@@ -180,7 +180,8 @@ class _GenerationPayload(BaseModel):
     eta: Any = Field(
         None,
         description=(
-            "fresh noise of Euler a, DPM2 a, the DPM++ SDE samplers (default 1) or DDIM and DDIM CFG++ (default 0), "
+            "fresh noise of Euler a, DPM2 a, the DPM++ SDE samplers, DPM fast and DPM adaptive (default 1) or DDIM and "
+            "DDIM CFG++ (default 0), "
             "0 to 1"
         ),
     )
@@ -322,8 +323,8 @@ def _sampler_spec(name: Any) -> SamplerSpec | None:
 
 
 def _eta_ignored(value: Any, payload: Any) -> bool:
-    """eta acts on Euler a, DPM2 a, DPM++ 2S a, DPM++ SDE, DPM++ 2M SDE (and Heun), DPM++ 3M SDE, DDIM and DDIM CFG++
-    here; with another sampler a value given is listed as ignored."""
+    """eta acts on Euler a, DPM2 a, DPM++ 2S a, DPM++ SDE, DPM++ 2M SDE (and Heun), DPM++ 3M SDE, DPM fast, DPM
+    adaptive, DDIM and DDIM CFG++ here; with another sampler a value given is listed as ignored."""
     spec = _sampler_spec(payload.sampler_name or payload.sampler_index)
     return value is not None and spec is not None and spec.eta_default is None
 

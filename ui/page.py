@@ -345,7 +345,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                         1,
                         value=1,
                         step=0.01,
-                        label="Eta for ancestral and SDE samplers (Euler a, DPM2 a, DPM++ 2S a, SDE, 2M SDE, 3M SDE)",
+                        label="Eta for ancestral and SDE samplers (Euler a, DPM2 a, DPM++ 2S a, SDE, 2M SDE, 3M SDE, DPM fast, DPM adaptive)",
                         elem_id="setting_eta_ancestral",
                     )
                     eta_ddim = FieldSlider(0, 1, value=0, step=0.01, label="Eta for DDIM", elem_id="setting_eta_ddim")
