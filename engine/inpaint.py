@@ -52,9 +52,11 @@ def inpaint(pipe, kwargs: dict, req: GenerationRequest, sources, init_images, ma
             return _only_masked(pipe, kwargs, req, sources, full_mask, region, seeds)
         log.info("Inpaint area Only masked: the mask is blank, so the whole picture is used")
     generated = _run(pipe, kwargs, req, init_images, mask, seeds)
-    # Outside the mask the original pixels come back untouched, as in A1111: the VAE round
-    # trip would otherwise soften the whole picture.
-    return [Image.composite(out, original, mask) for out, original in zip(generated, init_images, strict=True)]
+    # Outside the mask the original pixels come back untouched, as in A1111: the VAE round trip would otherwise
+    # soften the whole picture. A1111 lays them over the result through the blurred mask doubled (its
+    # mask_for_overlay), so the painted part keeps its own pixels up to where the blur reaches half way.
+    overlay = Image.eval(mask, lambda value: min(255, 2 * value))
+    return [Image.composite(out, original, overlay) for out, original in zip(generated, init_images, strict=True)]
 
 
 def _run(pipe, kwargs: dict, req: GenerationRequest, pictures, mask, seeds) -> list[Image.Image]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from engine import GenerationRequest, Progress, Result
 from engine.events import PreviewSettings
@@ -102,3 +102,27 @@ def test_a_k_diffusion_samplers_denoised_prediction_is_the_picture_outside_the_m
     for preview in previews[:-1]:
         assert np.abs(preview[kept] - previews[-1][kept]).max() <= 1
     assert isinstance(events[-1], Result) and events[-1].images
+
+
+def test_the_original_is_laid_over_the_result_through_the_blurred_mask_doubled(monkeypatch):
+    """A1111's mask_for_overlay (whole-picture inpaint): the painted part keeps the result's own pixels wherever the
+    blurred mask reaches half way, and blends into the original over the blur's outer half only."""
+    import engine.inpaint as inpaint_module
+
+    painted = Image.new("RGB", (64, 64), (0, 0, 255))
+    monkeypatch.setattr(inpaint_module, "_run", lambda *args: [painted])
+    original = Image.new("RGB", (64, 64), (255, 0, 0))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (32, 0, 64, 64))
+    blurred = np.asarray(mask.filter(ImageFilter.GaussianBlur(4))).astype(int)
+    request = GenerationRequest(prompt="", init_images=[original], mask=mask, mask_blur=4)
+    result = np.asarray(inpaint_module.inpaint(None, {}, request, [original], [original], blurred_mask(mask), [1])[0])
+    weight = np.minimum(255, 2 * blurred)
+    assert (result[weight == 255] == (0, 0, 255)).all()
+    assert (result[blurred == 0] == (255, 0, 0)).all()
+    partly = (weight > 0) & (weight < 255)
+    assert partly.any() and np.abs(result[partly][:, 2] - weight[partly]).max() <= 1
+
+
+def blurred_mask(mask: Image.Image) -> Image.Image:
+    return mask.filter(ImageFilter.GaussianBlur(4))
