@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import loopback, outpaint, samplers, sd_upscale
+from . import loopback, outpaint, outpaint_mk2, samplers, sd_upscale
 from .embeddings import EmbeddingsReport, folder_signature, load_embeddings, unload_embeddings
 from .errors import EngineError, InvalidRequestError, ModelLoadError, TaskStopped
 from .events import JobControl, JobState, PreviewSettings, Progress, Result, Waiting
@@ -671,7 +671,11 @@ class Engine:
                 return
             try:
                 with cpu_threads_for(self._require_model(), req.width * req.height):
-                    run = self._run_loopback if req.loopback else self._run_locked
+                    run = self._run_locked
+                    if req.loopback:
+                        run = self._run_loopback
+                    elif req.outpaint_mk2:
+                        run = self._run_outpaint_mk2
                     result = run(req, control, previewer, preview, events.put)
             finally:
                 self._job_lock.release()
@@ -765,19 +769,65 @@ class Engine:
                     kept.append(last)
             if control.interrupted:
                 break
-        return Result(
-            images=[image for result in kept for image in result.images],
-            seeds=[value for result in kept for value in result.seeds],
-            infotexts=[text for result in kept for text in result.infotexts],
-            request=req,
-            model=done[0].model,
-            interrupted=control.interrupted,
-            elapsed=sum(result.elapsed for result in done),
-            job_id=control.job_id,
-            skipped_batches=skipped,
-            preview_seconds=sum(result.preview_seconds for result in done),
-            subseeds=[value for result in kept for value in result.subseeds],
-        )
+        return _result_of_parts(req, control, done, kept, skipped)
+
+    def _run_outpaint_mk2(self, req, control: JobControl, previewer, preview: PreviewSettings, emit) -> Result:
+        """A1111's Outpainting mk2 (engine/outpaint_mk2.py): for each picture of the batch count, an inpaint job per
+        side over the batch the side before grew, all under the one lock, progress counting passes over the whole
+        job. Each picture's infotext is its first pass's, as A1111 gives it. Skip drops the picture being grown; Stop
+        ends the job, keeping the pictures finished before."""
+        req = req.with_seeds_drawn()
+        picture = req.init_images[0]
+        shares = outpaint_mk2.side_pixels(picture.size, req.outpaint_mk2_pixels, req.outpaint_mk2_directions)
+        passes = len(shares) * req.n_iter
+        blur = req.outpaint_mk2_mask_blur
+        done: list[Result] = []
+        kept: list[tuple[list[Image.Image], Result]] = []  # each picture's grown batch, and its first pass
+        skipped: list[int] = []
+        for number in range(req.n_iter):
+            # As a batch count counts seeds on (A1111's script would give every picture the same seed).
+            seed = (req.seed + number * req.batch_size) % (SEED_MAX + 1)
+            pictures, first = [picture] * req.batch_size, None
+            for side, pixels in shares.items():
+                grown = outpaint_mk2.side_pass(
+                    pictures,
+                    side,
+                    pixels,
+                    blur,
+                    (req.width, req.height),
+                    req.outpaint_mk2_noise_q,
+                    req.outpaint_mk2_color_variation,
+                )
+                width, height = grown.size
+                pass_req = dataclasses.replace(
+                    req,
+                    seed=seed,
+                    n_iter=1,
+                    width=width,
+                    height=height,
+                    init_images=grown.crops,
+                    mask=grown.mask,
+                    latent_mask=grown.latent_mask,
+                    mask_blur=blur * outpaint_mk2.MASK_BLUR_FACTOR,
+                    inpainting_fill=ORIGINAL,
+                    inpainting_mask_invert=0,
+                    inpaint_full_res=False,
+                    outpaint_mk2=False,
+                )
+                result = self._run_locked(pass_req, control, previewer, preview, emit, batch_span=(len(done), passes))
+                done.append(result)
+                if control.interrupted or result.skipped_batches:
+                    break
+                first = first or result
+                pictures = grown.finished(result.images)
+            else:
+                kept.append((pictures, first))
+                continue
+            if control.interrupted:
+                break
+            skipped.append(len(done) - 1)
+        firsts = [first for _, first in kept]
+        return _result_of_parts(req, control, done, firsts, skipped, [image for grown, _ in kept for image in grown])
 
     def _run_locked(
         self,
@@ -1122,6 +1172,26 @@ def cpu_threads_for(model: LoadedModel, pixels: int) -> Iterator[None]:
 
 def _previewer_for(model: LoadedModel, preview: PreviewSettings):
     return make_previewer(preview.mode, vae=model.vae, latent_rgb=model.latent_rgb, taesd=model.taesd)
+
+
+def _result_of_parts(
+    req, control: JobControl, done: list[Result], kept: list[Result], skipped: list[int], images=None
+) -> Result:
+    """The one Result of a job run as several (a loopback's loops, Outpainting mk2's passes): the `kept` parts'
+    pictures (or `images`, what was made of them), seeds and infotexts, and the time and previews of all `done`."""
+    return Result(
+        images=[image for result in kept for image in result.images] if images is None else images,
+        seeds=[value for result in kept for value in result.seeds],
+        infotexts=[text for result in kept for text in result.infotexts],
+        request=req,
+        model=done[0].model,
+        interrupted=control.interrupted,
+        elapsed=sum(result.elapsed for result in done),
+        job_id=control.job_id,
+        skipped_batches=skipped,
+        preview_seconds=sum(result.preview_seconds for result in done),
+        subseeds=[value for result in kept for value in result.subseeds],
+    )
 
 
 def _mask_for(mask, picture: Image.Image, resize_mode: int):

@@ -79,7 +79,8 @@ def _run(pipe, kwargs: dict, req: GenerationRequest, pictures, mask, seeds) -> l
     if req.inpainting_mask_weight != 1 and inpainting_unet:
         kwargs["masked_image_latents"] = _partly_masked(pipe, pictures, mask, req.inpainting_mask_weight)
     picture_latents = mean_latents(pipe.vae, pipe.image_processor.preprocess(pictures, height=height, width=width))
-    keep = 1 - latent_mask(mask, (picture_latents.shape[3], picture_latents.shape[2]))
+    held = mask if req.latent_mask is None else req.latent_mask  # Outpainting mk2 holds the latents apart
+    keep = 1 - latent_mask(held, (picture_latents.shape[3], picture_latents.shape[2]))
     timesteps = any(
         runs(req.sampler_name, req.scheduler) for runs in (runs_a1111_ddim, runs_a1111_plms, runs_a1111_unipc)
     )

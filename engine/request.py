@@ -10,7 +10,7 @@ from typing import Any
 
 from PIL import Image
 
-from . import loopback, outpaint, sd_upscale
+from . import loopback, outpaint, outpaint_mk2, sd_upscale
 from .errors import InvalidRequestError
 from .images import LATENT_RESIZE, RESIZE_MODES, to_pil
 from .negative_guidance import MAX_NGMS
@@ -232,6 +232,18 @@ class GenerationRequest:
     outpaint: bool = False
     outpaint_pixels: int = 128
     outpaint_directions: tuple[str, ...] = OUTPAINT_DIRECTIONS
+    # A1111's "Outpainting mk2" script (img2img, engine/outpaint_mk2.py): the picture grown by outpaint_mk2_pixels on
+    # outpaint_mk2_directions, one side after another, each new border inpainted from noise matched to the picture
+    # (its fall-off exponent and colour variation); outpaint_mk2_mask_blur is the script's mask blur.
+    outpaint_mk2: bool = False
+    outpaint_mk2_pixels: int = 128
+    outpaint_mk2_mask_blur: int = 8
+    outpaint_mk2_directions: tuple[str, ...] = OUTPAINT_DIRECTIONS
+    outpaint_mk2_noise_q: float = 1.0
+    outpaint_mk2_color_variation: float = 0.05
+    # Where an inpaint job holds the picture's latents, where that is not under its mask (Outpainting mk2's latent
+    # mask: white where it paints, unblurred); set by the engine, not asked for.
+    latent_mask: Image.Image | None = None
 
     @property
     def hires_sampler(self) -> tuple[str, str]:
@@ -771,6 +783,9 @@ def validate_request(
     sd_upscale = _sd_upscale_fields(req, limits, width, height, init_images, mask, upscalers)
     loopback_fields = _loopback_fields(req, init_images, sd_upscale["sd_upscale"])
     outpaint_fields = _outpaint_fields(req, limits, width, height, init_images, mask, sd_upscale, loopback_fields)
+    mk2_fields = _outpaint_mk2_fields(
+        req, limits, width, height, init_images, mask, sd_upscale, loopback_fields, outpaint_fields
+    )
 
     extra = req.extra_params or {}
     if not isinstance(extra, dict):
@@ -813,14 +828,12 @@ def validate_request(
         **sd_upscale,
         **loopback_fields,
         **outpaint_fields,
+        **mk2_fields,
     )
 
 
-def _outpaint_fields(req: GenerationRequest, limits: Limits, width, height, init_images, mask, *others) -> dict:
-    fields = {"outpaint": _as_flag(req.outpaint, "outpaint")}
-    pixels = fields["outpaint_pixels"] = _as_int(req.outpaint_pixels, "outpaint_pixels")
-    _in_range(pixels, "outpaint_pixels", outpaint.MIN_PIXELS, outpaint.MAX_PIXELS)
-    directions = req.outpaint_directions
+def _directions(directions: Any, name: str) -> tuple[str, ...]:
+    """The sides an outpainting script grows, in A1111's order: a list of them, or one text ("left, up")."""
     if isinstance(directions, str):
         directions = directions.replace(",", " ").split()
     if (
@@ -828,9 +841,54 @@ def _outpaint_fields(req: GenerationRequest, limits: Limits, width, height, init
         or not directions
         or any(not isinstance(side, str) or side.strip().lower() not in outpaint.DIRECTIONS for side in directions)
     ):
-        raise InvalidRequestError("outpaint_directions", directions, "one or more of " + ", ".join(outpaint.DIRECTIONS))
+        raise InvalidRequestError(name, directions, "one or more of " + ", ".join(outpaint.DIRECTIONS))
     chosen = {side.strip().lower() for side in directions}
-    fields["outpaint_directions"] = tuple(side for side in outpaint.DIRECTIONS if side in chosen)
+    return tuple(side for side in outpaint.DIRECTIONS if side in chosen)
+
+
+def _outpaint_mk2_fields(req: GenerationRequest, limits: Limits, width, height, init_images, mask, *others) -> dict:
+    fields = {"outpaint_mk2": _as_flag(req.outpaint_mk2, "outpaint_mk2")}
+    pixels = fields["outpaint_mk2_pixels"] = _as_int(req.outpaint_mk2_pixels, "outpaint_mk2_pixels")
+    _in_range(pixels, "outpaint_mk2_pixels", outpaint_mk2.MIN_PIXELS, outpaint_mk2.MAX_PIXELS)
+    blur = fields["outpaint_mk2_mask_blur"] = _as_int(req.outpaint_mk2_mask_blur, "outpaint_mk2_mask_blur")
+    _in_range(blur, "outpaint_mk2_mask_blur", 0, outpaint_mk2.MAX_MASK_BLUR)
+    fields["outpaint_mk2_directions"] = _directions(req.outpaint_mk2_directions, "outpaint_mk2_directions")
+    fall_off = fields["outpaint_mk2_noise_q"] = _as_float(req.outpaint_mk2_noise_q, "outpaint_mk2_noise_q")
+    _in_range(fall_off, "outpaint_mk2_noise_q", 0.0, outpaint_mk2.MAX_FALL_OFF)
+    variation = _as_float(req.outpaint_mk2_color_variation, "outpaint_mk2_color_variation")
+    _in_range(variation, "outpaint_mk2_color_variation", 0.0, 1.0)
+    fields["outpaint_mk2_color_variation"] = variation
+    if not fields["outpaint_mk2"]:
+        return fields
+    if not init_images or mask is not None:
+        raise InvalidRequestError(
+            "outpaint_mk2", True, "img2img only: an init image and no mask (the script paints its own)"
+        )
+    if any(other.get("sd_upscale") or other.get("loopback") or other.get("outpaint") for other in others):
+        raise InvalidRequestError(
+            "outpaint_mk2", True, "false with SD upscale, Loopback or Poor man's outpainting on: one script at a time"
+        )
+    picture = init_images[0]
+    grown = outpaint_mk2.grown_size(picture.size, pixels, fields["outpaint_mk2_directions"])
+    windows = outpaint_mk2.pass_windows(picture.size, pixels, fields["outpaint_mk2_directions"], (width, height))
+    largest = max(windows, key=lambda size: size[0] * size[1])
+    if max(grown) > limits.max_side or largest[0] * largest[1] > limits.max_pixels:
+        raise InvalidRequestError(
+            "outpaint_mk2_pixels",
+            pixels,
+            f"few enough to keep the picture within {limits.max_side} pixels a side and each pass within "
+            f"{limits.max_pixels} pixels (this {picture.width}x{picture.height} picture would become "
+            f"{grown[0]}x{grown[1]}, painted {largest[0]}x{largest[1]} at most; lower width or height to paint less "
+            "at a time)",
+        )
+    return fields
+
+
+def _outpaint_fields(req: GenerationRequest, limits: Limits, width, height, init_images, mask, *others) -> dict:
+    fields = {"outpaint": _as_flag(req.outpaint, "outpaint")}
+    pixels = fields["outpaint_pixels"] = _as_int(req.outpaint_pixels, "outpaint_pixels")
+    _in_range(pixels, "outpaint_pixels", outpaint.MIN_PIXELS, outpaint.MAX_PIXELS)
+    fields["outpaint_directions"] = _directions(req.outpaint_directions, "outpaint_directions")
     if not fields["outpaint"]:
         return fields
     if not init_images or mask is not None:

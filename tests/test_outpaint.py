@@ -106,14 +106,21 @@ def test_settings_it_cannot_use_are_refused_by_field(micro_engine, fields, field
     assert refused.value.field == field and allowed in refused.value.allowed, refused.value
 
 
-def test_the_api_runs_poor_mans_outpainting_as_an_img2img_script(api):  # noqa: F811
-    payload = {
+def img2img_payload() -> dict:
+    """A small img2img job on an orange 64x64 picture, for the scripts' API tests."""
+    return {
         "prompt": "a cat",
         "steps": 3,
         "width": 64,
         "height": 64,
         "denoising_strength": 0.8,
         "init_images": [png_b64(Image.new("RGB", (64, 64), "orange"))],
+    }
+
+
+def test_the_api_runs_poor_mans_outpainting_as_an_img2img_script(api):  # noqa: F811
+    payload = {
+        **img2img_payload(),
         "script_name": "Poor man's outpainting",
         "script_args": [16, 2, "original", ["down"]],
     }
@@ -137,3 +144,37 @@ def test_the_page_outpaints_from_the_img2img_tab(page_url, tmp_path):  # noqa: F
     _, _, gallery, infotext = client.predict(*common, handle_file(str(init)), 0.8, **outpainting, api_name="/img2img")
     assert [Image.open(item["image"]).size for item in gallery] == [(128, 64)]
     assert "Outpaint pixels: 16, Outpaint direction: left, Mask blur: 2, Masked content: fill" in infotext
+
+
+# Outpainting mk2 (engine/outpaint_mk2.py, tests/test_outpaint_mk2.py) through the API and the page, on the servers
+# these tests start.
+
+
+def test_the_api_runs_outpainting_mk2_as_an_img2img_script(api):  # noqa: F811
+    payload = {
+        **img2img_payload(),
+        "script_name": "Outpainting mk2",
+        "script_args": ["", 32, 4, ["up"], 1.0, 0.05],
+    }
+    body = ok(api.post("img2img", json=payload))
+    info = json.loads(body["info"])
+    assert [decode(image).size for image in body["images"]] == [(64, 128)]
+    assert info["ignored_fields"] == [] and "Mask blur: 16, Masked content: original" in info["infotexts"][0]
+    refused = api.post("img2img", json={**payload, "script_args": ["", 32, 4, ["up"], 9.0]})
+    assert refused.status_code == 422 and refused.json()["field"] == "outpaint_mk2_noise_q"
+    scripts = {item["name"]: item for item in ok(api.get("script-info"))}
+    assert [arg["label"] for arg in scripts["outpainting mk2"]["args"]][1:3] == ["Pixels to expand", "Mask blur"]
+    assert "outpainting mk2" in ok(api.get("scripts"))["img2img"]
+
+
+def test_the_page_runs_outpainting_mk2_from_the_img2img_tab(page_url, tmp_path):  # noqa: F811
+    client = _client(page_url)
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), "teal").save(init)
+    common = ("a boat", "", "Euler a", "Automatic", 3, 7.0, 30, 64, 64, 1, 1)
+    mk2 = dict(
+        outpaint_mk2_on=True, outpaint_mk2_pixels=16, outpaint_mk2_mask_blur=2, outpaint_mk2_directions=["right"]
+    )
+    _, _, gallery, infotext = client.predict(*common, handle_file(str(init)), 0.8, **mk2, api_name="/img2img")
+    assert [Image.open(item["image"]).size for item in gallery] == [(128, 64)]
+    assert "Mask blur: 8, Masked content: original" in infotext

@@ -40,6 +40,12 @@ SCRIPT_WIDGETS = {
     "outpaint_mask_blur": "outpaint_mask_blur",
     "outpaint_masked_content": "outpaint_fill",
     "outpaint_directions": "outpaint_direction",
+    "outpaint_mk2_on": "outpaint_mk2_on",
+    "outpaint_mk2_pixels": "outpaint_mk2_pixels",
+    "outpaint_mk2_mask_blur": "outpaint_mk2_mask_blur",
+    "outpaint_mk2_directions": "outpaint_mk2_direction",
+    "outpaint_mk2_noise_q": "outpaint_mk2_noise_q",
+    "outpaint_mk2_color_variation": "outpaint_mk2_color_variation",
     "refiner_checkpoint": "refiner_checkpoint",
     "refiner_switch_at": "refiner_switch_at",
     "sketch": "sketch",
@@ -56,7 +62,16 @@ FOLDERS = {"batch_input_dir", "batch_output_dir", "batch_skip_done", "batch_png_
 # The panels each tab has, as A1111 shows its scripts (SD upscale and outpainting: img2img only).
 PANELS = {
     "txt2img": {"prompt_list", "matrix_on"},
-    "img2img": {"prompt_list", "matrix_on", "loopback_on", "sd_upscale", "outpaint_on", "sketch", *FOLDERS},
+    "img2img": {
+        "prompt_list",
+        "matrix_on",
+        "loopback_on",
+        "sd_upscale",
+        "outpaint_on",
+        "outpaint_mk2_on",
+        "sketch",
+        *FOLDERS,
+    },
     "inpaint": {
         "prompt_list",
         "matrix_on",
@@ -88,7 +103,8 @@ def test_each_script_widget_reaches_its_own_parameter(handlers, tab):
         if name in SCRIPT_WIDGETS
     }
     assert wired == {name: f"{tab}_{SCRIPT_WIDGETS[name]}" for name in wired}
-    assert PANELS[tab] <= set(wired) and not ({"loopback_on", "sd_upscale", "outpaint_on"} - PANELS[tab]) & set(wired)
+    img2img_only = {"loopback_on", "sd_upscale", "outpaint_on", "outpaint_mk2_on"}
+    assert PANELS[tab] <= set(wired) and not (img2img_only - PANELS[tab]) & set(wired)
 
 
 def test_every_range_on_the_page_names_itself_when_a_value_is_out_of_it(engine):

@@ -56,6 +56,11 @@ from engine.outpaint import MAX_PIXELS as OUTPAINT_MAX_PIXELS
 from engine.outpaint import MIN_PIXELS as OUTPAINT_MIN_PIXELS
 from engine.outpaint import SCRIPT_NAME as OUTPAINT_SCRIPT
 from engine.outpaint import fields_from_script_args as outpaint_fields
+from engine.outpaint_mk2 import DEFAULTS as OUTPAINT_MK2_DEFAULTS
+from engine.outpaint_mk2 import MAX_FALL_OFF as OUTPAINT_MK2_MAX_FALL_OFF
+from engine.outpaint_mk2 import MAX_MASK_BLUR as OUTPAINT_MK2_MAX_MASK_BLUR
+from engine.outpaint_mk2 import SCRIPT_NAME as OUTPAINT_MK2_SCRIPT
+from engine.outpaint_mk2 import fields_from_script_args as outpaint_mk2_fields
 from engine.outputs import FORMATS, output_folder, save_image
 from engine.prompt_list import SCRIPT_NAME as PROMPT_LIST_SCRIPT
 from engine.prompt_list import PromptList
@@ -379,12 +384,13 @@ _IMG2IMG_SCRIPTS = {
     SD_UPSCALE_SCRIPT: lambda args, engine: sd_upscale_fields(args, list(engine.list_upscalers())),
     LOOPBACK_SCRIPT: lambda args, engine: loopback_fields(args),
     OUTPAINT_SCRIPT: lambda args, engine: outpaint_fields(args),
+    OUTPAINT_MK2_SCRIPT: lambda args, engine: outpaint_mk2_fields(args),
 }
 
 
 def _runs_script(payload: Any) -> bool:
-    """A script this server runs: the prompt list, the prompt matrix, and on img2img SD upscale, Loopback and poor
-    man's outpainting."""
+    """A script this server runs: the prompt list, the prompt matrix, and on img2img SD upscale, Loopback, poor man's
+    outpainting and Outpainting mk2."""
     script = _script(payload)
     return script in (PROMPT_LIST_SCRIPT, PROMPT_MATRIX_SCRIPT) or (
         script in _IMG2IMG_SCRIPTS and isinstance(payload, Img2ImgRequest)
@@ -473,7 +479,7 @@ def _realesrgan_entries(engine) -> list[dict[str, Any]]:
 
 def _script_info(engine) -> list[dict[str, Any]]:
     """A1111's /script-info for the scripts run here: the prompt list and the prompt matrix (txt2img and img2img),
-    SD upscale, Loopback and poor man's outpainting (img2img)."""
+    SD upscale, Loopback, poor man's outpainting and Outpainting mk2 (img2img)."""
 
     def arg(
         label: str | None, value: Any, choices: list[str] | None = None, limits: tuple = (None, None, None)
@@ -512,6 +518,18 @@ def _script_info(engine) -> list[dict[str, Any]]:
         arg("Masked content", "fill", list(MASKED_CONTENT)),
         arg("Outpainting direction", list(OUTPAINT_DIRECTIONS), list(OUTPAINT_DIRECTIONS)),
     ]
+    outpaint_mk2_args = [
+        arg(None, None),  # the script's recommended settings (HTML)
+        arg("Pixels to expand", OUTPAINT_MK2_DEFAULTS["pixels"], limits=(OUTPAINT_MIN_PIXELS, OUTPAINT_MAX_PIXELS, 8)),
+        arg("Mask blur", OUTPAINT_MK2_DEFAULTS["mask_blur"], limits=(0, OUTPAINT_MK2_MAX_MASK_BLUR, 1)),
+        arg("Outpainting direction", list(OUTPAINT_DIRECTIONS), list(OUTPAINT_DIRECTIONS)),
+        arg(
+            "Fall-off exponent (lower=higher detail)",
+            OUTPAINT_MK2_DEFAULTS["noise_q"],
+            limits=(0.0, OUTPAINT_MK2_MAX_FALL_OFF, 0.01),
+        ),
+        arg("Color variation", OUTPAINT_MK2_DEFAULTS["color_variation"], limits=(0.0, 1.0, 0.01)),
+    ]
     matrix_args = [
         arg("Set at prompt start", False),
         arg("Random seeds", False),
@@ -529,6 +547,7 @@ def _script_info(engine) -> list[dict[str, Any]]:
             (SD_UPSCALE_SCRIPT, sd_upscale_args),
             (LOOPBACK_SCRIPT, loopback_args),
             (OUTPAINT_SCRIPT, outpaint_args),
+            (OUTPAINT_MK2_SCRIPT, outpaint_mk2_args),
         )
     ]
 

@@ -36,6 +36,9 @@ from engine.memory import describe_memory
 from engine.outpaint import DIRECTIONS as OUTPAINT_DIRECTIONS
 from engine.outpaint import MAX_PIXELS as OUTPAINT_MAX_PIXELS
 from engine.outpaint import MIN_PIXELS as OUTPAINT_MIN_PIXELS
+from engine.outpaint_mk2 import DEFAULTS as OUTPAINT_MK2_DEFAULTS
+from engine.outpaint_mk2 import MAX_FALL_OFF as OUTPAINT_MK2_MAX_FALL_OFF
+from engine.outpaint_mk2 import MAX_MASK_BLUR as OUTPAINT_MK2_MAX_MASK_BLUR
 from engine.prompt_list import POSITIONS as PROMPT_LIST_POSITIONS
 from engine.prompt_matrix import DELIMITERS as PROMPT_MATRIX_DELIMITERS
 from engine.prompt_matrix import MAX_MARGIN as PROMPT_MATRIX_MAX_MARGIN
@@ -219,6 +222,8 @@ class TabWidgets:
     loopback: list[gr.components.Component] | None = None
     # img2img only: A1111's "Poor man's outpainting" (on, pixels, mask blur, masked content, directions).
     outpaint: list[gr.components.Component] | None = None
+    # img2img only: A1111's "Outpainting mk2" (on, pixels, mask blur, directions, fall-off exponent, colour variation).
+    outpaint_mk2: list[gr.components.Component] | None = None
     # img2img only: several init images, one job each (A1111's Batch).
     batch_images: gr.File | None = None
     # A1111's refiner: the checkpoint ("None": off) and where it takes over.
@@ -949,6 +954,7 @@ def _build_generation_tab(mode: str, engine, defaults, server_folders: bool = Fa
             prompt_matrix = _build_prompt_matrix(mode)
             loopback_panel = _build_loopback(mode) if mode != "txt2img" else None
             outpaint_panel = _build_outpaint(engine) if mode == "img2img" else None
+            outpaint_mk2_panel = _build_outpaint_mk2() if mode == "img2img" else None
             sd_upscale = _build_sd_upscale(engine) if mode == "img2img" else None
         with gr.Column(scale=5, elem_classes="output-column"):
             progress = gr.HTML(progress_html(0.0, "Idle", state="idle"), label="Progress", elem_id=f"{mode}_progress")
@@ -1020,6 +1026,7 @@ def _build_generation_tab(mode: str, engine, defaults, server_folders: bool = Fa
         prompt_matrix=prompt_matrix,
         loopback=loopback_panel,
         outpaint=outpaint_panel,
+        outpaint_mk2=outpaint_mk2_panel,
         batch_images=batch_images,
         refiner=refiner,
         sd_upscale=sd_upscale,
@@ -1432,6 +1439,74 @@ def _build_outpaint(engine) -> list[gr.components.Component]:
     return [on, pixels, blur, content, directions]
 
 
+def _build_outpaint_mk2() -> list[gr.components.Component]:
+    """A1111's "Outpainting mk2": (on, pixels to expand, mask blur, directions, fall-off exponent, colour variation),
+    in the order the img2img handler takes them."""
+    with gr.Accordion("Outpainting mk2", open=False, elem_id="img2img_outpaint_mk2_box"):
+        on = gr.Checkbox(
+            False,
+            label="Grow the picture one side at a time, painting each new border from matched noise",
+            info="Recommended: Euler a, 80-100 sampling steps, denoising strength 0.8. Width and Height set how much "
+            "of the picture each side's pass paints",
+            elem_id="img2img_outpaint_mk2_on",
+        )
+        with gr.Row():
+            pixels = FieldSlider(
+                OUTPAINT_MIN_PIXELS,
+                OUTPAINT_MAX_PIXELS,
+                value=OUTPAINT_MK2_DEFAULTS["pixels"],
+                step=8,
+                label="Pixels to expand",
+                elem_id="img2img_outpaint_mk2_pixels",
+            )
+            blur = FieldSlider(
+                0,
+                OUTPAINT_MK2_MAX_MASK_BLUR,
+                value=OUTPAINT_MK2_DEFAULTS["mask_blur"],
+                step=1,
+                label="Mask blur",
+                elem_id="img2img_outpaint_mk2_mask_blur",
+            )
+        directions = FieldCheckboxGroup(
+            list(OUTPAINT_DIRECTIONS),
+            value=list(OUTPAINT_DIRECTIONS),
+            label="Outpainting direction",
+            elem_id="img2img_outpaint_mk2_direction",
+        )
+        with gr.Row():
+            fall_off = FieldSlider(
+                0.0,
+                OUTPAINT_MK2_MAX_FALL_OFF,
+                value=OUTPAINT_MK2_DEFAULTS["noise_q"],
+                step=0.01,
+                label="Fall-off exponent (lower=higher detail)",
+                elem_id="img2img_outpaint_mk2_noise_q",
+            )
+            variation = FieldSlider(
+                0.0,
+                1.0,
+                value=OUTPAINT_MK2_DEFAULTS["color_variation"],
+                step=0.01,
+                label="Color variation",
+                elem_id="img2img_outpaint_mk2_color_variation",
+            )
+    return [on, pixels, blur, directions, fall_off, variation]
+
+
+def _outpainting_mk2(on, pixels, mask_blur, directions, noise_q, color_variation) -> dict:
+    """The request fields of the Outpainting mk2 panel (none while it is off)."""
+    if not on:
+        return {}
+    return {
+        "outpaint_mk2": True,
+        "outpaint_mk2_pixels": pixels,
+        "outpaint_mk2_mask_blur": mask_blur,
+        "outpaint_mk2_directions": directions,
+        "outpaint_mk2_noise_q": noise_q,
+        "outpaint_mk2_color_variation": color_variation,
+    }
+
+
 def _outpainting(on, pixels, mask_blur, masked_content, directions) -> dict:
     """The request fields of the outpainting panel (none while it is off)."""
     if not on:
@@ -1676,6 +1751,8 @@ def _wire_generation_tab(
         inputs += tab.loopback
     if tab.outpaint is not None:
         inputs += tab.outpaint
+    if tab.outpaint_mk2 is not None:
+        inputs += tab.outpaint_mk2
     if tab.sketch is not None:
         inputs += [tab.sketch, tab.init_source]
     if tab.inpaint_sketch is not None:
@@ -1982,6 +2059,12 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image, server
             outpaint_mask_blur: int = 4,
             outpaint_masked_content: str = "fill",
             outpaint_directions: list[str] | None = None,
+            outpaint_mk2_on: bool = False,
+            outpaint_mk2_pixels: int = OUTPAINT_MK2_DEFAULTS["pixels"],
+            outpaint_mk2_mask_blur: int = OUTPAINT_MK2_DEFAULTS["mask_blur"],
+            outpaint_mk2_directions: list[str] | None = None,
+            outpaint_mk2_noise_q: float = OUTPAINT_MK2_DEFAULTS["noise_q"],
+            outpaint_mk2_color_variation: float = OUTPAINT_MK2_DEFAULTS["color_variation"],
             sketch: dict | None = None,
             init_source: str = INIT_SOURCES[0],
             batch_input_dir: str = "",
@@ -1996,7 +2079,8 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image, server
             (A1111's SD upscale script) the init image is upscaled sd_upscale_scale times by sd_upscale_upscaler
             and redrawn in width x height tiles overlapping by sd_upscale_overlap pixels. matrix_* are A1111's Prompt
             matrix, loopback_* its Loopback (loops, final denoising strength, curve) and outpaint_* its Poor man's
-            outpainting (pixels to expand, mask blur, masked content, directions). `sketch` is A1111's Sketch, an
+            outpainting (pixels to expand, mask blur, masked content, directions), outpaint_mk2_* its Outpainting mk2
+            (pixels to expand, mask blur, directions, fall-off exponent, colour variation). `sketch` is A1111's Sketch, an
             image-editor value (a picture, or a blank canvas, with strokes in colour): the picture with its strokes
             is the init image when init_image is None (on the page: when the Sketch tab is shown).
             batch_input_dir (A1111's Batch from folders, where the server allows it) runs one job per picture in
@@ -2064,6 +2148,14 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image, server
                     outpaint_mask_blur,
                     outpaint_masked_content,
                     list(OUTPAINT_DIRECTIONS) if outpaint_directions is None else outpaint_directions,
+                ),
+                **_outpainting_mk2(
+                    outpaint_mk2_on,
+                    outpaint_mk2_pixels,
+                    outpaint_mk2_mask_blur,
+                    list(OUTPAINT_DIRECTIONS) if outpaint_mk2_directions is None else outpaint_mk2_directions,
+                    outpaint_mk2_noise_q,
+                    outpaint_mk2_color_variation,
                 ),
             )
             # A batch's pictures share one seed, drawn once where it is -1 (A1111's fix_seed), and with Loopback
