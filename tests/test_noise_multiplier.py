@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from engine import GenerationRequest, InvalidRequestError, Result
 from engine.infotext import parse_infotext, parse_infotext_params
@@ -67,9 +67,12 @@ def test_inpaint_at_full_strength_starts_from_the_scaled_noise(micro_engine, ini
         return [pixels(run(micro_engine, img2img(init_picture, seed=seed, **fields))) for seed in (1, 2)]
 
     silent, noisy = pair(0), pair(1)
-    # The masked area starts from the scaled noise: without it the seeds' pictures are much closer.
+    # The masked area starts from the scaled noise: without it the seeds' pictures are much closer. Beyond the reach
+    # of the blurred mask (mask blur 4) both are the picture itself.
     assert np.abs(silent[0] - silent[1])[inside].mean() * 2 < np.abs(noisy[0] - noisy[1])[inside].mean()
-    assert np.abs(silent[0] - noisy[0])[inside].mean() > 2 and np.abs(silent[0] - noisy[0])[~inside].mean() < 0.5
+    untouched = np.asarray(mask.filter(ImageFilter.GaussianBlur(4))) == 0
+    assert np.abs(silent[0] - noisy[0])[inside].mean() > 2 and untouched.sum() > 1000
+    assert (silent[0] == noisy[0])[untouched].all()
 
 
 def test_txt2img_and_its_hires_pass_ignore_it(micro_engine):
