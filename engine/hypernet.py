@@ -305,3 +305,15 @@ class Hypernetworks:
 def _file_key(path: Path) -> tuple:
     stat = path.stat()
     return (str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def with_added_hypernet(prompt: str, name: str | None, multiplier: float) -> str:
+    """A1111's "Add hypernetwork to prompt" (its sd_hypernetwork setting): `name`'s tag at `multiplier` at the
+    prompt's end, as A1111 adds it (no space before it, the multiplier as Python writes a float), unless the prompt
+    names that hypernetwork already; "None" or no name adds nothing."""
+    if name in (None, "", "None"):
+        return prompt
+    prompt = prompt or ""
+    if any(use.name.lower() == name.lower() for use in hypernet_uses(prompt)):
+        return prompt
+    return f"{prompt}<hypernet:{name}:{float(multiplier)}>"

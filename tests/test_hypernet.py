@@ -7,6 +7,7 @@ pictures."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import shutil
@@ -311,3 +312,31 @@ def test_the_training_script_writes_a1111s_file_the_engine_runs(tmp_path, models
             assert all(torch.equal(ours[key], again[key]) for key in ours)
     engine = Engine(model=str(SHIPPED_MICRO_MODEL), models_dir=models_dir, hypernetwork_dir=tmp_path / "first")
     assert "<hypernet:tiny-squares:1>" in draw(engine, "a red circle <hypernet:tiny-squares:1>", steps=2).infotexts[0]
+
+
+def test_the_pages_add_hypernetwork_setting_adds_its_tag_to_every_prompt(hypernet_engine):
+    """A1111's "Add hypernetwork to prompt" and "Default multiplier for extra networks", as this browser session's
+    settings: the tag at the end of each prompt that does not name it already."""
+    import gradio as gr
+
+    from ui.page import _hypernet_choices, _set_extra_networks_multiplier, _set_sd_hypernetwork
+    from ui.page_jobs import PageSession
+
+    session = PageSession()
+    assert _hypernet_choices(hypernet_engine) == ["None", "micro-squares", "sd15-style"]
+    prompt = "a red circle on a white background"
+    request = GenerationRequest(prompt=prompt, steps=12, seed=0)
+    assert session.settings_for(request).prompt == prompt  # "None" adds nothing
+    _set_sd_hypernetwork(hypernet_engine, session, "micro-squares")
+    _set_extra_networks_multiplier(session, 0.5)
+    assert session.settings_for(request).prompt == prompt + "<hypernet:micro-squares:0.5>"
+    named = dataclasses.replace(request, prompt=prompt + " <hypernet:MICRO-squares:1>")
+    assert session.settings_for(named).prompt == named.prompt
+    _set_extra_networks_multiplier(session, 1)
+    drawn = list(hypernet_engine.generate(session.settings_for(request)))[-1]
+    assert dataset.classify(drawn.images[0]).shape == "square"
+    assert drawn.infotexts[0].startswith(prompt + "<hypernet:micro-squares:1.0>\n")
+    with pytest.raises(gr.Error, match="sd_hypernetwork: got 'nope'; allowed: one of None, micro-squares"):
+        _set_sd_hypernetwork(hypernet_engine, session, "nope")
+    with pytest.raises(gr.Error, match="extra_networks_default_multiplier: got 3"):
+        _set_extra_networks_multiplier(session, 3)

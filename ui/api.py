@@ -42,7 +42,7 @@ from engine import (
 )
 from engine.extras import ExtrasRequest
 from engine.extras import describe as describe_postprocessing
-from engine.hypernet import hypernet_uses
+from engine.hypernet import with_added_hypernet
 from engine.images import encode_base64_png, to_pil
 from engine.infotext import parse_infotext, parse_infotext_params, read_infotext, unread_settings
 from engine.inpaint import MASKED_CONTENT
@@ -992,10 +992,7 @@ class SdApi:
         multiplier = self._setting_for("extra_networks_default_multiplier", payload, None, 1.0)
         if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)):
             raise ApiError(422, "override_settings.extra_networks_default_multiplier", multiplier, "a number")
-        if any(use.name.lower() == name.lower() for use in hypernet_uses(prompt)):
-            return prompt
-        # As A1111 adds it: no space before it, the multiplier as Python writes a float.
-        return f"{prompt}<hypernet:{name}:{float(multiplier)}>"
+        return with_added_hypernet(prompt, name, multiplier)
 
     def _setting_for(self, name: str, payload: _GenerationPayload, from_text, default: str) -> Any:
         """An A1111 setting a job uses: override_settings, else the infotext, else /options, else `default`.

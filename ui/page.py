@@ -331,6 +331,25 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     info="Original: weights, then the mean restored. No norm: weights only. Ignore: no weights.",
                     elem_id="setting_emphasis",
                 )
+                gr.Markdown("### Extra networks (A1111's)", elem_classes="settings-heading")
+                with gr.Row():
+                    sd_hypernetwork = FieldDropdown(
+                        choices=_hypernet_choices(engine),
+                        value="None",
+                        label="Add hypernetwork to prompt",
+                        info="Its tag goes at the end of every prompt of this browser session's jobs that does not "
+                        "name it",
+                        elem_id="setting_sd_hypernetwork",
+                    )
+                    extra_networks_multiplier = FieldSlider(
+                        0,
+                        MAX_EXTRA_NETWORKS_MULTIPLIER,
+                        value=1,
+                        step=0.01,
+                        label="Default multiplier for extra networks",
+                        info="The strength the hypernetwork above is added at",
+                        elem_id="setting_extra_networks_default_multiplier",
+                    )
                 gr.Markdown("### Sampler parameters (A1111's)", elem_classes="settings-heading")
                 job_widgets["randn_source"] = _job_setting_widget(
                     "randn_source",
@@ -613,6 +632,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
             queue=False,
         )
         reread_on_open(sd_vae, functools.partial(_vae_choices, engine))
+        reread_on_open(sd_hypernetwork, functools.partial(_hypernet_choices, engine))
         # Another user may have switched the (shared) model since this page was built.
         demo.load(refresh, outputs=[model, model_note], api_visibility="private", queue=False)
 
@@ -628,6 +648,8 @@ def build_page(engine, settings=None) -> gr.Blocks:
             "eta_ancestral": (eta_ancestral, _set_eta_ancestral),
             "eta_ddim": (eta_ddim, _set_eta_ddim),
             "clip_skip": (clip_skip, _set_clip_skip),
+            "sd_hypernetwork": (sd_hypernetwork, functools.partial(_set_sd_hypernetwork, engine)),
+            "extra_networks_default_multiplier": (extra_networks_multiplier, _set_extra_networks_multiplier),
             **{
                 _job_setting_name(setting): (job_widgets[setting.field], _job_setting_setter(setting))
                 for setting in JOB_SETTINGS
@@ -680,6 +702,7 @@ def _recalled_settings(engine, keys: list[str], stored: dict | None) -> list:
     stored = stored if isinstance(stored, dict) else {}
     possible = {
         "vae": _vae_choices(engine),
+        "sd_hypernetwork": _hypernet_choices(engine),
         "preview_mode": list(PREVIEW_MODES),
         "prompt_syntax": ["a1111", "compel"],
         "emphasis": list(EMPHASIS_MODES),
@@ -2690,6 +2713,30 @@ def _number_setting(value, name: str, low: float, high: float) -> float:
 
 def _vae_choices(engine) -> list[str]:
     return ["Automatic", "None", *engine.list_vaes()]
+
+
+def _hypernet_choices(engine) -> list[str]:
+    return ["None", *(found.name for found in engine.list_hypernets())]
+
+
+# A1111's slider for extra_networks_default_multiplier.
+MAX_EXTRA_NETWORKS_MULTIPLIER = 2.0
+
+
+def _set_sd_hypernetwork(engine, session: PageSession, name: str) -> None:
+    """A1111's "Add hypernetwork to prompt" for this session's jobs: "None" or a hypernetwork in the folder, whose tag
+    then goes at the end of every prompt that does not name it."""
+    choices = _hypernet_choices(engine)
+    if name not in choices:
+        raise gr.Error(f"sd_hypernetwork: got {name!r}; allowed: one of {', '.join(choices)}")
+    session.sd_hypernetwork = name
+
+
+def _set_extra_networks_multiplier(session: PageSession, multiplier) -> None:
+    """The strength "Add hypernetwork to prompt" adds its hypernetwork at, in this session's jobs: 0 to 2."""
+    session.extra_networks_default_multiplier = _number_setting(
+        multiplier, "extra_networks_default_multiplier", 0, MAX_EXTRA_NETWORKS_MULTIPLIER
+    )
 
 
 def _set_vae(engine, session: PageSession, sd_vae: str) -> None:

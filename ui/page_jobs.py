@@ -32,6 +32,7 @@ from engine import (
 from engine.events import PREVIEW_MODES, Pacer
 from engine.folder_batch import FolderBatchError, FolderItem, FolderPlan, with_png_info, write_outputs
 from engine.grids import batch_grid
+from engine.hypernet import with_added_hypernet
 from engine.previews import preview_to_display
 from engine.request import default_job_settings, with_clip_skip
 from engine.samplers import get_sampler
@@ -70,6 +71,9 @@ class PageSession:
     job_settings: dict[str, Any] = field(default_factory=default_job_settings)
     # A1111's "Clip skip" (CLIP_stop_at_last_layers): 1 is the text encoder's last layer.
     clip_skip: int = 1
+    # A1111's "Add hypernetwork to prompt" ("None" or a hypernetwork's name) and the strength it adds it at.
+    sd_hypernetwork: str = "None"
+    extra_networks_default_multiplier: float = 1.0
     # Jobs this session queued or started and that have not ended, by job id: Stop interrupts these only.
     running: dict[int, JobControl] = field(default_factory=dict)
 
@@ -80,8 +84,8 @@ class PageSession:
         return PreviewSettings(mode=self.preview_mode, every=self.preview_every, min_interval_s=interval)
 
     def settings_for(self, request: GenerationRequest) -> GenerationRequest:
-        """`request` with this session's prompt syntax, emphasis mode, SD VAE, its sampler's eta, the job settings
-        and clip skip."""
+        """`request` with this session's prompt syntax, emphasis mode, SD VAE, its sampler's eta, the job settings,
+        clip skip and the hypernetwork it adds to every prompt."""
         try:
             spec = get_sampler(request.sampler_name)
         except EngineError:
@@ -93,6 +97,7 @@ class PageSession:
             eta = None if chosen == spec.eta_default else chosen
         return dataclasses.replace(
             request,
+            prompt=with_added_hypernet(request.prompt, self.sd_hypernetwork, self.extra_networks_default_multiplier),
             prompt_syntax=self.prompt_syntax,
             emphasis=self.emphasis,
             sd_vae=self.sd_vae,
