@@ -1498,10 +1498,10 @@ def restart_pairs(sigmas: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor
 
 
 class _OwnModelCalls:
-    """A scheduler that makes its own model calls (Restart, DPM fast): `sigmas` holds each call's sigma, then 0, and
-    `_step_index` counts the calls made, this pass's own count wherever a pipeline says it begins. The model's input
-    is scaled, and a picture noised (at the pass's start, or an inpaint pipeline's blend), at the next call's sigma:
-    x0 + noise x sigma."""
+    """A scheduler that makes its own model calls (Restart, DPM fast, DPM adaptive): `sigmas` holds each call's sigma,
+    then 0 (DPM adaptive places each call as it goes, and says where itself), and `_step_index` counts the calls made,
+    this pass's own count wherever a pipeline says it begins. The model's input is scaled, and a picture noised (at the
+    pass's start, or an inpaint pipeline's blend), at the next call's sigma: x0 + noise x sigma."""
 
     def _next_call_sigma(self) -> torch.Tensor:
         return self.sigmas[min(self._step_index, len(self.sigmas) - 2)]
