@@ -255,8 +255,13 @@ def _sample_batch(
         nonlocal stopped, preview_seconds, current_conditioning
         step, total = index + 1, pipeline.num_timesteps
         adaptive = isinstance(pipeline.scheduler, A1111DPMAdaptiveScheduler)
-        if adaptive:  # its loop is longer than its calls: end it once the pass is done, and estimate the rest
-            total = _adaptive_calls(pipeline, step, sampling_steps)
+        if adaptive:
+            # Its loop is longer than its calls: ended once the pass is done. The total is its calls as far as they
+            # can be told (the pass's sampling steps before its first step is tried).
+            if pipeline.scheduler.finished:
+                pipeline._interrupt = True
+            estimate = pipeline.scheduler.estimated_calls()
+            total = max(step + 1, sampling_steps) if estimate is None else estimate
         # Loop steps per sampling step (2 for Heun, DPM2, ...), for the pass still to come (after DPM adaptive, whose
         # calls are no guide, the model calls A1111 counts for that pass).
         steps_after = 0
@@ -414,16 +419,6 @@ def _sample_batch(
     kwargs.update(height=req.height, width=req.width)
     images = inpaint(pipe, kwargs, req, sources, init_images, _prepare_mask(req), seeds)
     return BatchOutcome(images, stopped, preview_seconds)
-
-
-def _adaptive_calls(pipeline, calls: int, sampling_steps: int) -> int:
-    """DPM adaptive's model calls for the pass, as far as they are known after `calls` of them (its estimate, or the
-    pass's sampling steps before it has one); once it is done, the pipeline's loop is ended there."""
-    scheduler = pipeline.scheduler
-    if scheduler.finished:
-        pipeline._interrupt = True
-    estimate = scheduler.estimated_calls()
-    return max(calls + 1, sampling_steps) if estimate is None else estimate
 
 
 def _loop_steps_run(pipe) -> int:

@@ -1745,7 +1745,7 @@ class A1111DPMAdaptiveScheduler(_BetweenTwoSigmas, diffusers.EulerDiscreteSchedu
         self._h, self._s = ADAPTIVE_H_INIT, self._t_start
         self._start = self._x_prev = None
         self._eps: list[torch.Tensor] = []
-        self.finished, self.calls_made, self.steps_taken, self.steps_refused = False, 0, 0, 0
+        self.finished, self.steps_taken, self.steps_refused = False, 0, 0
         self._plan()
         # A pass from a picture: the pipeline skips the schedule's first steps and runs the rest of the loop.
         self._first_slot = num_inference_steps - self.picture_calls if self.picture_calls else 0
@@ -1755,6 +1755,11 @@ class A1111DPMAdaptiveScheduler(_BetweenTwoSigmas, diffusers.EulerDiscreteSchedu
         # Its ends: the starting noise is the first sigma's (init_noise_sigma).
         self.sigmas = torch.stack([sigmas[0], sigmas[-2], torch.zeros(())])
         self._step_index = 0
+
+    @property
+    def calls_made(self) -> int:
+        """The model calls this pass has made (its step index: each step takes one call's prediction)."""
+        return self._step_index
 
     def estimated_calls(self) -> int | None:
         """The pass's model calls as far as they can be told: all of them once it is done, else those made and three
@@ -1806,7 +1811,6 @@ class A1111DPMAdaptiveScheduler(_BetweenTwoSigmas, diffusers.EulerDiscreteSchedu
             if self._x_prev is None:
                 self._x_prev = sample
         self._eps.append((sample - denoised) / sigma)
-        self.calls_made += 1
         self._step_index += 1
         if len(self._eps) < 3:
             prev_sample = dpm_solver_point(self._start, self._s, self._aim - self._s, self._eps, 1 / 3, 2 / 3)
