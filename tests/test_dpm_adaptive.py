@@ -13,10 +13,16 @@ import torch
 
 from engine import GenerationRequest
 from engine.events import Progress
-from engine.infotext import parse_infotext, parse_infotext_params
+from engine.infotext import parse_infotext_params
 from engine.samplers import ADAPTIVE_MAX_CALLS, build_scheduler, get_sampler
 from tests.test_ddim import picture_pass
-from tests.test_dpm_fast import compvis_log_sigmas, counted_eps, schedule_ends, sigma
+from tests.test_dpm_fast import (
+    compvis_log_sigmas,
+    counted_eps,
+    schedule_ends,
+    sigma,
+    written_read_back_and_moved_by_ensd,
+)
 from tests.test_engine import SD_SCHEDULER_CONFIG, stand_in_eps, stepped_over_stand_in
 
 
@@ -212,16 +218,7 @@ def test_prompt_editing_switches_at_the_call_of_its_step(micro_engine):
 def test_dpm_adaptive_on_the_micro_model_is_written_and_read_back(micro_engine):
     spec = get_sampler("k_dpm_ad")  # A1111's alias
     assert spec.name == "DPM adaptive" and spec.eta_default == 1.0 and spec.uses_ensd and not spec.takes_s_noise
-    request = dataclasses.replace(REQUEST, eta=None)
-    result = list(micro_engine.generate(request))[-1]
-    params = parse_infotext_params(result.infotexts[0])
-    assert params["Sampler"] == "DPM adaptive" and "Eta" not in params  # A1111 writes an eta only when it is not 1
-    again = list(micro_engine.generate(parse_infotext(result.infotexts[0])))[-1]
-    assert np.array_equal(np.asarray(again.images[0]), np.asarray(result.images[0]))
-    # The steps it takes draw fresh noise (eta 1), from seed + ENSD as A1111's do.
-    delta = list(micro_engine.generate(dataclasses.replace(request, eta_noise_seed_delta=31337)))[-1]
-    assert not np.array_equal(np.asarray(delta.images[0]), np.asarray(result.images[0]))
-    assert parse_infotext_params(delta.infotexts[0])["ENSD"] == "31337"
+    result = written_read_back_and_moved_by_ensd(micro_engine, dataclasses.replace(REQUEST, eta=None))
     # The picture is the prompt's: a red shape on a blue background.
     pixels = np.asarray(result.images[0].convert("RGB")).astype(int)
     corner, middle = pixels[2, 2], np.median(pixels.reshape(-1, 3), axis=0)

@@ -143,18 +143,26 @@ def test_dpm_fast_from_a_picture_runs_over_a1111s_sigma_sched():
 REQUEST = GenerationRequest(prompt="a red circle on a blue background", steps=20, seed=7, sampler_name="DPM fast")
 
 
+def written_read_back_and_moved_by_ensd(engine, request: GenerationRequest):
+    """The job's result, checked as A1111's DPM-Solver samplers' (eta 1): its infotext names the sampler and no eta
+    (A1111 writes one only when it is not 1) and makes the picture again byte for byte; its steps draw fresh noise,
+    from seed + ENSD as A1111's do, so an ENSD changes the picture and is written."""
+    result = list(engine.generate(request))[-1]
+    params = parse_infotext_params(result.infotexts[0])
+    assert params["Sampler"] == request.sampler_name and "Eta" not in params
+    again = list(engine.generate(parse_infotext(result.infotexts[0])))[-1]
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(result.images[0]))
+    delta = list(engine.generate(dataclasses.replace(request, eta_noise_seed_delta=31337)))[-1]
+    assert not np.array_equal(np.asarray(delta.images[0]), np.asarray(result.images[0]))
+    assert parse_infotext_params(delta.infotexts[0])["ENSD"] == "31337"
+    return result
+
+
 def test_dpm_fast_on_the_micro_model_is_written_and_read_back(micro_engine):
     spec = get_sampler("k_dpm_fast")  # A1111's alias
     assert spec.name == "DPM fast" and spec.eta_default == 1.0 and spec.uses_ensd
-    result = list(micro_engine.generate(REQUEST))[-1]
-    params = parse_infotext_params(result.infotexts[0])
-    assert params["Sampler"] == "DPM fast" and "Eta" not in params  # A1111 writes an eta only when it is not 1
-    again = list(micro_engine.generate(parse_infotext(result.infotexts[0])))[-1]
-    assert np.array_equal(np.asarray(again.images[0]), np.asarray(result.images[0]))
-    # Its steps draw fresh noise (eta 1), from seed + ENSD as A1111's do; at eta 0 they draw none.
-    delta = list(micro_engine.generate(dataclasses.replace(REQUEST, eta_noise_seed_delta=31337)))[-1]
-    assert not np.array_equal(np.asarray(delta.images[0]), np.asarray(result.images[0]))
-    assert parse_infotext_params(delta.infotexts[0])["ENSD"] == "31337"
+    written_read_back_and_moved_by_ensd(micro_engine, REQUEST)
+    # At eta 0 its steps draw no noise, and the eta is written.
     calm = list(micro_engine.generate(dataclasses.replace(REQUEST, eta=0.0)))[-1]
     assert parse_infotext_params(calm.infotexts[0])["Eta"] == "0"
     # At 50 steps the picture is the prompt's, a red shape on a blue background (at 20 steps and CFG 7 this model's
