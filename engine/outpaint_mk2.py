@@ -200,12 +200,16 @@ def side_pass(
         ),
     )
     mask_rgb = np.repeat((np.asarray(mask, dtype=np.float64) / 255.0)[..., None], 3, axis=2)
-    canvases = []
+    # A batch's first pass grows one picture several times over: its canvas is made once (the noise is seeded).
+    made: dict[int, Image.Image] = {}
     for picture in pictures:
+        if id(picture) in made:
+            continue
         canvas = Image.new("RGB", (canvas_w, canvas_h))
         canvas.paste(picture.convert("RGB"), (pixels if left else 0, pixels if top else 0))
         noised = matched_noise(np.asarray(canvas, dtype=np.float64) / 255.0, mask_rgb, noise_q, color_variation)
-        canvases.append(Image.fromarray(np.clip(noised * 255.0, 0, 255).astype(np.uint8), mode="RGB"))
+        made[id(picture)] = Image.fromarray(np.clip(noised * 255.0, 0, 255).astype(np.uint8), mode="RGB")
+    canvases = [made[id(picture)] for picture in pictures]
     window_w, window_h = box[2] - box[0], box[3] - box[1]
     window_mask = mask.crop(box)
     reach = pixels + mask_blur * 2
