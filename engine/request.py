@@ -16,6 +16,7 @@ from .images import LATENT_RESIZE, RESIZE_MODES, to_pil
 from .negative_guidance import MAX_NGMS
 from .noise import RANDOM_SOURCES
 from .outpaint import DIRECTIONS as OUTPAINT_DIRECTIONS
+from .outpaint_mk2 import DEFAULTS as OUTPAINT_MK2_DEFAULTS
 from .tiles import plan_tiles
 
 # A1111 draws random seeds from [0, 2**32).
@@ -236,11 +237,11 @@ class GenerationRequest:
     # outpaint_mk2_directions, one side after another, each new border inpainted from noise matched to the picture
     # (its fall-off exponent and colour variation); outpaint_mk2_mask_blur is the script's mask blur.
     outpaint_mk2: bool = False
-    outpaint_mk2_pixels: int = 128
-    outpaint_mk2_mask_blur: int = 8
+    outpaint_mk2_pixels: int = OUTPAINT_MK2_DEFAULTS["pixels"]
+    outpaint_mk2_mask_blur: int = OUTPAINT_MK2_DEFAULTS["mask_blur"]
     outpaint_mk2_directions: tuple[str, ...] = OUTPAINT_DIRECTIONS
-    outpaint_mk2_noise_q: float = 1.0
-    outpaint_mk2_color_variation: float = 0.05
+    outpaint_mk2_noise_q: float = OUTPAINT_MK2_DEFAULTS["noise_q"]
+    outpaint_mk2_color_variation: float = OUTPAINT_MK2_DEFAULTS["color_variation"]
     # Where an inpaint job holds the picture's latents, where that is not under its mask (Outpainting mk2's latent
     # mask: white where it paints, unblurred); set by the engine, not asked for.
     latent_mask: Image.Image | None = None
