@@ -58,6 +58,11 @@ POSTERIOR_LOGVAR_INIT = -4.0
 # A palette colour whose round trip through the finished VAE is off by more than this (of 255) is not kept
 # apart from another: the shipped VAE's worst colour is 3.3, a merged one's 20 and more.
 COLOUR_ERROR_WARNING = 8.0
+# A palette colour whose shapes come back from the finished VAE read as another colour this often. Per pixel,
+# a colour's error is mostly its backgrounds': a VAE can keep two colours apart there and still draw a small
+# black shape green (one from-scratch VAE: 17% of black shapes, its per-pixel errors all under 4; the shipped
+# VAE: at most 4%, small yellow shapes read orange).
+SHAPE_COLOUR_MISREAD_WARNING = 0.1
 
 # Learning rate in the low-noise phase, relative to the base rates: twice where the main phase ends.
 LOW_NOISE_LR_FACTOR = 0.2
@@ -77,6 +82,7 @@ SHARE_OPTIONS = (
     "recolour_share",
     "recolour_background_share",
     "shape_balance",
+    "vae_shape_balance",
     "hold_recolour_share",
     "hold_empty_share",
 )
@@ -174,6 +180,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         default=dataset.LOW_NOISE_STEPS,
         help="recoloured captions meet pictures noised to at most this timestep (of 1,000)",
+    )
+    parser.add_argument(
+        "--vae-shape-balance",
+        type=float,
+        default=0.0,
+        help="0 to 1: --shape-balance for the VAE and its decoder fine-tune, per picture pixel; a small shape's "
+        "few pixels otherwise count for little, and two close colours (green and black) can come back alike there "
+        "(at 0.5 they came apart, but the UNet trained on that VAE drew its shapes worse: "
+        "docs/micro-shapes-training.md)",
     )
     parser.add_argument(
         "--shape-balance",
@@ -441,7 +456,7 @@ def colour_attention_shortfall(share: torch.Tensor, names_a_colour: torch.Tensor
 # VAE ---------------------------------------------------------------------------------------------
 
 
-def train_vae(images: torch.Tensor, args, work: Path):
+def train_vae(images: torch.Tensor, scenes: list[dataset.ShapeScene], args, work: Path):
     from diffusers import AutoencoderKL
 
     folder = work / "vae"
@@ -453,7 +468,16 @@ def train_vae(images: torch.Tensor, args, work: Path):
     narrow_posterior(vae)
     order = torch.Generator().manual_seed(args.seed + 1)
     start = time.time()
-    fit_reconstruction(vae, images, list(vae.parameters()), lr=1.5e-3, steps=args.vae_steps, order=order, stage="vae")
+    fit_reconstruction(
+        vae,
+        images,
+        list(vae.parameters()),
+        lr=1.5e-3,
+        steps=args.vae_steps,
+        order=order,
+        stage="vae",
+        shape_weights=_vae_shape_weights(scenes, args.vae_shape_balance),
+    )
     vae.eval()
     with torch.no_grad():
         latents = torch.cat(
@@ -463,25 +487,58 @@ def train_vae(images: torch.Tensor, args, work: Path):
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     vae.save_pretrained(folder, safe_serialization=True)
     log.info("VAE trained in %.0f s; scaling_factor %.4f", time.time() - start, vae.config.scaling_factor)
-    report_colour_errors("VAE", vae, images, final=False)
+    report_colour_errors("VAE", vae, scenes, images, final=False)
     return vae
 
 
-def fit_reconstruction(vae, images: torch.Tensor, trainable: list, *, lr: float, steps: int, order, stage: str) -> None:
+def _vae_shape_weights(
+    scenes: list[dataset.ShapeScene], balance: float
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A function from a batch's picture indices to per-pixel loss weights [B, 1, 64, 64], balanced as
+    `shape_balanced_weights`; none at balance 0, so a run without the option computes its loss exactly as
+    before the option existed."""
+    if not balance:
+        return None
+
+    def weights(indices: torch.Tensor) -> torch.Tensor:
+        # Drawn per batch: 30,000 full-size coverage maps would hold half a gigabyte for a few ms a step.
+        coverage = np.stack([dataset.shape_coverage(scenes[i], dataset.IMAGE_SIZE) for i in indices.tolist()])
+        return shape_balanced_weights(torch.from_numpy(coverage)[:, None], balance)
+
+    return weights
+
+
+def fit_reconstruction(
+    vae,
+    images: torch.Tensor,
+    trainable: list,
+    *,
+    lr: float,
+    steps: int,
+    order,
+    stage: str,
+    shape_weights: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> None:
     """Train `trainable` to reconstruct batches of 16 pictures (MSE + 0.1 L1, cosine learning rate).
 
     With the encoder among them, the posterior's KL term (weight 1e-6, as SD's VAE) joins the loss;
-    with it frozen (the decoder fine-tune), the encoder runs without gradients."""
+    with it frozen (the decoder fine-tune), the encoder runs without gradients. `shape_weights` maps the
+    batch's picture indices to per-pixel weights for both terms."""
     train_encoder = any(param.requires_grad for param in vae.encoder.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     start = time.time()
     for step in range(steps):
-        batch = images[torch.randint(0, len(images), (16,), generator=order)]
+        indices = torch.randint(0, len(images), (16,), generator=order)
+        batch = images[indices]
         with torch.set_grad_enabled(train_encoder):
             posterior = vae.encode(batch).latent_dist
             latents = posterior.sample(generator=order)
         recon = vae.decode(latents).sample
-        loss = F.mse_loss(recon, batch) + 0.1 * F.l1_loss(recon, batch)
+        if shape_weights is None:
+            loss = F.mse_loss(recon, batch) + 0.1 * F.l1_loss(recon, batch)
+        else:
+            weights = shape_weights(indices)
+            loss = (weights * (recon - batch).square()).mean() + 0.1 * (weights * (recon - batch).abs()).mean()
         if train_encoder:
             loss = loss + 1e-6 * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
@@ -506,17 +563,23 @@ def narrow_posterior(vae) -> None:
         vae.quant_conv.bias[architecture.LATENT_CHANNELS :] = POSTERIOR_LOGVAR_INIT
 
 
+def round_trip(vae, images: torch.Tensor) -> torch.Tensor:
+    """`images` [B, 3, H, W] in -1..1 sent through the VAE (the posterior's mean) and back, as 0-255 floats
+    [B, H, W, 3]."""
+    with torch.no_grad():
+        recon = torch.cat(
+            [vae.decode(vae.encode(images[i : i + 128]).latent_dist.mean).sample for i in range(0, len(images), 128)]
+        )
+    return ((recon.permute(0, 2, 3, 1) + 1) * 127.5).clamp(0, 255)
+
+
 def colour_reconstruction_errors(vae, images: torch.Tensor, count: int = 512) -> dict[str, float]:
     """Mean absolute round-trip error (0-255) of each palette colour's pixels over `count` pictures.
 
     A VAE that merges two colours shows it here as one or two colours far above the rest."""
     sample = images[:count]
-    with torch.no_grad():
-        recon = torch.cat(
-            [vae.decode(vae.encode(sample[i : i + 128]).latent_dist.mean).sample for i in range(0, len(sample), 128)]
-        )
     original = ((sample.permute(0, 2, 3, 1) + 1) * 127.5).clamp(0, 255)
-    decoded = ((recon.permute(0, 2, 3, 1) + 1) * 127.5).clamp(0, 255)
+    decoded = round_trip(vae, sample)
     labels = torch.from_numpy(dataset.nearest_palette(original.reshape(-1, 1, 3).numpy().round())).reshape(-1)
     error = (decoded - original).abs().mean(-1).reshape(-1)
     return {
@@ -526,12 +589,42 @@ def colour_reconstruction_errors(vae, images: torch.Tensor, count: int = 512) ->
     }
 
 
-def report_colour_errors(stage: str, vae, images: torch.Tensor, *, final: bool) -> dict[str, float]:
-    """Log each palette colour's round-trip error; for the finished VAE (`final`), warn about a colour that
-    does not come back. (Before the decoder fine-tune, 10-17 is usual; the fine-tune brings them down to
-    about 3-7 when the latents keep the colours apart, and cannot when they do not.)"""
+def shape_colour_misreads(
+    vae, scenes: list[dataset.ShapeScene], images: torch.Tensor, count: int = 1024
+) -> dict[str, float]:
+    """For each palette colour, the share of the first `count` pictures with a shape of that colour whose
+    round trip the quality classifier reads with another shape colour."""
+    decoded = round_trip(vae, images[:count]).round().to(torch.uint8).numpy()
+    shapes, misread = collections.Counter(), collections.Counter()
+    for scene, picture in zip(scenes, decoded, strict=False):
+        shapes[scene.colour] += 1
+        misread[scene.colour] += dataset.classify(Image.fromarray(picture)).colour != scene.colour
+    return {name: misread[name] / shapes[name] for name in dataset.COLOURS if shapes[name]}
+
+
+def report_colour_errors(
+    stage: str, vae, scenes: list[dataset.ShapeScene], images: torch.Tensor, *, final: bool
+) -> dict[str, float]:
+    """Log each palette colour's round-trip error, and how often its shapes come back read as another colour;
+    for the finished VAE (`final`), warn about a colour that does not come back. (Before the decoder
+    fine-tune, errors of 10-17 are usual; the fine-tune brings them down to about 3-7 when the latents keep
+    the colours apart, and cannot when they do not.)"""
     errors = colour_reconstruction_errors(vae, images)
     log.info("%s colour round-trip error (0-255): %s", stage, ", ".join(f"{k} {v:.1f}" for k, v in errors.items()))
+    misreads = shape_colour_misreads(vae, scenes, images)
+    log.info("%s shapes read as another colour: %s", stage, ", ".join(f"{k} {v:.1%}" for k, v in misreads.items()))
+    most_misread = max(misreads, key=misreads.get)
+    if final and misreads[most_misread] > SHAPE_COLOUR_MISREAD_WARNING:
+        log.warning(
+            "%s: %.0f%% of the %s shapes come back read as another colour (more than %.0f%%): the VAE draws "
+            "small shapes of that colour as a neighbouring one, and the model will confuse them; reuse a VAE that "
+            "keeps them apart with --vae-from, or train another (--vae-shape-balance keeps them apart, but see "
+            "docs/micro-shapes-training.md on what it costs the shapes)",
+            stage,
+            100 * misreads[most_misread],
+            most_misread,
+            100 * SHAPE_COLOUR_MISREAD_WARNING,
+        )
     worst = max(errors, key=errors.get)
     if final and errors[worst] > COLOUR_ERROR_WARNING:
         log.warning(
@@ -547,7 +640,7 @@ def report_colour_errors(stage: str, vae, images: torch.Tensor, *, final: bool) 
     return errors
 
 
-def finetune_decoder(vae, images: torch.Tensor, args, work: Path):
+def finetune_decoder(vae, images: torch.Tensor, scenes: list[dataset.ShapeScene], args, work: Path):
     """Sharpen the decoder with the encoder frozen: the latent space (and so the UNet's training data)
     stays exactly the same, while edges and corners come back crisper (a triangle must not decode round)."""
     from diffusers import AutoencoderKL
@@ -563,10 +656,19 @@ def finetune_decoder(vae, images: torch.Tensor, args, work: Path):
     for param in trainable:
         param.requires_grad_(True)
     order = torch.Generator().manual_seed(args.seed + 5)
-    fit_reconstruction(tuned, images, trainable, lr=1e-3, steps=args.decoder_steps, order=order, stage="decoder")
+    fit_reconstruction(
+        tuned,
+        images,
+        trainable,
+        lr=1e-3,
+        steps=args.decoder_steps,
+        order=order,
+        stage="decoder",
+        shape_weights=_vae_shape_weights(scenes, args.vae_shape_balance),
+    )
     tuned.eval()
     tuned.save_pretrained(folder, safe_serialization=True)
-    report_colour_errors("VAE decoder", tuned, images, final=True)
+    report_colour_errors("VAE decoder", tuned, scenes, images, final=True)
     return tuned
 
 
@@ -1109,12 +1211,12 @@ def main(argv=None) -> None:
     if args.init_from:
         latents = encode_latents(vae, images, args.work)
     elif args.vae_from:
-        report_colour_errors(f"VAE from {args.vae_from}", vae, images, final=True)
+        report_colour_errors(f"VAE from {args.vae_from}", vae, scenes, images, final=True)
         latents = encode_latents(vae, images, args.work)
     else:
-        vae = train_vae(images, args, args.work).eval()
+        vae = train_vae(images, scenes, args, args.work).eval()
         latents = encode_latents(vae, images, args.work)
-        vae = finetune_decoder(vae, images, args, args.work)
+        vae = finetune_decoder(vae, images, scenes, args, args.work)
     unet, text_encoder, tokenizer, out_of_time = train_unet(vae, latents, scenes, args, args.work, start_from, deadline)
     if out_of_time:
         # A half-trained model must not land where the finished one goes (for the shipped recipe, the
