@@ -535,7 +535,8 @@ def test_the_shipped_vae_round_trips_every_palette_colour():
     errors = train_micro.colour_reconstruction_errors(vae, images)
     assert set(errors) == set(dataset.COLOURS)
     assert max(errors.values()) < train_micro.COLOUR_ERROR_WARNING
-    scenes, images = train_micro.training_pictures(1024, seed=0)
+    # (Its worst is yellow: 4.8% of the yellow shapes in these 256 pictures read orange.)
+    scenes, images = train_micro.training_pictures(256, seed=0)
     misreads = train_micro.shape_colour_misreads(vae, scenes, images)
     assert set(misreads) == set(dataset.COLOURS)
     assert max(misreads.values()) < train_micro.SHAPE_COLOUR_MISREAD_WARNING
