@@ -66,6 +66,11 @@ SHAPE_COLOUR_MISREAD_WARNING = 0.1
 # Pictures the two checks read: the per-pixel one the first of these, the shape-colour one all of them.
 COLOUR_CHECK_PICTURES = 512
 SHAPE_CHECK_PICTURES = 1024
+# What both warnings advise. The seed matters most: from scratch on one host, seed 0's VAE misread a sixth of
+# its black shapes where seeds 1 and 2 misread at most 3% of any colour.
+RETRAIN_VAE_ADVICE = (
+    "train another (delete the vae and vae-finetuned folders in --work; another --seed, or more --vae-steps)"
+)
 
 # Learning rate in the low-noise phase, relative to the base rates: twice where the main phase ends.
 LOW_NOISE_LR_FACTOR = 0.2
@@ -190,7 +195,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0.0,
         help="0 to 1: --shape-balance for the VAE and its decoder fine-tune, per picture pixel; a small shape's "
         "few pixels otherwise count for little, and two close colours (green and black) can come back alike there "
-        "(at 0.5 they came apart, but the UNet trained on that VAE drew its shapes worse: "
+        "(at 0.5 and at 0.15 they came apart, but the UNet trained on that VAE drew its shapes worse: "
         "docs/micro-shapes-training.md)",
     )
     parser.add_argument(
@@ -632,24 +637,25 @@ def report_colour_errors(
         log.warning(
             "%s: %.0f%% of the %s shapes come back read as another colour (more than %.0f%%): the VAE draws "
             "small shapes of that colour as a neighbouring one, and the model will confuse them; reuse a VAE that "
-            "keeps them apart with --vae-from, or train another (--vae-shape-balance keeps them apart, but see "
+            "keeps them apart with --vae-from, or %s (--vae-shape-balance keeps them apart too, but see "
             "docs/micro-shapes-training.md on what it costs the shapes)",
             stage,
             100 * misreads[most_misread],
             most_misread,
             100 * SHAPE_COLOUR_MISREAD_WARNING,
+            RETRAIN_VAE_ADVICE,
         )
     worst = max(errors, key=errors.get)
     if final and errors[worst] > COLOUR_ERROR_WARNING:
         log.warning(
             "%s: %s comes back %.1f off (more than %.0f): the VAE's latents do not keep it apart from a "
-            "neighbouring colour, and the model will confuse them; train another (delete the vae and "
-            "vae-finetuned folders in --work; more --vae-steps or another --seed) or reuse a VAE that keeps the "
-            "colours apart with --vae-from",
+            "neighbouring colour, and the model will confuse them; %s, or reuse a VAE that keeps the colours "
+            "apart with --vae-from",
             stage,
             worst,
             errors[worst],
             COLOUR_ERROR_WARNING,
+            RETRAIN_VAE_ADVICE,
         )
     return errors
 
