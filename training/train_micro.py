@@ -69,7 +69,7 @@ SHAPE_CHECK_PICTURES = 1024
 # What both warnings advise. The seed matters most: from scratch on one host, seed 0's VAE misread a sixth of
 # its black shapes where seeds 1 and 2 misread at most 3% of any colour.
 RETRAIN_VAE_ADVICE = (
-    "train another (delete the vae and vae-finetuned folders in --work; another --seed, or more --vae-steps)"
+    "train another (delete the vae and vae-finetuned folders in --work; another --vae-seed, or more --vae-steps)"
 )
 
 # Learning rate in the low-noise phase, relative to the base rates: twice where the main phase ends.
@@ -101,6 +101,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="diffusers folder to write")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="checkpoints, latents and the log")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--vae-seed",
+        type=int,
+        default=None,
+        help="seed of the VAE and its decoder fine-tune (their start, order and pictures), --seed by default; "
+        "the VAE's colours depend on it most (seed 0 merged black and green on one host, seeds 1 and 2 did not)",
+    )
     parser.add_argument("--images", type=int, default=30000, help="pictures generated for training")
     parser.add_argument("--vae-steps", type=int, default=700)
     parser.add_argument("--decoder-steps", type=int, default=1000, help="decoder-only fine-tuning steps")
@@ -287,6 +294,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{share.replace('_', '-')} must be between 0 and 1, not {value}")
     if args.init_from and args.vae_from:
         parser.error("--init-from already brings its model's VAE; leave out --vae-from")
+    if args.vae_seed is not None and (args.init_from or args.vae_from):
+        parser.error("--vae-seed seeds a VAE trained here; --init-from and --vae-from bring a finished one")
+    if args.vae_seed is None:
+        args.vae_seed = args.seed
     return args
 
 
@@ -471,10 +482,10 @@ def train_vae(images: torch.Tensor, scenes: list[dataset.ShapeScene], args, work
     if (folder / "config.json").is_file():
         log.info("VAE: using %s", folder)
         return AutoencoderKL.from_pretrained(folder)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.vae_seed)
     vae = architecture.build_vae()
     narrow_posterior(vae)
-    order = torch.Generator().manual_seed(args.seed + 1)
+    order = torch.Generator().manual_seed(args.vae_seed + 1)
     start = time.time()
     fit_reconstruction(
         vae,
@@ -675,7 +686,7 @@ def finetune_decoder(vae, images: torch.Tensor, scenes: list[dataset.ShapeScene]
         param.requires_grad_(False)
     for param in trainable:
         param.requires_grad_(True)
-    order = torch.Generator().manual_seed(args.seed + 5)
+    order = torch.Generator().manual_seed(args.vae_seed + 5)
     fit_reconstruction(
         tuned,
         images,
@@ -1234,9 +1245,14 @@ def main(argv=None) -> None:
         report_colour_errors(f"VAE from {args.vae_from}", vae, scenes, images, final=True)
         latents = encode_latents(vae, images, args.work)
     else:
-        vae = train_vae(images, scenes, args, args.work).eval()
+        # The VAE learns from pictures of its own seed; the UNet's latents are always its own pictures'.
+        vae_scenes, vae_images = (
+            (scenes, images) if args.vae_seed == args.seed else training_pictures(args.images, args.vae_seed)
+        )
+        vae = train_vae(vae_images, vae_scenes, args, args.work).eval()
         latents = encode_latents(vae, images, args.work)
-        vae = finetune_decoder(vae, images, scenes, args, args.work)
+        vae = finetune_decoder(vae, vae_images, vae_scenes, args, args.work)
+        del vae_scenes, vae_images
     unet, text_encoder, tokenizer, out_of_time = train_unet(vae, latents, scenes, args, args.work, start_from, deadline)
     if out_of_time:
         # A half-trained model must not land where the finished one goes (for the shipped recipe, the
