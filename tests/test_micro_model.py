@@ -433,6 +433,10 @@ def test_training_from_scratch_keeps_the_main_phase_and_reruns_the_low_noise_pha
     train_micro.main([*flags, f"--work={work}", f"--out={tmp_path / 'out'}"])
     kept = torch.load(work / "checkpoint-step2.pt", weights_only=False)
     assert kept["step"] == 2 and torch.load(work / "checkpoint.pt", weights_only=False)["step"] == 4
+    # Its latents are the exported encoder's, so a stage started from the export reads them back.
+    exported_vae = train_micro.load_exported(tmp_path / "out")[0]
+    pictures = train_micro.training_pictures(16, seed=0)[1]
+    assert train_micro.latents_key(exported_vae, pictures) == torch.load(work / "latents.pt")["key"]
 
     def rerun_low_noise_phase(name: str, *extra_flags: str) -> Path:
         rerun = tmp_path / name
@@ -481,7 +485,8 @@ def test_the_vae_seed_picks_the_vae_alone_and_the_unet_still_learns_from_the_see
         assert all(torch.equal(weights[seed_1][key], weights[vae_seed_1][key]) for key in weights[seed_1])
         assert not all(torch.equal(weights[own][key], weights[vae_seed_1][key]) for key in weights[own])
     _scenes, pictures = train_micro.training_pictures(16, seed=0)
-    expected = train_micro.encode_pictures(train_micro.load_vae(vae_seed_1 / "vae").eval(), pictures)
+    encoder = train_micro.round_to_export_precision(train_micro.load_vae(vae_seed_1 / "vae"))
+    expected = train_micro.encode_pictures(encoder, pictures)
     assert torch.equal(torch.load(vae_seed_1 / "latents.pt")["latents"], expected)
     # A VAE brought from elsewhere is not trained here, so there is nothing for the seed to pick.
     for brought in ("--vae-from", "--init-from"):
