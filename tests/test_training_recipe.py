@@ -11,7 +11,7 @@ import torch
 from training import run_recipe, train_micro
 
 
-@pytest.mark.parametrize("name", ["budget", "shipped"])
+@pytest.mark.parametrize("name", ["budget", "budget-own-vae", "shipped"])
 def test_every_stage_of_the_shipped_recipes_is_a_valid_training_command(name):
     stages = run_recipe.load_recipe(run_recipe.recipe_path(name))
     for number in range(1, len(stages) + 1):
@@ -39,7 +39,7 @@ def test_a_recipe_that_sets_what_the_runner_sets_is_refused_by_stage_and_flag(tm
     recipe.write_text(json.dumps({"stages": [{"name": "a", "flags": ["--eval-every", "1200"]}]}))
     with pytest.raises(SystemExit, match=r"stage 1 \(a\) has the flag '1200'; allowed: .*\"--unet-steps=6000\""):
         run_recipe.load_recipe(recipe)
-    with pytest.raises(SystemExit, match="got 'nope'; allowed: a JSON file, or one of budget, shipped"):
+    with pytest.raises(SystemExit, match="got 'nope'; allowed: a JSON file, or one of budget, budget-own-vae, shipped"):
         run_recipe.recipe_path("nope")
     for text in ('{"stages": [{"name": "a"}]}', "[1, 2]", "not json"):
         recipe.write_text(text)

@@ -200,7 +200,9 @@ def run_stage(number: int, stage: Stage, folder: Path, command: list[str]) -> No
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="a recipe's name in training/recipes/ (budget, shipped) or a JSON file")
+    parser.add_argument(
+        "recipe", help="a recipe's name in training/recipes/ (budget, budget-own-vae, shipped) or a JSON file"
+    )
     parser.add_argument("--work", type=Path, default=None, help="stage folders go here (training/runs/<recipe>)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the last stage exports the model here")
     parser.add_argument(
