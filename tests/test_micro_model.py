@@ -469,7 +469,7 @@ def test_training_from_scratch_keeps_the_main_phase_and_reruns_the_low_noise_pha
     }
 
 
-def test_the_vae_seed_picks_the_vae_alone_and_the_unet_still_learns_from_the_seeds_pictures(tmp_path):
+def test_the_vae_seed_picks_the_vae_alone_and_the_unet_still_learns_from_the_seeds_pictures(tmp_path, capsys):
     """--vae-seed: the VAE stages are those of a run at that --seed (its start, order and pictures), and the
     latents the UNet trains on are still made from --seed's pictures."""
     flags = ["--images=16", "--batch=4", "--vae-steps=2", "--decoder-steps=2", "--unet-steps=0"]
@@ -492,6 +492,7 @@ def test_the_vae_seed_picks_the_vae_alone_and_the_unet_still_learns_from_the_see
     for brought in ("--vae-from", "--init-from"):
         with pytest.raises(SystemExit):
             train_micro.parse_args([f"{brought}={train_micro.DEFAULT_OUT}", "--vae-seed=1"])
+        assert "--vae-seed seeds a VAE trained here" in capsys.readouterr().err
 
 
 def test_a_new_vaes_posterior_starts_narrow_so_every_latent_channel_carries_colour():

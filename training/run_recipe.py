@@ -50,13 +50,17 @@ class Stage:
     flags: list[str]
 
 
+def recipe_names() -> str:
+    """The recipes in training/recipes/, by name, as a comma-separated list."""
+    return ", ".join(sorted(p.stem for p in RECIPES.glob("*.json")))
+
+
 def recipe_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix != ".json":
         path = RECIPES / f"{name_or_path}.json"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.json")))
-        raise SystemExit(f"recipe: got {name_or_path!r}; allowed: a JSON file, or one of {known}")
+        raise SystemExit(f"recipe: got {name_or_path!r}; allowed: a JSON file, or one of {recipe_names()}")
     return path
 
 
@@ -200,9 +204,7 @@ def run_stage(number: int, stage: Stage, folder: Path, command: list[str]) -> No
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "recipe", help="a recipe's name in training/recipes/ (budget, budget-own-vae, shipped) or a JSON file"
-    )
+    parser.add_argument("recipe", help=f"a recipe's name in training/recipes/ ({recipe_names()}) or a JSON file")
     parser.add_argument("--work", type=Path, default=None, help="stage folders go here (training/runs/<recipe>)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the last stage exports the model here")
     parser.add_argument(

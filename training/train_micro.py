@@ -72,6 +72,10 @@ RETRAIN_VAE_ADVICE = (
     "train another (delete the vae and vae-finetuned folders in --work; another --vae-seed, or more --vae-steps)"
 )
 
+# The precision export stores the weights in (keeping the folder small); a new VAE is rounded to it before
+# it encodes the UNet's latents.
+EXPORT_DTYPE = torch.float16
+
 # Learning rate in the low-noise phase, relative to the base rates: twice where the main phase ends.
 LOW_NOISE_LR_FACTOR = 0.2
 
@@ -704,14 +708,14 @@ def finetune_decoder(vae, images: torch.Tensor, scenes: list[dataset.ShapeScene]
 
 
 def round_to_export_precision(module: nn.Module) -> nn.Module:
-    """`module` with its weights rounded to half precision, as export stores them, and kept in float32.
+    """`module` with its weights rounded to EXPORT_DTYPE, as export stores them, and kept in float32.
     A new VAE is rounded before it encodes the UNet's latents, so they are the latents the exported
     model's encoder gives: img2img's are the ones the UNet learnt from, and a later stage started from
     the export reads them back instead of encoding 30,000 pictures again (about two minutes)."""
     with torch.no_grad():
         for tensor in module.state_dict().values():
             if tensor.is_floating_point():
-                tensor.copy_(tensor.half().float())
+                tensor.copy_(tensor.to(EXPORT_DTYPE).float())
     return module
 
 
@@ -1192,7 +1196,7 @@ def export(vae, unet, text_encoder, tokenizer, out: Path, latent_rgb: dict | Non
     pipe = build_pipeline(copy.deepcopy(vae), copy.deepcopy(text_encoder), copy.deepcopy(unet), tokenizer)
     # Half precision on disk keeps the folder small; the engine loads it at the device's own precision.
     for module in (pipe.vae, pipe.text_encoder, pipe.unet):
-        module.to(torch.float16)
+        module.to(EXPORT_DTYPE)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
     # A model folder is made to be shared: leave out diffusers' note of the folder a component was
