@@ -655,6 +655,49 @@ def test_the_hold_loss_compares_with_the_starting_unet_in_its_timestep_range_onl
             train_micro.parse_args([f"--init-from={train_micro.DEFAULT_OUT}", "--hold-weight=1", *bad_range])
 
 
+def test_the_cfg_target_makes_guidance_at_its_scale_give_the_noise_on_the_named_rows_only():
+    """--cfg-target-scale: on the rows it names (captioned, below --cfg-target-below) the prompted
+    prediction's target is the one whose CFG at that scale, against the UNet's own empty-prompt
+    prediction, is the picture's noise; every other row keeps the noise itself."""
+    _vae, unet, text_encoder = train_micro.load_exported(train_micro.DEFAULT_OUT)
+    tokenizer = architecture.build_tokenizer()
+    with torch.no_grad():
+        empty = text_encoder(torch.tensor([tokenizer("", padding="max_length", max_length=77).input_ids]))
+    empty = empty.last_hidden_state
+    generator = torch.Generator().manual_seed(0)
+    noisy, noise = torch.randn((2, 4, 4, 16, 16), generator=generator)
+    timesteps = torch.tensor([100, 300, 500, 900])
+    rows = torch.tensor([True, False, True, False])
+    target = train_micro.cfg_consistent_target(unet, noisy, timesteps, noise, empty, rows, 7.0)
+    assert torch.equal(target[~rows], noise[~rows])
+    with torch.no_grad():
+        empty_prediction = unet(noisy, timesteps, empty.expand(4, -1, -1)).sample
+    guided = empty_prediction + 7.0 * (target - empty_prediction)
+    assert torch.allclose(guided[rows], noise[rows], atol=1e-4)
+    assert (target[rows] - noise[rows]).abs().mean() > 0.1
+    # At scale 1 (CFG off) the target is the noise; with no row named nothing is computed.
+    assert torch.allclose(train_micro.cfg_consistent_target(unet, noisy, timesteps, noise, empty, rows, 1.0), noise)
+    assert train_micro.cfg_consistent_target(unet, noisy, timesteps, noise, empty, rows & False, 7.0) is noise
+    for bad in (["--cfg-target-scale=0.5"], ["--cfg-target-below=0"], ["--cfg-target-below=1001"]):
+        with pytest.raises(SystemExit):
+            train_micro.parse_args(bad)
+
+
+def test_the_cfg_target_and_bf16_reach_the_training_and_bf16_runs_repeat(tmp_path):
+    flags = [f"--vae-from={train_micro.DEFAULT_OUT}", "--images=16", "--batch=4", "--unet-steps=2"]
+    flags += ["--low-noise-steps=0", "--eval-every=1000"]
+
+    def trained(name: str, *extra: str) -> dict[str, torch.Tensor]:
+        train_micro.main([*flags, *extra, f"--work={tmp_path / name}", f"--out={tmp_path / name / 'model'}"])
+        return train_micro.load_exported(tmp_path / name / "model")[1].state_dict()
+
+    plain, bf16 = trained("plain"), trained("bf16", "--bf16")
+    for changed in (trained("cfg-target", "--cfg-target-scale=7", "--cfg-target-below=1000"), bf16):
+        assert any(not torch.equal(changed[key], plain[key]) for key in plain)
+    again = trained("bf16-again", "--bf16")
+    assert all(torch.equal(again[key], bf16[key]) for key in bf16)
+
+
 def test_a_fine_tune_can_leave_the_low_timesteps_out_and_hold_them_with_other_colours_captions():
     """--min-timestep keeps the first phase's pictures at that noise or more (recoloured captions, as
     ever, meet nearly finished pictures only); --hold-recolour-share gives that share of the hold's
