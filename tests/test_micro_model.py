@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from engine.presets import SHIPPED_MICRO_MODEL
+from engine.prompts import apply_emphasis
 from tools import measure_micro_quality
 from training import architecture, dataset, quality, train_micro
 
@@ -221,6 +222,48 @@ def test_cross_attention_maps_keep_the_unet_output_and_show_where_it_looks():
     assert train_micro.colour_attention_shortfall(torch.tensor([0.0]), torch.tensor([False])) == 0
     at_target = torch.tensor([train_micro.COLOUR_ATTENTION_TARGET])
     assert train_micro.colour_attention_shortfall(at_target, torch.tensor([True])) == 0
+
+
+def test_export_lifts_an_encoder_that_averages_zero_so_emphasis_keeps_its_scale_and_pictures_stay():
+    # An encoder whose output for a caption averages almost exactly zero, though its tokens do not: what one
+    # own-VAE model's did for this caption, where A1111's "Original" emphasis (rescale by old mean / new mean)
+    # turned the whole prompt around.
+    tokenizer = architecture.build_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = architecture.build_text_encoder(len(tokenizer)).eval()
+    unet = train_micro.load_exported(train_micro.DEFAULT_OUT)[1]
+    prompts = ["a green circle on a blue background", ""]
+    input_ids = tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    final_norm = text_encoder.final_layer_norm
+    with torch.no_grad():
+        final_norm.weight.copy_(1 + torch.randn(final_norm.weight.shape, generator=torch.Generator().manual_seed(1)))
+        final_norm.bias -= text_encoder(input_ids[:1]).last_hidden_state.mean()
+    weights = [[1.0] * 77, [1.0] * 77]
+    weights[0][input_ids[0].tolist().index(tokenizer.get_vocab()["blue</w>"])] = 1.4
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([800, 100])
+
+    def encode_and_predict() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encoder output, the UNet's prediction from it, and Original's rescaling of "(blue:1.4)"."""
+        with torch.no_grad():
+            hidden = text_encoder(input_ids).last_hidden_state
+            rescaling = apply_emphasis(hidden, weights, "Original") / apply_emphasis(hidden, weights, "No norm")
+            return hidden, unet(latents, timesteps, hidden).sample, rescaling.mean(dim=(1, 2))
+
+    hidden_before, predicted_before, rescaling_before = encode_and_predict()
+    assert rescaling_before[0].abs() < 0.01  # the weighted prompt all but wiped out
+    shift = train_micro.lift_text_mean(text_encoder, unet, tokenizer)
+    hidden_after, predicted_after, rescaling_after = encode_and_predict()
+
+    captions = train_micro.caption_sample()
+    assert train_micro.caption_means(text_encoder, tokenizer, captions).min() >= train_micro.TEXT_MEAN_FLOOR - 1e-6
+    torch.testing.assert_close(hidden_after, hidden_before + shift)
+    # The UNet takes the shift back out: a prompt without weights draws what it drew.
+    torch.testing.assert_close(predicted_after, predicted_before, atol=1e-4, rtol=1e-4)
+    # Original's rescaling now stays within a few percent of multiplying alone.
+    assert (rescaling_after - 1).abs().max() < 0.03, rescaling_after
+    # A lifted encoder, like the shipped one, is left as it is.
+    assert train_micro.lift_text_mean(text_encoder, unet, tokenizer) == 0
 
 
 # Floors on these small samples, below what the model measures (README: 168 prompts, 300 seeds).

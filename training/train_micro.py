@@ -25,6 +25,7 @@ import argparse
 import collections
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -1251,12 +1252,80 @@ def held_prediction_gap(
     return F.mse_loss(unet(noisy, timesteps, mixed).sample, target)
 
 
+# A1111's "Original" emphasis multiplies the weighted tokens' outputs, then rescales the whole chunk by
+# old mean / new mean. Trained from scratch, this encoder's outputs can average almost exactly zero (one own-VAE
+# model: 0.00002 over "a green circle on a blue background"), and that factor is then huge or negative:
+# "(blue:1.2)" flipped the sign of the whole prompt and drew an orange shape on white. Real CLIP's outputs
+# average well away from zero; export moves this encoder's there too, without changing what it draws. Lifted to
+# this floor, that model read emphasis 24/24 (from 18/24). The shipped model's smallest mean is 0.0059 over
+# caption_sample (0.0046 over every shape and size) and its emphasis reads 24/24, so it is left as it is.
+TEXT_MEAN_FLOOR = 0.005
+
+
+def caption_sample() -> list[str]:
+    """The empty caption and every template's caption for every shape colour and background pair, the pairs
+    taking the shapes and sizes in turn."""
+    pairs = [
+        (colour, background)
+        for colour, background in itertools.product(dataset.COLOURS, repeat=2)
+        if colour != background
+    ]
+    scenes = [
+        dataset.ShapeScene(dataset.SHAPES[index % 3], colour, background, dataset.SIZES[index % 2], (0, 0, 1, 1))
+        for index, (colour, background) in enumerate(pairs)
+    ]
+    templates = dataset.FULL_TEMPLATES + dataset.PARTIAL_TEMPLATES
+    return ["", *sorted({dataset.fill_template(template, scene) for template in templates for scene in scenes})]
+
+
+def caption_means(text_encoder, tokenizer, captions: list[str], batch: int = 1024) -> torch.Tensor:
+    """Each caption's mean encoder output over its 77-token chunk, as A1111's emphasis takes it."""
+    means = []
+    for start in range(0, len(captions), batch):
+        ids = tokenizer(
+            captions[start : start + batch], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
+        with torch.no_grad():
+            means.append(text_encoder(ids).last_hidden_state.float().mean(dim=(1, 2)))
+    return torch.cat(means)
+
+
+def lift_text_mean(text_encoder, unet, tokenizer, floor: float = TEXT_MEAN_FLOOR) -> float:
+    """Shift the encoder's outputs by one constant so that every training caption's mean (the empty prompt's
+    too) is at least `floor`, and take the shift back out in the UNet; returns the shift (0 when the means
+    are already at least `floor`, or all at most -`floor`). Adding the same vector c to every token moves all of a
+    query's cross-attention scores by the same amount, which softmax ignores, and each attention output by
+    to_v(c) - to_v(0), since the weights sum to 1; the output projection's bias takes that back. So a prompt
+    without weights draws what it drew before; a weighted one now keeps its chunk's mean in proportion."""
+    means = caption_means(text_encoder, tokenizer, caption_sample())
+    if means.min() >= floor or means.max() <= -floor:
+        return 0.0
+    shift = floor - means.min().item()
+    final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+    with torch.no_grad():
+        offset = torch.full_like(final_norm.bias, shift)
+        final_norm.bias += offset
+        for module in unet.modules():
+            if getattr(module, "is_cross_attention", False):
+                moved = module.to_v.weight @ offset.to(module.to_v.weight.dtype)
+                module.to_out[0].bias -= module.to_out[0].weight @ moved
+    log.info(
+        "Text encoder: outputs lifted by %.4f, so every caption averages at least %.3f (from %.5f): A1111's emphasis "
+        "divides by that mean",
+        shift,
+        floor,
+        means.min().item(),
+    )
+    return shift
+
+
 def export(vae, unet, text_encoder, tokenizer, out: Path, latent_rgb: dict | None = None) -> None:
     """Write the model folder; `latent_rgb` is the VAE's preview table where one was fit to it before (else it is
     fit now, about 2.5 s)."""
     from engine.previews import fit_latent_rgb, save_latent_rgb_table
 
     pipe = build_pipeline(copy.deepcopy(vae), copy.deepcopy(text_encoder), copy.deepcopy(unet), tokenizer)
+    lift_text_mean(pipe.text_encoder, pipe.unet, tokenizer)
     # Half precision on disk keeps the folder small; the engine loads it at the device's own precision.
     for module in (pipe.vae, pipe.text_encoder, pipe.unet):
         module.to(EXPORT_DTYPE)
