@@ -779,6 +779,16 @@ def test_recoloured_captions_can_keep_the_background():
     assert train_micro.parse_args([]).recolour_background_share == 0.5
 
 
+def test_export_only_without_a_checkpoint_is_refused_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        train_micro.main(["--export-only", f"--work={tmp_path / 'empty'}", f"--out={out}"])
+    assert f"--export-only writes the model from {tmp_path / 'empty' / 'checkpoint.pt'}, which is not there" in (
+        capsys.readouterr().err
+    )
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("share", train_micro.SHARE_OPTIONS)
 def test_every_share_option_outside_0_to_1_is_refused_by_name(share, capsys):
     option = "--" + share.replace("_", "-")

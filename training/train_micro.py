@@ -328,6 +328,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--init-from already brings its model's VAE; leave out --vae-from")
     if args.vae_seed is not None and (args.init_from or args.vae_from):
         parser.error("--vae-seed seeds a VAE trained here; --init-from and --vae-from bring a finished one")
+    # Without a checkpoint there is nothing trained to write: the untrained weights would land in --out.
+    if args.export_only and not (args.work / "checkpoint.pt").is_file():
+        parser.error(
+            f"--export-only writes the model from {args.work / 'checkpoint.pt'}, which is not there; give the --work of a run"
+        )
     if args.vae_seed is None:
         args.vae_seed = args.seed
     return args
