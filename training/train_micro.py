@@ -1276,7 +1276,13 @@ def caption_sample() -> list[str]:
         if colour != background
     ]
     scenes = [
-        dataset.ShapeScene(dataset.SHAPES[index % 3], colour, background, dataset.SIZES[index % 2], (0, 0, 1, 1))
+        dataset.ShapeScene(
+            dataset.SHAPES[index % len(dataset.SHAPES)],
+            colour,
+            background,
+            dataset.SIZES[index % len(dataset.SIZES)],
+            (0, 0, 1, 1),  # captions do not name the position
+        )
         for index, (colour, background) in enumerate(pairs)
     ]
     templates = dataset.FULL_TEMPLATES + dataset.PARTIAL_TEMPLATES
