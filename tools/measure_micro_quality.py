@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -88,12 +89,18 @@ def main(argv=None) -> None:
     )
 
     if args.seeds:
-        negative = quality.negative_prompt_effect(engine, range(args.seeds))
-        row(
-            f"negative 'red' turns red circles non-red ({negative.red_without} seeds)",
-            f"{negative.not_red_with}/{negative.red_without} = {negative.share:.0%}",
-            ">= 90%",
-        )
+        colours = quality.circle_colours(engine, range(args.seeds))
+        drawn = Counter(colours.values()).most_common()
+        row(f"'{quality.NEGATIVE_CHECK_PROMPT}' draws", ", ".join(f"{c} {n}" for c, n in drawn[:4]), "")
+        # The check is on red; when a model seldom draws red unprompted, the colour it draws most
+        # shows the same effect with enough seeds to count.
+        for colour in dict.fromkeys(["red", drawn[0][0]]):
+            negative = quality.negative_prompt_effect(engine, range(args.seeds), colour, colours)
+            row(
+                f"negative '{colour}' turns {colour} circles another colour",
+                f"{negative.changed_with}/{negative.drawn_without} = {negative.share:.0%}",
+                ">= 90%",
+            )
     moved, total = quality.emphasis_effect(engine, range(6))
     row("(blue:1.4) has more blue than (blue:0.6)", f"{moved}/{total} = {moved / total:.0%}", ">= 90%")
 

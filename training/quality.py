@@ -110,24 +110,42 @@ def attribute_accuracy(
     return Accuracy(len(prompts), *(hits / len(prompts)), shape_by_kind, outline_by_kind)
 
 
+NEGATIVE_CHECK_PROMPT = "a circle on a white background"
+
+
 @dataclass
 class NegativeEffect:
-    red_without: int  # seeds whose circle was red with no negative prompt
-    not_red_with: int  # of those, how many are not red with negative prompt "red"
+    colour: str  # the colour given as the negative prompt
+    drawn_without: int  # seeds whose circle was that colour with no negative prompt
+    changed_with: int  # of those, how many are another colour with the negative prompt
 
     @property
     def share(self) -> float:
-        return self.not_red_with / self.red_without if self.red_without else float("nan")
+        return self.changed_with / self.drawn_without if self.drawn_without else float("nan")
 
 
-def negative_prompt_effect(engine: Engine, seeds: range) -> NegativeEffect:
-    prompt = "a circle on a white background"
-    red_seeds = [s for s in seeds if dataset.classify(generate(engine, prompt=prompt, seed=s)).colour == "red"]
+def circle_colours(engine: Engine, seeds: range) -> dict[int, str]:
+    """The colour each seed gives the circle when the prompt names none: what a negative prompt can take away."""
+    return {s: dataset.classify(generate(engine, prompt=NEGATIVE_CHECK_PROMPT, seed=s)).colour for s in seeds}
+
+
+def negative_prompt_effect(
+    engine: Engine, seeds: range, colour: str = "red", colours_without: dict[int, str] | None = None
+) -> NegativeEffect:
+    """Of the seeds that draw a `colour` circle unprompted, how many the negative prompt `colour` turns another colour.
+
+    `colours_without` is `circle_colours` for these seeds, when already drawn: checking several colours
+    then costs one pass without the negative prompt.
+    """
+    if colours_without is None:
+        colours_without = circle_colours(engine, seeds)
+    drawn = [s for s in seeds if colours_without[s] == colour]
     changed = sum(
-        dataset.classify(generate(engine, prompt=prompt, negative_prompt="red", seed=s)).colour != "red"
-        for s in red_seeds
+        dataset.classify(generate(engine, prompt=NEGATIVE_CHECK_PROMPT, negative_prompt=colour, seed=s)).colour
+        != colour
+        for s in drawn
     )
-    return NegativeEffect(len(red_seeds), changed)
+    return NegativeEffect(colour, len(drawn), changed)
 
 
 EMPHASIS_CASES = [
