@@ -207,8 +207,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0.0,
         help="0 to 1: --shape-balance for the VAE and its decoder fine-tune, per picture pixel; a small shape's "
         "few pixels otherwise count for little, and two close colours (green and black) can come back alike there "
-        "(at 0.5 and at 0.15 they came apart, but the UNet trained on that VAE drew its shapes worse: "
-        "docs/micro-shapes-training.md)",
+        "(at 0.15 and 0.5 they came apart; the budget-own-vae recipe uses 0.15: docs/micro-shapes-training.md)",
     )
     parser.add_argument(
         "--shape-balance",
