@@ -91,7 +91,11 @@ def main(argv=None) -> None:
     if args.seeds:
         colours = quality.circle_colours(engine, range(args.seeds))
         drawn = Counter(colours.values()).most_common()
-        row(f"'{quality.NEGATIVE_CHECK_PROMPT}' draws", ", ".join(f"{c} {n}" for c, n in drawn[:4]), "")
+        row(
+            f"'{quality.NEGATIVE_CHECK_PROMPT}' draws ({args.seeds} seeds)",
+            ", ".join(f"{c} {n}" for c, n in drawn[:4]),
+            "",
+        )
         # The check is on red; when a model seldom draws red unprompted, the colour it draws most
         # shows the same effect with enough seeds to count.
         for colour in dict.fromkeys(["red", drawn[0][0]]):
