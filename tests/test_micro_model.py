@@ -79,7 +79,7 @@ def test_the_quality_tool_refuses_counts_it_cannot_use_by_name(capsys):
 def test_negative_prompt_removes_the_colour(micro_engine):
     # 20 seeds (12 red circles); tools/measure_micro_quality.py tries 300.
     colours = quality.circle_colours(micro_engine, range(20))
-    effect = quality.negative_prompt_effect(micro_engine, range(20), "red", colours)
+    effect = quality.negative_prompt_effect(micro_engine, colours, "red")
     assert effect.drawn_without == list(colours.values()).count("red")
     assert effect.drawn_without >= 2, "too few red circles to judge: widen the seed range"
     assert effect.share >= NEGATIVE_BAR, effect

@@ -99,7 +99,7 @@ def main(argv=None) -> None:
         # The check is on red; when a model seldom draws red unprompted, the colour it draws most
         # shows the same effect with enough seeds to count.
         for colour in dict.fromkeys(["red", drawn[0][0]]):
-            negative = quality.negative_prompt_effect(engine, range(args.seeds), colour, colours)
+            negative = quality.negative_prompt_effect(engine, colours, colour)
             row(
                 f"negative '{colour}' turns {colour} circles another colour",
                 f"{negative.changed_with}/{negative.drawn_without} = {negative.share:.0%}",

@@ -129,17 +129,12 @@ def circle_colours(engine: Engine, seeds: range) -> dict[int, str]:
     return {s: dataset.classify(generate(engine, prompt=NEGATIVE_CHECK_PROMPT, seed=s)).colour for s in seeds}
 
 
-def negative_prompt_effect(
-    engine: Engine, seeds: range, colour: str = "red", colours_without: dict[int, str] | None = None
-) -> NegativeEffect:
+def negative_prompt_effect(engine: Engine, colours_without: dict[int, str], colour: str) -> NegativeEffect:
     """Of the seeds that draw a `colour` circle unprompted, how many the negative prompt `colour` turns another colour.
 
-    `colours_without` is `circle_colours` for these seeds, when already drawn: checking several colours
-    then costs one pass without the negative prompt.
+    `colours_without` is `circle_colours` for the seeds to check: drawn once, it serves every colour checked.
     """
-    if colours_without is None:
-        colours_without = circle_colours(engine, seeds)
-    drawn = [s for s in seeds if colours_without[s] == colour]
+    drawn = [s for s, drawn_colour in colours_without.items() if drawn_colour == colour]
     changed = sum(
         dataset.classify(generate(engine, prompt=NEGATIVE_CHECK_PROMPT, negative_prompt=colour, seed=s)).colour
         != colour

@@ -83,6 +83,7 @@ LOW_NOISE_LR_FACTOR = 0.2
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "models" / "Stable-diffusion" / "micro-shapes"
 DEFAULT_WORK = REPO / "training" / "runs" / "micro-shapes"
+CHECKPOINT_NAME = "checkpoint.pt"  # the rolling checkpoint a run resumes and --export-only writes from
 FAMILY_MARKER = {"_lantern_family": "micro"}
 # What the page opens with for this model, and so what the training checks sample with.
 MICRO_DEFAULTS = family_defaults(FAMILY_MARKER["_lantern_family"])
@@ -328,10 +329,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.vae_seed is not None and (args.init_from or args.vae_from):
         parser.error("--vae-seed seeds a VAE trained here; --init-from and --vae-from bring a finished one")
     # Without a checkpoint there is nothing trained to write: the untrained weights would land in --out.
-    if args.export_only and not (args.work / "checkpoint.pt").is_file():
-        parser.error(
-            f"--export-only writes the model from {args.work / 'checkpoint.pt'}, which is not there; give the --work of a run"
-        )
+    if args.export_only and not (checkpoint := args.work / CHECKPOINT_NAME).is_file():
+        parser.error(f"--export-only writes the model from {checkpoint}, which is not there; give the --work of a run")
     if args.vae_seed is None:
         args.vae_seed = args.seed
     return args
@@ -1010,7 +1009,7 @@ def train_unet(
     # they drew before it existed.
     recolour_rng = random.Random(args.seed + 5)
     step = 0
-    checkpoint_path = work / "checkpoint.pt"
+    checkpoint_path = work / CHECKPOINT_NAME
     if checkpoint_path.is_file():
         state = torch.load(checkpoint_path, weights_only=False)
         unet.load_state_dict(state["unet"])
