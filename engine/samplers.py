@@ -11,6 +11,7 @@ import functools
 import inspect
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -748,6 +749,13 @@ def a1111_noise_sampler(sample, sigmas, seed):
     pass's whole schedule, from its smallest non-zero sigma to its largest, one tree per image seed (`seed` a list,
     as A1111 hands it its batch's seeds) or one for the whole `sample`."""
     positive = sigmas[sigmas > 0]
+    # torchsde rounds a tree's ends to its tolerance (6 digits), so the schedule's smallest sigma can fall just below
+    # the tree made for it; torchsde then warns on every such job before clamping the time to the tree's start, as it
+    # does in A1111. The noise is A1111's either way, and the warning would only fill the server's log. (Set here, not
+    # once at import, so that it holds wherever warning filters were reset since.)
+    warnings.filterwarnings(
+        "ignore", message=r"Should have t[ab][<>]=t[01] but got", category=UserWarning, module=r"torchsde\."
+    )
     return BrownianTreeNoiseSampler(sample, positive.min().item(), sigmas.max().item(), seed)
 
 
@@ -1980,12 +1988,12 @@ class EtaDPMppSDEScheduler(diffusers.DPMSolverSDEScheduler):
 
     def step(self, model_output, timestep, sample, return_dict=True, s_noise=None):
         s_noise = self.s_noise if s_noise is None else s_noise
+        if self.noise_sampler is None:  # the tree diffusers' own step would make
+            self.noise_sampler = a1111_noise_sampler(sample, self.sigmas, self.noise_sampler_seed)
         if self.eta == 1.0:
             return super().step(model_output, timestep, sample, return_dict=return_dict, s_noise=s_noise)
         if self.step_index is None:
             self._init_step_index(timestep)
-        if self.noise_sampler is None:
-            self.noise_sampler = a1111_noise_sampler(sample, self.sigmas, self.noise_sampler_seed)
         first_half = self.state_in_first_order
         if first_half:
             sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
