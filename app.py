@@ -29,6 +29,11 @@ def configure_logging() -> None:
     # One line per HTTP request from these would bury what matters.
     for noisy in ("httpx", "httpcore", "urllib3", "gradio_client"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # transformers advises installing torchvision when diffusers' pipelines import CLIP's image processor; no
+    # pipeline here uses one (there is no safety checker), so that advice would only send users after a package.
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        lambda record: "requires torchvision" not in record.getMessage()
+    )
 
 
 def create_engine(settings: ServerSettings):

@@ -326,6 +326,7 @@ def test_app_py_starts_with_no_arguments_like_a_space_and_stops_cleanly(models_d
         assert process.poll() is None, output
         assert f"Running on http://127.0.0.1:{port}/" in output, output
         assert "micro-shapes" in output  # the embedded default
+        assert "torchvision" not in output, output  # no advice to install what the program does not use
     finally:
         process.send_signal(stop_signal)
         try:
