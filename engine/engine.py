@@ -23,7 +23,7 @@ from .errors import EngineError, InvalidRequestError, ModelLoadError, TaskStoppe
 from .events import JobControl, JobState, PreviewSettings, Progress, Result, Waiting
 from .extras import ExtrasRequest, upscale_picture
 from .extras import check as check_extras
-from .generate import run_batch
+from .generate import check_cfgpp_has_a_negative, run_batch
 from .hypernet import HypernetFile, HypernetUse, hypernet_uses, scan_hypernets
 from .images import resize_to
 from .infotext import format_infotext
@@ -505,6 +505,11 @@ class Engine:
             checked = dataclasses.replace(
                 checked, hr_checkpoint_name=self._second_title(checked.hr_checkpoint_name, "hr_checkpoint_name")
             )
+        # A sampler the loaded model cannot run is refused before the job waits (a hires pass on another model, or a
+        # model switched meanwhile, is checked when its pass starts).
+        check_cfgpp_has_a_negative(self._require_model(), checked.sampler_name)
+        if checked.enable_hr and not checked.hr_checkpoint_name and checked.hr_sampler_name:
+            check_cfgpp_has_a_negative(self._require_model(), checked.hr_sampler_name, "hr_sampler_name")
         if checked.refiner_checkpoint:
             refiner = self._second_title(checked.refiner_checkpoint, "refiner_checkpoint")
             if refiner and checked.prompt_syntax == "a1111" and is_composed(composable_parts(checked.prompt)):

@@ -433,6 +433,18 @@ def _embeds_guidance(model: LoadedModel) -> bool:
     return getattr(model.components["unet"].config, "time_cond_proj_dim", None) is not None
 
 
+def check_cfgpp_has_a_negative(model: LoadedModel, sampler_name: str, field: str = "sampler_name") -> None:
+    """Refuse a CFG++ sampler on a model that embeds its guidance: CFG++ steps along the negative prediction, which
+    such a model never makes."""
+    if get_sampler(sampler_name).cfgpp and _embeds_guidance(model):
+        raise InvalidRequestError(
+            field,
+            sampler_name,
+            "another sampler for this model: it embeds its guidance, so it makes no negative prediction for "
+            "DDIM CFG++ to step along",
+        )
+
+
 def _cfg_in_pipeline(model: LoadedModel, req: GenerationRequest, sampler_name: str) -> bool:
     """Whether diffusers' pipelines guide a pass themselves (their do_classifier_free_guidance): a batch of negative
     rows, then prompt rows."""
@@ -466,13 +478,7 @@ class _StandIns:
         skipping = (req.s_min_uncond > 0 or req.skip_early_cond > 0) and cfg_in_pipeline
         lengths = conditioning.padding is not None  # A1111's syntax: each conditioning at its own length
         cfgpp = get_sampler(sampler_name).cfgpp
-        if cfgpp and _embeds_guidance(model):
-            raise InvalidRequestError(
-                "sampler_name",
-                sampler_name,
-                "another sampler for this model: it embeds its guidance, so it makes no negative prediction for "
-                "DDIM CFG++ to step along",
-            )
+        check_cfgpp_has_a_negative(model, sampler_name)  # Engine.validate checked it too, on the model loaded then
         if refiner is None and not conditioning.parts and not skipping and not lengths and not cfgpp:
             return None
 
