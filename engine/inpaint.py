@@ -69,16 +69,25 @@ def _run(pipe, kwargs: dict, req: GenerationRequest, pictures, mask, seeds) -> l
         filled = [fill_masked(picture, mask) for picture in pictures]
     if req.inpainting_fill == FILL:
         pictures = filled
-    elif req.inpainting_fill in (LATENT_NOISE, LATENT_NOTHING):
-        _install_latent_fill(pipe, req.inpainting_fill, mask, seeds)
     width, height = pictures[0].size
+    pixels = pipe.image_processor.preprocess(pictures, height=height, width=width)
+    picture_latents = mean_latents(pipe.vae, pixels)
+    _encode_once(pipe, pixels, picture_latents)
+    if req.inpainting_fill in (LATENT_NOISE, LATENT_NOTHING):
+        _install_latent_fill(pipe, req.inpainting_fill, mask, seeds)
     inpainting_unet = pipe.unet.config.in_channels == INPAINTING_CHANNELS
     # A model without a mask input is given none: diffusers' pipeline would blend the picture in its own way.
     pipeline_mask = mask if inpainting_unet else Image.new("L", mask.size, 255)
     kwargs.update(image=pictures, mask_image=[pipeline_mask] * len(pictures), output_type="latent")
     if req.inpainting_mask_weight != 1 and inpainting_unet:
         kwargs["masked_image_latents"] = _partly_masked(pipe, pictures, mask, req.inpainting_mask_weight)
-    picture_latents = mean_latents(pipe.vae, pipe.image_processor.preprocess(pictures, height=height, width=width))
+    elif not inpainting_unet:
+        # The pipeline would encode a masked picture for the mask input this UNet lacks, and never read it: given
+        # latents in its place, it skips that encode.
+        scale = pipe.vae_scale_factor
+        kwargs["masked_image_latents"] = torch.zeros(
+            1, pipe.vae.config.latent_channels, height // scale, width // scale
+        )
     held = mask if req.latent_mask is None else req.latent_mask  # Outpainting mk2 holds the latents apart
     keep = 1 - latent_mask(held, (picture_latents.shape[3], picture_latents.shape[2]))
     timesteps = any(
@@ -265,6 +274,20 @@ def fill_masked(picture: Image.Image, mask: Image.Image) -> Image.Image:
         for _ in range(times):
             filled.alpha_composite(layer)
     return filled.convert("RGB")
+
+
+def _encode_once(pipe, pixels: torch.Tensor, latents: torch.Tensor) -> None:
+    """Make this job's pipeline take `latents` where it would encode `pixels` (the pictures it starts from) again:
+    the same mean latents, without a second pass through the VAE's encoder. Anything else it encodes as before. The
+    pipeline object is the job's own."""
+    encode = pipe._encode_vae_image
+
+    def encode_once(image, generator=None):
+        if image.shape == pixels.shape and torch.equal(image, pixels.to(image.device, image.dtype)):
+            return latents.to(image.device, image.dtype).clone()
+        return encode(image, generator)
+
+    pipe._encode_vae_image = encode_once
 
 
 def _install_latent_fill(pipe, content: int, mask: Image.Image, seeds) -> None:

@@ -126,3 +126,32 @@ def test_the_original_is_laid_over_the_result_through_the_blurred_mask_doubled(m
 
 def blurred_mask(mask: Image.Image) -> Image.Image:
     return mask.filter(ImageFilter.GaussianBlur(4))
+
+
+def encoded_pictures_and_result(engine, request) -> tuple[int, Result]:
+    """How many pictures the job passed through the VAE's encoder, and its result."""
+    calls = []
+    hook = engine.loaded.components["vae"].encoder.register_forward_pre_hook(
+        lambda module, args: calls.append(args[0].shape[0])
+    )
+    try:
+        result = list(engine.generate(request))[-1]
+    finally:
+        hook.remove()
+    assert isinstance(result, Result)
+    return sum(calls), result
+
+
+@pytest.mark.parametrize("fill", [0, 1, 2])  # fill, original, latent noise
+def test_an_inpaint_job_encodes_each_picture_once(micro_engine, fill, monkeypatch):
+    """diffusers' inpaint pipeline would encode the picture it starts from again, after the engine encoded it for
+    the blend, and a masked picture for a mask input that a model without one never reads: with SD 1.5's VAE that
+    is about 7.5 s a 512x512 picture each on a 2-core CPU. Both are left out, and the pictures are byte-identical to
+    those of a job that encodes the start again."""
+    request = inpaint_request(inpainting_fill=fill, batch_size=2)
+    encoded, result = encoded_pictures_and_result(micro_engine, request)
+    assert encoded == 2  # the batch's 2 pictures
+    monkeypatch.setattr("engine.inpaint._encode_once", lambda pipe, pixels, latents: None)
+    encoded_again, again = encoded_pictures_and_result(micro_engine, request)
+    assert encoded_again == 4
+    assert [image.tobytes() for image in again.images] == [image.tobytes() for image in result.images]
