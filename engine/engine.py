@@ -94,6 +94,7 @@ class Engine:
         exact_batches: bool | None = None,
         trace_unet: bool = True,
         warm_up: bool = False,
+        full_precision_vae: bool = False,
     ):
         self.models_dir = Path(models_dir) if models_dir is not None else DEFAULT_MODELS_DIR
         self.limits = limits or Limits()
@@ -107,6 +108,8 @@ class Engine:
         # Families that ask for it run their UNet as TorchScript traces on a CPU (same pixels, faster);
         # False keeps every UNet a Python module.
         self.trace_unet = trace_unet
+        # A1111's --no-half-vae: every model's VAE in float32 where the rest runs in half precision.
+        self.full_precision_vae = full_precision_vae
         # A server warms up each model it loads whose UNet runs traced (see _warm_up_locked).
         self.warm_up = warm_up
         self.registry = ModelRegistry(
@@ -322,7 +325,12 @@ class Engine:
     def _load(self, info: ModelInfo) -> LoadedModel:
         """`info` loaded on this engine's device, dtype and UNet tracing (the caller holds what lock it needs)."""
         return load_model(
-            info, registry=self.registry, device=self.device, dtype=self.dtype, trace_unet=self.trace_unet
+            info,
+            registry=self.registry,
+            device=self.device,
+            dtype=self.dtype,
+            trace_unet=self.trace_unet,
+            full_precision_vae=self.full_precision_vae,
         )
 
     def unload_model(self) -> ModelInfo | None:

@@ -29,7 +29,7 @@ from .previews import fit_latent_rgb, load_latent_rgb_table
 from .samplers import install_step_noise
 from .tiny_model import TINY_MODEL_NAME
 from .traced_unet import TracedUNet
-from .vae import LoadedVaes, encode_to_means
+from .vae import LoadedVaes, encode_to_means, run_vae_in, vae_dtype
 
 log = logging.getLogger(__name__)
 
@@ -336,16 +336,22 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     trace_unet: bool = True,
+    full_precision_vae: bool = False,
 ) -> LoadedModel:
     """Load `info` onto `device`; raises ModelLoadError with what to do when it cannot.
 
-    trace_unet=False keeps the UNet a Python module even for families that run it traced."""
+    trace_unet=False keeps the UNet a Python module even for families that run it traced; full_precision_vae runs
+    the VAE in float32 whatever `dtype` is (A1111's --no-half-vae). The VAE's weights were read in `dtype` then,
+    as the rest of the pipeline's were: float32 keeps its activations from overflowing, which is what the flag is
+    for."""
     pipe = load_pipeline(info, registry=registry, dtype=dtype)
     info = registry.with_hash(info)
     pipe.to(device)
     # Before the prompt encoders are made: the embeddings become tokens of the model's own tokenizers.
     embeddings = load_embeddings(pipe, registry.embeddings_dir)
     components = dict(pipe.components)
+    own_vae_dtype = vae_dtype(components["vae"], dtype, full_precision=full_precision_vae)
+    run_vae_in(components["vae"], own_vae_dtype)
     in_channels = components["unet"].config.get("in_channels")
     if in_channels not in (4, INPAINTING_CHANNELS):
         raise ModelLoadError(
@@ -372,7 +378,7 @@ def load_model(
         embeddings=embeddings,
         loras=LoraAdapters(registry.lora_dir),
         hypernets=Hypernetworks(registry.hypernetwork_dir),
-        vaes=LoadedVaes(components["vae"], device, dtype),
+        vaes=LoadedVaes(components["vae"], device, own_vae_dtype),
     )
     if trace_unet and defaults.cpu_traced_unet and device.type == "cpu" and "unet" in components:
         loaded.traced_unet = TracedUNet(components["unet"])

@@ -117,6 +117,7 @@ class LoadedVaes:
     """The VAEs loaded for one model, built on its own VAE's config and kept for the next job."""
 
     def __init__(self, reference, device: torch.device, dtype: torch.dtype):
+        """`dtype`: the one the VAEs run in (vae_dtype's)."""
         self.reference = reference
         self.device = device
         self.dtype = dtype
@@ -136,8 +137,7 @@ class LoadedVaes:
         key = str(vae.path.resolve())
         if key not in self._loaded:
             loaded = load_vae(vae, self.reference).to(self.device).eval()
-            if loaded.dtype != self.dtype:  # built in float32; diffusers warns about casting when asked anyway
-                loaded = loaded.to(dtype=self.dtype)
+            run_vae_in(loaded, self.dtype)  # built in float32
             self._loaded[key] = loaded
             while len(self._loaded) > MAX_LOADED_VAES:
                 self._loaded.popitem(last=False)
@@ -207,6 +207,36 @@ def _to_diffusers_names(tensors: dict, expected: dict, config, name: str) -> dic
             tensor = tensor.reshape(target.shape)
         renamed[key] = tensor.to(target.dtype)
     return renamed
+
+
+def vae_dtype(vae, model_dtype: torch.dtype, *, full_precision: bool = False) -> torch.dtype:
+    """The dtype a model's VAE runs in: float32 where A1111's --no-half-vae asks for it (`full_precision`) or the
+    VAE's config does (`force_upcast`: SDXL's VAE overflows in float16 into black or NaN pictures), else the model's.
+    Kept for good rather than cast for each call, as diffusers now advises: the casts cost time, and each one logs."""
+    if model_dtype != torch.float32 and (full_precision or getattr(vae.config, "force_upcast", False)):
+        return torch.float32
+    return model_dtype
+
+
+def run_vae_in(vae, dtype: torch.dtype) -> None:
+    """Keep `vae` in `dtype` and cast what reaches its encoder and decoder to it: the pipelines hand a VAE their
+    tensors in the UNet's dtype (SD's decode its latents uncast), which may be another."""
+    if vae.dtype != dtype:
+        # torch's own cast: diffusers' warns on every dtype it is given that modules "should be kept in float32",
+        # naming none (this VAE keeps none apart).
+        torch.nn.Module.to(vae, dtype=dtype)
+    for part in (vae.encoder, getattr(vae, "post_quant_conv", None), vae.decoder):
+        if part is not None:
+            part.register_forward_pre_hook(_inputs_in_own_dtype, with_kwargs=True)
+
+
+def _inputs_in_own_dtype(module, args, kwargs):
+    dtype = next(module.parameters()).dtype
+
+    def cast(value):
+        return value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+
+    return tuple(cast(value) for value in args), {name: cast(value) for name, value in kwargs.items()}
 
 
 def mean_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
