@@ -37,6 +37,8 @@ def configure_logging() -> None:
 
 
 def create_engine(settings: ServerSettings):
+    import torch
+
     from engine import Engine
 
     return Engine(
@@ -51,6 +53,8 @@ def create_engine(settings: ServerSettings):
         styles_file=settings.styles_file,
         embeddings_dir=settings.embeddings_dir,
         device=settings.device,
+        dtype=torch.float32 if settings.full_precision else None,
+        full_precision_vae=settings.full_precision_vae,
         allow_pickle=settings.allow_pickle,
         warm_up=True,
     )
@@ -62,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from engine import EngineError
 
+    for note in settings.a1111_notes:
+        log.info("A1111 flag with nothing to do here: %s", note)
     log.info("Loading model %s", settings.model or "(embedded micro model)")
     try:
         engine = create_engine(settings)

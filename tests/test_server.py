@@ -187,6 +187,95 @@ def test_launch_with_listen_and_no_login_logs_the_warning(engine, caplog):
     assert not handle.running
 
 
+# More of A1111's flags ---------------------------------------------------------------------------
+
+# A command line as A1111 users keep it in webui-user.sh's COMMANDLINE_ARGS.
+A1111_COMMAND_LINE = (
+    "--xformers --medvram --no-half-vae --api --listen --theme dark --skip-torch-cuda-test "
+    "--enable-insecure-extension-access --use-cpu interrogate"
+).split()
+
+
+def test_an_a1111_command_line_starts_and_says_what_each_flag_without_work_here_does(caplog, models_dir):
+    import app
+
+    settings = parse(*A1111_COMMAND_LINE)
+    assert settings.api and settings.host == "0.0.0.0" and settings.full_precision_vae
+    assert not settings.full_precision and settings.device is None
+    notes = "\n".join(settings.a1111_notes)
+    for flag in ("--xformers", "--medvram", "--theme dark", "--skip-torch-cuda-test", "--use-cpu interrogate"):
+        assert flag in notes
+    assert "--no-half-vae" not in notes and "--api" not in notes  # those do something
+    caplog.set_level(logging.INFO, logger="app")
+    # The notes come before the model loads (here it cannot: the log still has them).
+    assert app.main(["--xformers", "--models-dir", str(models_dir), "--model", "no-such-model"]) == 1
+    assert "--xformers: attention runs on torch's scaled_dot_product_attention" in caplog.text
+    with pytest.raises(SystemExit):
+        parse("--no-such-flag")  # a flag A1111 does not have either is still refused
+
+
+def test_a1111s_precision_and_device_flags_set_what_the_engine_runs_on(tmp_path, monkeypatch):
+    import torch
+
+    import app
+
+    assert parse("--no-half").full_precision and parse("--precision", "full").full_precision
+    assert not parse("--precision", "autocast").full_precision
+    assert parse("--use-cpu", "all").device == "cpu" and parse("--use-cpu", "sd", "interrogate").device == "cpu"
+    assert parse("--device-id", "1").device == "cuda:1"
+    with_both = parse("--device", "cuda:0", "--device-id", "1")
+    assert with_both.device == "cuda:0" and any("wins" in note for note in with_both.a1111_notes)
+    made = {}
+    monkeypatch.setattr("engine.Engine", lambda **options: made.update(options))
+    app.create_engine(parse("--no-half", "--no-half-vae"))
+    assert made["dtype"] == torch.float32 and made["full_precision_vae"]
+    app.create_engine(parse())
+    assert made["dtype"] is None and not made["full_precision_vae"]  # the device's default: float16 on a GPU
+
+
+def test_data_dir_holds_models_and_outputs_and_safe_unpickle_off_allows_pickles(tmp_path, capsys):
+    settings = parse("--data-dir", str(tmp_path))
+    assert settings.models_dir == tmp_path / "models" and settings.outputs_dir == tmp_path / "outputs"
+    given = parse("--data-dir", str(tmp_path), "--models-dir", str(tmp_path / "m"), "--outputs-dir", "o")
+    assert given.models_dir == tmp_path / "m" and given.outputs_dir == Path("o")
+    with pytest.raises(SystemExit):
+        parse("--data-dir", str(tmp_path / "missing"))
+    assert "--data-dir" in capsys.readouterr().err
+    assert parse("--disable-safe-unpickle").allow_pickle and not parse().allow_pickle
+
+
+def test_nowebui_serves_the_api_alone_on_7861(engine, capsys):
+    settings = parse("--nowebui")
+    assert settings.api and not settings.page and settings.port == 7861
+    with pytest.raises(SystemExit):
+        parse("--nowebui", "--share")
+    assert "--nowebui" in capsys.readouterr().err
+    handle = launch(engine, parse("--nowebui", "--port", "0"))
+    try:
+        assert httpx.get(handle.url + "sdapi/v1/samplers", timeout=30).status_code == 200
+        assert httpx.get(handle.url, timeout=30).status_code == 404  # no page
+        generated = httpx.post(handle.url + "sdapi/v1/txt2img", json={"steps": 2}, timeout=60)
+        assert generated.status_code == 200 and generated.json()["images"]
+    finally:
+        handle.close()
+
+
+def test_autolaunch_opens_the_page_in_a_browser(engine, monkeypatch):
+    opened = []
+    monkeypatch.setattr("webbrowser.open", opened.append)
+    handle = launch(engine, parse("--autolaunch", "--port", "0", "--no-save"))
+    try:
+        deadline = time.monotonic() + 10
+        while not opened and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert opened == [handle.url]
+    finally:
+        handle.close()
+    launch(engine, parse("--port", "0", "--no-save")).close()
+    time.sleep(0.5)
+    assert len(opened) == 1  # without the flag no browser opens
+
+
 # Logins ----------------------------------------------------------------------------------------
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import ipaddress
 import logging
 import os
@@ -21,6 +20,7 @@ import signal
 import socket
 import threading
 import time
+import webbrowser
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +42,40 @@ DEFAULT_OUTPUTS_DIR = PROJECT_DIR / "outputs"
 # When no port was asked for and 7860 is taken, try the next ones, as Gradio and A1111 do.
 PORT_SEARCH_RANGE = 100
 CHECKPOINTS_SUBDIR = "Stable-diffusion"
+# A1111's port for --nowebui (the API alone).
+NOWEBUI_PORT = 7861
+
+_SAME_ATTENTION = "attention runs on torch's scaled_dot_product_attention (A1111's --opt-sdp-attention), which needs nothing installed"
+_NO_OFFLOAD = (
+    "models stay whole on the device (no offloading to system memory); if it runs out, use a smaller size or batch"
+)
+_NOTHING_INSTALLED = "the program installs, updates and downloads nothing at start (make setup installs it once)"
+# A1111 flags that ask for nothing this program needs doing, and why: accepted so that an A1111 command line starts.
+A1111_NOTHING_TO_DO = {
+    "--xformers": _SAME_ATTENTION,
+    "--force-enable-xformers": _SAME_ATTENTION,
+    "--opt-sdp-attention": _SAME_ATTENTION,
+    "--opt-sdp-no-mem-attention": _SAME_ATTENTION,
+    "--opt-split-attention": _SAME_ATTENTION,
+    "--opt-split-attention-v1": _SAME_ATTENTION,
+    "--opt-sub-quad-attention": _SAME_ATTENTION,
+    "--medvram": _NO_OFFLOAD,
+    "--medvram-sdxl": _NO_OFFLOAD,
+    "--lowvram": _NO_OFFLOAD,
+    "--upcast-sampling": "sampling runs in the model's precision; --no-half runs it in float32",
+    "--disable-nan-check": "no NaN check runs",
+    "--skip-torch-cuda-test": "the device is the best one torch finds (--device picks another); a CPU needs no test",
+    "--enable-insecure-extension-access": "this program has no extensions",
+    "--no-gradio-queue": "the queue is what runs one job at a time and shows those waiting their place",
+    "--skip-install": _NOTHING_INSTALLED,
+    "--skip-prepare-environment": _NOTHING_INSTALLED,
+    "--skip-version-check": _NOTHING_INSTALLED,
+    "--skip-python-version-check": _NOTHING_INSTALLED,
+    "--reinstall-torch": _NOTHING_INSTALLED,
+    "--reinstall-xformers": _NOTHING_INSTALLED,
+    "--update-check": _NOTHING_INSTALLED,
+    "--no-download-sd-model": _NOTHING_INSTALLED,
+}
 
 # Page events that run a generation pass this as `concurrency_id`: with the queue's
 # default_concurrency_limit=1 they then run one at a time, whichever tab started them.
@@ -91,6 +125,16 @@ class ServerSettings:
     device: str | None = None
     # A1111's --hide-ui-dir-config: no folder of the server can be named on the page (the Batch from folders).
     hide_ui_dir_config: bool = False
+    # A1111's --no-half / --precision full: every model in float32, on a GPU too.
+    full_precision: bool = False
+    # A1111's --no-half-vae: the VAE in float32 where the rest runs in half precision.
+    full_precision_vae: bool = False
+    # A1111's --autolaunch: open the page in this machine's browser once it serves.
+    autolaunch: bool = False
+    # False with A1111's --nowebui: the REST API alone, no page.
+    page: bool = True
+    # What each A1111 flag given that has nothing to do here would have done, and why it need not (logged at start).
+    a1111_notes: tuple[str, ...] = ()
 
     @property
     def exposed(self) -> bool:
@@ -231,7 +275,73 @@ def build_parser() -> argparse.ArgumentParser:
         "that is also so, without this flag, when others reach the page without a login",
     )
     models.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1, mps (default: the best available)")
+    a1111 = parser.add_argument_group(
+        "more of A1111's flags", "so that an A1111 command line (its COMMANDLINE_ARGS) starts here as it is"
+    )
+    a1111.add_argument(
+        "--no-half", action="store_true", help="run models in float32 on a GPU too (default there: float16)"
+    )
+    a1111.add_argument(
+        "--precision", choices=("full", "half", "autocast"), default="autocast", help="full: as --no-half"
+    )
+    a1111.add_argument(
+        "--no-half-vae", action="store_true", help="run the VAE in float32 where the rest runs in half precision"
+    )
+    a1111.add_argument(
+        "--use-cpu", nargs="+", default=[], metavar="PART", help="all (or sd): generate on the CPU, as --device cpu"
+    )
+    a1111.add_argument("--device-id", metavar="N", help="the CUDA device to use, as --device cuda:N")
+    a1111.add_argument(
+        "--autolaunch", action="store_true", help="open the page in this machine's browser once it serves"
+    )
+    a1111.add_argument("--disable-safe-unpickle", action="store_true", help="as --allow-pickle")
+    a1111.add_argument(
+        "--data-dir",
+        type=Path,
+        help="A1111's base folder: models/ (and so embeddings/ and styles.csv) and outputs/ in it",
+    )
+    a1111.add_argument(
+        "--nowebui",
+        action="store_true",
+        help=f"serve the REST API alone, no page (on port {NOWEBUI_PORT} unless --port says otherwise), as A1111",
+    )
+    a1111.add_argument("--theme", choices=("light", "dark"), help=argparse.SUPPRESS)
+    for flag in A1111_NOTHING_TO_DO:
+        a1111.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    parser.epilog = (
+        "Also accepted, with nothing to do here (the log says why when one is given): --theme, "
+        + ", ".join(A1111_NOTHING_TO_DO)
+        + "."
+    )
     return parser
+
+
+def _a1111_notes(args: argparse.Namespace) -> tuple[str, ...]:
+    """A line for each A1111 flag given that has nothing to do here, saying why."""
+    notes = [f"{flag}: {why}" for flag, why in A1111_NOTHING_TO_DO.items() if getattr(args, _dest(flag))]
+    if args.theme:
+        notes.append(f"--theme {args.theme}: the page follows the browser's light or dark setting")
+    others = [part for part in args.use_cpu if part not in ("all", "sd")]
+    if others:
+        notes.append(f"--use-cpu {' '.join(others)}: those parts are not run here")
+    if args.device and (args.device_id is not None or "all" in args.use_cpu or "sd" in args.use_cpu):
+        notes.append(f"--device {args.device} wins over --use-cpu and --device-id")
+    return tuple(notes)
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _device(args: argparse.Namespace) -> str | None:
+    """--device, else A1111's --use-cpu all|sd (the CPU) or --device-id N (cuda:N)."""
+    if args.device:
+        return args.device
+    if "all" in args.use_cpu or "sd" in args.use_cpu:
+        return "cpu"
+    if args.device_id is not None:
+        return f"cuda:{args.device_id}"
+    return None
 
 
 def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerSettings:
@@ -248,9 +358,13 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     else:
         host = env.get("GRADIO_SERVER_NAME") or DEFAULT_HOST
 
+    if args.nowebui and args.share:
+        parser.error("--share opens a link to the page, and --nowebui serves none: drop one of them")
     port_fallback = False
     if args.port is not None:
         port = args.port
+    elif args.nowebui:
+        port = NOWEBUI_PORT
     elif env.get("GRADIO_SERVER_PORT"):
         try:
             port = _port(env["GRADIO_SERVER_PORT"])
@@ -266,6 +380,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         parser.error(str(exc))
 
     for flag, folder in (
+        ("--data-dir", args.data_dir),
         ("--ckpt-dir", args.ckpt_dir),
         ("--lora-dir", args.lora_dir),
         ("--hypernetwork-dir", args.hypernetwork_dir),
@@ -277,16 +392,17 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         if folder is not None and not folder.expanduser().is_dir():
             parser.error(f"{flag} {folder}: no such folder")
 
+    data_dir = _expanded(args.data_dir)
     return ServerSettings(
         host=host,
         port=port,
         port_fallback=port_fallback,
         share=args.share,
         auth=auth,
-        api=args.api,
+        api=args.api or args.nowebui,
         api_auth=api_auth,
         model=args.model,
-        models_dir=args.models_dir,
+        models_dir=args.models_dir or (data_dir / "models" if data_dir else None),
         ckpt_dir=_expanded(args.ckpt_dir),
         lora_dir=_expanded(args.lora_dir),
         hypernetwork_dir=_expanded(args.hypernetwork_dir),
@@ -295,11 +411,16 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         realesrgan_dir=_expanded(args.realesrgan_dir),
         styles_file=_expanded(args.styles_file),
         embeddings_dir=_expanded(args.embeddings_dir),
-        outputs_dir=args.outputs_dir or DEFAULT_OUTPUTS_DIR,
+        outputs_dir=args.outputs_dir or (data_dir / "outputs" if data_dir else DEFAULT_OUTPUTS_DIR),
         save_images=not args.no_save,
-        allow_pickle=args.allow_pickle,
-        device=args.device,
+        allow_pickle=args.allow_pickle or args.disable_safe_unpickle,
+        device=_device(args),
         hide_ui_dir_config=args.hide_ui_dir_config,
+        full_precision=args.no_half or args.precision == "full",
+        full_precision_vae=args.no_half_vae,
+        autolaunch=args.autolaunch,
+        page=not args.nowebui,
+        a1111_notes=_a1111_notes(args),
     )
 
 
@@ -348,24 +469,23 @@ def _credentials_from(values: list[str], files: list[Path | str]) -> Credentials
 
 
 def build_blocks(engine: Engine, settings: ServerSettings) -> gr.Blocks:
-    """The page from ui.page.build_page, or a placeholder while that module does not exist."""
-    if importlib.util.find_spec("ui.page") is not None:
-        from ui.page import build_page
+    from ui.page import build_page
 
-        return build_page(engine, settings)
-    import gradio as gr
-
-    log.warning("ui/page.py is not there yet: serving a placeholder page")
-    with gr.Blocks(title="Stable Diffusion") as blocks:
-        gr.Markdown(f"Stable Diffusion web UI: model **{engine.model.title}**. The page is not built yet.")
-    return blocks
+    return build_page(engine, settings)
 
 
-def create_app(engine: Engine, settings: ServerSettings) -> tuple[gr.Blocks, FastAPI]:
-    """The page mounted at "/" of a FastAPI app that also holds the REST API when settings.api is set."""
+def create_app(engine: Engine, settings: ServerSettings) -> tuple[gr.Blocks | None, FastAPI]:
+    """The page mounted at "/" of a FastAPI app that also holds the REST API when settings.api is set; no page (None)
+    with settings.page off (A1111's --nowebui)."""
     import gradio as gr
     from fastapi import FastAPI
 
+    if not settings.page:
+        from ui.api import install_api
+
+        app = FastAPI(title="Stable Diffusion web UI (API)", docs_url="/docs", redoc_url=None)
+        install_api(app, engine, settings)
+        return None, app
     blocks = build_blocks(engine, settings)
     # One job at a time on the device: events sharing GENERATE_CONCURRENCY_ID queue behind each other.
     current_queue = getattr(blocks, "_queue", None)
@@ -500,12 +620,18 @@ def launch(engine: Engine, settings: ServerSettings, *, block: bool = False) -> 
     handle = ServerHandle(
         url=url, host=settings.host, port=port, blocks=blocks, app=app, _server=server, _thread=thread
     )
-    log.info("Running on %s (model %s)", url, engine.model.title)
+    if settings.page:
+        log.info("Running on %s (model %s)", url, engine.model.title)
+    else:
+        log.info("Running the REST API alone (--nowebui) on %s (model %s)", url, engine.model.title)
     if not is_loopback(settings.host):
         log.info("Listening on %s:%d: other machines reach it through this machine's address", settings.host, port)
     if settings.api:
         log.info("REST API at %ssdapi/v1/ (docs at %sdocs)", url, url)
     warn_if_exposed(settings)
+    if settings.autolaunch:
+        # In a thread: a console browser (on a machine with no display) would hold this one until it quits.
+        threading.Thread(target=webbrowser.open, args=(url,), name="autolaunch", daemon=True).start()
     if settings.share:
         handle._share_thread = threading.Thread(
             target=_open_share_link, args=(handle, port), name="share-link", daemon=True
