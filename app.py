@@ -55,6 +55,7 @@ def create_engine(settings: ServerSettings):
         device=settings.device,
         dtype=torch.float32 if settings.full_precision else None,
         full_precision_vae=settings.full_precision_vae,
+        nan_check=settings.nan_check,
         allow_pickle=settings.allow_pickle,
         warm_up=True,
     )

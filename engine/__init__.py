@@ -7,7 +7,7 @@ for event in engine.generate(GenerationRequest(prompt="a lighthouse at dusk")):
 """
 
 from .engine import Engine
-from .errors import EngineError, InvalidRequestError, ModelLoadError, TaskStopped
+from .errors import EngineError, InvalidRequestError, ModelLoadError, NansError, TaskStopped
 from .events import JobControl, JobState, PreviewSettings, Progress, Result, Waiting
 from .extras import ExtrasRequest
 from .merge import MergeRequest, MergeResult
@@ -19,6 +19,7 @@ from .request import GenerationRequest, Limits
 __all__ = [
     "Engine",
     "EngineError",
+    "NansError",
     "ExtrasRequest",
     "GenerationRequest",
     "InvalidRequestError",

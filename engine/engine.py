@@ -95,6 +95,7 @@ class Engine:
         trace_unet: bool = True,
         warm_up: bool = False,
         full_precision_vae: bool = False,
+        nan_check: bool = True,
     ):
         self.models_dir = Path(models_dir) if models_dir is not None else DEFAULT_MODELS_DIR
         self.limits = limits or Limits()
@@ -110,6 +111,8 @@ class Engine:
         self.trace_unet = trace_unet
         # A1111's --no-half-vae: every model's VAE in float32 where the rest runs in half precision.
         self.full_precision_vae = full_precision_vae
+        # A1111's NaN check (off with --disable-nan-check): a job whose latents turn NaN stops with what to try.
+        self.nan_check = nan_check
         # A server warms up each model it loads whose UNet runs traced (see _warm_up_locked).
         self.warm_up = warm_up
         self.registry = ModelRegistry(
@@ -995,6 +998,7 @@ class Engine:
                         previewer=previewer,
                         preview_every=preview.every,
                         preview_interval_s=preview.min_interval_s,
+                        nan_check=self.nan_check,
                         emit=emit_progress,
                         batch_no=first_batch + batch_no,
                         batch_count=batch_total,

@@ -29,6 +29,11 @@ class TaskStopped(EngineError):
     """Work that is no generation (a merge, an upscale) was stopped before it finished; nothing of it was kept."""
 
 
+class NansError(EngineError):
+    """The model made NaN values while sampling (A1111's NansException): the picture would come out black. The
+    message says what to try."""
+
+
 class ModelLoadError(EngineError):
     """A model could not be found or loaded; the message says what to do instead."""
 

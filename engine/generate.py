@@ -21,7 +21,7 @@ from PIL import Image, ImageFilter
 from .cfgpp import CFGppUNet, pipeline_guidance_scale
 from .color_correction import corrected
 from .composable import ComposedGuidance
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, NansError
 from .events import JobControl, Pacer, Progress
 from .images import LATENT_RESIZE, resize_to
 from .inpaint import inpaint
@@ -184,6 +184,7 @@ def _sample_batch(
     batch_count: int,
     started: float,
     preview_interval_s: float = 0.0,
+    nan_check: bool = True,
     hires_conditioning: Conditioning | None = None,
     upscaler: torch.nn.Module | None = None,
     hires_model: LoadedModel | None = None,
@@ -254,6 +255,8 @@ def _sample_batch(
     def on_step_end(pipeline, index, timestep, tensors):
         nonlocal stopped, preview_seconds, current_conditioning
         step, total = index + 1, pipeline.num_timesteps
+        if nan_check:
+            check_for_nans(tensors.get("latents"), pipeline.unet.dtype, step)
         adaptive = isinstance(pipeline.scheduler, A1111DPMAdaptiveScheduler)
         if adaptive:
             # Its loop is longer than its calls: ended once the pass is done. The total is its calls as far as they
@@ -425,6 +428,25 @@ def _loop_steps_run(pipe) -> int:
     """The steps a pass's pipeline loop ran: its length, or DPM adaptive's calls."""
     scheduler = pipe.scheduler
     return scheduler.calls_made if isinstance(scheduler, A1111DPMAdaptiveScheduler) else pipe.num_timesteps
+
+
+def check_for_nans(latents: torch.Tensor | None, dtype: torch.dtype, step: int) -> None:
+    """NansError when a step's latents hold NaN values (A1111's NaN check): every later step and the picture would
+    be NaN too, decoded as black. In half precision that is the model's numbers overflowing on the device; in
+    float32, broken weights."""
+    if latents is None or not torch.isnan(latents).any():
+        return
+    if dtype in (torch.float16, torch.bfloat16):
+        advice = "in half precision the model's numbers overflow on this device: start the server with --no-half"
+    else:
+        advice = (
+            "in float32 that points to broken weights: try the job without its LoRAs and hypernetworks, or another "
+            "model file"
+        )
+    raise NansError(
+        f"The model made NaN values at sampling step {step}, so the picture would come out black; {advice}. "
+        "(--disable-nan-check turns this check off.)"
+    )
 
 
 def _embeds_guidance(model: LoadedModel) -> bool:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import Engine, GenerationRequest, PreviewSettings, Progress, Result
+from engine import Engine, GenerationRequest, NansError, PreviewSettings, Progress, Result
 from engine.presets import SHIPPED_MICRO_MODEL
 from tests.test_inpaint_blend import inpaint_request
 from tests.test_vae import vae_models_dir  # noqa: F401 - fixture
@@ -107,3 +107,36 @@ def test_sdxls_vae_stays_in_float32_in_a_half_precision_model(tmp_path):
         request = dataclasses.replace(JOBS[mode], prompt="a cat", width=64, height=64)
         assert isinstance(list(half.generate(request))[-1], Result), mode
     assert half.loaded.components["vae"].dtype == torch.float32  # no job cast it back
+
+
+def nan_output(module, args, output):
+    """A forward hook that turns the UNet's prediction into NaN values, as a float16 overflow does."""
+    if isinstance(output, tuple):
+        return (output[0] * float("nan"), *output[1:])
+    output.sample = output.sample * float("nan")
+    return output
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
+def test_a_job_whose_model_makes_nans_stops_with_what_to_try_and_the_next_job_runs(engines, half):
+    full, half_engine = engines
+    engine = half_engine if half else full
+    hook = engine.loaded.components["unet"].register_forward_hook(nan_output)
+    try:
+        with pytest.raises(NansError) as stopped:
+            list(engine.generate(JOBS["txt2img"]))
+    finally:
+        hook.remove()
+    message = str(stopped.value)
+    assert "NaN values at sampling step 1" in message and "--disable-nan-check" in message
+    assert ("--no-half" in message) == half and ("broken weights" in message) != half
+    assert pixels(engine, JOBS["txt2img"]).std() > 10  # the next job draws its picture
+
+
+def test_without_the_nan_check_the_job_runs_on_to_a_black_picture(fp16_vae_models_dir):
+    unchecked = Engine(model="micro-shapes", models_dir=fp16_vae_models_dir, nan_check=False)
+    hook = unchecked.loaded.components["unet"].register_forward_hook(nan_output)
+    try:
+        assert pixels(unchecked, JOBS["txt2img"]).max() == 0
+    finally:
+        hook.remove()

@@ -227,10 +227,11 @@ def test_a1111s_precision_and_device_flags_set_what_the_engine_runs_on(tmp_path,
     assert with_both.device == "cuda:0" and any("wins" in note for note in with_both.a1111_notes)
     made = {}
     monkeypatch.setattr("engine.Engine", lambda **options: made.update(options))
-    app.create_engine(parse("--no-half", "--no-half-vae"))
-    assert made["dtype"] == torch.float32 and made["full_precision_vae"]
+    app.create_engine(parse("--no-half", "--no-half-vae", "--disable-nan-check"))
+    assert made["dtype"] == torch.float32 and made["full_precision_vae"] and not made["nan_check"]
     app.create_engine(parse())
     assert made["dtype"] is None and not made["full_precision_vae"]  # the device's default: float16 on a GPU
+    assert made["nan_check"]
 
 
 def test_data_dir_holds_models_and_outputs_and_safe_unpickle_off_allows_pickles(tmp_path, capsys):

@@ -45,7 +45,10 @@ CHECKPOINTS_SUBDIR = "Stable-diffusion"
 # A1111's port for --nowebui (the API alone).
 NOWEBUI_PORT = 7861
 
-_SAME_ATTENTION = "attention runs on torch's scaled_dot_product_attention (A1111's --opt-sdp-attention), which needs nothing installed"
+_SAME_ATTENTION = (
+    "attention runs on torch's scaled_dot_product_attention (A1111's --opt-sdp-attention), which needs nothing "
+    "installed"
+)
 _NO_OFFLOAD = (
     "models stay whole on the device (no offloading to system memory); if it runs out, use a smaller size or batch"
 )
@@ -63,7 +66,6 @@ A1111_NOTHING_TO_DO = {
     "--medvram-sdxl": _NO_OFFLOAD,
     "--lowvram": _NO_OFFLOAD,
     "--upcast-sampling": "sampling runs in the model's precision; --no-half runs it in float32",
-    "--disable-nan-check": "no NaN check runs",
     "--skip-torch-cuda-test": "the device is the best one torch finds (--device picks another); a CPU needs no test",
     "--enable-insecure-extension-access": "this program has no extensions",
     "--no-gradio-queue": "the queue is what runs one job at a time and shows those waiting their place",
@@ -131,6 +133,8 @@ class ServerSettings:
     full_precision_vae: bool = False
     # A1111's --autolaunch: open the page in this machine's browser once it serves.
     autolaunch: bool = False
+    # False with A1111's --disable-nan-check: a job whose model makes NaN values runs on to its black picture.
+    nan_check: bool = True
     # False with A1111's --nowebui: the REST API alone, no page.
     page: bool = True
     # What each A1111 flag given that has nothing to do here would have done, and why it need not (logged at start).
@@ -296,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a1111.add_argument("--disable-safe-unpickle", action="store_true", help="as --allow-pickle")
     a1111.add_argument(
+        "--disable-nan-check",
+        action="store_true",
+        help="let a job whose model makes NaN values run on to its black picture, rather than stop it with what to try",
+    )
+    a1111.add_argument(
         "--data-dir",
         type=Path,
         help="A1111's base folder: models/ (and so embeddings/ and styles.csv) and outputs/ in it",
@@ -419,6 +428,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         full_precision=args.no_half or args.precision == "full",
         full_precision_vae=args.no_half_vae,
         autolaunch=args.autolaunch,
+        nan_check=not args.disable_nan_check,
         page=not args.nowebui,
         a1111_notes=_a1111_notes(args),
     )
