@@ -436,3 +436,20 @@ def test_generate_forever_repeats_until_stop(page):
         assert not page.locator("#txt2img_generate").is_disabled()
     finally:
         page.uncheck("#txt2img_forever input")
+
+
+def test_the_theme_flag_opens_the_page_dark_unless_its_address_names_a_theme(browser, engine, models_dir, tmp_path):
+    settings = SimpleNamespace(outputs_dir=tmp_path, save_images=False, models_dir=models_dir, theme="dark")
+    demo, url = serve_page(engine, settings)
+    try:
+        context, page = open_page(browser, url)
+        page.wait_for_function("document.body.classList.contains('dark')")
+        assert "__theme=dark" in page.url
+        page.goto(url + "?__theme=light")  # a link that names one keeps it
+        page.wait_for_selector("#txt2img_prompt textarea")
+        page.wait_for_timeout(500)
+        assert "__theme=light" in page.url
+        assert not page.evaluate("document.body.classList.contains('dark')")
+        context.close()
+    finally:
+        demo.close()

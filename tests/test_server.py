@@ -203,9 +203,10 @@ def test_an_a1111_command_line_starts_and_says_what_each_flag_without_work_here_
     assert settings.api and settings.host == "0.0.0.0" and settings.full_precision_vae
     assert not settings.full_precision and settings.device is None
     notes = "\n".join(settings.a1111_notes)
-    for flag in ("--xformers", "--medvram", "--theme dark", "--skip-torch-cuda-test", "--use-cpu interrogate"):
+    for flag in ("--xformers", "--medvram", "--skip-torch-cuda-test", "--use-cpu interrogate"):
         assert flag in notes
-    assert "--no-half-vae" not in notes and "--api" not in notes  # those do something
+    assert settings.theme == "dark"
+    assert "--no-half-vae" not in notes and "--api" not in notes and "--theme" not in notes  # those do something
     caplog.set_level(logging.INFO, logger="app")
     # The notes come before the model loads (here it cannot: the log still has them).
     assert app.main(["--xformers", "--models-dir", str(models_dir), "--model", "no-such-model"]) == 1

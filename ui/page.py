@@ -241,6 +241,17 @@ class TabWidgets:
     batch_folders: list[gr.components.Component] | None = None
 
 
+def _theme_js(theme: str | None) -> str:
+    """A1111's --theme: open the page with Gradio's `__theme` URL parameter set to it, unless the address names one
+    already (so a link with another one still wins); without the flag the page follows the browser's setting."""
+    if theme is None:
+        return ""
+    return (
+        "(() => { const url = new URL(window.location.href); if (!url.searchParams.has('__theme')) "
+        f"{{ url.searchParams.set('__theme', {theme!r}); window.location.replace(url.href); }} }})();"
+    )
+
+
 def build_page(engine, settings=None) -> gr.Blocks:
     """The whole page for `engine`; `settings` supplies outputs_dir, save_images and models_dir."""
     outputs_dir = getattr(settings, "outputs_dir", None)
@@ -253,7 +264,12 @@ def build_page(engine, settings=None) -> gr.Blocks:
 
     with gr.Blocks(title="Stable Diffusion", analytics_enabled=False) as demo:
         # Page-wide style without depending on launch(css=...): gr.HTML injects `head` into the document.
-        gr.HTML("", head=f"<style>{PAGE_CSS}</style><script>{PAGE_JS}</script>", elem_id="page_style", padding=False)
+        gr.HTML(
+            "",
+            head=f"<style>{PAGE_CSS}</style><script>{_theme_js(getattr(settings, 'theme', None))}{PAGE_JS}</script>",
+            elem_id="page_style",
+            padding=False,
+        )
         # Deep-copied for each browser session (and each gradio_client Client).
         session = gr.State(PageSession(preview_mode=_default_preview_mode(engine), save_images=save_default))
 

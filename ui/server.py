@@ -131,6 +131,8 @@ class ServerSettings:
     full_precision: bool = False
     # A1111's --no-half-vae: the VAE in float32 where the rest runs in half precision.
     full_precision_vae: bool = False
+    # A1111's --theme: "light" or "dark" opens the page so; None follows the browser's setting.
+    theme: str | None = None
     # A1111's --autolaunch: open the page in this machine's browser once it serves.
     autolaunch: bool = False
     # False with A1111's --disable-nan-check: a job whose model makes NaN values runs on to its black picture.
@@ -314,11 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"serve the REST API alone, no page (on port {NOWEBUI_PORT} unless --port says otherwise), as A1111",
     )
-    a1111.add_argument("--theme", choices=("light", "dark"), help=argparse.SUPPRESS)
+    a1111.add_argument(
+        "--theme", choices=("light", "dark"), help="open the page light or dark (default: as the browser is set)"
+    )
     for flag in A1111_NOTHING_TO_DO:
         a1111.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
     parser.epilog = (
-        "Also accepted, with nothing to do here (the log says why when one is given): --theme, "
+        "Also accepted, with nothing to do here (the log says why when one is given): "
         + ", ".join(A1111_NOTHING_TO_DO)
         + "."
     )
@@ -328,8 +332,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _a1111_notes(args: argparse.Namespace) -> tuple[str, ...]:
     """A line for each A1111 flag given that has nothing to do here, saying why."""
     notes = [f"{flag}: {why}" for flag, why in A1111_NOTHING_TO_DO.items() if getattr(args, _dest(flag))]
-    if args.theme:
-        notes.append(f"--theme {args.theme}: the page follows the browser's light or dark setting")
     others = [part for part in args.use_cpu if part not in ("all", "sd")]
     if others:
         notes.append(f"--use-cpu {' '.join(others)}: those parts are not run here")
@@ -428,6 +430,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         full_precision=args.no_half or args.precision == "full",
         full_precision_vae=args.no_half_vae,
         autolaunch=args.autolaunch,
+        theme=args.theme,
         nan_check=not args.disable_nan_check,
         page=not args.nowebui,
         a1111_notes=_a1111_notes(args),
