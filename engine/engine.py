@@ -29,7 +29,7 @@ from .images import resize_to
 from .infotext import format_infotext
 from .inpaint import ORIGINAL
 from .lora import LoraFile, LoraUse, lora_uses, scan_loras
-from .memory import memory_report
+from .memory import is_out_of_memory, memory_report, out_of_memory_message, release_cached_memory
 from .merge import MergeRequest, MergeResult, run_merge
 from .merge import check as check_merge
 from .models import LoadedModel, ModelInfo, ModelRegistry, default_dtype, load_model, pick_device
@@ -681,6 +681,7 @@ class Engine:
                 control.interrupt()
 
     def _run_job(self, req, control, previewer, preview: PreviewSettings, events: queue.Queue) -> None:
+        ran_out_of_memory = False
         try:
             if not self._wait_for_device(control, events.put):
                 events.put(self._stopped_before_start(req, control))
@@ -699,11 +700,19 @@ class Engine:
         except EngineError as exc:
             events.put(exc)
         except Exception as exc:  # noqa: BLE001 - any failure must reach the caller, not kill the thread
-            log.exception("Job %s failed", control.job_id)
-            error = EngineError(f"Generation failed: {type(exc).__name__}: {exc}")
-            error.__cause__ = exc
+            if is_out_of_memory(exc):
+                # Not chained: the traceback's frames hold the job's tensors, which must go before the cache is freed.
+                ran_out_of_memory = True
+                log.warning("Job %s ran out of memory: %s", control.job_id, exc)
+                error = EngineError(out_of_memory_message(exc, self.device, req.width, req.height, req.batch_size))
+            else:
+                log.exception("Job %s failed", control.job_id)
+                error = EngineError(f"Generation failed: {type(exc).__name__}: {exc}")
+                error.__cause__ = exc
             events.put(error)
         finally:
+            if ran_out_of_memory:
+                release_cached_memory(self.device)
             events.put(_DONE)
 
     def _wait_for_device(self, control: JobControl, emit) -> bool:

@@ -68,3 +68,32 @@ def _size(count: int) -> str:
     if count >= 1024**3:
         return f"{count / 1024**3:.2f} GB"
     return f"{count / 1024**2:.0f} MB"
+
+
+# What torch's CPU allocator says when it cannot get memory (a RuntimeError, not torch.OutOfMemoryError).
+_CPU_ALLOCATOR_FAILURES = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is the device (or, on a CPU, the machine) running out of memory."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _CPU_ALLOCATOR_FAILURES)
+
+
+def out_of_memory_message(error: BaseException, device: torch.device, width: int, height: int, batch: int) -> str:
+    """What to tell whoever ran a job that ran out of memory: what it asked for, and what asks for less."""
+    where = "the machine's memory" if device.type == "cpu" else f"the {device.type} device's memory"
+    said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"The job ran out of {where} ({width}x{height}, batch size {batch}). Try a smaller size or batch size, "
+        f"or hires fix at a smaller scale; what the job held is freed, so the next one runs. (torch: {said})"
+    )
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Hand memory torch keeps cached for the device back to it, after a job that ran out of it."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    elif device.type == "mps" and torch.backends.mps.is_available():
+        torch.mps.empty_cache()

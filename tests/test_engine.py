@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from engine import Engine, GenerationRequest, JobControl, JobState, PreviewSettings, Progress, Result, Waiting, samplers
-from engine.errors import InvalidRequestError
+from engine.errors import EngineError, InvalidRequestError
 from engine.samplers import build_scheduler, sampler_names
 
 SMALL = {"width": 64, "height": 64}
@@ -1114,3 +1114,33 @@ def test_infotext_round_trip_reproduces_the_image(engine):
     _, again = run(engine, **{k: getattr(parsed, k) for k in vars(parsed)})
     assert same_pixels(original.images[0], again.images[0])
     assert again.infotexts[0] == original.infotexts[0]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:116] . DefaultCPUAllocator: can't allocate memory: you tried..."),
+    ],
+    ids=["device", "cpu"],
+)
+def test_a_job_that_runs_out_of_memory_says_what_asks_for_less_frees_it_and_the_next_job_runs(
+    micro_engine, monkeypatch, error
+):
+    freed = []
+    monkeypatch.setattr("engine.engine.release_cached_memory", freed.append)
+
+    def out_of_memory(module, args):
+        raise error
+
+    hook = micro_engine.loaded.components["unet"].register_forward_pre_hook(out_of_memory)
+    try:
+        with pytest.raises(EngineError) as failed:
+            list(micro_engine.generate(GenerationRequest(prompt="a red circle", steps=2, batch_size=2)))
+    finally:
+        hook.remove()
+    message = str(failed.value)
+    assert "ran out of the machine's memory (64x64, batch size 2)" in message
+    assert "Try a smaller size or batch size" in message and "the next one runs" in message
+    assert freed == [micro_engine.device]
+    assert isinstance(list(micro_engine.generate(GenerationRequest(prompt="a red circle", steps=2)))[-1], Result)
