@@ -262,6 +262,34 @@ def test_nowebui_serves_the_api_alone_on_7861(engine, capsys):
         handle.close()
 
 
+def test_cors_origins_let_those_pages_call_the_api_from_a_browser(engine, capsys):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    settings = parse(
+        "--api", "--port", "0", "--cors-allow-origins", "http://paint.example, http://localhost:3456",
+        "--cors-allow-origins-regex", r"https://.*\.tools\.example",
+    )  # fmt: skip
+    assert settings.cors_allow_origins == ("http://paint.example", "http://localhost:3456")
+    handle = launch(engine, settings)
+    try:
+        url = handle.url + "sdapi/v1/txt2img"
+        for origin in ("http://localhost:3456", "https://draw.tools.example"):
+            answer = httpx.options(url, headers={"Origin": origin, **preflight}, timeout=30)
+            assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == origin
+        elsewhere = httpx.get(handle.url + "sdapi/v1/samplers", headers={"Origin": "http://other.example"}, timeout=30)
+        assert elsewhere.status_code == 200 and "access-control-allow-origin" not in elsewhere.headers
+    finally:
+        handle.close()
+    handle = launch(engine, parse("--api", "--port", "0"))  # without the flags no page elsewhere may call it
+    try:
+        answer = httpx.get(handle.url + "sdapi/v1/samplers", headers={"Origin": "http://localhost:3456"}, timeout=30)
+        assert "access-control-allow-origin" not in answer.headers
+    finally:
+        handle.close()
+    with pytest.raises(SystemExit):
+        parse("--cors-allow-origins-regex", "(unclosed")
+    assert "--cors-allow-origins-regex" in capsys.readouterr().err
+
+
 def test_autolaunch_opens_the_page_in_a_browser(engine, monkeypatch):
     opened = []
     monkeypatch.setattr("webbrowser.open", opened.append)

@@ -15,6 +15,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -131,6 +132,9 @@ class ServerSettings:
     full_precision: bool = False
     # A1111's --no-half-vae: the VAE in float32 where the rest runs in half precision.
     full_precision_vae: bool = False
+    # A1111's --cors-allow-origins (comma-separated) and --cors-allow-origins-regex.
+    cors_allow_origins: tuple[str, ...] = ()
+    cors_allow_origins_regex: str | None = None
     # A1111's --theme: "light" or "dark" opens the page so; None follows the browser's setting.
     theme: str | None = None
     # A1111's --autolaunch: open the page in this machine's browser once it serves.
@@ -300,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     a1111.add_argument(
         "--autolaunch", action="store_true", help="open the page in this machine's browser once it serves"
     )
+    a1111.add_argument(
+        "--cors-allow-origins",
+        metavar="URL[,URL...]",
+        help="origins whose pages may call the API from a browser, e.g. http://localhost:3456",
+    )
+    a1111.add_argument("--cors-allow-origins-regex", metavar="REGEX", help="the same, as a regular expression")
     a1111.add_argument("--disable-safe-unpickle", action="store_true", help="as --allow-pickle")
     a1111.add_argument(
         "--disable-nan-check",
@@ -369,6 +379,13 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
     else:
         host = env.get("GRADIO_SERVER_NAME") or DEFAULT_HOST
 
+    if args.cors_allow_origins_regex is not None:
+        try:
+            re.compile(args.cors_allow_origins_regex)
+        except re.error as exc:
+            parser.error(
+                f"--cors-allow-origins-regex {args.cors_allow_origins_regex!r}: not a regular expression ({exc})"
+            )
     if args.nowebui and args.share:
         parser.error("--share opens a link to the page, and --nowebui serves none: drop one of them")
     port_fallback = False
@@ -431,6 +448,10 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         full_precision_vae=args.no_half_vae,
         autolaunch=args.autolaunch,
         theme=args.theme,
+        cors_allow_origins=tuple(
+            origin.strip() for origin in (args.cors_allow_origins or "").split(",") if origin.strip()
+        ),
+        cors_allow_origins_regex=args.cors_allow_origins_regex,
         nan_check=not args.disable_nan_check,
         page=not args.nowebui,
         a1111_notes=_a1111_notes(args),
@@ -497,6 +518,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> tuple[gr.Blocks | No
         from ui.api import install_api
 
         app = FastAPI(title="Stable Diffusion web UI (API)", docs_url="/docs", redoc_url=None)
+        _allow_cross_origin(app, settings)
         install_api(app, engine, settings)
         return None, app
     blocks = build_blocks(engine, settings)
@@ -510,6 +532,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> tuple[gr.Blocks | No
         redoc_url=None,
         openapi_url="/openapi.json" if settings.api else None,
     )
+    _allow_cross_origin(app, settings)
     if settings.api:
         from ui.api import install_api
 
@@ -528,6 +551,23 @@ def create_app(engine: Engine, settings: ServerSettings) -> tuple[gr.Blocks | No
         **_mount_options(blocks),
     )
     return blocks, app
+
+
+def _allow_cross_origin(app: FastAPI, settings: ServerSettings) -> None:
+    """A1111's --cors-allow-origins and --cors-allow-origins-regex: pages served from those origins (a painting
+    tool's web front end, say) may call the API from a browser, with its logins."""
+    if not settings.cors_allow_origins and not settings.cors_allow_origins_regex:
+        return
+    from fastapi.middleware.cors import CORSMiddleware
+
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(settings.cors_allow_origins),
+        allow_origin_regex=settings.cors_allow_origins_regex,
+        allow_methods=["*"],
+        allow_headers=["*"],
+        allow_credentials=True,
+    )
 
 
 def _mount_options(blocks: Any) -> dict[str, Any]:
