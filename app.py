@@ -20,9 +20,11 @@ from ui.server import ServerSettings, launch, parse_args
 log = logging.getLogger("app")
 
 
-def configure_logging() -> None:
+def configure_logging(level: str | None = None, *, progress_bars: bool = True) -> None:
+    """The log at `level` (else LOG_LEVEL, else INFO); without `progress_bars`, diffusers' and transformers' load
+    bars stay out of the console (A1111's --disable-console-progressbars)."""
     logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        level=level or os.environ.get("LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
@@ -34,6 +36,12 @@ def configure_logging() -> None:
     logging.getLogger("transformers.utils.import_utils").addFilter(
         lambda record: "requires torchvision" not in record.getMessage()
     )
+    if not progress_bars:
+        import diffusers.utils.logging
+        import transformers.utils.logging
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
 
 
 def create_engine(settings: ServerSettings):
@@ -63,7 +71,7 @@ def create_engine(settings: ServerSettings):
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
-    configure_logging()
+    configure_logging(settings.loglevel, progress_bars=settings.progress_bars)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from engine import EngineError
 

@@ -290,6 +290,43 @@ def test_cors_origins_let_those_pages_call_the_api_from_a_browser(engine, capsys
     assert "--cors-allow-origins-regex" in capsys.readouterr().err
 
 
+# A self-signed certificate for localhost and 127.0.0.1 (valid for a century), made for these tests only.
+TLS_DIR = PROJECT_DIR / "tests" / "data" / "tls"
+
+
+def test_tls_flags_serve_https(engine, capsys):
+    tls = ("--tls-certfile", str(TLS_DIR / "localhost.crt"), "--tls-keyfile", str(TLS_DIR / "localhost.key"))
+    handle = launch(engine, parse("--api", "--port", "0", *tls))
+    try:
+        assert handle.url.startswith("https://127.0.0.1:")
+        assert httpx.get(handle.url + "sdapi/v1/samplers", verify=False, timeout=30).status_code == 200
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(handle.url.replace("https://", "http://") + "sdapi/v1/samplers", timeout=30)
+    finally:
+        handle.close()
+    for bad, said in (
+        (tls[:2], "go together"),
+        ((*tls, "--share"), "--share"),
+        (("--tls-certfile", "missing.crt", "--tls-keyfile", "missing.key"), "no such file"),
+    ):
+        with pytest.raises(SystemExit):
+            parse(*bad)
+        assert said in capsys.readouterr().err
+
+
+def test_loglevel_sets_the_logs_level(monkeypatch):
+    import app
+
+    assert parse("--loglevel", "debug").loglevel == "DEBUG" and parse().loglevel is None
+    configured = {}
+    monkeypatch.setattr(logging, "basicConfig", lambda **options: configured.update(options))
+    app.configure_logging("WARNING")
+    assert configured["level"] == "WARNING"
+    monkeypatch.setenv("LOG_LEVEL", "error")
+    app.configure_logging(None)
+    assert configured["level"] == "ERROR"
+
+
 def test_autolaunch_opens_the_page_in_a_browser(engine, monkeypatch):
     opened = []
     monkeypatch.setattr("webbrowser.open", opened.append)
@@ -424,7 +461,7 @@ def test_app_py_starts_with_no_arguments_like_a_space_and_stops_cleanly(models_d
     try:
         with open(log_path, "w") as log_file:
             process = subprocess.Popen(
-                [sys.executable, "app.py", "--models-dir", str(models_dir)],
+                [sys.executable, "app.py", "--models-dir", str(models_dir), "--disable-console-progressbars"],
                 cwd=PROJECT_DIR,
                 env=env,
                 stdout=log_file,
@@ -446,6 +483,7 @@ def test_app_py_starts_with_no_arguments_like_a_space_and_stops_cleanly(models_d
         assert f"Running on http://127.0.0.1:{port}/" in output, output
         assert "micro-shapes" in output  # the embedded default
         assert "torchvision" not in output, output  # no advice to install what the program does not use
+        assert "Loading pipeline components" not in output, output  # --disable-console-progressbars
     finally:
         process.send_signal(stop_signal)
         try:

@@ -70,6 +70,16 @@ A1111_NOTHING_TO_DO = {
     "--skip-torch-cuda-test": "the device is the best one torch finds (--device picks another); a CPU needs no test",
     "--enable-insecure-extension-access": "this program has no extensions",
     "--no-gradio-queue": "the queue is what runs one job at a time and shows those waiting their place",
+    "--opt-channelslast": "the UNet keeps torch's default memory layout (channels-last measured no faster here)",
+    "--lowram": "weights load straight onto the device",
+    "--no-hashing": "a model's hash is computed once and cached (models/.hashes.json): infotext and the API name it",
+    "--gradio-queue": "the queue is on",
+    "--api-log": "the API logs its errors; run with --loglevel DEBUG to see more",
+    "--log-startup": "the start is logged at INFO",
+    "--administrator": "nothing here needs it",
+    "--disable-all-extensions": "this program has no extensions",
+    "--disable-extra-extensions": "this program has no extensions",
+    "--update-all-extensions": "this program has no extensions",
     "--skip-install": _NOTHING_INSTALLED,
     "--skip-prepare-environment": _NOTHING_INSTALLED,
     "--skip-version-check": _NOTHING_INSTALLED,
@@ -132,6 +142,12 @@ class ServerSettings:
     full_precision: bool = False
     # A1111's --no-half-vae: the VAE in float32 where the rest runs in half precision.
     full_precision_vae: bool = False
+    # A1111's --tls-certfile and --tls-keyfile: serve HTTPS with them (both or neither).
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    # A1111's --loglevel: the log's level (else LOG_LEVEL, else INFO); --disable-console-progressbars.
+    loglevel: str | None = None
+    progress_bars: bool = True
     # A1111's --cors-allow-origins (comma-separated) and --cors-allow-origins-regex.
     cors_allow_origins: tuple[str, ...] = ()
     cors_allow_origins_regex: str | None = None
@@ -310,6 +326,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="origins whose pages may call the API from a browser, e.g. http://localhost:3456",
     )
     a1111.add_argument("--cors-allow-origins-regex", metavar="REGEX", help="the same, as a regular expression")
+    a1111.add_argument("--tls-certfile", type=Path, metavar="PATH", help="serve HTTPS with this certificate")
+    a1111.add_argument("--tls-keyfile", type=Path, metavar="PATH", help="and this private key (both are needed)")
+    a1111.add_argument(
+        "--loglevel",
+        type=str.upper,
+        choices=("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"),
+        help="how much the log says (default: LOG_LEVEL from the environment, else INFO)",
+    )
+    a1111.add_argument(
+        "--disable-console-progressbars",
+        action="store_true",
+        help="no progress bars in the console when models load",
+    )
     a1111.add_argument("--disable-safe-unpickle", action="store_true", help="as --allow-pickle")
     a1111.add_argument(
         "--disable-nan-check",
@@ -386,6 +415,13 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
             parser.error(
                 f"--cors-allow-origins-regex {args.cors_allow_origins_regex!r}: not a regular expression ({exc})"
             )
+    if (args.tls_certfile is None) != (args.tls_keyfile is None):
+        parser.error("--tls-certfile and --tls-keyfile go together: give both, or neither")
+    for flag, path in (("--tls-certfile", args.tls_certfile), ("--tls-keyfile", args.tls_keyfile)):
+        if path is not None and not path.expanduser().is_file():
+            parser.error(f"{flag} {path}: no such file")
+    if args.tls_certfile is not None and args.share:
+        parser.error("--share tunnels to plain HTTP and cannot reach an HTTPS server: drop --share or the --tls flags")
     if args.nowebui and args.share:
         parser.error("--share opens a link to the page, and --nowebui serves none: drop one of them")
     port_fallback = False
@@ -448,6 +484,10 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         full_precision_vae=args.no_half_vae,
         autolaunch=args.autolaunch,
         theme=args.theme,
+        tls_certfile=_expanded(args.tls_certfile),
+        tls_keyfile=_expanded(args.tls_keyfile),
+        loglevel=args.loglevel,
+        progress_bars=not args.disable_console_progressbars,
         cors_allow_origins=tuple(
             origin.strip() for origin in (args.cors_allow_origins or "").split(",") if origin.strip()
         ),
@@ -657,7 +697,10 @@ def launch(engine: Engine, settings: ServerSettings, *, block: bool = False) -> 
     blocks, app = create_app(engine, settings)
     sock = bind_socket(settings.host, settings.port, search=settings.port_fallback)
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+    tls = {}
+    if settings.tls_certfile is not None:
+        tls = {"ssl_certfile": str(settings.tls_certfile), "ssl_keyfile": str(settings.tls_keyfile)}
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2, **tls)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http-server", daemon=True)
     thread.start()
@@ -669,7 +712,8 @@ def launch(engine: Engine, settings: ServerSettings, *, block: bool = False) -> 
             raise RuntimeError(f"The web server did not start on {settings.host}:{port}; see the log above.")
         time.sleep(0.02)
 
-    url = f"http://{_display_host(settings.host)}:{port}/"
+    scheme = "https" if settings.tls_certfile is not None else "http"
+    url = f"{scheme}://{_display_host(settings.host)}:{port}/"
     handle = ServerHandle(
         url=url, host=settings.host, port=port, blocks=blocks, app=app, _server=server, _thread=thread
     )
