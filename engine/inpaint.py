@@ -284,7 +284,7 @@ def _encode_once(pipe, pixels: torch.Tensor, latents: torch.Tensor) -> None:
 
     def encode_once(image, generator=None):
         if image.shape == pixels.shape and torch.equal(image, pixels.to(image.device, image.dtype)):
-            return latents.to(image.device, image.dtype).clone()
+            return latents.to(image.device, image.dtype).clone()  # in the pipeline's dtype, as encode_to_means's
         return encode(image, generator)
 
     pipe._encode_vae_image = encode_once

@@ -259,7 +259,8 @@ def encode_to_means(pipe) -> None:
     masked picture) to their mean latents (mean_latents) instead of drawing them from the job's generators; a txt2img
     pipeline has nothing to encode. The pipeline object is the job's own, so nothing is shared."""
     if hasattr(pipe, "_encode_vae_image"):  # the inpaint pipelines encode through it
-        pipe._encode_vae_image = lambda image, generator=None: mean_latents(pipe.vae, image)
+        # In the pixels' dtype (the UNet's), as SDXL's own encode returns them: the VAE's may be float32.
+        pipe._encode_vae_image = lambda image, generator=None: mean_latents(pipe.vae, image).to(image.dtype)
         return
     prepare_latents = pipe.prepare_latents
     if "image" not in inspect.signature(prepare_latents).parameters:
