@@ -228,6 +228,19 @@ def run_vae_in(vae, dtype: torch.dtype) -> None:
     for part in (vae.encoder, getattr(vae, "post_quant_conv", None), vae.decoder):
         if part is not None:
             part.register_forward_pre_hook(_inputs_in_own_dtype, with_kwargs=True)
+    if dtype != torch.float32:
+        for part in (vae.encoder, vae.decoder):
+            part.register_forward_hook(functools.partial(_float32_on_nans, vae), with_kwargs=True)
+
+
+def _float32_on_nans(vae, module, args, kwargs, output):
+    """A1111's automatic VAE precision: a half-precision VAE whose encoder or decoder made NaN values (it overflowed,
+    which decodes to black) runs in float32 from then on, and this call is made again in float32."""
+    if next(module.parameters()).dtype == torch.float32 or not torch.is_tensor(output) or not torch.isnan(output).any():
+        return None
+    log.warning("The VAE made NaN values in %s: it runs in float32 from now on (--no-half-vae starts it so)", vae.dtype)
+    torch.nn.Module.to(vae, dtype=torch.float32)
+    return module(*args, **kwargs)  # its inputs are cast to float32 on the way in
 
 
 def _inputs_in_own_dtype(module, args, kwargs):

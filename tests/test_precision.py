@@ -140,3 +140,24 @@ def test_without_the_nan_check_the_job_runs_on_to_a_black_picture(fp16_vae_model
         assert pixels(unchecked, JOBS["txt2img"]).max() == 0
     finally:
         hook.remove()
+
+
+def test_a_half_precision_vae_that_makes_nans_runs_in_float32_from_then_on(fp16_vae_models_dir, caplog):
+    """A1111's automatic VAE precision. The overflow is simulated: the decoder's output turns NaN while it runs in
+    float16."""
+    half = Engine(model="micro-fp16-vae", models_dir=fp16_vae_models_dir, dtype=torch.float16)
+    vae = half.loaded.components["vae"]
+    assert vae.dtype == torch.float16
+
+    def overflow(module, args, output):
+        return output * float("nan") if next(module.parameters()).dtype == torch.float16 else None
+
+    hook = vae.decoder.register_forward_hook(overflow, prepend=True)  # before the engine's check, as an overflow is
+    try:
+        picture = pixels(half, JOBS["txt2img"])
+    finally:
+        hook.remove()
+    assert picture.std() > 10  # not the black picture NaN values decode to
+    assert vae.dtype == torch.float32
+    assert "The VAE made NaN values in torch.float16" in caplog.text
+    assert pixels(half, JOBS["img2img"]).std() > 10  # and it stays in float32 for the next job
