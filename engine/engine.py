@@ -518,9 +518,10 @@ class Engine:
             )
         # A sampler the loaded model cannot run is refused before the job waits (a hires pass on another model, or a
         # model switched meanwhile, is checked when its pass starts).
-        check_cfgpp_has_a_negative(self._require_model(), checked.sampler_name)
+        loaded = self._require_model()
+        check_cfgpp_has_a_negative(loaded, checked.sampler_name)
         if checked.enable_hr and not checked.hr_checkpoint_name and checked.hr_sampler_name:
-            check_cfgpp_has_a_negative(self._require_model(), checked.hr_sampler_name, "hr_sampler_name")
+            check_cfgpp_has_a_negative(loaded, checked.hr_sampler_name, "hr_sampler_name")
         if checked.refiner_checkpoint:
             refiner = self._second_title(checked.refiner_checkpoint, "refiner_checkpoint")
             if refiner and checked.prompt_syntax == "a1111" and is_composed(composable_parts(checked.prompt)):

@@ -744,18 +744,28 @@ class _SigmaNoise:
         return super().multistep_dpm_solver_third_order_update(*args, noise=self._sigma_noise(noise), **kwargs)
 
 
+_TORCHSDE_ROUNDING_WARNING = r"Should have t[ab][<>]=t[01] but got"
+
+
+def _ignore_torchsde_rounding_warning() -> None:
+    """torchsde rounds a tree's ends to its tolerance (6 digits), so the schedule's smallest sigma can fall just below
+    the tree made for it; torchsde then warns on every such job before clamping the time to the tree's start, as it
+    does in A1111. The noise is A1111's either way, and the warning would only fill the server's log. Checked when a
+    tree is made, not once at import, so that it holds wherever warning filters were reset since; added only when
+    missing, since each change to the filters makes every module's warnings show once more."""
+    ignored = (getattr(message, "pattern", None) for action, message, *_ in warnings.filters if action == "ignore")
+    if _TORCHSDE_ROUNDING_WARNING not in ignored:
+        warnings.filterwarnings(
+            "ignore", message=_TORCHSDE_ROUNDING_WARNING, category=UserWarning, module=r"torchsde\."
+        )
+
+
 def a1111_noise_sampler(sample, sigmas, seed):
     """A1111's create_noise_sampler for its Brownian-noise samplers: k-diffusion's BrownianTreeNoiseSampler over the
     pass's whole schedule, from its smallest non-zero sigma to its largest, one tree per image seed (`seed` a list,
     as A1111 hands it its batch's seeds) or one for the whole `sample`."""
     positive = sigmas[sigmas > 0]
-    # torchsde rounds a tree's ends to its tolerance (6 digits), so the schedule's smallest sigma can fall just below
-    # the tree made for it; torchsde then warns on every such job before clamping the time to the tree's start, as it
-    # does in A1111. The noise is A1111's either way, and the warning would only fill the server's log. (Set here, not
-    # once at import, so that it holds wherever warning filters were reset since.)
-    warnings.filterwarnings(
-        "ignore", message=r"Should have t[ab][<>]=t[01] but got", category=UserWarning, module=r"torchsde\."
-    )
+    _ignore_torchsde_rounding_warning()
     return BrownianTreeNoiseSampler(sample, positive.min().item(), sigmas.max().item(), seed)
 
 

@@ -371,12 +371,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _a1111_notes(args: argparse.Namespace) -> tuple[str, ...]:
     """A line for each A1111 flag given that has nothing to do here, saying why."""
     notes = [f"{flag}: {why}" for flag, why in A1111_NOTHING_TO_DO.items() if getattr(args, _dest(flag))]
-    others = [part for part in args.use_cpu if part not in ("all", "sd")]
+    others = [part for part in args.use_cpu if part not in _GENERATING_PARTS]
     if others:
         notes.append(f"--use-cpu {' '.join(others)}: those parts are not run here")
-    if args.device and (args.device_id is not None or "all" in args.use_cpu or "sd" in args.use_cpu):
+    if args.device and (args.device_id is not None or _generates_on_cpu(args)):
         notes.append(f"--device {args.device} wins over --use-cpu and --device-id")
     return tuple(notes)
+
+
+# The parts A1111's --use-cpu names that are generation here.
+_GENERATING_PARTS = ("all", "sd")
+
+
+def _generates_on_cpu(args: argparse.Namespace) -> bool:
+    return any(part in _GENERATING_PARTS for part in args.use_cpu)
 
 
 def _dest(flag: str) -> str:
@@ -387,7 +395,7 @@ def _device(args: argparse.Namespace) -> str | None:
     """--device, else A1111's --use-cpu all|sd (the CPU) or --device-id N (cuda:N)."""
     if args.device:
         return args.device
-    if "all" in args.use_cpu or "sd" in args.use_cpu:
+    if _generates_on_cpu(args):
         return "cpu"
     if args.device_id is not None:
         return f"cuda:{args.device_id}"
@@ -554,18 +562,6 @@ def create_app(engine: Engine, settings: ServerSettings) -> tuple[gr.Blocks | No
     import gradio as gr
     from fastapi import FastAPI
 
-    if not settings.page:
-        from ui.api import install_api
-
-        app = FastAPI(title="Stable Diffusion web UI (API)", docs_url="/docs", redoc_url=None)
-        _allow_cross_origin(app, settings)
-        install_api(app, engine, settings)
-        return None, app
-    blocks = build_blocks(engine, settings)
-    # One job at a time on the device: events sharing GENERATE_CONCURRENCY_ID queue behind each other.
-    current_queue = getattr(blocks, "_queue", None)
-    blocks.queue(default_concurrency_limit=1, max_size=getattr(current_queue, "max_size", None))
-
     app = FastAPI(
         title="Stable Diffusion web UI",
         docs_url="/docs" if settings.api else None,
@@ -578,7 +574,13 @@ def create_app(engine: Engine, settings: ServerSettings) -> tuple[gr.Blocks | No
 
         # Routes go on before the mount: the page at "/" catches every path left over.
         install_api(app, engine, settings)
+    if not settings.page:  # --nowebui (settings.api is set with it)
+        return None, app
 
+    blocks = build_blocks(engine, settings)
+    # One job at a time on the device: events sharing GENERATE_CONCURRENCY_ID queue behind each other.
+    current_queue = getattr(blocks, "_queue", None)
+    blocks.queue(default_concurrency_limit=1, max_size=getattr(current_queue, "max_size", None))
     gr.mount_gradio_app(
         app,
         blocks,
