@@ -167,6 +167,15 @@ def test_generate_shows_live_previews_then_the_result_with_its_seed(page, artifa
     page.screenshot(path=str(artifacts_dir / "page_txt2img.png"), full_page=True)
 
 
+def test_the_model_note_gets_a_readable_column_beside_the_checkpoint(page):
+    """gr.HTML takes no flex share of its own: without the page's style the note was squeezed to a column a
+    few words wide, and its wrapped lines stretched the whole top row to three times its controls' height."""
+    note = page.locator("#model_note").bounding_box()
+    checkpoint = page.locator("#model_dropdown").bounding_box()
+    assert note["width"] >= 240
+    assert checkpoint["height"] < 120
+
+
 def test_a_bad_value_shows_the_field_and_the_page_keeps_working(page):
     _set_number(page, "txt2img_width", 100)
     page.click("#txt2img_generate")

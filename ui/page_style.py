@@ -28,6 +28,8 @@ PAGE_CSS = """
 .job-progress.idle .job-progress-track { opacity: 0.5; }
 .job-progress-text { font-size: 0.85em; font-family: ui-monospace, monospace; color: var(--body-text-color-subdued); }
 .model-note { font-size: 0.85em; color: var(--body-text-color-subdued); padding: 6px 0; }
+/* gr.HTML takes no flex share of its own, so the note would be squeezed to a narrow column beside the top row. */
+#model_note { flex: 3 1 0; min-width: min(240px, 100%); }
 .prompt-reading { font-size: 0.85em; margin-bottom: 6px; }
 .prompt-reading-label, .prompt-reading-steps { color: var(--body-text-color-subdued); font-size: 0.9em; }
 .prompt-fragment.up { background: rgba(249, 115, 22, 0.18); border-radius: 3px; }
