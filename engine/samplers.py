@@ -1763,7 +1763,11 @@ class A1111DPMAdaptiveScheduler(_BetweenTwoSigmas, diffusers.EulerDiscreteSchedu
         self._h, self._s = ADAPTIVE_H_INIT, self._t_start
         self._start = self._x_prev = None
         self._eps: list[torch.Tensor] = []
-        self.finished, self.steps_taken, self.steps_refused = False, 0, 0
+        # k-diffusion steps while s < t_end - 1e-5: a pass whose two sigmas meet (img2img below one step of strength,
+        # where A1111's t_enc is 0) takes no step and gives back its noised picture. Stepping anyway would divide by
+        # a step of 0 and make NaN values.
+        self.finished = bool(self._t_start >= self._t_end - 1e-5)
+        self.steps_taken, self.steps_refused = 0, 0
         self._plan()
         # A pass from a picture: the pipeline skips the schedule's first steps and runs the rest of the loop.
         self._first_slot = num_inference_steps - self.picture_calls if self.picture_calls else 0
@@ -1783,7 +1787,8 @@ class A1111DPMAdaptiveScheduler(_BetweenTwoSigmas, diffusers.EulerDiscreteSchedu
         """The pass's model calls as far as they can be told: all of them once it is done, else those made and three
         for each step of the present size still to go (None before the first step is tried)."""
         if self.finished:
-            return self.calls_made
+            # A pass with no step to take still had the pipeline's one model call.
+            return max(self.calls_made, 1)
         if not self.steps_taken + self.steps_refused:
             return None
         to_go = math.ceil(float(self._t_end - self._s) / self._h) * 3 - len(self._eps)

@@ -145,6 +145,24 @@ def test_dpm_adaptive_from_a_picture_runs_between_the_ends_of_a1111s_sigma_sched
     assert torch.allclose(latent, expected, atol=1e-4), (latent - expected).abs().max()
 
 
+def test_a_pass_from_a_picture_below_one_step_of_strength_takes_no_step():
+    """At strength 0.04 of 20 steps A1111's t_enc is 0: DPM adaptive gets the schedule's last sigma above 0 as both
+    its ends, and k-diffusion's loop gives back the noised picture without a step (stepping would divide by a step
+    of 0: NaN values)."""
+    scheduler, timesteps, counted = picture_pass("DPM adaptive", 20, 0.04)
+    assert counted.sampling == 1 and scheduler.finished and scheduler.estimated_calls() == 1
+    picture = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
+    noised = scheduler.add_noise(picture, noise, timesteps[:1])
+    model_output = stand_in_eps(scheduler.scale_model_input(noised, timesteps[0]), timesteps[0])
+    assert torch.equal(scheduler.step(model_output, timesteps[0], noised).prev_sample, noised)
+    made = build_scheduler(SD_SCHEDULER_CONFIG, "Euler", "Automatic")
+    made.set_timesteps(20)
+    last = made.sigmas.float()[-2]
+    expected, calls, _ = a1111_dpm_adaptive(stand_in_eps, picture + noise * last, last, last, 1.0, [])
+    assert not calls and torch.allclose(noised, expected, atol=1e-6)
+
+
 def test_a_pipeline_that_copies_the_timesteps_is_refused():
     """Each call's timestep is written into the loop as the step before it chooses it: a loop over a copy would ask
     the model somewhere else, and the step says so instead of taking it."""
@@ -259,3 +277,10 @@ def test_dpm_adaptive_runs_img2img_and_a_hires_pass(micro_engine, red_circle):
     calls = len(progress) - 8
     assert [event.step for event in progress] == list(range(1, calls + 9))
     assert progress[calls - 1].total == calls + 8 == progress[-1].total
+    # Below one step of strength the pass takes no step: the picture comes back through the VAE, in one model call.
+    events = list(
+        micro_engine.generate(dataclasses.replace(REQUEST, init_images=[red_circle], denoising_strength=0.01))
+    )
+    assert [(event.step, event.total) for event in events if isinstance(event, Progress)] == [(1, 1)]
+    returned = np.asarray(events[-1].images[0].convert("RGB")).astype(int)
+    assert np.abs(returned - np.asarray(red_circle.convert("RGB")).astype(int)).mean() < 5
