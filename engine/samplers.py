@@ -434,6 +434,11 @@ class _SigmaSchedule:
 
     def _schedule_ends(self, in_sigmas) -> tuple[float, float]:
         shape = self.schedule_shape
+        if len(in_sigmas) < 2:
+            # One step's spaced sigmas are a single one: the ends are the model's, as A1111's always are (from two
+            # steps on, the linspace spacing reaches both).
+            model_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+            in_sigmas = [float(model_sigmas[-1]), float(model_sigmas[0])]
         lowest = shape.sigma_min or getattr(self.config, "sigma_min", None) or float(in_sigmas[-1])
         highest = shape.sigma_max or getattr(self.config, "sigma_max", None) or float(in_sigmas[0])
         if highest <= lowest:
@@ -446,7 +451,7 @@ class _SigmaSchedule:
     def _with_ends(self, in_sigmas):
         """`in_sigmas` with the asked-for ends, where diffusers reads them."""
         lowest, highest = self._schedule_ends(in_sigmas)
-        sigmas = np.array(in_sigmas, dtype=np.float64)
+        sigmas = np.array(in_sigmas if len(in_sigmas) > 1 else [0.0, 0.0], dtype=np.float64)
         sigmas[0], sigmas[-1] = highest, lowest
         return sigmas
 
@@ -1639,7 +1644,13 @@ class _BetweenTwoSigmas(_OwnModelCalls):
         """The schedule the pass runs over (float32, ending in 0), from diffusers' own."""
         super().set_timesteps(num_inference_steps, device, *args, **kwargs)
         sigmas = self.sigmas.float().cpu()
-        return sigmas[-(self.picture_calls + 1) :] if self.picture_calls else sigmas
+        if self.picture_calls:
+            return sigmas[-(self.picture_calls + 1) :]
+        if len(sigmas) < 3:
+            # A1111 hands a txt2img pass the model's two ends at any step count; one step's schedule has only its top.
+            model_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).float().cpu()
+            return torch.stack([model_sigmas[-1], model_sigmas[0], torch.zeros(())])
+        return sigmas
 
 
 class A1111DPMFastScheduler(_BetweenTwoSigmas, diffusers.EulerDiscreteScheduler):
@@ -1654,7 +1665,7 @@ class A1111DPMFastScheduler(_BetweenTwoSigmas, diffusers.EulerDiscreteScheduler)
 
     def set_timesteps(self, num_inference_steps, device=None, *args, **kwargs):
         sigmas = self._pass_sigmas(num_inference_steps, device, *args, **kwargs)
-        calls = len(sigmas) - 1
+        calls = min(len(sigmas) - 1, num_inference_steps)  # one step: its call between the model's two ends
         self._steps = dpm_fast_steps(sigmas[0], sigmas[-2], calls, self.eta)
         # Each model call: its time t and its step (and which of the step's calls it is).
         self._calls = [(time, index) for index, step in enumerate(self._steps) for time in step.call_times()]
@@ -1914,6 +1925,22 @@ def starts_as_a1111(sampler_name: str) -> bool:
     noise multiplier; A1111's LCM start is its own (A1111LCMScheduler)."""
     spec = get_sampler(sampler_name)
     return spec.k_diffusion and spec.name != "LCM"
+
+
+class _OneStepFromTheTop:
+    """k-diffusion spaces a schedule's n timesteps as linspace(t_max, 0, n), which at one step is t_max. diffusers'
+    "linspace" spacing is numpy's linspace(0, t_max, n) reversed, which at one step is 0: a one-step job (turbo
+    models' usual setting) would start at the model's least noise and give its starting noise back. diffusers'
+    "trailing" spacing is t_max at one step; from two steps on, linspace is A1111's."""
+
+    def set_timesteps(self, num_inference_steps=None, *args, **kwargs):
+        if num_inference_steps != 1 or getattr(self.config, "timestep_spacing", None) != "linspace":
+            return super().set_timesteps(num_inference_steps, *args, **kwargs)
+        self.register_to_config(timestep_spacing="trailing")
+        try:
+            return super().set_timesteps(num_inference_steps, *args, **kwargs)
+        finally:
+            self.register_to_config(timestep_spacing="linspace")
 
 
 class _CountedFromStart:
@@ -2205,6 +2232,8 @@ def build_scheduler(
         cls = _with_sigma_schedule(cls)
     if starts_as_a1111(spec.name):
         cls = _mixed(_A1111Start, cls)
+    if spec.k_diffusion:
+        cls = _mixed(_OneStepFromTheTop, cls)
     cls = _mixed(_CountedFromStart, cls)
     scheduler = cls.from_config(dict(base_config), **overrides)
     if made_here or shaped:

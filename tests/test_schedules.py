@@ -16,7 +16,14 @@ import torch
 from engine import GenerationRequest, InvalidRequestError, Result
 from engine.compare import parse_axis, plan_grid
 from engine.infotext import parse_infotext, parse_infotext_params
-from engine.samplers import ALIGN_YOUR_STEPS, ScheduleShape, build_scheduler, takes_schedule_range
+from engine.samplers import (
+    ALIGN_YOUR_STEPS,
+    SAMPLERS,
+    ScheduleShape,
+    build_scheduler,
+    supported_schedules,
+    takes_schedule_range,
+)
 from tests.test_api import api, ok, server  # noqa: F401 - fixtures
 from tests.test_engine import SD_SCHEDULER_CONFIG
 from tests.test_ngms import RowsPerCall, sd_alphas, sd_schedule
@@ -150,6 +157,50 @@ def test_dpm2_drops_the_next_to_last_sigma_of_every_schedule_type():
     uniform = np.exp(np.interp(timesteps, np.arange(len(sigmas)), sigmas.log().numpy()))
     for sampler in ("DPM2", "DPM2 a"):
         assert distinct_sigmas(sampler, "Uniform") == pytest.approx(uniform[:-1].tolist(), abs=2e-4)
+
+
+def test_one_step_goes_from_the_models_largest_sigma_to_0_on_every_schedule():
+    """k-diffusion spaces one step at t_max (linspace(t_max, 0, 1)) and takes the model's sigma range for its
+    schedules at any step count: turbo models' usual one step, with Euler a, starts at the most noise. (diffusers'
+    linspace spacing put one step at timestep 0, the least noise; the further schedule types refused it.) Align Your
+    Steps' one step is A1111's interpolation of its table at the start, its smallest sigma; A1111's KL Optimal divides
+    by 0 there (its sigmas are NaN), and here takes the top, as the others do."""
+    checked = 0
+    for spec in SAMPLERS:
+        if not spec.k_diffusion or spec.name in ("DPM fast", "DPM adaptive"):
+            continue
+        for schedule in supported_schedules(spec):
+            scheduler = build_scheduler(SD_SCHEDULER_CONFIG, spec.name, schedule, seed=0)
+            scheduler.set_timesteps(1)
+            sigmas = [sigma for sigma in scheduler.sigmas.tolist() if sigma > 0]
+            # Samplers that drop the next-to-last sigma make two steps of it and keep the first.
+            table_start = schedule == "Align Your Steps" and not spec.discard_penultimate_sigma
+            top = ALIGN_YOUR_STEPS["sd1"][-1] if table_start else SD_SIGMA_MAX
+            assert sigmas == pytest.approx([top], rel=1e-4), (spec.name, schedule, scheduler.sigmas)
+            assert scheduler.sigmas[-1] == 0, (spec.name, schedule)
+            checked += 1
+    assert checked > 50
+    # DPM fast and DPM adaptive take two ends, not a schedule: in txt2img the model's, at one step too.
+    for sampler in ("DPM fast", "DPM adaptive"):
+        scheduler = build_scheduler(SD_SCHEDULER_CONFIG, sampler, "Automatic", seed=0)
+        scheduler.set_timesteps(1)
+        ends = scheduler._pass_sigmas(1, None)
+        assert [float(ends[0]), float(ends[-2])] == pytest.approx([SD_SIGMA_MAX, SD_SIGMA_MIN], rel=1e-4)
+
+
+def test_a_one_step_picture_is_the_models_prediction_from_pure_noise(micro_engine):
+    """One step from the largest sigma to 0 is the model's clean-picture prediction from the starting noise, the same
+    for Euler a, Euler and DPM++ 2M (whose one step was right before), and unlike the noise itself it has the
+    prompt's blue background in it."""
+    one_step = dict(prompt="a red circle on a blue background", seed=3, steps=1)
+    pictures = {
+        sampler: np.asarray(run(micro_engine, **one_step, sampler_name=sampler).images[0]).astype(int)
+        for sampler in ("Euler a", "Euler", "DPM++ 2M", "DPM2")
+    }
+    for sampler, picture in pictures.items():
+        assert np.abs(picture - pictures["DPM++ 2M"]).mean() < 1.0, sampler
+    red, green, blue = pictures["Euler a"].reshape(-1, 3).mean(axis=0)
+    assert blue > red
 
 
 @pytest.mark.parametrize("schedule", ["Polyexponential", "KL Optimal", "Align Your Steps", "Simple", "Normal"])
