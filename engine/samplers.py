@@ -663,6 +663,39 @@ class _AncestralMidpoints:
         self._set_timesteps_at_eta(*args, **kwargs)
         if self.s_noise != 1.0:
             self.sigmas_up = self.sigmas_up * self.s_noise
+        # A step before the last whose sigma_down is 0: its next sigma is below float32's resolution of its own
+        # (Zero Terminal SNR's 4519, 113, then 0.03 at three steps), so its ancestral step leaves no sigma_down, and
+        # its midpoint (log 0 halfway) is NaN. k-diffusion takes it as an Euler step straight to the prediction,
+        # then adds its noise. The pipeline still asks the model at the midpoint (timestep 0 here); see step.
+        self._flat = torch.isnan(self.sigmas_interpol)
+        if self._flat.any():
+            self.sigmas_interpol = torch.nan_to_num(self.sigmas_interpol, nan=0.0)
+            self.timesteps = torch.nan_to_num(self.timesteps, nan=0.0)
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        first_half = self.state_in_first_order
+        index = self.step_index if first_half else self.step_index - 1  # diffusers' arrays hold each step twice
+        if not self._flat[index]:
+            return self._midpoint_step(model_output, timestep, sample, generator, return_dict)
+        if first_half:
+            denoised = ve_denoised(self.config.prediction_type, model_output, sample, self.sigmas[index])
+            self.sample, self._flat_denoised, prev_sample = sample, denoised, denoised
+        else:
+            # The midpoint's answer is not used: the step is the Euler step of its first call, and its noise.
+            denoised, self.sample = self._flat_denoised, None
+            noise = randn_tensor(
+                model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
+            )
+            prev_sample = denoised + noise * self.sigmas_up[index]
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample, denoised)
+        return KDPM2AncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
+
+    def _midpoint_step(self, model_output, timestep, sample, generator, return_dict):
+        return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
 
     def _set_timesteps_at_eta(self, *args, **kwargs):
         super().set_timesteps(*args, **kwargs)
@@ -703,9 +736,7 @@ class A1111DPMpp2SAncestralScheduler(_AncestralMidpoints, diffusers.KDPM2Ancestr
     exponential-integrator updates: x_mid = (s_mid / s) x + (1 - s_mid / s) D(x, s), then x = (s_down / s) x +
     (1 - s_down / s) D(x_mid, s_mid). The last step (to 0) is an Euler step, with one model call."""
 
-    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
-        if self.step_index is None:
-            self._init_step_index(timestep)
+    def _midpoint_step(self, model_output, timestep, sample, generator, return_dict):
         first_half = self.state_in_first_order
         index = self.step_index if first_half else self.step_index - 1  # diffusers' arrays hold each step twice
         sigma, sigma_mid = self.sigmas[index], self.sigmas_interpol[index]

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from engine import Engine, GenerationRequest, JobControl, JobState, PreviewSettings, Progress, Result, Waiting, samplers
 from engine.errors import EngineError, InvalidRequestError
-from engine.samplers import build_scheduler, sampler_names
+from engine.samplers import NoiseLevels, build_scheduler, sampler_names
 
 SMALL = {"width": 64, "height": 64}
 
@@ -510,6 +510,25 @@ def test_dpmpp_2s_a_is_k_diffusions_ancestral_sampler(eta, s_noise, schedule):
     expected = a1111_dpmpp_2s_ancestral(
         stand_in_eps, noise.double() * sigmas[0], sigmas, scheduler.timesteps, eta, noises, s_noise
     )
+    assert torch.allclose(latent, expected, atol=1e-4), (latent - expected).abs().max()
+
+
+def test_dpmpp_2s_a_takes_a_step_left_without_a_sigma_down_as_an_euler_step():
+    """Zero Terminal SNR at three steps: 4519, 113, then 0.03. From 113 to 0.03 the ancestral step leaves no sigma_down
+    in float32 (0.03 is below its resolution of 113), and k-diffusion takes that step as one Euler step to the
+    prediction plus its noise. Its midpoint would be log 0 halfway, NaN: the job stopped with a NaN error. The
+    pipeline still asks the model at the midpoint, at timestep 0 now, and that answer is not used."""
+    steps = 3
+    scheduler = build_scheduler(
+        SD_SCHEDULER_CONFIG, "DPM++ 2S a", "Automatic", noise_levels=NoiseLevels(zero_terminal_snr=True)
+    )
+    latent, noise, noises = pass_drawing_step_noise(scheduler, steps)
+    assert not scheduler.timesteps.isnan().any() and torch.isfinite(latent).all()
+    sigmas = torch.cat([scheduler.sigmas[:1], scheduler.sigmas[1:-1:2]])  # float32, as A1111's are
+    assert sigmas[0] > 4000 and len(scheduler.timesteps) == 2 * steps - 1
+    # The calls k-diffusion makes: the flat step (the second) makes one, so its midpoint's is left out.
+    calls = torch.cat([scheduler.timesteps[:3], scheduler.timesteps[4:]])
+    expected = a1111_dpmpp_2s_ancestral(stand_in_eps, noise.double() * sigmas[0], sigmas, calls, 1.0, noises)
     assert torch.allclose(latent, expected, atol=1e-4), (latent - expected).abs().max()
 
 
