@@ -685,17 +685,24 @@ class _AncestralMidpoints:
         else:
             # The midpoint's answer is not used: the step is the Euler step of its first call, and its noise.
             denoised, self.sample = self._flat_denoised, None
-            noise = randn_tensor(
-                model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
-            )
-            prev_sample = denoised + noise * self.sigmas_up[index]
+            prev_sample = self._noised(denoised, model_output, generator, index)
+        return self._stepped(prev_sample, denoised, return_dict)
+
+    def _midpoint_step(self, model_output, timestep, sample, generator, return_dict):
+        return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+
+    def _noised(self, prev_sample, model_output, generator, index):
+        """The step's end with its fresh noise of sigma_up, drawn from the pass's generator as A1111 draws it."""
+        noise = randn_tensor(
+            model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
+        )
+        return prev_sample + noise * self.sigmas_up[index]
+
+    def _stepped(self, prev_sample, denoised, return_dict):
         self._step_index += 1
         if not return_dict:
             return (prev_sample, denoised)
         return KDPM2AncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
-
-    def _midpoint_step(self, model_output, timestep, sample, generator, return_dict):
-        return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
 
     def _set_timesteps_at_eta(self, *args, **kwargs):
         super().set_timesteps(*args, **kwargs)
@@ -749,16 +756,9 @@ class A1111DPMpp2SAncestralScheduler(_AncestralMidpoints, diffusers.KDPM2Ancestr
             prev_sample = ratio * sample + (1 - ratio) * denoised
         else:
             ratio = self.sigmas_down[index] / sigma
-            prev_sample = ratio * self.sample + (1 - ratio) * denoised
+            prev_sample = self._noised(ratio * self.sample + (1 - ratio) * denoised, model_output, generator, index)
             self.sample = None
-            noise = randn_tensor(
-                model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
-            )
-            prev_sample = prev_sample + noise * self.sigmas_up[index]
-        self._step_index += 1
-        if not return_dict:
-            return (prev_sample, denoised)
-        return KDPM2AncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
+        return self._stepped(prev_sample, denoised, return_dict)
 
 
 class _SigmaNoise:
