@@ -17,6 +17,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import re
 import secrets
 from collections import OrderedDict
@@ -137,6 +138,8 @@ def split_values(text: str) -> list[str]:
 
 def _number(text: str, integer: bool) -> float:
     value = float(text.replace(" ", ""))
+    if not math.isfinite(value):  # "inf", or digits past float's range
+        raise ValueError(text)
     return int(value) if integer else value
 
 
@@ -144,6 +147,13 @@ def _expand(kind: str, values: list[str]) -> list:
     """Numbers and ranges for numeric axes."""
     integer = kind in _INT_AXES
     out: list = []
+
+    def within_limit(n: int) -> int:
+        # Counted before the values are made: "1-5 [100000000]" took minutes to be refused.
+        if len(out) + n > MAX_CELLS:
+            raise InvalidRequestError(f"{kind} axis", f"{len(out) + n} values", f"at most {MAX_CELLS}")
+        return n
+
     for value in values:
         count = _RANGE_COUNT.match(value)
         ranged = _RANGE_STEP.match(value) if count is None else None
@@ -152,6 +162,7 @@ def _expand(kind: str, values: list[str]) -> list:
                 start, end, n = _number(count[1], integer), _number(count[2], integer), int(count[3])
                 if n < 1:
                     raise ValueError
+                within_limit(n)
                 points = np.linspace(start, end, num=n)
                 out.extend(int(round(p)) if integer else round(float(p), 6) for p in points)
             elif ranged is not None:
@@ -159,11 +170,13 @@ def _expand(kind: str, values: list[str]) -> list:
                 step = _number(ranged[3], integer) if ranged[3] is not None else (1 if end >= start else -1)
                 if step == 0 or (end - start) * step < 0:
                     raise ValueError
-                n = int(np.floor((end - start) / step + 1e-9)) + 1
+                n = within_limit(int(np.floor((end - start) / step + 1e-9)) + 1)
                 out.extend(start + i * step if integer else round(start + i * step, 6) for i in range(n))
             else:
                 out.append(_number(value, integer))
-        except (ValueError, TypeError) as exc:
+        except InvalidRequestError:
+            raise
+        except (ValueError, TypeError, OverflowError) as exc:
             kind_word = "whole numbers" if integer else "numbers"
             raise InvalidRequestError(
                 f"{kind} axis", value, f"{kind_word}, ranges like 10-40 (+10) or 5-30 [4], separated by commas"

@@ -89,6 +89,14 @@ def test_axis_values_parse_like_a1111(engine, kind, text, values):
         ("SkipEarly", "1.5", "values from 0 to 1"),
         ("Hires upscaler", "R-ESRGAN 4x+", "Lanczos"),
         ("Clip skip", "0, 2", "from 1 to 12"),
+        # Infinite, or digits past float's range: whole-number axes failed on them with an OverflowError.
+        ("Seed", "inf", "whole numbers"),
+        ("Steps", "1" * 400, "whole numbers"),
+        ("ENSD", "1e309", "whole numbers"),
+        # Counted before the values are made: these took minutes to be refused.
+        ("Seed", "1-5 [100000000]", "at most 400"),
+        ("CFG scale", "1-100000000 (+1)", "at most 400"),
+        ("Seed", "1-300, 1-300", "at most 400"),
     ],
 )
 def test_bad_axis_values_name_the_axis_and_what_is_allowed(engine, kind, text, allowed):
