@@ -106,6 +106,27 @@ def test_the_traced_unet_draws_the_same_pixels_as_the_module(micro_engine, micro
     assert traced.infotexts[0] == module.infotexts[0]
 
 
+def test_past_its_trace_limit_the_unet_runs_other_shapes_as_a_module_and_never_traces_again(micro_engine, monkeypatch):
+    """A dropped trace keeps its graphs in TorchScript's process-wide compilation unit: dropping the oldest trace to
+    make another grew the server by 15-30 MB each time a ninth shape came by. Past the limit (2 here), other shapes
+    run the module, the same numbers, and the traces made stay in use."""
+    from engine import traced_unet
+
+    monkeypatch.setattr(traced_unet, "MAX_TRACES", 2)
+    made = []
+    real_trace = torch.jit.trace
+    monkeypatch.setattr(torch.jit, "trace", lambda *args, **kwargs: made.append(1) or real_trace(*args, **kwargs))
+    unet = micro_engine.loaded.components["unet"]
+    runner = traced_unet.TracedUNet(unet)
+    timestep = torch.tensor(500.0)
+    with torch.no_grad():
+        for _ in range(2):  # the second time round, every shape has been seen
+            for batch in (1, 2, 3):
+                sample, text = torch.randn(batch, 4, 8, 8), torch.randn(batch, 77, unet.config.cross_attention_dim)
+                assert torch.equal(runner(sample, timestep, text).sample, unet(sample, timestep, text).sample)
+    assert len(made) == 2 and [shape[0] for shape in runner.traced_sample_shapes] == [1, 2]
+
+
 def test_a_warmed_up_engine_has_traced_the_default_picture_before_the_first_job(models_dir, micro_engine, caplog):
     from engine.presets import SHIPPED_MICRO_MODEL
     from engine.tiny_model import tiny_model_path
