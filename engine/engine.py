@@ -48,6 +48,7 @@ from .styles import PromptStyle, apply_styles, check_style_name, delete_style, r
 from .tiles import TileGrid, TileJob, cut_tiles, plan_tiles
 from .tiling import circular_padding
 from .tiny_model import TINY_MODEL_NAME, ensure_tiny_model
+from .traced_unet import TraceBudget
 from .upscalers import LoadedUpscalers, UpscalerFile, scan_upscalers
 from .upscalers import choose as upscaler_choice
 from .vae import AUTOMATIC as VAE_AUTOMATIC
@@ -109,6 +110,7 @@ class Engine:
         # Families that ask for it run their UNet as TorchScript traces on a CPU (same pixels, faster);
         # False keeps every UNet a Python module.
         self.trace_unet = trace_unet
+        self.trace_budget = TraceBudget()  # the traces every model this engine loads may make (traced_unet.py)
         # A1111's --no-half-vae: every model's VAE in float32 where the rest runs in half precision.
         self.full_precision_vae = full_precision_vae
         # A1111's NaN check (off with --disable-nan-check): a job whose latents turn NaN stops with what to try.
@@ -333,6 +335,7 @@ class Engine:
             device=self.device,
             dtype=self.dtype,
             trace_unet=self.trace_unet,
+            trace_budget=self.trace_budget,
             full_precision_vae=self.full_precision_vae,
         )
 

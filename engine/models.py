@@ -28,7 +28,7 @@ from .presets import FamilyDefaults, family_defaults, family_names, latent_rgb_t
 from .previews import fit_latent_rgb, load_latent_rgb_table
 from .samplers import install_step_noise
 from .tiny_model import TINY_MODEL_NAME
-from .traced_unet import TracedUNet
+from .traced_unet import TraceBudget, TracedUNet
 from .vae import LoadedVaes, encode_to_means, run_vae_in, vae_dtype
 
 log = logging.getLogger(__name__)
@@ -336,11 +336,13 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     trace_unet: bool = True,
+    trace_budget: TraceBudget | None = None,
     full_precision_vae: bool = False,
 ) -> LoadedModel:
     """Load `info` onto `device`; raises ModelLoadError with what to do when it cannot.
 
-    trace_unet=False keeps the UNet a Python module even for families that run it traced; full_precision_vae runs
+    trace_unet=False keeps the UNet a Python module even for families that run it traced, and trace_budget is the
+    traces it may still make (its loading engine's, shared by all its models); full_precision_vae runs
     the VAE in float32 whatever `dtype` is (A1111's --no-half-vae). The VAE's weights were read in `dtype` then,
     as the rest of the pipeline's were: float32 keeps its activations from overflowing, which is what the flag is
     for."""
@@ -381,7 +383,7 @@ def load_model(
         vaes=LoadedVaes(components["vae"], device, own_vae_dtype),
     )
     if trace_unet and defaults.cpu_traced_unet and device.type == "cpu" and "unet" in components:
-        loaded.traced_unet = TracedUNet(components["unet"])
+        loaded.traced_unet = TracedUNet(components["unet"], trace_budget)
     from .prompts import make_prompt_encoders
 
     loaded.prompt_encoder, loaded.compel_encoder = make_prompt_encoders(components)

@@ -15,6 +15,7 @@ whole jobs while anything hooks the UNet (see `hooked`).
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 
 import torch
@@ -28,6 +29,32 @@ log = logging.getLogger(__name__)
 # with tools/measure_trace_memory.py), so traces are never dropped and made again: past this many, other
 # shapes run the module.
 MAX_TRACES = 8
+# For the same reason a model loaded again (a checkpoint switch and back) cannot free its old traces: an
+# engine makes at most this many in all (TraceBudget), then runs every UNet as a module.
+MAX_TRACES_AN_ENGINE = 16
+
+
+class TraceBudget:
+    """How many more traces an engine's models may make, shared by every model it loads."""
+
+    def __init__(self, traces: int = MAX_TRACES_AN_ENGINE):
+        self.left = traces
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        """One trace from the budget; False (logged the first time) once it is spent."""
+        with self._lock:
+            if self.left > 0:
+                self.left -= 1
+                return True
+            if self.left == 0:
+                self.left = -1
+                log.info(
+                    "This server has made %d UNet traces, each of which stays in memory: further shapes and model "
+                    "loads run the UNet as a module, about a quarter slower (a restart starts afresh)",
+                    MAX_TRACES_AN_ENGINE,
+                )
+            return False
 
 
 class _PositionalUNet(torch.nn.Module):
@@ -69,9 +96,10 @@ class UNetStandIn(torch.nn.Module):
 class TracedUNet(UNetStandIn):
     """Runs the UNet as TorchScript traces where it can (see the module's docstring)."""
 
-    def __init__(self, unet: torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module, budget: TraceBudget | None = None):
         super().__init__(unet)
         self._traces: dict[tuple, torch.jit.ScriptModule] = {}
+        self._budget = budget if budget is not None else TraceBudget()
         self._broken = False
 
     @property
@@ -113,7 +141,7 @@ class TracedUNet(UNetStandIn):
     def _trace_for(self, sample, timestep, encoder_hidden_states) -> torch.jit.ScriptModule | None:
         key = tuple((tuple(value.shape), value.dtype) for value in (sample, timestep, encoder_hidden_states))
         traced = self._traces.get(key)
-        if traced is not None or len(self._traces) >= MAX_TRACES:
+        if traced is not None or len(self._traces) >= MAX_TRACES or not self._budget.take():
             return traced
         try:
             with warnings.catch_warnings():

@@ -106,7 +106,7 @@ def test_the_traced_unet_draws_the_same_pixels_as_the_module(micro_engine, micro
     assert traced.infotexts[0] == module.infotexts[0]
 
 
-def test_past_its_trace_limit_the_unet_runs_other_shapes_as_a_module_and_never_traces_again(micro_engine, monkeypatch):
+def test_past_its_trace_limits_the_unet_runs_as_a_module_and_never_traces_again(micro_engine, monkeypatch):
     """A dropped trace keeps its graphs in TorchScript's process-wide compilation unit: dropping the oldest trace to
     make another grew the server by 15-30 MB each time a ninth shape came by. Past the limit (2 here), other shapes
     run the module, the same numbers, and the traces made stay in use."""
@@ -125,6 +125,16 @@ def test_past_its_trace_limit_the_unet_runs_other_shapes_as_a_module_and_never_t
                 sample, text = torch.randn(batch, 4, 8, 8), torch.randn(batch, 77, unet.config.cross_attention_dim)
                 assert torch.equal(runner(sample, timestep, text).sample, unet(sample, timestep, text).sample)
     assert len(made) == 2 and [shape[0] for shape in runner.traced_sample_shapes] == [1, 2]
+    # Nor can a model loaded again free its old traces: an engine's models share one budget of traces, and once it
+    # is spent a model loaded after runs its UNet as a module.
+    assert micro_engine.loaded.traced_unet._budget is micro_engine.trace_budget
+    budget = traced_unet.TraceBudget(1)
+    first, reloaded = traced_unet.TracedUNet(unet, budget), traced_unet.TracedUNet(unet, budget)
+    sample, text = torch.randn(1, 4, 8, 8), torch.randn(1, 77, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        first(sample, timestep, text)
+        assert torch.equal(reloaded(sample, timestep, text).sample, unet(sample, timestep, text).sample)
+    assert len(first.traced_sample_shapes) == 1 and not reloaded.traced_sample_shapes and len(made) == 3
 
 
 def test_a_warmed_up_engine_has_traced_the_default_picture_before_the_first_job(models_dir, micro_engine, caplog):
