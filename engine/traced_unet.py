@@ -38,7 +38,8 @@ class TraceBudget:
     """How many more traces an engine's models may make, shared by every model it loads."""
 
     def __init__(self, traces: int = MAX_TRACES_AN_ENGINE):
-        self.left = traces
+        self.traces, self.left = traces, traces
+        self._told = False
         self._lock = threading.Lock()
 
     def take(self) -> bool:
@@ -47,12 +48,12 @@ class TraceBudget:
             if self.left > 0:
                 self.left -= 1
                 return True
-            if self.left == 0:
-                self.left = -1
+            if not self._told:
+                self._told = True
                 log.info(
                     "This server has made %d UNet traces, each of which stays in memory: further shapes and model "
                     "loads run the UNet as a module, about a quarter slower (a restart starts afresh)",
-                    MAX_TRACES_AN_ENGINE,
+                    self.traces,
                 )
             return False
 
