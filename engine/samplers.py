@@ -437,8 +437,8 @@ class _SigmaSchedule:
         if len(in_sigmas) < 2:
             # One step's spaced sigmas are a single one: the ends are the model's, as A1111's always are (from two
             # steps on, the linspace spacing reaches both).
-            model_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
-            in_sigmas = [float(model_sigmas[-1]), float(model_sigmas[0])]
+            table = model_sigmas(self.alphas_cumprod)
+            in_sigmas = [float(table[-1]), float(table[0])]
         lowest = shape.sigma_min or getattr(self.config, "sigma_min", None) or float(in_sigmas[-1])
         highest = shape.sigma_max or getattr(self.config, "sigma_max", None) or float(in_sigmas[0])
         if highest <= lowest:
@@ -469,14 +469,14 @@ class _SigmaSchedule:
             given = {"num_inference_steps": steps} if takes_steps else {}
             return diffusers_karras(in_sigmas=self._with_ends(in_sigmas), **given)
         lowest, highest = self._schedule_ends(in_sigmas)
-        model_sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).double().sqrt().numpy()
+        table = ((1 - self.alphas_cumprod) / self.alphas_cumprod).double().sqrt().numpy()
         return schedule_sigmas(
             self.schedule_kind,
             steps,
             lowest,
             highest,
             rho=self.schedule_shape.rho or SCHEDULE_RHO.get(self.schedule_kind, 0.0),
-            model_sigmas=model_sigmas,
+            model_sigmas=table,
             family=self.model_family,
         )
 
@@ -644,9 +644,15 @@ def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float)
     return (sigma_to**2 - up**2) ** 0.5, up
 
 
+def model_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The model's sigmas by training timestep, in the noise levels' dtype (as diffusers' schedulers make them):
+    the first is its least noise, the last its most."""
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+
 def model_log_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
     """The model's log sigmas by training timestep (float64), where k-diffusion's sigma_to_t looks a sigma up."""
-    return np.log((((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).double().numpy())
+    return np.log(model_sigmas(alphas_cumprod).double().numpy())
 
 
 class _AncestralMidpoints:
@@ -1679,8 +1685,8 @@ class _BetweenTwoSigmas(_OwnModelCalls):
             return sigmas[-(self.picture_calls + 1) :]
         if len(sigmas) < 3:
             # A1111 hands a txt2img pass the model's two ends at any step count; one step's schedule has only its top.
-            model_sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).float().cpu()
-            return torch.stack([model_sigmas[-1], model_sigmas[0], torch.zeros(())])
+            table = model_sigmas(self.alphas_cumprod).float().cpu()
+            return torch.stack([table[-1], table[0], torch.zeros(())])
         return sigmas
 
 
