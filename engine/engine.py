@@ -312,7 +312,15 @@ class Engine:
         info = self.registry.resolve(model)
         if self._loaded is not None and Path(self._loaded.info.path) == Path(info.path):
             return self._loaded.info
-        with self._job_lock, self._model_lock:
+        with self._job_lock:
+            return self._switch_locked(info)
+
+    def _switch_locked(self, info: ModelInfo) -> ModelInfo:
+        """Load `info` in place of the loaded model; the caller holds the job lock (no job runs)."""
+        if self._loaded is not None and Path(self._loaded.info.path) == Path(info.path):
+            return self._loaded.info
+        with self._model_lock:
+            # The old model goes first, so that two models never sit in memory together.
             previous, self._loaded, self._second_models = self._loaded, None, {}
             try:
                 self._loaded = self._load(info)
@@ -326,6 +334,30 @@ class Engine:
             if self.warm_up and self._loaded.traced_unet is not None:
                 self._warm_up_locked()
             return self._loaded.info
+
+    @contextlib.contextmanager
+    def reserved(self, checkpoint: str | os.PathLike, *, restore: bool = True) -> Iterator[DeviceReservation]:
+        """Hold the device for a run of jobs on `checkpoint` (A1111's API override_settings.sd_model_checkpoint):
+        waits for the running job, loads the checkpoint, and, unless `restore` is False, loads the model before it
+        back at the end. Jobs given the reservation (generate(..., reservation=)) run on it in turn; every other
+        job, model switch or upload waits until it ends, so none of them runs on the wrong model or switches it
+        away under these. Raises ModelLoadError (nothing held) when the checkpoint does not load."""
+        info = self.registry.resolve(checkpoint)
+        self._job_lock.acquire()
+        reservation = DeviceReservation(self)
+        try:
+            before = self._loaded.info if self._loaded is not None else self._unloaded
+            self._switch_locked(info)
+            yield reservation
+        finally:
+            reservation.active = False
+            try:
+                if restore and before is not None and Path(before.path) != Path(self.model.path):
+                    self._switch_locked(before)
+            except ModelLoadError:
+                log.exception("Could not load %s back after a job on %s", before.title, info.title)
+            finally:
+                self._job_lock.release()
 
     def _load(self, info: ModelInfo) -> LoadedModel:
         """`info` loaded on this engine's device, dtype and UNet tracing (the caller holds what lock it needs)."""
@@ -413,6 +445,10 @@ class Engine:
 
     def _require_model(self) -> LoadedModel:
         loaded = self._loaded
+        if loaded is None:
+            # A switch may be under way (the old model already let go of): wait for it rather than say none is loaded.
+            with self._model_lock:
+                loaded = self._loaded
         if loaded is None and self._unloaded is not None:
             loaded = self._load_back()
         if loaded is None:
@@ -645,25 +681,28 @@ class Engine:
         *,
         control: JobControl | None = None,
         preview: PreviewSettings | None = None,
+        reservation: DeviceReservation | None = None,
     ) -> Iterator[Waiting | Progress | Result]:
         """Yield Waiting while another job holds the device, Progress events, then one Result (with no
-        images when stopped before it started). Raises InvalidRequestError before any work."""
+        images when stopped before it started). Raises InvalidRequestError before any work. A job given the
+        `reservation` its caller holds (reserved()) runs on it without waiting."""
         control = control or JobControl()
         preview = preview or self.preview
-        req = self.validate(req)
+        if reservation is not None and (reservation.engine is not self or not reservation.active):
+            raise EngineError("That device reservation has ended: start the job within reserved()")
+        validated_on = self._require_model()
+        asked, req = req, self.validate(req)
         if not isinstance(preview.every, int) or preview.every < 1:
             raise InvalidRequestError("preview interval", preview.every, "a whole number of steps, at least 1")
         if not isinstance(preview.min_interval_s, (int, float)) or not preview.min_interval_s >= 0:
             raise InvalidRequestError(
                 "preview min_interval_s", preview.min_interval_s, "a number of seconds, 0 or more"
             )
-        model = self._require_model()
-        previewer = _previewer_for(model, preview)
 
         events: queue.Queue = queue.Queue()
         worker = threading.Thread(
             target=self._run_job,
-            args=(req, control, previewer, preview, events),
+            args=(asked, req, validated_on, control, preview, reservation is not None, events),
             name=f"job-{control.job_id}",
             daemon=True,
         )
@@ -684,14 +723,29 @@ class Engine:
                 # The caller stopped listening (closed the generator): don't keep computing for nobody.
                 control.interrupt()
 
-    def _run_job(self, req, control, previewer, preview: PreviewSettings, events: queue.Queue) -> None:
+    def _run_job(
+        self,
+        asked: GenerationRequest,
+        req: GenerationRequest,
+        validated_on: LoadedModel,
+        control: JobControl,
+        preview: PreviewSettings,
+        reserved: bool,
+        events: queue.Queue,
+    ) -> None:
+        """`req` is `asked` as validated against the model `validated_on`, before the job waited."""
         ran_out_of_memory = False
         try:
-            if not self._wait_for_device(control, events.put):
+            if not reserved and not self._wait_for_device(control, events.put):
                 events.put(self._stopped_before_start(req, control))
                 return
             try:
-                with cpu_threads_for(self._require_model(), req.width * req.height):
+                model = self._require_model()
+                if model is not validated_on:
+                    # Another model was loaded while the job waited: its sizes, samplers and VAEs are checked anew.
+                    req = self.validate(asked)
+                previewer = _previewer_for(model, preview)
+                with cpu_threads_for(model, req.width * req.height):
                     run = self._run_locked
                     if req.loopback:
                         run = self._run_loopback
@@ -699,7 +753,8 @@ class Engine:
                         run = self._run_outpaint_mk2
                     result = run(req, control, previewer, preview, events.put)
             finally:
-                self._job_lock.release()
+                if not reserved:
+                    self._job_lock.release()
             events.put(result)
         except EngineError as exc:
             events.put(exc)
@@ -1198,6 +1253,14 @@ def cpu_threads_for(model: LoadedModel, pixels: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+class DeviceReservation:
+    """The device held by Engine.reserved() for its caller's jobs; inactive once the reservation ends."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.active = True
 
 
 def _previewer_for(model: LoadedModel, preview: PreviewSettings):

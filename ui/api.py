@@ -22,6 +22,7 @@ import logging
 import math
 import secrets
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -87,6 +88,7 @@ from engine.vae import choose as vae_choice
 
 if TYPE_CHECKING:
     from engine import Engine, ModelInfo
+    from engine.engine import DeviceReservation
 
     from .server import ServerSettings
 
@@ -720,7 +722,7 @@ class SdApi:
         return self._generate(payload)
 
     def _generate(self, payload: _GenerationPayload) -> dict[str, Any]:
-        with self._model_for(payload):
+        with self._model_for(payload) as reservation:
             req, ignored, clip_skip = self._to_request(payload)
             requests, matrix = [req], None
             if _is_prompt_list(payload):  # every line is checked before the first job runs
@@ -733,7 +735,8 @@ class SdApi:
             results = []
             started = dt.datetime.now().timestamp()
             for line, request in enumerate(requests):
-                results.append(self._run(request, _ApiJob(req.mode, timestamp, line, len(requests), started)))
+                job = _ApiJob(req.mode, timestamp, line, len(requests), started)
+                results.append(self._run(request, job, reservation))
                 if results[-1].interrupted:  # /interrupt stops the whole list, as in A1111
                     break
         # A prompt matrix's grid (a loopback's, of its loops) comes first, with the first picture's infotext, as
@@ -772,34 +775,35 @@ class SdApi:
         return {"images": images, "parameters": parameters, "info": json.dumps(info)}
 
     @contextlib.contextmanager
-    def _model_for(self, payload: _GenerationPayload):
+    def _model_for(self, payload: _GenerationPayload) -> Iterator[DeviceReservation | None]:
         """A1111's override_settings.sd_model_checkpoint: that model is loaded for the request and, unless
-        override_settings_restore_afterwards is false, the one before it loaded again afterwards. The model is
-        shared (as in A1111): a page job that starts meanwhile uses it too."""
+        override_settings_restore_afterwards is false, the one before it loaded again afterwards. The request
+        holds the device meanwhile (A1111 queues every request), so that no other job runs on its model or
+        switches it away between its jobs. Yields the reservation its jobs run under (None: no override)."""
         wanted = (payload.override_settings or {}).get("sd_model_checkpoint")
-        if wanted is None or self._is_loaded_model(wanted):
-            yield
+        if wanted is None:
+            yield None
             return
         field = "override_settings.sd_model_checkpoint"
         if not isinstance(wanted, str) or not wanted.strip():
             raise ApiError(422, field, wanted, "a model title or name from /sdapi/v1/sd-models")
-        previous = self.engine.model.path
+        restore = payload.override_settings_restore_afterwards is not False
+        reserved = False
         try:
-            self.engine.load_model(wanted)
+            with self.engine.reserved(wanted, restore=restore) as reservation:
+                reserved = True
+                yield reservation
         except ModelLoadError as exc:
+            if reserved:  # the jobs' own, not the switch's
+                raise
             raise ApiError(422, field, wanted, "a model title or name from /sdapi/v1/sd-models", str(exc)) from exc
-        try:
-            yield
-        finally:
-            if payload.override_settings_restore_afterwards is not False:
-                self.engine.load_model(previous)
 
-    def _run(self, req: GenerationRequest, job: _ApiJob) -> Result:
+    def _run(self, req: GenerationRequest, job: _ApiJob, reservation: DeviceReservation | None) -> Result:
         control = JobControl()
         self._jobs[control.job_id] = job
         result: Result | None = None
         try:
-            for event in self.engine.generate(req, control=control):
+            for event in self.engine.generate(req, control=control, reservation=reservation):
                 if isinstance(event, Result):
                     result = event
         finally:
@@ -1004,13 +1008,6 @@ class SdApi:
             return getattr(from_text, name)
         with self._lock:
             return self._stored_options.get(name, default)
-
-    def _is_loaded_model(self, name: Any) -> bool:
-        model = self.engine.model
-        text = str(name).strip()
-        return text in (model.title, model.name, Path(model.path).name, Path(model.path).stem, model.path) or (
-            text.split(" [", 1)[0] in (model.name, Path(model.path).name, Path(model.path).stem)
-        )
 
     def _save(self, result: Result, grid_of: str | None = None) -> None:
         """A result's pictures, into their mode's folder; a grid (`grid_of` a mode) into that mode's grids folder."""
