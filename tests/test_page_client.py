@@ -161,6 +161,12 @@ def test_a_bad_value_is_refused_with_the_field_and_what_is_allowed(page_url):
     assert "width" in message and "100" in message and "multiple of 8" in message
     with pytest.raises(AppError, match="sampler"):
         client.predict("x", "", "No such sampler", "Automatic", 4, 7, 1, 64, 64, 1, 1, api_name="/txt2img")
+    # A script's wrong types: gradio itself would answer "Could not preprocess input component at index 6" for the
+    # text, and take the string "false" as a ticked box.
+    with pytest.raises(AppError, match=r"Sampling steps: got '20'; allowed: a number from 1 to 150"):
+        client.predict("x", "", "Euler a", "Automatic", "20", api_name="/txt2img")
+    with pytest.raises(AppError, match=r"Tiling: got 'false'; allowed: true or false"):
+        client.predict(*txt2img_args(steps=4), tiling="false", api_name="/txt2img")
     # The page keeps working after an error.
     assert client.predict(*txt2img_args(steps=4), api_name="/txt2img")[2]
 

@@ -1,10 +1,12 @@
-"""gradio's Slider, Number, Radio, Dropdown and CheckboxGroup, whose message for a value they refuse names the field,
-as every other message here does.
+"""gradio's Slider, Number, Radio, Dropdown, CheckboxGroup and Checkbox, whose message for a value they refuse names
+the field, as every other message here does.
 
 gradio checks a slider's or a number box's range and a radio's or a dropdown's choices itself, before any handler
 runs, and answers a gradio_client call outside them with "Value 150 is greater than maximum value 100." or "Value:
 'x' is not in the list of choices: [...]", which does not say which of a handler's many inputs it was. These
-subclasses say it the engine's way: "<label>: got 150; allowed: a number from 0 to 100". They are gradio templates
+subclasses say it the engine's way: "<label>: got 150; allowed: a number from 0 to 100". A slider sent no number at
+all ("20", None) gets the same message where gradio gives "Could not preprocess input component at index 6", and a
+checkbox sent a string ("false", which gradio would take as ticked) is refused. They are gradio templates
 (`is_template`), so the page draws them as gradio's own.
 """
 
@@ -24,7 +26,7 @@ def _allowed(minimum, maximum) -> str:
 def _named(component, payload, check, allowed):
     try:
         return check(payload)
-    except gr.Error:
+    except (gr.Error, TypeError, ValueError):  # a value out of range, or none a number can be compared with
         name = component.label or component.elem_id or "value"
         raise gr.Error(f"{name}: got {payload!r}; allowed: {allowed()}") from None
 
@@ -84,3 +86,17 @@ class FieldCheckboxGroup(gr.CheckboxGroup):
 
     def preprocess(self, payload):
         return _among_choices(self, payload, super().preprocess)
+
+
+class FieldCheckbox(gr.Checkbox):
+    """gr.Checkbox refusing, with its name, a value that is not true or false (gradio would take "false" as ticked)."""
+
+    is_template = True
+
+    def preprocess(self, payload: bool | None) -> bool | None:
+        def check(value):
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(value)
+            return super(FieldCheckbox, self).preprocess(value)
+
+        return _named(self, payload, check, lambda: "true or false")

@@ -59,7 +59,7 @@ from engine.sd_upscale import MAX_SCALE as SD_UPSCALE_MAX_SCALE
 from engine.styles import apply_styles
 from engine.vae import choose as vae_choice
 
-from .fields import FieldCheckboxGroup, FieldDropdown, FieldNumber, FieldRadio, FieldSlider
+from .fields import FieldCheckbox, FieldCheckboxGroup, FieldDropdown, FieldNumber, FieldRadio, FieldSlider
 from .page_compare import build_compare_tab, wire_compare_tab
 from .page_extras import build_extras_tab, upscaler_choices, wire_extras_tab
 from .page_folders import build_batch_folders, folder_plan
@@ -528,7 +528,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     "1: all of it; 0: none, so img2img keeps the picture's composition.",
                 )
                 gr.Markdown("### Saving and the gallery", elem_classes="settings-heading")
-                save_images = gr.Checkbox(
+                save_images = FieldCheckbox(
                     value=save_default,
                     label="Save generated images"
                     + (f" to {outputs_dir}" if outputs_dir is not None and save_image is not None else ""),
@@ -536,7 +536,7 @@ def build_page(engine, settings=None) -> gr.Blocks:
                     info=None if save_image is not None else "Saving is not available (engine.outputs missing).",
                     elem_id="setting_save_images",
                 )
-                batch_grid = gr.Checkbox(
+                batch_grid = FieldCheckbox(
                     value=True,
                     label="Show a grid of a batch first in the gallery, and save it",
                     info="A1111's batch grid: for two or more pictures, into outputs/*-grids/ when saving.",
@@ -835,8 +835,8 @@ def _build_settings(mode: str, engine, defaults, prompts: dict) -> tuple[Setting
         )
         random_seed = gr.Button("⚄", elem_id=f"{mode}_random_seed", scale=0, min_width=44, elem_classes="tool-button")
         reuse_seed = gr.Button("♻", elem_id=f"{mode}_reuse_seed", scale=0, min_width=44, elem_classes="tool-button")
-        seed_extra = gr.Checkbox(False, label="Extra", elem_id=f"{mode}_subseed_show", scale=1, min_width=80)
-        tiling = gr.Checkbox(False, label="Tiling", elem_id=f"{mode}_tiling", scale=1, min_width=80)
+        seed_extra = FieldCheckbox(False, label="Extra", elem_id=f"{mode}_subseed_show", scale=1, min_width=80)
+        tiling = FieldCheckbox(False, label="Tiling", elem_id=f"{mode}_tiling", scale=1, min_width=80)
     with gr.Column(visible=False, elem_id=f"{mode}_seed_extras") as seed_extra_row:
         with gr.Row(equal_height=True):
             subseed = FieldNumber(
@@ -923,7 +923,7 @@ def _build_generation_tab(mode: str, engine, defaults, server_folders: bool = Fa
                 )
             # A1111's "Generate forever" (its Generate button's context menu): Stop ends it.
             with gr.Row(equal_height=True):
-                forever = gr.Checkbox(False, label="Generate forever", elem_id=f"{mode}_forever", scale=3)
+                forever = FieldCheckbox(False, label="Generate forever", elem_id=f"{mode}_forever", scale=3)
                 # A1111's ↙: an infotext pasted into the prompt, or the last generation's when the prompt is empty
                 # (an error says so when the prompt holds no parameters).
                 paste = gr.Button("↙", elem_id=f"{mode}_paste", scale=1, min_width=44, elem_classes="tool-button")
@@ -1164,7 +1164,7 @@ def _build_inpaint_sketch(editor: gr.ImageEditor) -> list[gr.components.Componen
     """A1111's Inpaint sketch, as a switch on the inpaint editor: its brush paints colours, the strokes are the
     mask, and their colours go into the picture the masked part starts from (Mask transparency dims the mask)."""
     with gr.Row():
-        on = gr.Checkbox(
+        on = FieldCheckbox(
             False,
             label="Inpaint sketch: the brush paints colours into the picture",
             info="the strokes are the mask and what it starts from (keep masked content: original)",
@@ -1348,7 +1348,7 @@ def _default_tile_overlap(defaults) -> int:
 def _build_sd_upscale(engine) -> list[gr.components.Component]:
     """A1111's SD upscale script: (on, tile overlap, upscaler, scale factor), in the order img2img takes them."""
     with gr.Accordion("SD upscale", open=False, elem_id="img2img_sd_upscale_box"):
-        on = gr.Checkbox(
+        on = FieldCheckbox(
             False,
             label="Upscale the init image, then redraw it tile by tile",
             info="Width and Height set the tile size; each tile is an img2img job at the denoising strength",
@@ -1382,10 +1382,10 @@ def _build_prompt_list(mode: str) -> list[gr.components.Component]:
     """A1111's "Prompts from file or textbox" script: (on, iterate seed, same seed, position, the list), in the
     order the generate handlers take them."""
     with gr.Accordion("Prompts from file or textbox", open=False, elem_id=f"{mode}_prompt_list_box"):
-        on = gr.Checkbox(False, label="Run one job per line of the list", elem_id=f"{mode}_prompt_list_on")
+        on = FieldCheckbox(False, label="Run one job per line of the list", elem_id=f"{mode}_prompt_list_on")
         with gr.Row():
-            iterate = gr.Checkbox(False, label="Iterate seed every line", elem_id=f"{mode}_prompt_list_iterate")
-            same = gr.Checkbox(False, label="Use same random seed for all lines", elem_id=f"{mode}_prompt_list_same")
+            iterate = FieldCheckbox(False, label="Iterate seed every line", elem_id=f"{mode}_prompt_list_iterate")
+            same = FieldCheckbox(False, label="Use same random seed for all lines", elem_id=f"{mode}_prompt_list_same")
             position = FieldRadio(
                 list(PROMPT_LIST_POSITIONS),
                 value="start",
@@ -1419,15 +1419,15 @@ def _build_prompt_matrix(mode: str) -> list[gr.components.Component]:
     """A1111's "Prompt matrix" script: (on, put at start, random seeds, prompt type, joining char, grid margins), in
     the order the generate handlers take them."""
     with gr.Accordion("Prompt matrix", open=False, elem_id=f"{mode}_prompt_matrix_box"):
-        on = gr.Checkbox(
+        on = FieldCheckbox(
             False,
             label="Make every combination of the prompt's | parts, and a grid of them",
             info="'a house | at night | in snow' makes 4 pictures: the first part in each, every later part in half",
             elem_id=f"{mode}_prompt_matrix_on",
         )
         with gr.Row():
-            at_start = gr.Checkbox(False, label="Set at prompt start", elem_id=f"{mode}_prompt_matrix_put_at_start")
-            random_seeds = gr.Checkbox(False, label="Random seeds", elem_id=f"{mode}_prompt_matrix_different_seeds")
+            at_start = FieldCheckbox(False, label="Set at prompt start", elem_id=f"{mode}_prompt_matrix_put_at_start")
+            random_seeds = FieldCheckbox(False, label="Random seeds", elem_id=f"{mode}_prompt_matrix_different_seeds")
         with gr.Row():
             prompt_type = FieldRadio(
                 list(PROMPT_MATRIX_TYPES), value="positive", label="Prompt type", elem_id=f"{mode}_prompt_matrix_type"
@@ -1448,7 +1448,7 @@ def _build_outpaint(engine) -> list[gr.components.Component]:
     """A1111's "Poor man's outpainting": (on, pixels to expand, mask blur, masked content, directions), in the order
     the img2img handler takes them."""
     with gr.Accordion("Poor man's outpainting", open=False, elem_id="img2img_outpaint_box"):
-        on = gr.Checkbox(
+        on = FieldCheckbox(
             False,
             label="Grow the picture and paint the new border",
             info="Width and Height set the tile size; each tile that reaches the border is inpainted",
@@ -1482,7 +1482,7 @@ def _build_outpaint_mk2() -> list[gr.components.Component]:
     """A1111's "Outpainting mk2": (on, pixels to expand, mask blur, directions, fall-off exponent, colour variation),
     in the order the img2img handler takes them."""
     with gr.Accordion("Outpainting mk2", open=False, elem_id="img2img_outpaint_mk2_box"):
-        on = gr.Checkbox(
+        on = FieldCheckbox(
             False,
             label="Grow the picture one side at a time, painting each new border from matched noise",
             info="Recommended: Euler a, 80-100 sampling steps, denoising strength 0.8. Width and Height set how much "
@@ -1576,7 +1576,7 @@ def _build_loopback(mode: str) -> list[gr.components.Component]:
     """A1111's "Loopback" script: (on, loops, final denoising strength, curve), in the order the img2img and inpaint
     handlers take them."""
     with gr.Accordion("Loopback", open=False, elem_id=f"{mode}_loopback_box"):
-        on = gr.Checkbox(
+        on = FieldCheckbox(
             False,
             label="Feed each picture back in as the next init image",
             info="The denoising strength moves from the tab's to the final one; the seed goes up by 1 each loop",
@@ -1674,7 +1674,7 @@ def _build_hires_fix(engine) -> list[gr.components.Component]:
     """A1111's Hires. fix settings: the picture is made at the size above, upscaled, and denoised again."""
     limits = engine.limits
     with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hires_box"):
-        enable = gr.Checkbox(
+        enable = FieldCheckbox(
             False, label="Hires. fix: upscale the picture and denoise it again", elem_id="txt2img_enable_hr"
         )
         with gr.Row():
@@ -2670,7 +2670,7 @@ def _job_setting_widget(field: str, label: str, *, info: str, step: float = 0.01
     setting = JOB_SETTING_BY_FIELD[field]
     elem_id = f"setting_{_job_setting_name(setting)}"
     if setting.is_switch:
-        return gr.Checkbox(value=setting.default, label=label, info=info, elem_id=elem_id)
+        return FieldCheckbox(value=setting.default, label=label, info=info, elem_id=elem_id)
     if setting.is_choice:
         return FieldRadio(list(setting.choices), value=setting.default, label=label, info=info, elem_id=elem_id)
     if setting.is_whole:

@@ -36,7 +36,7 @@ from engine.events import Pacer
 from engine.images import encode_png
 from engine.presets import PRESETS_DIR
 
-from .fields import FieldDropdown, FieldSlider
+from .fields import FieldCheckbox, FieldDropdown, FieldSlider
 from .page_jobs import (
     LIVE_UPDATE_INTERVAL_S,
     PageSession,
@@ -132,7 +132,7 @@ def build_compare_tab(engine) -> CompareWidgets:
                 )
             )
     with gr.Row():
-        convergence = gr.Checkbox(
+        convergence = FieldCheckbox(
             label="Convergence: distance (SSIM, mean pixel difference) to a 100-step DPM++ 2M Karras reference",
             value=False,
             elem_id="compare_convergence",

@@ -16,7 +16,7 @@ from engine.folder_batch import FolderBatchError, FolderPlan, write_outputs
 from engine.infotext import read_infotext
 from engine.request import PICTURE_UPSCALERS
 
-from .fields import FieldDropdown, FieldRadio, FieldSlider
+from .fields import FieldCheckbox, FieldDropdown, FieldRadio, FieldSlider
 from .page_folders import build_batch_folders, folder_plan
 from .page_jobs import (
     FOLDER_BATCH_SHOWN,
@@ -97,7 +97,7 @@ def build_extras_tab(engine, server_folders: bool = False) -> ExtrasWidgets:
             with gr.Row(visible=False) as size_row:
                 width = FieldSlider(64, engine.limits.max_side, value=512, step=8, label="Width", elem_id="extras_w")
                 height = FieldSlider(64, engine.limits.max_side, value=512, step=8, label="Height", elem_id="extras_h")
-                crop = gr.Checkbox(True, label="Crop to fit", elem_id="extras_crop")
+                crop = FieldCheckbox(True, label="Crop to fit", elem_id="extras_crop")
             with gr.Row():
                 upscaler_1 = FieldDropdown(choices, value="Lanczos", label="Upscaler 1", elem_id="extras_upscaler_1")
                 upscaler_2 = FieldDropdown(choices, value="None", label="Upscaler 2", elem_id="extras_upscaler_2")

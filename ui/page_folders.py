@@ -12,7 +12,7 @@ import gradio as gr
 from engine import InvalidRequestError
 from engine.folder_batch import PNG_INFO_PARAMETERS, FolderPlan, plan_folder_batch
 
-from .fields import FieldCheckboxGroup
+from .fields import FieldCheckbox, FieldCheckboxGroup
 
 # What Generate (or Upscale) does with each picture of the input folder, by tab.
 FOLDER_JOBS = {"img2img": "one job each", "inpaint": "one job each", "extras": "each upscaled"}
@@ -55,7 +55,7 @@ def build_batch_folders(mode: str, enabled: bool) -> list[gr.components.Componen
             )
         )
         fields.append(
-            gr.Checkbox(
+            FieldCheckbox(
                 False,
                 label="Skip pictures already done",
                 info="those whose results are in the output directory: to go on with a stopped batch",

@@ -11,7 +11,7 @@ import gradio as gr
 from engine import EngineError, MergeRequest, TaskStopped
 from engine.merge import CHECKPOINT_FORMATS, INTERP_METHODS, NO_VAE, WEIGHTED_SUM
 
-from .fields import FieldDropdown, FieldRadio, FieldSlider
+from .fields import FieldCheckbox, FieldDropdown, FieldRadio, FieldSlider
 from .page_jobs import click_with_ticket, engine_error, reread_on_open, stop_session
 
 log = logging.getLogger(__name__)
@@ -93,12 +93,12 @@ def build_merge_tab(engine) -> MergeWidgets:
                     "folder for the others",
                     elem_id="merge_format",
                 )
-                save_as_half = gr.Checkbox(False, label="Save as float16", elem_id="merge_half")
+                save_as_half = FieldCheckbox(False, label="Save as float16", elem_id="merge_half")
             with gr.Row():
                 bake_in_vae = FieldDropdown(
                     vae_choices(engine), value=NO_VAE, label="Bake in VAE", elem_id="merge_bake_in_vae"
                 )
-                save_metadata = gr.Checkbox(True, label="Save the merge recipe", elem_id="merge_metadata")
+                save_metadata = FieldCheckbox(True, label="Save the merge recipe", elem_id="merge_metadata")
             with gr.Row():
                 run = gr.Button("Merge", variant="primary", elem_id="merge_run")
                 stop = gr.Button("Stop", variant="stop", elem_id="merge_stop")
