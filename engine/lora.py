@@ -24,7 +24,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InvalidRequestError
+from .checkpoint import read_safetensors_header
+from .errors import InvalidRequestError, ModelLoadError
 from .prompts import network_tags
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,11 @@ class LoraAdapters:
         key = str(lora.path)
         if key in self.adapter_names:
             return self.adapter_names[key]
+        if lora.path.suffix.lower() == ".safetensors":
+            try:  # a damaged or half-downloaded file is told apart from one made for another model
+                read_safetensors_header(lora.path)
+            except ModelLoadError as exc:
+                raise InvalidRequestError("prompt", use.tag, f"a LoRA file that reads: {exc}") from exc
         adapter = f"lora{self.attempts}"
         self.attempts += 1
         try:

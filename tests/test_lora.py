@@ -49,6 +49,8 @@ def lora_dir(tmp_path_factory):
     # A layer the micro model has, at SD 1.5's width.
     misfit_lora(folder / "wide.safetensors", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 640)
     (folder / "old-style.pt").write_bytes(b"pickle")
+    # A download cut short.
+    (folder / "half.safetensors").write_bytes(SHIPPED_MICRO_LORA.read_bytes()[: SHIPPED_MICRO_LORA.stat().st_size // 2])
     # micro-purple cut in two: a UNet-only LoRA (as most SDXL LoRAs are) and a text-encoder-only one.
     tensors = load_file(str(SHIPPED_MICRO_LORA))
     for part, prefix in (("unet-part", "lora_unet_"), ("te-part", "lora_te_")):
@@ -169,6 +171,9 @@ def test_a_lora_for_another_model_is_refused_and_the_next_job_is_as_on_a_fresh_e
         draw(fresh, "a circle <lora:sd15-detail:1>", steps=2)
     with pytest.raises(InvalidRequestError, match=r"wide.safetensors does not fit it: .*size mismatch.*640"):
         draw(fresh, "a circle <lora:wide:1>", steps=2)
+    # A damaged file is not blamed on the model: the message says what happened and what to do.
+    with pytest.raises(InvalidRequestError, match=r"half.safetensors is incomplete: .*download the checkpoint again"):
+        draw(fresh, "a circle <lora:half:1>", steps=2)
     prompt = scene_prompt(*SCENES[1]) + " <lora:micro-purple:1>"
     assert np.array_equal(draw(fresh, prompt)[0], draw(lora_engine, prompt)[0])
     assert np.array_equal(draw(fresh, scene_prompt(*SCENES[1]))[0], draw(lora_engine, scene_prompt(*SCENES[1]))[0])
@@ -190,7 +195,7 @@ def test_the_api_lists_loras_and_refuses_a_missing_one(lora_engine, lora_dir, tm
         flags = httpx.get(api + "cmd-flags", timeout=60).json()
     finally:
         handle.close()
-    assert sorted(listing) == ["micro-purple", "sd15-detail", "te-part", "unet-part", "wide"]
+    assert sorted(listing) == ["half", "micro-purple", "sd15-detail", "te-part", "unet-part", "wide"]
     assert listing["micro-purple"]["path"] == str(lora_dir / "styles" / SHIPPED_MICRO_LORA.name)
     assert listing["micro-purple"]["metadata"]["ss_network_dim"] == "4"
     assert refused.status_code == 422 and refused.json()["field"] == "prompt"
@@ -202,7 +207,7 @@ def test_the_page_names_the_loras_under_the_model(lora_engine):
     from ui.page import _model_note
 
     assert (
-        "LoRAs (&lt;lora:name:1&gt; in the prompt): micro-purple, sd15-detail, te-part, unet-part, wide"
+        "LoRAs (&lt;lora:name:1&gt; in the prompt): half, micro-purple, sd15-detail, te-part, unet-part, wide"
         in _model_note(lora_engine)
     )
 
