@@ -19,6 +19,9 @@ from typing import Any
 
 import torch
 
+from .checkpoint import read_safetensors_header
+from .errors import ModelLoadError
+
 log = logging.getLogger(__name__)
 
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
@@ -81,7 +84,13 @@ def read_embedding(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        data: dict[str, Any] = load_file(str(path))
+        try:
+            read_safetensors_header(path)  # says what is wrong with a damaged or half-downloaded file
+            data: dict[str, Any] = load_file(str(path))
+        except ModelLoadError as exc:
+            raise ValueError(str(exc)) from exc
+        except Exception as exc:  # noqa: BLE001 - safetensors' own errors derive from Exception alone
+            raise ValueError(f"not a readable safetensors file ({exc})") from exc
     else:
         # A1111's .pt embeddings hold only tensors, numbers and strings, so torch's weights-only loader
         # reads them without running any code from the file.

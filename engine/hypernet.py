@@ -185,8 +185,8 @@ def read_hypernetwork(path: Path) -> Hypernetwork:
                 f"it holds Python objects other than tensors ({found.group(1)}), which are not read"
             ) from None
         raise ValueError("it cannot be read as a PyTorch file") from None
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise ValueError(f"it cannot be read as a PyTorch file ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - a file cut short fails deep in torch's reader, in any of its ways
+        raise ValueError(f"it cannot be read as a PyTorch file ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict):
         raise ValueError("it is not a hypernetwork's dict")
     try:

@@ -56,6 +56,8 @@ def embeddings_dir(tmp_path_factory):
     )
     save_file({"emb_params": torch.zeros(8, 768)}, folder / "sd15-negative.safetensors")
     (folder / "broken.pt").write_bytes(b"not a torch file")
+    # A download cut short: a model must still load beside it.
+    (folder / "half.safetensors").write_bytes((folder / "sd15-negative.safetensors").read_bytes()[:100])
     (folder / "notes.txt").write_text("not an embedding")
     return folder
 
@@ -78,6 +80,8 @@ def test_embeddings_that_fit_the_model_are_loaded_and_the_rest_are_listed_with_w
     assert sorted(report.skipped) == ["sd15-negative"]
     assert report.reasons["sd15-negative"] == "vectors 768 wide; this model's text encoder takes 64"
     assert "broken.pt could not be read" in report.reasons["broken"]
+    assert "half.safetensors could not be read" in report.reasons["half"]
+    assert "download the checkpoint again" in report.reasons["half"]
 
 
 def test_an_embedding_draws_what_its_vectors_mean(ti_engine):
@@ -168,7 +172,7 @@ def test_the_page_names_the_embeddings_under_the_model(ti_engine):
 
     note = _model_note(ti_engine)
     assert "Embeddings: Crimson, redshape" in note
-    assert "Embeddings skipped: broken, sd15-negative" in note
+    assert "Embeddings skipped: broken, half, sd15-negative" in note
     assert "sd15-negative: vectors 768 wide; this model&#x27;s text encoder takes 64" in note
     assert _first_names([f"e{index}" for index in range(10)]) == "e0, e1, e2, e3, e4, e5, e6, e7 and 2 more"
 

@@ -230,6 +230,10 @@ def test_one_that_is_not_there_or_does_not_fit_is_refused_before_the_job(hyperne
     with pytest.raises(InvalidRequestError, match="notes.pt: it cannot be read as a PyTorch file"):
         hypernet_engine.validate(GenerationRequest(prompt="<hypernet:notes>"))
     (hypernet_dir / "notes.pt").unlink()
+    (hypernet_dir / "short.pt").write_bytes(b"junk")  # fails inside torch's reader with a struct.error
+    with pytest.raises(InvalidRequestError, match="short.pt: it cannot be read as a PyTorch file"):
+        hypernet_engine.validate(GenerationRequest(prompt="<hypernet:short>"))
+    (hypernet_dir / "short.pt").unlink()
     # The next job runs as on a fresh engine.
     fresh = Engine(model=str(SHIPPED_MICRO_MODEL), models_dir=hypernet_engine.models_dir)
     assert np.array_equal(pixels(draw(hypernet_engine, "a red circle")), pixels(draw(fresh, "a red circle")))
