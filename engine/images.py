@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,13 @@ def to_pil(value: Any, field: str) -> Image.Image:
             image = Image.open(io.BytesIO(bytes(value)))
             image.load()
             return image
+        except Image.DecompressionBombError as exc:
+            # A small file can claim a huge picture: Pillow refuses to decode it (it would fill the memory).
+            pixels = re.search(r"\((\d+) pixels\)", str(exc))
+            size = f"a picture of {int(pixels.group(1)):,} pixels" if pixels else f"{len(value)} bytes"
+            raise InvalidRequestError(
+                field, size, f"{IMAGE_KINDS} of at most {2 * Image.MAX_IMAGE_PIXELS:,} pixels"
+            ) from exc
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise InvalidRequestError(
                 field, f"{len(value)} bytes", IMAGE_KINDS + " (these bytes are not an image file)"

@@ -7,8 +7,10 @@ import datetime as dt
 import io
 import json
 import math
+import struct
 import threading
 import time
+import zlib
 
 import httpx
 import pytest
@@ -624,6 +626,34 @@ def test_png_info_of_an_image_without_parameters(api):
 def test_png_info_of_something_that_is_not_an_image_is_422(api):
     response = api.post("png-info", json={"image": _not_an_image()})
     assert response.status_code == 422 and response.json()["field"] == "image"
+
+
+def _claims_a_huge_picture(width: int, height: int) -> str:
+    """A PNG of a few hundred bytes whose header claims width x height pixels (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    rows = zlib.compress(b"\0" * (width + 1))  # one row: Pillow refuses the size before it reads any
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+    return base64.b64encode(png).decode()
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "field", "payload"),
+    [
+        ("png-info", "image", lambda bomb: {"image": bomb}),
+        ("extra-single-image", "image", lambda bomb: {"image": bomb, "upscaler_1": "Lanczos"}),
+        ("img2img", "init_images[0]", lambda bomb: {"init_images": [bomb], "steps": 2}),
+    ],
+)
+def test_a_picture_claiming_too_many_pixels_is_422_naming_its_size(api, endpoint, field, payload):
+    response = api.post(endpoint, json=payload(_claims_a_huge_picture(20000, 20000)))
+    assert response.status_code == 422
+    body = response.json()
+    assert body["field"] == field and body["value"] == "a picture of 400,000,000 pixels"
+    assert "of at most 178,956,970 pixels" in body["allowed"]
 
 
 # A real A1111 client ------------------------------------------------------------------------
