@@ -6,6 +6,7 @@ user's Stop and settings never reach the other's jobs.
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 import time
@@ -153,12 +154,16 @@ def test_variation_seed_applies_only_with_extra_ticked(page_url):
     assert "Variation seed" not in unticked[3]
 
 
-def test_a_bad_value_is_refused_with_the_field_and_what_is_allowed(page_url):
+def test_a_bad_value_is_refused_with_the_field_and_what_is_allowed(page_url, capfd, caplog):
     client = _client(page_url)
-    with pytest.raises(AppError) as caught:
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="ui.fields"), pytest.raises(AppError) as caught:
         client.predict(*txt2img_args(width=100), api_name="/txt2img")
     message = str(caught.value)
     assert "width" in message and "100" in message and "multiple of 8" in message
+    # The server's log says it in one line: no traceback for a person's typo.
+    assert "Traceback" not in capfd.readouterr().err
+    assert any("width: got 100" in record.getMessage() for record in caplog.records)
     with pytest.raises(AppError, match="sampler"):
         client.predict("x", "", "No such sampler", "Automatic", 4, 7, 1, 64, 64, 1, 1, api_name="/txt2img")
     # A script's wrong types: gradio itself would answer "Could not preprocess input component at index 6" for the

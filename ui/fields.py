@@ -12,7 +12,22 @@ checkbox sent a string ("false", which gradio would take as ticked) is refused. 
 
 from __future__ import annotations
 
+import logging
+
 import gradio as gr
+
+log = logging.getLogger(__name__)
+
+
+class PageError(gr.Error):
+    """A message for the person at the page (a bad value, a missing picture), shown in the page. The server's log
+    gets it as one line: gradio would print a traceback for each, burying the log under people's typos. Failures
+    inside a job are logged with their traceback where they happen (the engine's job thread)."""
+
+    def __init__(self, message: str, **kwargs) -> None:
+        kwargs.setdefault("print_exception", False)
+        super().__init__(message, **kwargs)
+        log.info("Refused on the page: %s", message)
 
 
 def _allowed(minimum, maximum) -> str:
@@ -28,7 +43,7 @@ def _named(component, payload, check, allowed):
         return check(payload)
     except (gr.Error, TypeError, ValueError):  # a value out of range, or none a number can be compared with
         name = component.label or component.elem_id or "value"
-        raise gr.Error(f"{name}: got {payload!r}; allowed: {allowed()}") from None
+        raise PageError(f"{name}: got {payload!r}; allowed: {allowed()}") from None
 
 
 def _in_range(component, payload, check):

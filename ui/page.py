@@ -59,7 +59,7 @@ from engine.sd_upscale import MAX_SCALE as SD_UPSCALE_MAX_SCALE
 from engine.styles import apply_styles
 from engine.vae import choose as vae_choice
 
-from .fields import FieldCheckbox, FieldCheckboxGroup, FieldDropdown, FieldNumber, FieldRadio, FieldSlider
+from .fields import FieldCheckbox, FieldCheckboxGroup, FieldDropdown, FieldNumber, FieldRadio, FieldSlider, PageError
 from .page_compare import build_compare_tab, wire_compare_tab
 from .page_extras import build_extras_tab, upscaler_choices, wire_extras_tab
 from .page_folders import build_batch_folders, folder_plan
@@ -1156,7 +1156,7 @@ def _show_init_image_after(sent, target: TabWidgets) -> None:
 
 def _copy_to_sketch(image: Image.Image | None):
     if image is None:
-        raise gr.Error("Sketch on this picture: upload a picture into Image first (or draw on the blank Sketch).")
+        raise PageError("Sketch on this picture: upload a picture into Image first (or draw on the blank Sketch).")
     return _editor_value(image), gr.Tabs(selected="sketch"), "sketch"
 
 
@@ -1304,7 +1304,7 @@ def _apply_styles(engine, prompt: str, negative_prompt: str, selected: list[str]
     """A1111's "apply styles": the selected styles merged into the prompts, and the selection cleared, so the
     styles are not added a second time when the job runs."""
     if not selected:
-        raise gr.Error("styles: got none; allowed: pick the styles to apply in Styles first")
+        raise PageError("styles: got none; allowed: pick the styles to apply in Styles first")
     try:
         prompt, negative_prompt = apply_styles(
             prompt or "", negative_prompt or "", selected, engine.styles(), engine.registry.styles_file
@@ -1612,7 +1612,7 @@ def _scripted(engine, request, prompt_list: tuple, prompt_matrix: tuple, loopbac
         name for name, on in (("prompt list", list_on), ("prompt matrix", matrix_on), ("loopback", loopback_on)) if on
     ]
     if len(chosen) > 1:
-        raise gr.Error(
+        raise PageError(
             f"scripts: got {' and '.join(chosen)} on together; allowed: one script at a time, as in A1111 (untick all "
             "but one of Prompts from file or textbox, Prompt matrix and Loopback)"
         )
@@ -2145,7 +2145,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image, server
             pictures = batch_pictures(batch_images, "batch_images")
             if pictures and (prompt_list or matrix_on):
                 script = "a prompt list" if prompt_list else "the prompt matrix"
-                raise gr.Error(
+                raise PageError(
                     f"batch_images: got a batch with {script}; allowed: one of the two (clear the batch's files, "
                     f"or untick {'the prompt list' if prompt_list else 'Prompt matrix'})"
                 )
@@ -2153,7 +2153,7 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image, server
             if plan is not None:
                 init_image = None  # each picture of the folder in turn
             elif init_image is None:
-                raise gr.Error("init_images: got nothing; allowed: an image (upload one in img2img, or draw a Sketch)")
+                raise PageError("init_images: got nothing; allowed: an image (upload one in img2img, or draw a Sketch)")
             variation = _variation(seed_extra, subseed, subseed_strength, seed_resize_from_w, seed_resize_from_h)
             request = build_request(
                 prompt=prompt,
@@ -2311,14 +2311,14 @@ def _make_generate_handler(mode: str, engine, *, outputs_dir, save_image, server
         if plan is not None:
             init_image = chosen_mask = None  # each picture's, and its mask, from the folders in turn
         elif init_image is None:
-            raise gr.Error("init_images: got nothing; allowed: an image (upload one in inpaint)")
+            raise PageError("init_images: got nothing; allowed: an image (upload one in inpaint)")
         elif inpaint_sketch:
             sketched = (init_image, painted, mask, mask_blur, mask_transparency)
             init_image, chosen_mask = _inpaint_sketched(image, *sketched, limits=engine.limits)
         else:
             chosen_mask = mask if mask is not None else painted
             if chosen_mask is None:
-                raise gr.Error("mask: got nothing; allowed: paint over the image, or upload a mask (white = repaint)")
+                raise PageError("mask: got nothing; allowed: paint over the image, or upload a mask (white = repaint)")
         variation = _variation(seed_extra, subseed, subseed_strength, seed_resize_from_w, seed_resize_from_h)
         request = build_request(
             prompt=prompt,
@@ -2384,12 +2384,12 @@ def _inpaint_sketched(
 ):
     """Inpaint sketch's (init image, mask) from the editor's strokes; gr.Error naming the field that is wrong."""
     if uploaded_mask is not None:
-        raise gr.Error(
+        raise PageError(
             "mask: got an uploaded mask with Inpaint sketch on; allowed: one of the two (the sketch's strokes are its "
             "mask: remove the uploaded mask, or untick Inpaint sketch)"
         )
     if strokes is None:
-        raise gr.Error("image: got no strokes; allowed: paint over the picture in colour (Inpaint sketch is on)")
+        raise PageError("image: got no strokes; allowed: paint over the picture in colour (Inpaint sketch is on)")
     try:
         return sketched_inpaint(
             picture,
@@ -2400,7 +2400,7 @@ def _inpaint_sketched(
             limits=limits,
         )
     except EngineError as exc:
-        raise gr.Error(str(exc)) from exc
+        raise PageError(str(exc)) from exc
 
 
 def _folder_job(plan, request: GenerationRequest, looping: dict, resize_by, png_info, *, engine, **run):
@@ -2425,12 +2425,12 @@ def _resized_by(request: GenerationRequest, scale, engine) -> GenerationRequest:
     if not scale:
         return request
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= MAX_RESIZE_BY:
-        raise gr.Error(f"resize_by: got {scale!r}; allowed: 0 (off) or a scale up to {MAX_RESIZE_BY}")
+        raise PageError(f"resize_by: got {scale!r}; allowed: 0 (off) or a scale up to {MAX_RESIZE_BY}")
     picture = request.init_images[0]
     width, height = int(picture.width * scale) // 8 * 8, int(picture.height * scale) // 8 * 8
     limits = engine.limits
     if min(width, height) < 8 or max(width, height) > limits.max_side or width * height > limits.max_pixels:
-        raise gr.Error(
+        raise PageError(
             f"resize_by: got {scale:g}, which makes the {picture.width}x{picture.height} picture {width}x{height}; "
             f"allowed: a scale that keeps each side from 8 to {limits.max_side} and at most {limits.max_pixels} pixels"
         )
@@ -2622,14 +2622,14 @@ def _select_result(view: ResultView | None, evt: gr.SelectData) -> str:
 def _set_prompt_syntax(session: PageSession, syntax: str) -> None:
     """Prompt syntax for this session's jobs: "a1111" or "compel"."""
     if syntax not in PROMPT_SYNTAXES:
-        raise gr.Error(f"prompt_syntax: got {syntax!r}; allowed: {', '.join(PROMPT_SYNTAXES)}")
+        raise PageError(f"prompt_syntax: got {syntax!r}; allowed: {', '.join(PROMPT_SYNTAXES)}")
     session.prompt_syntax = syntax
 
 
 def _set_emphasis(session: PageSession, emphasis: str) -> None:
     """A1111 emphasis mode for this session's jobs: "Original", "No norm" or "Ignore"."""
     if emphasis not in EMPHASIS_MODES:
-        raise gr.Error(f"emphasis: got {emphasis!r}; allowed: {', '.join(EMPHASIS_MODES)}")
+        raise PageError(f"emphasis: got {emphasis!r}; allowed: {', '.join(EMPHASIS_MODES)}")
     session.emphasis = emphasis
 
 
@@ -2712,7 +2712,7 @@ def _whole_setting(value, name: str, low: int, high: int) -> int:
     except (TypeError, ValueError):
         whole = False
     if not whole or not low <= int(float(value)) <= high:
-        raise gr.Error(f"{name}: got {value!r}; allowed: a whole number from {low} to {high}")
+        raise PageError(f"{name}: got {value!r}; allowed: a whole number from {low} to {high}")
     return int(float(value))
 
 
@@ -2723,7 +2723,7 @@ def _number_setting(value, name: str, low: float, high: float) -> float:
     except (TypeError, ValueError):
         number = math.nan
     if not low <= number <= high:  # NaN too
-        raise gr.Error(f"{name}: got {value!r}; allowed: {low} to {high}")
+        raise PageError(f"{name}: got {value!r}; allowed: {low} to {high}")
     return number
 
 
@@ -2744,7 +2744,7 @@ def _set_sd_hypernetwork(engine, session: PageSession, name: str) -> None:
     then goes at the end of every prompt that does not name it."""
     choices = _hypernet_choices(engine)
     if name not in choices:
-        raise gr.Error(f"sd_hypernetwork: got {name!r}; allowed: one of {', '.join(choices)}")
+        raise PageError(f"sd_hypernetwork: got {name!r}; allowed: one of {', '.join(choices)}")
     session.sd_hypernetwork = name
 
 
@@ -2868,7 +2868,7 @@ def _read_png_info(path: str | None):
     try:
         text = read_infotext(Path(path).read_bytes())
     except (OSError, EngineError) as exc:
-        raise gr.Error(f"Could not read that image: {exc}") from exc
+        raise PageError(f"Could not read that image: {exc}") from exc
     if not text:
         return "", '<div class="png-params-empty">No generation parameters in this image.</div>'
     return text, params_table_html(parse_infotext_params(text))
@@ -2918,7 +2918,7 @@ def _settings_from_infotext(read: ReadInfotext, *, with_denoising: bool) -> list
 
 def _send_png_info(path: str | None, text: str, *, target_mode: str, engine):
     if not text:
-        raise gr.Error("No generation parameters to send: drop a PNG made by this app (or A1111) first.")
+        raise PageError("No generation parameters to send: drop a PNG made by this app (or A1111) first.")
     read = ReadInfotext.of(text)
     unread = unread_settings(read.request)
     if unread:
@@ -2957,12 +2957,12 @@ def _paste_parameters(prompt: str | None, last_infotext: str | None, *, target_m
     when it is empty, from the tab's last generation, as PNG Info's Send sets them; the init picture stays."""
     text = (prompt or "").strip() or (last_infotext or "").strip()
     if not text:
-        raise gr.Error(
+        raise PageError(
             "Nothing to read: paste generation parameters (an A1111 infotext, as PNG Info shows one) into the prompt, "
             "or generate once and press it with the prompt empty."
         )
     if "Steps" not in parse_infotext_params(text):
-        raise gr.Error(
+        raise PageError(
             "prompt: holds no generation parameters (no line like 'Steps: 20, Sampler: Euler a, ...'); paste a whole "
             "infotext, as PNG Info shows one, or empty the prompt to read the last generation's."
         )
@@ -3090,7 +3090,7 @@ def _listed(name: str, choices: list[str], same: str) -> str:
 def _selected_picture(gallery, view: ResultView | None) -> Image.Image:
     """The result picked in a tab's gallery; gr.Error when there is none yet."""
     if not gallery or view is None or not view.infotexts:
-        raise gr.Error("No result to send yet: generate an image first.")
+        raise PageError("No result to send yet: generate an image first.")
     item = gallery[min(view.selected, len(gallery) - 1)]
     return _open_image(item[0] if isinstance(item, (tuple, list)) else item)
 

@@ -36,7 +36,7 @@ from engine.events import Pacer
 from engine.images import encode_png
 from engine.presets import PRESETS_DIR
 
-from .fields import FieldCheckbox, FieldDropdown, FieldSlider
+from .fields import FieldCheckbox, FieldDropdown, FieldSlider, PageError
 from .page_jobs import (
     LIVE_UPDATE_INTERVAL_S,
     PageSession,
@@ -323,7 +323,7 @@ def _empty_plot() -> pd.DataFrame:
 
 def _load_preset(name: str | None):
     if not name:
-        raise gr.Error("preset: got nothing; allowed: pick a preset from the list")
+        raise PageError("preset: got nothing; allowed: pick a preset from the list")
     try:
         axes = load_preset(PRESETS_FOLDER, name)
     except EngineError as exc:
@@ -503,7 +503,7 @@ def _as_png_file(image: Image.Image, infotext: str) -> str:
 def _send_cell(settings_from_infotext, view: CompareView, evt: gr.SelectData):
     index = evt.index if isinstance(evt.index, int) else evt.index[0]
     if not view.infotexts or index >= len(view.infotexts):
-        raise gr.Error("No cell to send: run a grid first.")
+        raise PageError("No cell to send: run a grid first.")
     return (*settings_from_infotext(view.infotexts[index]), gr.Tabs(selected="txt2img"))
 
 
@@ -522,7 +522,7 @@ def _timeline_frames(view: CompareView, labels: list[str] | None, step):
 def _export_timeline(view: CompareView, labels: list[str] | None):
     timelines = [t for t in _chosen(view, labels) if t]
     if not timelines:
-        raise gr.Error("timeline: got no cells; allowed: pick 1-4 cells of a finished grid (previews on)")
+        raise PageError("timeline: got no cells; allowed: pick 1-4 cells of a finished grid (previews on)")
     steps = max(len(t) for t in timelines)
     # The chosen cells side by side, all moving one step per frame (a shorter run holds its last frame).
     frames = []

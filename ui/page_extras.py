@@ -16,7 +16,7 @@ from engine.folder_batch import FolderBatchError, FolderPlan, write_outputs
 from engine.infotext import read_infotext
 from engine.request import PICTURE_UPSCALERS
 
-from .fields import FieldCheckbox, FieldDropdown, FieldRadio, FieldSlider
+from .fields import FieldCheckbox, FieldDropdown, FieldRadio, FieldSlider, PageError
 from .page_folders import build_batch_folders, folder_plan
 from .page_jobs import (
     FOLDER_BATCH_SHOWN,
@@ -220,7 +220,7 @@ def run_extras(
         )
         pictures = batch_pictures(batch_files, "batch_files")
         if image is None and not pictures and plan is None:
-            raise gr.Error("Upscale: drop a picture into Source first (or several into Batch).")
+            raise PageError("Upscale: drop a picture into Source first (or several into Batch).")
         settings = dict(
             resize_mode=resize_mode,
             upscaling_resize=scale,
@@ -280,7 +280,7 @@ def _upscale_folder(engine, session, plan: FolderPlan, settings: dict, control, 
             try:
                 report.written += len(write_outputs(item, plan.output_dir, [result], [infotext], postprocessing))
             except FolderBatchError as exc:
-                raise gr.Error(f"{exc}. {report.describe()}") from exc
+                raise PageError(f"{exc}. {report.describe()}") from exc
         elif saved is not None:
             report.written += 1
         if len(shown) < FOLDER_BATCH_SHOWN:
@@ -289,7 +289,7 @@ def _upscale_folder(engine, session, plan: FolderPlan, settings: dict, control, 
     if not shown:
         if stopped:
             return gr.skip(), stopped + report.describe(), gr.skip()
-        raise gr.Error(f"Nothing was upscaled. {report.describe()}")
+        raise PageError(f"Nothing was upscaled. {report.describe()}")
     return shown[0], stopped + report.describe(), shown
 
 

@@ -12,7 +12,7 @@ import gradio as gr
 from engine import InvalidRequestError
 from engine.folder_batch import PNG_INFO_PARAMETERS, FolderPlan, plan_folder_batch
 
-from .fields import FieldCheckbox, FieldCheckboxGroup
+from .fields import FieldCheckbox, FieldCheckboxGroup, PageError
 
 # What Generate (or Upscale) does with each picture of the input folder, by tab.
 FOLDER_JOBS = {"img2img": "one job each", "inpaint": "one job each", "extras": "each upscaled"}
@@ -112,22 +112,22 @@ def folder_plan(
         return None
     field, value = next((field, value) for field, value in named.items() if value)
     if not enabled:
-        raise gr.Error(f"{field}: got {value!r}; allowed: nothing here: {FOLDERS_OFF}")
+        raise PageError(f"{field}: got {value!r}; allowed: nothing here: {FOLDERS_OFF}")
     if not named["batch_input_dir"]:
-        raise gr.Error(f"batch_input_dir: got nothing with {field} {value!r}; allowed: a folder of pictures")
+        raise PageError(f"batch_input_dir: got nothing with {field} {value!r}; allowed: a folder of pictures")
     if mask_needed and not named["batch_mask_dir"]:
-        raise gr.Error(
+        raise PageError(
             "batch_mask_dir: got nothing; allowed: a folder of masks, one for every picture or one per picture "
             "by name (for a batch without masks, use img2img's Batch)"
         )
     if named["batch_png_info_dir"] and not png_info:
-        raise gr.Error(
+        raise PageError(
             f"batch_png_info: got none with batch_png_info_dir {named['batch_png_info_dir']!r}; allowed: the "
             f"parameters to take from the PNG info there (any of {', '.join(PNG_INFO_PARAMETERS)})"
         )
     for what, on in (refused_with or {}).items():
         if on:
-            raise gr.Error(
+            raise PageError(
                 f"batch_input_dir: got a folder batch with {what}; allowed: one of the two (clear the batch's "
                 f"folders, or turn off {what})"
             )
@@ -141,7 +141,7 @@ def folder_plan(
             skip_done=bool(skip_done),
         )
     except InvalidRequestError as exc:
-        raise gr.Error(f"batch_{exc}") from exc
+        raise PageError(f"batch_{exc}") from exc
 
 
 def outputs_per_picture(n_iter, batch_size, looping: dict) -> int:

@@ -37,6 +37,8 @@ from engine.previews import preview_to_display
 from engine.request import default_job_settings, with_clip_skip
 from engine.samplers import get_sampler
 
+from .fields import PageError
+
 log = logging.getLogger(__name__)
 
 CHUNK_TOKENS = 75
@@ -170,9 +172,9 @@ class ResultView:
 ERROR_TITLES = {"InvalidRequestError": "Invalid setting", "ModelLoadError": "Model not loaded"}
 
 
-def engine_error(exc: EngineError) -> gr.Error:
+def engine_error(exc: EngineError) -> PageError:
     """The engine's message names the field, the value and what is allowed: show it as it is."""
-    return gr.Error(str(exc), title=ERROR_TITLES.get(type(exc).__name__, "Error"))
+    return PageError(str(exc), title=ERROR_TITLES.get(type(exc).__name__, "Error"))
 
 
 def stop_session(session: PageSession) -> None:
@@ -298,7 +300,7 @@ def batch_pictures(paths: list[str] | None, field: str) -> list[Image.Image]:
             with Image.open(path) as opened:
                 pictures.append(opened.convert("RGB"))
         except (OSError, ValueError) as exc:
-            raise gr.Error(f"{field}: got {Path(path).name!r}; allowed: pictures (PNG, JPEG, WebP) ({exc})") from exc
+            raise PageError(f"{field}: got {Path(path).name!r}; allowed: pictures (PNG, JPEG, WebP) ({exc})") from exc
     return pictures
 
 
@@ -639,7 +641,7 @@ def run_folder_batch(
     except (EngineError, FolderBatchError) as exc:
         if shown:
             yield _results_update(shown, report.describe(), feed.fraction, stopped=True)
-        raise engine_error(exc) if isinstance(exc, EngineError) else gr.Error(f"{exc}. {report.describe()}") from exc
+        raise engine_error(exc) if isinstance(exc, EngineError) else PageError(f"{exc}. {report.describe()}") from exc
     finally:
         session.end_job(control)
     if not report.ran and control.interrupted:
@@ -648,7 +650,7 @@ def run_folder_batch(
         yield (None, bar, *((gr.skip(),) * 3 if ticket is not None else ([], "", gr.skip())))
         return
     if not report.ran:
-        raise gr.Error(f"Nothing was made. {report.describe()}")
+        raise PageError(f"Nothing was made. {report.describe()}")
     stopped = control.interrupted or bool(report.not_written)
     summary = f"Stopped: {report.describe()}" if control.interrupted else report.describe()
     yield _results_update(shown, summary, 1.0 if not stopped else feed.fraction, stopped)
@@ -764,5 +766,5 @@ def _save_all(result: Result, save_image, *, outputs_dir: Path, mode: str) -> No
 
 def valid_preview_mode(mode: str) -> str:
     if mode not in PREVIEW_MODES:
-        raise gr.Error(f"preview mode: got {mode!r}; allowed: one of {', '.join(PREVIEW_MODES)}")
+        raise PageError(f"preview mode: got {mode!r}; allowed: one of {', '.join(PREVIEW_MODES)}")
     return mode
