@@ -336,6 +336,20 @@ def test_save_images_writes_a1111_layout(api, server):
     assert len(list((outputs / "img2img-images" / today).glob("*-4444.png"))) == 1
 
 
+def test_a_picture_that_cannot_be_saved_still_comes_back_with_why(engine, tmp_path):
+    blocked = tmp_path / "outputs"
+    blocked.write_text("a file where the outputs folder should be")
+    handle = launch(engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=blocked))
+    try:
+        with httpx.Client(base_url=handle.url + "sdapi/v1/", timeout=120) as client:
+            body, info = generate(client, prompt="kept anyway", seed=4545, save_images=True)
+        assert len(body["images"]) == 1 and info["all_seeds"] == [4545]
+        assert len(info["save_errors"]) == 1 and info["save_errors"][0].startswith("seed 4545: ")
+        assert "Not a directory" in info["save_errors"][0]
+    finally:
+        handle.close()
+
+
 # Errors: 422 naming the field, and the server stays ready ----------------------------------
 
 

@@ -746,12 +746,13 @@ class SdApi:
             grid = loopback_grid(results)
         shown = [grid, *results] if grid is not None else results
 
+        not_saved: list[str] = []
         if payload.save_images:
             if self.settings.save_images:
                 for result in results:
-                    self._save(result)
+                    not_saved += self._save(result)
                 if grid is not None:
-                    self._save(grid, grid_of=grid.request.mode)
+                    not_saved += self._save(grid, grid_of=grid.request.mode)
             else:
                 ignored.append("save_images")  # the server was started with --no-save
         images = []
@@ -772,6 +773,8 @@ class SdApi:
         if grid is not None:
             info["infotexts"] = [*grid.infotexts, *info["infotexts"]]
             info["index_of_first_image"] = 1
+        if not_saved:
+            info["save_errors"] = not_saved
         return {"images": images, "parameters": parameters, "info": json.dumps(info)}
 
     @contextlib.contextmanager
@@ -1009,18 +1012,26 @@ class SdApi:
         with self._lock:
             return self._stored_options.get(name, default)
 
-    def _save(self, result: Result, grid_of: str | None = None) -> None:
-        """A result's pictures, into their mode's folder; a grid (`grid_of` a mode) into that mode's grids folder."""
+    def _save(self, result: Result, grid_of: str | None = None) -> list[str]:
+        """A result's pictures, into their mode's folder; a grid (`grid_of` a mode) into that mode's grids folder.
+        Returns why any could not be saved: the pictures still go back in the answer, made as they were."""
+        not_saved = []
         for image, seed, text in zip(result.images, result.seeds, result.infotexts, strict=True):
-            path = save_image(
-                image,
-                text,
-                outputs_dir=self.settings.outputs_dir,
-                mode=result.request.mode if grid_of is None else f"{grid_of}-grids",
-                seed=seed,
-                fmt=self._samples_format,
-            )
-            log.info("Saved %s", path)
+            try:
+                path = save_image(
+                    image,
+                    text,
+                    outputs_dir=self.settings.outputs_dir,
+                    mode=result.request.mode if grid_of is None else f"{grid_of}-grids",
+                    seed=seed,
+                    fmt=self._samples_format,
+                )
+            except (OSError, EngineError) as exc:
+                log.warning("Could not save the picture for seed %s: %s", seed, exc)
+                not_saved.append(f"seed {seed}: {exc}")
+            else:
+                log.info("Saved %s", path)
+        return not_saved
 
     def _info(
         self, results: list[Result], ignored: list[str], clip_skip: int, timestamp: str, styles: list[str]
