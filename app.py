@@ -47,7 +47,7 @@ def configure_logging(level: str | None = None, *, progress_bars: bool = True) -
 def create_engine(settings: ServerSettings):
     import torch
 
-    from engine import Engine
+    from engine import Engine, Limits
 
     return Engine(
         model=settings.model,
@@ -65,6 +65,7 @@ def create_engine(settings: ServerSettings):
         full_precision_vae=settings.full_precision_vae,
         nan_check=settings.nan_check,
         allow_pickle=settings.allow_pickle,
+        limits=Limits(max_n_iter=settings.max_batch_count) if settings.max_batch_count else None,
         warm_up=True,
     )
 

@@ -215,6 +215,82 @@ def test_an_a1111_command_line_starts_and_says_what_each_flag_without_work_here_
         parse("--no-such-flag")  # a flag A1111 does not have either is still refused
 
 
+# Every flag of A1111's modules/cmd_args.py (1.10), with a value where it takes one.
+EVERY_A1111_FLAG = (
+    "-f --update-all-extensions --skip-python-version-check --skip-torch-cuda-test --reinstall-xformers "
+    "--reinstall-torch --update-check --tests tests --no-tests --skip-install --config v1.yaml --ckpt micro-shapes "
+    "--gfpgan-dir g --gfpgan-model g.pth --no-half --no-half-vae --no-progressbar-hiding --max-batch-count 16 "
+    "--textual-inversion-templates-dir t --localizations-dir l --allow-code --medvram --medvram-sdxl --lowvram "
+    "--lowram --always-batch-cond-uncond --unload-gfpgan --precision autocast --upcast-sampling --ngrok token "
+    "--ngrok-region us --ngrok-options {} --enable-insecure-extension-access --codeformer-models-path c "
+    "--gfpgan-models-path g --bsrgan-models-path b --dat-models-path d --clip-models-path c --xformers "
+    "--force-enable-xformers --xformers-flash-attention --deepdanbooru --opt-split-attention --opt-sub-quad-attention "
+    "--sub-quad-q-chunk-size 1024 --sub-quad-kv-chunk-size 512 --sub-quad-chunk-threshold 80 "
+    "--opt-split-attention-invokeai --opt-split-attention-v1 --opt-sdp-attention --opt-sdp-no-mem-attention "
+    "--disable-opt-split-attention --disable-nan-check --use-cpu interrogate --use-ipex "
+    "--disable-model-loading-ram-optimization --listen --port 7861 --show-negative-prompt "
+    "--ui-config-file ui-config.json --hide-ui-dir-config --freeze-settings --freeze-settings-in-sections s "
+    "--freeze-specific-settings s --ui-settings-file config.json --gradio-debug --gradio-auth u:p --gradio-img2img-tool x "
+    "--gradio-inpaint-tool x --opt-channelslast --autolaunch --theme dark --use-textbox-seed "
+    "--disable-console-progressbars --enable-console-prompts --disable-safe-unpickle --api --api-auth u:p --api-log "
+    "--ui-debug-mode --device-id 0 --administrator --cors-allow-origins http://a --cors-allow-origins-regex .* "
+    "--disable-tls-verify --server-name 127.0.0.1 --gradio-queue --no-gradio-queue --skip-version-check --no-hashing "
+    "--no-download-sd-model --subpath lantern --add-stop-route --api-server-stop --timeout-keep-alive 60 "
+    "--disable-all-extensions --disable-extra-extensions --skip-load-model-at-start --unix-filenames-sanitization "
+    "--filenames-max-length 128 --no-prompt-history --loglevel INFO --log-startup --skip-prepare-environment "
+    "--dump-sysinfo"
+).split()
+
+
+def test_every_a1111_flag_is_taken_and_those_with_nothing_to_do_say_why():
+    settings = parse(*EVERY_A1111_FLAG)
+    notes = "\n".join(settings.a1111_notes)
+    for flag in (
+        "--ui-config-file",
+        "--freeze-settings",
+        "--ngrok",
+        "--clip-models-path",
+        "--skip-load-model-at-start",
+    ):
+        assert f"{flag}: " in notes
+    assert "--ui-config-file: each browser keeps its own settings" in notes
+    # The ones that do something here.
+    assert (settings.max_batch_count, settings.subpath, settings.timeout_keep_alive) == (16, "/lantern", 60)
+    assert "--max-batch-count" not in notes and "--subpath" not in notes
+
+
+def test_a1111_flags_that_would_change_pictures_or_name_nothing_are_refused_saying_what_to_do(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        parse("--vae-path", "/somewhere/vae.safetensors")
+    assert "put the file in the VAE folder (models/VAE, or --vae-dir) and pick it as SD VAE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse("--gradio-allowed-path", str(tmp_path / "missing"))
+    assert "missing: no such file or folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse("--max-batch-count", "0")
+
+
+def test_max_batch_count_subpath_and_keep_alive_reach_the_engine_and_the_server(models_dir, tmp_path):
+    import app
+    from engine import GenerationRequest, InvalidRequestError
+
+    settings = parse(
+        "--max-batch-count", "3", "--subpath", "/tools/lantern/", "--timeout-keep-alive", "45",
+        "--gradio-allowed-path", str(tmp_path), "--models-dir", str(models_dir), "--port", "0",
+    )  # fmt: skip
+    engine = app.create_engine(settings)
+    with pytest.raises(InvalidRequestError, match="n_iter"):
+        engine.validate(GenerationRequest(prompt="x", n_iter=4))
+    handle = launch(engine, settings)
+    try:
+        assert handle._server.config.timeout_keep_alive == 45
+        # Behind a proxy that strips /tools/lantern, the page names its files under that path.
+        config = httpx.get(handle.url + "config", timeout=30).json()
+        assert config["root"].endswith("/tools/lantern")
+    finally:
+        handle.close()
+
+
 def test_a1111s_precision_and_device_flags_set_what_the_engine_runs_on(tmp_path, monkeypatch):
     import torch
 

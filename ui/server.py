@@ -45,6 +45,8 @@ PORT_SEARCH_RANGE = 100
 CHECKPOINTS_SUBDIR = "Stable-diffusion"
 # A1111's port for --nowebui (the API alone).
 NOWEBUI_PORT = 7861
+# A1111's --timeout-keep-alive default: seconds an idle HTTP connection stays open.
+DEFAULT_KEEP_ALIVE_S = 30
 
 _SAME_ATTENTION = (
     "attention runs on torch's scaled_dot_product_attention (A1111's --opt-sdp-attention), which needs nothing "
@@ -54,6 +56,12 @@ _NO_OFFLOAD = (
     "models stay whole on the device (no offloading to system memory); if it runs out, use a smaller size or batch"
 )
 _NOTHING_INSTALLED = "the program installs, updates and downloads nothing at start (make setup installs it once)"
+_NO_FACES = "there is no face restoration here"
+_OWN_SETTINGS = (
+    "each browser keeps its own settings (the Settings tab), and the REST API's /options: nobody's change reaches "
+    "another person's page"
+)
+_NO_STOP_ROUTE = "there is no route that stops the server: stop the process"
 # A1111 flags that ask for nothing this program needs doing, and why: accepted so that an A1111 command line starts.
 A1111_NOTHING_TO_DO = {
     "--xformers": _SAME_ATTENTION,
@@ -88,6 +96,83 @@ A1111_NOTHING_TO_DO = {
     "--reinstall-xformers": _NOTHING_INSTALLED,
     "--update-check": _NOTHING_INSTALLED,
     "--no-download-sd-model": _NOTHING_INSTALLED,
+    "--dump-sysinfo": _NOTHING_INSTALLED,
+    "--tests": _NOTHING_INSTALLED,
+    "--no-tests": _NOTHING_INSTALLED,
+    "-f": "running as root needs no flag here",
+    "--xformers-flash-attention": _SAME_ATTENTION,
+    "--opt-split-attention-invokeai": _SAME_ATTENTION,
+    "--disable-opt-split-attention": _SAME_ATTENTION,
+    "--sub-quad-q-chunk-size": _SAME_ATTENTION,
+    "--sub-quad-kv-chunk-size": _SAME_ATTENTION,
+    "--sub-quad-chunk-threshold": _SAME_ATTENTION,
+    "--always-batch-cond-uncond": "the prompt and the negative prompt always run as one batch",
+    "--use-ipex": "the device is the best one torch finds (--device picks another)",
+    "--disable-model-loading-ram-optimization": "weights load straight onto the device",
+    "--skip-load-model-at-start": "the model loads at start (the embedded one in under a second); "
+    "Unload checkpoint frees it",
+    "--config": "a checkpoint's kind (SD 1.x, 2.x, SDXL, inpainting) is read from its weights",
+    "--allow-code": "this program runs no custom scripts",
+    "--gfpgan-dir": _NO_FACES,
+    "--gfpgan-model": _NO_FACES,
+    "--gfpgan-models-path": _NO_FACES,
+    "--codeformer-models-path": _NO_FACES,
+    "--unload-gfpgan": _NO_FACES,
+    "--bsrgan-models-path": "upscaler models are read from --esrgan-models-path and --realesrgan-models-path",
+    "--dat-models-path": "upscaler models are read from --esrgan-models-path and --realesrgan-models-path",
+    "--clip-models-path": "there is no CLIP interrogation here",
+    "--deepdanbooru": "there is no DeepBooru interrogation here",
+    "--textual-inversion-templates-dir": "there is no training here",
+    "--localizations-dir": "the page is in English only",
+    "--ngrok": "--share opens a public link",
+    "--ngrok-region": "--share opens a public link",
+    "--ngrok-options": "--share opens a public link",
+    "--ui-config-file": _OWN_SETTINGS,
+    "--ui-settings-file": _OWN_SETTINGS,
+    "--freeze-settings": _OWN_SETTINGS,
+    "--freeze-settings-in-sections": _OWN_SETTINGS,
+    "--freeze-specific-settings": _OWN_SETTINGS,
+    "--show-negative-prompt": "the negative prompt is always shown",
+    "--use-textbox-seed": "the seed box takes any seed",
+    "--gradio-img2img-tool": "A1111 does nothing with it either",
+    "--gradio-inpaint-tool": "A1111 does nothing with it either",
+    "--gradio-debug": "run with --loglevel DEBUG",
+    "--ui-debug-mode": "the model loads at start (the embedded one in under a second)",
+    "--enable-console-prompts": "each job's prompt is in its infotext, logged with the saved picture",
+    "--no-progressbar-hiding": "the page shows a job's progress in its own bar",
+    "--disable-tls-verify": "the server makes no HTTPS requests",
+    "--add-stop-route": _NO_STOP_ROUTE,
+    "--api-server-stop": _NO_STOP_ROUTE,
+    "--unix-filenames-sanitization": "file names are NNNNN-seed: nothing of the prompt goes into them",
+    "--filenames-max-length": "file names are NNNNN-seed: nothing of the prompt goes into them",
+    "--no-prompt-history": "the page keeps no prompt history",
+}
+# The flags above that take a value in A1111 (read and let go of here); the rest are switches.
+A1111_VALUE_FLAGS = {
+    "--tests",
+    "--config",
+    "--gfpgan-dir",
+    "--gfpgan-model",
+    "--gfpgan-models-path",
+    "--codeformer-models-path",
+    "--bsrgan-models-path",
+    "--dat-models-path",
+    "--clip-models-path",
+    "--textual-inversion-templates-dir",
+    "--localizations-dir",
+    "--ngrok",
+    "--ngrok-region",
+    "--ngrok-options",
+    "--ui-config-file",
+    "--ui-settings-file",
+    "--freeze-settings-in-sections",
+    "--freeze-specific-settings",
+    "--gradio-img2img-tool",
+    "--gradio-inpaint-tool",
+    "--filenames-max-length",
+    "--sub-quad-q-chunk-size",
+    "--sub-quad-kv-chunk-size",
+    "--sub-quad-chunk-threshold",
 }
 
 # Page events that run a generation pass this as `concurrency_id`: with the queue's
@@ -159,6 +244,14 @@ class ServerSettings:
     nan_check: bool = True
     # False with A1111's --nowebui: the REST API alone, no page.
     page: bool = True
+    # A1111's --max-batch-count: the most batches (Batch count, n_iter) a job may have; None keeps the engine's.
+    max_batch_count: int | None = None
+    # A1111's --subpath: "/PATH" when a reverse proxy serves the page under /PATH; "" serves it at the root.
+    subpath: str = ""
+    # A1111's --gradio-allowed-path: further files and folders the page may serve.
+    allowed_paths: tuple[str, ...] = ()
+    # A1111's --timeout-keep-alive: seconds an idle HTTP connection stays open.
+    timeout_keep_alive: int = DEFAULT_KEEP_ALIVE_S
     # What each A1111 flag given that has nothing to do here would have done, and why it need not (logged at start).
     a1111_notes: tuple[str, ...] = ()
 
@@ -358,8 +451,35 @@ def build_parser() -> argparse.ArgumentParser:
     a1111.add_argument(
         "--theme", choices=("light", "dark"), help="open the page light or dark (default: as the browser is set)"
     )
+    a1111.add_argument(
+        "--max-batch-count", type=_positive, metavar="N", help="the most batches a job may have (default 100)"
+    )
+    a1111.add_argument(
+        "--subpath",
+        metavar="PATH",
+        help="the page's path behind a reverse proxy that serves it under /PATH (the proxy strips it)",
+    )
+    a1111.add_argument(
+        "--gradio-allowed-path",
+        dest="allowed_paths",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="PATH",
+        help="a further folder the page may serve files from (may be repeated)",
+    )
+    a1111.add_argument(
+        "--timeout-keep-alive",
+        type=_positive,
+        metavar="SECONDS",
+        help="how long an idle HTTP connection stays open (default 30, as A1111)",
+    )
+    a1111.add_argument("--vae-path", type=Path, metavar="FILE", help=argparse.SUPPRESS)
     for flag in A1111_NOTHING_TO_DO:
-        a1111.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+        if flag in A1111_VALUE_FLAGS:
+            a1111.add_argument(flag, dest=_dest(flag), metavar="VALUE", help=argparse.SUPPRESS)
+        else:
+            a1111.add_argument(flag, dest=_dest(flag), action="store_true", help=argparse.SUPPRESS)
     parser.epilog = (
         "Also accepted, with nothing to do here (the log says why when one is given): "
         + ", ".join(A1111_NOTHING_TO_DO)
@@ -370,7 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _a1111_notes(args: argparse.Namespace) -> tuple[str, ...]:
     """A line for each A1111 flag given that has nothing to do here, saying why."""
-    notes = [f"{flag}: {why}" for flag, why in A1111_NOTHING_TO_DO.items() if getattr(args, _dest(flag))]
+    notes = [
+        f"{flag}: {why}" for flag, why in A1111_NOTHING_TO_DO.items() if getattr(args, _dest(flag)) not in (None, False)
+    ]
     others = [part for part in args.use_cpu if part not in _GENERATING_PARTS]
     if others:
         notes.append(f"--use-cpu {' '.join(others)}: those parts are not run here")
@@ -432,6 +554,15 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         parser.error("--share tunnels to plain HTTP and cannot reach an HTTPS server: drop --share or the --tls flags")
     if args.nowebui and args.share:
         parser.error("--share opens a link to the page, and --nowebui serves none: drop one of them")
+    if args.vae_path is not None:
+        # It would change every picture, so it is not let go of: the same result comes the folder's way.
+        parser.error(
+            f"--vae-path {args.vae_path}: put the file in the VAE folder (models/VAE, or --vae-dir) and pick it as "
+            "SD VAE beside the checkpoint (override_settings.sd_vae in the REST API)"
+        )
+    for path in args.allowed_paths:
+        if not path.expanduser().exists():
+            parser.error(f"--gradio-allowed-path {path}: no such file or folder")
     port_fallback = False
     if args.port is not None:
         port = args.port
@@ -502,12 +633,26 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         cors_allow_origins_regex=args.cors_allow_origins_regex,
         nan_check=not args.disable_nan_check,
         page=not args.nowebui,
+        max_batch_count=args.max_batch_count,
+        subpath="/" + args.subpath.strip("/") if args.subpath and args.subpath.strip("/") else "",
+        allowed_paths=tuple(str(_expanded(path)) for path in args.allowed_paths),
+        timeout_keep_alive=args.timeout_keep_alive or DEFAULT_KEEP_ALIVE_S,
         a1111_notes=_a1111_notes(args),
     )
 
 
 def _expanded(path: Path | None) -> Path | None:
     return path.expanduser() if path is not None else None
+
+
+def _positive(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{number}: at least 1")
+    return number
 
 
 def _port(text: str) -> int:
@@ -590,6 +735,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> tuple[gr.Blocks | No
         auth=list(settings.auth) or None,
         ssr_mode=False,  # server-side rendering needs Node; client-side rendering works everywhere
         show_error=True,
+        root_path=settings.subpath or None,
+        allowed_paths=list(settings.allowed_paths) or None,
         **_mount_options(blocks),
     )
     return blocks, app
@@ -702,7 +849,14 @@ def launch(engine: Engine, settings: ServerSettings, *, block: bool = False) -> 
     tls = {}
     if settings.tls_certfile is not None:
         tls = {"ssl_certfile": str(settings.tls_certfile), "ssl_keyfile": str(settings.tls_keyfile)}
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2, **tls)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=2,
+        timeout_keep_alive=settings.timeout_keep_alive,
+        **tls,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http-server", daemon=True)
     thread.start()
