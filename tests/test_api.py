@@ -339,7 +339,7 @@ def test_save_images_writes_a1111_layout(api, server):
 def test_a_picture_that_cannot_be_saved_still_comes_back_with_why(engine, tmp_path):
     blocked = tmp_path / "outputs"
     blocked.write_text("a file where the outputs folder should be")
-    handle = launch(engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=blocked))
+    handle = launch(engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=blocked, page=False))
     try:
         with httpx.Client(base_url=handle.url + "sdapi/v1/", timeout=120) as client:
             body, info = generate(client, prompt="kept anyway", seed=4545, save_images=True)

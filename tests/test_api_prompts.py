@@ -17,7 +17,9 @@ SMALL = {"steps": 3, "width": 64, "height": 64, "seed": 5}
 
 @pytest.fixture(scope="module")
 def api(engine, tmp_path_factory):
-    settings = ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path_factory.mktemp("outputs"))
+    settings = ServerSettings(
+        host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path_factory.mktemp("outputs"), page=False
+    )
     handle = launch(engine, settings)
     with httpx.Client(base_url=handle.url + "sdapi/v1/", timeout=120) as client:
         yield client

@@ -145,7 +145,7 @@ def test_the_api_lists_embeddings_as_a1111_does(ti_engine, embeddings_dir, tmp_p
 
     from ui.server import ServerSettings, launch
 
-    handle = launch(ti_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path))
+    handle = launch(ti_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path, page=False))
     try:
         listing = httpx.get(handle.url + "sdapi/v1/embeddings", timeout=60).json()
         flags = httpx.get(handle.url + "sdapi/v1/cmd-flags", timeout=60).json()

@@ -188,7 +188,7 @@ def test_bad_eta_or_ensd_is_refused_by_name(micro_engine):
 def test_the_api_takes_eta_and_ensd_as_a1111_does(micro_engine, tmp_path):
     from ui.server import ServerSettings, launch
 
-    handle = launch(micro_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path))
+    handle = launch(micro_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path, page=False))
     try:
         with httpx.Client(base_url=handle.url + "sdapi/v1/", timeout=120) as api:
             base = {**REQUEST, "sampler_name": "Euler a"}

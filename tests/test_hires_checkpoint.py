@@ -100,7 +100,7 @@ def test_the_api_takes_hr_checkpoint_name_as_a1111_does(pair_engine, tmp_path):
 
     from ui.server import ServerSettings, launch
 
-    handle = launch(pair_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path))
+    handle = launch(pair_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path, page=False))
     try:
         with httpx.Client(base_url=handle.url + "sdapi/v1/", timeout=120) as api:
             body = api.post("txt2img", json={**HIRES, "seed": 3, "hr_checkpoint_name": "micro-purple"}).json()

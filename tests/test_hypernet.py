@@ -245,7 +245,9 @@ def test_the_api_and_the_page_list_them(hypernet_engine, hypernet_dir, tmp_path)
     from ui.page import _add_lora_tag, _model_note, _network_choices, _read_prompts
     from ui.server import ServerSettings, launch
 
-    handle = launch(hypernet_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path))
+    handle = launch(
+        hypernet_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path, page=False)
+    )
     try:
         api = handle.url + "sdapi/v1/"
         listing = httpx.get(api + "hypernetworks", timeout=60).json()

@@ -184,7 +184,7 @@ def test_the_api_lists_loras_and_refuses_a_missing_one(lora_engine, lora_dir, tm
 
     from ui.server import ServerSettings, launch
 
-    handle = launch(lora_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path))
+    handle = launch(lora_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path, page=False))
     try:
         api = handle.url + "sdapi/v1/"
         listing = {item["name"]: item for item in httpx.get(api + "loras", timeout=60).json()}

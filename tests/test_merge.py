@@ -306,7 +306,7 @@ def test_the_api_runs_a_request_on_its_override_checkpoint_and_restores_the_one_
 
     from ui.server import ServerSettings, launch
 
-    handle = launch(merge_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path))
+    handle = launch(merge_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path, page=False))
     payload = {"prompt": PROMPT, "seed": 2, "steps": 8}
 
     def picture(body: dict) -> np.ndarray:

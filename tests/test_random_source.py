@@ -188,7 +188,7 @@ def test_a_bad_source_is_refused_by_name(micro_engine):
 def test_the_api_takes_a1111s_randn_source_option(micro_engine, tmp_path):
     from ui.server import ServerSettings, launch
 
-    handle = launch(micro_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path))
+    handle = launch(micro_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path, page=False))
     payload = {"prompt": REQUEST.prompt, "steps": 4, "seed": 21, "sampler_name": "Euler a"}
     try:
         with httpx.Client(base_url=handle.url + "sdapi/v1/", timeout=120) as api:

@@ -136,7 +136,7 @@ def test_the_api_and_the_page_take_a_refiner_and_png_info_sends_it_back(pair_eng
         and _second_model_choices(pair_engine, NO_REFINER)[0] == NO_REFINER
     )
     refiner = {"refiner_checkpoint": "micro-purple", "refiner_switch_at": 0.2}
-    handle = launch(pair_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path))
+    handle = launch(pair_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path, page=False))
     try:
         with httpx.Client(base_url=handle.url + "sdapi/v1/", timeout=120) as api:
             body = api.post("txt2img", json={**PROMPT, **refiner}).json()

@@ -66,7 +66,7 @@ def test_an_unknown_style_is_refused_naming_the_ones_there_are(styled_engine, st
 def test_the_api_lists_styles_and_applies_them(styled_engine, tmp_path):
     from ui.server import ServerSettings, launch
 
-    handle = launch(styled_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path))
+    handle = launch(styled_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path, page=False))
     try:
         api = handle.url + "sdapi/v1/"
         listing = httpx.get(api + "prompt-styles", timeout=60).json()

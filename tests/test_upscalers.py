@@ -419,7 +419,9 @@ def test_the_api_lists_upscalers_and_runs_extras(upscaler_engine, tmp_path):
 
     picture = Image.fromarray(np.random.default_rng(2).integers(0, 256, (16, 24, 3), dtype=np.uint8))
     encoded = encode_base64_png(picture, "a red circle\nSteps: 8, Seed: 3, Size: 24x16")
-    handle = launch(upscaler_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path))
+    handle = launch(
+        upscaler_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path, page=False)
+    )
     try:
         with httpx.Client(base_url=handle.url + "sdapi/v1/", timeout=120) as api:
             listed = {entry["name"]: entry for entry in api.get("upscalers").json()}

@@ -150,7 +150,7 @@ def test_automatic_takes_the_vae_named_after_a_single_file_checkpoint(tmp_path, 
 def test_the_api_lists_vaes_and_takes_sd_vae_from_override_settings_or_options(vae_engine, tmp_path):
     from ui.server import ServerSettings, launch
 
-    handle = launch(vae_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path))
+    handle = launch(vae_engine, ServerSettings(host="127.0.0.1", port=0, api=True, outputs_dir=tmp_path, page=False))
     try:
         with httpx.Client(base_url=handle.url + "sdapi/v1/", timeout=120) as api:
             listed = api.get("sd-vae").json()
