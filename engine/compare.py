@@ -372,8 +372,11 @@ class Comparer:
         self._references: OrderedDict[tuple, Image.Image] = OrderedDict()
         self._reference_cache_size = reference_cache_size
 
-    def reference_image(self, request: GenerationRequest, control: JobControl | None = None) -> Image.Image | None:
-        """The same prompt and seed sampled to convergence (DPM++ 2M Karras, many steps), cached."""
+    def reference_image(
+        self, request: GenerationRequest, control: JobControl | None = None, checkpoint: str | None = None
+    ) -> Image.Image | None:
+        """The same prompt and seed sampled to convergence (DPM++ 2M Karras, many steps), cached; on `checkpoint`
+        (default: the loaded model)."""
         validated = self.engine.validate(request)
         reference = dataclasses.replace(
             validated,
@@ -390,8 +393,9 @@ class Comparer:
             sigma_max=0.0,
             rho=0.0,
         )
+        model = self.engine.registry.resolve(checkpoint) if checkpoint is not None else self.engine.model
         key = (
-            self.engine.model.sha256 or self.engine.model.path,
+            model.sha256 or model.path,
             reference.prompt,
             reference.negative_prompt,
             reference.seed,
@@ -403,7 +407,8 @@ class Comparer:
             tuple(sorted(reference.extra_params.items())),
         )
         if key not in self._references:
-            result = _last(self.engine.generate(reference, control=control, preview=PreviewSettings(mode="none")))
+            preview = PreviewSettings(mode="none")
+            result = _last(self.engine.generate(reference, control=control, preview=preview, checkpoint=checkpoint))
             if result.interrupted or not result.images:
                 return None
             self._references[key] = result.images[0]
@@ -437,19 +442,21 @@ class Comparer:
         for cell in cells:  # every cell is checked before the first one runs
             self.engine.validate(cell.request)
         original_model = self.engine.model.name
+        # Each cell runs on its model, whatever another user switched to between two cells: a grid that mixed
+        # models unseen would measure nothing.
+        original_path = self.engine.model.path
         finished: dict[int, CellResult] = {}
         reference = None
         try:
             for cell_no, cell in enumerate(run_order(cells)):
                 if control.interrupted:
                     break
-                if cell.model is not None:
-                    self.engine.load_model(cell.model)
                 yield GridProgress(cell_no, len(cells), cell, None)
                 frames: list[Image.Image] = []
                 job = JobControl()
                 result = None
-                events = self.engine.generate(cell.request, control=job, preview=preview)
+                checkpoint = cell.model if cell.model is not None else original_path
+                events = self.engine.generate(cell.request, control=job, preview=preview, checkpoint=checkpoint)
                 try:
                     for event in events:
                         if control.interrupted:
@@ -477,7 +484,7 @@ class Comparer:
                 if result.interrupted:
                     break
             if convergence and finished and not control.interrupted:
-                reference = self.reference_image(base, control)
+                reference = self.reference_image(base, control, checkpoint=original_path)
                 if reference is not None:
                     for cell_result in finished.values():
                         cell_result.ssim, cell_result.mean_abs_diff = image_distance(cell_result.image, reference)

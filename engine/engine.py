@@ -682,14 +682,18 @@ class Engine:
         control: JobControl | None = None,
         preview: PreviewSettings | None = None,
         reservation: DeviceReservation | None = None,
+        checkpoint: str | os.PathLike | None = None,
     ) -> Iterator[Waiting | Progress | Result]:
         """Yield Waiting while another job holds the device, Progress events, then one Result (with no
         images when stopped before it started). Raises InvalidRequestError before any work. A job given the
-        `reservation` its caller holds (reserved()) runs on it without waiting."""
+        `reservation` its caller holds (reserved()) runs on it without waiting. A job given a `checkpoint` runs on
+        that model, loaded when its turn comes if another is loaded then (one of a grid's cells, say, whatever
+        another user switched to meanwhile); without one it runs on the model loaded then."""
         control = control or JobControl()
         preview = preview or self.preview
         if reservation is not None and (reservation.engine is not self or not reservation.active):
             raise EngineError("That device reservation has ended: start the job within reserved()")
+        pinned = self.registry.resolve(checkpoint) if checkpoint is not None else None
         validated_on = self._require_model()
         asked, req = req, self.validate(req)
         if not isinstance(preview.every, int) or preview.every < 1:
@@ -702,7 +706,7 @@ class Engine:
         events: queue.Queue = queue.Queue()
         worker = threading.Thread(
             target=self._run_job,
-            args=(asked, req, validated_on, control, preview, reservation is not None, events),
+            args=(asked, req, validated_on, pinned, control, preview, reservation is not None, events),
             name=f"job-{control.job_id}",
             daemon=True,
         )
@@ -728,18 +732,22 @@ class Engine:
         asked: GenerationRequest,
         req: GenerationRequest,
         validated_on: LoadedModel,
+        pinned: ModelInfo | None,
         control: JobControl,
         preview: PreviewSettings,
         reserved: bool,
         events: queue.Queue,
     ) -> None:
-        """`req` is `asked` as validated against the model `validated_on`, before the job waited."""
+        """`req` is `asked` as validated against the model `validated_on`, before the job waited; `pinned` is the
+        model the job must run on (None: the one loaded when it starts)."""
         ran_out_of_memory = False
         try:
             if not reserved and not self._wait_for_device(control, events.put):
                 events.put(self._stopped_before_start(req, control))
                 return
             try:
+                if pinned is not None:
+                    self._switch_locked(pinned)
                 model = self._require_model()
                 if model is not validated_on:
                     # Another model was loaded while the job waited: its sizes, samplers and VAEs are checked anew.

@@ -350,6 +350,7 @@ def test_stop_ends_a_folder_batch_and_the_picture_it_cut_is_not_written(engine, 
     class StoppingAtTheSecondPicture:
         def __init__(self):
             self.generations = 0
+            self.model = engine.model
 
         def validate(self, request):
             return engine.validate(request)

@@ -141,3 +141,49 @@ def test_concurrent_api_requests_each_run_on_their_override_checkpoint(engine, t
         assert engine.model.name == "micro-shapes"  # each request loaded the model before it back
     finally:
         handle.close()
+
+
+def test_a_grids_cells_all_run_on_its_model_when_another_user_switches_between_them(engine):
+    """The checkpoint list is shared: another user may switch it while a Compare grid runs. A grid that mixed
+    models unseen would measure nothing, so each cell runs on the grid's model."""
+    from engine.compare import Comparer, GridProgress, GridResult, parse_axis
+
+    base = GenerationRequest(prompt=PROMPT, seed=2, steps=6)
+    grid = Comparer(engine).run_grid(base, [parse_axis("CFG scale", "6, 7, 8", engine)], keep_timelines=False)
+    result = None
+    for event in grid:
+        if isinstance(event, GridProgress) and event.progress is None and event.cell_no == 1:
+            engine.load_model("micro-purple")  # between the first cell and the second
+        if isinstance(event, GridResult):
+            result = event
+    assert result is not None and len(result.cells) == 3
+    for cell in result.cells:
+        assert model_named(cell.infotext) == "micro-shapes"
+        alone = list(engine.generate(cell.cell.request, checkpoint="micro-shapes"))[-1]
+        assert np.array_equal(np.asarray(cell.image), np.asarray(alone.images[0]))
+
+
+def test_a_page_lists_jobs_all_run_on_the_model_it_started_on(engine):
+    """A prompt list (or a batch of pictures) on the page: another user's switch between two of its jobs does not
+    reach the later ones."""
+    from ui.page_jobs import PageSession, run_job
+
+    class SwitchedByAnotherUserAfterTheFirstJob:
+        def __init__(self):
+            self.results: list[Result] = []
+
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def generate(self, request, **kwargs):
+            for event in engine.generate(request, **kwargs):
+                if isinstance(event, Result):
+                    self.results.append(event)
+                    if len(self.results) == 1:
+                        engine.load_model("micro-purple")
+                yield event
+
+    watched = SwitchedByAnotherUserAfterTheFirstJob()
+    lines = [GenerationRequest(prompt=PROMPT, seed=seed, steps=6) for seed in (2, 3, 4)]
+    list(run_job(watched, PageSession(), lines, mode="txt2img", outputs_dir=None))
+    assert [model_named(result.infotexts[0]) for result in watched.results] == ["micro-shapes"] * 3

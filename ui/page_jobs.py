@@ -494,7 +494,9 @@ def run_job(
     if grid is None and session.batch_grid and not isinstance(request, list):  # a list has no grid, as in A1111
         grid = batch_grid
     control = session.take_job(ticket)
-    feed = _LiveFeed(engine, session, control, on_page=ticket is not None)
+    # A list's jobs all run on the model loaded when it starts, whatever another user switches to meanwhile.
+    checkpoint = engine.model.path if len(requests) > 1 else None
+    feed = _LiveFeed(engine, session, control, on_page=ticket is not None, checkpoint=checkpoint)
     results: list[Result] = []
     try:
         validated_all = [engine.validate(session.settings_for(each)) for each in requests]
@@ -534,6 +536,8 @@ class _LiveFeed:
     session: PageSession
     control: JobControl
     on_page: bool
+    # The model each of the feed's jobs runs on (None: the one loaded when it starts).
+    checkpoint: str | None = None
     fraction: float = 0.0
     shown: Image.Image | None = None
     sent: Image.Image | None = None
@@ -557,7 +561,8 @@ class _LiveFeed:
             prefix = f"{unit.capitalize()} {number}/{count}: " if count > 1 else ""
         width, height = validated.width, validated.height
         result = None
-        for event in self.engine.generate(validated, control=control, preview=self.session.preview_settings()):
+        preview = self.session.preview_settings()
+        for event in self.engine.generate(validated, control=control, preview=preview, checkpoint=self.checkpoint):
             if isinstance(event, Waiting):
                 text = "Stopping..." if control.interrupted else prefix + describe_waiting(event)
                 yield self.update(text, fraction=0.0)
@@ -610,7 +615,8 @@ def run_folder_batch(
     batch; the picture it stopped is not written, nor one cut short by Skip, so a rerun with "skip pictures
     already done" makes exactly those."""
     control = session.take_job(ticket)
-    feed = _LiveFeed(engine, session, control, on_page=ticket is not None)
+    # Every picture of the folder on the model loaded when the batch starts, whatever another user switches to.
+    feed = _LiveFeed(engine, session, control, on_page=ticket is not None, checkpoint=engine.model.path)
     shown: list[Result] = []
     report = FolderReport(plan, asked=len(plan.items))
     try:
