@@ -187,3 +187,34 @@ def test_a_page_lists_jobs_all_run_on_the_model_it_started_on(engine):
     lines = [GenerationRequest(prompt=PROMPT, seed=seed, steps=6) for seed in (2, 3, 4)]
     list(run_job(watched, PageSession(), lines, mode="txt2img", outputs_dir=None))
     assert [model_named(result.infotexts[0]) for result in watched.results] == ["micro-shapes"] * 3
+
+
+def test_an_api_prompt_lists_jobs_all_run_on_the_model_it_started_on(engine):
+    from ui.api import SdApi, Txt2ImgRequest
+
+    class SwitchedByAPageUserAfterTheFirstJob:
+        def __init__(self):
+            self.jobs = 0
+
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def generate(self, request, **kwargs):
+            for event in engine.generate(request, **kwargs):
+                if isinstance(event, Result):
+                    self.jobs += 1
+                    if self.jobs == 1:
+                        engine.load_model("micro-purple")
+                yield event
+
+    api = SdApi(SwitchedByAPageUserAfterTheFirstJob(), ServerSettings(save_images=False))
+    lines = f"{PROMPT}\n{PROMPT}\n{PROMPT}"
+    payload = Txt2ImgRequest(
+        prompt="",
+        seed=2,
+        steps=6,
+        script_name="Prompts from file or textbox",
+        script_args=[False, False, "start", lines],
+    )
+    infotexts = json.loads(api.txt2img(payload)["info"])["infotexts"]
+    assert [model_named(text) for text in infotexts] == ["micro-shapes"] * 3

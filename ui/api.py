@@ -734,9 +734,11 @@ class SdApi:
             self._last_job_timestamp = timestamp
             results = []
             started = dt.datetime.now().timestamp()
+            # A list's jobs all run on the model loaded when it starts, whatever a page user switches to meanwhile.
+            checkpoint = self.engine.model.path if reservation is None and len(requests) > 1 else None
             for line, request in enumerate(requests):
                 job = _ApiJob(req.mode, timestamp, line, len(requests), started)
-                results.append(self._run(request, job, reservation))
+                results.append(self._run(request, job, reservation, checkpoint))
                 if results[-1].interrupted:  # /interrupt stops the whole list, as in A1111
                     break
         # A prompt matrix's grid (a loopback's, of its loops) comes first, with the first picture's infotext, as
@@ -801,12 +803,14 @@ class SdApi:
                 raise
             raise ApiError(422, field, wanted, "a model title or name from /sdapi/v1/sd-models", str(exc)) from exc
 
-    def _run(self, req: GenerationRequest, job: _ApiJob, reservation: DeviceReservation | None) -> Result:
+    def _run(
+        self, req: GenerationRequest, job: _ApiJob, reservation: DeviceReservation | None, checkpoint: str | None
+    ) -> Result:
         control = JobControl()
         self._jobs[control.job_id] = job
         result: Result | None = None
         try:
-            for event in self.engine.generate(req, control=control, reservation=reservation):
+            for event in self.engine.generate(req, control=control, reservation=reservation, checkpoint=checkpoint):
                 if isinstance(event, Result):
                     result = event
         finally:
