@@ -66,6 +66,7 @@ def create_engine(settings: ServerSettings):
         nan_check=settings.nan_check,
         allow_pickle=settings.allow_pickle,
         limits=Limits(max_n_iter=settings.max_batch_count) if settings.max_batch_count else None,
+        vae_path=settings.vae_path,
         warm_up=True,
     )
 

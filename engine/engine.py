@@ -97,6 +97,7 @@ class Engine:
         warm_up: bool = False,
         full_precision_vae: bool = False,
         nan_check: bool = True,
+        vae_path: str | os.PathLike | None = None,
     ):
         self.models_dir = Path(models_dir) if models_dir is not None else DEFAULT_MODELS_DIR
         self.limits = limits or Limits()
@@ -115,6 +116,13 @@ class Engine:
         self.full_precision_vae = full_precision_vae
         # A1111's NaN check (off with --disable-nan-check): a job whose latents turn NaN stops with what to try.
         self.nan_check = nan_check
+        # A1111's --vae-path: this VAE decodes (and encodes) every job, whatever its SD VAE choice says.
+        self.forced_vae = None
+        if vae_path is not None:
+            path = Path(vae_path).expanduser()
+            if not (path.is_file() or (path / "config.json").is_file()):
+                raise ModelLoadError(f"--vae-path {path}: no such VAE file or diffusers VAE folder")
+            self.forced_vae = VaeFile(path.name, path)
         # A server warms up each model it loads whose UNet runs traced (see _warm_up_locked).
         self.warm_up = warm_up
         self.registry = ModelRegistry(
@@ -263,6 +271,8 @@ class Engine:
     ) -> VaeFile | None:
         """The VAE file a job's sd_vae choice means for `model`, by default the loaded one (None: the model's
         own); `available` is the VAE folder's listing when the caller has just read it."""
+        if self.forced_vae is not None:
+            return self.forced_vae
         if sd_vae == VAE_NONE:
             return None
         if sd_vae == VAE_AUTOMATIC:
@@ -578,7 +588,10 @@ class Engine:
             except InvalidRequestError as exc:
                 raise InvalidRequestError("hr_prompt", exc.value, exc.allowed) from exc
         available = self.list_vaes()
-        checked = dataclasses.replace(checked, sd_vae=vae_choice(checked.sd_vae, available, self.registry.vae_dir))
+        if self.forced_vae is not None:  # --vae-path: the job's own choice is not read
+            checked = dataclasses.replace(checked, sd_vae=self.forced_vae.name)
+        else:
+            checked = dataclasses.replace(checked, sd_vae=vae_choice(checked.sd_vae, available, self.registry.vae_dir))
         # A VAE for another kind of model is refused now, not after the job waited; it stays loaded for the job.
         vae_file = self.job_vae(checked.sd_vae, available)
         if vae_file is not None:

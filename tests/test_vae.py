@@ -246,3 +246,25 @@ def test_in_the_browser_the_vae_list_and_png_info_bring_a_vae_back(vae_engine, t
             browser.close()
     finally:
         demo.close()
+
+
+def test_vae_path_decodes_every_job_with_its_vae_whatever_sd_vae_says(vae_models_dir, tmp_path):
+    """A1111's --vae-path: a VAE file anywhere (not only in the VAE folder) for every job."""
+    import shutil
+
+    from ui.server import parse_args
+
+    outside = tmp_path / "elsewhere" / "mine.safetensors"
+    outside.parent.mkdir()
+    shutil.copy(vae_models_dir / "VAE" / "bright.safetensors", outside)
+    settings = parse_args(["--vae-path", str(outside), "--models-dir", str(vae_models_dir)], environ={})
+    assert settings.vae_path == outside
+    forced = Engine(model=str(SHIPPED_MICRO_MODEL), models_dir=vae_models_dir, vae_path=settings.vae_path)
+    usual = Engine(model=str(SHIPPED_MICRO_MODEL), models_dir=vae_models_dir)
+    bright = generate(usual, sd_vae="bright.safetensors").images[0].tobytes()
+    for choice in ("None", "Automatic", "tiny.safetensors"):
+        result = generate(forced, sd_vae=choice)
+        assert result.images[0].tobytes() == bright, choice
+        assert parse_infotext_params(result.infotexts[0])["VAE"] == "mine.safetensors"
+    with pytest.raises(SystemExit):
+        parse_args(["--vae-path", str(tmp_path / "missing.safetensors")], environ={})

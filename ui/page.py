@@ -283,11 +283,14 @@ def build_page(engine, settings=None) -> gr.Blocks:
                 min_width=320,
             )
             refresh_models = gr.Button("↻", elem_id="model_refresh", scale=0, min_width=48, elem_classes="tool-button")
+            forced_vae = getattr(engine, "forced_vae", None)
             sd_vae = FieldDropdown(
-                choices=_vae_choices(engine),
-                value="Automatic",
+                choices=_vae_choices(engine) if forced_vae is None else [forced_vae.name],
+                value="Automatic" if forced_vae is None else forced_vae.name,
                 label="SD VAE",
-                info="this browser session's jobs",
+                # A1111's --vae-path sets every job's VAE: the choice here would do nothing.
+                info=f"--vae-path: every job uses {forced_vae.name}" if forced_vae else "this browser session's jobs",
+                interactive=None if forced_vae is None else False,
                 elem_id="sd_vae",
                 scale=2,
                 min_width=200,
@@ -716,8 +719,9 @@ def _recalled_settings(engine, keys: list[str], stored: dict | None) -> list:
     """The remembered settings for the page's widgets, in `keys`' order; one not remembered, or no longer
     possible (a VAE removed from the folder, a preview mode or syntax renamed), is left as the page has it."""
     stored = stored if isinstance(stored, dict) else {}
+    forced_vae = getattr(engine, "forced_vae", None)
     possible = {
-        "vae": _vae_choices(engine),
+        "vae": _vae_choices(engine) if forced_vae is None else [forced_vae.name],  # --vae-path: none other
         "sd_hypernetwork": _hypernet_choices(engine),
         "preview_mode": list(PREVIEW_MODES),
         "prompt_syntax": ["a1111", "compel"],

@@ -244,6 +244,8 @@ class ServerSettings:
     nan_check: bool = True
     # False with A1111's --nowebui: the REST API alone, no page.
     page: bool = True
+    # A1111's --vae-path: this VAE for every job, whatever its SD VAE choice.
+    vae_path: Path | None = None
     # A1111's --max-batch-count: the most batches (Batch count, n_iter) a job may have; None keeps the engine's.
     max_batch_count: int | None = None
     # A1111's --subpath: "/PATH" when a reverse proxy serves the page under /PATH; "" serves it at the root.
@@ -474,7 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long an idle HTTP connection stays open (default 30, as A1111)",
     )
-    a1111.add_argument("--vae-path", type=Path, metavar="FILE", help=argparse.SUPPRESS)
+    a1111.add_argument(
+        "--vae-path",
+        type=Path,
+        metavar="FILE",
+        help="this VAE file (or diffusers VAE folder) decodes every job, whatever SD VAE says, as in A1111",
+    )
     for flag in A1111_NOTHING_TO_DO:
         if flag in A1111_VALUE_FLAGS:
             a1111.add_argument(flag, dest=_dest(flag), metavar="VALUE", help=argparse.SUPPRESS)
@@ -554,12 +561,8 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         parser.error("--share tunnels to plain HTTP and cannot reach an HTTPS server: drop --share or the --tls flags")
     if args.nowebui and args.share:
         parser.error("--share opens a link to the page, and --nowebui serves none: drop one of them")
-    if args.vae_path is not None:
-        # It would change every picture, so it is not let go of: the same result comes the folder's way.
-        parser.error(
-            f"--vae-path {args.vae_path}: put the file in the VAE folder (models/VAE, or --vae-dir) and pick it as "
-            "SD VAE beside the checkpoint (override_settings.sd_vae in the REST API)"
-        )
+    if args.vae_path is not None and not args.vae_path.expanduser().exists():
+        parser.error(f"--vae-path {args.vae_path}: no such file or folder")
     for path in args.allowed_paths:
         if not path.expanduser().exists():
             parser.error(f"--gradio-allowed-path {path}: no such file or folder")
@@ -634,6 +637,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         nan_check=not args.disable_nan_check,
         page=not args.nowebui,
         max_batch_count=args.max_batch_count,
+        vae_path=_expanded(args.vae_path),
         subpath="/" + args.subpath.strip("/") if args.subpath and args.subpath.strip("/") else "",
         allowed_paths=tuple(str(_expanded(path)) for path in args.allowed_paths),
         timeout_keep_alive=args.timeout_keep_alive or DEFAULT_KEEP_ALIVE_S,
