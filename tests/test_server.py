@@ -276,7 +276,7 @@ def test_max_batch_count_subpath_and_keep_alive_reach_the_engine_and_the_server(
 
     settings = parse(
         "--max-batch-count", "3", "--subpath", "/tools/lantern/", "--timeout-keep-alive", "45",
-        "--gradio-allowed-path", str(tmp_path), "--models-dir", str(models_dir), "--port", "0",
+        "--gradio-allowed-path", str(tmp_path), "--models-dir", str(models_dir), "--port", "0", "--api",
     )  # fmt: skip
     engine = app.create_engine(settings)
     with pytest.raises(InvalidRequestError, match="n_iter"):
@@ -287,6 +287,8 @@ def test_max_batch_count_subpath_and_keep_alive_reach_the_engine_and_the_server(
         # Behind a proxy that strips /tools/lantern, the page names its files under that path.
         config = httpx.get(handle.url + "config", timeout=30).json()
         assert config["root"].endswith("/tools/lantern")
+        flags = httpx.get(handle.url + "sdapi/v1/cmd-flags", timeout=30).json()
+        assert (flags["max_batch_count"], flags["subpath"], flags["vae_path"]) == (3, "tools/lantern", None)
     finally:
         handle.close()
 
