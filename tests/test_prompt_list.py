@@ -159,3 +159,30 @@ def test_a_list_that_fails_part_way_keeps_what_it_made(page_url, engine, monkeyp
         job.result()
     last = job.outputs()[-1]
     assert len(last[2]) == 1 and last[3].startswith("a red lighthouse\n")
+
+
+def test_an_interrupt_between_two_lines_of_an_api_prompt_list_stops_the_rest(engine):
+    from ui.api import SdApi, Txt2ImgRequest
+    from ui.server import ServerSettings
+
+    class InterruptedAfterTheFirstJob:
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def generate(self, request, **kwargs):
+            yield from engine.generate(request, **kwargs)
+            sdapi.interrupt()  # the job has ended: no job runs at this moment
+
+    sdapi = SdApi(InterruptedAfterTheFirstJob(), ServerSettings(save_images=False))
+    lines = "a red circle\na blue square\na green triangle"
+    payload = Txt2ImgRequest(
+        prompt="",
+        seed=2,
+        steps=3,
+        script_name="Prompts from file or textbox",
+        script_args=[False, False, "start", lines],
+    )
+    assert len(json.loads(sdapi.txt2img(payload)["info"])["infotexts"]) == 1
+    # The next request runs whole.
+    engine_only = SdApi(engine, ServerSettings(save_images=False))
+    assert len(json.loads(engine_only.txt2img(payload)["info"])["infotexts"]) == 3

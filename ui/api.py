@@ -707,6 +707,9 @@ class SdApi:
             **{setting.option: setting.default for setting in JOB_SETTINGS},
         }
         self._jobs: dict[int, _ApiJob] = {}  # the jobs started here, by job id
+        # One per request running here: /interrupt sets them all, so that a prompt list stops before its next line
+        # even when the interrupt came between two lines, as A1111's flag stays set until the next request.
+        self._stops: set[threading.Event] = set()
         self._last_job_timestamp = "0"
 
     # Generation --------------------------------------------------------------------------------
@@ -736,11 +739,18 @@ class SdApi:
             started = dt.datetime.now().timestamp()
             # A list's jobs all run on the model loaded when it starts, whatever a page user switches to meanwhile.
             checkpoint = self.engine.model.path if reservation is None and len(requests) > 1 else None
-            for line, request in enumerate(requests):
-                job = _ApiJob(req.mode, timestamp, line, len(requests), started)
-                results.append(self._run(request, job, reservation, checkpoint))
-                if results[-1].interrupted:  # /interrupt stops the whole list, as in A1111
-                    break
+            stop = threading.Event()
+            self._stops.add(stop)
+            try:
+                for line, request in enumerate(requests):
+                    if line and stop.is_set():  # /interrupt stops the whole list, as in A1111
+                        break
+                    job = _ApiJob(req.mode, timestamp, line, len(requests), started)
+                    results.append(self._run(request, job, reservation, checkpoint))
+                    if results[-1].interrupted:
+                        break
+            finally:
+                self._stops.discard(stop)
         # A prompt matrix's grid (a loopback's, of its loops) comes first, with the first picture's infotext, as
         # A1111 gives it.
         grid = grid_result(matrix, results) if matrix is not None else None
@@ -1141,6 +1151,8 @@ class SdApi:
         return answer
 
     def interrupt(self) -> dict[str, Any]:
+        for stop in list(self._stops):
+            stop.set()
         self.engine.interrupt()
         return {}
 
