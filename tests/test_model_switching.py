@@ -190,7 +190,8 @@ def test_a_page_lists_jobs_all_run_on_the_model_it_started_on(engine):
 
 
 def test_an_api_prompt_lists_jobs_all_run_on_the_model_it_started_on(engine):
-    from ui.api import SdApi, Txt2ImgRequest
+    from tests.test_prompt_list import api_prompt_list
+    from ui.api import SdApi
 
     class SwitchedByAPageUserAfterTheFirstJob:
         def __init__(self):
@@ -208,13 +209,6 @@ def test_an_api_prompt_lists_jobs_all_run_on_the_model_it_started_on(engine):
                 yield event
 
     api = SdApi(SwitchedByAPageUserAfterTheFirstJob(), ServerSettings(save_images=False))
-    lines = f"{PROMPT}\n{PROMPT}\n{PROMPT}"
-    payload = Txt2ImgRequest(
-        prompt="",
-        seed=2,
-        steps=6,
-        script_name="Prompts from file or textbox",
-        script_args=[False, False, "start", lines],
-    )
+    payload = api_prompt_list(f"{PROMPT}\n{PROMPT}\n{PROMPT}", steps=6)
     infotexts = json.loads(api.txt2img(payload)["info"])["infotexts"]
     assert [model_named(text) for text in infotexts] == ["micro-shapes"] * 3

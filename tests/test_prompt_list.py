@@ -161,8 +161,21 @@ def test_a_list_that_fails_part_way_keeps_what_it_made(page_url, engine, monkeyp
     assert len(last[2]) == 1 and last[3].startswith("a red lighthouse\n")
 
 
+def api_prompt_list(lines: str, **fields):
+    """A /txt2img payload running A1111's "Prompts from file or textbox" over `lines`, at seed 2."""
+    from ui.api import Txt2ImgRequest
+
+    return Txt2ImgRequest(
+        prompt="",
+        seed=2,
+        script_name="Prompts from file or textbox",
+        script_args=[False, False, "start", lines],
+        **fields,
+    )
+
+
 def test_an_interrupt_between_two_lines_of_an_api_prompt_list_stops_the_rest(engine):
-    from ui.api import SdApi, Txt2ImgRequest
+    from ui.api import SdApi
     from ui.server import ServerSettings
 
     class InterruptedAfterTheFirstJob:
@@ -174,14 +187,7 @@ def test_an_interrupt_between_two_lines_of_an_api_prompt_list_stops_the_rest(eng
             sdapi.interrupt()  # the job has ended: no job runs at this moment
 
     sdapi = SdApi(InterruptedAfterTheFirstJob(), ServerSettings(save_images=False))
-    lines = "a red circle\na blue square\na green triangle"
-    payload = Txt2ImgRequest(
-        prompt="",
-        seed=2,
-        steps=3,
-        script_name="Prompts from file or textbox",
-        script_args=[False, False, "start", lines],
-    )
+    payload = api_prompt_list("a red circle\na blue square\na green triangle", steps=3)
     assert len(json.loads(sdapi.txt2img(payload)["info"])["infotexts"]) == 1
     # The next request runs whole.
     engine_only = SdApi(engine, ServerSettings(save_images=False))
