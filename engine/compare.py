@@ -441,7 +441,6 @@ class Comparer:
         cells = plan_grid(base, axes)
         for cell in cells:  # every cell is checked before the first one runs
             self.engine.validate(cell.request)
-        original_model = self.engine.model.name
         # Each cell runs on its model, whatever another user switched to between two cells: a grid that mixed
         # models unseen would measure nothing.
         original_path = self.engine.model.path
@@ -489,8 +488,8 @@ class Comparer:
                     for cell_result in finished.values():
                         cell_result.ssim, cell_result.mean_abs_diff = image_distance(cell_result.image, reference)
         finally:
-            if self.engine.model.name != original_model:
-                self.engine.load_model(original_model)
+            if Path(self.engine.model.path) != Path(original_path):
+                self.engine.load_model(original_path)
         done = [finished[index] for index in sorted(finished)]
         yield GridResult(
             axes=list(axes),

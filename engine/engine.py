@@ -587,10 +587,11 @@ class Engine:
                 self.describe_hypernets(checked.hr_prompt)
             except InvalidRequestError as exc:
                 raise InvalidRequestError("hr_prompt", exc.value, exc.allowed) from exc
-        available = self.list_vaes()
-        if self.forced_vae is not None:  # --vae-path: the job's own choice is not read
+        if self.forced_vae is not None:  # --vae-path: the job's own choice is not read, nor the VAE folder
+            available = None
             checked = dataclasses.replace(checked, sd_vae=self.forced_vae.name)
         else:
+            available = self.list_vaes()
             checked = dataclasses.replace(checked, sd_vae=vae_choice(checked.sd_vae, available, self.registry.vae_dir))
         # A VAE for another kind of model is refused now, not after the job waited; it stays loaded for the job.
         vae_file = self.job_vae(checked.sd_vae, available)

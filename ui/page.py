@@ -283,9 +283,9 @@ def build_page(engine, settings=None) -> gr.Blocks:
                 min_width=320,
             )
             refresh_models = gr.Button("↻", elem_id="model_refresh", scale=0, min_width=48, elem_classes="tool-button")
-            forced_vae = getattr(engine, "forced_vae", None)
+            forced_vae = engine.forced_vae
             sd_vae = FieldDropdown(
-                choices=_vae_choices(engine) if forced_vae is None else [forced_vae.name],
+                choices=_vae_choices(engine),
                 value="Automatic" if forced_vae is None else forced_vae.name,
                 label="SD VAE",
                 # A1111's --vae-path sets every job's VAE: the choice here would do nothing.
@@ -719,9 +719,8 @@ def _recalled_settings(engine, keys: list[str], stored: dict | None) -> list:
     """The remembered settings for the page's widgets, in `keys`' order; one not remembered, or no longer
     possible (a VAE removed from the folder, a preview mode or syntax renamed), is left as the page has it."""
     stored = stored if isinstance(stored, dict) else {}
-    forced_vae = getattr(engine, "forced_vae", None)
     possible = {
-        "vae": _vae_choices(engine) if forced_vae is None else [forced_vae.name],  # --vae-path: none other
+        "vae": _vae_choices(engine),
         "sd_hypernetwork": _hypernet_choices(engine),
         "preview_mode": list(PREVIEW_MODES),
         "prompt_syntax": ["a1111", "compel"],
@@ -2732,6 +2731,8 @@ def _number_setting(value, name: str, low: float, high: float) -> float:
 
 
 def _vae_choices(engine) -> list[str]:
+    if engine.forced_vae is not None:  # A1111's --vae-path: no other choice does anything
+        return [engine.forced_vae.name]
     return ["Automatic", "None", *engine.list_vaes()]
 
 
