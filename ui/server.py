@@ -473,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     a1111.add_argument(
         "--timeout-keep-alive",
         type=_positive,
+        default=DEFAULT_KEEP_ALIVE_S,
         metavar="SECONDS",
         help="how long an idle HTTP connection stays open (default 30, as A1111)",
     )
@@ -640,7 +641,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         vae_path=_expanded(args.vae_path),
         subpath="/" + args.subpath.strip("/") if args.subpath and args.subpath.strip("/") else "",
         allowed_paths=tuple(str(_expanded(path)) for path in args.allowed_paths),
-        timeout_keep_alive=args.timeout_keep_alive or DEFAULT_KEEP_ALIVE_S,
+        timeout_keep_alive=args.timeout_keep_alive,
         a1111_notes=_a1111_notes(args),
     )
 
